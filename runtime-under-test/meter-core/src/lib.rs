@@ -1,1 +1,11 @@
-//! placeholder
+//! Sans-IO licence logic of the meter reference runtime.
+
+pub mod activation;
+pub mod allocation;
+pub mod binding;
+pub mod licence;
+pub mod policy;
+pub mod reason;
+pub mod rollback;
+pub mod station;
+pub mod traits;
