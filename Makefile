@@ -1,0 +1,33 @@
+# Vigil: build, test and benchmark. `make test` is the one test command (CI runs it).
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all build test test-unit test-vm lint fmt deps images bench bench-vm nightly fuzz-smoke clean-reports
+
+all: build
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+## The test command: formatting, lints, every crate's tests, every built-in scenario on sim.
+test: lint
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) run -q -- suite --backend sim
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Debian packages (QEMU 10 from bookworm-backports, busybox, redis). Needs root.
+deps:
+	./scripts/install-deps.sh
+
+bench:
+	mkdir -p reports/bench
+	$(CARGO) run --release -q -- bench --out reports/bench
+
+clean-reports:
+	find reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

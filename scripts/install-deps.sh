@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Vigil needs: QEMU 10 (bookworm-backports), busybox and a guest kernel
+# for images, redis for the benchmark baseline. Idempotent; run as root (CI and the runners are root).
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+  echo "make deps: must run as root (it installs Debian packages)" >&2
+  exit 2
+fi
+
+source_file=/etc/apt/sources.list.d/vigil-backports.sources
+if [ ! -f "$source_file" ]; then
+  # Reuse the mirror the machine already uses for bookworm.
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  cat > "$source_file" <<SRC
+Types: deb
+URIs: $mirror
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+apt-get install -y -qq --no-install-recommends \
+  busybox-static cpio kmod redis-server iproute2 procps >/dev/null
+qemu-system-x86_64 --version | head -1
