@@ -1,1 +1,179 @@
-//! (being written)
+//! Reason codes the runtime gives when it refuses, denies or revokes a licence.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Why the runtime said no; the kebab-case code is part of the runtime contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// Every unit of the item's quantity is in use.
+    QuantityExhausted,
+    /// No container on this runtime holds the product.
+    UnknownProduct,
+    /// The licence cannot be decrypted or parsed (e.g. bound to other hardware).
+    LicenceCorrupt,
+    /// The item's expiry time has passed.
+    LicenceExpired,
+    /// The item is locked (e.g. after a detected rollback).
+    LicenceLocked,
+    /// A pay-per-use item has no units left.
+    UnitsExhausted,
+    /// A local licence (quantity 0) was asked for from a terminal-server session.
+    LocalLicenceTerminalServer,
+    /// A local licence (quantity 0) was asked for over the network.
+    LocalLicenceRemote,
+    /// The vendor does not allow this item in a virtual machine.
+    VmNotAllowed,
+    /// The vendor does not allow this item on a terminal server.
+    TerminalServerNotAllowed,
+    /// The dongle is attached to several machines at once and is locked out.
+    DongleShared,
+    /// The dongle was rebound too often and is locked out for a while.
+    DongleLockedOut,
+    /// The dongle was bound by another runtime; this runtime lost it.
+    BindingBroken,
+    /// The dongle holding the licence was detached.
+    DongleRemoved,
+    /// The network server holding the licence cannot be reached.
+    ServerUnreachable,
+    /// A rollback of time, units or machine state was detected.
+    RollbackDetected,
+    /// A licence file's signature does not verify against a trusted vendor key.
+    SignatureInvalid,
+    /// The handle or holder does not hold a licence.
+    NotHeld,
+}
+
+impl Reason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Reason; 18] = [
+        Reason::QuantityExhausted,
+        Reason::UnknownProduct,
+        Reason::LicenceCorrupt,
+        Reason::LicenceExpired,
+        Reason::LicenceLocked,
+        Reason::UnitsExhausted,
+        Reason::LocalLicenceTerminalServer,
+        Reason::LocalLicenceRemote,
+        Reason::VmNotAllowed,
+        Reason::TerminalServerNotAllowed,
+        Reason::DongleShared,
+        Reason::DongleLockedOut,
+        Reason::BindingBroken,
+        Reason::DongleRemoved,
+        Reason::ServerUnreachable,
+        Reason::RollbackDetected,
+        Reason::SignatureInvalid,
+        Reason::NotHeld,
+    ];
+
+    /// The kebab-case code used in JSON output.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::QuantityExhausted => "quantity-exhausted",
+            Reason::UnknownProduct => "unknown-product",
+            Reason::LicenceCorrupt => "licence-corrupt",
+            Reason::LicenceExpired => "licence-expired",
+            Reason::LicenceLocked => "licence-locked",
+            Reason::UnitsExhausted => "units-exhausted",
+            Reason::LocalLicenceTerminalServer => "local-licence-terminal-server",
+            Reason::LocalLicenceRemote => "local-licence-remote",
+            Reason::VmNotAllowed => "vm-not-allowed",
+            Reason::TerminalServerNotAllowed => "terminal-server-not-allowed",
+            Reason::DongleShared => "dongle-shared",
+            Reason::DongleLockedOut => "dongle-locked-out",
+            Reason::BindingBroken => "binding-broken",
+            Reason::DongleRemoved => "dongle-removed",
+            Reason::ServerUnreachable => "server-unreachable",
+            Reason::RollbackDetected => "rollback-detected",
+            Reason::SignatureInvalid => "signature-invalid",
+            Reason::NotHeld => "not-held",
+        }
+    }
+
+    /// A one-sentence explanation for humans (the `message` next to the code).
+    pub fn message(&self) -> &'static str {
+        match self {
+            Reason::QuantityExhausted => "All licences of this product are in use",
+            Reason::UnknownProduct => "No licence container holds this product",
+            Reason::LicenceCorrupt => "The licence is corrupt or bound to other hardware",
+            Reason::LicenceExpired => "The licence has expired",
+            Reason::LicenceLocked => "The licence is locked",
+            Reason::UnitsExhausted => "The licence has no units left",
+            Reason::LocalLicenceTerminalServer => {
+                "A local licence cannot be used in a terminal-server session"
+            }
+            Reason::LocalLicenceRemote => "A local licence cannot be used over the network",
+            Reason::VmNotAllowed => "The vendor does not allow this licence in a virtual machine",
+            Reason::TerminalServerNotAllowed => {
+                "The vendor does not allow this licence on a terminal server"
+            }
+            Reason::DongleShared => "The dongle is shared between machines and is locked out",
+            Reason::DongleLockedOut => "The dongle was reconnected too often and is locked out",
+            Reason::BindingBroken => "Another runtime took over the dongle",
+            Reason::DongleRemoved => "The dongle was removed",
+            Reason::ServerUnreachable => "The licence server cannot be reached",
+            Reason::RollbackDetected => "A rollback of time or licence state was detected",
+            Reason::SignatureInvalid => "The licence signature is not valid for a trusted vendor",
+            Reason::NotHeld => "No such licence is held",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A string that is not a known reason code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Unknown reason code {0:?}")]
+pub struct UnknownReason(pub String);
+
+impl FromStr for Reason {
+    type Err = UnknownReason;
+
+    fn from_str(code: &str) -> Result<Self, Self::Err> {
+        Reason::ALL
+            .into_iter()
+            .find(|reason| reason.code() == code)
+            .ok_or_else(|| UnknownReason(code.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_display_and_code_agree_for_every_reason() {
+        for reason in Reason::ALL {
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(json, format!("\"{}\"", reason.code()));
+            assert_eq!(reason.to_string(), reason.code());
+            assert_eq!(reason.code().parse::<Reason>().unwrap(), reason);
+            let back: Reason = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, reason);
+        }
+    }
+
+    #[test]
+    fn codes_are_unique() {
+        let mut codes: Vec<_> = Reason::ALL.iter().map(Reason::code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), Reason::ALL.len());
+    }
+
+    #[test]
+    fn unknown_code_is_an_error() {
+        assert_eq!(
+            "nope".parse::<Reason>(),
+            Err(UnknownReason("nope".to_owned()))
+        );
+    }
+}
