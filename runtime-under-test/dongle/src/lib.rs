@@ -1,1 +1,38 @@
-//! placeholder
+//! Sans-IO model of the meter licence dongle: firmware state machine, persistent flash, the
+//! session protocol between a runtime and the dongle, and 64-byte HID report framing.
+//!
+//! Nothing here reads a clock, a file or a socket: time (`now_ms`, the dongle's oscillator in
+//! milliseconds) and randomness (ephemeral secrets, entropy seeds) are passed in, bytes go in and
+//! bytes come out. The same report bytes travel over the simulator's Unix socket and over USB HID.
+//!
+//! Driving a dongle from a runtime:
+//! 1. [`Session::start`] gives the hello frame; send it with [`encode_reports`], read reports back
+//!    into a [`ReportAssembler`] until it yields a frame, give that to [`Session::accept`].
+//! 2. For every command, [`Session::request`] gives a frame; the reply frame goes to
+//!    [`Session::receive`], which returns a [`Response`] or a [`SessionError`]
+//!    ([`SessionError::BindingBroken`], [`SessionError::Locked`], ...).
+//!
+//! Emulating a dongle: a [`Firmware`] (built from a [`Flash`]) and one [`DevicePort`] per
+//! connection that can reach it.
+
+mod byte_array;
+mod certificate;
+mod firmware;
+mod flash;
+mod handshake;
+mod host;
+mod protocol;
+mod report;
+mod wire;
+
+pub use certificate::{CertificateError, DeviceCertificate};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use firmware::{DevicePort, DongleStatus, Firmware, ACTIVE_SESSIONS_KEPT};
+pub use flash::{
+    Binding, DongleClock, DonglePolicy, Flash, InvalidRuntimeId, ItemCounting, Lockout,
+    LockoutReason, ProductItem, ProgramError, RuntimeId, Serial, WitnessHead, MAX_ITEMS,
+};
+pub use host::{DongleIdentity, Session, SessionError};
+pub use protocol::{Denial, Request, Response};
+pub use report::{encode_reports, Report, ReportAssembler, ReportError, REPORT_LEN};
+pub use wire::{FaultCode, Frame, FrameError, FrameKind, FRAME_HEADER_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION};
