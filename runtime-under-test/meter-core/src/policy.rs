@@ -41,10 +41,10 @@ pub struct ProductItem {
     #[serde(default)]
     pub counting: Counting,
     /// Expiry time, unix milliseconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub expires_at: Option<u64>,
     /// Pay-per-use units at issue time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub units: Option<u64>,
     /// How a soft licence is bound to its machine.
     #[serde(default)]
