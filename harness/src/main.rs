@@ -1,1 +1,186 @@
-fn main() {}
+//! The `vigil` command line. Also answers as `meter`, `meterd` (the reference runtime, when the
+//! binary is called by those names) and as a session leader for the sim backend.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vigil::backend::BackendKind;
+use vigil::engine::{self, RunOptions};
+
+/// Proves how a licence runtime behaves in virtual machines and on terminal servers.
+///
+/// Scenarios are YAML files that boot guests, snapshot, clone, migrate and move them, plug in
+/// dongles, open RDP sessions, and then assert what the runtime did. The built-in scenarios live
+/// in scenarios/; `vigil list` shows them.
+///
+/// Exit codes: 0 every verdict passed, 1 the runtime failed a check, 2 the harness could not run.
+#[derive(Debug, Parser)]
+#[command(name = "vigil", version, propagate_version = true)]
+struct Cli {
+    /// More log output (repeat for more); also VIGIL_LOG=debug.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Backend that runs the machines.
+    #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
+    backend: BackendKind,
+    /// Folder for the run's reports (a sub-folder per run is created).
+    #[arg(long, default_value = "reports")]
+    report_dir: PathBuf,
+    /// Stop a scenario at its first failed assertion.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Folder with another runtime's `meter` and `meterd` (default: the reference runtime).
+    #[arg(long)]
+    runtime: Option<PathBuf>,
+    /// Keep machine folders and disks after the run.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run scenarios by built-in name or file path.
+    ///
+    /// Example: `vigil scenario clone-guest` or `vigil scenario ./my-policy.yaml`.
+    Scenario {
+        /// Built-in names or paths to YAML files.
+        #[arg(required = true)]
+        scenarios: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Run every built-in scenario (optionally only those with a tag).
+    Suite {
+        /// Only scenarios with this tag (repeatable: any of them).
+        #[arg(long)]
+        tag: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// List the built-in scenarios with their tags and descriptions.
+    List {
+        /// Show which scenarios a backend can run, and why not.
+        #[arg(long, value_enum)]
+        backend: Option<BackendKind>,
+    },
+    /// Check scenario files without running them (exit 2 on the first invalid file).
+    Validate {
+        /// Paths to YAML files (or built-in names).
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Print the JSON Schema of the scenario language (for editors).
+    Schema,
+    /// Tell which backends this machine can run, and why not.
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: a login-session leader for the sim backend.
+    #[command(hide = true)]
+    SessionLeader,
+}
+
+fn main() -> ExitCode {
+    let argv0 = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    match argv0.as_str() {
+        "meterd" | "meter" => {
+            eprintln!("{argv0}: the runtime is not linked into this build yet");
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vigil: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run_options(run: RunArgs, verbose: u8) -> RunOptions {
+    RunOptions {
+        backend: run.backend,
+        report_root: run.report_dir,
+        fail_fast: run.fail_fast,
+        runtime_bin: run.runtime,
+        keep: run.keep,
+        verbose: verbose > 0,
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Commands::Scenario { scenarios, run } => {
+            let loaded = engine::load_scenarios(&scenarios)?;
+            let outcome = engine::run_scenarios(loaded, &run_options(run, cli.verbose))?;
+            Ok(ExitCode::from(outcome.exit_code()))
+        }
+        Commands::Suite { tag, run } => {
+            let loaded = engine::builtin_scenarios(&tag)?;
+            let outcome = engine::run_scenarios(loaded, &run_options(run, cli.verbose))?;
+            Ok(ExitCode::from(outcome.exit_code()))
+        }
+        Commands::List { backend } => {
+            engine::print_list(backend)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Validate { paths } => {
+            let loaded = engine::load_scenarios(&paths)?;
+            for scenario in &loaded {
+                println!("{}: valid ({} steps)", scenario.source, scenario.scenario.steps.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Schema => {
+            println!("{}", vigil::scenario::schema_json());
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Doctor { json } => {
+            let bin = engine::default_runtime_bin()?;
+            let report = vigil::doctor::diagnose(&bin);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for f in &report.findings {
+                    println!("{} {:<20} {}", if f.ok { "✓" } else { "✗" }, f.check, f.detail);
+                }
+                println!("usable backends: {}", report.usable_backends.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::SessionLeader => {
+            vigil::session_leader::run()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

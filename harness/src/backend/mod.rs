@@ -1,0 +1,317 @@
+//! Backends run the world: machines, sessions, apps, clocks, networks and dongles.
+//!
+//! The engine only speaks to the [`Backend`] trait; it never knows which hypervisor (if any) is
+//! behind it.
+
+pub mod sim;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Which backend runs a world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// Simulated machines: folders plus real runtime processes (no hypervisor needed).
+    Sim,
+    /// Real QEMU guests driven over QMP.
+    Qemu,
+    /// Real guests through libvirt.
+    Libvirt,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Sim => "sim",
+            BackendKind::Qemu => "qemu",
+            BackendKind::Libvirt => "libvirt",
+        })
+    }
+}
+
+/// Errors a backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A machine, session, app or dongle name the backend does not know.
+    #[error("Unknown {kind} `{name}`")]
+    Unknown { kind: &'static str, name: String },
+    /// An operation that needs the machine in another state.
+    #[error("Machine `{machine}` is {state}; {operation} needs it {needed}")]
+    WrongState {
+        machine: String,
+        state: &'static str,
+        operation: &'static str,
+        needed: &'static str,
+    },
+    /// Something did not happen in time.
+    #[error("Timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    /// The runtime under test could not be started or reached.
+    #[error("Runtime on `{machine}`: {message}")]
+    Runtime { machine: String, message: String },
+    /// A file or process operation failed.
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// This backend cannot do that (yet).
+    #[error("The {backend} backend cannot {operation}: {why}")]
+    Unsupported {
+        backend: BackendKind,
+        operation: &'static str,
+        why: String,
+    },
+}
+
+impl BackendError {
+    /// Wraps an IO error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
+        let context = context.into();
+        move |source| BackendError::Io { context, source }
+    }
+}
+
+/// A CPU as a host exposes it to its guests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CpuProfile {
+    /// Vendor id string, e.g. `GenuineIntel`.
+    pub vendor: String,
+    /// Model name string.
+    pub model_name: String,
+    /// CPUID family.
+    pub family: u32,
+    /// CPUID model.
+    pub model: u32,
+    /// CPUID stepping.
+    pub stepping: u32,
+    /// Microcode revision.
+    pub microcode: String,
+    /// Digest of the CPU flag set.
+    pub flags: String,
+}
+
+/// The identity a machine's firmware and devices report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HardwareIdentity {
+    /// SMBIOS system UUID.
+    pub product_uuid: String,
+    /// SMBIOS system serial.
+    pub product_serial: String,
+    /// SMBIOS baseboard serial.
+    pub board_serial: String,
+    /// Disk serial numbers.
+    pub disk_serials: Vec<String>,
+    /// NIC MAC addresses.
+    pub macs: Vec<String>,
+}
+
+/// Whether a machine serves one interactive user or many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// One interactive session; an RDP login is remote desktop onto the console station.
+    Workstation,
+    /// Many simultaneous sessions, each its own station.
+    TerminalServer,
+}
+
+/// A physical machine of the world.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSpec {
+    /// Name used by scenarios.
+    pub name: String,
+    /// The CPU.
+    pub cpu: CpuProfile,
+    /// Firmware and device identity.
+    pub identity: HardwareIdentity,
+    /// Workstation or terminal server.
+    pub role: Role,
+}
+
+/// A virtual machine of the world.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestSpec {
+    /// Name used by scenarios.
+    pub name: String,
+    /// The host it runs on.
+    pub host: String,
+    /// Virtual firmware and device identity.
+    pub identity: HardwareIdentity,
+    /// Workstation or terminal server.
+    pub role: Role,
+}
+
+/// How a clone gets its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloneIdentity {
+    /// New UUID, serials and MACs, as a hypervisor's clone wizard gives.
+    New,
+    /// A perfect copy: same UUID, serials and MACs.
+    Perfect,
+}
+
+/// The kind of a login session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum SessionSpec {
+    /// The local console.
+    Console {
+        /// Logged-in user.
+        user: String,
+    },
+    /// A remote desktop session.
+    Rdp {
+        /// Logged-in user.
+        user: String,
+        /// Name of the client computer.
+        client_name: String,
+        /// Address of the client computer.
+        client_ip: String,
+    },
+}
+
+/// What a finished command printed and how it ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandOutput {
+    /// Exit code, if it exited normally.
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// How an app is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum AppStatus {
+    /// Still running.
+    Running,
+    /// Exited with a code or was killed by a signal.
+    Exited {
+        /// Exit code.
+        code: Option<i32>,
+        /// Terminating signal.
+        signal: Option<i32>,
+    },
+}
+
+/// Where a runtime's network server can be reached and how to trust it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerInfo {
+    /// Address the server listens on.
+    pub listen: String,
+    /// SHA-256 of its certificate.
+    pub pin: String,
+}
+
+/// How a dongle is attached over USB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UsbMode {
+    /// Passed through to one machine.
+    Exclusive,
+    /// Shared by several machines at once.
+    Shared,
+}
+
+/// A world runner. Every method names machines, sessions and apps by their scenario names.
+pub trait Backend {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+    /// Describes the execution environment (accelerator, versions) for the report.
+    fn describe(&self) -> serde_json::Value;
+    /// Adds a physical machine (powered off).
+    fn add_host(&mut self, host: &HostSpec) -> Result<(), BackendError>;
+    /// Defines a guest on its host (powered off).
+    fn add_guest(&mut self, guest: &GuestSpec) -> Result<(), BackendError>;
+    /// Powers a machine on; returns when its runtime is ready.
+    fn boot(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Powers a machine off cleanly.
+    fn shutdown(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Freezes a guest.
+    fn pause(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Thaws a guest.
+    fn resume(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Takes a named snapshot of a guest (disk and running state).
+    fn snapshot(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
+    /// Reverts a guest to a snapshot; the guest gets a new generation id, as a hypervisor gives.
+    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
+    /// Clones a guest (powered off) onto a host.
+    fn clone_guest(
+        &mut self,
+        from: &str,
+        to: &str,
+        host: &str,
+        identity: CloneIdentity,
+    ) -> Result<(), BackendError>;
+    /// Migrates a running guest live to another host; its identity is kept.
+    fn migrate(&mut self, machine: &str, host: &str) -> Result<(), BackendError>;
+    /// Moves a guest cold to a host: it is powered off, moved, and stays off.
+    fn move_guest(&mut self, machine: &str, host: &str) -> Result<(), BackendError>;
+    /// Replaces a machine's NICs with new ones (new MACs).
+    fn replace_nic(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Opens a login session.
+    fn open_session(
+        &mut self,
+        machine: &str,
+        session: &str,
+        spec: &SessionSpec,
+    ) -> Result<(), BackendError>;
+    /// Closes a login session, ending its processes.
+    fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError>;
+    /// Runs the runtime's `meter` command in a session and waits for it.
+    fn run_meter(
+        &mut self,
+        machine: &str,
+        session: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<CommandOutput, BackendError>;
+    /// Starts a long-lived `meter` command (an app) in a session.
+    fn start_app(
+        &mut self,
+        machine: &str,
+        session: &str,
+        app: &str,
+        args: &[String],
+    ) -> Result<(), BackendError>;
+    /// Lines the app has printed so far.
+    fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError>;
+    /// Whether the app is still running.
+    fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError>;
+    /// Asks an app to end normally (SIGTERM).
+    fn terminate_app(&mut self, app: &str) -> Result<(), BackendError>;
+    /// Kills an app with SIGKILL (a crash).
+    fn kill_app(&mut self, app: &str) -> Result<(), BackendError>;
+    /// Sets the virtual clock: the world offset from real time plus one machine's skew.
+    fn set_clock(&mut self, world_offset: i64, skews: &[(String, i64)]) -> Result<(), BackendError>;
+    /// Starts the machine's runtime as a network server.
+    fn start_server(
+        &mut self,
+        machine: &str,
+        port: u16,
+        keepalive: Duration,
+    ) -> Result<ServerInfo, BackendError>;
+    /// Stops the machine's network server.
+    fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Cuts the network between two groups of machines.
+    fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError>;
+    /// Restores every cut.
+    fn heal(&mut self) -> Result<(), BackendError>;
+    /// Writes a file onto a machine's disk; returns its path as the machine sees it.
+    fn put_file(&mut self, machine: &str, name: &str, contents: &[u8])
+    -> Result<String, BackendError>;
+    /// Reads a file from a machine by the path the machine sees.
+    fn get_file(&mut self, machine: &str, path: &str) -> Result<Vec<u8>, BackendError>;
+    /// Copies logs into the report folder and stops everything.
+    fn teardown(&mut self) -> Result<(), BackendError>;
+    /// Folder where this backend keeps the run's logs.
+    fn log_dir(&self) -> PathBuf;
+}

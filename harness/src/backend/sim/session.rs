@@ -1,0 +1,222 @@
+//! The harness's side of a session leader process.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use crate::backend::BackendError;
+use crate::session_leader::{LeaderEvent, SpawnRequest};
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code.
+    pub code: Option<i32>,
+    /// Terminating signal.
+    pub signal: Option<i32>,
+}
+
+/// A running session leader and the processes it spawned.
+pub struct LeaderHandle {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: Receiver<LeaderEvent>,
+    /// The session id every process of this session shares.
+    pub sid: i32,
+    exits: HashMap<i32, ExitInfo>,
+    spawned: HashMap<u64, Result<i32, String>>,
+    next_id: u64,
+}
+
+impl LeaderHandle {
+    /// Starts a leader (`<exe> session-leader`) and waits until it reports its session id.
+    pub fn start(exe: &Path, stderr_log: &Path) -> Result<Self, BackendError> {
+        let stderr = std::fs::File::create(stderr_log)
+            .map_err(BackendError::io(format!("create {}", stderr_log.display())))?;
+        let mut command = Command::new(exe);
+        command
+            .arg("session-leader")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        // SAFETY: the closure only calls async-signal-safe prctl.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(BackendError::io(format!("start session leader {}", exe.display())))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stdin = child.stdin.take();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<LeaderEvent>(&line) {
+                    Ok(event) => {
+                        if tx.send(event).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!("session leader said something odd: {line}: {e}"),
+                }
+            }
+        });
+        let mut handle = LeaderHandle {
+            child,
+            stdin,
+            events: rx,
+            sid: 0,
+            exits: HashMap::new(),
+            spawned: HashMap::new(),
+            next_id: 1,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match handle.next_event(deadline)? {
+                LeaderEvent::Ready { sid } => {
+                    handle.sid = sid;
+                    return Ok(handle);
+                }
+                other => handle.record(other),
+            }
+        }
+    }
+
+    fn next_event(&mut self, deadline: Instant) -> Result<LeaderEvent, BackendError> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.events.recv_timeout(wait) {
+            Ok(event) => Ok(event),
+            Err(RecvTimeoutError::Timeout) => Err(BackendError::Timeout {
+                what: "the session leader".into(),
+                after: wait,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(BackendError::Runtime {
+                machine: String::new(),
+                message: "the session leader exited".into(),
+            }),
+        }
+    }
+
+    fn record(&mut self, event: LeaderEvent) {
+        match event {
+            LeaderEvent::Ready { sid } => self.sid = sid,
+            LeaderEvent::Spawned { id, pid } => {
+                self.spawned.insert(id, Ok(pid));
+            }
+            LeaderEvent::SpawnFailed { id, error } => {
+                self.spawned.insert(id, Err(error));
+            }
+            LeaderEvent::Exited { pid, code, signal } => {
+                self.exits.insert(pid, ExitInfo { code, signal });
+            }
+        }
+    }
+
+    /// Takes every event that has arrived, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            self.record(event);
+        }
+    }
+
+    /// Spawns a process inside the session; returns its pid.
+    pub fn spawn(
+        &mut self,
+        argv: &[String],
+        env: &[(String, String)],
+        stdout: &Path,
+        stderr: &Path,
+    ) -> Result<i32, BackendError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = SpawnRequest {
+            id,
+            argv: argv.to_vec(),
+            env: env.to_vec(),
+            stdout: stdout.display().to_string(),
+            stderr: stderr.display().to_string(),
+        };
+        let line = serde_json::to_string(&request).expect("serializable request");
+        let stdin = self.stdin.as_mut().ok_or_else(|| BackendError::Runtime {
+            machine: String::new(),
+            message: "the session is closed".into(),
+        })?;
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .map_err(BackendError::io("talk to the session leader"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(result) = self.spawned.remove(&id) {
+                return result.map_err(|message| BackendError::Runtime {
+                    machine: String::new(),
+                    message: format!("cannot start {}: {message}", argv.join(" ")),
+                });
+            }
+            let event = self.next_event(deadline)?;
+            self.record(event);
+        }
+    }
+
+    /// How a spawned process ended, if it has.
+    pub fn exit_of(&mut self, pid: i32) -> Option<ExitInfo> {
+        self.drain();
+        self.exits.get(&pid).copied()
+    }
+
+    /// Waits until a spawned process ends, up to a deadline.
+    pub fn wait_exit(&mut self, pid: i32, timeout: Duration) -> Option<ExitInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.exits.get(&pid) {
+                return Some(*exit);
+            }
+            match self.next_event(deadline) {
+                Ok(event) => self.record(event),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Stops or continues every process of the session.
+    pub fn signal_all(&self, signal: i32) {
+        // SAFETY: kill on the session's process group id.
+        unsafe { libc::kill(-self.sid, signal) };
+    }
+
+    /// Ends the session and all of its processes.
+    pub fn close(mut self) {
+        self.stdin.take();
+        self.signal_all(libc::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LeaderHandle {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            self.signal_all(libc::SIGKILL);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Paths where one spawned process writes its output.
+#[derive(Debug, Clone)]
+pub struct OutputFiles {
+    /// Standard output file.
+    pub stdout: PathBuf,
+    /// Standard error file.
+    pub stderr: PathBuf,
+}

@@ -1,0 +1,170 @@
+//! `vigil doctor`: which backends this machine can run, and why not.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde::Serialize;
+
+/// One finding about this machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// What was checked.
+    pub check: String,
+    /// Whether it is usable.
+    pub ok: bool,
+    /// What was found, or why not.
+    pub detail: String,
+}
+
+/// Everything `vigil doctor` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DoctorReport {
+    /// Individual checks.
+    pub findings: Vec<Finding>,
+    /// Backends that can run here.
+    pub usable_backends: Vec<String>,
+}
+
+fn finding(check: &str, ok: bool, detail: impl Into<String>) -> Finding {
+    Finding {
+        check: check.into(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
+/// The first line a command prints for `--version`, if it runs.
+fn version_of(program: &str) -> Option<String> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
+/// Runs every check.
+pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
+    let mut findings = Vec::new();
+    let mut usable = Vec::new();
+
+    let meterd = runtime_bin.join("meterd");
+    let meter = runtime_bin.join("meter");
+    let runtime_ok = meterd.exists() && meter.exists();
+    findings.push(finding(
+        "runtime under test",
+        runtime_ok,
+        if runtime_ok {
+            format!("meter and meterd in {}", runtime_bin.display())
+        } else {
+            format!("meter/meterd not found in {}", runtime_bin.display())
+        },
+    ));
+    let pidfd = pidfd_works();
+    findings.push(finding(
+        "pidfd_open",
+        pidfd,
+        if pidfd {
+            "the kernel supports pidfd (crash release)"
+        } else {
+            "pidfd_open failed: the runtime cannot watch processes"
+        },
+    ));
+    let loopback = std::net::TcpListener::bind(("127.9.9.9", 0)).is_ok();
+    findings.push(finding(
+        "loopback addresses",
+        loopback,
+        if loopback {
+            "127.0.0.0/8 addresses can be bound (one per simulated machine)"
+        } else {
+            "cannot bind 127.9.9.9: simulated machines need distinct loopback addresses"
+        },
+    ));
+    if runtime_ok && pidfd && loopback {
+        usable.push("sim".to_string());
+    }
+
+    let qemu = version_of("qemu-system-x86_64");
+    findings.push(finding(
+        "qemu-system-x86_64",
+        qemu.is_some(),
+        qemu.clone()
+            .unwrap_or_else(|| "not installed (`make deps` installs QEMU 10)".into()),
+    ));
+    let kvm = kvm_usable();
+    findings.push(finding("KVM", kvm.0, kvm.1));
+    let images = Path::new("images/out");
+    let image_ok = images.join("vmlinux").exists() && images.join("initramfs.cpio.gz").exists();
+    findings.push(finding(
+        "guest image",
+        image_ok,
+        if image_ok {
+            "images/out has a kernel and an initramfs".to_string()
+        } else {
+            "images/out is empty (`make images` builds it)".to_string()
+        },
+    ));
+    findings.push(finding(
+        "qemu backend",
+        false,
+        "not built yet: the qemu backend arrives with its own issue",
+    ));
+    findings.push(finding(
+        "libvirt backend",
+        false,
+        "not built yet: the libvirt backend arrives with its own issue (cargo feature `libvirt`)",
+    ));
+    DoctorReport {
+        findings,
+        usable_backends: usable,
+    }
+}
+
+fn pidfd_works() -> bool {
+    // SAFETY: pidfd_open on our own pid; the fd is closed right away.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: closing the fd we just opened.
+    unsafe { libc::close(fd as i32) };
+    true
+}
+
+/// Whether KVM can run a guest here: opening /dev/kvm is not enough, so try to create a VM.
+fn kvm_usable() -> (bool, String) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    else {
+        return (false, "/dev/kvm cannot be opened: QEMU will use TCG".into());
+    };
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+    const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+    // SAFETY: ioctls on a KVM fd with integer arguments.
+    let api = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    if api != 12 {
+        return (false, format!("/dev/kvm answers API version {api}: QEMU will use TCG"));
+    }
+    // SAFETY: as above.
+    let vm = unsafe { libc::ioctl(file.as_raw_fd(), KVM_CREATE_VM, 0) };
+    if vm < 0 {
+        return (false, "KVM_CREATE_VM fails: QEMU will use TCG".into());
+    }
+    // SAFETY: closing the VM fd we created.
+    unsafe { libc::close(vm) };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo.contains(" vmx") || cpuinfo.contains(" svm");
+    if hw {
+        (true, "KVM creates VMs and the CPU has vmx/svm".into())
+    } else {
+        (
+            false,
+            "/dev/kvm exists but the CPU shows no vmx/svm (a paravirtual KVM that cannot boot a normal guest): QEMU will use TCG".into(),
+        )
+    }
+}

@@ -1,0 +1,299 @@
+//! Checking `expect` assertions against what the runtime shows.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::world::World;
+use crate::backend::AppStatus;
+use crate::runtime::{self, AccessAnswer};
+use crate::scenario::{self as sc, Assertion};
+
+/// The outcome of one assertion.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// Whether it held.
+    pub holds: bool,
+    /// What was asserted, in words.
+    pub summary: String,
+    /// Expected value, in words.
+    pub expected: String,
+    /// Actual value, in words.
+    pub actual: String,
+}
+
+/// How long a state assertion waits for the runtime to settle (releases and counts are
+/// asynchronous: a kill is noticed by a pidfd, a vanished station by its keepalive window).
+fn settle_window(world: &World) -> Duration {
+    Duration::from_secs(3).max(world.keepalive * 2 + Duration::from_secs(2))
+}
+
+impl World {
+    /// Checks one assertion.
+    pub(super) fn check(&mut self, assertion: &Assertion) -> Check {
+        match assertion {
+            Assertion::Granted { app } => self.check_answer(&app.value, None),
+            Assertion::Denied { app, reason } => {
+                self.check_answer(&app.value, Some(reason.value.code()))
+            }
+            Assertion::InUse(a) => self.check_in_use(a),
+            Assertion::Licence(a) => {
+                let expected = licence_state_code(a.state).to_string();
+                let summary = format!(
+                    "licence of product {} on {} is {expected}",
+                    a.product.value, a.machine.value
+                );
+                let machine = a.machine.value.clone();
+                let product = a.product.value;
+                self.poll(summary, expected, |world| {
+                    let status = runtime::status(world.backend.as_mut(), &machine)
+                        .map_err(|e| e.to_string())?;
+                    Ok(licence_state_in(&status, product))
+                })
+            }
+            Assertion::Units(a) => {
+                let summary = format!(
+                    "product {} on {} has {} units left",
+                    a.product.value, a.machine.value, a.left
+                );
+                let machine = a.machine.value.clone();
+                let product = a.product.value;
+                self.poll(summary, a.left.to_string(), |world| {
+                    let status = runtime::status(world.backend.as_mut(), &machine)
+                        .map_err(|e| e.to_string())?;
+                    Ok(runtime::product_in_status(&status, product)
+                        .and_then(|(_, p)| p.get("units_left").and_then(Value::as_u64))
+                        .map_or_else(|| "no units".to_string(), |u| u.to_string()))
+                })
+            }
+            Assertion::Dongle(a) => Check {
+                holds: false,
+                summary: format!("dongle {}", a.name.value),
+                expected: "a dongle assertion".into(),
+                actual: "dongles are not attached by this backend yet".into(),
+            },
+            Assertion::ReleasedWithin(a) => self.check_released_within(&a.app.value, a.ms),
+            Assertion::App(a) => self.check_app(a),
+        }
+    }
+
+    /// Re-reads an actual value until it equals the expected one or the settle window ends.
+    fn poll(
+        &mut self,
+        summary: String,
+        expected: String,
+        mut read: impl FnMut(&mut World) -> Result<String, String>,
+    ) -> Check {
+        let deadline = Instant::now() + settle_window(self);
+        let actual = loop {
+            let actual = match read(self) {
+                Ok(v) => v,
+                Err(e) => format!("error: {e}"),
+            };
+            if actual == expected || Instant::now() > deadline {
+                break actual;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Check {
+            holds: actual == expected,
+            summary,
+            expected,
+            actual,
+        }
+    }
+
+    fn check_answer(&mut self, name: &str, denied_reason: Option<&str>) -> Check {
+        let answer: Option<AccessAnswer> = self
+            .apps
+            .get(name)
+            .and_then(|a| a.answer.clone())
+            .or_else(|| self.probes.get(name).cloned());
+        let expected = match denied_reason {
+            None => "granted".to_string(),
+            Some(reason) => format!("denied ({reason})"),
+        };
+        let actual = answer.map_or_else(|| "no answer recorded".to_string(), |a| a.describe());
+        Check {
+            holds: actual == expected,
+            summary: format!("{name} is {expected}"),
+            expected,
+            actual,
+        }
+    }
+
+    fn check_in_use(&mut self, a: &sc::InUseAssertion) -> Check {
+        let machine = match &a.machine {
+            Some(m) => m.value.clone(),
+            None => match self.servers.last() {
+                Some(s) => s.clone(),
+                None => {
+                    return Check {
+                        holds: false,
+                        summary: format!("product {} in use", a.product.value),
+                        expected: "a counting machine".into(),
+                        actual: "no `machine` given and no server running".into(),
+                    };
+                }
+            },
+        };
+        let mut expected_parts = Vec::new();
+        if let Some(s) = a.stations {
+            expected_parts.push(format!("{s} stations"));
+        }
+        if let Some(n) = a.accesses {
+            expected_parts.push(format!("{n} accesses"));
+        }
+        let expected = expected_parts.join(", ");
+        let summary = format!(
+            "product {} in use on {machine}: {expected}",
+            a.product.value
+        );
+        let product = a.product.value;
+        let (want_stations, want_accesses) = (a.stations, a.accesses);
+        self.poll(summary, expected, move |world| {
+            let status =
+                runtime::status(world.backend.as_mut(), &machine).map_err(|e| e.to_string())?;
+            let in_use = runtime::product_in_status(&status, product)
+                .and_then(|(_, p)| p.get("in_use").cloned())
+                .unwrap_or(Value::Null);
+            let stations = in_use.get("stations").and_then(Value::as_u64).unwrap_or(0);
+            let accesses = in_use.get("accesses").and_then(Value::as_u64).unwrap_or(0);
+            let mut parts = Vec::new();
+            if want_stations.is_some() {
+                parts.push(format!("{stations} stations"));
+            }
+            if want_accesses.is_some() {
+                parts.push(format!("{accesses} accesses"));
+            }
+            Ok(parts.join(", "))
+        })
+    }
+
+    fn check_released_within(&mut self, app: &str, ms: u64) -> Check {
+        let summary = format!("{app}'s licence released within {ms} ms of its kill");
+        let expected = format!("released within {ms} ms");
+        let Some(record) = self.apps.get(app).cloned() else {
+            return Check {
+                holds: false,
+                summary,
+                expected,
+                actual: format!("no app `{app}`"),
+            };
+        };
+        let Some(killed_at) = record.killed_at else {
+            return Check {
+                holds: false,
+                summary,
+                expected,
+                actual: format!("`{app}` was never killed"),
+            };
+        };
+        let Some(AccessAnswer::Granted {
+            handle: Some(handle),
+        }) = record.answer
+        else {
+            return Check {
+                holds: false,
+                summary,
+                expected,
+                actual: format!("`{app}` held no licence"),
+            };
+        };
+        let deadline = killed_at + Duration::from_millis(ms) + settle_window(self);
+        let actual = loop {
+            let listed = runtime::meter_json(
+                self.backend.as_mut(),
+                &record.machine,
+                "console",
+                &["list".to_string()],
+            );
+            let seen_at = Instant::now();
+            match listed {
+                Ok((_, value)) => {
+                    let held = value
+                        .get("allocations")
+                        .and_then(Value::as_array)
+                        .is_some_and(|list| {
+                            list.iter()
+                                .any(|a| a.get("handle").and_then(Value::as_u64) == Some(handle))
+                        });
+                    if !held {
+                        let waited = seen_at.duration_since(killed_at).as_millis();
+                        break (waited as u64, format!("released after at most {waited} ms"));
+                    }
+                }
+                Err(e) => break (u64::MAX, format!("error: {e}")),
+            }
+            if Instant::now() > deadline {
+                break (u64::MAX, "still held".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        Check {
+            holds: actual.0 <= ms,
+            summary,
+            expected,
+            actual: actual.1,
+        }
+    }
+
+    fn check_app(&mut self, a: &sc::AppAssertion) -> Check {
+        let app = a.app.value.clone();
+        let expected = match (a.state, &a.reason) {
+            (sc::AppState::Revoked, Some(reason)) => format!("revoked ({})", reason.value.code()),
+            (state, _) => app_state_code(state).to_string(),
+        };
+        let summary = format!("app {app} is {expected}");
+        let with_reason = a.reason.is_some();
+        self.poll(summary, expected, move |world| {
+            let lines = world.backend.app_output(&app).map_err(|e| e.to_string())?;
+            let revoked = lines.iter().find_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                (v.get("event")?.as_str()? == "revoked")
+                    .then(|| v.get("reason").and_then(Value::as_str).unwrap_or("").to_string())
+            });
+            if let Some(reason) = revoked {
+                return Ok(if with_reason {
+                    format!("revoked ({reason})")
+                } else {
+                    "revoked".into()
+                });
+            }
+            Ok(match world.backend.app_status(&app).map_err(|e| e.to_string())? {
+                AppStatus::Running => "running".into(),
+                AppStatus::Exited { .. } => "exited".into(),
+            })
+        })
+    }
+}
+
+fn licence_state_code(state: sc::LicenceState) -> &'static str {
+    match state {
+        sc::LicenceState::Valid => "valid",
+        sc::LicenceState::Corrupt => "corrupt",
+        sc::LicenceState::Locked => "locked",
+        sc::LicenceState::Expired => "expired",
+    }
+}
+
+fn app_state_code(state: sc::AppState) -> &'static str {
+    match state {
+        sc::AppState::Running => "running",
+        sc::AppState::Revoked => "revoked",
+        sc::AppState::Exited => "exited",
+    }
+}
+
+/// The state of the container holding a product, as `meter status` shows it.
+fn licence_state_in(status: &Value, product: u32) -> String {
+    match runtime::product_in_status(status, product) {
+        Some((container, entry)) => entry
+            .get("state")
+            .or_else(|| container.get("state"))
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string(),
+        None => "no licence for this product".into(),
+    }
+}

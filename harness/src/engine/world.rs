@@ -1,0 +1,669 @@
+//! A world: the machines of one scenario, its virtual clock, its apps and the vendor's desk.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use meter_core::policy::ProductPolicy;
+
+use super::verdict_of;
+use crate::backend::{
+    Backend, BackendError, CloneIdentity, GuestSpec, HostSpec, Role, SessionSpec,
+};
+use crate::identity::{IdentityMint, cpu_profile};
+use crate::report::{Event, Verdict};
+use crate::runtime::{self, AccessAnswer, VendorDesk};
+use crate::scenario::{self as sc, Scenario, Step};
+
+/// Firm code the harness's vendor issues licences under.
+pub const FIRM: u32 = 6_000_010;
+
+/// An app started by a scenario.
+#[derive(Debug, Clone)]
+pub(super) struct AppRecord {
+    pub machine: String,
+    pub answer: Option<AccessAnswer>,
+    pub killed_at: Option<Instant>,
+}
+
+/// Result of running one scenario.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    /// Overall verdict.
+    pub verdict: Verdict,
+    /// Assertions checked.
+    pub assertions: usize,
+    /// Assertions failed.
+    pub failed: usize,
+    /// Why the scenario stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// One scenario's world.
+pub struct World {
+    pub(super) backend: Box<dyn Backend>,
+    pub(super) vendor: VendorDesk,
+    pub(super) policy_file: std::path::PathBuf,
+    pub(super) apps: BTreeMap<String, AppRecord>,
+    pub(super) probes: BTreeMap<String, AccessAnswer>,
+    pub(super) servers: Vec<String>,
+    pub(super) keepalive: Duration,
+    guest_hosts: BTreeMap<String, String>,
+    session_machines: BTreeMap<String, String>,
+    world_offset_ms: i64,
+    skews: BTreeMap<String, i64>,
+    name: String,
+}
+
+impl World {
+    /// Builds the world's machines (all powered off) and the vendor's keys and policy.
+    pub fn new(
+        mut backend: Box<dyn Backend>,
+        scenario: &Scenario,
+        runtime_bin: &Path,
+        vendor_dir: &Path,
+    ) -> Result<World, BackendError> {
+        let mint = IdentityMint::new(0x5eed);
+        for host in &scenario.hosts {
+            let cpu = {
+                let mut p = cpu_profile(&host.cpu.vendor, &host.cpu.model);
+                if let Some(f) = host.cpu.family {
+                    p.family = f;
+                }
+                if let Some(s) = host.cpu.stepping {
+                    p.stepping = s;
+                }
+                if let Some(m) = &host.cpu.microcode {
+                    p.microcode = m.clone();
+                }
+                p
+            };
+            let identity = merge_identity(mint.host_identity(&host.name.value), &host.identity);
+            backend.add_host(&HostSpec {
+                name: host.name.value.clone(),
+                cpu,
+                identity,
+                role: role_of(host.role),
+            })?;
+        }
+        for guest in &scenario.guests {
+            let identity = merge_identity(mint.guest_identity(&guest.name.value), &guest.identity);
+            backend.add_guest(&GuestSpec {
+                name: guest.name.value.clone(),
+                host: guest.host.value.clone(),
+                identity,
+                role: role_of(guest.role),
+            })?;
+        }
+        let vendor = VendorDesk::open(runtime_bin, vendor_dir)?;
+        let started_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let policy = vendor_policy(scenario, started_ms);
+        let policy_file = vendor.file("policy.yaml");
+        let yaml = serde_saphyr::to_string(&policy).map_err(|e| BackendError::Runtime {
+            machine: "vendor".into(),
+            message: format!("cannot write the policy: {e}"),
+        })?;
+        std::fs::write(&policy_file, yaml).map_err(BackendError::io("write the vendor policy"))?;
+        Ok(World {
+            backend,
+            vendor,
+            policy_file,
+            apps: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            servers: Vec::new(),
+            keepalive: Duration::from_secs(10),
+            guest_hosts: scenario
+                .guests
+                .iter()
+                .map(|g| (g.name.value.clone(), g.host.value.clone()))
+                .collect(),
+            session_machines: BTreeMap::new(),
+            world_offset_ms: 0,
+            skews: BTreeMap::new(),
+            name: scenario.name.value.clone(),
+        })
+    }
+
+    /// Runs every step in order, emitting events; stops early only on harness errors,
+    /// on `fail_fast` after a failed assertion, or on Ctrl-C.
+    pub fn run(
+        &mut self,
+        scenario: &Scenario,
+        fail_fast: bool,
+        interrupted: &Arc<AtomicBool>,
+        emit: &mut dyn FnMut(Event),
+    ) -> Tally {
+        let mut tally = Tally {
+            verdict: Verdict::Pass,
+            assertions: 0,
+            failed: 0,
+            error: None,
+        };
+        for (i, located) in scenario.steps.iter().enumerate() {
+            if interrupted.load(Ordering::SeqCst) {
+                tally.verdict = Verdict::Error;
+                tally.error = Some("interrupted".into());
+                break;
+            }
+            let index = i + 1;
+            let line = located.at.line as usize;
+            let started = Instant::now();
+            if let Step::Expect(assertion) = &located.value {
+                let check = self.check(assertion);
+                tally.assertions += 1;
+                let verdict = if check.holds {
+                    Verdict::Pass
+                } else {
+                    tally.failed += 1;
+                    Verdict::Fail
+                };
+                tally.verdict = tally.verdict.worst(verdict);
+                emit(Event::Assertion {
+                    scenario: self.name.clone(),
+                    index,
+                    line,
+                    summary: check.summary,
+                    expected: check.expected,
+                    actual: check.actual,
+                    verdict,
+                    elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+                });
+                if fail_fast && verdict != Verdict::Pass {
+                    tally.error = Some(format!("stopped at the failed assertion of step {index} (--fail-fast)"));
+                    break;
+                }
+                continue;
+            }
+            let summary = describe_step(&located.value);
+            let result = self.step(&located.value);
+            let (verdict, message) = match &result {
+                Ok(()) => (Verdict::Pass, None),
+                Err(e) => (verdict_of(e), Some(self.diagnose(e))),
+            };
+            emit(Event::Step {
+                scenario: self.name.clone(),
+                index,
+                line,
+                summary: summary.clone(),
+                elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+                verdict,
+                message: message.clone(),
+            });
+            if let Err(_e) = result {
+                tally.verdict = tally.verdict.worst(verdict);
+                tally.error = Some(format!(
+                    "step {index} (line {line}) `{summary}` could not run: {}",
+                    message.unwrap_or_default().lines().next().unwrap_or_default()
+                ));
+                break;
+            }
+        }
+        tally
+    }
+
+    /// Stops every machine and process of the world.
+    pub fn finish(&mut self) {
+        if let Err(e) = self.backend.teardown() {
+            tracing::warn!("teardown: {e}");
+        }
+    }
+
+    fn diagnose(&self, error: &BackendError) -> String {
+        format!("{error}")
+    }
+
+    fn step(&mut self, step: &Step) -> Result<(), BackendError> {
+        match step {
+            Step::Boot(m) => {
+                self.backend.boot(&m.value)?;
+                self.after_boot(&m.value)
+            }
+            Step::Shutdown(m) => self.backend.shutdown(&m.value),
+            Step::Pause(m) => self.backend.pause(&m.value),
+            Step::Resume(m) => self.backend.resume(&m.value),
+            Step::Snapshot(s) => self.backend.snapshot(&s.machine.value, &s.name.value),
+            Step::Revert(s) => {
+                self.backend.revert(&s.machine.value, &s.snapshot.value)?;
+                self.apps.retain(|_, app| app.machine != s.machine.value);
+                self.after_boot(&s.machine.value)
+            }
+            Step::Clone(c) => {
+                let host = match &c.host {
+                    Some(h) => h.value.clone(),
+                    None => self.host_of(&c.from.value)?,
+                };
+                let identity = match c.identity {
+                    sc::CloneIdentity::New => CloneIdentity::New,
+                    sc::CloneIdentity::Perfect => CloneIdentity::Perfect,
+                };
+                self.backend
+                    .clone_guest(&c.from.value, &c.to.value, &host, identity)?;
+                self.guest_hosts.insert(c.to.value.clone(), host);
+                Ok(())
+            }
+            Step::Migrate(m) => {
+                self.backend.migrate(&m.machine.value, &m.host.value)?;
+                self.guest_hosts.insert(m.machine.value.clone(), m.host.value.clone());
+                Ok(())
+            }
+            Step::Move(m) => {
+                self.backend.move_guest(&m.machine.value, &m.host.value)?;
+                self.guest_hosts.insert(m.machine.value.clone(), m.host.value.clone());
+                Ok(())
+            }
+            Step::ReplacePart(r) => match r.part {
+                sc::Part::Nic => self.backend.replace_nic(&r.machine.value),
+                other => Err(BackendError::Unsupported {
+                    backend: self.backend.kind(),
+                    operation: "replace-part",
+                    why: format!("replacing a {other:?} is not simulated yet; only `nic`"),
+                }),
+            },
+            Step::SessionOpen(s) => {
+                let spec = match s.kind {
+                    sc::SessionKind::Console => SessionSpec::Console {
+                        user: s.user.clone(),
+                    },
+                    sc::SessionKind::Rdp => SessionSpec::Rdp {
+                        user: s.user.clone(),
+                        client_name: s.client_name.clone().unwrap_or_else(|| "client".into()),
+                        client_ip: s
+                            .client_ip
+                            .map(|ip| ip.to_string())
+                            .unwrap_or_else(|| "192.0.2.10".into()),
+                    },
+                };
+                self.backend
+                    .open_session(&s.machine.value, &s.name.value, &spec)?;
+                self.session_machines
+                    .insert(s.name.value.clone(), s.machine.value.clone());
+                Ok(())
+            }
+            Step::SessionClose(name) => {
+                let machine = self.machine_of_session(&name.value)?;
+                self.backend.close_session(&machine, &name.value)
+            }
+            Step::Activate(a) => self.activate(&a.machine.value, a.product.value),
+            Step::CopyLicence(c) => self.copy_licence(&c.from.value, &c.to.value, c.product.value),
+            Step::Access(a) => {
+                let session = a.session.as_ref().map_or("console", |s| s.value.as_str());
+                let answer = runtime::probe_access(
+                    self.backend.as_mut(),
+                    &a.machine.value,
+                    session,
+                    FIRM,
+                    a.product.value,
+                )?;
+                let name = a
+                    .name
+                    .as_ref()
+                    .map(|n| n.value.clone())
+                    .unwrap_or_else(|| format!("access-{}", a.product.value));
+                self.probes.insert(name, answer);
+                Ok(())
+            }
+            Step::StartApp(s) => self.start_app(
+                &s.machine.value,
+                s.session.as_ref().map_or("console", |x| x.value.as_str()),
+                &s.name.value,
+                s.product.value,
+            ),
+            Step::Release(app) => {
+                // A clean release: the app ends normally (SIGTERM), giving its licence back.
+                self.backend.terminate_app(&app.value)?;
+                if let Some(record) = self.apps.get_mut(&app.value) {
+                    record.killed_at = Some(Instant::now());
+                }
+                Ok(())
+            }
+            Step::Kill(app) => {
+                self.backend.kill_app(&app.value)?;
+                if let Some(record) = self.apps.get_mut(&app.value) {
+                    record.killed_at = Some(Instant::now());
+                }
+                Ok(())
+            }
+            Step::Advance(d) => {
+                self.world_offset_ms += d.value.as_millis() as i64;
+                self.push_clock()
+            }
+            Step::SetClock(s) => {
+                self.skews
+                    .insert(s.machine.value.clone(), s.skew.value.as_millis());
+                self.push_clock()
+            }
+            Step::Partition(p) => {
+                let machines: Vec<String> = p.machines.iter().map(|m| m.value.clone()).collect();
+                for (i, a) in machines.iter().enumerate() {
+                    for b in &machines[i + 1..] {
+                        self.backend
+                            .partition(std::slice::from_ref(a), std::slice::from_ref(b))?;
+                    }
+                }
+                Ok(())
+            }
+            Step::Heal(_) => self.backend.heal(),
+            Step::ServerStart(s) => {
+                let keepalive = s.keepalive.map(|d| d.as_std()).unwrap_or(Duration::from_secs(10));
+                self.keepalive = self.keepalive.max(keepalive);
+                self.backend
+                    .start_server(&s.machine.value, s.port.unwrap_or(22350), keepalive)?;
+                self.servers.push(s.machine.value.clone());
+                Ok(())
+            }
+            Step::ServerStop(m) => {
+                self.servers.retain(|s| s != &m.value);
+                self.backend.stop_server(&m.value)
+            }
+            Step::UsbAttach(_)
+            | Step::UsbDetach(_)
+            | Step::UsbipAttach(_)
+            | Step::UsbipDetach(_)
+            | Step::UsbipDisconnect(_) => Err(BackendError::Unsupported {
+                backend: self.backend.kind(),
+                operation: step.keyword(),
+                why: "dongles are not attached by this backend yet".into(),
+            }),
+            Step::Expect(_) => Ok(()),
+        }
+    }
+
+    fn host_of(&self, guest: &str) -> Result<String, BackendError> {
+        self.guest_hosts
+            .get(guest)
+            .cloned()
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "guest",
+                name: guest.into(),
+            })
+    }
+
+    fn machine_of_session(&self, session: &str) -> Result<String, BackendError> {
+        self.session_machines
+            .get(session)
+            .cloned()
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "session",
+                name: session.into(),
+            })
+    }
+
+    fn push_clock(&mut self) -> Result<(), BackendError> {
+        let skews: Vec<(String, i64)> = self.skews.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        self.backend.set_clock(self.world_offset_ms, &skews)
+    }
+
+    /// Every machine trusts the vendor's key (the vendor ships it with the software).
+    fn after_boot(&mut self, machine: &str) -> Result<(), BackendError> {
+        let key = std::fs::read(self.vendor.public_key())
+            .map_err(BackendError::io("read the vendor key"))?;
+        let path = self.backend.put_file(machine, "vendor.pub", &key)?;
+        let (code, value) = runtime::meter_json(
+            self.backend.as_mut(),
+            machine,
+            "console",
+            &["trust".into(), "--firm".into(), FIRM.to_string(), path],
+        )?;
+        if code != Some(0) {
+            return Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("`meter trust` refused the vendor key: {value}"),
+            });
+        }
+        Ok(())
+    }
+
+    fn activate(&mut self, machine: &str, product: u32) -> Result<(), BackendError> {
+        let request_path = self.backend.put_file(machine, "activation.request", b"")?;
+        let (code, value) = runtime::meter_json(
+            self.backend.as_mut(),
+            machine,
+            "console",
+            &[
+                "activate".into(),
+                "request".into(),
+                "--firm".into(),
+                FIRM.to_string(),
+                "--product".into(),
+                product.to_string(),
+                "--out".into(),
+                request_path.clone(),
+            ],
+        )?;
+        if code != Some(0) {
+            return Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("`meter activate request` failed: {value}"),
+            });
+        }
+        let request = self.backend.get_file(machine, &request_path)?;
+        let vendor_request = self.vendor.file(&format!("{machine}-{product}.request"));
+        let vendor_answer = self.vendor.file(&format!("{machine}-{product}.licence"));
+        std::fs::write(&vendor_request, request).map_err(BackendError::io("store the request"))?;
+        let (code, value) = self.vendor.run(&[
+            "vendor".into(),
+            "activate".into(),
+            "--request".into(),
+            vendor_request.display().to_string(),
+            "--policy".into(),
+            self.policy_file.display().to_string(),
+            "--key".into(),
+            self.vendor.private_key().display().to_string(),
+            "--out".into(),
+            vendor_answer.display().to_string(),
+        ])?;
+        if code != Some(0) {
+            // The vendor refused (e.g. activation in a VM denied): nothing is installed; later
+            // accesses show the consequence.
+            tracing::info!("vendor refused activation on {machine}: {value}");
+            return Ok(());
+        }
+        let licence = std::fs::read(&vendor_answer).map_err(BackendError::io("read the licence"))?;
+        let inside = self
+            .backend
+            .put_file(machine, &format!("licence-{product}.json"), &licence)?;
+        let (code, value) = runtime::meter_json(
+            self.backend.as_mut(),
+            machine,
+            "console",
+            &["activate".into(), "apply".into(), inside],
+        )?;
+        if code != Some(0) {
+            return Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("`meter activate apply` refused the licence: {value}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies the licence file a machine was given onto another machine and installs it there,
+    /// as a user copying files would. The runtime may refuse it or mark it corrupt.
+    fn copy_licence(&mut self, from: &str, to: &str, product: u32) -> Result<(), BackendError> {
+        let issued = self.vendor.file(&format!("{from}-{product}.licence"));
+        let licence = std::fs::read(&issued).map_err(|_| BackendError::Runtime {
+            machine: from.into(),
+            message: format!("no licence for product {product} was activated on {from}"),
+        })?;
+        let inside = self
+            .backend
+            .put_file(to, &format!("licence-{product}.json"), &licence)?;
+        let (code, value) = runtime::meter_json(
+            self.backend.as_mut(),
+            to,
+            "console",
+            &["activate".into(), "apply".into(), inside],
+        )?;
+        if code != Some(0) {
+            tracing::info!("{to} refused the copied licence: {value}");
+        }
+        Ok(())
+    }
+
+    fn start_app(
+        &mut self,
+        machine: &str,
+        session: &str,
+        app: &str,
+        product: u32,
+    ) -> Result<(), BackendError> {
+        self.backend
+            .start_app(machine, session, app, &runtime::hold_args(FIRM, product))?;
+        let deadline = Instant::now() + runtime::COMMAND_TIMEOUT;
+        let answer = loop {
+            let lines = self.backend.app_output(app)?;
+            if let Some(answer) = lines.iter().find_map(|l| AccessAnswer::from_json(l)) {
+                break answer;
+            }
+            if let crate::backend::AppStatus::Exited { code, signal } = self.backend.app_status(app)? {
+                // Give the output file a last look: the app may have written and exited at once.
+                let lines = self.backend.app_output(app)?;
+                if let Some(answer) = lines.iter().find_map(|l| AccessAnswer::from_json(l)) {
+                    break answer;
+                }
+                return Err(BackendError::Runtime {
+                    machine: machine.into(),
+                    message: format!(
+                        "app `{app}` exited (code {code:?}, signal {signal:?}) without an answer"
+                    ),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(BackendError::Timeout {
+                    what: format!("app `{app}` on {machine} to get an answer from the runtime"),
+                    after: runtime::COMMAND_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        self.apps.insert(
+            app.to_string(),
+            AppRecord {
+                machine: machine.to_string(),
+                answer: Some(answer),
+                killed_at: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// What a step does, in words, for reports.
+pub fn describe_step(step: &Step) -> String {
+    let body = serde_json::to_value(step)
+        .ok()
+        .and_then(|v| v.as_object().and_then(|o| o.values().next().cloned()))
+        .map(|v| match v {
+            serde_json::Value::String(s) => s,
+            other => compact(&other),
+        })
+        .unwrap_or_default();
+    format!("{}: {body}", step.keyword())
+}
+
+fn compact(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Object(map) => {
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", compact(v)))
+                .collect();
+            format!("{{{}}}", parts.join(", "))
+        }
+        serde_json::Value::Array(items) => {
+            format!("[{}]", items.iter().map(compact).collect::<Vec<_>>().join(", "))
+        }
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn role_of(role: sc::Role) -> Role {
+    match role {
+        sc::Role::Workstation => Role::Workstation,
+        sc::Role::TerminalServer => Role::TerminalServer,
+    }
+}
+
+fn merge_identity(
+    mut generated: crate::backend::HardwareIdentity,
+    given: &sc::Identity,
+) -> crate::backend::HardwareIdentity {
+    if let Some(v) = &given.board_serial {
+        generated.board_serial = v.clone();
+    }
+    if let Some(v) = &given.product_uuid {
+        generated.product_uuid = v.clone();
+    }
+    if let Some(v) = &given.product_serial {
+        generated.product_serial = v.clone();
+    }
+    if !given.disk_serials.is_empty() {
+        generated.disk_serials = given.disk_serials.clone();
+    }
+    if !given.macs.is_empty() {
+        generated.macs = given.macs.iter().map(|m| m.value.clone()).collect();
+    }
+    generated
+}
+
+/// The vendor's product policy for a scenario, in the runtime's policy format.
+fn vendor_policy(scenario: &Scenario, started_ms: u64) -> ProductPolicy {
+    use meter_core::binding::{BindingPolicy, BindingScheme, Tolerance};
+    use meter_core::policy::{Allowance, ContainerKind, Counting, ProductItem, RollbackPolicy};
+    let products = scenario
+        .policy
+        .products
+        .iter()
+        .map(|p| ProductItem {
+            code: p.code.value,
+            name: p.name.value.clone(),
+            container: match p.container {
+                sc::Container::Soft => ContainerKind::Soft,
+                sc::Container::Dongle => ContainerKind::Dongle,
+            },
+            quantity: p.quantity,
+            counting: match p.counting {
+                sc::Counting::UserLimit => Counting::UserLimit,
+                sc::Counting::StationShare => Counting::StationShare,
+                sc::Counting::NoCount => Counting::NoCount,
+            },
+            expires_at: p.expires.map(|d| started_ms + d.as_millis()),
+            units: p.units,
+            binding: BindingPolicy {
+                scheme: match p.binding.scheme {
+                    sc::BindingScheme::Smartbind => BindingScheme::Smartbind,
+                    sc::BindingScheme::Random => BindingScheme::Random,
+                    sc::BindingScheme::Ip => BindingScheme::Ip,
+                },
+                tolerance: match p.binding.tolerance {
+                    sc::Tolerance::Loose => Tolerance::Loose,
+                    sc::Tolerance::Medium => Tolerance::Medium,
+                    sc::Tolerance::Strict => Tolerance::Strict,
+                },
+            },
+            virtual_machines: allowance(p.virtual_machines),
+            terminal_server: allowance(p.terminal_server),
+            on_rollback: match p.on_rollback {
+                sc::RollbackPolicy::Lock => RollbackPolicy::Lock,
+                sc::RollbackPolicy::Reconcile => RollbackPolicy::Reconcile,
+            },
+        })
+        .collect();
+    fn allowance(p: sc::Permission) -> Allowance {
+        match p {
+            sc::Permission::Allow => Allowance::Allow,
+            sc::Permission::Deny => Allowance::Deny,
+        }
+    }
+    ProductPolicy {
+        firm: FIRM,
+        firm_name: "Vigil Test Vendor".into(),
+        products,
+    }
+}
