@@ -98,6 +98,7 @@ impl World {
             })?;
         }
         let vendor = VendorDesk::open(runtime_bin, vendor_dir)?;
+        let hosts: Vec<String> = scenario.hosts.iter().map(|h| h.name.value.clone()).collect();
         let started_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -109,7 +110,7 @@ impl World {
             message: format!("cannot write the policy: {e}"),
         })?;
         std::fs::write(&policy_file, yaml).map_err(BackendError::io("write the vendor policy"))?;
-        Ok(World {
+        let mut world = World {
             backend,
             vendor,
             policy_file,
@@ -126,7 +127,13 @@ impl World {
             world_offset_ms: 0,
             skews: BTreeMap::new(),
             name: scenario.name.value.clone(),
-        })
+        };
+        // Physical machines are always up.
+        for host in hosts {
+            world.backend.boot(&host)?;
+            world.after_boot(&host)?;
+        }
+        Ok(world)
     }
 
     /// Runs every step in order, emitting events; stops early only on harness errors,
@@ -288,7 +295,20 @@ impl World {
                 let machine = self.machine_of_session(&name.value)?;
                 self.backend.close_session(&machine, &name.value)
             }
-            Step::Activate(a) => self.activate(&a.machine.value, a.product.value),
+            Step::Activate(a) => {
+                let answer = self.activate(&a.machine.value, a.product.value)?;
+                match (&a.name, answer) {
+                    (Some(name), answer) => {
+                        self.probes.insert(name.value.clone(), answer);
+                        Ok(())
+                    }
+                    (None, AccessAnswer::Granted { .. }) => Ok(()),
+                    (None, AccessAnswer::Denied { reason, message }) => Err(BackendError::Runtime {
+                        machine: a.machine.value.clone(),
+                        message: format!("activation refused ({reason}): {message}"),
+                    }),
+                }
+            }
             Step::CopyLicence(c) => self.copy_licence(&c.from.value, &c.to.value, c.product.value),
             Step::Access(a) => {
                 let session = a.session.as_ref().map_or("console", |s| s.value.as_str());
@@ -418,7 +438,8 @@ impl World {
         Ok(())
     }
 
-    fn activate(&mut self, machine: &str, product: u32) -> Result<(), BackendError> {
+    /// Activates a soft licence: request on the machine, answer at the vendor's desk, install.
+    fn activate(&mut self, machine: &str, product: u32) -> Result<AccessAnswer, BackendError> {
         let request_path = self.backend.put_file(machine, "activation.request", b"")?;
         let (code, value) = runtime::meter_json(
             self.backend.as_mut(),
@@ -458,10 +479,19 @@ impl World {
             vendor_answer.display().to_string(),
         ])?;
         if code != Some(0) {
-            // The vendor refused (e.g. activation in a VM denied): nothing is installed; later
-            // accesses show the consequence.
-            tracing::info!("vendor refused activation on {machine}: {value}");
-            return Ok(());
+            // The vendor refused (e.g. activation in a VM denied): nothing is installed.
+            return Ok(AccessAnswer::Denied {
+                reason: value
+                    .get("reason")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("unknown")
+                    .to_string(),
+                message: value
+                    .get("error")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            });
         }
         let licence = std::fs::read(&vendor_answer).map_err(BackendError::io("read the licence"))?;
         let inside = self
@@ -479,7 +509,7 @@ impl World {
                 message: format!("`meter activate apply` refused the licence: {value}"),
             });
         }
-        Ok(())
+        Ok(AccessAnswer::Granted { handle: None })
     }
 
     /// Copies the licence file a machine was given onto another machine and installs it there,
