@@ -1,0 +1,50 @@
+//! The built-in scenarios, embedded in the binary from the repository's scenarios/ folder.
+
+/// A scenario shipped with Vigil.
+#[derive(Debug, Clone, Copy)]
+pub struct BuiltinScenario {
+    /// Name (the file stem).
+    pub name: &'static str,
+    /// Path relative to the repository root, used in diagnostics.
+    pub path: &'static str,
+    /// The YAML text.
+    pub text: &'static str,
+}
+
+macro_rules! builtin {
+    ($name:literal) => {
+        BuiltinScenario {
+            name: $name,
+            path: concat!("scenarios/", $name, ".yaml"),
+            text: include_str!(concat!("../../../scenarios/", $name, ".yaml")),
+        }
+    };
+}
+
+/// Every built-in scenario, in a stable order.
+pub(crate) static BUILTINS: &[BuiltinScenario] = &[
+    builtin!("clone-guest"),
+    builtin!("clone-guest-loose"),
+    builtin!("guest-move-same-host"),
+    builtin!("guest-move-other-host"),
+    builtin!("guest-live-migration"),
+    builtin!("host-licence-in-guest"),
+    builtin!("vm-activation-denied"),
+    builtin!("snapshot-rollback-units"),
+    builtin!("snapshot-rollback-time"),
+    builtin!("nic-replaced"),
+    builtin!("stationshare-terminal-server"),
+    builtin!("stationshare-mixed"),
+    builtin!("terminal-server-client"),
+    builtin!("user-limit"),
+    builtin!("no-count"),
+    builtin!("local-licence"),
+    builtin!("crash-release"),
+    builtin!("server-keepalive"),
+    builtin!("dongle-exclusive-guest"),
+    builtin!("dongle-shared-lockout"),
+    builtin!("dongle-hop"),
+    builtin!("dongle-host-server"),
+    builtin!("usb-over-ethernet"),
+    builtin!("dongle-units"),
+];

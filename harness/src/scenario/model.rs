@@ -1,0 +1,1218 @@
+//! The scenario model: what a scenario file says, as typed values.
+
+use std::net::IpAddr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::duration::{ClockSkew, Duration};
+use super::located::Located;
+
+/// A name written in a scenario (machine, app, session, dongle, snapshot), with its position.
+pub type Name = Located<String>;
+
+/// A product code written in a scenario, with its position.
+pub type ProductCode = Located<u32>;
+
+/// A whole scenario: the world, the vendor's policy and the ordered steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[schemars(title = "Vigil scenario")]
+pub struct Scenario {
+    /// Scenario name; built-in scenarios use their file stem.
+    pub name: Name,
+    /// One sentence: what the scenario proves.
+    #[serde(default)]
+    pub description: String,
+    /// Labels used to select scenarios (`vigil suite --tag smoke`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<Name>,
+    /// The licence policy the vendor issues for this scenario.
+    pub policy: Policy,
+    /// Physical machines; always up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<Host>,
+    /// Virtual machines; start shut down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guests: Vec<Guest>,
+    /// Licence dongles; start unplugged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dongles: Vec<Dongle>,
+    /// Defences of the runtime this scenario exercises.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<Located<Defence>>,
+    /// What happens, in order.
+    pub steps: Vec<Located<Step>>,
+    /// File name or built-in path the scenario was read from (not a YAML key).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub origin: String,
+}
+
+/// The vendor's licence policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Policy {
+    /// Product items the vendor issues.
+    pub products: Vec<Product>,
+}
+
+/// One product item of the policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Product {
+    /// Product code, as apps ask for it.
+    pub code: ProductCode,
+    /// Product name, for reports.
+    pub name: Name,
+    /// Where the licence lives: a soft licence file or a dongle.
+    pub container: Container,
+    /// Licence quantity; 0 = local single-user licence.
+    pub quantity: u32,
+    /// How accesses are counted against the quantity.
+    pub counting: Counting,
+    /// How a soft licence is bound to its machine.
+    #[serde(default)]
+    pub binding: Binding,
+    /// Whether the licence may be activated and used in virtual machines.
+    #[serde(default)]
+    pub virtual_machines: Permission,
+    /// Whether the licence may be used in terminal-server sessions.
+    #[serde(default)]
+    pub terminal_server: Permission,
+    /// Expiry, as a duration from scenario start (absent = never expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<Duration>,
+    /// Pay-per-use units; each grant spends one (absent = not metered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<u64>,
+    /// What the runtime does when it detects a rollback of metered state.
+    #[serde(default)]
+    pub on_rollback: RollbackPolicy,
+}
+
+/// Where a product's licence lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Container {
+    /// A soft licence file bound to the machine it is activated on.
+    Soft,
+    /// A licence dongle (see `dongles`).
+    Dongle,
+}
+
+/// How accesses are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Counting {
+    /// Every access takes one licence.
+    UserLimit,
+    /// Every station takes one licence however many accesses it makes.
+    StationShare,
+    /// Accesses are not counted.
+    NoCount,
+}
+
+/// How a soft licence is bound to its machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Binding {
+    /// Binding scheme.
+    #[serde(default)]
+    pub scheme: BindingScheme,
+    /// How many hardware traits may change (smartbind only).
+    #[serde(default)]
+    pub tolerance: Tolerance,
+}
+
+/// Soft licence binding scheme.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BindingScheme {
+    /// Bound cryptographically to weighted hardware traits.
+    #[default]
+    Smartbind,
+    /// Bound to a random id stored at activation.
+    Random,
+    /// Bound to the machine's IP address.
+    Ip,
+}
+
+/// How tolerant a smartbind binding is to changed traits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tolerance {
+    /// Survives many changes (including a move to other hardware).
+    Loose,
+    /// Survives one changed trait.
+    #[default]
+    Medium,
+    /// Any change breaks the binding.
+    Strict,
+}
+
+/// A vendor switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Permission {
+    /// Permitted.
+    #[default]
+    Allow,
+    /// Refused.
+    Deny,
+}
+
+/// What the runtime does when metered state is rolled back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RollbackPolicy {
+    /// Lock the metered items until a vendor update.
+    #[default]
+    Lock,
+    /// Reconcile with a witness (network server or dongle) and carry on.
+    Reconcile,
+}
+
+/// A physical machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Host {
+    /// Machine name.
+    pub name: Name,
+    /// CPU profile (guests on this host see it too).
+    pub cpu: Cpu,
+    /// Hardware identity; generated from the name when absent.
+    #[serde(default, skip_serializing_if = "Identity::is_empty")]
+    pub identity: Identity,
+    /// Workstation (one interactive session) or terminal server (many).
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// A CPU profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Cpu {
+    /// Vendor id string, e.g. GenuineIntel.
+    pub vendor: String,
+    /// Model name, e.g. "Xeon Gold 6248".
+    pub model: String,
+    /// CPU family number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<u32>,
+    /// Stepping number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stepping: Option<u32>,
+    /// Microcode revision, e.g. "0x5003604".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microcode: Option<String>,
+}
+
+/// Identity traits of a machine; absent values are generated from the machine name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Identity {
+    /// Board (baseboard) serial number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub board_serial: Option<String>,
+    /// SMBIOS product UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_uuid: Option<String>,
+    /// SMBIOS product serial number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_serial: Option<String>,
+    /// Disk serial numbers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_serials: Vec<String>,
+    /// NIC MAC addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<Located<String>>,
+}
+
+impl Identity {
+    /// Whether no trait is given.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What kind of sessions a machine holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// One interactive session; RDP is remote desktop (same station as the console).
+    #[default]
+    Workstation,
+    /// Many simultaneous sessions, each its own station.
+    TerminalServer,
+}
+
+/// A virtual machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Guest {
+    /// Machine name.
+    pub name: Name,
+    /// The host it runs on.
+    pub host: Name,
+    /// Workstation or terminal server.
+    #[serde(default)]
+    pub role: Role,
+    /// Virtual hardware identity; generated from the name when absent.
+    #[serde(default, skip_serializing_if = "Identity::is_empty")]
+    pub identity: Identity,
+}
+
+/// A licence dongle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Dongle {
+    /// Name steps use.
+    pub name: Name,
+    /// Serial number; generated from the name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Codes of the dongle products programmed into it.
+    pub products: Vec<ProductCode>,
+    /// Rebind and lockout policy programmed into it.
+    #[serde(default)]
+    pub policy: DonglePolicy,
+}
+
+/// A dongle's rebind policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DonglePolicy {
+    /// Rebinds allowed within `window` before lockout.
+    #[serde(default = "default_max_rebinds")]
+    pub max_rebinds: u32,
+    /// Window of dongle time in which rebinds are counted.
+    #[serde(default = "default_rebind_window")]
+    pub window: Duration,
+    /// How long a lockout lasts, in dongle time.
+    #[serde(default = "default_lockout")]
+    pub lockout: Duration,
+}
+
+fn default_max_rebinds() -> u32 {
+    3
+}
+fn default_rebind_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_lockout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for DonglePolicy {
+    fn default() -> Self {
+        Self {
+            max_rebinds: default_max_rebinds(),
+            window: default_rebind_window(),
+            lockout: default_lockout(),
+        }
+    }
+}
+
+/// A defence of the licence runtime a scenario exercises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Defence {
+    /// Soft licence key rebuilt only from enough matching hardware traits.
+    TraitBinding,
+    /// Binding tolerance (loose, medium, strict) decides what a change does.
+    BindingTolerance,
+    /// Vendor switch refusing activation in virtual machines.
+    VmActivationSwitch,
+    /// Signed, hash-chained receipts of unit use.
+    RollbackReceipts,
+    /// vmgenid recorded at each state write.
+    RollbackVmgenid,
+    /// Time high-water mark.
+    RollbackClock,
+    /// Reconciliation with a witness that stores chain heads.
+    RollbackWitness,
+    /// Dongle session binds it to one runtime.
+    DongleBinding,
+    /// A dongle seen by two runtimes at once locks out.
+    DongleSharedDetection,
+    /// A rebind elsewhere releases the old holder's licences.
+    DongleRebindRelease,
+    /// Too many rebinds in the window lock the dongle out.
+    DongleRebindLockout,
+    /// An unplugged dongle's licences are released.
+    DongleRemovalRelease,
+    /// The network server counts stations against the quantity.
+    ServerQuantity,
+    /// Station-share counts one station per machine or terminal-server session.
+    StationShareCounting,
+    /// User-limit counts every access.
+    UserLimitCounting,
+    /// Quantity 0 licences stay on their own machine, out of terminal-server sessions.
+    LocalLicence,
+    /// Vendor switch refusing terminal-server sessions.
+    TerminalServerSwitch,
+    /// Crashed local apps are released at once (pidfd).
+    CrashRelease,
+    /// Silent remote stations are released after the keepalive window.
+    KeepaliveRelease,
+    /// Expiry enforced on the runtime's clock.
+    Expiry,
+    /// Units counted inside the dongle's secure element.
+    DongleCounters,
+}
+
+/// One step of a scenario: exactly one key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Step {
+    /// Power on a guest.
+    Boot(Name),
+    /// Power off a guest (its apps and sessions end, its server stops).
+    Shutdown(Name),
+    /// Freeze a running guest.
+    Pause(Name),
+    /// Unfreeze a paused guest.
+    Resume(Name),
+    /// Take a named snapshot of a guest (disk, runtime state and power state).
+    Snapshot(SnapshotStep),
+    /// Return a guest to a snapshot (the hypervisor gives it a new vmgenid).
+    Revert(RevertStep),
+    /// Create a new guest from a guest's disk.
+    Clone(CloneStep),
+    /// Live-migrate a running guest to another host (identity kept).
+    Migrate(MigrateStep),
+    /// Cold-move a shut-down guest to a host (it boots with that host's CPU).
+    Move(MoveStep),
+    /// Replace a hardware part of a machine (new serial or MAC).
+    ReplacePart(ReplacePartStep),
+    /// Plug a dongle into one machine (exclusive) or several at once (shared).
+    UsbAttach(UsbAttachStep),
+    /// Unplug a dongle attached with usb-attach.
+    UsbDetach(Name),
+    /// Attach a dongle to a machine over USB/IP.
+    UsbipAttach(UsbipAttachStep),
+    /// Detach a USB/IP dongle cleanly.
+    UsbipDetach(Name),
+    /// Break a USB/IP connection (injected network fault).
+    UsbipDisconnect(Name),
+    /// Open a login session on a machine.
+    SessionOpen(SessionOpenStep),
+    /// Log a session off (its apps end).
+    SessionClose(Name),
+    /// Activate a soft licence on a machine.
+    Activate(ActivateStep),
+    /// Copy a machine's licence file and state to another machine (an attack).
+    CopyLicence(CopyLicenceStep),
+    /// One-shot probe: take a licence and give it back at once.
+    Access(AccessStep),
+    /// Start an app that takes a licence and holds it while it runs.
+    StartApp(StartAppStep),
+    /// The app gives its licence back and exits.
+    Release(Name),
+    /// The app crashes (SIGKILL).
+    Kill(Name),
+    /// Move every clock in the world forward.
+    Advance(Located<Duration>),
+    /// Set one machine's clock offset from world time (an attack).
+    SetClock(SetClockStep),
+    /// Cut the network between the listed machines.
+    Partition(PartitionStep),
+    /// Restore the network between the listed machines (all when none listed).
+    Heal(HealStep),
+    /// Start a network licence server on a machine; every other machine's runtime is told of it.
+    ServerStart(ServerStartStep),
+    /// Stop a machine's network licence server.
+    ServerStop(Name),
+    /// Check what the runtime did.
+    Expect(Assertion),
+}
+
+impl Step {
+    /// The step's key, as written in YAML (e.g. `usb-attach`).
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Step::Boot(_) => "boot",
+            Step::Shutdown(_) => "shutdown",
+            Step::Pause(_) => "pause",
+            Step::Resume(_) => "resume",
+            Step::Snapshot(_) => "snapshot",
+            Step::Revert(_) => "revert",
+            Step::Clone(_) => "clone",
+            Step::Migrate(_) => "migrate",
+            Step::Move(_) => "move",
+            Step::ReplacePart(_) => "replace-part",
+            Step::UsbAttach(_) => "usb-attach",
+            Step::UsbDetach(_) => "usb-detach",
+            Step::UsbipAttach(_) => "usbip-attach",
+            Step::UsbipDetach(_) => "usbip-detach",
+            Step::UsbipDisconnect(_) => "usbip-disconnect",
+            Step::SessionOpen(_) => "session-open",
+            Step::SessionClose(_) => "session-close",
+            Step::Activate(_) => "activate",
+            Step::CopyLicence(_) => "copy-licence",
+            Step::Access(_) => "access",
+            Step::StartApp(_) => "start-app",
+            Step::Release(_) => "release",
+            Step::Kill(_) => "kill",
+            Step::Advance(_) => "advance",
+            Step::SetClock(_) => "set-clock",
+            Step::Partition(_) => "partition",
+            Step::Heal(_) => "heal",
+            Step::ServerStart(_) => "server-start",
+            Step::ServerStop(_) => "server-stop",
+            Step::Expect(_) => "expect",
+        }
+    }
+
+    /// Every step key, in declaration order.
+    pub const KEYWORDS: [&'static str; 30] = [
+        "boot",
+        "shutdown",
+        "pause",
+        "resume",
+        "snapshot",
+        "revert",
+        "clone",
+        "migrate",
+        "move",
+        "replace-part",
+        "usb-attach",
+        "usb-detach",
+        "usbip-attach",
+        "usbip-detach",
+        "usbip-disconnect",
+        "session-open",
+        "session-close",
+        "activate",
+        "copy-licence",
+        "access",
+        "start-app",
+        "release",
+        "kill",
+        "advance",
+        "set-clock",
+        "partition",
+        "heal",
+        "server-start",
+        "server-stop",
+        "expect",
+    ];
+}
+
+/// `snapshot`: take a named snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SnapshotStep {
+    /// The guest.
+    pub machine: Name,
+    /// Snapshot name, unique per guest.
+    pub name: Name,
+}
+
+/// `revert`: return a guest to a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RevertStep {
+    /// The guest.
+    pub machine: Name,
+    /// A snapshot taken earlier of this guest.
+    pub snapshot: Name,
+}
+
+/// `clone`: create a guest from another guest's disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CloneStep {
+    /// The guest copied.
+    pub from: Name,
+    /// Name of the new guest (starts shut down).
+    pub to: Name,
+    /// Host of the new guest (default: the source's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<Name>,
+    /// New virtual identity, or a perfect copy of the source's.
+    #[serde(default)]
+    pub identity: CloneIdentity,
+}
+
+/// Identity of a clone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloneIdentity {
+    /// New SMBIOS UUID/serial, MAC, disk serial (what hypervisors do by default).
+    #[default]
+    New,
+    /// Same virtual identity as the source (a copied VM).
+    Perfect,
+}
+
+/// `migrate`: live migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MigrateStep {
+    /// The running guest.
+    pub machine: Name,
+    /// Destination host.
+    pub host: Name,
+}
+
+/// `move`: cold move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MoveStep {
+    /// The shut-down guest.
+    pub machine: Name,
+    /// Destination host (may be its current host).
+    pub host: Name,
+}
+
+/// `replace-part`: swap a hardware part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReplacePartStep {
+    /// The machine.
+    pub machine: Name,
+    /// Which part.
+    pub part: Part,
+}
+
+/// A replaceable hardware part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Part {
+    /// The first network card (new MAC).
+    Nic,
+    /// The first disk (new serial).
+    Disk,
+    /// The mainboard (new board serial and product UUID).
+    Board,
+}
+
+/// `usb-attach`: plug a dongle in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UsbAttachStep {
+    /// The dongle.
+    pub dongle: Name,
+    /// The machine, for an exclusive attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Name>,
+    /// The machines, for a shared attach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<Name>,
+    /// Exclusive (one machine) or shared (several at once).
+    #[serde(default)]
+    pub mode: UsbMode,
+}
+
+impl UsbAttachStep {
+    /// Every machine the dongle is attached to.
+    pub fn targets(&self) -> Vec<&Name> {
+        self.machine.iter().chain(self.machines.iter()).collect()
+    }
+}
+
+/// How a USB device is passed through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UsbMode {
+    /// Passed through to one machine only.
+    #[default]
+    Exclusive,
+    /// Visible to several machines at once.
+    Shared,
+}
+
+/// `usbip-attach`: attach a dongle over USB/IP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UsbipAttachStep {
+    /// The dongle.
+    pub dongle: Name,
+    /// The machine whose USB/IP client attaches it.
+    pub machine: Name,
+}
+
+/// `session-open`: log in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SessionOpenStep {
+    /// The machine.
+    pub machine: Name,
+    /// Name steps use for this session.
+    #[serde(rename = "as")]
+    pub name: Name,
+    /// Console or RDP.
+    #[serde(default)]
+    pub kind: SessionKind,
+    /// User logged in.
+    pub user: String,
+    /// RDP client's machine name (rdp only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_name: Option<String>,
+    /// RDP client's address (rdp only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<IpAddr>,
+}
+
+/// Kind of login session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionKind {
+    /// Local console.
+    #[default]
+    Console,
+    /// Remote desktop protocol.
+    Rdp,
+}
+
+/// `activate`: soft licence activation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ActivateStep {
+    /// The machine the licence is bound to.
+    pub machine: Name,
+    /// A soft product's code.
+    pub product: ProductCode,
+    /// Name for the outcome, to use in `expect: granted/denied` (an unnamed refusal fails the step).
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+}
+
+/// `copy-licence`: copy a licence to another machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CopyLicenceStep {
+    /// A soft product's code.
+    pub product: ProductCode,
+    /// Machine the licence file and its state are copied from.
+    pub from: Name,
+    /// Machine they are copied to.
+    pub to: Name,
+}
+
+/// `access`: one-shot probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AccessStep {
+    /// The machine the probe runs on.
+    pub machine: Name,
+    /// Product code asked for.
+    pub product: ProductCode,
+    /// Session it runs in (default: the machine's console context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Name>,
+    /// Name for the result, to use in `expect: granted/denied`.
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+}
+
+/// `start-app`: start an app holding a licence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StartAppStep {
+    /// The machine the app runs on.
+    pub machine: Name,
+    /// Product code asked for.
+    pub product: ProductCode,
+    /// Session it runs in (default: the machine's console context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Name>,
+    /// Name steps use for this app.
+    #[serde(rename = "as")]
+    pub name: Name,
+}
+
+/// `set-clock`: skew a machine's clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SetClockStep {
+    /// The machine.
+    pub machine: Name,
+    /// Its clock's offset from world time from now on (replaces any earlier skew).
+    pub skew: Located<ClockSkew>,
+}
+
+/// `partition`: cut network links.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PartitionStep {
+    /// Machines that can no longer reach one another (at least two).
+    pub machines: Vec<Name>,
+}
+
+/// `heal`: restore network links.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HealStep {
+    /// Machines whose links come back; empty = every link.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<Name>,
+}
+
+/// `server-start`: network licence server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServerStartStep {
+    /// The machine serving its licences.
+    pub machine: Name,
+    /// TCP port (default 22350).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Keepalive window for remote stations (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<Duration>,
+}
+
+/// Reason codes of the runtime contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// Every licence of the quantity is in use.
+    QuantityExhausted,
+    /// No container holds this product.
+    UnknownProduct,
+    /// The soft licence cannot be decrypted on this machine.
+    LicenceCorrupt,
+    /// The licence has expired.
+    LicenceExpired,
+    /// The licence is locked.
+    LicenceLocked,
+    /// No pay-per-use units left.
+    UnitsExhausted,
+    /// A local licence in a terminal-server session.
+    LocalLicenceTerminalServer,
+    /// A local licence asked for over the network.
+    LocalLicenceRemote,
+    /// Refused in a virtual machine by the vendor.
+    VmNotAllowed,
+    /// Refused on a terminal server by the vendor.
+    TerminalServerNotAllowed,
+    /// The dongle is used by several runtimes at once.
+    DongleShared,
+    /// The dongle is locked out.
+    DongleLockedOut,
+    /// Another runtime bound the dongle.
+    BindingBroken,
+    /// The dongle was unplugged.
+    DongleRemoved,
+    /// The network server cannot be reached.
+    ServerUnreachable,
+    /// A rollback of metered state was detected.
+    RollbackDetected,
+    /// A licence file's signature is invalid.
+    SignatureInvalid,
+}
+
+impl Reason {
+    /// The reason code as the runtime prints it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::QuantityExhausted => "quantity-exhausted",
+            Reason::UnknownProduct => "unknown-product",
+            Reason::LicenceCorrupt => "licence-corrupt",
+            Reason::LicenceExpired => "licence-expired",
+            Reason::LicenceLocked => "licence-locked",
+            Reason::UnitsExhausted => "units-exhausted",
+            Reason::LocalLicenceTerminalServer => "local-licence-terminal-server",
+            Reason::LocalLicenceRemote => "local-licence-remote",
+            Reason::VmNotAllowed => "vm-not-allowed",
+            Reason::TerminalServerNotAllowed => "terminal-server-not-allowed",
+            Reason::DongleShared => "dongle-shared",
+            Reason::DongleLockedOut => "dongle-locked-out",
+            Reason::BindingBroken => "binding-broken",
+            Reason::DongleRemoved => "dongle-removed",
+            Reason::ServerUnreachable => "server-unreachable",
+            Reason::RollbackDetected => "rollback-detected",
+            Reason::SignatureInvalid => "signature-invalid",
+        }
+    }
+}
+
+/// What an `expect` step checks: exactly one assertion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ExpectKeys", into = "ExpectKeys")]
+pub enum Assertion {
+    /// The app, access or activation was granted.
+    Granted {
+        /// App, access or activation name.
+        app: Name,
+    },
+    /// The app, access or activation was refused, for this reason.
+    Denied {
+        /// App, access or activation name.
+        app: Name,
+        /// Expected reason code.
+        reason: Located<Reason>,
+    },
+    /// Licences in use for a product, as a runtime or server counts them.
+    InUse(InUseAssertion),
+    /// State of a product's licence on a machine.
+    Licence(LicenceAssertion),
+    /// Pay-per-use units left.
+    Units(UnitsAssertion),
+    /// A dongle's binding or lockout.
+    Dongle(DongleAssertion),
+    /// A killed app's licence was released within a time limit.
+    ReleasedWithin(ReleasedWithinAssertion),
+    /// An app's process state.
+    App(AppAssertion),
+}
+
+impl Assertion {
+    /// The assertion's key, as written in YAML (e.g. `in-use`).
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Assertion::Granted { .. } => "granted",
+            Assertion::Denied { .. } => "denied",
+            Assertion::InUse(_) => "in-use",
+            Assertion::Licence(_) => "licence",
+            Assertion::Units(_) => "units",
+            Assertion::Dongle(_) => "dongle",
+            Assertion::ReleasedWithin(_) => "released-within",
+            Assertion::App(_) => "app",
+        }
+    }
+
+    /// Every assertion key.
+    pub const KEYWORDS: [&'static str; 8] = [
+        "granted",
+        "denied",
+        "in-use",
+        "licence",
+        "units",
+        "dongle",
+        "released-within",
+        "app",
+    ];
+}
+
+/// `in-use`: counts of a product in use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct InUseAssertion {
+    /// Product code.
+    pub product: ProductCode,
+    /// Machine whose runtime counts (default: the one running server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Name>,
+    /// Stations holding the product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stations: Option<u32>,
+    /// Accesses holding the product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accesses: Option<u32>,
+}
+
+/// `licence`: a licence's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LicenceAssertion {
+    /// Machine holding the licence.
+    pub machine: Name,
+    /// Product code.
+    pub product: ProductCode,
+    /// Expected state.
+    pub state: LicenceState,
+}
+
+/// State of a licence container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LicenceState {
+    /// Usable.
+    Valid,
+    /// Binding does not match this machine.
+    Corrupt,
+    /// Locked (e.g. after a rollback).
+    Locked,
+    /// Past its expiry.
+    Expired,
+}
+
+/// `units`: pay-per-use units left.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UnitsAssertion {
+    /// Machine whose runtime reports the units.
+    pub machine: Name,
+    /// Product code (must have `units`).
+    pub product: ProductCode,
+    /// Units expected left.
+    pub left: u64,
+}
+
+/// `dongle`: binding or lockout of a dongle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DongleAssertion {
+    /// The dongle.
+    pub name: Name,
+    /// The machine whose runtime holds the dongle's binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_to: Option<Name>,
+    /// Expected dongle state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<DongleState>,
+    /// Remaining lockout, in dongle time, checked to within one second (locked-out only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Duration>,
+}
+
+/// State of a dongle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DongleState {
+    /// Bound to one runtime.
+    Bound,
+    /// Bound to no runtime.
+    Unbound,
+    /// Locked out.
+    LockedOut,
+}
+
+/// `released-within`: release delay after a kill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReleasedWithinAssertion {
+    /// A killed app.
+    pub app: Name,
+    /// Maximum milliseconds from its kill to its licence being released.
+    pub ms: u64,
+}
+
+/// `app`: an app's process state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AppAssertion {
+    /// The app.
+    pub app: Name,
+    /// Expected state.
+    pub state: AppState,
+    /// Expected revocation reason (revoked only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Located<Reason>>,
+}
+
+/// State of an app process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum AppState {
+    /// Running and holding its licence.
+    Running,
+    /// The runtime took its licence back and told it.
+    Revoked,
+    /// The process has ended.
+    Exited,
+}
+
+/// The keys an `expect` mapping may hold (exactly one assertion; `reason` goes with `denied`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ExpectKeys {
+    /// The app or access was granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    granted: Option<Name>,
+    /// The app or access was denied (give `reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    denied: Option<Name>,
+    /// Reason code expected with `denied`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<Located<Reason>>,
+    /// Licences in use for a product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    in_use: Option<InUseAssertion>,
+    /// State of a licence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    licence: Option<LicenceAssertion>,
+    /// Pay-per-use units left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    units: Option<UnitsAssertion>,
+    /// A dongle's binding or lockout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dongle: Option<DongleAssertion>,
+    /// Release delay after a kill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released_within: Option<ReleasedWithinAssertion>,
+    /// An app's process state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    app: Option<AppAssertion>,
+}
+
+fn single_key_schema(key: &str, description: &str, value: schemars::Schema) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": description,
+        "type": "object",
+        "properties": { key: value },
+        "required": [key],
+        "additionalProperties": false
+    })
+}
+
+impl JsonSchema for Assertion {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Assertion".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let name = generator.subschema_for::<String>();
+        let reason = generator.subschema_for::<Reason>();
+        let denied = schemars::json_schema!({
+            "description": "The app, access or activation was refused, for this reason.",
+            "type": "object",
+            "properties": {
+                "denied": name.clone(),
+                "reason": reason
+            },
+            "required": ["denied", "reason"],
+            "additionalProperties": false
+        });
+        let variants = vec![
+            single_key_schema("granted", "The app, access or activation was granted.", name),
+            denied,
+            single_key_schema(
+                "in-use",
+                "Licences in use for a product.",
+                generator.subschema_for::<InUseAssertion>(),
+            ),
+            single_key_schema(
+                "licence",
+                "State of a product's licence on a machine.",
+                generator.subschema_for::<LicenceAssertion>(),
+            ),
+            single_key_schema(
+                "units",
+                "Pay-per-use units left.",
+                generator.subschema_for::<UnitsAssertion>(),
+            ),
+            single_key_schema(
+                "dongle",
+                "A dongle's binding or lockout.",
+                generator.subschema_for::<DongleAssertion>(),
+            ),
+            single_key_schema(
+                "released-within",
+                "A killed app's licence was released within a time limit.",
+                generator.subschema_for::<ReleasedWithinAssertion>(),
+            ),
+            single_key_schema(
+                "app",
+                "An app's process state.",
+                generator.subschema_for::<AppAssertion>(),
+            ),
+        ];
+        schemars::json_schema!({
+            "description": "What an `expect` step checks: exactly one assertion.",
+            "oneOf": variants
+        })
+    }
+}
+
+impl TryFrom<ExpectKeys> for Assertion {
+    type Error = String;
+
+    fn try_from(keys: ExpectKeys) -> Result<Self, String> {
+        let ExpectKeys {
+            granted,
+            denied,
+            reason,
+            in_use,
+            licence,
+            units,
+            dongle,
+            released_within,
+            app,
+        } = keys;
+        let mut found: Vec<Assertion> = Vec::new();
+        if let Some(app) = granted {
+            found.push(Assertion::Granted { app });
+        }
+        match (denied, reason) {
+            (Some(app), Some(reason)) => found.push(Assertion::Denied { app, reason }),
+            (Some(app), None) => {
+                return Err(format!(
+                    "`denied: {}` needs a `reason`: one of {}",
+                    app.value,
+                    reason_codes()
+                ));
+            }
+            (None, Some(_)) => {
+                return Err("`reason` goes with `denied: <app>`".to_owned());
+            }
+            (None, None) => {}
+        }
+        found.extend(in_use.map(Assertion::InUse));
+        found.extend(licence.map(Assertion::Licence));
+        found.extend(units.map(Assertion::Units));
+        found.extend(dongle.map(Assertion::Dongle));
+        found.extend(released_within.map(Assertion::ReleasedWithin));
+        found.extend(app.map(Assertion::App));
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(format!(
+                "an `expect` needs one assertion: {}",
+                Assertion::KEYWORDS.join(", ")
+            )),
+            _ => Err(format!(
+                "an `expect` holds one assertion, found {}: {}; write one `expect` step each",
+                found.len(),
+                found
+                    .iter()
+                    .map(Assertion::keyword)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+impl From<Assertion> for ExpectKeys {
+    fn from(assertion: Assertion) -> Self {
+        let mut keys = ExpectKeys::default();
+        match assertion {
+            Assertion::Granted { app } => keys.granted = Some(app),
+            Assertion::Denied { app, reason } => {
+                keys.denied = Some(app);
+                keys.reason = Some(reason);
+            }
+            Assertion::InUse(a) => keys.in_use = Some(a),
+            Assertion::Licence(a) => keys.licence = Some(a),
+            Assertion::Units(a) => keys.units = Some(a),
+            Assertion::Dongle(a) => keys.dongle = Some(a),
+            Assertion::ReleasedWithin(a) => keys.released_within = Some(a),
+            Assertion::App(a) => keys.app = Some(a),
+        }
+        keys
+    }
+}
+
+/// Every reason code, comma-separated.
+pub(crate) fn reason_codes() -> String {
+    ALL_REASONS
+        .iter()
+        .map(Reason::code)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every reason code of the runtime contract.
+pub const ALL_REASONS: [Reason; 17] = [
+    Reason::QuantityExhausted,
+    Reason::UnknownProduct,
+    Reason::LicenceCorrupt,
+    Reason::LicenceExpired,
+    Reason::LicenceLocked,
+    Reason::UnitsExhausted,
+    Reason::LocalLicenceTerminalServer,
+    Reason::LocalLicenceRemote,
+    Reason::VmNotAllowed,
+    Reason::TerminalServerNotAllowed,
+    Reason::DongleShared,
+    Reason::DongleLockedOut,
+    Reason::BindingBroken,
+    Reason::DongleRemoved,
+    Reason::ServerUnreachable,
+    Reason::RollbackDetected,
+    Reason::SignatureInvalid,
+];
