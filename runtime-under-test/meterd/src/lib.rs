@@ -1,1 +1,16 @@
-//! placeholder
+//! The meter reference licence runtime: the daemon `meterd` and the command-line tool `meter`.
+
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod frame;
+pub mod licences;
+pub mod local;
+pub mod pidfd;
+pub mod platform;
+pub mod protocol;
+pub mod remote;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod vendor;

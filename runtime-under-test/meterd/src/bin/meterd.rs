@@ -1,1 +1,5 @@
-fn main() {}
+//! meterd: the licence runtime daemon.
+
+fn main() -> anyhow::Result<()> {
+    meterd::cli::run_daemon(std::env::args_os().collect())
+}

@@ -1,0 +1,1111 @@
+//! The daemon's shared state: the allocation table, grant records, holders and their watchers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use meter_core::allocation::{AccessRequest, AllocationTable, HolderId, Origin, ProductKey};
+use meter_core::reason::Reason;
+use meter_core::station::{MachineRole, SessionKind, StationId};
+use meter_core::traits::MachineKind;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::pidfd::ProcessWatch;
+use crate::platform::{Platform, process_session_and_start};
+use crate::protocol::{Claim, FromServer, LocalReply, WireSession};
+use crate::remote::Remotes;
+use crate::store::{self, Change, Snapshot, Store};
+
+/// Firm code used when an app names no firm and no local item tells which.
+pub const DEFAULT_FIRM: u32 = meter_core::policy::DEFAULT_FIRM;
+
+/// Who holds a grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Holder {
+    /// A local process, identified by pid and start time (so a reused pid is not mistaken).
+    Local {
+        /// Process id.
+        pid: u32,
+        /// Start time, clock ticks since boot.
+        start: u64,
+        /// User id.
+        uid: u32,
+    },
+    /// A remote station served by this runtime's network server.
+    Remote {
+        /// The client runtime's id.
+        runtime: String,
+        /// The client runtime's handle.
+        client_handle: u64,
+        /// The peer address the server saw.
+        peer: String,
+    },
+}
+
+/// Where a grant came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Via {
+    /// This runtime's own allocation table.
+    Table {
+        /// The container that granted it.
+        container: String,
+    },
+    /// A network server this runtime forwarded to.
+    Forwarded {
+        /// The server, `addr:port`.
+        server: String,
+        /// The server's handle.
+        server_handle: u64,
+        /// The server's container.
+        container: String,
+    },
+}
+
+/// One grant as stored durably.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    /// The product.
+    pub product: ProductKey,
+    /// The station it counts for.
+    pub station: StationId,
+    /// The session of the app.
+    pub session: WireSession,
+    /// The role of the app's machine.
+    pub role: MachineRole,
+    /// True when the app's machine is a virtual machine.
+    pub guest: bool,
+    /// Who holds it.
+    pub holder: Holder,
+    /// Where it came from.
+    pub via: Via,
+    /// When it was granted, unix ms (platform clock).
+    pub granted_at: u64,
+    /// The allocation table's handle (rebuilt at start-up).
+    #[serde(skip)]
+    pub table_handle: Option<u64>,
+}
+
+impl GrantRecord {
+    fn access_request(&self) -> AccessRequest {
+        let (holder, origin) = match &self.holder {
+            Holder::Local { pid, .. } => (HolderId::Local { pid: *pid }, Origin::Local),
+            Holder::Remote { peer, .. } => (
+                HolderId::Remote {
+                    peer: peer.clone(),
+                    station: self.station.clone(),
+                },
+                Origin::Remote,
+            ),
+        };
+        AccessRequest {
+            product: self.product,
+            station: self.station.clone(),
+            holder,
+            origin,
+            role: self.role,
+            session: SessionKind::from(&self.session),
+            is_guest: self.guest,
+        }
+    }
+
+    fn container(&self) -> &str {
+        match &self.via {
+            Via::Table { container } | Via::Forwarded { container, .. } => container,
+        }
+    }
+}
+
+/// A connected client runtime (server side).
+#[derive(Debug)]
+struct RemoteLink {
+    generation: u64,
+    peer: String,
+    machine: String,
+}
+
+/// The mutable state behind one lock.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub(crate) table: AllocationTable,
+    pub(crate) grants: BTreeMap<u64, GrantRecord>,
+    next_handle: u64,
+    watched: HashMap<u32, u64>,
+    listeners: HashMap<u64, mpsc::UnboundedSender<LocalReply>>,
+    links: HashMap<String, RemoteLink>,
+    link_generation: u64,
+    awaiting_reconnect: HashMap<String, Instant>,
+}
+
+impl State {
+    fn allocate_handle(&mut self) -> u64 {
+        let handle = self.next_handle.max(1);
+        self.next_handle = handle + 1;
+        handle
+    }
+}
+
+/// Facts about the calling process and its machine that decide its station.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Process id.
+    pub pid: u32,
+    /// Start time, clock ticks since boot.
+    pub start: u64,
+    /// User id.
+    pub uid: u32,
+    /// The process's session.
+    pub session: SessionKind,
+    /// Its station.
+    pub station: StationId,
+    /// The machine's role.
+    pub role: MachineRole,
+    /// True on a virtual machine.
+    pub guest: bool,
+}
+
+/// Settings of one daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// State folder.
+    pub state_dir: PathBuf,
+    /// Keepalive window for remote stations (server) and the interval base (client).
+    pub keepalive: Duration,
+}
+
+/// The daemon: shared by every connection task.
+#[derive(Debug)]
+pub struct Runtime {
+    /// Where the runtime learns about its machine.
+    pub platform: Arc<dyn Platform>,
+    /// Durable state.
+    pub store: Store,
+    state: Mutex<State>,
+    /// Settings.
+    pub settings: DaemonSettings,
+    /// This runtime's persistent random id (identifies it to servers).
+    pub runtime_id: String,
+    /// Network servers this runtime forwards to.
+    pub remotes: Remotes,
+    /// Installed licences and trusted vendors.
+    pub licences: Mutex<crate::licences::Licences>,
+    /// The network server's listen address and certificate fingerprint, when serving.
+    pub server_info: Mutex<Option<(String, String)>>,
+}
+
+fn reply_denied(reason: Reason) -> LocalReply {
+    LocalReply::Denied {
+        reason,
+        message: reason.message().to_owned(),
+    }
+}
+
+impl Runtime {
+    /// Builds the runtime from what the store holds; holders are re-watched by [`Runtime::resume`].
+    pub fn new(
+        platform: Arc<dyn Platform>,
+        store: Store,
+        snapshot: Snapshot,
+        settings: DaemonSettings,
+    ) -> anyhow::Result<Arc<Runtime>> {
+        let runtime_id = match snapshot.meta.get("runtime-id") {
+            Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+            None => {
+                let mut id = [0u8; 16];
+                getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
+                let id = hex::encode(id);
+                drop(store.submit(vec![Change::PutMeta(
+                    "runtime-id".into(),
+                    id.clone().into_bytes(),
+                )]));
+                id
+            }
+        };
+        let next_handle = snapshot
+            .meta
+            .get("next-handle")
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(1);
+        let mut licences = crate::licences::Licences::new(settings.state_dir.join("trust"));
+        let mut state = State {
+            table: AllocationTable::new(),
+            next_handle,
+            ..State::default()
+        };
+        let now = platform.now_ms()?;
+        let traits = platform.traits()?;
+        for (id, bytes) in &snapshot.licences {
+            match licences.load_installed(id, bytes, &traits, &mut state.table, now) {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(licence = %id, error = %e, "Installed licence unusable"),
+            }
+        }
+        licences.restore_units(&snapshot.meta, &mut state.table);
+        // Replay grants in handle order so the table counts exactly what was granted before.
+        let mut dropped = Vec::new();
+        for (handle, bytes) in &snapshot.grants {
+            let mut record: GrantRecord = match postcard::from_bytes(bytes) {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!(handle, error = %e, "Unreadable grant record dropped");
+                    dropped.push(Change::DeleteGrant(*handle));
+                    continue;
+                }
+            };
+            if let Via::Table { .. } = record.via {
+                match state.table.access(record.access_request(), now) {
+                    Ok(grant) => record.table_handle = Some(grant.handle),
+                    Err(reason) => {
+                        tracing::warn!(handle, %reason, "Grant no longer valid after restart");
+                        dropped.push(Change::DeleteGrant(*handle));
+                        continue;
+                    }
+                }
+            }
+            state.next_handle = state.next_handle.max(handle + 1);
+            state.grants.insert(*handle, record);
+        }
+        // Replaying decremented units a second time: the stored figures are the truth.
+        licences.restore_units(&snapshot.meta, &mut state.table);
+        if !dropped.is_empty() {
+            drop(store.submit(dropped));
+        }
+        let remotes = Remotes::new(runtime_id.clone());
+        Ok(Arc::new(Runtime {
+            platform,
+            store,
+            state: Mutex::new(state),
+            settings,
+            runtime_id,
+            remotes,
+            licences: Mutex::new(licences),
+            server_info: Mutex::new(None),
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After start-up: re-watches surviving local holders, releases dead ones, and gives remote
+    /// stations one keepalive window to reconnect.
+    pub fn resume(self: &Arc<Self>) {
+        let (local, remote): (Vec<_>, Vec<_>) = {
+            let state = self.lock();
+            let local: Vec<(u32, u64)> = state
+                .grants
+                .values()
+                .filter_map(|g| match g.holder {
+                    Holder::Local { pid, start, .. } => Some((pid, start)),
+                    Holder::Remote { .. } => None,
+                })
+                .collect();
+            let remote: Vec<String> = state
+                .grants
+                .values()
+                .filter_map(|g| match &g.holder {
+                    Holder::Remote { runtime, .. } => Some(runtime.clone()),
+                    Holder::Local { .. } => None,
+                })
+                .collect();
+            (local, remote)
+        };
+        for (pid, start) in local {
+            self.watch_holder(pid, start);
+        }
+        let deadline = Instant::now() + self.settings.keepalive;
+        let mut state = self.lock();
+        for runtime in remote {
+            state.awaiting_reconnect.insert(runtime, deadline);
+        }
+    }
+
+    /// Who the process `pid` is, as far as licensing cares.
+    pub fn identify(&self, pid: u32, uid: u32) -> Result<Caller, anyhow::Error> {
+        let (session_id, start) = process_session_and_start(pid)?;
+        let machine = self.platform.machine_name()?;
+        let role = self.platform.role()?;
+        let guest = self.platform.kind()? == MachineKind::Guest;
+        let session = self
+            .platform
+            .session(session_id)?
+            .map(|info| info.kind)
+            .unwrap_or(SessionKind::Service);
+        let station = StationId::for_session(machine, role, session_id, &session);
+        Ok(Caller {
+            pid,
+            start,
+            uid,
+            session,
+            station,
+            role,
+            guest,
+        })
+    }
+
+    /// Resolves the firm of a product: the named one, the first local item's, or the default.
+    fn product_key(&self, state: &State, firm: Option<u32>, product: u32) -> ProductKey {
+        let firm = firm.unwrap_or_else(|| {
+            state
+                .table
+                .items()
+                .iter()
+                .find(|view| view.entry.product.code == product)
+                .map(|view| view.entry.product.firm)
+                .unwrap_or(DEFAULT_FIRM)
+        });
+        ProductKey {
+            firm,
+            code: product,
+        }
+    }
+
+    /// A local app asks for a licence; `events` receives revocations of the grant.
+    pub async fn access_local(
+        self: &Arc<Self>,
+        caller: &Caller,
+        firm: Option<u32>,
+        product: u32,
+        events: Option<mpsc::UnboundedSender<LocalReply>>,
+    ) -> LocalReply {
+        let now = match self.platform.now_ms() {
+            Ok(now) => now,
+            Err(e) => {
+                return LocalReply::Error {
+                    message: format!("Cannot read the machine clock: {e}"),
+                    reason: None,
+                };
+            }
+        };
+        let holder = Holder::Local {
+            pid: caller.pid,
+            start: caller.start,
+            uid: caller.uid,
+        };
+        let step = {
+            let mut state = self.lock();
+            let key = self.product_key(&state, firm, product);
+            let mut record = GrantRecord {
+                product: key,
+                station: caller.station.clone(),
+                session: WireSession::from(&caller.session),
+                role: caller.role,
+                guest: caller.guest,
+                holder: holder.clone(),
+                via: Via::Table {
+                    container: String::new(),
+                },
+                granted_at: now,
+                table_handle: None,
+            };
+            match state.table.access(record.access_request(), now) {
+                Ok(grant) => {
+                    record.table_handle = Some(grant.handle);
+                    record.via = Via::Table {
+                        container: grant.container.to_string(),
+                    };
+                    let handle = state.allocate_handle();
+                    let mut changes = vec![
+                        Change::PutGrant(handle, encode_record(&record)),
+                        Change::PutMeta("next-handle".into(), (handle + 1).to_le_bytes().to_vec()),
+                    ];
+                    if let Some(units) = grant.units_left {
+                        changes.push(crate::licences::units_change(&grant.container, key, units));
+                    }
+                    let reply = LocalReply::Granted {
+                        handle,
+                        product,
+                        container: grant.container.to_string(),
+                        station: caller.station.to_string(),
+                    };
+                    state.grants.insert(handle, record);
+                    if let Some(events) = events.clone() {
+                        state.listeners.insert(handle, events);
+                    }
+                    Ok((reply, self.store.submit(changes)))
+                }
+                Err(reason) => Err((key, reason, state.allocate_handle())),
+            }
+        };
+        let (key, local_denial, client_handle) = match step {
+            Ok((reply, durable)) => {
+                self.watch_holder(caller.pid, caller.start);
+                if let Err(e) = store::wait(durable).await {
+                    return LocalReply::Error {
+                        message: format!("Cannot record the grant: {e}"),
+                        reason: None,
+                    };
+                }
+                return reply;
+            }
+            Err(denied) => denied,
+        };
+        if self.remotes.is_empty() {
+            return reply_denied(local_denial);
+        }
+        // Not grantable here: forward to the network servers.
+        let claim = Claim {
+            client_handle,
+            product: key,
+            station: caller.station.clone(),
+            session: WireSession::from(&caller.session),
+            role: caller.role,
+            guest: caller.guest,
+        };
+        match self.remotes.access(claim.clone()).await {
+            Ok(forwarded) => {
+                let record = GrantRecord {
+                    product: key,
+                    station: caller.station.clone(),
+                    session: claim.session.clone(),
+                    role: caller.role,
+                    guest: caller.guest,
+                    holder,
+                    via: Via::Forwarded {
+                        server: forwarded.server.clone(),
+                        server_handle: forwarded.server_handle,
+                        container: forwarded.container.clone(),
+                    },
+                    granted_at: now,
+                    table_handle: None,
+                };
+                let durable = {
+                    let mut state = self.lock();
+                    state.grants.insert(client_handle, record.clone());
+                    if let Some(events) = events {
+                        state.listeners.insert(client_handle, events);
+                    }
+                    self.store.submit(vec![
+                        Change::PutGrant(client_handle, encode_record(&record)),
+                        Change::PutMeta(
+                            "next-handle".into(),
+                            (client_handle + 1).to_le_bytes().to_vec(),
+                        ),
+                    ])
+                };
+                self.watch_holder(caller.pid, caller.start);
+                if let Err(e) = store::wait(durable).await {
+                    return LocalReply::Error {
+                        message: format!("Cannot record the grant: {e}"),
+                        reason: None,
+                    };
+                }
+                LocalReply::Granted {
+                    handle: client_handle,
+                    product,
+                    container: forwarded.container,
+                    station: caller.station.to_string(),
+                }
+            }
+            Err(remote_reason) => {
+                // A product this runtime holds locally keeps its local answer.
+                let reason = if local_denial == Reason::UnknownProduct {
+                    remote_reason
+                } else {
+                    local_denial
+                };
+                reply_denied(reason)
+            }
+        }
+    }
+
+    /// Releases one grant; forwarded grants are released on their server too.
+    pub async fn release(self: &Arc<Self>, handle: u64) -> Result<(), Reason> {
+        let (record, durable) = {
+            let mut state = self.lock();
+            let record = state.grants.remove(&handle).ok_or(Reason::NotHeld)?;
+            if let Some(table_handle) = record.table_handle {
+                let _ = state.table.release(table_handle);
+            }
+            state.listeners.remove(&handle);
+            (record, self.store.submit(vec![Change::DeleteGrant(handle)]))
+        };
+        if let Err(e) = store::wait(durable).await {
+            tracing::error!(handle, error = %e, "Release not recorded");
+        }
+        if let Via::Forwarded {
+            server,
+            server_handle,
+            ..
+        } = &record.via
+        {
+            self.remotes.release(server, *server_handle).await;
+        }
+        Ok(())
+    }
+
+    /// Releases every grant of a local process (it exited).
+    pub async fn release_holder(self: &Arc<Self>, pid: u32, start: u64) -> usize {
+        let handles: Vec<u64> = {
+            let mut state = self.lock();
+            if state.watched.get(&pid) == Some(&start) {
+                state.watched.remove(&pid);
+            }
+            state
+                .grants
+                .iter()
+                .filter(|(_, g)| matches!(g.holder, Holder::Local { pid: p, start: s, .. } if p == pid && s == start))
+                .map(|(h, _)| *h)
+                .collect()
+        };
+        let count = handles.len();
+        for handle in handles {
+            let _ = self.release(handle).await;
+        }
+        if count > 0 {
+            tracing::info!(pid, released = count, "Holder exited, licences released");
+        }
+        count
+    }
+
+    /// Takes a grant back and tells its holder why.
+    pub async fn revoke(self: &Arc<Self>, handle: u64, reason: Reason) {
+        let listener = self.lock().listeners.get(&handle).cloned();
+        if self.release(handle).await.is_ok() {
+            tracing::info!(handle, %reason, "Licence revoked");
+            if let Some(listener) = listener {
+                let _ = listener.send(LocalReply::Revoked { handle, reason });
+            }
+        }
+    }
+
+    /// Sends revocations of `handle` to `events`; false if the handle is not held.
+    pub fn add_listener(&self, handle: u64, events: mpsc::UnboundedSender<LocalReply>) -> bool {
+        let mut state = self.lock();
+        if state.grants.contains_key(&handle) {
+            state.listeners.insert(handle, events);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Stops sending events of these handles (their connection closed).
+    pub fn forget_listeners(&self, handles: &[u64]) {
+        let mut state = self.lock();
+        for handle in handles {
+            state.listeners.remove(handle);
+        }
+    }
+
+    /// Watches a local holder and releases its licences when it exits.
+    pub fn watch_holder(self: &Arc<Self>, pid: u32, start: u64) {
+        {
+            let mut state = self.lock();
+            if state.watched.get(&pid) == Some(&start) {
+                return;
+            }
+            state.watched.insert(pid, start);
+        }
+        let runtime = Arc::clone(self);
+        tokio::spawn(async move {
+            match ProcessWatch::open(pid) {
+                Ok(watch) => {
+                    // The pid may have been reused since the grant: compare start times.
+                    let same = process_session_and_start(pid)
+                        .map(|(_, s)| s == start)
+                        .unwrap_or(false);
+                    if same {
+                        if let Err(e) = watch.exited().await {
+                            tracing::warn!(pid, error = %e, "Lost the watch on a holder");
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+            runtime.release_holder(pid, start).await;
+        });
+    }
+
+    // ----- network server side -----
+
+    /// A client runtime connected (or reconnected) and says which grants it still holds.
+    pub async fn remote_hello(
+        self: &Arc<Self>,
+        runtime: &str,
+        machine: &str,
+        peer: &str,
+        claims: Vec<Claim>,
+    ) -> (u64, FromServer) {
+        let now = self.platform.now_ms().unwrap_or(0);
+        let mut restored = Vec::new();
+        let mut lost = Vec::new();
+        let mut changes = Vec::new();
+        let generation;
+        {
+            let mut state = self.lock();
+            state.link_generation += 1;
+            generation = state.link_generation;
+            state.awaiting_reconnect.remove(runtime);
+            state.links.insert(
+                runtime.to_owned(),
+                RemoteLink {
+                    generation,
+                    peer: peer.to_owned(),
+                    machine: machine.to_owned(),
+                },
+            );
+            let held: BTreeMap<u64, u64> = state
+                .grants
+                .iter()
+                .filter_map(|(handle, g)| match &g.holder {
+                    Holder::Remote {
+                        runtime: r,
+                        client_handle,
+                        ..
+                    } if r == runtime => Some((*client_handle, *handle)),
+                    _ => None,
+                })
+                .collect();
+            let claimed: std::collections::BTreeSet<u64> =
+                claims.iter().map(|c| c.client_handle).collect();
+            // Grants the client no longer claims are released.
+            for (client_handle, handle) in &held {
+                if !claimed.contains(client_handle)
+                    && let Some(record) = state.grants.remove(handle)
+                {
+                    if let Some(t) = record.table_handle {
+                        let _ = state.table.release(t);
+                    }
+                    changes.push(Change::DeleteGrant(*handle));
+                }
+            }
+            for claim in claims {
+                if let Some(handle) = held.get(&claim.client_handle) {
+                    if let Some(record) = state.grants.get_mut(handle) {
+                        if let Holder::Remote { peer: p, .. } = &mut record.holder {
+                            *p = peer.to_owned();
+                        }
+                    }
+                    restored.push((claim.client_handle, *handle));
+                    continue;
+                }
+                match self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes) {
+                    Ok((handle, _)) => restored.push((claim.client_handle, handle)),
+                    Err(reason) => lost.push((claim.client_handle, reason)),
+                }
+            }
+        }
+        if !changes.is_empty()
+            && let Err(e) = self.store.commit(changes).await
+        {
+            tracing::error!(error = %e, "Reconnect not recorded");
+        }
+        tracing::info!(
+            runtime,
+            machine,
+            peer,
+            restored = restored.len(),
+            lost = lost.len(),
+            "Remote runtime connected"
+        );
+        (
+            generation,
+            FromServer::Welcome {
+                restored,
+                lost,
+                keepalive_ms: self.settings.keepalive.as_millis() as u64,
+            },
+        )
+    }
+
+    fn grant_remote(
+        &self,
+        state: &mut State,
+        runtime: &str,
+        peer: &str,
+        claim: &Claim,
+        now: u64,
+        changes: &mut Vec<Change>,
+    ) -> Result<(u64, String), Reason> {
+        let mut record = GrantRecord {
+            product: claim.product,
+            station: claim.station.clone(),
+            session: claim.session.clone(),
+            role: claim.role,
+            guest: claim.guest,
+            holder: Holder::Remote {
+                runtime: runtime.to_owned(),
+                client_handle: claim.client_handle,
+                peer: peer.to_owned(),
+            },
+            via: Via::Table {
+                container: String::new(),
+            },
+            granted_at: now,
+            table_handle: None,
+        };
+        let grant = state.table.access(record.access_request(), now)?;
+        let container = grant.container.to_string();
+        record.table_handle = Some(grant.handle);
+        record.via = Via::Table {
+            container: container.clone(),
+        };
+        let handle = state.allocate_handle();
+        changes.push(Change::PutGrant(handle, encode_record(&record)));
+        changes.push(Change::PutMeta(
+            "next-handle".into(),
+            (handle + 1).to_le_bytes().to_vec(),
+        ));
+        if let Some(units) = grant.units_left {
+            changes.push(crate::licences::units_change(
+                &grant.container,
+                claim.product,
+                units,
+            ));
+        }
+        state.grants.insert(handle, record);
+        Ok((handle, container))
+    }
+
+    /// A client runtime forwards an access.
+    pub async fn remote_access(
+        self: &Arc<Self>,
+        runtime: &str,
+        generation: u64,
+        peer: &str,
+        request: u64,
+        claim: Claim,
+    ) -> FromServer {
+        let now = match self.platform.now_ms() {
+            Ok(now) => now,
+            Err(_) => {
+                return FromServer::Denied {
+                    request,
+                    reason: Reason::ServerUnreachable,
+                };
+            }
+        };
+        let mut changes = Vec::new();
+        let outcome = {
+            let mut state = self.lock();
+            if state.links.get(runtime).map(|l| l.generation) != Some(generation) {
+                // The connection that asked is gone; its station was already released.
+                return FromServer::Denied {
+                    request,
+                    reason: Reason::ServerUnreachable,
+                };
+            }
+            self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
+                .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
+        };
+        match outcome {
+            Ok(((handle, container), durable)) => {
+                if let Err(e) = store::wait(durable).await {
+                    tracing::error!(error = %e, "Remote grant not recorded");
+                }
+                FromServer::Granted {
+                    request,
+                    handle,
+                    container,
+                }
+            }
+            Err(reason) => FromServer::Denied { request, reason },
+        }
+    }
+
+    /// A client runtime releases a grant.
+    pub async fn remote_release(
+        self: &Arc<Self>,
+        runtime: &str,
+        request: u64,
+        handle: u64,
+    ) -> FromServer {
+        let owned = {
+            let state = self.lock();
+            state.grants.get(&handle).is_some_and(
+                |g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
+            )
+        };
+        if owned {
+            let _ = self.release(handle).await;
+        }
+        FromServer::Released { request }
+    }
+
+    /// A client runtime's connection ended (closed, broken, or silent past its window).
+    pub async fn remote_gone(self: &Arc<Self>, runtime: &str, generation: u64, why: &str) {
+        let handles: Vec<u64> = {
+            let mut state = self.lock();
+            match state.links.get(runtime) {
+                Some(link) if link.generation == generation => {
+                    state.links.remove(runtime);
+                }
+                // A newer connection of the same runtime took over.
+                _ => return,
+            }
+            state
+                .grants
+                .iter()
+                .filter(
+                    |(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
+                )
+                .map(|(h, _)| *h)
+                .collect()
+        };
+        let count = handles.len();
+        for handle in handles {
+            let _ = self.release(handle).await;
+        }
+        tracing::info!(runtime, why, released = count, "Remote station released");
+    }
+
+    /// Releases the grants of client runtimes that did not reconnect after a restart in time.
+    pub async fn sweep_unreconnected(self: &Arc<Self>) {
+        let expired: Vec<String> = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            let expired: Vec<String> = state
+                .awaiting_reconnect
+                .iter()
+                .filter(|(_, deadline)| **deadline <= now)
+                .map(|(r, _)| r.clone())
+                .collect();
+            for runtime in &expired {
+                state.awaiting_reconnect.remove(runtime);
+            }
+            expired
+        };
+        for runtime in expired {
+            let handles: Vec<u64> = {
+                let state = self.lock();
+                if state.links.contains_key(&runtime) {
+                    continue;
+                }
+                state
+                    .grants
+                    .iter()
+                    .filter(|(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if *r == runtime))
+                    .map(|(h, _)| *h)
+                    .collect()
+            };
+            for handle in &handles {
+                let _ = self.release(*handle).await;
+            }
+            tracing::info!(
+                runtime,
+                released = handles.len(),
+                "Remote runtime did not come back"
+            );
+        }
+    }
+
+    /// Revokes a grant the server no longer honours (client side).
+    pub async fn forwarded_lost(
+        self: &Arc<Self>,
+        server: &str,
+        server_handle: u64,
+        reason: Reason,
+    ) {
+        let handle = {
+            let state = self.lock();
+            state.grants.iter().find_map(|(h, g)| match &g.via {
+                Via::Forwarded {
+                    server: s,
+                    server_handle: sh,
+                    ..
+                } if s == server && *sh == server_handle => Some(*h),
+                _ => None,
+            })
+        };
+        if let Some(handle) = handle {
+            self.revoke(handle, reason).await;
+        }
+    }
+
+    /// The claims this runtime holds on one server (sent on reconnect).
+    pub fn claims_for(&self, server: &str) -> Vec<Claim> {
+        let state = self.lock();
+        state
+            .grants
+            .iter()
+            .filter_map(|(handle, g)| match &g.via {
+                Via::Forwarded { server: s, .. } if s == server => Some(Claim {
+                    client_handle: *handle,
+                    product: g.product,
+                    station: g.station.clone(),
+                    session: g.session.clone(),
+                    role: g.role,
+                    guest: g.guest,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// After a reconnect: records new server handles and revokes lost grants.
+    pub async fn reconciled(
+        self: &Arc<Self>,
+        server: &str,
+        restored: Vec<(u64, u64)>,
+        lost: Vec<(u64, Reason)>,
+    ) {
+        let durable = {
+            let mut state = self.lock();
+            let mut changes = Vec::new();
+            for (handle, server_handle) in restored {
+                if let Some(record) = state.grants.get_mut(&handle)
+                    && let Via::Forwarded {
+                        server: s,
+                        server_handle: sh,
+                        ..
+                    } = &mut record.via
+                    && s == server
+                    && *sh != server_handle
+                {
+                    *sh = server_handle;
+                    changes.push(Change::PutGrant(handle, encode_record(record)));
+                }
+            }
+            self.store.submit(changes)
+        };
+        let _ = store::wait(durable).await;
+        for (handle, reason) in lost {
+            self.revoke(handle, reason).await;
+        }
+    }
+
+    /// Status document (`meter status --json`).
+    pub fn status_json(&self) -> serde_json::Value {
+        let machine = serde_json::json!({
+            "name": self.platform.machine_name().ok(),
+            "kind": self.platform.kind().ok(),
+            "role": self.platform.role().ok(),
+            "platform": self.platform.describe(),
+            "vmgenid": self.platform.vmgenid().ok().flatten(),
+            "clock_ms": self.platform.now_ms().ok(),
+            "runtime_id": self.runtime_id,
+        });
+        let state = self.lock();
+        let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let containers = licences.containers_json(&state.table);
+        let mut remotes: Vec<serde_json::Value> = self
+            .remotes
+            .list()
+            .into_iter()
+            .map(|(addr, connected)| {
+                serde_json::json!({"kind": "remote", "id": format!("remote:{addr}"), "state": if connected {"valid"} else {"unreachable"}, "reason": if connected { serde_json::Value::Null } else { "server-unreachable".into() }, "products": []})
+            })
+            .collect();
+        let mut all = containers;
+        all.append(&mut remotes);
+        let server = self
+            .server_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map(|(listen, fingerprint)| {
+                let stations: Vec<serde_json::Value> = state
+                    .links
+                    .iter()
+                    .map(|(runtime, link)| {
+                        let held = state
+                            .grants
+                            .values()
+                            .filter(|g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime))
+                            .count();
+                        serde_json::json!({"runtime": runtime, "machine": link.machine, "peer": link.peer, "allocations": held})
+                    })
+                    .collect();
+                serde_json::json!({"listen": listen, "cert_sha256": fingerprint, "stations": stations})
+            });
+        serde_json::json!({"machine": machine, "containers": all, "server": server})
+    }
+
+    /// Allocation list document (`meter list --json`).
+    pub fn list_json(&self) -> serde_json::Value {
+        let state = self.lock();
+        let allocations: Vec<serde_json::Value> = state
+            .grants
+            .iter()
+            .map(|(handle, g)| {
+                let (pid, peer) = match &g.holder {
+                    Holder::Local { pid, .. } => (Some(*pid), None),
+                    Holder::Remote { peer, .. } => (None, Some(peer.clone())),
+                };
+                let server = match &g.via {
+                    Via::Forwarded { server, .. } => Some(server.clone()),
+                    Via::Table { .. } => None,
+                };
+                serde_json::json!({
+                    "handle": handle, "product": g.product.code, "firm": g.product.firm,
+                    "station": g.station.to_string(), "pid": pid, "peer": peer,
+                    "container": g.container(), "server": server, "granted_at": g.granted_at,
+                })
+            })
+            .collect();
+        serde_json::json!({ "allocations": allocations })
+    }
+}
+
+fn encode_record(record: &GrantRecord) -> Vec<u8> {
+    postcard::to_stdvec(record).expect("grant records always encode")
+}
+
+impl Runtime {
+    /// Installs a signed licence file; refusals leave the state untouched.
+    pub async fn install_licence(
+        self: &Arc<Self>,
+        source_name: &str,
+        bytes: &[u8],
+    ) -> Result<serde_json::Value, (String, Option<Reason>)> {
+        let traits = self
+            .platform
+            .traits()
+            .map_err(|e| (format!("Cannot read machine traits: {e}"), None))?;
+        let now = self
+            .platform
+            .now_ms()
+            .map_err(|e| (format!("Cannot read the machine clock: {e}"), None))?;
+        let durable = {
+            let mut state = self.lock();
+            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            // Verify on a copy so a refused file cannot touch the live table.
+            let mut trial = state.table.clone();
+            let installed = licences
+                .verify_and_register(source_name, bytes, &traits, &mut trial, now)
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "Licence refused");
+                    (e.to_string(), e.reason())
+                })?;
+            state.table = trial;
+            let mut changes = vec![Change::PutLicence(installed.id.clone(), bytes.to_vec())];
+            for view in state.table.items() {
+                if view.entry.container == installed.container
+                    && let Some(units) = view.entry.units_left
+                {
+                    changes.push(crate::licences::units_change(
+                        &view.entry.container,
+                        view.entry.product,
+                        units,
+                    ));
+                }
+            }
+            let document = serde_json::json!({
+                "installed": true, "licence": installed.id, "firm": installed.firm,
+                "container": installed.container.to_string(), "state": installed.state,
+                "reason": installed.reason.map(|r| r.code()),
+            });
+            (self.store.submit(changes), document)
+        };
+        store::wait(durable.0)
+            .await
+            .map_err(|e| (format!("Licence not saved: {e}"), None))?;
+        tracing::info!(source = source_name, "Licence installed");
+        Ok(durable.1)
+    }
+
+    /// The machine's identity and traits (`MachineInfo`).
+    pub fn machine_info_json(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "name": self.platform.machine_name()?,
+            "kind": self.platform.kind()?,
+            "role": self.platform.role()?,
+            "traits": self.platform.traits()?,
+            "vmgenid": self.platform.vmgenid()?,
+            "runtime_id": self.runtime_id,
+        }))
+    }
+}

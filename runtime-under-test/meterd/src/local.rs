@@ -1,0 +1,207 @@
+//! The local socket: apps and admins on this machine talk to meterd here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::daemon::Runtime;
+use crate::frame;
+use crate::protocol::{LocalReply, LocalRequest};
+
+/// Binds the local socket (replacing a stale one), readable and writable by every local user.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Serves local connections until the listener fails.
+pub async fn serve(runtime: Arc<Runtime>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let runtime = Arc::clone(&runtime);
+                tokio::spawn(async move {
+                    if let Err(e) = serve_client(runtime, stream).await {
+                        tracing::debug!(error = %e, "Local connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Local accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_client(runtime: Arc<Runtime>, stream: UnixStream) -> Result<(), frame::FrameError> {
+    let cred = stream.peer_cred()?;
+    let pid = cred
+        .pid()
+        .and_then(|p| u32::try_from(p).ok())
+        .ok_or_else(|| std::io::Error::other("peer has no pid"))?;
+    let uid = cred.uid();
+    let mut framed = frame::framed(stream);
+    let (events, mut events_rx) = mpsc::unbounded_channel::<LocalReply>();
+    let mut granted_here = Vec::new();
+    let result = loop {
+        tokio::select! {
+            incoming = framed.next() => {
+                let bytes = match incoming {
+                    None => break Ok(()),
+                    Some(Err(e)) => break Err(e.into()),
+                    Some(Ok(bytes)) => bytes,
+                };
+                let reply = match frame::decode::<LocalRequest>(&bytes) {
+                    Ok(request) => handle(&runtime, pid, uid, request, &events).await,
+                    Err(e) => {
+                        tracing::info!(pid, error = %e, "Malformed local request");
+                        break Err(e);
+                    }
+                };
+                if let LocalReply::Granted { handle, .. } = &reply {
+                    granted_here.push(*handle);
+                }
+                if let Err(e) = frame::send(&mut framed, &reply).await {
+                    break Err(e);
+                }
+            }
+            event = events_rx.recv() => {
+                if let Some(event) = event
+                    && let Err(e) = framed.send(frame::encode(&event)?).await
+                {
+                    break Err(e.into());
+                }
+            }
+        }
+    };
+    runtime.forget_listeners(&granted_here);
+    result
+}
+
+fn error(message: impl Into<String>) -> LocalReply {
+    LocalReply::Error {
+        message: message.into(),
+        reason: None,
+    }
+}
+
+/// True for root and for the user the daemon runs as.
+fn is_admin(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::Uid::effective().as_raw()
+}
+
+async fn handle(
+    runtime: &Arc<Runtime>,
+    pid: u32,
+    uid: u32,
+    request: LocalRequest,
+    events: &mpsc::UnboundedSender<LocalReply>,
+) -> LocalReply {
+    match request {
+        LocalRequest::Access { firm, product } => match runtime.identify(pid, uid) {
+            Ok(caller) => {
+                runtime
+                    .access_local(&caller, firm, product, Some(events.clone()))
+                    .await
+            }
+            Err(e) => error(format!("Cannot identify the calling process {pid}: {e:#}")),
+        },
+        LocalRequest::Release { handle } => match runtime.release(handle).await {
+            Ok(()) => LocalReply::Released,
+            Err(reason) => LocalReply::Error {
+                message: format!("Handle {handle} is not held"),
+                reason: Some(reason),
+            },
+        },
+        LocalRequest::Watch { handle } => {
+            if runtime.add_listener(handle, events.clone()) {
+                LocalReply::Ok
+            } else {
+                LocalReply::Error {
+                    message: format!("Handle {handle} is not held"),
+                    reason: Some(meter_core::reason::Reason::NotHeld),
+                }
+            }
+        }
+        LocalRequest::Status => LocalReply::Json(runtime.status_json().to_string()),
+        LocalRequest::List => LocalReply::Json(runtime.list_json().to_string()),
+        LocalRequest::MachineInfo => match runtime.machine_info_json() {
+            Ok(info) => LocalReply::Json(info.to_string()),
+            Err(e) => error(format!("Cannot read the machine: {e:#}")),
+        },
+        LocalRequest::ServersAdd { addr, pin } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may change servers");
+            }
+            match crate::tls::parse_pin(&pin) {
+                Ok(pin) => {
+                    runtime.remotes.add(runtime, addr, pin);
+                    persist_servers(runtime).await
+                }
+                Err(e) => error(e.to_string()),
+            }
+        }
+        LocalRequest::ServersRemove { addr } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may change servers");
+            }
+            if runtime.remotes.remove(&addr) {
+                persist_servers(runtime).await
+            } else {
+                error(format!("No server {addr} is configured"))
+            }
+        }
+        LocalRequest::Trust { firm, key } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may trust vendors");
+            }
+            let result = runtime
+                .licences
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trust(firm, &key);
+            match result {
+                Ok(()) => LocalReply::Ok,
+                Err(e) => error(format!("{e:#}")),
+            }
+        }
+        LocalRequest::InstallLicence { source_name, bytes } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may install licences");
+            }
+            match runtime.install_licence(&source_name, &bytes).await {
+                Ok(json) => LocalReply::Json(json.to_string()),
+                Err((message, reason)) => LocalReply::Error { message, reason },
+            }
+        }
+    }
+}
+
+async fn persist_servers(runtime: &Arc<Runtime>) -> LocalReply {
+    let config = serde_json::to_vec(&runtime.remotes.config()).unwrap_or_default();
+    match runtime
+        .store
+        .commit(vec![crate::store::Change::PutMeta(
+            "servers".into(),
+            config,
+        )])
+        .await
+    {
+        Ok(()) => LocalReply::Ok,
+        Err(e) => LocalReply::Error {
+            message: format!("Server list not saved: {e}"),
+            reason: None,
+        },
+    }
+}

@@ -1,0 +1,694 @@
+//! Where the runtime learns about its machine: the real Linux host or a simulated folder.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use meter_core::station::{MachineRole, SessionKind};
+use meter_core::traits::{MachineKind, MachineTraits, TraitValue, names};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Failure to learn something about the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// A platform file could not be read.
+    #[error("Cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A platform file is not in the documented format.
+    #[error("Malformed platform file {path}: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The `--platform` argument names no known platform.
+    #[error("Unknown platform {0:?} (expected host or sim:<dir>)")]
+    UnknownSpec(String),
+}
+
+/// One login session as the platform's session table describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// What the session is (console, remote desktop, service).
+    pub kind: SessionKind,
+    /// The user logged in, if known.
+    pub user: Option<String>,
+}
+
+/// A dongle attached to the machine, reachable at a local endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsbEndpoint {
+    /// The dongle's serial as the port names it.
+    pub serial: String,
+    /// The Unix socket (sim) or device node (host) to talk to it.
+    pub path: PathBuf,
+}
+
+/// Everything the runtime learns about its machine.
+pub trait Platform: Send + Sync + std::fmt::Debug {
+    /// The machine's name, used as its station id.
+    fn machine_name(&self) -> Result<String, PlatformError>;
+    /// Physical hardware or a virtual machine (the hypervisor flag).
+    fn kind(&self) -> Result<MachineKind, PlatformError>;
+    /// Workstation or terminal server.
+    fn role(&self) -> Result<MachineRole, PlatformError>;
+    /// The machine's hardware traits.
+    fn traits(&self) -> Result<MachineTraits, PlatformError>;
+    /// The machine's address as other machines see it, if the platform knows it.
+    fn address(&self) -> Result<Option<IpAddr>, PlatformError>;
+    /// The virtual machine generation id (guests only).
+    fn vmgenid(&self) -> Result<Option<String>, PlatformError>;
+    /// The machine's clock, unix milliseconds.
+    fn now_ms(&self) -> Result<u64, PlatformError>;
+    /// What the session with this id is, if the session table knows it.
+    fn session(&self, session_id: u32) -> Result<Option<SessionInfo>, PlatformError>;
+    /// Dongles attached to the machine.
+    fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError>;
+    /// Human-readable description (`host` or `sim:<dir>`).
+    fn describe(&self) -> String;
+}
+
+/// Builds the platform named by a `--platform` argument (`host` or `sim:<dir>`).
+pub fn from_spec(spec: &str) -> Result<Arc<dyn Platform>, PlatformError> {
+    if spec == "host" {
+        Ok(Arc::new(HostPlatform::new()))
+    } else if let Some(dir) = spec.strip_prefix("sim:") {
+        Ok(Arc::new(SimPlatform::new(dir)))
+    } else {
+        Err(PlatformError::UnknownSpec(spec.to_owned()))
+    }
+}
+
+fn read_to_string(path: &Path) -> Result<String, PlatformError> {
+    fs::read_to_string(path).map_err(|source| PlatformError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>, PlatformError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(PlatformError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn real_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One entry of a session table file (`sessions.json`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+struct SessionEntry {
+    kind: SessionEntryKind,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    client_name: String,
+    #[serde(default)]
+    client_ip: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum SessionEntryKind {
+    Console,
+    Rdp,
+    Service,
+}
+
+fn parse_session_table(
+    path: &Path,
+    text: &str,
+) -> Result<BTreeMap<u32, SessionInfo>, PlatformError> {
+    let raw: BTreeMap<String, SessionEntry> =
+        serde_json::from_str(text).map_err(|e| PlatformError::Malformed {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    raw.into_iter()
+        .map(|(id, entry)| {
+            let id: u32 = id.parse().map_err(|_| PlatformError::Malformed {
+                path: path.to_owned(),
+                message: format!("session id {id:?} is not a number"),
+            })?;
+            let kind = match entry.kind {
+                SessionEntryKind::Console => SessionKind::Console,
+                SessionEntryKind::Service => SessionKind::Service,
+                SessionEntryKind::Rdp => SessionKind::Rdp {
+                    client_name: entry.client_name,
+                    client_ip: entry.client_ip,
+                },
+            };
+            Ok((
+                id,
+                SessionInfo {
+                    kind,
+                    user: entry.user,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The `machine.json` of a simulated machine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimMachine {
+    kind: MachineKind,
+    role: MachineRole,
+    name: String,
+    #[serde(default)]
+    address: Option<IpAddr>,
+    #[serde(default)]
+    traits: BTreeMap<String, TraitValue>,
+}
+
+/// A machine simulated by a folder the harness writes (layout in docs/runtime-contract.md).
+#[derive(Debug)]
+pub struct SimPlatform {
+    dir: PathBuf,
+    cache: Mutex<Option<(FileStamp, SimMachine)>>,
+}
+
+/// Identity of one version of a file (atomic replace gives a new inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<Self, PlatformError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path).map_err(|source| PlatformError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(FileStamp {
+            inode: meta.ino(),
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        })
+    }
+}
+
+impl SimPlatform {
+    /// A simulated machine backed by `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SimPlatform {
+            dir: dir.into(),
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn machine(&self) -> Result<SimMachine, PlatformError> {
+        let path = self.dir.join("machine.json");
+        let stamp = FileStamp::of(&path)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached, machine)) = cache.as_ref()
+            && *cached == stamp
+        {
+            return Ok(machine.clone());
+        }
+        let text = read_to_string(&path)?;
+        let machine: SimMachine =
+            serde_json::from_str(&text).map_err(|e| PlatformError::Malformed {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        *cache = Some((stamp, machine.clone()));
+        Ok(machine)
+    }
+}
+
+impl Platform for SimPlatform {
+    fn machine_name(&self) -> Result<String, PlatformError> {
+        Ok(self.machine()?.name)
+    }
+
+    fn kind(&self) -> Result<MachineKind, PlatformError> {
+        Ok(self.machine()?.kind)
+    }
+
+    fn role(&self) -> Result<MachineRole, PlatformError> {
+        Ok(self.machine()?.role)
+    }
+
+    fn traits(&self) -> Result<MachineTraits, PlatformError> {
+        let machine = self.machine()?;
+        let mut traits = MachineTraits::from(machine.traits);
+        if let Some(address) = machine.address {
+            traits.set(names::NET_IP, address.to_string());
+        }
+        Ok(traits)
+    }
+
+    fn address(&self) -> Result<Option<IpAddr>, PlatformError> {
+        Ok(self.machine()?.address)
+    }
+
+    fn vmgenid(&self) -> Result<Option<String>, PlatformError> {
+        Ok(read_optional(&self.dir.join("vmgenid"))?
+            .map(|text| text.trim().to_ascii_lowercase())
+            .filter(|text| !text.is_empty()))
+    }
+
+    fn now_ms(&self) -> Result<u64, PlatformError> {
+        let path = self.dir.join("clock");
+        let offset: i64 = match read_optional(&path)? {
+            None => 0,
+            Some(text) if text.trim().is_empty() => 0,
+            Some(text) => text.trim().parse().map_err(|_| PlatformError::Malformed {
+                path: path.clone(),
+                message: format!("clock offset {:?} is not an integer", text.trim()),
+            })?,
+        };
+        Ok(real_now_ms().saturating_add_signed(offset))
+    }
+
+    fn session(&self, session_id: u32) -> Result<Option<SessionInfo>, PlatformError> {
+        let path = self.dir.join("sessions.json");
+        match read_optional(&path)? {
+            None => Ok(None),
+            Some(text) => Ok(parse_session_table(&path, &text)?.remove(&session_id)),
+        }
+    }
+
+    fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError> {
+        list_dongle_sockets(&self.dir.join("usb"))
+    }
+
+    fn describe(&self) -> String {
+        format!("sim:{}", self.dir.display())
+    }
+}
+
+fn list_dongle_sockets(dir: &Path) -> Result<Vec<UsbEndpoint>, PlatformError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PlatformError::Read {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut endpoints: Vec<UsbEndpoint> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let path = entry.path();
+            let serial = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".sock")?
+                .to_owned();
+            Some(UsbEndpoint { serial, path })
+        })
+        .collect();
+    endpoints.sort_by(|a, b| a.serial.cmp(&b.serial));
+    Ok(endpoints)
+}
+
+/// The real Linux machine this process runs on.
+#[derive(Debug)]
+pub struct HostPlatform {
+    root: PathBuf,
+}
+
+impl Default for HostPlatform {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where the host platform's root-owned session table lives.
+pub const HOST_SESSION_TABLE: &str = "/run/meter/sessions.json";
+/// Where an in-guest agent may record the ACPI vmgenid (Linux does not expose it to user space).
+pub const HOST_VMGENID_FILE: &str = "/run/meter/vmgenid";
+
+impl HostPlatform {
+    /// The host as seen from `/`.
+    pub fn new() -> Self {
+        HostPlatform { root: "/".into() }
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.root.join(relative.trim_start_matches('/'))
+    }
+
+    fn cpuinfo(&self) -> BTreeMap<String, String> {
+        let text = fs::read_to_string(self.path("/proc/cpuinfo")).unwrap_or_default();
+        parse_cpuinfo_first(&text)
+    }
+
+    fn dmi(&self, field: &str) -> Option<String> {
+        fs::read_to_string(self.path(&format!("/sys/class/dmi/id/{field}")))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// Key/value pairs of the first processor block of `/proc/cpuinfo`.
+fn parse_cpuinfo_first(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            Some((key.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// The hypervisor-present bit of CPUID leaf 1, where the CPU can be asked.
+fn cpuid_hypervisor_bit() -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let leaf1 = core::arch::x86_64::__cpuid(1);
+        Some(leaf1.ecx & (1 << 31) != 0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// The CPU vendor string from CPUID leaf 0, where the CPU can be asked.
+fn cpuid_vendor() -> Option<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let leaf0 = core::arch::x86_64::__cpuid(0);
+        let bytes: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        String::from_utf8(bytes).ok()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+impl Platform for HostPlatform {
+    fn machine_name(&self) -> Result<String, PlatformError> {
+        Ok(read_to_string(&self.path("/proc/sys/kernel/hostname"))?
+            .trim()
+            .to_owned())
+    }
+
+    fn kind(&self) -> Result<MachineKind, PlatformError> {
+        let guest = cpuid_hypervisor_bit().unwrap_or_else(|| {
+            self.cpuinfo()
+                .get("flags")
+                .is_some_and(|flags| flags.split_whitespace().any(|f| f == "hypervisor"))
+        });
+        Ok(if guest {
+            MachineKind::Guest
+        } else {
+            MachineKind::Physical
+        })
+    }
+
+    fn role(&self) -> Result<MachineRole, PlatformError> {
+        // A host with a session table listing more than one interactive session serves many users.
+        let sessions = self.session_table()?;
+        let interactive = sessions
+            .values()
+            .filter(|s| !matches!(s.kind, SessionKind::Service))
+            .count();
+        Ok(if interactive > 1 {
+            MachineRole::TerminalServer
+        } else {
+            MachineRole::Workstation
+        })
+    }
+
+    fn traits(&self) -> Result<MachineTraits, PlatformError> {
+        let cpu = self.cpuinfo();
+        let mut traits = MachineTraits::new();
+        let vendor = cpuid_vendor().or_else(|| cpu.get("vendor_id").cloned());
+        if let Some(vendor) = vendor {
+            traits.set(names::CPU_VENDOR, vendor);
+        }
+        for (name, key) in [
+            (names::CPU_MODEL_NAME, "model name"),
+            (names::CPU_FAMILY, "cpu family"),
+            (names::CPU_MODEL, "model"),
+            (names::CPU_STEPPING, "stepping"),
+            (names::CPU_MICROCODE, "microcode"),
+        ] {
+            if let Some(value) = cpu.get(key) {
+                traits.set(name, value.clone());
+            }
+        }
+        if let Some(flags) = cpu.get("flags") {
+            traits.set(
+                names::CPU_FLAGS,
+                hex::encode(Sha256::digest(flags.as_bytes())),
+            );
+        }
+        for (name, field) in [
+            (names::BOARD_SERIAL, "board_serial"),
+            (names::PRODUCT_UUID, "product_uuid"),
+            (names::PRODUCT_SERIAL, "product_serial"),
+        ] {
+            if let Some(value) = self.dmi(field) {
+                traits.set(name, value);
+            }
+        }
+        let disks = self.disk_serials();
+        if !disks.is_empty() {
+            traits.set(names::DISK_SERIAL, disks);
+        }
+        let macs = self.nic_macs();
+        if !macs.is_empty() {
+            traits.set(names::NIC_MAC, macs);
+        }
+        Ok(traits)
+    }
+
+    fn address(&self) -> Result<Option<IpAddr>, PlatformError> {
+        Ok(None)
+    }
+
+    fn vmgenid(&self) -> Result<Option<String>, PlatformError> {
+        Ok(read_optional(Path::new(HOST_VMGENID_FILE))?
+            .map(|text| text.trim().to_ascii_lowercase())
+            .filter(|text| !text.is_empty()))
+    }
+
+    fn now_ms(&self) -> Result<u64, PlatformError> {
+        Ok(real_now_ms())
+    }
+
+    fn session(&self, session_id: u32) -> Result<Option<SessionInfo>, PlatformError> {
+        Ok(self.session_table()?.remove(&session_id))
+    }
+
+    fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError> {
+        // Real USB dongles (hidraw) arrive with the real-USB transport.
+        Ok(Vec::new())
+    }
+
+    fn describe(&self) -> String {
+        "host".to_owned()
+    }
+}
+
+impl HostPlatform {
+    fn session_table(&self) -> Result<BTreeMap<u32, SessionInfo>, PlatformError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = PathBuf::from(HOST_SESSION_TABLE);
+        match fs::metadata(&path) {
+            // Only a root-owned table is believed: anyone else could claim to be a console.
+            Ok(meta) if meta.uid() == 0 => {
+                let text = read_to_string(&path)?;
+                parse_session_table(&path, &text)
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "Session table not owned by root, ignored");
+                Ok(BTreeMap::new())
+            }
+            Err(_) => Ok(BTreeMap::new()),
+        }
+    }
+
+    fn disk_serials(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.path("/sys/block")) else {
+            return Vec::new();
+        };
+        let mut serials: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let dir = entry.path();
+                ["serial", "device/serial", "device/wwid", "wwid"]
+                    .iter()
+                    .find_map(|f| fs::read_to_string(dir.join(f)).ok())
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+            })
+            .collect();
+        serials.sort();
+        serials
+    }
+
+    fn nic_macs(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.path("/sys/class/net")) else {
+            return Vec::new();
+        };
+        let mut macs: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name() != "lo")
+            // Physical NICs have a device link; bridges, veths and tunnels do not.
+            .filter(|entry| entry.path().join("device").exists())
+            .filter_map(|entry| fs::read_to_string(entry.path().join("address")).ok())
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty() && s != "00:00:00:00:00:00")
+            .collect();
+        macs.sort();
+        macs
+    }
+}
+
+/// The session id and start time (clock ticks since boot) of a process, from `/proc/<pid>/stat`.
+pub fn process_session_and_start(pid: u32) -> io::Result<(u32, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_proc_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed /proc/{pid}/stat"),
+        )
+    })
+}
+
+fn parse_proc_stat(text: &str) -> Option<(u32, u64)> {
+    // The command name (field 2) may contain spaces and parentheses: fields resume after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); session is field 6, starttime field 22.
+    let session = fields.get(3)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((session, start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_with_spaces_in_command_parses() {
+        let line = "1234 (my (odd) app) S 1 1234 777 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(parse_proc_stat(line), Some((777, 98765)));
+    }
+
+    #[test]
+    fn own_process_has_a_session() {
+        let (session, start) = process_session_and_start(std::process::id()).unwrap();
+        assert!(session > 0);
+        assert!(start > 0);
+    }
+
+    #[test]
+    fn sim_platform_reads_machine_sessions_clock_and_usb() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("machine.json"),
+            r#"{"kind":"guest","role":"terminal-server","name":"ts1","address":"127.0.1.3",
+               "traits":{"cpu.vendor":"GenuineIntel","nic.mac":["52:54:00:00:00:01"]}}"#,
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("sessions.json"),
+            r#"{"4":{"kind":"rdp","user":"alice","client_name":"pc-7","client_ip":"10.0.0.7"},
+               "1":{"kind":"console"}}"#,
+        )
+        .unwrap();
+        fs::write(dir.path().join("clock"), "-60000\n").unwrap();
+        fs::write(
+            dir.path().join("vmgenid"),
+            "00112233445566778899AABBCCDDEEFF",
+        )
+        .unwrap();
+        fs::create_dir(dir.path().join("usb")).unwrap();
+        fs::write(dir.path().join("usb/D-42.sock"), "").unwrap();
+
+        let sim = SimPlatform::new(dir.path());
+        assert_eq!(sim.machine_name().unwrap(), "ts1");
+        assert_eq!(sim.kind().unwrap(), MachineKind::Guest);
+        assert_eq!(sim.role().unwrap(), MachineRole::TerminalServer);
+        let traits = sim.traits().unwrap();
+        assert_eq!(traits.one(names::CPU_VENDOR), Some("GenuineIntel"));
+        assert_eq!(traits.one(names::NET_IP), Some("127.0.1.3"));
+        let rdp = sim.session(4).unwrap().unwrap();
+        assert!(rdp.kind.is_remote_desktop());
+        assert_eq!(rdp.user.as_deref(), Some("alice"));
+        assert_eq!(sim.session(1).unwrap().unwrap().kind, SessionKind::Console);
+        assert_eq!(sim.session(9).unwrap(), None);
+        let skew = real_now_ms() as i64 - sim.now_ms().unwrap() as i64;
+        assert!((59_000..61_000).contains(&skew), "skew {skew}");
+        assert_eq!(
+            sim.vmgenid().unwrap().as_deref(),
+            Some("00112233445566778899aabbccddeeff")
+        );
+        assert_eq!(sim.usb_endpoints().unwrap()[0].serial, "D-42");
+    }
+
+    #[test]
+    fn sim_platform_sees_an_atomically_replaced_machine_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str| {
+            let tmp = dir.path().join("machine.json.tmp");
+            fs::write(
+                &tmp,
+                format!(r#"{{"kind":"physical","role":"workstation","name":"{name}"}}"#),
+            )
+            .unwrap();
+            fs::rename(&tmp, dir.path().join("machine.json")).unwrap();
+        };
+        write("a");
+        let sim = SimPlatform::new(dir.path());
+        assert_eq!(sim.machine_name().unwrap(), "a");
+        write("b");
+        assert_eq!(sim.machine_name().unwrap(), "b");
+    }
+
+    #[test]
+    fn malformed_clock_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("clock"), "soon").unwrap();
+        let err = SimPlatform::new(dir.path()).now_ms().unwrap_err();
+        assert!(err.to_string().contains("clock"), "{err}");
+    }
+
+    #[test]
+    fn host_platform_reads_cpu_traits() {
+        let host = HostPlatform::new();
+        let traits = host.traits().unwrap();
+        assert!(traits.one(names::CPU_VENDOR).is_some());
+        assert!(!host.machine_name().unwrap().is_empty());
+    }
+}

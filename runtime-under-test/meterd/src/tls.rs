@@ -1,0 +1,230 @@
+//! TLS for the network server: a self-signed identity kept in the state folder, pinned by clients.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// A TLS setup failure.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A key or certificate file could not be read or written.
+    #[error("Cannot access {path}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The self-signed certificate could not be generated.
+    #[error("Cannot generate the server certificate")]
+    Generate(#[source] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("Invalid TLS configuration")]
+    Config(#[source] rustls::Error),
+    /// A pin is not 64 hex digits.
+    #[error("Invalid certificate pin {0:?} (expected 64 hex digits)")]
+    BadPin(String),
+}
+
+/// The server's certificate and key.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    /// The certificate, DER.
+    pub cert: CertificateDer<'static>,
+    /// The PKCS#8 private key, DER.
+    pub key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl ServerIdentity {
+    /// SHA-256 of the certificate DER, lower-case hex: what clients pin.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.cert)
+    }
+}
+
+/// SHA-256 of a certificate DER, lower-case hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    hex::encode(Sha256::digest(cert.as_ref()))
+}
+
+/// Parses a pin (64 hex digits, `:` separators allowed).
+pub fn parse_pin(text: &str) -> Result<[u8; 32], TlsError> {
+    let cleaned: String = text.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(cleaned.trim()).map_err(|_| TlsError::BadPin(text.to_owned()))?;
+    bytes
+        .try_into()
+        .map_err(|_| TlsError::BadPin(text.to_owned()))
+}
+
+fn file_error(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
+    move |source| TlsError::File {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Loads the identity from `state`, creating it on first start; writes `<state>/server.pin`.
+pub fn load_or_create_identity(state: &Path) -> Result<ServerIdentity, TlsError> {
+    let cert_path = state.join("server.crt.der");
+    let key_path = state.join("server.key.der");
+    let identity = if cert_path.exists() && key_path.exists() {
+        ServerIdentity {
+            cert: CertificateDer::from(fs::read(&cert_path).map_err(file_error(&cert_path))?),
+            key: PrivatePkcs8KeyDer::from(fs::read(&key_path).map_err(file_error(&key_path))?),
+        }
+    } else {
+        let generated = rcgen::generate_simple_self_signed(vec!["meterd".to_owned()])
+            .map_err(TlsError::Generate)?;
+        let identity = ServerIdentity {
+            cert: generated.cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der()),
+        };
+        write_private(&key_path, identity.key.secret_pkcs8_der())?;
+        write_atomic(&cert_path, identity.cert.as_ref())?;
+        tracing::info!(fingerprint = %identity.fingerprint(), "Created server certificate");
+        identity
+    };
+    let pin_path = state.join("server.pin");
+    write_atomic(
+        &pin_path,
+        format!("{}\n", identity.fingerprint()).as_bytes(),
+    )?;
+    Ok(identity)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).map_err(file_error(&tmp))?;
+    fs::rename(&tmp, path).map_err(file_error(path))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(file_error(&tmp))?;
+    file.write_all(bytes).map_err(file_error(&tmp))?;
+    fs::rename(&tmp, path).map_err(file_error(path))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// The rustls server configuration for an identity.
+pub fn server_config(identity: &ServerIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![identity.cert.clone()],
+            PrivateKeyDer::Pkcs8(identity.key.clone_key()),
+        )
+        .map_err(TlsError::Config)?;
+    Ok(Arc::new(config))
+}
+
+/// The rustls client configuration that accepts only the certificate with this SHA-256.
+pub fn client_config(pin: [u8; 32]) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = PinnedCertVerifier {
+        pin,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The server name clients present (the pin, not the name, authenticates the server).
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from("meterd").expect("static name is valid")
+}
+
+/// Accepts exactly one server certificate, identified by its SHA-256; signatures still verified.
+#[derive(Debug)]
+struct PinnedCertVerifier {
+    pin: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let digest: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if digest == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "server certificate {} does not match the pinned {}",
+                hex::encode(digest),
+                hex::encode(self.pin)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_created_once_and_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_identity(dir.path()).unwrap();
+        let second = load_or_create_identity(dir.path()).unwrap();
+        assert_eq!(first.fingerprint(), second.fingerprint());
+        let pin = fs::read_to_string(dir.path().join("server.pin")).unwrap();
+        assert_eq!(pin.trim(), first.fingerprint());
+        assert_eq!(parse_pin(pin.trim()).unwrap().len(), 32);
+        assert!(parse_pin("abc").is_err());
+        server_config(&first).unwrap();
+    }
+}

@@ -1,0 +1,128 @@
+//! Vendor tools (keys, licence issue, activation answers) and the runtime's activation request.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use meter_core::licence::{LicenceBody, VendorKey, VendorPublicKey};
+use meter_core::policy::ProductPolicy;
+use serde_json::json;
+
+use crate::cli::{Outcome, VendorCommand};
+
+fn entropy() -> anyhow::Result<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
+    Ok(bytes)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("Cannot write {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("Cannot write {}", path.display()))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    fs::write(path, bytes).with_context(|| format!("Cannot write {}", path.display()))
+}
+
+/// Reads a vendor secret key file.
+pub fn read_vendor_key(path: &Path) -> anyhow::Result<VendorKey> {
+    let bytes = fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a vendor key", path.display()))
+}
+
+/// Reads a vendor public key file.
+pub fn read_vendor_public(path: &Path) -> anyhow::Result<VendorPublicKey> {
+    let bytes = fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a vendor public key", path.display()))
+}
+
+fn read_policy(path: &Path) -> anyhow::Result<ProductPolicy> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("Cannot read {}", path.display()))?;
+    ProductPolicy::from_yaml(&text).with_context(|| format!("Invalid policy {}", path.display()))
+}
+
+/// Runs a `meter vendor` command.
+pub fn run(json_mode: bool, command: VendorCommand) -> anyhow::Result<Outcome> {
+    match command {
+        VendorCommand::Keygen { out } => {
+            fs::create_dir_all(&out).with_context(|| format!("Cannot create {}", out.display()))?;
+            let key = VendorKey::from_seeds(entropy()?, entropy()?);
+            let public = key.public();
+            write_secret(
+                &out.join("vendor.key"),
+                serde_json::to_string_pretty(&key)?.as_bytes(),
+            )?;
+            write_file(
+                &out.join("vendor.pub"),
+                serde_json::to_string_pretty(&public)?.as_bytes(),
+            )?;
+            let document = json!({"key": out.join("vendor.key"), "public": out.join("vendor.pub"), "key_id": public.key_id()});
+            report(json_mode, &document, || {
+                format!(
+                    "vendor key {} written to {}",
+                    public.key_id(),
+                    out.display()
+                )
+            });
+            Ok(Outcome { code: 0 })
+        }
+        VendorCommand::Issue { policy, key, out } => {
+            let policy = read_policy(&policy)?;
+            let key = read_vendor_key(&key)?;
+            let body = LicenceBody::unbound(&policy, now_ms(), entropy()?);
+            let licence_id = body.licence_id.clone();
+            let signed = key.sign_licence(body);
+            write_file(&out, signed.to_json().as_bytes())?;
+            let document = json!({"licence": licence_id, "firm": policy.firm, "out": out, "products": policy.products.iter().map(|p| p.code).collect::<Vec<_>>()});
+            report(json_mode, &document, || {
+                format!("licence {licence_id} written to {}", out.display())
+            });
+            Ok(Outcome { code: 0 })
+        }
+        VendorCommand::Activate { .. } => {
+            anyhow::bail!(
+                "Activation answers need meter-core's activation module, which is not built yet"
+            )
+        }
+    }
+}
+
+fn report(json_mode: bool, document: &serde_json::Value, human: impl FnOnce() -> String) {
+    if json_mode {
+        println!("{document}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+/// Writes an activation request for this machine.
+pub async fn activation_request(
+    _socket: &Path,
+    _json: bool,
+    _product: u32,
+    _firm: u32,
+    _vendor: Option<PathBuf>,
+    _out: &Path,
+) -> anyhow::Result<Outcome> {
+    anyhow::bail!("Activation requests need meter-core's activation module, which is not built yet")
+}
