@@ -6,7 +6,10 @@ use serde::de::{self, Visitor};
 use serde::{Deserializer, Serializer};
 
 /// Serialises a byte array as hex (JSON, YAML) or as a byte string (postcard).
-pub fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], serializer: S) -> Result<S::Ok, S::Error> {
+pub fn serialize<S: Serializer, const N: usize>(
+    bytes: &[u8; N],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     if serializer.is_human_readable() {
         serializer.serialize_str(&hex::encode(bytes))
     } else {
@@ -15,7 +18,9 @@ pub fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], serializer: S) 
 }
 
 /// Deserialises a byte array written by [`serialize`].
-pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(deserializer: D) -> Result<[u8; N], D::Error> {
+pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+    deserializer: D,
+) -> Result<[u8; N], D::Error> {
     struct ArrayVisitor<const N: usize>;
 
     impl<const N: usize> ArrayVisitor<N> {

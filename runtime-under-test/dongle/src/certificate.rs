@@ -43,19 +43,32 @@ impl DeviceCertificate {
     pub fn issue(serial: Serial, device_key: &VerifyingKey, vendor: &SigningKey) -> Self {
         let device_key = device_key.to_bytes();
         let vendor_key = vendor.verifying_key().to_bytes();
-        let signature = vendor.sign(&Self::message(serial, &device_key, &vendor_key)).to_bytes();
-        Self { serial, device_key, vendor_key, signature }
+        let signature = vendor
+            .sign(&Self::message(serial, &device_key, &vendor_key))
+            .to_bytes();
+        Self {
+            serial,
+            device_key,
+            vendor_key,
+            signature,
+        }
     }
 
     /// Checks the certificate against trusted vendor keys; returns the device key.
-    pub fn verify(&self, trusted_vendors: &[VerifyingKey]) -> Result<VerifyingKey, CertificateError> {
+    pub fn verify(
+        &self,
+        trusted_vendors: &[VerifyingKey],
+    ) -> Result<VerifyingKey, CertificateError> {
         let vendor = trusted_vendors
             .iter()
             .find(|key| key.to_bytes() == self.vendor_key)
             .ok_or_else(|| CertificateError::UntrustedVendor(hex::encode(self.vendor_key)))?;
         let signature = Signature::from_bytes(&self.signature);
         vendor
-            .verify(&Self::message(self.serial, &self.device_key, &self.vendor_key), &signature)
+            .verify(
+                &Self::message(self.serial, &self.device_key, &self.vendor_key),
+                &signature,
+            )
             .map_err(CertificateError::BadSignature)?;
         VerifyingKey::from_bytes(&self.device_key).map_err(CertificateError::BadKey)
     }
@@ -84,14 +97,20 @@ mod tests {
     #[test]
     fn verifies_against_its_vendor() {
         let (vendor, device, certificate) = setup();
-        assert_eq!(certificate.verify(&[vendor.verifying_key()]).unwrap(), device.verifying_key());
+        assert_eq!(
+            certificate.verify(&[vendor.verifying_key()]).unwrap(),
+            device.verifying_key()
+        );
     }
 
     #[test]
     fn untrusted_vendor_refused() {
         let (_, _, certificate) = setup();
         let other = SigningKey::from_bytes(&[3; 32]).verifying_key();
-        assert!(matches!(certificate.verify(&[other]), Err(CertificateError::UntrustedVendor(_))));
+        assert!(matches!(
+            certificate.verify(&[other]),
+            Err(CertificateError::UntrustedVendor(_))
+        ));
     }
 
     #[test]
@@ -99,9 +118,15 @@ mod tests {
         let (vendor, _, certificate) = setup();
         let mut serial_changed = certificate.clone();
         serial_changed.serial = Serial(78);
-        assert!(matches!(serial_changed.verify(&[vendor.verifying_key()]), Err(CertificateError::BadSignature(_))));
+        assert!(matches!(
+            serial_changed.verify(&[vendor.verifying_key()]),
+            Err(CertificateError::BadSignature(_))
+        ));
         let mut key_changed = certificate;
         key_changed.device_key = SigningKey::from_bytes(&[4; 32]).verifying_key().to_bytes();
-        assert!(matches!(key_changed.verify(&[vendor.verifying_key()]), Err(CertificateError::BadSignature(_))));
+        assert!(matches!(
+            key_changed.verify(&[vendor.verifying_key()]),
+            Err(CertificateError::BadSignature(_))
+        ));
     }
 }

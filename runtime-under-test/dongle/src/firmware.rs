@@ -25,8 +25,8 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::flash::{Binding, Flash, Lockout, LockoutReason, RuntimeId, Serial};
 use crate::handshake::{self, SessionKeys};
 use crate::protocol::{AcceptBody, Denial, DeviceReply, HelloBody, RefusedBody, Request, Response};
-use crate::report::{encode_reports, Report, ReportAssembler};
-use crate::wire::{fault_frame, FaultCode, Frame, FrameError, FrameKind};
+use crate::report::{Report, ReportAssembler, encode_reports};
+use crate::wire::{FaultCode, Frame, FrameError, FrameKind, fault_frame};
 
 /// Sessions the firmware keeps in RAM; older unbound ones are forgotten first.
 pub const ACTIVE_SESSIONS_KEPT: usize = 8;
@@ -71,10 +71,25 @@ pub struct Firmware {
     flash_dirty: bool,
 }
 
+impl std::fmt::Debug for Firmware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Firmware")
+            .field("serial", &self.flash.serial)
+            .field("binding", &self.flash.binding)
+            .field("lockout", &self.flash.lockout)
+            .field("sessions", &self.sessions.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 impl Firmware {
     /// Powers the dongle on with its flash; `now_ms` is the oscillator reading.
     pub fn power_on(flash: Flash, now_ms: u64) -> Self {
-        let mut firmware = Self { flash, sessions: BTreeMap::new(), flash_dirty: false };
+        let mut firmware = Self {
+            flash,
+            sessions: BTreeMap::new(),
+            flash_dirty: false,
+        };
         firmware.observe(now_ms);
         firmware
     }
@@ -116,7 +131,9 @@ impl Firmware {
         self.observe(now_ms);
         let oscillator = self.flash.clock.oscillator_ms;
         let binding = self.flash.binding.clone();
-        let bound_active = binding.as_ref().is_some_and(|binding| self.is_active(binding.session));
+        let bound_active = binding
+            .as_ref()
+            .is_some_and(|binding| self.is_active(binding.session));
         let open_accesses = binding
             .as_ref()
             .and_then(|binding| self.sessions.get(&binding.session))
@@ -129,7 +146,12 @@ impl Firmware {
             binding,
             bound_active,
             lockout: self.flash.lockout_at(oscillator),
-            recent_rebinds: self.flash.rebinds.iter().filter(|at| oscillator - **at < window).count(),
+            recent_rebinds: self
+                .flash
+                .rebinds
+                .iter()
+                .filter(|at| oscillator - **at < window)
+                .count(),
             open_accesses,
         }
     }
@@ -139,7 +161,9 @@ impl Firmware {
         self.observe(now_ms);
         let frame = match Frame::decode(bytes) {
             Ok(frame) => frame,
-            Err(FrameError::UnsupportedVersion(_)) => return fault_frame(0, 0, FaultCode::UnsupportedVersion),
+            Err(FrameError::UnsupportedVersion(_)) => {
+                return fault_frame(0, 0, FaultCode::UnsupportedVersion);
+            }
             Err(error) => {
                 tracing::debug!(%error, "malformed frame");
                 return fault_frame(0, 0, FaultCode::Malformed);
@@ -169,7 +193,9 @@ impl Firmware {
     fn is_active(&self, session: u32) -> bool {
         let oscillator = self.flash.clock.oscillator_ms;
         self.sessions.get(&session).is_some_and(|live| {
-            !live.closed && oscillator.saturating_sub(live.last_frame_ms) < self.flash.policy.active_window_ms
+            !live.closed
+                && oscillator.saturating_sub(live.last_frame_ms)
+                    < self.flash.policy.active_window_ms
         })
     }
 
@@ -205,7 +231,9 @@ impl Firmware {
     fn count_rebind(&mut self) -> bool {
         let oscillator = self.flash.clock.oscillator_ms;
         let window = self.flash.policy.rebind_window_ms;
-        self.flash.rebinds.retain(|at| oscillator.saturating_sub(*at) < window);
+        self.flash
+            .rebinds
+            .retain(|at| oscillator.saturating_sub(*at) < window);
         self.flash.rebinds.push(oscillator);
         self.flash_dirty = true;
         self.flash.rebinds.len() > self.flash.policy.max_rebinds as usize
@@ -214,7 +242,11 @@ impl Firmware {
     fn lock(&mut self, reason: LockoutReason, hello_body: &[u8]) -> Vec<u8> {
         let lockout = Lockout {
             reason,
-            until_ms: self.flash.clock.oscillator_ms.saturating_add(self.flash.policy.lockout_ms),
+            until_ms: self
+                .flash
+                .clock
+                .oscillator_ms
+                .saturating_add(self.flash.policy.lockout_ms),
         };
         tracing::warn!(serial = %self.flash.serial, reason = reason.reason_code(), until_ms = lockout.until_ms, "dongle locked out");
         self.flash.lockout = Some(lockout);
@@ -228,14 +260,21 @@ impl Firmware {
     }
 
     fn refusal(&self, hello_body: &[u8], lockout: Lockout) -> Vec<u8> {
-        let transcript = handshake::refusal_transcript(hello_body, &lockout, &self.flash.certificate);
+        let transcript =
+            handshake::refusal_transcript(hello_body, &lockout, &self.flash.certificate);
         let body = RefusedBody {
             lockout,
             certificate: self.flash.certificate.clone(),
             signature: self.flash.device_key().sign(&transcript).to_bytes(),
         };
         let body = postcard::to_allocvec(&body).unwrap_or_default();
-        Frame { kind: FrameKind::HelloRefused, session: 0, counter: 0, body: &body }.encode()
+        Frame {
+            kind: FrameKind::HelloRefused,
+            session: 0,
+            counter: 0,
+            body: &body,
+        }
+        .encode()
     }
 
     fn open_session(&mut self, hello: HelloBody, hello_body: &[u8]) -> Vec<u8> {
@@ -244,8 +283,11 @@ impl Firmware {
             self.flash.session_counter = self.flash.session_counter.wrapping_add(1);
         }
         let id = self.flash.session_counter as u32;
-        let (secret, next_pool) =
-            handshake::device_ephemeral(&self.flash.entropy_pool, self.flash.session_counter, hello_body);
+        let (secret, next_pool) = handshake::device_ephemeral(
+            &self.flash.entropy_pool,
+            self.flash.session_counter,
+            hello_body,
+        );
         self.flash.entropy_pool = next_pool;
         self.flash_dirty = true;
         let secret = StaticSecret::from(secret);
@@ -254,7 +296,8 @@ impl Firmware {
         if !shared.was_contributory() {
             return fault_frame(0, 0, FaultCode::Malformed);
         }
-        let transcript = handshake::accept_transcript(hello_body, id, &ephemeral, &self.flash.certificate);
+        let transcript =
+            handshake::accept_transcript(hello_body, id, &ephemeral, &self.flash.certificate);
         let signature = self.flash.device_key().sign(&transcript).to_bytes();
         let oscillator = self.flash.clock.oscillator_ms;
         tracing::info!(serial = %self.flash.serial, runtime = %hello.runtime, session = id, "bound");
@@ -270,11 +313,25 @@ impl Firmware {
                 next_handle: 1,
             },
         );
-        self.flash.binding = Some(Binding { runtime: hello.runtime, session: id, bound_at_ms: oscillator });
+        self.flash.binding = Some(Binding {
+            runtime: hello.runtime,
+            session: id,
+            bound_at_ms: oscillator,
+        });
         self.forget_old_sessions(id);
-        let body = AcceptBody { ephemeral, certificate: self.flash.certificate.clone(), signature };
+        let body = AcceptBody {
+            ephemeral,
+            certificate: self.flash.certificate.clone(),
+            signature,
+        };
         let body = postcard::to_allocvec(&body).unwrap_or_default();
-        Frame { kind: FrameKind::HelloAccept, session: id, counter: 0, body: &body }.encode()
+        Frame {
+            kind: FrameKind::HelloAccept,
+            session: id,
+            counter: 0,
+            body: &body,
+        }
+        .encode()
     }
 
     fn forget_old_sessions(&mut self, keep: u32) {
@@ -299,14 +356,26 @@ impl Firmware {
             return fault_frame(frame.session, frame.counter, FaultCode::UnknownSession);
         };
         let Some(plaintext) = handshake::open_frame(&session.keys.to_device, frame) else {
-            return fault_frame(frame.session, frame.counter, FaultCode::AuthenticationFailed);
+            return fault_frame(
+                frame.session,
+                frame.counter,
+                FaultCode::AuthenticationFailed,
+            );
         };
         if frame.counter < session.next_counter {
-            tracing::warn!(session = frame.session, counter = frame.counter, "replayed frame refused");
+            tracing::warn!(
+                session = frame.session,
+                counter = frame.counter,
+                "replayed frame refused"
+            );
             return fault_frame(frame.session, frame.counter, FaultCode::Replayed);
         }
         if frame.counter > session.next_counter {
-            tracing::warn!(session = frame.session, counter = frame.counter, "out-of-order frame refused");
+            tracing::warn!(
+                session = frame.session,
+                counter = frame.counter,
+                "out-of-order frame refused"
+            );
             return fault_frame(frame.session, frame.counter, FaultCode::OutOfOrder);
         }
         session.next_counter += 1;
@@ -314,7 +383,11 @@ impl Firmware {
             return fault_frame(frame.session, frame.counter, FaultCode::Malformed);
         };
         let oscillator = self.flash.clock.oscillator_ms;
-        let bound_here = self.flash.binding.as_ref().is_some_and(|binding| binding.session == frame.session);
+        let bound_here = self
+            .flash
+            .binding
+            .as_ref()
+            .is_some_and(|binding| binding.session == frame.session);
         let reply = if let Some(lockout) = self.flash.lockout_at(oscillator) {
             DeviceReply::Locked(lockout)
         } else if !bound_here {
@@ -347,7 +420,10 @@ impl Firmware {
         session.last_frame_ms = oscillator;
         session.closed = false;
         match request {
-            Request::ListItems => Response::Items { now_ms: clock_ms, items: self.flash.items.clone() },
+            Request::ListItems => Response::Items {
+                now_ms: clock_ms,
+                items: self.flash.items.clone(),
+            },
             Request::Access { firm, code } => {
                 let Some(item) = self.flash.item(firm, code) else {
                     return Response::Denied(Denial::UnknownItem);
@@ -361,7 +437,10 @@ impl Firmware {
                 let handle = session.next_handle;
                 session.next_handle = session.next_handle.wrapping_add(1).max(1);
                 session.accesses.insert(handle, (firm, code));
-                Response::Granted { handle, item: item.clone() }
+                Response::Granted {
+                    handle,
+                    item: item.clone(),
+                }
             }
             Request::Release { handle } => match session.accesses.remove(&handle) {
                 Some(_) => Response::Released,
@@ -382,20 +461,27 @@ impl Firmware {
                 }
                 item.units = Some(remaining - units);
                 self.flash_dirty = true;
-                Response::Units { remaining: remaining - units }
+                Response::Units {
+                    remaining: remaining - units,
+                }
             }
             Request::ReadClock => Response::Clock { now_ms: clock_ms },
             Request::SetClock { unix_ms } => match self.flash.clock.set(unix_ms) {
                 Ok(()) => {
                     self.flash_dirty = true;
-                    Response::Clock { now_ms: self.flash.clock.now_ms() }
+                    Response::Clock {
+                        now_ms: self.flash.clock.now_ms(),
+                    }
                 }
                 Err(now_ms) => Response::Denied(Denial::ClockBackwards { now_ms }),
             },
             Request::WitnessStore { head } => {
                 let runtime = session.runtime.clone();
                 match self.flash.witnesses.get(&runtime) {
-                    Some(stored) if head.sequence < stored.sequence || (head.sequence == stored.sequence && head != *stored) => {
+                    Some(stored)
+                        if head.sequence < stored.sequence
+                            || (head.sequence == stored.sequence && head != *stored) =>
+                    {
                         Response::Denied(Denial::WitnessConflict { stored: *stored })
                     }
                     _ => {
@@ -437,7 +523,12 @@ impl DevicePort {
 
     /// Takes one 64-byte report from this connection; returns the reply reports, if a frame
     /// completed (a fault frame when the reports were malformed).
-    pub fn receive_report(&mut self, firmware: &mut Firmware, report: &[u8], now_ms: u64) -> Vec<Report> {
+    pub fn receive_report(
+        &mut self,
+        firmware: &mut Firmware,
+        report: &[u8],
+        now_ms: u64,
+    ) -> Vec<Report> {
         let frame = match self.assembler.push(report) {
             Ok(Some(frame)) => firmware.handle_frame(&frame, now_ms),
             Ok(None) => return Vec::new(),

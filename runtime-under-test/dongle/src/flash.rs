@@ -138,7 +138,12 @@ pub struct DonglePolicy {
 
 impl Default for DonglePolicy {
     fn default() -> Self {
-        Self { max_rebinds: 3, rebind_window_ms: 60_000, lockout_ms: 300_000, active_window_ms: 10_000 }
+        Self {
+            max_rebinds: 3,
+            rebind_window_ms: 60_000,
+            lockout_ms: 300_000,
+            active_window_ms: 10_000,
+        }
     }
 }
 
@@ -280,7 +285,12 @@ pub struct Flash {
 
 impl Flash {
     /// A new dongle: device key from `device_seed`, certified by `vendor`; default policy, no items.
-    pub fn manufacture(serial: Serial, device_seed: [u8; 32], entropy_seed: [u8; 32], vendor: &SigningKey) -> Flash {
+    pub fn manufacture(
+        serial: Serial,
+        device_seed: [u8; 32],
+        entropy_seed: [u8; 32],
+        vendor: &SigningKey,
+    ) -> Flash {
         let device = SigningKey::from_bytes(&device_seed);
         let certificate = DeviceCertificate::issue(serial, &device.verifying_key(), vendor);
         Flash {
@@ -301,7 +311,11 @@ impl Flash {
     }
 
     /// Adds an item, or replaces the item with the same firm and product code.
-    pub fn program_item(&mut self, vendor: &SigningKey, item: ProductItem) -> Result<(), ProgramError> {
+    pub fn program_item(
+        &mut self,
+        vendor: &SigningKey,
+        item: ProductItem,
+    ) -> Result<(), ProgramError> {
         self.check_vendor(vendor)?;
         if item.name.is_empty() || item.name.len() > MAX_ITEM_NAME {
             return Err(ProgramError::InvalidItem("name must be 1 to 64 bytes"));
@@ -316,7 +330,12 @@ impl Flash {
     }
 
     /// Removes an item and returns it.
-    pub fn remove_item(&mut self, vendor: &SigningKey, firm: u32, code: u32) -> Result<ProductItem, ProgramError> {
+    pub fn remove_item(
+        &mut self,
+        vendor: &SigningKey,
+        firm: u32,
+        code: u32,
+    ) -> Result<ProductItem, ProgramError> {
         self.check_vendor(vendor)?;
         let index = self
             .items
@@ -327,13 +346,21 @@ impl Flash {
     }
 
     /// Sets the rebind and lockout policy.
-    pub fn set_policy(&mut self, vendor: &SigningKey, policy: DonglePolicy) -> Result<(), ProgramError> {
+    pub fn set_policy(
+        &mut self,
+        vendor: &SigningKey,
+        policy: DonglePolicy,
+    ) -> Result<(), ProgramError> {
         self.check_vendor(vendor)?;
         if policy.rebind_window_ms == 0 {
-            return Err(ProgramError::InvalidPolicy("rebind window must be positive"));
+            return Err(ProgramError::InvalidPolicy(
+                "rebind window must be positive",
+            ));
         }
         if policy.active_window_ms == 0 {
-            return Err(ProgramError::InvalidPolicy("active window must be positive"));
+            return Err(ProgramError::InvalidPolicy(
+                "active window must be positive",
+            ));
         }
         self.policy = policy;
         Ok(())
@@ -371,7 +398,9 @@ impl Flash {
 
     /// One item by firm and product code.
     pub fn item(&self, firm: u32, code: u32) -> Option<&ProductItem> {
-        self.items.iter().find(|item| item.firm == firm && item.code == code)
+        self.items
+            .iter()
+            .find(|item| item.firm == firm && item.code == code)
     }
 
     /// The rebind and lockout policy.
@@ -396,7 +425,8 @@ impl Flash {
 
     /// The lockout in force at oscillator time `now_ms`.
     pub fn lockout_at(&self, now_ms: u64) -> Option<Lockout> {
-        self.lockout.filter(|lockout| now_ms.max(self.clock.oscillator_ms) < lockout.until_ms)
+        self.lockout
+            .filter(|lockout| now_ms.max(self.clock.oscillator_ms) < lockout.until_ms)
     }
 
     /// Oscillator times of the rebinds still remembered.
@@ -419,7 +449,9 @@ impl Flash {
     }
 
     pub(crate) fn item_mut(&mut self, firm: u32, code: u32) -> Option<&mut ProductItem> {
-        self.items.iter_mut().find(|item| item.firm == firm && item.code == code)
+        self.items
+            .iter_mut()
+            .find(|item| item.firm == firm && item.code == code)
     }
 }
 
@@ -464,8 +496,14 @@ mod tests {
     fn programming_needs_the_certifying_vendor() {
         let mut flash = Flash::manufacture(Serial(1), [1; 32], [2; 32], &vendor());
         let other = SigningKey::from_bytes(&[8; 32]);
-        assert_eq!(flash.program_item(&other, item(1)), Err(ProgramError::WrongVendor(Serial(1))));
-        assert_eq!(flash.set_policy(&other, DonglePolicy::default()), Err(ProgramError::WrongVendor(Serial(1))));
+        assert_eq!(
+            flash.program_item(&other, item(1)),
+            Err(ProgramError::WrongVendor(Serial(1)))
+        );
+        assert_eq!(
+            flash.set_policy(&other, DonglePolicy::default()),
+            Err(ProgramError::WrongVendor(Serial(1)))
+        );
         flash.program_item(&vendor(), item(1)).unwrap();
         assert_eq!(flash.items().len(), 1);
     }
@@ -482,23 +520,39 @@ mod tests {
         for code in 2..=MAX_ITEMS as u32 {
             flash.program_item(&vendor(), item(code)).unwrap();
         }
-        assert_eq!(flash.program_item(&vendor(), item(1000)), Err(ProgramError::Full));
+        assert_eq!(
+            flash.program_item(&vendor(), item(1000)),
+            Err(ProgramError::Full)
+        );
         assert_eq!(flash.remove_item(&vendor(), 10, 1).unwrap().code, 1);
-        assert_eq!(flash.remove_item(&vendor(), 10, 1), Err(ProgramError::UnknownItem { firm: 10, code: 1 }));
+        assert_eq!(
+            flash.remove_item(&vendor(), 10, 1),
+            Err(ProgramError::UnknownItem { firm: 10, code: 1 })
+        );
     }
 
     #[test]
     fn invalid_policy_refused() {
         let mut flash = Flash::manufacture(Serial(1), [1; 32], [2; 32], &vendor());
-        let policy = DonglePolicy { rebind_window_ms: 0, ..DonglePolicy::default() };
-        assert!(matches!(flash.set_policy(&vendor(), policy), Err(ProgramError::InvalidPolicy(_))));
+        let policy = DonglePolicy {
+            rebind_window_ms: 0,
+            ..DonglePolicy::default()
+        };
+        assert!(matches!(
+            flash.set_policy(&vendor(), policy),
+            Err(ProgramError::InvalidPolicy(_))
+        ));
     }
 
     #[rstest]
     #[case(1_000, 500, Err(1_000))]
     #[case(1_000, 1_000, Ok(()))]
     #[case(1_000, 5_000, Ok(()))]
-    fn clock_only_moves_forward(#[case] start: u64, #[case] target: u64, #[case] expected: Result<(), u64>) {
+    fn clock_only_moves_forward(
+        #[case] start: u64,
+        #[case] target: u64,
+        #[case] expected: Result<(), u64>,
+    ) {
         let mut clock = DongleClock::default();
         clock.observe(start);
         assert_eq!(clock.set(target), expected);
@@ -511,7 +565,13 @@ mod tests {
     fn flash_round_trips_through_json_and_postcard() {
         let mut flash = Flash::manufacture(Serial(42), [1; 32], [2; 32], &vendor());
         flash.program_item(&vendor(), item(1)).unwrap();
-        flash.witnesses.insert(RuntimeId::new("vm1").unwrap(), WitnessHead { sequence: 3, head: [9; 32] });
+        flash.witnesses.insert(
+            RuntimeId::new("vm1").unwrap(),
+            WitnessHead {
+                sequence: 3,
+                head: [9; 32],
+            },
+        );
         let json = serde_json::to_string(&flash).unwrap();
         assert!(json.contains(&hex::encode([9u8; 32])));
         assert_eq!(serde_json::from_str::<Flash>(&json).unwrap(), flash);

@@ -31,7 +31,11 @@ pub(crate) fn accept_transcript(
 }
 
 /// The hash the dongle signs when it refuses a hello.
-pub(crate) fn refusal_transcript(hello_body: &[u8], lockout: &Lockout, certificate: &DeviceCertificate) -> [u8; 32] {
+pub(crate) fn refusal_transcript(
+    hello_body: &[u8],
+    lockout: &Lockout,
+    certificate: &DeviceCertificate,
+) -> [u8; 32] {
     let mut hash = Sha256::new();
     hash.update(REFUSAL_LABEL);
     hash.update((hello_body.len() as u32).to_le_bytes());
@@ -58,7 +62,10 @@ impl SessionKeys {
         salt.extend_from_slice(KEY_SALT_LABEL);
         salt.extend_from_slice(transcript);
         let hkdf = Hkdf::<Sha256>::new(Some(&salt), shared_secret);
-        Self { to_device: cipher(&hkdf, b"runtime to dongle"), to_host: cipher(&hkdf, b"dongle to runtime") }
+        Self {
+            to_device: cipher(&hkdf, b"runtime to dongle"),
+            to_host: cipher(&hkdf, b"dongle to runtime"),
+        }
     }
 }
 
@@ -91,7 +98,13 @@ pub(crate) fn seal_frame(
 ) -> Vec<u8> {
     let header = wire::header(kind, session, counter);
     let sealed = cipher
-        .encrypt(&nonce(counter), Payload { msg: plaintext, aad: &header })
+        .encrypt(
+            &nonce(counter),
+            Payload {
+                msg: plaintext,
+                aad: &header,
+            },
+        )
         .unwrap_or_default();
     let mut frame = Vec::with_capacity(header.len() + sealed.len());
     frame.extend_from_slice(&header);
@@ -102,12 +115,22 @@ pub(crate) fn seal_frame(
 /// Decrypts a frame's body; `None` if it does not authenticate.
 pub(crate) fn open_frame(cipher: &ChaCha20Poly1305, frame: &Frame<'_>) -> Option<Vec<u8>> {
     cipher
-        .decrypt(&nonce(frame.counter), Payload { msg: frame.body, aad: &frame.header() })
+        .decrypt(
+            &nonce(frame.counter),
+            Payload {
+                msg: frame.body,
+                aad: &frame.header(),
+            },
+        )
         .ok()
 }
 
 /// The dongle's ephemeral secret for one hello, and the next entropy pool.
-pub(crate) fn device_ephemeral(pool: &[u8; 32], session_counter: u64, hello_body: &[u8]) -> ([u8; 32], [u8; 32]) {
+pub(crate) fn device_ephemeral(
+    pool: &[u8; 32],
+    session_counter: u64,
+    hello_body: &[u8],
+) -> ([u8; 32], [u8; 32]) {
     let mut ikm = Vec::with_capacity(8 + hello_body.len());
     ikm.extend_from_slice(&session_counter.to_le_bytes());
     ikm.extend_from_slice(hello_body);

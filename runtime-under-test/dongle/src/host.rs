@@ -131,8 +131,16 @@ impl SessionError {
 }
 
 enum State {
-    AwaitingAccept { secret: StaticSecret, hello_body: Vec<u8> },
-    Open { id: u32, keys: SessionKeys, next_counter: u64, outstanding: Option<u64> },
+    AwaitingAccept {
+        secret: StaticSecret,
+        hello_body: Vec<u8>,
+    },
+    Open {
+        id: u32,
+        keys: SessionKeys,
+        next_counter: u64,
+        outstanding: Option<u64>,
+    },
     Ended,
 }
 
@@ -144,16 +152,49 @@ pub struct Session {
     dongle: Option<DongleIdentity>,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            State::AwaitingAccept { .. } => "awaiting-accept",
+            State::Open { .. } => "open",
+            State::Ended => "ended",
+        };
+        f.debug_struct("Session")
+            .field("runtime", &self.runtime)
+            .field("id", &self.id())
+            .field("state", &state)
+            .field("dongle", &self.dongle.as_ref().map(|dongle| dongle.serial))
+            .finish()
+    }
+}
+
 impl Session {
     /// Starts a session; returns it and the hello frame to send. `ephemeral_secret` must be 32
     /// fresh random bytes.
-    pub fn start(runtime: RuntimeId, ephemeral_secret: [u8; 32], trusted_vendors: Vec<VerifyingKey>) -> (Self, Vec<u8>) {
+    pub fn start(
+        runtime: RuntimeId,
+        ephemeral_secret: [u8; 32],
+        trusted_vendors: Vec<VerifyingKey>,
+    ) -> (Self, Vec<u8>) {
         let secret = StaticSecret::from(ephemeral_secret);
-        let hello = HelloBody { runtime: runtime.clone(), ephemeral: PublicKey::from(&secret).to_bytes() };
+        let hello = HelloBody {
+            runtime: runtime.clone(),
+            ephemeral: PublicKey::from(&secret).to_bytes(),
+        };
         let hello_body = postcard::to_allocvec(&hello).unwrap_or_default();
-        let frame = Frame { kind: FrameKind::Hello, session: 0, counter: 0, body: &hello_body }.encode();
-        let session =
-            Self { runtime, trusted_vendors, state: State::AwaitingAccept { secret, hello_body }, dongle: None };
+        let frame = Frame {
+            kind: FrameKind::Hello,
+            session: 0,
+            counter: 0,
+            body: &hello_body,
+        }
+        .encode();
+        let session = Self {
+            runtime,
+            trusted_vendors,
+            state: State::AwaitingAccept { secret, hello_body },
+            dongle: None,
+        };
         (session, frame)
     }
 
@@ -185,16 +226,25 @@ impl Session {
         let State::AwaitingAccept { .. } = self.state else {
             return Err(SessionError::NotAwaitingAccept);
         };
-        let State::AwaitingAccept { secret, hello_body } = std::mem::replace(&mut self.state, State::Ended) else {
+        let State::AwaitingAccept { secret, hello_body } =
+            std::mem::replace(&mut self.state, State::Ended)
+        else {
             return Err(SessionError::NotAwaitingAccept);
         };
         let frame = Frame::decode(bytes)?;
         match frame.kind {
             FrameKind::HelloAccept if frame.session != 0 => {
                 let body: AcceptBody = decode_exact(frame.body).ok_or(SessionError::Malformed)?;
-                let device_key = body.certificate.verify(&self.trusted_vendors).map_err(SessionError::Certificate)?;
-                let transcript =
-                    handshake::accept_transcript(&hello_body, frame.session, &body.ephemeral, &body.certificate);
+                let device_key = body
+                    .certificate
+                    .verify(&self.trusted_vendors)
+                    .map_err(SessionError::Certificate)?;
+                let transcript = handshake::accept_transcript(
+                    &hello_body,
+                    frame.session,
+                    &body.ephemeral,
+                    &body.certificate,
+                );
                 device_key
                     .verify(&transcript, &Signature::from_bytes(&body.signature))
                     .map_err(SessionError::BadSignature)?;
@@ -219,12 +269,19 @@ impl Session {
             }
             FrameKind::HelloRefused => {
                 let body: RefusedBody = decode_exact(frame.body).ok_or(SessionError::Malformed)?;
-                let device_key = body.certificate.verify(&self.trusted_vendors).map_err(SessionError::Certificate)?;
-                let transcript = handshake::refusal_transcript(&hello_body, &body.lockout, &body.certificate);
+                let device_key = body
+                    .certificate
+                    .verify(&self.trusted_vendors)
+                    .map_err(SessionError::Certificate)?;
+                let transcript =
+                    handshake::refusal_transcript(&hello_body, &body.lockout, &body.certificate);
                 device_key
                     .verify(&transcript, &Signature::from_bytes(&body.signature))
                     .map_err(SessionError::BadSignature)?;
-                Err(SessionError::Locked { reason: body.lockout.reason, until_ms: body.lockout.until_ms })
+                Err(SessionError::Locked {
+                    reason: body.lockout.reason,
+                    until_ms: body.lockout.until_ms,
+                })
             }
             FrameKind::Fault => Err(SessionError::Fault(fault_code(frame.body))),
             kind => Err(SessionError::UnexpectedFrame(kind)),
@@ -233,14 +290,26 @@ impl Session {
 
     /// Seals a request into a frame to send; one request at a time.
     pub fn request(&mut self, request: &Request) -> Result<Vec<u8>, SessionError> {
-        let State::Open { id, keys, next_counter, outstanding } = &mut self.state else {
+        let State::Open {
+            id,
+            keys,
+            next_counter,
+            outstanding,
+        } = &mut self.state
+        else {
             return Err(SessionError::NotOpen);
         };
         if outstanding.is_some() {
             return Err(SessionError::RequestOutstanding);
         }
         let plaintext = postcard::to_allocvec(request).map_err(|_| SessionError::TooLarge)?;
-        let frame = handshake::seal_frame(&keys.to_device, FrameKind::Request, *id, *next_counter, &plaintext);
+        let frame = handshake::seal_frame(
+            &keys.to_device,
+            FrameKind::Request,
+            *id,
+            *next_counter,
+            &plaintext,
+        );
         if frame.len() > MAX_FRAME_LEN {
             return Err(SessionError::TooLarge);
         }
@@ -252,12 +321,21 @@ impl Session {
     /// Takes the dongle's reply to the outstanding request. Non-fatal errors (see
     /// [`SessionError::is_fatal`]) leave the request outstanding; fatal ones end the session.
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Response, SessionError> {
-        let State::Open { id, keys, outstanding, .. } = &mut self.state else {
+        let State::Open {
+            id,
+            keys,
+            outstanding,
+            ..
+        } = &mut self.state
+        else {
             return Err(SessionError::NotOpen);
         };
         let frame = Frame::decode(bytes)?;
         if frame.session != *id {
-            return Err(SessionError::WrongSession { expected: *id, got: frame.session });
+            return Err(SessionError::WrongSession {
+                expected: *id,
+                got: frame.session,
+            });
         }
         let Some(expected) = *outstanding else {
             return Err(SessionError::NoRequestOutstanding);
@@ -270,12 +348,19 @@ impl Session {
             }
             kind => return Err(SessionError::UnexpectedFrame(kind)),
         }
-        let plaintext = handshake::open_frame(&keys.to_host, &frame).ok_or(SessionError::AuthenticationFailed)?;
+        let plaintext = handshake::open_frame(&keys.to_host, &frame)
+            .ok_or(SessionError::AuthenticationFailed)?;
         if frame.counter < expected {
-            return Err(SessionError::Replayed { expected, got: frame.counter });
+            return Err(SessionError::Replayed {
+                expected,
+                got: frame.counter,
+            });
         }
         if frame.counter > expected {
-            return Err(SessionError::OutOfOrder { expected, got: frame.counter });
+            return Err(SessionError::OutOfOrder {
+                expected,
+                got: frame.counter,
+            });
         }
         *outstanding = None;
         let reply = decode_exact::<DeviceReply>(&plaintext);
@@ -286,9 +371,10 @@ impl Session {
             }
             Some(DeviceReply::Answer(response)) => return Ok(response),
             Some(DeviceReply::BindingBroken) => SessionError::BindingBroken,
-            Some(DeviceReply::Locked(lockout)) => {
-                SessionError::Locked { reason: lockout.reason, until_ms: lockout.until_ms }
-            }
+            Some(DeviceReply::Locked(lockout)) => SessionError::Locked {
+                reason: lockout.reason,
+                until_ms: lockout.until_ms,
+            },
             None => SessionError::Malformed,
         };
         self.state = State::Ended;
@@ -300,5 +386,114 @@ fn fault_code(body: &[u8]) -> FaultCode {
     match body {
         [code] => FaultCode::from_code(*code).unwrap_or(FaultCode::Malformed),
         _ => FaultCode::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firmware::Firmware;
+    use crate::flash::Flash;
+    use ed25519_dalek::SigningKey;
+
+    fn open_session() -> (Firmware, Session) {
+        let vendor = SigningKey::from_bytes(&[1; 32]);
+        let mut firmware = Firmware::power_on(
+            Flash::manufacture(Serial(5), [2; 32], [3; 32], &vendor),
+            1_000,
+        );
+        let (mut session, hello) = Session::start(
+            RuntimeId::new("vm1").unwrap(),
+            [4; 32],
+            vec![vendor.verifying_key()],
+        );
+        let reply = firmware.handle_frame(&hello, 1_000);
+        session.accept(&reply).unwrap();
+        (firmware, session)
+    }
+
+    /// Seals a request with the session's keys at an arbitrary counter, as an attacker reordering
+    /// captured frames (or a buggy host) would present it.
+    fn request_at(session: &Session, counter: u64) -> Vec<u8> {
+        let State::Open { id, keys, .. } = &session.state else {
+            panic!("open session expected")
+        };
+        let plaintext = postcard::to_allocvec(&Request::ReadClock).unwrap();
+        handshake::seal_frame(
+            &keys.to_device,
+            FrameKind::Request,
+            *id,
+            counter,
+            &plaintext,
+        )
+    }
+
+    fn fault_of(frame: &[u8]) -> FaultCode {
+        let frame = Frame::decode(frame).unwrap();
+        assert_eq!(frame.kind, FrameKind::Fault);
+        fault_code(frame.body)
+    }
+
+    #[test]
+    fn dongle_refuses_reordered_requests() {
+        let (mut firmware, session) = open_session();
+        let second = request_at(&session, 1);
+        let first = request_at(&session, 0);
+        assert_eq!(
+            fault_of(&firmware.handle_frame(&second, 1_000)),
+            FaultCode::OutOfOrder
+        );
+        let reply = firmware.handle_frame(&first, 1_000);
+        assert_eq!(Frame::decode(&reply).unwrap().kind, FrameKind::Response);
+        assert_eq!(
+            fault_of(&firmware.handle_frame(&first, 1_000)),
+            FaultCode::Replayed
+        );
+        let reply = firmware.handle_frame(&second, 1_000);
+        assert_eq!(Frame::decode(&reply).unwrap().kind, FrameKind::Response);
+    }
+
+    #[test]
+    fn runtime_refuses_responses_ahead_of_its_request() {
+        let (_, mut session) = open_session();
+        session.request(&Request::ReadClock).unwrap();
+        let State::Open { id, keys, .. } = &session.state else {
+            panic!("open session expected")
+        };
+        let reply =
+            postcard::to_allocvec(&DeviceReply::Answer(Response::Clock { now_ms: 1 })).unwrap();
+        let ahead = handshake::seal_frame(&keys.to_host, FrameKind::Response, *id, 1, &reply);
+        let genuine = handshake::seal_frame(&keys.to_host, FrameKind::Response, *id, 0, &reply);
+        let error = session.receive(&ahead).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                SessionError::OutOfOrder {
+                    expected: 0,
+                    got: 1
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            session.receive(&genuine).unwrap(),
+            Response::Clock { now_ms: 1 }
+        );
+    }
+
+    #[test]
+    fn response_sealed_with_the_request_key_refused() {
+        let (_, mut session) = open_session();
+        session.request(&Request::ReadClock).unwrap();
+        let State::Open { id, keys, .. } = &session.state else {
+            panic!("open session expected")
+        };
+        let reply = postcard::to_allocvec(&DeviceReply::BindingBroken).unwrap();
+        let reflected = handshake::seal_frame(&keys.to_device, FrameKind::Response, *id, 0, &reply);
+        assert!(matches!(
+            session.receive(&reflected),
+            Err(SessionError::AuthenticationFailed)
+        ));
+        assert!(session.is_open());
     }
 }

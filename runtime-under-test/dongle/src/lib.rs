@@ -27,12 +27,14 @@ mod wire;
 
 pub use certificate::{CertificateError, DeviceCertificate};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
-pub use firmware::{DevicePort, DongleStatus, Firmware, ACTIVE_SESSIONS_KEPT};
+pub use firmware::{ACTIVE_SESSIONS_KEPT, DevicePort, DongleStatus, Firmware};
 pub use flash::{
     Binding, DongleClock, DonglePolicy, Flash, InvalidRuntimeId, ItemCounting, Lockout,
-    LockoutReason, ProductItem, ProgramError, RuntimeId, Serial, WitnessHead, MAX_ITEMS,
+    LockoutReason, MAX_ITEMS, ProductItem, ProgramError, RuntimeId, Serial, WitnessHead,
 };
 pub use host::{DongleIdentity, Session, SessionError};
 pub use protocol::{Denial, Request, Response};
-pub use report::{encode_reports, Report, ReportAssembler, ReportError, REPORT_LEN};
-pub use wire::{FaultCode, Frame, FrameError, FrameKind, FRAME_HEADER_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION};
+pub use report::{REPORT_LEN, Report, ReportAssembler, ReportError, encode_reports};
+pub use wire::{
+    FRAME_HEADER_LEN, FaultCode, Frame, FrameError, FrameKind, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};

@@ -104,7 +104,9 @@ impl ReportAssembler {
     }
 
     fn push_inner(&mut self, report: &[u8]) -> Result<Option<Vec<u8>>, ReportError> {
-        let report: &Report = report.try_into().map_err(|_| ReportError::WrongLength(report.len()))?;
+        let report: &Report = report
+            .try_into()
+            .map_err(|_| ReportError::WrongLength(report.len()))?;
         let marker = report[0];
         if marker & INIT_MARKER != 0 {
             if marker != INIT_MARKER {
@@ -123,17 +125,33 @@ impl ReportAssembler {
             let take = expected_len.min(INIT_PAYLOAD);
             let mut frame = Vec::with_capacity(expected_len);
             frame.extend_from_slice(&report[3..3 + take]);
-            self.partial = Some(Partial { frame, expected_len, next_sequence: 0 });
+            self.partial = Some(Partial {
+                frame,
+                expected_len,
+                next_sequence: 0,
+            });
         } else {
-            let partial = self.partial.as_mut().ok_or(ReportError::UnexpectedContinuation)?;
+            let partial = self
+                .partial
+                .as_mut()
+                .ok_or(ReportError::UnexpectedContinuation)?;
             if marker != partial.next_sequence {
-                return Err(ReportError::SequenceGap { expected: partial.next_sequence, got: marker });
+                return Err(ReportError::SequenceGap {
+                    expected: partial.next_sequence,
+                    got: marker,
+                });
             }
             let take = (partial.expected_len - partial.frame.len()).min(CONT_PAYLOAD);
             partial.frame.extend_from_slice(&report[1..1 + take]);
-            partial.next_sequence = partial.next_sequence.saturating_add(1).min(MAX_SEQUENCE + 1);
+            partial.next_sequence = partial
+                .next_sequence
+                .saturating_add(1)
+                .min(MAX_SEQUENCE + 1);
         }
-        let complete = self.partial.as_ref().is_some_and(|partial| partial.frame.len() == partial.expected_len);
+        let complete = self
+            .partial
+            .as_ref()
+            .is_some_and(|partial| partial.frame.len() == partial.expected_len);
         if complete {
             Ok(self.partial.take().map(|partial| partial.frame))
         } else {
@@ -149,7 +167,10 @@ mod tests {
 
     fn reassemble(reports: &[Report]) -> Vec<Vec<u8>> {
         let mut assembler = ReportAssembler::new();
-        reports.iter().filter_map(|report| assembler.push(report).unwrap()).collect()
+        reports
+            .iter()
+            .filter_map(|report| assembler.push(report).unwrap())
+            .collect()
     }
 
     #[rstest]
@@ -169,11 +190,17 @@ mod tests {
     #[test]
     fn size_limits() {
         assert_eq!(encode_reports(&[]), Err(ReportError::EmptyFrame));
-        assert_eq!(encode_reports(&vec![0; MAX_FRAME_LEN + 1]), Err(ReportError::FrameTooLarge(MAX_FRAME_LEN + 1)));
+        assert_eq!(
+            encode_reports(&vec![0; MAX_FRAME_LEN + 1]),
+            Err(ReportError::FrameTooLarge(MAX_FRAME_LEN + 1))
+        );
         let mut init = [0u8; REPORT_LEN];
         init[0] = INIT_MARKER;
         init[1..3].copy_from_slice(&((MAX_FRAME_LEN + 1) as u16).to_be_bytes());
-        assert_eq!(ReportAssembler::new().push(&init), Err(ReportError::FrameTooLarge(MAX_FRAME_LEN + 1)));
+        assert_eq!(
+            ReportAssembler::new().push(&init),
+            Err(ReportError::FrameTooLarge(MAX_FRAME_LEN + 1))
+        );
     }
 
     #[test]
@@ -181,10 +208,22 @@ mod tests {
         let frame = vec![5u8; 200];
         let reports = encode_reports(&frame).unwrap();
         let mut assembler = ReportAssembler::new();
-        assert_eq!(assembler.push(&reports[1]), Err(ReportError::UnexpectedContinuation));
-        assert_eq!(assembler.push(&reports[..1].concat()[..10]), Err(ReportError::WrongLength(10)));
+        assert_eq!(
+            assembler.push(&reports[1]),
+            Err(ReportError::UnexpectedContinuation)
+        );
+        assert_eq!(
+            assembler.push(&reports[..1].concat()[..10]),
+            Err(ReportError::WrongLength(10))
+        );
         assert_eq!(assembler.push(&reports[0]), Ok(None));
-        assert_eq!(assembler.push(&reports[2]), Err(ReportError::SequenceGap { expected: 0, got: 1 }));
+        assert_eq!(
+            assembler.push(&reports[2]),
+            Err(ReportError::SequenceGap {
+                expected: 0,
+                got: 1
+            })
+        );
         assert!(!assembler.is_partial());
         let mut bad = reports[0];
         bad[0] = 0x81;

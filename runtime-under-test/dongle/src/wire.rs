@@ -160,7 +160,12 @@ impl<'a> Frame<'a> {
         let session = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let mut counter = [0u8; 8];
         counter.copy_from_slice(&header[8..16]);
-        Ok(Self { kind, session, counter: u64::from_le_bytes(counter), body })
+        Ok(Self {
+            kind,
+            session,
+            counter: u64::from_le_bytes(counter),
+            body,
+        })
     }
 
     /// The 16-byte header.
@@ -190,7 +195,13 @@ pub(crate) fn header(kind: FrameKind, session: u32, counter: u64) -> [u8; FRAME_
 
 /// A fault frame.
 pub(crate) fn fault_frame(session: u32, counter: u64, fault: FaultCode) -> Vec<u8> {
-    Frame { kind: FrameKind::Fault, session, counter, body: &[fault.code()] }.encode()
+    Frame {
+        kind: FrameKind::Fault,
+        session,
+        counter,
+        body: &[fault.code()],
+    }
+    .encode()
 }
 
 #[cfg(test)]
@@ -200,7 +211,12 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let frame = Frame { kind: FrameKind::Request, session: 7, counter: 9, body: b"abc" };
+        let frame = Frame {
+            kind: FrameKind::Request,
+            session: 7,
+            counter: 9,
+            body: b"abc",
+        };
         let bytes = frame.encode();
         assert_eq!(bytes.len(), FRAME_HEADER_LEN + 3);
         assert_eq!(Frame::decode(&bytes).unwrap(), frame);
