@@ -1,0 +1,287 @@
+//! Real daemons and real processes for the integration tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const METERD: &str = env!("CARGO_BIN_EXE_meterd");
+pub const METER: &str = env!("CARGO_BIN_EXE_meter");
+
+/// A vendor with a key pair and a way to issue licences.
+pub struct Vendor {
+    pub dir: tempfile::TempDir,
+}
+
+impl Vendor {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(METER)
+            .args(["--json", "vendor", "keygen", "--out"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        Vendor { dir }
+    }
+
+    pub fn public(&self) -> PathBuf {
+        self.dir.path().join("vendor.pub")
+    }
+
+    /// Issues an unbound licence for `products` (YAML flow items) and returns its path.
+    pub fn issue(&self, name: &str, products: &[&str]) -> PathBuf {
+        let policy = self.dir.path().join(format!("{name}.yaml"));
+        let mut yaml = String::from("firm: 10\nfirm-name: acme\nproducts:\n");
+        for p in products {
+            yaml.push_str(&format!("  - {p}\n"));
+        }
+        std::fs::write(&policy, yaml).unwrap();
+        let out_path = self.dir.path().join(format!("{name}.json"));
+        let out = Command::new(METER)
+            .args(["--json", "vendor", "issue", "--policy"])
+            .arg(&policy)
+            .arg("--key")
+            .arg(self.dir.path().join("vendor.key"))
+            .arg("--out")
+            .arg(&out_path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out_path
+    }
+}
+
+/// A simulated machine folder plus the state of its runtime.
+pub struct Machine {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+}
+
+impl Machine {
+    pub fn new(name: &str, role: &str, address: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("platform")).unwrap();
+        let machine = serde_json::json!({
+            "kind": "guest", "role": role, "name": name, "address": address,
+            "traits": {"cpu.vendor": "GenuineIntel", "product.uuid": format!("uuid-{name}")},
+        });
+        std::fs::write(dir.path().join("platform/machine.json"), machine.to_string()).unwrap();
+        std::fs::write(dir.path().join("platform/sessions.json"), "{}").unwrap();
+        Machine {
+            dir,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn platform(&self) -> PathBuf {
+        self.dir.path().join("platform")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.state().join("meterd.sock")
+    }
+
+    /// Adds a session to the session table (atomic replace).
+    pub fn add_session(&self, sid: u32, kind: &str) {
+        let path = self.platform().join("sessions.json");
+        let mut table: serde_json::Map<String, Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        table.insert(
+            sid.to_string(),
+            serde_json::json!({"kind": kind, "user": format!("user{sid}"), "client_name": "pc", "client_ip": "10.0.0.7"}),
+        );
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, Value::Object(table).to_string()).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+
+    /// Starts this machine's meterd.
+    pub fn start(&self, extra: &[&str]) -> Daemon {
+        let ready = self.state().join("meterd.ready");
+        let _ = std::fs::remove_file(&ready);
+        let child = Command::new(METERD)
+            .arg("--state")
+            .arg(self.state())
+            .arg("--platform")
+            .arg(format!("sim:{}", self.platform().display()))
+            .args(extra)
+            .env("METER_LOG", "info")
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !ready.exists() {
+            assert!(started.elapsed() < Duration::from_secs(20), "meterd did not get ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon {
+            child: Some(child),
+            socket: self.socket(),
+        }
+    }
+
+    /// Runs `meter --json <args>` against this machine's daemon.
+    pub fn meter(&self, args: &[&str]) -> (i32, Value) {
+        meter_at(&self.socket(), args)
+    }
+
+    /// Trusts the vendor and installs a licence.
+    pub fn install(&self, vendor: &Vendor, licence: &Path) {
+        let (code, out) = self.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}");
+        let (code, out) = self.meter(&["activate", "apply", licence.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}");
+    }
+
+    /// Starts `meter hold` in a new session of the given kind (None = the test's own session).
+    pub fn hold(&self, product: u32, session: Option<&str>) -> Holder {
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "read go; exec \"$0\" \"$@\"", METER, "--json", "hold", "--product"])
+            .arg(product.to_string())
+            .env("METER_SOCKET", self.socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if session.is_some() {
+            // SAFETY: setsid is async-signal-safe.
+            unsafe {
+                command.pre_exec(|| {
+                    nix::unistd::setsid().map_err(std::io::Error::from)?;
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().unwrap();
+        if let Some(kind) = session {
+            self.add_session(child.id(), kind);
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "go").unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let first: Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("hold printed {line:?}: {e}"));
+        Holder {
+            child,
+            first,
+            stdout,
+            _stdin: stdin,
+        }
+    }
+}
+
+pub fn meter_at(socket: &Path, args: &[&str]) -> (i32, Value) {
+    let out = Command::new(METER)
+        .arg("--json")
+        .args(args)
+        .env("METER_SOCKET", socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = text
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str(l).unwrap_or(Value::String(l.to_owned())))
+        .unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), value)
+}
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+        self.kill9();
+    }
+}
+
+pub struct Holder {
+    pub child: Child,
+    pub first: Value,
+    pub stdout: BufReader<ChildStdout>,
+    _stdin: ChildStdin,
+}
+
+impl Holder {
+    pub fn granted(&self) -> bool {
+        self.first["granted"] == Value::Bool(true)
+    }
+
+    pub fn reason(&self) -> String {
+        self.first["reason"].as_str().unwrap_or("").to_owned()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Waits until `check` holds, up to `limit`; returns the time it took.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// The server's listen address and pin from its status.
+pub fn server_endpoint(machine: &Machine) -> (String, String) {
+    let (code, status) = machine.meter(&["status"]);
+    assert_eq!(code, 0, "{status}");
+    (
+        status["server"]["listen"].as_str().unwrap().to_owned(),
+        status["server"]["cert_sha256"].as_str().unwrap().to_owned(),
+    )
+}
+
+pub fn allocations(machine: &Machine) -> Vec<Value> {
+    let (code, list) = machine.meter(&["list"]);
+    assert_eq!(code, 0, "{list}");
+    list["allocations"].as_array().cloned().unwrap_or_default()
+}
