@@ -49,8 +49,8 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
                 offset: 0,
                 len: 0,
             });
-        let help = syntax_help(&message);
-        source.error(vec![source.problem(at, message, "here", help)])
+        let (message, label, help) = explain_syntax_error(message);
+        source.error(vec![source.problem(at, message, label, help)])
     })?;
     scenario.origin = origin.to_owned();
     let problems = validate::validate(&scenario, &source);
@@ -61,15 +61,36 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
     }
 }
 
-fn syntax_help(message: &str) -> Option<String> {
-    if message.starts_with("unknown variant") && message.contains("boot") {
-        Some("each step is one key; see docs/scenario-language.md".into())
+/// Rewords a parser message for scenario authors: (message, label, help).
+fn explain_syntax_error(message: String) -> (String, &'static str, Option<String>) {
+    const DOCS: &str = "see docs/scenario-language.md";
+    if message.starts_with("unknown variant") && message.contains("boot, shutdown") {
+        let help = format!("each step is a mapping with exactly one of these keys; {DOCS}");
+        (message, "unknown step", Some(help))
     } else if message.starts_with("unknown variant") {
-        Some("see docs/scenario-language.md for the allowed values".into())
+        (message, "not an allowed value", Some(format!("{DOCS} for the allowed values")))
     } else if message.starts_with("unknown field") {
-        Some("keys are kebab-case; see docs/scenario-language.md".into())
+        (message, "unknown key", Some(format!("keys are kebab-case; {DOCS}")))
+    } else if message.starts_with("missing field") {
+        (message, "in this mapping", Some("docs/scenario-language.md lists the required keys".to_owned()))
+    } else if let Some(kind) = ["u16", "u32", "u64"]
+        .into_iter()
+        .find(|kind| message == format!("invalid {kind}"))
+    {
+        let range = match kind {
+            "u16" => "0 to 65535",
+            "u32" => "0 to 4294967295",
+            _ => "0 or more",
+        };
+        (
+            format!("expected a whole number ({range})"),
+            "not a whole number",
+            None,
+        )
+    } else if message.starts_with("Invalid duration") {
+        (message, "not a duration", None)
     } else {
-        None
+        (message, "here", None)
     }
 }
 
