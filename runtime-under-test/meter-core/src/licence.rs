@@ -112,9 +112,10 @@ impl VendorKey {
         }
     }
 
-    /// X25519 Diffie-Hellman with the vendor's exchange key (used by activation).
-    pub(crate) fn exchange(&self, their_public: &x25519_dalek::PublicKey) -> [u8; 32] {
-        self.exchange.diffie_hellman(their_public).to_bytes()
+    /// X25519 Diffie-Hellman with the vendor's exchange key; `None` for a low-order public key.
+    pub(crate) fn exchange(&self, their_public: &x25519_dalek::PublicKey) -> Option<[u8; 32]> {
+        let shared = self.exchange.diffie_hellman(their_public);
+        shared.was_contributory().then(|| shared.to_bytes())
     }
 }
 
