@@ -9,13 +9,21 @@ use common::*;
 #[test]
 fn user_limit_quantity_two_denies_the_third_access() {
     let vendor = Vendor::new();
-    let licence = vendor.issue("ul", &["{ code: 1001, name: cad, quantity: 2, counting: user-limit }"]);
+    let licence = vendor.issue(
+        "ul",
+        &["{ code: 1001, name: cad, quantity: 2, counting: user-limit }"],
+    );
     let ws = Machine::new("ws1", "workstation", "127.0.1.10");
     let _daemon = ws.start(&[]);
     ws.install(&vendor, &licence);
     let first = ws.hold(1001, None);
     let second = ws.hold(1001, None);
-    assert!(first.granted() && second.granted(), "{} {}", first.first, second.first);
+    assert!(
+        first.granted() && second.granted(),
+        "{} {}",
+        first.first,
+        second.first
+    );
     let third = ws.hold(1001, None);
     assert!(!third.granted());
     assert_eq!(third.reason(), "quantity-exhausted");
@@ -26,7 +34,10 @@ fn user_limit_quantity_two_denies_the_third_access() {
 #[test]
 fn no_count_is_unlimited() {
     let vendor = Vendor::new();
-    let licence = vendor.issue("nc", &["{ code: 7, name: free, quantity: 1, counting: no-count }"]);
+    let licence = vendor.issue(
+        "nc",
+        &["{ code: 7, name: free, quantity: 1, counting: no-count }"],
+    );
     let ws = Machine::new("ws1", "workstation", "127.0.1.11");
     let _daemon = ws.start(&[]);
     ws.install(&vendor, &licence);
@@ -38,7 +49,10 @@ fn no_count_is_unlimited() {
 #[test]
 fn local_licence_refused_in_terminal_server_session_allowed_on_workstation_remote_desktop() {
     let vendor = Vendor::new();
-    let licence = vendor.issue("local", &["{ code: 5, name: single, quantity: 0, counting: user-limit }"]);
+    let licence = vendor.issue(
+        "local",
+        &["{ code: 5, name: single, quantity: 0, counting: user-limit }"],
+    );
 
     let ts = Machine::new("ts1", "terminal-server", "127.0.1.12");
     let _ts_daemon = ts.start(&[]);
@@ -61,7 +75,10 @@ fn local_licence_refused_in_terminal_server_session_allowed_on_workstation_remot
 #[test]
 fn kill_9_of_a_holder_frees_its_licence_quickly() {
     let vendor = Vendor::new();
-    let licence = vendor.issue("one", &["{ code: 1, name: one, quantity: 1, counting: user-limit }"]);
+    let licence = vendor.issue(
+        "one",
+        &["{ code: 1, name: one, quantity: 1, counting: user-limit }"],
+    );
     let ws = Machine::new("ws1", "workstation", "127.0.1.14");
     let _daemon = ws.start(&[]);
     ws.install(&vendor, &licence);
@@ -78,14 +95,20 @@ fn kill_9_of_a_holder_frees_its_licence_quickly() {
         assert_eq!(code, 0, "{out}");
     }
     delays.sort();
-    println!("release after kill -9 (observed via meter list): median {:?}, max {:?}", delays[2], delays[4]);
+    println!(
+        "release after kill -9 (observed via meter list): median {:?}, max {:?}",
+        delays[2], delays[4]
+    );
     assert!(delays[2] < Duration::from_millis(500));
 }
 
 #[test]
 fn daemon_restart_keeps_live_grants_releases_dead_ones_and_double_grants_none() {
     let vendor = Vendor::new();
-    let licence = vendor.issue("two", &["{ code: 2, name: two, quantity: 2, counting: user-limit }"]);
+    let licence = vendor.issue(
+        "two",
+        &["{ code: 2, name: two, quantity: 2, counting: user-limit }"],
+    );
     let ws = Machine::new("ws1", "workstation", "127.0.1.15");
     let mut daemon = ws.start(&[]);
     ws.install(&vendor, &licence);
@@ -104,13 +127,17 @@ fn daemon_restart_keeps_live_grants_releases_dead_ones_and_double_grants_none() 
     assert_eq!(third.reason(), "quantity-exhausted");
     // The surviving holder is watched again: its death frees its licence.
     drop(alive);
-    wait_until(Duration::from_secs(5), || allocations(&ws).len() == 1).expect("re-watched holder released");
+    wait_until(Duration::from_secs(5), || allocations(&ws).len() == 1)
+        .expect("re-watched holder released");
 }
 
 #[test]
 fn tampered_and_foreign_licences_are_refused_and_state_is_kept() {
     let vendor = Vendor::new();
-    let licence = vendor.issue("ok", &["{ code: 3, name: three, quantity: 1, counting: user-limit }"]);
+    let licence = vendor.issue(
+        "ok",
+        &["{ code: 3, name: three, quantity: 1, counting: user-limit }"],
+    );
     let ws = Machine::new("ws1", "workstation", "127.0.1.16");
     let _daemon = ws.start(&[]);
     ws.install(&vendor, &licence);
@@ -121,14 +148,23 @@ fn tampered_and_foreign_licences_are_refused_and_state_is_kept() {
     let (code, out) = ws.meter(&["activate", "apply", tampered.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(out["reason"], "signature-invalid");
-    assert!(out["error"].as_str().unwrap().contains("tampered.json"), "{out}");
+    assert!(
+        out["error"].as_str().unwrap().contains("tampered.json"),
+        "{out}"
+    );
 
     let other = Vendor::new();
-    let foreign = other.issue("foreign", &["{ code: 3, name: three, quantity: 50, counting: user-limit }"]);
+    let foreign = other.issue(
+        "foreign",
+        &["{ code: 3, name: three, quantity: 50, counting: user-limit }"],
+    );
     let (code, out) = ws.meter(&["activate", "apply", foreign.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(out["reason"], "signature-invalid");
-    assert!(out["error"].as_str().unwrap().contains("foreign.json"), "{out}");
+    assert!(
+        out["error"].as_str().unwrap().contains("foreign.json"),
+        "{out}"
+    );
 
     // The good licence still counts with its own quantity.
     let first = ws.hold(3, None);

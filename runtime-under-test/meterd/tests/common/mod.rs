@@ -70,7 +70,11 @@ impl Machine {
             "kind": "guest", "role": role, "name": name, "address": address,
             "traits": {"cpu.vendor": "GenuineIntel", "product.uuid": format!("uuid-{name}")},
         });
-        std::fs::write(dir.path().join("platform/machine.json"), machine.to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("platform/machine.json"),
+            machine.to_string(),
+        )
+        .unwrap();
         std::fs::write(dir.path().join("platform/sessions.json"), "{}").unwrap();
         Machine {
             dir,
@@ -114,13 +118,16 @@ impl Machine {
             .arg("--platform")
             .arg(format!("sim:{}", self.platform().display()))
             .args(extra)
-            .env("METER_LOG", "info")
+            .env("METER_LOG", "warn")
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         let started = Instant::now();
         while !ready.exists() {
-            assert!(started.elapsed() < Duration::from_secs(20), "meterd did not get ready");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "meterd did not get ready"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Daemon {
@@ -146,7 +153,14 @@ impl Machine {
     pub fn hold(&self, product: u32, session: Option<&str>) -> Holder {
         let mut command = Command::new("sh");
         command
-            .args(["-c", "read go; exec \"$0\" \"$@\"", METER, "--json", "hold", "--product"])
+            .args([
+                "-c",
+                "read go; exec \"$0\" \"$@\"",
+                METER,
+                "--json",
+                "hold",
+                "--product",
+            ])
             .arg(product.to_string())
             .env("METER_SOCKET", self.socket())
             .stdin(Stdio::piped())
