@@ -154,7 +154,7 @@ impl ProductItem {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The YAML is not a valid policy (syntax, unknown field, bad value).
-    #[error("Invalid product policy: {0}")]
+    #[error("Invalid product policy")]
     Yaml(#[source] serde_saphyr::Error),
     /// A field has a value the policy does not allow.
     #[error("Invalid product policy: products[{index}].{field}: {message}")]
