@@ -15,11 +15,21 @@ fn every_builtin_parses_and_validates() {
     for builtin in scenario::builtin() {
         match scenario::parse_str(builtin.text, builtin.path) {
             Ok(parsed) => {
-                assert_eq!(parsed.name.value, builtin.name, "name must equal the file stem");
-                assert!(!parsed.description.is_empty(), "{} has no description", builtin.name);
+                assert_eq!(
+                    parsed.name.value, builtin.name,
+                    "name must equal the file stem"
+                );
+                assert!(
+                    !parsed.description.is_empty(),
+                    "{} has no description",
+                    builtin.name
+                );
                 assert!(!parsed.tags.is_empty(), "{} has no tags", builtin.name);
                 assert!(
-                    parsed.steps.iter().any(|s| matches!(s.value, Step::Expect(_))),
+                    parsed
+                        .steps
+                        .iter()
+                        .any(|s| matches!(s.value, Step::Expect(_))),
                     "{} asserts nothing",
                     builtin.name
                 );
@@ -49,7 +59,12 @@ fn every_file_in_scenarios_is_embedded() {
 fn embedded_text_is_the_file_on_disk() {
     for builtin in scenario::builtin() {
         let path = scenarios_dir().join(format!("{}.yaml", builtin.name));
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), builtin.text, "{}", builtin.name);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            builtin.text,
+            "{}",
+            builtin.name
+        );
     }
 }
 

@@ -86,7 +86,8 @@ fn the_display_line_names_file_line_and_column() {
 
 #[test]
 fn load_reports_the_path_it_read() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/broken/unknown-step.yaml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/broken/unknown-step.yaml");
     let error = scenario::load(&path).unwrap_err();
     let ScenarioError::Invalid { origin, .. } = &error else {
         panic!("expected an invalid scenario, got {error:?}");

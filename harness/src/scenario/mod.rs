@@ -68,11 +68,23 @@ fn explain_syntax_error(message: String) -> (String, &'static str, Option<String
         let help = format!("each step is a mapping with exactly one of these keys; {DOCS}");
         (message, "unknown step", Some(help))
     } else if message.starts_with("unknown variant") {
-        (message, "not an allowed value", Some(format!("{DOCS} for the allowed values")))
+        (
+            message,
+            "not an allowed value",
+            Some(format!("{DOCS} for the allowed values")),
+        )
     } else if message.starts_with("unknown field") {
-        (message, "unknown key", Some(format!("keys are kebab-case; {DOCS}")))
+        (
+            message,
+            "unknown key",
+            Some(format!("keys are kebab-case; {DOCS}")),
+        )
     } else if message.starts_with("missing field") {
-        (message, "in this mapping", Some("docs/scenario-language.md lists the required keys".to_owned()))
+        (
+            message,
+            "in this mapping",
+            Some("docs/scenario-language.md lists the required keys".to_owned()),
+        )
     } else if let Some(kind) = ["u16", "u32", "u64"]
         .into_iter()
         .find(|kind| message == format!("invalid {kind}"))

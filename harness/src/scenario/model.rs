@@ -1069,7 +1069,11 @@ impl JsonSchema for Assertion {
             "additionalProperties": false
         });
         let variants = vec![
-            single_key_schema("granted", "The app, access or activation was granted.", name),
+            single_key_schema(
+                "granted",
+                "The app, access or activation was granted.",
+                name,
+            ),
             denied,
             single_key_schema(
                 "in-use",

@@ -145,12 +145,22 @@ impl<'a> Checker<'a> {
 
     fn declarations(&mut self, scenario: &Scenario) {
         if scenario.name.value.trim().is_empty() {
-            self.report(scenario.name.at, "The scenario name is empty", "empty", None);
+            self.report(
+                scenario.name.at,
+                "The scenario name is empty",
+                "empty",
+                None,
+            );
         }
         let mut tags = HashSet::new();
         for tag in &scenario.tags {
             if !tags.insert(tag.value.as_str()) {
-                self.report(tag.at, format!("tag `{tag}` is listed twice"), "repeated", None);
+                self.report(
+                    tag.at,
+                    format!("tag `{tag}` is listed twice"),
+                    "repeated",
+                    None,
+                );
             }
         }
         self.declare_products(scenario);
@@ -159,7 +169,12 @@ impl<'a> Checker<'a> {
         let mut guards = HashSet::new();
         for guard in &scenario.guards {
             if !guards.insert(guard.value) {
-                self.report(guard.at, "defence listed twice in `guards`", "repeated", None);
+                self.report(
+                    guard.at,
+                    "defence listed twice in `guards`",
+                    "repeated",
+                    None,
+                );
             }
         }
     }
@@ -258,7 +273,11 @@ impl<'a> Checker<'a> {
             self.declare_machine(&host.name, Kind::Host, host.role, None);
             self.check_macs(&host.identity.macs, &mut macs);
         }
-        let hosts: Vec<String> = scenario.hosts.iter().map(|h| h.name.value.clone()).collect();
+        let hosts: Vec<String> = scenario
+            .hosts
+            .iter()
+            .map(|h| h.name.value.clone())
+            .collect();
         for guest in &scenario.guests {
             self.check_macs(&guest.identity.macs, &mut macs);
             if !hosts.contains(&guest.host.value) {
@@ -570,7 +589,10 @@ impl<'a> Checker<'a> {
         if !session.open {
             self.report(
                 name.at,
-                format!("session `{name}` is closed at this step: {}", session.end_note),
+                format!(
+                    "session `{name}` is closed at this step: {}",
+                    session.end_note
+                ),
                 "closed",
                 None,
             );
@@ -694,11 +716,9 @@ impl<'a> Checker<'a> {
             Step::Boot(name) => {
                 if let Some(machine) = self.guest(name, "boot") {
                     match machine.power {
-                        Power::Off => self.set_power(
-                            name,
-                            Power::Running,
-                            format!("booted at line {line}"),
-                        ),
+                        Power::Off => {
+                            self.set_power(name, Power::Running, format!("booted at line {line}"))
+                        }
                         Power::Running => self.report(
                             name.at,
                             format!("`{name}` is already running: {}", machine.power_note),
@@ -831,8 +851,7 @@ impl<'a> Checker<'a> {
                             "same host",
                             Some("use `move` to re-register a guest on its own host".into()),
                         );
-                    } else if host_ok
-                        && let Some(m) = self.machines.get_mut(&migrate.machine.value)
+                    } else if host_ok && let Some(m) = self.machines.get_mut(&migrate.machine.value)
                     {
                         m.host = Some(migrate.host.value.clone());
                     }
@@ -966,7 +985,13 @@ impl<'a> Checker<'a> {
                 if let Some(name) = &access.name
                     && self.fresh_name(name, "access")
                 {
-                    self.add_app(name, AppKind::Access, &access.machine, &access.session, line);
+                    self.add_app(
+                        name,
+                        AppKind::Access,
+                        &access.machine,
+                        &access.session,
+                        line,
+                    );
                 }
             }
             Step::StartApp(start) => {
@@ -976,7 +1001,13 @@ impl<'a> Checker<'a> {
                     self.session(session, &start.machine.value);
                 }
                 if self.fresh_name(&start.name, "app") {
-                    self.add_app(&start.name, AppKind::App, &start.machine, &start.session, line);
+                    self.add_app(
+                        &start.name,
+                        AppKind::App,
+                        &start.machine,
+                        &start.session,
+                        line,
+                    );
                 }
             }
             Step::Release(name) | Step::Kill(name) => {
@@ -1041,7 +1072,12 @@ impl<'a> Checker<'a> {
                     self.report(step.at, "`port: 0` is not a port", "port", None);
                 }
                 if start.keepalive.is_some_and(|k| k.is_zero()) {
-                    self.report(step.at, "`keepalive: 0s` would drop every station", "keepalive", None);
+                    self.report(
+                        step.at,
+                        "`keepalive: 0s` would drop every station",
+                        "keepalive",
+                        None,
+                    );
                 }
             }
             Step::ServerStop(name) => {
@@ -1052,7 +1088,9 @@ impl<'a> Checker<'a> {
                         let running = listing(&self.servers);
                         self.report(
                             name.at,
-                            format!("`{name}` runs no server at this step; servers running: {running}"),
+                            format!(
+                                "`{name}` runs no server at this step; servers running: {running}"
+                            ),
                             "no server",
                             None,
                         );
@@ -1170,7 +1208,12 @@ impl<'a> Checker<'a> {
         for target in &targets {
             all_running &= self.running(target).is_some();
             if !seen.insert(target.value.as_str()) {
-                self.report(target.at, format!("`{target}` is listed twice"), "repeated", None);
+                self.report(
+                    target.at,
+                    format!("`{target}` is listed twice"),
+                    "repeated",
+                    None,
+                );
             }
         }
         if let Some(attachment) = attachment {
