@@ -601,19 +601,14 @@ impl Runtime {
         }
         let runtime = Arc::clone(self);
         tokio::spawn(async move {
-            match ProcessWatch::open(pid) {
-                Ok(watch) => {
-                    // The pid may have been reused since the grant: compare start times.
-                    let same = process_session_and_start(pid)
-                        .map(|(_, s)| s == start)
-                        .unwrap_or(false);
-                    if same {
-                        if let Err(e) = watch.exited().await {
-                            tracing::warn!(pid, error = %e, "Lost the watch on a holder");
-                        }
-                    }
+            if let Ok(watch) = ProcessWatch::open(pid) {
+                // The pid may have been reused since the grant: compare start times.
+                let same = process_session_and_start(pid)
+                    .map(|(_, s)| s == start)
+                    .unwrap_or(false);
+                if same && let Err(e) = watch.exited().await {
+                    tracing::warn!(pid, error = %e, "Lost the watch on a holder");
                 }
-                Err(_) => {}
             }
             runtime.release_holder(pid, start).await;
         });
@@ -674,10 +669,10 @@ impl Runtime {
             }
             for claim in claims {
                 if let Some(handle) = held.get(&claim.client_handle) {
-                    if let Some(record) = state.grants.get_mut(handle) {
-                        if let Holder::Remote { peer: p, .. } = &mut record.holder {
-                            *p = peer.to_owned();
-                        }
+                    if let Some(record) = state.grants.get_mut(handle)
+                        && let Holder::Remote { peer: p, .. } = &mut record.holder
+                    {
+                        *p = peer.to_owned();
                     }
                     restored.push((claim.client_handle, *handle));
                     continue;

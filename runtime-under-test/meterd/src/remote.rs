@@ -170,10 +170,10 @@ impl Remotes {
                         container,
                     });
                 }
-                Some(FromServer::Denied { reason, .. }) => {
-                    if denial == Reason::ServerUnreachable || denial == Reason::UnknownProduct {
-                        denial = reason;
-                    }
+                Some(FromServer::Denied { reason, .. })
+                    if denial == Reason::ServerUnreachable || denial == Reason::UnknownProduct =>
+                {
+                    denial = reason;
                 }
                 _ => {}
             }

@@ -1,0 +1,437 @@
+//! Benchmark of the network server and the local daemon: throughput, latency, crash release, memory.
+//!
+//! Run: `cargo run --release -p meterd --example server-bench` (writes reports/bench/server.json).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meter_core::allocation::ProductKey;
+use meter_core::licence::{LicenceBody, VendorKey};
+use meter_core::policy::ProductPolicy;
+use meter_core::station::{MachineRole, StationId};
+use meterd::client::LocalClient;
+use meterd::protocol::{Claim, FromServer, LocalReply, LocalRequest, ToServer, WireSession};
+use serde_json::json;
+
+const SECONDS_PER_LEVEL: f64 = 3.0;
+const LEVELS: [usize; 3] = [1, 16, 64];
+const HELD: usize = 10_000;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("__meterd") => {
+            let mut daemon_args: Vec<std::ffi::OsString> = vec!["meterd".into()];
+            daemon_args.extend(args[2..].iter().map(Into::into));
+            return meterd::cli::run_daemon(daemon_args);
+        }
+        Some("__hold") => return hold(&args[2], args[3].parse()?),
+        _ => {}
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench())
+}
+
+/// A holder process: takes a licence, says so on stdout, then sleeps until killed.
+fn hold(socket: &str, product: u32) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = LocalClient::connect(Path::new(socket)).await?;
+        let reply = client
+            .request(&LocalRequest::Access {
+                firm: Some(10),
+                product,
+            })
+            .await?;
+        println!("{}", matches!(reply, LocalReply::Granted { .. }));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(())
+    })
+}
+
+struct Machine {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Machine {
+    fn start(dir: PathBuf, name: &str, address: &str, extra: &[String]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir.join("platform"))?;
+        std::fs::write(
+            dir.join("platform/machine.json"),
+            json!({"kind": "physical", "role": "workstation", "name": name, "address": address, "traits": {}}).to_string(),
+        )?;
+        let ready = dir.join("state/meterd.ready");
+        let child = Command::new(std::env::current_exe()?)
+            .arg("__meterd")
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--platform")
+            .arg(format!("sim:{}", dir.join("platform").display()))
+            .args(extra)
+            .env("METER_LOG", "warn")
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let started = Instant::now();
+        while !ready.exists() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "meterd not ready"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Machine { dir, child })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("state/meterd.sock")
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn request(socket: &Path, request: LocalRequest) -> anyhow::Result<LocalReply> {
+    Ok(LocalClient::connect(socket)
+        .await?
+        .request(&request)
+        .await?)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+fn summary(clients: usize, elapsed: Duration, mut latencies: Vec<Duration>) -> serde_json::Value {
+    latencies.sort();
+    let pairs = latencies.len();
+    json!({
+        "clients": clients,
+        "pairs": pairs,
+        "seconds": elapsed.as_secs_f64(),
+        "pairs_per_second": pairs as f64 / elapsed.as_secs_f64(),
+        "p50_ms": percentile(&latencies, 0.5),
+        "p99_ms": percentile(&latencies, 0.99),
+    })
+}
+
+fn claim(client_handle: u64, code: u32, machine: &str) -> Claim {
+    Claim {
+        client_handle,
+        product: ProductKey { firm: 10, code },
+        station: StationId {
+            machine: machine.to_owned(),
+            session: None,
+        },
+        session: WireSession::Console,
+        role: MachineRole::Workstation,
+        guest: false,
+    }
+}
+
+type Link = tokio_util::codec::Framed<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    tokio_util::codec::LengthDelimitedCodec,
+>;
+
+async fn link(addr: &str, pin: [u8; 32], runtime: &str) -> anyhow::Result<Link> {
+    let stream = meterd::remote::connect(addr, pin, None).await?;
+    let mut framed = meterd::frame::framed(stream);
+    meterd::frame::send(
+        &mut framed,
+        &ToServer::Hello {
+            runtime: runtime.to_owned(),
+            machine: runtime.to_owned(),
+            claims: vec![],
+        },
+    )
+    .await?;
+    let _welcome: FromServer = meterd::frame::recv(&mut framed).await?;
+    Ok(framed)
+}
+
+async fn server_protocol_level(
+    addr: &str,
+    pin: [u8; 32],
+    clients: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs_f64(SECONDS_PER_LEVEL);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let addr = addr.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let runtime = format!("bench-{clients}-{c}");
+            let mut framed = link(&addr, pin, &runtime).await?;
+            let mut latencies = Vec::new();
+            let mut request = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                request += 1;
+                meterd::frame::send(
+                    &mut framed,
+                    &ToServer::Access {
+                        request,
+                        claim: claim(request, 1, &runtime),
+                    },
+                )
+                .await?;
+                let handle = match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
+                    FromServer::Granted { handle, .. } => handle,
+                    other => anyhow::bail!("Not granted: {other:?}"),
+                };
+                request += 1;
+                meterd::frame::send(&mut framed, &ToServer::Release { request, handle }).await?;
+                let _released: FromServer = meterd::frame::recv(&mut framed).await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(summary(clients, started.elapsed(), all))
+}
+
+async fn end_to_end_level(socket: &Path, clients: usize) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs_f64(SECONDS_PER_LEVEL);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let socket = socket.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = LocalClient::connect(&socket).await?;
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let handle = match client
+                    .request(&LocalRequest::Access {
+                        firm: Some(10),
+                        product: 1,
+                    })
+                    .await?
+                {
+                    LocalReply::Granted { handle, .. } => handle,
+                    other => anyhow::bail!("Not granted: {other:?}"),
+                };
+                client.request(&LocalRequest::Release { handle }).await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(summary(clients, started.elapsed(), all))
+}
+
+async fn kill_release_delays(machine: &Machine, rounds: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut delays = Vec::new();
+    for _ in 0..rounds {
+        let mut holder = Command::new(std::env::current_exe()?)
+            .args(["__hold", machine.socket().to_str().unwrap(), "2"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )?;
+        anyhow::ensure!(line.trim() == "true", "holder not granted");
+        let mut probe = LocalClient::connect(&machine.socket()).await?;
+        let killed = Instant::now();
+        holder.kill()?;
+        loop {
+            match probe
+                .request(&LocalRequest::Access {
+                    firm: Some(10),
+                    product: 2,
+                })
+                .await?
+            {
+                LocalReply::Granted { handle, .. } => {
+                    delays.push(killed.elapsed());
+                    probe.request(&LocalRequest::Release { handle }).await?;
+                    break;
+                }
+                _ => anyhow::ensure!(killed.elapsed() < Duration::from_secs(5), "never released"),
+            }
+        }
+        holder.wait()?;
+    }
+    delays.sort();
+    Ok(delays)
+}
+
+async fn bench() -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let mut entropy = [[0u8; 32]; 3];
+    for e in &mut entropy {
+        getrandom::fill(e).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let key = VendorKey::from_seeds(entropy[0], entropy[1]);
+    let policy = ProductPolicy::from_yaml(
+        "firm: 10\nfirm-name: bench\nproducts:\n  - { code: 1, name: pairs, quantity: 100000, counting: user-limit }\n  - { code: 2, name: crash, quantity: 1, counting: user-limit }\n  - { code: 3, name: held, quantity: 20000, counting: user-limit }\n",
+    )?;
+    let licence = key.sign_licence(LicenceBody::unbound(&policy, 0, entropy[2]));
+    let public = serde_json::to_vec(&key.public())?;
+
+    let server = Machine::start(
+        work.path().join("server"),
+        "server",
+        "127.0.0.1",
+        &["--server".into(), "--listen".into(), "127.0.0.1:0".into()],
+    )?;
+    request(
+        &server.socket(),
+        LocalRequest::Trust {
+            firm: 10,
+            key: public,
+        },
+    )
+    .await?;
+    match request(
+        &server.socket(),
+        LocalRequest::InstallLicence {
+            source_name: "bench".into(),
+            bytes: licence.to_json().into_bytes(),
+        },
+    )
+    .await?
+    {
+        LocalReply::Json(_) => {}
+        other => anyhow::bail!("Licence not installed: {other:?}"),
+    }
+    let status: serde_json::Value = match request(&server.socket(), LocalRequest::Status).await? {
+        LocalReply::Json(text) => serde_json::from_str(&text)?,
+        other => anyhow::bail!("{other:?}"),
+    };
+    let addr = status["server"]["listen"]
+        .as_str()
+        .context("no listen")?
+        .to_owned();
+    let pin_hex = status["server"]["cert_sha256"]
+        .as_str()
+        .context("no pin")?
+        .to_owned();
+    let pin = meterd::tls::parse_pin(&pin_hex)?;
+
+    let mut server_protocol = Vec::new();
+    for clients in LEVELS {
+        let result = server_protocol_level(&addr, pin, clients).await?;
+        eprintln!("server protocol: {result}");
+        server_protocol.push(result);
+    }
+
+    let client = Machine::start(
+        work.path().join("client"),
+        "client",
+        "127.0.3.1",
+        &[
+            "--remote".into(),
+            addr.clone(),
+            "--pin".into(),
+            pin_hex.clone(),
+        ],
+    )?;
+    // Wait for the link.
+    let linked = Instant::now();
+    loop {
+        if let LocalReply::Json(text) = request(&client.socket(), LocalRequest::Status).await? {
+            let s: serde_json::Value = serde_json::from_str(&text)?;
+            if s["containers"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["state"] == "valid"))
+            {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            linked.elapsed() < Duration::from_secs(10),
+            "client never linked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut end_to_end = Vec::new();
+    for clients in LEVELS {
+        let result = end_to_end_level(&client.socket(), clients).await?;
+        eprintln!("end to end: {result}");
+        end_to_end.push(result);
+    }
+
+    let local_delays = kill_release_delays(&server, 20).await?;
+    let remote_delays = kill_release_delays(&client, 20).await?;
+    eprintln!(
+        "kill -9 release: local p50 {:?} max {:?}; via server p50 {:?} max {:?}",
+        local_delays[10], local_delays[19], remote_delays[10], remote_delays[19]
+    );
+
+    // Memory for held licences: one client runtime holds HELD grants on the server.
+    let before = server.rss_kib();
+    let mut framed = link(&addr, pin, "bench-held").await?;
+    for i in 0..HELD as u64 {
+        meterd::frame::send(
+            &mut framed,
+            &ToServer::Access {
+                request: i,
+                claim: claim(i, 3, "held"),
+            },
+        )
+        .await?;
+        match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
+            FromServer::Granted { .. } => {}
+            other => anyhow::bail!("Held access {i} not granted: {other:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = server.rss_kib();
+    let per_licence = (after.saturating_sub(before)) as f64 * 1024.0 / HELD as f64;
+    eprintln!("RSS {before} KiB -> {after} KiB for {HELD} held: {per_licence:.0} bytes each");
+    drop(framed);
+
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let report = json!({
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "server_protocol": server_protocol,
+        "end_to_end": end_to_end,
+        "release_after_kill_ms": {
+            "local": {"p50": ms(&local_delays[10]), "max": ms(&local_delays[19]), "rounds": local_delays.len()},
+            "via_server": {"p50": ms(&remote_delays[10]), "max": ms(&remote_delays[19]), "rounds": remote_delays.len()},
+        },
+        "held_licences": {"count": HELD, "rss_before_kib": before, "rss_after_kib": after, "bytes_per_licence": per_licence},
+        "targets": {"pairs_per_second_at_64": 20000, "p99_ms": 2.0, "release_after_kill_ms": 50, "bytes_per_licence": 1024},
+    });
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reports/bench/server.json");
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
