@@ -239,3 +239,9 @@ fn a_signed_licence_survives_a_round_trip_through_its_file() {
     assert_eq!(back.source, FILE);
     back.verify(&vendor().public()).unwrap();
 }
+
+/// Pins the on-disk format of an unbound licence file (signature included: Ed25519 is deterministic).
+#[test]
+fn the_unbound_licence_file_format() {
+    insta::assert_snapshot!(unbound_file());
+}
