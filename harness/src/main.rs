@@ -96,9 +96,18 @@ fn main() -> ExitCode {
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
     match argv0.as_str() {
-        "meterd" | "meter" => {
-            eprintln!("{argv0}: the runtime is not linked into this build yet");
-            return ExitCode::from(2);
+        "meterd" => {
+            return match meterd::cli::run_daemon(std::env::args_os().collect()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meterd: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        "meter" => {
+            let code = meterd::cli::run_meter(std::env::args_os().collect());
+            return ExitCode::from(u8::try_from(code).unwrap_or(2));
         }
         _ => {}
     }
