@@ -166,7 +166,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Commands::Validate { paths } => {
             let loaded = engine::load_scenarios(&paths)?;
             for scenario in &loaded {
-                println!("{}: valid ({} steps)", scenario.source, scenario.scenario.steps.len());
+                println!(
+                    "{}: valid ({} steps)",
+                    scenario.source,
+                    scenario.scenario.steps.len()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -181,7 +185,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for f in &report.findings {
-                    println!("{} {:<20} {}", if f.ok { "✓" } else { "✗" }, f.check, f.detail);
+                    println!(
+                        "{} {:<20} {}",
+                        if f.ok { "✓" } else { "✗" },
+                        f.check,
+                        f.detail
+                    );
                 }
                 println!("usable backends: {}", report.usable_backends.join(", "));
             }

@@ -221,6 +221,35 @@ pub enum UsbMode {
     Shared,
 }
 
+/// What every backend needs to set up a world.
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    /// Folder with the runtime's `meter` and `meterd`.
+    pub runtime_bin: PathBuf,
+    /// The harness executable (session leaders, agents).
+    pub harness_exe: PathBuf,
+    /// Scratch folder for machines (removed after the run unless kept).
+    pub work_dir: PathBuf,
+    /// Folder for logs (kept in the report).
+    pub log_dir: PathBuf,
+    /// Seed for identities and addresses.
+    pub seed: u64,
+}
+
+/// Creates a backend of the given kind for one world.
+pub fn create(kind: BackendKind, config: WorldConfig) -> Result<Box<dyn Backend>, BackendError> {
+    match kind {
+        BackendKind::Sim => Ok(Box::new(sim::SimBackend::new(config)?)),
+        other => Err(BackendError::Unsupported {
+            backend: other,
+            operation: "run scenarios",
+            why: format!(
+                "the {other} backend is not built yet; use --backend sim (see `vigil doctor`)"
+            ),
+        }),
+    }
+}
+
 /// A world runner. Every method names machines, sessions and apps by their scenario names.
 pub trait Backend {
     /// Which backend this is.
@@ -291,7 +320,8 @@ pub trait Backend {
     /// Kills an app with SIGKILL (a crash).
     fn kill_app(&mut self, app: &str) -> Result<(), BackendError>;
     /// Sets the virtual clock: the world offset from real time plus one machine's skew.
-    fn set_clock(&mut self, world_offset: i64, skews: &[(String, i64)]) -> Result<(), BackendError>;
+    fn set_clock(&mut self, world_offset: i64, skews: &[(String, i64)])
+    -> Result<(), BackendError>;
     /// Starts the machine's runtime as a network server.
     fn start_server(
         &mut self,
@@ -306,8 +336,12 @@ pub trait Backend {
     /// Restores every cut.
     fn heal(&mut self) -> Result<(), BackendError>;
     /// Writes a file onto a machine's disk; returns its path as the machine sees it.
-    fn put_file(&mut self, machine: &str, name: &str, contents: &[u8])
-    -> Result<String, BackendError>;
+    fn put_file(
+        &mut self,
+        machine: &str,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<String, BackendError>;
     /// Reads a file from a machine by the path the machine sees.
     fn get_file(&mut self, machine: &str, path: &str) -> Result<Vec<u8>, BackendError>;
     /// Copies logs into the report folder and stops everything.

@@ -250,8 +250,12 @@ impl World {
             let lines = world.backend.app_output(&app).map_err(|e| e.to_string())?;
             let revoked = lines.iter().find_map(|l| {
                 let v: Value = serde_json::from_str(l).ok()?;
-                (v.get("event")?.as_str()? == "revoked")
-                    .then(|| v.get("reason").and_then(Value::as_str).unwrap_or("").to_string())
+                (v.get("event")?.as_str()? == "revoked").then(|| {
+                    v.get("reason")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()
+                })
             });
             if let Some(reason) = revoked {
                 return Ok(if with_reason {
@@ -260,10 +264,12 @@ impl World {
                     "revoked".into()
                 });
             }
-            Ok(match world.backend.app_status(&app).map_err(|e| e.to_string())? {
-                AppStatus::Running => "running".into(),
-                AppStatus::Exited { .. } => "exited".into(),
-            })
+            Ok(
+                match world.backend.app_status(&app).map_err(|e| e.to_string())? {
+                    AppStatus::Running => "running".into(),
+                    AppStatus::Exited { .. } => "exited".into(),
+                },
+            )
         })
     }
 }

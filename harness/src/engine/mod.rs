@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::backend::sim::{SimBackend, SimConfig};
+use crate::backend::WorldConfig;
 use crate::backend::{BackendError, BackendKind};
 use crate::report::{self, Event, EventSink, Progress, Recorder, Verdict};
 use crate::scenario::{self, Scenario};
@@ -115,7 +115,9 @@ pub fn print_list(backend: Option<BackendKind>) -> anyhow::Result<()> {
         let tags: Vec<&str> = s.scenario.tags.iter().map(|t| t.value.as_str()).collect();
         let availability = match backend {
             None | Some(BackendKind::Sim) => String::new(),
-            Some(other) => format!("  [cannot run on {other}: the {other} backend is not built yet]"),
+            Some(other) => {
+                format!("  [cannot run on {other}: the {other} backend is not built yet]")
+            }
         };
         println!(
             "{:<28} [{}] {}{availability}",
@@ -151,12 +153,6 @@ pub fn run_scenarios(
     scenarios: Vec<LoadedScenario>,
     options: &RunOptions,
 ) -> anyhow::Result<RunOutcome> {
-    if options.backend != BackendKind::Sim {
-        anyhow::bail!(
-            "the {} backend is not built yet; use --backend sim (see `vigil doctor`)",
-            options.backend
-        );
-    }
     let run_id = report::new_run_id();
     let report_dir = options.report_root.join(&run_id);
     std::fs::create_dir_all(&report_dir)
@@ -192,7 +188,7 @@ pub fn run_scenarios(
             break;
         }
         let name = loaded.scenario.name.value.clone();
-        let config = SimConfig {
+        let config = WorldConfig {
             runtime_bin: runtime_bin.clone(),
             harness_exe: harness_exe.clone(),
             work_dir: scratch.join(format!("{n:02}-{name}")),
@@ -205,13 +201,20 @@ pub fn run_scenarios(
             source: loaded.source.clone(),
             steps: loaded.scenario.steps.len(),
         });
-        let result = SimBackend::new(config).map_err(|e| e.to_string()).and_then(|backend| {
-            let mut world = World::new(Box::new(backend), &loaded.scenario, &runtime_bin, &scratch.join(format!("{n:02}-{name}-vendor")))
+        let result = crate::backend::create(options.backend, config)
+            .map_err(|e| e.to_string())
+            .and_then(|backend| {
+                let mut world = World::new(
+                    backend,
+                    &loaded.scenario,
+                    &runtime_bin,
+                    &scratch.join(format!("{n:02}-{name}-vendor")),
+                )
                 .map_err(|e| e.to_string())?;
-            let tally = world.run(&loaded.scenario, options.fail_fast, &interrupted, &mut emit);
-            world.finish();
-            Ok(tally)
-        });
+                let tally = world.run(&loaded.scenario, options.fail_fast, &interrupted, &mut emit);
+                world.finish();
+                Ok(tally)
+            });
         let (verdict, assertions, failed, error) = match result {
             Ok(tally) => (tally.verdict, tally.assertions, tally.failed, tally.error),
             Err(e) => (Verdict::Error, 0, 0, Some(e)),

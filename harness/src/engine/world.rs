@@ -98,7 +98,11 @@ impl World {
             })?;
         }
         let vendor = VendorDesk::open(runtime_bin, vendor_dir)?;
-        let hosts: Vec<String> = scenario.hosts.iter().map(|h| h.name.value.clone()).collect();
+        let hosts: Vec<String> = scenario
+            .hosts
+            .iter()
+            .map(|h| h.name.value.clone())
+            .collect();
         let started_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -181,7 +185,9 @@ impl World {
                     elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
                 });
                 if fail_fast && verdict != Verdict::Pass {
-                    tally.error = Some(format!("stopped at the failed assertion of step {index} (--fail-fast)"));
+                    tally.error = Some(format!(
+                        "stopped at the failed assertion of step {index} (--fail-fast)"
+                    ));
                     break;
                 }
                 continue;
@@ -205,7 +211,11 @@ impl World {
                 tally.verdict = tally.verdict.worst(verdict);
                 tally.error = Some(format!(
                     "step {index} (line {line}) `{summary}` could not run: {}",
-                    message.unwrap_or_default().lines().next().unwrap_or_default()
+                    message
+                        .unwrap_or_default()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
                 ));
                 break;
             }
@@ -255,12 +265,14 @@ impl World {
             }
             Step::Migrate(m) => {
                 self.backend.migrate(&m.machine.value, &m.host.value)?;
-                self.guest_hosts.insert(m.machine.value.clone(), m.host.value.clone());
+                self.guest_hosts
+                    .insert(m.machine.value.clone(), m.host.value.clone());
                 Ok(())
             }
             Step::Move(m) => {
                 self.backend.move_guest(&m.machine.value, &m.host.value)?;
-                self.guest_hosts.insert(m.machine.value.clone(), m.host.value.clone());
+                self.guest_hosts
+                    .insert(m.machine.value.clone(), m.host.value.clone());
                 Ok(())
             }
             Step::ReplacePart(r) => match r.part {
@@ -303,10 +315,12 @@ impl World {
                         Ok(())
                     }
                     (None, AccessAnswer::Granted { .. }) => Ok(()),
-                    (None, AccessAnswer::Denied { reason, message }) => Err(BackendError::Runtime {
-                        machine: a.machine.value.clone(),
-                        message: format!("activation refused ({reason}): {message}"),
-                    }),
+                    (None, AccessAnswer::Denied { reason, message }) => {
+                        Err(BackendError::Runtime {
+                            machine: a.machine.value.clone(),
+                            message: format!("activation refused ({reason}): {message}"),
+                        })
+                    }
                 }
             }
             Step::CopyLicence(c) => self.copy_licence(&c.from.value, &c.to.value, c.product.value),
@@ -369,7 +383,10 @@ impl World {
             }
             Step::Heal(_) => self.backend.heal(),
             Step::ServerStart(s) => {
-                let keepalive = s.keepalive.map(|d| d.as_std()).unwrap_or(Duration::from_secs(10));
+                let keepalive = s
+                    .keepalive
+                    .map(|d| d.as_std())
+                    .unwrap_or(Duration::from_secs(10));
                 self.keepalive = self.keepalive.max(keepalive);
                 self.backend
                     .start_server(&s.machine.value, s.port.unwrap_or(22350), keepalive)?;
@@ -493,10 +510,11 @@ impl World {
                     .to_string(),
             });
         }
-        let licence = std::fs::read(&vendor_answer).map_err(BackendError::io("read the licence"))?;
-        let inside = self
-            .backend
-            .put_file(machine, &format!("licence-{product}.json"), &licence)?;
+        let licence =
+            std::fs::read(&vendor_answer).map_err(BackendError::io("read the licence"))?;
+        let inside =
+            self.backend
+                .put_file(machine, &format!("licence-{product}.json"), &licence)?;
         let (code, value) = runtime::meter_json(
             self.backend.as_mut(),
             machine,
@@ -550,7 +568,9 @@ impl World {
             if let Some(answer) = lines.iter().find_map(|l| AccessAnswer::from_json(l)) {
                 break answer;
             }
-            if let crate::backend::AppStatus::Exited { code, signal } = self.backend.app_status(app)? {
+            if let crate::backend::AppStatus::Exited { code, signal } =
+                self.backend.app_status(app)?
+            {
                 // Give the output file a last look: the app may have written and exited at once.
                 let lines = self.backend.app_output(app)?;
                 if let Some(answer) = lines.iter().find_map(|l| AccessAnswer::from_json(l)) {
@@ -606,7 +626,10 @@ fn compact(value: &serde_json::Value) -> String {
             format!("{{{}}}", parts.join(", "))
         }
         serde_json::Value::Array(items) => {
-            format!("[{}]", items.iter().map(compact).collect::<Vec<_>>().join(", "))
+            format!(
+                "[{}]",
+                items.iter().map(compact).collect::<Vec<_>>().join(", ")
+            )
         }
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),

@@ -27,19 +27,7 @@ use super::{
 use crate::identity::IdentityMint;
 
 /// Where the sim backend finds its programs and puts its files.
-#[derive(Debug, Clone)]
-pub struct SimConfig {
-    /// Folder with the runtime's `meter` and `meterd`.
-    pub runtime_bin: PathBuf,
-    /// The harness executable (runs session leaders).
-    pub harness_exe: PathBuf,
-    /// Scratch folder for machines (removed by the caller).
-    pub work_dir: PathBuf,
-    /// Folder for logs (kept in the report).
-    pub log_dir: PathBuf,
-    /// Seed for identities and addresses.
-    pub seed: u64,
-}
+pub type SimConfig = super::WorldConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Power {
@@ -121,10 +109,8 @@ impl SimBackend {
     /// Creates an empty world.
     pub fn new(config: SimConfig) -> Result<SimBackend, BackendError> {
         for dir in [&config.work_dir, &config.log_dir] {
-            std::fs::create_dir_all(dir).map_err(BackendError::io(format!(
-                "create {}",
-                dir.display()
-            )))?;
+            std::fs::create_dir_all(dir)
+                .map_err(BackendError::io(format!("create {}", dir.display())))?;
         }
         let mint = IdentityMint::new(config.seed);
         let address_block = (config.seed % 250) as u8 + 2;
@@ -145,14 +131,21 @@ impl SimBackend {
     fn allocate_address(&mut self) -> Ipv4Addr {
         let n = self.next_address;
         self.next_address += 1;
-        Ipv4Addr::new(127, self.address_block, (n / 250) as u8, (n % 250) as u8 + 2)
+        Ipv4Addr::new(
+            127,
+            self.address_block,
+            (n / 250) as u8,
+            (n % 250) as u8 + 2,
+        )
     }
 
     fn machine(&self, name: &str) -> Result<&Machine, BackendError> {
-        self.machines.get(name).ok_or_else(|| BackendError::Unknown {
-            kind: "machine",
-            name: name.to_string(),
-        })
+        self.machines
+            .get(name)
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "machine",
+                name: name.to_string(),
+            })
     }
 
     fn machine_mut(&mut self, name: &str) -> Result<&mut Machine, BackendError> {
@@ -283,7 +276,9 @@ impl SimBackend {
                     user,
                     client_name,
                     client_ip,
-                } => json!({"kind": "rdp", "user": user, "client_name": client_name, "client_ip": client_ip}),
+                } => {
+                    json!({"kind": "rdp", "user": user, "client_name": client_name, "client_ip": client_ip})
+                }
             };
             table.insert(sid.to_string(), entry);
         }
@@ -345,7 +340,10 @@ impl SimBackend {
         }
         command
             .args(&remote_args)
-            .env("RUST_LOG", std::env::var("VIGIL_RUNTIME_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("VIGIL_RUNTIME_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -505,7 +503,13 @@ impl SimBackend {
             if power == Power::Running {
                 self.run_meter_checked(
                     &client,
-                    &["servers".into(), "add".into(), local, "--pin".into(), info.pin.clone()],
+                    &[
+                        "servers".into(),
+                        "add".into(),
+                        local,
+                        "--pin".into(),
+                        info.pin.clone(),
+                    ],
                 )?;
             }
         }
@@ -874,7 +878,11 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn set_clock(&mut self, world_offset: i64, skews: &[(String, i64)]) -> Result<(), BackendError> {
+    fn set_clock(
+        &mut self,
+        world_offset: i64,
+        skews: &[(String, i64)],
+    ) -> Result<(), BackendError> {
         self.world_offset_ms = world_offset;
         for (machine, skew) in skews {
             self.machine_mut(machine)?.skew_ms = *skew;

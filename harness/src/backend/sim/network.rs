@@ -36,9 +36,11 @@ impl Relay {
         source_ip: Ipv4Addr,
         target: SocketAddr,
     ) -> Result<Relay, BackendError> {
-        let listener =
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(BackendError::io("bind a relay"))?;
-        let local = listener.local_addr().map_err(BackendError::io("relay address"))?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(BackendError::io("bind a relay"))?;
+        let local = listener
+            .local_addr()
+            .map_err(BackendError::io("relay address"))?;
         let cut = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
@@ -110,7 +112,10 @@ fn connect_from(source_ip: Ipv4Addr, target: SocketAddr) -> std::io::Result<TcpS
 
 fn hold_silently(inbound: TcpStream, connections: &Mutex<Vec<TcpStream>>) {
     if let Ok(clone) = inbound.try_clone() {
-        connections.lock().unwrap_or_else(|e| e.into_inner()).push(clone);
+        connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(clone);
     }
     std::thread::spawn(move || {
         let mut sink = inbound;

@@ -52,9 +52,10 @@ impl LeaderHandle {
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .map_err(BackendError::io(format!("start session leader {}", exe.display())))?;
+        let mut child = command.spawn().map_err(BackendError::io(format!(
+            "start session leader {}",
+            exe.display()
+        )))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stdin = child.stdin.take();
         let (tx, rx) = channel();
