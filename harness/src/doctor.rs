@@ -148,7 +148,10 @@ fn kvm_usable() -> (bool, String) {
     // SAFETY: ioctls on a KVM fd with integer arguments.
     let api = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if api != 12 {
-        return (false, format!("/dev/kvm answers API version {api}: QEMU will use TCG"));
+        return (
+            false,
+            format!("/dev/kvm answers API version {api}: QEMU will use TCG"),
+        );
     }
     // SAFETY: as above.
     let vm = unsafe { libc::ioctl(file.as_raw_fd(), KVM_CREATE_VM, 0) };

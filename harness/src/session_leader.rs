@@ -93,8 +93,17 @@ pub fn run() -> anyhow::Result<()> {
         };
         match spawn(&request) {
             Ok(pid) => {
-                children.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, ());
-                emit(&out, &LeaderEvent::Spawned { id: request.id, pid });
+                children
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(pid, ());
+                emit(
+                    &out,
+                    &LeaderEvent::Spawned {
+                        id: request.id,
+                        pid,
+                    },
+                );
             }
             Err(e) => emit(
                 &out,

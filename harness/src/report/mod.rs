@@ -136,7 +136,9 @@ impl EventSink for Progress {
     fn event(&mut self, event: &Event) {
         let mut err = std::io::stderr().lock();
         let _ = match event {
-            Event::RunStarted { run_id, backend, .. } => {
+            Event::RunStarted {
+                run_id, backend, ..
+            } => {
                 writeln!(err, "vigil: run {run_id} on the {backend} backend")
             }
             Event::ScenarioStarted {

@@ -7,11 +7,17 @@ use super::{Event, Verdict, scenario_results};
 /// Renders the Markdown summary of a run.
 pub fn summary_markdown(run_id: &str, events: &[Event]) -> String {
     let results = scenario_results(events);
-    let passed = results.iter().filter(|r| r.verdict == Verdict::Pass).count();
+    let passed = results
+        .iter()
+        .filter(|r| r.verdict == Verdict::Pass)
+        .count();
     let mut out = String::new();
     let _ = writeln!(out, "# Vigil run {run_id}\n");
     let _ = writeln!(out, "{passed} of {} scenarios passed.\n", results.len());
-    let _ = writeln!(out, "| scenario | verdict | assertions | failed | duration |");
+    let _ = writeln!(
+        out,
+        "| scenario | verdict | assertions | failed | duration |"
+    );
     let _ = writeln!(out, "|---|---|---:|---:|---:|");
     for r in &results {
         let _ = writeln!(
