@@ -25,8 +25,12 @@ fmt:
 deps:
 	./scripts/install-deps.sh
 
+## Benchmarks; every result is JSON in reports/bench/.
 bench:
 	mkdir -p reports/bench
+	$(CARGO) run --release -q -p meter-core --example binding-bench
+	$(CARGO) run --release -q -p dongle --example dongle-bench
+	$(CARGO) run --release -q -p meterd --example server-bench
 	$(CARGO) run --release -q -- bench --out reports/bench
 
 clean-reports:

@@ -6,6 +6,7 @@
 //! the runtime under test through its contract) → [`report`] (JSON, JUnit, Markdown).
 
 pub mod backend;
+pub mod bench;
 pub mod doctor;
 pub mod engine;
 pub mod identity;

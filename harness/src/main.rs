@@ -84,6 +84,18 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the harness: the built-in suite and a large generated station-share scenario.
+    Bench {
+        /// Folder for the JSON results.
+        #[arg(long, default_value = "reports/bench")]
+        out: PathBuf,
+        /// Guests in the generated scenario.
+        #[arg(long, default_value_t = 100)]
+        guests: usize,
+        /// RDP sessions per guest in the generated scenario.
+        #[arg(long, default_value_t = 10)]
+        sessions: usize,
+    },
     /// Internal: a login-session leader for the sim backend.
     #[command(hide = true)]
     SessionLeader,
@@ -194,6 +206,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 println!("usable backends: {}", report.usable_backends.join(", "));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Bench {
+            out,
+            guests,
+            sessions,
+        } => {
+            vigil::bench::run(&out, guests, sessions)?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::SessionLeader => {
