@@ -1407,3 +1407,62 @@ impl<'a> Checker<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    const WORLD: &str = "name: t
+policy:
+  products:
+    - { code: 1, name: p, container: soft, quantity: 1, counting: user-limit }
+hosts:
+  - { name: h1, cpu: { vendor: V, model: M } }
+  - { name: h2, cpu: { vendor: V, model: M } }
+  - { name: ts, role: terminal-server, cpu: { vendor: V, model: M } }
+guests:
+  - { name: vm1, host: h1 }
+steps:
+";
+
+    fn first_problem(steps: &str) -> Option<String> {
+        let text = format!("{WORLD}{steps}");
+        match super::super::parse_str(&text, "t.yaml") {
+            Ok(_) => None,
+            Err(error) => Some(error.problems()[0].message.clone()),
+        }
+    }
+
+    #[rstest]
+    #[case::snapshot_of_a_stopped_guest_reverts_to_stopped(
+        "  - snapshot: { machine: vm1, name: off }\n  - boot: vm1\n  - revert: { machine: vm1, snapshot: off }\n  - access: { machine: vm1, product: 1 }\n",
+        Some("machine `vm1` is not running at this step: reverted at line 14")
+    )]
+    #[case::snapshot_of_a_running_guest_reverts_to_running(
+        "  - boot: vm1\n  - snapshot: { machine: vm1, name: on }\n  - shutdown: vm1\n  - revert: { machine: vm1, snapshot: on }\n  - access: { machine: vm1, product: 1 }\n",
+        None
+    )]
+    #[case::migration_changes_the_host(
+        "  - boot: vm1\n  - migrate: { machine: vm1, host: h2 }\n  - migrate: { machine: vm1, host: h2 }\n",
+        Some("`vm1` already runs on `h2`")
+    )]
+    #[case::closing_a_session_ends_its_apps(
+        "  - session-open: { machine: ts, as: s1, user: u }\n  - start-app: { machine: ts, session: s1, product: 1, as: a }\n  - session-close: s1\n  - kill: a\n",
+        Some("app `a` is no longer running: session `s1` was closed at line 14")
+    )]
+    #[case::terminal_servers_hold_many_sessions(
+        "  - session-open: { machine: ts, as: s1, user: u }\n  - session-open: { machine: ts, as: s2, user: v }\n",
+        None
+    )]
+    #[case::hosts_are_always_up(
+        "  - boot: h1\n",
+        Some("`h1` is a host; `boot` applies to guests: vm1")
+    )]
+    #[case::names_are_never_reused(
+        "  - session-open: { machine: ts, as: x, user: u }\n  - access: { machine: ts, product: 1, as: x }\n",
+        Some("the name `x` is already used at line 12; give this access its own name")
+    )]
+    fn tracks_state_through_the_steps(#[case] steps: &str, #[case] expected: Option<&str>) {
+        assert_eq!(first_problem(steps).as_deref(), expected);
+    }
+}
