@@ -178,6 +178,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = dir.join("dongle.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
     println!("{}", serde_json::to_string_pretty(&report)?);
-    println!("written to {}", path.display());
+    println!("written to {}", path.canonicalize()?.display());
     Ok(())
 }

@@ -150,7 +150,7 @@ impl Firmware {
                 .flash
                 .rebinds
                 .iter()
-                .filter(|at| oscillator - **at < window)
+                .filter(|at| oscillator.saturating_sub(**at) < window)
                 .count(),
             open_accesses,
         }
