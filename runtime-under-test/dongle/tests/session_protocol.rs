@@ -768,3 +768,63 @@ fn one_request_outstanding_at_a_time() {
         Err(SessionError::RequestOutstanding)
     ));
 }
+
+/// Shared USB as the simulator wires it: one connection (port) per host, reports of the two
+/// hosts interleaved at the device. Each port reassembles its own frames; the second host's
+/// hello lands while the first is active, so both are locked out.
+#[test]
+fn interleaved_reports_from_two_hosts_reassemble_per_port() {
+    let mut rig = Rig::new();
+    let mut first = rig.connect("vm1").unwrap();
+    let long_id = runtime(&"a-long-runtime-id-".repeat(3));
+    let request = first
+        .request(&Request::WitnessGet {
+            runtime: long_id.clone(),
+        })
+        .unwrap();
+    let (mut second, hello) = Session::start(long_id, [0x77; 32], trusted());
+    let (request_reports, hello_reports) = (
+        encode_reports(&request).unwrap(),
+        encode_reports(&hello).unwrap(),
+    );
+    assert!(request_reports.len() > 1 && hello_reports.len() > 1);
+    let (mut port_a, mut port_b) = (DevicePort::new(), DevicePort::new());
+    let (mut back_a, mut back_b) = (Vec::new(), Vec::new());
+    for index in 0..request_reports.len().max(hello_reports.len()) {
+        if let Some(report) = hello_reports.get(index) {
+            back_b.extend(port_b.receive_report(&mut rig.firmware, report, rig.now));
+        }
+        if let Some(report) = request_reports.get(index) {
+            back_a.extend(port_a.receive_report(&mut rig.firmware, report, rig.now));
+        }
+    }
+    let reassemble = |reports: Vec<dongle::Report>| {
+        let mut assembler = ReportAssembler::new();
+        reports
+            .iter()
+            .find_map(|report| assembler.push(report).unwrap())
+            .unwrap()
+    };
+    let hello_error = second.accept(&reassemble(back_b)).unwrap_err();
+    assert!(
+        matches!(
+            hello_error,
+            SessionError::Locked {
+                reason: LockoutReason::Shared,
+                ..
+            }
+        ),
+        "{hello_error:?}"
+    );
+    let request_error = first.receive(&reassemble(back_a)).unwrap_err();
+    assert!(
+        matches!(
+            request_error,
+            SessionError::Locked {
+                reason: LockoutReason::Shared,
+                ..
+            }
+        ),
+        "{request_error:?}"
+    );
+}
