@@ -29,8 +29,9 @@ pub use certificate::{CertificateError, DeviceCertificate};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use firmware::{ACTIVE_SESSIONS_KEPT, DevicePort, DongleStatus, Firmware};
 pub use flash::{
-    Binding, DongleClock, DonglePolicy, Flash, InvalidRuntimeId, ItemCounting, Lockout,
-    LockoutReason, MAX_ITEMS, ProductItem, ProgramError, RuntimeId, Serial, WitnessHead,
+    Binding, DongleClock, DonglePolicy, FLASH_FORMAT, Flash, InvalidRuntimeId, ItemCounting,
+    Lockout, LockoutReason, MAX_ITEM_NAME, MAX_ITEMS, MAX_RUNTIME_ID, ProductItem, ProgramError,
+    RuntimeId, Serial, WitnessHead,
 };
 pub use host::{DongleIdentity, Session, SessionError};
 pub use protocol::{Denial, Request, Response};
