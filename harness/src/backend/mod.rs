@@ -333,8 +333,8 @@ pub trait Backend {
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Cuts the network between two groups of machines.
     fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError>;
-    /// Restores every cut.
-    fn heal(&mut self) -> Result<(), BackendError>;
+    /// Restores the cuts touching these machines (all cuts when empty).
+    fn heal(&mut self, machines: &[String]) -> Result<(), BackendError>;
     /// Writes a file onto a machine's disk; returns its path as the machine sees it.
     fn put_file(
         &mut self,

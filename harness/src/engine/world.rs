@@ -381,7 +381,10 @@ impl World {
                 }
                 Ok(())
             }
-            Step::Heal(_) => self.backend.heal(),
+            Step::Heal(h) => {
+                let machines: Vec<String> = h.machines.iter().map(|m| m.value.clone()).collect();
+                self.backend.heal(&machines)
+            }
             Step::ServerStart(s) => {
                 let keepalive = s
                     .keepalive

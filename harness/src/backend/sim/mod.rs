@@ -68,7 +68,7 @@ struct Machine {
     sessions: BTreeMap<String, LeaderHandle>,
     session_specs: BTreeMap<i32, SessionSpec>,
     server: Option<ServerConf>,
-    snapshots: BTreeMap<String, PathBuf>,
+    snapshots: BTreeMap<String, (PathBuf, bool)>,
     skew_ms: i64,
 }
 
@@ -534,6 +534,16 @@ impl SimBackend {
         }
     }
 
+    fn drop_relays_to(&mut self, server: &str) {
+        let relays = std::mem::take(&mut self.relays);
+        let (gone, kept): (Vec<Relay>, Vec<Relay>) =
+            relays.into_iter().partition(|r| r.server == server);
+        self.relays = kept;
+        for relay in gone {
+            relay.stop();
+        }
+    }
+
     fn app(&self, app: &str) -> Result<&App, BackendError> {
         self.apps.get(app).ok_or_else(|| BackendError::Unknown {
             kind: "app",
@@ -595,6 +605,9 @@ impl Backend for SimBackend {
         self.close_all_sessions(machine)?;
         self.stop_daemon(machine, true)?;
         self.machine_mut(machine)?.power = Power::Off;
+        // A machine that is off serves nobody: its server ends with it.
+        self.machine_mut(machine)?.server = None;
+        self.drop_relays_to(machine);
         Ok(())
     }
 
@@ -616,14 +629,15 @@ impl Backend for SimBackend {
         let dest = self.machine(machine)?.dir.join("snapshots").join(name);
         let _ = std::fs::remove_dir_all(&dest);
         self.copy_disk(machine, &dest)?;
+        let running = self.machine(machine)?.power != Power::Off;
         self.machine_mut(machine)?
             .snapshots
-            .insert(name.to_string(), dest);
+            .insert(name.to_string(), (dest, running));
         Ok(())
     }
 
     fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
-        let source = self
+        let (source, was_running) = self
             .machine(machine)?
             .snapshots
             .get(name)
@@ -632,7 +646,6 @@ impl Backend for SimBackend {
                 kind: "snapshot",
                 name: name.to_string(),
             })?;
-        let was_on = self.machine(machine)?.power != Power::Off;
         self.power_cut(machine)?;
         let disk = self.machine(machine)?.dir.join("disk");
         std::fs::remove_dir_all(&disk).map_err(BackendError::io("remove the disk"))?;
@@ -642,7 +655,8 @@ impl Backend for SimBackend {
         self.machine_mut(machine)?.vmgenid = vmgenid;
         // Apps that were running are gone: the sim cannot restore process memory.
         self.apps.retain(|_, app| app.machine != machine);
-        if was_on {
+        // The guest comes back in the power state it had when the snapshot was taken.
+        if was_running {
             self.boot_inner(machine)?;
         }
         Ok(())
@@ -931,13 +945,7 @@ impl Backend for SimBackend {
 
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
         self.machine_mut(machine)?.server = None;
-        let relays = std::mem::take(&mut self.relays);
-        let (gone, kept): (Vec<Relay>, Vec<Relay>) =
-            relays.into_iter().partition(|r| r.server == machine);
-        self.relays = kept;
-        for relay in gone {
-            relay.stop();
-        }
+        self.drop_relays_to(machine);
         if self.machine(machine)?.power == Power::Running {
             self.stop_daemon(machine, true)?;
             self.start_daemon(machine)?;
@@ -956,9 +964,14 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn heal(&mut self) -> Result<(), BackendError> {
+    fn heal(&mut self, machines: &[String]) -> Result<(), BackendError> {
         for relay in &self.relays {
-            relay.set_cut(false);
+            let touches = machines.is_empty()
+                || machines.contains(&relay.client)
+                || machines.contains(&relay.server);
+            if touches {
+                relay.set_cut(false);
+            }
         }
         Ok(())
     }
