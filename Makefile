@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build test test-unit test-vm lint fmt deps images bench bench-vm nightly fuzz-smoke clean-reports
+.PHONY: all build test lint fmt deps bench fuzz-smoke clean-reports
 
 all: build
 
@@ -32,6 +32,11 @@ bench:
 	$(CARGO) run --release -q -p dongle --example dongle-bench
 	$(CARGO) run --release -q -p meterd --example server-bench
 	$(CARGO) run --release -q -- bench --out reports/bench
+
+## A short fuzzing run of the dongle frame parser (needs cargo-fuzz: `cargo install cargo-fuzz`).
+fuzz-smoke:
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run frame_parser -- -max_total_time=30
+	cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run session_replies -- -max_total_time=15
 
 clean-reports:
 	find reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
