@@ -18,6 +18,9 @@ use crate::protocol::{Claim, FromServer, LocalReply, WireSession};
 use crate::remote::Remotes;
 use crate::store::{self, Change, Snapshot, Store};
 
+/// Metadata key prefix of the client runtimes linked to this server.
+const RUNTIME_KEY_PREFIX: &str = "remote-runtime/";
+
 /// Firm code used when an app names no firm and no local item tells which.
 pub const DEFAULT_FIRM: u32 = meter_core::policy::DEFAULT_FIRM;
 
@@ -136,6 +139,7 @@ pub(crate) struct State {
     links: HashMap<String, RemoteLink>,
     link_generation: u64,
     awaiting_reconnect: HashMap<String, Instant>,
+    known_runtimes: std::collections::BTreeSet<String>,
 }
 
 impl State {
@@ -234,6 +238,12 @@ impl Runtime {
             next_handle,
             ..State::default()
         };
+        state.known_runtimes = snapshot
+            .meta
+            .keys()
+            .filter_map(|k| k.strip_prefix(RUNTIME_KEY_PREFIX))
+            .map(str::to_owned)
+            .collect();
         let now = platform.now_ms()?;
         let traits = platform.traits()?;
         for (id, bytes) in &snapshot.licences {
@@ -302,7 +312,7 @@ impl Runtime {
                     Holder::Remote { .. } => None,
                 })
                 .collect();
-            let remote: Vec<String> = state
+            let mut remote: Vec<String> = state
                 .grants
                 .values()
                 .filter_map(|g| match &g.holder {
@@ -310,6 +320,8 @@ impl Runtime {
                     Holder::Local { .. } => None,
                 })
                 .collect();
+            // Runtimes linked when the server stopped may hold grants not yet on disk.
+            remote.extend(state.known_runtimes.iter().cloned());
             (local, remote)
         };
         for (pid, start) in local {
@@ -384,6 +396,7 @@ impl Runtime {
             start: caller.start,
             uid: caller.uid,
         };
+        self.wait_for_reconnects().await;
         let step = {
             let mut state = self.lock();
             let key = self.product_key(&state, firm, product);
@@ -511,8 +524,27 @@ impl Runtime {
         }
     }
 
+    /// After a restart, new grants wait until the linked client runtimes have re-claimed theirs
+    /// (or their keepalive window ran out), so nothing is granted twice.
+    async fn wait_for_reconnects(&self) {
+        let started = Instant::now();
+        while !self.lock().awaiting_reconnect.is_empty()
+            && started.elapsed() < self.settings.keepalive
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Releases one grant; forwarded grants are released on their server too.
     pub async fn release(self: &Arc<Self>, handle: u64) -> Result<(), Reason> {
+        self.release_inner(handle, true).await
+    }
+
+    async fn release_inner(
+        self: &Arc<Self>,
+        handle: u64,
+        durable_wait: bool,
+    ) -> Result<(), Reason> {
         let (record, durable) = {
             let mut state = self.lock();
             let record = state.grants.remove(&handle).ok_or(Reason::NotHeld)?;
@@ -522,7 +554,7 @@ impl Runtime {
             state.listeners.remove(&handle);
             (record, self.store.submit(vec![Change::DeleteGrant(handle)]))
         };
-        if let Err(e) = store::wait(durable).await {
+        if durable_wait && let Err(e) = store::wait(durable).await {
             tracing::error!(handle, error = %e, "Release not recorded");
         }
         if let Via::Forwarded {
@@ -634,6 +666,12 @@ impl Runtime {
             state.link_generation += 1;
             generation = state.link_generation;
             state.awaiting_reconnect.remove(runtime);
+            if state.known_runtimes.insert(runtime.to_owned()) {
+                changes.push(Change::PutMeta(
+                    format!("{RUNTIME_KEY_PREFIX}{runtime}"),
+                    Vec::new(),
+                ));
+            }
             state.links.insert(
                 runtime.to_owned(),
                 RemoteLink {
@@ -773,6 +811,7 @@ impl Runtime {
                 };
             }
         };
+        self.wait_for_reconnects().await;
         let mut changes = Vec::new();
         let outcome = {
             let mut state = self.lock();
@@ -787,16 +826,12 @@ impl Runtime {
                 .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
         };
         match outcome {
-            Ok(((handle, container), durable)) => {
-                if let Err(e) = store::wait(durable).await {
-                    tracing::error!(error = %e, "Remote grant not recorded");
-                }
-                FromServer::Granted {
-                    request,
-                    handle,
-                    container,
-                }
-            }
+            // Not waiting for the disk: the client runtime re-claims its grants after a restart.
+            Ok(((handle, container), _durable)) => FromServer::Granted {
+                request,
+                handle,
+                container,
+            },
             Err(reason) => FromServer::Denied { request, reason },
         }
     }
@@ -815,7 +850,7 @@ impl Runtime {
             )
         };
         if owned {
-            let _ = self.release(handle).await;
+            let _ = self.release_inner(handle, false).await;
         }
         FromServer::Released { request }
     }
@@ -827,6 +862,10 @@ impl Runtime {
             match state.links.get(runtime) {
                 Some(link) if link.generation == generation => {
                     state.links.remove(runtime);
+                    state.known_runtimes.remove(runtime);
+                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
+                        "{RUNTIME_KEY_PREFIX}{runtime}"
+                    ))]));
                 }
                 // A newer connection of the same runtime took over.
                 _ => return,
@@ -860,6 +899,11 @@ impl Runtime {
                 .collect();
             for runtime in &expired {
                 state.awaiting_reconnect.remove(runtime);
+                if !state.links.contains_key(runtime) && state.known_runtimes.remove(runtime) {
+                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
+                        "{RUNTIME_KEY_PREFIX}{runtime}"
+                    ))]));
+                }
             }
             expired
         };

@@ -49,6 +49,8 @@ pub enum Change {
     DeleteLicence(String),
     /// Stores a metadata value.
     PutMeta(String, Vec<u8>),
+    /// Removes a metadata value.
+    DeleteMeta(String),
 }
 
 /// Everything stored, as read at start-up.
@@ -215,6 +217,9 @@ fn apply(db: &Database, group: &[Batch]) -> Result<(), StoreError> {
                 Change::PutMeta(key, bytes) => {
                     meta.insert(key.as_str(), bytes.as_slice())
                         .map_err(db_error)?;
+                }
+                Change::DeleteMeta(key) => {
+                    meta.remove(key.as_str()).map_err(db_error)?;
                 }
             }
         }
