@@ -33,7 +33,10 @@ pub fn station_share_scenario(guests: usize, sessions: usize) -> String {
     );
     let _ = writeln!(y, "guests:");
     for g in 0..guests {
-        let _ = writeln!(y, "  - {{ name: ts{g}, host: host-a, role: terminal-server }}");
+        let _ = writeln!(
+            y,
+            "  - {{ name: ts{g}, host: host-a, role: terminal-server }}"
+        );
     }
     let _ = writeln!(y, "steps:");
     let _ = writeln!(y, "  - activate: {{ machine: host-a, product: 1001 }}");
@@ -90,7 +93,9 @@ pub fn run(out: &Path, guests: usize, sessions: usize) -> anyhow::Result<()> {
     let suite_wall = started.elapsed().as_secs_f64();
     let per_scenario: Vec<serde_json::Value> = crate::report::scenario_results(&outcome.events)
         .iter()
-        .map(|r| json!({"scenario": r.name, "verdict": r.verdict, "seconds": r.elapsed_ms / 1000.0}))
+        .map(
+            |r| json!({"scenario": r.name, "verdict": r.verdict, "seconds": r.elapsed_ms / 1000.0}),
+        )
         .collect();
 
     let text = station_share_scenario(guests, sessions);

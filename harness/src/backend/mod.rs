@@ -335,6 +335,26 @@ pub trait Backend {
     fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError>;
     /// Restores the cuts touching these machines (all cuts when empty).
     fn heal(&mut self, machines: &[String]) -> Result<(), BackendError>;
+    /// Adds a dongle (unplugged) whose flash the vendor programmed into `flash`.
+    fn add_dongle(&mut self, name: &str, flash: &std::path::Path) -> Result<(), BackendError>;
+    /// Plugs a dongle into machines: exclusive moves it to one machine (unplugging it elsewhere),
+    /// shared adds machines that use it at the same time.
+    fn usb_attach(
+        &mut self,
+        dongle: &str,
+        machines: &[String],
+        mode: UsbMode,
+    ) -> Result<(), BackendError>;
+    /// Unplugs a dongle from every machine.
+    fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError>;
+    /// Attaches a dongle to a machine over USB/IP (one importer at a time).
+    fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError>;
+    /// Detaches a dongle's USB/IP import cleanly.
+    fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError>;
+    /// Breaks a dongle's USB/IP connection abruptly (a network fault).
+    fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError>;
+    /// The dongle's own view of itself (binding, lockout, clock), as its firmware reports it.
+    fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError>;
     /// Writes a file onto a machine's disk; returns its path as the machine sees it.
     fn put_file(
         &mut self,

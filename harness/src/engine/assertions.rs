@@ -66,12 +66,7 @@ impl World {
                         .map_or_else(|| "no units".to_string(), |u| u.to_string()))
                 })
             }
-            Assertion::Dongle(a) => Check {
-                holds: false,
-                summary: format!("dongle {}", a.name.value),
-                expected: "a dongle assertion".into(),
-                actual: "dongles are not attached by this backend yet".into(),
-            },
+            Assertion::Dongle(a) => self.check_dongle(a),
             Assertion::ReleasedWithin(a) => self.check_released_within(&a.app.value, a.ms),
             Assertion::App(a) => self.check_app(a),
         }
@@ -238,6 +233,65 @@ impl World {
         }
     }
 
+    fn check_dongle(&mut self, a: &sc::DongleAssertion) -> Check {
+        let name = a.name.value.clone();
+        let mut expected = Vec::new();
+        if let Some(machine) = &a.bound_to {
+            expected.push(format!("bound to {}", machine.value));
+        }
+        if let Some(state) = a.state {
+            expected.push(dongle_state_code(state).to_string());
+        }
+        if let Some(until) = a.until {
+            expected.push(format!("locked for {} s more", until.as_millis() / 1000));
+        }
+        let expected = expected.join(", ");
+        let summary = format!("dongle {name} is {expected}");
+        let want_bound = a.bound_to.is_some();
+        let want_state = a.state.is_some();
+        let until = a.until.map(|u| u.as_millis());
+        self.poll(summary, expected, move |world| {
+            let status = world
+                .backend
+                .dongle_status(&name)
+                .map_err(|e| e.to_string())?;
+            let oscillator = status["oscillator-ms"].as_u64().unwrap_or(0);
+            let lockout_until = status["lockout"]["until-ms"].as_u64();
+            let runtime = status["binding"]["runtime"].as_str().map(str::to_string);
+            let mut parts = Vec::new();
+            if want_bound {
+                let machine = match &runtime {
+                    Some(id) => world
+                        .machine_with_runtime_id(id)
+                        .unwrap_or_else(|| format!("runtime `{id}`")),
+                    None => "nobody".into(),
+                };
+                parts.push(format!("bound to {machine}"));
+            }
+            if want_state {
+                let state = if lockout_until.is_some_and(|u| u > oscillator) {
+                    "locked-out"
+                } else if runtime.is_some() {
+                    "bound"
+                } else {
+                    "unbound"
+                };
+                parts.push(state.to_string());
+            }
+            if let Some(expected_ms) = until {
+                let left = lockout_until.map_or(0, |u| u.saturating_sub(oscillator));
+                // Checked to within one second: report the expected figure when close enough.
+                let shown = if left.abs_diff(expected_ms) <= 1000 {
+                    expected_ms / 1000
+                } else {
+                    left / 1000
+                };
+                parts.push(format!("locked for {shown} s more"));
+            }
+            Ok(parts.join(", "))
+        })
+    }
+
     fn check_app(&mut self, a: &sc::AppAssertion) -> Check {
         let app = a.app.value.clone();
         let expected = match (a.state, &a.reason) {
@@ -280,6 +334,14 @@ fn licence_state_code(state: sc::LicenceState) -> &'static str {
         sc::LicenceState::Corrupt => "corrupt",
         sc::LicenceState::Locked => "locked",
         sc::LicenceState::Expired => "expired",
+    }
+}
+
+fn dongle_state_code(state: sc::DongleState) -> &'static str {
+    match state {
+        sc::DongleState::Bound => "bound",
+        sc::DongleState::Unbound => "unbound",
+        sc::DongleState::LockedOut => "locked-out",
     }
 }
 

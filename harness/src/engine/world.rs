@@ -10,7 +10,7 @@ use meter_core::policy::ProductPolicy;
 
 use super::verdict_of;
 use crate::backend::{
-    Backend, BackendError, CloneIdentity, GuestSpec, HostSpec, Role, SessionSpec,
+    Backend, BackendError, CloneIdentity, GuestSpec, HostSpec, Role, SessionSpec, UsbMode,
 };
 use crate::identity::{IdentityMint, cpu_profile};
 use crate::report::{Event, Verdict};
@@ -52,6 +52,7 @@ pub struct World {
     pub(super) keepalive: Duration,
     guest_hosts: BTreeMap<String, String>,
     session_machines: BTreeMap<String, String>,
+    booted: std::collections::BTreeSet<String>,
     world_offset_ms: i64,
     skews: BTreeMap<String, i64>,
     name: String,
@@ -98,6 +99,10 @@ impl World {
             })?;
         }
         let vendor = VendorDesk::open(runtime_bin, vendor_dir)?;
+        for d in &scenario.dongles {
+            let flash = program_dongle(&vendor, scenario, d)?;
+            backend.add_dongle(&d.name.value, &flash)?;
+        }
         let hosts: Vec<String> = scenario
             .hosts
             .iter()
@@ -128,6 +133,7 @@ impl World {
                 .map(|g| (g.name.value.clone(), g.host.value.clone()))
                 .collect(),
             session_machines: BTreeMap::new(),
+            booted: Default::default(),
             world_offset_ms: 0,
             skews: BTreeMap::new(),
             name: scenario.name.value.clone(),
@@ -240,7 +246,10 @@ impl World {
                 self.backend.boot(&m.value)?;
                 self.after_boot(&m.value)
             }
-            Step::Shutdown(m) => self.backend.shutdown(&m.value),
+            Step::Shutdown(m) => {
+                self.booted.remove(&m.value);
+                self.backend.shutdown(&m.value)
+            }
             Step::Pause(m) => self.backend.pause(&m.value),
             Step::Resume(m) => self.backend.resume(&m.value),
             Step::Snapshot(s) => self.backend.snapshot(&s.machine.value, &s.name.value),
@@ -270,6 +279,7 @@ impl World {
                 Ok(())
             }
             Step::Move(m) => {
+                self.booted.remove(&m.machine.value);
                 self.backend.move_guest(&m.machine.value, &m.host.value)?;
                 self.guest_hosts
                     .insert(m.machine.value.clone(), m.host.value.clone());
@@ -400,17 +410,31 @@ impl World {
                 self.servers.retain(|s| s != &m.value);
                 self.backend.stop_server(&m.value)
             }
-            Step::UsbAttach(_)
-            | Step::UsbDetach(_)
-            | Step::UsbipAttach(_)
-            | Step::UsbipDetach(_)
-            | Step::UsbipDisconnect(_) => Err(BackendError::Unsupported {
-                backend: self.backend.kind(),
-                operation: step.keyword(),
-                why: "dongles are not attached by this backend yet".into(),
-            }),
+            Step::UsbAttach(u) => {
+                let machines: Vec<String> = u.targets().iter().map(|m| m.value.clone()).collect();
+                let mode = match u.mode {
+                    sc::UsbMode::Exclusive => UsbMode::Exclusive,
+                    sc::UsbMode::Shared => UsbMode::Shared,
+                };
+                self.backend.usb_attach(&u.dongle.value, &machines, mode)
+            }
+            Step::UsbDetach(d) => self.backend.usb_detach(&d.value),
+            Step::UsbipAttach(u) => self.backend.usbip_attach(&u.dongle.value, &u.machine.value),
+            Step::UsbipDetach(d) => self.backend.usbip_detach(&d.value),
+            Step::UsbipDisconnect(d) => self.backend.usbip_disconnect(&d.value),
             Step::Expect(_) => Ok(()),
         }
+    }
+
+    /// The running machine whose runtime has this id (`meter status`: `machine.runtime_id`).
+    pub(super) fn machine_with_runtime_id(&mut self, id: &str) -> Option<String> {
+        let machines: Vec<String> = self.booted.iter().cloned().collect();
+        machines.into_iter().find(|m| {
+            runtime::status(self.backend.as_mut(), m)
+                .ok()
+                .and_then(|s| s["machine"]["runtime_id"].as_str().map(|r| r == id))
+                .unwrap_or(false)
+        })
     }
 
     fn host_of(&self, guest: &str) -> Result<String, BackendError> {
@@ -440,6 +464,7 @@ impl World {
 
     /// Every machine trusts the vendor's key (the vendor ships it with the software).
     fn after_boot(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.booted.insert(machine.to_string());
         let key = std::fs::read(self.vendor.public_key())
             .map_err(BackendError::io("read the vendor key"))?;
         let path = self.backend.put_file(machine, "vendor.pub", &key)?;
@@ -604,6 +629,59 @@ impl World {
         );
         Ok(())
     }
+}
+
+/// Has the vendor program a dongle with the scenario's products; returns its flash file.
+fn program_dongle(
+    vendor: &VendorDesk,
+    policy_file: &Path,
+    dongle: &sc::Dongle,
+) -> Result<std::path::PathBuf, BackendError> {
+    use sha2::Digest;
+    let serial = match &dongle.serial {
+        Some(s) => s.parse::<u64>().unwrap_or_else(|_| {
+            let d = sha2::Sha256::digest(s.as_bytes());
+            u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) % 10_000_000_000
+        }),
+        None => {
+            let d = sha2::Sha256::digest(dongle.name.value.as_bytes());
+            3_000_000_000 + u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) % 1_000_000_000
+        }
+    };
+    let flash = vendor.file(&format!("dongle-{}.flash.json", dongle.name.value));
+    let products: Vec<String> = dongle
+        .products
+        .iter()
+        .map(|p| p.value.to_string())
+        .collect();
+    let (code, value) = vendor.run(&[
+        "vendor".into(),
+        "dongle".into(),
+        "program".into(),
+        "--policy".into(),
+        policy_file.display().to_string(),
+        "--key".into(),
+        vendor.private_key().display().to_string(),
+        "--serial".into(),
+        serial.to_string(),
+        "--products".into(),
+        products.join(","),
+        "--max-rebinds".into(),
+        dongle.policy.max_rebinds.to_string(),
+        "--rebind-window-ms".into(),
+        dongle.policy.window.as_millis().to_string(),
+        "--lockout-ms".into(),
+        dongle.policy.lockout.as_millis().to_string(),
+        "--out".into(),
+        flash.display().to_string(),
+    ])?;
+    if code != Some(0) {
+        return Err(BackendError::Runtime {
+            machine: "vendor".into(),
+            message: format!("`meter vendor dongle program` failed: {value}"),
+        });
+    }
+    Ok(flash)
 }
 
 /// What a step does, in words, for reports.

@@ -8,6 +8,7 @@
 
 pub mod network;
 pub mod session;
+pub mod usb;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,9 +21,10 @@ use serde_json::json;
 
 use self::network::Relay;
 use self::session::LeaderHandle;
+use self::usb::VirtualDongle;
 use super::{
     AppStatus, Backend, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
-    GuestSpec, HardwareIdentity, HostSpec, Role, ServerInfo, SessionSpec,
+    GuestSpec, HardwareIdentity, HostSpec, Role, ServerInfo, SessionSpec, UsbMode,
 };
 use crate::identity::IdentityMint;
 
@@ -98,8 +100,11 @@ pub struct SimBackend {
     machines: BTreeMap<String, Machine>,
     apps: BTreeMap<String, App>,
     relays: Vec<Relay>,
+    dongles: BTreeMap<String, VirtualDongle>,
     mint: IdentityMint,
     world_offset_ms: i64,
+    /// The world offset, shared with the dongles' threads (a dongle's clock moves with the world).
+    dongle_clock: std::sync::Arc<std::sync::atomic::AtomicI64>,
     next_address: u32,
     address_block: u8,
     command_counter: u64,
@@ -120,8 +125,10 @@ impl SimBackend {
             machines: BTreeMap::new(),
             apps: BTreeMap::new(),
             relays: Vec::new(),
+            dongles: BTreeMap::new(),
             mint,
             world_offset_ms: 0,
+            dongle_clock: std::sync::Arc::default(),
             next_address: 0,
             address_block,
             command_counter: 0,
@@ -544,6 +551,19 @@ impl SimBackend {
         }
     }
 
+    fn dongle(&mut self, name: &str) -> Result<&mut VirtualDongle, BackendError> {
+        self.dongles
+            .get_mut(name)
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "dongle",
+                name: name.into(),
+            })
+    }
+
+    fn usb_dir(&self, machine: &str) -> Result<PathBuf, BackendError> {
+        Ok(self.machine(machine)?.platform().join("usb"))
+    }
+
     fn app(&self, app: &str) -> Result<&App, BackendError> {
         self.apps.get(app).ok_or_else(|| BackendError::Unknown {
             kind: "app",
@@ -898,6 +918,8 @@ impl Backend for SimBackend {
         skews: &[(String, i64)],
     ) -> Result<(), BackendError> {
         self.world_offset_ms = world_offset;
+        self.dongle_clock
+            .store(world_offset, std::sync::atomic::Ordering::SeqCst);
         for (machine, skew) in skews {
             self.machine_mut(machine)?.skew_ms = *skew;
         }
@@ -989,7 +1011,64 @@ impl Backend for SimBackend {
         for relay in self.relays.drain(..) {
             relay.stop();
         }
+        for (_, dongle) in std::mem::take(&mut self.dongles) {
+            drop(dongle);
+        }
         Ok(())
+    }
+
+    fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
+        let dongle = VirtualDongle::power_on(flash, std::sync::Arc::clone(&self.dongle_clock))?;
+        self.dongles.insert(name.to_string(), dongle);
+        Ok(())
+    }
+
+    fn usb_attach(
+        &mut self,
+        dongle: &str,
+        machines: &[String],
+        mode: UsbMode,
+    ) -> Result<(), BackendError> {
+        let dirs = machines
+            .iter()
+            .map(|m| Ok((m.clone(), self.usb_dir(m)?)))
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let device = self.dongle(dongle)?;
+        if mode == UsbMode::Exclusive {
+            // Passing a device through exclusively takes it away from wherever it was.
+            for other in device.attached_to() {
+                if !machines.contains(&other) {
+                    device.detach(Some(&other));
+                }
+            }
+        }
+        for (machine, dir) in dirs {
+            device.attach(&machine, &dir)?;
+        }
+        Ok(())
+    }
+
+    fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.dongle(dongle)?.detach(None);
+        Ok(())
+    }
+
+    fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        // A USB/IP server exports a device to one importer at a time.
+        self.usb_attach(dongle, &[machine.to_string()], UsbMode::Exclusive)
+    }
+
+    fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.usb_detach(dongle)
+    }
+
+    fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError> {
+        // The connection drops: the importer's device vanishes mid-use.
+        self.usb_detach(dongle)
+    }
+
+    fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
+        Ok(self.dongle(dongle)?.status())
     }
 
     fn put_file(

@@ -1,0 +1,245 @@
+//! The sim's virtual USB bus: dongles emulated by the harness, reached by a machine's runtime
+//! through `platform/usb/<serial>.sock`.
+//!
+//! A socket carries the dongle's 64-byte HID reports unchanged, exactly as a USB HID transport
+//! would. Every machine a dongle is attached to gets its own socket (its own USB host); several at
+//! once is the hypervisor's shared mode. Plugging, unplugging and USB/IP disconnects reset the
+//! dongle's bus, as real hardware does.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dongle::{DevicePort, Firmware, Flash, REPORT_LEN};
+
+use crate::backend::BackendError;
+
+/// Milliseconds on the world's virtual clock.
+pub fn world_now_ms(offset: &AtomicI64) -> u64 {
+    let real = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64;
+    (real + offset.load(Ordering::SeqCst)).max(0) as u64
+}
+
+/// One emulated dongle and its attachments.
+pub struct VirtualDongle {
+    /// Serial number as a string (the socket's file stem).
+    pub serial: String,
+    firmware: Arc<Mutex<Firmware>>,
+    flash_path: PathBuf,
+    clock: Arc<AtomicI64>,
+    attachments: BTreeMap<String, Attachment>,
+}
+
+struct Attachment {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    streams: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl Attachment {
+    fn end(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.socket);
+        for stream in self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake the accept loop so it sees the stop flag.
+        let _ = UnixStream::connect(&self.socket);
+    }
+}
+
+impl VirtualDongle {
+    /// Powers on a dongle from its flash file; the flash is written back whenever it changes.
+    pub fn power_on(
+        flash_path: &Path,
+        clock: Arc<AtomicI64>,
+    ) -> Result<VirtualDongle, BackendError> {
+        let text = std::fs::read(flash_path).map_err(BackendError::io(format!(
+            "read dongle flash {}",
+            flash_path.display()
+        )))?;
+        let flash: Flash = serde_json::from_slice(&text).map_err(|e| BackendError::Runtime {
+            machine: "dongle".into(),
+            message: format!("bad dongle flash {}: {e}", flash_path.display()),
+        })?;
+        let serial = flash.serial().0.to_string();
+        let mut firmware = Firmware::power_on(flash, world_now_ms(&clock));
+        let mut entropy = [0u8; 32];
+        let _ = getrandom::fill(&mut entropy);
+        firmware.mix_entropy(&entropy);
+        Ok(VirtualDongle {
+            serial,
+            firmware: Arc::new(Mutex::new(firmware)),
+            flash_path: flash_path.to_path_buf(),
+            clock,
+            attachments: BTreeMap::new(),
+        })
+    }
+
+    /// Machines the dongle is attached to.
+    pub fn attached_to(&self) -> Vec<String> {
+        self.attachments.keys().cloned().collect()
+    }
+
+    /// Plugs the dongle into a machine's USB (its `usb/` folder).
+    pub fn attach(&mut self, machine: &str, usb_dir: &Path) -> Result<(), BackendError> {
+        if self.attachments.contains_key(machine) {
+            return Ok(());
+        }
+        self.bus_reset_if_alone();
+        let socket = usb_dir.join(format!("{}.sock", self.serial));
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .map_err(BackendError::io(format!("bind {}", socket.display())))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let streams: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        {
+            let stop = Arc::clone(&stop);
+            let streams = Arc::clone(&streams);
+            let firmware = Arc::clone(&self.firmware);
+            let clock = Arc::clone(&self.clock);
+            let flash_path = self.flash_path.clone();
+            std::thread::spawn(move || {
+                for incoming in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = incoming else { continue };
+                    if let Ok(clone) = stream.try_clone() {
+                        streams
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(clone);
+                    }
+                    let firmware = Arc::clone(&firmware);
+                    let clock = Arc::clone(&clock);
+                    let flash_path = flash_path.clone();
+                    let stop = Arc::clone(&stop);
+                    std::thread::spawn(move || {
+                        serve(stream, &firmware, &clock, &flash_path, &stop)
+                    });
+                }
+            });
+        }
+        self.attachments.insert(
+            machine.to_string(),
+            Attachment {
+                socket,
+                stop,
+                streams,
+            },
+        );
+        Ok(())
+    }
+
+    /// Unplugs the dongle from one machine (or every machine when `None`).
+    pub fn detach(&mut self, machine: Option<&str>) {
+        let names: Vec<String> = match machine {
+            Some(m) => vec![m.to_string()],
+            None => self.attachments.keys().cloned().collect(),
+        };
+        for name in names {
+            if let Some(attachment) = self.attachments.remove(&name) {
+                attachment.end();
+            }
+        }
+        self.bus_reset_if_alone();
+    }
+
+    /// A plug or unplug resets the device's bus unless another host still shares it.
+    fn bus_reset_if_alone(&mut self) {
+        if self.attachments.is_empty() {
+            let now = world_now_ms(&self.clock);
+            let mut fw = self.firmware.lock().unwrap_or_else(|e| e.into_inner());
+            fw.bus_reset(now);
+            persist(&mut fw, &self.flash_path);
+        }
+    }
+
+    /// The dongle's own view of itself.
+    pub fn status(&self) -> serde_json::Value {
+        let now = world_now_ms(&self.clock);
+        let mut fw = self.firmware.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::to_value(fw.status(now)).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for VirtualDongle {
+    fn drop(&mut self) {
+        self.detach(None);
+    }
+}
+
+fn persist(fw: &mut Firmware, flash_path: &Path) {
+    if fw.take_flash_dirty() {
+        match serde_json::to_vec_pretty(fw.flash()) {
+            Ok(bytes) => {
+                let tmp = flash_path.with_extension("tmp");
+                if std::fs::write(&tmp, bytes).is_ok() {
+                    let _ = std::fs::rename(&tmp, flash_path);
+                }
+            }
+            Err(e) => tracing::warn!("cannot store dongle flash: {e}"),
+        }
+    }
+}
+
+fn serve(
+    mut stream: UnixStream,
+    firmware: &Mutex<Firmware>,
+    clock: &AtomicI64,
+    flash_path: &Path,
+    stop: &AtomicBool,
+) {
+    let mut port = DevicePort::new();
+    let mut report = [0u8; REPORT_LEN];
+    let mut filled = 0;
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match stream.read(&mut report[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => break,
+        }
+        if filled < REPORT_LEN {
+            continue;
+        }
+        filled = 0;
+        let replies = {
+            let mut fw = firmware.lock().unwrap_or_else(|e| e.into_inner());
+            let replies = port.receive_report(&mut fw, &report, world_now_ms(clock));
+            persist(&mut fw, flash_path);
+            replies
+        };
+        for reply in replies {
+            if stream.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    }
+}
