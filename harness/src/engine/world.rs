@@ -99,10 +99,6 @@ impl World {
             })?;
         }
         let vendor = VendorDesk::open(runtime_bin, vendor_dir)?;
-        for d in &scenario.dongles {
-            let flash = program_dongle(&vendor, scenario, d)?;
-            backend.add_dongle(&d.name.value, &flash)?;
-        }
         let hosts: Vec<String> = scenario
             .hosts
             .iter()
@@ -119,6 +115,10 @@ impl World {
             message: format!("cannot write the policy: {e}"),
         })?;
         std::fs::write(&policy_file, yaml).map_err(BackendError::io("write the vendor policy"))?;
+        for d in &scenario.dongles {
+            let flash = program_dongle(&vendor, &policy_file, d)?;
+            backend.add_dongle(&d.name.value, &flash)?;
+        }
         let mut world = World {
             backend,
             vendor,
