@@ -1,0 +1,101 @@
+//! The shapes of summary.md, junit.xml and report.json, pinned with insta.
+
+use vigil::report::{Event, Verdict, junit_xml, summary_markdown, write_reports};
+
+fn events() -> Vec<Event> {
+    vec![
+        Event::RunStarted {
+            run_id: "20261127-120000-abcd".into(),
+            backend: "sim".into(),
+            environment: serde_json::json!({"runtime": "/tmp/bin"}),
+        },
+        Event::ScenarioStarted {
+            scenario: "clone-guest".into(),
+            source: "scenarios/clone-guest.yaml".into(),
+            steps: 3,
+        },
+        Event::Step {
+            scenario: "clone-guest".into(),
+            index: 1,
+            line: 14,
+            summary: "boot: vm1".into(),
+            elapsed_ms: 120.0,
+            verdict: Verdict::Pass,
+            message: None,
+        },
+        Event::Assertion {
+            scenario: "clone-guest".into(),
+            index: 2,
+            line: 15,
+            summary: "app1 is granted".into(),
+            expected: "granted".into(),
+            actual: "granted".into(),
+            verdict: Verdict::Pass,
+            elapsed_ms: 0.5,
+        },
+        Event::Assertion {
+            scenario: "clone-guest".into(),
+            index: 3,
+            line: 16,
+            summary: "app2 is denied (licence-corrupt)".into(),
+            expected: "denied (licence-corrupt)".into(),
+            actual: "granted".into(),
+            verdict: Verdict::Fail,
+            elapsed_ms: 0.5,
+        },
+        Event::ScenarioFinished {
+            scenario: "clone-guest".into(),
+            verdict: Verdict::Fail,
+            elapsed_ms: 1500.0,
+            assertions: 2,
+            failed: 1,
+            error: None,
+        },
+        Event::ScenarioStarted {
+            scenario: "user-limit".into(),
+            source: "scenarios/user-limit.yaml".into(),
+            steps: 1,
+        },
+        Event::Step {
+            scenario: "user-limit".into(),
+            index: 1,
+            line: 12,
+            summary: "boot: ws1".into(),
+            elapsed_ms: 10000.0,
+            verdict: Verdict::Error,
+            message: Some("Timed out after 10s waiting for meterd".into()),
+        },
+        Event::ScenarioFinished {
+            scenario: "user-limit".into(),
+            verdict: Verdict::Error,
+            elapsed_ms: 10000.0,
+            assertions: 0,
+            failed: 0,
+            error: Some("step 1 could not run".into()),
+        },
+    ]
+}
+
+#[test]
+fn summary_markdown_shape() {
+    insta::assert_snapshot!(summary_markdown("20261127-120000-abcd", &events()));
+}
+
+#[test]
+fn junit_xml_shape() {
+    insta::assert_snapshot!(junit_xml("20261127-120000-abcd", &events()));
+}
+
+#[test]
+fn report_files_and_latest_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("20261127-120000-abcd");
+    write_reports(&run, "20261127-120000-abcd", &events()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["verdict"], "error");
+    assert_eq!(report["scenarios"][0]["verdict"], "fail");
+    assert_eq!(report["events"].as_array().unwrap().len(), events().len());
+    let latest = std::fs::read_link(dir.path().join("latest")).unwrap();
+    assert_eq!(latest.to_str(), Some("20261127-120000-abcd"));
+}
