@@ -236,8 +236,27 @@ impl World {
         }
     }
 
+    /// The error plus the last lines the runtime logged on the machines it mentions.
     fn diagnose(&self, error: &BackendError) -> String {
-        format!("{error}")
+        let mut text = format!("{error}");
+        if !matches!(
+            error,
+            BackendError::Runtime { .. } | BackendError::Timeout { .. }
+        ) {
+            return text;
+        }
+        let logs = self.backend.log_dir();
+        for machine in &self.booted {
+            if !text.contains(machine.as_str()) {
+                continue;
+            }
+            let log = logs.join(machine).join("meterd.log");
+            let tail = crate::backend::sim::tail(&log, 8);
+            if !tail.is_empty() {
+                text.push_str(&format!("\n--- last lines of {}:\n{tail}", log.display()));
+            }
+        }
+        text
     }
 
     fn step(&mut self, step: &Step) -> Result<(), BackendError> {
