@@ -221,6 +221,13 @@ pub enum UsbMode {
     Shared,
 }
 
+/// The last lines of a log file, for diagnostics.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// What every backend needs to set up a world.
 #[derive(Debug, Clone)]
 pub struct WorldConfig {

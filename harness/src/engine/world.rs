@@ -251,7 +251,7 @@ impl World {
                 continue;
             }
             let log = logs.join(machine).join("meterd.log");
-            let tail = crate::backend::sim::tail(&log, 8);
+            let tail = crate::backend::log_tail(&log, 8);
             if !tail.is_empty() {
                 text.push_str(&format!("\n--- last lines of {}:\n{tail}", log.display()));
             }

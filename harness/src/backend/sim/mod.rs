@@ -369,7 +369,7 @@ impl SimBackend {
                     machine: machine.to_string(),
                     message: format!(
                         "meterd exited during start ({status}); last log lines:\n{}",
-                        tail(&log_path, 15)
+                        super::log_tail(&log_path, 15)
                     ),
                 });
             }
@@ -380,7 +380,7 @@ impl SimBackend {
                     machine: machine.to_string(),
                     message: format!(
                         "meterd not ready after 15 s; last log lines:\n{}",
-                        tail(&log_path, 15)
+                        super::log_tail(&log_path, 15)
                     ),
                 });
             }
@@ -1148,11 +1148,4 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), BackendError> {
         }
     }
     Ok(())
-}
-
-/// The last lines of a log file, for diagnostics.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
