@@ -473,20 +473,22 @@ impl AllocationTable {
 
     /// Whether `item` can grant `request`; `Ok(counted)` says if it takes one of the quantity.
     fn admit(&self, item: &ItemEntry, request: &AccessRequest, now: u64) -> Result<bool, Reason> {
-        if let Some(reason) = item_state_denial(item, now) {
-            return Err(reason);
-        }
         let rules = &item.rules;
-        let on_terminal_server_session = request.role == MachineRole::TerminalServer
-            && !matches!(request.session, SessionKind::Service);
-        if rules.terminal_server == Allowance::Deny && request.role == MachineRole::TerminalServer {
-            return Err(Reason::TerminalServerNotAllowed);
-        }
+        // The VM switch is clear signed metadata: it is decided before the item's state, so a
+        // licence copied into a guest is refused as such even though its binding cannot open.
         if rules.virtual_machines == Allowance::Deny
             && request.is_guest
             && request.origin == Origin::Local
         {
             return Err(Reason::VmNotAllowed);
+        }
+        if let Some(reason) = item_state_denial(item, now) {
+            return Err(reason);
+        }
+        let on_terminal_server_session = request.role == MachineRole::TerminalServer
+            && !matches!(request.session, SessionKind::Service);
+        if rules.terminal_server == Allowance::Deny && request.role == MachineRole::TerminalServer {
+            return Err(Reason::TerminalServerNotAllowed);
         }
         if rules.is_local() {
             if request.origin == Origin::Remote {

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::binding::{self, BindingEnvelope, BindingError, BindingPolicy, ContentKey};
-use crate::policy::{ProductItem, ProductPolicy};
+use crate::policy::{Allowance, ProductItem, ProductPolicy};
 use crate::reason::Reason;
 use crate::traits::{MachineKind, MachineTraits};
 
@@ -214,6 +214,14 @@ pub struct CatalogueEntry {
     pub code: u32,
     /// Product name.
     pub name: String,
+    /// Whether the item may run in a virtual machine; in the clear so a runtime can refuse a
+    /// copied licence in a guest before trying its binding.
+    #[serde(default, skip_serializing_if = "is_allowed")]
+    pub virtual_machines: Allowance,
+}
+
+fn is_allowed(allowance: &Allowance) -> bool {
+    *allowance == Allowance::Allow
 }
 
 /// Product items encrypted under the content key, plus the key sealed to machine traits.
@@ -552,6 +560,7 @@ fn catalogue(items: &[ProductItem]) -> Vec<CatalogueEntry> {
         .map(|item| CatalogueEntry {
             code: item.code,
             name: item.name.clone(),
+            virtual_machines: item.virtual_machines,
         })
         .collect()
 }
