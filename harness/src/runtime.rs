@@ -132,7 +132,7 @@ pub fn status(backend: &mut dyn Backend, machine: &str) -> Result<Value, Backend
 }
 
 /// A product's entry in a status document: the container holding it and the product itself.
-pub fn product_in_status<'a>(status: &'a Value, product: u32) -> Option<(&'a Value, &'a Value)> {
+pub fn product_in_status(status: &Value, product: u32) -> Option<(&Value, &Value)> {
     status
         .get("containers")?
         .as_array()?

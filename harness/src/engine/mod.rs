@@ -282,12 +282,12 @@ fn signal_hook_install(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> s
         std::sync::OnceLock::new();
     let _ = TARGET.set(flag);
     extern "C" fn on_signal(_: libc::c_int) {
-        if let Some(flag) = TARGET.get() {
-            if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                // Second Ctrl-C: leave now; children die with us (parent-death signal).
-                // SAFETY: _exit is async-signal-safe.
-                unsafe { libc::_exit(2) };
-            }
+        if let Some(flag) = TARGET.get()
+            && flag.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            // Second Ctrl-C: leave now; children die with us (parent-death signal).
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(2) };
         }
     }
     let action = SigAction::new(
