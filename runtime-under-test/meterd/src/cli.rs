@@ -482,8 +482,8 @@ async fn meter_main(args: MeterArgs) -> anyhow::Result<Outcome> {
             ok_command(&socket, json_mode, LocalRequest::Trust { firm, key }).await
         }
         MeterCommand::Activate(ActivateCommand::Apply { file }) => {
-            let bytes = read_file(&file)?;
             let source_name = file.display().to_string();
+            let bytes = crate::activation::licence_bytes(read_file(&file)?, &source_name);
             json_command(
                 &socket,
                 json_mode,
@@ -497,7 +497,8 @@ async fn meter_main(args: MeterArgs) -> anyhow::Result<Outcome> {
             vendor,
             out,
         }) => {
-            crate::vendor::activation_request(&socket, json_mode, product, firm, vendor, &out).await
+            crate::activation::request_command(&socket, json_mode, product, firm, vendor, &out)
+                .await
         }
         MeterCommand::Vendor(command) => crate::vendor::run(json_mode, command),
     }

@@ -233,6 +233,7 @@ impl Runtime {
             .map(u64::from_le_bytes)
             .unwrap_or(1);
         let mut licences = crate::licences::Licences::new(settings.state_dir.join("trust"));
+        licences.load_meta(&snapshot.meta);
         let mut state = State {
             table: AllocationTable::new(),
             next_handle,
@@ -245,7 +246,10 @@ impl Runtime {
             .map(str::to_owned)
             .collect();
         let now = platform.now_ms()?;
-        let traits = platform.traits()?;
+        let mut traits = platform.traits()?;
+        if let Some(id) = licences.random_id() {
+            traits.set(meter_core::traits::names::RUNTIME_RANDOM_ID, id.to_owned());
+        }
         for (id, bytes) in &snapshot.licences {
             match licences.load_installed(id, bytes, &traits, &mut state.table, now) {
                 Ok(()) => {}
@@ -397,6 +401,8 @@ impl Runtime {
             uid: caller.uid,
         };
         self.wait_for_reconnects().await;
+        self.refresh_licences().await;
+        let mut spent = None;
         let step = {
             let mut state = self.lock();
             let key = self.product_key(&state, firm, product);
@@ -426,6 +432,9 @@ impl Runtime {
                     ];
                     if let Some(units) = grant.units_left {
                         changes.push(crate::licences::units_change(&grant.container, key, units));
+                        let (more, receipt) = self.record_unit_spent(&grant.container, key, now);
+                        changes.extend(more);
+                        spent = receipt;
                     }
                     let reply = LocalReply::Granted {
                         handle,
@@ -439,7 +448,11 @@ impl Runtime {
                     }
                     Ok((reply, self.store.submit(changes)))
                 }
-                Err(reason) => Err((key, reason, state.allocate_handle())),
+                Err(reason) => Err((
+                    key,
+                    self.explain_denial(&state.table, key, reason),
+                    state.allocate_handle(),
+                )),
             }
         };
         let (key, local_denial, client_handle) = match step {
@@ -450,6 +463,9 @@ impl Runtime {
                         message: format!("Cannot record the grant: {e}"),
                         reason: None,
                     };
+                }
+                if let Some((licence, receipt)) = spent {
+                    self.witness_receipts(&licence, vec![receipt]).await;
                 }
                 return reply;
             }
@@ -770,7 +786,10 @@ impl Runtime {
             granted_at: now,
             table_handle: None,
         };
-        let grant = state.table.access(record.access_request(), now)?;
+        let grant = state
+            .table
+            .access(record.access_request(), now)
+            .map_err(|reason| self.explain_denial(&state.table, claim.product, reason))?;
         let container = grant.container.to_string();
         record.table_handle = Some(grant.handle);
         record.via = Via::Table {
@@ -788,6 +807,9 @@ impl Runtime {
                 claim.product,
                 units,
             ));
+            // Served licences are witnessed by the server's own state; no chain to hand on.
+            let (more, _receipt) = self.record_unit_spent(&grant.container, claim.product, now);
+            changes.extend(more);
         }
         state.grants.insert(handle, record);
         Ok((handle, container))
@@ -812,6 +834,7 @@ impl Runtime {
             }
         };
         self.wait_for_reconnects().await;
+        self.refresh_licences().await;
         let mut changes = Vec::new();
         let outcome = {
             let mut state = self.lock();
@@ -1091,8 +1114,7 @@ impl Runtime {
         bytes: &[u8],
     ) -> Result<serde_json::Value, (String, Option<Reason>)> {
         let traits = self
-            .platform
-            .traits()
+            .soft_traits()
             .map_err(|e| (format!("Cannot read machine traits: {e}"), None))?;
         let now = self
             .platform
@@ -1133,6 +1155,8 @@ impl Runtime {
             .await
             .map_err(|e| (format!("Licence not saved: {e}"), None))?;
         tracing::info!(source = source_name, "Licence installed");
+        // Metered state, expiry and rollback locks of the new items.
+        self.refresh_licences().await;
         Ok(durable.1)
     }
 

@@ -1,11 +1,13 @@
 //! The meter reference licence runtime: the daemon `meterd` and the command-line tool `meter`.
 
+pub mod activation;
 pub mod cli;
 pub mod client;
 pub mod daemon;
 pub mod frame;
 pub mod licences;
 pub mod local;
+pub mod metering;
 pub mod pidfd;
 pub mod platform;
 pub mod protocol;
@@ -14,3 +16,4 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod vendor;
+pub mod witness;

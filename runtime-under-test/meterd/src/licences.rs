@@ -1,18 +1,28 @@
 //! Installed licence files and trusted vendor keys: turning signed files into allocation items.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use meter_core::allocation::{
     AllocationTable, ContainerClass, ContainerId, ItemEntry, ItemState, ProductKey,
 };
-use meter_core::licence::{SignedLicence, VendorPublicKey, open_products};
-use meter_core::policy::{Allowance, Counting, ItemRules};
+use meter_core::licence::{LicenceBody, SignedLicence, VendorPublicKey, open_products};
+use meter_core::policy::{Counting, ItemRules, ProductItem};
 use meter_core::reason::Reason;
-use meter_core::traits::MachineTraits;
+use meter_core::rollback::{ReceiptSigner, ReceiptVerifier};
+use meter_core::traits::{MachineTraits, names};
+use sha2::{Digest, Sha256};
 
-use crate::store::Change;
+use crate::daemon::{Runtime, Via};
+use crate::metering::Metering;
+use crate::store::{self, Change};
+
+/// Metadata key of the runtime's random id (the `runtime.random-id` trait).
+pub const RANDOM_ID_KEY: &str = "random-id";
+/// Metadata key of the runtime's receipt signing key (its public half is the runtime key).
+pub const RECEIPT_KEY_KEY: &str = "receipt-key";
 
 /// Why a licence file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +81,20 @@ pub struct InstalledLicence {
 pub struct Licences {
     trust_dir: PathBuf,
     installed: BTreeMap<String, InstalledLicence>,
+    /// Verified bodies of the installed licences, re-opened when the machine's traits change.
+    bodies: BTreeMap<String, LicenceBody>,
+    /// Items of the licences that open on this machine.
+    opened: BTreeMap<String, Vec<ProductItem>>,
+    /// Digest of the traits the licences were last opened with.
+    opened_with: Option<[u8; 32]>,
+    /// The runtime's random id, once created.
+    random_id: Option<String>,
+    /// The runtime's receipt signing key, once created.
+    receipt_key: Option<[u8; 32]>,
+    /// Receipt chains, high-water marks and vmgenids of metered licences.
+    pub metering: Metering,
+    /// Chains this runtime witnesses for client runtimes (server side).
+    pub witnesses: crate::witness::WitnessStore,
 }
 
 /// The metadata key of an item's remaining units.
@@ -89,7 +113,71 @@ impl Licences {
         Licences {
             trust_dir,
             installed: BTreeMap::new(),
+            bodies: BTreeMap::new(),
+            opened: BTreeMap::new(),
+            opened_with: None,
+            random_id: None,
+            receipt_key: None,
+            metering: Metering::default(),
+            witnesses: crate::witness::WitnessStore::default(),
         }
+    }
+
+    /// Takes the runtime identity, metered states and witnessed chains from the store.
+    pub fn load_meta(&mut self, meta: &BTreeMap<String, Vec<u8>>) {
+        self.random_id = meta
+            .get(RANDOM_ID_KEY)
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        self.receipt_key = meta
+            .get(RECEIPT_KEY_KEY)
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+        self.metering = Metering::load(meta);
+        self.witnesses = crate::witness::WitnessStore::load(meta);
+    }
+
+    /// Creates the random id and receipt key on first need; returns the changes to store and the
+    /// runtime key (public receipt key, hex).
+    pub fn ensure_identity(
+        &mut self,
+        entropy: impl Fn() -> Result<[u8; 32], String>,
+    ) -> Result<(Vec<Change>, String), String> {
+        let mut changes = Vec::new();
+        if self.random_id.is_none() || self.receipt_key.is_none() {
+            let id = hex::encode(&entropy()?[..16]);
+            let key = entropy()?;
+            let id = self.random_id.clone().unwrap_or(id);
+            let key = self.receipt_key.unwrap_or(key);
+            changes = crate::activation::identity_changes(&id, &key);
+            self.random_id = Some(id);
+            self.receipt_key = Some(key);
+            // The traits changed: re-open everything on next use.
+            self.opened_with = None;
+        }
+        let key = self.receipt_key.expect("set above");
+        Ok((
+            changes,
+            hex::encode(ReceiptSigner::from_bytes(&key).verifier().to_bytes()),
+        ))
+    }
+
+    /// The runtime's random id, if created.
+    pub fn random_id(&self) -> Option<&str> {
+        self.random_id.as_deref()
+    }
+
+    /// The key receipts are signed with, if created.
+    pub fn signer(&self) -> Option<ReceiptSigner> {
+        self.receipt_key.as_ref().map(ReceiptSigner::from_bytes)
+    }
+
+    /// The public half of the receipt key.
+    pub fn verifier(&self) -> Option<ReceiptVerifier> {
+        self.signer().map(|s| s.verifier())
+    }
+
+    /// The vendor key trusted for `firm`, if any.
+    pub fn trusted_vendor(&self, firm: u32) -> Result<Option<VendorPublicKey>, LicenceRefusal> {
+        self.trusted_key(firm)
     }
 
     /// Stores a vendor's public key for `firm` after checking it parses.
@@ -144,12 +232,39 @@ impl Licences {
         let body = signed
             .verify(&key)
             .map_err(|e| refused(error_chain(&e), e.reason()))?;
+        let body = body.clone();
         let id = body.licence_id.clone();
         let container = ContainerId::new(ContainerClass::Soft, id.clone());
         table.remove_container(&container);
-        let (state, reason) = match open_products(body, traits) {
+        self.opened.remove(&id);
+        let (state, reason) = self.register_items(&body, traits, table, now);
+        self.bodies.insert(id.clone(), body);
+        let installed = InstalledLicence {
+            id: id.clone(),
+            firm,
+            container,
+            state,
+            reason,
+        };
+        self.installed.insert(id, installed.clone());
+        Ok(installed)
+    }
+
+    /// Registers the items of a verified body: opened with `traits`, or its clear catalogue as
+    /// corrupt items when the binding does not open here.
+    fn register_items(
+        &mut self,
+        body: &LicenceBody,
+        traits: &MachineTraits,
+        table: &mut AllocationTable,
+        now: u64,
+    ) -> (ItemState, Option<Reason>) {
+        let id = body.licence_id.clone();
+        let firm = body.firm;
+        let container = ContainerId::new(ContainerClass::Soft, id.clone());
+        match open_products(body, traits) {
             Ok(items) => {
-                for item in items {
+                for item in &items {
                     let expired = item.expires_at.is_some_and(|at| at <= now);
                     table.upsert_item(ItemEntry {
                         container: container.clone(),
@@ -167,42 +282,98 @@ impl Licences {
                         units_left: item.units,
                     });
                 }
+                self.opened.insert(id, items);
                 (ItemState::Valid, None)
             }
             Err(e) => {
                 tracing::warn!(licence = %id, error = %error_chain(&e), "Licence does not open on this machine");
+                self.opened.remove(&id);
                 // Only the clear catalogue is known: list its products as corrupt.
                 for entry in &body.catalogue {
-                    table.upsert_item(ItemEntry {
-                        container: container.clone(),
-                        product: ProductKey {
-                            firm,
-                            code: entry.code,
-                        },
-                        name: entry.name.clone(),
-                        rules: ItemRules {
-                            quantity: 1,
-                            counting: Counting::StationShare,
-                            virtual_machines: Allowance::Allow,
-                            terminal_server: Allowance::Allow,
-                            expires_at: None,
-                        },
-                        state: ItemState::Corrupt,
-                        units_left: None,
-                    });
+                    let product = ProductKey {
+                        firm,
+                        code: entry.code,
+                    };
+                    let rules = ItemRules {
+                        quantity: 1,
+                        counting: Counting::StationShare,
+                        virtual_machines: entry.virtual_machines,
+                        terminal_server: meter_core::policy::Allowance::Allow,
+                        expires_at: None,
+                    };
+                    if table.set_state(&container, product, ItemState::Corrupt).is_err() {
+                        table.upsert_item(ItemEntry {
+                            container: container.clone(),
+                            product,
+                            name: entry.name.clone(),
+                            rules,
+                            state: ItemState::Corrupt,
+                            units_left: None,
+                        });
+                    }
                 }
                 (ItemState::Corrupt, Some(e.reason()))
             }
-        };
-        let installed = InstalledLicence {
-            id: id.clone(),
-            firm,
-            container,
-            state,
-            reason,
-        };
-        self.installed.insert(id, installed.clone());
-        Ok(installed)
+        }
+    }
+
+    /// Re-opens every installed licence when the machine's traits differ from those it was last
+    /// opened with; returns the containers that stopped opening (their grants must go).
+    pub fn revalidate(
+        &mut self,
+        traits: &MachineTraits,
+        table: &mut AllocationTable,
+        now: u64,
+    ) -> Vec<ContainerId> {
+        let digest: [u8; 32] = Sha256::digest(serde_json::to_vec(traits).unwrap_or_default()).into();
+        if self.opened_with == Some(digest) {
+            return Vec::new();
+        }
+        self.opened_with = Some(digest);
+        let mut broken = Vec::new();
+        let bodies: Vec<LicenceBody> = self.bodies.values().cloned().collect();
+        for body in bodies {
+            let was_open = self.opened.contains_key(&body.licence_id);
+            let (state, reason) = self.register_items(&body, traits, table, now);
+            let id = body.licence_id.clone();
+            if let Some(installed) = self.installed.get_mut(&id) {
+                installed.state = state;
+                installed.reason = reason;
+            }
+            let container = ContainerId::new(ContainerClass::Soft, id.clone());
+            match (was_open, state) {
+                (true, ItemState::Corrupt) => {
+                    tracing::warn!(licence = %id, "Machine traits changed: licence no longer opens");
+                    broken.push(container);
+                }
+                (false, ItemState::Valid) => {
+                    tracing::info!(licence = %id, "Machine traits changed: licence opens again");
+                }
+                _ => {}
+            }
+        }
+        broken
+    }
+
+    /// Forgets the opened traits so the next [`Licences::revalidate`] re-opens everything.
+    pub fn invalidate(&mut self) {
+        self.opened_with = None;
+    }
+
+    /// Creates the metered state of opened licences that have metered or time-limited items.
+    pub fn register_metering(&mut self, now: u64, vmgenid: Option<&str>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for (id, items) in &self.opened {
+            changes.extend(self.metering.register(id, items, now, vmgenid));
+        }
+        changes
+    }
+
+    /// The licence id of a soft container, if it is an installed licence.
+    pub fn licence_of(&self, container: &ContainerId) -> Option<&str> {
+        (container.class == ContainerClass::Soft)
+            .then(|| self.installed.get(&container.id).map(|l| l.id.as_str()))
+            .flatten()
     }
 
     /// Re-registers a licence stored in the state database.
@@ -261,7 +432,13 @@ impl Licences {
         by_container
             .into_iter()
             .map(|(id, products)| {
-                let (state, reason) = states.get(&id).copied().unwrap_or((ItemState::Valid, None));
+                let (state, mut reason) =
+                    states.get(&id).copied().unwrap_or((ItemState::Valid, None));
+                if let Some(licence) = id.strip_prefix("soft:")
+                    && self.metering.is_locked(licence)
+                {
+                    reason = Some(Reason::RollbackDetected);
+                }
                 let kind = id.split(':').next().unwrap_or("soft").to_owned();
                 serde_json::json!({
                     "kind": kind, "id": id, "state": state,
@@ -286,4 +463,150 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+impl Runtime {
+    /// The traits soft licences are opened with: the platform's current traits plus the
+    /// runtime's random id.
+    pub fn soft_traits(&self) -> Result<MachineTraits, crate::platform::PlatformError> {
+        let mut traits = self.platform.traits()?;
+        if let Some(id) = self
+            .licences
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .random_id()
+        {
+            traits.set(names::RUNTIME_RANDOM_ID, id.to_owned());
+        }
+        Ok(traits)
+    }
+
+    /// Re-validates the installed licences against the machine as it is now (traits, clock,
+    /// vmgenid): bindings that stopped opening turn corrupt and their grants are revoked,
+    /// rollback signs lock metered items, and locked items whose policy says reconcile are
+    /// reconciled with a reachable witness. Runs before every access and status read.
+    pub async fn refresh_licences(self: &Arc<Self>) {
+        let (traits, now, vmgenid) = match (
+            self.soft_traits(),
+            self.platform.now_ms(),
+            self.platform.vmgenid(),
+        ) {
+            (Ok(traits), Ok(now), Ok(vmgenid)) => (traits, now, vmgenid),
+            (traits, now, vmgenid) => {
+                tracing::warn!(traits = ?traits.err(), clock = ?now.err(), vmgenid = ?vmgenid.err(), "Cannot read the machine: licences not re-validated");
+                return;
+            }
+        };
+        let (revoke, to_reconcile, durable) = {
+            let mut state = self.lock();
+            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let broken = licences.revalidate(&traits, &mut state.table, now);
+            let mut changes = licences.register_metering(now, vmgenid.as_deref());
+            let check = licences.metering.check(now, vmgenid.as_deref());
+            changes.extend(check.changes);
+            licences.metering.overlay(&mut state.table, now);
+            let broken: BTreeSet<String> = broken.iter().map(ToString::to_string).collect();
+            let locked: BTreeSet<String> = check
+                .newly_locked
+                .iter()
+                .map(|id| ContainerId::new(ContainerClass::Soft, id.clone()).to_string())
+                .collect();
+            let revoke: Vec<(u64, Reason)> = state
+                .grants
+                .iter()
+                .filter_map(|(handle, grant)| match &grant.via {
+                    Via::Table { container } if broken.contains(container) => {
+                        Some((*handle, Reason::BindingBroken))
+                    }
+                    Via::Table { container } if locked.contains(container) => {
+                        Some((*handle, Reason::RollbackDetected))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let durable = (!changes.is_empty()).then(|| self.store.submit(changes));
+            (revoke, check.to_reconcile, durable)
+        };
+        if let Some(durable) = durable
+            && let Err(e) = store::wait(durable).await
+        {
+            tracing::error!(error = %e, "Metered state not recorded");
+        }
+        for (handle, reason) in revoke {
+            self.revoke(handle, reason).await;
+        }
+        for licence in to_reconcile {
+            self.reconcile_with_witness(&licence, now, vmgenid.as_deref())
+                .await;
+        }
+    }
+
+    /// Records one unit spent from a metered soft item (called with the state lock held, before
+    /// the grant is stored): the store changes and the receipt for the witness.
+    pub(crate) fn record_unit_spent(
+        &self,
+        container: &ContainerId,
+        product: ProductKey,
+        now: u64,
+    ) -> (Vec<Change>, Option<(String, meter_core::rollback::Receipt)>) {
+        let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(licence) = licences.licence_of(container).map(str::to_owned) else {
+            return (Vec::new(), None);
+        };
+        let mut changes = Vec::new();
+        if licences.signer().is_none() {
+            match licences.ensure_identity(|| {
+                let mut bytes = [0u8; 32];
+                getrandom::fill(&mut bytes).map_err(|e| format!("No randomness: {e}"))?;
+                Ok(bytes)
+            }) {
+                Ok((more, _)) => changes.extend(more),
+                Err(e) => {
+                    tracing::error!(error = %e, "No receipt key: unit use not recorded");
+                    return (changes, None);
+                }
+            }
+        }
+        let signer = licences.signer().expect("created above");
+        let vmgenid = self.platform.vmgenid().ok().flatten();
+        match licences
+            .metering
+            .spend(&licence, product.code, 1, now, vmgenid.as_deref(), &signer)
+        {
+            Some(Ok((receipt, change))) => {
+                changes.push(change);
+                (changes, Some((licence, receipt)))
+            }
+            Some(Err(e)) => {
+                tracing::error!(licence, product = product.code, error = %e, "Unit use not recorded");
+                (changes, None)
+            }
+            None => (changes, None),
+        }
+    }
+
+    /// A table denial as the app should see it: a rollback lock is `rollback-detected`.
+    pub(crate) fn explain_denial(
+        &self,
+        table: &AllocationTable,
+        product: ProductKey,
+        reason: Reason,
+    ) -> Reason {
+        if reason != Reason::LicenceLocked {
+            return reason;
+        }
+        let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let rolled_back = table.items().iter().any(|view| {
+            view.entry.product == product
+                && view.entry.state == ItemState::Locked
+                && licences
+                    .licence_of(&view.entry.container)
+                    .is_some_and(|id| licences.metering.is_locked(id))
+        });
+        if rolled_back {
+            Reason::RollbackDetected
+        } else {
+            reason
+        }
+    }
 }

@@ -134,7 +134,10 @@ async fn handle(
                 }
             }
         }
-        LocalRequest::Status => LocalReply::Json(runtime.status_json().to_string()),
+        LocalRequest::Status => {
+            runtime.refresh_licences().await;
+            LocalReply::Json(runtime.status_json().to_string())
+        }
         LocalRequest::List => LocalReply::Json(runtime.list_json().to_string()),
         LocalRequest::MachineInfo => match runtime.machine_info_json() {
             Ok(info) => LocalReply::Json(info.to_string()),
@@ -174,6 +177,19 @@ async fn handle(
             match result {
                 Ok(()) => LocalReply::Ok,
                 Err(e) => error(format!("{e:#}")),
+            }
+        }
+        LocalRequest::ActivationRequest {
+            firm,
+            products,
+            vendor,
+        } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may request activations");
+            }
+            match runtime.activation_request(firm, products, vendor).await {
+                Ok(text) => LocalReply::Json(text),
+                Err((message, reason)) => LocalReply::Error { message, reason },
             }
         }
         LocalRequest::InstallLicence { source_name, bytes } => {

@@ -2,6 +2,7 @@
 
 use meter_core::allocation::ProductKey;
 use meter_core::reason::Reason;
+use meter_core::rollback::{ChainHead, Receipt, WitnessLog};
 use meter_core::station::{MachineRole, SessionKind, StationId};
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,15 @@ pub enum LocalRequest {
     Watch {
         /// The handle to watch.
         handle: u64,
+    },
+    /// An activation request for this machine, sealed to the vendor (JSON text of the file).
+    ActivationRequest {
+        /// Vendor firm code.
+        firm: u32,
+        /// Product codes to activate (empty = every soft item of the vendor's policy).
+        products: Vec<u32>,
+        /// The vendor's public key file; `None` = the key trusted for the firm.
+        vendor: Option<Vec<u8>>,
     },
 }
 
@@ -195,6 +205,24 @@ pub enum ToServer {
     },
     /// The client is alive.
     Keepalive,
+    /// Receipts of units spent from one of the client's licences, for the server to witness.
+    WitnessReceipts {
+        /// Request id echoed in the answer.
+        request: u64,
+        /// Licence id.
+        licence: String,
+        /// The client runtime's receipt public key.
+        key: [u8; 32],
+        /// Receipts in chain order.
+        receipts: Vec<Receipt>,
+    },
+    /// The chain the server witnessed for one of the client's licences.
+    WitnessFetch {
+        /// Request id echoed in the answer.
+        request: u64,
+        /// Licence id.
+        licence: String,
+    },
 }
 
 /// A frame from a network server to a client runtime.
@@ -236,6 +264,22 @@ pub enum FromServer {
         handle: u64,
         /// Why.
         reason: Reason,
+    },
+    /// Answer to `WitnessReceipts`: the witnessed head, and why receipts were refused.
+    Witnessed {
+        /// Request id.
+        request: u64,
+        /// The witnessed chain's head after the receipts.
+        head: ChainHead,
+        /// Why a receipt was not accepted (a fork or a gap), if one was not.
+        refused: Option<String>,
+    },
+    /// Answer to `WitnessFetch`.
+    WitnessChain {
+        /// Request id.
+        request: u64,
+        /// The witnessed chain, `None` when the server has seen no receipt of the licence.
+        log: Option<WitnessLog>,
     },
 }
 

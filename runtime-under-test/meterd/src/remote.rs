@@ -181,6 +181,17 @@ impl Remotes {
         Err(denial)
     }
 
+    /// Sends one request to every connected server; the answers, by server address.
+    pub(crate) async fn ask_all(&self, make: impl Fn(u64) -> ToServer) -> Vec<(String, FromServer)> {
+        let mut answers = Vec::new();
+        for server in self.servers() {
+            if let Some(answer) = self.request(&server, &make).await {
+                answers.push((server.addr.clone(), answer));
+            }
+        }
+        answers
+    }
+
     /// Releases a grant on its server (best effort: a lost link releases it anyway).
     pub async fn release(&self, server: &str, server_handle: u64) {
         let Some(remote) = self.servers().into_iter().find(|s| s.addr == server) else {
@@ -299,7 +310,9 @@ async fn run_link(runtime: &Arc<Runtime>, server: &Arc<RemoteServer>) -> anyhow:
                     match message {
                         FromServer::Granted { request, .. }
                         | FromServer::Denied { request, .. }
-                        | FromServer::Released { request } => {
+                        | FromServer::Released { request }
+                        | FromServer::Witnessed { request, .. }
+                        | FromServer::WitnessChain { request, .. } => {
                             let waiter = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(message);

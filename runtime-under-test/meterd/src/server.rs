@@ -129,6 +129,24 @@ async fn serve_station(
                     let _ = events.send(answer);
                 });
             }
+            ToServer::WitnessReceipts {
+                request,
+                licence,
+                key,
+                receipts,
+            } => {
+                let runtime = Arc::clone(&runtime);
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let answer = runtime
+                        .witness_receipts_in(request, &licence, key, receipts)
+                        .await;
+                    let _ = events.send(answer);
+                });
+            }
+            ToServer::WitnessFetch { request, licence } => {
+                let _ = events.send(runtime.witness_chain_out(request, &licence));
+            }
         }
     };
     writer.abort();

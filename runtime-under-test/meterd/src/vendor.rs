@@ -1,7 +1,7 @@
 //! Vendor tools (keys, licence issue, activation answers) and the runtime's activation request.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use meter_core::licence::{LicenceBody, VendorKey, VendorPublicKey};
@@ -99,11 +99,12 @@ pub fn run(json_mode: bool, command: VendorCommand) -> anyhow::Result<Outcome> {
             });
             Ok(Outcome { code: 0 })
         }
-        VendorCommand::Activate { .. } => {
-            anyhow::bail!(
-                "Activation answers need meter-core's activation module, which is not built yet"
-            )
-        }
+        VendorCommand::Activate {
+            request,
+            policy,
+            key,
+            out,
+        } => crate::activation::vendor_answer(json_mode, &request, &policy, &key, &out),
     }
 }
 
@@ -113,16 +114,4 @@ fn report(json_mode: bool, document: &serde_json::Value, human: impl FnOnce() ->
     } else {
         println!("{}", human());
     }
-}
-
-/// Writes an activation request for this machine.
-pub async fn activation_request(
-    _socket: &Path,
-    _json: bool,
-    _product: u32,
-    _firm: u32,
-    _vendor: Option<PathBuf>,
-    _out: &Path,
-) -> anyhow::Result<Outcome> {
-    anyhow::bail!("Activation requests need meter-core's activation module, which is not built yet")
 }

@@ -1,0 +1,252 @@
+//! Rollback resistance of soft licences' metered items (pay-per-use units, expiry dates): the
+//! receipt chain, time high-water mark and vmgenid of each licence, persisted with the state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use meter_core::allocation::{AllocationTable, ContainerClass, ContainerId, ItemState};
+use meter_core::policy::{ProductItem, RollbackPolicy};
+use meter_core::rollback::{
+    LockReason, MeteredState, Receipt, ReceiptSigner, Reconciliation, RollbackError, WitnessLog,
+};
+
+use crate::store::Change;
+
+/// Metadata key prefix of a licence's metered state (JSON).
+const METERED_KEY_PREFIX: &str = "metered/";
+
+/// The clock may pass the high-water mark by this much before the mark is written again.
+const HIGH_WATER_STEP_MS: u64 = 1_000;
+
+/// What the vendor's items of one licence say about metering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MeteredRules {
+    /// Reconcile with a witness only when every metered item says so; else lock.
+    policy: RollbackPolicy,
+    /// Product codes that are metered (units) or time-limited.
+    products: BTreeSet<u32>,
+}
+
+/// The metered state of every installed soft licence with metered or time-limited items.
+#[derive(Debug, Default)]
+pub struct Metering {
+    states: BTreeMap<String, MeteredState>,
+    rules: BTreeMap<String, MeteredRules>,
+}
+
+/// The store change that records a licence's metered state.
+fn state_change(licence: &str, state: &MeteredState) -> Change {
+    Change::PutMeta(
+        format!("{METERED_KEY_PREFIX}{licence}"),
+        serde_json::to_vec(state).expect("metered state always encodes"),
+    )
+}
+
+/// What one check of every metered licence found.
+#[derive(Debug, Default)]
+pub struct CheckOutcome {
+    /// State writes to persist.
+    pub changes: Vec<Change>,
+    /// Licences that were locked by this check.
+    pub newly_locked: Vec<String>,
+    /// Locked licences whose policy says reconcile (a witness may unlock them).
+    pub to_reconcile: Vec<String>,
+}
+
+impl Metering {
+    /// Metered states as the store holds them.
+    pub fn load(meta: &BTreeMap<String, Vec<u8>>) -> Self {
+        let mut states = BTreeMap::new();
+        for (key, bytes) in meta {
+            let Some(id) = key.strip_prefix(METERED_KEY_PREFIX) else {
+                continue;
+            };
+            match serde_json::from_slice::<MeteredState>(bytes) {
+                Ok(state) => {
+                    states.insert(id.to_owned(), state);
+                }
+                Err(e) => tracing::error!(licence = id, error = %e, "Unreadable metered state"),
+            }
+        }
+        Metering {
+            states,
+            rules: BTreeMap::new(),
+        }
+    }
+
+    /// Records the items of an opened licence; creates its metered state on first sight.
+    pub fn register(
+        &mut self,
+        licence: &str,
+        items: &[ProductItem],
+        now: u64,
+        vmgenid: Option<&str>,
+    ) -> Option<Change> {
+        let metered: Vec<&ProductItem> = items
+            .iter()
+            .filter(|item| item.units.is_some() || item.expires_at.is_some())
+            .collect();
+        if metered.is_empty() {
+            return None;
+        }
+        let policy = if metered
+            .iter()
+            .all(|item| item.on_rollback == RollbackPolicy::Reconcile)
+        {
+            RollbackPolicy::Reconcile
+        } else {
+            RollbackPolicy::Lock
+        };
+        self.rules.insert(
+            licence.to_owned(),
+            MeteredRules {
+                policy,
+                products: metered.iter().map(|item| item.code).collect(),
+            },
+        );
+        if self.states.contains_key(licence) {
+            return None;
+        }
+        let grants: BTreeMap<u32, u64> = metered
+            .iter()
+            .filter_map(|item| item.units.map(|units| (item.code, units)))
+            .collect();
+        let state = MeteredState::new(licence, grants, now, vmgenid);
+        let change = state_change(licence, &state);
+        self.states.insert(licence.to_owned(), state);
+        Some(change)
+    }
+
+    /// Forgets a licence (it was replaced by a new install of the same id).
+    pub fn forget(&mut self, licence: &str) -> Option<Change> {
+        self.rules.remove(licence);
+        self.states
+            .remove(licence)
+            .map(|_| Change::DeleteMeta(format!("{METERED_KEY_PREFIX}{licence}")))
+    }
+
+    /// Looks for rollback signs in every opened metered licence (vmgenid, clock) and moves the
+    /// high-water mark forward.
+    pub fn check(&mut self, now: u64, vmgenid: Option<&str>) -> CheckOutcome {
+        let mut outcome = CheckOutcome::default();
+        for (id, rules) in &self.rules {
+            let Some(state) = self.states.get_mut(id) else {
+                continue;
+            };
+            if state.lock.is_none() {
+                if let Some(reason) = state.detect(now, vmgenid, None) {
+                    tracing::warn!(licence = %id, reason = reason.code(), "Rollback detected: metered items locked");
+                    state.lock = Some(reason);
+                    outcome.newly_locked.push(id.clone());
+                    outcome.changes.push(state_change(id, state));
+                } else if now >= state.high_water_ms + HIGH_WATER_STEP_MS
+                    && state.touch(now, vmgenid).is_ok()
+                {
+                    outcome.changes.push(state_change(id, state));
+                }
+            }
+            if state.lock.is_some() && rules.policy == RollbackPolicy::Reconcile {
+                outcome.to_reconcile.push(id.clone());
+            }
+        }
+        outcome
+    }
+
+    /// Spends units of a product of a licence; the receipt goes to the witness.
+    pub fn spend(
+        &mut self,
+        licence: &str,
+        product: u32,
+        units: u64,
+        now: u64,
+        vmgenid: Option<&str>,
+        signer: &ReceiptSigner,
+    ) -> Option<Result<(Receipt, Change), RollbackError>> {
+        let state = self.states.get_mut(licence)?;
+        state.remaining(product)?;
+        Some(
+            state
+                .spend(product, units, now, vmgenid, signer)
+                .map(|receipt| (receipt, state_change(licence, state))),
+        )
+    }
+
+    /// Locks a licence whose chain the witness refused (a fork).
+    pub fn lock(&mut self, licence: &str, reason: LockReason) -> Option<Change> {
+        let state = self.states.get_mut(licence)?;
+        if state.lock.is_none() {
+            tracing::warn!(licence, reason = reason.code(), "Witness refused the chain: metered items locked");
+            state.lock = Some(reason);
+        }
+        Some(state_change(licence, state))
+    }
+
+    /// Reconciles a locked licence with the witness's chain, as the vendor's policy allows.
+    pub fn reconcile(
+        &mut self,
+        licence: &str,
+        witness: &WitnessLog,
+        now: u64,
+        vmgenid: Option<&str>,
+        signer: &ReceiptSigner,
+    ) -> Option<Result<(Reconciliation, Change), RollbackError>> {
+        let policy = self.rules.get(licence)?.policy;
+        let state = self.states.get_mut(licence)?;
+        Some(
+            state
+                .resolve(policy, Some(witness), now, vmgenid, signer)
+                .map(|done| (done, state_change(licence, state))),
+        )
+    }
+
+    /// The receipt chain of a licence (sent to a witness that has not seen all of it).
+    pub fn receipts(&self, licence: &str) -> Vec<Receipt> {
+        self.states
+            .get(licence)
+            .map(|s| s.receipts.clone())
+            .unwrap_or_default()
+    }
+
+    /// True when the licence's metered items are locked after a rollback.
+    pub fn is_locked(&self, licence: &str) -> bool {
+        self.rules.contains_key(licence)
+            && self.states.get(licence).is_some_and(|s| s.lock.is_some())
+    }
+
+    /// The lock reason of a licence, if locked.
+    pub fn lock_reason(&self, licence: &str) -> Option<&LockReason> {
+        self.states.get(licence).and_then(|s| s.lock.as_ref())
+    }
+
+    /// Puts the metered truth into the allocation table: units left, expiry and rollback locks.
+    pub fn overlay(&self, table: &mut AllocationTable, now: u64) {
+        for (id, rules) in &self.rules {
+            let Some(state) = self.states.get(id) else {
+                continue;
+            };
+            let container = ContainerId::new(ContainerClass::Soft, id.clone());
+            for view in table.items() {
+                let entry = &view.entry;
+                if entry.container != container || !rules.products.contains(&entry.product.code)
+                {
+                    continue;
+                }
+                if entry.state == ItemState::Corrupt {
+                    continue;
+                }
+                if let Some(left) = state.remaining(entry.product.code) {
+                    let _ = table.set_units_left(&container, entry.product, Some(left));
+                }
+                let wanted = if state.lock.is_some() {
+                    ItemState::Locked
+                } else if entry.rules.expires_at.is_some_and(|at| at <= now) {
+                    ItemState::Expired
+                } else {
+                    ItemState::Valid
+                };
+                if entry.state != wanted {
+                    let _ = table.set_state(&container, entry.product, wanted);
+                }
+            }
+        }
+    }
+}
