@@ -114,6 +114,7 @@ async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     };
     let runtime = Runtime::new(platform, store, snapshot, settings)?;
     runtime.resume();
+    crate::dongles::start(Arc::clone(&runtime)).await;
     let mut servers = saved_servers;
     for (addr, pin) in args.remotes.iter().zip(&args.pins) {
         servers.retain(|(a, _)| a != addr);
@@ -158,6 +159,7 @@ async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("meterd stopping");
+    runtime.dongles.close_all().await;
     let _ = std::fs::remove_file(&ready);
     let _ = std::fs::remove_file(&socket);
     Ok(())
@@ -296,6 +298,12 @@ pub enum VendorCommand {
         /// Where to write the licence.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Licence dongles: manufacture and program.
+    Dongle {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::dongle_vendor::DongleCommand,
     },
     /// Answer an activation request with a licence bound to the requesting machine.
     Activate {

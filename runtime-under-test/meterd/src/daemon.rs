@@ -196,6 +196,8 @@ pub struct Runtime {
     pub licences: Mutex<crate::licences::Licences>,
     /// The network server's listen address and certificate fingerprint, when serving.
     pub server_info: Mutex<Option<(String, String)>>,
+    /// Licence dongles attached to this machine.
+    pub dongles: crate::dongles::Dongles,
 }
 
 fn reply_denied(reason: Reason) -> LocalReply {
@@ -296,6 +298,7 @@ impl Runtime {
             remotes,
             licences: Mutex::new(licences),
             server_info: Mutex::new(None),
+            dongles: crate::dongles::Dongles::new(),
         }))
     }
 
@@ -401,6 +404,7 @@ impl Runtime {
             uid: caller.uid,
         };
         self.wait_for_reconnects().await;
+        self.dongles.before_access(self).await;
         self.refresh_licences().await;
         let mut spent = None;
         let step = {
@@ -457,6 +461,11 @@ impl Runtime {
         };
         let (key, local_denial, client_handle) = match step {
             Ok((reply, durable)) => {
+                if let LocalReply::Granted { handle, .. } = &reply
+                    && let Err(reason) = self.dongles.confirm_grant(self, *handle).await
+                {
+                    return reply_denied(reason);
+                }
                 self.watch_holder(caller.pid, caller.start);
                 if let Err(e) = store::wait(durable).await {
                     return LocalReply::Error {
@@ -471,6 +480,7 @@ impl Runtime {
             }
             Err(denied) => denied,
         };
+        let local_denial = self.dongles.explain_denial(key, local_denial);
         if self.remotes.is_empty() {
             return reply_denied(local_denial);
         }
@@ -570,6 +580,7 @@ impl Runtime {
             state.listeners.remove(&handle);
             (record, self.store.submit(vec![Change::DeleteGrant(handle)]))
         };
+        self.dongles.release_grant(handle);
         if durable_wait && let Err(e) = store::wait(durable).await {
             tracing::error!(handle, error = %e, "Release not recorded");
         }
@@ -834,6 +845,7 @@ impl Runtime {
             }
         };
         self.wait_for_reconnects().await;
+        self.dongles.before_access(self).await;
         self.refresh_licences().await;
         let mut changes = Vec::new();
         let outcome = {
@@ -850,12 +862,20 @@ impl Runtime {
         };
         match outcome {
             // Not waiting for the disk: the client runtime re-claims its grants after a restart.
-            Ok(((handle, container), _durable)) => FromServer::Granted {
+            Ok(((handle, container), _durable)) => {
+                match self.dongles.confirm_grant(self, handle).await {
+                    Ok(()) => FromServer::Granted {
+                        request,
+                        handle,
+                        container,
+                    },
+                    Err(reason) => FromServer::Denied { request, reason },
+                }
+            }
+            Err(reason) => FromServer::Denied {
                 request,
-                handle,
-                container,
+                reason: self.dongles.explain_denial(claim.product, reason),
             },
-            Err(reason) => FromServer::Denied { request, reason },
         }
     }
 
@@ -1042,7 +1062,9 @@ impl Runtime {
         });
         let state = self.lock();
         let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
-        let containers = licences.containers_json(&state.table);
+        let mut containers = licences.containers_json(&state.table);
+        containers.retain(|c| c["kind"] != "dongle");
+        containers.extend(self.dongles.containers_json(&state.table));
         let mut remotes: Vec<serde_json::Value> = self
             .remotes
             .list()

@@ -99,6 +99,7 @@ pub fn run(json_mode: bool, command: VendorCommand) -> anyhow::Result<Outcome> {
             });
             Ok(Outcome { code: 0 })
         }
+        VendorCommand::Dongle { command } => crate::dongle_vendor::run(json_mode, command),
         VendorCommand::Activate {
             request,
             policy,

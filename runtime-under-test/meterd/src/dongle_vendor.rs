@@ -1,0 +1,142 @@
+//! `meter vendor dongle …`: manufacturing and programming licence dongles.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use dongle::{DonglePolicy, Flash, ItemCounting, ProductItem, Serial, SigningKey};
+use meter_core::policy::{Counting, ProductPolicy};
+use serde_json::json;
+
+use crate::cli::Outcome;
+
+/// `meter vendor dongle` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DongleCommand {
+    /// Manufacture a dongle certified by the vendor key and program products into its flash.
+    Program {
+        /// Product policy (YAML) the products are taken from.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The vendor's secret key (vendor.key).
+        #[arg(long)]
+        key: PathBuf,
+        /// The dongle's serial number.
+        #[arg(long)]
+        serial: u64,
+        /// Product codes to program, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        products: Vec<u32>,
+        /// Rebinds allowed within the rebind window; one more locks the dongle out.
+        #[arg(long, default_value_t = 3)]
+        max_rebinds: u32,
+        /// The rebind window, dongle milliseconds.
+        #[arg(long, default_value_t = 60_000)]
+        rebind_window_ms: u64,
+        /// How long a lockout lasts, dongle milliseconds.
+        #[arg(long, default_value_t = 300_000)]
+        lockout_ms: u64,
+        /// Where to write the dongle flash (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// The Ed25519 signing key inside a vendor key file (`signing-key`, 32 bytes hex).
+pub fn read_vendor_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
+    // Parsing as a vendor key first rejects files that are not vendor keys at all.
+    crate::vendor::read_vendor_key(path)?;
+    let bytes = fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
+    let text: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a vendor key", path.display()))?;
+    let seed = text["signing-key"]
+        .as_str()
+        .and_then(|hex_text| hex::decode(hex_text).ok())
+        .and_then(|seed| <[u8; 32]>::try_from(seed.as_slice()).ok())
+        .with_context(|| format!("{} has no signing key", path.display()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn dongle_counting(counting: Counting) -> ItemCounting {
+    match counting {
+        Counting::UserLimit => ItemCounting::UserLimit,
+        Counting::StationShare => ItemCounting::StationShare,
+        Counting::NoCount => ItemCounting::NoCount,
+    }
+}
+
+fn entropy() -> anyhow::Result<[u8; 32]> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
+    Ok(bytes)
+}
+
+/// Runs a `meter vendor dongle` command.
+pub fn run(json_mode: bool, command: DongleCommand) -> anyhow::Result<Outcome> {
+    match command {
+        DongleCommand::Program {
+            policy,
+            key,
+            serial,
+            products,
+            max_rebinds,
+            rebind_window_ms,
+            lockout_ms,
+            out,
+        } => {
+            let text = fs::read_to_string(&policy)
+                .with_context(|| format!("Cannot read {}", policy.display()))?;
+            let policy = ProductPolicy::from_yaml(&text)
+                .with_context(|| format!("Invalid policy {}", policy.display()))?;
+            let vendor = read_vendor_signing_key(&key)?;
+            let mut flash = Flash::manufacture(Serial(serial), entropy()?, entropy()?, &vendor);
+            flash
+                .set_policy(
+                    &vendor,
+                    DonglePolicy {
+                        max_rebinds,
+                        rebind_window_ms,
+                        lockout_ms,
+                        ..DonglePolicy::default()
+                    },
+                )
+                .context("Cannot program the dongle policy")?;
+            for code in &products {
+                let product = policy
+                    .products
+                    .iter()
+                    .find(|p| p.code == *code)
+                    .with_context(|| format!("Product {code} is not in the policy"))?;
+                flash
+                    .program_item(
+                        &vendor,
+                        ProductItem {
+                            firm: policy.firm,
+                            code: product.code,
+                            name: product.name.clone(),
+                            quantity: product.quantity,
+                            counting: dongle_counting(product.counting),
+                            expires_at: product.expires_at,
+                            units: product.units,
+                        },
+                    )
+                    .with_context(|| format!("Cannot program product {code}"))?;
+            }
+            let bytes = serde_json::to_vec_pretty(&flash)?;
+            let tmp = out.with_extension("tmp");
+            fs::write(&tmp, bytes).with_context(|| format!("Cannot write {}", tmp.display()))?;
+            fs::rename(&tmp, &out).with_context(|| format!("Cannot write {}", out.display()))?;
+            let document = json!({
+                "serial": serial, "firm": policy.firm, "products": products, "out": out,
+                "policy": {"max_rebinds": max_rebinds, "rebind_window_ms": rebind_window_ms, "lockout_ms": lockout_ms},
+            });
+            if json_mode {
+                println!("{document}");
+            } else {
+                println!("dongle {serial} programmed, flash written to {}", out.display());
+            }
+            Ok(Outcome { code: 0 })
+        }
+    }
+}

@@ -1,0 +1,963 @@
+//! The dongle manager: finds the dongles attached to the machine, opens a session with each,
+//! offers their items through the allocation table, keeps the sessions alive, and takes every
+//! licence back when a dongle is removed, rebound elsewhere or locked out.
+//!
+//! Quantity is counted by the allocation table like any other container; each grant is also
+//! opened inside the dongle (`Access`, or `DecrementUnits` for pay-per-use items, so units spent
+//! live in the dongle's flash and a snapshot revert of this machine cannot give them back).
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dongle::{
+    DongleIdentity, ItemCounting, LockoutReason, ProductItem, Report, ReportAssembler, Request,
+    Response, RuntimeId, Session, SessionError, VerifyingKey, encode_reports,
+};
+use meter_core::allocation::{AllocationTable, ContainerClass, ContainerId, ItemEntry, ProductKey};
+use meter_core::policy::{Allowance, Counting, ItemRules};
+use meter_core::reason::Reason;
+use tokio::sync::{Notify, mpsc};
+
+use crate::daemon::{Runtime, Via};
+use crate::platform::UsbEndpoint;
+use crate::transport::{self, DongleTransport, TransportError};
+
+/// How often the manager looks for attached and removed dongles (also woken by file events).
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(150);
+/// How often an open session is kept alive (the dongle's active window is 10 s).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a locked-out dongle is asked again whether its lockout is over.
+pub const LOCKED_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the dongle may take to answer one frame.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A dongle link that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The transport failed or closed.
+    #[error("Dongle transport failed")]
+    Transport(#[from] TransportError),
+    /// The dongle is gone (unplugged or connection closed).
+    #[error("Dongle gone")]
+    Gone,
+    /// The dongle did not answer in time.
+    #[error("Dongle did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The session protocol failed.
+    #[error("Dongle session failed")]
+    Session(#[from] SessionError),
+}
+
+/// Where one dongle stands, as this runtime sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DongleState {
+    /// Connected, handshake not done yet.
+    Connecting,
+    /// Session open; its items are offered.
+    Open,
+    /// The dongle refuses this runtime until `until_ms` (dongle time).
+    Locked {
+        /// `dongle-shared` or `dongle-locked-out`.
+        reason: Reason,
+        /// End of the lockout, dongle oscillator milliseconds.
+        until_ms: u64,
+    },
+    /// Another runtime bound the dongle.
+    BindingBroken,
+    /// The dongle could not be used (certificate refused, protocol failure).
+    Refused {
+        /// The reason code, when one applies.
+        reason: Option<Reason>,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// The I/O side of one connection to a dongle.
+struct LinkIo {
+    writer: Box<dyn DongleTransport>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    assembler: ReportAssembler,
+    session: Option<Session>,
+}
+
+fn send_frame(writer: &mut Box<dyn DongleTransport>, frame: &[u8]) -> Result<(), LinkError> {
+    let reports = encode_reports(frame).map_err(|_| LinkError::Session(SessionError::TooLarge))?;
+    for report in &reports {
+        writer.send(report)?;
+    }
+    Ok(())
+}
+
+async fn next_frame(
+    reports: &mut mpsc::UnboundedReceiver<Report>,
+    assembler: &mut ReportAssembler,
+) -> Result<Vec<u8>, LinkError> {
+    loop {
+        let report = tokio::time::timeout(REPLY_TIMEOUT, reports.recv())
+            .await
+            .map_err(|_| LinkError::Timeout(REPLY_TIMEOUT))?
+            .ok_or(LinkError::Gone)?;
+        match assembler.push(&report) {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(%error, "Dropped a bad report from the dongle");
+                *assembler = ReportAssembler::new();
+            }
+        }
+    }
+}
+
+/// One connection to a dongle: a reader thread feeding reports, and the session on top.
+pub struct Link {
+    io: tokio::sync::Mutex<LinkIo>,
+    closer: Box<dyn DongleTransport>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("transport", &self.closer).finish()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.closer.close();
+    }
+}
+
+impl Link {
+    /// Connects a transport; `gone` runs (once) when the dongle disappears.
+    pub fn start(
+        transport: Box<dyn DongleTransport>,
+        gone: impl FnOnce() + Send + 'static,
+    ) -> Result<Self, LinkError> {
+        let mut reader = transport.try_clone()?;
+        let closer = transport.try_clone()?;
+        let (sender, reports) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("dongle-reader".into())
+            .spawn(move || {
+                loop {
+                    match reader.receive() {
+                        Ok(Some(report)) => {
+                            if sender.send(report).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::debug!(%error, "Dongle transport read failed");
+                            break;
+                        }
+                    }
+                }
+                drop(sender);
+                gone();
+            })
+            .map_err(|e| LinkError::Transport(TransportError::Io(e)))?;
+        Ok(Self {
+            io: tokio::sync::Mutex::new(LinkIo {
+                writer: transport,
+                reports,
+                assembler: ReportAssembler::new(),
+                session: None,
+            }),
+            closer,
+        })
+    }
+
+    /// Opens (or re-opens) a session: the dongle binds to `runtime`.
+    pub async fn hello(
+        &self,
+        runtime: RuntimeId,
+        trusted_vendors: Vec<VerifyingKey>,
+    ) -> Result<DongleIdentity, LinkError> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret)
+            .map_err(|e| LinkError::Transport(TransportError::Io(std::io::Error::other(e.to_string()))))?;
+        let mut io = self.io.lock().await;
+        let LinkIo {
+            writer,
+            reports,
+            assembler,
+            session,
+        } = &mut *io;
+        *session = None;
+        // Whatever is still in flight belongs to an older session.
+        while reports.try_recv().is_ok() {}
+        *assembler = ReportAssembler::new();
+        let (mut opening, hello) = Session::start(runtime, secret, trusted_vendors);
+        send_frame(writer, &hello)?;
+        let frame = next_frame(reports, assembler).await?;
+        let identity = opening.accept(&frame)?;
+        *session = Some(opening);
+        Ok(identity)
+    }
+
+    /// Sends one request in the open session and returns the dongle's answer.
+    pub async fn call(&self, request: &Request) -> Result<Response, LinkError> {
+        let mut io = self.io.lock().await;
+        let LinkIo {
+            writer,
+            reports,
+            assembler,
+            session,
+        } = &mut *io;
+        let Some(open) = session.as_mut() else {
+            return Err(LinkError::Session(SessionError::NotOpen));
+        };
+        let frame = open.request(request)?;
+        let outcome = async {
+            send_frame(writer, &frame)?;
+            loop {
+                let reply = next_frame(reports, assembler).await?;
+                match open.receive(&reply) {
+                    Ok(response) => return Ok(response),
+                    Err(error) if !error.is_fatal() => {
+                        tracing::debug!(%error, "Ignored a frame from the dongle");
+                    }
+                    Err(error) => return Err(LinkError::Session(error)),
+                }
+            }
+        }
+        .await;
+        if outcome.is_err() {
+            *session = None;
+        }
+        outcome
+    }
+}
+
+/// One dongle attached to this machine.
+#[derive(Debug)]
+struct Attached {
+    endpoint: UsbEndpoint,
+    file_id: (u64, u64),
+    generation: u64,
+    link: Arc<Link>,
+    state: DongleState,
+    container: ContainerId,
+    last_frame: Instant,
+    last_hello: Instant,
+}
+
+/// The manager's bookkeeping, behind one lock (taken after the runtime's state lock, never before).
+#[derive(Debug, Default)]
+struct Board {
+    attached: BTreeMap<String, Attached>,
+    /// Items last read from each dongle (to explain denials while it is locked).
+    known_items: HashMap<String, Vec<ProductItem>>,
+    /// Lockouts seen per serial: end time and the connection that saw it first.
+    seen_lockouts: HashMap<String, (u64, u64)>,
+    /// Daemon grant handle → (serial, connection generation, dongle access handle).
+    accesses: HashMap<u64, (String, u64, Option<u32>)>,
+    next_generation: u64,
+}
+
+/// The runtime's dongles.
+#[derive(Debug)]
+pub struct Dongles {
+    board: Mutex<Board>,
+    scanning: tokio::sync::Mutex<()>,
+    wake: Arc<Notify>,
+    gone: mpsc::UnboundedSender<(String, u64)>,
+    gone_events: Mutex<Option<mpsc::UnboundedReceiver<(String, u64)>>>,
+}
+
+impl Default for Dongles {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn file_id(endpoint: &UsbEndpoint) -> Option<(u64, u64)> {
+    std::fs::metadata(&endpoint.path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn container_of(serial: &str) -> ContainerId {
+    ContainerId::new(ContainerClass::Dongle, serial)
+}
+
+fn item_rules(item: &ProductItem) -> ItemRules {
+    ItemRules {
+        quantity: item.quantity,
+        counting: match item.counting {
+            ItemCounting::UserLimit => Counting::UserLimit,
+            ItemCounting::StationShare => Counting::StationShare,
+            ItemCounting::NoCount => Counting::NoCount,
+        },
+        virtual_machines: Allowance::Allow,
+        terminal_server: Allowance::Allow,
+        expires_at: item.expires_at,
+    }
+}
+
+/// The vendor keys trusted on this machine (`<state>/trust/<firm>.pub`), by firm.
+fn trusted_vendors(runtime: &Runtime) -> BTreeMap<u32, VerifyingKey> {
+    let dir = runtime.settings.state_dir.join("trust");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let path = entry.path();
+            let firm: u32 = path.file_stem()?.to_str()?.parse().ok()?;
+            let text: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+            let bytes = hex::decode(text["signing-key"].as_str()?).ok()?;
+            let key = VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()?;
+            Some((firm, key))
+        })
+        .collect()
+}
+
+impl Dongles {
+    /// A manager with no dongles yet; [`spawn`] starts watching.
+    pub fn new() -> Self {
+        let (gone, gone_events) = mpsc::unbounded_channel();
+        Self {
+            board: Mutex::new(Board::default()),
+            scanning: tokio::sync::Mutex::new(()),
+            wake: Arc::new(Notify::new()),
+            gone,
+            gone_events: Mutex::new(Some(gone_events)),
+        }
+    }
+
+    fn board(&self) -> MutexGuard<'_, Board> {
+        self.board.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state of one attached dongle, by serial.
+    pub fn state(&self, serial: &str) -> Option<DongleState> {
+        self.board().attached.get(serial).map(|a| a.state.clone())
+    }
+
+    /// Brings the manager up to date before an access: new dongles are opened, removed ones
+    /// released, and locked-out or rebound ones asked again.
+    pub async fn before_access(&self, runtime: &Arc<Runtime>) {
+        self.scan(runtime, true).await;
+    }
+
+    /// One pass: removals, new endpoints, retries and keepalives.
+    async fn scan(&self, runtime: &Arc<Runtime>, on_demand: bool) {
+        let _scanning = self.scanning.lock().await;
+        let endpoints = match runtime.platform.usb_endpoints() {
+            Ok(endpoints) => endpoints,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot list USB endpoints");
+                return;
+            }
+        };
+        // Removed, or replaced by a new attachment (a re-plug is a new device).
+        let removed: Vec<String> = {
+            let board = self.board();
+            board
+                .attached
+                .iter()
+                .filter(|(serial, attached)| {
+                    !endpoints.iter().any(|e| {
+                        &e.serial == *serial && file_id(e) == Some(attached.file_id)
+                    })
+                })
+                .map(|(serial, _)| serial.clone())
+                .collect()
+        };
+        for serial in removed {
+            self.detach(runtime, &serial, None, Reason::DongleRemoved).await;
+        }
+        for endpoint in endpoints {
+            let known = self.board().attached.contains_key(&endpoint.serial);
+            if !known {
+                self.attach(runtime, endpoint).await;
+            }
+        }
+        let now = Instant::now();
+        let due: Vec<(String, bool)> = {
+            let board = self.board();
+            board
+                .attached
+                .iter()
+                .filter_map(|(serial, a)| match a.state {
+                    DongleState::Open if now - a.last_frame >= KEEPALIVE_INTERVAL => {
+                        Some((serial.clone(), false))
+                    }
+                    DongleState::Locked { .. }
+                        if on_demand || now - a.last_hello >= LOCKED_RETRY_INTERVAL =>
+                    {
+                        Some((serial.clone(), true))
+                    }
+                    DongleState::BindingBroken if on_demand => Some((serial.clone(), true)),
+                    _ => None,
+                })
+                .collect()
+        };
+        for (serial, hello) in due {
+            if hello {
+                self.open_session(runtime, &serial).await;
+            } else {
+                self.keep_alive(runtime, &serial).await;
+            }
+        }
+    }
+
+    async fn attach(&self, runtime: &Arc<Runtime>, endpoint: UsbEndpoint) {
+        let Some(id) = file_id(&endpoint) else {
+            return;
+        };
+        let transport = match transport::open(&endpoint) {
+            Ok(transport) => transport,
+            Err(error) => {
+                tracing::debug!(serial = %endpoint.serial, error = %crate::licences::error_chain(&error), "Dongle endpoint not usable");
+                return;
+            }
+        };
+        let generation = {
+            let mut board = self.board();
+            board.next_generation += 1;
+            board.next_generation
+        };
+        let serial = endpoint.serial.clone();
+        let gone = self.gone.clone();
+        let wake = Arc::clone(&self.wake);
+        let gone_serial = serial.clone();
+        let link = match Link::start(transport, move || {
+            let _ = gone.send((gone_serial, generation));
+            wake.notify_one();
+        }) {
+            Ok(link) => Arc::new(link),
+            Err(error) => {
+                tracing::warn!(%serial, %error, "Cannot start the dongle link");
+                return;
+            }
+        };
+        tracing::info!(%serial, path = %endpoint.path.display(), "Dongle attached");
+        let now = Instant::now();
+        self.board().attached.insert(
+            serial.clone(),
+            Attached {
+                container: container_of(&serial),
+                endpoint,
+                file_id: id,
+                generation,
+                link,
+                state: DongleState::Connecting,
+                last_frame: now,
+                last_hello: now,
+            },
+        );
+        self.open_session(runtime, &serial).await;
+    }
+
+    /// Says hello and, once bound, offers the dongle's items.
+    async fn open_session(&self, runtime: &Arc<Runtime>, serial: &str) {
+        let Some((link, generation)) = self.link(serial) else {
+            return;
+        };
+        let vendors = trusted_vendors(runtime);
+        let runtime_id = match RuntimeId::new(runtime.runtime_id.clone()) {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::error!(%error, "This runtime's id cannot bind dongles");
+                return;
+            }
+        };
+        if let Some(attached) = self.board().attached.get_mut(serial) {
+            attached.last_hello = Instant::now();
+        }
+        let started = Instant::now();
+        let keys: Vec<VerifyingKey> = vendors.values().copied().collect();
+        let opened = match link.hello(runtime_id, keys).await {
+            Ok(identity) => match link.call(&Request::ListItems).await {
+                Ok(Response::Items { items, .. }) => Ok((identity, items)),
+                Ok(other) => {
+                    tracing::warn!(serial, ?other, "Unexpected answer to ListItems");
+                    Err(LinkError::Session(SessionError::Malformed))
+                }
+                Err(error) => Err(error),
+            },
+            Err(error) => Err(error),
+        };
+        match opened {
+            Ok((identity, items)) => {
+                // Only items of firms whose trusted key certified this dongle are offered.
+                let items: Vec<ProductItem> = items
+                    .into_iter()
+                    .filter(|item| vendors.get(&item.firm) == Some(&identity.vendor_key))
+                    .collect();
+                tracing::info!(
+                    serial,
+                    items = items.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "Dongle session open"
+                );
+                self.offer(runtime, serial, generation, items);
+            }
+            Err(error) => self.failed(runtime, serial, generation, error).await,
+        }
+    }
+
+    fn link(&self, serial: &str) -> Option<(Arc<Link>, u64)> {
+        self.board()
+            .attached
+            .get(serial)
+            .map(|a| (Arc::clone(&a.link), a.generation))
+    }
+
+    /// Registers the items of an open dongle in the allocation table.
+    fn offer(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64, items: Vec<ProductItem>) {
+        let container = container_of(serial);
+        let mut state = runtime.lock();
+        let mut board = self.board();
+        let Some(attached) = board.attached.get_mut(serial) else {
+            return;
+        };
+        if attached.generation != generation {
+            return;
+        }
+        attached.state = DongleState::Open;
+        attached.last_frame = Instant::now();
+        let _ = state.table.remove_container(&container);
+        for item in &items {
+            state.table.upsert_item(ItemEntry {
+                container: container.clone(),
+                product: ProductKey {
+                    firm: item.firm,
+                    code: item.code,
+                },
+                name: item.name.clone(),
+                rules: item_rules(item),
+                state: Default::default(),
+                units_left: item.units,
+            });
+        }
+        board.known_items.insert(serial.to_owned(), items);
+    }
+
+    async fn keep_alive(&self, runtime: &Arc<Runtime>, serial: &str) {
+        let Some((link, generation)) = self.link(serial) else {
+            return;
+        };
+        match link.call(&Request::ReadClock).await {
+            Ok(_) => {
+                if let Some(attached) = self.board().attached.get_mut(serial) {
+                    attached.last_frame = Instant::now();
+                }
+            }
+            Err(error) => self.failed(runtime, serial, generation, error).await,
+        }
+    }
+
+    /// A session failure: the dongle is gone, locked out, rebound or refused; its licences go.
+    async fn failed(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64, error: LinkError) {
+        let state = match &error {
+            LinkError::Gone | LinkError::Timeout(_) | LinkError::Transport(_) => None,
+            LinkError::Session(SessionError::Locked { reason, until_ms }) => {
+                Some(DongleState::Locked {
+                    reason: self.lockout_reason(serial, generation, *reason, *until_ms),
+                    until_ms: *until_ms,
+                })
+            }
+            LinkError::Session(SessionError::BindingBroken) => Some(DongleState::BindingBroken),
+            LinkError::Session(session) => Some(DongleState::Refused {
+                reason: session.reason_code().and_then(|c| Reason::from_str(c).ok()),
+                message: crate::licences::error_chain(session),
+            }),
+        };
+        match state {
+            None => {
+                tracing::info!(serial, error = %crate::licences::error_chain(&error), "Dongle lost");
+                self.detach(runtime, serial, Some(generation), Reason::DongleRemoved)
+                    .await;
+            }
+            Some(new_state) => {
+                let reason = match &new_state {
+                    DongleState::Locked { reason, .. } => *reason,
+                    DongleState::BindingBroken => Reason::BindingBroken,
+                    DongleState::Refused { reason, .. } => reason.unwrap_or(Reason::DongleRemoved),
+                    DongleState::Connecting | DongleState::Open => Reason::DongleRemoved,
+                };
+                {
+                    let mut board = self.board();
+                    match board.attached.get_mut(serial) {
+                        Some(attached) if attached.generation == generation => {
+                            if attached.state != new_state {
+                                tracing::warn!(serial, state = ?new_state, "Dongle unusable");
+                            }
+                            attached.state = new_state;
+                        }
+                        _ => return,
+                    }
+                }
+                self.take_back(runtime, serial, reason).await;
+            }
+        }
+    }
+
+    /// `dongle-shared` when this runtime first meets a shared-use lockout; a lockout already seen
+    /// on an earlier connection (the dongle was re-plugged) is just `dongle-locked-out`.
+    fn lockout_reason(
+        &self,
+        serial: &str,
+        generation: u64,
+        reason: LockoutReason,
+        until_ms: u64,
+    ) -> Reason {
+        let mut board = self.board();
+        match board.seen_lockouts.get(serial) {
+            Some((until, seen_on)) if *until == until_ms && *seen_on != generation => {
+                Reason::DongleLockedOut
+            }
+            Some((until, _)) if *until == until_ms => {
+                Reason::from_str(reason.reason_code()).unwrap_or(Reason::DongleLockedOut)
+            }
+            _ => {
+                board
+                    .seen_lockouts
+                    .insert(serial.to_owned(), (until_ms, generation));
+                Reason::from_str(reason.reason_code()).unwrap_or(Reason::DongleLockedOut)
+            }
+        }
+    }
+
+    /// The dongle went away: forget it and take back its licences.
+    async fn detach(
+        &self,
+        runtime: &Arc<Runtime>,
+        serial: &str,
+        generation: Option<u64>,
+        reason: Reason,
+    ) {
+        let removed = {
+            let mut board = self.board();
+            match board.attached.get(serial) {
+                Some(a) if generation.is_none_or(|g| g == a.generation) => {
+                    board.attached.remove(serial)
+                }
+                _ => None,
+            }
+        };
+        if let Some(attached) = removed {
+            tracing::info!(serial, path = %attached.endpoint.path.display(), %reason, "Dongle detached");
+            drop(attached);
+            self.take_back(runtime, serial, reason).await;
+        }
+    }
+
+    /// Withdraws a dongle's items and revokes every grant taken from it.
+    async fn take_back(&self, runtime: &Arc<Runtime>, serial: &str, reason: Reason) {
+        let container = container_of(serial);
+        let container_text = container.to_string();
+        let handles: Vec<u64> = {
+            let mut state = runtime.lock();
+            let _ = state.table.remove_container(&container);
+            state
+                .grants
+                .iter()
+                .filter(|(_, g)| matches!(&g.via, Via::Table { container } if *container == container_text))
+                .map(|(h, _)| *h)
+                .collect()
+        };
+        {
+            let mut board = self.board();
+            board.accesses.retain(|_, (s, _, _)| s != serial);
+        }
+        let started = Instant::now();
+        for handle in &handles {
+            runtime.revoke(*handle, reason).await;
+        }
+        if !handles.is_empty() {
+            tracing::info!(
+                serial,
+                %reason,
+                revoked = handles.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "Dongle licences taken back"
+            );
+        }
+    }
+
+    /// Opens a table grant inside its dongle (units are spent there); on refusal the grant is
+    /// released without telling its holder and the reason returned.
+    pub async fn confirm_grant(&self, runtime: &Arc<Runtime>, handle: u64) -> Result<(), Reason> {
+        let Some((product, container)) = runtime.lock().grants.get(&handle).and_then(|g| match &g.via {
+            Via::Table { container } => Some((g.product, container.clone())),
+            Via::Forwarded { .. } => None,
+        }) else {
+            return Err(Reason::NotHeld);
+        };
+        let Some(serial) = container.strip_prefix("dongle:").map(str::to_owned) else {
+            return Ok(());
+        };
+        let (link, generation, metered) = {
+            let board = self.board();
+            let Some(attached) = board.attached.get(&serial) else {
+                return Err(Reason::DongleRemoved);
+            };
+            if attached.state != DongleState::Open {
+                return Err(state_reason(&attached.state));
+            }
+            let metered = board
+                .known_items
+                .get(&serial)
+                .and_then(|items| {
+                    items
+                        .iter()
+                        .find(|i| i.firm == product.firm && i.code == product.code)
+                })
+                .is_some_and(|item| item.units.is_some());
+            (Arc::clone(&attached.link), attached.generation, metered)
+        };
+        let request = if metered {
+            Request::DecrementUnits {
+                firm: product.firm,
+                code: product.code,
+                units: 1,
+            }
+        } else {
+            Request::Access {
+                firm: product.firm,
+                code: product.code,
+            }
+        };
+        let answer = link.call(&request).await;
+        if let Some(attached) = self.board().attached.get_mut(&serial) {
+            attached.last_frame = Instant::now();
+        }
+        match answer {
+            Ok(Response::Granted { handle: access, .. }) => {
+                self.board()
+                    .accesses
+                    .insert(handle, (serial, generation, Some(access)));
+                Ok(())
+            }
+            Ok(Response::Units { remaining }) => {
+                let container = container_of(&serial);
+                let _ = runtime
+                    .lock()
+                    .table
+                    .set_units_left(&container, product, Some(remaining));
+                self.board().accesses.insert(handle, (serial, generation, None));
+                Ok(())
+            }
+            Ok(Response::Denied(denial)) => {
+                if let dongle::Denial::UnitsExhausted { remaining } = denial {
+                    let _ = runtime.lock().table.set_units_left(
+                        &container_of(&serial),
+                        product,
+                        Some(remaining),
+                    );
+                }
+                let _ = runtime.release(handle).await;
+                Err(denial
+                    .reason_code()
+                    .and_then(|c| Reason::from_str(c).ok())
+                    .unwrap_or(Reason::UnknownProduct))
+            }
+            Ok(other) => {
+                tracing::warn!(serial, ?other, "Unexpected answer to an access");
+                let _ = runtime.release(handle).await;
+                Err(Reason::DongleRemoved)
+            }
+            Err(error) => {
+                let _ = runtime.release(handle).await;
+                self.failed(runtime, &serial, generation, error).await;
+                Err(self
+                    .state(&serial)
+                    .map_or(Reason::DongleRemoved, |s| state_reason(&s)))
+            }
+        }
+    }
+
+    /// Closes the dongle side of a released grant (in the background).
+    pub fn release_grant(&self, handle: u64) {
+        let Some((serial, generation, Some(access))) = self.board().accesses.remove(&handle) else {
+            return;
+        };
+        let Some((link, current)) = self.link(&serial) else {
+            return;
+        };
+        if current != generation {
+            return;
+        }
+        tokio::spawn(async move {
+            if let Err(error) = link.call(&Request::Release { handle: access }).await {
+                tracing::debug!(%serial, %error, "Dongle access not closed");
+            }
+        });
+    }
+
+    /// A better reason than `unknown-product` when the product lives on a dongle that is attached
+    /// but unusable (locked out, rebound elsewhere).
+    pub fn explain_denial(&self, product: ProductKey, denial: Reason) -> Reason {
+        if denial != Reason::UnknownProduct {
+            return denial;
+        }
+        let board = self.board();
+        board
+            .attached
+            .iter()
+            .filter(|(_, a)| !matches!(a.state, DongleState::Open | DongleState::Connecting))
+            .find(|(serial, _)| {
+                // A dongle this runtime never read may hold anything.
+                board.known_items.get(*serial).is_none_or(|items| {
+                    items
+                        .iter()
+                        .any(|i| i.firm == product.firm && i.code == product.code)
+                })
+            })
+            .map_or(denial, |(_, a)| state_reason(&a.state))
+    }
+
+    /// The dongle containers of `meter status --json`.
+    pub fn containers_json(&self, table: &AllocationTable) -> Vec<serde_json::Value> {
+        let views = table.items();
+        let board = self.board();
+        board
+            .attached
+            .iter()
+            .map(|(serial, a)| {
+                let products: Vec<serde_json::Value> = views
+                    .iter()
+                    .filter(|v| v.entry.container == a.container)
+                    .map(|view| {
+                        serde_json::json!({
+                            "code": view.entry.product.code,
+                            "firm": view.entry.product.firm,
+                            "name": view.entry.name,
+                            "quantity": view.entry.rules.quantity,
+                            "counting": view.entry.rules.counting,
+                            "state": view.entry.state,
+                            "in_use": {"stations": view.in_use.stations, "accesses": view.in_use.accesses},
+                            "units_left": view.entry.units_left,
+                            "expires_at": view.entry.rules.expires_at,
+                        })
+                    })
+                    .collect();
+                let (state, reason) = match &a.state {
+                    DongleState::Open => ("valid", None),
+                    DongleState::Connecting => ("unreachable", None),
+                    DongleState::Refused { reason, .. } => ("locked", *reason),
+                    other => ("locked", Some(state_reason(other))),
+                };
+                let lockout_until = match a.state {
+                    DongleState::Locked { until_ms, .. } => Some(until_ms),
+                    _ => None,
+                };
+                serde_json::json!({
+                    "kind": "dongle", "id": a.container.to_string(), "serial": serial,
+                    "state": state, "reason": reason.map(|r| r.code()),
+                    "lockout_until": lockout_until,
+                    "endpoint": a.endpoint.path, "products": products,
+                })
+            })
+            .collect()
+    }
+
+    /// Ends every session politely (the dongle then counts this runtime as inactive).
+    pub async fn close_all(&self) {
+        let links: Vec<Arc<Link>> = self
+            .board()
+            .attached
+            .values()
+            .filter(|a| a.state == DongleState::Open)
+            .map(|a| Arc::clone(&a.link))
+            .collect();
+        for link in links {
+            let _ = tokio::time::timeout(REPLY_TIMEOUT, link.call(&Request::Close)).await;
+        }
+    }
+
+    /// Folders whose changes mean a dongle may have come or gone.
+    fn take_gone_events(&self) -> Option<mpsc::UnboundedReceiver<(String, u64)>> {
+        self.gone_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+fn state_reason(state: &DongleState) -> Reason {
+    match state {
+        DongleState::Locked { reason, .. } => *reason,
+        DongleState::BindingBroken => Reason::BindingBroken,
+        DongleState::Refused { reason, .. } => reason.unwrap_or(Reason::DongleRemoved),
+        DongleState::Connecting | DongleState::Open => Reason::DongleRemoved,
+    }
+}
+
+/// Opens the dongles attached now, then keeps watching the machine's USB endpoints.
+pub async fn start(runtime: Arc<Runtime>) {
+    let Some(mut gone_events) = runtime.dongles.take_gone_events() else {
+        return;
+    };
+    if let Some(dir) = runtime.platform.usb_watch_dir() {
+        watch_folder(dir, Arc::clone(&runtime.dongles.wake));
+    }
+    runtime.dongles.scan(&runtime, false).await;
+    tokio::spawn(async move {
+        let dongles = &runtime.dongles;
+        loop {
+            tokio::select! {
+                event = gone_events.recv() => {
+                    let Some((serial, generation)) = event else { break };
+                    dongles.detach(&runtime, &serial, Some(generation), Reason::DongleRemoved).await;
+                }
+                () = dongles.wake.notified() => dongles.scan(&runtime, false).await,
+                () = tokio::time::sleep(SCAN_INTERVAL) => dongles.scan(&runtime, false).await,
+            }
+        }
+    });
+}
+
+/// Wakes the manager as soon as an endpoint appears or vanishes in `dir` (inotify), so a
+/// plugged dongle is bound within milliseconds; the periodic scan stays as the fallback.
+fn watch_folder(dir: PathBuf, wake: Arc<Notify>) {
+    use std::os::unix::ffi::OsStrExt;
+    let _ = std::fs::create_dir_all(&dir);
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: inotify_init1 takes flags only; the result is checked.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return;
+    }
+    let mask = libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM;
+    // SAFETY: fd is our inotify descriptor and path a valid C string.
+    if unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } < 0 {
+        // SAFETY: closing the descriptor we opened.
+        unsafe { libc::close(fd) };
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("dongle-watch".into())
+        .spawn(move || {
+            let mut buffer = [0u8; 4096];
+            loop {
+                // SAFETY: reading into a buffer we own, within its length.
+                let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
+                if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if n <= 0 {
+                    break;
+                }
+                wake.notify_one();
+            }
+            // SAFETY: closing the descriptor we opened.
+            unsafe { libc::close(fd) };
+        });
+    if spawned.is_err() {
+        // SAFETY: closing the descriptor we opened.
+        unsafe { libc::close(fd) };
+    }
+}
