@@ -40,3 +40,17 @@ fuzz-smoke:
 
 clean-reports:
 	find reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+
+## Guest image for the qemu backend: images/out/{vmlinux,initramfs.cpio.gz,data.qcow2}, cached
+## by a hash of its inputs (see images/README.md).
+images:
+	./scripts/build-image.sh
+
+## The qemu suite: built-in scenarios on real QEMU guests (skips, saying why, without QEMU or images).
+test-vm: images
+	$(CARGO) test -p vigil --test qemu_scenarios -- --nocapture --test-threads 1
+
+## QEMU timings (boot to agent-ready, snapshot, revert, clone, live migration) into reports/bench/vm.json.
+bench-vm: images
+	mkdir -p reports/bench
+	$(CARGO) test -p vigil --release --test qemu_bench -- --nocapture --ignored --test-threads 1

@@ -69,13 +69,12 @@ fn emit(out: &Mutex<std::io::Stdout>, event: &LeaderEvent) {
 
 /// Runs a leader until its stdin closes, then kills the whole session.
 pub fn run() -> anyhow::Result<()> {
-    // SAFETY: setsid and prctl only change this process's own attributes.
+    // SAFETY: setsid only changes this process's own session.
     let sid = unsafe { libc::setsid() };
     if sid < 0 {
         anyhow::bail!("Cannot start a session: {}", std::io::Error::last_os_error());
     }
-    // SAFETY: as above.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // No parent-death signal here: the agent thread that started us may end before we do.
     let out: &'static Mutex<std::io::Stdout> = Box::leak(Box::new(Mutex::new(std::io::stdout())));
     emit(out, &LeaderEvent::Ready { sid });
     std::thread::spawn(move || reap_forever(out));

@@ -103,11 +103,13 @@ fn serve(port: PathBuf) -> anyhow::Result<()> {
         .write(Path::new(SESSION_TABLE))
         .context("write the empty session table")?;
     refresh_vmgenid();
-    let writer = std::fs::OpenOptions::new()
+    // A virtio console port opens once: one descriptor, cloned for the writer.
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .open(&port)
         .with_context(|| format!("open {}", port.display()))?;
-    let reader = std::fs::File::open(&port).with_context(|| format!("open {}", port.display()))?;
+    let writer = reader.try_clone().context("clone the port descriptor")?;
     let agent = Arc::new(Agent {
         state: Mutex::new(State {
             table,
