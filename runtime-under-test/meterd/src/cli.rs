@@ -597,8 +597,17 @@ async fn hold(socket: &Path, json_mode: bool, product: ProductArg) -> anyhow::Re
             });
         }
     };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        match client.next_event().await {
+        let event = tokio::select! {
+            event = client.next_event() => event,
+            _ = term.recv() => {
+                // A clean end: give the licence back (and wait until it is given back) first.
+                let _ = client.request(&LocalRequest::Release { handle }).await;
+                return Ok(Outcome { code: EXIT_OK });
+            }
+        };
+        match event {
             Ok(LocalReply::Revoked { handle: h, reason }) if h == handle => {
                 print(
                     json_mode,

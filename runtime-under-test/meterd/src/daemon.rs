@@ -260,6 +260,7 @@ impl Runtime {
         }
         licences.restore_units(&snapshot.meta, &mut state.table);
         // Replay grants in handle order so the table counts exactly what was granted before.
+        let machine_name = platform.machine_name()?;
         let mut dropped = Vec::new();
         for (handle, bytes) in &snapshot.grants {
             let mut record: GrantRecord = match postcard::from_bytes(bytes) {
@@ -270,6 +271,15 @@ impl Runtime {
                     continue;
                 }
             };
+            // A local holder recorded under another machine name belongs to the machine this
+            // state was copied from (a clone or a copied disk): its process is not ours.
+            if matches!(record.holder, Holder::Local { .. })
+                && record.station.machine != machine_name
+            {
+                tracing::info!(handle, station = %record.station, "Grant of another machine dropped (state copied)");
+                dropped.push(Change::DeleteGrant(*handle));
+                continue;
+            }
             if let Via::Table { .. } = record.via {
                 match state.table.access(record.access_request(), now) {
                     Ok(grant) => record.table_handle = Some(grant.handle),

@@ -47,6 +47,8 @@ struct RemoteServer {
     link: Mutex<Option<Link>>,
     connected: AtomicBool,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Cuts a reconnect back-off short (an access is waiting for the link).
+    wake: tokio::sync::Notify,
 }
 
 /// The network servers this runtime forwards to.
@@ -105,6 +107,7 @@ impl Remotes {
             link: Mutex::new(None),
             connected: AtomicBool::new(false),
             task: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
         });
         let task = tokio::spawn(keep_linked(Arc::downgrade(runtime), Arc::clone(&server)));
         *server.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -154,6 +157,7 @@ impl Remotes {
     pub async fn access(&self, claim: Claim) -> Result<Forwarded, Reason> {
         let mut denial = Reason::ServerUnreachable;
         for server in self.servers() {
+            wait_for_link(&server).await;
             let answer = self
                 .request(&server, |request| ToServer::Access {
                     request,
@@ -210,6 +214,23 @@ impl Remotes {
     }
 }
 
+/// How long an access waits for a link that is down to come back before the server counts as
+/// unreachable.
+const LINK_WAIT: Duration = Duration::from_millis(1500);
+
+/// Waits briefly for a server's link when it is down, retrying at once rather than after the
+/// back-off (the network may just have come back).
+async fn wait_for_link(server: &RemoteServer) {
+    if server.connected.load(Ordering::Relaxed) {
+        return;
+    }
+    server.wake.notify_one();
+    let deadline = tokio::time::Instant::now() + LINK_WAIT;
+    while !server.connected.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Connects to a server over TLS with its pinned certificate, from `local` if given.
 pub async fn connect(
     addr: &str,
@@ -247,7 +268,10 @@ async fn keep_linked(runtime: Weak<Runtime>, server: Arc<RemoteServer>) {
         }
         server.connected.store(false, Ordering::Relaxed);
         drop(rt);
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = server.wake.notified() => {}
+        }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
