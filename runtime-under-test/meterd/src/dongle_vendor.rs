@@ -134,7 +134,10 @@ pub fn run(json_mode: bool, command: DongleCommand) -> anyhow::Result<Outcome> {
             if json_mode {
                 println!("{document}");
             } else {
-                println!("dongle {serial} programmed, flash written to {}", out.display());
+                println!(
+                    "dongle {serial} programmed, flash written to {}",
+                    out.display()
+                );
             }
             Ok(Outcome { code: 0 })
         }

@@ -121,7 +121,9 @@ pub struct Link {
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("transport", &self.closer).finish()
+        f.debug_struct("Link")
+            .field("transport", &self.closer)
+            .finish()
     }
 }
 
@@ -179,8 +181,9 @@ impl Link {
         trusted_vendors: Vec<VerifyingKey>,
     ) -> Result<DongleIdentity, LinkError> {
         let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret)
-            .map_err(|e| LinkError::Transport(TransportError::Io(std::io::Error::other(e.to_string()))))?;
+        getrandom::fill(&mut secret).map_err(|e| {
+            LinkError::Transport(TransportError::Io(std::io::Error::other(e.to_string())))
+        })?;
         let mut io = self.io.lock().await;
         let LinkIo {
             writer,
@@ -311,9 +314,11 @@ fn trusted_vendors(runtime: &Runtime) -> BTreeMap<u32, VerifyingKey> {
         .filter_map(|entry| {
             let path = entry.path();
             let firm: u32 = path.file_stem()?.to_str()?.parse().ok()?;
-            let text: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+            let text: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
             let bytes = hex::decode(text["signing-key"].as_str()?).ok()?;
-            let key = VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()?;
+            let key =
+                VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()?;
             Some((firm, key))
         })
         .collect()
@@ -342,7 +347,8 @@ impl Dongles {
     }
 
     /// Brings the manager up to date before an access: new dongles are opened, removed ones
-    /// released, and locked-out or rebound ones asked again.
+    /// released, and locked-out ones asked again. A dongle bound by another runtime is not
+    /// taken back while it stays attached (that would be shared use); a re-plug opens it again.
     pub async fn before_access(&self, runtime: &Arc<Runtime>) {
         self.scan(runtime, true).await;
     }
@@ -364,15 +370,16 @@ impl Dongles {
                 .attached
                 .iter()
                 .filter(|(serial, attached)| {
-                    !endpoints.iter().any(|e| {
-                        &e.serial == *serial && file_id(e) == Some(attached.file_id)
-                    })
+                    !endpoints
+                        .iter()
+                        .any(|e| &e.serial == *serial && file_id(e) == Some(attached.file_id))
                 })
                 .map(|(serial, _)| serial.clone())
                 .collect()
         };
         for serial in removed {
-            self.detach(runtime, &serial, None, Reason::DongleRemoved).await;
+            self.detach(runtime, &serial, None, Reason::DongleRemoved)
+                .await;
         }
         for endpoint in endpoints {
             let known = self.board().attached.contains_key(&endpoint.serial);
@@ -395,7 +402,6 @@ impl Dongles {
                     {
                         Some((serial.clone(), true))
                     }
-                    DongleState::BindingBroken if on_demand => Some((serial.clone(), true)),
                     _ => None,
                 })
                 .collect()
@@ -513,7 +519,13 @@ impl Dongles {
     }
 
     /// Registers the items of an open dongle in the allocation table.
-    fn offer(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64, items: Vec<ProductItem>) {
+    fn offer(
+        &self,
+        runtime: &Arc<Runtime>,
+        serial: &str,
+        generation: u64,
+        items: Vec<ProductItem>,
+    ) {
         let container = container_of(serial);
         let mut state = runtime.lock();
         let mut board = self.board();
@@ -557,7 +569,13 @@ impl Dongles {
     }
 
     /// A session failure: the dongle is gone, locked out, rebound or refused; its licences go.
-    async fn failed(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64, error: LinkError) {
+    async fn failed(
+        &self,
+        runtime: &Arc<Runtime>,
+        serial: &str,
+        generation: u64,
+        error: LinkError,
+    ) {
         let state = match &error {
             LinkError::Gone | LinkError::Timeout(_) | LinkError::Transport(_) => None,
             LinkError::Session(SessionError::Locked { reason, until_ms }) => {
@@ -688,7 +706,9 @@ impl Dongles {
     /// Opens a table grant inside its dongle (units are spent there); on refusal the grant is
     /// released without telling its holder and the reason returned.
     pub async fn confirm_grant(&self, runtime: &Arc<Runtime>, handle: u64) -> Result<(), Reason> {
-        let Some((product, container)) = runtime.lock().grants.get(&handle).and_then(|g| match &g.via {
+        let Some((product, container)) = runtime.lock().grants.get(&handle).and_then(|g| match &g
+            .via
+        {
             Via::Table { container } => Some((g.product, container.clone())),
             Via::Forwarded { .. } => None,
         }) else {
@@ -745,7 +765,9 @@ impl Dongles {
                     .lock()
                     .table
                     .set_units_left(&container, product, Some(remaining));
-                self.board().accesses.insert(handle, (serial, generation, None));
+                self.board()
+                    .accesses
+                    .insert(handle, (serial, generation, None));
                 Ok(())
             }
             Ok(Response::Denied(denial)) => {
@@ -945,7 +967,9 @@ fn watch_folder(dir: PathBuf, wake: Arc<Notify>) {
             loop {
                 // SAFETY: reading into a buffer we own, within its length.
                 let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
-                if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                if n < 0
+                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                {
                     continue;
                 }
                 if n <= 0 {
