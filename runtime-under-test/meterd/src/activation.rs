@@ -70,7 +70,7 @@ impl Runtime {
             .licences
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .ensure_identity(|| entropy())
+            .ensure_identity(entropy)
             .map_err(|e| (e, None))?;
         if !changes.is_empty() {
             store::wait(self.store.submit(changes))
@@ -136,8 +136,7 @@ pub async fn request_command(
         LocalReply::Json(text) => {
             fs::write(out, text.as_bytes())
                 .with_context(|| format!("Cannot write {}", out.display()))?;
-            let document =
-                json!({"request": out, "firm": firm, "products": [product]});
+            let document = json!({"request": out, "firm": firm, "products": [product]});
             if json_mode {
                 println!("{document}");
             } else {
@@ -147,7 +146,10 @@ pub async fn request_command(
         }
         LocalReply::Error { message, reason } => {
             if json_mode {
-                println!("{}", json!({"error": message, "reason": reason.map(|r| r.code())}));
+                println!(
+                    "{}",
+                    json!({"error": message, "reason": reason.map(|r| r.code())})
+                );
             } else {
                 eprintln!("meter: {message}");
             }

@@ -301,7 +301,10 @@ impl Licences {
                         terminal_server: meter_core::policy::Allowance::Allow,
                         expires_at: None,
                     };
-                    if table.set_state(&container, product, ItemState::Corrupt).is_err() {
+                    if table
+                        .set_state(&container, product, ItemState::Corrupt)
+                        .is_err()
+                    {
                         table.upsert_item(ItemEntry {
                             container: container.clone(),
                             product,
@@ -325,7 +328,8 @@ impl Licences {
         table: &mut AllocationTable,
         now: u64,
     ) -> Vec<ContainerId> {
-        let digest: [u8; 32] = Sha256::digest(serde_json::to_vec(traits).unwrap_or_default()).into();
+        let digest: [u8; 32] =
+            Sha256::digest(serde_json::to_vec(traits).unwrap_or_default()).into();
         if self.opened_with == Some(digest) {
             return Vec::new();
         }

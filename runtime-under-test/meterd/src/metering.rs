@@ -174,7 +174,11 @@ impl Metering {
     pub fn lock(&mut self, licence: &str, reason: LockReason) -> Option<Change> {
         let state = self.states.get_mut(licence)?;
         if state.lock.is_none() {
-            tracing::warn!(licence, reason = reason.code(), "Witness refused the chain: metered items locked");
+            tracing::warn!(
+                licence,
+                reason = reason.code(),
+                "Witness refused the chain: metered items locked"
+            );
             state.lock = Some(reason);
         }
         Some(state_change(licence, state))
@@ -226,8 +230,7 @@ impl Metering {
             let container = ContainerId::new(ContainerClass::Soft, id.clone());
             for view in table.items() {
                 let entry = &view.entry;
-                if entry.container != container || !rules.products.contains(&entry.product.code)
-                {
+                if entry.container != container || !rules.products.contains(&entry.product.code) {
                     continue;
                 }
                 if entry.state == ItemState::Corrupt {

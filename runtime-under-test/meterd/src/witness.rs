@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use meter_core::rollback::{
-    ChainHead, LockReason, Receipt, ReceiptVerifier, WitnessLog, genesis,
-};
+use meter_core::rollback::{ChainHead, LockReason, Receipt, ReceiptVerifier, WitnessLog, genesis};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::Runtime;

@@ -1,0 +1,395 @@
+//! Soft licences end to end: activation on a simulated machine, copies, tampering, the VM switch,
+//! traits changing under a running daemon, and rollback of the state folder.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{METER, Machine, Vendor, server_endpoint, wait_until};
+use serde_json::{Value, json};
+
+/// A guest on an Intel host, or the host itself, with a full set of traits.
+fn machine_json(name: &str, kind: &str, cpu_model: &str, address: &str) -> Value {
+    json!({
+        "kind": kind, "role": "workstation", "name": name, "address": address,
+        "traits": {
+            "cpu.vendor": "GenuineIntel", "cpu.model-name": cpu_model, "cpu.family": "6",
+            "cpu.model": "85", "cpu.stepping": "7", "cpu.microcode": "0x5003604",
+            "cpu.flags": format!("flags-{cpu_model}"), "board.serial": format!("board-{name}"),
+            "product.uuid": format!("uuid-{name}"), "product.serial": format!("serial-{name}"),
+            "disk.serial": [format!("disk-{name}")], "nic.mac": [format!("52:54:00:00:00:{:02x}", name.len())],
+        },
+    })
+}
+
+fn set_machine(machine: &Machine, description: &Value) {
+    let path = machine.platform().join("machine.json");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, description.to_string()).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+fn set_vmgenid(machine: &Machine, id: &str) {
+    std::fs::write(machine.platform().join("vmgenid"), id).unwrap();
+}
+
+fn write_policy(vendor: &Vendor, name: &str, products: &[&str]) -> PathBuf {
+    let policy = vendor.dir.path().join(format!("{name}.yaml"));
+    let mut yaml = String::from("firm: 10\nfirm-name: acme\nproducts:\n");
+    for p in products {
+        yaml.push_str(&format!("  - {p}\n"));
+    }
+    std::fs::write(&policy, yaml).unwrap();
+    policy
+}
+
+fn meter_json(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(METER)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), value)
+}
+
+/// Runs the activation flow; returns the vendor's exit code and JSON, and the licence file.
+fn activate(
+    machine: &Machine,
+    vendor: &Vendor,
+    policy: &Path,
+    product: u32,
+) -> (i32, Value, PathBuf) {
+    let (code, out) = machine.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let request = machine.dir.path().join(format!("{product}.request"));
+    let (code, out) = machine.meter(&[
+        "activate",
+        "request",
+        "--firm",
+        "10",
+        "--product",
+        &product.to_string(),
+        "--out",
+        request.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let licence = vendor
+        .dir
+        .path()
+        .join(format!("{}-{product}.licence", machine.name));
+    let key = vendor.dir.path().join("vendor.key");
+    let (code, answer) = meter_json(&[
+        "vendor",
+        "activate",
+        "--request",
+        request.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        licence.to_str().unwrap(),
+    ]);
+    (code, answer, licence)
+}
+
+fn apply(machine: &Machine, licence: &Path) -> (i32, Value) {
+    machine.meter(&["activate", "apply", licence.to_str().unwrap()])
+}
+
+fn product_status(machine: &Machine, code: u64) -> Value {
+    let (rc, status) = machine.meter(&["status"]);
+    assert_eq!(rc, 0, "{status}");
+    status["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["products"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["code"] == code)
+        .unwrap_or(Value::Null)
+}
+
+fn access(machine: &Machine, product: u32) -> (i32, Value) {
+    machine.meter(&["access", "--product", &product.to_string(), "--firm", "10"])
+}
+
+#[test]
+fn activated_licence_is_valid_here_corrupt_when_copied_and_refused_when_tampered() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "medium",
+        &[
+            "{ code: 1001, name: cad-pro, container: soft, quantity: 1, binding: { scheme: smartbind, tolerance: medium } }",
+        ],
+    );
+    let vm1 = Machine::new("vm1", "workstation", "127.0.0.1");
+    set_machine(
+        &vm1,
+        &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    let _d1 = vm1.start(&[]);
+    let started = Instant::now();
+    let (code, answer, licence) = activate(&vm1, &vendor, &policy, 1001);
+    assert_eq!(code, 0, "{answer}");
+    let (code, installed) = apply(&vm1, &licence);
+    let activation = started.elapsed();
+    assert_eq!(code, 0, "{installed}");
+    assert_eq!(installed["state"], "valid", "{installed}");
+    eprintln!(
+        "activation: request + vendor answer + apply {activation:?} (vendor answer alone {} ms)",
+        answer["elapsed_ms"]
+    );
+    let (code, granted) = access(&vm1, 1001);
+    assert_eq!(code, 0, "{granted}");
+    let status = vm1.meter(&["status"]).1;
+    assert!(status["machine"]["runtime_id"].is_string(), "{status}");
+
+    // The same file copied to a guest on another host: installed, but corrupt.
+    let vm2 = Machine::new("vm2", "workstation", "127.0.0.1");
+    set_machine(
+        &vm2,
+        &machine_json("vm2", "guest", "Xeon Gold 6348", "127.0.0.1"),
+    );
+    let _d2 = vm2.start(&[]);
+    vm2.install_trust(&vendor);
+    let (code, copied) = apply(&vm2, &licence);
+    assert_eq!(code, 0, "{copied}");
+    assert_eq!(copied["state"], "corrupt", "{copied}");
+    assert_eq!(copied["reason"], "licence-corrupt", "{copied}");
+    assert_eq!(product_status(&vm2, 1001)["state"], "corrupt");
+    let (code, denied) = access(&vm2, 1001);
+    assert_eq!(
+        (code, denied["reason"].as_str()),
+        (1, Some("licence-corrupt")),
+        "{denied}"
+    );
+
+    // A tampered file is refused and the state stays as it was.
+    let before = vm1.meter(&["status"]).1["containers"].clone();
+    let text = std::fs::read_to_string(&licence).unwrap();
+    let tampered_path = vendor.dir.path().join("tampered.json");
+    std::fs::write(&tampered_path, text.replacen("cad-pro", "cad-max", 1)).unwrap();
+    let (code, refused) = apply(&vm1, &tampered_path);
+    assert_eq!(code, 1, "{refused}");
+    assert_eq!(refused["reason"], "signature-invalid", "{refused}");
+    assert_eq!(vm1.meter(&["status"]).1["containers"], before);
+}
+
+trait TrustVendor {
+    fn install_trust(&self, vendor: &Vendor);
+}
+
+impl TrustVendor for Machine {
+    fn install_trust(&self, vendor: &Vendor) {
+        let (code, out) = self.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}");
+        // Trusting the same key again is fine.
+        let (code, out) = self.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}");
+    }
+}
+
+#[test]
+fn vendor_denying_virtual_machines_refuses_guests_and_copies_into_guests() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "no-vm",
+        &["{ code: 1001, name: cad-pro, container: soft, quantity: 1, virtual-machines: deny }"],
+    );
+    let guest = Machine::new("vm1", "workstation", "127.0.0.1");
+    set_machine(
+        &guest,
+        &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    let _dg = guest.start(&[]);
+    let (code, refused, _) = activate(&guest, &vendor, &policy, 1001);
+    assert_eq!(code, 1, "{refused}");
+    assert_eq!(refused["reason"], "vm-not-allowed", "{refused}");
+
+    let host = Machine::new("host-a", "workstation", "127.0.0.1");
+    set_machine(
+        &host,
+        &machine_json("host-a", "physical", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    let _dh = host.start(&[]);
+    let (code, answer, licence) = activate(&host, &vendor, &policy, 1001);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(apply(&host, &licence).1["state"], "valid");
+    assert_eq!(access(&host, 1001).0, 0);
+
+    let (code, copied) = apply(&guest, &licence);
+    assert_eq!(code, 0, "{copied}");
+    let (code, denied) = access(&guest, 1001);
+    assert_eq!(
+        (code, denied["reason"].as_str()),
+        (1, Some("vm-not-allowed")),
+        "{denied}"
+    );
+}
+
+#[test]
+fn a_running_daemon_notices_its_machine_changing() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "strict",
+        &[
+            "{ code: 1001, name: cad-pro, container: soft, quantity: 1, binding: { scheme: smartbind, tolerance: strict } }",
+        ],
+    );
+    let ws = Machine::new("ws1", "workstation", "127.0.0.1");
+    set_machine(
+        &ws,
+        &machine_json("ws1", "physical", "Core i7", "127.0.0.1"),
+    );
+    let _d = ws.start(&[]);
+    let (code, answer, licence) = activate(&ws, &vendor, &policy, 1001);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(apply(&ws, &licence).1["state"], "valid");
+    let holder = ws.hold(1001, None);
+    assert!(holder.granted(), "{}", holder.first);
+
+    // A new network card under strict tolerance: corrupt, and the holder loses its licence.
+    let mut changed = machine_json("ws1", "physical", "Core i7", "127.0.0.1");
+    changed["traits"]["nic.mac"] = json!(["a4:bb:6d:99:99:99"]);
+    set_machine(&ws, &changed);
+    assert_eq!(product_status(&ws, 1001)["state"], "corrupt");
+    assert_eq!(product_status(&ws, 1001)["in_use"]["accesses"], 0);
+    assert_eq!(access(&ws, 1001).1["reason"], "licence-corrupt");
+
+    // The old card back: valid again.
+    set_machine(
+        &ws,
+        &machine_json("ws1", "physical", "Core i7", "127.0.0.1"),
+    );
+    assert_eq!(product_status(&ws, 1001)["state"], "valid");
+    assert_eq!(access(&ws, 1001).0, 0);
+}
+
+/// Copies a state folder (the daemon stopped), as a snapshot does.
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn units_left(machine: &Machine, product: u64) -> Option<u64> {
+    product_status(machine, product)["units_left"].as_u64()
+}
+
+#[test]
+fn reverting_the_state_with_a_new_vmgenid_locks_metered_items() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "units",
+        &[
+            "{ code: 3002, name: export-credits, container: soft, quantity: 1, counting: user-limit, units: 5, on-rollback: lock }",
+        ],
+    );
+    let vm = Machine::new("vm1", "workstation", "127.0.0.1");
+    set_machine(
+        &vm,
+        &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    set_vmgenid(&vm, "0123456789abcdef0123456789abcdef");
+    let daemon = vm.start(&[]);
+    let (code, answer, licence) = activate(&vm, &vendor, &policy, 3002);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(apply(&vm, &licence).1["state"], "valid");
+    assert_eq!(units_left(&vm, 3002), Some(5));
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    drop(daemon);
+    let snapshot = vm.dir.path().join("snapshot");
+    copy_dir(&vm.state(), &snapshot);
+
+    let daemon = vm.start(&[]);
+    assert_eq!(access(&vm, 3002).0, 0);
+    assert_eq!(access(&vm, 3002).0, 0);
+    assert_eq!(units_left(&vm, 3002), Some(3));
+    drop(daemon);
+
+    // Revert: the old state folder, and the hypervisor hands out a new vmgenid.
+    copy_dir(&snapshot, &vm.state());
+    set_vmgenid(&vm, "fedcba9876543210fedcba9876543210");
+    let _daemon = vm.start(&[]);
+    assert_eq!(product_status(&vm, 3002)["state"], "locked");
+    let (code, denied) = access(&vm, 3002);
+    assert_eq!(
+        (code, denied["reason"].as_str()),
+        (1, Some("rollback-detected")),
+        "{denied}"
+    );
+}
+
+#[test]
+fn reverting_the_state_reconciles_units_with_the_server_witness() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "credits",
+        &[
+            "{ code: 3001, name: render-credits, container: soft, quantity: 1, counting: user-limit, units: 10, on-rollback: reconcile }",
+        ],
+    );
+    let server = Machine::new("host-a", "workstation", "127.0.0.1");
+    set_machine(
+        &server,
+        &machine_json("host-a", "physical", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    let _server_daemon = server.start(&["--server", "--listen", "127.0.0.1:0"]);
+    let (addr, pin) = server_endpoint(&server);
+
+    let vm = Machine::new("vm1", "workstation", "127.0.0.1");
+    set_machine(
+        &vm,
+        &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    set_vmgenid(&vm, "0123456789abcdef0123456789abcdef");
+    let daemon = vm.start(&["--remote", &addr, "--pin", &pin]);
+    let (code, answer, licence) = activate(&vm, &vendor, &policy, 3001);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(apply(&vm, &licence).1["state"], "valid");
+    drop(daemon);
+    let snapshot = vm.dir.path().join("snapshot");
+    copy_dir(&vm.state(), &snapshot);
+
+    let remote = ["--remote", addr.as_str(), "--pin", pin.as_str()];
+    let daemon = vm.start(&remote);
+    for _ in 0..3 {
+        assert_eq!(access(&vm, 3001).0, 0);
+    }
+    assert_eq!(units_left(&vm, 3001), Some(7));
+    drop(daemon);
+
+    copy_dir(&snapshot, &vm.state());
+    set_vmgenid(&vm, "fedcba9876543210fedcba9876543210");
+    let _daemon = vm.start(&remote);
+    // No units come back: the witness knows three were spent.
+    assert!(
+        wait_until(Duration::from_secs(5), || units_left(&vm, 3001) == Some(7)).is_some(),
+        "{}",
+        product_status(&vm, 3001)
+    );
+    assert_eq!(product_status(&vm, 3001)["state"], "valid");
+    assert_eq!(access(&vm, 3001).0, 0);
+    assert_eq!(units_left(&vm, 3001), Some(6));
+}
