@@ -186,7 +186,10 @@ impl Remotes {
     }
 
     /// Sends one request to every connected server; the answers, by server address.
-    pub(crate) async fn ask_all(&self, make: impl Fn(u64) -> ToServer) -> Vec<(String, FromServer)> {
+    pub(crate) async fn ask_all(
+        &self,
+        make: impl Fn(u64) -> ToServer,
+    ) -> Vec<(String, FromServer)> {
         let mut answers = Vec::new();
         for server in self.servers() {
             if let Some(answer) = self.request(&server, &make).await {
