@@ -32,6 +32,9 @@ pub const SCAN_INTERVAL: Duration = Duration::from_millis(150);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a locked-out dongle is asked again whether its lockout is over.
 pub const LOCKED_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// A fresh session serves its first grant only this long after the bind, so that another host
+/// enumerating the same shared device meanwhile trips the shared-use lockout before any grant.
+pub const SHARED_USE_SETTLE: Duration = Duration::from_millis(250);
 /// How long the dongle may take to answer one frame.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -248,6 +251,7 @@ struct Attached {
     container: ContainerId,
     last_frame: Instant,
     last_hello: Instant,
+    opened_at: Instant,
 }
 
 /// The manager's bookkeeping, behind one lock (taken after the runtime's state lock, never before).
@@ -458,6 +462,7 @@ impl Dongles {
                 state: DongleState::Connecting,
                 last_frame: now,
                 last_hello: now,
+                opened_at: now,
             },
         );
         self.open_session(runtime, &serial).await;
@@ -537,6 +542,7 @@ impl Dongles {
         }
         attached.state = DongleState::Open;
         attached.last_frame = Instant::now();
+        attached.opened_at = Instant::now();
         let _ = state.table.remove_container(&container);
         for item in &items {
             state.table.upsert_item(ItemEntry {
@@ -717,7 +723,7 @@ impl Dongles {
         let Some(serial) = container.strip_prefix("dongle:").map(str::to_owned) else {
             return Ok(());
         };
-        let (link, generation, metered) = {
+        let (link, generation, metered, settle) = {
             let board = self.board();
             let Some(attached) = board.attached.get(&serial) else {
                 return Err(Reason::DongleRemoved);
@@ -734,8 +740,17 @@ impl Dongles {
                         .find(|i| i.firm == product.firm && i.code == product.code)
                 })
                 .is_some_and(|item| item.units.is_some());
-            (Arc::clone(&attached.link), attached.generation, metered)
+            let settle = SHARED_USE_SETTLE.saturating_sub(attached.opened_at.elapsed());
+            (
+                Arc::clone(&attached.link),
+                attached.generation,
+                metered,
+                settle,
+            )
         };
+        if !settle.is_zero() {
+            tokio::time::sleep(settle).await;
+        }
         let request = if metered {
             Request::DecrementUnits {
                 firm: product.firm,
