@@ -260,11 +260,14 @@ impl Drop for Machine {
     }
 }
 
+/// One plug: the machine's socket, its stop flag and its open connections.
+type Plug = (PathBuf, Arc<AtomicBool>, Arc<Mutex<Vec<UnixStream>>>);
+
 /// The dongle: firmware behind one listening socket per machine it is plugged into.
 struct Emulator {
     firmware: Arc<Mutex<Firmware>>,
     offset: Arc<AtomicI64>,
-    plugs: BTreeMap<String, (PathBuf, Arc<AtomicBool>, Arc<Mutex<Vec<UnixStream>>>)>,
+    plugs: BTreeMap<String, Plug>,
 }
 
 fn dongle_now(offset: &AtomicI64) -> u64 {
