@@ -1000,3 +1000,44 @@ fn watch_folder(dir: PathBuf, wake: Arc<Notify>) {
         unsafe { libc::close(fd) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_use_lockout_is_dongle_shared_until_met_again_after_a_replug() {
+        let dongles = Dongles::new();
+        let shared =
+            |generation| dongles.lockout_reason("7", generation, LockoutReason::Shared, 5_000);
+        assert_eq!(shared(1), Reason::DongleShared);
+        assert_eq!(shared(1), Reason::DongleShared);
+        assert_eq!(shared(2), Reason::DongleLockedOut);
+        // A later lockout (another end time) is news again.
+        assert_eq!(
+            dongles.lockout_reason("7", 3, LockoutReason::Shared, 9_000),
+            Reason::DongleShared
+        );
+        assert_eq!(
+            dongles.lockout_reason("8", 1, LockoutReason::TooManyRebinds, 5_000),
+            Reason::DongleLockedOut
+        );
+    }
+
+    #[test]
+    fn denials_are_left_alone_without_an_unusable_dongle() {
+        let dongles = Dongles::new();
+        let product = ProductKey {
+            firm: 10,
+            code: 2001,
+        };
+        assert_eq!(
+            dongles.explain_denial(product, Reason::UnknownProduct),
+            Reason::UnknownProduct
+        );
+        assert_eq!(
+            dongles.explain_denial(product, Reason::QuantityExhausted),
+            Reason::QuantityExhausted
+        );
+    }
+}
