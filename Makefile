@@ -31,6 +31,7 @@ bench:
 	$(CARGO) run --release -q -p meter-core --example binding-bench
 	$(CARGO) run --release -q -p dongle --example dongle-bench
 	$(CARGO) run --release -q -p meterd --example server-bench
+	$(CARGO) run --release -q -p meterd --example dongle-release-bench
 	$(CARGO) run --release -q -- bench --out reports/bench
 
 ## A short fuzzing run of the dongle frame parser (needs cargo-fuzz: `cargo install cargo-fuzz`).

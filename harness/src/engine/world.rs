@@ -377,10 +377,21 @@ impl World {
                 s.product.value,
             ),
             Step::Release(app) => {
-                // A clean release: the app ends normally (SIGTERM), giving its licence back.
+                // A clean release: the app ends normally (SIGTERM), giving its licence back;
+                // the step is done when the app has exited.
                 self.backend.terminate_app(&app.value)?;
                 if let Some(record) = self.apps.get_mut(&app.value) {
                     record.killed_at = Some(Instant::now());
+                }
+                let deadline = Instant::now() + runtime::COMMAND_TIMEOUT;
+                while self.backend.app_status(&app.value)? == crate::backend::AppStatus::Running {
+                    if Instant::now() > deadline {
+                        return Err(BackendError::Timeout {
+                            what: format!("app `{}` to release its licence and exit", app.value),
+                            after: runtime::COMMAND_TIMEOUT,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
                 }
                 Ok(())
             }

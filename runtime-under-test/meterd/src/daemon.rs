@@ -262,6 +262,17 @@ impl Runtime {
         // Replay grants in handle order so the table counts exactly what was granted before.
         let machine_name = platform.machine_name()?;
         let mut dropped = Vec::new();
+        // Grants recorded in another boot: no process of that boot is alive any more (after a
+        // reboot, or in a clone booted from a copy of this state), whatever its pid says now.
+        let boot_id = platform.boot_id()?;
+        let stored_boot = snapshot
+            .meta
+            .get("boot-id")
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        let other_boot = matches!((&boot_id, &stored_boot), (Some(now), Some(then)) if now != then);
+        if let Some(id) = &boot_id {
+            dropped.push(Change::PutMeta("boot-id".into(), id.clone().into_bytes()));
+        }
         for (handle, bytes) in &snapshot.grants {
             let mut record: GrantRecord = match postcard::from_bytes(bytes) {
                 Ok(record) => record,
@@ -274,9 +285,9 @@ impl Runtime {
             // A local holder recorded under another machine name belongs to the machine this
             // state was copied from (a clone or a copied disk): its process is not ours.
             if matches!(record.holder, Holder::Local { .. })
-                && record.station.machine != machine_name
+                && (other_boot || record.station.machine != machine_name)
             {
-                tracing::info!(handle, station = %record.station, "Grant of another machine dropped (state copied)");
+                tracing::info!(handle, station = %record.station, "Grant of another machine or an earlier boot dropped");
                 dropped.push(Change::DeleteGrant(*handle));
                 continue;
             }

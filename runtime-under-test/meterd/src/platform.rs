@@ -70,6 +70,8 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
     fn address(&self) -> Result<Option<IpAddr>, PlatformError>;
     /// The virtual machine generation id (guests only).
     fn vmgenid(&self) -> Result<Option<String>, PlatformError>;
+    /// Identifies the current boot: no process of another boot is alive.
+    fn boot_id(&self) -> Result<Option<String>, PlatformError>;
     /// The machine's clock, unix milliseconds.
     fn now_ms(&self) -> Result<u64, PlatformError>;
     /// What the session with this id is, if the session table knows it.
@@ -271,6 +273,12 @@ impl Platform for SimPlatform {
 
     fn address(&self) -> Result<Option<IpAddr>, PlatformError> {
         Ok(self.machine()?.address)
+    }
+
+    fn boot_id(&self) -> Result<Option<String>, PlatformError> {
+        Ok(read_optional(&self.dir.join("boot_id"))?
+            .map(|text| text.trim().to_owned())
+            .filter(|text| !text.is_empty()))
     }
 
     fn vmgenid(&self) -> Result<Option<String>, PlatformError> {
@@ -501,6 +509,14 @@ impl Platform for HostPlatform {
 
     fn address(&self) -> Result<Option<IpAddr>, PlatformError> {
         Ok(None)
+    }
+
+    fn boot_id(&self) -> Result<Option<String>, PlatformError> {
+        Ok(
+            read_optional(&self.path("/proc/sys/kernel/random/boot_id"))?
+                .map(|text| text.trim().to_owned())
+                .filter(|text| !text.is_empty()),
+        )
     }
 
     fn vmgenid(&self) -> Result<Option<String>, PlatformError> {

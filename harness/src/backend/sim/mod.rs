@@ -351,6 +351,7 @@ impl SimBackend {
                 "RUST_LOG",
                 std::env::var("VIGIL_RUNTIME_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -450,6 +451,10 @@ impl SimBackend {
             self.machine_mut(machine)?.cpu = cpu;
         }
         self.write_platform(machine)?;
+        // Every boot is a new boot: no process of an earlier one survives it.
+        let boot_id = self.mint.generation_id();
+        let platform = self.machine(machine)?.platform();
+        write_atomic(&platform.join("boot_id"), boot_id.as_bytes())?;
         self.start_daemon(machine)?;
         self.machine_mut(machine)?.power = Power::Running;
         self.open_session(
