@@ -546,6 +546,30 @@ impl SimBackend {
         }
     }
 
+    /// Starts `meter <args>` inside a machine's session; returns the session's leader and the pid.
+    fn spawn_meter(
+        &mut self,
+        machine: &str,
+        session: &str,
+        args: &[String],
+        stdout: &Path,
+        stderr: &Path,
+    ) -> Result<(&mut LeaderHandle, i32), BackendError> {
+        let mut argv = vec![self.config.runtime_bin.join("meter").display().to_string()];
+        argv.extend(args.iter().cloned());
+        let m = self.machine_mut(machine)?;
+        let env = vec![("METER_SOCKET".to_string(), m.socket().display().to_string())];
+        let leader = m
+            .sessions
+            .get_mut(session)
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "session",
+                name: session.into(),
+            })?;
+        let pid = leader.spawn(&argv, &env, stdout, stderr)?;
+        Ok((leader, pid))
+    }
+
     fn drop_relays_to(&mut self, server: &str) {
         let relays = std::mem::take(&mut self.relays);
         let (gone, kept): (Vec<Relay>, Vec<Relay>) =
@@ -785,28 +809,10 @@ impl Backend for SimBackend {
     ) -> Result<CommandOutput, BackendError> {
         self.command_counter += 1;
         let n = self.command_counter;
-        let meter = self.config.runtime_bin.join("meter");
-        let m = self
-            .machines
-            .get_mut(machine)
-            .ok_or_else(|| BackendError::Unknown {
-                kind: "machine",
-                name: machine.into(),
-            })?;
-        let socket = m.socket();
-        let stdout = m.dir.join("run").join(format!("cmd-{n}.out"));
-        let stderr = m.dir.join("run").join(format!("cmd-{n}.err"));
-        let leader = m
-            .sessions
-            .get_mut(session)
-            .ok_or_else(|| BackendError::Unknown {
-                kind: "session",
-                name: session.into(),
-            })?;
-        let mut argv = vec![meter.display().to_string()];
-        argv.extend(args.iter().cloned());
-        let env = vec![("METER_SOCKET".to_string(), socket.display().to_string())];
-        let pid = leader.spawn(&argv, &env, &stdout, &stderr)?;
+        let run_dir = self.machine(machine)?.dir.join("run");
+        let stdout = run_dir.join(format!("cmd-{n}.out"));
+        let stderr = run_dir.join(format!("cmd-{n}.err"));
+        let (leader, pid) = self.spawn_meter(machine, session, args, &stdout, &stderr)?;
         let Some(exit) = leader.wait_exit(pid, timeout) else {
             // SAFETY: killing our own descendant.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -832,29 +838,10 @@ impl Backend for SimBackend {
         app: &str,
         args: &[String],
     ) -> Result<(), BackendError> {
-        let meter = self.config.runtime_bin.join("meter");
         let apps_dir = self.config.log_dir.join(machine).join("apps");
         let stdout = apps_dir.join(format!("{app}.out"));
         let stderr = apps_dir.join(format!("{app}.err"));
-        let m = self
-            .machines
-            .get_mut(machine)
-            .ok_or_else(|| BackendError::Unknown {
-                kind: "machine",
-                name: machine.into(),
-            })?;
-        let socket = m.socket();
-        let leader = m
-            .sessions
-            .get_mut(session)
-            .ok_or_else(|| BackendError::Unknown {
-                kind: "session",
-                name: session.into(),
-            })?;
-        let mut argv = vec![meter.display().to_string()];
-        argv.extend(args.iter().cloned());
-        let env = vec![("METER_SOCKET".to_string(), socket.display().to_string())];
-        let pid = leader.spawn(&argv, &env, &stdout, &stderr)?;
+        let (_, pid) = self.spawn_meter(machine, session, args, &stdout, &stderr)?;
         self.apps.insert(
             app.to_string(),
             App {
