@@ -34,7 +34,7 @@ fn finding(check: &str, ok: bool, detail: impl Into<String>) -> Finding {
 }
 
 /// The first line a command prints for `--version`, if it runs.
-fn version_of(program: &str) -> Option<String> {
+pub fn version_of(program: &str) -> Option<String> {
     let out = Command::new(program).arg("--version").output().ok()?;
     if !out.status.success() {
         return None;
@@ -106,11 +106,20 @@ pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
             "images/out is empty (`make images` builds it)".to_string()
         },
     ));
+    let qemu_missing =
+        crate::backend::qemu::vm::missing_prerequisite(&crate::backend::qemu::vm::image_dir());
+    let accelerator = if kvm.0 { "kvm" } else { "tcg" };
     findings.push(finding(
         "qemu backend",
-        false,
-        "not built yet: the qemu backend arrives with its own issue",
+        qemu_missing.is_none(),
+        match &qemu_missing {
+            None => format!("usable; guests run with -accel {accelerator}"),
+            Some(why) => why.clone(),
+        },
     ));
+    if qemu_missing.is_none() {
+        usable.push("qemu".to_string());
+    }
     findings.push(finding(
         "libvirt backend",
         false,
@@ -134,7 +143,7 @@ fn pidfd_works() -> bool {
 }
 
 /// Whether KVM can run a guest here: opening /dev/kvm is not enough, so try to create a VM.
-fn kvm_usable() -> (bool, String) {
+pub fn kvm_usable() -> (bool, String) {
     use std::os::fd::AsRawFd;
     let Ok(file) = std::fs::OpenOptions::new()
         .read(true)

@@ -72,7 +72,10 @@ pub fn run() -> anyhow::Result<()> {
     // SAFETY: setsid only changes this process's own session.
     let sid = unsafe { libc::setsid() };
     if sid < 0 {
-        anyhow::bail!("Cannot start a session: {}", std::io::Error::last_os_error());
+        anyhow::bail!(
+            "Cannot start a session: {}",
+            std::io::Error::last_os_error()
+        );
     }
     // No parent-death signal here: the agent thread that started us may end before we do.
     let out: &'static Mutex<std::io::Stdout> = Box::leak(Box::new(Mutex::new(std::io::stdout())));

@@ -294,10 +294,10 @@ fn refresh_vmgenid() -> Option<String> {
     .ok()
     .flatten()?;
     let current = std::fs::read_to_string(VMGENID_FILE).unwrap_or_default();
-    if current.trim() != id {
-        if let Err(e) = write_atomic(Path::new(VMGENID_FILE), id.as_bytes()) {
-            eprintln!("vigil-agent: write {VMGENID_FILE}: {e}");
-        }
+    if current.trim() != id
+        && let Err(e) = write_atomic(Path::new(VMGENID_FILE), id.as_bytes())
+    {
+        eprintln!("vigil-agent: write {VMGENID_FILE}: {e}");
     }
     Some(id)
 }
@@ -453,7 +453,10 @@ fn spawn_in_session(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("Session `{session}` did not start {} in time", argv.join(" "));
+            bail!(
+                "Session `{session}` did not start {} in time",
+                argv.join(" ")
+            );
         }
         state = agent
             .changed
@@ -585,11 +588,11 @@ fn power_off_prepare(daemon: &str, deadline: Instant) {
             let (Some(dev), Some(dir)) = (fields.next(), fields.next()) else {
                 continue;
             };
-            if dev.starts_with("/dev/vd") {
-                if let Ok(path) = std::ffi::CString::new(dir) {
-                    // SAFETY: unmounting by a valid C path.
-                    unsafe { libc::umount2(path.as_ptr(), 0) };
-                }
+            if dev.starts_with("/dev/vd")
+                && let Ok(path) = std::ffi::CString::new(dir)
+            {
+                // SAFETY: unmounting by a valid C path.
+                unsafe { libc::umount2(path.as_ptr(), 0) };
             }
         }
     }
@@ -607,7 +610,11 @@ fn processes_named(name: &str) -> Vec<i32> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
         let argv0 = String::from_utf8_lossy(argv0);
-        if Path::new(argv0.as_ref()).file_name().and_then(|n| n.to_str()) == Some(name) {
+        if Path::new(argv0.as_ref())
+            .file_name()
+            .and_then(|n| n.to_str())
+            == Some(name)
+        {
             pids.push(pid);
         }
     }

@@ -3,6 +3,7 @@
 //! The engine only speaks to the [`Backend`] trait; it never knows which hypervisor (if any) is
 //! behind it.
 
+pub mod qemu;
 pub mod sim;
 
 use std::path::PathBuf;
@@ -247,6 +248,7 @@ pub struct WorldConfig {
 pub fn create(kind: BackendKind, config: WorldConfig) -> Result<Box<dyn Backend>, BackendError> {
     match kind {
         BackendKind::Sim => Ok(Box::new(sim::SimBackend::new(config)?)),
+        BackendKind::Qemu => Ok(Box::new(qemu::QemuBackend::new(config)?)),
         other => Err(BackendError::Unsupported {
             backend: other,
             operation: "run scenarios",

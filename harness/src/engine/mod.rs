@@ -115,6 +115,12 @@ pub fn print_list(backend: Option<BackendKind>) -> anyhow::Result<()> {
         let tags: Vec<&str> = s.scenario.tags.iter().map(|t| t.value.as_str()).collect();
         let availability = match backend {
             None | Some(BackendKind::Sim) => String::new(),
+            Some(BackendKind::Qemu) => {
+                match crate::backend::qemu::unsupported_reason(&s.scenario) {
+                    Some(why) => format!("  [cannot run on qemu: {why}]"),
+                    None => String::new(),
+                }
+            }
             Some(other) => {
                 format!("  [cannot run on {other}: the {other} backend is not built yet]")
             }

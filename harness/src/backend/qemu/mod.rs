@@ -1,0 +1,1317 @@
+//! The qemu backend: guests are real QEMU virtual machines; hosts are as on the sim backend.
+//!
+//! A guest is the image of `images/` (kernel + initramfs with `meter`, `meterd` and
+//! `vigil-agent`) booted on q35 with its own SMBIOS identity, MAC, disk serial, vmgenid and its
+//! host's CPU profile, and a qcow2 data disk holding the runtime's state. The harness talks to
+//! QEMU over QMP ([`qmp`]) and to the guest over the agent's virtio-serial port ([`agent`]).
+//! Snapshots are internal qcow2 snapshots (`savevm`); a revert starts a new QEMU process with
+//! `-loadvm` and a new vmgenid, as libvirt does; a clone copies the disk and boots cold with a new
+//! identity; a migration moves the running guest live into a second QEMU with the same CPU model.
+//!
+//! Physical hosts are simulated machines run by an inner [`SimBackend`] (a real `meterd` with a
+//! `sim:` platform on the harness machine). Guests reach host servers through QEMU user
+//! networking: the harness machine is 10.0.2.2 inside a guest, and each (guest, server) pair has
+//! its own relay that connects from the guest's own loopback address, so servers see one peer
+//! per guest.
+
+pub mod agent;
+pub mod qmp;
+pub mod vm;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use self::agent::{AgentError, Op, Outcome, SessionKind};
+use self::vm::{Environment, Vm, VmSpec};
+use super::sim::SimBackend;
+use super::sim::network::Relay;
+use super::{
+    AppStatus, Backend, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
+    GuestSpec, HardwareIdentity, HostSpec, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
+};
+use crate::identity::IdentityMint;
+use crate::scenario::{Scenario, Step};
+
+/// Where the runtime keeps its state inside a guest (on the data disk).
+const GUEST_STATE: &str = "/disk/meter";
+/// Where files the harness puts on a guest land (on the data disk).
+const GUEST_HOME: &str = "/disk/home";
+/// The runtime's socket inside a guest.
+const GUEST_SOCKET: &str = "/run/meter/meterd.sock";
+/// The runtime's log inside a guest.
+const GUEST_RUNTIME_LOG: &str = "/run/vigil/meterd.log";
+/// The harness machine as a guest sees it through user networking.
+const HOST_FROM_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// How long a guest may take from QEMU start to a ready runtime (TCG on a busy machine).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Power {
+    Off,
+    Running,
+    Paused,
+}
+
+impl Power {
+    fn name(self) -> &'static str {
+        match self {
+            Power::Off => "powered off",
+            Power::Running => "running",
+            Power::Paused => "paused",
+        }
+    }
+}
+
+struct Snapshot {
+    /// Whether the snapshot holds the running state (taken while the guest ran).
+    live: bool,
+    /// Sessions open when it was taken (they come back with the memory).
+    sessions: BTreeSet<String>,
+}
+
+struct Guest {
+    name: String,
+    host: String,
+    role: Role,
+    identity: HardwareIdentity,
+    /// The CPU the guest booted with (kept through a live migration).
+    cpu: CpuProfile,
+    vmgenid: String,
+    dir: PathBuf,
+    ip: Ipv4Addr,
+    power: Power,
+    vm: Option<Vm>,
+    /// Increments for every QEMU process, so each gets fresh sockets.
+    incarnation: u32,
+    sessions: BTreeSet<String>,
+    snapshots: BTreeMap<String, Snapshot>,
+    skew_ms: i64,
+}
+
+impl Guest {
+    fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+}
+
+/// Timings of the last operations, for benchmarks.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timings {
+    /// Milliseconds from QEMU start to a ready runtime, per boot.
+    pub boot_ms: Vec<f64>,
+    /// `savevm` milliseconds.
+    pub snapshot_ms: Vec<f64>,
+    /// Milliseconds from revert start to a ready runtime.
+    pub revert_ms: Vec<f64>,
+    /// Clone (disk copy) milliseconds.
+    pub clone_ms: Vec<f64>,
+    /// Live migration wall milliseconds (start to destination running).
+    pub migrate_ms: Vec<f64>,
+    /// Migration downtime QEMU reported, milliseconds.
+    pub migrate_downtime_ms: Vec<f64>,
+}
+
+struct GuestApp {
+    machine: String,
+}
+
+/// The qemu backend.
+pub struct QemuBackend {
+    config: WorldConfig,
+    env: Environment,
+    sim: SimBackend,
+    hosts: BTreeMap<String, CpuProfile>,
+    guests: BTreeMap<String, Guest>,
+    apps: BTreeMap<String, GuestApp>,
+    /// Host servers the guests use: server machine → its address and pin.
+    servers: BTreeMap<String, ServerInfo>,
+    relays: Vec<Relay>,
+    mint: IdentityMint,
+    world_offset_ms: i64,
+    next_address: u32,
+    address_block: u8,
+    timings: Timings,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+/// Why a scenario cannot run on the qemu backend yet, if it cannot.
+pub fn unsupported_reason(scenario: &Scenario) -> Option<String> {
+    let guests: BTreeSet<String> = scenario
+        .guests
+        .iter()
+        .map(|g| g.name.value.clone())
+        .collect();
+    let usb = "dongles in guests need USB passthrough (usbredir) or the guest's USB/IP client: a later issue";
+    for located in &scenario.steps {
+        match &located.value {
+            Step::UsbAttach(u) => {
+                let in_guest = u
+                    .machine
+                    .iter()
+                    .chain(u.machines.iter())
+                    .any(|m| guests.contains(&m.value));
+                if in_guest {
+                    return Some(usb.into());
+                }
+            }
+            Step::UsbipAttach(u) if guests.contains(&u.machine.value) => {
+                return Some(usb.into());
+            }
+            Step::ServerStart(s) if guests.contains(&s.machine.value) => {
+                return Some("a network server inside a guest is not supported yet".into());
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+impl QemuBackend {
+    /// Creates an empty world; fails when QEMU or the guest image is missing.
+    pub fn new(config: WorldConfig) -> Result<QemuBackend, BackendError> {
+        let env = Environment::detect()?;
+        let mut sim_config = config.clone();
+        sim_config.work_dir = config.work_dir.join("hosts");
+        let sim = SimBackend::new(sim_config)?;
+        std::fs::create_dir_all(config.work_dir.join("guests"))
+            .map_err(BackendError::io("create the guests folder"))?;
+        let address_block = (config.seed % 250) as u8 + 2;
+        Ok(QemuBackend {
+            mint: IdentityMint::new(config.seed ^ 0x9e37_79b9),
+            config,
+            env,
+            sim,
+            hosts: BTreeMap::new(),
+            guests: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            servers: BTreeMap::new(),
+            relays: Vec::new(),
+            world_offset_ms: 0,
+            next_address: 0,
+            address_block,
+            timings: Timings::default(),
+        })
+    }
+
+    /// Timings measured so far (boot, snapshot, revert, clone, migration).
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
+    /// The accelerator QEMU runs with (`kvm` or `tcg`).
+    pub fn accelerator(&self) -> &'static str {
+        self.env.accelerator
+    }
+
+    fn is_guest(&self, machine: &str) -> bool {
+        self.guests.contains_key(machine)
+    }
+
+    fn guest(&self, name: &str) -> Result<&Guest, BackendError> {
+        self.guests.get(name).ok_or_else(|| BackendError::Unknown {
+            kind: "machine",
+            name: name.to_string(),
+        })
+    }
+
+    fn guest_mut(&mut self, name: &str) -> Result<&mut Guest, BackendError> {
+        self.guests
+            .get_mut(name)
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "machine",
+                name: name.to_string(),
+            })
+    }
+
+    fn host_cpu(&self, host: &str) -> Result<CpuProfile, BackendError> {
+        self.hosts
+            .get(host)
+            .cloned()
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "host",
+                name: host.to_string(),
+            })
+    }
+
+    fn require(
+        &self,
+        machine: &str,
+        operation: &'static str,
+        allowed: &[Power],
+        needed: &'static str,
+    ) -> Result<(), BackendError> {
+        let g = self.guest(machine)?;
+        if allowed.contains(&g.power) {
+            Ok(())
+        } else {
+            Err(BackendError::WrongState {
+                machine: machine.to_string(),
+                state: g.power.name(),
+                operation,
+                needed,
+            })
+        }
+    }
+
+    fn allocate_address(&mut self) -> Ipv4Addr {
+        // The sim backend counts up from 127.<block>.0.2; guests take 127.<block>.200.x.
+        let n = self.next_address;
+        self.next_address += 1;
+        Ipv4Addr::new(
+            127,
+            self.address_block,
+            200 + (n / 250) as u8,
+            (n % 250) as u8 + 2,
+        )
+    }
+
+    fn insert_guest(
+        &mut self,
+        name: &str,
+        host: &str,
+        role: Role,
+        identity: HardwareIdentity,
+    ) -> Result<(), BackendError> {
+        let cpu = self.host_cpu(host)?;
+        let dir = self.config.work_dir.join("guests").join(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(BackendError::io(format!("create {}", dir.display())))?;
+        std::fs::create_dir_all(self.config.log_dir.join(name))
+            .map_err(BackendError::io("create the guest's log folder"))?;
+        let ip = self.allocate_address();
+        let vmgenid = self.mint.generation_id();
+        self.guests.insert(
+            name.to_string(),
+            Guest {
+                name: name.to_string(),
+                host: host.to_string(),
+                role,
+                identity,
+                cpu,
+                vmgenid,
+                dir,
+                ip,
+                power: Power::Off,
+                vm: None,
+                incarnation: 0,
+                sessions: BTreeSet::new(),
+                snapshots: BTreeMap::new(),
+                skew_ms: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn spec_for(&mut self, name: &str, loadvm: Option<String>, incoming: bool) -> VmSpec {
+        let log_dir = self.config.log_dir.join(name);
+        let g = self.guests.get_mut(name).expect("guest exists");
+        g.incarnation += 1;
+        let run_dir = g.dir.join(format!("run-{}", g.incarnation));
+        VmSpec {
+            name: g.name.clone(),
+            identity: g.identity.clone(),
+            cpu: g.cpu.clone(),
+            vmgenid: g.vmgenid.clone(),
+            disk: g.disk(),
+            incoming: incoming.then(|| run_dir.join("migration.sock")),
+            run_dir,
+            log_dir,
+            loadvm,
+        }
+    }
+
+    /// Talks to a running guest's agent; failures name the guest, its console and QEMU.
+    fn call(&mut self, machine: &str, op: Op, timeout: Duration) -> Result<Outcome, BackendError> {
+        let g = self.guest_mut(machine)?;
+        let vm = g.vm.as_mut().ok_or_else(|| BackendError::WrongState {
+            machine: machine.to_string(),
+            state: Power::Off.name(),
+            operation: "talk to its agent",
+            needed: "running",
+        })?;
+        match vm.agent.call(op, timeout) {
+            Ok(outcome) => Ok(outcome),
+            Err(AgentError::Refused { op, message }) => Err(BackendError::Runtime {
+                machine: machine.to_string(),
+                message: format!("the guest agent could not `{op}`: {message}"),
+            }),
+            Err(e) => Err(vm.failure(&e.to_string())),
+        }
+    }
+
+    /// Brings a freshly started QEMU to a ready runtime: agent up, clock and vmgenid set.
+    fn finish_start(&mut self, machine: &str, started: Instant) -> Result<(), BackendError> {
+        let ready_file = format!("{GUEST_STATE}/meterd.ready");
+        {
+            let g = self.guest_mut(machine)?;
+            let vm = g.vm.as_mut().expect("vm just launched");
+            if let Err(e) = vm.agent.wait_ready(&ready_file, BOOT_TIMEOUT) {
+                let err = vm.failure(&format!("guest did not become ready: {e}"));
+                if let Some(vm) = g.vm.take() {
+                    vm.stop();
+                }
+                g.power = Power::Off;
+                return Err(err);
+            }
+        }
+        self.push_guest_clock(machine)?;
+        self.call(machine, Op::RefreshVmgenid, Duration::from_secs(5))?;
+        tracing::info!(
+            guest = machine,
+            ms = started.elapsed().as_millis() as u64,
+            accelerator = self.env.accelerator,
+            "guest ready"
+        );
+        Ok(())
+    }
+
+    fn launch(&mut self, machine: &str, loadvm: Option<String>) -> Result<Instant, BackendError> {
+        let spec = self.spec_for(machine, loadvm, false);
+        let started = Instant::now();
+        let vm = Vm::launch(spec, &self.env)?;
+        let g = self.guest_mut(machine)?;
+        g.vm = Some(vm);
+        g.power = Power::Running;
+        Ok(started)
+    }
+
+    fn push_guest_clock(&mut self, machine: &str) -> Result<(), BackendError> {
+        let skew = self.guest(machine)?.skew_ms;
+        let epoch_ms = now_ms() + self.world_offset_ms + skew;
+        self.call(machine, Op::SetClock { epoch_ms }, Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    fn open_guest_session(
+        &mut self,
+        machine: &str,
+        session: &str,
+        spec: &SessionSpec,
+    ) -> Result<(), BackendError> {
+        let kind = match spec {
+            SessionSpec::Console { user } => SessionKind::Console { user: user.clone() },
+            SessionSpec::Rdp {
+                user,
+                client_name,
+                client_ip,
+            } => SessionKind::Rdp {
+                user: user.clone(),
+                client_name: client_name.clone(),
+                client_ip: client_ip.clone(),
+            },
+        };
+        self.call(
+            machine,
+            Op::SessionOpen {
+                name: session.to_string(),
+                session: kind,
+            },
+            Duration::from_secs(10),
+        )?;
+        self.guest_mut(machine)?
+            .sessions
+            .insert(session.to_string());
+        Ok(())
+    }
+
+    /// Points a running guest's runtime at every host server (through its relays).
+    fn configure_servers(&mut self, machine: &str) -> Result<(), BackendError> {
+        let wanted: Vec<(String, String)> = self
+            .relays
+            .iter()
+            .filter(|r| r.client == machine)
+            .filter_map(|r| {
+                let pin = self.servers.get(&r.server)?.pin.clone();
+                Some((
+                    SocketAddr::from((HOST_FROM_GUEST, r.local.port())).to_string(),
+                    pin,
+                ))
+            })
+            .collect();
+        for (address, pin) in wanted {
+            self.meter_checked(
+                machine,
+                &["servers".into(), "add".into(), address, "--pin".into(), pin],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn meter_checked(&mut self, machine: &str, args: &[String]) -> Result<(), BackendError> {
+        let mut full = args.to_vec();
+        full.push("--json".into());
+        let out = self.run_meter(machine, "console", &full, Duration::from_secs(20))?;
+        if out.code == Some(0) {
+            Ok(())
+        } else {
+            Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!(
+                    "`meter {}` failed ({:?}): {}{}",
+                    args.join(" "),
+                    out.code,
+                    out.stdout,
+                    out.stderr
+                ),
+            })
+        }
+    }
+
+    fn add_relays(&mut self, server: &str) -> Result<(), BackendError> {
+        let info = self
+            .servers
+            .get(server)
+            .cloned()
+            .ok_or_else(|| BackendError::Runtime {
+                machine: server.into(),
+                message: "server has no address".into(),
+            })?;
+        let target: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
+            machine: server.into(),
+            message: format!("bad listen address {}", info.listen),
+        })?;
+        let guests: Vec<(String, Ipv4Addr, Power)> = self
+            .guests
+            .values()
+            .map(|g| (g.name.clone(), g.ip, g.power))
+            .collect();
+        for (guest, ip, power) in guests {
+            if self
+                .relays
+                .iter()
+                .any(|r| r.client == guest && r.server == server)
+            {
+                continue;
+            }
+            self.relays.push(Relay::start(&guest, server, ip, target)?);
+            if power == Power::Running {
+                self.configure_servers(&guest)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops a guest's QEMU at once (power cut), keeping its disk.
+    fn power_cut(&mut self, machine: &str) -> Result<(), BackendError> {
+        let g = self.guest_mut(machine)?;
+        if let Some(vm) = g.vm.take() {
+            vm.stop();
+        }
+        g.power = Power::Off;
+        g.sessions.clear();
+        self.apps.retain(|_, a| a.machine != machine);
+        Ok(())
+    }
+
+    /// Copies the guest's runtime log out of the guest into the report folder.
+    fn collect_runtime_log(&mut self, machine: &str) {
+        let path = GUEST_RUNTIME_LOG.to_string();
+        if let Ok(Outcome::File { data_hex }) =
+            self.call(machine, Op::ReadFile { path }, Duration::from_secs(5))
+            && let Ok(data) = hex::decode(data_hex)
+        {
+            let target = self.config.log_dir.join(machine).join("meterd.log");
+            let _ = std::fs::write(target, data);
+        }
+    }
+
+    fn no_usb(&self, operation: &'static str) -> BackendError {
+        BackendError::Unsupported {
+            backend: BackendKind::Qemu,
+            operation,
+            why: "dongles in guests need USB passthrough (usbredir) or the guest's USB/IP client: a later issue".into(),
+        }
+    }
+
+    fn app_machine(&self, app: &str) -> Option<String> {
+        self.apps.get(app).map(|a| a.machine.clone())
+    }
+}
+
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let manifest = std::fs::read_to_string(self.env.image_dir.join("manifest.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        json!({
+            "backend": "qemu",
+            "accelerator": self.env.accelerator,
+            "accelerator_reason": self.env.accelerator_reason,
+            "qemu": self.env.qemu_version,
+            "image": self.env.image_dir.display().to_string(),
+            "image_manifest": manifest,
+            "hosts": self.sim.describe(),
+        })
+    }
+
+    fn add_host(&mut self, host: &HostSpec) -> Result<(), BackendError> {
+        self.hosts.insert(host.name.clone(), host.cpu.clone());
+        self.sim.add_host(host)
+    }
+
+    fn add_guest(&mut self, guest: &GuestSpec) -> Result<(), BackendError> {
+        self.insert_guest(&guest.name, &guest.host, guest.role, guest.identity.clone())?;
+        let disk = self.guest(&guest.name)?.disk();
+        let template = self.env.image_dir.join("data.qcow2");
+        std::fs::copy(&template, &disk)
+            .map_err(BackendError::io(format!("copy {}", template.display())))?;
+        Ok(())
+    }
+
+    fn boot(&mut self, machine: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.boot(machine);
+        }
+        self.require(machine, "boot", &[Power::Off], "powered off")?;
+        // A guest boots on its host's CPU model.
+        let host = self.guest(machine)?.host.clone();
+        let cpu = self.host_cpu(&host)?;
+        self.guest_mut(machine)?.cpu = cpu;
+        let started = self.launch(machine, None)?;
+        self.finish_start(machine, started)?;
+        self.timings
+            .boot_ms
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        self.open_guest_session(
+            machine,
+            "console",
+            &SessionSpec::Console {
+                user: "operator".into(),
+            },
+        )?;
+        self.configure_servers(machine)
+    }
+
+    fn shutdown(&mut self, machine: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.shutdown(machine);
+        }
+        self.require(
+            machine,
+            "shutdown",
+            &[Power::Running, Power::Paused],
+            "running",
+        )?;
+        if self.guest(machine)?.power == Power::Paused {
+            self.resume(machine)?;
+        }
+        self.collect_runtime_log(machine);
+        let answer = self.call(
+            machine,
+            Op::PowerOff {
+                daemon: "meterd".into(),
+            },
+            Duration::from_secs(10),
+        );
+        let g = self.guest_mut(machine)?;
+        if let Some(vm) = g.vm.take() {
+            // The guest powers itself off; QEMU exits (-no-reboot). Killed if it does not.
+            vm.wait_exit(Duration::from_secs(10));
+        }
+        g.power = Power::Off;
+        g.sessions.clear();
+        self.apps.retain(|_, a| a.machine != machine);
+        answer.map(drop)
+    }
+
+    fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.pause(machine);
+        }
+        self.require(machine, "pause", &[Power::Running], "running")?;
+        let g = self.guest_mut(machine)?;
+        let vm = g.vm.as_mut().expect("running guest has a VM");
+        vm.monitor.stop().map_err(|e| vm.failure(&e.to_string()))?;
+        g.power = Power::Paused;
+        Ok(())
+    }
+
+    fn resume(&mut self, machine: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.resume(machine);
+        }
+        self.require(machine, "resume", &[Power::Paused], "paused")?;
+        let g = self.guest_mut(machine)?;
+        let vm = g.vm.as_mut().expect("paused guest has a VM");
+        vm.monitor.cont().map_err(|e| vm.failure(&e.to_string()))?;
+        g.power = Power::Running;
+        // A stopped guest's clock stood still; the world's did not.
+        self.push_guest_clock(machine)
+    }
+
+    fn snapshot(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.snapshot(machine, name);
+        }
+        let started = Instant::now();
+        let g = self.guest_mut(machine)?;
+        let live = g.vm.is_some();
+        match g.vm.as_mut() {
+            Some(vm) => {
+                vm.monitor
+                    .hmp(&format!("savevm {name}"))
+                    .map_err(|e| vm.failure(&e.to_string()))?;
+            }
+            None => {
+                let disk = g.disk();
+                run_qemu_img(&["snapshot", "-c", name], &disk)?;
+            }
+        }
+        let sessions = g.sessions.clone();
+        g.snapshots
+            .insert(name.to_string(), Snapshot { live, sessions });
+        self.timings
+            .snapshot_ms
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        Ok(())
+    }
+
+    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.revert(machine, name);
+        }
+        let started = Instant::now();
+        let (live, sessions) =
+            {
+                let snap = self.guest(machine)?.snapshots.get(name).ok_or_else(|| {
+                    BackendError::Unknown {
+                        kind: "snapshot",
+                        name: name.to_string(),
+                    }
+                })?;
+                (snap.live, snap.sessions.clone())
+            };
+        let was_on = self.guest(machine)?.power != Power::Off;
+        self.power_cut(machine)?;
+        // A revert is a new hypervisor process with a new generation id.
+        let vmgenid = self.mint.generation_id();
+        self.guest_mut(machine)?.vmgenid = vmgenid;
+        if was_on && live {
+            let started_vm = self.launch(machine, Some(name.to_string()))?;
+            self.guest_mut(machine)?.sessions = sessions;
+            self.finish_start(machine, started_vm)?;
+            // The restored memory may lack the servers added since the snapshot.
+            self.configure_servers(machine)?;
+        } else {
+            let disk = self.guest(machine)?.disk();
+            run_qemu_img(&["snapshot", "-a", name], &disk)?;
+            if was_on {
+                self.boot(machine)?;
+            }
+        }
+        self.timings
+            .revert_ms
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        Ok(())
+    }
+
+    fn clone_guest(
+        &mut self,
+        from: &str,
+        to: &str,
+        host: &str,
+        identity: CloneIdentity,
+    ) -> Result<(), BackendError> {
+        let started = Instant::now();
+        let source = self.guest(from)?;
+        let role = source.role;
+        let new_identity = match identity {
+            CloneIdentity::Perfect => source.identity.clone(),
+            CloneIdentity::New => self.mint.guest_identity(to),
+        };
+        let source_disk = source.disk();
+        self.insert_guest(to, host, role, new_identity)?;
+        let target_disk = self.guest(to)?.disk();
+        // A running source is frozen and flushed (a temporary internal snapshot) so the copy
+        // is crash-consistent, as a hypervisor's clone of a running VM is.
+        let tag = format!("vigil-clone-{to}");
+        if self.guest(from)?.power == Power::Running {
+            // As a hypervisor's guest agent does before a snapshot: flush the guest's caches.
+            self.call(
+                from,
+                Op::Exec {
+                    argv: vec!["/bin/sync".into()],
+                    env: Vec::new(),
+                    session: None,
+                },
+                Duration::from_secs(20),
+            )?;
+        }
+        let g = self.guest_mut(from)?;
+        let running = g.power == Power::Running;
+        if let Some(vm) = g.vm.as_mut() {
+            if running {
+                vm.monitor.stop().map_err(|e| vm.failure(&e.to_string()))?;
+            }
+            let saved = vm.monitor.hmp(&format!("savevm {tag}"));
+            let copied = saved.map_err(|e| vm.failure(&e.to_string())).and_then(|_| {
+                std::fs::copy(&source_disk, &target_disk)
+                    .map(drop)
+                    .map_err(BackendError::io(format!("copy {}", source_disk.display())))
+            });
+            let _ = vm.monitor.hmp(&format!("delvm {tag}"));
+            if running {
+                vm.monitor.cont().map_err(|e| vm.failure(&e.to_string()))?;
+            }
+            copied?;
+            run_qemu_img(&["snapshot", "-d", &tag], &target_disk)?;
+        } else {
+            std::fs::copy(&source_disk, &target_disk)
+                .map_err(BackendError::io(format!("copy {}", source_disk.display())))?;
+        }
+        self.timings
+            .clone_ms
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        // Relays for servers already running.
+        let servers: Vec<String> = self.servers.keys().cloned().collect();
+        for server in servers {
+            self.add_relays(&server)?;
+        }
+        Ok(())
+    }
+
+    fn migrate(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.migrate(machine, host);
+        }
+        self.require(machine, "migrate", &[Power::Running], "running")?;
+        self.host_cpu(host)?;
+        let started = Instant::now();
+        // The destination has the same CPU model, identity and generation id (shared disk).
+        let spec = self.spec_for(machine, None, true);
+        let socket = spec.incoming.clone().expect("incoming socket");
+        let mut destination = Vm::launch(spec, &self.env)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if Instant::now() > deadline || destination.exited() {
+                return Err(destination.failure("the migration destination did not listen"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let uri = format!("unix:{}", socket.display());
+        let g = self.guest_mut(machine)?;
+        let source = g.vm.as_mut().expect("running guest has a VM");
+        source
+            .monitor
+            .migrate(&uri)
+            .map_err(|e| source.failure(&e.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let progress = loop {
+            let progress = source
+                .monitor
+                .migration()
+                .map_err(|e| source.failure(&e.to_string()))?;
+            match progress.status.as_str() {
+                "completed" => break progress,
+                "failed" | "cancelled" => {
+                    return Err(source.failure(&format!(
+                        "live migration {}: see {}",
+                        progress.status,
+                        source.spec.log_dir.join("qemu.log").display()
+                    )));
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(source.failure("live migration did not complete in 120 s"));
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        // The destination runs on its own once the migration completes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = destination
+                .monitor
+                .run_state()
+                .map_err(|e| destination.failure(&e.to_string()))?;
+            if state == "running" {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(
+                    destination.failure(&format!("the migrated guest is `{state}`, not running"))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let old = g.vm.replace(destination);
+        g.host = host.to_string();
+        if let Some(old) = old {
+            old.stop();
+        }
+        self.timings
+            .migrate_ms
+            .push(started.elapsed().as_secs_f64() * 1000.0);
+        self.timings
+            .migrate_downtime_ms
+            .push(progress.downtime_ms.unwrap_or_default() as f64);
+        self.push_guest_clock(machine)
+    }
+
+    fn move_guest(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.move_guest(machine, host);
+        }
+        self.host_cpu(host)?;
+        if self.guest(machine)?.power != Power::Off {
+            self.shutdown(machine)?;
+        }
+        self.guest_mut(machine)?.host = host.to_string();
+        Ok(())
+    }
+
+    fn replace_nic(&mut self, machine: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.replace_nic(machine);
+        }
+        if self.guest(machine)?.power != Power::Off {
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Qemu,
+                operation: "replace-part",
+                why: "a NIC of a running QEMU guest is not hot-swapped yet; shut it down first"
+                    .into(),
+            });
+        }
+        let mac = self.mint.mac(&format!("{machine}-replacement"));
+        let g = self.guest_mut(machine)?;
+        if let Some(first) = g.identity.macs.first_mut() {
+            *first = mac;
+        } else {
+            g.identity.macs.push(mac);
+        }
+        Ok(())
+    }
+
+    fn open_session(
+        &mut self,
+        machine: &str,
+        session: &str,
+        spec: &SessionSpec,
+    ) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.open_session(machine, session, spec);
+        }
+        self.require(machine, "session-open", &[Power::Running], "running")?;
+        self.open_guest_session(machine, session, spec)
+    }
+
+    fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.close_session(machine, session);
+        }
+        if !self.guest(machine)?.sessions.contains(session) {
+            return Err(BackendError::Unknown {
+                kind: "session",
+                name: session.into(),
+            });
+        }
+        self.call(
+            machine,
+            Op::SessionClose {
+                name: session.to_string(),
+            },
+            Duration::from_secs(10),
+        )?;
+        self.guest_mut(machine)?.sessions.remove(session);
+        Ok(())
+    }
+
+    fn run_meter(
+        &mut self,
+        machine: &str,
+        session: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<CommandOutput, BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.run_meter(machine, session, args, timeout);
+        }
+        self.require(machine, "run meter", &[Power::Running], "running")?;
+        let mut argv = vec!["/bin/meter".to_string()];
+        argv.extend(args.iter().cloned());
+        // The guest runs slower than the harness (TCG): give commands more room.
+        let timeout = timeout.max(Duration::from_secs(30));
+        let outcome = self.call(
+            machine,
+            Op::Exec {
+                argv,
+                env: vec![("METER_SOCKET".into(), GUEST_SOCKET.into())],
+                session: Some(session.to_string()),
+            },
+            timeout,
+        );
+        match outcome {
+            Ok(Outcome::Exited {
+                exit,
+                stdout,
+                stderr,
+            }) => Ok(CommandOutput {
+                code: exit.code,
+                stdout,
+                stderr,
+            }),
+            Ok(other) => Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("the agent answered exec with {other:?}"),
+            }),
+            Err(BackendError::Runtime { message, .. }) if message.contains("did not finish") => {
+                Err(BackendError::Timeout {
+                    what: format!("`meter {}` on {machine}", args.join(" ")),
+                    after: timeout,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn start_app(
+        &mut self,
+        machine: &str,
+        session: &str,
+        app: &str,
+        args: &[String],
+    ) -> Result<(), BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.start_app(machine, session, app, args);
+        }
+        self.require(machine, "start-app", &[Power::Running], "running")?;
+        let mut argv = vec!["/bin/meter".to_string()];
+        argv.extend(args.iter().cloned());
+        self.call(
+            machine,
+            Op::Spawn {
+                app: app.to_string(),
+                session: session.to_string(),
+                argv,
+                env: vec![("METER_SOCKET".into(), GUEST_SOCKET.into())],
+            },
+            Duration::from_secs(20),
+        )?;
+        self.apps.insert(
+            app.to_string(),
+            GuestApp {
+                machine: machine.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError> {
+        let Some(machine) = self.app_machine(app) else {
+            return self.sim.app_output(app);
+        };
+        let outcome = self.call(
+            &machine,
+            Op::AppStatus {
+                app: app.to_string(),
+            },
+            Duration::from_secs(10),
+        )?;
+        let Outcome::AppStatus { stdout, .. } = outcome else {
+            return Ok(Vec::new());
+        };
+        let complete = match stdout.rfind('\n') {
+            Some(end) => &stdout[..end],
+            None => "",
+        };
+        Ok(complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {
+        let Some(machine) = self.app_machine(app) else {
+            return self.sim.app_status(app);
+        };
+        let outcome = self.call(
+            &machine,
+            Op::AppStatus {
+                app: app.to_string(),
+            },
+            Duration::from_secs(10),
+        )?;
+        Ok(match outcome {
+            Outcome::AppStatus {
+                exit: Some(exit), ..
+            } => AppStatus::Exited {
+                code: exit.code,
+                signal: exit.signal,
+            },
+            _ => AppStatus::Running,
+        })
+    }
+
+    fn terminate_app(&mut self, app: &str) -> Result<(), BackendError> {
+        let Some(machine) = self.app_machine(app) else {
+            return self.sim.terminate_app(app);
+        };
+        self.call(
+            &machine,
+            Op::AppSignal {
+                app: app.to_string(),
+                signal: libc::SIGTERM,
+            },
+            Duration::from_secs(10),
+        )
+        .map(drop)
+    }
+
+    fn kill_app(&mut self, app: &str) -> Result<(), BackendError> {
+        let Some(machine) = self.app_machine(app) else {
+            return self.sim.kill_app(app);
+        };
+        self.call(
+            &machine,
+            Op::AppSignal {
+                app: app.to_string(),
+                signal: libc::SIGKILL,
+            },
+            Duration::from_secs(10),
+        )
+        .map(drop)
+    }
+
+    fn set_clock(
+        &mut self,
+        world_offset: i64,
+        skews: &[(String, i64)],
+    ) -> Result<(), BackendError> {
+        self.world_offset_ms = world_offset;
+        let host_skews: Vec<(String, i64)> = skews
+            .iter()
+            .filter(|(m, _)| !self.is_guest(m))
+            .cloned()
+            .collect();
+        self.sim.set_clock(world_offset, &host_skews)?;
+        for (machine, skew) in skews {
+            if let Some(g) = self.guests.get_mut(machine) {
+                g.skew_ms = *skew;
+            }
+        }
+        let running: Vec<String> = self
+            .guests
+            .values()
+            .filter(|g| g.power == Power::Running)
+            .map(|g| g.name.clone())
+            .collect();
+        for machine in running {
+            self.push_guest_clock(&machine)?;
+        }
+        Ok(())
+    }
+
+    fn start_server(
+        &mut self,
+        machine: &str,
+        port: u16,
+        keepalive: Duration,
+    ) -> Result<ServerInfo, BackendError> {
+        if self.is_guest(machine) {
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Qemu,
+                operation: "server-start",
+                why: "a network server inside a guest is not supported yet".into(),
+            });
+        }
+        let info = self.sim.start_server(machine, port, keepalive)?;
+        self.servers.insert(machine.to_string(), info.clone());
+        self.add_relays(machine)?;
+        Ok(info)
+    }
+
+    fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        if self.is_guest(machine) {
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Qemu,
+                operation: "server-stop",
+                why: "a network server inside a guest is not supported yet".into(),
+            });
+        }
+        self.servers.remove(machine);
+        let relays = std::mem::take(&mut self.relays);
+        let (gone, kept): (Vec<Relay>, Vec<Relay>) =
+            relays.into_iter().partition(|r| r.server == machine);
+        self.relays = kept;
+        for relay in gone {
+            relay.stop();
+        }
+        self.sim.stop_server(machine)
+    }
+
+    fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError> {
+        for relay in &self.relays {
+            let crosses = (a.contains(&relay.client) && b.contains(&relay.server))
+                || (b.contains(&relay.client) && a.contains(&relay.server));
+            if crosses {
+                relay.set_cut(true);
+            }
+        }
+        self.sim.partition(a, b)
+    }
+
+    fn heal(&mut self, machines: &[String]) -> Result<(), BackendError> {
+        for relay in &self.relays {
+            let touches = machines.is_empty()
+                || machines.contains(&relay.client)
+                || machines.contains(&relay.server);
+            if touches {
+                relay.set_cut(false);
+            }
+        }
+        self.sim.heal(machines)
+    }
+
+    fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
+        self.sim.add_dongle(name, flash)
+    }
+
+    fn usb_attach(
+        &mut self,
+        dongle: &str,
+        machines: &[String],
+        mode: UsbMode,
+    ) -> Result<(), BackendError> {
+        if machines.iter().any(|m| self.is_guest(m)) {
+            return Err(self.no_usb("usb-attach"));
+        }
+        self.sim.usb_attach(dongle, machines, mode)
+    }
+
+    fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.sim.usb_detach(dongle)
+    }
+
+    fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        if self.is_guest(machine) {
+            return Err(self.no_usb("usbip-attach"));
+        }
+        self.sim.usbip_attach(dongle, machine)
+    }
+
+    fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.sim.usbip_detach(dongle)
+    }
+
+    fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.sim.usbip_disconnect(dongle)
+    }
+
+    fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
+        self.sim.dongle_status(dongle)
+    }
+
+    fn put_file(
+        &mut self,
+        machine: &str,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<String, BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.put_file(machine, name, contents);
+        }
+        let path = format!("{GUEST_HOME}/{name}");
+        self.call(
+            machine,
+            Op::WriteFile {
+                path: path.clone(),
+                data_hex: hex::encode(contents),
+            },
+            Duration::from_secs(10),
+        )?;
+        Ok(path)
+    }
+
+    fn get_file(&mut self, machine: &str, path: &str) -> Result<Vec<u8>, BackendError> {
+        if !self.is_guest(machine) {
+            return self.sim.get_file(machine, path);
+        }
+        match self.call(
+            machine,
+            Op::ReadFile {
+                path: path.to_string(),
+            },
+            Duration::from_secs(10),
+        )? {
+            Outcome::File { data_hex } => {
+                hex::decode(data_hex).map_err(|e| BackendError::Runtime {
+                    machine: machine.into(),
+                    message: format!("the agent sent bad file contents: {e}"),
+                })
+            }
+            other => Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("the agent answered read-file with {other:?}"),
+            }),
+        }
+    }
+
+    fn teardown(&mut self) -> Result<(), BackendError> {
+        let names: Vec<String> = self.guests.keys().cloned().collect();
+        for name in names {
+            if self.guest(&name)?.vm.is_some() {
+                self.collect_runtime_log(&name);
+                self.power_cut(&name)?;
+            }
+        }
+        for relay in self.relays.drain(..) {
+            relay.stop();
+        }
+        let timings = serde_json::to_vec_pretty(&json!({
+            "accelerator": self.env.accelerator,
+            "timings": self.timings,
+        }))
+        .unwrap_or_default();
+        let _ = std::fs::write(self.config.log_dir.join("qemu-timings.json"), timings);
+        self.sim.teardown()
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.config.log_dir.clone()
+    }
+}
+
+impl Drop for QemuBackend {
+    fn drop(&mut self) {
+        for g in self.guests.values_mut() {
+            if let Some(vm) = g.vm.take() {
+                drop(vm);
+            }
+        }
+    }
+}
+
+fn run_qemu_img(args: &[&str], disk: &Path) -> Result<(), BackendError> {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .arg(disk)
+        .output()
+        .map_err(BackendError::io("run qemu-img"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(BackendError::Runtime {
+            machine: disk.display().to_string(),
+            message: format!(
+                "`qemu-img {} {}` failed: {}",
+                args.join(" "),
+                disk.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}

@@ -1,0 +1,499 @@
+//! One QEMU process: its command line (identity, CPU, disk, agent port), its sockets and logs,
+//! and the process group that dies with the harness.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::agent::AgentClient;
+use super::qmp::{Monitor, QmpMonitor};
+use crate::backend::{BackendError, CpuProfile, HardwareIdentity};
+
+/// The QEMU program.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Guest memory, MiB (small: snapshots and migrations copy it).
+const MEMORY_MIB: u32 = 384;
+
+/// Where the guest image lives and how QEMU runs on this machine.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    /// `vmlinux`, `initramfs.cpio.gz` and `data.qcow2`.
+    pub image_dir: PathBuf,
+    /// `kvm` or `tcg`.
+    pub accelerator: &'static str,
+    /// Why that accelerator.
+    pub accelerator_reason: String,
+    /// `qemu-system-x86_64 --version`, first line.
+    pub qemu_version: String,
+}
+
+/// Why the qemu backend cannot run here, if it cannot.
+pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
+    if crate::doctor::version_of(QEMU).is_none() {
+        return Some(format!(
+            "{QEMU} is not installed (`make deps` installs QEMU 10)"
+        ));
+    }
+    for file in ["vmlinux", "initramfs.cpio.gz", "data.qcow2"] {
+        if !image_dir.join(file).exists() {
+            return Some(format!(
+                "{} is missing (`make images` builds the guest image)",
+                image_dir.join(file).display()
+            ));
+        }
+    }
+    None
+}
+
+/// The folder holding the guest image: `VIGIL_IMAGE_DIR`, else `images/out` of this checkout.
+pub fn image_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VIGIL_IMAGE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let here = PathBuf::from("images/out");
+    if here.join("vmlinux").exists() {
+        return here;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out")
+}
+
+impl Environment {
+    /// Checks QEMU and the image; picks KVM when it can run a guest, TCG otherwise.
+    pub fn detect() -> Result<Environment, BackendError> {
+        let image_dir = image_dir();
+        if let Some(why) = missing_prerequisite(&image_dir) {
+            return Err(BackendError::Unsupported {
+                backend: crate::backend::BackendKind::Qemu,
+                operation: "start",
+                why,
+            });
+        }
+        let (kvm, reason) = crate::doctor::kvm_usable();
+        let forced = std::env::var("VIGIL_ACCEL").ok();
+        let accelerator = match forced.as_deref() {
+            Some("kvm") => "kvm",
+            Some("tcg") => "tcg",
+            _ if kvm => "kvm",
+            _ => "tcg",
+        };
+        Ok(Environment {
+            image_dir,
+            accelerator,
+            accelerator_reason: match forced {
+                Some(f) => format!("VIGIL_ACCEL={f}"),
+                None => reason,
+            },
+            qemu_version: crate::doctor::version_of(QEMU).unwrap_or_default(),
+        })
+    }
+}
+
+/// What one QEMU process is started with.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Guest name (the runtime's machine name).
+    pub name: String,
+    /// Firmware and device identity.
+    pub identity: HardwareIdentity,
+    /// CPU model the guest sees.
+    pub cpu: CpuProfile,
+    /// VM generation id (32 hex digits).
+    pub vmgenid: String,
+    /// The qcow2 data disk.
+    pub disk: PathBuf,
+    /// Folder for this process's sockets.
+    pub run_dir: PathBuf,
+    /// Folder for serial console, QEMU stderr and command lines.
+    pub log_dir: PathBuf,
+    /// Restore this internal snapshot at start (`-loadvm`).
+    pub loadvm: Option<String>,
+    /// Wait for an incoming migration on this Unix socket.
+    pub incoming: Option<PathBuf>,
+}
+
+/// Escapes a value for QEMU's `key=value,…` option syntax.
+fn opt(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// The vmgenid as a GUID (`8-4-4-4-12`).
+pub fn guid(hex32: &str) -> String {
+    let h: String = hex32.chars().filter(char::is_ascii_hexdigit).collect();
+    if h.len() != 32 {
+        return hex32.to_string();
+    }
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl VmSpec {
+    /// QEMU's arguments.
+    pub fn args(&self, env: &Environment) -> Vec<String> {
+        let id = &self.identity;
+        let cpu = &self.cpu;
+        let mut cpu_opt = format!(
+            "qemu64,vendor={},model-id={},family={},model={},stepping={}",
+            opt(&cpu.vendor),
+            opt(&cpu.model_name),
+            cpu.family,
+            cpu.model,
+            cpu.stepping
+        );
+        if let Some(rev) = parse_microcode(&cpu.microcode) {
+            cpu_opt.push_str(&format!(",ucode-rev={rev}"));
+        }
+        let mut disk_device = "virtio-blk-pci,drive=d0,id=vblk0".to_string();
+        if let Some(serial) = id.disk_serials.first() {
+            // virtio-blk serials are at most 20 characters.
+            let serial: String = serial.chars().take(20).collect();
+            disk_device.push_str(&format!(",serial={}", opt(&serial)));
+        }
+        let mut nic = "virtio-net-pci,netdev=n0,id=nic0".to_string();
+        if let Some(mac) = id.macs.first() {
+            nic.push_str(&format!(",mac={mac}"));
+        }
+        let mut args: Vec<String> = [
+            "-accel",
+            env.accelerator,
+            "-machine",
+            "q35",
+            "-m",
+            &MEMORY_MIB.to_string(),
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let kernel = self.image("vmlinux", env);
+        let initrd = self.image("initramfs.cpio.gz", env);
+        args.extend([
+            "-kernel".into(),
+            kernel,
+            "-initrd".into(),
+            initrd,
+            "-append".into(),
+            format!(
+                "console=ttyS0 quiet panic=-1 mitigations=off i8042.noaux=1 i8042.nokbd=1 \
+                 8250.nr_uarts=1 random.trust_cpu=on vigil.name={}",
+                self.name
+            ),
+            "-smbios".into(),
+            format!(
+                "type=1,uuid={},serial={},manufacturer=QEMU,product=Standard PC",
+                id.product_uuid,
+                opt(&id.product_serial)
+            ),
+            "-smbios".into(),
+            format!("type=2,serial={}", opt(&id.board_serial)),
+            "-cpu".into(),
+            cpu_opt,
+            "-netdev".into(),
+            "user,id=n0".into(),
+            "-device".into(),
+            nic,
+            "-blockdev".into(),
+            format!(
+                "driver=file,filename={},node-name=f0",
+                opt(&self.disk.display().to_string())
+            ),
+            "-blockdev".into(),
+            "driver=qcow2,file=f0,node-name=d0".into(),
+            "-device".into(),
+            disk_device,
+            "-device".into(),
+            format!("vmgenid,id=vmgen0,guid={}", guid(&self.vmgenid)),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent0,path={},server=on,wait=off",
+                opt(&self.run_dir.join("agent.sock").display().to_string())
+            ),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-device".into(),
+            "virtserialport,chardev=agent0,name=vigil".into(),
+            "-chardev".into(),
+            format!(
+                "file,id=console0,path={},append=on",
+                opt(&self.serial_log().display().to_string())
+            ),
+            "-serial".into(),
+            "chardev:console0".into(),
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                opt(&self.run_dir.join("qmp.sock").display().to_string())
+            ),
+        ]);
+        if let Some(tag) = &self.loadvm {
+            args.extend(["-loadvm".into(), tag.clone()]);
+        }
+        if let Some(socket) = &self.incoming {
+            args.extend(["-incoming".into(), format!("unix:{}", socket.display())]);
+        }
+        args
+    }
+
+    fn image(&self, file: &str, env: &Environment) -> String {
+        let path = env.image_dir.join(file);
+        std::fs::canonicalize(&path)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
+    /// The guest's serial console log (appended across QEMU processes).
+    pub fn serial_log(&self) -> PathBuf {
+        self.log_dir.join("serial.log")
+    }
+}
+
+fn parse_microcode(text: &str) -> Option<u64> {
+    let t = text.trim();
+    match t.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// A running QEMU process with its monitor and agent connections.
+pub struct Vm {
+    /// What it was started with.
+    pub spec: VmSpec,
+    /// The command line, for diagnostics.
+    pub command_line: String,
+    child: Child,
+    /// The monitor.
+    pub monitor: Box<dyn Monitor>,
+    /// The agent (connected once the port socket exists).
+    pub agent: AgentClient,
+}
+
+impl Vm {
+    /// Starts QEMU in its own process group (killed with the harness) and connects to its
+    /// monitor and agent sockets.
+    pub fn launch(spec: VmSpec, env: &Environment) -> Result<Vm, BackendError> {
+        std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::io(format!(
+            "create {}",
+            spec.run_dir.display()
+        )))?;
+        std::fs::create_dir_all(&spec.log_dir).map_err(BackendError::io(format!(
+            "create {}",
+            spec.log_dir.display()
+        )))?;
+        for socket in ["agent.sock", "qmp.sock"] {
+            let _ = std::fs::remove_file(spec.run_dir.join(socket));
+        }
+        let args = spec.args(env);
+        let command_line = format!("{QEMU} {}", shell_words(&args));
+        let mut commands = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.log_dir.join("qemu-commands.txt"))
+            .map_err(BackendError::io("open the QEMU command log"))?;
+        use std::io::Write;
+        let _ = writeln!(commands, "{command_line}");
+        let stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.log_dir.join("qemu.log"))
+            .map_err(BackendError::io("open the QEMU log"))?;
+        let mut command = Command::new(QEMU);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(
+                stderr
+                    .try_clone()
+                    .map_err(BackendError::io("clone the QEMU log"))?,
+            )
+            .stderr(stderr);
+        // SAFETY: setpgid and prctl are async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(BackendError::io(format!("start {QEMU} for {}", spec.name)))?;
+        let monitor =
+            match QmpMonitor::connect(&spec.run_dir.join("qmp.sock"), Duration::from_secs(20)) {
+                Ok(m) => m,
+                Err(e) => {
+                    kill_group(&mut child);
+                    return Err(boot_failure(&spec, &command_line, &e.to_string()));
+                }
+            };
+        let agent =
+            match AgentClient::connect(&spec.run_dir.join("agent.sock"), Duration::from_secs(10)) {
+                Ok(a) => a,
+                Err(e) => {
+                    kill_group(&mut child);
+                    return Err(boot_failure(&spec, &command_line, &e.to_string()));
+                }
+            };
+        Ok(Vm {
+            spec,
+            command_line,
+            child,
+            monitor: Box::new(monitor),
+            agent,
+        })
+    }
+
+    /// Whether QEMU has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits up to `wait` for QEMU to exit by itself; kills its group otherwise.
+    pub fn wait_exit(mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        kill_group(&mut self.child);
+    }
+
+    /// Asks QEMU to quit, then makes sure its process group is gone.
+    pub fn stop(mut self) {
+        let _ = self.monitor.quit();
+        self.wait_exit(Duration::from_secs(3));
+    }
+
+    /// An error naming the guest, its last serial lines and the QEMU command line.
+    pub fn failure(&self, message: &str) -> BackendError {
+        boot_failure(&self.spec, &self.command_line, message)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.exited() {
+            kill_group(&mut self.child);
+        }
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    // SAFETY: the child leads its own process group (setpgid at spawn).
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A failure of a guest with what is needed to understand it.
+pub fn boot_failure(spec: &VmSpec, command_line: &str, message: &str) -> BackendError {
+    let serial = tail(&spec.serial_log(), 15);
+    let stderr = tail(&spec.log_dir.join("qemu.log"), 5);
+    BackendError::Runtime {
+        machine: spec.name.clone(),
+        message: format!(
+            "{message}\nlast serial console lines ({}):\n{serial}\nQEMU stderr:\n{stderr}\nQEMU command line:\n{command_line}",
+            spec.serial_log().display()
+        ),
+    }
+}
+
+/// The last lines of a log file.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn shell_words(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=,.:/@+".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            name: "vm1".into(),
+            identity: HardwareIdentity {
+                product_uuid: "11111111-2222-3333-4444-555555555555".into(),
+                product_serial: "VM-1,2".into(),
+                board_serial: "VB-1".into(),
+                disk_serials: vec!["QM-0123456789abcdefghijkl".into()],
+                macs: vec!["52:54:00:aa:bb:cc".into()],
+            },
+            cpu: crate::identity::cpu_profile("GenuineIntel", "Xeon Gold 6248"),
+            vmgenid: "00112233445566778899aabbccddeeff".into(),
+            disk: "/tmp/d.qcow2".into(),
+            run_dir: "/tmp/run".into(),
+            log_dir: "/tmp/log".into(),
+            loadvm: Some("fresh".into()),
+            incoming: None,
+        }
+    }
+
+    #[test]
+    fn command_line_carries_identity_cpu_and_generation() {
+        let env = Environment {
+            image_dir: "/img".into(),
+            accelerator: "tcg",
+            accelerator_reason: String::new(),
+            qemu_version: String::new(),
+        };
+        let args = spec().args(&env).join(" ");
+        assert!(args.contains("-accel tcg"));
+        assert!(args.contains("type=1,uuid=11111111-2222-3333-4444-555555555555,serial=VM-1,,2"));
+        assert!(args.contains("type=2,serial=VB-1"));
+        assert!(args.contains("mac=52:54:00:aa:bb:cc"));
+        assert!(args.contains("serial=QM-0123456789abcdefg"), "{args}");
+        assert!(
+            !args.contains("abcdefgh"),
+            "disk serials are cut to 20 characters"
+        );
+        assert!(args.contains("vendor=GenuineIntel"));
+        assert!(args.contains("guid=00112233-4455-6677-8899-aabbccddeeff"));
+        assert!(args.contains("-loadvm fresh"));
+        assert!(!args.contains("-incoming"));
+    }
+
+    #[test]
+    fn microcode_and_guids_parse() {
+        assert_eq!(parse_microcode("0x5003604"), Some(0x5003604));
+        assert_eq!(parse_microcode("17"), Some(17));
+        assert_eq!(parse_microcode("n/a"), None);
+        assert_eq!(guid("0011"), "0011");
+    }
+}
