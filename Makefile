@@ -54,4 +54,4 @@ test-vm: images
 ## QEMU timings (boot to agent-ready, snapshot, revert, clone, live migration) into reports/bench/vm.json.
 bench-vm: images
 	mkdir -p reports/bench
-	$(CARGO) test -p vigil --release --test qemu_bench -- --nocapture --ignored --test-threads 1
+	$(CARGO) test -p vigil --test qemu_bench -- --nocapture --ignored --test-threads 1

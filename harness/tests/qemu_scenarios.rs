@@ -86,7 +86,7 @@ fn scenario_passes(name: &str) {
         "{name} on qemu: {}\n{output}",
         scenario["error"]
     );
-    assert_eq!(report["backend"], "qemu", "{report}");
+    assert_eq!(report["events"][0]["backend"], "qemu", "{report}");
 }
 
 #[test]
