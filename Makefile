@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build test lint fmt deps bench fuzz-smoke clean-reports
+.PHONY: all build test lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports
 
 all: build
 
