@@ -58,10 +58,14 @@ impl Runtime {
                     )
                 })?,
         };
-        let kind = self
+        let mut kind = self
             .platform
             .kind()
             .map_err(|e| (format!("Cannot read the machine kind: {e}"), None))?;
+        if crate::weakened::is(crate::weakened::Defence::VmActivationSwitch) {
+            // Weakened: the hypervisor is not looked for; every machine says it is physical.
+            kind = meter_core::traits::MachineKind::Physical;
+        }
         let now = self
             .platform
             .now_ms()
@@ -179,8 +183,14 @@ pub fn vendor_answer(
     let key = crate::vendor::read_vendor_key(key)?;
     let text =
         fs::read_to_string(policy).with_context(|| format!("Cannot read {}", policy.display()))?;
-    let policy = meter_core::policy::ProductPolicy::from_yaml(&text)
+    let mut policy = meter_core::policy::ProductPolicy::from_yaml(&text)
         .with_context(|| format!("Invalid policy {}", policy.display()))?;
+    if crate::weakened::is(crate::weakened::Defence::BindingTolerance) {
+        // Weakened: the vendor tool seals every licence with its most forgiving tolerance.
+        for product in &mut policy.products {
+            product.binding.tolerance = meter_core::policy::Tolerance::Loose;
+        }
+    }
     let opened = sealed.open(&key)?;
     let answer = activation::answer(
         &opened,

@@ -59,6 +59,7 @@ pub struct DaemonArgs {
 pub fn run_daemon(args: Vec<OsString>) -> anyhow::Result<()> {
     let args = DaemonArgs::parse_from(args);
     init_logging();
+    crate::weakened::announce()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("meterd")
@@ -343,6 +344,10 @@ pub fn run_meter(args: Vec<OsString>) -> i32 {
         }
     };
     init_logging_quiet();
+    if let Err(e) = crate::weakened::from_environment() {
+        eprintln!("meter: {e}");
+        return EXIT_UNREACHABLE;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

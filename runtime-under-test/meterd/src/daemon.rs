@@ -679,6 +679,10 @@ impl Runtime {
             }
             state.watched.insert(pid, start);
         }
+        if crate::weakened::is(crate::weakened::Defence::CrashRelease) {
+            // Weakened: process exits are not watched; a crashed holder keeps its licences.
+            return;
+        }
         let runtime = Arc::clone(self);
         tokio::spawn(async move {
             if let Ok(watch) = ProcessWatch::open(pid) {
@@ -824,6 +828,10 @@ impl Runtime {
             .map_err(|reason| self.explain_denial(&state.table, claim.product, reason))?;
         let container = grant.container.to_string();
         record.table_handle = Some(grant.handle);
+        if crate::weakened::is(crate::weakened::Defence::ServerQuantity) {
+            // Weakened: a remote grant is answered but not kept in the count.
+            let _ = state.table.release(grant.handle);
+        }
         record.via = Via::Table {
             container: container.clone(),
         };

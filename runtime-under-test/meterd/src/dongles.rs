@@ -25,6 +25,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::daemon::{Runtime, Via};
 use crate::platform::UsbEndpoint;
 use crate::transport::{self, DongleTransport, TransportError};
+use crate::weakened::{self, Defence};
 
 /// How often the manager looks for attached and removed dongles (also woken by file events).
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(150);
@@ -474,7 +475,13 @@ impl Dongles {
             return;
         };
         let vendors = trusted_vendors(runtime);
-        let runtime_id = match RuntimeId::new(runtime.runtime_id.clone()) {
+        let bind_as = if weakened::is(Defence::DongleBinding) {
+            // Weakened: every runtime binds under the same id, so the dongle cannot tell them apart.
+            "meter-runtime".to_owned()
+        } else {
+            runtime.runtime_id.clone()
+        };
+        let runtime_id = match RuntimeId::new(bind_as) {
             Ok(id) => id,
             Err(error) => {
                 tracing::error!(%error, "This runtime's id cannot bind dongles");
@@ -552,7 +559,7 @@ impl Dongles {
                     code: item.code,
                 },
                 name: item.name.clone(),
-                rules: item_rules(item),
+                rules: crate::weakened::rules(item_rules(item)),
                 state: Default::default(),
                 units_left: item.units,
             });
@@ -582,6 +589,10 @@ impl Dongles {
         generation: u64,
         error: LinkError,
     ) {
+        if ignores_failure(&error) {
+            tracing::warn!(serial, error = %crate::licences::error_chain(&error), "Weakened: dongle failure ignored");
+            return;
+        }
         let state = match &error {
             LinkError::Gone | LinkError::Timeout(_) | LinkError::Transport(_) => None,
             LinkError::Session(SessionError::Locked { reason, until_ms }) => {
@@ -660,6 +671,8 @@ impl Dongles {
         generation: Option<u64>,
         reason: Reason,
     ) {
+        let keep_grants =
+            reason == Reason::DongleRemoved && weakened::is(Defence::DongleRemovalRelease);
         let removed = {
             let mut board = self.board();
             match board.attached.get(serial) {
@@ -672,6 +685,10 @@ impl Dongles {
         if let Some(attached) = removed {
             tracing::info!(serial, path = %attached.endpoint.path.display(), %reason, "Dongle detached");
             drop(attached);
+            if keep_grants {
+                // Weakened: the grants outlive the dongle until their holders end.
+                return;
+            }
             self.take_back(runtime, serial, reason).await;
         }
     }
@@ -751,7 +768,8 @@ impl Dongles {
         if !settle.is_zero() {
             tokio::time::sleep(settle).await;
         }
-        let request = if metered {
+        // Weakened: units are counted in the runtime's own (revertible) state, not in the dongle.
+        let request = if metered && !weakened::is(Defence::DongleCounters) {
             Request::DecrementUnits {
                 firm: product.firm,
                 code: product.code,
@@ -803,6 +821,10 @@ impl Dongles {
                 tracing::warn!(serial, ?other, "Unexpected answer to an access");
                 let _ = runtime.release(handle).await;
                 Err(Reason::DongleRemoved)
+            }
+            Err(error) if ignores_failure(&error) => {
+                tracing::warn!(serial, error = %crate::licences::error_chain(&error), "Weakened: grant kept despite the dongle");
+                Ok(())
             }
             Err(error) => {
                 let _ = runtime.release(handle).await;
@@ -919,6 +941,24 @@ impl Dongles {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+}
+
+/// True when a weakened build shrugs off this session failure (lockout or rebind elsewhere).
+fn ignores_failure(error: &LinkError) -> bool {
+    match error {
+        LinkError::Session(SessionError::Locked {
+            reason: LockoutReason::Shared,
+            ..
+        }) => weakened::is(Defence::DongleSharedDetection),
+        LinkError::Session(SessionError::Locked {
+            reason: LockoutReason::TooManyRebinds,
+            ..
+        }) => weakened::is(Defence::DongleRebindLockout),
+        LinkError::Session(SessionError::BindingBroken) => {
+            weakened::is(Defence::DongleRebindRelease)
+        }
+        _ => false,
     }
 }
 

@@ -19,4 +19,5 @@ pub mod store;
 pub mod tls;
 pub mod transport;
 pub mod vendor;
+pub mod weakened;
 pub mod witness;

@@ -265,7 +265,8 @@ impl Licences {
         match open_products(body, traits) {
             Ok(items) => {
                 for item in &items {
-                    let expired = item.expires_at.is_some_and(|at| at <= now);
+                    let rules = crate::weakened::rules(item.rules());
+                    let expired = rules.expires_at.is_some_and(|at| at <= now);
                     table.upsert_item(ItemEntry {
                         container: container.clone(),
                         product: ProductKey {
@@ -273,7 +274,7 @@ impl Licences {
                             code: item.code,
                         },
                         name: item.name.clone(),
-                        rules: item.rules(),
+                        rules,
                         state: if expired {
                             ItemState::Expired
                         } else {
@@ -288,32 +289,39 @@ impl Licences {
             Err(e) => {
                 tracing::warn!(licence = %id, error = %error_chain(&e), "Licence does not open on this machine");
                 self.opened.remove(&id);
+                // Weakened: a binding that does not open is shrugged off and the clear catalogue used.
+                let fallback = crate::weakened::is(crate::weakened::Defence::TraitBinding);
+                let state = if fallback {
+                    ItemState::Valid
+                } else {
+                    ItemState::Corrupt
+                };
                 // Only the clear catalogue is known: list its products as corrupt.
                 for entry in &body.catalogue {
                     let product = ProductKey {
                         firm,
                         code: entry.code,
                     };
-                    let rules = ItemRules {
+                    let rules = crate::weakened::rules(ItemRules {
                         quantity: 1,
                         counting: Counting::StationShare,
                         virtual_machines: entry.virtual_machines,
                         terminal_server: meter_core::policy::Allowance::Allow,
                         expires_at: None,
-                    };
-                    if table
-                        .set_state(&container, product, ItemState::Corrupt)
-                        .is_err()
-                    {
+                    });
+                    if table.set_state(&container, product, state).is_err() {
                         table.upsert_item(ItemEntry {
                             container: container.clone(),
                             product,
                             name: entry.name.clone(),
                             rules,
-                            state: ItemState::Corrupt,
+                            state,
                             units_left: None,
                         });
                     }
+                }
+                if fallback {
+                    return (ItemState::Valid, None);
                 }
                 (ItemState::Corrupt, Some(e.reason()))
             }

@@ -17,6 +17,22 @@ const METERED_KEY_PREFIX: &str = "metered/";
 /// The clock may pass the high-water mark by this much before the mark is written again.
 const HIGH_WATER_STEP_MS: u64 = 1_000;
 
+/// The time and vmgenid the runtime goes by: the machine's, unless a weakened build ignores them.
+fn observed(state: &MeteredState, now: u64, vmgenid: Option<&str>) -> (u64, Option<String>) {
+    use crate::weakened::{Defence, is};
+    let now = if is(Defence::RollbackClock) {
+        now.max(state.high_water_ms)
+    } else {
+        now
+    };
+    let vmgenid = if is(Defence::RollbackVmgenid) {
+        state.vmgenid.clone()
+    } else {
+        vmgenid.map(str::to_owned)
+    };
+    (now, vmgenid)
+}
+
 /// What the vendor's items of one licence say about metering.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MeteredRules {
@@ -132,6 +148,8 @@ impl Metering {
             let Some(state) = self.states.get_mut(id) else {
                 continue;
             };
+            let (now, vmgenid) = observed(state, now, vmgenid);
+            let vmgenid = vmgenid.as_deref();
             if state.lock.is_none() {
                 if let Some(reason) = state.detect(now, vmgenid, None) {
                     tracing::warn!(licence = %id, reason = reason.code(), "Rollback detected: metered items locked");
@@ -163,6 +181,8 @@ impl Metering {
     ) -> Option<Result<(Receipt, Change), RollbackError>> {
         let state = self.states.get_mut(licence)?;
         state.remaining(product)?;
+        let (now, vmgenid) = observed(state, now, vmgenid);
+        let vmgenid = vmgenid.as_deref();
         Some(
             state
                 .spend(product, units, now, vmgenid, signer)
@@ -195,6 +215,8 @@ impl Metering {
     ) -> Option<Result<(Reconciliation, Change), RollbackError>> {
         let policy = self.rules.get(licence)?.policy;
         let state = self.states.get_mut(licence)?;
+        let (now, vmgenid) = observed(state, now, vmgenid);
+        let vmgenid = vmgenid.as_deref();
         Some(
             state
                 .resolve(policy, Some(witness), now, vmgenid, signer)

@@ -96,6 +96,7 @@ async fn serve_station(
     let why = loop {
         let deadline = Instant::now() + window;
         let incoming = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) if crate::weakened::is(crate::weakened::Defence::KeepaliveRelease) => continue,
             Err(_) => break format!("missed the keepalive window of {window:?}"),
             Ok(None) => break "connection closed".to_owned(),
             Ok(Some(Err(e))) => break format!("bad frame: {e}"),

@@ -171,6 +171,10 @@ impl Runtime {
     /// Hands new receipts of a licence to every reachable witness; a witness whose chain does
     /// not lead to ours (a fork: the state was rolled back or copied) locks the licence.
     pub async fn witness_receipts(self: &Arc<Self>, licence: &str, receipts: Vec<Receipt>) {
+        if crate::weakened::is(crate::weakened::Defence::RollbackWitness) {
+            // Weakened: receipts stay on this machine; the witness never hears of them.
+            return;
+        }
         let Some(verifier) = self
             .licences
             .lock()
@@ -271,6 +275,15 @@ impl Runtime {
             let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
             let Some(signer) = licences.signer() else {
                 return;
+            };
+            let witness = if crate::weakened::is(crate::weakened::Defence::RollbackReceipts) {
+                // Weakened: the local receipt chain is taken as the truth and compared with itself.
+                WitnessLog {
+                    receipts: licences.metering.receipts(licence),
+                    ..witness
+                }
+            } else {
+                witness
             };
             let outcome = licences
                 .metering

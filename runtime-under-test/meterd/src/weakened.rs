@@ -1,0 +1,237 @@
+//! Test-only weakened runtimes: `METER_WEAKEN=<defence>` switches off one defence, so a test can
+//! prove that the scenario guarding it fails. Only a build with the cargo feature `weakened`
+//! honours the variable; every other build refuses to start when it is set.
+//!
+//! Each weakening is a bug a runtime developer could plausibly ship; see `docs/verdicts.md`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use meter_core::policy::{Allowance, Counting, ItemRules};
+
+/// The environment variable naming the defence to switch off.
+pub const VARIABLE: &str = "METER_WEAKEN";
+
+/// A defence of the runtime that a weakened build can switch off (names as in the scenario language).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Defence {
+    /// A licence whose binding does not open falls back to its clear catalogue.
+    TraitBinding,
+    /// The vendor's activation tool seals every licence at loose tolerance.
+    BindingTolerance,
+    /// The VM switch is ignored and activation requests claim a physical machine.
+    VmActivationSwitch,
+    /// Reconciliation trusts the local receipt chain and adopts none of the witness's receipts.
+    RollbackReceipts,
+    /// The vmgenid recorded with the metered state is never compared with the current one.
+    RollbackVmgenid,
+    /// A clock below the high-water mark is not noticed.
+    RollbackClock,
+    /// Receipts are never handed to the witness.
+    RollbackWitness,
+    /// Dongles are bound under one fixed runtime id shared by every runtime.
+    DongleBinding,
+    /// A shared-use lockout is treated as transient: the dongle stays open and grants stand.
+    DongleSharedDetection,
+    /// A dongle rebound elsewhere keeps its grants here.
+    DongleRebindRelease,
+    /// A too-many-rebinds lockout is treated as transient: the dongle stays open and grants stand.
+    DongleRebindLockout,
+    /// An unplugged dongle's grants are kept until their holders end.
+    DongleRemovalRelease,
+    /// The server forgets remote grants in its count once answered.
+    ServerQuantity,
+    /// Station-share items are counted per access.
+    StationShareCounting,
+    /// User-limit items are counted per station.
+    UserLimitCounting,
+    /// Quantity 0 is read as an ordinary quantity of 1.
+    LocalLicence,
+    /// The vendor's terminal-server switch is ignored.
+    TerminalServerSwitch,
+    /// Process exits (pidfd) are not watched: crashed apps keep their licences.
+    CrashRelease,
+    /// Silent remote stations are kept past the keepalive window.
+    KeepaliveRelease,
+    /// Expiry dates are ignored.
+    Expiry,
+    /// Dongle units are counted in the runtime's own state, not inside the dongle.
+    DongleCounters,
+}
+
+impl Defence {
+    /// Every defence, in the scenario language's order.
+    pub const ALL: [Defence; 21] = [
+        Defence::TraitBinding,
+        Defence::BindingTolerance,
+        Defence::VmActivationSwitch,
+        Defence::RollbackReceipts,
+        Defence::RollbackVmgenid,
+        Defence::RollbackClock,
+        Defence::RollbackWitness,
+        Defence::DongleBinding,
+        Defence::DongleSharedDetection,
+        Defence::DongleRebindRelease,
+        Defence::DongleRebindLockout,
+        Defence::DongleRemovalRelease,
+        Defence::ServerQuantity,
+        Defence::StationShareCounting,
+        Defence::UserLimitCounting,
+        Defence::LocalLicence,
+        Defence::TerminalServerSwitch,
+        Defence::CrashRelease,
+        Defence::KeepaliveRelease,
+        Defence::Expiry,
+        Defence::DongleCounters,
+    ];
+
+    /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Defence::TraitBinding => "trait-binding",
+            Defence::BindingTolerance => "binding-tolerance",
+            Defence::VmActivationSwitch => "vm-activation-switch",
+            Defence::RollbackReceipts => "rollback-receipts",
+            Defence::RollbackVmgenid => "rollback-vmgenid",
+            Defence::RollbackClock => "rollback-clock",
+            Defence::RollbackWitness => "rollback-witness",
+            Defence::DongleBinding => "dongle-binding",
+            Defence::DongleSharedDetection => "dongle-shared-detection",
+            Defence::DongleRebindRelease => "dongle-rebind-release",
+            Defence::DongleRebindLockout => "dongle-rebind-lockout",
+            Defence::DongleRemovalRelease => "dongle-removal-release",
+            Defence::ServerQuantity => "server-quantity",
+            Defence::StationShareCounting => "station-share-counting",
+            Defence::UserLimitCounting => "user-limit-counting",
+            Defence::LocalLicence => "local-licence",
+            Defence::TerminalServerSwitch => "terminal-server-switch",
+            Defence::CrashRelease => "crash-release",
+            Defence::KeepaliveRelease => "keepalive-release",
+            Defence::Expiry => "expiry",
+            Defence::DongleCounters => "dongle-counters",
+        }
+    }
+}
+
+impl fmt::Display for Defence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `METER_WEAKEN` value this build cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeakenError {
+    /// The variable is set but the build has no weakenings.
+    #[error(
+        "{VARIABLE}={0} is set but this runtime was built without the `weakened` feature: refusing to run a runtime that would claim a weakening it does not have"
+    )]
+    NotWeakenedBuild(String),
+    /// The variable names no defence.
+    #[error("{VARIABLE}={0} names no defence; known: {known}", known = known_names())]
+    UnknownDefence(String),
+}
+
+fn known_names() -> String {
+    Defence::ALL.map(|d| d.name()).join(", ")
+}
+
+impl FromStr for Defence {
+    type Err = WeakenError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Defence::ALL
+            .into_iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| WeakenError::UnknownDefence(name.to_owned()))
+    }
+}
+
+/// Reads `METER_WEAKEN`: the defence to switch off, none, or why this build refuses the value.
+pub fn from_environment() -> Result<Option<Defence>, WeakenError> {
+    let value = match std::env::var(VARIABLE) {
+        Ok(value) if !value.is_empty() => value,
+        _ => return Ok(None),
+    };
+    if !cfg!(feature = "weakened") {
+        return Err(WeakenError::NotWeakenedBuild(value));
+    }
+    value.parse().map(Some)
+}
+
+/// Checks `METER_WEAKEN` at start-up and says loudly which defence is off.
+pub fn announce() -> Result<(), WeakenError> {
+    if let Some(defence) = from_environment()? {
+        tracing::warn!(%defence, "WEAKENED RUNTIME: this defence is switched off for testing");
+    }
+    Ok(())
+}
+
+/// True when this process runs with `defence` switched off (never in a normal build).
+#[cfg(feature = "weakened")]
+pub fn is(defence: Defence) -> bool {
+    static CHOSEN: std::sync::OnceLock<Option<Defence>> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| from_environment().ok().flatten()) == Some(defence)
+}
+
+/// True when this process runs with `defence` switched off (never in a normal build).
+#[cfg(not(feature = "weakened"))]
+#[inline(always)]
+pub fn is(_defence: Defence) -> bool {
+    false
+}
+
+/// The counting rules as a weakened runtime reads them from a licence or dongle.
+pub fn rules(mut rules: ItemRules) -> ItemRules {
+    if is(Defence::StationShareCounting) && rules.counting == Counting::StationShare {
+        rules.counting = Counting::UserLimit;
+    }
+    if is(Defence::UserLimitCounting) && rules.counting == Counting::UserLimit {
+        rules.counting = Counting::StationShare;
+    }
+    if is(Defence::LocalLicence) && rules.quantity == 0 {
+        rules.quantity = 1;
+    }
+    if is(Defence::TerminalServerSwitch) {
+        rules.terminal_server = Allowance::Allow;
+    }
+    if is(Defence::VmActivationSwitch) {
+        rules.virtual_machines = Allowance::Allow;
+    }
+    if is(Defence::Expiry) {
+        rules.expires_at = None;
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_defence_round_trips_by_name() {
+        for defence in Defence::ALL {
+            assert_eq!(defence.name().parse::<Defence>(), Ok(defence));
+        }
+        assert!(matches!(
+            "no-such".parse::<Defence>(),
+            Err(WeakenError::UnknownDefence(_))
+        ));
+    }
+
+    #[cfg(not(feature = "weakened"))]
+    #[test]
+    fn a_normal_build_weakens_nothing() {
+        for defence in Defence::ALL {
+            assert!(!is(defence));
+        }
+        let rules = ItemRules {
+            quantity: 0,
+            counting: Counting::StationShare,
+            virtual_machines: Allowance::Deny,
+            terminal_server: Allowance::Deny,
+            expires_at: Some(5),
+        };
+        assert_eq!(super::rules(rules), rules);
+    }
+}
