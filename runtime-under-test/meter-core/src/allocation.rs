@@ -1,6 +1,6 @@
 //! The allocation table: who holds which product item, and every counting rule.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -262,10 +262,63 @@ pub struct ItemView {
 
 /// Every product item this runtime offers and every allocation on them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredTable", into = "StoredTable")]
 pub struct AllocationTable {
     items: Vec<ItemEntry>,
     allocations: BTreeMap<Handle, Allocation>,
     next_handle: Handle,
+    /// Use of each (container, product) pair, kept in step with `allocations`.
+    in_use: HashMap<(ContainerId, ProductKey), ItemUse>,
+}
+
+/// The allocations on one item: how many, and how many per station.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ItemUse {
+    accesses: u32,
+    stations: HashMap<StationId, u32>,
+}
+
+impl ItemUse {
+    fn usage(&self) -> Usage {
+        Usage {
+            stations: u32::try_from(self.stations.len()).unwrap_or(u32::MAX),
+            accesses: self.accesses,
+        }
+    }
+}
+
+/// The serialized form of the table: what it holds, without the derived use counts.
+#[derive(Serialize, Deserialize)]
+struct StoredTable {
+    items: Vec<ItemEntry>,
+    allocations: BTreeMap<Handle, Allocation>,
+    next_handle: Handle,
+}
+
+impl From<StoredTable> for AllocationTable {
+    fn from(stored: StoredTable) -> Self {
+        let mut table = AllocationTable {
+            items: stored.items,
+            allocations: BTreeMap::new(),
+            next_handle: stored.next_handle,
+            in_use: HashMap::new(),
+        };
+        for (handle, allocation) in stored.allocations {
+            table.count_in(&allocation);
+            table.allocations.insert(handle, allocation);
+        }
+        table
+    }
+}
+
+impl From<AllocationTable> for StoredTable {
+    fn from(table: AllocationTable) -> Self {
+        StoredTable {
+            items: table.items,
+            allocations: table.allocations,
+            next_handle: table.next_handle,
+        }
+    }
 }
 
 impl AllocationTable {
@@ -275,6 +328,7 @@ impl AllocationTable {
             items: Vec::new(),
             allocations: BTreeMap::new(),
             next_handle: 1,
+            in_use: HashMap::new(),
         }
     }
 
@@ -391,13 +445,16 @@ impl AllocationTable {
             counted,
             units_left: item.units_left,
         };
+        self.count_in(&allocation);
         self.allocations.insert(handle, allocation);
         Ok(grant)
     }
 
     /// Releases one allocation; `NotHeld` if the handle is unknown.
     pub fn release(&mut self, handle: Handle) -> Result<Allocation, Reason> {
-        self.allocations.remove(&handle).ok_or(Reason::NotHeld)
+        let allocation = self.allocations.remove(&handle).ok_or(Reason::NotHeld)?;
+        self.count_out(&allocation);
+        Ok(allocation)
     }
 
     /// Releases everything a holder holds (a process exited, a connection closed).
@@ -433,6 +490,9 @@ impl AllocationTable {
                     .map(|reason| ((item.container.clone(), item.product), reason))
             })
             .collect();
+        if unusable.is_empty() {
+            return Vec::new();
+        }
         let mut revoked = Vec::new();
         self.allocations.retain(|_, allocation| {
             match unusable.get(&(allocation.container.clone(), allocation.product)) {
@@ -443,31 +503,63 @@ impl AllocationTable {
                 None => true,
             }
         });
+        for (allocation, _) in &revoked {
+            self.count_out(allocation);
+        }
         revoked
     }
 
     /// Use of a product summed over all containers.
     pub fn usage(&self, product: ProductKey) -> Usage {
-        self.usage_where(|allocation| allocation.product == product)
+        self.in_use.iter().filter(|((_, p), _)| *p == product).fold(
+            Usage::default(),
+            |sum, (_, used)| {
+                let used = used.usage();
+                Usage {
+                    stations: sum.stations.saturating_add(used.stations),
+                    accesses: sum.accesses.saturating_add(used.accesses),
+                }
+            },
+        )
     }
 
     /// Use of one item.
     pub fn item_usage(&self, container: &ContainerId, product: ProductKey) -> Usage {
-        self.usage_where(|allocation| {
-            allocation.product == product && &allocation.container == container
-        })
+        self.item_use(container, product)
+            .map(ItemUse::usage)
+            .unwrap_or_default()
     }
 
-    fn usage_where(&self, keep: impl Fn(&Allocation) -> bool) -> Usage {
-        let mut stations = BTreeSet::new();
-        let mut accesses = 0;
-        for allocation in self.allocations.values().filter(|a| keep(a)) {
-            stations.insert((&allocation.container, &allocation.station));
-            accesses += 1;
+    fn item_use(&self, container: &ContainerId, product: ProductKey) -> Option<&ItemUse> {
+        // Keyed by owned ids; a lookup builds the key once (cheap next to a scan of every grant).
+        self.in_use.get(&(container.clone(), product))
+    }
+
+    /// Counts a new allocation in its item's use.
+    fn count_in(&mut self, allocation: &Allocation) {
+        let used = self
+            .in_use
+            .entry((allocation.container.clone(), allocation.product))
+            .or_default();
+        used.accesses += 1;
+        *used.stations.entry(allocation.station.clone()).or_default() += 1;
+    }
+
+    /// Takes a removed allocation out of its item's use.
+    fn count_out(&mut self, allocation: &Allocation) {
+        let key = (allocation.container.clone(), allocation.product);
+        let Some(used) = self.in_use.get_mut(&key) else {
+            return;
+        };
+        used.accesses = used.accesses.saturating_sub(1);
+        if let Some(count) = used.stations.get_mut(&allocation.station) {
+            *count -= 1;
+            if *count == 0 {
+                used.stations.remove(&allocation.station);
+            }
         }
-        Usage {
-            stations: u32::try_from(stations.len()).unwrap_or(u32::MAX),
-            accesses,
+        if used.accesses == 0 {
+            self.in_use.remove(&key);
         }
     }
 
@@ -504,7 +596,8 @@ impl AllocationTable {
         let Some(capacity) = rules.capacity() else {
             return Ok(false);
         };
-        let usage = self.item_usage(&item.container, item.product);
+        let used = self.item_use(&item.container, item.product);
+        let usage = used.map(ItemUse::usage).unwrap_or_default();
         match rules.counting {
             Counting::UserLimit => {
                 if usage.accesses >= capacity {
@@ -513,11 +606,8 @@ impl AllocationTable {
                 Ok(true)
             }
             Counting::StationShare => {
-                let station_counted = self.allocations.values().any(|allocation| {
-                    allocation.product == item.product
-                        && allocation.container == item.container
-                        && allocation.station == request.station
-                });
+                let station_counted =
+                    used.is_some_and(|used| used.stations.contains_key(&request.station));
                 if station_counted {
                     return Ok(false);
                 }
@@ -555,6 +645,9 @@ impl AllocationTable {
                 true
             }
         });
+        for allocation in &taken {
+            self.count_out(allocation);
+        }
         taken
     }
 }
@@ -582,6 +675,93 @@ mod tests {
         assert_eq!("dongle:3-1234".parse::<ContainerId>().unwrap().id, "3-1234");
         assert!("usb:1".parse::<ContainerId>().is_err());
         assert!("soft:".parse::<ContainerId>().is_err());
+    }
+
+    fn item(container: &ContainerId, product: ProductKey, counting: Counting) -> ItemEntry {
+        ItemEntry {
+            container: container.clone(),
+            product,
+            name: "p".to_owned(),
+            rules: ItemRules {
+                quantity: 100,
+                counting,
+                virtual_machines: Allowance::Allow,
+                terminal_server: Allowance::Allow,
+                expires_at: None,
+            },
+            state: ItemState::Valid,
+            units_left: None,
+        }
+    }
+
+    fn request(product: ProductKey, machine: &str, pid: u32) -> AccessRequest {
+        AccessRequest {
+            product,
+            station: StationId::machine(machine),
+            holder: HolderId::Local { pid },
+            origin: Origin::Local,
+            role: MachineRole::Workstation,
+            session: SessionKind::Console,
+            is_guest: false,
+        }
+    }
+
+    /// The kept use counts equal a recount from the allocations themselves.
+    fn assert_counts_match(table: &AllocationTable) {
+        let recounted = AllocationTable::from(StoredTable::from(table.clone()));
+        assert_eq!(table.in_use, recounted.in_use);
+        for view in table.items() {
+            let mut stations = std::collections::BTreeSet::new();
+            let mut accesses = 0;
+            for allocation in table
+                .allocations()
+                .filter(|a| a.container == view.entry.container && a.product == view.entry.product)
+            {
+                stations.insert(&allocation.station);
+                accesses += 1;
+            }
+            assert_eq!(view.in_use.accesses, accesses);
+            assert_eq!(view.in_use.stations as usize, stations.len());
+        }
+    }
+
+    #[test]
+    fn use_counts_follow_every_way_an_allocation_leaves() {
+        let a = ProductKey { firm: 10, code: 1 };
+        let b = ProductKey { firm: 10, code: 2 };
+        let soft = ContainerId::new(ContainerClass::Soft, "lic-1");
+        let dongle = ContainerId::new(ContainerClass::Dongle, "3-1");
+        let mut table = AllocationTable::new();
+        table.upsert_item(item(&soft, a, Counting::StationShare));
+        table.upsert_item(item(&dongle, b, Counting::UserLimit));
+        let mut handles = Vec::new();
+        for (pid, machine) in [(1, "ws1"), (2, "ws1"), (3, "ws2"), (4, "ws3")] {
+            handles.push(table.access(request(a, machine, pid), 0).unwrap().handle);
+            handles.push(table.access(request(b, machine, pid), 0).unwrap().handle);
+        }
+        assert_counts_match(&table);
+        assert_eq!(table.item_usage(&soft, a).stations, 3);
+        assert_eq!(table.usage(b).accesses, 4);
+
+        table.release(handles[0]).unwrap();
+        assert_counts_match(&table);
+        assert_eq!(
+            table.item_usage(&soft, a).stations,
+            3,
+            "ws1 still held by pid 2"
+        );
+        table.release_holder(&HolderId::Local { pid: 2 });
+        assert_counts_match(&table);
+        assert_eq!(table.item_usage(&soft, a).stations, 2);
+
+        table.set_state(&dongle, b, ItemState::Locked).unwrap();
+        assert_eq!(table.revoke_unusable(0).len(), 3);
+        assert_counts_match(&table);
+        assert_eq!(table.usage(b), Usage::default());
+
+        table.remove_container(&soft);
+        assert_counts_match(&table);
+        assert!(table.in_use.is_empty());
     }
 
     #[test]
