@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build test lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports
+.PHONY: all build test lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
 
 all: build
 
@@ -11,12 +11,23 @@ build:
 
 ## The test command: formatting, lints, every crate's tests (the harness's include every
 ## built-in scenario on the sim backend, through the real binary).
-test: lint
+test: lint weakened
 	$(CARGO) test --workspace --all-targets
+
+## The test-only weakened runtime (one defence off per METER_WEAKEN); never in release artefacts.
+weakened:
+	$(CARGO) build -p meterd --features weakened --bin meter-weakened
+
+## Every guarded scenario must pass on the full runtime and fail on each weakening it guards;
+## the defence × scenario table goes to reports/verdicts.{json,md} and docs/verdicts.md.
+verify-scenarios: weakened
+	$(CARGO) build -p vigil
+	./target/debug/vigil verify --weakened target/debug/meter-weakened --docs docs/verdicts.md
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p meterd --features weakened --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all
@@ -31,6 +42,7 @@ bench:
 	$(CARGO) run --release -q -p meter-core --example binding-bench
 	$(CARGO) run --release -q -p dongle --example dongle-bench
 	$(CARGO) run --release -q -p meterd --example server-bench
+	./scripts/redis-baseline.sh reports/bench
 	$(CARGO) run --release -q -p meterd --example dongle-release-bench
 	$(CARGO) run --release -q -- bench --out reports/bench
 

@@ -14,3 +14,4 @@ pub mod report;
 pub mod runtime;
 pub mod scenario;
 pub mod session_leader;
+pub mod verify;

@@ -96,6 +96,26 @@ enum Commands {
         #[arg(long, default_value_t = 10)]
         sessions: usize,
     },
+    /// Prove the verdicts can fail: each guarded built-in scenario must pass on the full runtime
+    /// and fail at a named assertion with each defence it guards switched off.
+    ///
+    /// Needs the weakened runtime: `cargo build -p meterd --features weakened --bin meter-weakened`.
+    Verify {
+        /// Only these built-in scenarios or files (default: every built-in one with guards).
+        scenarios: Vec<String>,
+        /// The weakened runtime binary.
+        #[arg(long, default_value = "target/debug/meter-weakened")]
+        weakened: PathBuf,
+        /// Folder for the per-run reports.
+        #[arg(long, default_value = "reports/verify")]
+        work_dir: PathBuf,
+        /// Folder for verdicts.json and verdicts.md.
+        #[arg(long, default_value = "reports")]
+        out: PathBuf,
+        /// Also write the Markdown table here (e.g. docs/verdicts.md).
+        #[arg(long)]
+        docs: Option<PathBuf>,
+    },
     /// Internal: a login-session leader for the sim backend.
     #[command(hide = true)]
     SessionLeader,
@@ -215,6 +235,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             vigil::bench::run(&out, guests, sessions)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Commands::Verify {
+            scenarios,
+            weakened,
+            work_dir,
+            out,
+            docs,
+        } => {
+            let loaded = if scenarios.is_empty() {
+                engine::builtin_scenarios(&[])?
+            } else {
+                engine::load_scenarios(&scenarios)?
+            };
+            let options = vigil::verify::VerifyOptions {
+                vigil: std::env::current_exe()?,
+                weakened_bin: weakened,
+                work_dir,
+            };
+            let report = vigil::verify::run(&options, &loaded)?;
+            vigil::verify::write(&report, &out, docs.as_deref())?;
+            println!("{}", report.markdown());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Commands::SessionLeader => {
             vigil::session_leader::run()?;

@@ -113,6 +113,65 @@ impl Defence {
     }
 }
 
+impl Defence {
+    /// The bug a weakened runtime ships for this defence, in words.
+    pub fn weakening(&self) -> &'static str {
+        match self {
+            Defence::TraitBinding => {
+                "a licence whose binding does not open is not marked corrupt: its clear catalogue is served (quantity 1, station-share)"
+            }
+            Defence::BindingTolerance => {
+                "the vendor's activation tool seals every licence at loose tolerance, whatever the policy says"
+            }
+            Defence::VmActivationSwitch => {
+                "no hypervisor detection: activation requests claim a physical machine, and the VM switch is ignored at use"
+            }
+            Defence::RollbackReceipts => {
+                "reconciliation compares the local receipt chain with itself instead of adopting the witness's receipts"
+            }
+            Defence::RollbackVmgenid => {
+                "the vmgenid is read once and cached: a snapshot revert is not noticed"
+            }
+            Defence::RollbackClock => {
+                "the clock is trusted: a time below the high-water mark is taken as the high-water mark"
+            }
+            Defence::RollbackWitness => "receipts are never handed to the witness (network server)",
+            Defence::DongleBinding => {
+                "dongles are bound under one fixed runtime id, so the dongle cannot tell runtimes apart"
+            }
+            Defence::DongleSharedDetection => {
+                "a shared-use lockout from the dongle is treated as transient: the session stays open and grants stand"
+            }
+            Defence::DongleRebindRelease => {
+                "a binding-broken answer (dongle rebound elsewhere) is ignored: grants stay"
+            }
+            Defence::DongleRebindLockout => {
+                "a too-many-rebinds lockout is treated as transient; the runtime cannot report it (the lockout itself lives in the dongle firmware, which the runtime cannot switch off)"
+            }
+            Defence::DongleRemovalRelease => {
+                "an unplugged dongle's grants are kept until their holders end"
+            }
+            Defence::ServerQuantity => {
+                "the server answers remote grants but drops them from its count"
+            }
+            Defence::StationShareCounting => "station-share items are counted per access",
+            Defence::UserLimitCounting => "user-limit items are counted per station",
+            Defence::LocalLicence => "quantity 0 is read as an ordinary quantity of 1",
+            Defence::TerminalServerSwitch => "the vendor's terminal-server switch is ignored",
+            Defence::CrashRelease => {
+                "process exits (pidfd) are not watched: a crashed app keeps its licence"
+            }
+            Defence::KeepaliveRelease => {
+                "a remote station silent past the keepalive window is kept (only a closed connection releases)"
+            }
+            Defence::Expiry => "expiry dates are ignored",
+            Defence::DongleCounters => {
+                "dongle units are counted in the runtime's own (revertible) state; the dongle only opens plain accesses"
+            }
+        }
+    }
+}
+
 impl fmt::Display for Defence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
