@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -198,6 +199,16 @@ pub struct Runtime {
     pub server_info: Mutex<Option<(String, String)>>,
     /// Licence dongles attached to this machine.
     pub dongles: crate::dongles::Dongles,
+    /// Look-ups of the machine before accesses, coalesced: see [`Runtime::observe_machine`].
+    observations: MachineObservations,
+}
+
+/// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
+#[derive(Debug, Default)]
+struct MachineObservations {
+    tickets: AtomicU64,
+    /// The ticket taken when the last completed look started; held while a look runs.
+    last_started: tokio::sync::Mutex<u64>,
 }
 
 fn reply_denied(reason: Reason) -> LocalReply {
@@ -320,6 +331,7 @@ impl Runtime {
             licences: Mutex::new(licences),
             server_info: Mutex::new(None),
             dongles: crate::dongles::Dongles::new(),
+            observations: MachineObservations::default(),
         }))
     }
 
@@ -425,8 +437,7 @@ impl Runtime {
             uid: caller.uid,
         };
         self.wait_for_reconnects().await;
-        self.dongles.before_access(self).await;
-        self.refresh_licences().await;
+        self.observe_machine().await;
         let mut spent = None;
         let step = {
             let mut state = self.lock();
@@ -571,6 +582,22 @@ impl Runtime {
         }
     }
 
+    /// Before an access: scans the dongles and re-validates the licences against the machine.
+    ///
+    /// Concurrent accesses share one look: an access waits for a look that started after it
+    /// asked (so it sees every change made before it asked) instead of making its own.
+    async fn observe_machine(self: &Arc<Self>) {
+        let asked = self.observations.tickets.fetch_add(1, Ordering::SeqCst);
+        let mut last_started = self.observations.last_started.lock().await;
+        if *last_started > asked {
+            return;
+        }
+        let started = self.observations.tickets.fetch_add(1, Ordering::SeqCst);
+        self.dongles.before_access(self).await;
+        self.refresh_licences().await;
+        *last_started = started;
+    }
+
     /// After a restart, new grants wait until the linked client runtimes have re-claimed theirs
     /// (or their keepalive window ran out), so nothing is granted twice.
     async fn wait_for_reconnects(&self) {
@@ -599,10 +626,19 @@ impl Runtime {
                 let _ = state.table.release(table_handle);
             }
             state.listeners.remove(&handle);
-            (record, self.store.submit(vec![Change::DeleteGrant(handle)]))
+            let changes = vec![Change::DeleteGrant(handle)];
+            let durable = if durable_wait {
+                Some(self.store.submit(changes))
+            } else {
+                self.store.submit_eventually(changes);
+                None
+            };
+            (record, durable)
         };
         self.dongles.release_grant(handle);
-        if durable_wait && let Err(e) = store::wait(durable).await {
+        if let Some(durable) = durable
+            && let Err(e) = store::wait(durable).await
+        {
             tracing::error!(handle, error = %e, "Release not recorded");
         }
         if let Via::Forwarded {
@@ -874,8 +910,7 @@ impl Runtime {
             }
         };
         self.wait_for_reconnects().await;
-        self.dongles.before_access(self).await;
-        self.refresh_licences().await;
+        self.observe_machine().await;
         let mut changes = Vec::new();
         let outcome = {
             let mut state = self.lock();
@@ -887,20 +922,18 @@ impl Runtime {
                 };
             }
             self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
-                .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
+                .inspect(|_| self.store.submit_eventually(std::mem::take(&mut changes)))
         };
         match outcome {
             // Not waiting for the disk: the client runtime re-claims its grants after a restart.
-            Ok(((handle, container), _durable)) => {
-                match self.dongles.confirm_grant(self, handle).await {
-                    Ok(()) => FromServer::Granted {
-                        request,
-                        handle,
-                        container,
-                    },
-                    Err(reason) => FromServer::Denied { request, reason },
-                }
-            }
+            Ok((handle, container)) => match self.dongles.confirm_grant(self, handle).await {
+                Ok(()) => FromServer::Granted {
+                    request,
+                    handle,
+                    container,
+                },
+                Err(reason) => FromServer::Denied { request, reason },
+            },
             Err(reason) => FromServer::Denied {
                 request,
                 reason: self.dongles.explain_denial(claim.product, reason),

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
@@ -66,8 +67,12 @@ pub struct Snapshot {
 
 struct Batch {
     changes: Vec<Change>,
-    done: oneshot::Sender<Result<(), String>>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
 }
+
+/// The longest changes queued with [`Store::submit_eventually`] stay off the disk (in the page
+/// cache, committed but not synced) when no durable commit comes first.
+pub const EVENTUAL_SYNC: Duration = Duration::from_millis(20);
 
 /// The state database and its writer thread.
 #[derive(Debug)]
@@ -108,10 +113,29 @@ impl Store {
     /// Queues changes; they are applied in queue order. Await the receiver for durability.
     pub fn submit(&self, changes: Vec<Change>) -> oneshot::Receiver<Result<(), String>> {
         let (done, receiver) = oneshot::channel();
-        if let Err(mpsc::SendError(batch)) = self.queue.send(Batch { changes, done }) {
-            let _ = batch.done.send(Err("state writer stopped".into()));
+        if let Err(mpsc::SendError(batch)) = self.queue.send(Batch {
+            changes,
+            done: Some(done),
+        }) && let Some(done) = batch.done
+        {
+            let _ = done.send(Err("state writer stopped".into()));
         }
         receiver
+    }
+
+    /// Queues changes nobody waits for: applied in queue order, on disk within [`EVENTUAL_SYNC`]
+    /// (or with the next durable commit), so a busy runtime syncs once per interval, not per change.
+    pub fn submit_eventually(&self, changes: Vec<Change>) {
+        if self
+            .queue
+            .send(Batch {
+                changes,
+                done: None,
+            })
+            .is_err()
+        {
+            tracing::error!("State writer stopped: changes not recorded");
+        }
     }
 
     /// Queues changes and waits until they are on disk.
@@ -175,7 +199,30 @@ fn read_all(db: &Database) -> Result<Snapshot, StoreError> {
 }
 
 fn write_loop(db: Database, batches: mpsc::Receiver<Batch>) {
-    while let Ok(first) = batches.recv() {
+    // When changes were committed without a sync: the first such commit since the last sync.
+    let mut unsynced_since: Option<Instant> = None;
+    loop {
+        let first = match unsynced_since {
+            None => match batches.recv() {
+                Ok(batch) => batch,
+                Err(mpsc::RecvError) => return,
+            },
+            Some(since) => {
+                match batches.recv_timeout(EVENTUAL_SYNC.saturating_sub(since.elapsed())) {
+                    Ok(batch) => batch,
+                    Err(timeout_or_gone) => {
+                        if let Err(e) = sync(&db) {
+                            tracing::error!(error = %e, "State sync failed");
+                        }
+                        unsynced_since = None;
+                        if timeout_or_gone == mpsc::RecvTimeoutError::Disconnected {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
         let mut group = vec![first];
         while let Ok(more) = batches.try_recv() {
             group.push(more);
@@ -183,16 +230,36 @@ fn write_loop(db: Database, batches: mpsc::Receiver<Batch>) {
                 break;
             }
         }
-        let result = apply(&db, &group).map_err(|e| e.to_string());
+        let someone_waits = group.iter().any(|batch| batch.done.is_some());
+        let overdue = unsynced_since.is_some_and(|since| since.elapsed() >= EVENTUAL_SYNC);
+        let durability = if someone_waits || overdue {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        let result = apply(&db, &group, durability).map_err(|e| e.to_string());
+        match (durability, &result) {
+            (Durability::Immediate, Ok(())) => unsynced_since = None,
+            _ => {
+                unsynced_since.get_or_insert_with(Instant::now);
+            }
+        }
         for batch in group {
-            let _ = batch.done.send(result.clone());
+            if let Some(done) = batch.done {
+                let _ = done.send(result.clone());
+            }
         }
     }
 }
 
-fn apply(db: &Database, group: &[Batch]) -> Result<(), StoreError> {
+/// Makes every earlier commit durable.
+fn sync(db: &Database) -> Result<(), StoreError> {
+    apply(db, &[], Durability::Immediate)
+}
+
+fn apply(db: &Database, group: &[Batch], durability: Durability) -> Result<(), StoreError> {
     let mut txn = db.begin_write().map_err(db_error)?;
-    txn.set_durability(Durability::Immediate)
+    txn.set_durability(durability)
         .map_err(|e| StoreError::Database(redb::Error::Corrupted(e.to_string())))?;
     {
         let mut grants = txn.open_table(GRANTS).map_err(db_error)?;
@@ -265,5 +332,34 @@ mod tests {
         assert_eq!(snapshot.grants[&2], b"two");
         assert_eq!(snapshot.licences["lic-1"], b"{}");
         assert_eq!(snapshot.meta["next-handle"], 3u64.to_le_bytes());
+    }
+
+    async fn reopen(path: &Path) -> Snapshot {
+        // The writer thread owns the database until it has drained its queue.
+        for _ in 0..200 {
+            if let Ok((_store, snapshot)) = Store::open(path) {
+                return snapshot;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("database does not reopen");
+    }
+
+    #[tokio::test]
+    async fn changes_nobody_waits_for_are_kept_in_queue_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meterd.redb");
+        {
+            let (store, _) = Store::open(&path).unwrap();
+            store.submit_eventually(vec![Change::PutGrant(1, b"one".to_vec())]);
+            store.submit_eventually(vec![Change::PutGrant(2, b"two".to_vec())]);
+            store.commit(vec![Change::DeleteGrant(1)]).await.unwrap();
+            store.submit_eventually(vec![Change::PutGrant(3, b"three".to_vec())]);
+        }
+        let snapshot = reopen(&path).await;
+        assert_eq!(
+            snapshot.grants,
+            BTreeMap::from([(2, b"two".to_vec()), (3, b"three".to_vec())])
+        );
     }
 }
