@@ -1,6 +1,7 @@
 //! Benchmark of the network server and the local daemon: throughput, latency, crash release, memory.
 //!
 //! Run: `cargo run --release -p meterd --example server-bench` (writes reports/bench/server.json).
+//! With `-- --server-protocol-only` it runs the server protocol levels alone and writes nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,7 +31,9 @@ fn main() -> anyhow::Result<()> {
         Some("__hold") => return hold(&args[2], args[3].parse()?),
         _ => {}
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread drives every simulated client: the load generator shares the cores with the
+    // daemons under test, so it should spend as little of them as it can.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(bench())
@@ -118,6 +121,50 @@ async fn request(socket: &Path, request: LocalRequest) -> anyhow::Result<LocalRe
         .await?)
 }
 
+/// CPU time (user + system) used so far by a process (`None` = this one), from /proc.
+fn cpu_time(pid: Option<u32>) -> Duration {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64(fields.iter().sum::<u64>() as f64 / ticks)
+}
+
+/// CPU used so far by the daemons under test and by this load generator.
+#[derive(Clone, Copy)]
+struct CpuSnapshot {
+    daemons: Duration,
+    load: Duration,
+}
+
+impl CpuSnapshot {
+    fn take(daemons: &[u32]) -> Self {
+        CpuSnapshot {
+            daemons: daemons.iter().map(|pid| cpu_time(Some(*pid))).sum(),
+            load: cpu_time(None),
+        }
+    }
+}
+
+/// Load of the machine (1-minute average from /proc/loadavg), to tell how shared the cores were.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -126,9 +173,16 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[index].as_secs_f64() * 1000.0
 }
 
-fn summary(clients: usize, elapsed: Duration, mut latencies: Vec<Duration>) -> serde_json::Value {
+fn summary(
+    clients: usize,
+    elapsed: Duration,
+    mut latencies: Vec<Duration>,
+    cpu: (CpuSnapshot, CpuSnapshot),
+    load_before: f64,
+) -> serde_json::Value {
     latencies.sort();
     let pairs = latencies.len();
+    let per_pair = |spent: Duration| spent.as_secs_f64() * 1e6 / pairs.max(1) as f64;
     json!({
         "clients": clients,
         "pairs": pairs,
@@ -136,6 +190,10 @@ fn summary(clients: usize, elapsed: Duration, mut latencies: Vec<Duration>) -> s
         "pairs_per_second": pairs as f64 / elapsed.as_secs_f64(),
         "p50_ms": percentile(&latencies, 0.5),
         "p99_ms": percentile(&latencies, 0.99),
+        // CPU per pair holds up better than pairs/s when other work shares the cores.
+        "daemon_cpu_us_per_pair": per_pair(cpu.1.daemons.saturating_sub(cpu.0.daemons)),
+        "load_generator_cpu_us_per_pair": per_pair(cpu.1.load.saturating_sub(cpu.0.load)),
+        "load_average_before": load_before,
     })
 }
 
@@ -178,7 +236,10 @@ async fn server_protocol_level(
     addr: &str,
     pin: [u8; 32],
     clients: usize,
+    daemons: &[u32],
 ) -> anyhow::Result<serde_json::Value> {
+    let load_before = load_average();
+    let cpu_before = CpuSnapshot::take(daemons);
     let deadline = Instant::now() + Duration::from_secs_f64(SECONDS_PER_LEVEL);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -216,10 +277,18 @@ async fn server_protocol_level(
     for task in tasks {
         all.extend(task.await??);
     }
-    Ok(summary(clients, started.elapsed(), all))
+    let elapsed = started.elapsed();
+    let cpu = (cpu_before, CpuSnapshot::take(daemons));
+    Ok(summary(clients, elapsed, all, cpu, load_before))
 }
 
-async fn end_to_end_level(socket: &Path, clients: usize) -> anyhow::Result<serde_json::Value> {
+async fn end_to_end_level(
+    socket: &Path,
+    clients: usize,
+    daemons: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    let load_before = load_average();
+    let cpu_before = CpuSnapshot::take(daemons);
     let deadline = Instant::now() + Duration::from_secs_f64(SECONDS_PER_LEVEL);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -250,7 +319,9 @@ async fn end_to_end_level(socket: &Path, clients: usize) -> anyhow::Result<serde
     for task in tasks {
         all.extend(task.await??);
     }
-    Ok(summary(clients, started.elapsed(), all))
+    let elapsed = started.elapsed();
+    let cpu = (cpu_before, CpuSnapshot::take(daemons));
+    Ok(summary(clients, elapsed, all, cpu, load_before))
 }
 
 async fn kill_release_delays(machine: &Machine, rounds: usize) -> anyhow::Result<Vec<Duration>> {
@@ -292,6 +363,8 @@ async fn kill_release_delays(machine: &Machine, rounds: usize) -> anyhow::Result
 }
 
 async fn bench() -> anyhow::Result<()> {
+    // `--server-protocol-only`: just the server protocol levels, printed, no report (for profiling).
+    let server_protocol_only = std::env::args().any(|a| a == "--server-protocol-only");
     let work = tempfile::tempdir()?;
     let mut entropy = [[0u8; 32]; 3];
     for e in &mut entropy {
@@ -345,8 +418,15 @@ async fn bench() -> anyhow::Result<()> {
     let pin = meterd::tls::parse_pin(&pin_hex)?;
 
     let mut server_protocol = Vec::new();
+    if server_protocol_only {
+        for clients in LEVELS {
+            let result = server_protocol_level(&addr, pin, clients, &[server.child.id()]).await?;
+            println!("server protocol: {result}");
+        }
+        return Ok(());
+    }
     for clients in LEVELS {
-        let result = server_protocol_level(&addr, pin, clients).await?;
+        let result = server_protocol_level(&addr, pin, clients, &[server.child.id()]).await?;
         eprintln!("server protocol: {result}");
         server_protocol.push(result);
     }
@@ -382,7 +462,8 @@ async fn bench() -> anyhow::Result<()> {
     }
     let mut end_to_end = Vec::new();
     for clients in LEVELS {
-        let result = end_to_end_level(&client.socket(), clients).await?;
+        let daemons = [server.child.id(), client.child.id()];
+        let result = end_to_end_level(&client.socket(), clients, &daemons).await?;
         eprintln!("end to end: {result}");
         end_to_end.push(result);
     }
@@ -419,7 +500,10 @@ async fn bench() -> anyhow::Result<()> {
 
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let report = json!({
-        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "machine": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "note": "cores shared with other work: see load_average_before; daemon CPU per pair is the steadier figure",
+        },
         "server_protocol": server_protocol,
         "end_to_end": end_to_end,
         "release_after_kill_ms": {
