@@ -23,9 +23,15 @@ pub struct Check {
 }
 
 /// How long a state assertion waits for the runtime to settle (releases and counts are
-/// asynchronous: a kill is noticed by a pidfd, a vanished station by its keepalive window).
+/// asynchronous: a kill is noticed by a pidfd, a vanished station by its keepalive window, so
+/// while the network is cut the window covers two keepalive windows).
 fn settle_window(world: &World) -> Duration {
-    Duration::from_secs(3).max(world.keepalive * 2 + Duration::from_secs(2))
+    let base = Duration::from_secs(3);
+    if world.network_cut {
+        base.max(world.keepalive * 2 + Duration::from_secs(2))
+    } else {
+        base
+    }
 }
 
 impl World {

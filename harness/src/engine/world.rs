@@ -50,6 +50,8 @@ pub struct World {
     pub(super) probes: BTreeMap<String, AccessAnswer>,
     pub(super) servers: Vec<String>,
     pub(super) keepalive: Duration,
+    /// Whether a partition is in force (silent stations are then released by keepalive).
+    pub(super) network_cut: bool,
     guest_hosts: BTreeMap<String, String>,
     session_machines: BTreeMap<String, String>,
     booted: std::collections::BTreeSet<String>,
@@ -127,6 +129,7 @@ impl World {
             probes: BTreeMap::new(),
             servers: Vec::new(),
             keepalive: Duration::from_secs(10),
+            network_cut: false,
             guest_hosts: scenario
                 .guests
                 .iter()
@@ -419,10 +422,15 @@ impl World {
                             .partition(std::slice::from_ref(a), std::slice::from_ref(b))?;
                     }
                 }
+                self.network_cut = true;
                 Ok(())
             }
             Step::Heal(h) => {
                 let machines: Vec<String> = h.machines.iter().map(|m| m.value.clone()).collect();
+                // Only a heal of every link surely ends every cut.
+                if machines.is_empty() {
+                    self.network_cut = false;
+                }
                 self.backend.heal(&machines)
             }
             Step::ServerStart(s) => {
