@@ -108,7 +108,7 @@ fn clone_guest_reads_as_designed() {
     assert_eq!(clone.to.value, "vm1-copy");
     assert_eq!(clone.host.as_ref().unwrap().value, "host-b");
     assert_eq!(clone.identity, scenario::CloneIdentity::New);
-    assert_eq!((clone.to.at.line, clone.to.at.column), (19, 29));
+    assert_eq!((clone.to.at.line, clone.to.at.column), (20, 29));
     let Step::Expect(scenario::Assertion::Denied { app, reason }) = &parsed.steps[7].value else {
         panic!("step 8 expects a denial");
     };

@@ -530,6 +530,15 @@ impl<'a> Checker<'a> {
     }
 
     /// The machine exists and is running (hosts always are).
+    /// The machine, if it is running or paused (powered on); reports it when it is off.
+    fn powered(&mut self, name: &Name) -> Option<Machine> {
+        let machine = self.machine(name)?;
+        if machine.power == Power::Off {
+            return self.running(name);
+        }
+        Some(machine)
+    }
+
     fn running(&mut self, name: &Name) -> Option<Machine> {
         let machine = self.machine(name)?;
         match machine.power {
@@ -1203,10 +1212,11 @@ impl<'a> Checker<'a> {
             ),
             _ => {}
         }
+        // A paused guest can be given a device: it appears when the guest resumes.
         let mut all_running = true;
         let mut seen = HashSet::new();
         for target in &targets {
-            all_running &= self.running(target).is_some();
+            all_running &= self.powered(target).is_some();
             if !seen.insert(target.value.as_str()) {
                 self.report(
                     target.at,
