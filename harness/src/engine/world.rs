@@ -55,6 +55,7 @@ pub struct World {
     guest_hosts: BTreeMap<String, String>,
     session_machines: BTreeMap<String, String>,
     booted: std::collections::BTreeSet<String>,
+    paused: std::collections::BTreeSet<String>,
     world_offset_ms: i64,
     skews: BTreeMap<String, i64>,
     name: String,
@@ -137,6 +138,7 @@ impl World {
                 .collect(),
             session_machines: BTreeMap::new(),
             booted: Default::default(),
+            paused: Default::default(),
             world_offset_ms: 0,
             skews: BTreeMap::new(),
             name: scenario.name.value.clone(),
@@ -270,13 +272,23 @@ impl World {
             }
             Step::Shutdown(m) => {
                 self.booted.remove(&m.value);
+                self.paused.remove(&m.value);
                 self.backend.shutdown(&m.value)
             }
-            Step::Pause(m) => self.backend.pause(&m.value),
-            Step::Resume(m) => self.backend.resume(&m.value),
+            Step::Pause(m) => {
+                self.backend.pause(&m.value)?;
+                self.paused.insert(m.value.clone());
+                Ok(())
+            }
+            Step::Resume(m) => {
+                self.backend.resume(&m.value)?;
+                self.paused.remove(&m.value);
+                Ok(())
+            }
             Step::Snapshot(s) => self.backend.snapshot(&s.machine.value, &s.name.value),
             Step::Revert(s) => {
                 self.backend.revert(&s.machine.value, &s.snapshot.value)?;
+                self.paused.remove(&s.machine.value);
                 self.apps.retain(|_, app| app.machine != s.machine.value);
                 self.after_boot(&s.machine.value)
             }
@@ -466,7 +478,8 @@ impl World {
 
     /// The running machine whose runtime has this id (`meter status`: `machine.runtime_id`).
     pub(super) fn machine_with_runtime_id(&mut self, id: &str) -> Option<String> {
-        let machines: Vec<String> = self.booted.iter().cloned().collect();
+        // A paused machine cannot answer; it holds no live binding either.
+        let machines: Vec<String> = self.booted.difference(&self.paused).cloned().collect();
         machines.into_iter().find(|m| {
             runtime::status(self.backend.as_mut(), m)
                 .ok()

@@ -44,6 +44,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),
     builtin!("dongle-hop"),
+    builtin!("dongle-rebind"),
     builtin!("dongle-host-server"),
     builtin!("usb-over-ethernet"),
     builtin!("dongle-units"),
