@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -70,15 +70,71 @@ struct Batch {
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
-/// The longest changes queued with [`Store::submit_eventually`] stay off the disk (in the page
-/// cache, committed but not synced) when no durable commit comes first.
+/// The longest changes queued with [`Store::submit_eventually`] wait before they are written,
+/// when no change someone waits for comes after them.
 pub const EVENTUAL_SYNC: Duration = Duration::from_millis(20);
+
+/// Most batches written in one commit.
+const MAX_GROUP: usize = 4096;
 
 /// The state database and its writer thread.
 #[derive(Debug)]
 pub struct Store {
-    queue: mpsc::Sender<Batch>,
+    queue: Arc<Queue>,
     path: PathBuf,
+}
+
+/// Batches on their way to the writer thread.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Wakes the writer: a batch someone waits for, a first batch, or the store closing.
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    batches: Vec<Batch>,
+    /// Set when the store is dropped: the writer writes what is queued and stops.
+    closed: bool,
+    /// The writer is gone (it panicked): batches are refused.
+    writer_gone: bool,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a batch; gives it back if the writer is gone.
+    fn push(&self, batch: Batch) -> Result<(), Batch> {
+        let mut state = self.lock();
+        if state.writer_gone {
+            return Err(batch);
+        }
+        // A batch nobody waits for behind others needs no wake-up: the writer comes for it
+        // within EVENTUAL_SYNC anyway, and one wake-up fewer per change is the point.
+        let wake = batch.done.is_some() || state.batches.is_empty();
+        state.batches.push(batch);
+        drop(state);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.wake.notify_one();
+    }
 }
 
 impl Store {
@@ -96,10 +152,11 @@ impl Store {
             txn.commit().map_err(db_error)?;
         }
         let snapshot = read_all(&db)?;
-        let (queue, batches) = mpsc::channel::<Batch>();
+        let queue = Arc::new(Queue::default());
+        let writer_queue = Arc::clone(&queue);
         thread::Builder::new()
             .name("meterd-store".into())
-            .spawn(move || write_loop(db, batches))
+            .spawn(move || write_loop(db, &writer_queue))
             .map_err(|e| StoreError::Database(redb::Error::Io(e)))?;
         Ok((
             Store {
@@ -113,7 +170,7 @@ impl Store {
     /// Queues changes; they are applied in queue order. Await the receiver for durability.
     pub fn submit(&self, changes: Vec<Change>) -> oneshot::Receiver<Result<(), String>> {
         let (done, receiver) = oneshot::channel();
-        if let Err(mpsc::SendError(batch)) = self.queue.send(Batch {
+        if let Err(batch) = self.queue.push(Batch {
             changes,
             done: Some(done),
         }) && let Some(done) = batch.done
@@ -124,16 +181,14 @@ impl Store {
     }
 
     /// Queues changes nobody waits for: applied in queue order, on disk within [`EVENTUAL_SYNC`]
-    /// (or with the next durable commit), so a busy runtime syncs once per interval, not per change.
+    /// (sooner when changes someone waits for follow), so a busy runtime commits and syncs once
+    /// per interval, not once per change.
     pub fn submit_eventually(&self, changes: Vec<Change>) {
-        if self
-            .queue
-            .send(Batch {
-                changes,
-                done: None,
-            })
-            .is_err()
-        {
+        let batch = Batch {
+            changes,
+            done: None,
+        };
+        if self.queue.push(batch).is_err() {
             tracing::error!("State writer stopped: changes not recorded");
         }
     }
@@ -198,68 +253,70 @@ fn read_all(db: &Database) -> Result<Snapshot, StoreError> {
     Ok(snapshot)
 }
 
-fn write_loop(db: Database, batches: mpsc::Receiver<Batch>) {
-    // When changes were committed without a sync: the first such commit since the last sync.
-    let mut unsynced_since: Option<Instant> = None;
-    loop {
-        let first = match unsynced_since {
-            None => match batches.recv() {
-                Ok(batch) => batch,
-                Err(mpsc::RecvError) => return,
-            },
-            Some(since) => {
-                match batches.recv_timeout(EVENTUAL_SYNC.saturating_sub(since.elapsed())) {
-                    Ok(batch) => batch,
-                    Err(timeout_or_gone) => {
-                        if let Err(e) = sync(&db) {
-                            tracing::error!(error = %e, "State sync failed");
-                        }
-                        unsynced_since = None;
-                        if timeout_or_gone == mpsc::RecvTimeoutError::Disconnected {
-                            return;
-                        }
-                        continue;
-                    }
+fn write_loop(db: Database, queue: &Queue) {
+    /// Marks the queue when the writer stops, even by a panic, so no one waits on it forever.
+    struct Gone<'q>(&'q Queue);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            let mut state = self.0.lock();
+            state.writer_gone = true;
+            for batch in state.batches.drain(..) {
+                if let Some(done) = batch.done {
+                    let _ = done.send(Err("state writer stopped".into()));
                 }
             }
+        }
+    }
+    let _gone = Gone(queue);
+    // Batches nobody waits for gather for up to EVENTUAL_SYNC and go to disk in one commit (and
+    // one sync); a batch someone waits for is written at once with everything queued before it.
+    let mut oldest_unwritten: Option<Instant> = None;
+    loop {
+        let (group, stopping) = {
+            let mut state = queue.lock();
+            loop {
+                if state.closed {
+                    break;
+                }
+                if !state.batches.is_empty() {
+                    let since = *oldest_unwritten.get_or_insert_with(Instant::now);
+                    let someone_waits = state.batches.iter().any(|b| b.done.is_some());
+                    let left = EVENTUAL_SYNC.saturating_sub(since.elapsed());
+                    if someone_waits || left.is_zero() || state.batches.len() >= MAX_GROUP {
+                        break;
+                    }
+                    state = queue
+                        .wake
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                } else {
+                    state = queue.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            (std::mem::take(&mut state.batches), state.closed)
         };
-        let mut group = vec![first];
-        while let Ok(more) = batches.try_recv() {
-            group.push(more);
-            if group.len() >= 4096 {
-                break;
+        oldest_unwritten = None;
+        if !group.is_empty() {
+            let result = apply(&db, &group).map_err(|e| e.to_string());
+            if let Err(message) = &result {
+                tracing::error!(%message, "State commit failed");
+            }
+            for batch in group {
+                if let Some(done) = batch.done {
+                    let _ = done.send(result.clone());
+                }
             }
         }
-        let someone_waits = group.iter().any(|batch| batch.done.is_some());
-        let overdue = unsynced_since.is_some_and(|since| since.elapsed() >= EVENTUAL_SYNC);
-        let durability = if someone_waits || overdue {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
-        let result = apply(&db, &group, durability).map_err(|e| e.to_string());
-        match (durability, &result) {
-            (Durability::Immediate, Ok(())) => unsynced_since = None,
-            _ => {
-                unsynced_since.get_or_insert_with(Instant::now);
-            }
-        }
-        for batch in group {
-            if let Some(done) = batch.done {
-                let _ = done.send(result.clone());
-            }
+        if stopping {
+            return;
         }
     }
 }
 
-/// Makes every earlier commit durable.
-fn sync(db: &Database) -> Result<(), StoreError> {
-    apply(db, &[], Durability::Immediate)
-}
-
-fn apply(db: &Database, group: &[Batch], durability: Durability) -> Result<(), StoreError> {
+fn apply(db: &Database, group: &[Batch]) -> Result<(), StoreError> {
     let mut txn = db.begin_write().map_err(db_error)?;
-    txn.set_durability(durability)
+    txn.set_durability(Durability::Immediate)
         .map_err(|e| StoreError::Database(redb::Error::Corrupted(e.to_string())))?;
     {
         let mut grants = txn.open_table(GRANTS).map_err(db_error)?;
