@@ -298,8 +298,10 @@ pub fn run(
     })
 }
 
+/// How `vigil scenario` is told which scenario to run: a built-in by its name (so it runs from
+/// any folder), a file by its path.
 fn scenario_argument(source: &str, name: &str) -> String {
-    if source.starts_with("builtin") {
+    if crate::scenario::builtin().iter().any(|b| b.path == source) {
         name.to_owned()
     } else {
         source.to_owned()
