@@ -222,6 +222,23 @@ pub enum UsbMode {
     Shared,
 }
 
+/// Puts a child in its own process group and kills it when the harness dies.
+pub(crate) fn detach_into_own_group(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setpgid and prctl are async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The last lines of a log file, for diagnostics.
 pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -2,7 +2,6 @@
 //! and the process group that dies with the harness.
 
 use std::fs::OpenOptions;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -322,18 +321,7 @@ impl Vm {
                     .map_err(BackendError::io("clone the QEMU log"))?,
             )
             .stderr(stderr);
-        // SAFETY: setpgid and prctl are async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::setpgid(0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::backend::detach_into_own_group(&mut command);
         let mut child = command
             .spawn()
             .map_err(BackendError::io(format!("start {QEMU} for {}", spec.name)))?;

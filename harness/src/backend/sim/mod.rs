@@ -12,7 +12,6 @@ pub mod usb;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -355,7 +354,7 @@ impl SimBackend {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
-        detach_into_own_group(&mut command);
+        super::detach_into_own_group(&mut command);
         let mut child = command.spawn().map_err(|e| BackendError::Runtime {
             machine: machine.to_string(),
             message: format!(
@@ -1097,22 +1096,6 @@ impl Drop for SimBackend {
                 let _ = child.wait();
             }
         }
-    }
-}
-
-/// Puts a child in its own process group and kills it when the harness dies.
-fn detach_into_own_group(command: &mut Command) {
-    // SAFETY: setpgid and prctl are async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 
