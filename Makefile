@@ -12,7 +12,7 @@ build:
 ## The test command: formatting, lints, every crate's tests (the harness's include every
 ## built-in scenario on the sim backend, through the real binary).
 test: lint weakened
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 ## The test-only weakened runtime (one defence off per METER_WEAKEN); never in release artefacts.
 weakened:
