@@ -441,6 +441,9 @@ impl Runtime {
         let mut spent = None;
         let step = {
             let mut state = self.lock();
+            // Read again under the lock: the high-water mark of metered licences only moves under
+            // it, so a reading taken before it (or before the look above) could be behind it.
+            let now = self.platform.now_ms().unwrap_or(now);
             let key = self.product_key(&state, firm, product);
             let mut record = GrantRecord {
                 product: key,
@@ -455,8 +458,30 @@ impl Runtime {
                 granted_at: now,
                 table_handle: None,
             };
-            match state.table.access(record.access_request(), now) {
-                Ok(grant) => {
+            let recorded = state
+                .table
+                .access(record.access_request(), now)
+                .and_then(|grant| {
+                    match grant.units_left {
+                        Some(units) => match self.record_unit_spent(&grant.container, key, now) {
+                            Ok(use_record) => Ok((grant, Some(use_record))),
+                            Err(reason) => {
+                                // The use could not be recorded (a rollback sign locked the licence
+                                // meanwhile): no grant, and the unit goes back.
+                                let _ = state.table.release(grant.handle);
+                                let _ = state.table.set_units_left(
+                                    &grant.container,
+                                    key,
+                                    Some(units + 1),
+                                );
+                                Err(reason)
+                            }
+                        },
+                        None => Ok((grant, None)),
+                    }
+                });
+            match recorded {
+                Ok((grant, use_record)) => {
                     record.table_handle = Some(grant.handle);
                     record.via = Via::Table {
                         container: grant.container.to_string(),
@@ -466,9 +491,8 @@ impl Runtime {
                         Change::PutGrant(handle, encode_record(&record)),
                         Change::PutMeta("next-handle".into(), (handle + 1).to_le_bytes().to_vec()),
                     ];
-                    if let Some(units) = grant.units_left {
+                    if let (Some(units), Some((more, receipt))) = (grant.units_left, use_record) {
                         changes.push(crate::licences::units_change(&grant.container, key, units));
-                        let (more, receipt) = self.record_unit_spent(&grant.container, key, now);
                         changes.extend(more);
                         spent = receipt;
                     }
@@ -878,14 +902,26 @@ impl Runtime {
             (handle + 1).to_le_bytes().to_vec(),
         ));
         if let Some(units) = grant.units_left {
-            changes.push(crate::licences::units_change(
-                &grant.container,
-                claim.product,
-                units,
-            ));
             // Served licences are witnessed by the server's own state; no chain to hand on.
-            let (more, _receipt) = self.record_unit_spent(&grant.container, claim.product, now);
-            changes.extend(more);
+            match self.record_unit_spent(&grant.container, claim.product, now) {
+                Ok((more, _receipt)) => {
+                    changes.push(crate::licences::units_change(
+                        &grant.container,
+                        claim.product,
+                        units,
+                    ));
+                    changes.extend(more);
+                }
+                Err(reason) => {
+                    let _ = state.table.release(grant.handle);
+                    let _ = state.table.set_units_left(
+                        &grant.container,
+                        claim.product,
+                        Some(units + 1),
+                    );
+                    return Err(reason);
+                }
+            }
         }
         state.grants.insert(handle, record);
         Ok((handle, container))
@@ -914,6 +950,8 @@ impl Runtime {
         let mut changes = Vec::new();
         let outcome = {
             let mut state = self.lock();
+            // Under the lock, as for local accesses: never behind a high-water mark.
+            let now = self.platform.now_ms().unwrap_or(now);
             if state.links.get(runtime).map(|l| l.generation) != Some(generation) {
                 // The connection that asked is gone; its station was already released.
                 return FromServer::Denied {

@@ -11,13 +11,16 @@ use meter_core::allocation::{
 use meter_core::licence::{LicenceBody, SignedLicence, VendorPublicKey, open_products};
 use meter_core::policy::{Counting, ItemRules, ProductItem};
 use meter_core::reason::Reason;
-use meter_core::rollback::{ReceiptSigner, ReceiptVerifier};
+use meter_core::rollback::{Receipt, ReceiptSigner, ReceiptVerifier};
 use meter_core::traits::{MachineTraits, names};
 use sha2::{Digest, Sha256};
 
 use crate::daemon::{Runtime, Via};
 use crate::metering::Metering;
 use crate::store::{self, Change};
+
+/// A recorded unit use: the store changes and, for a witnessed licence, its id and receipt.
+pub(crate) type UnitUse = (Vec<Change>, Option<(String, Receipt)>);
 
 /// Metadata key of the runtime's random id (the `runtime.random-id` trait).
 pub const RANDOM_ID_KEY: &str = "random-id";
@@ -509,9 +512,12 @@ impl Runtime {
                 return;
             }
         };
-        let (revoke, to_reconcile, durable) = {
+        let (revoke, to_reconcile, durable, now) = {
             let mut state = self.lock();
             let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            // Read again under the lock: a concurrent look may have moved the high-water mark
+            // past a reading taken before it, which would look like a clock turned back.
+            let now = self.platform.now_ms().unwrap_or(now);
             let broken = licences.revalidate(&traits, &mut state.table, now);
             let mut changes = licences.register_metering(now, vmgenid.as_deref());
             let check = licences.metering.check(now, vmgenid.as_deref());
@@ -537,7 +543,7 @@ impl Runtime {
                 })
                 .collect();
             let durable = (!changes.is_empty()).then(|| self.store.submit(changes));
-            (revoke, check.to_reconcile, durable)
+            (revoke, check.to_reconcile, durable, now)
         };
         if let Some(durable) = durable
             && let Err(e) = store::wait(durable).await
@@ -554,16 +560,17 @@ impl Runtime {
     }
 
     /// Records one unit spent from a metered soft item (called with the state lock held, before
-    /// the grant is stored): the store changes and the receipt for the witness.
+    /// the grant is stored): the store changes and the receipt for the witness, or why the
+    /// use is refused (a rollback sign locked the licence).
     pub(crate) fn record_unit_spent(
         &self,
         container: &ContainerId,
         product: ProductKey,
         now: u64,
-    ) -> (Vec<Change>, Option<(String, meter_core::rollback::Receipt)>) {
+    ) -> Result<UnitUse, Reason> {
         let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
         let Some(licence) = licences.licence_of(container).map(str::to_owned) else {
-            return (Vec::new(), None);
+            return Ok((Vec::new(), None));
         };
         let mut changes = Vec::new();
         if licences.signer().is_none() {
@@ -575,7 +582,7 @@ impl Runtime {
                 Ok((more, _)) => changes.extend(more),
                 Err(e) => {
                     tracing::error!(error = %e, "No receipt key: unit use not recorded");
-                    return (changes, None);
+                    return Ok((changes, None));
                 }
             }
         }
@@ -587,13 +594,23 @@ impl Runtime {
         {
             Some(Ok((receipt, change))) => {
                 changes.push(change);
-                (changes, Some((licence, receipt)))
+                Ok((changes, Some((licence, receipt))))
+            }
+            Some(Err(
+                e @ (meter_core::rollback::RollbackError::Locked(_)
+                | meter_core::rollback::RollbackError::LockedByPolicy(_)),
+            )) => {
+                tracing::warn!(licence, product = product.code, error = %e, "Unit use refused");
+                Err(Reason::RollbackDetected)
+            }
+            Some(Err(meter_core::rollback::RollbackError::UnitsExhausted { .. })) => {
+                Err(Reason::UnitsExhausted)
             }
             Some(Err(e)) => {
                 tracing::error!(licence, product = product.code, error = %e, "Unit use not recorded");
-                (changes, None)
+                Ok((changes, None))
             }
-            None => (changes, None),
+            None => Ok((changes, None)),
         }
     }
 

@@ -188,8 +188,14 @@ impl VmSpec {
             "-append".into(),
             format!(
                 "console=ttyS0 quiet panic=-1 mitigations=off i8042.noaux=1 i8042.nokbd=1 \
-                 8250.nr_uarts=1 random.trust_cpu=on vigil.name={}",
-                self.name
+                 8250.nr_uarts=1 random.trust_cpu=on vigil.name={}{}",
+                self.name,
+                // The guest runtime's log filter, for diagnosing a guest (`VIGIL_GUEST_LOG=debug`).
+                std::env::var("VIGIL_GUEST_LOG")
+                    .ok()
+                    .filter(|f| !f.is_empty() && !f.contains(char::is_whitespace))
+                    .map(|f| format!(" METER_LOG={f}"))
+                    .unwrap_or_default()
             ),
             "-smbios".into(),
             format!(
