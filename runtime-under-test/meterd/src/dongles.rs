@@ -29,8 +29,9 @@ use crate::weakened::{self, Defence};
 
 /// How often the manager looks for attached and removed dongles (also woken by file events).
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(150);
-/// How often an open session is kept alive (the dongle's active window is 10 s).
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often an open session is kept alive (the dongle's active window is 10 s). This bounds
+/// how long a rebind elsewhere goes unnoticed, so it sets the rebind → release delay.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(50);
 /// How often a locked-out dongle is asked again whether its lockout is over.
 pub const LOCKED_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 /// A fresh session serves its first grant only this long after the bind, so that another host
@@ -346,6 +347,13 @@ impl Dongles {
         self.board.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn has_open_sessions(&self) -> bool {
+        self.board()
+            .attached
+            .values()
+            .any(|a| a.state == DongleState::Open)
+    }
+
     /// The state of one attached dongle, by serial.
     pub fn state(&self, serial: &str) -> Option<DongleState> {
         self.board().attached.get(serial).map(|a| a.state.clone())
@@ -392,6 +400,14 @@ impl Dongles {
                 self.attach(runtime, endpoint).await;
             }
         }
+        self.service(runtime, on_demand).await;
+    }
+
+    /// Keeps open sessions alive and asks locked-out dongles again when their retry is due.
+    /// The caller holds the scanning lock.
+    async fn service(&self, runtime: &Arc<Runtime>, on_demand: bool) {
+        // Ticks and frames drift by a little; a session a quarter interval early is due too.
+        let keepalive_due = KEEPALIVE_INTERVAL - KEEPALIVE_INTERVAL / 4;
         let now = Instant::now();
         let due: Vec<(String, bool)> = {
             let board = self.board();
@@ -399,7 +415,7 @@ impl Dongles {
                 .attached
                 .iter()
                 .filter_map(|(serial, a)| match a.state {
-                    DongleState::Open if now - a.last_frame >= KEEPALIVE_INTERVAL => {
+                    DongleState::Open if now - a.last_frame >= keepalive_due => {
                         Some((serial.clone(), false))
                     }
                     DongleState::Locked { .. }
@@ -591,6 +607,16 @@ impl Dongles {
     ) {
         if ignores_failure(&error) {
             tracing::warn!(serial, error = %crate::licences::error_chain(&error), "Weakened: dongle failure ignored");
+            return;
+        }
+        if matches!(error, LinkError::Session(SessionError::NotOpen))
+            && self.board().attached.get(serial).is_some_and(|a| {
+                a.generation == generation
+                    && !matches!(a.state, DongleState::Open | DongleState::Connecting)
+            })
+        {
+            // A concurrent call (keepalive or access) already ended this session and recorded
+            // why; "no session" is only the echo of that and must not overwrite the reason.
             return;
         }
         let state = match &error {
@@ -982,6 +1008,10 @@ pub async fn start(runtime: Arc<Runtime>) {
     runtime.dongles.scan(&runtime, false).await;
     tokio::spawn(async move {
         let dongles = &runtime.dongles;
+        let mut scan_tick = tokio::time::interval(SCAN_INTERVAL);
+        let mut keepalive_tick = tokio::time::interval(KEEPALIVE_INTERVAL);
+        scan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        keepalive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = gone_events.recv() => {
@@ -989,7 +1019,13 @@ pub async fn start(runtime: Arc<Runtime>) {
                     dongles.detach(&runtime, &serial, Some(generation), Reason::DongleRemoved).await;
                 }
                 () = dongles.wake.notified() => dongles.scan(&runtime, false).await,
-                () = tokio::time::sleep(SCAN_INTERVAL) => dongles.scan(&runtime, false).await,
+                _ = scan_tick.tick() => dongles.scan(&runtime, false).await,
+                _ = keepalive_tick.tick() => {
+                    if dongles.has_open_sessions() {
+                        let _scanning = dongles.scanning.lock().await;
+                        dongles.service(&runtime, false).await;
+                    }
+                }
             }
         }
     });
