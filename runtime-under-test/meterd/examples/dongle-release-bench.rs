@@ -113,14 +113,17 @@ fn main() -> anyhow::Result<()> {
         dongle.unplug(&vm1);
     }
 
+    let transport = sim_transport(&mut dongle, work.path(), &vendor)?;
+
     let report = serde_json::json!({
         "benchmark": "dongle-release",
+        "sim_transport": transport,
         "rounds": ROUNDS,
         "hop_unplug_to_revoked_ms": summary(&unplug_to_revoked),
         "hop_plug_to_first_grant_ms": summary(&plug_to_granted),
         "rebind_resume_to_revoked_ms": summary(&resume_to_revoked),
         "notes": "hop = unplug from one runtime and plug into another (release is event-driven); \
-                  rebind = the old runtime learns of the new binding on its next keepalive (every 1 s); \
+                  rebind = the old runtime learns of the new binding on its next keepalive (every 50 ms, at once after a pause); \
                   a first grant waits 250 ms after the bind (shared-use settle)",
     });
     std::fs::create_dir_all("reports/bench")?;
@@ -130,6 +133,61 @@ fn main() -> anyhow::Result<()> {
     )?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Session establishment and frame round trips through the sim transport (the machine's Unix
+/// socket, 64-byte reports, the runtime's link and session on one side, the firmware on the other).
+fn sim_transport(
+    dongle: &mut Emulator,
+    root: &Path,
+    vendor: &Path,
+) -> anyhow::Result<serde_json::Value> {
+    use dongle::{Request, RuntimeId, VerifyingKey};
+    use meterd::dongles::Link;
+    use meterd::platform::UsbEndpoint;
+
+    const ROUND_TRIPS: usize = 5_000;
+    let usb = root.join("bench-usb");
+    std::fs::create_dir_all(&usb)?;
+    dongle.plug_into("bench", &usb)?;
+    let text: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vendor.join("vendor.pub"))?)?;
+    let key_bytes = hex::decode(text["signing-key"].as_str().context("no signing-key")?)?;
+    let key = VerifyingKey::from_bytes(
+        &<[u8; 32]>::try_from(key_bytes.as_slice()).context("signing-key is not 32 bytes")?,
+    )?;
+    let endpoint = UsbEndpoint {
+        serial: SERIAL.to_string(),
+        path: usb.join(format!("{SERIAL}.sock")),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (sessions, round_trips, elapsed) = runtime.block_on(async {
+        let link = Link::start(meterd::transport::open(&endpoint)?, || {})?;
+        let mut sessions = Vec::new();
+        for _ in 0..50 {
+            let started = Instant::now();
+            link.hello(RuntimeId::new("bench-runtime".to_owned())?, vec![key])
+                .await?;
+            sessions.push(started.elapsed());
+        }
+        let mut round_trips = Vec::with_capacity(ROUND_TRIPS);
+        let all = Instant::now();
+        for _ in 0..ROUND_TRIPS {
+            let started = Instant::now();
+            link.call(&Request::ReadClock).await?;
+            round_trips.push(started.elapsed());
+        }
+        anyhow::Ok((sessions, round_trips, all.elapsed()))
+    })?;
+    dongle.unplug_from("bench");
+    Ok(serde_json::json!({
+        "path": "Unix socket per machine, 64-byte reports, meterd's Link + Session <-> DevicePort + Firmware",
+        "session_establishment_ms": summary(&sessions),
+        "round_trip_ms": summary(&round_trips),
+        "round_trips_per_second": ROUND_TRIPS as f64 / elapsed.as_secs_f64(),
+    }))
 }
 
 fn path(p: &Path) -> &str {
@@ -302,10 +360,15 @@ impl Emulator {
     }
 
     fn plug(&mut self, machine: &Machine) -> anyhow::Result<()> {
+        self.plug_into(&machine.name, &machine.usb())
+    }
+
+    /// Plugs the dongle into a machine's USB folder (`<usb>/<serial>.sock`).
+    fn plug_into(&mut self, name: &str, usb: &Path) -> anyhow::Result<()> {
         if self.plugs.is_empty() {
             self.bus_reset();
         }
-        let socket = machine.usb().join(format!("{SERIAL}.sock"));
+        let socket = usb.join(format!("{SERIAL}.sock"));
         let listener = UnixListener::bind(&socket)?;
         let stop = Arc::new(AtomicBool::new(false));
         let streams: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
@@ -324,13 +387,16 @@ impl Emulator {
                 std::thread::spawn(move || serve(stream, &firmware, &offset));
             }
         });
-        self.plugs
-            .insert(machine.name.clone(), (socket, stop, streams));
+        self.plugs.insert(name.to_owned(), (socket, stop, streams));
         Ok(())
     }
 
     fn unplug(&mut self, machine: &Machine) {
-        if let Some((socket, stop, streams)) = self.plugs.remove(&machine.name) {
+        self.unplug_from(&machine.name);
+    }
+
+    fn unplug_from(&mut self, name: &str) {
+        if let Some((socket, stop, streams)) = self.plugs.remove(name) {
             stop.store(true, Ordering::SeqCst);
             let _ = std::fs::remove_file(&socket);
             for stream in streams.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
