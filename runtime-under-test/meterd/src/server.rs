@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::daemon::Runtime;
 use crate::frame;
@@ -74,61 +76,100 @@ async fn serve_station(
         return Err("first frame was not a hello".into());
     };
     let peer_text = peer.to_string();
-    let (events, mut events_rx) = mpsc::unbounded_channel::<FromServer>();
     let (generation, welcome) = runtime
         .remote_hello(&runtime_id, &machine, &peer_text, claims)
         .await;
     frame::send(&mut framed, &welcome)
         .await
         .map_err(|e| e.to_string())?;
-    let (mut sink, mut stream) = framed.split();
-    let writer = tokio::spawn(async move {
-        while let Some(message) = events_rx.recv().await {
-            let bytes = frame::encode(&message)?;
-            sink.feed(bytes).await?;
-            while let Ok(more) = events_rx.try_recv() {
-                sink.feed(frame::encode(&more)?).await?;
+    let station = Station {
+        runtime: &runtime,
+        runtime_id: &runtime_id,
+        generation,
+        peer: &peer_text,
+    };
+    let why = station.serve(&mut framed, window).await;
+    runtime.remote_gone(&runtime_id, generation, &why).await;
+    Err(why)
+}
+
+/// One linked client runtime, as its connection's requests see it.
+struct Station<'a> {
+    runtime: &'a Arc<Runtime>,
+    runtime_id: &'a str,
+    generation: u64,
+    peer: &'a str,
+}
+
+impl Station<'_> {
+    /// Answers the station's requests until its connection ends; returns why it ended.
+    ///
+    /// Everything happens in the connection's own task: requests being answered are polled here
+    /// side by side (no task per request, no channel to a writer task), and every answer that is
+    /// ready is queued before one flush, so a busy connection sends several answers per write.
+    async fn serve(&self, framed: &mut Link, window: Duration) -> String {
+        let mut answering = FuturesUnordered::new();
+        let silence = tokio::time::sleep(window);
+        tokio::pin!(silence);
+        loop {
+            tokio::select! {
+                biased;
+                Some(answer) = answering.next(), if !answering.is_empty() => {
+                    let mut queued = queue(framed, &answer).await;
+                    while queued.is_ok()
+                        && let Some(Some(more)) = answering.next().now_or_never()
+                    {
+                        queued = queue(framed, &more).await;
+                    }
+                    if let Err(e) = queued {
+                        return format!("cannot answer: {e}");
+                    }
+                    if let Err(e) = SinkExt::<bytes::Bytes>::flush(framed).await {
+                        return format!("cannot answer: {e}");
+                    }
+                }
+                incoming = framed.next() => {
+                    silence.as_mut().reset(Instant::now() + window);
+                    let bytes = match incoming {
+                        None => return "connection closed".to_owned(),
+                        Some(Err(e)) => return format!("bad frame: {e}"),
+                        Some(Ok(bytes)) => bytes,
+                    };
+                    let message: ToServer = match frame::decode(&bytes) {
+                        Ok(message) => message,
+                        Err(e) => return format!("malformed frame: {}", source_of(&e)),
+                    };
+                    match message {
+                        ToServer::Keepalive => {}
+                        ToServer::Hello { .. } => return "second hello".to_owned(),
+                        other => answering.push(self.answer(other)),
+                    }
+                }
+                () = &mut silence => {
+                    if crate::weakened::is(crate::weakened::Defence::KeepaliveRelease) {
+                        silence.as_mut().reset(Instant::now() + window);
+                        continue;
+                    }
+                    return format!("missed the keepalive window of {window:?}");
+                }
             }
-            sink.flush().await?;
         }
-        Ok::<_, frame::FrameError>(())
-    });
-    let why = loop {
-        let deadline = Instant::now() + window;
-        let incoming = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) if crate::weakened::is(crate::weakened::Defence::KeepaliveRelease) => continue,
-            Err(_) => break format!("missed the keepalive window of {window:?}"),
-            Ok(None) => break "connection closed".to_owned(),
-            Ok(Some(Err(e))) => break format!("bad frame: {e}"),
-            Ok(Some(Ok(bytes))) => bytes,
-        };
-        let message: ToServer = match frame::decode(&incoming) {
-            Ok(message) => message,
-            Err(e) => break format!("malformed frame: {}", source_of(&e)),
-        };
-        match message {
-            ToServer::Keepalive => {}
-            ToServer::Hello { .. } => break "second hello".to_owned(),
+    }
+
+    /// The answer to one request (it may wait for the machine, the disk, a dongle); `None` for
+    /// the messages nobody answers.
+    async fn answer(&self, message: ToServer) -> Option<FromServer> {
+        let runtime = self.runtime;
+        let answer = match message {
             ToServer::Access { request, claim } => {
-                let runtime = Arc::clone(&runtime);
-                let events = events.clone();
-                let runtime_id = runtime_id.clone();
-                let peer_text = peer_text.clone();
-                tokio::spawn(async move {
-                    let answer = runtime
-                        .remote_access(&runtime_id, generation, &peer_text, request, claim)
-                        .await;
-                    let _ = events.send(answer);
-                });
+                runtime
+                    .remote_access(self.runtime_id, self.generation, self.peer, request, claim)
+                    .await
             }
             ToServer::Release { request, handle } => {
-                let runtime = Arc::clone(&runtime);
-                let events = events.clone();
-                let runtime_id = runtime_id.clone();
-                tokio::spawn(async move {
-                    let answer = runtime.remote_release(&runtime_id, request, handle).await;
-                    let _ = events.send(answer);
-                });
+                runtime
+                    .remote_release(self.runtime_id, request, handle)
+                    .await
             }
             ToServer::WitnessReceipts {
                 request,
@@ -136,23 +177,29 @@ async fn serve_station(
                 key,
                 receipts,
             } => {
-                let runtime = Arc::clone(&runtime);
-                let events = events.clone();
-                tokio::spawn(async move {
-                    let answer = runtime
-                        .witness_receipts_in(request, &licence, key, receipts)
-                        .await;
-                    let _ = events.send(answer);
-                });
+                runtime
+                    .witness_receipts_in(request, &licence, key, receipts)
+                    .await
             }
             ToServer::WitnessFetch { request, licence } => {
-                let _ = events.send(runtime.witness_chain_out(request, &licence));
+                runtime.witness_chain_out(request, &licence)
             }
-        }
-    };
-    writer.abort();
-    runtime.remote_gone(&runtime_id, generation, &why).await;
-    Err(why)
+            ToServer::Hello { .. } | ToServer::Keepalive => return None,
+        };
+        Some(answer)
+    }
+}
+
+/// A server-side connection: frames over TLS over TCP.
+type Link = Framed<TlsStream<TcpStream>, LengthDelimitedCodec>;
+
+/// Queues one answer in the connection's write buffer (written at the next flush, or sooner
+/// when the buffer is full).
+async fn queue(framed: &mut Link, answer: &Option<FromServer>) -> Result<(), frame::FrameError> {
+    if let Some(answer) = answer {
+        framed.feed(frame::encode(answer)?).await?;
+    }
+    Ok(())
 }
 
 fn source_of(error: &frame::FrameError) -> String {
