@@ -118,7 +118,11 @@ enum Commands {
     },
     /// Internal: a login-session leader for the sim backend.
     #[command(hide = true)]
-    SessionLeader,
+    SessionLeader {
+        /// Die with this process (the harness that started the leader).
+        #[arg(long)]
+        parent: Option<i32>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -262,8 +266,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        Commands::SessionLeader => {
-            vigil::session_leader::run()?;
+        Commands::SessionLeader { parent } => {
+            vigil::session_leader::run(parent)?;
             Ok(ExitCode::SUCCESS)
         }
     }

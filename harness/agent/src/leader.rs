@@ -7,7 +7,7 @@
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,8 +67,30 @@ fn emit(out: &Mutex<std::io::Stdout>, event: &LeaderEvent) {
     let _ = out.flush();
 }
 
-/// Runs a leader until its stdin closes, then kills the whole session.
-pub fn run() -> anyhow::Result<()> {
+/// Children spawned and not yet reaped; the reaper sleeps on it while there are none.
+struct Children {
+    alive: Mutex<usize>,
+    spawned: Condvar,
+}
+
+/// Runs a leader until its stdin closes, then kills the whole session. With `parent`, the
+/// leader dies with that process (its parent): a harness that ends takes its sessions along.
+pub fn run(parent: Option<i32>) -> anyhow::Result<()> {
+    if let Some(parent) = parent {
+        // SAFETY: prctl and getppid only concern this process.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                anyhow::bail!(
+                    "Cannot tie the leader to its parent: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            if libc::getppid() != parent {
+                // The parent ended before the signal was armed.
+                std::process::exit(1);
+            }
+        }
+    }
     // SAFETY: setsid only changes this process's own session.
     let sid = unsafe { libc::setsid() };
     if sid < 0 {
@@ -77,10 +99,13 @@ pub fn run() -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    // No parent-death signal here: the agent thread that started us may end before we do.
     let out: &'static Mutex<std::io::Stdout> = Box::leak(Box::new(Mutex::new(std::io::stdout())));
+    let children: &'static Children = Box::leak(Box::new(Children {
+        alive: Mutex::new(0),
+        spawned: Condvar::new(),
+    }));
     emit(out, &LeaderEvent::Ready { sid });
-    std::thread::spawn(move || reap_forever(out));
+    std::thread::spawn(move || reap_forever(out, children));
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         if line.trim().is_empty() {
@@ -88,10 +113,14 @@ pub fn run() -> anyhow::Result<()> {
         }
         let event = match serde_json::from_str::<SpawnRequest>(&line) {
             Ok(request) => match spawn(&request) {
-                Ok(pid) => LeaderEvent::Spawned {
-                    id: request.id,
-                    pid,
-                },
+                Ok(pid) => {
+                    *children.alive.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                    children.spawned.notify_one();
+                    LeaderEvent::Spawned {
+                        id: request.id,
+                        pid,
+                    }
+                }
                 Err(e) => LeaderEvent::SpawnFailed {
                     id: request.id,
                     error: format!("{e:#}"),
@@ -134,14 +163,28 @@ fn spawn(request: &SpawnRequest) -> anyhow::Result<i32> {
     Ok(child.id() as i32)
 }
 
-fn reap_forever(out: &Mutex<std::io::Stdout>) {
+fn reap_forever(out: &Mutex<std::io::Stdout>, children: &Children) {
     loop {
+        {
+            let mut alive = children.alive.lock().unwrap_or_else(|e| e.into_inner());
+            while *alive == 0 {
+                alive = children
+                    .spawned
+                    .wait(alive)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
         let mut status = 0;
         // SAFETY: waitpid with a pointer to a local status word.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
         if pid <= 0 {
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            // Only when a child vanished unseen (reaped elsewhere): do not spin on it.
+            *children.alive.lock().unwrap_or_else(|e| e.into_inner()) = 0;
             continue;
+        }
+        {
+            let mut alive = children.alive.lock().unwrap_or_else(|e| e.into_inner());
+            *alive = alive.saturating_sub(1);
         }
         let (code, signal) = if libc::WIFEXITED(status) {
             (Some(libc::WEXITSTATUS(status)), None)

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -37,21 +36,17 @@ impl LeaderHandle {
     pub fn start(exe: &Path, stderr_log: &Path) -> Result<Self, BackendError> {
         let stderr = std::fs::File::create(stderr_log)
             .map_err(BackendError::io(format!("create {}", stderr_log.display())))?;
+        // No pre-exec hook, so the standard library spawns without forking the harness (whose
+        // many threads and mappings make a fork costly); the leader arms its own parent-death
+        // signal, which survives its setsid.
         let mut command = Command::new(exe);
         command
             .arg("session-leader")
+            .arg("--parent")
+            .arg(std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr);
-        // SAFETY: the closure only calls async-signal-safe prctl.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = command.spawn().map_err(BackendError::io(format!(
             "start session leader {}",
             exe.display()
