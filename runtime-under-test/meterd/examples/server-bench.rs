@@ -1,7 +1,8 @@
 //! Benchmark of the network server and the local daemon: throughput, latency, crash release, memory.
 //!
 //! Run: `cargo run --release -p meterd --example server-bench` (writes reports/bench/server.json).
-//! With `-- --server-protocol-only` it runs the server protocol levels alone and writes nothing.
+//! With `-- --server-protocol-only [--levels 1,16,64]` it runs the server protocol levels alone and
+//! writes nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -419,7 +420,18 @@ async fn bench() -> anyhow::Result<()> {
 
     let mut server_protocol = Vec::new();
     if server_protocol_only {
-        for clients in LEVELS {
+        // `--levels 64,64,64`: other client counts (repeat a level to see the spread).
+        let args: Vec<String> = std::env::args().collect();
+        let levels: Vec<usize> = match args.iter().position(|a| a == "--levels") {
+            Some(at) => args
+                .get(at + 1)
+                .context("--levels needs a list")?
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()?,
+            None => LEVELS.to_vec(),
+        };
+        for clients in levels {
             let result = server_protocol_level(&addr, pin, clients, &[server.child.id()]).await?;
             println!("server protocol: {result}");
         }

@@ -936,22 +936,18 @@ impl Runtime {
         request: u64,
         claim: Claim,
     ) -> FromServer {
-        let now = match self.platform.now_ms() {
-            Ok(now) => now,
-            Err(_) => {
-                return FromServer::Denied {
-                    request,
-                    reason: Reason::ServerUnreachable,
-                };
-            }
-        };
         self.wait_for_reconnects().await;
         self.observe_machine().await;
         let mut changes = Vec::new();
         let outcome = {
             let mut state = self.lock();
-            // Under the lock, as for local accesses: never behind a high-water mark.
-            let now = self.platform.now_ms().unwrap_or(now);
+            // Read under the lock, as for local accesses: never behind a high-water mark.
+            let Ok(now) = self.platform.now_ms() else {
+                return FromServer::Denied {
+                    request,
+                    reason: Reason::ServerUnreachable,
+                };
+            };
             if state.links.get(runtime).map(|l| l.generation) != Some(generation) {
                 // The connection that asked is gone; its station was already released.
                 return FromServer::Denied {
