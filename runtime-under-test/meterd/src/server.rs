@@ -88,9 +88,7 @@ async fn serve_station(
         generation,
         peer: &peer_text,
     };
-    let why = station.serve(&mut framed, window).await;
-    runtime.remote_gone(&runtime_id, generation, &why).await;
-    Err(why)
+    Err(station.serve(&mut framed, window).await)
 }
 
 /// One linked client runtime, as its connection's requests see it.
@@ -102,7 +100,8 @@ struct Station<'a> {
 }
 
 impl Station<'_> {
-    /// Answers the station's requests until its connection ends; returns why it ended.
+    /// Answers the station's requests until its connection ends, then releases the station;
+    /// returns why the connection ended.
     ///
     /// Everything happens in the connection's own task: requests being answered are polled here
     /// side by side (no task per request, no channel to a writer task), and every answer that is
@@ -111,7 +110,7 @@ impl Station<'_> {
         let mut answering = FuturesUnordered::new();
         let silence = tokio::time::sleep(window);
         tokio::pin!(silence);
-        loop {
+        let why = loop {
             tokio::select! {
                 biased;
                 Some(answer) = answering.next(), if !answering.is_empty() => {
@@ -122,26 +121,26 @@ impl Station<'_> {
                         queued = queue(framed, &more).await;
                     }
                     if let Err(e) = queued {
-                        return format!("cannot answer: {e}");
+                        break format!("cannot answer: {e}");
                     }
                     if let Err(e) = SinkExt::<bytes::Bytes>::flush(framed).await {
-                        return format!("cannot answer: {e}");
+                        break format!("cannot answer: {e}");
                     }
                 }
                 incoming = framed.next() => {
                     silence.as_mut().reset(Instant::now() + window);
                     let bytes = match incoming {
-                        None => return "connection closed".to_owned(),
-                        Some(Err(e)) => return format!("bad frame: {e}"),
+                        None => break "connection closed".to_owned(),
+                        Some(Err(e)) => break format!("bad frame: {e}"),
                         Some(Ok(bytes)) => bytes,
                     };
                     let message: ToServer = match frame::decode(&bytes) {
                         Ok(message) => message,
-                        Err(e) => return format!("malformed frame: {}", source_of(&e)),
+                        Err(e) => break format!("malformed frame: {}", source_of(&e)),
                     };
                     match message {
                         ToServer::Keepalive => {}
-                        ToServer::Hello { .. } => return "second hello".to_owned(),
+                        ToServer::Hello { .. } => break "second hello".to_owned(),
                         other => answering.push(self.answer(other)),
                     }
                 }
@@ -150,10 +149,19 @@ impl Station<'_> {
                         silence.as_mut().reset(Instant::now() + window);
                         continue;
                     }
-                    return format!("missed the keepalive window of {window:?}");
+                    break format!("missed the keepalive window of {window:?}");
                 }
             }
-        }
+        };
+        // Requests already being answered run to their end, as they would in tasks of their own
+        // (an access must not stop between its steps), while the station is released.
+        let finish = async { while answering.next().await.is_some() {} };
+        tokio::join!(
+            finish,
+            self.runtime
+                .remote_gone(self.runtime_id, self.generation, &why)
+        );
+        why
     }
 
     /// The answer to one request (it may wait for the machine, the disk, a dongle); `None` for
