@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use meter_core::allocation::{AccessRequest, AllocationTable, HolderId, Origin, ProductKey};
+use meter_core::allocation::{
+    AccessRequest, AllocationTable, ContainerClass, HolderId, Origin, ProductKey,
+};
 use meter_core::reason::Reason;
 use meter_core::station::{MachineRole, SessionKind, StationId};
 use meter_core::traits::MachineKind;
@@ -617,8 +619,13 @@ impl Runtime {
             return;
         }
         let started = self.observations.tickets.fetch_add(1, Ordering::SeqCst);
-        self.dongles.before_access(self).await;
-        self.refresh_licences().await;
+        // Boxed: the look's state is large, and most accesses share another's look (every
+        // request's future, moved into its connection's set, stays small).
+        Box::pin(async {
+            self.dongles.before_access(self).await;
+            self.refresh_licences().await;
+        })
+        .await;
         *last_started = started;
     }
 
@@ -828,7 +835,7 @@ impl Runtime {
                     continue;
                 }
                 match self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes) {
-                    Ok((handle, _)) => restored.push((claim.client_handle, handle)),
+                    Ok((handle, ..)) => restored.push((claim.client_handle, handle)),
                     Err(reason) => lost.push((claim.client_handle, reason)),
                 }
             }
@@ -864,7 +871,7 @@ impl Runtime {
         claim: &Claim,
         now: u64,
         changes: &mut Vec<Change>,
-    ) -> Result<(u64, String), Reason> {
+    ) -> Result<(u64, String, ContainerClass), Reason> {
         let mut record = GrantRecord {
             product: claim.product,
             station: claim.station.clone(),
@@ -924,7 +931,7 @@ impl Runtime {
             }
         }
         state.grants.insert(handle, record);
-        Ok((handle, container))
+        Ok((handle, container, grant.container.class))
     }
 
     /// A client runtime forwards an access.
@@ -960,7 +967,7 @@ impl Runtime {
         };
         match outcome {
             // Not waiting for the disk: the client runtime re-claims its grants after a restart.
-            Ok((handle, container)) => match self.dongles.confirm_grant(self, handle).await {
+            Ok((handle, container, class)) => match self.confirm_on_dongle(handle, class).await {
                 Ok(()) => FromServer::Granted {
                     request,
                     handle,
@@ -972,6 +979,19 @@ impl Runtime {
                 request,
                 reason: self.dongles.explain_denial(claim.product, reason),
             },
+        }
+    }
+
+    /// Confirms a grant with its dongle when it is on one (boxed: rare, and its state is large).
+    async fn confirm_on_dongle(
+        self: &Arc<Self>,
+        handle: u64,
+        class: ContainerClass,
+    ) -> Result<(), Reason> {
+        if class == ContainerClass::Dongle {
+            Box::pin(self.dongles.confirm_grant(self, handle)).await
+        } else {
+            Ok(())
         }
     }
 
