@@ -114,17 +114,20 @@ impl Station<'_> {
             tokio::select! {
                 biased;
                 Some(answer) = answering.next(), if !answering.is_empty() => {
-                    let mut queued = queue(framed, &answer).await;
-                    while queued.is_ok()
-                        && let Some(Some(more)) = answering.next().now_or_never()
-                    {
-                        queued = queue(framed, &more).await;
-                    }
-                    if let Err(e) = queued {
-                        break format!("cannot answer: {e}");
-                    }
-                    if let Err(e) = SinkExt::<bytes::Bytes>::flush(framed).await {
-                        break format!("cannot answer: {e}");
+                    let sent = tokio::time::timeout(window, async {
+                        queue(framed, &answer).await?;
+                        while let Some(Some(more)) = answering.next().now_or_never() {
+                            queue(framed, &more).await?;
+                        }
+                        SinkExt::<bytes::Bytes>::flush(framed).await?;
+                        Ok::<_, frame::FrameError>(())
+                    })
+                    .await;
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break format!("cannot answer: {e}"),
+                        // A station that stops reading its answers is as gone as a silent one.
+                        Err(_) => break format!("answers not read within the keepalive window of {window:?}"),
                     }
                 }
                 incoming = framed.next() => {
