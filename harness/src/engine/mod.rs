@@ -163,7 +163,7 @@ pub fn run_scenarios(
     let report_dir = options.report_root.join(&run_id);
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("cannot create {}", report_dir.display()))?;
-    let scratch = tempfile_dir(&run_id)?;
+    let scratch = tempfile_dir(&run_id, options.backend)?;
     let runtime_bin = match &options.runtime_bin {
         Some(dir) => dir.clone(),
         None => {
@@ -258,8 +258,19 @@ pub fn run_scenarios(
     })
 }
 
-fn tempfile_dir(run_id: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("vigil-{run_id}"));
+/// Where a run's machines live: `$TMPDIR` when set; for simulated machines otherwise the
+/// RAM-backed /dev/shm when it is usable (a simulated disk needs no real one, and creating
+/// thousands of small files there is far cheaper); else the system temp folder. Guest disks of
+/// real VMs stay off /dev/shm, which may be small.
+fn tempfile_dir(run_id: &str, backend: BackendKind) -> anyhow::Result<PathBuf> {
+    let name = format!("vigil-{run_id}");
+    if backend == BackendKind::Sim && std::env::var_os("TMPDIR").is_none() {
+        let shm = Path::new("/dev/shm").join(&name);
+        if std::fs::create_dir_all(&shm).is_ok() {
+            return Ok(shm);
+        }
+    }
+    let dir = std::env::temp_dir().join(name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }

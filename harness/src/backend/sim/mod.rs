@@ -107,6 +107,8 @@ pub struct SimBackend {
     next_address: u32,
     address_block: u8,
     command_counter: u64,
+    /// Whether the run's app and session logs were folded into the report already.
+    logs_gathered: bool,
 }
 
 impl SimBackend {
@@ -131,6 +133,7 @@ impl SimBackend {
             next_address: 0,
             address_block,
             command_counter: 0,
+            logs_gathered: false,
         })
     }
 
@@ -190,6 +193,29 @@ impl SimBackend {
         }
     }
 
+    /// Where a machine's app outputs and session logs are written while the world runs (the
+    /// scratch folder, beside but outside the machine's disk, so clones do not copy them);
+    /// [`Self::gather_logs`] folds them into the report.
+    fn run_logs(&self, machine: &str) -> PathBuf {
+        self.config.work_dir.join("logs").join(machine)
+    }
+
+    /// Folds each machine's app outputs into `<log_dir>/<machine>/apps.log` and its session
+    /// leaders' logs into `sessions.log` (one file each instead of thousands of small ones).
+    fn gather_logs(&mut self) {
+        if std::mem::replace(&mut self.logs_gathered, true) {
+            return;
+        }
+        for machine in self.machines.keys() {
+            let run_logs = self.run_logs(machine);
+            let target = self.config.log_dir.join(machine);
+            fold_files(&run_logs.join("apps"), &target.join("apps.log"), |_| true);
+            fold_files(&run_logs, &target.join("sessions.log"), |name| {
+                name.starts_with("session-")
+            });
+        }
+    }
+
     fn insert_machine(
         &mut self,
         name: &str,
@@ -205,8 +231,10 @@ impl SimBackend {
             std::fs::create_dir_all(&path)
                 .map_err(BackendError::io(format!("create {}", path.display())))?;
         }
-        std::fs::create_dir_all(self.config.log_dir.join(name).join("apps"))
-            .map_err(BackendError::io("create log folder"))?;
+        for path in [self.config.log_dir.join(name), self.run_logs(name).join("apps")] {
+            std::fs::create_dir_all(&path)
+                .map_err(BackendError::io(format!("create {}", path.display())))?;
+        }
         let ip = self.allocate_address();
         let vmgenid = self.mint.generation_id();
         self.machines.insert(
@@ -772,9 +800,7 @@ impl Backend for SimBackend {
     ) -> Result<(), BackendError> {
         self.require(machine, "session-open", &[Power::Running], "running")?;
         let log = self
-            .config
-            .log_dir
-            .join(machine)
+            .run_logs(machine)
             .join(format!("session-{session}.log"));
         let leader = LeaderHandle::start(&self.config.harness_exe, &log)?;
         let m = self.machine_mut(machine)?;
@@ -837,7 +863,7 @@ impl Backend for SimBackend {
         app: &str,
         args: &[String],
     ) -> Result<(), BackendError> {
-        let apps_dir = self.config.log_dir.join(machine).join("apps");
+        let apps_dir = self.run_logs(machine).join("apps");
         let stdout = apps_dir.join(format!("{app}.out"));
         let stderr = apps_dir.join(format!("{app}.err"));
         let (_, pid) = self.spawn_meter(machine, session, args, &stdout, &stderr)?;
@@ -1005,6 +1031,7 @@ impl Backend for SimBackend {
         for (_, dongle) in std::mem::take(&mut self.dongles) {
             drop(dongle);
         }
+        self.gather_logs();
         Ok(())
     }
 
@@ -1096,6 +1123,39 @@ impl Drop for SimBackend {
                 let _ = child.wait();
             }
         }
+        self.gather_logs();
+    }
+}
+
+/// Appends every non-empty file of `dir` whose name passes `wanted` to `target`, each under a
+/// header naming it, in name order. Best effort: logs never fail a run.
+fn fold_files(dir: &Path, target: &Path, wanted: impl Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(String, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .filter(|(name, _)| wanted(name))
+        .collect();
+    files.sort();
+    let mut folded = Vec::new();
+    for (name, path) in files {
+        let Ok(contents) = std::fs::read(&path) else {
+            continue;
+        };
+        if contents.is_empty() {
+            continue;
+        }
+        folded.extend_from_slice(format!("==> {name} <==\n").as_bytes());
+        folded.extend_from_slice(&contents);
+        if !contents.ends_with(b"\n") {
+            folded.push(b'\n');
+        }
+    }
+    if !folded.is_empty() {
+        let _ = std::fs::write(target, folded);
     }
 }
 
