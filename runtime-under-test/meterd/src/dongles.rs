@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,7 +26,10 @@ use crate::platform::UsbEndpoint;
 use crate::transport::{self, DongleTransport, TransportError};
 use crate::weakened::{self, Defence};
 
-/// How often the manager looks for attached and removed dongles (also woken by file events).
+/// How often the manager looks for attached and removed dongles. An access looks at once, and a
+/// removal is seen at once anyway (the endpoint's connection closes); this bounds how long a
+/// plugged dongle waits unseen when nobody asks. (No inotify watch of its own: a machine's
+/// platform already holds one, and a user may only have 128.)
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(150);
 /// How often an open session is kept alive (the dongle's active window is 10 s). This bounds
 /// how long a rebind elsewhere goes unnoticed, so it sets the rebind → release delay.
@@ -1002,9 +1004,6 @@ pub async fn start(runtime: Arc<Runtime>) {
     let Some(mut gone_events) = runtime.dongles.take_gone_events() else {
         return;
     };
-    if let Some(dir) = runtime.platform.usb_watch_dir() {
-        watch_folder(dir, Arc::clone(&runtime.dongles.wake));
-    }
     runtime.dongles.scan(&runtime, false).await;
     tokio::spawn(async move {
         let dongles = &runtime.dongles;
@@ -1029,52 +1028,6 @@ pub async fn start(runtime: Arc<Runtime>) {
             }
         }
     });
-}
-
-/// Wakes the manager as soon as an endpoint appears or vanishes in `dir` (inotify), so a
-/// plugged dongle is bound within milliseconds; the periodic scan stays as the fallback.
-fn watch_folder(dir: PathBuf, wake: Arc<Notify>) {
-    use std::os::unix::ffi::OsStrExt;
-    let _ = std::fs::create_dir_all(&dir);
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return;
-    };
-    // SAFETY: inotify_init1 takes flags only; the result is checked.
-    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return;
-    }
-    let mask = libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM;
-    // SAFETY: fd is our inotify descriptor and path a valid C string.
-    if unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } < 0 {
-        // SAFETY: closing the descriptor we opened.
-        unsafe { libc::close(fd) };
-        return;
-    }
-    let spawned = std::thread::Builder::new()
-        .name("dongle-watch".into())
-        .spawn(move || {
-            let mut buffer = [0u8; 4096];
-            loop {
-                // SAFETY: reading into a buffer we own, within its length.
-                let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
-                if n < 0
-                    && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                {
-                    continue;
-                }
-                if n <= 0 {
-                    break;
-                }
-                wake.notify_one();
-            }
-            // SAFETY: closing the descriptor we opened.
-            unsafe { libc::close(fd) };
-        });
-    if spawned.is_err() {
-        // SAFETY: closing the descriptor we opened.
-        unsafe { libc::close(fd) };
-    }
 }
 
 #[cfg(test)]

@@ -78,10 +78,6 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
     fn session(&self, session_id: u32) -> Result<Option<SessionInfo>, PlatformError>;
     /// Dongles attached to the machine.
     fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError>;
-    /// A folder whose changes announce dongles coming and going, if the platform has one.
-    fn usb_watch_dir(&self) -> Option<PathBuf> {
-        None
-    }
     /// Human-readable description (`host` or `sim:<dir>`).
     fn describe(&self) -> String;
 }
@@ -474,10 +470,6 @@ impl Platform for SimPlatform {
                 list_dongle_sockets(&usb)
             },
         )
-    }
-
-    fn usb_watch_dir(&self) -> Option<PathBuf> {
-        Some(self.dir.join("usb"))
     }
 
     fn describe(&self) -> String {
