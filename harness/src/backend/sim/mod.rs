@@ -231,7 +231,10 @@ impl SimBackend {
             std::fs::create_dir_all(&path)
                 .map_err(BackendError::io(format!("create {}", path.display())))?;
         }
-        for path in [self.config.log_dir.join(name), self.run_logs(name).join("apps")] {
+        for path in [
+            self.config.log_dir.join(name),
+            self.run_logs(name).join("apps"),
+        ] {
             std::fs::create_dir_all(&path)
                 .map_err(BackendError::io(format!("create {}", path.display())))?;
         }
