@@ -54,7 +54,7 @@ fuzz-smoke:
 clean-reports:
 	find reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
 
-## Guest image for the qemu backend: images/out/{vmlinux,initramfs.cpio.gz,data.qcow2}, cached
+## Guest image for the qemu backend: images/out/{vmlinux,initramfs.cpio,data.qcow2}, cached
 ## by a hash of its inputs (see images/README.md).
 images:
 	./scripts/build-image.sh

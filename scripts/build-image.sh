@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Vigil guest image: images/out/vmlinux (uncompressed, PVH entry: ~3 s TCG boot) and
-# images/out/initramfs.cpio.gz (busybox, kernel modules, vigil = meter/meterd, vigil-agent, init),
+# images/out/initramfs.cpio (busybox, kernel modules, vigil = meter/meterd, vigil-agent, init),
 # and images/out/data.qcow2 (the empty ext4 data disk every guest starts from).
-# Reproducible (sorted cpio, fixed mtimes, gzip -n) and cached: rebuilt only when an input changes
+# Reproducible (sorted cpio, fixed mtimes, uncompressed) and cached: rebuilt only when an input changes
 # (kernel package version, busybox, binaries, init, this script).
 #
 # Environment: VIGIL_IMAGE_PROFILE=dev|release (cargo profile of the binaries, default dev),
@@ -52,7 +52,7 @@ inputs=$( {
   sha256sum "$busybox" "$vigil_bin" "$agent_bin" images/init scripts/build-image.sh | awk '{print $1}'
 } | sha256sum | awk '{print $1}')
 if [ -f "$out/inputs.sha256" ] && [ "$(cat "$out/inputs.sha256")" = "$inputs" ] \
-   && [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/data.qcow2" ]; then
+   && [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio" ] && [ -f "$out/data.qcow2" ]; then
   echo "build-image: images/out is up to date (inputs $inputs)"
   exit 0
 fi
@@ -92,7 +92,7 @@ for lib in $(ldd "$vigil_bin" "$agent_bin" | awk '/=> \// {print $3} /^[ \t]*\/l
   cp -L "$lib" "$rootfs$lib"
 done
 # Kernel modules with their dependencies, indexed for modprobe.
-mods="crc32c_generic libcrc32c virtio_pci virtio_net virtio_blk virtio_console ext4 xhci_pci xhci_hcd usbhid hid_generic usbip_core vhci_hcd"
+mods="crc32c_generic libcrc32c virtio_pci virtio_net virtio_blk virtio_console virtio_rng ext4 xhci_pci xhci_hcd usbhid hid_generic usbip_core vhci_hcd"
 mdir=$kdir/lib/modules/$kver
 [ -f "$mdir/modules.dep" ] || depmod -b "$kdir" "$kver"
 for m in $mods; do
@@ -116,11 +116,12 @@ printf 'root:x:0:\noperator:x:999:\nalice:x:1000:\nbob:x:1001:\ncarol:x:1002:\n'
 cp images/init "$rootfs/init"
 chmod 0755 "$rootfs/init"
 
-# 5. A reproducible archive: sorted names, fixed owners and times, no gzip timestamp.
+# 5. A reproducible archive: sorted names, fixed owners and times; not compressed, because the
+#    guest kernel unpacks gzip slowly under TCG (about a second of every boot).
 find "$rootfs" -exec touch -h -d @0 {} +
 (cd "$rootfs" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) \
-  | gzip -n -1 > "$out/initramfs.cpio.gz.tmp"
-mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
+  > "$out/initramfs.cpio.tmp"
+mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
 rm -rf "$rootfs"
 
 # 6. The data disk template: an empty ext4 file system (fixed UUID and hash seed) in qcow2.
@@ -135,7 +136,7 @@ cat > "$out/manifest.json" <<JSON
 {"inputs": "$inputs", "kernel_package": "$kpkg", "kernel_package_version": "$kpkg_version",
  "kernel": "$kver", "profile": "$profile", "modules": $module_count,
  "vmlinux_sha256": "$(sha256sum "$out/vmlinux" | awk '{print $1}')",
- "initramfs_sha256": "$(sha256sum "$out/initramfs.cpio.gz" | awk '{print $1}')"}
+ "initramfs_sha256": "$(sha256sum "$out/initramfs.cpio" | awk '{print $1}')"}
 JSON
-ls -la "$out/vmlinux" "$out/initramfs.cpio.gz" "$out/data.qcow2"
+ls -la "$out/vmlinux" "$out/initramfs.cpio" "$out/data.qcow2"
 echo "build-image: done ($module_count modules, inputs $inputs)"

@@ -96,7 +96,7 @@ pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
     let kvm = kvm_usable();
     findings.push(finding("KVM", kvm.0, kvm.1));
     let images = Path::new("images/out");
-    let image_ok = images.join("vmlinux").exists() && images.join("initramfs.cpio.gz").exists();
+    let image_ok = images.join("vmlinux").exists() && images.join("initramfs.cpio").exists();
     findings.push(finding(
         "guest image",
         image_ok,

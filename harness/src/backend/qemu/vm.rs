@@ -19,7 +19,7 @@ const MEMORY_MIB: u32 = 384;
 /// Where the guest image lives and how QEMU runs on this machine.
 #[derive(Debug, Clone)]
 pub struct Environment {
-    /// `vmlinux`, `initramfs.cpio.gz` and `data.qcow2`.
+    /// `vmlinux`, `initramfs.cpio` and `data.qcow2`.
     pub image_dir: PathBuf,
     /// `kvm` or `tcg`.
     pub accelerator: &'static str,
@@ -36,7 +36,7 @@ pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
             "{QEMU} is not installed (`make deps` installs QEMU 10)"
         ));
     }
-    for file in ["vmlinux", "initramfs.cpio.gz", "data.qcow2"] {
+    for file in ["vmlinux", "initramfs.cpio", "data.qcow2"] {
         if !image_dir.join(file).exists() {
             return Some(format!(
                 "{} is missing (`make images` builds the guest image)",
@@ -179,7 +179,7 @@ impl VmSpec {
         .map(|s| s.to_string())
         .collect();
         let kernel = self.image("vmlinux", env);
-        let initrd = self.image("initramfs.cpio.gz", env);
+        let initrd = self.image("initramfs.cpio", env);
         args.extend([
             "-kernel".into(),
             kernel,
@@ -222,6 +222,10 @@ impl VmSpec {
             disk_device,
             "-device".into(),
             format!("vmgenid,id=vmgen0,guid={}", guid(&self.vmgenid)),
+            // An entropy source: without one (no RDRAND under TCG) the guest's getrandom blocks
+            // for seconds at boot, and the runtime's first key waits for it.
+            "-device".into(),
+            "virtio-rng-pci".into(),
             "-chardev".into(),
             format!(
                 "socket,id=agent0,path={},server=on,wait=off",
