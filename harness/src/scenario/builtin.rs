@@ -34,6 +34,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("snapshot-rollback-time"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),
+    builtin!("stationshare-ts-guest"),
     builtin!("stationshare-mixed"),
     builtin!("terminal-server-client"),
     builtin!("user-limit"),
