@@ -116,6 +116,11 @@ enum Commands {
         #[arg(long)]
         docs: Option<PathBuf>,
     },
+    /// Build or inspect the guest image of the qemu backend (images/out/).
+    Image {
+        #[command(subcommand)]
+        action: ImageAction,
+    },
     /// Internal: a login-session leader for the sim backend.
     #[command(hide = true)]
     SessionLeader {
@@ -123,6 +128,27 @@ enum Commands {
         #[arg(long)]
         parent: Option<i32>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageAction {
+    /// Build the guest kernel, initramfs and data disk (the recipe `make images` runs); cached:
+    /// nothing is rebuilt unless an input changed. Needs root for the Debian packages it fetches.
+    Build {
+        /// Cargo profile of the runtime and agent inside the image (release boots faster under
+        /// TCG but takes longer to compile).
+        #[arg(long, value_enum, default_value_t = ImageProfile::Dev)]
+        profile: ImageProfile,
+    },
+    /// Say where the image is and whether it is complete.
+    Status,
+}
+
+/// Cargo profile of the binaries inside the guest image.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ImageProfile {
+    Dev,
+    Release,
 }
 
 fn main() -> ExitCode {
@@ -266,8 +292,60 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Commands::Image { action } => image(action),
         Commands::SessionLeader { parent } => {
             vigil::session_leader::run(parent)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `vigil image …`: the image recipe lives in this checkout (scripts/build-image.sh).
+fn image(action: ImageAction) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = vigil::backend::qemu::vm::image_dir();
+    match action {
+        ImageAction::Build { profile } => {
+            let script = checkout.join("scripts/build-image.sh");
+            anyhow::ensure!(
+                script.exists(),
+                "the image recipe {} is not here: `vigil image build` runs from a Vigil checkout",
+                script.display()
+            );
+            let status = std::process::Command::new(&script)
+                .current_dir(&checkout)
+                .env(
+                    "VIGIL_IMAGE_PROFILE",
+                    match profile {
+                        ImageProfile::Dev => "dev",
+                        ImageProfile::Release => "release",
+                    },
+                )
+                .status()
+                .with_context(|| format!("cannot run {}", script.display()))?;
+            anyhow::ensure!(status.success(), "the image recipe failed ({status})");
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageAction::Status => {
+            let mut complete = true;
+            for file in vigil::backend::qemu::vm::IMAGE_FILES {
+                let path = dir.join(file);
+                match std::fs::metadata(&path) {
+                    Ok(meta) => println!("{:<16} {:>10} bytes  {}", file, meta.len(), path.display()),
+                    Err(_) => {
+                        complete = false;
+                        println!("{file:<16} missing     {}", path.display());
+                    }
+                }
+            }
+            if let Ok(manifest) = std::fs::read_to_string(dir.join("manifest.json")) {
+                println!("manifest: {}", manifest.trim());
+            }
+            if !complete {
+                eprintln!("vigil: the image is incomplete; build it with `vigil image build` (or `make images`)");
+                return Ok(ExitCode::from(2));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

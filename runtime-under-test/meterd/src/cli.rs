@@ -69,10 +69,17 @@ pub fn run_daemon(args: Vec<OsString>) -> anyhow::Result<()> {
 }
 
 fn init_logging() {
+    init_logging_at("info");
+}
+
+/// Logs to stderr, filtered by `METER_LOG` (else `default`); colours only on a terminal.
+fn init_logging_at(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("METER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -378,12 +385,7 @@ pub fn run_meter(args: Vec<OsString>) -> i32 {
 }
 
 fn init_logging_quiet() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("METER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_logging_at("warn");
 }
 
 /// The runtime or vendor tool said no (exit code 1).

@@ -29,6 +29,9 @@ pub struct Environment {
     pub qemu_version: String,
 }
 
+/// The files of a complete guest image.
+pub const IMAGE_FILES: [&str; 3] = ["vmlinux", "initramfs.cpio", "data.qcow2"];
+
 /// Why the qemu backend cannot run here, if it cannot.
 pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
     if crate::doctor::version_of(QEMU).is_none() {
@@ -36,7 +39,7 @@ pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
             "{QEMU} is not installed (`make deps` installs QEMU 10)"
         ));
     }
-    for file in ["vmlinux", "initramfs.cpio", "data.qcow2"] {
+    for file in IMAGE_FILES {
         if !image_dir.join(file).exists() {
             return Some(format!(
                 "{} is missing (`make images` builds the guest image)",

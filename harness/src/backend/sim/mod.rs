@@ -378,7 +378,7 @@ impl SimBackend {
         command
             .args(&remote_args)
             .env(
-                "RUST_LOG",
+                "METER_LOG",
                 std::env::var("VIGIL_RUNTIME_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
