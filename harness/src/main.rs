@@ -332,7 +332,9 @@ fn image(action: ImageAction) -> anyhow::Result<ExitCode> {
             for file in vigil::backend::qemu::vm::IMAGE_FILES {
                 let path = dir.join(file);
                 match std::fs::metadata(&path) {
-                    Ok(meta) => println!("{:<16} {:>10} bytes  {}", file, meta.len(), path.display()),
+                    Ok(meta) => {
+                        println!("{:<16} {:>10} bytes  {}", file, meta.len(), path.display())
+                    }
                     Err(_) => {
                         complete = false;
                         println!("{file:<16} missing     {}", path.display());
@@ -343,7 +345,9 @@ fn image(action: ImageAction) -> anyhow::Result<ExitCode> {
                 println!("manifest: {}", manifest.trim());
             }
             if !complete {
-                eprintln!("vigil: the image is incomplete; build it with `vigil image build` (or `make images`)");
+                eprintln!(
+                    "vigil: the image is incomplete; build it with `vigil image build` (or `make images`)"
+                );
                 return Ok(ExitCode::from(2));
             }
             Ok(ExitCode::SUCCESS)
