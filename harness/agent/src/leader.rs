@@ -178,8 +178,10 @@ fn reap_forever(out: &Mutex<std::io::Stdout>, children: &Children) {
         // SAFETY: waitpid with a pointer to a local status word.
         let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
         if pid <= 0 {
-            // Only when a child vanished unseen (reaped elsewhere): do not spin on it.
-            *children.alive.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                // No child left though some were counted (reaped elsewhere): do not spin on it.
+                *children.alive.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+            }
             continue;
         }
         {
