@@ -222,6 +222,59 @@ pub enum UsbMode {
     Shared,
 }
 
+/// A machine's power state, as both backends track it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Power {
+    Off,
+    Running,
+    Paused,
+}
+
+impl Power {
+    /// The state in words, for diagnostics.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Power::Off => "powered off",
+            Power::Running => "running",
+            Power::Paused => "paused",
+        }
+    }
+
+    /// Ok when `operation` may run in this state; else the error naming what it `needed`.
+    pub(crate) fn require(
+        self,
+        machine: &str,
+        operation: &'static str,
+        allowed: &[Power],
+        needed: &'static str,
+    ) -> Result<(), BackendError> {
+        if allowed.contains(&self) {
+            Ok(())
+        } else {
+            Err(BackendError::WrongState {
+                machine: machine.to_string(),
+                state: self.name(),
+                operation,
+                needed,
+            })
+        }
+    }
+}
+
+/// The non-empty complete lines of an app's output so far (the app may be mid-write, so a last
+/// line without its newline does not count yet).
+pub(crate) fn complete_lines(text: &str) -> Vec<String> {
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Puts a child in its own process group and kills it when the harness dies.
 pub(crate) fn detach_into_own_group(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;

@@ -31,7 +31,8 @@ use super::sim::SimBackend;
 use super::sim::network::Relay;
 use super::{
     AppStatus, Backend, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
-    GuestSpec, HardwareIdentity, HostSpec, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
+    GuestSpec, HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode,
+    WorldConfig,
 };
 use crate::identity::IdentityMint;
 use crate::scenario::{Scenario, Step};
@@ -48,23 +49,6 @@ const GUEST_RUNTIME_LOG: &str = "/run/vigil/meterd.log";
 const HOST_FROM_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// How long a guest may take from QEMU start to a ready runtime (TCG on a busy machine).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Power {
-    Off,
-    Running,
-    Paused,
-}
-
-impl Power {
-    fn name(self) -> &'static str {
-        match self {
-            Power::Off => "powered off",
-            Power::Running => "running",
-            Power::Paused => "paused",
-        }
-    }
-}
 
 struct Snapshot {
     /// Whether the snapshot holds the running state (taken while the guest ran).
@@ -250,17 +234,9 @@ impl QemuBackend {
         allowed: &[Power],
         needed: &'static str,
     ) -> Result<(), BackendError> {
-        let g = self.guest(machine)?;
-        if allowed.contains(&g.power) {
-            Ok(())
-        } else {
-            Err(BackendError::WrongState {
-                machine: machine.to_string(),
-                state: g.power.name(),
-                operation,
-                needed,
-            })
-        }
+        self.guest(machine)?
+            .power
+            .require(machine, operation, allowed, needed)
     }
 
     fn allocate_address(&mut self) -> Ipv4Addr {
@@ -347,6 +323,17 @@ impl QemuBackend {
             }),
             Err(e) => Err(vm.failure(&e.to_string())),
         }
+    }
+
+    /// What the agent knows of an app in a guest: its output so far and, once ended, its exit.
+    fn guest_app(&mut self, machine: &str, app: &str) -> Result<Outcome, BackendError> {
+        self.call(
+            machine,
+            Op::AppStatus {
+                app: app.to_string(),
+            },
+            Duration::from_secs(10),
+        )
     }
 
     /// Brings a freshly started QEMU to a ready runtime: agent up, clock and vmgenid set.
@@ -1013,39 +1000,17 @@ impl Backend for QemuBackend {
         let Some(machine) = self.app_machine(app) else {
             return self.sim.app_output(app);
         };
-        let outcome = self.call(
-            &machine,
-            Op::AppStatus {
-                app: app.to_string(),
-            },
-            Duration::from_secs(10),
-        )?;
-        let Outcome::AppStatus { stdout, .. } = outcome else {
+        let Outcome::AppStatus { stdout, .. } = self.guest_app(&machine, app)? else {
             return Ok(Vec::new());
         };
-        let complete = match stdout.rfind('\n') {
-            Some(end) => &stdout[..end],
-            None => "",
-        };
-        Ok(complete
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect())
+        Ok(super::complete_lines(&stdout))
     }
 
     fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {
         let Some(machine) = self.app_machine(app) else {
             return self.sim.app_status(app);
         };
-        let outcome = self.call(
-            &machine,
-            Op::AppStatus {
-                app: app.to_string(),
-            },
-            Duration::from_secs(10),
-        )?;
-        Ok(match outcome {
+        Ok(match self.guest_app(&machine, app)? {
             Outcome::AppStatus {
                 exit: Some(exit), ..
             } => AppStatus::Exited {

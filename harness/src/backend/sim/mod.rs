@@ -23,29 +23,12 @@ use self::session::LeaderHandle;
 use self::usb::VirtualDongle;
 use super::{
     AppStatus, Backend, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
-    GuestSpec, HardwareIdentity, HostSpec, Role, ServerInfo, SessionSpec, UsbMode,
+    GuestSpec, HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode,
 };
 use crate::identity::IdentityMint;
 
 /// Where the sim backend finds its programs and puts its files.
 pub type SimConfig = super::WorldConfig;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Power {
-    Off,
-    Running,
-    Paused,
-}
-
-impl Power {
-    fn name(self) -> &'static str {
-        match self {
-            Power::Off => "powered off",
-            Power::Running => "running",
-            Power::Paused => "paused",
-        }
-    }
-}
 
 struct ServerConf {
     port: u16,
@@ -180,17 +163,9 @@ impl SimBackend {
         allowed: &[Power],
         needed: &'static str,
     ) -> Result<(), BackendError> {
-        let m = self.machine(machine)?;
-        if allowed.contains(&m.power) {
-            Ok(())
-        } else {
-            Err(BackendError::WrongState {
-                machine: machine.to_string(),
-                state: m.power.name(),
-                operation,
-                needed,
-            })
-        }
+        self.machine(machine)?
+            .power
+            .require(machine, operation, allowed, needed)
     }
 
     /// Where a machine's app outputs and session logs are written while the world runs (the
@@ -885,16 +860,7 @@ impl Backend for SimBackend {
     fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError> {
         let app = self.app(app)?;
         let text = std::fs::read_to_string(&app.stdout).unwrap_or_default();
-        // Only complete lines count: the app may be mid-write.
-        let complete = match text.rfind('\n') {
-            Some(end) => &text[..end],
-            None => "",
-        };
-        Ok(complete
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect())
+        Ok(super::complete_lines(&text))
     }
 
     fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {
