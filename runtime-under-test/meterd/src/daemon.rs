@@ -424,15 +424,6 @@ impl Runtime {
         product: u32,
         events: Option<mpsc::UnboundedSender<LocalReply>>,
     ) -> LocalReply {
-        let now = match self.platform.now_ms() {
-            Ok(now) => now,
-            Err(e) => {
-                return LocalReply::Error {
-                    message: format!("Cannot read the machine clock: {e}"),
-                    reason: None,
-                };
-            }
-        };
         let holder = Holder::Local {
             pid: caller.pid,
             start: caller.start,
@@ -441,11 +432,19 @@ impl Runtime {
         self.wait_for_reconnects().await;
         self.observe_machine().await;
         let mut spent = None;
-        let step = {
+        let (step, now) = {
             let mut state = self.lock();
-            // Read again under the lock: the high-water mark of metered licences only moves under
-            // it, so a reading taken before it (or before the look above) could be behind it.
-            let now = self.platform.now_ms().unwrap_or(now);
+            // Read under the lock: the high-water mark of metered licences only moves under it,
+            // so a reading taken before it (or before the look above) could be behind it.
+            let now = match self.platform.now_ms() {
+                Ok(now) => now,
+                Err(e) => {
+                    return LocalReply::Error {
+                        message: format!("Cannot read the machine clock: {e}"),
+                        reason: None,
+                    };
+                }
+            };
             let key = self.product_key(&state, firm, product);
             let mut record = GrantRecord {
                 product: key,
@@ -482,7 +481,7 @@ impl Runtime {
                         None => Ok((grant, None)),
                     }
                 });
-            match recorded {
+            let step = match recorded {
                 Ok((grant, use_record)) => {
                     record.table_handle = Some(grant.handle);
                     record.via = Via::Table {
@@ -515,7 +514,8 @@ impl Runtime {
                     self.explain_denial(&state.table, key, reason),
                     state.allocate_handle(),
                 )),
-            }
+            };
+            (step, now)
         };
         let (key, local_denial, client_handle) = match step {
             Ok((reply, durable)) => {

@@ -501,23 +501,25 @@ impl Runtime {
     /// rollback signs lock metered items, and locked items whose policy says reconcile are
     /// reconciled with a reachable witness. Runs before every access and status read.
     pub async fn refresh_licences(self: &Arc<Self>) {
-        let (traits, now, vmgenid) = match (
-            self.soft_traits(),
-            self.platform.now_ms(),
-            self.platform.vmgenid(),
-        ) {
-            (Ok(traits), Ok(now), Ok(vmgenid)) => (traits, now, vmgenid),
-            (traits, now, vmgenid) => {
-                tracing::warn!(traits = ?traits.err(), clock = ?now.err(), vmgenid = ?vmgenid.err(), "Cannot read the machine: licences not re-validated");
+        let (traits, vmgenid) = match (self.soft_traits(), self.platform.vmgenid()) {
+            (Ok(traits), Ok(vmgenid)) => (traits, vmgenid),
+            (traits, vmgenid) => {
+                tracing::warn!(traits = ?traits.err(), vmgenid = ?vmgenid.err(), "Cannot read the machine: licences not re-validated");
                 return;
             }
         };
         let (revoke, to_reconcile, durable, now) = {
             let mut state = self.lock();
             let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
-            // Read again under the lock: a concurrent look may have moved the high-water mark
-            // past a reading taken before it, which would look like a clock turned back.
-            let now = self.platform.now_ms().unwrap_or(now);
+            // Read under the lock: a concurrent look may have moved the high-water mark past a
+            // reading taken before it, which would look like a clock turned back.
+            let now = match self.platform.now_ms() {
+                Ok(now) => now,
+                Err(e) => {
+                    tracing::warn!(clock = %e, "Cannot read the machine: licences not re-validated");
+                    return;
+                }
+            };
             let broken = licences.revalidate(&traits, &mut state.table, now);
             let mut changes = licences.register_metering(now, vmgenid.as_deref());
             let check = licences.metering.check(now, vmgenid.as_deref());
