@@ -14,4 +14,5 @@ pub mod report;
 pub mod runtime;
 pub mod scenario;
 pub mod session_leader;
+pub mod usb;
 pub mod verify;

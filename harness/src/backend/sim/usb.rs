@@ -14,26 +14,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dongle::{DevicePort, Firmware, Flash, REPORT_LEN};
+use dongle::{DevicePort, REPORT_LEN};
 
 use crate::backend::BackendError;
-
-/// Milliseconds on the world's virtual clock.
-pub fn world_now_ms(offset: &AtomicI64) -> u64 {
-    let real = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64;
-    (real + offset.load(Ordering::SeqCst)).max(0) as u64
-}
+use crate::usb::DongleCore;
 
 /// One emulated dongle and its attachments.
 pub struct VirtualDongle {
     /// Serial number as a string (the socket's file stem).
     pub serial: String,
-    firmware: Arc<Mutex<Firmware>>,
-    flash_path: PathBuf,
-    clock: Arc<AtomicI64>,
+    core: Arc<DongleCore>,
     attachments: BTreeMap<String, Attachment>,
 }
 
@@ -66,26 +56,17 @@ impl VirtualDongle {
         flash_path: &Path,
         clock: Arc<AtomicI64>,
     ) -> Result<VirtualDongle, BackendError> {
-        let text = std::fs::read(flash_path).map_err(BackendError::io(format!(
-            "read dongle flash {}",
-            flash_path.display()
-        )))?;
-        let flash: Flash = serde_json::from_slice(&text).map_err(|e| BackendError::Runtime {
-            machine: "dongle".into(),
-            message: format!("bad dongle flash {}: {e}", flash_path.display()),
-        })?;
-        let serial = flash.serial().0.to_string();
-        let mut firmware = Firmware::power_on(flash, world_now_ms(&clock));
-        let mut entropy = [0u8; 32];
-        let _ = getrandom::fill(&mut entropy);
-        firmware.mix_entropy(&entropy);
+        let core = DongleCore::power_on(flash_path, clock)?;
         Ok(VirtualDongle {
-            serial,
-            firmware: Arc::new(Mutex::new(firmware)),
-            flash_path: flash_path.to_path_buf(),
-            clock,
+            serial: core.serial().to_string(),
+            core,
             attachments: BTreeMap::new(),
         })
+    }
+
+    /// The dongle itself, for USB paths other than the sim socket.
+    pub fn core(&self) -> Arc<DongleCore> {
+        Arc::clone(&self.core)
     }
 
     /// Machines the dongle is attached to.
@@ -108,9 +89,7 @@ impl VirtualDongle {
         {
             let stop = Arc::clone(&stop);
             let streams = Arc::clone(&streams);
-            let firmware = Arc::clone(&self.firmware);
-            let clock = Arc::clone(&self.clock);
-            let flash_path = self.flash_path.clone();
+            let core = Arc::clone(&self.core);
             std::thread::spawn(move || {
                 for incoming in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
@@ -123,13 +102,9 @@ impl VirtualDongle {
                             .unwrap_or_else(|e| e.into_inner())
                             .push(clone);
                     }
-                    let firmware = Arc::clone(&firmware);
-                    let clock = Arc::clone(&clock);
-                    let flash_path = flash_path.clone();
+                    let core = Arc::clone(&core);
                     let stop = Arc::clone(&stop);
-                    std::thread::spawn(move || {
-                        serve(stream, &firmware, &clock, &flash_path, &stop)
-                    });
+                    std::thread::spawn(move || serve(stream, &core, &stop));
                 }
             });
         }
@@ -161,18 +136,13 @@ impl VirtualDongle {
     /// A plug or unplug resets the device's bus unless another host still shares it.
     fn bus_reset_if_alone(&mut self) {
         if self.attachments.is_empty() {
-            let now = world_now_ms(&self.clock);
-            let mut fw = self.firmware.lock().unwrap_or_else(|e| e.into_inner());
-            fw.bus_reset(now);
-            persist(&mut fw, &self.flash_path);
+            self.core.bus_reset();
         }
     }
 
     /// The dongle's own view of itself.
     pub fn status(&self) -> serde_json::Value {
-        let now = world_now_ms(&self.clock);
-        let mut fw = self.firmware.lock().unwrap_or_else(|e| e.into_inner());
-        serde_json::to_value(fw.status(now)).unwrap_or(serde_json::Value::Null)
+        self.core.status()
     }
 }
 
@@ -182,27 +152,7 @@ impl Drop for VirtualDongle {
     }
 }
 
-fn persist(fw: &mut Firmware, flash_path: &Path) {
-    if fw.take_flash_dirty() {
-        match serde_json::to_vec_pretty(fw.flash()) {
-            Ok(bytes) => {
-                let tmp = flash_path.with_extension("tmp");
-                if std::fs::write(&tmp, bytes).is_ok() {
-                    let _ = std::fs::rename(&tmp, flash_path);
-                }
-            }
-            Err(e) => tracing::warn!("cannot store dongle flash: {e}"),
-        }
-    }
-}
-
-fn serve(
-    mut stream: UnixStream,
-    firmware: &Mutex<Firmware>,
-    clock: &AtomicI64,
-    flash_path: &Path,
-    stop: &AtomicBool,
-) {
+fn serve(mut stream: UnixStream, core: &DongleCore, stop: &AtomicBool) {
     let mut port = DevicePort::new();
     let mut report = [0u8; REPORT_LEN];
     let mut filled = 0;
@@ -230,12 +180,7 @@ fn serve(
             continue;
         }
         filled = 0;
-        let replies = {
-            let mut fw = firmware.lock().unwrap_or_else(|e| e.into_inner());
-            let replies = port.receive_report(&mut fw, &report, world_now_ms(clock));
-            persist(&mut fw, flash_path);
-            replies
-        };
+        let replies = core.exchange(&mut port, &report);
         for reply in replies {
             if stream.write_all(&reply).is_err() {
                 return;
