@@ -12,10 +12,10 @@ use dongle::{DevicePort, REPORT_LEN, Report};
 
 use super::DongleCore;
 
-/// USB vendor id of the emulated dongle (pid.codes, the open-source vendor id).
-pub const VENDOR_ID: u16 = 0x1209;
+/// USB vendor id of the emulated dongle.
+pub const VENDOR_ID: u16 = dongle::USB_VENDOR_ID;
 /// USB product id of the emulated dongle.
-pub const PRODUCT_ID: u16 = 0x4d54;
+pub const PRODUCT_ID: u16 = dongle::USB_PRODUCT_ID;
 /// Device release number (bcdDevice).
 pub const DEVICE_VERSION_BCD: u16 = 0x0100;
 /// Interrupt IN endpoint address (device to host reports).

@@ -36,6 +36,11 @@ pub use flash::{
 pub use host::{DongleIdentity, Session, SessionError};
 pub use protocol::{Denial, Request, Response};
 pub use report::{REPORT_LEN, Report, ReportAssembler, ReportError, encode_reports};
+/// USB vendor id the dongle enumerates with (pid.codes, the open-source vendor id).
+pub const USB_VENDOR_ID: u16 = 0x1209;
+/// USB product id the dongle enumerates with; its USB serial string is the dongle's serial.
+pub const USB_PRODUCT_ID: u16 = 0x4d54;
+
 pub use wire::{
     FRAME_HEADER_LEN, FaultCode, Frame, FrameError, FrameKind, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
