@@ -6,6 +6,8 @@
 //! hypervisor's shared mode. [`hid_dongle::HidDongle`] is the USB HID device those USB paths show.
 
 pub mod hid_dongle;
+pub mod usbip;
+pub mod usbredir;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
