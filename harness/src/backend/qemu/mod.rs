@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 use self::agent::{AgentError, Op, Outcome, SessionKind};
-use self::vm::{Environment, Vm, VmSpec};
+use self::vm::{Environment, UsbRedirPlug, Vm, VmSpec, XHCI_USB2_PORTS};
 use super::sim::SimBackend;
 use super::sim::network::Relay;
 use super::{
@@ -36,6 +36,7 @@ use super::{
 };
 use crate::identity::IdentityMint;
 use crate::scenario::{Scenario, Step};
+use crate::usb::usbredir::UsbredirServer;
 
 /// Where the runtime keeps its state inside a guest (on the data disk).
 const GUEST_STATE: &str = "/disk/meter";
@@ -55,6 +56,8 @@ struct Snapshot {
     live: bool,
     /// Sessions open when it was taken (they come back with the memory).
     sessions: BTreeSet<String>,
+    /// Dongles plugged in over usbredir when it was taken (the restored device set).
+    usb: BTreeMap<String, UsbRedirPlug>,
 }
 
 struct Guest {
@@ -74,6 +77,8 @@ struct Guest {
     sessions: BTreeSet<String>,
     snapshots: BTreeMap<String, Snapshot>,
     skew_ms: i64,
+    /// Dongles passed through over usbredir: dongle → its device on the xhci controller.
+    usb: BTreeMap<String, UsbRedirPlug>,
 }
 
 impl Guest {
@@ -119,6 +124,8 @@ pub struct QemuBackend {
     next_address: u32,
     address_block: u8,
     timings: Timings,
+    /// One usbredir server per dongle passed through to guests.
+    usbredir: BTreeMap<String, UsbredirServer>,
 }
 
 fn now_ms() -> i64 {
@@ -138,16 +145,6 @@ pub fn unsupported_reason(scenario: &Scenario) -> Option<String> {
     let usb = "dongles in guests need USB passthrough (usbredir) or the guest's USB/IP client: a later issue";
     for located in &scenario.steps {
         match &located.value {
-            Step::UsbAttach(u) => {
-                let in_guest = u
-                    .machine
-                    .iter()
-                    .chain(u.machines.iter())
-                    .any(|m| guests.contains(&m.value));
-                if in_guest {
-                    return Some(usb.into());
-                }
-            }
             Step::UsbipAttach(u) if guests.contains(&u.machine.value) => {
                 return Some(usb.into());
             }
@@ -184,6 +181,7 @@ impl QemuBackend {
             next_address: 0,
             address_block,
             timings: Timings::default(),
+            usbredir: BTreeMap::new(),
         })
     }
 
@@ -283,6 +281,7 @@ impl QemuBackend {
                 sessions: BTreeSet::new(),
                 snapshots: BTreeMap::new(),
                 skew_ms: 0,
+                usb: BTreeMap::new(),
             },
         );
         Ok(())
@@ -303,6 +302,7 @@ impl QemuBackend {
             run_dir,
             log_dir,
             loadvm,
+            usb: g.usb.values().cloned().collect(),
         }
     }
 
@@ -512,6 +512,104 @@ impl QemuBackend {
         }
     }
 
+    /// True when the dongle is plugged in anywhere (a host, a guest, a USB/IP import).
+    fn dongle_in_use(&mut self, dongle: &str) -> Result<bool, BackendError> {
+        let in_guest = self.guests.values().any(|g| g.usb.contains_key(dongle));
+        Ok(in_guest || !self.sim.dongle_attached_to(dongle)?.is_empty())
+    }
+
+    /// Passes a dongle through to a guest over usbredir (hot-plugged when the guest runs, at
+    /// its next start otherwise).
+    fn plug_into_guest(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        if self.guest(machine)?.usb.contains_key(dongle) {
+            return Ok(());
+        }
+        if !self.dongle_in_use(dongle)? {
+            // Plugged into nothing before: the dongle powers up, as on a real bus.
+            self.sim.dongle_core(dongle)?.bus_reset();
+        }
+        let port = self.usbredir_port(dongle)?;
+        let g = self.guest_mut(machine)?;
+        let used: BTreeSet<u8> = g.usb.values().map(|p| p.xhci_port).collect();
+        let xhci_port = XHCI_USB2_PORTS
+            .clone()
+            .find(|p| !used.contains(p))
+            .ok_or_else(|| BackendError::Unsupported {
+                backend: BackendKind::Qemu,
+                operation: "usb-attach",
+                why: format!(
+                    "{machine} has all {} USB 2 ports of its controller in use",
+                    XHCI_USB2_PORTS.count()
+                ),
+            })?;
+        let plug = UsbRedirPlug {
+            id: usb_device_id(dongle),
+            port,
+            xhci_port,
+        };
+        if let Some(vm) = g.vm.as_mut() {
+            vm.monitor
+                .usb_plug(&plug)
+                .map_err(|e| vm.failure(&format!("cannot plug dongle {dongle}: {e}")))?;
+        }
+        g.usb.insert(dongle.to_string(), plug);
+        Ok(())
+    }
+
+    /// Unplugs a dongle from a guest, if it is plugged in there.
+    fn unplug_from_guest(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        let g = self.guest_mut(machine)?;
+        let Some(plug) = g.usb.remove(dongle) else {
+            return Ok(());
+        };
+        if let Some(vm) = g.vm.as_mut() {
+            vm.monitor
+                .usb_unplug(&plug.id)
+                .map_err(|e| vm.failure(&format!("cannot unplug dongle {dongle}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Guests a dongle is passed through to.
+    fn guests_with_dongle(&self, dongle: &str) -> Vec<String> {
+        self.guests
+            .values()
+            .filter(|g| g.usb.contains_key(dongle))
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    /// The usbredir server of a dongle (started at its first passthrough).
+    fn usbredir_port(&mut self, dongle: &str) -> Result<u16, BackendError> {
+        if let Some(server) = self.usbredir.get(dongle) {
+            return Ok(server.port());
+        }
+        let core = self.sim.dongle_core(dongle)?;
+        let server = UsbredirServer::start(core).map_err(|e| BackendError::Runtime {
+            machine: dongle.to_string(),
+            message: format!("cannot serve the dongle over usbredir: {e}"),
+        })?;
+        let port = server.port();
+        self.usbredir.insert(dongle.to_string(), server);
+        Ok(port)
+    }
+
+    /// Gives a guest about to be restored the dongles its snapshot had (taken from wherever
+    /// else they were passed through exclusively since).
+    fn restore_usb(
+        &mut self,
+        machine: &str,
+        usb: BTreeMap<String, UsbRedirPlug>,
+    ) -> Result<(), BackendError> {
+        let mut restored = BTreeMap::new();
+        for (dongle, plug) in usb {
+            let port = self.usbredir_port(&dongle)?;
+            restored.insert(dongle, UsbRedirPlug { port, ..plug });
+        }
+        self.guest_mut(machine)?.usb = restored;
+        Ok(())
+    }
+
     fn no_usb(&self, operation: &'static str) -> BackendError {
         BackendError::Unsupported {
             backend: BackendKind::Qemu,
@@ -659,8 +757,15 @@ impl Backend for QemuBackend {
             }
         }
         let sessions = g.sessions.clone();
-        g.snapshots
-            .insert(name.to_string(), Snapshot { live, sessions });
+        let usb = g.usb.clone();
+        g.snapshots.insert(
+            name.to_string(),
+            Snapshot {
+                live,
+                sessions,
+                usb,
+            },
+        );
         self.timings
             .snapshot_ms
             .push(started.elapsed().as_secs_f64() * 1000.0);
@@ -672,7 +777,7 @@ impl Backend for QemuBackend {
             return self.sim.revert(machine, name);
         }
         let started = Instant::now();
-        let (live, sessions) =
+        let (live, sessions, usb) =
             {
                 let snap = self.guest(machine)?.snapshots.get(name).ok_or_else(|| {
                     BackendError::Unknown {
@@ -680,7 +785,7 @@ impl Backend for QemuBackend {
                         name: name.to_string(),
                     }
                 })?;
-                (snap.live, snap.sessions.clone())
+                (snap.live, snap.sessions.clone(), snap.usb.clone())
             };
         let was_on = self.guest(machine)?.power != Power::Off;
         self.power_cut(machine)?;
@@ -688,6 +793,8 @@ impl Backend for QemuBackend {
         let vmgenid = self.mint.generation_id();
         self.guest_mut(machine)?.vmgenid = vmgenid;
         if was_on && live {
+            // The restored machine has the devices it had when saved: its dongles come back.
+            self.restore_usb(machine, usb)?;
             let started_vm = self.launch(machine, Some(name.to_string()))?;
             self.guest_mut(machine)?.sessions = sessions;
             self.finish_start(machine, started_vm)?;
@@ -1151,13 +1258,36 @@ impl Backend for QemuBackend {
         machines: &[String],
         mode: UsbMode,
     ) -> Result<(), BackendError> {
-        if machines.iter().any(|m| self.is_guest(m)) {
-            return Err(self.no_usb("usb-attach"));
+        let (guests, hosts): (Vec<String>, Vec<String>) =
+            machines.iter().cloned().partition(|m| self.is_guest(m));
+        for guest in &guests {
+            self.guest(guest)?;
         }
-        self.sim.usb_attach(dongle, machines, mode)
+        if mode == UsbMode::Exclusive {
+            // Passing a device through exclusively takes it away from wherever it was.
+            for other in self.guests_with_dongle(dongle) {
+                if !guests.contains(&other) {
+                    self.unplug_from_guest(dongle, &other)?;
+                }
+            }
+            if hosts.is_empty() && !self.sim.dongle_attached_to(dongle)?.is_empty() {
+                self.sim.usb_detach(dongle)?;
+            }
+        }
+        if !hosts.is_empty() {
+            self.sim.usb_attach(dongle, &hosts, mode)?;
+        }
+        for guest in guests {
+            self.plug_into_guest(dongle, &guest)?;
+        }
+        Ok(())
     }
 
     fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        for guest in self.guests_with_dongle(dongle) {
+            self.unplug_from_guest(dongle, &guest)?;
+        }
+        // The sim resets the dongle's bus once nothing holds it.
         self.sim.usb_detach(dongle)
     }
 
@@ -1258,6 +1388,21 @@ impl Drop for QemuBackend {
             }
         }
     }
+}
+
+/// A QEMU id for a dongle's usbredir chardev and device (letters, digits, `-`, `_`, `.`).
+fn usb_device_id(dongle: &str) -> String {
+    let safe: String = dongle
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("usb-{safe}")
 }
 
 fn run_qemu_img(args: &[&str], disk: &Path) -> Result<(), BackendError> {

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use qapi::qmp;
 
+use super::vm::UsbRedirPlug;
+
 /// Errors from the QEMU monitor.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -50,6 +52,32 @@ pub trait Monitor: Send {
     fn migration(&mut self) -> Result<MigrationProgress, QmpError>;
     /// Asks QEMU to exit at once.
     fn quit(&mut self) -> Result<(), QmpError>;
+    /// Hot-plugs a usbredir device: its chardev connects to the server, then the device appears.
+    fn usb_plug(&mut self, plug: &UsbRedirPlug) -> Result<(), QmpError> {
+        self.hmp(&format!("chardev-add {}", plug.chardev()))?;
+        if let Err(e) = self.hmp(&format!("device_add {}", plug.device())) {
+            let _ = self.hmp(&format!("chardev-remove {}", plug.id));
+            return Err(e);
+        }
+        Ok(())
+    }
+    /// Unplugs a usbredir device and removes its chardev.
+    fn usb_unplug(&mut self, id: &str) -> Result<(), QmpError> {
+        self.hmp(&format!("device_del {id}"))?;
+        // The chardev stays busy until the device is gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.hmp(&format!("chardev-remove {id}")) {
+                Ok(_) => return Ok(()),
+                // Removed with its device already.
+                Err(QmpError::Command { message, .. }) if message.contains("not found") => {
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
 }
 
 type Stream = qapi::Stream<BufReader<UnixStream>, UnixStream>;

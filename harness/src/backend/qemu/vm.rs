@@ -114,6 +114,38 @@ pub struct VmSpec {
     pub loadvm: Option<String>,
     /// Wait for an incoming migration on this Unix socket.
     pub incoming: Option<PathBuf>,
+    /// usbredir devices plugged in from the start (a revert or migration must match the saved
+    /// device set).
+    pub usb: Vec<UsbRedirPlug>,
+}
+
+/// A usbredir device on the guest's xhci controller, fed by a server on 127.0.0.1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsbRedirPlug {
+    /// QEMU id of both the chardev and the device.
+    pub id: String,
+    /// TCP port of the usbredir server.
+    pub port: u16,
+    /// xhci root port (1–4 are the USB 2 ports, where a full-speed device belongs).
+    pub xhci_port: u8,
+}
+
+/// Root ports of the xhci controller a full-speed device can use.
+pub const XHCI_USB2_PORTS: std::ops::RangeInclusive<u8> = 1..=4;
+
+impl UsbRedirPlug {
+    /// The `-chardev` / `chardev-add` option: a socket that connects to the server.
+    pub fn chardev(&self) -> String {
+        format!("socket,id={},host=127.0.0.1,port={}", self.id, self.port)
+    }
+
+    /// The `-device` / `device_add` option.
+    pub fn device(&self) -> String {
+        format!(
+            "usb-redir,id={},chardev={},bus=xhci.0,port={}",
+            self.id, self.id, self.xhci_port
+        )
+    }
 }
 
 /// Escapes a value for QEMU's `key=value,…` option syntax.
@@ -229,6 +261,9 @@ impl VmSpec {
             // for seconds at boot, and the runtime's first key waits for it.
             "-device".into(),
             "virtio-rng-pci".into(),
+            // USB: dongles are plugged into this controller over usbredir.
+            "-device".into(),
+            "qemu-xhci,id=xhci".into(),
             "-chardev".into(),
             format!(
                 "socket,id=agent0,path={},server=on,wait=off",
@@ -251,6 +286,14 @@ impl VmSpec {
                 opt(&self.run_dir.join("qmp.sock").display().to_string())
             ),
         ]);
+        for plug in &self.usb {
+            args.extend([
+                "-chardev".into(),
+                plug.chardev(),
+                "-device".into(),
+                plug.device(),
+            ]);
+        }
         if let Some(tag) = &self.loadvm {
             args.extend(["-loadvm".into(), tag.clone()]);
         }
@@ -463,6 +506,7 @@ mod tests {
             log_dir: "/tmp/log".into(),
             loadvm: Some("fresh".into()),
             incoming: None,
+            usb: Vec::new(),
         }
     }
 

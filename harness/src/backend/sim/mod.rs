@@ -594,6 +594,19 @@ impl SimBackend {
             })
     }
 
+    /// The emulated dongle itself, for USB paths into guests.
+    pub(crate) fn dongle_core(
+        &mut self,
+        name: &str,
+    ) -> Result<std::sync::Arc<crate::usb::DongleCore>, BackendError> {
+        Ok(self.dongle(name)?.core())
+    }
+
+    /// Simulated machines a dongle is plugged into.
+    pub(crate) fn dongle_attached_to(&mut self, name: &str) -> Result<Vec<String>, BackendError> {
+        Ok(self.dongle(name)?.attached_to())
+    }
+
     fn usb_dir(&self, machine: &str) -> Result<PathBuf, BackendError> {
         Ok(self.machine(machine)?.platform().join("usb"))
     }
