@@ -115,8 +115,7 @@ impl UsbredirServer {
                         let reports = Arc::clone(&reports);
                         std::thread::spawn(move || {
                             let serial = core.serial().to_string();
-                            match Connection::new(stream, core, reports)
-                                .and_then(Connection::serve)
+                            match Connection::new(stream, core, reports).and_then(Connection::serve)
                             {
                                 Ok(()) => tracing::debug!(%serial, "usbredir peer closed"),
                                 Err(error) => {
@@ -221,7 +220,9 @@ impl Connection {
         let id = if self.wide_ids {
             u64::from_le_bytes(head[8..16].try_into().unwrap_or_default())
         } else {
-            u64::from(u32::from_le_bytes(head[8..12].try_into().unwrap_or_default()))
+            u64::from(u32::from_le_bytes(
+                head[8..12].try_into().unwrap_or_default(),
+            ))
         };
         if length > MAX_BODY {
             return Err(std::io::Error::new(
