@@ -241,6 +241,9 @@ pub enum MeterCommand {
     /// Vendor tools: keys, licence issue, activation answers.
     #[command(subcommand)]
     Vendor(VendorCommand),
+    /// Dongles attached to this machine, reached directly (no meterd needed).
+    #[command(subcommand)]
+    Dongle(crate::dongle_probe::LocalDongleCommand),
 }
 
 /// `meter servers` subcommands.
@@ -516,6 +519,7 @@ async fn meter_main(args: MeterArgs) -> anyhow::Result<Outcome> {
                 .await
         }
         MeterCommand::Vendor(command) => crate::vendor::run(json_mode, command),
+        MeterCommand::Dongle(command) => crate::dongle_probe::run(json_mode, command).await,
     }
 }
 

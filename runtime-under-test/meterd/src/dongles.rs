@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -210,6 +211,23 @@ impl Link {
         Ok(identity)
     }
 
+    /// Opens a session (binding the dongle to `runtime`) and reads the dongle's items: what the
+    /// manager does with every dongle it finds.
+    pub async fn open(
+        &self,
+        runtime: RuntimeId,
+        trusted_vendors: Vec<VerifyingKey>,
+    ) -> Result<(DongleIdentity, Vec<ProductItem>), LinkError> {
+        let identity = self.hello(runtime, trusted_vendors).await?;
+        match self.call(&Request::ListItems).await? {
+            Response::Items { items, .. } => Ok((identity, items)),
+            other => {
+                tracing::warn!(serial = %identity.serial, ?other, "Unexpected answer to ListItems");
+                Err(LinkError::Session(SessionError::Malformed))
+            }
+        }
+    }
+
     /// Sends one request in the open session and returns the dongle's answer.
     pub async fn call(&self, request: &Request) -> Result<Response, LinkError> {
         let mut io = self.io.lock().await;
@@ -313,8 +331,12 @@ fn item_rules(item: &ProductItem) -> ItemRules {
 
 /// The vendor keys trusted on this machine (`<state>/trust/<firm>.pub`), by firm.
 fn trusted_vendors(runtime: &Runtime) -> BTreeMap<u32, VerifyingKey> {
-    let dir = runtime.settings.state_dir.join("trust");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    trusted_vendor_keys(&runtime.settings.state_dir)
+}
+
+/// The vendor keys a meterd state folder trusts (`<state>/trust/<firm>.pub`), by firm.
+pub fn trusted_vendor_keys(state_dir: &Path) -> BTreeMap<u32, VerifyingKey> {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("trust")) else {
         return BTreeMap::new();
     };
     entries
@@ -322,14 +344,16 @@ fn trusted_vendors(runtime: &Runtime) -> BTreeMap<u32, VerifyingKey> {
         .filter_map(|entry| {
             let path = entry.path();
             let firm: u32 = path.file_stem()?.to_str()?.parse().ok()?;
-            let text: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
-            let bytes = hex::decode(text["signing-key"].as_str()?).ok()?;
-            let key =
-                VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()?;
-            Some((firm, key))
+            Some((firm, vendor_signing_key(&path)?))
         })
         .collect()
+}
+
+/// The key that certifies dongles in a vendor public key file (`vendor.pub`), if it is one.
+pub fn vendor_signing_key(path: &Path) -> Option<VerifyingKey> {
+    let text: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let bytes = hex::decode(text["signing-key"].as_str()?).ok()?;
+    VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()
 }
 
 impl Dongles {
@@ -511,18 +535,7 @@ impl Dongles {
         }
         let started = Instant::now();
         let keys: Vec<VerifyingKey> = vendors.values().copied().collect();
-        let opened = match link.hello(runtime_id, keys).await {
-            Ok(identity) => match link.call(&Request::ListItems).await {
-                Ok(Response::Items { items, .. }) => Ok((identity, items)),
-                Ok(other) => {
-                    tracing::warn!(serial, ?other, "Unexpected answer to ListItems");
-                    Err(LinkError::Session(SessionError::Malformed))
-                }
-                Err(error) => Err(error),
-            },
-            Err(error) => Err(error),
-        };
-        match opened {
+        match link.open(runtime_id, keys).await {
             Ok((identity, items)) => {
                 // Only items of firms whose trusted key certified this dongle are offered.
                 let items: Vec<ProductItem> = items

@@ -4,6 +4,7 @@ pub mod activation;
 pub mod cli;
 pub mod client;
 pub mod daemon;
+pub mod dongle_probe;
 pub mod dongle_vendor;
 pub mod dongles;
 pub mod frame;

@@ -78,6 +78,8 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
     fn session(&self, session_id: u32) -> Result<Option<SessionInfo>, PlatformError>;
     /// Dongles attached to the machine.
     fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError>;
+    /// Where [`Platform::usb_endpoints`] looks, for messages.
+    fn usb_scanned(&self) -> String;
     /// Human-readable description (`host` or `sim:<dir>`).
     fn describe(&self) -> String;
 }
@@ -472,6 +474,10 @@ impl Platform for SimPlatform {
         )
     }
 
+    fn usb_scanned(&self) -> String {
+        format!("{}/*.sock", self.dir.join("usb").display())
+    }
+
     fn describe(&self) -> String {
         format!("sim:{}", self.dir.display())
     }
@@ -504,6 +510,73 @@ fn list_dongle_sockets(dir: &Path) -> Result<Vec<UsbEndpoint>, PlatformError> {
     Ok(endpoints)
 }
 
+/// Where the kernel lists hidraw devices; each entry's `device/uevent` describes its HID device.
+pub const HIDRAW_CLASS: &str = "/sys/class/hidraw";
+
+/// The dongles among the hidraw devices listed in `class_dir`, with their nodes in `dev_dir`.
+///
+/// A dongle is a USB HID device (`HID_ID=0003:<vendor>:<product>`) with the dongle crate's ids;
+/// its serial is the USB serial string (`HID_UNIQ`). Devices without a serial are skipped, and a
+/// serial seen twice keeps its lowest-numbered node. Sorted by serial.
+fn list_hidraw_dongles(
+    class_dir: &Path,
+    dev_dir: &Path,
+) -> Result<Vec<UsbEndpoint>, PlatformError> {
+    let entries = match fs::read_dir(class_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PlatformError::Read {
+                path: class_dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut found: Vec<(String, u64, String)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().to_str()?.to_owned();
+            let number: u64 = name.strip_prefix("hidraw")?.parse().ok()?;
+            // A device unplugged between the listing and this read is simply not there.
+            let uevent = fs::read_to_string(entry.path().join("device/uevent")).ok()?;
+            let serial = dongle_serial_from_uevent(&uevent)?;
+            Some((serial, number, name))
+        })
+        .collect();
+    found.sort();
+    found.dedup_by(|later, first| later.0 == first.0);
+    Ok(found
+        .into_iter()
+        .map(|(serial, _, name)| UsbEndpoint {
+            serial,
+            path: dev_dir.join(name),
+        })
+        .collect())
+}
+
+/// The dongle serial of a HID device's uevent, if the device is a USB dongle with a serial.
+fn dongle_serial_from_uevent(uevent: &str) -> Option<String> {
+    let mut is_dongle = false;
+    let mut serial = None;
+    for line in uevent.lines() {
+        if let Some(id) = line.strip_prefix("HID_ID=") {
+            let mut parts = id.trim().split(':');
+            let bus = u32::from_str_radix(parts.next()?, 16).ok()?;
+            let vendor = u32::from_str_radix(parts.next()?, 16).ok()?;
+            let product = u32::from_str_radix(parts.next()?, 16).ok()?;
+            is_dongle = bus == BUS_USB
+                && vendor == u32::from(dongle::USB_VENDOR_ID)
+                && product == u32::from(dongle::USB_PRODUCT_ID);
+        } else if let Some(uniq) = line.strip_prefix("HID_UNIQ=") {
+            serial = Some(uniq.trim().to_owned()).filter(|s| !s.is_empty());
+        }
+    }
+    if is_dongle { serial } else { None }
+}
+
+/// The USB bus type in a `HID_ID` (`BUS_USB` of the kernel's input.h).
+const BUS_USB: u32 = 0x0003;
+
 /// The real Linux machine this process runs on.
 #[derive(Debug)]
 pub struct HostPlatform {
@@ -524,7 +597,12 @@ pub const HOST_VMGENID_FILE: &str = "/run/meter/vmgenid";
 impl HostPlatform {
     /// The host as seen from `/`.
     pub fn new() -> Self {
-        HostPlatform { root: "/".into() }
+        Self::with_root("/")
+    }
+
+    /// The host as seen from another root folder (a chroot, or a fake tree in tests).
+    pub fn with_root(root: impl Into<PathBuf>) -> Self {
+        HostPlatform { root: root.into() }
     }
 
     fn path(&self, relative: &str) -> PathBuf {
@@ -690,8 +768,16 @@ impl Platform for HostPlatform {
     }
 
     fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError> {
-        // Real USB dongles (hidraw) arrive with the real-USB transport.
-        Ok(Vec::new())
+        list_hidraw_dongles(&self.path(HIDRAW_CLASS), &self.path("/dev"))
+    }
+
+    fn usb_scanned(&self) -> String {
+        format!(
+            "{}/*/device/uevent for USB HID {:04x}:{:04x}",
+            self.path(HIDRAW_CLASS).display(),
+            dongle::USB_VENDOR_ID,
+            dongle::USB_PRODUCT_ID
+        )
     }
 
     fn describe(&self) -> String {
@@ -905,6 +991,68 @@ mod tests {
         fs::write(dir.path().join("clock"), "soon").unwrap();
         let err = SimPlatform::new(dir.path()).now_ms().unwrap_err();
         assert!(err.to_string().contains("clock"), "{err}");
+    }
+
+    fn hid_uevent(id: &str, uniq: Option<&str>) -> String {
+        let mut text = format!("DRIVER=hid-generic\nHID_ID={id}\nHID_NAME=meter dongle\n");
+        if let Some(uniq) = uniq {
+            text.push_str(&format!("HID_UNIQ={uniq}\n"));
+        }
+        text.push_str("MODALIAS=hid:b0003g0001v00001209p00004D54\n");
+        text
+    }
+
+    const DONGLE_ID: &str = "0003:00001209:00004D54";
+
+    #[rstest::rstest]
+    #[case::matching_device(vec![("hidraw0", hid_uevent(DONGLE_ID, Some("4711")))], vec![("4711", "hidraw0")])]
+    #[case::lower_case_hex(vec![("hidraw5", hid_uevent("0003:00001209:00004d54", Some("9")))], vec![("9", "hidraw5")])]
+    #[case::other_vendor(vec![("hidraw0", hid_uevent("0003:0000046D:00004D54", Some("4711")))], vec![])]
+    #[case::other_product(vec![("hidraw0", hid_uevent("0003:00001209:00000001", Some("4711")))], vec![])]
+    #[case::other_bus(vec![("hidraw0", hid_uevent("0005:00001209:00004D54", Some("4711")))], vec![])]
+    #[case::missing_uniq(vec![("hidraw0", hid_uevent(DONGLE_ID, None))], vec![])]
+    #[case::empty_uniq(vec![("hidraw0", hid_uevent(DONGLE_ID, Some("")))], vec![])]
+    #[case::several_dongles(
+        vec![
+            ("hidraw11", hid_uevent(DONGLE_ID, Some("B-2"))),
+            ("hidraw2", hid_uevent("0003:0000046D:0000C52B", Some("mouse"))),
+            ("hidraw3", hid_uevent(DONGLE_ID, Some("A-1"))),
+            ("hidraw10", hid_uevent(DONGLE_ID, Some("C-3"))),
+        ],
+        vec![("A-1", "hidraw3"), ("B-2", "hidraw11"), ("C-3", "hidraw10")],
+    )]
+    #[case::one_serial_on_two_nodes_keeps_the_lowest(
+        vec![
+            ("hidraw12", hid_uevent(DONGLE_ID, Some("7"))),
+            ("hidraw9", hid_uevent(DONGLE_ID, Some("7"))),
+        ],
+        vec![("7", "hidraw9")],
+    )]
+    #[case::no_hidraw_class(vec![], vec![])]
+    fn host_platform_finds_dongles_among_hidraw_devices(
+        #[case] devices: Vec<(&str, String)>,
+        #[case] expected: Vec<(&str, &str)>,
+    ) {
+        let root = tempfile::tempdir().unwrap();
+        for (name, uevent) in &devices {
+            let device = root.path().join(format!("sys/devices/hid/{name}"));
+            fs::create_dir_all(&device).unwrap();
+            fs::write(device.join("uevent"), uevent).unwrap();
+            let class = root.path().join(format!("sys/class/hidraw/{name}"));
+            fs::create_dir_all(&class).unwrap();
+            // As in sysfs, `device` is a link to the HID device.
+            std::os::unix::fs::symlink(&device, class.join("device")).unwrap();
+        }
+        let host = HostPlatform::with_root(root.path());
+        let found = host.usb_endpoints().unwrap();
+        let expected: Vec<UsbEndpoint> = expected
+            .into_iter()
+            .map(|(serial, node)| UsbEndpoint {
+                serial: serial.to_owned(),
+                path: root.path().join("dev").join(node),
+            })
+            .collect();
+        assert_eq!(found, expected);
     }
 
     #[test]
