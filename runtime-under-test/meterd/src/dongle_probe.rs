@@ -19,9 +19,10 @@ use crate::{platform, transport};
 pub enum LocalDongleCommand {
     /// Open a session with an attached dongle and time request round trips.
     ///
-    /// Binds the dongle to --runtime-id (a meterd using the same dongle sees its binding broken
-    /// and binds again), reads its items, then sends --count clock reads (the keep-alive request)
-    /// one after another, and closes the session.
+    /// Binds the dongle to --runtime-id, reads its items, then sends --count clock reads (the
+    /// keep-alive request) one after another, and closes the session. The bind is real: a meterd
+    /// using the same dongle loses it (binding-broken, until a re-plug), and a bind while another
+    /// runtime is active trips the shared-use lockout. Probe a dongle no runtime is using.
     Probe(ProbeArgs),
 }
 
@@ -298,6 +299,32 @@ mod tests {
             .collect();
         let summary = RoundTrips::of(&samples);
         assert_eq!((summary.p50_ms, summary.p90_ms, summary.max_ms), expected);
+    }
+
+    #[test]
+    fn human_output_names_the_dongle_and_its_timings() {
+        let report = ProbeReport {
+            platform: "host".into(),
+            scanned: "/sys/class/hidraw".into(),
+            endpoints: vec![],
+            serial: "4711".into(),
+            path: "/dev/hidraw0".into(),
+            transport: "hidraw",
+            certified_serial: "4711".into(),
+            items: 2,
+            session_ms: 3.25,
+            round_trips: 20,
+            rtt_p50_ms: 0.5,
+            rtt_p90_ms: 0.75,
+            rtt_max_ms: 1.0,
+            round_trips_per_s: 1900.0,
+        };
+        assert_eq!(
+            human(&report),
+            "dongle 4711 at /dev/hidraw0 (hidraw), certified serial 4711\n\
+             session open in 3.250 ms (2 items)\n\
+             20 round trips: p50 0.500 ms, p90 0.750 ms, max 1.000 ms, 1900.0 per second"
+        );
     }
 
     #[test]
