@@ -8,4 +8,5 @@
 pub mod leader;
 pub mod protocol;
 pub mod sessions;
+pub mod usbip;
 pub mod vmgenid;

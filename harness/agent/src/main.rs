@@ -273,6 +273,18 @@ fn handle(agent: &Arc<Agent>, request: Request) -> anyhow::Result<Outcome> {
         Op::RefreshVmgenid => Ok(Outcome::Vmgenid {
             vmgenid: refresh_vmgenid(),
         }),
+        Op::UsbipAttach { host, port, busid } => {
+            let vhci = Path::new(vigil_agent::usbip::VHCI_DIR);
+            let vhci_port = vigil_agent::usbip::attach(vhci, &host, port, &busid, deadline)
+                .with_context(|| format!("attach USB/IP device {busid} from {host}:{port}"))?;
+            Ok(Outcome::UsbipAttached { vhci_port })
+        }
+        Op::UsbipDetach { vhci_port } => {
+            let vhci = Path::new(vigil_agent::usbip::VHCI_DIR);
+            vigil_agent::usbip::detach(vhci, vhci_port)
+                .with_context(|| format!("detach USB/IP port {vhci_port}"))?;
+            Ok(Outcome::Done)
+        }
         Op::PowerOff { daemon } => {
             power_off_prepare(&daemon, deadline);
             std::thread::spawn(|| {

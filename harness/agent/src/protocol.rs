@@ -121,6 +121,20 @@ pub enum Op {
     },
     /// Reads the ACPI VM generation id again and records it for the runtime.
     RefreshVmgenid,
+    /// Imports a device from a USB/IP server and attaches it to the kernel's vhci_hcd.
+    UsbipAttach {
+        /// The server's address as the guest reaches it.
+        host: String,
+        /// The server's TCP port.
+        port: u16,
+        /// Bus id of the exported device.
+        busid: String,
+    },
+    /// Detaches the USB/IP device on a vhci_hcd port.
+    UsbipDetach {
+        /// The port `usbip-attach` answered with.
+        vhci_port: u32,
+    },
     /// Stops the runtime, syncs and unmounts the disk, and powers the guest off.
     PowerOff {
         /// Program whose processes get SIGTERM first (the runtime daemon).
@@ -185,6 +199,11 @@ pub enum Outcome {
     Vmgenid {
         /// Canonical GUID text, if the machine has one.
         vmgenid: Option<String>,
+    },
+    /// A USB/IP device was attached.
+    UsbipAttached {
+        /// The vhci_hcd port it is on (for `usbip-detach`).
+        vhci_port: u32,
     },
     /// Done, nothing to report.
     Done,
@@ -258,6 +277,38 @@ mod tests {
             assert!(!text.contains('\n'), "one line per answer: {text}");
             assert_eq!(serde_json::from_str::<Answer>(&text).unwrap(), answer);
         }
+    }
+
+    #[test]
+    fn usbip_ops_round_trip() {
+        for op in [
+            Op::UsbipAttach {
+                host: "10.0.2.2".into(),
+                port: 40123,
+                busid: "1-1".into(),
+            },
+            Op::UsbipDetach { vhci_port: 3 },
+        ] {
+            let request = Request {
+                id: 9,
+                timeout_ms: 10_000,
+                op,
+            };
+            let text = serde_json::to_string(&request).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
+        }
+        let text = serde_json::to_string(&Op::UsbipDetach { vhci_port: 3 }).unwrap();
+        assert_eq!(text, r#"{"op":"usbip-detach","vhci_port":3}"#);
+        let answer = Answer {
+            id: 9,
+            reply: Reply::Ok(Outcome::UsbipAttached { vhci_port: 0 }),
+        };
+        let text = serde_json::to_string(&answer).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":9,"ok":{"result":"usbip-attached","vhci_port":0}}"#
+        );
+        assert_eq!(serde_json::from_str::<Answer>(&text).unwrap(), answer);
     }
 
     #[test]
