@@ -110,6 +110,11 @@ fn scenario_passes(name: &str) {
 #[case::crash_release("crash-release")]
 #[case::server_keepalive("server-keepalive")]
 #[case::dongle_host_server("dongle-host-server")]
+#[case::dongle_exclusive_guest("dongle-exclusive-guest")]
+#[case::dongle_shared_lockout("dongle-shared-lockout")]
+#[case::dongle_hop("dongle-hop")]
+#[case::dongle_units("dongle-units")]
+#[case::dongle_rebind("dongle-rebind")]
 fn scenario_passes_on_qemu(#[case] name: &str) {
     scenario_passes(name);
 }

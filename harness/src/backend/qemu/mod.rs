@@ -50,6 +50,8 @@ const GUEST_RUNTIME_LOG: &str = "/run/vigil/meterd.log";
 const HOST_FROM_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// How long a guest may take from QEMU start to a ready runtime (TCG on a busy machine).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a guest may take to enumerate a plugged dongle or to drop an unplugged one.
+const USB_ENUMERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Snapshot {
     /// Whether the snapshot holds the running state (taken while the guest ran).
@@ -547,13 +549,78 @@ impl QemuBackend {
             port,
             xhci_port,
         };
+        let running = g.power == Power::Running;
         if let Some(vm) = g.vm.as_mut() {
             vm.monitor
                 .usb_plug(&plug)
                 .map_err(|e| vm.failure(&format!("cannot plug dongle {dongle}: {e}")))?;
         }
         g.usb.insert(dongle.to_string(), plug);
+        if running {
+            self.wait_for_guest_dongle(machine, dongle, true)?;
+        }
         Ok(())
+    }
+
+    /// Waits until the guest's kernel shows (or no longer shows) the dongle as a hidraw device,
+    /// as a hypervisor's plug finishes once the guest has enumerated the device.
+    fn wait_for_guest_dongle(
+        &mut self,
+        machine: &str,
+        dongle: &str,
+        present: bool,
+    ) -> Result<(), BackendError> {
+        let serial = self.sim.dongle_core(dongle)?.serial().to_string();
+        let wanted = format!("HID_UNIQ={serial}");
+        let started = Instant::now();
+        let deadline = started + USB_ENUMERATION_TIMEOUT;
+        loop {
+            let outcome = self.call(
+                machine,
+                Op::Exec {
+                    argv: vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        "cat /sys/class/hidraw/*/device/uevent 2>/dev/null; true".into(),
+                    ],
+                    env: Vec::new(),
+                    session: None,
+                },
+                Duration::from_secs(10),
+            )?;
+            let seen = matches!(&outcome, Outcome::Exited { stdout, .. }
+                if stdout.lines().any(|line| line.trim() == wanted));
+            if seen == present {
+                tracing::debug!(
+                    guest = machine,
+                    dongle,
+                    present,
+                    ms = started.elapsed().as_millis() as u64,
+                    "guest USB settled"
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let g = self.guest_mut(machine)?;
+                let what = if present {
+                    "did not enumerate"
+                } else {
+                    "was not removed"
+                };
+                let message = format!(
+                    "dongle {dongle} (serial {serial}) {what} in the guest within {} s",
+                    USB_ENUMERATION_TIMEOUT.as_secs()
+                );
+                return Err(match g.vm.as_ref() {
+                    Some(vm) => vm.failure(&message),
+                    None => BackendError::Runtime {
+                        machine: machine.into(),
+                        message,
+                    },
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Unplugs a dongle from a guest, if it is plugged in there.
@@ -562,10 +629,23 @@ impl QemuBackend {
         let Some(plug) = g.usb.remove(dongle) else {
             return Ok(());
         };
+        let running = g.power == Power::Running;
         if let Some(vm) = g.vm.as_mut() {
             vm.monitor
                 .usb_unplug(&plug.id)
                 .map_err(|e| vm.failure(&format!("cannot unplug dongle {dongle}: {e}")))?;
+        }
+        if running {
+            self.wait_for_guest_dongle(machine, dongle, false)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until a freshly started guest shows every dongle passed through to it.
+    fn wait_for_guest_dongles(&mut self, machine: &str) -> Result<(), BackendError> {
+        let dongles: Vec<String> = self.guest(machine)?.usb.keys().cloned().collect();
+        for dongle in dongles {
+            self.wait_for_guest_dongle(machine, &dongle, true)?;
         }
         Ok(())
     }
@@ -668,6 +748,7 @@ impl Backend for QemuBackend {
         self.guest_mut(machine)?.cpu = cpu;
         let started = self.launch(machine, None)?;
         self.finish_start(machine, started)?;
+        self.wait_for_guest_dongles(machine)?;
         self.timings
             .boot_ms
             .push(started.elapsed().as_secs_f64() * 1000.0);
@@ -735,7 +816,9 @@ impl Backend for QemuBackend {
         vm.monitor.cont().map_err(|e| vm.failure(&e.to_string()))?;
         g.power = Power::Running;
         // A stopped guest's clock stood still; the world's did not.
-        self.push_guest_clock(machine)
+        self.push_guest_clock(machine)?;
+        // Dongles plugged in while it was paused are enumerated now.
+        self.wait_for_guest_dongles(machine)
     }
 
     fn snapshot(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
@@ -798,6 +881,7 @@ impl Backend for QemuBackend {
             let started_vm = self.launch(machine, Some(name.to_string()))?;
             self.guest_mut(machine)?.sessions = sessions;
             self.finish_start(machine, started_vm)?;
+            self.wait_for_guest_dongles(machine)?;
             // The restored memory may lack the servers added since the snapshot.
             self.configure_servers(machine)?;
         } else {
@@ -884,6 +968,16 @@ impl Backend for QemuBackend {
         }
         self.require(machine, "migrate", &[Power::Running], "running")?;
         self.host_cpu(host)?;
+        if let Some(dongle) = self.guest(machine)?.usb.keys().next() {
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Qemu,
+                operation: "migrate",
+                why: format!(
+                    "{machine} has dongle {dongle} passed through over usbredir; unplug it \
+                     (usb-detach) before a live migration"
+                ),
+            });
+        }
         let started = Instant::now();
         // The destination has the same CPU model, identity and generation id (shared disk).
         let spec = self.spec_for(machine, None, true);

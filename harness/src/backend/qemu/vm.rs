@@ -134,9 +134,17 @@ pub struct UsbRedirPlug {
 pub const XHCI_USB2_PORTS: std::ops::RangeInclusive<u8> = 1..=4;
 
 impl UsbRedirPlug {
-    /// The `-chardev` / `chardev-add` option: a socket that connects to the server.
+    /// The `chardev-add` option: a socket that connects to the server.
     pub fn chardev(&self) -> String {
         format!("socket,id={},host=127.0.0.1,port={}", self.id, self.port)
+    }
+
+    /// The `-chardev` option of a QEMU that restores a saved state: it connects in the
+    /// background, so the restored device finds its connection broken, reports an unplug and
+    /// plugs in afresh once connected (an open connection at load time would be taken for the
+    /// saved stream's continuation).
+    pub fn chardev_at_start(&self) -> String {
+        format!("{},reconnect-ms=250", self.chardev())
     }
 
     /// The `-device` / `device_add` option.
@@ -289,7 +297,7 @@ impl VmSpec {
         for plug in &self.usb {
             args.extend([
                 "-chardev".into(),
-                plug.chardev(),
+                plug.chardev_at_start(),
                 "-device".into(),
                 plug.device(),
             ]);
