@@ -118,7 +118,7 @@ fn the_dongle_enumerates_in_a_guest_over_usbredir() {
     );
     assert_eq!(
         guest_file(&mut backend, "vm1", "/sys/bus/usb/devices/1-1/speed"),
-        "12"
+        "480"
     );
     assert_eq!(
         guest_file(

@@ -22,7 +22,8 @@ pub const DEVICE_VERSION_BCD: u16 = 0x0100;
 pub const IN_ENDPOINT: u8 = 0x81;
 /// Interrupt OUT endpoint address (host to device reports).
 pub const OUT_ENDPOINT: u8 = 0x01;
-/// Polling interval of both interrupt endpoints, in frames (1 ms at full speed).
+/// Polling interval of both interrupt endpoints: 1 microframe (125 µs) at high speed, 1 ms at
+/// full speed.
 pub const INTERVAL: u8 = 1;
 /// Size of the control endpoint's packets.
 pub const EP0_MAX_PACKET: u8 = 64;
@@ -278,6 +279,14 @@ impl HidDongle {
         let [index, kind] = value.to_le_bytes();
         match kind {
             0x01 => Some(Self::device_descriptor().to_vec()),
+            // Device qualifier: what the device would be at the other speed (same shape).
+            0x06 => {
+                let device = Self::device_descriptor();
+                Some(vec![
+                    10, 0x06, device[2], device[3], device[4], device[5], device[6], device[7], 1,
+                    0,
+                ])
+            }
             0x02 if index == 0 => Some(Self::configuration_descriptor()),
             0x03 => self.string_descriptor(index),
             // HID descriptor alone, and the report descriptor.

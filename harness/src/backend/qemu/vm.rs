@@ -126,11 +126,11 @@ pub struct UsbRedirPlug {
     pub id: String,
     /// TCP port of the usbredir server.
     pub port: u16,
-    /// xhci root port (1–4 are the USB 2 ports, where a full-speed device belongs).
+    /// xhci root port (1–4 are the USB 2 ports, where a high-speed device belongs).
     pub xhci_port: u8,
 }
 
-/// Root ports of the xhci controller a full-speed device can use.
+/// Root ports of the xhci controller a USB 2 device can use.
 pub const XHCI_USB2_PORTS: std::ops::RangeInclusive<u8> = 1..=4;
 
 impl UsbRedirPlug {
