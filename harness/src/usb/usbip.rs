@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use dongle::REPORT_LEN;
+
 use super::DongleCore;
 use super::hid_dongle::{self, ControlOutcome, HidDongle, SetupPacket};
 
@@ -334,16 +336,22 @@ impl UrbCommand {
     }
 }
 
-/// A `USBIP_RET_SUBMIT` with its IN data.
-fn ret_submit(seqnum: u32, status: i32, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(URB_HEADER_LEN + data.len());
+/// A `USBIP_RET_SUBMIT` of an IN transfer, followed by its data.
+fn ret_submit_in(seqnum: u32, status: i32, data: &[u8]) -> Vec<u8> {
+    let mut out = ret_submit(seqnum, status, data.len());
+    out.extend_from_slice(data);
+    out
+}
+
+/// A `USBIP_RET_SUBMIT` header; `actual_length` of an OUT transfer is the bytes it delivered.
+fn ret_submit(seqnum: u32, status: i32, actual_length: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(URB_HEADER_LEN + REPORT_LEN);
     out.extend_from_slice(&USBIP_RET_SUBMIT.to_be_bytes());
     out.extend_from_slice(&seqnum.to_be_bytes());
     out.extend_from_slice(&[0u8; 12]); // devid, direction, ep: zero in replies
     out.extend_from_slice(&status.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(&(actual_length as u32).to_be_bytes());
     out.extend_from_slice(&[0u8; 20]); // start_frame, number_of_packets, error_count, padding
-    out.extend_from_slice(data);
     out
 }
 
@@ -388,19 +396,19 @@ fn serve_urbs(stream: &mut TcpStream, mut device: HidDongle) -> std::io::Result<
                         let setup = SetupPacket::from_bytes(urb.setup);
                         let outcome = control(&mut device, &setup, &data_out);
                         reply = match outcome {
-                            ControlOutcome::Done(mut data) => {
-                                if urb.direction == DIR_OUT {
-                                    data.clear();
-                                }
-                                data.truncate(length);
-                                ret_submit(urb.seqnum, 0, &data)
+                            ControlOutcome::Done(_) if urb.direction == DIR_OUT => {
+                                ret_submit(urb.seqnum, 0, data_out.len())
                             }
-                            ControlOutcome::Stall => ret_submit(urb.seqnum, -EPIPE, &[]),
+                            ControlOutcome::Done(mut data) => {
+                                data.truncate(length);
+                                ret_submit_in(urb.seqnum, 0, &data)
+                            }
+                            ControlOutcome::Stall => ret_submit(urb.seqnum, -EPIPE, 0),
                         };
                     }
                     (ep, DIR_OUT) if ep == u32::from(hid_dongle::OUT_ENDPOINT) => {
                         device.interrupt_out(&data_out);
-                        reply = ret_submit(urb.seqnum, 0, &[]);
+                        reply = ret_submit(urb.seqnum, 0, data_out.len());
                     }
                     (ep, DIR_IN) if ep == u32::from(hid_dongle::IN_ENDPOINT & 0x0f) => {
                         pending.push_back(PendingIn {
@@ -410,7 +418,7 @@ fn serve_urbs(stream: &mut TcpStream, mut device: HidDongle) -> std::io::Result<
                     }
                     (ep, direction) => {
                         tracing::debug!(ep, direction, "URB to an unknown endpoint stalled");
-                        reply = ret_submit(urb.seqnum, -EPIPE, &[]);
+                        reply = ret_submit(urb.seqnum, -EPIPE, 0);
                     }
                 }
             }
@@ -438,7 +446,7 @@ fn serve_urbs(stream: &mut TcpStream, mut device: HidDongle) -> std::io::Result<
             let waiting = pending.pop_front().expect("not empty");
             let report = device.take_in_report().expect("has a report");
             let n = report.len().min(waiting.length);
-            reply.extend(ret_submit(waiting.seqnum, 0, &report[..n]));
+            reply.extend(ret_submit_in(waiting.seqnum, 0, &report[..n]));
         }
         if !reply.is_empty() {
             stream.write_all(&reply)?;
@@ -478,6 +486,8 @@ mod tests {
     struct Client {
         stream: TcpStream,
         next_seqnum: u32,
+        /// Submitted IN URBs: their answers carry data.
+        in_seqnums: std::collections::BTreeSet<u32>,
     }
 
     /// A `USBIP_RET_*` as the client reads it.
@@ -486,6 +496,7 @@ mod tests {
         command: u32,
         seqnum: u32,
         status: i32,
+        actual_length: usize,
         data: Vec<u8>,
     }
 
@@ -535,6 +546,7 @@ mod tests {
             Client {
                 stream,
                 next_seqnum: 1,
+                in_seqnums: std::collections::BTreeSet::new(),
             }
         }
 
@@ -549,6 +561,9 @@ mod tests {
         ) -> u32 {
             let seqnum = self.next_seqnum;
             self.next_seqnum += 1;
+            if direction == DIR_IN {
+                self.in_seqnums.insert(seqnum);
+            }
             let devid = (BUS_NUM << 16) | DEV_NUM;
             let mut out = Vec::new();
             for word in [
@@ -596,15 +611,18 @@ mod tests {
             let word = |i: usize| u32::from_be_bytes(header[i..i + 4].try_into().unwrap());
             let command = word(0);
             let status = word(20) as i32;
+            let seqnum = word(4);
+            let actual_length = word(24) as usize;
             let mut data = Vec::new();
-            if command == USBIP_RET_SUBMIT {
-                data = vec![0u8; word(24) as usize];
+            if command == USBIP_RET_SUBMIT && self.in_seqnums.remove(&seqnum) {
+                data = vec![0u8; actual_length];
                 self.stream.read_exact(&mut data)?;
             }
             Ok(Ret {
                 command,
-                seqnum: word(4),
+                seqnum,
                 status,
+                actual_length,
                 data,
             })
         }
@@ -693,8 +711,13 @@ mod tests {
         // SET_CONFIGURATION (an OUT control transfer without data).
         let seqnum = client.submit(0, DIR_OUT, 0, [0x00, 9, 1, 0, 0, 0, 0, 0], &[]);
         let ret = client.read_ret().unwrap();
-        assert_eq!((ret.seqnum, ret.status, ret.data.len()), (seqnum, 0, 0));
+        assert_eq!((ret.seqnum, ret.status, ret.actual_length), (seqnum, 0, 0));
         assert_eq!(client.control_in(0x80, 8, 0, 1).data, vec![1]);
+        // HID SET_REPORT: an OUT control transfer with a data stage reports what it delivered.
+        let report = hello_reports()[0];
+        let seqnum = client.submit(0, DIR_OUT, 64, [0x21, 9, 0, 2, 0, 0, 64, 0], &report);
+        let ret = client.read_ret().unwrap();
+        assert_eq!((ret.seqnum, ret.status, ret.actual_length), (seqnum, 0, 64));
     }
 
     #[test]
@@ -720,7 +743,7 @@ mod tests {
                 frame = assembler.push(&ret.data).unwrap().or(frame);
                 in_answered = true;
             } else {
-                assert!(ret.data.is_empty());
+                assert_eq!(ret.actual_length, 64, "an OUT URB delivered its report");
                 answered_out.push(ret.seqnum);
             }
         }
@@ -753,7 +776,7 @@ mod tests {
         for _ in &reports {
             let ret = client.read_ret().unwrap();
             assert_ne!(ret.seqnum, in_seqnum);
-            assert!(ret.data.is_empty());
+            assert_eq!((ret.status, ret.actual_length), (0, 64));
         }
         assert!(client.no_more_data());
         // Unlinking an URB that is not waiting answers status 0.
