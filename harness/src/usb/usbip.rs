@@ -45,8 +45,8 @@ pub const DIR_IN: u32 = 1;
 pub const ST_DEV_BUSY: u32 = 2;
 /// Import status: no exported device has that bus id.
 pub const ST_NODEV: u32 = 4;
-/// The USB speed code of a full-speed device (`enum usb_device_speed`).
-pub const SPEED_FULL: u32 = 2;
+/// The USB speed code of a high-speed device (`enum usb_device_speed`), as the dongle enumerates.
+pub const SPEED_HIGH: u32 = 3;
 /// Bus number of the exported device.
 pub const BUS_NUM: u32 = 1;
 /// Device number of the exported device.
@@ -91,15 +91,18 @@ struct Shared {
     next_connection: AtomicU64,
     import: Mutex<Option<Import>>,
     /// Every open connection (for shutdown) and its thread.
-    connections: Mutex<BTreeMap<u64, (TcpStream, Option<JoinHandle<()>>)>>,
+    connections: Mutex<BTreeMap<u64, Connection>>,
 }
+
+/// An open connection: a handle on its socket and its thread.
+type Connection = (TcpStream, Option<JoinHandle<()>>);
 
 impl Shared {
     fn import(&self) -> MutexGuard<'_, Option<Import>> {
         self.import.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn connections(&self) -> MutexGuard<'_, BTreeMap<u64, (TcpStream, Option<JoinHandle<()>>)>> {
+    fn connections(&self) -> MutexGuard<'_, BTreeMap<u64, Connection>> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -223,7 +226,7 @@ fn device_record(configuration: u8) -> Vec<u8> {
     record.extend_from_slice(&busid);
     record.extend_from_slice(&BUS_NUM.to_be_bytes());
     record.extend_from_slice(&DEV_NUM.to_be_bytes());
-    record.extend_from_slice(&SPEED_FULL.to_be_bytes());
+    record.extend_from_slice(&SPEED_HIGH.to_be_bytes());
     record.extend_from_slice(&hid_dongle::VENDOR_ID.to_be_bytes());
     record.extend_from_slice(&hid_dongle::PRODUCT_ID.to_be_bytes());
     record.extend_from_slice(&hid_dongle::DEVICE_VERSION_BCD.to_be_bytes());
@@ -541,7 +544,7 @@ mod tests {
             let word = |i: usize| u32::from_be_bytes(record[i..i + 4].try_into().unwrap());
             assert_eq!(
                 (word(288), word(292), word(296)),
-                (BUS_NUM, DEV_NUM, SPEED_FULL)
+                (BUS_NUM, DEV_NUM, SPEED_HIGH)
             );
             Client {
                 stream,

@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod qmp;
+mod usbip;
 pub mod vm;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -128,6 +129,8 @@ pub struct QemuBackend {
     timings: Timings,
     /// One usbredir server per dongle passed through to guests.
     usbredir: BTreeMap<String, UsbredirServer>,
+    /// Dongles guests imported over USB/IP: dongle → its export and importer.
+    usbip: BTreeMap<String, usbip::UsbipImport>,
 }
 
 fn now_ms() -> i64 {
@@ -144,12 +147,8 @@ pub fn unsupported_reason(scenario: &Scenario) -> Option<String> {
         .iter()
         .map(|g| g.name.value.clone())
         .collect();
-    let usb = "dongles in guests need USB passthrough (usbredir) or the guest's USB/IP client: a later issue";
     for located in &scenario.steps {
         match &located.value {
-            Step::UsbipAttach(u) if guests.contains(&u.machine.value) => {
-                return Some(usb.into());
-            }
             Step::ServerStart(s) if guests.contains(&s.machine.value) => {
                 return Some("a network server inside a guest is not supported yet".into());
             }
@@ -184,6 +183,7 @@ impl QemuBackend {
             address_block,
             timings: Timings::default(),
             usbredir: BTreeMap::new(),
+            usbip: BTreeMap::new(),
         })
     }
 
@@ -688,14 +688,6 @@ impl QemuBackend {
         }
         self.guest_mut(machine)?.usb = restored;
         Ok(())
-    }
-
-    fn no_usb(&self, operation: &'static str) -> BackendError {
-        BackendError::Unsupported {
-            backend: BackendKind::Qemu,
-            operation,
-            why: "dongles in guests need USB passthrough (usbredir) or the guest's USB/IP client: a later issue".into(),
-        }
     }
 
     fn app_machine(&self, app: &str) -> Option<String> {
@@ -1387,16 +1379,27 @@ impl Backend for QemuBackend {
 
     fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
         if self.is_guest(machine) {
-            return Err(self.no_usb("usbip-attach"));
+            return self.usbip_attach_guest(dongle, machine);
+        }
+        // A USB/IP export has one importer: the dongle leaves every guest.
+        self.end_usbip(dongle)?;
+        for guest in self.guests_with_dongle(dongle) {
+            self.unplug_from_guest(dongle, &guest)?;
         }
         self.sim.usbip_attach(dongle, machine)
     }
 
     fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        if self.end_usbip(dongle)? {
+            return Ok(());
+        }
         self.sim.usbip_detach(dongle)
     }
 
     fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError> {
+        if self.usbip_cut(dongle)? {
+            return Ok(());
+        }
         self.sim.usbip_disconnect(dongle)
     }
 
