@@ -61,9 +61,10 @@ images:
 
 ## The qemu suite: built-in scenarios on real QEMU guests (skips, saying why, without QEMU or images).
 test-vm: images
-	$(CARGO) test -p vigil --test qemu_scenarios -- --nocapture --test-threads 1
+	$(CARGO) test -p vigil --test qemu_scenarios --test usbredir_guest --test usbip_guest -- --nocapture --test-threads 1
 
-## QEMU timings (boot to agent-ready, snapshot, revert, clone, live migration) into reports/bench/vm.json.
+## QEMU timings (boot to agent-ready, snapshot, revert, clone, live migration) into reports/bench/vm.json,
+## and the dongle's USB paths into a guest (usbredir, USB/IP) into reports/bench/usb.json.
 bench-vm: images
 	mkdir -p reports/bench
-	$(CARGO) test -p vigil --test qemu_bench -- --nocapture --ignored --test-threads 1
+	$(CARGO) test -p vigil --test qemu_bench --test usb_bench -- --nocapture --ignored --test-threads 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Vigil guest image: images/out/vmlinux (uncompressed, PVH entry: ~3 s TCG boot) and
-# images/out/initramfs.cpio (busybox, kernel modules, vigil = meter/meterd, vigil-agent, init),
+# images/out/initramfs.cpio (busybox, kernel modules, meterd (also /bin/meter), vigil-agent, init),
 # and images/out/data.qcow2 (the empty ext4 data disk every guest starts from).
 # Reproducible (sorted cpio, fixed mtimes, uncompressed) and cached: rebuilt only when an input changes
 # (kernel package version, busybox, binaries, init, this script).
@@ -27,16 +27,16 @@ busybox=/bin/busybox
 
 # 1. The binaries that go into the guest.
 if [ "$profile" = release ]; then flag=--release; dir=release; else flag=; dir=debug; fi
-vigil_bin=$root/target/$dir/vigil
+meterd_bin=$root/target/$dir/meterd
 agent_bin=$root/target/$dir/vigil-agent
 if [ -n "${VIGIL_IMAGE_NO_BUILD:-}" ]; then
   echo "build-image: using the binaries already built in target/$dir (VIGIL_IMAGE_NO_BUILD)"
 else
-  echo "build-image: building vigil and vigil-agent ($profile)"
-  $cargo build -q $flag -p vigil --bin vigil
+  echo "build-image: building meterd and vigil-agent ($profile)"
+  $cargo build -q $flag -p meterd --bin meterd
   $cargo build -q $flag -p vigil-agent --bin vigil-agent
 fi
-for b in "$vigil_bin" "$agent_bin"; do
+for b in "$meterd_bin" "$agent_bin"; do
   [ -x "$b" ] || { echo "build-image: $b is missing" >&2; exit 2; }
 done
 
@@ -49,7 +49,7 @@ kpkg_version=$(apt-cache policy "$kpkg" | awk '/Candidate:/ {print $2}')
 
 inputs=$( {
   echo "kernel $kpkg $kpkg_version"
-  sha256sum "$busybox" "$vigil_bin" "$agent_bin" images/init scripts/build-image.sh | awk '{print $1}'
+  sha256sum "$busybox" "$meterd_bin" "$agent_bin" images/init scripts/build-image.sh | awk '{print $1}'
 } | sha256sum | awk '{print $1}')
 if [ -f "$out/inputs.sha256" ] && [ "$(cat "$out/inputs.sha256")" = "$inputs" ] \
    && [ -f "$out/vmlinux" ] && [ -f "$out/initramfs.cpio" ] && [ -f "$out/data.qcow2" ]; then
@@ -82,12 +82,11 @@ cp "$busybox" "$rootfs/bin/busybox"
 for applet in $("$rootfs/bin/busybox" --list); do
   [ -e "$rootfs/bin/$applet" ] || ln -s busybox "$rootfs/bin/$applet"
 done
-strip -o "$rootfs/bin/vigil" "$vigil_bin"
+strip -o "$rootfs/bin/meterd" "$meterd_bin"
 strip -o "$rootfs/bin/vigil-agent" "$agent_bin"
-ln -sf vigil "$rootfs/bin/meter"
-ln -sf vigil "$rootfs/bin/meterd"
+ln -sf meterd "$rootfs/bin/meter"
 # Shared libraries the binaries need, at the paths the dynamic loader expects.
-for lib in $(ldd "$vigil_bin" "$agent_bin" | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | sort -u); do
+for lib in $(ldd "$meterd_bin" "$agent_bin" | awk '/=> \// {print $3} /^[ \t]*\/lib/ {print $1}' | sort -u); do
   mkdir -p "$rootfs$(dirname "$lib")"
   cp -L "$lib" "$rootfs$lib"
 done

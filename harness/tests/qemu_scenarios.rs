@@ -93,8 +93,8 @@ fn scenario_passes(name: &str) {
     assert_eq!(report["events"][0]["backend"], "qemu", "{report}");
 }
 
-/// Every built-in scenario with a guest that needs no USB in the guest (`vigil list --backend
-/// qemu`); the host-only ones run the same machines as on sim and stay in the sim suite.
+/// Every built-in scenario with a guest (dongles reach guests over usbredir and USB/IP); the
+/// host-only ones run the same machines as on sim and stay in the sim suite.
 #[rstest]
 #[case::clone_guest("clone-guest")]
 #[case::clone_guest_loose("clone-guest-loose")]
@@ -115,6 +115,7 @@ fn scenario_passes(name: &str) {
 #[case::dongle_hop("dongle-hop")]
 #[case::dongle_units("dongle-units")]
 #[case::dongle_rebind("dongle-rebind")]
+#[case::usb_over_ethernet("usb-over-ethernet")]
 fn scenario_passes_on_qemu(#[case] name: &str) {
     scenario_passes(name);
 }

@@ -107,10 +107,14 @@ async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
         anyhow::bail!("--keepalive must be a positive number of seconds");
     }
     raise_fd_limit();
+    let started = std::time::Instant::now();
+    let ms = |since: std::time::Instant| since.elapsed().as_millis() as u64;
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("Cannot create state folder {}", args.state.display()))?;
     let platform = platform::from_spec(&args.platform)?;
+    let stage = std::time::Instant::now();
     let (store, snapshot) = store::Store::open(&args.state.join("meterd.redb"))?;
+    let store_ms = ms(stage);
     let saved_servers: Vec<(String, String)> = snapshot
         .meta
         .get("servers")
@@ -120,9 +124,13 @@ async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
         state_dir: args.state.clone(),
         keepalive: Duration::from_secs_f64(args.keepalive),
     };
+    let stage = std::time::Instant::now();
     let runtime = Runtime::new(platform, store, snapshot, settings)?;
     runtime.resume();
+    let runtime_ms = ms(stage);
+    let stage = std::time::Instant::now();
     crate::dongles::start(Arc::clone(&runtime)).await;
+    let dongles_ms = ms(stage);
     let mut servers = saved_servers;
     for (addr, pin) in args.remotes.iter().zip(&args.pins) {
         servers.retain(|(a, _)| a != addr);
@@ -159,7 +167,15 @@ async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     let ready = args.state.join("meterd.ready");
     std::fs::write(&ready, format!("{}\n", std::process::id()))
         .with_context(|| format!("Cannot write {}", ready.display()))?;
-    tracing::info!(socket = %socket.display(), platform = %runtime.platform.describe(), "meterd ready");
+    tracing::info!(
+        socket = %socket.display(),
+        platform = %runtime.platform.describe(),
+        startup_ms = ms(started),
+        store_ms,
+        runtime_ms,
+        dongles_ms,
+        "meterd ready"
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -517,7 +517,9 @@ impl QemuBackend {
     /// True when the dongle is plugged in anywhere (a host, a guest, a USB/IP import).
     fn dongle_in_use(&mut self, dongle: &str) -> Result<bool, BackendError> {
         let in_guest = self.guests.values().any(|g| g.usb.contains_key(dongle));
-        Ok(in_guest || !self.sim.dongle_attached_to(dongle)?.is_empty())
+        Ok(in_guest
+            || self.usbip.contains_key(dongle)
+            || !self.sim.dongle_attached_to(dongle)?.is_empty())
     }
 
     /// Passes a dongle through to a guest over usbredir (hot-plugged when the guest runs, at
@@ -639,6 +641,38 @@ impl QemuBackend {
             self.wait_for_guest_dongle(machine, dongle, false)?;
         }
         Ok(())
+    }
+
+    /// Runs a program in a running guest as a service of the agent (tests and benchmarks).
+    pub fn guest_exec(
+        &mut self,
+        machine: &str,
+        argv: &[&str],
+        timeout: Duration,
+    ) -> Result<CommandOutput, BackendError> {
+        match self.call(
+            machine,
+            Op::Exec {
+                argv: argv.iter().map(|a| a.to_string()).collect(),
+                env: Vec::new(),
+                session: None,
+            },
+            timeout,
+        )? {
+            Outcome::Exited {
+                exit,
+                stdout,
+                stderr,
+            } => Ok(CommandOutput {
+                code: exit.code,
+                stdout,
+                stderr,
+            }),
+            other => Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("the agent answered exec with {other:?}"),
+            }),
+        }
     }
 
     /// Waits until a freshly started guest shows every dongle passed through to it.
@@ -1351,6 +1385,7 @@ impl Backend for QemuBackend {
         }
         if mode == UsbMode::Exclusive {
             // Passing a device through exclusively takes it away from wherever it was.
+            self.end_usbip(dongle)?;
             for other in self.guests_with_dongle(dongle) {
                 if !guests.contains(&other) {
                     self.unplug_from_guest(dongle, &other)?;
@@ -1370,6 +1405,7 @@ impl Backend for QemuBackend {
     }
 
     fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.end_usbip(dongle)?;
         for guest in self.guests_with_dongle(dongle) {
             self.unplug_from_guest(dongle, &guest)?;
         }
