@@ -1,6 +1,6 @@
 //! The usbredir server against a real QEMU guest: the dongle enumerates in the guest's kernel as
-//! a HID device with our descriptors, survives a revert of a snapshot taken while it was plugged
-//! in, and vanishes when unplugged.
+//! a HID device with our descriptors, carries report round trips through the guest's hidraw node,
+//! survives a revert of a snapshot taken while it was plugged in, and vanishes when unplugged.
 //!
 //! Skipped, with a printed reason, when QEMU or the guest image is missing; where QEMU is
 //! required (`VIGIL_REQUIRE_QEMU=1`, as in CI) a reason to skip is a failure.
@@ -134,6 +134,53 @@ fn the_dongle_enumerates_in_a_guest_over_usbredir() {
     backend.revert("vm1", "plugged").expect("revert");
     let uevent = hidraw_uevent(&mut backend, "vm1", true).expect("hidraw after revert");
     assert!(uevent.contains("HID_UNIQ=4711001"), "{uevent}");
+
+    // A report round trip through the guest's hidraw node: a session and 50 requests, by the
+    // runtime's own probe. The probe binds the dongle for real: the guest's runtime lets go of it
+    // and a re-plug clears the dongle's sessions first.
+    // The probe below binds the dongle for real: the guest's own runtime must not hold it too.
+    let stopped = backend
+        .guest_exec("vm1", &["/bin/killall", "meterd"], Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(stopped.code, Some(0), "stop the guest runtime: {stopped:?}");
+    backend.usb_detach("d1").expect("usb detach");
+    backend
+        .usb_attach("d1", &["vm1".into()], UsbMode::Exclusive)
+        .expect("usb attach again");
+    let vendor = dongle::SigningKey::from_bytes(&[5u8; 32]);
+    let key = serde_json::json!({ "signing-key": hex::encode(vendor.verifying_key().to_bytes()) });
+    backend
+        .put_file("vm1", "vendor.pub", key.to_string().as_bytes())
+        .unwrap();
+    let probe = backend
+        .guest_exec(
+            "vm1",
+            &[
+                "/bin/meter",
+                "--json",
+                "dongle",
+                "probe",
+                "--platform",
+                "host",
+                "--vendor",
+                "/disk/home/vendor.pub",
+                "--count",
+                "50",
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("probe runs");
+    assert_eq!(
+        probe.code,
+        Some(0),
+        "probe: {}{}",
+        probe.stdout,
+        probe.stderr
+    );
+    let report: serde_json::Value = serde_json::from_str(probe.stdout.trim()).unwrap();
+    assert_eq!(report["transport"], "hidraw", "{report}");
+    assert_eq!(report["certified_serial"], "4711001", "{report}");
+    assert_eq!(report["round_trips"], 50, "{report}");
 
     backend.usb_detach("d1").expect("usb detach");
     assert_eq!(

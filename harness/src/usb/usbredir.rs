@@ -585,7 +585,10 @@ mod tests {
             }
         };
         assert!(!frame.is_empty());
-        assert!(server.reports() > reports.len() as u64, "OUT reports and an IN reply counted");
+        assert!(
+            server.reports() > reports.len() as u64,
+            "OUT reports and an IN reply counted"
+        );
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct QemuBackend {
     timings: Timings,
     /// One usbredir server per dongle passed through to guests.
     usbredir: BTreeMap<String, UsbredirServer>,
+    /// usbredir plugs so far (each gets its own QEMU ids).
+    usb_plugs: u32,
     /// Dongles guests imported over USB/IP: dongle → its export and importer.
     usbip: BTreeMap<String, usbip::UsbipImport>,
 }
@@ -183,6 +185,7 @@ impl QemuBackend {
             address_block,
             timings: Timings::default(),
             usbredir: BTreeMap::new(),
+            usb_plugs: 0,
             usbip: BTreeMap::new(),
         })
     }
@@ -533,6 +536,8 @@ impl QemuBackend {
             self.sim.dongle_core(dongle)?.bus_reset();
         }
         let port = self.usbredir_port(dongle)?;
+        self.usb_plugs += 1;
+        let plug_number = self.usb_plugs;
         let g = self.guest_mut(machine)?;
         let used: BTreeSet<u8> = g.usb.values().map(|p| p.xhci_port).collect();
         let xhci_port = XHCI_USB2_PORTS
@@ -547,7 +552,7 @@ impl QemuBackend {
                 ),
             })?;
         let plug = UsbRedirPlug {
-            id: usb_device_id(dongle),
+            id: usb_device_id(dongle, plug_number),
             port,
             xhci_port,
         };
@@ -1524,7 +1529,8 @@ impl Drop for QemuBackend {
 }
 
 /// A QEMU id for a dongle's usbredir chardev and device (letters, digits, `-`, `_`, `.`).
-fn usb_device_id(dongle: &str) -> String {
+/// Unique per plug: QEMU deletes an unplugged device's chardev only once the device is gone.
+fn usb_device_id(dongle: &str, plug: u32) -> String {
     let safe: String = dongle
         .chars()
         .map(|c| {
@@ -1535,7 +1541,7 @@ fn usb_device_id(dongle: &str) -> String {
             }
         })
         .collect();
-    format!("usb-{safe}")
+    format!("usb-{safe}-{plug}")
 }
 
 fn run_qemu_img(args: &[&str], disk: &Path) -> Result<(), BackendError> {

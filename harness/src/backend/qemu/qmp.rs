@@ -61,19 +61,23 @@ pub trait Monitor: Send {
         }
         Ok(())
     }
-    /// Unplugs a usbredir device and removes its chardev.
+    /// Unplugs a usbredir device; its chardev goes with it (QEMU deletes it once the device is
+    /// gone, or it is removed here).
     fn usb_unplug(&mut self, id: &str) -> Result<(), QmpError> {
         self.hmp(&format!("device_del {id}"))?;
-        // The chardev stays busy until the device is gone.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             match self.hmp(&format!("chardev-remove {id}")) {
                 Ok(_) => return Ok(()),
-                // Removed with its device already.
                 Err(QmpError::Command { message, .. }) if message.contains("not found") => {
                     return Ok(());
                 }
-                Err(e) if Instant::now() > deadline => return Err(e),
+                // Still held by the dying device: it deletes the chardev itself (plugs never
+                // reuse an id, so a late one is harmless).
+                Err(e) if Instant::now() > deadline => {
+                    tracing::debug!(%e, "usbredir chardev left to its device");
+                    return Ok(());
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
