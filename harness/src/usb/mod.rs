@@ -33,6 +33,8 @@ pub struct DongleCore {
     firmware: Mutex<Firmware>,
     flash_path: PathBuf,
     clock: Arc<AtomicI64>,
+    /// Hosts the dongle is plugged into, over any path.
+    hosts: Mutex<usize>,
 }
 
 impl DongleCore {
@@ -49,13 +51,16 @@ impl DongleCore {
         let serial = flash.serial().0.to_string();
         let mut firmware = Firmware::power_on(flash, world_now_ms(&clock));
         let mut entropy = [0u8; 32];
-        let _ = getrandom::fill(&mut entropy);
-        firmware.mix_entropy(&entropy);
+        match getrandom::fill(&mut entropy) {
+            Ok(()) => firmware.mix_entropy(&entropy),
+            Err(e) => tracing::warn!("no entropy for dongle {serial}: {e}"),
+        }
         Ok(Arc::new(DongleCore {
             serial,
             firmware: Mutex::new(firmware),
             flash_path: flash_path.to_path_buf(),
             clock,
+            hosts: Mutex::new(0),
         }))
     }
 
@@ -72,8 +77,32 @@ impl DongleCore {
         replies
     }
 
-    /// Resets the dongle's bus (a plug or unplug with no other host attached).
-    pub fn bus_reset(&self) {
+    /// A host plugs the dongle in (a sim socket, a usbredir passthrough, a USB/IP import). The
+    /// first one powers it up: its bus resets, as real hardware's does.
+    pub fn plugged(&self) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if *hosts == 0 {
+            self.bus_reset();
+        }
+        *hosts += 1;
+    }
+
+    /// A host unplugs the dongle; the last one leaving resets its bus. Another host that merely
+    /// shares the device keeps its sessions.
+    pub fn unplugged(&self) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        *hosts = hosts.saturating_sub(1);
+        if *hosts == 0 {
+            self.bus_reset();
+        }
+    }
+
+    /// How many hosts have the dongle plugged in.
+    pub fn hosts(&self) -> usize {
+        *self.hosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bus_reset(&self) {
         let now = world_now_ms(&self.clock);
         let mut fw = self.lock();
         fw.bus_reset(now);
@@ -97,11 +126,70 @@ fn persist(fw: &mut Firmware, flash_path: &Path) {
         match serde_json::to_vec_pretty(fw.flash()) {
             Ok(bytes) => {
                 let tmp = flash_path.with_extension("tmp");
-                if std::fs::write(&tmp, bytes).is_ok() {
-                    let _ = std::fs::rename(&tmp, flash_path);
+                if let Err(e) =
+                    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, flash_path))
+                {
+                    tracing::warn!("cannot store dongle flash {}: {e}", flash_path.display());
                 }
             }
             Err(e) => tracing::warn!("cannot store dongle flash: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(dir: &Path) -> Arc<DongleCore> {
+        let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]);
+        let flash = Flash::manufacture(dongle::Serial(42), [1; 32], [2; 32], &vendor);
+        let path = dir.join("flash.json");
+        std::fs::write(&path, serde_json::to_vec(&flash).unwrap()).unwrap();
+        DongleCore::power_on(&path, Arc::new(AtomicI64::new(0))).unwrap()
+    }
+
+    /// Opens a session from one host: the dongle binds to `runtime` and its session is active.
+    fn bind(core: &DongleCore, runtime: &str) {
+        let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+        let (mut session, hello) = dongle::Session::start(
+            dongle::RuntimeId::new(runtime).unwrap(),
+            [9; 32],
+            vec![vendor],
+        );
+        let mut port = DevicePort::new();
+        let mut assembler = dongle::ReportAssembler::new();
+        let mut reply = None;
+        for report in dongle::encode_reports(&hello).unwrap() {
+            for answer in core.exchange(&mut port, &report) {
+                reply = assembler.push(&answer).unwrap().or(reply);
+            }
+        }
+        session
+            .accept(&reply.expect("the dongle answers the hello"))
+            .unwrap();
+    }
+
+    fn active(core: &DongleCore) -> bool {
+        core.status()["bound-active"].as_bool().unwrap()
+    }
+
+    #[test]
+    fn only_the_first_plug_and_the_last_unplug_reset_the_bus() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        core.plugged();
+        bind(&core, "vm1");
+        assert!(active(&core));
+        // A second host sharing the device does not end the first one's session...
+        core.plugged();
+        assert!(active(&core));
+        core.unplugged();
+        assert!(active(&core), "one host is still plugged in");
+        assert_eq!(core.hosts(), 1);
+        // ...the last one leaving does.
+        core.unplugged();
+        assert!(!active(&core));
+        assert_eq!(core.hosts(), 0);
     }
 }

@@ -4,8 +4,8 @@
 //! `OP_REQ_DEVLIST`/`OP_REP_DEVLIST` and `OP_REQ_IMPORT`/`OP_REP_IMPORT` on a fresh TCP
 //! connection, then, on the imported connection, `USBIP_CMD_SUBMIT`/`USBIP_RET_SUBMIT` and
 //! `USBIP_CMD_UNLINK`/`USBIP_RET_UNLINK` carrying the device's URBs. One importer at a time; each
-//! import is a fresh plug of a [`HidDongle`] on the shared [`DongleCore`] (the dongle's bus resets
-//! when the import starts and when it ends). Interrupt IN URBs wait until the device has a report.
+//! import is a fresh plug of a [`HidDongle`] on the shared [`DongleCore`] (a host plugging in and
+//! unplugging, [`DongleCore::plugged`]). Interrupt IN URBs wait until the device has a report.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
@@ -283,7 +283,7 @@ fn serve_connection(mut stream: TcpStream, id: u64, shared: &Shared) -> std::io:
                     stream: stream.try_clone()?,
                 });
             }
-            shared.core.bus_reset();
+            shared.core.plugged();
             tracing::info!(serial = shared.core.serial(), "USB/IP import");
             let mut reply = op_header(OP_REP_IMPORT, 0).to_vec();
             reply.extend(device_record(0));
@@ -297,7 +297,7 @@ fn serve_connection(mut stream: TcpStream, id: u64, shared: &Shared) -> std::io:
             }
             drop(import);
             let _ = stream.shutdown(Shutdown::Both);
-            shared.core.bus_reset();
+            shared.core.unplugged();
             served
         }
         other => Err(std::io::Error::new(

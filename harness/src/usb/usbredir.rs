@@ -8,6 +8,7 @@
 //! device side sends IN reports as they become ready. One connection is one USB host: two QEMUs
 //! connected to the same dongle at once are the hypervisor's shared mode.
 
+use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,8 +84,16 @@ const MAX_BODY: u32 = 70_000;
 pub struct UsbredirServer {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<TcpStream>>>,
-    reports: Arc<AtomicU64>,
+    /// Open connections by number (each removes itself when it ends).
+    connections: Arc<Mutex<BTreeMap<u64, TcpStream>>>,
+    counters: Arc<Counters>,
+}
+
+/// What the server has carried, over every connection.
+#[derive(Debug, Default)]
+struct Counters {
+    reports: AtomicU64,
+    configured: AtomicU64,
 }
 
 impl UsbredirServer {
@@ -94,35 +103,42 @@ impl UsbredirServer {
             TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(UsbredirError::Listen)?;
         let address = listener.local_addr().map_err(UsbredirError::Listen)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let reports = Arc::new(AtomicU64::new(0));
+        let connections: Arc<Mutex<BTreeMap<u64, TcpStream>>> = Arc::default();
+        let counters = Arc::new(Counters::default());
         {
             let stop = Arc::clone(&stop);
             let connections = Arc::clone(&connections);
-            let reports = Arc::clone(&reports);
+            let counters = Arc::clone(&counters);
             std::thread::Builder::new()
                 .name(format!("usbredir-{}", core.serial()))
                 .spawn(move || {
-                    for incoming in listener.incoming() {
+                    for (number, incoming) in (0u64..).zip(listener.incoming()) {
+                        let Ok(stream) = incoming else { continue };
+                        let Ok(clone) = stream.try_clone() else {
+                            continue;
+                        };
+                        lock(&connections).insert(number, clone);
+                        // Checked after registering: a stop that drained the list before the
+                        // insert is seen here.
                         if stop.load(Ordering::SeqCst) {
+                            lock(&connections).remove(&number);
                             break;
                         }
-                        let Ok(stream) = incoming else { continue };
                         let _ = stream.set_nodelay(true);
-                        if let Ok(clone) = stream.try_clone() {
-                            lock(&connections).push(clone);
-                        }
                         let core = Arc::clone(&core);
-                        let reports = Arc::clone(&reports);
+                        let counters = Arc::clone(&counters);
+                        let connections = Arc::clone(&connections);
                         std::thread::spawn(move || {
                             let serial = core.serial().to_string();
-                            match Connection::new(stream, core, reports).and_then(Connection::serve)
+                            match Connection::new(stream, core, counters)
+                                .and_then(Connection::serve)
                             {
                                 Ok(()) => tracing::debug!(%serial, "usbredir peer closed"),
                                 Err(error) => {
                                     tracing::debug!(%serial, %error, "usbredir connection ended")
                                 }
                             }
+                            lock(&connections).remove(&number);
                         });
                     }
                 })
@@ -133,7 +149,7 @@ impl UsbredirServer {
             address,
             stop,
             connections,
-            reports,
+            counters,
         })
     }
 
@@ -144,12 +160,17 @@ impl UsbredirServer {
 
     /// Reports carried so far, both directions, over every connection.
     pub fn reports(&self) -> u64 {
-        self.reports.load(Ordering::Relaxed)
+        self.counters.reports.load(Ordering::Relaxed)
+    }
+
+    /// Connections whose host has configured the device so far (each enumeration counts).
+    pub fn configured(&self) -> u64 {
+        self.counters.configured.load(Ordering::SeqCst)
     }
 
     /// Cuts every connection: each connected guest sees the device vanish.
     pub fn disconnect_all(&self) {
-        for stream in lock(&self.connections).drain(..) {
+        for (_, stream) in std::mem::take(&mut *lock(&self.connections)) {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
@@ -173,26 +194,29 @@ struct Connection {
     reader: BufReader<TcpStream>,
     writer: BufWriter<TcpStream>,
     device: HidDongle,
+    /// The peer's capabilities (from its hello).
+    peer_capabilities: u32,
     wide_ids: bool,
     receiving_in: bool,
     next_in_id: u64,
-    reports: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 }
 
 impl Connection {
     fn new(
         stream: TcpStream,
         core: Arc<DongleCore>,
-        reports: Arc<AtomicU64>,
+        counters: Arc<Counters>,
     ) -> std::io::Result<Connection> {
         Ok(Connection {
             writer: BufWriter::new(stream.try_clone()?),
             reader: BufReader::new(stream),
             device: HidDongle::new(core),
+            peer_capabilities: 0,
             wide_ids: false,
             receiving_in: false,
             next_in_id: 0,
-            reports,
+            counters,
         })
     }
 
@@ -259,6 +283,7 @@ impl Connection {
                     capabilities = format_args!("{peer:#x}"),
                     "usbredir hello"
                 );
+                self.peer_capabilities = peer;
                 self.wide_ids = peer & CAP_64BITS_IDS != 0;
                 self.describe_device()?;
             }
@@ -266,6 +291,9 @@ impl Connection {
             packet::SET_CONFIGURATION => {
                 let value = body.first().copied().unwrap_or(0);
                 let ok = self.device.set_configuration(value);
+                if ok && value != 0 {
+                    self.counters.configured.fetch_add(1, Ordering::SeqCst);
+                }
                 let code = if ok { status::SUCCESS } else { status::STALL };
                 let configuration = self.device.configuration();
                 self.send(packet::CONFIGURATION_STATUS, id, &[code, configuration])?;
@@ -347,15 +375,21 @@ impl Connection {
         endpoints.extend(types);
         endpoints.extend(intervals);
         endpoints.extend([0u8; 32]); // every endpoint belongs to interface 0
-        for size in max_packet {
-            endpoints.extend(size.to_le_bytes());
+        // Fields a peer without the matching capability does not expect are left out.
+        let both = CAPABILITIES & self.peer_capabilities;
+        if both & CAP_EP_INFO_MAX_PACKET_SIZE != 0 {
+            for size in max_packet {
+                endpoints.extend(size.to_le_bytes());
+            }
         }
         self.send(packet::EP_INFO, 0, &endpoints)?;
 
         let mut connect = vec![SPEED_HIGH, 0, 0, 0];
         connect.extend(VENDOR_ID.to_le_bytes());
         connect.extend(PRODUCT_ID.to_le_bytes());
-        connect.extend(DEVICE_VERSION_BCD.to_le_bytes());
+        if both & CAP_CONNECT_DEVICE_VERSION != 0 {
+            connect.extend(DEVICE_VERSION_BCD.to_le_bytes());
+        }
         self.send(packet::DEVICE_CONNECT, 0, &connect)
     }
 
@@ -377,7 +411,7 @@ impl Connection {
             ControlOutcome::Stall => (status::STALL, Vec::new()),
         };
         if !setup.is_in() && setup.request_type == 0x21 && setup.request == 0x09 {
-            self.reports.fetch_add(1, Ordering::Relaxed);
+            self.counters.reports.fetch_add(1, Ordering::Relaxed);
         }
         let mut reply = body[..10].to_vec();
         reply[3] = code;
@@ -397,7 +431,7 @@ impl Connection {
         let endpoint = body.first().copied().unwrap_or(0);
         let data = body.get(4..).unwrap_or(&[]);
         let code = if endpoint == OUT_ENDPOINT {
-            self.reports.fetch_add(1, Ordering::Relaxed);
+            self.counters.reports.fetch_add(1, Ordering::Relaxed);
             self.device.interrupt_out(data);
             status::SUCCESS
         } else {
@@ -419,7 +453,7 @@ impl Connection {
             body.extend(report);
             let id = self.next_in_id;
             self.next_in_id += 1;
-            self.reports.fetch_add(1, Ordering::Relaxed);
+            self.counters.reports.fetch_add(1, Ordering::Relaxed);
             self.send(packet::INTERRUPT_PACKET, id, &body)?;
         }
         Ok(())

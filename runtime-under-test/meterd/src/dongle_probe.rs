@@ -22,7 +22,8 @@ pub enum LocalDongleCommand {
     /// Binds the dongle to --runtime-id, reads its items, then sends --count clock reads (the
     /// keep-alive request) one after another, and closes the session. The bind is real: a meterd
     /// using the same dongle loses it (binding-broken, until a re-plug), and a bind while another
-    /// runtime is active trips the shared-use lockout. Probe a dongle no runtime is using.
+    /// runtime is active trips the shared-use lockout. Probe a dongle no runtime is using; on
+    /// hidraw, where every opener shares the one USB connection, stop meterd first.
     Probe(ProbeArgs),
 }
 

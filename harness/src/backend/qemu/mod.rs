@@ -502,7 +502,13 @@ impl QemuBackend {
         g.power = Power::Off;
         g.sessions.clear();
         self.apps.retain(|_, a| a.machine != machine);
+        self.end_usbip_imports_of(machine);
         Ok(())
+    }
+
+    /// A guest that stops loses its USB/IP imports with its kernel: their exports end.
+    fn end_usbip_imports_of(&mut self, machine: &str) {
+        self.usbip.retain(|_, import| import.machine != machine);
     }
 
     /// Copies the guest's runtime log out of the guest into the report folder.
@@ -517,24 +523,13 @@ impl QemuBackend {
         }
     }
 
-    /// True when the dongle is plugged in anywhere (a host, a guest, a USB/IP import).
-    fn dongle_in_use(&mut self, dongle: &str) -> Result<bool, BackendError> {
-        let in_guest = self.guests.values().any(|g| g.usb.contains_key(dongle));
-        Ok(in_guest
-            || self.usbip.contains_key(dongle)
-            || !self.sim.dongle_attached_to(dongle)?.is_empty())
-    }
-
     /// Passes a dongle through to a guest over usbredir (hot-plugged when the guest runs, at
     /// its next start otherwise).
     fn plug_into_guest(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
         if self.guest(machine)?.usb.contains_key(dongle) {
             return Ok(());
         }
-        if !self.dongle_in_use(dongle)? {
-            // Plugged into nothing before: the dongle powers up, as on a real bus.
-            self.sim.dongle_core(dongle)?.bus_reset();
-        }
+        let core = self.sim.dongle_core(dongle)?;
         let port = self.usbredir_port(dongle)?;
         self.usb_plugs += 1;
         let plug_number = self.usb_plugs;
@@ -557,10 +552,12 @@ impl QemuBackend {
             xhci_port,
         };
         let running = g.power == Power::Running;
-        if let Some(vm) = g.vm.as_mut() {
-            vm.monitor
-                .usb_plug(&plug)
-                .map_err(|e| vm.failure(&format!("cannot plug dongle {dongle}: {e}")))?;
+        core.plugged();
+        if let Some(vm) = g.vm.as_mut()
+            && let Err(e) = vm.monitor.usb_plug(&plug)
+        {
+            core.unplugged();
+            return Err(vm.failure(&format!("cannot plug dongle {dongle}: {e}")));
         }
         g.usb.insert(dongle.to_string(), plug);
         if running {
@@ -637,11 +634,15 @@ impl QemuBackend {
             return Ok(());
         };
         let running = g.power == Power::Running;
-        if let Some(vm) = g.vm.as_mut() {
-            vm.monitor
+        let unplugged = match g.vm.as_mut() {
+            Some(vm) => vm
+                .monitor
                 .usb_unplug(&plug.id)
-                .map_err(|e| vm.failure(&format!("cannot unplug dongle {dongle}: {e}")))?;
-        }
+                .map_err(|e| vm.failure(&format!("cannot unplug dongle {dongle}: {e}"))),
+            None => Ok(()),
+        };
+        self.sim.dongle_core(dongle)?.unplugged();
+        unplugged?;
         if running {
             self.wait_for_guest_dongle(machine, dongle, false)?;
         }
@@ -713,19 +714,86 @@ impl QemuBackend {
         Ok(port)
     }
 
-    /// Gives a guest about to be restored the dongles its snapshot had (taken from wherever
-    /// else they were passed through exclusively since).
+    /// Gives a guest about to be restored (its QEMU already gone) the dongles its snapshot had,
+    /// as the restored configuration passes them through: a dongle that went elsewhere since is
+    /// taken back exclusively; one the guest has now but the snapshot had not is unplugged.
     fn restore_usb(
         &mut self,
         machine: &str,
         usb: BTreeMap<String, UsbRedirPlug>,
     ) -> Result<(), BackendError> {
+        let current: Vec<String> = self.guest(machine)?.usb.keys().cloned().collect();
+        for dongle in current {
+            if !usb.contains_key(&dongle) {
+                self.guest_mut(machine)?.usb.remove(&dongle);
+                self.sim.dongle_core(&dongle)?.unplugged();
+            }
+        }
         let mut restored = BTreeMap::new();
         for (dongle, plug) in usb {
+            if !self.guest(machine)?.usb.contains_key(&dongle) {
+                self.end_usbip(&dongle)?;
+                for other in self.guests_with_dongle(&dongle) {
+                    self.unplug_from_guest(&dongle, &other)?;
+                }
+                if !self.sim.dongle_attached_to(&dongle)?.is_empty() {
+                    self.sim.usb_detach(&dongle)?;
+                }
+                self.sim.dongle_core(&dongle)?.plugged();
+            }
             let port = self.usbredir_port(&dongle)?;
             restored.insert(dongle, UsbRedirPlug { port, ..plug });
         }
         self.guest_mut(machine)?.usb = restored;
+        Ok(())
+    }
+
+    /// How many usbredir connections of each of a guest's dongles have been configured so far.
+    fn usbredir_configured(&self, machine: &str) -> Result<Vec<(String, u64)>, BackendError> {
+        Ok(self
+            .guest(machine)?
+            .usb
+            .keys()
+            .map(|dongle| {
+                let seen = self.usbredir.get(dongle).map_or(0, |s| s.configured());
+                (dongle.clone(), seen)
+            })
+            .collect())
+    }
+
+    /// Waits until each dongle's usbredir server has configured a connection beyond `before`
+    /// (a restored guest's device reconnects: until then the guest still lists the old one),
+    /// then until the guest shows it.
+    fn wait_for_usbredir_reconnects(
+        &mut self,
+        machine: &str,
+        before: Vec<(String, u64)>,
+    ) -> Result<(), BackendError> {
+        let deadline = Instant::now() + USB_ENUMERATION_TIMEOUT;
+        for (dongle, seen) in before {
+            while self
+                .usbredir
+                .get(&dongle)
+                .is_some_and(|s| s.configured() <= seen)
+            {
+                if Instant::now() > deadline {
+                    let message = format!(
+                        "dongle {dongle} did not reconnect over usbredir within {} s",
+                        USB_ENUMERATION_TIMEOUT.as_secs()
+                    );
+                    let g = self.guest_mut(machine)?;
+                    return Err(match g.vm.as_ref() {
+                        Some(vm) => vm.failure(&message),
+                        None => BackendError::Runtime {
+                            machine: machine.into(),
+                            message,
+                        },
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.wait_for_guest_dongle(machine, &dongle, true)?;
+        }
         Ok(())
     }
 
@@ -822,6 +890,7 @@ impl Backend for QemuBackend {
         g.power = Power::Off;
         g.sessions.clear();
         self.apps.retain(|_, a| a.machine != machine);
+        self.end_usbip_imports_of(machine);
         answer.map(drop)
     }
 
@@ -909,10 +978,11 @@ impl Backend for QemuBackend {
         if was_on && live {
             // The restored machine has the devices it had when saved: its dongles come back.
             self.restore_usb(machine, usb)?;
+            let configured = self.usbredir_configured(machine)?;
             let started_vm = self.launch(machine, Some(name.to_string()))?;
             self.guest_mut(machine)?.sessions = sessions;
             self.finish_start(machine, started_vm)?;
-            self.wait_for_guest_dongles(machine)?;
+            self.wait_for_usbredir_reconnects(machine, configured)?;
             // The restored memory may lack the servers added since the snapshot.
             self.configure_servers(machine)?;
         } else {
@@ -1006,6 +1076,16 @@ impl Backend for QemuBackend {
                 why: format!(
                     "{machine} has dongle {dongle} passed through over usbredir; unplug it \
                      (usb-detach) before a live migration"
+                ),
+            });
+        }
+        if let Some((dongle, _)) = self.usbip.iter().find(|(_, i)| i.machine == machine) {
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Qemu,
+                operation: "migrate",
+                why: format!(
+                    "{machine} imported dongle {dongle} over USB/IP, whose connection does not \
+                     move with the guest; detach it (usbip-detach) before a live migration"
                 ),
             });
         }

@@ -3,8 +3,8 @@
 //!
 //! A socket carries the dongle's 64-byte HID reports unchanged, exactly as a USB HID transport
 //! would. Every machine a dongle is attached to gets its own socket (its own USB host); several at
-//! once is the hypervisor's shared mode. Plugging, unplugging and USB/IP disconnects reset the
-//! dongle's bus, as real hardware does.
+//! once is the hypervisor's shared mode. The first plug and the last unplug, over any path, reset the
+//! dongle's bus, as real hardware does ([`DongleCore::plugged`]).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -79,11 +79,11 @@ impl VirtualDongle {
         if self.attachments.contains_key(machine) {
             return Ok(());
         }
-        self.bus_reset_if_alone();
         let socket = usb_dir.join(format!("{}.sock", self.serial));
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)
             .map_err(BackendError::io(format!("bind {}", socket.display())))?;
+        self.core.plugged();
         let stop = Arc::new(AtomicBool::new(false));
         let streams: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
         {
@@ -128,15 +128,8 @@ impl VirtualDongle {
         for name in names {
             if let Some(attachment) = self.attachments.remove(&name) {
                 attachment.end();
+                self.core.unplugged();
             }
-        }
-        self.bus_reset_if_alone();
-    }
-
-    /// A plug or unplug resets the device's bus unless another host still shares it.
-    fn bus_reset_if_alone(&mut self) {
-        if self.attachments.is_empty() {
-            self.core.bus_reset();
         }
     }
 
