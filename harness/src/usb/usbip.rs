@@ -75,6 +75,8 @@ pub enum UsbipError {
 /// A USB/IP server on 127.0.0.1 exporting one dongle as bus id [`UsbipServer::BUS_ID`].
 pub struct UsbipServer {
     address: SocketAddr,
+    /// Shared with the accept loop, so Drop can wake it through the socket itself.
+    listener: Arc<TcpListener>,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -113,7 +115,7 @@ impl UsbipServer {
 
     /// Starts serving the dongle on an ephemeral port of 127.0.0.1.
     pub fn start(core: Arc<DongleCore>) -> Result<UsbipServer, UsbipError> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(UsbipError::Listen)?;
+        let listener = Arc::new(TcpListener::bind(("127.0.0.1", 0)).map_err(UsbipError::Listen)?);
         let address = listener.local_addr().map_err(UsbipError::Listen)?;
         let shared = Arc::new(Shared {
             core,
@@ -124,6 +126,7 @@ impl UsbipServer {
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
+            let listener = Arc::clone(&listener);
             std::thread::Builder::new()
                 .name("usbip-accept".into())
                 .spawn(move || accept_loop(&listener, &shared))
@@ -132,6 +135,7 @@ impl UsbipServer {
         tracing::debug!(%address, serial = shared.core.serial(), "USB/IP server listening");
         Ok(UsbipServer {
             address,
+            listener,
             shared,
             acceptor: Some(acceptor),
         })
@@ -142,11 +146,15 @@ impl UsbipServer {
         self.address.port()
     }
 
-    /// Abruptly closes the current import's connection (a network fault); the export is free again.
+    /// Abruptly closes the current import's connection (a network fault); the export is free
+    /// again, and the dongle is unplugged from the importer at once (not when its connection's
+    /// thread notices, which could come after the next import).
     pub fn disconnect(&self) {
-        if let Some(import) = self.shared.import().take() {
+        let mut import = self.shared.import();
+        if let Some(cut) = import.take() {
             tracing::info!(serial = self.shared.core.serial(), "USB/IP connection cut");
-            let _ = import.stream.shutdown(Shutdown::Both);
+            let _ = cut.stream.shutdown(Shutdown::Both);
+            self.shared.core.unplugged();
         }
     }
 
@@ -159,8 +167,15 @@ impl UsbipServer {
 impl Drop for UsbipServer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the stop flag.
-        let _ = TcpStream::connect(self.address);
+        // Wake the accept loop so it sees the stop flag: shutting the listening socket down
+        // makes a blocked accept fail at once (no connection needed, so no file descriptor).
+        // SAFETY: the descriptor stays open while `self.listener` holds the socket.
+        unsafe {
+            libc::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.listener),
+                libc::SHUT_RD,
+            )
+        };
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
@@ -290,14 +305,15 @@ fn serve_connection(mut stream: TcpStream, id: u64, shared: &Shared) -> std::io:
             let served = stream
                 .write_all(&reply)
                 .and_then(|()| serve_urbs(&mut stream, HidDongle::new(Arc::clone(&shared.core))));
-            // The import ends with its connection (unless a disconnect already ended it).
+            // The import ends with its connection, unless a disconnect already ended it (and
+            // unplugged the dongle then).
             let mut import = shared.import();
             if import.as_ref().is_some_and(|i| i.generation == id) {
                 *import = None;
+                shared.core.unplugged();
             }
             drop(import);
             let _ = stream.shutdown(Shutdown::Both);
-            shared.core.unplugged();
             served
         }
         other => Err(std::io::Error::new(

@@ -83,6 +83,8 @@ const MAX_BODY: u32 = 70_000;
 #[derive(Debug)]
 pub struct UsbredirServer {
     address: SocketAddr,
+    /// Shared with the accept loop, so Drop can wake it through the socket itself.
+    listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     /// Open connections by number (each removes itself when it ends).
     connections: Arc<Mutex<BTreeMap<u64, TcpStream>>>,
@@ -100,7 +102,7 @@ impl UsbredirServer {
     /// Listens on 127.0.0.1 (a free port) and serves `core` to every connection.
     pub fn start(core: Arc<DongleCore>) -> Result<UsbredirServer, UsbredirError> {
         let listener =
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(UsbredirError::Listen)?;
+            Arc::new(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(UsbredirError::Listen)?);
         let address = listener.local_addr().map_err(UsbredirError::Listen)?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<BTreeMap<u64, TcpStream>>> = Arc::default();
@@ -109,11 +111,17 @@ impl UsbredirServer {
             let stop = Arc::clone(&stop);
             let connections = Arc::clone(&connections);
             let counters = Arc::clone(&counters);
+            let listener = Arc::clone(&listener);
             std::thread::Builder::new()
                 .name(format!("usbredir-{}", core.serial()))
                 .spawn(move || {
                     for (number, incoming) in (0u64..).zip(listener.incoming()) {
-                        let Ok(stream) = incoming else { continue };
+                        let Ok(stream) = incoming else {
+                            if stop.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            continue;
+                        };
                         let Ok(clone) = stream.try_clone() else {
                             continue;
                         };
@@ -147,6 +155,7 @@ impl UsbredirServer {
         tracing::debug!(%address, "usbredir server listening");
         Ok(UsbredirServer {
             address,
+            listener,
             stop,
             connections,
             counters,
@@ -180,8 +189,15 @@ impl Drop for UsbredirServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.disconnect_all();
-        // Wake the accept loop so it sees the stop flag.
-        let _ = TcpStream::connect(self.address);
+        // Wake the accept loop so it sees the stop flag: a shut-down listening socket fails a
+        // blocked accept at once.
+        // SAFETY: the descriptor stays open while `self.listener` holds the socket.
+        unsafe {
+            libc::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.listener),
+                libc::SHUT_RD,
+            )
+        };
     }
 }
 
@@ -632,8 +648,15 @@ mod tests {
         for _ in 0..3 {
             host.receive();
         }
+        let port = server.port();
         drop(server);
         let mut byte = [0u8; 1];
         assert_eq!(host.stream.read(&mut byte).unwrap_or(0), 0);
+        // The accept loop ends too: the port stops listening.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "still listening on {port}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
