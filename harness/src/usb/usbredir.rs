@@ -655,7 +655,10 @@ mod tests {
         // The accept loop ends too: the port stops listening.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            assert!(std::time::Instant::now() < deadline, "still listening on {port}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still listening on {port}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
