@@ -579,21 +579,16 @@ impl QemuBackend {
         let started = Instant::now();
         let deadline = started + USB_ENUMERATION_TIMEOUT;
         loop {
-            let outcome = self.call(
+            let uevents = self.guest_exec(
                 machine,
-                Op::Exec {
-                    argv: vec![
-                        "/bin/sh".into(),
-                        "-c".into(),
-                        "cat /sys/class/hidraw/*/device/uevent 2>/dev/null; true".into(),
-                    ],
-                    env: Vec::new(),
-                    session: None,
-                },
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "cat /sys/class/hidraw/*/device/uevent 2>/dev/null; true",
+                ],
                 Duration::from_secs(10),
             )?;
-            let seen = matches!(&outcome, Outcome::Exited { stdout, .. }
-                if stdout.lines().any(|line| line.trim() == wanted));
+            let seen = uevents.stdout.lines().any(|line| line.trim() == wanted);
             if seen == present {
                 tracing::debug!(
                     guest = machine,
@@ -605,23 +600,18 @@ impl QemuBackend {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let g = self.guest_mut(machine)?;
                 let what = if present {
                     "did not enumerate"
                 } else {
                     "was not removed"
                 };
-                let message = format!(
-                    "dongle {dongle} (serial {serial}) {what} in the guest within {} s",
-                    USB_ENUMERATION_TIMEOUT.as_secs()
-                );
-                return Err(match g.vm.as_ref() {
-                    Some(vm) => vm.failure(&message),
-                    None => BackendError::Runtime {
-                        machine: machine.into(),
-                        message,
-                    },
-                });
+                return Err(self.guest_failure(
+                    machine,
+                    format!(
+                        "dongle {dongle} (serial {serial}) {what} in the guest within {} s",
+                        USB_ENUMERATION_TIMEOUT.as_secs()
+                    ),
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -656,15 +646,21 @@ impl QemuBackend {
         argv: &[&str],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError> {
-        match self.call(
-            machine,
-            Op::Exec {
-                argv: argv.iter().map(|a| a.to_string()).collect(),
-                env: Vec::new(),
-                session: None,
-            },
-            timeout,
-        )? {
+        let argv = argv.iter().map(|a| a.to_string()).collect();
+        self.exec(machine, argv, Vec::new(), None, timeout)
+    }
+
+    /// Runs a program to completion in a guest (inside `session` when named); its exit and output.
+    fn exec(
+        &mut self,
+        machine: &str,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        session: Option<String>,
+        timeout: Duration,
+    ) -> Result<CommandOutput, BackendError> {
+        let op = Op::Exec { argv, env, session };
+        match self.call(machine, op, timeout)? {
             Outcome::Exited {
                 exit,
                 stdout,
@@ -678,6 +674,17 @@ impl QemuBackend {
                 machine: machine.into(),
                 message: format!("the agent answered exec with {other:?}"),
             }),
+        }
+    }
+
+    /// A failure of a guest: with its console and QEMU command line while it runs.
+    fn guest_failure(&self, machine: &str, message: String) -> BackendError {
+        match self.guests.get(machine).and_then(|g| g.vm.as_ref()) {
+            Some(vm) => vm.failure(&message),
+            None => BackendError::Runtime {
+                machine: machine.into(),
+                message,
+            },
         }
     }
 
@@ -777,18 +784,13 @@ impl QemuBackend {
                 .is_some_and(|s| s.configured() <= seen)
             {
                 if Instant::now() > deadline {
-                    let message = format!(
-                        "dongle {dongle} did not reconnect over usbredir within {} s",
-                        USB_ENUMERATION_TIMEOUT.as_secs()
-                    );
-                    let g = self.guest_mut(machine)?;
-                    return Err(match g.vm.as_ref() {
-                        Some(vm) => vm.failure(&message),
-                        None => BackendError::Runtime {
-                            machine: machine.into(),
-                            message,
-                        },
-                    });
+                    return Err(self.guest_failure(
+                        machine,
+                        format!(
+                            "dongle {dongle} did not reconnect over usbredir within {} s",
+                            USB_ENUMERATION_TIMEOUT.as_secs()
+                        ),
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -1020,15 +1022,7 @@ impl Backend for QemuBackend {
         let tag = format!("vigil-clone-{to}");
         if self.guest(from)?.power == Power::Running {
             // As a hypervisor's guest agent does before a snapshot: flush the guest's caches.
-            self.call(
-                from,
-                Op::Exec {
-                    argv: vec!["/bin/sync".into()],
-                    env: Vec::new(),
-                    session: None,
-                },
-                Duration::from_secs(20),
-            )?;
+            self.guest_exec(from, &["/bin/sync"], Duration::from_secs(20))?;
         }
         let g = self.guest_mut(from)?;
         let running = g.power == Power::Running;
@@ -1243,29 +1237,9 @@ impl Backend for QemuBackend {
         argv.extend(args.iter().cloned());
         // The guest runs slower than the harness (TCG): give commands more room.
         let timeout = timeout.max(Duration::from_secs(30));
-        let outcome = self.call(
-            machine,
-            Op::Exec {
-                argv,
-                env: vec![("METER_SOCKET".into(), GUEST_SOCKET.into())],
-                session: Some(session.to_string()),
-            },
-            timeout,
-        );
-        match outcome {
-            Ok(Outcome::Exited {
-                exit,
-                stdout,
-                stderr,
-            }) => Ok(CommandOutput {
-                code: exit.code,
-                stdout,
-                stderr,
-            }),
-            Ok(other) => Err(BackendError::Runtime {
-                machine: machine.into(),
-                message: format!("the agent answered exec with {other:?}"),
-            }),
+        let env = vec![("METER_SOCKET".into(), GUEST_SOCKET.into())];
+        match self.exec(machine, argv, env, Some(session.to_string()), timeout) {
+            Ok(output) => Ok(output),
             Err(BackendError::Runtime { message, .. }) if message.contains("did not finish") => {
                 Err(BackendError::Timeout {
                     what: format!("`meter {}` on {machine}", args.join(" ")),
