@@ -327,16 +327,10 @@ impl HidDongle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicI64;
 
     fn device() -> (tempfile::TempDir, HidDongle) {
         let dir = tempfile::tempdir().unwrap();
-        let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]);
-        let flash =
-            dongle::Flash::manufacture(dongle::Serial(3_471_100), [1; 32], [2; 32], &vendor);
-        let path = dir.path().join("flash.json");
-        std::fs::write(&path, serde_json::to_vec(&flash).unwrap()).unwrap();
-        let core = DongleCore::power_on(&path, Arc::new(AtomicI64::new(0))).unwrap();
+        let core = crate::usb::test_dongle(dir.path(), 3_471_100);
         (dir, HidDongle::new(core))
     }
 

@@ -121,6 +121,16 @@ impl DongleCore {
     }
 }
 
+/// A dongle for unit tests: `serial`, certified by the vendor key `[7; 32]`, flash in `dir`.
+#[cfg(test)]
+pub(crate) fn test_dongle(dir: &Path, serial: u64) -> Arc<DongleCore> {
+    let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]);
+    let flash = Flash::manufacture(dongle::Serial(serial), [1; 32], [2; 32], &vendor);
+    let path = dir.join("flash.json");
+    std::fs::write(&path, serde_json::to_vec(&flash).unwrap()).unwrap();
+    DongleCore::power_on(&path, Arc::new(AtomicI64::new(0))).unwrap()
+}
+
 fn persist(fw: &mut Firmware, flash_path: &Path) {
     if fw.take_flash_dirty() {
         match serde_json::to_vec_pretty(fw.flash()) {
@@ -140,14 +150,6 @@ fn persist(fw: &mut Firmware, flash_path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn core(dir: &Path) -> Arc<DongleCore> {
-        let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]);
-        let flash = Flash::manufacture(dongle::Serial(42), [1; 32], [2; 32], &vendor);
-        let path = dir.join("flash.json");
-        std::fs::write(&path, serde_json::to_vec(&flash).unwrap()).unwrap();
-        DongleCore::power_on(&path, Arc::new(AtomicI64::new(0))).unwrap()
-    }
 
     /// Opens a session from one host: the dongle binds to `runtime` and its session is active.
     fn bind(core: &DongleCore, runtime: &str) {
@@ -177,7 +179,7 @@ mod tests {
     #[test]
     fn only_the_first_plug_and_the_last_unplug_reset_the_bus() {
         let dir = tempfile::tempdir().unwrap();
-        let core = core(dir.path());
+        let core = test_dongle(dir.path(), 42);
         core.plugged();
         bind(&core, "vm1");
         assert!(active(&core));

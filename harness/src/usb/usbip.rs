@@ -486,17 +486,11 @@ fn control(device: &mut HidDongle, setup: &SetupPacket, data_out: &[u8]) -> Cont
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicI64;
     use std::time::Duration;
 
     fn server() -> (tempfile::TempDir, Arc<DongleCore>, UsbipServer) {
         let dir = tempfile::tempdir().unwrap();
-        let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]);
-        let flash =
-            dongle::Flash::manufacture(dongle::Serial(3_471_200), [1; 32], [2; 32], &vendor);
-        let path = dir.path().join("flash.json");
-        std::fs::write(&path, serde_json::to_vec(&flash).unwrap()).unwrap();
-        let core = DongleCore::power_on(&path, Arc::new(AtomicI64::new(0))).unwrap();
+        let core = crate::usb::test_dongle(dir.path(), 3_471_200);
         let server = UsbipServer::start(Arc::clone(&core)).unwrap();
         (dir, core, server)
     }

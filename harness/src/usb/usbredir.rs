@@ -479,7 +479,6 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicI64;
     use std::time::Duration;
 
     /// The QEMU side of the protocol, as far as a test needs it.
@@ -531,11 +530,7 @@ mod tests {
 
     fn server() -> (tempfile::TempDir, UsbredirServer) {
         let dir = tempfile::tempdir().unwrap();
-        let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]);
-        let flash = dongle::Flash::manufacture(dongle::Serial(4711), [1; 32], [2; 32], &vendor);
-        let path = dir.path().join("flash.json");
-        std::fs::write(&path, serde_json::to_vec(&flash).unwrap()).unwrap();
-        let core = DongleCore::power_on(&path, Arc::new(AtomicI64::new(0))).unwrap();
+        let core = crate::usb::test_dongle(dir.path(), 4711);
         (dir, UsbredirServer::start(core).unwrap())
     }
 
