@@ -131,6 +131,20 @@ pub fn status(backend: &mut dyn Backend, machine: &str) -> Result<Value, Backend
     Ok(value)
 }
 
+/// Whether a status document shows a session with the dongle `serial` (open, or refused by it).
+pub fn dongle_seen(status: &Value, serial: &str) -> bool {
+    status
+        .get("containers")
+        .and_then(Value::as_array)
+        .is_some_and(|containers| {
+            containers.iter().any(|c| {
+                c["kind"] == "dongle"
+                    && c["serial"].as_str() == Some(serial)
+                    && c["state"] != "unreachable"
+            })
+        })
+}
+
 /// A product's entry in a status document: the container holding it and the product itself.
 pub fn product_in_status(status: &Value, product: u32) -> Option<(&Value, &Value)> {
     status

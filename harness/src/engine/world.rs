@@ -20,6 +20,9 @@ use crate::scenario::{self as sc, Scenario, Step};
 /// Firm code the harness's vendor issues licences under.
 pub const FIRM: u32 = 6_000_010;
 
+/// How long an attach step waits for the machines' runtimes to reach the dongle.
+const DONGLE_SEEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// An app started by a scenario.
 #[derive(Debug, Clone)]
 pub(super) struct AppRecord {
@@ -466,13 +469,60 @@ impl World {
                     sc::UsbMode::Exclusive => UsbMode::Exclusive,
                     sc::UsbMode::Shared => UsbMode::Shared,
                 };
-                self.backend.usb_attach(&u.dongle.value, &machines, mode)
+                self.backend.usb_attach(&u.dongle.value, &machines, mode)?;
+                self.await_dongle_seen(&u.dongle.value, &machines);
+                Ok(())
             }
             Step::UsbDetach(d) => self.backend.usb_detach(&d.value),
-            Step::UsbipAttach(u) => self.backend.usbip_attach(&u.dongle.value, &u.machine.value),
+            Step::UsbipAttach(u) => {
+                self.backend
+                    .usbip_attach(&u.dongle.value, &u.machine.value)?;
+                self.await_dongle_seen(&u.dongle.value, std::slice::from_ref(&u.machine.value));
+                Ok(())
+            }
             Step::UsbipDetach(d) => self.backend.usbip_detach(&d.value),
             Step::UsbipDisconnect(d) => self.backend.usbip_disconnect(&d.value),
             Step::Expect(_) => Ok(()),
+        }
+    }
+
+    /// Waits until the runtime of each running machine has spoken to a newly attached dongle,
+    /// as a runtime on a real bus would have before the next step (a guest enumerates a device
+    /// well before its runtime's next look). A machine whose runtime does not answer is skipped;
+    /// one that never reaches the dongle is left to the scenario's assertions.
+    fn await_dongle_seen(&mut self, dongle: &str, machines: &[String]) {
+        let Some(serial) = self
+            .backend
+            .dongle_status(dongle)
+            .ok()
+            .and_then(|status| status["serial"].as_u64())
+            .map(|serial| serial.to_string())
+        else {
+            return;
+        };
+        let deadline = Instant::now() + DONGLE_SEEN_TIMEOUT;
+        for machine in machines {
+            if !self.booted.contains(machine) || self.paused.contains(machine) {
+                continue;
+            }
+            loop {
+                let Ok(status) = runtime::status(self.backend.as_mut(), machine) else {
+                    break;
+                };
+                if runtime::dongle_seen(&status, &serial) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    tracing::warn!(
+                        dongle,
+                        machine,
+                        "the runtime has not reached the dongle after {} s",
+                        DONGLE_SEEN_TIMEOUT.as_secs()
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
