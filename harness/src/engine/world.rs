@@ -505,10 +505,7 @@ impl World {
             if !self.booted.contains(machine) || self.paused.contains(machine) {
                 continue;
             }
-            loop {
-                let Ok(status) = runtime::status(self.backend.as_mut(), machine) else {
-                    break;
-                };
+            while let Ok(status) = runtime::status(self.backend.as_mut(), machine) {
                 if runtime::dongle_seen(&status, &serial) {
                     break;
                 }
