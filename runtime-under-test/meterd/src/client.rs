@@ -46,7 +46,7 @@ impl LocalClient {
                 source,
             })?;
         Ok(LocalClient {
-            framed: frame::framed(stream),
+            framed: frame::local_framed(stream),
         })
     }
 

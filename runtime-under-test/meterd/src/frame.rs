@@ -7,8 +7,12 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-/// Largest frame either side accepts; a longer one closes the connection.
+/// Largest frame either side of a network connection accepts; a longer one closes it.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Largest frame on the local socket, whose answers (allocation lists, status) grow with the
+/// number of licences held on the machine.
+pub const MAX_LOCAL_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// A broken frame or connection.
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +35,24 @@ pub enum FrameError {
     Closed,
 }
 
-/// The codec used on every connection.
+/// The codec used on network connections.
 pub fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME_BYTES)
         .new_codec()
 }
 
-/// Wraps a byte stream into frames.
+/// Wraps a network byte stream into frames.
 pub fn framed<T: AsyncRead + AsyncWrite>(io: T) -> Framed<T, LengthDelimitedCodec> {
     Framed::new(io, codec())
+}
+
+/// Wraps a local socket into frames.
+pub fn local_framed<T: AsyncRead + AsyncWrite>(io: T) -> Framed<T, LengthDelimitedCodec> {
+    let codec = LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_LOCAL_FRAME_BYTES)
+        .new_codec();
+    Framed::new(io, codec)
 }
 
 /// Encodes one message.

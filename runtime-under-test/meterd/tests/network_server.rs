@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures::SinkExt;
+use meter_core::allocation::ProductKey;
+use meter_core::station::{MachineRole, StationId};
+use meterd::protocol::{Claim, FromServer, ToServer, WireSession};
 
 fn server_with(
     vendor: &Vendor,
@@ -260,4 +263,133 @@ fn a_malformed_frame_closes_only_its_connection() {
     assert_eq!(allocations(&server).len(), 1);
     let (code, out) = ws.meter(&["access", "--product", "11"]);
     assert_eq!(code, 0, "{out}");
+}
+
+/// A station speaking the server protocol itself, welcomed as `machine`; with `small_buffers`
+/// it takes small segments into a small receive buffer, so unread answers fill the path quickly.
+async fn raw_station(addr: &str, pin: &str, machine: &str, small_buffers: bool) -> RawLink {
+    use std::os::fd::AsFd;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if small_buffers {
+        socket.set_recv_buffer_size(4096).unwrap();
+        nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::TcpMaxSeg, &536)
+            .unwrap();
+    }
+    let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let pin = meterd::tls::parse_pin(pin).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(meterd::tls::client_config(pin).unwrap());
+    let tls = connector
+        .connect(meterd::tls::server_name(), tcp)
+        .await
+        .unwrap();
+    let mut link = meterd::frame::framed(tls);
+    let hello = ToServer::Hello {
+        runtime: format!("{machine}-runtime"),
+        machine: machine.into(),
+        claims: Vec::new(),
+    };
+    meterd::frame::send(&mut link, &hello).await.unwrap();
+    let welcome: FromServer = meterd::frame::recv(&mut link).await.unwrap();
+    assert!(matches!(welcome, FromServer::Welcome { .. }), "{welcome:?}");
+    link
+}
+
+type RawLink = tokio_util::codec::Framed<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    tokio_util::codec::LengthDelimitedCodec,
+>;
+
+/// Access request `request` of the console of `machine` for product `code` of firm 10.
+fn access(machine: &str, request: u64, code: u32) -> ToServer {
+    ToServer::Access {
+        request,
+        claim: Claim {
+            client_handle: request,
+            product: ProductKey { firm: 10, code },
+            station: StationId::machine(machine),
+            session: WireSession::Console,
+            role: MachineRole::Workstation,
+            guest: false,
+        },
+    }
+}
+
+fn runtime_for_raw_stations() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn a_station_that_stops_reading_its_answers_is_released_after_its_keepalive_window() {
+    let vendor = Vendor::new();
+    let (server, _sd, addr, pin) = server_with(
+        &vendor,
+        &["{ code: 12, name: twelve, quantity: 1, counting: station-share }"],
+        "1",
+    );
+    let rt = runtime_for_raw_stations();
+    let flooder = rt.block_on(async {
+        let mut link = raw_station(&addr, &pin, "reader", true).await;
+        meterd::frame::send(&mut link, &access("reader", 1, 12))
+            .await
+            .unwrap();
+        let granted: FromServer = meterd::frame::recv(&mut link).await.unwrap();
+        assert!(matches!(granted, FromServer::Granted { .. }), "{granted:?}");
+        // From now on the station keeps asking (so it is never silent) but reads nothing; the
+        // product it asks for does not exist, so every answer is a denial.
+        tokio::spawn(async move {
+            for request in 2u64.. {
+                if meterd::frame::send(&mut link, &access("reader", request, 99))
+                    .await
+                    .is_err()
+                {
+                    return request;
+                }
+            }
+            unreachable!()
+        })
+    });
+    let released = wait_until(Duration::from_secs(20), || allocations(&server).is_empty())
+        .expect("the server released the station that stopped reading");
+    println!("station that stopped reading released {released:?} after it stopped (window 1 s)");
+    assert!(
+        released >= Duration::from_millis(700),
+        "released too early: {released:?}"
+    );
+    // The server closed the connection, so the flooding station's sends fail.
+    let sent = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), flooder).await })
+        .expect("the server closed the connection")
+        .unwrap();
+    println!("{sent} requests sent before the server closed the connection");
+    let (ws, _d) = client("ws1", "workstation", "127.0.2.14", &addr, &pin);
+    assert!(ws.hold(12, None).granted());
+}
+
+#[test]
+fn thousands_of_network_grants_are_listed_and_counted_once_per_station() {
+    const GRANTS: u64 = 3000;
+    let vendor = Vendor::new();
+    let (server, _sd, addr, pin) = server_with(
+        &vendor,
+        &["{ code: 13, name: thirteen, quantity: 1, counting: station-share }"],
+        "10",
+    );
+    let rt = runtime_for_raw_stations();
+    let _link = rt.block_on(async {
+        let mut link = raw_station(&addr, &pin, "busy", false).await;
+        for request in 1..=GRANTS {
+            meterd::frame::send(&mut link, &access("busy", request, 13))
+                .await
+                .unwrap();
+            let answer: FromServer = meterd::frame::recv(&mut link).await.unwrap();
+            assert!(matches!(answer, FromServer::Granted { .. }), "{answer:?}");
+        }
+        link
+    });
+    assert_eq!(allocations(&server).len() as u64, GRANTS);
+    assert_eq!(server_usage(&server, 13), (1, GRANTS));
 }
