@@ -331,26 +331,27 @@ fn a_station_that_stops_reading_its_answers_is_released_after_its_keepalive_wind
         "1",
     );
     let rt = runtime_for_raw_stations();
-    let flooder = rt.block_on(async {
+    let mut link = rt.block_on(async {
         let mut link = raw_station(&addr, &pin, "reader", true).await;
         meterd::frame::send(&mut link, &access("reader", 1, 12))
             .await
             .unwrap();
         let granted: FromServer = meterd::frame::recv(&mut link).await.unwrap();
         assert!(matches!(granted, FromServer::Granted { .. }), "{granted:?}");
-        // From now on the station keeps asking (so it is never silent) but reads nothing; the
-        // product it asks for does not exist, so every answer is a denial.
-        tokio::spawn(async move {
-            for request in 2u64.. {
-                if meterd::frame::send(&mut link, &access("reader", request, 99))
-                    .await
-                    .is_err()
-                {
-                    return request;
-                }
+        link
+    });
+    // From now on the station keeps asking (so it is never silent) but reads nothing; the
+    // product it asks for does not exist, so every answer is a denial.
+    let flooder = rt.spawn(async move {
+        for request in 2u64.. {
+            if meterd::frame::send(&mut link, &access("reader", request, 99))
+                .await
+                .is_err()
+            {
+                return request;
             }
-            unreachable!()
-        })
+        }
+        unreachable!()
     });
     let released = wait_until(Duration::from_secs(20), || allocations(&server).is_empty())
         .expect("the server released the station that stopped reading");
