@@ -116,6 +116,7 @@ fn scenario_passes(name: &str) {
 #[case::dongle_units("dongle-units")]
 #[case::dongle_rebind("dongle-rebind")]
 #[case::usb_over_ethernet("usb-over-ethernet")]
+#[case::dongle_hang("dongle-hang")]
 fn scenario_passes_on_qemu(#[case] name: &str) {
     scenario_passes(name);
 }

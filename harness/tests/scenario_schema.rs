@@ -47,6 +47,7 @@ steps:
   - usbip-attach: { dongle: d1, machine: vm2 }
   - usbip-disconnect: d1
   - usbip-attach: { dongle: d1, machine: vm2 }
+  - usb-hang: d1
   - usbip-detach: d1
   - server-start: { machine: host-a, port: 22351, keepalive: 10s }
   - partition: { machines: [host-a, vm1] }

@@ -432,6 +432,9 @@ pub trait Backend {
     fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError>;
     /// Breaks a dongle's USB/IP connection abruptly (a network fault).
     fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError>;
+    /// Hangs a dongle's firmware: it stays attached but answers nothing until it is unplugged
+    /// from every machine.
+    fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError>;
     /// The dongle's own view of itself (binding, lockout, clock), as its firmware reports it.
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError>;
     /// Writes a file onto a machine's disk; returns its path as the machine sees it.

@@ -26,7 +26,12 @@ pub struct Check {
 /// asynchronous: a kill is noticed by a pidfd, a vanished station by its keepalive window, so
 /// while the network is cut the window covers two keepalive windows).
 fn settle_window(world: &World) -> Duration {
-    let base = Duration::from_secs(3);
+    // A hung dongle is noticed only when a request to it times out (2 s in the reference runtime).
+    let base = if world.dongle_hung {
+        Duration::from_secs(8)
+    } else {
+        Duration::from_secs(3)
+    };
     if world.network_cut {
         base.max(world.keepalive * 2 + Duration::from_secs(2))
     } else {

@@ -55,6 +55,8 @@ pub struct World {
     pub(super) keepalive: Duration,
     /// Whether a partition is in force (silent stations are then released by keepalive).
     pub(super) network_cut: bool,
+    /// Whether a dongle was hung (runtimes notice only when a request times out).
+    pub(super) dongle_hung: bool,
     guest_hosts: BTreeMap<String, String>,
     session_machines: BTreeMap<String, String>,
     booted: std::collections::BTreeSet<String>,
@@ -134,6 +136,7 @@ impl World {
             servers: Vec::new(),
             keepalive: Duration::from_secs(10),
             network_cut: false,
+            dongle_hung: false,
             guest_hosts: scenario
                 .guests
                 .iter()
@@ -482,6 +485,10 @@ impl World {
             }
             Step::UsbipDetach(d) => self.backend.usbip_detach(&d.value),
             Step::UsbipDisconnect(d) => self.backend.usbip_disconnect(&d.value),
+            Step::UsbHang(d) => {
+                self.dongle_hung = true;
+                self.backend.usb_hang(&d.value)
+            }
             Step::Expect(_) => Ok(()),
         }
     }

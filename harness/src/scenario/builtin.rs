@@ -49,4 +49,5 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("dongle-host-server"),
     builtin!("usb-over-ethernet"),
     builtin!("dongle-units"),
+    builtin!("dongle-hang"),
 ];

@@ -396,6 +396,8 @@ pub enum Step {
     UsbipDetach(Name),
     /// Break a USB/IP connection (injected network fault).
     UsbipDisconnect(Name),
+    /// Hang a dongle: it stays plugged in but stops answering, until it is unplugged everywhere.
+    UsbHang(Name),
     /// Open a login session on a machine.
     SessionOpen(SessionOpenStep),
     /// Log a session off (its apps end).
@@ -447,6 +449,7 @@ impl Step {
             Step::UsbipAttach(_) => "usbip-attach",
             Step::UsbipDetach(_) => "usbip-detach",
             Step::UsbipDisconnect(_) => "usbip-disconnect",
+            Step::UsbHang(_) => "usb-hang",
             Step::SessionOpen(_) => "session-open",
             Step::SessionClose(_) => "session-close",
             Step::Activate(_) => "activate",
@@ -466,7 +469,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 30] = [
+    pub const KEYWORDS: [&'static str; 31] = [
         "boot",
         "shutdown",
         "pause",
@@ -482,6 +485,7 @@ impl Step {
         "usbip-attach",
         "usbip-detach",
         "usbip-disconnect",
+        "usb-hang",
         "session-open",
         "session-close",
         "activate",
@@ -797,6 +801,8 @@ pub enum Reason {
     BindingBroken,
     /// The dongle was unplugged.
     DongleRemoved,
+    /// The dongle stopped answering while plugged in.
+    DongleUnresponsive,
     /// The network server cannot be reached.
     ServerUnreachable,
     /// A rollback of metered state was detected.
@@ -823,6 +829,7 @@ impl Reason {
             Reason::DongleLockedOut => "dongle-locked-out",
             Reason::BindingBroken => "binding-broken",
             Reason::DongleRemoved => "dongle-removed",
+            Reason::DongleUnresponsive => "dongle-unresponsive",
             Reason::ServerUnreachable => "server-unreachable",
             Reason::RollbackDetected => "rollback-detected",
             Reason::SignatureInvalid => "signature-invalid",
@@ -1201,7 +1208,7 @@ pub(crate) fn reason_codes() -> String {
 }
 
 /// Every reason code of the runtime contract.
-pub const ALL_REASONS: [Reason; 17] = [
+pub const ALL_REASONS: [Reason; 18] = [
     Reason::QuantityExhausted,
     Reason::UnknownProduct,
     Reason::LicenceCorrupt,
@@ -1216,6 +1223,7 @@ pub const ALL_REASONS: [Reason; 17] = [
     Reason::DongleLockedOut,
     Reason::BindingBroken,
     Reason::DongleRemoved,
+    Reason::DongleUnresponsive,
     Reason::ServerUnreachable,
     Reason::RollbackDetected,
     Reason::SignatureInvalid,

@@ -928,6 +928,20 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
+            Step::UsbHang(dongle) => {
+                if let Some(attachment) = self.dongle(dongle)
+                    && attachment == Attachment::Unplugged
+                {
+                    self.report(
+                        dongle.at,
+                        format!("dongle `{dongle}` is not attached; only a plugged-in dongle can hang"),
+                        "not attached",
+                        Some(format!(
+                            "add `- usb-attach: {{ dongle: {dongle}, machine: … }}` before this step"
+                        )),
+                    );
+                }
+            }
             Step::SessionOpen(open) => self.session_open(open, line),
             Step::SessionClose(name) => match self.sessions.get(&name.value).cloned() {
                 Some(session) if session.open => {

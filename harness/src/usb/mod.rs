@@ -10,7 +10,7 @@ pub mod usbip;
 pub mod usbredir;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dongle::{DevicePort, Firmware, Flash, Report};
@@ -35,6 +35,8 @@ pub struct DongleCore {
     clock: Arc<AtomicI64>,
     /// Hosts the dongle is plugged into, over any path.
     hosts: Mutex<usize>,
+    /// Hung: reports are taken but never answered, until the dongle loses power.
+    hung: AtomicBool,
 }
 
 impl DongleCore {
@@ -61,6 +63,7 @@ impl DongleCore {
             flash_path: flash_path.to_path_buf(),
             clock,
             hosts: Mutex::new(0),
+            hung: AtomicBool::new(false),
         }))
     }
 
@@ -69,8 +72,12 @@ impl DongleCore {
         &self.serial
     }
 
-    /// Gives one report from a connection to the firmware; returns the reply reports.
+    /// Gives one report from a connection to the firmware; returns the reply reports (none
+    /// while the dongle hangs).
     pub fn exchange(&self, port: &mut DevicePort, report: &[u8]) -> Vec<Report> {
+        if self.is_hung() {
+            return Vec::new();
+        }
         let mut fw = self.lock();
         let replies = port.receive_report(&mut fw, report, world_now_ms(&self.clock));
         persist(&mut fw, &self.flash_path);
@@ -102,7 +109,20 @@ impl DongleCore {
         *self.hosts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Hangs the firmware: the dongle stays on its buses but answers nothing until it loses
+    /// power (unplugged from every host).
+    pub fn hang(&self) {
+        tracing::info!(serial = self.serial, "dongle hung");
+        self.hung.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the firmware hangs.
+    pub fn is_hung(&self) -> bool {
+        self.hung.load(Ordering::SeqCst)
+    }
+
     fn bus_reset(&self) {
+        self.hung.store(false, Ordering::SeqCst);
         let now = world_now_ms(&self.clock);
         let mut fw = self.lock();
         fw.bus_reset(now);
@@ -113,7 +133,11 @@ impl DongleCore {
     pub fn status(&self) -> serde_json::Value {
         let now = world_now_ms(&self.clock);
         let mut fw = self.lock();
-        serde_json::to_value(fw.status(now)).unwrap_or(serde_json::Value::Null)
+        let mut status = serde_json::to_value(fw.status(now)).unwrap_or(serde_json::Value::Null);
+        if let Some(fields) = status.as_object_mut() {
+            fields.insert("hung".into(), self.is_hung().into());
+        }
+        status
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Firmware> {
@@ -193,5 +217,36 @@ mod tests {
         core.unplugged();
         assert!(!active(&core));
         assert_eq!(core.hosts(), 0);
+    }
+
+    /// Whether the dongle answers a hello from `runtime` at all.
+    fn answers(core: &DongleCore, runtime: &str) -> bool {
+        let (_, hello) =
+            dongle::Session::start(dongle::RuntimeId::new(runtime).unwrap(), [9; 32], vec![]);
+        let mut port = DevicePort::new();
+        dongle::encode_reports(&hello)
+            .unwrap()
+            .iter()
+            .any(|report| !core.exchange(&mut port, report).is_empty())
+    }
+
+    #[test]
+    fn a_hung_dongle_answers_nothing_until_it_loses_power() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = test_dongle(dir.path(), 43);
+        core.plugged();
+        core.plugged();
+        assert!(answers(&core, "vm1"));
+        core.hang();
+        assert!(core.is_hung());
+        assert_eq!(core.status()["hung"], true);
+        assert!(!answers(&core, "vm1"));
+        // One host of two unplugging is no power cycle.
+        core.unplugged();
+        assert!(!answers(&core, "vm1"));
+        core.unplugged();
+        core.plugged();
+        assert!(!core.is_hung());
+        assert!(answers(&core, "vm1"));
     }
 }

@@ -37,6 +37,8 @@ pub enum Reason {
     BindingBroken,
     /// The dongle holding the licence was detached.
     DongleRemoved,
+    /// The dongle holding the licence stopped answering while still attached.
+    DongleUnresponsive,
     /// The network server holding the licence cannot be reached.
     ServerUnreachable,
     /// A rollback of time, units or machine state was detected.
@@ -49,7 +51,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::QuantityExhausted,
         Reason::UnknownProduct,
         Reason::LicenceCorrupt,
@@ -64,6 +66,7 @@ impl Reason {
         Reason::DongleLockedOut,
         Reason::BindingBroken,
         Reason::DongleRemoved,
+        Reason::DongleUnresponsive,
         Reason::ServerUnreachable,
         Reason::RollbackDetected,
         Reason::SignatureInvalid,
@@ -87,6 +90,7 @@ impl Reason {
             Reason::DongleLockedOut => "dongle-locked-out",
             Reason::BindingBroken => "binding-broken",
             Reason::DongleRemoved => "dongle-removed",
+            Reason::DongleUnresponsive => "dongle-unresponsive",
             Reason::ServerUnreachable => "server-unreachable",
             Reason::RollbackDetected => "rollback-detected",
             Reason::SignatureInvalid => "signature-invalid",
@@ -115,6 +119,7 @@ impl Reason {
             Reason::DongleLockedOut => "The dongle was reconnected too often and is locked out",
             Reason::BindingBroken => "Another runtime took over the dongle",
             Reason::DongleRemoved => "The dongle was removed",
+            Reason::DongleUnresponsive => "The dongle stopped answering",
             Reason::ServerUnreachable => "The licence server cannot be reached",
             Reason::RollbackDetected => "A rollback of time or licence state was detected",
             Reason::SignatureInvalid => "The licence signature is not valid for a trusted vendor",

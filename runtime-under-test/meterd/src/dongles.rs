@@ -76,6 +76,8 @@ pub enum DongleState {
     },
     /// Another runtime bound the dongle.
     BindingBroken,
+    /// The dongle is attached but stopped answering; asked again every retry interval.
+    Unresponsive,
     /// The dongle could not be used (certificate refused, protocol failure).
     Refused {
         /// The reason code, when one applies.
@@ -262,6 +264,16 @@ impl Link {
     }
 }
 
+/// What a dongle that is due for service gets.
+enum Retry {
+    /// A keepalive in its open session.
+    KeepAlive,
+    /// A new hello (locked out: is the lockout over?).
+    Hello,
+    /// A new hello in a task of its own (unresponsive: it may not answer at all).
+    HelloAside,
+}
+
 /// One dongle attached to this machine.
 #[derive(Debug)]
 struct Attached {
@@ -435,29 +447,41 @@ impl Dongles {
         // Ticks and frames drift by a little; a session a quarter interval early is due too.
         let keepalive_due = KEEPALIVE_INTERVAL - KEEPALIVE_INTERVAL / 4;
         let now = Instant::now();
-        let due: Vec<(String, bool)> = {
+        let due: Vec<(String, Retry)> = {
             let board = self.board();
             board
                 .attached
                 .iter()
                 .filter_map(|(serial, a)| match a.state {
                     DongleState::Open if now - a.last_frame >= keepalive_due => {
-                        Some((serial.clone(), false))
+                        Some((serial.clone(), Retry::KeepAlive))
                     }
                     DongleState::Locked { .. }
                         if on_demand || now - a.last_hello >= LOCKED_RETRY_INTERVAL =>
                     {
-                        Some((serial.clone(), true))
+                        Some((serial.clone(), Retry::Hello))
+                    }
+                    DongleState::Unresponsive if now - a.last_hello >= LOCKED_RETRY_INTERVAL => {
+                        Some((serial.clone(), Retry::HelloAside))
                     }
                     _ => None,
                 })
                 .collect()
         };
-        for (serial, hello) in due {
-            if hello {
-                self.open_session(runtime, &serial).await;
-            } else {
-                self.keep_alive(runtime, &serial).await;
+        for (serial, retry) in due {
+            match retry {
+                Retry::KeepAlive => self.keep_alive(runtime, &serial).await,
+                Retry::Hello => self.open_session(runtime, &serial).await,
+                Retry::HelloAside => {
+                    // The try may wait a whole reply timeout: scans and accesses go on meanwhile.
+                    if let Some(attached) = self.board().attached.get_mut(&serial) {
+                        attached.last_hello = now;
+                    }
+                    let runtime = Arc::clone(runtime);
+                    tokio::spawn(async move {
+                        runtime.dongles.open_session(&runtime, &serial).await;
+                    });
+                }
             }
         }
     }
@@ -635,7 +659,8 @@ impl Dongles {
             return;
         }
         let state = match &error {
-            LinkError::Gone | LinkError::Timeout(_) | LinkError::Transport(_) => None,
+            LinkError::Gone | LinkError::Transport(_) => None,
+            LinkError::Timeout(_) => Some(DongleState::Unresponsive),
             LinkError::Session(SessionError::Locked { reason, until_ms }) => {
                 Some(DongleState::Locked {
                     reason: self.lockout_reason(serial, generation, *reason, *until_ms),
@@ -658,6 +683,7 @@ impl Dongles {
                 let reason = match &new_state {
                     DongleState::Locked { reason, .. } => *reason,
                     DongleState::BindingBroken => Reason::BindingBroken,
+                    DongleState::Unresponsive => Reason::DongleUnresponsive,
                     DongleState::Refused { reason, .. } => reason.unwrap_or(Reason::DongleRemoved),
                     DongleState::Connecting | DongleState::Open => Reason::DongleRemoved,
                 };
@@ -672,6 +698,12 @@ impl Dongles {
                         }
                         _ => return,
                     }
+                }
+                if reason == Reason::DongleUnresponsive
+                    && weakened::is(Defence::DongleRemovalRelease)
+                {
+                    // Weakened: the grants outlive the dongle until their holders end.
+                    return;
                 }
                 self.take_back(runtime, serial, reason).await;
             }
@@ -945,6 +977,7 @@ impl Dongles {
                 let (state, reason) = match &a.state {
                     DongleState::Open => ("valid", None),
                     DongleState::Connecting => ("unreachable", None),
+                    DongleState::Unresponsive => ("unreachable", Some(Reason::DongleUnresponsive)),
                     DongleState::Refused { reason, .. } => ("locked", *reason),
                     other => ("locked", Some(state_reason(other))),
                 };
@@ -1007,6 +1040,7 @@ fn state_reason(state: &DongleState) -> Reason {
     match state {
         DongleState::Locked { reason, .. } => *reason,
         DongleState::BindingBroken => Reason::BindingBroken,
+        DongleState::Unresponsive => Reason::DongleUnresponsive,
         DongleState::Refused { reason, .. } => reason.unwrap_or(Reason::DongleRemoved),
         DongleState::Connecting | DongleState::Open => Reason::DongleRemoved,
     }

@@ -37,7 +37,7 @@ pub enum Defence {
     DongleRebindRelease,
     /// A too-many-rebinds lockout is treated as transient: the dongle stays open and grants stand.
     DongleRebindLockout,
-    /// An unplugged dongle's grants are kept until their holders end.
+    /// The grants of an unplugged or unresponsive dongle are kept until their holders end.
     DongleRemovalRelease,
     /// The server forgets remote grants in its count once answered.
     ServerQuantity,
@@ -149,7 +149,7 @@ impl Defence {
                 "a too-many-rebinds lockout is treated as transient; the runtime cannot report it (the lockout itself lives in the dongle firmware, which the runtime cannot switch off)"
             }
             Defence::DongleRemovalRelease => {
-                "an unplugged dongle's grants are kept until their holders end"
+                "an unplugged or unresponsive dongle's grants are kept until their holders end"
             }
             Defence::ServerQuantity => {
                 "the server answers remote grants but drops them from its count"

@@ -1498,6 +1498,11 @@ impl Backend for QemuBackend {
         self.sim.usbip_disconnect(dongle)
     }
 
+    fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
+        // Every path (sim socket, usbredir, USB/IP) reaches the same firmware.
+        self.sim.usb_hang(dongle)
+    }
+
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
         self.sim.dongle_status(dongle)
     }

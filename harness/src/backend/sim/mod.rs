@@ -1067,6 +1067,11 @@ impl Backend for SimBackend {
         self.usb_detach(dongle)
     }
 
+    fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.dongle(dongle)?.core().hang();
+        Ok(())
+    }
+
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
         Ok(self.dongle(dongle)?.status())
     }
