@@ -131,7 +131,9 @@ pub fn status(backend: &mut dyn Backend, machine: &str) -> Result<Value, Backend
     Ok(value)
 }
 
-/// Whether a status document shows a session with the dongle `serial` (open, or refused by it).
+/// Whether a status document shows that the dongle `serial` has answered the runtime (a
+/// session opened, or refused by the dongle). A runtime that does not say `answered` is taken
+/// at its container's state.
 pub fn dongle_seen(status: &Value, serial: &str) -> bool {
     status
         .get("containers")
@@ -140,7 +142,9 @@ pub fn dongle_seen(status: &Value, serial: &str) -> bool {
             containers.iter().any(|c| {
                 c["kind"] == "dongle"
                     && c["serial"].as_str() == Some(serial)
-                    && c["state"] != "unreachable"
+                    && c["answered"]
+                        .as_bool()
+                        .unwrap_or(c["state"] != "unreachable")
             })
         })
 }

@@ -493,10 +493,12 @@ impl World {
         }
     }
 
-    /// Waits until the runtime of each running machine has spoken to a newly attached dongle,
+    /// Waits until the runtime of each running machine has heard from a newly attached dongle,
     /// as a runtime on a real bus would have before the next step (a guest enumerates a device
     /// well before its runtime's next look). A machine whose runtime does not answer is skipped;
-    /// one that never reaches the dongle is left to the scenario's assertions.
+    /// one that never reaches the dongle is left to the scenario's assertions. A runtime that
+    /// has not yet noticed a re-plug into the same machine may pass on its old connection; its
+    /// next access looks again anyway.
     fn await_dongle_seen(&mut self, dongle: &str, machines: &[String]) {
         let Some(serial) = self
             .backend
@@ -512,7 +514,10 @@ impl World {
             if !self.booted.contains(machine) || self.paused.contains(machine) {
                 continue;
             }
-            while let Ok(status) = runtime::status(self.backend.as_mut(), machine) {
+            // A runtime that is down prints only an error.
+            while let Ok(status) = runtime::status(self.backend.as_mut(), machine)
+                && status.get("error").is_none()
+            {
                 if runtime::dongle_seen(&status, &serial) {
                     break;
                 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 use tokio::net::UnixStream;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 
 use crate::frame::{self, FrameError};
 use crate::protocol::{LocalReply, LocalRequest};
@@ -33,7 +33,7 @@ pub enum ClientError {
 /// One connection to meterd.
 #[derive(Debug)]
 pub struct LocalClient {
-    framed: Framed<UnixStream, LengthDelimitedCodec>,
+    framed: Framed<UnixStream, frame::LocalCodec>,
 }
 
 impl LocalClient {
@@ -46,7 +46,7 @@ impl LocalClient {
                 source,
             })?;
         Ok(LocalClient {
-            framed: frame::local_framed(stream),
+            framed: frame::local_framed(stream, frame::LocalEnd::Client),
         })
     }
 

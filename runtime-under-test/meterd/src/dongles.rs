@@ -1,6 +1,6 @@
 //! The dongle manager: finds the dongles attached to the machine, opens a session with each,
 //! offers their items through the allocation table, keeps the sessions alive, and takes every
-//! licence back when a dongle is removed, rebound elsewhere or locked out.
+//! licence back when a dongle is removed, rebound elsewhere, locked out or stops answering.
 //!
 //! Quantity is counted by the allocation table like any other container; each grant is also
 //! opened inside the dongle (`Access`, or `DecrementUnits` for pay-per-use items, so units spent
@@ -93,6 +93,9 @@ struct LinkIo {
     reports: mpsc::UnboundedReceiver<Report>,
     assembler: ReportAssembler,
     session: Option<Session>,
+    /// The session ended because the dongle left a request unanswered: later calls say so too
+    /// (not just "no session"), whoever finds out first.
+    timed_out: bool,
 }
 
 fn send_frame(writer: &mut Box<dyn DongleTransport>, frame: &[u8]) -> Result<(), LinkError> {
@@ -179,6 +182,7 @@ impl Link {
                 reports,
                 assembler: ReportAssembler::new(),
                 session: None,
+                timed_out: false,
             }),
             closer,
         })
@@ -200,14 +204,18 @@ impl Link {
             reports,
             assembler,
             session,
+            timed_out,
         } = &mut *io;
         *session = None;
+        *timed_out = false;
         // Whatever is still in flight belongs to an older session.
         while reports.try_recv().is_ok() {}
         *assembler = ReportAssembler::new();
         let (mut opening, hello) = Session::start(runtime, secret, trusted_vendors);
         send_frame(writer, &hello)?;
-        let frame = next_frame(reports, assembler).await?;
+        let frame = next_frame(reports, assembler).await.inspect_err(|error| {
+            *timed_out = matches!(error, LinkError::Timeout(_));
+        })?;
         let identity = opening.accept(&frame)?;
         *session = Some(opening);
         Ok(identity)
@@ -238,8 +246,12 @@ impl Link {
             reports,
             assembler,
             session,
+            timed_out,
         } = &mut *io;
         let Some(open) = session.as_mut() else {
+            if *timed_out {
+                return Err(LinkError::Timeout(REPLY_TIMEOUT));
+            }
             return Err(LinkError::Session(SessionError::NotOpen));
         };
         let frame = open.request(request)?;
@@ -257,8 +269,9 @@ impl Link {
             }
         }
         .await;
-        if outcome.is_err() {
+        if let Err(error) = &outcome {
             *session = None;
+            *timed_out = matches!(error, LinkError::Timeout(_));
         }
         outcome
     }
@@ -286,6 +299,10 @@ struct Attached {
     last_frame: Instant,
     last_hello: Instant,
     opened_at: Instant,
+    /// The dongle has answered a hello on this connection (whatever it said).
+    answered: bool,
+    /// A hello to an unresponsive dongle is under way in a task of its own.
+    hello_in_flight: bool,
 }
 
 /// The manager's bookkeeping, behind one lock (taken after the runtime's state lock, never before).
@@ -441,45 +458,53 @@ impl Dongles {
         self.service(runtime, on_demand).await;
     }
 
-    /// Keeps open sessions alive and asks locked-out dongles again when their retry is due.
-    /// The caller holds the scanning lock.
+    /// Keeps open sessions alive and asks locked-out and unresponsive dongles again when their
+    /// retry is due (an unresponsive one in a task of its own). The caller holds the scanning lock.
     async fn service(&self, runtime: &Arc<Runtime>, on_demand: bool) {
         // Ticks and frames drift by a little; a session a quarter interval early is due too.
         let keepalive_due = KEEPALIVE_INTERVAL - KEEPALIVE_INTERVAL / 4;
         let now = Instant::now();
-        let due: Vec<(String, Retry)> = {
+        let due: Vec<(String, u64, Retry)> = {
             let board = self.board();
             board
                 .attached
                 .iter()
                 .filter_map(|(serial, a)| match a.state {
                     DongleState::Open if now - a.last_frame >= keepalive_due => {
-                        Some((serial.clone(), Retry::KeepAlive))
+                        Some((serial.clone(), a.generation, Retry::KeepAlive))
                     }
                     DongleState::Locked { .. }
                         if on_demand || now - a.last_hello >= LOCKED_RETRY_INTERVAL =>
                     {
-                        Some((serial.clone(), Retry::Hello))
+                        Some((serial.clone(), a.generation, Retry::Hello))
                     }
-                    DongleState::Unresponsive if now - a.last_hello >= LOCKED_RETRY_INTERVAL => {
-                        Some((serial.clone(), Retry::HelloAside))
+                    DongleState::Unresponsive
+                        if !a.hello_in_flight && now - a.last_hello >= LOCKED_RETRY_INTERVAL =>
+                    {
+                        Some((serial.clone(), a.generation, Retry::HelloAside))
                     }
                     _ => None,
                 })
                 .collect()
         };
-        for (serial, retry) in due {
+        for (serial, generation, retry) in due {
             match retry {
                 Retry::KeepAlive => self.keep_alive(runtime, &serial).await,
-                Retry::Hello => self.open_session(runtime, &serial).await,
+                Retry::Hello => self.open_session(runtime, &serial, generation).await,
                 Retry::HelloAside => {
                     // The try may wait a whole reply timeout: scans and accesses go on meanwhile.
                     if let Some(attached) = self.board().attached.get_mut(&serial) {
-                        attached.last_hello = now;
+                        attached.hello_in_flight = true;
                     }
                     let runtime = Arc::clone(runtime);
                     tokio::spawn(async move {
-                        runtime.dongles.open_session(&runtime, &serial).await;
+                        let dongles = &runtime.dongles;
+                        dongles.open_session(&runtime, &serial, generation).await;
+                        if let Some(attached) = dongles.board().attached.get_mut(&serial)
+                            && attached.generation == generation
+                        {
+                            attached.hello_in_flight = false;
+                        }
                     });
                 }
             }
@@ -530,16 +555,22 @@ impl Dongles {
                 last_frame: now,
                 last_hello: now,
                 opened_at: now,
+                answered: false,
+                hello_in_flight: false,
             },
         );
-        self.open_session(runtime, &serial).await;
+        self.open_session(runtime, &serial, generation).await;
     }
 
-    /// Says hello and, once bound, offers the dongle's items.
-    async fn open_session(&self, runtime: &Arc<Runtime>, serial: &str) {
-        let Some((link, generation)) = self.link(serial) else {
+    /// Says hello on connection `generation` and, once bound, offers the dongle's items.
+    async fn open_session(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64) {
+        let Some((link, current)) = self.link(serial) else {
             return;
         };
+        if current != generation {
+            // Re-plugged meanwhile: the new connection says its own hello.
+            return;
+        }
         let vendors = trusted_vendors(runtime);
         let bind_as = if weakened::is(Defence::DongleBinding) {
             // Weakened: every runtime binds under the same id, so the dongle cannot tell them apart.
@@ -559,7 +590,14 @@ impl Dongles {
         }
         let started = Instant::now();
         let keys: Vec<VerifyingKey> = vendors.values().copied().collect();
-        match link.open(runtime_id, keys).await {
+        let opened = link.open(runtime_id, keys).await;
+        if matches!(opened, Ok(_) | Err(LinkError::Session(_)))
+            && let Some(attached) = self.board().attached.get_mut(serial)
+            && attached.generation == generation
+        {
+            attached.answered = true;
+        }
+        match opened {
             Ok((identity, items)) => {
                 // Only items of firms whose trusted key certified this dongle are offered.
                 let items: Vec<ProductItem> = items
@@ -660,6 +698,8 @@ impl Dongles {
         }
         let state = match &error {
             LinkError::Gone | LinkError::Transport(_) => None,
+            // An unplug the kernel was slow to report is still a removal.
+            LinkError::Timeout(_) if !self.still_attached(runtime, serial, generation) => None,
             LinkError::Timeout(_) => Some(DongleState::Unresponsive),
             LinkError::Session(SessionError::Locked { reason, until_ms }) => {
                 Some(DongleState::Locked {
@@ -707,6 +747,26 @@ impl Dongles {
                 }
                 self.take_back(runtime, serial, reason).await;
             }
+        }
+    }
+
+    /// Whether connection `generation`'s endpoint is still among the machine's USB endpoints
+    /// (when they cannot be listed, it is taken to be).
+    fn still_attached(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64) -> bool {
+        let Some(id) = self
+            .board()
+            .attached
+            .get(serial)
+            .filter(|a| a.generation == generation)
+            .map(|a| a.file_id)
+        else {
+            return false;
+        };
+        match runtime.platform.usb_endpoints() {
+            Ok(endpoints) => endpoints
+                .iter()
+                .any(|e| e.serial == serial && file_id(e) == Some(id)),
+            Err(_) => true,
         }
     }
 
@@ -813,30 +873,41 @@ impl Dongles {
         let Some(serial) = container.strip_prefix("dongle:").map(str::to_owned) else {
             return Ok(());
         };
-        let (link, generation, metered, settle) = {
+        let usable = {
             let board = self.board();
-            let Some(attached) = board.attached.get(&serial) else {
-                return Err(Reason::DongleRemoved);
-            };
-            if attached.state != DongleState::Open {
-                return Err(state_reason(&attached.state));
+            match board.attached.get(&serial) {
+                None => Err(Reason::DongleRemoved),
+                Some(attached) if attached.state != DongleState::Open => {
+                    Err(state_reason(&attached.state))
+                }
+                Some(attached) => {
+                    let metered = board
+                        .known_items
+                        .get(&serial)
+                        .and_then(|items| {
+                            items
+                                .iter()
+                                .find(|i| i.firm == product.firm && i.code == product.code)
+                        })
+                        .is_some_and(|item| item.units.is_some());
+                    let settle = SHARED_USE_SETTLE.saturating_sub(attached.opened_at.elapsed());
+                    Ok((
+                        Arc::clone(&attached.link),
+                        attached.generation,
+                        metered,
+                        settle,
+                    ))
+                }
             }
-            let metered = board
-                .known_items
-                .get(&serial)
-                .and_then(|items| {
-                    items
-                        .iter()
-                        .find(|i| i.firm == product.firm && i.code == product.code)
-                })
-                .is_some_and(|item| item.units.is_some());
-            let settle = SHARED_USE_SETTLE.saturating_sub(attached.opened_at.elapsed());
-            (
-                Arc::clone(&attached.link),
-                attached.generation,
-                metered,
-                settle,
-            )
+        };
+        let (link, generation, metered, settle) = match usable {
+            Ok(usable) => usable,
+            Err(reason) => {
+                // The table still offered the dongle's items (weakened, or a failure being
+                // handled right now): the grant it gave goes back.
+                let _ = runtime.release(handle).await;
+                return Err(reason);
+            }
         };
         if !settle.is_zero() {
             tokio::time::sleep(settle).await;
@@ -988,7 +1059,7 @@ impl Dongles {
                 serde_json::json!({
                     "kind": "dongle", "id": a.container.to_string(), "serial": serial,
                     "state": state, "reason": reason.map(|r| r.code()),
-                    "lockout_until": lockout_until,
+                    "lockout_until": lockout_until, "answered": a.answered,
                     "endpoint": a.endpoint.path, "products": products,
                 })
             })

@@ -1,18 +1,19 @@
 //! Length-delimited postcard frames, the wire format of both the local socket and the server.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 /// Largest frame either side of a network connection accepts; a longer one closes it.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
 
-/// Largest frame on the local socket, whose answers (allocation lists, status) grow with the
-/// number of licences held on the machine.
-pub const MAX_LOCAL_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Largest answer from the daemon on the local socket: allocation lists and status grow with
+/// the number of licences held on the machine. Requests to the daemon keep [`MAX_FRAME_BYTES`]
+/// (a length prefix reserves its buffer, and anybody on the machine may connect).
+pub const MAX_LOCAL_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 
 /// A broken frame or connection.
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +48,62 @@ pub fn framed<T: AsyncRead + AsyncWrite>(io: T) -> Framed<T, LengthDelimitedCode
     Framed::new(io, codec())
 }
 
-/// Wraps a local socket into frames.
-pub fn local_framed<T: AsyncRead + AsyncWrite>(io: T) -> Framed<T, LengthDelimitedCodec> {
-    let codec = LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_LOCAL_FRAME_BYTES)
-        .new_codec();
-    Framed::new(io, codec)
+/// Which end of the local socket a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalEnd {
+    /// meterd: takes small requests, sends answers of any size up to the answer limit.
+    Daemon,
+    /// A client (`meter`): sends small requests, takes answers up to the answer limit.
+    Client,
+}
+
+/// Frames on the local socket: requests up to [`MAX_FRAME_BYTES`], answers up to
+/// [`MAX_LOCAL_ANSWER_BYTES`].
+#[derive(Debug)]
+pub struct LocalCodec {
+    inbound: LengthDelimitedCodec,
+    outbound: LengthDelimitedCodec,
+}
+
+impl LocalCodec {
+    /// The codec for `end` of the local socket.
+    pub fn new(end: LocalEnd) -> Self {
+        let limited = |max| {
+            LengthDelimitedCodec::builder()
+                .max_frame_length(max)
+                .new_codec()
+        };
+        let (inbound, outbound) = match end {
+            LocalEnd::Daemon => (MAX_FRAME_BYTES, MAX_LOCAL_ANSWER_BYTES),
+            LocalEnd::Client => (MAX_LOCAL_ANSWER_BYTES, MAX_FRAME_BYTES),
+        };
+        LocalCodec {
+            inbound: limited(inbound),
+            outbound: limited(outbound),
+        }
+    }
+}
+
+impl Decoder for LocalCodec {
+    type Item = BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+        self.inbound.decode(src)
+    }
+}
+
+impl Encoder<Bytes> for LocalCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, frame: Bytes, dst: &mut BytesMut) -> Result<(), std::io::Error> {
+        self.outbound.encode(frame, dst)
+    }
+}
+
+/// Wraps `end` of a local socket into frames.
+pub fn local_framed<T: AsyncRead + AsyncWrite>(io: T, end: LocalEnd) -> Framed<T, LocalCodec> {
+    Framed::new(io, LocalCodec::new(end))
 }
 
 /// Encodes one message.
@@ -86,5 +137,38 @@ where
     match stream.next().await {
         Some(frame) => decode(&frame?),
         None => Err(FrameError::Closed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemon_sends_large_answers_but_refuses_large_requests() {
+        let answer = Bytes::from(vec![7u8; 4 * MAX_FRAME_BYTES]);
+        let mut wire = BytesMut::new();
+        LocalCodec::new(LocalEnd::Daemon)
+            .encode(answer.clone(), &mut wire)
+            .unwrap();
+        let decoded = LocalCodec::new(LocalEnd::Client)
+            .decode(&mut wire)
+            .unwrap()
+            .unwrap();
+        assert_eq!(decoded.freeze(), answer);
+
+        // A client may not send one that large, and the daemon refuses to take one.
+        assert!(
+            LocalCodec::new(LocalEnd::Client)
+                .encode(answer, &mut BytesMut::new())
+                .is_err()
+        );
+        let mut announced = BytesMut::from(&(MAX_LOCAL_ANSWER_BYTES as u32).to_be_bytes()[..]);
+        assert!(
+            LocalCodec::new(LocalEnd::Daemon)
+                .decode(&mut announced)
+                .is_err()
+        );
+        assert!(announced.capacity() < MAX_FRAME_BYTES, "no buffer reserved");
     }
 }

@@ -51,7 +51,7 @@ async fn serve_client(runtime: Arc<Runtime>, stream: UnixStream) -> Result<(), f
         .and_then(|p| u32::try_from(p).ok())
         .ok_or_else(|| std::io::Error::other("peer has no pid"))?;
     let uid = cred.uid();
-    let mut framed = frame::local_framed(stream);
+    let mut framed = frame::local_framed(stream, frame::LocalEnd::Daemon);
     let (events, mut events_rx) = mpsc::unbounded_channel::<LocalReply>();
     let mut granted_here = Vec::new();
     let result = loop {

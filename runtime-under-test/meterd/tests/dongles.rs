@@ -23,6 +23,8 @@ struct EmulatedDongle {
     firmware: Arc<Mutex<Firmware>>,
     clock_offset: Arc<AtomicI64>,
     plugs: BTreeMap<String, Plug>,
+    /// While set, reports are read and never answered.
+    hung: Arc<AtomicBool>,
 }
 
 struct Plug {
@@ -73,6 +75,7 @@ impl EmulatedDongle {
             ))),
             clock_offset,
             plugs: BTreeMap::new(),
+            hung: Arc::default(),
         }
     }
 
@@ -89,6 +92,7 @@ impl EmulatedDongle {
         let streams: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
         let (firmware, offset) = (Arc::clone(&self.firmware), Arc::clone(&self.clock_offset));
         let (stop_flag, open_streams) = (Arc::clone(&stop), Arc::clone(&streams));
+        let hung = Arc::clone(&self.hung);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stop_flag.load(Ordering::SeqCst) {
@@ -100,7 +104,8 @@ impl EmulatedDongle {
                     .unwrap()
                     .push(stream.try_clone().unwrap());
                 let (firmware, offset) = (Arc::clone(&firmware), Arc::clone(&offset));
-                std::thread::spawn(move || serve(stream, &firmware, &offset));
+                let hung = Arc::clone(&hung);
+                std::thread::spawn(move || serve(stream, &firmware, &offset, &hung));
             }
         });
         self.plugs.insert(
@@ -133,6 +138,11 @@ impl EmulatedDongle {
         self.firmware.lock().unwrap().bus_reset(now);
     }
 
+    /// Stops (or resumes) answering, the connection left open: a stalled device.
+    fn hang(&self, hung: bool) {
+        self.hung.store(hung, Ordering::SeqCst);
+    }
+
     fn advance(&self, by: Duration) {
         self.clock_offset
             .fetch_add(by.as_millis() as i64, Ordering::SeqCst);
@@ -144,10 +154,18 @@ impl EmulatedDongle {
     }
 }
 
-fn serve(mut stream: UnixStream, firmware: &Mutex<Firmware>, offset: &AtomicI64) {
+fn serve(
+    mut stream: UnixStream,
+    firmware: &Mutex<Firmware>,
+    offset: &AtomicI64,
+    hung: &AtomicBool,
+) {
     let mut port = DevicePort::new();
     let mut report = [0u8; REPORT_LEN];
     while stream.read_exact(&mut report).is_ok() {
+        if hung.load(Ordering::SeqCst) {
+            continue;
+        }
         let replies = {
             let mut firmware = firmware.lock().unwrap();
             port.receive_report(&mut firmware, &report, dongle_now(offset))
@@ -323,5 +341,42 @@ fn a_dongle_shared_by_two_daemons_at_once_locks_out() {
     dongle.advance(Duration::from_secs(301));
     let (code, answer) = vm1.meter(&["access", "--product", "2001"]);
     assert_eq!(code, 0, "{answer}");
+    assert_eq!(dongle.status()["binding"]["runtime"], runtime_id(&vm1));
+}
+
+#[test]
+fn a_dongle_that_stops_answering_revokes_its_holders_and_is_used_again_once_it_answers() {
+    let vendor = Vendor::new();
+    let mut dongle = EmulatedDongle::program(&vendor, &[PRODUCT]);
+    let (vm1, _d1) = machine("vm1", "127.0.3.21", &vendor);
+    dongle.plug(&vm1);
+    let mut holder = vm1.hold(2001, None);
+    assert!(holder.granted(), "{}", holder.first);
+    assert_eq!(dongle_container(&vm1).unwrap()["answered"], true);
+
+    dongle.hang(true);
+    let event = next_event(&mut holder);
+    assert_eq!(event["event"], "revoked", "{event}");
+    assert_eq!(event["reason"], "dongle-unresponsive");
+    let container = dongle_container(&vm1).unwrap();
+    assert_eq!(
+        (container["state"].as_str(), container["reason"].as_str()),
+        (Some("unreachable"), Some("dongle-unresponsive")),
+        "{container}"
+    );
+    let (code, denied) = vm1.meter(&["access", "--product", "2001"]);
+    assert_eq!(
+        (code, denied["reason"].as_str()),
+        (1, Some("dongle-unresponsive")),
+        "{denied}"
+    );
+
+    // The stall ends without a re-plug: the runtime's next hello finds the dongle again.
+    dongle.hang(false);
+    let back = wait_until(Duration::from_secs(10), || {
+        vm1.meter(&["access", "--product", "2001"]).0 == 0
+    });
+    assert!(back.is_some(), "{:?}", dongle_container(&vm1));
+    assert_eq!(dongle_container(&vm1).unwrap()["state"], "valid");
     assert_eq!(dongle.status()["binding"]["runtime"], runtime_id(&vm1));
 }
