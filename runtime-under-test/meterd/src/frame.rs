@@ -38,8 +38,12 @@ pub enum FrameError {
 
 /// The codec used on network connections.
 pub fn codec() -> LengthDelimitedCodec {
+    codec_with_limit(MAX_FRAME_BYTES)
+}
+
+fn codec_with_limit(max_frame_bytes: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME_BYTES)
+        .max_frame_length(max_frame_bytes)
         .new_codec()
 }
 
@@ -68,18 +72,13 @@ pub struct LocalCodec {
 impl LocalCodec {
     /// The codec for `end` of the local socket.
     pub fn new(end: LocalEnd) -> Self {
-        let limited = |max| {
-            LengthDelimitedCodec::builder()
-                .max_frame_length(max)
-                .new_codec()
-        };
         let (inbound, outbound) = match end {
             LocalEnd::Daemon => (MAX_FRAME_BYTES, MAX_LOCAL_ANSWER_BYTES),
             LocalEnd::Client => (MAX_LOCAL_ANSWER_BYTES, MAX_FRAME_BYTES),
         };
         LocalCodec {
-            inbound: limited(inbound),
-            outbound: limited(outbound),
+            inbound: codec_with_limit(inbound),
+            outbound: codec_with_limit(outbound),
         }
     }
 }

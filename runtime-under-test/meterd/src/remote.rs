@@ -257,6 +257,14 @@ pub async fn connect(
     }
     let tcp = socket.connect(target).await?;
     tcp.set_nodelay(true)?;
+    secure(tcp, pin).await
+}
+
+/// Opens TLS on a connected stream to a server, checking its pinned certificate.
+pub async fn secure(
+    tcp: TcpStream,
+    pin: [u8; 32],
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let connector = TlsConnector::from(tls::client_config(pin)?);
     Ok(connector.connect(tls::server_name(), tcp).await?)
 }

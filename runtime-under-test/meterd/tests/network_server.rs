@@ -277,11 +277,7 @@ async fn raw_station(addr: &str, pin: &str, machine: &str, small_buffers: bool) 
     }
     let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
     let pin = meterd::tls::parse_pin(pin).unwrap();
-    let connector = tokio_rustls::TlsConnector::from(meterd::tls::client_config(pin).unwrap());
-    let tls = connector
-        .connect(meterd::tls::server_name(), tcp)
-        .await
-        .unwrap();
+    let tls = meterd::remote::secure(tcp, pin).await.unwrap();
     let mut link = meterd::frame::framed(tls);
     let hello = ToServer::Hello {
         runtime: format!("{machine}-runtime"),
