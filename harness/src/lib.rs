@@ -10,6 +10,7 @@ pub mod bench;
 pub mod doctor;
 pub mod engine;
 pub mod identity;
+pub mod name;
 pub mod report;
 pub mod runtime;
 pub mod scenario;

@@ -8,6 +8,8 @@ use std::process::Command;
 
 use rstest::rstest;
 
+mod long_names;
+
 fn image_dir() -> PathBuf {
     std::env::var_os("VIGIL_IMAGE_DIR")
         .map(PathBuf::from)
@@ -43,10 +45,11 @@ fn missing_prerequisite() -> Option<String> {
     None
 }
 
-fn run_scenario(name: &str) -> (Option<i32>, serde_json::Value, String) {
+/// Runs `scenario` (a built-in name or a file) whose scenario name is `name`.
+fn run_scenario_file(scenario: &str, name: &str) -> (Option<i32>, serde_json::Value, String) {
     let reports = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["scenario", name, "--backend", "qemu", "--report-dir"])
+        .args(["scenario", scenario, "--backend", "qemu", "--report-dir"])
         .arg(reports.path())
         .env("VIGIL_IMAGE_DIR", image_dir())
         .output()
@@ -78,11 +81,15 @@ fn run_scenario(name: &str) -> (Option<i32>, serde_json::Value, String) {
 }
 
 fn scenario_passes(name: &str) {
+    scenario_file_passes(name, name);
+}
+
+fn scenario_file_passes(scenario: &str, name: &str) {
     if let Some(why) = skip_reason() {
         println!("SKIPPED qemu scenario {name}: {why}");
         return;
     }
-    let (code, report, output) = run_scenario(name);
+    let (code, report, output) = run_scenario_file(scenario, name);
     let scenario = &report["scenarios"][0];
     assert_eq!(
         (code, scenario["verdict"].as_str()),
@@ -119,6 +126,20 @@ fn scenario_passes(name: &str) {
 #[case::dongle_hang("dongle-hang")]
 fn scenario_passes_on_qemu(#[case] name: &str) {
     scenario_passes(name);
+}
+
+#[test]
+fn long_names_with_dongles_run_on_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("long.yaml");
+    let text = long_names::dongle_hop();
+    std::fs::write(&scenario, &text).unwrap();
+    let name = text
+        .lines()
+        .find_map(|l| l.strip_prefix("name: "))
+        .unwrap()
+        .to_owned();
+    scenario_file_passes(scenario.to_str().unwrap(), &name);
 }
 
 #[test]

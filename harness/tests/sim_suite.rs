@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod long_names;
+
 fn vigil() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vigil"))
 }
@@ -107,4 +109,23 @@ fn an_invalid_scenario_stops_before_running_with_exit_2() {
     assert!(stderr.contains("nowhere"), "{stderr}");
     assert!(stderr.contains(":4:"), "no line:column in {stderr}");
     assert!(!dir.path().join("reports").exists(), "nothing may run");
+}
+
+#[test]
+fn long_names_with_dongles_run_on_sim() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("long.yaml");
+    std::fs::write(&scenario, long_names::dongle_hop()).unwrap();
+    let out = vigil()
+        .args(["scenario", "--backend", "sim", "--report-dir"])
+        .arg(dir.path().join("reports"))
+        .arg(&scenario)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -60,6 +60,14 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// A name that cannot become a file name.
+    #[error("Cannot use `{name}` as a {kind} name")]
+    BadName {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: crate::name::NameError,
+    },
     /// This backend cannot do that (yet).
     #[error("The {backend} backend cannot {operation}: {why}")]
     Unsupported {
@@ -70,6 +78,15 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// Checks that `name`, naming a `kind` of thing, may become a file or folder name.
+    pub fn check_name(kind: &'static str, name: &str) -> Result<(), BackendError> {
+        crate::name::check(name).map_err(|source| BackendError::BadName {
+            kind,
+            name: name.to_owned(),
+            source,
+        })
+    }
+
     /// Wraps an IO error with what was being done.
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
         let context = context.into();

@@ -197,7 +197,8 @@ pub fn run_scenarios(
         let config = WorldConfig {
             runtime_bin: runtime_bin.clone(),
             harness_exe: harness_exe.clone(),
-            work_dir: scratch.join(format!("{n:02}-{name}")),
+            // Numbered, not named: socket paths inside must not grow with the scenario's name.
+            work_dir: scratch.join(format!("{n:02}")),
             log_dir: report_dir.join("logs").join(&name),
             seed: seed_for(&run_id, &name),
         };
@@ -214,7 +215,7 @@ pub fn run_scenarios(
                     backend,
                     &loaded.scenario,
                     &runtime_bin,
-                    &scratch.join(format!("{n:02}-{name}-vendor")),
+                    &scratch.join(format!("{n:02}-vendor")),
                 )
                 .map_err(|e| e.to_string())?;
                 let tally = world.run(&loaded.scenario, options.fail_fast, &interrupted, &mut emit);

@@ -424,7 +424,8 @@ impl World {
                 Ok(())
             }
             Step::Advance(d) => {
-                self.world_offset_ms += d.value.as_millis() as i64;
+                let advance = i64::try_from(d.value.as_millis()).unwrap_or(i64::MAX);
+                self.world_offset_ms = self.world_offset_ms.saturating_add(advance);
                 self.push_clock()
             }
             Step::SetClock(s) => {

@@ -16,6 +16,10 @@ const UNITS: [(&str, u64); 5] = [
     ("ms", 1),
 ];
 
+/// The longest duration or clock skew a scenario may write, and the furthest its world clock
+/// may be advanced in total: 36500 days (100 years).
+pub const MAX_SPAN: Duration = Duration::from_millis(36_500 * 86_400_000);
+
 /// A span of virtual time, such as `5m` (stored in milliseconds).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Duration {
@@ -113,6 +117,9 @@ fn parse_millis(text: &str) -> Result<u64, DurationError> {
             .and_then(|part| total.checked_add(part))
             .ok_or_else(|| error("the duration is too large"))?;
         rest = &rest[unit_len..];
+    }
+    if total > MAX_SPAN.millis {
+        return Err(error("it is longer than 36500d (100 years)"));
     }
     Ok(total)
 }
@@ -278,6 +285,8 @@ mod tests {
     #[case("m5", "expected a number")]
     #[case("-5m", "expected a number")]
     #[case("99999999999999999999s", "the number is too large")]
+    #[case("36501d", "it is longer than 36500d (100 years)")]
+    #[case("36500d1ms", "it is longer than 36500d (100 years)")]
     fn rejects_bad_durations(#[case] text: &str, #[case] problem: &str) {
         let error = text.parse::<Duration>().unwrap_err();
         assert_eq!(error.problem, problem, "{error}");

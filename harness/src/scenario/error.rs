@@ -20,6 +20,20 @@ pub enum ScenarioError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is larger than a scenario may be.
+    #[error("Scenario file {path} is {size} bytes; at most {max} are read")]
+    #[diagnostic(
+        code(vigil::scenario::too_large),
+        help("a scenario is a short YAML file (the built-in ones are under 8 KiB)")
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The limit in bytes.
+        max: usize,
+    },
     /// No built-in scenario has that name and no such file exists.
     #[error("No scenario named `{name}`")]
     #[diagnostic(code(vigil::scenario::not_found), help("built-in scenarios: {known}"))]
@@ -96,6 +110,23 @@ impl Source {
             origin: origin.to_owned(),
             text: Arc::from(text),
         }
+    }
+
+    /// `at` with its byte offset worked out from its line and column when the parser gave none.
+    pub(crate) fn with_offset(&self, mut at: Position) -> Position {
+        if at.offset != 0 || at.line <= 1 && at.column <= 1 {
+            return at;
+        }
+        let Some(line) = self.text.split_inclusive('\n').nth(at.line as usize - 1) else {
+            return at;
+        };
+        let line_start = line.as_ptr() as usize - self.text.as_ptr() as usize;
+        let column = line
+            .char_indices()
+            .nth(at.column.saturating_sub(1) as usize)
+            .map_or(line.len(), |(byte, _)| byte);
+        at.offset = line_start + column;
+        at
     }
 
     /// A problem at `at`, labelled `label`.

@@ -8,101 +8,67 @@ mod duration;
 mod error;
 mod located;
 mod model;
+mod syntax;
 mod validate;
 
 use std::path::Path;
 
 pub use builtin::BuiltinScenario;
-pub use duration::{CLOCK_SKEW_PATTERN, ClockSkew, DURATION_PATTERN, Duration, DurationError};
+pub use duration::{
+    CLOCK_SKEW_PATTERN, ClockSkew, DURATION_PATTERN, Duration, DurationError, MAX_SPAN,
+};
 pub use error::{Problem, ScenarioError};
 pub use located::{Located, Position};
 pub use model::*;
+pub use syntax::MAX_FILE_BYTES;
 
 use error::Source;
 
-/// Reads, parses and validates the scenario file at `path`.
+/// Reads, parses and validates the scenario file at `path` (at most [`MAX_FILE_BYTES`]).
 pub fn load(path: impl AsRef<Path>) -> Result<Scenario, ScenarioError> {
+    use std::io::Read;
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+    let read_error = |source| ScenarioError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(MAX_FILE_BYTES).unwrap_or(u64::MAX);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() > MAX_FILE_BYTES {
+        let size = std::fs::metadata(path).map_or(limit + 1, |m| m.len());
+        return Err(ScenarioError::TooLarge {
+            path: path.to_owned(),
+            size,
+            max: MAX_FILE_BYTES,
+        });
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     parse_str(&text, &path.display().to_string())
 }
 
 /// Parses and validates scenario `text`; `origin` names it in diagnostics (a path or built-in name).
 pub fn parse_str(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(ScenarioError::TooLarge {
+            path: origin.into(),
+            size: text.len() as u64,
+            max: MAX_FILE_BYTES,
+        });
+    }
     let source = Source::new(origin, text);
-    let mut scenario: Scenario = serde_saphyr::from_str(text).map_err(|error| {
-        let error = error.without_snippet();
-        let message = serde_saphyr::MessageFormatter::format_message(
-            &serde_saphyr::DefaultMessageFormatter,
-            error,
-        )
-        .into_owned();
-        let at = error
-            .location()
-            .map(|l| Position::from_location(&l))
-            .unwrap_or(Position {
-                line: 1,
-                column: 1,
-                offset: 0,
-                len: 0,
-            });
-        let (message, label, help) = explain_syntax_error(message);
-        source.error(vec![source.problem(at, message, label, help)])
-    })?;
+    let mut scenario: Scenario = serde_saphyr::from_str_with_options(text, syntax::options())
+        .map_err(|error| source.error(vec![syntax::problem(&error, &source)]))?;
     scenario.origin = origin.to_owned();
     let problems = validate::validate(&scenario, &source);
     if problems.is_empty() {
         Ok(scenario)
     } else {
         Err(source.error(problems))
-    }
-}
-
-/// Rewords a parser message for scenario authors: (message, label, help).
-fn explain_syntax_error(message: String) -> (String, &'static str, Option<String>) {
-    const DOCS: &str = "see docs/scenario-language.md";
-    if message.starts_with("unknown variant") && message.contains("boot, shutdown") {
-        let help = format!("each step is a mapping with exactly one of these keys; {DOCS}");
-        (message, "unknown step", Some(help))
-    } else if message.starts_with("unknown variant") {
-        (
-            message,
-            "not an allowed value",
-            Some(format!("{DOCS} for the allowed values")),
-        )
-    } else if message.starts_with("unknown field") {
-        (
-            message,
-            "unknown key",
-            Some(format!("keys are kebab-case; {DOCS}")),
-        )
-    } else if message.starts_with("missing field") {
-        (
-            message,
-            "in this mapping",
-            Some("docs/scenario-language.md lists the required keys".to_owned()),
-        )
-    } else if let Some(kind) = ["u16", "u32", "u64"]
-        .into_iter()
-        .find(|kind| message == format!("invalid {kind}"))
-    {
-        let range = match kind {
-            "u16" => "0 to 65535",
-            "u32" => "0 to 4294967295",
-            _ => "0 or more",
-        };
-        (
-            format!("expected a whole number ({range})"),
-            "not a whole number",
-            None,
-        )
-    } else if message.starts_with("Invalid duration") {
-        (message, "not a duration", None)
-    } else {
-        (message, "here", None)
     }
 }
 

@@ -91,6 +91,8 @@ struct Checker<'a> {
     session_order: Vec<String>,
     snapshots: HashMap<String, Vec<(String, Power)>>,
     servers: Vec<String>,
+    /// The world clock's advance so far.
+    advanced: super::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +119,7 @@ impl<'a> Checker<'a> {
             machines: HashMap::new(),
             machine_order: Vec::new(),
             future_clones: HashMap::new(),
+            advanced: super::Duration::default(),
             products: HashMap::new(),
             product_order: Vec::new(),
             dongles: HashMap::new(),
@@ -144,14 +147,7 @@ impl<'a> Checker<'a> {
     // ---- declarations -------------------------------------------------------------------
 
     fn declarations(&mut self, scenario: &Scenario) {
-        if scenario.name.value.trim().is_empty() {
-            self.report(
-                scenario.name.at,
-                "The scenario name is empty",
-                "empty",
-                None,
-            );
-        }
+        self.safe_name(&scenario.name, "scenario");
         let mut tags = HashSet::new();
         for tag in &scenario.tags {
             if !tags.insert(tag.value.as_str()) {
@@ -231,6 +227,30 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Reports a declared name that could not safely become a file name.
+    fn safe_name(&mut self, name: &Name, what: &str) -> bool {
+        match crate::name::check(&name.value) {
+            Ok(()) => true,
+            Err(error) => {
+                let label = match error {
+                    crate::name::NameError::Empty => "empty name",
+                    crate::name::NameError::TooLong { .. } => "too long",
+                    _ => "not allowed in a name",
+                };
+                self.report(
+                    name.at,
+                    format!("{error} (this {what} name becomes a file name)"),
+                    label,
+                    Some(format!(
+                        "names are 1 to {} letters, digits, `.`, `_` or `-`, starting with a letter or digit",
+                        crate::name::NAME_MAX_LEN
+                    )),
+                );
+                false
+            }
+        }
+    }
+
     fn declare_machine(
         &mut self,
         name: &Name,
@@ -238,6 +258,7 @@ impl<'a> Checker<'a> {
         role: Role,
         host: Option<String>,
     ) -> bool {
+        self.safe_name(name, "machine");
         if let Some(existing) = self.machines.get(&name.value) {
             let line = existing.declared.line;
             self.report(
@@ -336,6 +357,7 @@ impl<'a> Checker<'a> {
         let mut carried: HashSet<u32> = HashSet::new();
         let mut serials: HashMap<&str, Position> = HashMap::new();
         for dongle in &scenario.dongles {
+            self.safe_name(&dongle.name, "dongle");
             if self.dongles.contains_key(&dongle.name.value) {
                 self.report(
                     dongle.name.at,
@@ -624,6 +646,9 @@ impl<'a> Checker<'a> {
 
     /// A name for an app, access or session that must be new.
     fn fresh_name(&mut self, name: &Name, what: &str) -> bool {
+        if !self.safe_name(name, what) {
+            return false;
+        }
         let earlier = self
             .apps
             .get(&name.value)
@@ -777,7 +802,10 @@ impl<'a> Checker<'a> {
                 }
             }
             Step::Snapshot(snapshot) => {
-                if let Some(machine) = self.guest(&snapshot.machine, "snapshot") {
+                let named = self.safe_name(&snapshot.name, "snapshot");
+                if let Some(machine) = self.guest(&snapshot.machine, "snapshot")
+                    && named
+                {
                     let taken = self
                         .snapshots
                         .entry(snapshot.machine.value.clone())
@@ -1054,6 +1082,24 @@ impl<'a> Checker<'a> {
                 }
             }
             Step::Advance(duration) => {
+                let total = self
+                    .advanced
+                    .as_millis()
+                    .saturating_add(duration.as_millis());
+                if total > super::MAX_SPAN.as_millis() {
+                    self.report(
+                        duration.at,
+                        format!(
+                            "this advance takes the world clock {} past its start, more than {} in total",
+                            super::Duration::from_millis(total),
+                            super::MAX_SPAN
+                        ),
+                        "too far",
+                        Some("the advances of a scenario add up to at most 36500d (100 years)".into()),
+                    );
+                } else {
+                    self.advanced = super::Duration::from_millis(total);
+                }
                 if duration.is_zero() {
                     self.report(
                         duration.at,

@@ -131,6 +131,8 @@ pub struct QemuBackend {
     usbredir: BTreeMap<String, UsbredirServer>,
     /// usbredir plugs so far (each gets its own QEMU ids).
     usb_plugs: u32,
+    /// Guests created so far (each guest's folder is its number).
+    guests_made: usize,
     /// Dongles guests imported over USB/IP: dongle → its export and importer.
     usbip: BTreeMap<String, usbip::UsbipImport>,
 }
@@ -186,6 +188,7 @@ impl QemuBackend {
             timings: Timings::default(),
             usbredir: BTreeMap::new(),
             usb_plugs: 0,
+            guests_made: 0,
             usbip: BTreeMap::new(),
         })
     }
@@ -262,7 +265,14 @@ impl QemuBackend {
         identity: HardwareIdentity,
     ) -> Result<(), BackendError> {
         let cpu = self.host_cpu(host)?;
-        let dir = self.config.work_dir.join("guests").join(name);
+        BackendError::check_name("machine", name)?;
+        // Folders are numbered, not named, so socket paths do not grow with the names.
+        let dir = self
+            .config
+            .work_dir
+            .join("guests")
+            .join(format!("{:02}", self.guests_made));
+        self.guests_made += 1;
         std::fs::create_dir_all(&dir)
             .map_err(BackendError::io(format!("create {}", dir.display())))?;
         std::fs::create_dir_all(self.config.log_dir.join(name))
@@ -927,6 +937,7 @@ impl Backend for QemuBackend {
         if !self.is_guest(machine) {
             return self.sim.snapshot(machine, name);
         }
+        BackendError::check_name("snapshot", name)?;
         let started = Instant::now();
         let g = self.guest_mut(machine)?;
         let live = g.vm.is_some();
@@ -1198,6 +1209,7 @@ impl Backend for QemuBackend {
             return self.sim.open_session(machine, session, spec);
         }
         self.require(machine, "session-open", &[Power::Running], "running")?;
+        BackendError::check_name("session", session)?;
         self.open_guest_session(machine, session, spec)
     }
 
@@ -1261,6 +1273,7 @@ impl Backend for QemuBackend {
             return self.sim.start_app(machine, session, app, args);
         }
         self.require(machine, "start-app", &[Power::Running], "running")?;
+        BackendError::check_name("app", app)?;
         let mut argv = vec!["/bin/meter".to_string()];
         argv.extend(args.iter().cloned());
         self.call(
@@ -1516,6 +1529,7 @@ impl Backend for QemuBackend {
         if !self.is_guest(machine) {
             return self.sim.put_file(machine, name, contents);
         }
+        BackendError::check_name("file", name)?;
         let path = format!("{GUEST_HOME}/{name}");
         self.call(
             machine,

@@ -90,6 +90,8 @@ pub struct SimBackend {
     next_address: u32,
     address_block: u8,
     command_counter: u64,
+    /// Machines created so far (each machine's folder is its number).
+    machines_made: usize,
     /// Whether the run's app and session logs were folded into the report already.
     logs_gathered: bool,
 }
@@ -116,6 +118,7 @@ impl SimBackend {
             next_address: 0,
             address_block,
             command_counter: 0,
+            machines_made: 0,
             logs_gathered: false,
         })
     }
@@ -200,7 +203,14 @@ impl SimBackend {
         identity: HardwareIdentity,
         cpu: CpuProfile,
     ) -> Result<(), BackendError> {
-        let dir = self.config.work_dir.join("machines").join(name);
+        BackendError::check_name("machine", name)?;
+        // Folders are numbered, not named, so socket paths do not grow with the names.
+        let dir = self
+            .config
+            .work_dir
+            .join("machines")
+            .join(format!("{:02}", self.machines_made));
+        self.machines_made += 1;
         for sub in ["platform/usb", "disk/meter", "run"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path)
@@ -693,6 +703,7 @@ impl Backend for SimBackend {
     }
 
     fn snapshot(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        BackendError::check_name("snapshot", name)?;
         let dest = self.machine(machine)?.dir.join("snapshots").join(name);
         let _ = std::fs::remove_dir_all(&dest);
         self.copy_disk(machine, &dest)?;
@@ -790,6 +801,7 @@ impl Backend for SimBackend {
         spec: &SessionSpec,
     ) -> Result<(), BackendError> {
         self.require(machine, "session-open", &[Power::Running], "running")?;
+        BackendError::check_name("session", session)?;
         let log = self
             .run_logs(machine)
             .join(format!("session-{session}.log"));
@@ -854,6 +866,7 @@ impl Backend for SimBackend {
         app: &str,
         args: &[String],
     ) -> Result<(), BackendError> {
+        BackendError::check_name("app", app)?;
         let apps_dir = self.run_logs(machine).join("apps");
         let stdout = apps_dir.join(format!("{app}.out"));
         let stderr = apps_dir.join(format!("{app}.err"));
@@ -1018,6 +1031,7 @@ impl Backend for SimBackend {
     }
 
     fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
+        BackendError::check_name("dongle", name)?;
         let dongle = VirtualDongle::power_on(flash, std::sync::Arc::clone(&self.dongle_clock))?;
         self.dongles.insert(name.to_string(), dongle);
         Ok(())
@@ -1082,6 +1096,7 @@ impl Backend for SimBackend {
         name: &str,
         contents: &[u8],
     ) -> Result<String, BackendError> {
+        BackendError::check_name("file", name)?;
         let dir = self.machine(machine)?.dir.join("disk").join("home");
         std::fs::create_dir_all(&dir).map_err(BackendError::io("create the home folder"))?;
         let path = dir.join(name);
