@@ -15,13 +15,14 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::engine::LoadedScenario;
+use crate::scenario::Defence;
+
+/// The variable that switches one defence off in a runtime's weakened build (runtime contract).
+pub const WEAKEN_VARIABLE: &str = "METER_WEAKEN";
 
 /// Every defence a weakened runtime can switch off, by scenario-language name.
 pub fn all_defences() -> Vec<&'static str> {
-    meterd::weakened::Defence::ALL
-        .iter()
-        .map(|d| d.name())
-        .collect()
+    Defence::ALL.iter().map(|d| d.name()).collect()
 }
 
 /// What `vigil verify` does.
@@ -149,8 +150,8 @@ impl VerifyReport {
             }
             out.push('\n');
         }
-        out.push_str("\n## Caught where\n\n| defence | weakened runtime's bug | caught by | first failed assertion |\n|---|---|---|---|\n");
-        for weakening in meterd::weakened::Defence::ALL {
+        out.push_str("\n## Caught where\n\n| defence | what it holds (off in the weakened runtime) | caught by | first failed assertion |\n|---|---|---|---|\n");
+        for weakening in Defence::ALL {
             let defence = weakening.name();
             let by = self.caught_by.get(defence).cloned().unwrap_or_default();
             let first = self
@@ -166,7 +167,7 @@ impl VerifyReport {
             let _ = writeln!(
                 out,
                 "| {defence} | {} | {} | {} |",
-                weakening.weakening(),
+                weakening.summary(),
                 if by.is_empty() {
                     "—".into()
                 } else {
@@ -326,14 +327,14 @@ fn run_one(
         .arg(scenario_argument(source, name))
         .arg("--report-dir")
         .arg(&reports)
-        .env_remove(meterd::weakened::VARIABLE)
+        .env_remove(WEAKEN_VARIABLE)
         .env("NO_COLOR", "1");
     if let Some(defence) = &defence {
         command
             .arg("--fail-fast")
             .arg("--runtime")
             .arg(runtime)
-            .env(meterd::weakened::VARIABLE, defence);
+            .env(WEAKEN_VARIABLE, defence);
     }
     let output = command.output().map_err(io("run", &options.vigil))?;
     let code = output.status.code();

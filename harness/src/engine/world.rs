@@ -6,19 +6,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use meter_core::policy::ProductPolicy;
-
 use super::verdict_of;
 use crate::backend::{
     Backend, BackendError, CloneIdentity, GuestSpec, HostSpec, Role, SessionSpec, UsbMode,
 };
 use crate::identity::{IdentityMint, cpu_profile};
 use crate::report::{Event, Verdict};
+use crate::runtime::policy::PolicyDocument;
 use crate::runtime::{self, AccessAnswer, VendorDesk};
 use crate::scenario::{self as sc, Scenario, Step};
 
 /// Firm code the harness's vendor issues licences under.
 pub const FIRM: u32 = 6_000_010;
+/// The test vendor's name in the policy document.
+const FIRM_NAME: &str = "Vigil Test Vendor";
 
 /// How long an attach step waits for the machines' runtimes to reach the dongle.
 const DONGLE_SEEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,9 +117,9 @@ impl World {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
-        let policy = vendor_policy(scenario, started_ms);
+        let policy = PolicyDocument::from_scenario(&scenario.policy, FIRM, FIRM_NAME, started_ms);
         let policy_file = vendor.file("policy.yaml");
-        let yaml = serde_saphyr::to_string(&policy).map_err(|e| BackendError::Runtime {
+        let yaml = policy.to_yaml().map_err(|e| BackendError::Runtime {
             machine: "vendor".into(),
             message: format!("cannot write the policy: {e}"),
         })?;
@@ -855,60 +856,4 @@ fn merge_identity(
         generated.macs = given.macs.iter().map(|m| m.value.clone()).collect();
     }
     generated
-}
-
-/// The vendor's product policy for a scenario, in the runtime's policy format.
-fn vendor_policy(scenario: &Scenario, started_ms: u64) -> ProductPolicy {
-    use meter_core::binding::{BindingPolicy, BindingScheme, Tolerance};
-    use meter_core::policy::{Allowance, ContainerKind, Counting, ProductItem, RollbackPolicy};
-    let products = scenario
-        .policy
-        .products
-        .iter()
-        .map(|p| ProductItem {
-            code: p.code.value,
-            name: p.name.value.clone(),
-            container: match p.container {
-                sc::Container::Soft => ContainerKind::Soft,
-                sc::Container::Dongle => ContainerKind::Dongle,
-            },
-            quantity: p.quantity,
-            counting: match p.counting {
-                sc::Counting::UserLimit => Counting::UserLimit,
-                sc::Counting::StationShare => Counting::StationShare,
-                sc::Counting::NoCount => Counting::NoCount,
-            },
-            expires_at: p.expires.map(|d| started_ms + d.as_millis()),
-            units: p.units,
-            binding: BindingPolicy {
-                scheme: match p.binding.scheme {
-                    sc::BindingScheme::Smartbind => BindingScheme::Smartbind,
-                    sc::BindingScheme::Random => BindingScheme::Random,
-                    sc::BindingScheme::Ip => BindingScheme::Ip,
-                },
-                tolerance: match p.binding.tolerance {
-                    sc::Tolerance::Loose => Tolerance::Loose,
-                    sc::Tolerance::Medium => Tolerance::Medium,
-                    sc::Tolerance::Strict => Tolerance::Strict,
-                },
-            },
-            virtual_machines: allowance(p.virtual_machines),
-            terminal_server: allowance(p.terminal_server),
-            on_rollback: match p.on_rollback {
-                sc::RollbackPolicy::Lock => RollbackPolicy::Lock,
-                sc::RollbackPolicy::Reconcile => RollbackPolicy::Reconcile,
-            },
-        })
-        .collect();
-    fn allowance(p: sc::Permission) -> Allowance {
-        match p {
-            sc::Permission::Allow => Allowance::Allow,
-            sc::Permission::Deny => Allowance::Deny,
-        }
-    }
-    ProductPolicy {
-        firm: FIRM,
-        firm_name: "Vigil Test Vendor".into(),
-        products,
-    }
 }

@@ -362,6 +362,99 @@ pub enum Defence {
     DongleCounters,
 }
 
+impl Defence {
+    /// Every defence, in the scenario language's order.
+    pub const ALL: [Defence; 21] = [
+        Defence::TraitBinding,
+        Defence::BindingTolerance,
+        Defence::VmActivationSwitch,
+        Defence::RollbackReceipts,
+        Defence::RollbackVmgenid,
+        Defence::RollbackClock,
+        Defence::RollbackWitness,
+        Defence::DongleBinding,
+        Defence::DongleSharedDetection,
+        Defence::DongleRebindRelease,
+        Defence::DongleRebindLockout,
+        Defence::DongleRemovalRelease,
+        Defence::ServerQuantity,
+        Defence::StationShareCounting,
+        Defence::UserLimitCounting,
+        Defence::LocalLicence,
+        Defence::TerminalServerSwitch,
+        Defence::CrashRelease,
+        Defence::KeepaliveRelease,
+        Defence::Expiry,
+        Defence::DongleCounters,
+    ];
+
+    /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Defence::TraitBinding => "trait-binding",
+            Defence::BindingTolerance => "binding-tolerance",
+            Defence::VmActivationSwitch => "vm-activation-switch",
+            Defence::RollbackReceipts => "rollback-receipts",
+            Defence::RollbackVmgenid => "rollback-vmgenid",
+            Defence::RollbackClock => "rollback-clock",
+            Defence::RollbackWitness => "rollback-witness",
+            Defence::DongleBinding => "dongle-binding",
+            Defence::DongleSharedDetection => "dongle-shared-detection",
+            Defence::DongleRebindRelease => "dongle-rebind-release",
+            Defence::DongleRebindLockout => "dongle-rebind-lockout",
+            Defence::DongleRemovalRelease => "dongle-removal-release",
+            Defence::ServerQuantity => "server-quantity",
+            Defence::StationShareCounting => "station-share-counting",
+            Defence::UserLimitCounting => "user-limit-counting",
+            Defence::LocalLicence => "local-licence",
+            Defence::TerminalServerSwitch => "terminal-server-switch",
+            Defence::CrashRelease => "crash-release",
+            Defence::KeepaliveRelease => "keepalive-release",
+            Defence::Expiry => "expiry",
+            Defence::DongleCounters => "dongle-counters",
+        }
+    }
+
+    /// What the defence holds, in one line.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Defence::TraitBinding => {
+                "Soft licence key rebuilt only from enough matching hardware traits."
+            }
+            Defence::BindingTolerance => {
+                "Binding tolerance (loose, medium, strict) decides what a change does."
+            }
+            Defence::VmActivationSwitch => "Vendor switch refusing activation in virtual machines.",
+            Defence::RollbackReceipts => "Signed, hash-chained receipts of unit use.",
+            Defence::RollbackVmgenid => "vmgenid recorded at each state write.",
+            Defence::RollbackClock => "Time high-water mark.",
+            Defence::RollbackWitness => "Reconciliation with a witness that stores chain heads.",
+            Defence::DongleBinding => "Dongle session binds it to one runtime.",
+            Defence::DongleSharedDetection => "A dongle seen by two runtimes at once locks out.",
+            Defence::DongleRebindRelease => {
+                "A rebind elsewhere releases the old holder's licences."
+            }
+            Defence::DongleRebindLockout => "Too many rebinds in the window lock the dongle out.",
+            Defence::DongleRemovalRelease => "An unplugged dongle's licences are released.",
+            Defence::ServerQuantity => "The network server counts stations against the quantity.",
+            Defence::StationShareCounting => {
+                "Station-share counts one station per machine or terminal-server session."
+            }
+            Defence::UserLimitCounting => "User-limit counts every access.",
+            Defence::LocalLicence => {
+                "Quantity 0 licences stay on their own machine, out of terminal-server sessions."
+            }
+            Defence::TerminalServerSwitch => "Vendor switch refusing terminal-server sessions.",
+            Defence::CrashRelease => "Crashed local apps are released at once (pidfd).",
+            Defence::KeepaliveRelease => {
+                "Silent remote stations are released after the keepalive window."
+            }
+            Defence::Expiry => "Expiry enforced on the runtime's clock.",
+            Defence::DongleCounters => "Units counted inside the dongle's secure element.",
+        }
+    }
+}
+
 /// One step of a scenario: exactly one key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]

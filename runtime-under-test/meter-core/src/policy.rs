@@ -235,6 +235,29 @@ fn default_quantity() -> u32 {
 mod tests {
     use super::*;
 
+    /// The YAML example of the runtime contract's "Policy document" section.
+    fn documented_example() -> &'static str {
+        let doc = include_str!("../../../docs/runtime-contract.md");
+        let section = doc.split("\n## Policy document").nth(1).unwrap();
+        let block = section.split("```yaml\n").nth(1).unwrap();
+        block.split("```").next().unwrap()
+    }
+
+    #[test]
+    fn the_contract_example_reads_as_written() {
+        let policy = ProductPolicy::from_yaml(documented_example()).unwrap();
+        assert_eq!(policy.firm, 6_000_010);
+        let cad = policy.product(1001).unwrap();
+        assert_eq!(cad.expires_at, Some(1_792_592_000_000));
+        assert_eq!(cad.units, Some(100));
+        assert_eq!(cad.binding.tolerance, Tolerance::Strict);
+        assert_eq!(cad.virtual_machines, Allowance::Deny);
+        assert_eq!(cad.on_rollback, RollbackPolicy::Reconcile);
+        let cam = policy.product(2001).unwrap();
+        assert_eq!(cam.container, ContainerKind::Dongle);
+        assert_eq!(cam.counting, Counting::UserLimit);
+    }
+
     #[test]
     fn defaults_fill_a_minimal_item() {
         let policy =

@@ -268,6 +268,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_contract_names_every_weakening() {
+        let doc = include_str!("../../../docs/runtime-contract.md");
+        let section = doc.split("\n## Defences\n").nth(1).unwrap();
+        let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+        let documented: Vec<&str> = section
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .collect();
+        let runtime: Vec<&str> = Defence::ALL.iter().map(|d| d.name()).collect();
+        assert_eq!(runtime, documented);
+    }
+
+    #[test]
     fn every_defence_round_trips_by_name() {
         for defence in Defence::ALL {
             assert_eq!(defence.name().parse::<Defence>(), Ok(defence));
