@@ -15,10 +15,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::engine::LoadedScenario;
+use crate::runtime::WEAKEN_VARIABLE;
 use crate::scenario::Defence;
-
-/// The variable that switches one defence off in a runtime's weakened build (runtime contract).
-pub const WEAKEN_VARIABLE: &str = "METER_WEAKEN";
 
 /// Every defence a weakened runtime can switch off, by scenario-language name.
 pub fn all_defences() -> Vec<&'static str> {

@@ -44,6 +44,7 @@ fn qemu_timings() {
             .parent()
             .unwrap()
             .to_path_buf(),
+        builtin_runtime: true,
         harness_exe: PathBuf::from(env!("CARGO_BIN_EXE_vigil")),
         work_dir: scratch.path().join("work"),
         log_dir: scratch.path().join("logs"),

@@ -9,6 +9,7 @@ use std::process::Command;
 use rstest::rstest;
 
 mod long_names;
+mod runtime_copy;
 
 fn image_dir() -> PathBuf {
     std::env::var_os("VIGIL_IMAGE_DIR")
@@ -140,6 +141,50 @@ fn long_names_with_dongles_run_on_qemu() {
         .unwrap()
         .to_owned();
     scenario_file_passes(scenario.to_str().unwrap(), &name);
+}
+
+/// Runs `scenario` on qemu with the runtime folder `runtime`; returns the exit code and output.
+fn run_with_runtime(scenario: &str, runtime: &Path, weaken: Option<&str>) -> (Option<i32>, String) {
+    let reports = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    command
+        .args(["scenario", scenario, "--backend", "qemu", "--runtime"])
+        .arg(runtime)
+        .arg("--report-dir")
+        .arg(reports.path())
+        .env("VIGIL_IMAGE_DIR", image_dir())
+        .env_remove("METER_WEAKEN");
+    if let Some(defence) = weaken {
+        command.env("METER_WEAKEN", defence);
+    }
+    let out = command.output().unwrap();
+    let output =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), output)
+}
+
+#[test]
+fn another_runtime_folder_reaches_the_guests() {
+    if let Some(why) = skip_reason() {
+        println!("SKIPPED qemu --runtime: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = runtime_copy::reference(&dir.path().join("reference"));
+    let (code, output) = run_with_runtime("clone-guest", &copy, None);
+    assert_eq!(
+        code,
+        Some(0),
+        "clone-guest with a copied runtime:\n{output}"
+    );
+    // The guests run the folder's runtime, not the image's: a weakened one is caught.
+    let weakened = runtime_copy::weakened(&dir.path().join("weakened"));
+    let (code, output) = run_with_runtime("clone-guest", &weakened, Some("trait-binding"));
+    assert_eq!(
+        code,
+        Some(1),
+        "clone-guest with a weakened runtime:\n{output}"
+    );
 }
 
 #[test]

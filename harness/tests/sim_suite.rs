@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 mod long_names;
+mod runtime_copy;
 
 fn vigil() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vigil"))
@@ -127,5 +128,44 @@ fn long_names_with_dongles_run_on_sim() {
         Some(0),
         "stderr:\n{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs a built-in scenario on sim with another runtime folder; returns the exit code.
+fn run_with_runtime(scenario: &str, runtime: &Path, weaken: Option<&str>) -> Option<i32> {
+    let reports = tempfile::tempdir().unwrap();
+    let mut command = vigil();
+    command
+        .args(["scenario", scenario, "--backend", "sim", "--runtime"])
+        .arg(runtime)
+        .arg("--report-dir")
+        .arg(reports.path())
+        .env_remove("METER_WEAKEN");
+    if let Some(defence) = weaken {
+        command.env("METER_WEAKEN", defence);
+    }
+    let out = command.output().unwrap();
+    if out.status.code() != Some(0) {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    out.status.code()
+}
+
+#[test]
+fn another_runtime_folder_keeps_the_verdicts_on_sim() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = runtime_copy::reference(&dir.path().join("reference"));
+    for scenario in ["clone-guest", "dongle-hop"] {
+        assert_eq!(
+            run_with_runtime(scenario, &copy, None),
+            Some(0),
+            "{scenario}"
+        );
+    }
+    let weakened = runtime_copy::weakened(&dir.path().join("weakened"));
+    assert_eq!(
+        run_with_runtime("clone-guest", &weakened, Some("trait-binding")),
+        Some(1),
+        "a weakened runtime given with --runtime was not the one that ran"
     );
 }

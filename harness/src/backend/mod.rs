@@ -321,6 +321,9 @@ pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
 pub struct WorldConfig {
     /// Folder with the runtime's `meter` and `meterd`.
     pub runtime_bin: PathBuf,
+    /// Whether that is the built-in reference runtime (guest images carry their own copy);
+    /// otherwise backends carry `runtime_bin` into their guests.
+    pub builtin_runtime: bool,
     /// The harness executable (session leaders, agents).
     pub harness_exe: PathBuf,
     /// Scratch folder for machines (removed after the run unless kept).

@@ -196,6 +196,7 @@ pub fn run_scenarios(
         let name = loaded.scenario.name.value.clone();
         let config = WorldConfig {
             runtime_bin: runtime_bin.clone(),
+            builtin_runtime: options.runtime_bin.is_none(),
             harness_exe: harness_exe.clone(),
             // Numbered, not named: socket paths inside must not grow with the scenario's name.
             work_dir: scratch.join(format!("{n:02}")),

@@ -38,6 +38,7 @@ pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> QemuBac
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_vigil"));
     let config = WorldConfig {
         runtime_bin: exe.parent().unwrap().to_path_buf(),
+        builtin_runtime: true,
         harness_exe: exe.clone(),
         work_dir: scratch.join("work"),
         log_dir: scratch.join("logs"),

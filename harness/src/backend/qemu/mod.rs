@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod qmp;
+mod runtime_disk;
 mod usbip;
 pub mod vm;
 
@@ -133,6 +134,8 @@ pub struct QemuBackend {
     usb_plugs: u32,
     /// Guests created so far (each guest's folder is its number).
     guests_made: usize,
+    /// The disk carrying a runtime given by `--runtime` into every guest.
+    runtime_disk: Option<PathBuf>,
     /// Dongles guests imported over USB/IP: dongle → its export and importer.
     usbip: BTreeMap<String, usbip::UsbipImport>,
 }
@@ -172,6 +175,11 @@ impl QemuBackend {
         std::fs::create_dir_all(config.work_dir.join("guests"))
             .map_err(BackendError::io("create the guests folder"))?;
         let address_block = (config.seed % 250) as u8 + 2;
+        let runtime_disk = if config.builtin_runtime {
+            None
+        } else {
+            Some(runtime_disk::build(&config.runtime_bin, &config.work_dir)?)
+        };
         Ok(QemuBackend {
             mint: IdentityMint::new(config.seed ^ 0x9e37_79b9),
             config,
@@ -189,6 +197,7 @@ impl QemuBackend {
             usbredir: BTreeMap::new(),
             usb_plugs: 0,
             guests_made: 0,
+            runtime_disk,
             usbip: BTreeMap::new(),
         })
     }
@@ -318,6 +327,7 @@ impl QemuBackend {
             log_dir,
             loadvm,
             usb: g.usb.values().cloned().collect(),
+            runtime_disk: self.runtime_disk.clone(),
         }
     }
 

@@ -117,6 +117,8 @@ pub struct VmSpec {
     /// usbredir devices plugged in from the start (a revert or migration must match the saved
     /// device set).
     pub usb: Vec<UsbRedirPlug>,
+    /// A read-only disk with the runtime under test, when it is not the image's own.
+    pub runtime_disk: Option<PathBuf>,
 }
 
 /// A usbredir device on the guest's xhci controller, fed by a server on 127.0.0.1.
@@ -246,6 +248,13 @@ impl VmSpec {
                     .filter(|f| !f.is_empty() && !f.contains(char::is_whitespace))
                     .map(|f| format!(" METER_LOG={f}"))
                     .unwrap_or_default()
+                    // A weakened runtime's defence switch reaches the guest's runtime as it
+                    // reaches a simulated machine's (the image's own runtime refuses to run).
+                    + &std::env::var(crate::runtime::WEAKEN_VARIABLE)
+                        .ok()
+                        .filter(|d| crate::name::check(d).is_ok())
+                        .map(|d| format!(" {}={d}", crate::runtime::WEAKEN_VARIABLE))
+                        .unwrap_or_default()
             ),
             "-smbios".into(),
             format!(
@@ -304,6 +313,22 @@ impl VmSpec {
                 opt(&self.run_dir.join("qmp.sock").display().to_string())
             ),
         ]);
+        if let Some(disk) = &self.runtime_disk {
+            args.extend([
+                "-blockdev".into(),
+                format!(
+                    "driver=file,filename={},node-name=rtf,read-only=on",
+                    opt(&disk.display().to_string())
+                ),
+                "-blockdev".into(),
+                "driver=raw,file=rtf,node-name=rt,read-only=on".into(),
+                "-device".into(),
+                format!(
+                    "virtio-blk-pci,drive=rt,id=vblk-rt,serial={}",
+                    super::runtime_disk::SERIAL
+                ),
+            ]);
+        }
         for plug in &self.usb {
             args.extend([
                 "-chardev".into(),
@@ -525,6 +550,7 @@ mod tests {
             loadvm: Some("fresh".into()),
             incoming: None,
             usb: Vec::new(),
+            runtime_disk: None,
         }
     }
 
