@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod capabilities;
 pub mod doctor;
 pub mod engine;
 pub mod identity;

@@ -240,12 +240,11 @@ fn weakened_runtime_dir(options: &VerifyOptions) -> Result<PathBuf, VerifyError>
     let bin = std::fs::canonicalize(&options.weakened_bin)
         .map_err(|_| VerifyError::NoWeakenedRuntime(options.weakened_bin.clone()))?;
     let dir = options.work_dir.join("runtime");
-    std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-    for name in ["meter", "meterd"] {
-        let link = dir.join(name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&bin, &link).map_err(io("link", &link))?;
-    }
+    crate::runtime::folder::link_multi_call(&bin, &dir).map_err(|e| VerifyError::Io {
+        what: "link",
+        path: e.path,
+        source: e.source,
+    })?;
     Ok(dir)
 }
 

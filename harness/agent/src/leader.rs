@@ -26,6 +26,34 @@ pub struct SpawnRequest {
     pub stderr: String,
 }
 
+/// What a session's leader has reported: spawn answers by request id and exits by pid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaderLedger {
+    /// Spawn answers not yet taken: the new pid, or why the spawn failed.
+    pub spawned: std::collections::HashMap<u64, Result<i32, String>>,
+    /// How the session's processes ended.
+    pub exits: std::collections::HashMap<i32, crate::protocol::Exit>,
+}
+
+impl LeaderLedger {
+    /// Records one event (a `Ready` carries nothing to keep).
+    pub fn record(&mut self, event: LeaderEvent) {
+        match event {
+            LeaderEvent::Ready { .. } => {}
+            LeaderEvent::Spawned { id, pid } => {
+                self.spawned.insert(id, Ok(pid));
+            }
+            LeaderEvent::SpawnFailed { id, error } => {
+                self.spawned.insert(id, Err(error));
+            }
+            LeaderEvent::Exited { pid, code, signal } => {
+                self.exits
+                    .insert(pid, crate::protocol::Exit { code, signal });
+            }
+        }
+    }
+}
+
 /// A line written by a leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use vigil_agent::leader::{LeaderEvent, SpawnRequest};
+use vigil_agent::leader::{LeaderEvent, LeaderLedger, SpawnRequest};
 use vigil_agent::protocol::{
     Answer, Exit, Hello, Op, Outcome, PORT_NAME, Reply, Request, SESSION_TABLE, VMGENID_FILE,
 };
@@ -56,8 +56,7 @@ struct Session {
     sid: i32,
     child: Child,
     stdin: Option<ChildStdin>,
-    spawned: HashMap<u64, Result<i32, String>>,
-    exits: HashMap<i32, Exit>,
+    ledger: LeaderLedger,
 }
 
 struct App {
@@ -224,7 +223,7 @@ fn handle(agent: &Arc<Agent>, request: Request) -> anyhow::Result<Outcome> {
                 .get(&app)
                 .ok_or_else(|| anyhow!("No app `{app}`"))?;
             let exit = match state.sessions.get(&record.session) {
-                Some(session) => session.exits.get(&record.pid).copied(),
+                Some(session) => session.ledger.exits.get(&record.pid).copied(),
                 None => Some(
                     state
                         .orphan_exits
@@ -354,8 +353,7 @@ fn open_session(agent: &Arc<Agent>, name: &str) -> anyhow::Result<i32> {
             sid,
             child,
             stdin,
-            spawned: HashMap::new(),
-            exits: HashMap::new(),
+            ledger: LeaderLedger::default(),
         },
     );
     if let Some(old) = old {
@@ -376,18 +374,7 @@ fn open_session(agent: &Arc<Agent>, name: &str) -> anyhow::Result<i32> {
                 }
                 continue;
             };
-            match event {
-                LeaderEvent::Spawned { id, pid } => {
-                    session.spawned.insert(id, Ok(pid));
-                }
-                LeaderEvent::SpawnFailed { id, error } => {
-                    session.spawned.insert(id, Err(error));
-                }
-                LeaderEvent::Exited { pid, code, signal } => {
-                    session.exits.insert(pid, Exit { code, signal });
-                }
-                LeaderEvent::Ready { .. } => {}
-            }
+            session.ledger.record(event);
             drop(state);
             agent.changed.notify_all();
         }
@@ -460,7 +447,7 @@ fn spawn_in_session(
             .sessions
             .get_mut(session)
             .ok_or_else(|| anyhow!("Session `{session}` closed during the spawn"))?;
-        if let Some(result) = entry.spawned.remove(&id) {
+        if let Some(result) = entry.ledger.spawned.remove(&id) {
             return result.map_err(|e| anyhow!("Cannot start {}: {e}", argv.join(" ")));
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -496,12 +483,12 @@ fn exec_in_session(
     let mut state = agent.lock();
     let exit = loop {
         let exit = match state.sessions.get(session) {
-            Some(s) => s.exits.get(&pid).copied(),
+            Some(s) => s.ledger.exits.get(&pid).copied(),
             None => bail!("Session `{session}` closed while {} ran", argv.join(" ")),
         };
         if let Some(exit) = exit {
             if let Some(s) = state.sessions.get_mut(session) {
-                s.exits.remove(&pid);
+                s.ledger.exits.remove(&pid);
             }
             break exit;
         }

@@ -22,6 +22,11 @@ impl SessionTable {
         self.entries.remove(&sid);
     }
 
+    /// Forgets every session (the machine went down).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// The table in the runtime's format: `{"<sid>": {"kind": …, "user": …}}`.
     pub fn to_json(&self) -> serde_json::Value {
         let map: serde_json::Map<String, serde_json::Value> = self

@@ -174,25 +174,8 @@ pub enum CloneIdentity {
     Perfect,
 }
 
-/// The kind of a login session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum SessionSpec {
-    /// The local console.
-    Console {
-        /// Logged-in user.
-        user: String,
-    },
-    /// A remote desktop session.
-    Rdp {
-        /// Logged-in user.
-        user: String,
-        /// Name of the client computer.
-        client_name: String,
-        /// Address of the client computer.
-        client_ip: String,
-    },
-}
+/// The kind of a login session, in the session table's format (shared with the guest agent).
+pub use vigil_agent::protocol::SessionKind as SessionSpec;
 
 /// What a finished command printed and how it ended.
 #[derive(Debug, Clone, Serialize)]

@@ -139,19 +139,8 @@ pub fn print_list(backend: Option<BackendKind>) -> anyhow::Result<()> {
 pub fn default_runtime_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the vigil executable")?;
     let dir = std::env::temp_dir().join(format!("vigil-runtime-{}", std::process::id()));
-    link_runtime(&exe, &dir)?;
+    crate::runtime::folder::link_multi_call(&exe, &dir)?;
     Ok(dir)
-}
-
-fn link_runtime(exe: &Path, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for name in ["meter", "meterd"] {
-        let link = dir.join(name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(exe, &link)
-            .with_context(|| format!("cannot link {}", link.display()))?;
-    }
-    Ok(())
 }
 
 /// Runs scenarios one after another, each in a fresh world; writes the reports.
@@ -169,7 +158,7 @@ pub fn run_scenarios(
         None => {
             let exe = std::env::current_exe().context("cannot find the vigil executable")?;
             let dir = scratch.join("bin");
-            link_runtime(&exe, &dir)?;
+            crate::runtime::folder::link_multi_call(&exe, &dir)?;
             dir
         }
     };

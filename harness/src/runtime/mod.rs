@@ -1,6 +1,7 @@
 //! Drives the runtime under test through its contract (`meter … --json`, see
 //! docs/runtime-contract.md). Nothing here knows which backend runs the machine.
 
+pub mod folder;
 pub mod policy;
 
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::flash::Serial;
+use crate::serial::Serial;
 
 const CERTIFICATE_LABEL: &[u8] = b"vigil-dongle-certificate-v1";
 

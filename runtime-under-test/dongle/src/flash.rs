@@ -7,6 +7,7 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use crate::certificate::DeviceCertificate;
+pub use crate::serial::Serial;
 
 /// Version of the flash layout written by this crate.
 pub const FLASH_FORMAT: u32 = 1;
@@ -19,17 +20,6 @@ pub const MAX_ITEM_NAME: usize = 64;
 
 /// Longest runtime id, in bytes.
 pub const MAX_RUNTIME_ID: usize = 64;
-
-/// The dongle's serial number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Serial(pub u64);
-
-impl fmt::Display for Serial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
 
 /// Identity of a runtime (one `meterd`) talking to the dongle.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -23,6 +23,7 @@ mod handshake;
 mod host;
 mod protocol;
 mod report;
+mod serial;
 mod wire;
 
 pub use certificate::{CertificateError, DeviceCertificate};
@@ -31,11 +32,12 @@ pub use firmware::{ACTIVE_SESSIONS_KEPT, DevicePort, DongleStatus, Firmware};
 pub use flash::{
     Binding, DongleClock, DonglePolicy, FLASH_FORMAT, Flash, InvalidRuntimeId, ItemCounting,
     Lockout, LockoutReason, MAX_ITEM_NAME, MAX_ITEMS, MAX_RUNTIME_ID, ProductItem, ProgramError,
-    RuntimeId, Serial, WitnessHead,
+    RuntimeId, WitnessHead,
 };
 pub use host::{DongleIdentity, Session, SessionError};
 pub use protocol::{Denial, Request, Response};
 pub use report::{REPORT_LEN, Report, ReportAssembler, ReportError, encode_reports};
+pub use serial::Serial;
 /// USB vendor id the dongle enumerates with (pid.codes, the open-source vendor id).
 pub const USB_VENDOR_ID: u16 = 0x1209;
 /// USB product id the dongle enumerates with; its USB serial string is the dongle's serial.

@@ -294,12 +294,45 @@ pub fn verify_chain(
     Ok(head)
 }
 
-fn spent_in(receipts: &[Receipt], product: u32) -> u64 {
-    receipts
-        .iter()
-        .filter(|r| r.product == product)
-        .map(|r| r.units)
-        .sum()
+/// A receipt chain as both its keepers hold it (the runtime's metered state, a witness's log).
+#[derive(Debug, Clone, Copy)]
+struct Chain<'a> {
+    genesis: ChainHash,
+    receipts: &'a [Receipt],
+}
+
+impl Chain<'_> {
+    /// The head after `seq` receipts (the genesis at 0).
+    fn head_at(&self, seq: u64) -> ChainHead {
+        let index = usize::try_from(seq).ok().and_then(|n| n.checked_sub(1));
+        match index.and_then(|i| self.receipts.get(i)) {
+            Some(receipt) => receipt.head(),
+            None => ChainHead {
+                seq: 0,
+                hash: self.genesis,
+            },
+        }
+    }
+
+    /// The head after every receipt.
+    fn head(&self) -> ChainHead {
+        self.receipts.last().map_or(
+            ChainHead {
+                seq: 0,
+                hash: self.genesis,
+            },
+            Receipt::head,
+        )
+    }
+
+    /// Units of `product` the chain records as spent.
+    fn spent(&self, product: u32) -> u64 {
+        self.receipts
+            .iter()
+            .filter(|r| r.product == product)
+            .map(|r| r.units)
+            .sum()
+    }
 }
 
 /// A units grant that a rolled-back branch used again after the witness had counted it.
@@ -364,20 +397,21 @@ impl MeteredState {
         }
     }
 
+    fn chain(&self) -> Chain<'_> {
+        Chain {
+            genesis: self.genesis,
+            receipts: &self.receipts,
+        }
+    }
+
     /// Head of the local chain.
     pub fn head(&self) -> ChainHead {
-        self.receipts.last().map_or(
-            ChainHead {
-                seq: 0,
-                hash: self.genesis,
-            },
-            Receipt::head,
-        )
+        self.chain().head()
     }
 
     /// Units of `product` spent so far.
     pub fn spent(&self, product: u32) -> u64 {
-        spent_in(&self.receipts, product)
+        self.chain().spent(product)
     }
 
     /// Units of `product` left; None when the product is not metered.
@@ -566,13 +600,7 @@ impl MeteredState {
     }
 
     fn head_at(&self, seq: u64) -> ChainHead {
-        match seq {
-            0 => ChainHead {
-                seq: 0,
-                hash: self.genesis,
-            },
-            n => self.receipts[usize::try_from(n - 1).unwrap_or(usize::MAX)].head(),
-        }
+        self.chain().head_at(seq)
     }
 
     fn append(
@@ -633,20 +661,21 @@ impl WitnessLog {
         }
     }
 
+    fn chain(&self) -> Chain<'_> {
+        Chain {
+            genesis: self.genesis,
+            receipts: &self.receipts,
+        }
+    }
+
     /// Head of the witnessed chain.
     pub fn head(&self) -> ChainHead {
-        self.receipts.last().map_or(
-            ChainHead {
-                seq: 0,
-                hash: self.genesis,
-            },
-            Receipt::head,
-        )
+        self.chain().head()
     }
 
     /// Units of `product` the witness has counted.
     pub fn spent(&self, product: u32) -> u64 {
-        spent_in(&self.receipts, product)
+        self.chain().spent(product)
     }
 
     /// Accepts a receipt extending the chain; a receipt already held is accepted again unchanged.

@@ -17,18 +17,7 @@ use crate::daemon::Runtime;
 use crate::protocol::{LocalReply, LocalRequest};
 use crate::store::{self, Change};
 
-fn entropy() -> Result<[u8; 32], String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| format!("No randomness: {e}"))?;
-    Ok(bytes)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::os_sources::{entropy, wall_clock_ms as now_ms};
 
 impl Runtime {
     /// Builds this machine's activation request for `products` of `firm`, sealed to the vendor key
@@ -74,7 +63,7 @@ impl Runtime {
             .licences
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .ensure_identity(entropy)
+            .ensure_identity(|| entropy().map_err(|e| e.to_string()))
             .map_err(|e| (e, None))?;
         if !changes.is_empty() {
             store::wait(self.store.submit(changes))
@@ -93,7 +82,7 @@ impl Runtime {
             requested_at: now,
         };
         let sealed = request
-            .seal(&vendor, entropy().map_err(|e| (e, None))?)
+            .seal(&vendor, entropy().map_err(|e| (e.to_string(), None))?)
             .map_err(|e| (crate::licences::error_chain(&e), None))?;
         Ok(sealed.to_json())
     }
@@ -192,13 +181,7 @@ pub fn vendor_answer(
         }
     }
     let opened = sealed.open(&key)?;
-    let answer = activation::answer(
-        &opened,
-        &policy,
-        &key,
-        now_ms(),
-        entropy().map_err(anyhow::Error::msg)?,
-    )?;
+    let answer = activation::answer(&opened, &policy, &key, now_ms(), entropy()?)?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     match answer {
         ActivationAnswer::Licence(licence) => {

@@ -305,6 +305,17 @@ pub enum ActivateCommand {
     },
 }
 
+/// What every vendor command that makes a licence or a dongle reads.
+#[derive(Debug, Clone, Args)]
+pub struct VendorInputs {
+    /// Product policy (YAML; docs/runtime-contract.md, "Policy document").
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// The vendor's secret key (vendor.key).
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
 /// `meter vendor` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum VendorCommand {
@@ -316,12 +327,9 @@ pub enum VendorCommand {
     },
     /// Issue an unbound signed licence file from a product policy YAML.
     Issue {
-        /// Product policy (YAML).
-        #[arg(long)]
-        policy: PathBuf,
-        /// The vendor's secret key (vendor.key).
-        #[arg(long)]
-        key: PathBuf,
+        /// The product policy and the key that signs.
+        #[command(flatten)]
+        vendor: VendorInputs,
         /// Where to write the licence.
         #[arg(long)]
         out: PathBuf,
@@ -337,12 +345,9 @@ pub enum VendorCommand {
         /// The activation request.
         #[arg(long)]
         request: PathBuf,
-        /// Product policy (YAML).
-        #[arg(long)]
-        policy: PathBuf,
-        /// The vendor's secret key (vendor.key).
-        #[arg(long)]
-        key: PathBuf,
+        /// The product policy and the key that signs.
+        #[command(flatten)]
+        vendor: VendorInputs,
         /// Where to write the licence.
         #[arg(long)]
         out: PathBuf,

@@ -16,12 +16,9 @@ use crate::cli::Outcome;
 pub enum DongleCommand {
     /// Manufacture a dongle certified by the vendor key and program products into its flash.
     Program {
-        /// Product policy (YAML) the products are taken from.
-        #[arg(long)]
-        policy: PathBuf,
-        /// The vendor's secret key (vendor.key).
-        #[arg(long)]
-        key: PathBuf,
+        /// The product policy the products are taken from, and the key that certifies.
+        #[command(flatten)]
+        vendor: crate::cli::VendorInputs,
         /// The dongle's serial number.
         #[arg(long)]
         serial: u64,
@@ -66,18 +63,13 @@ fn dongle_counting(counting: Counting) -> ItemCounting {
     }
 }
 
-fn entropy() -> anyhow::Result<[u8; 32]> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
-    Ok(bytes)
-}
+use crate::os_sources::entropy;
 
 /// Runs a `meter vendor dongle` command.
 pub fn run(json_mode: bool, command: DongleCommand) -> anyhow::Result<Outcome> {
     match command {
         DongleCommand::Program {
-            policy,
-            key,
+            vendor: crate::cli::VendorInputs { policy, key },
             serial,
             products,
             max_rebinds,

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::daemon::{Runtime, Via};
 use crate::platform::UsbEndpoint;
+use crate::status_view::ProductStatus;
 use crate::transport::{self, DongleTransport, TransportError};
 use crate::weakened::{self, Defence};
 
@@ -1031,19 +1032,7 @@ impl Dongles {
                 let products: Vec<serde_json::Value> = views
                     .iter()
                     .filter(|v| v.entry.container == a.container)
-                    .map(|view| {
-                        serde_json::json!({
-                            "code": view.entry.product.code,
-                            "firm": view.entry.product.firm,
-                            "name": view.entry.name,
-                            "quantity": view.entry.rules.quantity,
-                            "counting": view.entry.rules.counting,
-                            "state": view.entry.state,
-                            "in_use": {"stations": view.in_use.stations, "accesses": view.in_use.accesses},
-                            "units_left": view.entry.units_left,
-                            "expires_at": view.entry.rules.expires_at,
-                        })
-                    })
+                    .map(|view| ProductStatus::from(view).to_json())
                     .collect();
                 let (state, reason) = match &a.state {
                     DongleState::Open => ("valid", None),

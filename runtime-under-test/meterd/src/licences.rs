@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::daemon::{Runtime, Via};
 use crate::metering::Metering;
+use crate::status_view::ProductStatus;
 use crate::store::{self, Change};
 
 /// A recorded unit use: the store changes and, for a witnessed licence, its id and receipt.
@@ -428,17 +429,7 @@ impl Licences {
             by_container
                 .entry(id.clone())
                 .or_default()
-                .push(serde_json::json!({
-                    "code": view.entry.product.code,
-                    "firm": view.entry.product.firm,
-                    "name": view.entry.name,
-                    "quantity": view.entry.rules.quantity,
-                    "counting": view.entry.rules.counting,
-                    "state": view.entry.state,
-                    "in_use": {"stations": view.in_use.stations, "accesses": view.in_use.accesses},
-                    "units_left": view.entry.units_left,
-                    "expires_at": view.entry.rules.expires_at,
-                }));
+                .push(ProductStatus::from(&view).to_json());
             let entry = states.entry(id).or_insert((ItemState::Valid, None));
             if view.entry.state != ItemState::Valid && entry.0 == ItemState::Valid {
                 *entry = (view.entry.state, view.entry.state.denial());

@@ -6,7 +6,6 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use meter_core::station::{MachineRole, SessionKind};
 use meter_core::traits::{MachineKind, MachineTraits, TraitValue, names};
@@ -113,12 +112,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, PlatformError> {
     }
 }
 
-fn real_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::os_sources::wall_clock_ms as real_now_ms;
 
 /// One entry of a session table file (`sessions.json`).
 #[derive(Debug, Deserialize)]

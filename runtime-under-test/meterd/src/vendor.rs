@@ -10,18 +10,7 @@ use serde_json::json;
 
 use crate::cli::{Outcome, VendorCommand};
 
-fn entropy() -> anyhow::Result<[u8; 32]> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
-    Ok(bytes)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::os_sources::{entropy, wall_clock_ms as now_ms};
 
 fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
@@ -86,9 +75,9 @@ pub fn run(json_mode: bool, command: VendorCommand) -> anyhow::Result<Outcome> {
             });
             Ok(Outcome { code: 0 })
         }
-        VendorCommand::Issue { policy, key, out } => {
-            let policy = read_policy(&policy)?;
-            let key = read_vendor_key(&key)?;
+        VendorCommand::Issue { vendor, out } => {
+            let policy = read_policy(&vendor.policy)?;
+            let key = read_vendor_key(&vendor.key)?;
             let body = LicenceBody::unbound(&policy, now_ms(), entropy()?);
             let licence_id = body.licence_id.clone();
             let signed = key.sign_licence(body);
@@ -102,10 +91,11 @@ pub fn run(json_mode: bool, command: VendorCommand) -> anyhow::Result<Outcome> {
         VendorCommand::Dongle { command } => crate::dongle_vendor::run(json_mode, command),
         VendorCommand::Activate {
             request,
-            policy,
-            key,
+            vendor,
             out,
-        } => crate::activation::vendor_answer(json_mode, &request, &policy, &key, &out),
+        } => {
+            crate::activation::vendor_answer(json_mode, &request, &vendor.policy, &vendor.key, &out)
+        }
     }
 }
 

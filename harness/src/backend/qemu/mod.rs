@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod qmp;
 mod runtime_disk;
+mod usb_plug;
 mod usbip;
 pub mod vm;
 
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use self::agent::{AgentError, Op, Outcome, SessionKind};
+use self::agent::{AgentError, Op, Outcome};
 use self::vm::{Environment, UsbRedirPlug, Vm, VmSpec, XHCI_USB2_PORTS};
 use super::sim::SimBackend;
 use super::sim::network::Relay;
@@ -410,18 +411,7 @@ impl QemuBackend {
         session: &str,
         spec: &SessionSpec,
     ) -> Result<(), BackendError> {
-        let kind = match spec {
-            SessionSpec::Console { user } => SessionKind::Console { user: user.clone() },
-            SessionSpec::Rdp {
-                user,
-                client_name,
-                client_ip,
-            } => SessionKind::Rdp {
-                user: user.clone(),
-                client_name: client_name.clone(),
-                client_ip: client_ip.clone(),
-            },
-        };
+        let kind = spec.clone();
         self.call(
             machine,
             Op::SessionOpen {

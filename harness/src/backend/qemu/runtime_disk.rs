@@ -9,9 +9,6 @@ use crate::backend::BackendError;
 /// The virtio-blk serial the guest's init looks for (`/sys/block/vd*/serial`).
 pub const SERIAL: &str = "vigil-runtime";
 
-/// The files a runtime folder must hold (runtime contract: the daemon and the command-line tool).
-const REQUIRED: [&str; 2] = ["meter", "meterd"];
-
 /// Builds `<work_dir>/runtime.ext4` from the regular files of `runtime_dir` (symbolic links
 /// followed; a file reached twice is stored once, hard-linked).
 pub fn build(runtime_dir: &Path, work_dir: &Path) -> Result<PathBuf, BackendError> {
@@ -20,7 +17,7 @@ pub fn build(runtime_dir: &Path, work_dir: &Path) -> Result<PathBuf, BackendErro
         operation: "carry the runtime into its guests",
         why,
     };
-    for name in REQUIRED {
+    for name in crate::runtime::folder::FILES {
         let path = runtime_dir.join(name);
         if !path.is_file() {
             return Err(unusable(format!(

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::agent::AgentClient;
 use super::qmp::{Monitor, QmpMonitor};
+pub use super::usb_plug::{UsbRedirPlug, XHCI_USB2_PORTS};
 use crate::backend::{BackendError, CpuProfile, HardwareIdentity};
 
 /// The QEMU program.
@@ -34,7 +35,7 @@ pub const IMAGE_FILES: [&str; 3] = ["vmlinux", "initramfs.cpio", "data.qcow2"];
 
 /// Why the qemu backend cannot run here, if it cannot.
 pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
-    if crate::doctor::version_of(QEMU).is_none() {
+    if crate::capabilities::version_of(QEMU).is_none() {
         return Some(format!(
             "{QEMU} is not installed (`make deps` installs QEMU 10)"
         ));
@@ -73,7 +74,7 @@ impl Environment {
                 why,
             });
         }
-        let (kvm, reason) = crate::doctor::kvm_usable();
+        let (kvm, reason) = crate::capabilities::kvm_usable();
         let forced = std::env::var("VIGIL_ACCEL").ok();
         let accelerator = match forced.as_deref() {
             Some("kvm") => "kvm",
@@ -88,7 +89,7 @@ impl Environment {
                 Some(f) => format!("VIGIL_ACCEL={f}"),
                 None => reason,
             },
-            qemu_version: crate::doctor::version_of(QEMU).unwrap_or_default(),
+            qemu_version: crate::capabilities::version_of(QEMU).unwrap_or_default(),
         })
     }
 }
@@ -119,43 +120,6 @@ pub struct VmSpec {
     pub usb: Vec<UsbRedirPlug>,
     /// A read-only disk with the runtime under test, when it is not the image's own.
     pub runtime_disk: Option<PathBuf>,
-}
-
-/// A usbredir device on the guest's xhci controller, fed by a server on 127.0.0.1.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsbRedirPlug {
-    /// QEMU id of both the chardev and the device.
-    pub id: String,
-    /// TCP port of the usbredir server.
-    pub port: u16,
-    /// xhci root port (1–4 are the USB 2 ports, where a high-speed device belongs).
-    pub xhci_port: u8,
-}
-
-/// Root ports of the xhci controller a USB 2 device can use.
-pub const XHCI_USB2_PORTS: std::ops::RangeInclusive<u8> = 1..=4;
-
-impl UsbRedirPlug {
-    /// The `chardev-add` option: a socket that connects to the server.
-    pub fn chardev(&self) -> String {
-        format!("socket,id={},host=127.0.0.1,port={}", self.id, self.port)
-    }
-
-    /// The `-chardev` option of a QEMU that restores a saved state: it connects in the
-    /// background, so the restored device finds its connection broken, reports an unplug and
-    /// plugs in afresh once connected (an open connection at load time would be taken for the
-    /// saved stream's continuation).
-    pub fn chardev_at_start(&self) -> String {
-        format!("{},reconnect-ms=250", self.chardev())
-    }
-
-    /// The `-device` / `device_add` option.
-    pub fn device(&self) -> String {
-        format!(
-            "usb-redir,id={},chardev={},bus=xhci.0,port={}",
-            self.id, self.id, self.xhci_port
-        )
-    }
 }
 
 /// Escapes a value for QEMU's `key=value,…` option syntax.

@@ -50,7 +50,7 @@ struct Machine {
     power: Power,
     daemon: Option<Child>,
     sessions: BTreeMap<String, LeaderHandle>,
-    session_specs: BTreeMap<i32, SessionSpec>,
+    session_table: vigil_agent::sessions::SessionTable,
     server: Option<ServerConf>,
     snapshots: BTreeMap<String, (PathBuf, bool)>,
     skew_ms: i64,
@@ -240,7 +240,7 @@ impl SimBackend {
                 power: Power::Off,
                 daemon: None,
                 sessions: BTreeMap::new(),
-                session_specs: BTreeMap::new(),
+                session_table: Default::default(),
                 server: None,
                 snapshots: BTreeMap::new(),
                 skew_ms: 0,
@@ -290,24 +290,10 @@ impl SimBackend {
 
     fn write_sessions(&self, machine: &str) -> Result<(), BackendError> {
         let m = self.machine(machine)?;
-        let mut table = serde_json::Map::new();
-        for (sid, spec) in &m.session_specs {
-            let entry = match spec {
-                SessionSpec::Console { user } => json!({"kind": "console", "user": user}),
-                SessionSpec::Rdp {
-                    user,
-                    client_name,
-                    client_ip,
-                } => {
-                    json!({"kind": "rdp", "user": user, "client_name": client_name, "client_ip": client_ip})
-                }
-            };
-            table.insert(sid.to_string(), entry);
-        }
-        write_atomic(
-            &m.platform().join("sessions.json"),
-            &serde_json::to_vec_pretty(&table).expect("json"),
-        )
+        let path = m.platform().join("sessions.json");
+        m.session_table
+            .write(&path)
+            .map_err(BackendError::io(format!("write {}", path.display())))
     }
 
     fn relay_args(&self, machine: &str) -> Vec<String> {
@@ -431,7 +417,7 @@ impl SimBackend {
     fn close_all_sessions(&mut self, machine: &str) -> Result<(), BackendError> {
         let m = self.machine_mut(machine)?;
         let sessions = std::mem::take(&mut m.sessions);
-        m.session_specs.clear();
+        m.session_table.clear();
         for (_, leader) in sessions {
             leader.close();
         }
@@ -807,7 +793,7 @@ impl Backend for SimBackend {
             .join(format!("session-{session}.log"));
         let leader = LeaderHandle::start(&self.config.harness_exe, &log)?;
         let m = self.machine_mut(machine)?;
-        m.session_specs.insert(leader.sid, spec.clone());
+        m.session_table.insert(leader.sid, spec.clone());
         if let Some(old) = m.sessions.insert(session.to_string(), leader) {
             old.close();
         }
@@ -823,7 +809,7 @@ impl Backend for SimBackend {
                 kind: "session",
                 name: session.into(),
             })?;
-        m.session_specs.remove(&leader.sid);
+        m.session_table.remove(leader.sid);
         leader.close();
         self.write_sessions(machine)
     }
@@ -1163,9 +1149,8 @@ fn fold_files(dir: &Path, target: &Path, wanted: impl Fn(&str) -> bool) {
 
 /// Replaces a file atomically (write to a sibling, then rename).
 fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), BackendError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).map_err(BackendError::io(format!("write {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(BackendError::io(format!("rename {}", path.display())))
+    vigil_agent::sessions::write_atomic(path, contents)
+        .map_err(BackendError::io(format!("write {}", path.display())))
 }
 
 /// Copies a folder tree, regular files and folders only (sockets and pipes are not disk state).

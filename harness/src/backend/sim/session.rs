@@ -1,6 +1,5 @@
 //! The harness's side of a session leader process.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -9,15 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendError;
 use crate::session_leader::{LeaderEvent, SpawnRequest};
+use vigil_agent::leader::LeaderLedger;
 
 /// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExitInfo {
-    /// Exit code.
-    pub code: Option<i32>,
-    /// Terminating signal.
-    pub signal: Option<i32>,
-}
+pub use vigil_agent::protocol::Exit as ExitInfo;
 
 /// A running session leader and the processes it spawned.
 pub struct LeaderHandle {
@@ -26,8 +20,7 @@ pub struct LeaderHandle {
     events: Receiver<LeaderEvent>,
     /// The session id every process of this session shares.
     pub sid: i32,
-    exits: HashMap<i32, ExitInfo>,
-    spawned: HashMap<u64, Result<i32, String>>,
+    ledger: LeaderLedger,
     next_id: u64,
 }
 
@@ -72,8 +65,7 @@ impl LeaderHandle {
             stdin,
             events: rx,
             sid: 0,
-            exits: HashMap::new(),
-            spawned: HashMap::new(),
+            ledger: LeaderLedger::default(),
             next_id: 1,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -104,18 +96,10 @@ impl LeaderHandle {
     }
 
     fn record(&mut self, event: LeaderEvent) {
-        match event {
-            LeaderEvent::Ready { sid } => self.sid = sid,
-            LeaderEvent::Spawned { id, pid } => {
-                self.spawned.insert(id, Ok(pid));
-            }
-            LeaderEvent::SpawnFailed { id, error } => {
-                self.spawned.insert(id, Err(error));
-            }
-            LeaderEvent::Exited { pid, code, signal } => {
-                self.exits.insert(pid, ExitInfo { code, signal });
-            }
+        if let LeaderEvent::Ready { sid } = event {
+            self.sid = sid;
         }
+        self.ledger.record(event);
     }
 
     /// Takes every event that has arrived, without waiting.
@@ -152,7 +136,7 @@ impl LeaderHandle {
             .map_err(BackendError::io("talk to the session leader"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(result) = self.spawned.remove(&id) {
+            if let Some(result) = self.ledger.spawned.remove(&id) {
                 return result.map_err(|message| BackendError::Runtime {
                     machine: String::new(),
                     message: format!("cannot start {}: {message}", argv.join(" ")),
@@ -166,14 +150,14 @@ impl LeaderHandle {
     /// How a spawned process ended, if it has.
     pub fn exit_of(&mut self, pid: i32) -> Option<ExitInfo> {
         self.drain();
-        self.exits.get(&pid).copied()
+        self.ledger.exits.get(&pid).copied()
     }
 
     /// Waits until a spawned process ends, up to a deadline.
     pub fn wait_exit(&mut self, pid: i32, timeout: Duration) -> Option<ExitInfo> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(exit) = self.exits.get(&pid) {
+            if let Some(exit) = self.ledger.exits.get(&pid) {
                 return Some(*exit);
             }
             match self.next_event(deadline) {
