@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use vigil_agent::leader::{LeaderEvent, LeaderLedger, SpawnRequest};
 use vigil_agent::protocol::{
-    Answer, Exit, Hello, Op, Outcome, PORT_NAME, Reply, Request, SESSION_TABLE, VMGENID_FILE,
+    Answer, CommandTimedOut, Exit, Hello, Op, Outcome, PORT_NAME, Reply, Request, SESSION_TABLE,
+    VMGENID_FILE,
 };
 use vigil_agent::sessions::{SessionTable, write_atomic};
 
@@ -148,6 +149,9 @@ fn serve(port: PathBuf) -> anyhow::Result<()> {
                             let id = request.id;
                             let reply = match handle(&agent, request) {
                                 Ok(outcome) => Reply::Ok(outcome),
+                                Err(e) if e.downcast_ref::<CommandTimedOut>().is_some() => {
+                                    Reply::TimedOut(format!("{e:#}"))
+                                }
                                 Err(e) => Reply::Error(format!("{e:#}")),
                             };
                             let answer = Answer { id, reply };
@@ -496,7 +500,10 @@ fn exec_in_session(
         if left.is_zero() {
             // SAFETY: killing a process this agent started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            bail!("{} did not finish in time (killed)", argv.join(" "));
+            return Err(CommandTimedOut {
+                command: argv.join(" "),
+            }
+            .into());
         }
         state = agent
             .changed
@@ -549,7 +556,10 @@ fn exec_plain(
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{} did not finish in time (killed)", argv.join(" "));
+            return Err(CommandTimedOut {
+                command: argv.join(" "),
+            }
+            .into());
         }
         std::thread::sleep(Duration::from_millis(5));
     };

@@ -227,6 +227,16 @@ pub enum Reply {
     Ok(Outcome),
     /// The operation failed; the text says why.
     Error(String),
+    /// A command did not end within the request's timeout and was killed.
+    TimedOut(String),
+}
+
+/// A command the agent ran did not end in time and was killed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{command} did not finish in time (killed)")]
+pub struct CommandTimedOut {
+    /// The command line.
+    pub command: String,
 }
 
 /// A line the agent writes without being asked.

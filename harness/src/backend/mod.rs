@@ -222,17 +222,42 @@ pub enum UsbMode {
     Shared,
 }
 
-/// A machine's power state, as both backends track it.
+/// A machine's power state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Power {
+pub enum Power {
+    /// Off (hosts never are).
     Off,
+    /// Running: its runtime may answer.
     Running,
+    /// Frozen: it answers nothing until resumed.
     Paused,
+}
+
+/// Something a scenario may ask that a backend may not offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Running scenarios at all.
+    Run,
+    /// A network server on a guest (`server-start` naming a guest).
+    ServerInGuest,
+}
+
+/// Whether a backend of `kind` can do `op`; else why not.
+pub fn supports(kind: BackendKind, op: Operation) -> Result<(), String> {
+    match (kind, op) {
+        (BackendKind::Sim, _) | (BackendKind::Qemu, Operation::Run) => Ok(()),
+        (BackendKind::Qemu, Operation::ServerInGuest) => {
+            Err("a network server inside a guest is not supported yet".into())
+        }
+        (other, _) => Err(format!(
+            "the {other} backend is not built yet; use --backend sim (see `vigil doctor`)"
+        )),
+    }
 }
 
 impl Power {
     /// The state in words, for diagnostics.
-    pub(crate) fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Power::Off => "powered off",
             Power::Running => "running",
@@ -325,9 +350,9 @@ pub fn create(kind: BackendKind, config: WorldConfig) -> Result<Box<dyn Backend>
         other => Err(BackendError::Unsupported {
             backend: other,
             operation: "run scenarios",
-            why: format!(
-                "the {other} backend is not built yet; use --backend sim (see `vigil doctor`)"
-            ),
+            why: supports(other, Operation::Run)
+                .err()
+                .unwrap_or_else(|| "it has no driver".into()),
         }),
     }
 }
@@ -338,6 +363,16 @@ pub trait Backend {
     fn kind(&self) -> BackendKind;
     /// Describes the execution environment (accelerator, versions) for the report.
     fn describe(&self) -> serde_json::Value;
+    /// Whether this backend can do `op`; else why not.
+    fn supports(&self, op: Operation) -> Result<(), String> {
+        supports(self.kind(), op)
+    }
+    /// A machine's power state now.
+    fn power(&self, machine: &str) -> Result<Power, BackendError>;
+    /// The host a guest runs on now (a host is its own).
+    fn host_of(&self, machine: &str) -> Result<String, BackendError>;
+    /// Every machine, hosts and guests.
+    fn machines(&self) -> Vec<String>;
     /// Adds a physical machine (powered off).
     fn add_host(&mut self, host: &HostSpec) -> Result<(), BackendError>;
     /// Defines a guest on its host (powered off).

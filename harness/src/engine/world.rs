@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::verdict_of;
 use crate::backend::{
-    Backend, BackendError, CloneIdentity, GuestSpec, HostSpec, Role, SessionSpec, UsbMode,
+    Backend, BackendError, CloneIdentity, GuestSpec, HostSpec, Power, Role, SessionSpec, UsbMode,
 };
 use crate::identity::{IdentityMint, cpu_profile};
 use crate::report::{Event, Verdict};
@@ -58,10 +58,7 @@ pub struct World {
     pub(super) network_cut: bool,
     /// Whether a dongle was hung (runtimes notice only when a request times out).
     pub(super) dongle_hung: bool,
-    guest_hosts: BTreeMap<String, String>,
     session_machines: BTreeMap<String, String>,
-    booted: std::collections::BTreeSet<String>,
-    paused: std::collections::BTreeSet<String>,
     world_offset_ms: i64,
     skews: BTreeMap<String, i64>,
     name: String,
@@ -138,14 +135,7 @@ impl World {
             keepalive: Duration::from_secs(10),
             network_cut: false,
             dongle_hung: false,
-            guest_hosts: scenario
-                .guests
-                .iter()
-                .map(|g| (g.name.value.clone(), g.host.value.clone()))
-                .collect(),
             session_machines: BTreeMap::new(),
-            booted: Default::default(),
-            paused: Default::default(),
             world_offset_ms: 0,
             skews: BTreeMap::new(),
             name: scenario.name.value.clone(),
@@ -258,7 +248,7 @@ impl World {
             return text;
         }
         let logs = self.backend.log_dir();
-        for machine in &self.booted {
+        for machine in &self.backend.machines() {
             if !text.contains(machine.as_str()) {
                 continue;
             }
@@ -277,55 +267,29 @@ impl World {
                 self.backend.boot(&m.value)?;
                 self.after_boot(&m.value)
             }
-            Step::Shutdown(m) => {
-                self.booted.remove(&m.value);
-                self.paused.remove(&m.value);
-                self.backend.shutdown(&m.value)
-            }
-            Step::Pause(m) => {
-                self.backend.pause(&m.value)?;
-                self.paused.insert(m.value.clone());
-                Ok(())
-            }
-            Step::Resume(m) => {
-                self.backend.resume(&m.value)?;
-                self.paused.remove(&m.value);
-                Ok(())
-            }
+            Step::Shutdown(m) => self.backend.shutdown(&m.value),
+            Step::Pause(m) => self.backend.pause(&m.value),
+            Step::Resume(m) => self.backend.resume(&m.value),
             Step::Snapshot(s) => self.backend.snapshot(&s.machine.value, &s.name.value),
             Step::Revert(s) => {
                 self.backend.revert(&s.machine.value, &s.snapshot.value)?;
-                self.paused.remove(&s.machine.value);
                 self.apps.retain(|_, app| app.machine != s.machine.value);
                 self.after_boot(&s.machine.value)
             }
             Step::Clone(c) => {
                 let host = match &c.host {
                     Some(h) => h.value.clone(),
-                    None => self.host_of(&c.from.value)?,
+                    None => self.backend.host_of(&c.from.value)?,
                 };
                 let identity = match c.identity {
                     sc::CloneIdentity::New => CloneIdentity::New,
                     sc::CloneIdentity::Perfect => CloneIdentity::Perfect,
                 };
                 self.backend
-                    .clone_guest(&c.from.value, &c.to.value, &host, identity)?;
-                self.guest_hosts.insert(c.to.value.clone(), host);
-                Ok(())
+                    .clone_guest(&c.from.value, &c.to.value, &host, identity)
             }
-            Step::Migrate(m) => {
-                self.backend.migrate(&m.machine.value, &m.host.value)?;
-                self.guest_hosts
-                    .insert(m.machine.value.clone(), m.host.value.clone());
-                Ok(())
-            }
-            Step::Move(m) => {
-                self.booted.remove(&m.machine.value);
-                self.backend.move_guest(&m.machine.value, &m.host.value)?;
-                self.guest_hosts
-                    .insert(m.machine.value.clone(), m.host.value.clone());
-                Ok(())
-            }
+            Step::Migrate(m) => self.backend.migrate(&m.machine.value, &m.host.value),
+            Step::Move(m) => self.backend.move_guest(&m.machine.value, &m.host.value),
             Step::ReplacePart(r) => match r.part {
                 sc::Part::Nic => self.backend.replace_nic(&r.machine.value),
                 other => Err(BackendError::Unsupported {
@@ -513,7 +477,7 @@ impl World {
         };
         let deadline = Instant::now() + DONGLE_SEEN_TIMEOUT;
         for machine in machines {
-            if !self.booted.contains(machine) || self.paused.contains(machine) {
+            if self.backend.power(machine).ok() != Some(Power::Running) {
                 continue;
             }
             // A runtime that is down prints only an error.
@@ -540,23 +504,18 @@ impl World {
     /// The running machine whose runtime has this id (`meter status`: `machine.runtime_id`).
     pub(super) fn machine_with_runtime_id(&mut self, id: &str) -> Option<String> {
         // A paused machine cannot answer; it holds no live binding either.
-        let machines: Vec<String> = self.booted.difference(&self.paused).cloned().collect();
+        let machines: Vec<String> = self
+            .backend
+            .machines()
+            .into_iter()
+            .filter(|m| self.backend.power(m).ok() == Some(Power::Running))
+            .collect();
         machines.into_iter().find(|m| {
             runtime::status(self.backend.as_mut(), m)
                 .ok()
                 .and_then(|s| s["machine"]["runtime_id"].as_str().map(|r| r == id))
                 .unwrap_or(false)
         })
-    }
-
-    fn host_of(&self, guest: &str) -> Result<String, BackendError> {
-        self.guest_hosts
-            .get(guest)
-            .cloned()
-            .ok_or_else(|| BackendError::Unknown {
-                kind: "guest",
-                name: guest.into(),
-            })
     }
 
     fn machine_of_session(&self, session: &str) -> Result<String, BackendError> {
@@ -576,7 +535,6 @@ impl World {
 
     /// Every machine trusts the vendor's key (the vendor ships it with the software).
     fn after_boot(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.booted.insert(machine.to_string());
         let key = std::fs::read(self.vendor.public_key())
             .map_err(BackendError::io("read the vendor key"))?;
         let path = self.backend.put_file(machine, "vendor.pub", &key)?;

@@ -25,6 +25,9 @@ pub enum AgentError {
     /// The agent answered with an error.
     #[error("The agent could not `{op}`: {message}")]
     Refused { op: String, message: String },
+    /// The command the agent ran did not end in time; the agent killed it.
+    #[error("The agent's `{op}` ran out of time: {message}")]
+    CommandTimedOut { op: String, message: String },
 }
 
 /// A connection to one guest's agent.
@@ -150,6 +153,7 @@ impl AgentClient {
             return match answer.reply {
                 Reply::Ok(outcome) => Ok(outcome),
                 Reply::Error(message) => Err(AgentError::Refused { op: name, message }),
+                Reply::TimedOut(message) => Err(AgentError::CommandTimedOut { op: name, message }),
             };
         }
     }

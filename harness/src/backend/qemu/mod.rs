@@ -38,7 +38,6 @@ use super::{
     WorldConfig,
 };
 use crate::identity::IdentityMint;
-use crate::scenario::{Scenario, Step};
 use crate::usb::usbredir::UsbredirServer;
 
 /// Where the runtime keeps its state inside a guest (on the data disk).
@@ -146,24 +145,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as i64
-}
-
-/// Why a scenario cannot run on the qemu backend yet, if it cannot.
-pub fn unsupported_reason(scenario: &Scenario) -> Option<String> {
-    let guests: BTreeSet<String> = scenario
-        .guests
-        .iter()
-        .map(|g| g.name.value.clone())
-        .collect();
-    for located in &scenario.steps {
-        match &located.value {
-            Step::ServerStart(s) if guests.contains(&s.machine.value) => {
-                return Some("a network server inside a guest is not supported yet".into());
-            }
-            _ => {}
-        }
-    }
-    None
 }
 
 impl QemuBackend {
@@ -346,6 +327,10 @@ impl QemuBackend {
             Err(AgentError::Refused { op, message }) => Err(BackendError::Runtime {
                 machine: machine.to_string(),
                 message: format!("the guest agent could not `{op}`: {message}"),
+            }),
+            Err(AgentError::CommandTimedOut { message, .. }) => Err(BackendError::Timeout {
+                what: format!("{message} on {machine}"),
+                after: timeout,
             }),
             Err(e) => Err(vm.failure(&e.to_string())),
         }
@@ -819,6 +804,26 @@ impl Backend for QemuBackend {
         BackendKind::Qemu
     }
 
+    fn power(&self, machine: &str) -> Result<Power, BackendError> {
+        match self.guests.get(machine) {
+            Some(g) => Ok(g.power),
+            None => self.sim.power(machine),
+        }
+    }
+
+    fn host_of(&self, machine: &str) -> Result<String, BackendError> {
+        match self.guests.get(machine) {
+            Some(g) => Ok(g.host.clone()),
+            None => self.sim.host_of(machine),
+        }
+    }
+
+    fn machines(&self) -> Vec<String> {
+        let mut all = self.sim.machines();
+        all.extend(self.guests.keys().cloned());
+        all
+    }
+
     fn describe(&self) -> serde_json::Value {
         let manifest = std::fs::read_to_string(self.env.image_dir.join("manifest.json"))
             .ok()
@@ -1251,14 +1256,11 @@ impl Backend for QemuBackend {
         let timeout = timeout.max(Duration::from_secs(30));
         let env = vec![("METER_SOCKET".into(), GUEST_SOCKET.into())];
         match self.exec(machine, argv, env, Some(session.to_string()), timeout) {
-            Ok(output) => Ok(output),
-            Err(BackendError::Runtime { message, .. }) if message.contains("did not finish") => {
-                Err(BackendError::Timeout {
-                    what: format!("`meter {}` on {machine}", args.join(" ")),
-                    after: timeout,
-                })
-            }
-            Err(e) => Err(e),
+            Err(BackendError::Timeout { after, .. }) => Err(BackendError::Timeout {
+                what: format!("`meter {}` on {machine}", args.join(" ")),
+                after,
+            }),
+            other => other,
         }
     }
 

@@ -620,6 +620,19 @@ impl Backend for SimBackend {
         BackendKind::Sim
     }
 
+    fn power(&self, machine: &str) -> Result<Power, BackendError> {
+        Ok(self.machine(machine)?.power)
+    }
+
+    fn host_of(&self, machine: &str) -> Result<String, BackendError> {
+        let m = self.machine(machine)?;
+        Ok(m.host.clone().unwrap_or_else(|| m.name.clone()))
+    }
+
+    fn machines(&self) -> Vec<String> {
+        self.machines.keys().cloned().collect()
+    }
+
     fn describe(&self) -> serde_json::Value {
         json!({
             "backend": "sim",
