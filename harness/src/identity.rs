@@ -5,7 +5,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::backend::{CpuProfile, HardwareIdentity};
+use crate::backend::types::{CpuProfile, HardwareIdentity};
 
 /// Mints identities from a run seed.
 #[derive(Debug, Clone)]

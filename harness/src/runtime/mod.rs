@@ -3,6 +3,9 @@
 
 pub mod folder;
 pub mod policy;
+pub mod weakening;
+
+pub use weakening::WEAKEN_VARIABLE;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,9 +14,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::backend::{Backend, BackendError, CommandOutput};
-
-/// The variable that switches one defence off in a runtime's weakened build (runtime contract).
-pub const WEAKEN_VARIABLE: &str = "METER_WEAKEN";
 
 /// How long one `meter` command may take before the runtime counts as hung.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use dongle::{DevicePort, Firmware, Flash, Report};
 
-use crate::backend::BackendError;
+use crate::backend::types::BackendError;
 
 /// Milliseconds on the world's virtual clock.
 pub fn world_now_ms(offset: &AtomicI64) -> u64 {

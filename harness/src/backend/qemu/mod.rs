@@ -29,15 +29,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 use self::agent::{AgentError, Op, Outcome};
+use self::usbip::UsbipImport;
 use self::vm::{Environment, UsbRedirPlug, Vm, VmSpec, XHCI_USB2_PORTS};
+use super::fabric::network::Relay;
+use super::runner::Backend;
 use super::sim::SimBackend;
-use super::sim::network::Relay;
-use super::{
-    AppStatus, Backend, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
-    GuestSpec, HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode,
-    WorldConfig,
+use super::types::{
+    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile, GuestSpec,
+    HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
 };
 use crate::identity::IdentityMint;
+use crate::usb::usbip::UsbipServer;
 use crate::usb::usbredir::UsbredirServer;
 
 /// Where the runtime keeps its state inside a guest (on the data disk).
@@ -799,6 +801,114 @@ impl QemuBackend {
     }
 }
 
+/// Dongles imported by guests over USB/IP.
+impl QemuBackend {
+    /// Exports a dongle over USB/IP and has a running guest's kernel import it; ends every other
+    /// attachment of the dongle first (a USB/IP export has one importer).
+    pub(super) fn usbip_attach_guest(
+        &mut self,
+        dongle: &str,
+        machine: &str,
+    ) -> Result<(), BackendError> {
+        self.require(machine, "usbip-attach", &[Power::Running], "running")?;
+        if let Some(import) = self.usbip.get(dongle)
+            && import.machine == machine
+            && import.server.is_imported()
+        {
+            return Ok(());
+        }
+        self.end_usbip(dongle)?;
+        for guest in self.guests_with_dongle(dongle) {
+            self.unplug_from_guest(dongle, &guest)?;
+        }
+        if !self.sim.dongle_attached_to(dongle)?.is_empty() {
+            self.sim.usb_detach(dongle)?;
+        }
+        let started = Instant::now();
+        let server = UsbipServer::start(self.sim.dongle_core(dongle)?).map_err(|e| {
+            BackendError::Runtime {
+                machine: dongle.to_string(),
+                message: format!("cannot export the dongle over USB/IP: {e}"),
+            }
+        })?;
+        let outcome = self.call(
+            machine,
+            Op::UsbipAttach {
+                host: HOST_FROM_GUEST.to_string(),
+                port: server.port(),
+                busid: UsbipServer::BUS_ID.to_string(),
+            },
+            Duration::from_secs(20),
+        )?;
+        let Outcome::UsbipAttached { vhci_port } = outcome else {
+            return Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("the agent answered usbip-attach with {outcome:?}"),
+            });
+        };
+        self.usbip.insert(
+            dongle.to_string(),
+            UsbipImport {
+                machine: machine.to_string(),
+                server,
+                vhci_port,
+            },
+        );
+        self.wait_for_guest_dongle(machine, dongle, true)?;
+        tracing::info!(
+            guest = machine,
+            dongle,
+            vhci_port,
+            ms = started.elapsed().as_millis() as u64,
+            "dongle attached over USB/IP"
+        );
+        Ok(())
+    }
+
+    /// Detaches a dongle a guest imported over USB/IP (as `usbip detach` in the guest) and ends
+    /// its export; false when no guest had it.
+    pub(super) fn end_usbip(&mut self, dongle: &str) -> Result<bool, BackendError> {
+        let Some(import) = self.usbip.remove(dongle) else {
+            return Ok(false);
+        };
+        let running = self
+            .guests
+            .get(&import.machine)
+            .is_some_and(|g| g.power == Power::Running);
+        // A guest that stopped or restarted since has no such device any more.
+        if running && import.server.is_imported() {
+            self.call(
+                &import.machine,
+                Op::UsbipDetach {
+                    vhci_port: import.vhci_port,
+                },
+                Duration::from_secs(10),
+            )?;
+            self.wait_for_guest_dongle(&import.machine, dongle, false)?;
+        }
+        drop(import.server);
+        Ok(true)
+    }
+
+    /// Cuts the USB/IP connection of a dongle a guest imported (a network fault) and waits until
+    /// the guest's kernel has dropped the device; false when no guest had it.
+    pub(super) fn usbip_cut(&mut self, dongle: &str) -> Result<bool, BackendError> {
+        let Some(import) = self.usbip.remove(dongle) else {
+            return Ok(false);
+        };
+        import.server.disconnect();
+        drop(import.server);
+        let running = self
+            .guests
+            .get(&import.machine)
+            .is_some_and(|g| g.power == Power::Running);
+        if running {
+            self.wait_for_guest_dongle(&import.machine, dongle, false)?;
+        }
+        Ok(true)
+    }
+}
+
 impl Backend for QemuBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
@@ -1304,7 +1414,7 @@ impl Backend for QemuBackend {
         let Outcome::AppStatus { stdout, .. } = self.guest_app(&machine, app)? else {
             return Ok(Vec::new());
         };
-        Ok(super::complete_lines(&stdout))
+        Ok(super::process::complete_lines(&stdout))
     }
 
     fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::backend::BackendError;
+use crate::backend::types::BackendError;
 
 /// The virtio-blk serial the guest's init looks for (`/sys/block/vd*/serial`).
 pub const SERIAL: &str = "vigil-runtime";
@@ -13,7 +13,7 @@ pub const SERIAL: &str = "vigil-runtime";
 /// followed; a file reached twice is stored once, hard-linked).
 pub fn build(runtime_dir: &Path, work_dir: &Path) -> Result<PathBuf, BackendError> {
     let unusable = |why: String| BackendError::Unsupported {
-        backend: crate::backend::BackendKind::Qemu,
+        backend: crate::backend::types::BackendKind::Qemu,
         operation: "carry the runtime into its guests",
         why,
     };

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::agent::AgentClient;
 use super::qmp::{Monitor, QmpMonitor};
 pub use super::usb_plug::{UsbRedirPlug, XHCI_USB2_PORTS};
-use crate::backend::{BackendError, CpuProfile, HardwareIdentity};
+use crate::backend::types::{BackendError, CpuProfile, HardwareIdentity};
 
 /// The QEMU program.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -69,7 +69,7 @@ impl Environment {
         let image_dir = image_dir();
         if let Some(why) = missing_prerequisite(&image_dir) {
             return Err(BackendError::Unsupported {
-                backend: crate::backend::BackendKind::Qemu,
+                backend: crate::backend::types::BackendKind::Qemu,
                 operation: "start",
                 why,
             });
@@ -214,10 +214,10 @@ impl VmSpec {
                     .unwrap_or_default()
                     // A weakened runtime's defence switch reaches the guest's runtime as it
                     // reaches a simulated machine's (the image's own runtime refuses to run).
-                    + &std::env::var(crate::runtime::WEAKEN_VARIABLE)
+                    + &std::env::var(crate::runtime::weakening::WEAKEN_VARIABLE)
                         .ok()
                         .filter(|d| crate::name::check(d).is_ok())
-                        .map(|d| format!(" {}={d}", crate::runtime::WEAKEN_VARIABLE))
+                        .map(|d| format!(" {}={d}", crate::runtime::weakening::WEAKEN_VARIABLE))
                         .unwrap_or_default()
             ),
             "-smbios".into(),
@@ -384,7 +384,7 @@ impl Vm {
                     .map_err(BackendError::io("clone the QEMU log"))?,
             )
             .stderr(stderr);
-        crate::backend::detach_into_own_group(&mut command);
+        crate::backend::process::detach_into_own_group(&mut command);
         let mut child = command
             .spawn()
             .map_err(BackendError::io(format!("start {QEMU} for {}", spec.name)))?;

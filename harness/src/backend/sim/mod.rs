@@ -6,7 +6,6 @@
 //! real processes inside real sessions (see [`crate::session_leader`]). Every process dies with
 //! the harness (process groups plus a parent-death signal), Ctrl-C included.
 
-pub mod network;
 pub mod session;
 pub mod usb;
 
@@ -18,17 +17,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use self::network::Relay;
 use self::session::LeaderHandle;
 use self::usb::VirtualDongle;
-use super::{
-    AppStatus, Backend, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
-    GuestSpec, HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode,
+use super::fabric::network::Relay;
+use super::runner::Backend;
+use super::types::{
+    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile, GuestSpec,
+    HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode,
 };
 use crate::identity::IdentityMint;
 
 /// Where the sim backend finds its programs and puts its files.
-pub type SimConfig = super::WorldConfig;
+pub type SimConfig = super::types::WorldConfig;
 
 struct ServerConf {
     port: u16,
@@ -356,7 +356,7 @@ impl SimBackend {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
-        super::detach_into_own_group(&mut command);
+        super::process::detach_into_own_group(&mut command);
         let mut child = command.spawn().map_err(|e| BackendError::Runtime {
             machine: machine.to_string(),
             message: format!(
@@ -371,7 +371,7 @@ impl SimBackend {
                     machine: machine.to_string(),
                     message: format!(
                         "meterd exited during start ({status}); last log lines:\n{}",
-                        super::log_tail(&log_path, 15)
+                        super::process::log_tail(&log_path, 15)
                     ),
                 });
             }
@@ -382,7 +382,7 @@ impl SimBackend {
                     machine: machine.to_string(),
                     message: format!(
                         "meterd not ready after 15 s; last log lines:\n{}",
-                        super::log_tail(&log_path, 15)
+                        super::process::log_tail(&log_path, 15)
                     ),
                 });
             }
@@ -885,7 +885,7 @@ impl Backend for SimBackend {
     fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError> {
         let app = self.app(app)?;
         let text = std::fs::read_to_string(&app.stdout).unwrap_or_default();
-        Ok(super::complete_lines(&text))
+        Ok(super::process::complete_lines(&text))
     }
 
     fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {

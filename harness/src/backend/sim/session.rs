@@ -6,7 +6,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-use crate::backend::BackendError;
+use crate::backend::types::BackendError;
 use crate::session_leader::{LeaderEvent, SpawnRequest};
 use vigil_agent::leader::LeaderLedger;
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use dongle::{DevicePort, REPORT_LEN};
 
-use crate::backend::BackendError;
+use crate::backend::types::BackendError;
 use crate::usb::DongleCore;
 
 /// One emulated dongle and its attachments.

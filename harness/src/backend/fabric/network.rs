@@ -1,4 +1,4 @@
-//! The sim network: a TCP relay per (client machine, server) pair.
+//! Network links: a TCP relay per (client machine, server) pair, for every driver.
 //!
 //! Each client runtime talks to a server through its own relay. The relay connects to the server
 //! from the client machine's loopback address, so the server sees a distinct peer per machine,
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::backend::BackendError;
+use crate::backend::types::BackendError;
 
 /// A relay from one client machine to one server.
 pub struct Relay {
