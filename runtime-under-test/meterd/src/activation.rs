@@ -11,9 +11,9 @@ use meter_core::licence::{SignedLicence, VendorPublicKey};
 use meter_core::reason::Reason;
 use serde_json::json;
 
-use crate::cli::{EXIT_DENIED, EXIT_OK, Outcome};
 use crate::client::LocalClient;
 use crate::daemon::Runtime;
+use crate::outcome::{EXIT_DENIED, EXIT_OK, Outcome};
 use crate::protocol::{LocalReply, LocalRequest};
 use crate::store::{self, Change};
 
@@ -150,7 +150,7 @@ pub async fn request_command(
                 code: if reason.is_some() {
                     EXIT_DENIED
                 } else {
-                    crate::cli::EXIT_UNREACHABLE
+                    crate::outcome::EXIT_UNREACHABLE
                 },
             })
         }
@@ -169,7 +169,7 @@ pub fn vendor_answer(
     let started = Instant::now();
     let bytes = fs::read(request).with_context(|| format!("Cannot read {}", request.display()))?;
     let sealed = SealedRequest::from_json(&bytes, &request.display().to_string())?;
-    let key = crate::vendor::read_vendor_key(key)?;
+    let key = crate::vendor_files::read_vendor_key(key)?;
     let text =
         fs::read_to_string(policy).with_context(|| format!("Cannot read {}", policy.display()))?;
     let mut policy = meter_core::policy::ProductPolicy::from_yaml(&text)

@@ -12,15 +12,10 @@ use serde_json::json;
 
 use crate::client::{ClientError, LocalClient};
 use crate::daemon::{DaemonSettings, Runtime};
+use crate::outcome::{EXIT_DENIED, EXIT_OK, EXIT_UNREACHABLE, Outcome, Refused};
 use crate::protocol::{LocalReply, LocalRequest};
+use crate::vendor::VendorCommand;
 use crate::{local, platform, server, store, tls};
-
-/// Exit code: done / granted.
-pub const EXIT_OK: i32 = 0;
-/// Exit code: the runtime said no.
-pub const EXIT_DENIED: i32 = 1;
-/// Exit code: usage error or the runtime could not be reached.
-pub const EXIT_UNREACHABLE: i32 = 2;
 
 /// meterd: the licence runtime daemon of one machine.
 ///
@@ -305,61 +300,6 @@ pub enum ActivateCommand {
     },
 }
 
-/// What every vendor command that makes a licence or a dongle reads.
-#[derive(Debug, Clone, Args)]
-pub struct VendorInputs {
-    /// Product policy (YAML; docs/runtime-contract.md, "Policy document").
-    #[arg(long)]
-    pub policy: PathBuf,
-    /// The vendor's secret key (vendor.key).
-    #[arg(long)]
-    pub key: PathBuf,
-}
-
-/// `meter vendor` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum VendorCommand {
-    /// Create a vendor key pair: vendor.key (secret) and vendor.pub.
-    Keygen {
-        /// Folder to write the keys to.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Issue an unbound signed licence file from a product policy YAML.
-    Issue {
-        /// The product policy and the key that signs.
-        #[command(flatten)]
-        vendor: VendorInputs,
-        /// Where to write the licence.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Licence dongles: manufacture and program.
-    Dongle {
-        /// What to do.
-        #[command(subcommand)]
-        command: crate::dongle_vendor::DongleCommand,
-    },
-    /// Answer an activation request with a licence bound to the requesting machine.
-    Activate {
-        /// The activation request.
-        #[arg(long)]
-        request: PathBuf,
-        /// The product policy and the key that signs.
-        #[command(flatten)]
-        vendor: VendorInputs,
-        /// Where to write the licence.
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-/// What a command ended with.
-#[derive(Debug)]
-pub struct Outcome {
-    pub code: i32,
-}
-
 /// Runs meter with these arguments (argv[0] first); returns the process exit code.
 pub fn run_meter(args: Vec<OsString>) -> i32 {
     let args = match MeterArgs::try_parse_from(args) {
@@ -411,11 +351,6 @@ pub fn run_meter(args: Vec<OsString>) -> i32 {
 fn init_logging_quiet() {
     init_logging_at("warn");
 }
-
-/// The runtime or vendor tool said no (exit code 1).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
 
 fn print(json_mode: bool, document: &serde_json::Value, human: impl FnOnce() -> String) {
     if json_mode {

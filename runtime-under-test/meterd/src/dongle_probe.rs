@@ -10,8 +10,8 @@ use clap::{Args, Subcommand};
 use dongle::{Request, Response, RuntimeId, VerifyingKey};
 use serde::Serialize;
 
-use crate::cli::{EXIT_OK, Outcome};
 use crate::dongles::{self, Link};
+use crate::outcome::{EXIT_OK, Outcome};
 use crate::{platform, transport};
 
 /// `meter dongle` subcommands: the dongles attached to this machine.

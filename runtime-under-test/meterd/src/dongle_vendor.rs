@@ -1,15 +1,16 @@
 //! `meter vendor dongle …`: manufacturing and programming licence dongles.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use dongle::{DonglePolicy, Flash, ItemCounting, ProductItem, Serial, SigningKey};
-use meter_core::policy::{Counting, ProductPolicy};
+use dongle::{DonglePolicy, Flash, ItemCounting, ProductItem, Serial};
+use meter_core::policy::Counting;
 use serde_json::json;
 
-use crate::cli::Outcome;
+use crate::outcome::Outcome;
+use crate::vendor_files::{read_policy, read_vendor_signing_key};
 
 /// `meter vendor dongle` subcommands.
 #[derive(Debug, Subcommand)]
@@ -18,7 +19,7 @@ pub enum DongleCommand {
     Program {
         /// The product policy the products are taken from, and the key that certifies.
         #[command(flatten)]
-        vendor: crate::cli::VendorInputs,
+        vendor: crate::vendor_files::VendorInputs,
         /// The dongle's serial number.
         #[arg(long)]
         serial: u64,
@@ -40,21 +41,6 @@ pub enum DongleCommand {
     },
 }
 
-/// The Ed25519 signing key inside a vendor key file (`signing-key`, 32 bytes hex).
-pub fn read_vendor_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
-    // Parsing as a vendor key first rejects files that are not vendor keys at all.
-    crate::vendor::read_vendor_key(path)?;
-    let bytes = fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
-    let text: serde_json::Value = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a vendor key", path.display()))?;
-    let seed = text["signing-key"]
-        .as_str()
-        .and_then(|hex_text| hex::decode(hex_text).ok())
-        .and_then(|seed| <[u8; 32]>::try_from(seed.as_slice()).ok())
-        .with_context(|| format!("{} has no signing key", path.display()))?;
-    Ok(SigningKey::from_bytes(&seed))
-}
-
 fn dongle_counting(counting: Counting) -> ItemCounting {
     match counting {
         Counting::UserLimit => ItemCounting::UserLimit,
@@ -69,7 +55,7 @@ use crate::os_sources::entropy;
 pub fn run(json_mode: bool, command: DongleCommand) -> anyhow::Result<Outcome> {
     match command {
         DongleCommand::Program {
-            vendor: crate::cli::VendorInputs { policy, key },
+            vendor: crate::vendor_files::VendorInputs { policy, key },
             serial,
             products,
             max_rebinds,
@@ -77,10 +63,7 @@ pub fn run(json_mode: bool, command: DongleCommand) -> anyhow::Result<Outcome> {
             lockout_ms,
             out,
         } => {
-            let text = fs::read_to_string(&policy)
-                .with_context(|| format!("Cannot read {}", policy.display()))?;
-            let policy = ProductPolicy::from_yaml(&text)
-                .with_context(|| format!("Invalid policy {}", policy.display()))?;
+            let policy = read_policy(&policy)?;
             let vendor = read_vendor_signing_key(&key)?;
             let mut flash = Flash::manufacture(Serial(serial), entropy()?, entropy()?, &vendor);
             flash

@@ -1,53 +1,55 @@
 //! Vendor tools (keys, licence issue, activation answers) and the runtime's activation request.
 
 use std::fs;
-use std::path::Path;
+use std::path::PathBuf;
+
+use clap::Subcommand;
 
 use anyhow::Context;
-use meter_core::licence::{LicenceBody, VendorKey, VendorPublicKey};
-use meter_core::policy::ProductPolicy;
+use meter_core::licence::{LicenceBody, VendorKey};
 use serde_json::json;
 
-use crate::cli::{Outcome, VendorCommand};
+use crate::outcome::Outcome;
+use crate::vendor_files::{VendorInputs, read_policy, read_vendor_key, write_file, write_secret};
 
 use crate::os_sources::{entropy, wall_clock_ms as now_ms};
 
-fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("Cannot write {}", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("Cannot write {}", path.display()))
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    fs::write(path, bytes).with_context(|| format!("Cannot write {}", path.display()))
-}
-
-/// Reads a vendor secret key file.
-pub fn read_vendor_key(path: &Path) -> anyhow::Result<VendorKey> {
-    let bytes = fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a vendor key", path.display()))
-}
-
-/// Reads a vendor public key file.
-pub fn read_vendor_public(path: &Path) -> anyhow::Result<VendorPublicKey> {
-    let bytes = fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a vendor public key", path.display()))
-}
-
-fn read_policy(path: &Path) -> anyhow::Result<ProductPolicy> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("Cannot read {}", path.display()))?;
-    ProductPolicy::from_yaml(&text).with_context(|| format!("Invalid policy {}", path.display()))
+/// `meter vendor` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum VendorCommand {
+    /// Create a vendor key pair: vendor.key (secret) and vendor.pub.
+    Keygen {
+        /// Folder to write the keys to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue an unbound signed licence file from a product policy YAML.
+    Issue {
+        /// The product policy and the key that signs.
+        #[command(flatten)]
+        vendor: VendorInputs,
+        /// Where to write the licence.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Licence dongles: manufacture and program.
+    Dongle {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::dongle_vendor::DongleCommand,
+    },
+    /// Answer an activation request with a licence bound to the requesting machine.
+    Activate {
+        /// The activation request.
+        #[arg(long)]
+        request: PathBuf,
+        /// The product policy and the key that signs.
+        #[command(flatten)]
+        vendor: VendorInputs,
+        /// Where to write the licence.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Runs a `meter vendor` command.
