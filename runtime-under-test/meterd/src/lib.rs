@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod cli;
 pub mod client;
+pub mod commands;
 pub mod daemon;
 pub mod dongle_probe;
 pub mod dongle_vendor;
@@ -18,6 +19,7 @@ pub mod platform;
 pub mod protocol;
 pub mod remote;
 pub mod server;
+pub mod startup;
 pub mod status_view;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,377 @@
+//! The `meter` commands apps and admins run against the local daemon, and their arguments.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::client::LocalClient;
+use crate::outcome::{EXIT_DENIED, EXIT_OK, EXIT_UNREACHABLE, Outcome};
+use crate::protocol::{LocalReply, LocalRequest};
+use crate::vendor::VendorCommand;
+
+/// A product on the command line.
+#[derive(Debug, Clone, Args)]
+pub struct ProductArg {
+    /// Product code.
+    #[arg(long)]
+    pub product: u32,
+    /// Vendor firm code [default: the firm of a local item with this product, else 10].
+    #[arg(long)]
+    pub firm: Option<u32>,
+}
+
+/// `meter` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum MeterCommand {
+    /// Take a licence and give it back when meter exits: a probe.
+    Access(ProductArg),
+    /// Take a licence and hold it until killed; exits 1 if the runtime revokes it.
+    Hold(ProductArg),
+    /// Give a licence back.
+    Release {
+        /// The handle printed by access or hold.
+        #[arg(long)]
+        handle: u64,
+    },
+    /// Show the machine, its licence containers and the network server.
+    Status,
+    /// List every allocation (handle, product, station, pid or peer).
+    List,
+    /// Add or remove network servers this runtime forwards to.
+    #[command(subcommand)]
+    Servers(ServersCommand),
+    /// Trust a vendor's public key for its firm code on this machine.
+    Trust {
+        /// Firm code.
+        #[arg(long)]
+        firm: u32,
+        /// The vendor's public key file (vendor.pub).
+        key: PathBuf,
+    },
+    /// Activate soft licences bound to this machine.
+    #[command(subcommand)]
+    Activate(ActivateCommand),
+    /// Vendor tools: keys, licence issue, activation answers.
+    #[command(subcommand)]
+    Vendor(VendorCommand),
+    /// Dongles attached to this machine, reached directly (no meterd needed).
+    #[command(subcommand)]
+    Dongle(crate::dongle_probe::LocalDongleCommand),
+}
+
+/// `meter servers` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServersCommand {
+    /// Forward accesses to a network server whose certificate has this SHA-256.
+    Add {
+        /// `addr:port` of the server.
+        addr: String,
+        /// SHA-256 of the server certificate, hex (the server's `<state>/server.pin`).
+        #[arg(long)]
+        pin: String,
+    },
+    /// Stop forwarding to a network server.
+    Remove {
+        /// `addr:port` of the server.
+        addr: String,
+    },
+}
+
+/// `meter activate` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ActivateCommand {
+    /// Collect this machine's traits and write an activation request sealed to the vendor.
+    Request {
+        /// Product code.
+        #[arg(long)]
+        product: u32,
+        /// Vendor firm code.
+        #[arg(long)]
+        firm: u32,
+        /// The vendor's public key file (vendor.pub) the request is sealed to.
+        #[arg(long)]
+        vendor: Option<PathBuf>,
+        /// Where to write the request.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Install a signed licence file (an activation answer or an issued licence).
+    Apply {
+        /// The licence file.
+        file: PathBuf,
+    },
+}
+
+fn print(json_mode: bool, document: &serde_json::Value, human: impl FnOnce() -> String) {
+    if json_mode {
+        println!("{document}");
+    } else {
+        println!("{}", human());
+    }
+}
+
+fn granted_json(reply: &LocalReply) -> serde_json::Value {
+    match reply {
+        LocalReply::Granted {
+            handle,
+            product,
+            container,
+            station,
+        } => {
+            json!({"granted": true, "handle": handle, "product": product, "container": container, "station": station})
+        }
+        LocalReply::Denied { reason, message } => {
+            json!({"granted": false, "reason": reason.code(), "message": message})
+        }
+        LocalReply::Error { message, reason } => {
+            json!({"error": message, "reason": reason.map(|r| r.code())})
+        }
+        other => json!({"error": format!("Unexpected reply {other:?}"), "reason": null}),
+    }
+}
+
+/// Prints an error reply and turns it into an exit code.
+fn print_error(
+    json_mode: bool,
+    message: &str,
+    reason: Option<meter_core::reason::Reason>,
+) -> Outcome {
+    if json_mode {
+        println!(
+            "{}",
+            json!({"error": message, "reason": reason.map(|r| r.code())})
+        );
+    } else {
+        eprintln!("meter: {message}");
+    }
+    Outcome {
+        code: if reason.is_some() {
+            EXIT_DENIED
+        } else {
+            EXIT_UNREACHABLE
+        },
+    }
+}
+
+/// Runs one `meter` command against the daemon at `socket`.
+pub async fn run(
+    socket: PathBuf,
+    json_mode: bool,
+    command: MeterCommand,
+) -> anyhow::Result<Outcome> {
+    match command {
+        MeterCommand::Access(product) => {
+            let mut client = LocalClient::connect(&socket).await?;
+            let reply = client
+                .request(&LocalRequest::Access {
+                    firm: product.firm,
+                    product: product.product,
+                })
+                .await?;
+            print(json_mode, &granted_json(&reply), || human_grant(&reply));
+            match reply {
+                LocalReply::Granted { handle, .. } => {
+                    client.request(&LocalRequest::Release { handle }).await?;
+                    Ok(Outcome { code: EXIT_OK })
+                }
+                LocalReply::Denied { .. } => Ok(Outcome { code: EXIT_DENIED }),
+                _ => Ok(Outcome {
+                    code: EXIT_UNREACHABLE,
+                }),
+            }
+        }
+        MeterCommand::Hold(product) => hold(&socket, json_mode, product).await,
+        MeterCommand::Release { handle } => {
+            let mut client = LocalClient::connect(&socket).await?;
+            match client.request(&LocalRequest::Release { handle }).await? {
+                LocalReply::Released => {
+                    print(json_mode, &json!({"released": true}), || {
+                        format!("released handle {handle}")
+                    });
+                    Ok(Outcome { code: EXIT_OK })
+                }
+                LocalReply::Error { message, reason } => {
+                    Ok(print_error(json_mode, &message, reason))
+                }
+                other => anyhow::bail!("Unexpected reply {other:?}"),
+            }
+        }
+        MeterCommand::Status => json_command(&socket, json_mode, LocalRequest::Status).await,
+        MeterCommand::List => json_command(&socket, json_mode, LocalRequest::List).await,
+        MeterCommand::Servers(ServersCommand::Add { addr, pin }) => {
+            ok_command(&socket, json_mode, LocalRequest::ServersAdd { addr, pin }).await
+        }
+        MeterCommand::Servers(ServersCommand::Remove { addr }) => {
+            ok_command(&socket, json_mode, LocalRequest::ServersRemove { addr }).await
+        }
+        MeterCommand::Trust { firm, key } => {
+            let key = read_file(&key)?;
+            ok_command(&socket, json_mode, LocalRequest::Trust { firm, key }).await
+        }
+        MeterCommand::Activate(ActivateCommand::Apply { file }) => {
+            let source_name = file.display().to_string();
+            let bytes = crate::activation::licence_bytes(read_file(&file)?, &source_name);
+            json_command(
+                &socket,
+                json_mode,
+                LocalRequest::InstallLicence { source_name, bytes },
+            )
+            .await
+        }
+        MeterCommand::Activate(ActivateCommand::Request {
+            product,
+            firm,
+            vendor,
+            out,
+        }) => {
+            crate::activation::request_command(&socket, json_mode, product, firm, vendor, &out)
+                .await
+        }
+        MeterCommand::Vendor(command) => crate::vendor::run(json_mode, command),
+        MeterCommand::Dongle(command) => crate::dongle_probe::run(json_mode, command).await,
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("Cannot read {}", path.display()))
+}
+
+fn human_grant(reply: &LocalReply) -> String {
+    match reply {
+        LocalReply::Granted {
+            handle,
+            product,
+            container,
+            station,
+        } => format!(
+            "granted product {product} (handle {handle}) from {container} to station {station}"
+        ),
+        LocalReply::Denied { reason, message } => format!("denied: {message} ({reason})"),
+        LocalReply::Error { message, .. } => format!("error: {message}"),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn json_command(
+    socket: &Path,
+    json_mode: bool,
+    request: LocalRequest,
+) -> anyhow::Result<Outcome> {
+    let mut client = LocalClient::connect(socket).await?;
+    match client.request(&request).await? {
+        LocalReply::Json(text) => {
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            if json_mode {
+                println!("{value}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            }
+            Ok(Outcome { code: EXIT_OK })
+        }
+        LocalReply::Error { message, reason } => Ok(print_error(json_mode, &message, reason)),
+        other => anyhow::bail!("Unexpected reply {other:?}"),
+    }
+}
+
+async fn ok_command(
+    socket: &Path,
+    json_mode: bool,
+    request: LocalRequest,
+) -> anyhow::Result<Outcome> {
+    let mut client = LocalClient::connect(socket).await?;
+    match client.request(&request).await? {
+        LocalReply::Ok => {
+            print(json_mode, &json!({"ok": true}), || "ok".to_owned());
+            Ok(Outcome { code: EXIT_OK })
+        }
+        LocalReply::Error { message, reason } => {
+            // Admin refusals are the runtime saying no.
+            let outcome = print_error(json_mode, &message, reason);
+            Ok(Outcome {
+                code: if outcome.code == EXIT_UNREACHABLE {
+                    EXIT_DENIED
+                } else {
+                    outcome.code
+                },
+            })
+        }
+        other => anyhow::bail!("Unexpected reply {other:?}"),
+    }
+}
+
+async fn hold(socket: &Path, json_mode: bool, product: ProductArg) -> anyhow::Result<Outcome> {
+    let mut client = LocalClient::connect(socket).await?;
+    let reply = client
+        .request(&LocalRequest::Access {
+            firm: product.firm,
+            product: product.product,
+        })
+        .await?;
+    print(json_mode, &granted_json(&reply), || human_grant(&reply));
+    let handle = match reply {
+        LocalReply::Granted { handle, .. } => handle,
+        LocalReply::Denied { .. } => return Ok(Outcome { code: EXIT_DENIED }),
+        _ => {
+            return Ok(Outcome {
+                code: EXIT_UNREACHABLE,
+            });
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let event = tokio::select! {
+            event = client.next_event() => event,
+            _ = term.recv() => {
+                // A clean end: give the licence back (and wait until it is given back) first.
+                let _ = client.request(&LocalRequest::Release { handle }).await;
+                return Ok(Outcome { code: EXIT_OK });
+            }
+        };
+        match event {
+            Ok(LocalReply::Revoked { handle: h, reason }) if h == handle => {
+                print(
+                    json_mode,
+                    &json!({"event": "revoked", "handle": handle, "reason": reason.code()}),
+                    || format!("revoked: {} ({reason})", reason.message()),
+                );
+                return Ok(Outcome { code: EXIT_DENIED });
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // meterd restarted: our grant survives it; watch again once it is back.
+                client = reconnect_and_watch(socket, handle, json_mode).await?;
+            }
+        }
+    }
+}
+
+async fn reconnect_and_watch(
+    socket: &Path,
+    handle: u64,
+    json_mode: bool,
+) -> anyhow::Result<LocalClient> {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(mut client) = LocalClient::connect(socket).await else {
+            continue;
+        };
+        match client.request(&LocalRequest::Watch { handle }).await {
+            Ok(LocalReply::Ok) => return Ok(client),
+            Ok(LocalReply::Error {
+                reason: Some(reason),
+                ..
+            }) => {
+                print(
+                    json_mode,
+                    &json!({"event": "revoked", "handle": handle, "reason": reason.code()}),
+                    || format!("revoked: {} ({reason})", reason.message()),
+                );
+                std::process::exit(EXIT_DENIED);
+            }
+            _ => continue,
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Starting `meterd`: its arguments, state, platform, TLS identity, local socket and server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::daemon::{DaemonSettings, Runtime};
+use crate::{local, platform, server, store, tls};
+
+/// meterd: the licence runtime daemon of one machine.
+///
+/// Local apps reach it on a Unix socket; with --server it also serves remote stations over TLS.
+/// Holders are watched with pidfds and released the moment they exit.
+#[derive(Debug, Parser)]
+#[command(name = "meterd", version)]
+pub struct DaemonArgs {
+    /// Durable state folder (redb database, TLS identity, trusted vendor keys in trust/).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// Unix socket for local apps [default: <state>/meterd.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Where to learn about the machine: `host` or `sim:<dir>`.
+    #[arg(long, default_value = "host")]
+    pub platform: String,
+    /// Also serve remote stations over TLS.
+    #[arg(long)]
+    pub server: bool,
+    /// Address the network server listens on.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], server::DEFAULT_PORT)))]
+    pub listen: SocketAddr,
+    /// Keepalive window of remote stations, seconds (fractions allowed).
+    #[arg(long, default_value_t = 10.0)]
+    pub keepalive: f64,
+    /// A network server to forward accesses to (`addr:port`); pair each with --pin.
+    #[arg(long = "remote")]
+    pub remotes: Vec<String>,
+    /// SHA-256 of the server certificate of the --remote at the same position, hex.
+    #[arg(long = "pin")]
+    pub pins: Vec<String>,
+}
+
+/// Lets the daemon watch many holders: raise the open-file limit to its hard maximum.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Starts the daemon: its state, platform, TLS identity, local socket and (with --server) the
+/// network server; runs until SIGTERM or SIGINT.
+pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
+    if args.remotes.len() != args.pins.len() {
+        anyhow::bail!("Give one --pin for every --remote");
+    }
+    if !(args.keepalive > 0.0 && args.keepalive.is_finite()) {
+        anyhow::bail!("--keepalive must be a positive number of seconds");
+    }
+    raise_fd_limit();
+    let started = std::time::Instant::now();
+    let ms = |since: std::time::Instant| since.elapsed().as_millis() as u64;
+    std::fs::create_dir_all(&args.state)
+        .with_context(|| format!("Cannot create state folder {}", args.state.display()))?;
+    let platform = platform::from_spec(&args.platform)?;
+    let stage = std::time::Instant::now();
+    let (store, snapshot) = store::Store::open(&args.state.join("meterd.redb"))?;
+    let store_ms = ms(stage);
+    let saved_servers: Vec<(String, String)> = snapshot
+        .meta
+        .get("servers")
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default();
+    let settings = DaemonSettings {
+        state_dir: args.state.clone(),
+        keepalive: Duration::from_secs_f64(args.keepalive),
+    };
+    let stage = std::time::Instant::now();
+    let runtime = Runtime::new(platform, store, snapshot, settings)?;
+    runtime.resume();
+    let runtime_ms = ms(stage);
+    let stage = std::time::Instant::now();
+    crate::dongles::start(Arc::clone(&runtime)).await;
+    let dongles_ms = ms(stage);
+    let mut servers = saved_servers;
+    for (addr, pin) in args.remotes.iter().zip(&args.pins) {
+        servers.retain(|(a, _)| a != addr);
+        servers.push((addr.clone(), pin.clone()));
+    }
+    for (addr, pin) in servers {
+        let pin = tls::parse_pin(&pin).with_context(|| format!("Bad pin for {addr}"))?;
+        runtime.remotes.add(&runtime, addr, pin);
+    }
+
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.state.join("meterd.sock"));
+    let listener =
+        local::bind(&socket).with_context(|| format!("Cannot listen on {}", socket.display()))?;
+    tokio::spawn(local::serve(Arc::clone(&runtime), listener));
+
+    if args.server {
+        let identity = tls::load_or_create_identity(&args.state)?;
+        let config = tls::server_config(&identity)?;
+        let tcp = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("Cannot listen on {}", args.listen))?;
+        let bound = tcp.local_addr()?;
+        *runtime
+            .server_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((bound.to_string(), identity.fingerprint()));
+        tracing::info!(listen = %bound, fingerprint = %identity.fingerprint(), "Network server up");
+        tokio::spawn(server::serve(Arc::clone(&runtime), tcp, config));
+    }
+
+    let ready = args.state.join("meterd.ready");
+    std::fs::write(&ready, format!("{}\n", std::process::id()))
+        .with_context(|| format!("Cannot write {}", ready.display()))?;
+    tracing::info!(
+        socket = %socket.display(),
+        platform = %runtime.platform.describe(),
+        startup_ms = ms(started),
+        store_ms,
+        runtime_ms,
+        dongles_ms,
+        "meterd ready"
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("meterd stopping");
+    runtime.dongles.close_all().await;
+    let _ = std::fs::remove_file(&ready);
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
