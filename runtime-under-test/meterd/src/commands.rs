@@ -213,7 +213,7 @@ pub async fn run(
         }
         MeterCommand::Activate(ActivateCommand::Apply { file }) => {
             let source_name = file.display().to_string();
-            let bytes = crate::activation::licence_bytes(read_file(&file)?, &source_name);
+            let bytes = crate::activation_commands::licence_bytes(read_file(&file)?, &source_name);
             json_command(
                 &socket,
                 json_mode,
@@ -227,8 +227,10 @@ pub async fn run(
             vendor,
             out,
         }) => {
-            crate::activation::request_command(&socket, json_mode, product, firm, vendor, &out)
-                .await
+            crate::activation_commands::request_command(
+                &socket, json_mode, product, firm, vendor, &out,
+            )
+            .await
         }
         MeterCommand::Vendor(command) => crate::vendor::run(json_mode, command),
         MeterCommand::Dongle(command) => crate::dongle_probe::run(json_mode, command).await,

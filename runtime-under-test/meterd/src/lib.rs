@@ -1,6 +1,7 @@
 //! The meter reference licence runtime: the daemon `meterd` and the command-line tool `meter`.
 
 pub mod activation;
+pub mod activation_commands;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -1,15 +1,16 @@
-//! Vendor tools (keys, licence issue, activation answers) and the runtime's activation request.
+//! `meter vendor …`: the vendor's tools (keys, licence issue, activation answers).
 
 use std::fs;
-use std::path::PathBuf;
-
-use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context;
+use clap::Subcommand;
+use meter_core::activation::{self, ActivationAnswer, SealedRequest};
 use meter_core::licence::{LicenceBody, VendorKey};
 use serde_json::json;
 
-use crate::outcome::Outcome;
+use crate::outcome::{EXIT_DENIED, EXIT_OK, Outcome};
 use crate::vendor_files::{VendorInputs, read_policy, read_vendor_key, write_file, write_secret};
 
 use crate::os_sources::{entropy, wall_clock_ms as now_ms};
@@ -95,9 +96,7 @@ pub fn run(json_mode: bool, command: VendorCommand) -> anyhow::Result<Outcome> {
             request,
             vendor,
             out,
-        } => {
-            crate::activation::vendor_answer(json_mode, &request, &vendor.policy, &vendor.key, &out)
-        }
+        } => vendor_answer(json_mode, &request, &vendor.policy, &vendor.key, &out),
     }
 }
 
@@ -106,5 +105,65 @@ fn report(json_mode: bool, document: &serde_json::Value, human: impl FnOnce() ->
         println!("{document}");
     } else {
         println!("{}", human());
+    }
+}
+
+/// `meter vendor activate`: answers a request with a bound licence, or refuses (exit 1).
+pub fn vendor_answer(
+    json_mode: bool,
+    request: &Path,
+    policy: &Path,
+    key: &Path,
+    out: &Path,
+) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let bytes = fs::read(request).with_context(|| format!("Cannot read {}", request.display()))?;
+    let sealed = SealedRequest::from_json(&bytes, &request.display().to_string())?;
+    let key = crate::vendor_files::read_vendor_key(key)?;
+    let text =
+        fs::read_to_string(policy).with_context(|| format!("Cannot read {}", policy.display()))?;
+    let mut policy = meter_core::policy::ProductPolicy::from_yaml(&text)
+        .with_context(|| format!("Invalid policy {}", policy.display()))?;
+    if crate::weakened::is(crate::weakened::Defence::BindingTolerance) {
+        // Weakened: the vendor tool seals every licence with its most forgiving tolerance.
+        for product in &mut policy.products {
+            product.binding.tolerance = meter_core::policy::Tolerance::Loose;
+        }
+    }
+    let opened = sealed.open(&key)?;
+    let answer = activation::answer(&opened, &policy, &key, now_ms(), entropy()?)?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    match answer {
+        ActivationAnswer::Licence(licence) => {
+            fs::write(out, licence.to_json())
+                .with_context(|| format!("Cannot write {}", out.display()))?;
+            tracing::info!(licence = %licence.body.licence_id, elapsed_ms, "Activation answered");
+            let products: Vec<u32> = licence.body.catalogue.iter().map(|c| c.code).collect();
+            let document = json!({
+                "licence": licence.body.licence_id, "firm": licence.body.firm, "out": out,
+                "products": products, "kind": opened.kind, "elapsed_ms": elapsed_ms,
+            });
+            if json_mode {
+                println!("{document}");
+            } else {
+                println!(
+                    "licence {} bound to the requesting machine written to {}",
+                    licence.body.licence_id,
+                    out.display()
+                );
+            }
+            Ok(Outcome { code: EXIT_OK })
+        }
+        ActivationAnswer::Refused { reason, message } => {
+            if json_mode {
+                println!(
+                    "{}",
+                    json!({"error": format!("Activation refused: {message}"), "reason": reason.code()})
+                );
+            } else {
+                eprintln!("meter: activation refused: {message} ({reason})");
+            }
+            Ok(Outcome { code: EXIT_DENIED })
+        }
     }
 }

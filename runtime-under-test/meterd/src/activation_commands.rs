@@ -1,0 +1,81 @@
+//! `meter activate request` and `meter activate apply`: the app side of soft-licence activation.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use meter_core::activation::ActivationAnswer;
+use meter_core::licence::SignedLicence;
+use serde_json::json;
+
+use crate::client::LocalClient;
+use crate::outcome::{EXIT_DENIED, EXIT_OK, Outcome};
+use crate::protocol::{LocalReply, LocalRequest};
+
+/// `meter activate request`: asks meterd for the sealed request and writes it to `out`.
+pub async fn request_command(
+    socket: &Path,
+    json_mode: bool,
+    product: u32,
+    firm: u32,
+    vendor: Option<PathBuf>,
+    out: &Path,
+) -> anyhow::Result<Outcome> {
+    let vendor = match vendor {
+        Some(path) => {
+            Some(fs::read(&path).with_context(|| format!("Cannot read {}", path.display()))?)
+        }
+        None => None,
+    };
+    let mut client = LocalClient::connect(socket).await?;
+    let reply = client
+        .request(&LocalRequest::ActivationRequest {
+            firm,
+            products: vec![product],
+            vendor,
+        })
+        .await?;
+    match reply {
+        LocalReply::Json(text) => {
+            fs::write(out, text.as_bytes())
+                .with_context(|| format!("Cannot write {}", out.display()))?;
+            let document = json!({"request": out, "firm": firm, "products": [product]});
+            if json_mode {
+                println!("{document}");
+            } else {
+                println!("activation request written to {}", out.display());
+            }
+            Ok(Outcome { code: EXIT_OK })
+        }
+        LocalReply::Error { message, reason } => {
+            if json_mode {
+                println!(
+                    "{}",
+                    json!({"error": message, "reason": reason.map(|r| r.code())})
+                );
+            } else {
+                eprintln!("meter: {message}");
+            }
+            Ok(Outcome {
+                code: if reason.is_some() {
+                    EXIT_DENIED
+                } else {
+                    crate::outcome::EXIT_UNREACHABLE
+                },
+            })
+        }
+        other => anyhow::bail!("Unexpected reply {other:?}"),
+    }
+}
+
+/// The licence inside a file given to `meter activate apply`: a licence file, or a vendor answer
+/// carrying one. Anything else is passed on unchanged for meterd to refuse with its reason.
+pub fn licence_bytes(bytes: Vec<u8>, source_name: &str) -> Vec<u8> {
+    if SignedLicence::from_json(&bytes, source_name).is_ok() {
+        return bytes;
+    }
+    match ActivationAnswer::from_json(&bytes, source_name) {
+        Ok(ActivationAnswer::Licence(licence)) => licence.to_json().into_bytes(),
+        _ => bytes,
+    }
+}
