@@ -52,6 +52,8 @@ pub trait Monitor: Send {
     fn migration(&mut self) -> Result<MigrationProgress, QmpError>;
     /// Asks QEMU to exit at once.
     fn quit(&mut self) -> Result<(), QmpError>;
+    /// The ids of the character devices QEMU has now.
+    fn chardevs(&mut self) -> Result<Vec<String>, QmpError>;
     /// Hot-plugs a usbredir device: its chardev connects to the server, then the device appears.
     fn usb_plug(&mut self, plug: &UsbRedirPlug) -> Result<(), QmpError> {
         self.hmp(&format!("chardev-add {}", plug.chardev()))?;
@@ -67,11 +69,12 @@ pub trait Monitor: Send {
         self.hmp(&format!("device_del {id}"))?;
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
+            // Gone already: the device took it along.
+            if !self.chardevs()?.iter().any(|label| label == id) {
+                return Ok(());
+            }
             match self.hmp(&format!("chardev-remove {id}")) {
                 Ok(_) => return Ok(()),
-                Err(QmpError::Command { message, .. }) if message.contains("not found") => {
-                    return Ok(());
-                }
                 // Still held by the dying device: it deletes the chardev itself (plugs never
                 // reuse an id, so a late one is harmless).
                 Err(e) if Instant::now() > deadline => {
@@ -189,6 +192,11 @@ impl Monitor for QmpMonitor {
             total_ms: info.total_time,
             downtime_ms: info.downtime,
         })
+    }
+
+    fn chardevs(&mut self) -> Result<Vec<String>, QmpError> {
+        let devices = self.run(&qmp::query_chardev {})?;
+        Ok(devices.into_iter().map(|d| d.label).collect())
     }
 
     fn quit(&mut self) -> Result<(), QmpError> {
