@@ -31,6 +31,7 @@ use serde_json::json;
 use self::agent::{AgentError, Op, Outcome};
 use self::usbip::UsbipImport;
 use self::vm::{Environment, UsbRedirPlug, Vm, VmSpec, XHCI_USB2_PORTS};
+use super::fabric::Fabric;
 use super::fabric::network::Relay;
 use super::runner::Backend;
 use super::sim::SimBackend;
@@ -126,9 +127,8 @@ pub struct QemuBackend {
     servers: BTreeMap<String, ServerInfo>,
     relays: Vec<Relay>,
     mint: IdentityMint,
-    world_offset_ms: i64,
-    next_address: u32,
-    address_block: u8,
+    /// The world clock and addresses, shared with the hosts' sim driver.
+    fabric: Fabric,
     timings: Timings,
     /// One usbredir server per dongle passed through to guests.
     usbredir: BTreeMap<String, UsbredirServer>,
@@ -155,10 +155,10 @@ impl QemuBackend {
         let env = Environment::detect()?;
         let mut sim_config = config.clone();
         sim_config.work_dir = config.work_dir.join("hosts");
-        let sim = SimBackend::new(sim_config)?;
+        let fabric = Fabric::new(config.seed);
+        let sim = SimBackend::with_fabric(sim_config, fabric.clone())?;
         std::fs::create_dir_all(config.work_dir.join("guests"))
             .map_err(BackendError::io("create the guests folder"))?;
-        let address_block = (config.seed % 250) as u8 + 2;
         let runtime_disk = if config.builtin_runtime {
             None
         } else {
@@ -174,9 +174,7 @@ impl QemuBackend {
             apps: BTreeMap::new(),
             servers: BTreeMap::new(),
             relays: Vec::new(),
-            world_offset_ms: 0,
-            next_address: 0,
-            address_block,
+            fabric,
             timings: Timings::default(),
             usbredir: BTreeMap::new(),
             usb_plugs: 0,
@@ -238,18 +236,6 @@ impl QemuBackend {
             .require(machine, operation, allowed, needed)
     }
 
-    fn allocate_address(&mut self) -> Ipv4Addr {
-        // The sim backend counts up from 127.<block>.0.2; guests take 127.<block>.200.x.
-        let n = self.next_address;
-        self.next_address += 1;
-        Ipv4Addr::new(
-            127,
-            self.address_block,
-            200 + (n / 250) as u8,
-            (n % 250) as u8 + 2,
-        )
-    }
-
     fn insert_guest(
         &mut self,
         name: &str,
@@ -270,7 +256,7 @@ impl QemuBackend {
             .map_err(BackendError::io(format!("create {}", dir.display())))?;
         std::fs::create_dir_all(self.config.log_dir.join(name))
             .map_err(BackendError::io("create the guest's log folder"))?;
-        let ip = self.allocate_address();
+        let ip = self.fabric.addresses.allocate()?;
         let vmgenid = self.mint.generation_id();
         self.guests.insert(
             name.to_string(),
@@ -387,7 +373,9 @@ impl QemuBackend {
 
     fn push_guest_clock(&mut self, machine: &str) -> Result<(), BackendError> {
         let skew = self.guest(machine)?.skew_ms;
-        let epoch_ms = now_ms() + self.world_offset_ms + skew;
+        let epoch_ms = now_ms()
+            .saturating_add(self.fabric.clock.offset_ms())
+            .saturating_add(skew);
         self.call(machine, Op::SetClock { epoch_ms }, Duration::from_secs(5))?;
         Ok(())
     }
@@ -1467,7 +1455,7 @@ impl Backend for QemuBackend {
         world_offset: i64,
         skews: &[(String, i64)],
     ) -> Result<(), BackendError> {
-        self.world_offset_ms = world_offset;
+        // The sim driver sets the shared clock for both.
         let host_skews: Vec<(String, i64)> = skews
             .iter()
             .filter(|(m, _)| !self.is_guest(m))

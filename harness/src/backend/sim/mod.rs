@@ -19,6 +19,7 @@ use serde_json::json;
 
 use self::session::LeaderHandle;
 use self::usb::VirtualDongle;
+use super::fabric::Fabric;
 use super::fabric::network::Relay;
 use super::runner::Backend;
 use super::types::{
@@ -84,11 +85,8 @@ pub struct SimBackend {
     relays: Vec<Relay>,
     dongles: BTreeMap<String, VirtualDongle>,
     mint: IdentityMint,
-    world_offset_ms: i64,
-    /// The world offset, shared with the dongles' threads (a dongle's clock moves with the world).
-    dongle_clock: std::sync::Arc<std::sync::atomic::AtomicI64>,
-    next_address: u32,
-    address_block: u8,
+    /// The world's shared clock and addresses (a dongle's clock moves with the world).
+    fabric: Fabric,
     command_counter: u64,
     /// Machines created so far (each machine's folder is its number).
     machines_made: usize,
@@ -97,14 +95,19 @@ pub struct SimBackend {
 }
 
 impl SimBackend {
-    /// Creates an empty world.
+    /// Creates an empty world with a fabric of its own.
     pub fn new(config: SimConfig) -> Result<SimBackend, BackendError> {
+        let fabric = Fabric::new(config.seed);
+        Self::with_fabric(config, fabric)
+    }
+
+    /// Creates an empty world whose machines share `fabric` with another driver's.
+    pub fn with_fabric(config: SimConfig, fabric: Fabric) -> Result<SimBackend, BackendError> {
         for dir in [&config.work_dir, &config.log_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(BackendError::io(format!("create {}", dir.display())))?;
         }
         let mint = IdentityMint::new(config.seed);
-        let address_block = (config.seed % 250) as u8 + 2;
         Ok(SimBackend {
             config,
             hosts: BTreeMap::new(),
@@ -113,25 +116,11 @@ impl SimBackend {
             relays: Vec::new(),
             dongles: BTreeMap::new(),
             mint,
-            world_offset_ms: 0,
-            dongle_clock: std::sync::Arc::default(),
-            next_address: 0,
-            address_block,
+            fabric,
             command_counter: 0,
             machines_made: 0,
             logs_gathered: false,
         })
-    }
-
-    fn allocate_address(&mut self) -> Ipv4Addr {
-        let n = self.next_address;
-        self.next_address += 1;
-        Ipv4Addr::new(
-            127,
-            self.address_block,
-            (n / 250) as u8,
-            (n % 250) as u8 + 2,
-        )
     }
 
     fn machine(&self, name: &str) -> Result<&Machine, BackendError> {
@@ -223,7 +212,7 @@ impl SimBackend {
             std::fs::create_dir_all(&path)
                 .map_err(BackendError::io(format!("create {}", path.display())))?;
         }
-        let ip = self.allocate_address();
+        let ip = self.fabric.addresses.allocate()?;
         let vmgenid = self.mint.generation_id();
         self.machines.insert(
             name.to_string(),
@@ -283,7 +272,9 @@ impl SimBackend {
         }
         write_atomic(
             &platform.join("clock"),
-            (self.world_offset_ms + m.skew_ms).to_string().as_bytes(),
+            (self.fabric.clock.offset_ms().saturating_add(m.skew_ms))
+                .to_string()
+                .as_bytes(),
         )?;
         self.write_sessions(machine)
     }
@@ -637,7 +628,7 @@ impl Backend for SimBackend {
         json!({
             "backend": "sim",
             "runtime": self.config.runtime_bin.display().to_string(),
-            "addresses": format!("127.{}.0.0/16", self.address_block),
+            "addresses": self.fabric.addresses.network(),
         })
     }
 
@@ -928,9 +919,7 @@ impl Backend for SimBackend {
         world_offset: i64,
         skews: &[(String, i64)],
     ) -> Result<(), BackendError> {
-        self.world_offset_ms = world_offset;
-        self.dongle_clock
-            .store(world_offset, std::sync::atomic::Ordering::SeqCst);
+        self.fabric.clock.set_offset_ms(world_offset);
         for (machine, skew) in skews {
             self.machine_mut(machine)?.skew_ms = *skew;
         }
@@ -1031,7 +1020,7 @@ impl Backend for SimBackend {
 
     fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
         BackendError::check_name("dongle", name)?;
-        let dongle = VirtualDongle::power_on(flash, std::sync::Arc::clone(&self.dongle_clock))?;
+        let dongle = VirtualDongle::power_on(flash, self.fabric.clock.cell())?;
         self.dongles.insert(name.to_string(), dongle);
         Ok(())
     }
