@@ -1,9 +1,9 @@
-//! What the machines of a world share, whichever driver runs them: the network links between
-//! them, the world clock and one address allocator (the dongle rack joins them when the backend
-//! becomes one composite of drivers).
+//! What the machines of a world share, whichever driver runs them: the dongle rack, the network
+//! links between them, the world clock and one address allocator.
 
 pub mod addresses;
 pub mod clock;
+pub mod dongles;
 pub mod network;
 
 /// Handles to a world's shared parts; clones share them.
@@ -13,6 +13,8 @@ pub struct Fabric {
     pub addresses: addresses::Addresses,
     /// The world clock.
     pub clock: clock::WorldClock,
+    /// The dongles.
+    pub dongles: dongles::DongleRack,
 }
 
 impl Fabric {
@@ -21,6 +23,7 @@ impl Fabric {
         Self {
             addresses: addresses::Addresses::new(seed),
             clock: clock::WorldClock::default(),
+            dongles: dongles::DongleRack::default(),
         }
     }
 }

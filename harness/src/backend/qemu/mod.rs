@@ -514,7 +514,7 @@ impl QemuBackend {
         if self.guest(machine)?.usb.contains_key(dongle) {
             return Ok(());
         }
-        let core = self.sim.dongle_core(dongle)?;
+        let core = self.fabric.dongles.core(dongle)?;
         let port = self.usbredir_port(dongle)?;
         self.usb_plugs += 1;
         let plug_number = self.usb_plugs;
@@ -559,7 +559,7 @@ impl QemuBackend {
         dongle: &str,
         present: bool,
     ) -> Result<(), BackendError> {
-        let serial = self.sim.dongle_core(dongle)?.serial().to_string();
+        let serial = self.fabric.dongles.core(dongle)?.serial().to_string();
         let wanted = format!("HID_UNIQ={serial}");
         let started = Instant::now();
         let deadline = started + USB_ENUMERATION_TIMEOUT;
@@ -616,7 +616,7 @@ impl QemuBackend {
                 .map_err(|e| vm.failure(&format!("cannot unplug dongle {dongle}: {e}"))),
             None => Ok(()),
         };
-        self.sim.dongle_core(dongle)?.unplugged();
+        self.fabric.dongles.core(dongle)?.unplugged();
         unplugged?;
         if running {
             self.wait_for_guest_dongle(machine, dongle, false)?;
@@ -696,7 +696,7 @@ impl QemuBackend {
         if let Some(server) = self.usbredir.get(dongle) {
             return Ok(server.port());
         }
-        let core = self.sim.dongle_core(dongle)?;
+        let core = self.fabric.dongles.core(dongle)?;
         let server = UsbredirServer::start(core).map_err(|e| BackendError::Runtime {
             machine: dongle.to_string(),
             message: format!("cannot serve the dongle over usbredir: {e}"),
@@ -718,7 +718,7 @@ impl QemuBackend {
         for dongle in current {
             if !usb.contains_key(&dongle) {
                 self.guest_mut(machine)?.usb.remove(&dongle);
-                self.sim.dongle_core(&dongle)?.unplugged();
+                self.fabric.dongles.core(&dongle)?.unplugged();
             }
         }
         let mut restored = BTreeMap::new();
@@ -728,10 +728,10 @@ impl QemuBackend {
                 for other in self.guests_with_dongle(&dongle) {
                     self.unplug_from_guest(&dongle, &other)?;
                 }
-                if !self.sim.dongle_attached_to(&dongle)?.is_empty() {
+                if !self.fabric.dongles.attached_to(&dongle)?.is_empty() {
                     self.sim.usb_detach(&dongle)?;
                 }
-                self.sim.dongle_core(&dongle)?.plugged();
+                self.fabric.dongles.core(&dongle)?.plugged();
             }
             let port = self.usbredir_port(&dongle)?;
             restored.insert(dongle, UsbRedirPlug { port, ..plug });
@@ -809,11 +809,11 @@ impl QemuBackend {
         for guest in self.guests_with_dongle(dongle) {
             self.unplug_from_guest(dongle, &guest)?;
         }
-        if !self.sim.dongle_attached_to(dongle)?.is_empty() {
+        if !self.fabric.dongles.attached_to(dongle)?.is_empty() {
             self.sim.usb_detach(dongle)?;
         }
         let started = Instant::now();
-        let server = UsbipServer::start(self.sim.dongle_core(dongle)?).map_err(|e| {
+        let server = UsbipServer::start(self.fabric.dongles.core(dongle)?).map_err(|e| {
             BackendError::Runtime {
                 machine: dongle.to_string(),
                 message: format!("cannot export the dongle over USB/IP: {e}"),
@@ -1541,7 +1541,10 @@ impl Backend for QemuBackend {
     }
 
     fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
-        self.sim.add_dongle(name, flash)
+        BackendError::check_name("dongle", name)?;
+        self.fabric
+            .dongles
+            .add(name, flash, self.fabric.clock.cell())
     }
 
     fn usb_attach(
@@ -1563,7 +1566,7 @@ impl Backend for QemuBackend {
                     self.unplug_from_guest(dongle, &other)?;
                 }
             }
-            if hosts.is_empty() && !self.sim.dongle_attached_to(dongle)?.is_empty() {
+            if hosts.is_empty() && !self.fabric.dongles.attached_to(dongle)?.is_empty() {
                 self.sim.usb_detach(dongle)?;
             }
         }
@@ -1613,11 +1616,11 @@ impl Backend for QemuBackend {
 
     fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
         // Every path (sim socket, usbredir, USB/IP) reaches the same firmware.
-        self.sim.usb_hang(dongle)
+        self.fabric.dongles.with(dongle, |device| device.core().hang())
     }
 
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
-        self.sim.dongle_status(dongle)
+        self.fabric.dongles.with(dongle, |device| device.status())
     }
 
     fn put_file(

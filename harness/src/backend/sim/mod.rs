@@ -7,7 +7,6 @@
 //! the harness (process groups plus a parent-death signal), Ctrl-C included.
 
 pub mod session;
-pub mod usb;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,7 +17,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use self::session::LeaderHandle;
-use self::usb::VirtualDongle;
 use super::fabric::Fabric;
 use super::fabric::network::Relay;
 use super::runner::Backend;
@@ -83,7 +81,6 @@ pub struct SimBackend {
     machines: BTreeMap<String, Machine>,
     apps: BTreeMap<String, App>,
     relays: Vec<Relay>,
-    dongles: BTreeMap<String, VirtualDongle>,
     mint: IdentityMint,
     /// The world's shared clock and addresses (a dongle's clock moves with the world).
     fabric: Fabric,
@@ -114,7 +111,6 @@ impl SimBackend {
             machines: BTreeMap::new(),
             apps: BTreeMap::new(),
             relays: Vec::new(),
-            dongles: BTreeMap::new(),
             mint,
             fabric,
             command_counter: 0,
@@ -572,28 +568,6 @@ impl SimBackend {
         }
     }
 
-    fn dongle(&mut self, name: &str) -> Result<&mut VirtualDongle, BackendError> {
-        self.dongles
-            .get_mut(name)
-            .ok_or_else(|| BackendError::Unknown {
-                kind: "dongle",
-                name: name.into(),
-            })
-    }
-
-    /// The emulated dongle itself, for USB paths into guests.
-    pub(crate) fn dongle_core(
-        &mut self,
-        name: &str,
-    ) -> Result<std::sync::Arc<crate::usb::DongleCore>, BackendError> {
-        Ok(self.dongle(name)?.core())
-    }
-
-    /// Simulated machines a dongle is plugged into.
-    pub(crate) fn dongle_attached_to(&mut self, name: &str) -> Result<Vec<String>, BackendError> {
-        Ok(self.dongle(name)?.attached_to())
-    }
-
     fn usb_dir(&self, machine: &str) -> Result<PathBuf, BackendError> {
         Ok(self.machine(machine)?.platform().join("usb"))
     }
@@ -1011,18 +985,16 @@ impl Backend for SimBackend {
         for relay in self.relays.drain(..) {
             relay.stop();
         }
-        for (_, dongle) in std::mem::take(&mut self.dongles) {
-            drop(dongle);
-        }
+        self.fabric.dongles.clear();
         self.gather_logs();
         Ok(())
     }
 
     fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
         BackendError::check_name("dongle", name)?;
-        let dongle = VirtualDongle::power_on(flash, self.fabric.clock.cell())?;
-        self.dongles.insert(name.to_string(), dongle);
-        Ok(())
+        self.fabric
+            .dongles
+            .add(name, flash, self.fabric.clock.cell())
     }
 
     fn usb_attach(
@@ -1035,24 +1007,24 @@ impl Backend for SimBackend {
             .iter()
             .map(|m| Ok((m.clone(), self.usb_dir(m)?)))
             .collect::<Result<Vec<_>, BackendError>>()?;
-        let device = self.dongle(dongle)?;
-        if mode == UsbMode::Exclusive {
-            // Passing a device through exclusively takes it away from wherever it was.
-            for other in device.attached_to() {
-                if !machines.contains(&other) {
-                    device.detach(Some(&other));
+        self.fabric.dongles.with(dongle, |device| {
+            if mode == UsbMode::Exclusive {
+                // Passing a device through exclusively takes it away from wherever it was.
+                for other in device.attached_to() {
+                    if !machines.contains(&other) {
+                        device.detach(Some(&other));
+                    }
                 }
             }
-        }
-        for (machine, dir) in dirs {
-            device.attach(&machine, &dir)?;
-        }
-        Ok(())
+            for (machine, dir) in dirs {
+                device.attach(&machine, &dir)?;
+            }
+            Ok(())
+        })?
     }
 
     fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.dongle(dongle)?.detach(None);
-        Ok(())
+        self.fabric.dongles.with(dongle, |device| device.detach(None))
     }
 
     fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
@@ -1070,12 +1042,11 @@ impl Backend for SimBackend {
     }
 
     fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.dongle(dongle)?.core().hang();
-        Ok(())
+        self.fabric.dongles.with(dongle, |device| device.core().hang())
     }
 
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
-        Ok(self.dongle(dongle)?.status())
+        self.fabric.dongles.with(dongle, |device| device.status())
     }
 
     fn put_file(

@@ -1,5 +1,6 @@
-//! The sim's virtual USB bus: dongles emulated by the harness, reached by a machine's runtime
-//! through `platform/usb/<serial>.sock`.
+//! The dongle rack: the world's emulated dongles, shared by every driver, and the simulation's
+//! USB bus, on which a simulated machine's runtime reaches a dongle through
+//! `platform/usb/<serial>.sock`.
 //!
 //! A socket carries the dongle's 64-byte HID reports unchanged, exactly as a USB HID transport
 //! would. Every machine a dongle is attached to gets its own socket (its own USB host); several at
@@ -142,6 +143,59 @@ impl VirtualDongle {
 impl Drop for VirtualDongle {
     fn drop(&mut self) {
         self.detach(None);
+    }
+}
+
+/// The world's dongles by name; clones share them.
+#[derive(Clone, Default)]
+pub struct DongleRack(Arc<Mutex<BTreeMap<String, VirtualDongle>>>);
+
+impl DongleRack {
+    /// Powers on a dongle from its flash file and puts it in the rack, unplugged.
+    pub fn add(&self, name: &str, flash: &Path, clock: Arc<AtomicI64>) -> Result<(), BackendError> {
+        let dongle = VirtualDongle::power_on(flash, clock)?;
+        self.lock().insert(name.to_owned(), dongle);
+        Ok(())
+    }
+
+    /// Runs `f` on the named dongle.
+    pub fn with<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut VirtualDongle) -> R,
+    ) -> Result<R, BackendError> {
+        let mut rack = self.lock();
+        let dongle = rack.get_mut(name).ok_or_else(|| BackendError::Unknown {
+            kind: "dongle",
+            name: name.into(),
+        })?;
+        Ok(f(dongle))
+    }
+
+    /// The emulated dongle itself, for USB paths into guests (usbredir, USB/IP).
+    pub fn core(&self, name: &str) -> Result<Arc<DongleCore>, BackendError> {
+        self.with(name, |d| d.core())
+    }
+
+    /// The simulated machines a dongle is plugged into.
+    pub fn attached_to(&self, name: &str) -> Result<Vec<String>, BackendError> {
+        self.with(name, |d| d.attached_to())
+    }
+
+    /// Unplugs and powers off every dongle.
+    pub fn clear(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        drop(all);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, VirtualDongle>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for DongleRack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.lock().keys()).finish()
     }
 }
 
