@@ -24,21 +24,57 @@ fn modules(src: &Path) -> BTreeMap<String, String> {
                 .components()
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .collect();
-            if matches!(
-                parts.last().map(String::as_str),
-                Some("mod" | "lib" | "main")
-            ) {
+            if matches!(parts.last().map(String::as_str), Some("mod" | "lib")) {
                 parts.pop();
             }
-            if parts.first().map(String::as_str) == Some("bin") {
+            // Binaries are crates of their own (they reach the library by its name).
+            let stem = path.file_stem().unwrap_or_default();
+            if parts.first().map(String::as_str) == Some("bin") || stem == "main" {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            let code = text.split("#[cfg(test)]").next().unwrap_or("").to_owned();
-            found.insert(parts.join("::"), code);
+            found.insert(parts.join("::"), without_test_module(&text));
         }
     }
     found
+}
+
+/// `text` without its `#[cfg(test)] mod tests { … }` (other `#[cfg(test)]` items stay: they
+/// are few and name no modules the rest does not).
+fn without_test_module(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        let marker_end = at + "#[cfg(test)]".len();
+        let after = rest[marker_end..].trim_start();
+        if !after.starts_with("mod ") {
+            out.push_str(&rest[..marker_end]);
+            rest = &rest[marker_end..];
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        let Some(open) = after.find('{') else {
+            return out;
+        };
+        let mut depth = 0;
+        let mut end = after.len();
+        for (k, c) in after.char_indices().skip_while(|(k, _)| *k < open) {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = k + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The paths `code` names: each a list of segments after its root (`crate`, `super`, …).
@@ -157,8 +193,43 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         } else {
             module.split("::").map(str::to_owned).collect()
         };
+        // Modules a `use` line names by their last segment: `use super::sim;` makes
+        // `sim::usb::X` a path into `backend::sim::usb`.
+        let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (root, segments) in paths(code) {
+            let base: Vec<String> = match root.as_str() {
+                "crate" => Vec::new(),
+                "self" => here.clone(),
+                "super" => here[..here.len().saturating_sub(1)].to_vec(),
+                _ => continue,
+            };
+            let mut full = base;
+            let mut rest = segments.into_iter().peekable();
+            while rest.peek().map(String::as_str) == Some("super") {
+                rest.next();
+                full.pop();
+            }
+            full.extend(rest);
+            if let Some(last) = full.last().cloned()
+                && known.contains(&full.join("::"))
+            {
+                aliases.insert(last, full);
+            }
+        }
         let mut targets = BTreeSet::new();
         for (root, segments) in paths(code) {
+            if !matches!(root.as_str(), "crate" | "self" | "super")
+                && let Some(alias) = aliases.get(&root)
+            {
+                let mut full = alias.clone();
+                full.extend(segments);
+                if let Some(target) = longest_known(&known, &full)
+                    && target != *module
+                {
+                    targets.insert(target);
+                }
+                continue;
+            }
             let mut full: Vec<String> = match root.as_str() {
                 "crate" => Vec::new(),
                 "self" => here.clone(),
@@ -179,11 +250,7 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
                 full.pop();
             }
             full.extend(rest);
-            let target = (0..=full.len())
-                .rev()
-                .map(|n| full[..n].join("::"))
-                .find(|candidate| known.contains(candidate));
-            if let Some(target) = target
+            if let Some(target) = longest_known(&known, &full)
                 && target != *module
             {
                 targets.insert(target);
@@ -192,6 +259,14 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         edges.insert(module.clone(), targets);
     }
     edges
+}
+
+/// The longest prefix of `path` that is a module.
+fn longest_known(known: &BTreeSet<String>, path: &[String]) -> Option<String> {
+    (0..=path.len())
+        .rev()
+        .map(|n| path[..n].join("::"))
+        .find(|candidate| known.contains(candidate))
 }
 
 /// The strongly connected groups of more than one module (Tarjan).
@@ -276,6 +351,35 @@ fn the_reader_sees_use_lines_groups_and_child_paths() {
     assert!(found.contains(&("crate".into(), vec!["a".into(), "c".into(), "d".into()])));
     assert!(found.contains(&("vm".into(), vec!["Spec".into(), "new".into()])));
     assert!(!found.iter().any(|(_, s)| s.contains(&"ignored".to_owned())));
+}
+
+#[test]
+fn test_modules_go_but_other_test_items_stay() {
+    let text = "use crate::a;\n#[cfg(test)]\nfn helper() {}\nfn persist() { crate::b::x(); }\n#[cfg(test)]\nmod tests {\n    use crate::c;\n    fn t() { { } }\n}\nfn after() {}\n";
+    let kept = without_test_module(text);
+    assert!(
+        kept.contains("crate::b::x") && kept.contains("fn after"),
+        "{kept}"
+    );
+    assert!(!kept.contains("crate::c"), "{kept}");
+}
+
+#[test]
+fn a_path_through_an_imported_module_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path();
+    std::fs::create_dir_all(src.join("a/b")).unwrap();
+    std::fs::write(src.join("lib.rs"), "mod a;\n").unwrap();
+    std::fs::write(
+        src.join("a/mod.rs"),
+        "mod b;\nuse crate::a::b;\nfn f() { b::c::g(); }\n",
+    )
+    .unwrap();
+    std::fs::write(src.join("a/b/mod.rs"), "mod c;\n").unwrap();
+    std::fs::write(src.join("a/b/c.rs"), "fn g() { crate::a::f(); }\n").unwrap();
+    let edges = graph(src);
+    assert!(edges["a"].contains("a::b::c"), "{edges:?}");
+    assert_eq!(within(&edges, "a").len(), 1, "{edges:?}");
 }
 
 #[test]

@@ -17,6 +17,10 @@ pub const SESSION_TABLE: &str = "/run/meter/sessions.json";
 /// Where the agent records the ACPI VM generation id for the runtime.
 pub const VMGENID_FILE: &str = "/run/meter/vmgenid";
 
+/// The virtio serial of the read-only disk carrying a runtime given with `--runtime`; the
+/// guest's init looks for it only when the kernel command line says `vigil.runtime-disk=1`.
+pub const RUNTIME_DISK_SERIAL: &str = "vigil-runtime";
+
 /// One request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {

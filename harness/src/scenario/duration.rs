@@ -32,6 +32,10 @@ pub struct ClockSkew {
     millis: i64,
 }
 
+/// How every duration error's text begins (the parser hands it on as text; the diagnostic
+/// labels it by this).
+pub(crate) const ERROR_PREFIX: &str = "Invalid duration";
+
 /// Why a duration could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -194,12 +198,12 @@ where
     }
     fn visit_u64<E: de::Error>(self, number: u64) -> Result<T, E> {
         Err(E::custom(format!(
-            "Invalid duration `{number}`: a unit is missing; write e.g. {number}s or {number}m"
+            "{ERROR_PREFIX} `{number}`: a unit is missing; write e.g. {number}s or {number}m"
         )))
     }
     fn visit_i64<E: de::Error>(self, number: i64) -> Result<T, E> {
         Err(E::custom(format!(
-            "Invalid duration `{number}`: a unit is missing; write e.g. {number}s or {number}m"
+            "{ERROR_PREFIX} `{number}`: a unit is missing; write e.g. {number}s or {number}m"
         )))
     }
 }
@@ -290,6 +294,7 @@ mod tests {
     fn rejects_bad_durations(#[case] text: &str, #[case] problem: &str) {
         let error = text.parse::<Duration>().unwrap_err();
         assert_eq!(error.problem, problem, "{error}");
+        assert!(error.to_string().starts_with(ERROR_PREFIX), "{error}");
     }
 
     #[rstest]

@@ -117,7 +117,10 @@ impl Source {
         if at.offset != 0 || at.line <= 1 && at.column <= 1 {
             return at;
         }
-        let Some(line) = self.text.split_inclusive('\n').nth(at.line as usize - 1) else {
+        let Some(index) = (at.line as usize).checked_sub(1) else {
+            return at;
+        };
+        let Some(line) = self.text.split_inclusive('\n').nth(index) else {
             return at;
         };
         let line_start = line.as_ptr() as usize - self.text.as_ptr() as usize;

@@ -108,6 +108,9 @@ fn explain(error: &Error) -> (String, &'static str, Option<String>) {
                 None,
             )
         }
+        Error::Message { msg, .. } if msg.starts_with(super::duration::ERROR_PREFIX) => {
+            (default(), "not a duration", None)
+        }
         _ => (default(), "here", None),
     }
 }

@@ -290,6 +290,28 @@ impl<'a> Checker<'a> {
 
     fn declare_machines(&mut self, scenario: &Scenario) {
         let mut macs: HashMap<String, Position> = HashMap::new();
+        for (name, identity) in scenario
+            .hosts
+            .iter()
+            .map(|h| (&h.name, &h.identity))
+            .chain(scenario.guests.iter().map(|g| (&g.name, &g.identity)))
+        {
+            if identity
+                .disk_serials
+                .iter()
+                .any(|s| s == vigil_agent::protocol::RUNTIME_DISK_SERIAL)
+            {
+                self.report(
+                    name.at,
+                    format!(
+                        "`{name}` has the disk serial `{}`, which the harness keeps for the runtime disk of `--runtime`",
+                        vigil_agent::protocol::RUNTIME_DISK_SERIAL
+                    ),
+                    "reserved disk serial",
+                    Some("give the disk another serial".into()),
+                );
+            }
+        }
         for host in &scenario.hosts {
             self.declare_machine(&host.name, Kind::Host, host.role, None);
             self.check_macs(&host.identity.macs, &mut macs);

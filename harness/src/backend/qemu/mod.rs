@@ -1616,7 +1616,9 @@ impl Backend for QemuBackend {
 
     fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
         // Every path (sim socket, usbredir, USB/IP) reaches the same firmware.
-        self.fabric.dongles.with(dongle, |device| device.core().hang())
+        self.fabric
+            .dongles
+            .with(dongle, |device| device.core().hang())
     }
 
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {

@@ -7,7 +7,7 @@ use std::process::Command;
 use crate::backend::types::BackendError;
 
 /// The virtio-blk serial the guest's init looks for (`/sys/block/vd*/serial`).
-pub const SERIAL: &str = "vigil-runtime";
+pub use vigil_agent::protocol::RUNTIME_DISK_SERIAL as SERIAL;
 
 /// Builds `<work_dir>/runtime.ext4` from the regular files of `runtime_dir` (symbolic links
 /// followed; a file reached twice is stored once, hard-linked).

@@ -204,8 +204,13 @@ impl VmSpec {
                 "console=ttyS0 quiet panic=-1 mitigations=off i8042.noaux=1 i8042.nokbd=1 \
                  8250.nr_uarts=1 random.trust_cpu=on cryptomgr.notests \
                  initcall_blacklist=crypto_kdf108_init,init_kprobe_trace,load_system_certificate_list \
-                 vigil.name={}{}",
+                 vigil.name={}{}{}",
                 self.name,
+                if self.runtime_disk.is_some() {
+                    " vigil.runtime-disk=1"
+                } else {
+                    ""
+                },
                 // The guest runtime's log filter, for diagnosing a guest (`VIGIL_GUEST_LOG=debug`).
                 std::env::var("VIGIL_GUEST_LOG")
                     .ok()

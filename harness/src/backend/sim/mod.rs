@@ -1024,7 +1024,9 @@ impl Backend for SimBackend {
     }
 
     fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.fabric.dongles.with(dongle, |device| device.detach(None))
+        self.fabric
+            .dongles
+            .with(dongle, |device| device.detach(None))
     }
 
     fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
@@ -1042,7 +1044,9 @@ impl Backend for SimBackend {
     }
 
     fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.fabric.dongles.with(dongle, |device| device.core().hang())
+        self.fabric
+            .dongles
+            .with(dongle, |device| device.core().hang())
     }
 
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
