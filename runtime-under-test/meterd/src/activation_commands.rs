@@ -9,7 +9,7 @@ use meter_core::licence::SignedLicence;
 use serde_json::json;
 
 use crate::client::LocalClient;
-use crate::outcome::{EXIT_DENIED, EXIT_OK, Outcome};
+use crate::outcome::{EXIT_OK, Outcome, report_error};
 use crate::protocol::{LocalReply, LocalRequest};
 
 /// `meter activate request`: asks meterd for the sealed request and writes it to `out`.
@@ -47,23 +47,7 @@ pub async fn request_command(
             }
             Ok(Outcome { code: EXIT_OK })
         }
-        LocalReply::Error { message, reason } => {
-            if json_mode {
-                println!(
-                    "{}",
-                    json!({"error": message, "reason": reason.map(|r| r.code())})
-                );
-            } else {
-                eprintln!("meter: {message}");
-            }
-            Ok(Outcome {
-                code: if reason.is_some() {
-                    EXIT_DENIED
-                } else {
-                    crate::outcome::EXIT_UNREACHABLE
-                },
-            })
-        }
+        LocalReply::Error { message, reason } => Ok(report_error(json_mode, &message, reason)),
         other => anyhow::bail!("Unexpected reply {other:?}"),
     }
 }

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::client::LocalClient;
-use crate::outcome::{EXIT_DENIED, EXIT_OK, EXIT_UNREACHABLE, Outcome};
+use crate::outcome::{EXIT_DENIED, EXIT_OK, EXIT_UNREACHABLE, Outcome, report_error};
 use crate::protocol::{LocalReply, LocalRequest};
 use crate::vendor::VendorCommand;
 
@@ -133,29 +133,6 @@ fn granted_json(reply: &LocalReply) -> serde_json::Value {
     }
 }
 
-/// Prints an error reply and turns it into an exit code.
-fn print_error(
-    json_mode: bool,
-    message: &str,
-    reason: Option<meter_core::reason::Reason>,
-) -> Outcome {
-    if json_mode {
-        println!(
-            "{}",
-            json!({"error": message, "reason": reason.map(|r| r.code())})
-        );
-    } else {
-        eprintln!("meter: {message}");
-    }
-    Outcome {
-        code: if reason.is_some() {
-            EXIT_DENIED
-        } else {
-            EXIT_UNREACHABLE
-        },
-    }
-}
-
 /// Runs one `meter` command against the daemon at `socket`.
 pub async fn run(
     socket: PathBuf,
@@ -164,14 +141,7 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     match command {
         MeterCommand::Access(product) => {
-            let mut client = LocalClient::connect(&socket).await?;
-            let reply = client
-                .request(&LocalRequest::Access {
-                    firm: product.firm,
-                    product: product.product,
-                })
-                .await?;
-            print(json_mode, &granted_json(&reply), || human_grant(&reply));
+            let (mut client, reply) = ask_for(&socket, json_mode, &product).await?;
             match reply {
                 LocalReply::Granted { handle, .. } => {
                     client.request(&LocalRequest::Release { handle }).await?;
@@ -194,7 +164,7 @@ pub async fn run(
                     Ok(Outcome { code: EXIT_OK })
                 }
                 LocalReply::Error { message, reason } => {
-                    Ok(print_error(json_mode, &message, reason))
+                    Ok(report_error(json_mode, &message, reason))
                 }
                 other => anyhow::bail!("Unexpected reply {other:?}"),
             }
@@ -273,7 +243,7 @@ async fn json_command(
             }
             Ok(Outcome { code: EXIT_OK })
         }
-        LocalReply::Error { message, reason } => Ok(print_error(json_mode, &message, reason)),
+        LocalReply::Error { message, reason } => Ok(report_error(json_mode, &message, reason)),
         other => anyhow::bail!("Unexpected reply {other:?}"),
     }
 }
@@ -291,7 +261,7 @@ async fn ok_command(
         }
         LocalReply::Error { message, reason } => {
             // Admin refusals are the runtime saying no.
-            let outcome = print_error(json_mode, &message, reason);
+            let outcome = report_error(json_mode, &message, reason);
             Ok(Outcome {
                 code: if outcome.code == EXIT_UNREACHABLE {
                     EXIT_DENIED
@@ -304,7 +274,13 @@ async fn ok_command(
     }
 }
 
-async fn hold(socket: &Path, json_mode: bool, product: ProductArg) -> anyhow::Result<Outcome> {
+/// Asks the daemon for a licence of `product` and prints its answer; the connection stays open
+/// (a grant lives as long as it).
+async fn ask_for(
+    socket: &Path,
+    json_mode: bool,
+    product: &ProductArg,
+) -> anyhow::Result<(LocalClient, LocalReply)> {
     let mut client = LocalClient::connect(socket).await?;
     let reply = client
         .request(&LocalRequest::Access {
@@ -313,6 +289,11 @@ async fn hold(socket: &Path, json_mode: bool, product: ProductArg) -> anyhow::Re
         })
         .await?;
     print(json_mode, &granted_json(&reply), || human_grant(&reply));
+    Ok((client, reply))
+}
+
+async fn hold(socket: &Path, json_mode: bool, product: ProductArg) -> anyhow::Result<Outcome> {
+    let (mut client, reply) = ask_for(socket, json_mode, &product).await?;
     let handle = match reply {
         LocalReply::Granted { handle, .. } => handle,
         LocalReply::Denied { .. } => return Ok(Outcome { code: EXIT_DENIED }),

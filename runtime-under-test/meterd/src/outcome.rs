@@ -1,5 +1,7 @@
 //! How a `meter` command ends: its exit code (runtime contract: "Exit codes of `meter`").
 
+use serde_json::json;
+
 /// Exit code: done / granted.
 pub const EXIT_OK: i32 = 0;
 /// Exit code: the runtime said no.
@@ -17,3 +19,27 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
+
+/// Prints the runtime's error answer (JSON or a line on stderr) and the exit code it means: 1
+/// when the runtime said no (it gave a reason), 2 otherwise.
+pub fn report_error(
+    json_mode: bool,
+    message: &str,
+    reason: Option<meter_core::reason::Reason>,
+) -> Outcome {
+    if json_mode {
+        println!(
+            "{}",
+            json!({"error": message, "reason": reason.map(|r| r.code())})
+        );
+    } else {
+        eprintln!("meter: {message}");
+    }
+    Outcome {
+        code: if reason.is_some() {
+            EXIT_DENIED
+        } else {
+            EXIT_UNREACHABLE
+        },
+    }
+}

@@ -1,9 +1,10 @@
 //! What the machines of a world share, whichever driver runs them: the dongle rack, the network
-//! links between them, the world clock and one address allocator.
+//! links between them, the world clock, one address allocator and numbered machine folders.
 
 pub mod addresses;
 pub mod clock;
 pub mod dongles;
+pub mod folders;
 pub mod network;
 
 /// Handles to a world's shared parts; clones share them.
@@ -15,6 +16,8 @@ pub struct Fabric {
     pub clock: clock::WorldClock,
     /// The dongles.
     pub dongles: dongles::DongleRack,
+    /// Machine folders.
+    pub folders: folders::MachineFolders,
 }
 
 impl Fabric {
@@ -24,6 +27,7 @@ impl Fabric {
             addresses: addresses::Addresses::new(seed),
             clock: clock::WorldClock::default(),
             dongles: dongles::DongleRack::default(),
+            folders: folders::MachineFolders::default(),
         }
     }
 }

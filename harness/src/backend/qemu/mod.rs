@@ -134,8 +134,6 @@ pub struct QemuBackend {
     usbredir: BTreeMap<String, UsbredirServer>,
     /// usbredir plugs so far (each gets its own QEMU ids).
     usb_plugs: u32,
-    /// Guests created so far (each guest's folder is its number).
-    guests_made: usize,
     /// The disk carrying a runtime given by `--runtime` into every guest.
     runtime_disk: Option<PathBuf>,
     /// Dongles guests imported over USB/IP: dongle → its export and importer.
@@ -178,7 +176,6 @@ impl QemuBackend {
             timings: Timings::default(),
             usbredir: BTreeMap::new(),
             usb_plugs: 0,
-            guests_made: 0,
             runtime_disk,
             usbip: BTreeMap::new(),
         })
@@ -245,13 +242,10 @@ impl QemuBackend {
     ) -> Result<(), BackendError> {
         let cpu = self.host_cpu(host)?;
         BackendError::check_name("machine", name)?;
-        // Folders are numbered, not named, so socket paths do not grow with the names.
         let dir = self
-            .config
-            .work_dir
-            .join("guests")
-            .join(format!("{:02}", self.guests_made));
-        self.guests_made += 1;
+            .fabric
+            .folders
+            .next_under(&self.config.work_dir.join("guests"));
         std::fs::create_dir_all(&dir)
             .map_err(BackendError::io(format!("create {}", dir.display())))?;
         std::fs::create_dir_all(self.config.log_dir.join(name))

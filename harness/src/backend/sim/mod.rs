@@ -85,8 +85,6 @@ pub struct SimBackend {
     /// The world's shared clock and addresses (a dongle's clock moves with the world).
     fabric: Fabric,
     command_counter: u64,
-    /// Machines created so far (each machine's folder is its number).
-    machines_made: usize,
     /// Whether the run's app and session logs were folded into the report already.
     logs_gathered: bool,
 }
@@ -114,7 +112,6 @@ impl SimBackend {
             mint,
             fabric,
             command_counter: 0,
-            machines_made: 0,
             logs_gathered: false,
         })
     }
@@ -189,13 +186,10 @@ impl SimBackend {
         cpu: CpuProfile,
     ) -> Result<(), BackendError> {
         BackendError::check_name("machine", name)?;
-        // Folders are numbered, not named, so socket paths do not grow with the names.
         let dir = self
-            .config
-            .work_dir
-            .join("machines")
-            .join(format!("{:02}", self.machines_made));
-        self.machines_made += 1;
+            .fabric
+            .folders
+            .next_under(&self.config.work_dir.join("machines"));
         for sub in ["platform/usb", "disk/meter", "run"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path)
