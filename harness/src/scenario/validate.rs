@@ -290,31 +290,9 @@ impl<'a> Checker<'a> {
 
     fn declare_machines(&mut self, scenario: &Scenario) {
         let mut macs: HashMap<String, Position> = HashMap::new();
-        for (name, identity) in scenario
-            .hosts
-            .iter()
-            .map(|h| (&h.name, &h.identity))
-            .chain(scenario.guests.iter().map(|g| (&g.name, &g.identity)))
-        {
-            if identity
-                .disk_serials
-                .iter()
-                .any(|s| s == vigil_agent::protocol::RUNTIME_DISK_SERIAL)
-            {
-                self.report(
-                    name.at,
-                    format!(
-                        "`{name}` has the disk serial `{}`, which the harness keeps for the runtime disk of `--runtime`",
-                        vigil_agent::protocol::RUNTIME_DISK_SERIAL
-                    ),
-                    "reserved disk serial",
-                    Some("give the disk another serial".into()),
-                );
-            }
-        }
         for host in &scenario.hosts {
             self.declare_machine(&host.name, Kind::Host, host.role, None);
-            self.check_macs(&host.identity.macs, &mut macs);
+            self.check_identity(&host.name, &host.identity, &mut macs);
         }
         let hosts: Vec<String> = scenario
             .hosts
@@ -322,7 +300,7 @@ impl<'a> Checker<'a> {
             .map(|h| h.name.value.clone())
             .collect();
         for guest in &scenario.guests {
-            self.check_macs(&guest.identity.macs, &mut macs);
+            self.check_identity(&guest.name, &guest.identity, &mut macs);
             if !hosts.contains(&guest.host.value) {
                 let message = if self.machines.contains_key(&guest.host.value) {
                     format!("`{}` is a guest, not a host", guest.host)
@@ -344,6 +322,31 @@ impl<'a> Checker<'a> {
                     .entry(clone.to.value.clone())
                     .or_insert(clone.to.at);
             }
+        }
+    }
+
+    /// Checks a machine's given identity: MACs well formed and unique, no reserved disk serial.
+    fn check_identity(
+        &mut self,
+        machine: &Name,
+        identity: &super::model::Identity,
+        macs: &mut HashMap<String, Position>,
+    ) {
+        self.check_macs(&identity.macs, macs);
+        if identity
+            .disk_serials
+            .iter()
+            .any(|s| s == vigil_agent::protocol::RUNTIME_DISK_SERIAL)
+        {
+            self.report(
+                machine.at,
+                format!(
+                    "`{machine}` has the disk serial `{}`, which the harness keeps for the runtime disk of `--runtime`",
+                    vigil_agent::protocol::RUNTIME_DISK_SERIAL
+                ),
+                "reserved disk serial",
+                Some("give the disk another serial".into()),
+            );
         }
     }
 

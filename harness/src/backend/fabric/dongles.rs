@@ -177,6 +177,16 @@ impl DongleRack {
         self.with(name, |d| d.core())
     }
 
+    /// Hangs a dongle's firmware (every path to it reaches the same firmware).
+    pub fn hang(&self, name: &str) -> Result<(), BackendError> {
+        self.with(name, |d| d.core().hang())
+    }
+
+    /// The dongle's own view of itself.
+    pub fn status(&self, name: &str) -> Result<serde_json::Value, BackendError> {
+        self.with(name, |d| d.status())
+    }
+
     /// The simulated machines a dongle is plugged into.
     pub fn attached_to(&self, name: &str) -> Result<Vec<String>, BackendError> {
         self.with(name, |d| d.attached_to())

@@ -7,6 +7,8 @@ pub mod dongles;
 pub mod folders;
 pub mod network;
 
+use crate::backend::types::BackendError;
+
 /// Handles to a world's shared parts; clones share them.
 #[derive(Debug, Clone)]
 pub struct Fabric {
@@ -21,6 +23,12 @@ pub struct Fabric {
 }
 
 impl Fabric {
+    /// Powers on a dongle from its flash file, on the world clock, and puts it in the rack.
+    pub fn add_dongle(&self, name: &str, flash: &std::path::Path) -> Result<(), BackendError> {
+        BackendError::check_name("dongle", name)?;
+        self.dongles.add(name, flash, self.clock.cell())
+    }
+
     /// A fresh fabric for a world seeded `seed`.
     pub fn new(seed: u64) -> Self {
         Self {

@@ -380,12 +380,11 @@ impl QemuBackend {
         session: &str,
         spec: &SessionSpec,
     ) -> Result<(), BackendError> {
-        let kind = spec.clone();
         self.call(
             machine,
             Op::SessionOpen {
                 name: session.to_string(),
-                session: kind,
+                session: spec.clone(),
             },
             Duration::from_secs(10),
         )?;
@@ -787,11 +786,7 @@ impl QemuBackend {
 impl QemuBackend {
     /// Exports a dongle over USB/IP and has a running guest's kernel import it; ends every other
     /// attachment of the dongle first (a USB/IP export has one importer).
-    pub(super) fn usbip_attach_guest(
-        &mut self,
-        dongle: &str,
-        machine: &str,
-    ) -> Result<(), BackendError> {
+    fn usbip_attach_guest(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
         self.require(machine, "usbip-attach", &[Power::Running], "running")?;
         if let Some(import) = self.usbip.get(dongle)
             && import.machine == machine
@@ -849,7 +844,7 @@ impl QemuBackend {
 
     /// Detaches a dongle a guest imported over USB/IP (as `usbip detach` in the guest) and ends
     /// its export; false when no guest had it.
-    pub(super) fn end_usbip(&mut self, dongle: &str) -> Result<bool, BackendError> {
+    fn end_usbip(&mut self, dongle: &str) -> Result<bool, BackendError> {
         let Some(import) = self.usbip.remove(dongle) else {
             return Ok(false);
         };
@@ -874,7 +869,7 @@ impl QemuBackend {
 
     /// Cuts the USB/IP connection of a dongle a guest imported (a network fault) and waits until
     /// the guest's kernel has dropped the device; false when no guest had it.
-    pub(super) fn usbip_cut(&mut self, dongle: &str) -> Result<bool, BackendError> {
+    fn usbip_cut(&mut self, dongle: &str) -> Result<bool, BackendError> {
         let Some(import) = self.usbip.remove(dongle) else {
             return Ok(false);
         };
@@ -1535,10 +1530,7 @@ impl Backend for QemuBackend {
     }
 
     fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
-        BackendError::check_name("dongle", name)?;
-        self.fabric
-            .dongles
-            .add(name, flash, self.fabric.clock.cell())
+        self.fabric.add_dongle(name, flash)
     }
 
     fn usb_attach(
@@ -1610,13 +1602,11 @@ impl Backend for QemuBackend {
 
     fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
         // Every path (sim socket, usbredir, USB/IP) reaches the same firmware.
-        self.fabric
-            .dongles
-            .with(dongle, |device| device.core().hang())
+        self.fabric.dongles.hang(dongle)
     }
 
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
-        self.fabric.dongles.with(dongle, |device| device.status())
+        self.fabric.dongles.status(dongle)
     }
 
     fn put_file(

@@ -985,10 +985,7 @@ impl Backend for SimBackend {
     }
 
     fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
-        BackendError::check_name("dongle", name)?;
-        self.fabric
-            .dongles
-            .add(name, flash, self.fabric.clock.cell())
+        self.fabric.add_dongle(name, flash)
     }
 
     fn usb_attach(
@@ -1038,13 +1035,11 @@ impl Backend for SimBackend {
     }
 
     fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.fabric
-            .dongles
-            .with(dongle, |device| device.core().hang())
+        self.fabric.dongles.hang(dongle)
     }
 
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
-        self.fabric.dongles.with(dongle, |device| device.status())
+        self.fabric.dongles.status(dongle)
     }
 
     fn put_file(
