@@ -230,8 +230,7 @@ pub fn guards_of(loaded: &LoadedScenario) -> Vec<String> {
         .scenario
         .guards
         .iter()
-        .filter_map(|g| serde_json::to_value(g.value).ok())
-        .filter_map(|v| v.as_str().map(str::to_owned))
+        .map(|g| g.value.name().to_owned())
         .collect()
 }
 
