@@ -401,12 +401,11 @@ fn the_backends_have_no_import_circle() {
     assert_eq!(within(&edges, "backend"), Vec::<BTreeSet<String>>::new());
 }
 
-/// What a backend still imports of another, until the composite backend replaces the qemu
-/// backend's wrapped sim backend (issue 12, point 1). The list must shrink, never grow.
-const BACKEND_CROSSINGS: [(&str, &str); 1] = [("backend::qemu", "backend::sim")];
+/// Drivers meet only in the composite: none imports another.
+const BACKEND_CROSSINGS: [(&str, &str); 0] = [];
 
 #[test]
-fn no_backend_imports_another_beyond_the_known_crossings() {
+fn no_driver_imports_another() {
     let edges = graph(&crate_src("src"));
     let backends = ["backend::sim", "backend::qemu"];
     let mut crossings = BTreeSet::new();
@@ -436,7 +435,7 @@ fn no_backend_imports_another_beyond_the_known_crossings() {
         .collect();
     assert_eq!(
         seen, known,
-        "backend crossings changed: update BACKEND_CROSSINGS only to shrink it"
+        "a driver imports another; what spans machines belongs in backend::composite"
     );
 }
 

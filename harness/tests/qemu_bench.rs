@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use vigil::backend::qemu::QemuBackend;
+use vigil::backend::qemu::QemuDriver;
 use vigil::backend::{Backend, CloneIdentity, GuestSpec, HostSpec, Role, WorldConfig};
 use vigil::identity::{IdentityMint, cpu_profile};
 
@@ -51,7 +51,8 @@ fn qemu_timings() {
         seed: 7,
     };
     let started = Instant::now();
-    let mut backend = QemuBackend::new(config).expect("qemu backend");
+    let mut backend =
+        vigil::backend::assemble(vigil::backend::BackendKind::Qemu, config).expect("qemu backend");
     let mint = IdentityMint::new(7);
     for (name, vendor, model) in [
         ("host-a", "GenuineIntel", "Xeon Gold 6248"),
@@ -91,10 +92,14 @@ fn qemu_timings() {
     backend.shutdown("vm2").expect("shutdown the clone");
     backend.shutdown("vm1").expect("shutdown");
     backend.boot("vm1").expect("second boot");
-    let t = backend.timings().clone();
+    let t = backend
+        .driver_mut::<QemuDriver>()
+        .expect("qemu driver")
+        .timings()
+        .clone();
     backend.teardown().unwrap();
     let report = serde_json::json!({
-        "accelerator": backend.accelerator(),
+        "accelerator": backend.driver_mut::<QemuDriver>().expect("qemu driver").accelerator(),
         "describe": backend.describe(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),

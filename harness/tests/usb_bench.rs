@@ -53,7 +53,7 @@ fn usb_path_timings() {
 
     backend.teardown().unwrap();
     let report = serde_json::json!({
-        "accelerator": backend.accelerator(),
+        "accelerator": guest_usb::accelerator(&mut backend),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "round_trips_per_probe": ROUND_TRIPS,

@@ -51,7 +51,7 @@ fn the_dongle_attaches_to_a_guest_kernel_over_usbip() {
     println!(
         "USB/IP ({}): attach to enumerated {attach_ms} ms; session {} ms; round trip p50 {} ms, \
          p90 {} ms, max {} ms; {} round trips/s",
-        backend.accelerator(),
+        guest_usb::accelerator(&mut backend),
         report["session_ms"],
         report["rtt_p50_ms"],
         report["rtt_p90_ms"],

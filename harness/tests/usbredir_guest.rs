@@ -8,12 +8,12 @@
 mod guest_usb;
 
 use guest_usb::{assert_is_test_dongle, hidraw_uevent, prepare_probe, probe, skip_reason, world};
-use vigil::backend::qemu::QemuBackend;
+use vigil::backend::World;
 use vigil::backend::{Backend, UsbMode};
 
 const SERIAL: u64 = 4_711_001;
 
-fn guest_file(backend: &mut QemuBackend, guest: &str, path: &str) -> String {
+fn guest_file(backend: &mut World, guest: &str, path: &str) -> String {
     let bytes = backend
         .get_file(guest, path)
         .unwrap_or_else(|e| panic!("read {path} in {guest}: {e}"));

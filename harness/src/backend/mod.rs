@@ -3,6 +3,8 @@
 //! The engine only speaks to the [`Backend`] trait; it never knows which hypervisor (if any) is
 //! behind it.
 
+mod composite;
+pub mod driver;
 mod fabric;
 mod process;
 pub mod qemu;
@@ -10,15 +12,34 @@ mod runner;
 pub mod sim;
 pub mod types;
 
+pub use composite::World;
 pub use process::log_tail;
 pub use runner::Backend;
 pub use types::*;
 
 /// Creates a backend of the given kind for one world.
 pub fn create(kind: BackendKind, config: WorldConfig) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(assemble(kind, config)?))
+}
+
+/// The composite of drivers a backend kind is: `sim` runs every machine on the sim driver;
+/// `qemu` runs hosts on the sim driver and guests on the qemu driver, over one fabric.
+pub fn assemble(kind: BackendKind, config: WorldConfig) -> Result<World, BackendError> {
+    let fabric = fabric::Fabric::new(config.seed);
     match kind {
-        BackendKind::Sim => Ok(Box::new(sim::SimBackend::new(config)?)),
-        BackendKind::Qemu => Ok(Box::new(qemu::QemuBackend::new(config)?)),
+        BackendKind::Sim => {
+            let sim = sim::SimDriver::new(config.clone(), fabric.clone())?;
+            Ok(World::new(kind, config, fabric, vec![Box::new(sim)], 0))
+        }
+        BackendKind::Qemu => {
+            let guests = qemu::QemuDriver::new(config.clone(), fabric.clone())?;
+            let mut hosts_config = config.clone();
+            hosts_config.work_dir = config.work_dir.join("hosts");
+            let hosts = sim::SimDriver::new(hosts_config, fabric.clone())?;
+            let drivers: Vec<Box<dyn driver::MachineDriver>> =
+                vec![Box::new(hosts), Box::new(guests)];
+            Ok(World::new(kind, config, fabric, drivers, 1))
+        }
         other => Err(BackendError::Unsupported {
             backend: other,
             operation: "run scenarios",

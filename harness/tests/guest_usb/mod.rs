@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vigil::backend::qemu::QemuBackend;
+use vigil::backend::World;
+use vigil::backend::qemu::QemuDriver;
 use vigil::backend::{Backend, GuestSpec, HostSpec, Role, WorldConfig};
 use vigil::identity::{IdentityMint, cpu_profile};
 
@@ -32,7 +33,7 @@ pub fn vendor_key() -> dongle::SigningKey {
 }
 
 /// A qemu backend with host `host-a`, the given guests on it, and dongle `d1` with `serial`.
-pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> QemuBackend {
+pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> World {
     // SAFETY: set before any thread of this test reads the environment.
     unsafe { std::env::set_var("VIGIL_IMAGE_DIR", image_dir()) };
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_vigil"));
@@ -44,7 +45,8 @@ pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> QemuBac
         log_dir: scratch.join("logs"),
         seed,
     };
-    let mut backend = QemuBackend::new(config).expect("qemu backend");
+    let mut backend =
+        vigil::backend::assemble(vigil::backend::BackendKind::Qemu, config).expect("qemu backend");
     let mint = IdentityMint::new(seed);
     backend
         .add_host(&HostSpec {
@@ -72,7 +74,7 @@ pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> QemuBac
 }
 
 /// The guest's first hidraw device (`uevent`), waiting until it is there (or gone).
-pub fn hidraw_uevent(backend: &mut QemuBackend, guest: &str, present: bool) -> Option<String> {
+pub fn hidraw_uevent(backend: &mut World, guest: &str, present: bool) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = backend
@@ -95,10 +97,22 @@ pub fn assert_is_test_dongle(uevent: &str, serial: u64) {
     assert!(uevent.contains(&format!("HID_UNIQ={serial}")), "{uevent}");
 }
 
+/// The world's qemu driver (for programs run in a guest past the backend trait).
+pub fn guest_driver(backend: &mut World) -> &mut QemuDriver {
+    backend
+        .driver_mut::<QemuDriver>()
+        .expect("a qemu world has a qemu driver")
+}
+
+/// The accelerator the world's guests run with.
+pub fn accelerator(backend: &mut World) -> &'static str {
+    guest_driver(backend).accelerator()
+}
+
 /// Stops the guest's runtime and gives the guest the vendor's public key: the probe binds the
 /// dongle for real, so the runtime must not hold it too.
-pub fn prepare_probe(backend: &mut QemuBackend, guest: &str) {
-    let stopped = backend
+pub fn prepare_probe(backend: &mut World, guest: &str) {
+    let stopped = guest_driver(backend)
         .guest_exec(guest, &["/bin/killall", "meterd"], Duration::from_secs(10))
         .unwrap();
     assert_eq!(stopped.code, Some(0), "stop the guest runtime: {stopped:?}");
@@ -110,9 +124,9 @@ pub fn prepare_probe(backend: &mut QemuBackend, guest: &str) {
 }
 
 /// Runs `meter dongle probe` (a session, then `count` round trips) in the guest; its report.
-pub fn probe(backend: &mut QemuBackend, guest: &str, count: u32) -> serde_json::Value {
+pub fn probe(backend: &mut World, guest: &str, count: u32) -> serde_json::Value {
     let count = count.to_string();
-    let out = backend
+    let out = guest_driver(backend)
         .guest_exec(
             guest,
             &[

@@ -103,6 +103,85 @@ impl Relay {
     }
 }
 
+/// The world's relays, one per (client machine, server) pair.
+#[derive(Default)]
+pub struct Links(Vec<Relay>);
+
+impl Links {
+    /// Starts the relay from `client` (at `source_ip`) to `server` at `target` unless there is
+    /// one; true when it is new.
+    pub fn connect(
+        &mut self,
+        client: &str,
+        server: &str,
+        source_ip: Ipv4Addr,
+        target: SocketAddr,
+    ) -> Result<bool, BackendError> {
+        if self
+            .0
+            .iter()
+            .any(|r| r.client == client && r.server == server)
+        {
+            return Ok(false);
+        }
+        self.0
+            .push(Relay::start(client, server, source_ip, target)?);
+        Ok(true)
+    }
+
+    /// The relays a client machine reaches servers through.
+    pub fn of_client<'a>(&'a self, client: &'a str) -> impl Iterator<Item = &'a Relay> + 'a {
+        self.0.iter().filter(move |r| r.client == client)
+    }
+
+    /// Stops every relay to `server`.
+    pub fn drop_to(&mut self, server: &str) {
+        let relays = std::mem::take(&mut self.0);
+        let (gone, kept): (Vec<Relay>, Vec<Relay>) =
+            relays.into_iter().partition(|r| r.server == server);
+        self.0 = kept;
+        for relay in gone {
+            relay.stop();
+        }
+    }
+
+    /// Cuts every link between a machine of `a` and one of `b`.
+    pub fn partition(&self, a: &[String], b: &[String]) {
+        for relay in &self.0 {
+            let crosses = (a.contains(&relay.client) && b.contains(&relay.server))
+                || (b.contains(&relay.client) && a.contains(&relay.server));
+            if crosses {
+                relay.set_cut(true);
+            }
+        }
+    }
+
+    /// Restores the cut links touching `machines` (every link when empty).
+    pub fn heal(&self, machines: &[String]) {
+        for relay in &self.0 {
+            let touches = machines.is_empty()
+                || machines.contains(&relay.client)
+                || machines.contains(&relay.server);
+            if touches {
+                relay.set_cut(false);
+            }
+        }
+    }
+
+    /// Stops every relay.
+    pub fn stop_all(&mut self) {
+        for relay in self.0.drain(..) {
+            relay.stop();
+        }
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
 fn connect_from(source_ip: Ipv4Addr, target: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     socket.bind(&SocketAddr::from((source_ip, 0)).into())?;

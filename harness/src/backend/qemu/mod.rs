@@ -1,4 +1,4 @@
-//! The qemu backend: guests are real QEMU virtual machines; hosts are as on the sim backend.
+//! The qemu driver: guests are real QEMU virtual machines (hosts run on the sim driver).
 //!
 //! A guest is the image of `images/` (kernel + initramfs with `meter`, `meterd` and
 //! `vigil-agent`) booted on q35 with its own SMBIOS identity, MAC, disk serial, vmgenid and its
@@ -8,11 +8,9 @@
 //! `-loadvm` and a new vmgenid, as libvirt does; a clone copies the disk and boots cold with a new
 //! identity; a migration moves the running guest live into a second QEMU with the same CPU model.
 //!
-//! Physical hosts are simulated machines run by an inner [`SimBackend`] (a real `meterd` with a
-//! `sim:` platform on the harness machine). Guests reach host servers through QEMU user
-//! networking: the harness machine is 10.0.2.2 inside a guest, and each (guest, server) pair has
-//! its own relay that connects from the guest's own loopback address, so servers see one peer
-//! per guest.
+//! Guests reach servers through QEMU user networking: the harness machine is 10.0.2.2 inside a
+//! guest, where the composite's link for each (guest, server) pair listens and connects on from
+//! the guest's own loopback address, so servers see one peer per guest.
 
 pub mod agent;
 pub mod qmp;
@@ -31,13 +29,11 @@ use serde_json::json;
 use self::agent::{AgentError, Op, Outcome};
 use self::usbip::UsbipImport;
 use self::vm::{Environment, UsbRedirPlug, Vm, VmSpec, XHCI_USB2_PORTS};
+use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
 use super::fabric::Fabric;
-use super::fabric::network::Relay;
-use super::runner::Backend;
-use super::sim::SimBackend;
 use super::types::{
-    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile, GuestSpec,
-    HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
+    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
+    HardwareIdentity, Operation, Power, Role, ServerInfo, SessionSpec, WorldConfig, supports,
 };
 use crate::identity::IdentityMint;
 use crate::usb::usbip::UsbipServer;
@@ -69,21 +65,24 @@ struct Snapshot {
 
 struct Guest {
     name: String,
-    host: String,
     role: Role,
     identity: HardwareIdentity,
     /// The CPU the guest booted with (kept through a live migration).
     cpu: CpuProfile,
     vmgenid: String,
     dir: PathBuf,
-    ip: Ipv4Addr,
     power: Power,
     vm: Option<Vm>,
     /// Increments for every QEMU process, so each gets fresh sockets.
     incarnation: u32,
     sessions: BTreeSet<String>,
     snapshots: BTreeMap<String, Snapshot>,
-    skew_ms: i64,
+    /// How far its clock runs past real time.
+    clock_ms: i64,
+    /// The servers its runtime reaches (configured after every start).
+    servers: Vec<ServerLink>,
+    /// Apps started in the guest since it last started.
+    apps: BTreeSet<String>,
     /// Dongles passed through over usbredir: dongle → its device on the xhci controller.
     usb: BTreeMap<String, UsbRedirPlug>,
 }
@@ -111,23 +110,13 @@ pub struct Timings {
     pub migrate_downtime_ms: Vec<f64>,
 }
 
-struct GuestApp {
-    machine: String,
-}
-
-/// The qemu backend.
-pub struct QemuBackend {
+/// The qemu driver.
+pub struct QemuDriver {
     config: WorldConfig,
     env: Environment,
-    sim: SimBackend,
-    hosts: BTreeMap<String, CpuProfile>,
     guests: BTreeMap<String, Guest>,
-    apps: BTreeMap<String, GuestApp>,
-    /// Host servers the guests use: server machine → its address and pin.
-    servers: BTreeMap<String, ServerInfo>,
-    relays: Vec<Relay>,
     mint: IdentityMint,
-    /// The world clock and addresses, shared with the hosts' sim driver.
+    /// The world's shared parts (dongles, folders).
     fabric: Fabric,
     timings: Timings,
     /// One usbredir server per dongle passed through to guests.
@@ -147,14 +136,11 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-impl QemuBackend {
-    /// Creates an empty world; fails when QEMU or the guest image is missing.
-    pub fn new(config: WorldConfig) -> Result<QemuBackend, BackendError> {
+impl QemuDriver {
+    /// A driver with no guests yet, over the world's `fabric`; fails when QEMU or the guest
+    /// image is missing.
+    pub fn new(config: WorldConfig, fabric: Fabric) -> Result<QemuDriver, BackendError> {
         let env = Environment::detect()?;
-        let mut sim_config = config.clone();
-        sim_config.work_dir = config.work_dir.join("hosts");
-        let fabric = Fabric::new(config.seed);
-        let sim = SimBackend::with_fabric(sim_config, fabric.clone())?;
         std::fs::create_dir_all(config.work_dir.join("guests"))
             .map_err(BackendError::io("create the guests folder"))?;
         let runtime_disk = if config.builtin_runtime {
@@ -162,16 +148,11 @@ impl QemuBackend {
         } else {
             Some(runtime_disk::build(&config.runtime_bin, &config.work_dir)?)
         };
-        Ok(QemuBackend {
+        Ok(QemuDriver {
             mint: IdentityMint::new(config.seed ^ 0x9e37_79b9),
             config,
             env,
-            sim,
-            hosts: BTreeMap::new(),
             guests: BTreeMap::new(),
-            apps: BTreeMap::new(),
-            servers: BTreeMap::new(),
-            relays: Vec::new(),
             fabric,
             timings: Timings::default(),
             usbredir: BTreeMap::new(),
@@ -191,10 +172,6 @@ impl QemuBackend {
         self.env.accelerator
     }
 
-    fn is_guest(&self, machine: &str) -> bool {
-        self.guests.contains_key(machine)
-    }
-
     fn guest(&self, name: &str) -> Result<&Guest, BackendError> {
         self.guests.get(name).ok_or_else(|| BackendError::Unknown {
             kind: "machine",
@@ -211,36 +188,8 @@ impl QemuBackend {
             })
     }
 
-    fn host_cpu(&self, host: &str) -> Result<CpuProfile, BackendError> {
-        self.hosts
-            .get(host)
-            .cloned()
-            .ok_or_else(|| BackendError::Unknown {
-                kind: "host",
-                name: host.to_string(),
-            })
-    }
-
-    fn require(
-        &self,
-        machine: &str,
-        operation: &'static str,
-        allowed: &[Power],
-        needed: &'static str,
-    ) -> Result<(), BackendError> {
-        self.guest(machine)?
-            .power
-            .require(machine, operation, allowed, needed)
-    }
-
-    fn insert_guest(
-        &mut self,
-        name: &str,
-        host: &str,
-        role: Role,
-        identity: HardwareIdentity,
-    ) -> Result<(), BackendError> {
-        let cpu = self.host_cpu(host)?;
+    fn insert_guest(&mut self, spec: &MachineSpec) -> Result<(), BackendError> {
+        let name = spec.name.as_str();
         BackendError::check_name("machine", name)?;
         let dir = self
             .fabric
@@ -250,25 +199,24 @@ impl QemuBackend {
             .map_err(BackendError::io(format!("create {}", dir.display())))?;
         std::fs::create_dir_all(self.config.log_dir.join(name))
             .map_err(BackendError::io("create the guest's log folder"))?;
-        let ip = self.fabric.addresses.allocate()?;
         let vmgenid = self.mint.generation_id();
         self.guests.insert(
             name.to_string(),
             Guest {
                 name: name.to_string(),
-                host: host.to_string(),
-                role,
-                identity,
-                cpu,
+                role: spec.role,
+                identity: spec.identity.clone(),
+                cpu: spec.cpu.clone(),
                 vmgenid,
                 dir,
-                ip,
                 power: Power::Off,
                 vm: None,
                 incarnation: 0,
                 sessions: BTreeSet::new(),
                 snapshots: BTreeMap::new(),
-                skew_ms: 0,
+                clock_ms: 0,
+                servers: Vec::new(),
+                apps: BTreeSet::new(),
                 usb: BTreeMap::new(),
             },
         );
@@ -366,10 +314,7 @@ impl QemuBackend {
     }
 
     fn push_guest_clock(&mut self, machine: &str) -> Result<(), BackendError> {
-        let skew = self.guest(machine)?.skew_ms;
-        let epoch_ms = now_ms()
-            .saturating_add(self.fabric.clock.offset_ms())
-            .saturating_add(skew);
+        let epoch_ms = now_ms().saturating_add(self.guest(machine)?.clock_ms);
         self.call(machine, Op::SetClock { epoch_ms }, Duration::from_secs(5))?;
         Ok(())
     }
@@ -394,27 +339,32 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// Points a running guest's runtime at every host server (through its relays).
-    fn configure_servers(&mut self, machine: &str) -> Result<(), BackendError> {
-        let wanted: Vec<(String, String)> = self
-            .relays
-            .iter()
-            .filter(|r| r.client == machine)
-            .filter_map(|r| {
-                let pin = self.servers.get(&r.server)?.pin.clone();
-                Some((
-                    SocketAddr::from((HOST_FROM_GUEST, r.local.port())).to_string(),
-                    pin,
-                ))
-            })
-            .collect();
-        for (address, pin) in wanted {
+    /// Points a running guest's runtime at servers, through their links on the harness machine.
+    fn configure_servers(
+        &mut self,
+        machine: &str,
+        links: &[ServerLink],
+    ) -> Result<(), BackendError> {
+        for link in links {
+            let address = SocketAddr::from((HOST_FROM_GUEST, link.via.port())).to_string();
             self.meter_checked(
                 machine,
-                &["servers".into(), "add".into(), address, "--pin".into(), pin],
+                &[
+                    "servers".into(),
+                    "add".into(),
+                    address,
+                    "--pin".into(),
+                    link.pin.clone(),
+                ],
             )?;
         }
         Ok(())
+    }
+
+    /// Points a running guest's runtime at every server it should know.
+    fn configure_all_servers(&mut self, machine: &str) -> Result<(), BackendError> {
+        let links = self.guest(machine)?.servers.clone();
+        self.configure_servers(machine, &links)
     }
 
     fn meter_checked(&mut self, machine: &str, args: &[String]) -> Result<(), BackendError> {
@@ -437,40 +387,6 @@ impl QemuBackend {
         }
     }
 
-    fn add_relays(&mut self, server: &str) -> Result<(), BackendError> {
-        let info = self
-            .servers
-            .get(server)
-            .cloned()
-            .ok_or_else(|| BackendError::Runtime {
-                machine: server.into(),
-                message: "server has no address".into(),
-            })?;
-        let target: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
-            machine: server.into(),
-            message: format!("bad listen address {}", info.listen),
-        })?;
-        let guests: Vec<(String, Ipv4Addr, Power)> = self
-            .guests
-            .values()
-            .map(|g| (g.name.clone(), g.ip, g.power))
-            .collect();
-        for (guest, ip, power) in guests {
-            if self
-                .relays
-                .iter()
-                .any(|r| r.client == guest && r.server == server)
-            {
-                continue;
-            }
-            self.relays.push(Relay::start(&guest, server, ip, target)?);
-            if power == Power::Running {
-                self.configure_servers(&guest)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Stops a guest's QEMU at once (power cut), keeping its disk.
     fn power_cut(&mut self, machine: &str) -> Result<(), BackendError> {
         let g = self.guest_mut(machine)?;
@@ -479,7 +395,7 @@ impl QemuBackend {
         }
         g.power = Power::Off;
         g.sessions.clear();
-        self.apps.retain(|_, a| a.machine != machine);
+        g.apps.clear();
         self.end_usbip_imports_of(machine);
         Ok(())
     }
@@ -716,14 +632,8 @@ impl QemuBackend {
         }
         let mut restored = BTreeMap::new();
         for (dongle, plug) in usb {
+            // The composite took it from every other machine before the revert.
             if !self.guest(machine)?.usb.contains_key(&dongle) {
-                self.end_usbip(&dongle)?;
-                for other in self.guests_with_dongle(&dongle) {
-                    self.unplug_from_guest(&dongle, &other)?;
-                }
-                if !self.fabric.dongles.attached_to(&dongle)?.is_empty() {
-                    self.sim.usb_detach(&dongle)?;
-                }
                 self.fabric.dongles.core(&dongle)?.plugged();
             }
             let port = self.usbredir_port(&dongle)?;
@@ -777,30 +687,32 @@ impl QemuBackend {
         Ok(())
     }
 
-    fn app_machine(&self, app: &str) -> Option<String> {
-        self.apps.get(app).map(|a| a.machine.clone())
+    /// Checks that `app` was started in `machine` since it last started.
+    fn guest_app_known(&self, machine: &str, app: &str) -> Result<(), BackendError> {
+        if self.guest(machine)?.apps.contains(app) {
+            Ok(())
+        } else {
+            Err(BackendError::Unknown {
+                kind: "app",
+                name: app.into(),
+            })
+        }
     }
 }
 
 /// Dongles imported by guests over USB/IP.
-impl QemuBackend {
-    /// Exports a dongle over USB/IP and has a running guest's kernel import it; ends every other
-    /// attachment of the dongle first (a USB/IP export has one importer).
+impl QemuDriver {
+    /// Exports a dongle over USB/IP and has a running guest's kernel import it (the composite
+    /// took the dongle from every other machine: a USB/IP export has one importer).
     fn usbip_attach_guest(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
-        self.require(machine, "usbip-attach", &[Power::Running], "running")?;
         if let Some(import) = self.usbip.get(dongle)
             && import.machine == machine
             && import.server.is_imported()
         {
             return Ok(());
         }
+        // An import that died with an earlier boot of the guest ends first.
         self.end_usbip(dongle)?;
-        for guest in self.guests_with_dongle(dongle) {
-            self.unplug_from_guest(dongle, &guest)?;
-        }
-        if !self.fabric.dongles.attached_to(dongle)?.is_empty() {
-            self.sim.usb_detach(dongle)?;
-        }
         let started = Instant::now();
         let server = UsbipServer::start(self.fabric.dongles.core(dongle)?).map_err(|e| {
             BackendError::Runtime {
@@ -886,29 +798,9 @@ impl QemuBackend {
     }
 }
 
-impl Backend for QemuBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Qemu
-    }
-
+impl MachineDriver for QemuDriver {
     fn power(&self, machine: &str) -> Result<Power, BackendError> {
-        match self.guests.get(machine) {
-            Some(g) => Ok(g.power),
-            None => self.sim.power(machine),
-        }
-    }
-
-    fn host_of(&self, machine: &str) -> Result<String, BackendError> {
-        match self.guests.get(machine) {
-            Some(g) => Ok(g.host.clone()),
-            None => self.sim.host_of(machine),
-        }
-    }
-
-    fn machines(&self) -> Vec<String> {
-        let mut all = self.sim.machines();
-        all.extend(self.guests.keys().cloned());
-        all
+        Ok(self.guest(machine)?.power)
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -916,39 +808,26 @@ impl Backend for QemuBackend {
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
         json!({
-            "backend": "qemu",
             "accelerator": self.env.accelerator,
             "accelerator_reason": self.env.accelerator_reason,
             "qemu": self.env.qemu_version,
             "image": self.env.image_dir.display().to_string(),
             "image_manifest": manifest,
-            "hosts": self.sim.describe(),
         })
     }
 
-    fn add_host(&mut self, host: &HostSpec) -> Result<(), BackendError> {
-        self.hosts.insert(host.name.clone(), host.cpu.clone());
-        self.sim.add_host(host)
-    }
-
-    fn add_guest(&mut self, guest: &GuestSpec) -> Result<(), BackendError> {
-        self.insert_guest(&guest.name, &guest.host, guest.role, guest.identity.clone())?;
-        let disk = self.guest(&guest.name)?.disk();
+    fn add_machine(&mut self, spec: &MachineSpec) -> Result<(), BackendError> {
+        self.insert_guest(spec)?;
+        let disk = self.guest(&spec.name)?.disk();
         let template = self.env.image_dir.join("data.qcow2");
         std::fs::copy(&template, &disk)
             .map_err(BackendError::io(format!("copy {}", template.display())))?;
         Ok(())
     }
 
-    fn boot(&mut self, machine: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.boot(machine);
-        }
-        self.require(machine, "boot", &[Power::Off], "powered off")?;
+    fn boot(&mut self, machine: &str, cpu: &CpuProfile) -> Result<(), BackendError> {
         // A guest boots on its host's CPU model.
-        let host = self.guest(machine)?.host.clone();
-        let cpu = self.host_cpu(&host)?;
-        self.guest_mut(machine)?.cpu = cpu;
+        self.guest_mut(machine)?.cpu = cpu.clone();
         let started = self.launch(machine, None)?;
         self.finish_start(machine, started)?;
         self.wait_for_guest_dongles(machine)?;
@@ -962,19 +841,10 @@ impl Backend for QemuBackend {
                 user: "operator".into(),
             },
         )?;
-        self.configure_servers(machine)
+        self.configure_all_servers(machine)
     }
 
     fn shutdown(&mut self, machine: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.shutdown(machine);
-        }
-        self.require(
-            machine,
-            "shutdown",
-            &[Power::Running, Power::Paused],
-            "running",
-        )?;
         if self.guest(machine)?.power == Power::Paused {
             self.resume(machine)?;
         }
@@ -993,16 +863,12 @@ impl Backend for QemuBackend {
         }
         g.power = Power::Off;
         g.sessions.clear();
-        self.apps.retain(|_, a| a.machine != machine);
+        g.apps.clear();
         self.end_usbip_imports_of(machine);
         answer.map(drop)
     }
 
     fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.pause(machine);
-        }
-        self.require(machine, "pause", &[Power::Running], "running")?;
         let g = self.guest_mut(machine)?;
         let vm = g.vm.as_mut().expect("running guest has a VM");
         vm.monitor.stop().map_err(|e| vm.failure(&e.to_string()))?;
@@ -1011,10 +877,6 @@ impl Backend for QemuBackend {
     }
 
     fn resume(&mut self, machine: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.resume(machine);
-        }
-        self.require(machine, "resume", &[Power::Paused], "paused")?;
         let g = self.guest_mut(machine)?;
         let vm = g.vm.as_mut().expect("paused guest has a VM");
         vm.monitor.cont().map_err(|e| vm.failure(&e.to_string()))?;
@@ -1026,9 +888,6 @@ impl Backend for QemuBackend {
     }
 
     fn snapshot(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.snapshot(machine, name);
-        }
         BackendError::check_name("snapshot", name)?;
         let started = Instant::now();
         let g = self.guest_mut(machine)?;
@@ -1060,10 +919,15 @@ impl Backend for QemuBackend {
         Ok(())
     }
 
-    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.revert(machine, name);
-        }
+    fn snapshot_dongles(&self, machine: &str, name: &str) -> Result<Vec<String>, BackendError> {
+        let g = self.guest(machine)?;
+        Ok(match g.snapshots.get(name) {
+            Some(snap) if snap.live && g.power != Power::Off => snap.usb.keys().cloned().collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    fn revert(&mut self, machine: &str, name: &str, cpu: &CpuProfile) -> Result<(), BackendError> {
         let started = Instant::now();
         let (live, sessions, usb) =
             {
@@ -1089,12 +953,12 @@ impl Backend for QemuBackend {
             self.finish_start(machine, started_vm)?;
             self.wait_for_usbredir_reconnects(machine, configured)?;
             // The restored memory may lack the servers added since the snapshot.
-            self.configure_servers(machine)?;
+            self.configure_all_servers(machine)?;
         } else {
             let disk = self.guest(machine)?.disk();
             run_qemu_img(&["snapshot", "-a", name], &disk)?;
             if was_on {
-                self.boot(machine)?;
+                self.boot(machine, cpu)?;
             }
         }
         self.timings
@@ -1103,22 +967,22 @@ impl Backend for QemuBackend {
         Ok(())
     }
 
-    fn clone_guest(
+    fn clone_machine(
         &mut self,
         from: &str,
-        to: &str,
-        host: &str,
+        to: &MachineSpec,
         identity: CloneIdentity,
     ) -> Result<(), BackendError> {
         let started = Instant::now();
         let source = self.guest(from)?;
-        let role = source.role;
-        let new_identity = match identity {
-            CloneIdentity::Perfect => source.identity.clone(),
-            CloneIdentity::New => self.mint.guest_identity(to),
-        };
+        let mut spec = to.clone();
+        spec.role = source.role;
+        if identity == CloneIdentity::Perfect {
+            spec.identity = source.identity.clone();
+        }
         let source_disk = source.disk();
-        self.insert_guest(to, host, role, new_identity)?;
+        self.insert_guest(&spec)?;
+        let to = spec.name.as_str();
         let target_disk = self.guest(to)?.disk();
         // A running source is frozen and flushed (a temporary internal snapshot) so the copy
         // is crash-consistent, as a hypervisor's clone of a running VM is.
@@ -1152,20 +1016,10 @@ impl Backend for QemuBackend {
         self.timings
             .clone_ms
             .push(started.elapsed().as_secs_f64() * 1000.0);
-        // Relays for servers already running.
-        let servers: Vec<String> = self.servers.keys().cloned().collect();
-        for server in servers {
-            self.add_relays(&server)?;
-        }
         Ok(())
     }
 
-    fn migrate(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.migrate(machine, host);
-        }
-        self.require(machine, "migrate", &[Power::Running], "running")?;
-        self.host_cpu(host)?;
+    fn migrate(&mut self, machine: &str) -> Result<(), BackendError> {
         if let Some(dongle) = self.guest(machine)?.usb.keys().next() {
             return Err(BackendError::Unsupported {
                 backend: BackendKind::Qemu,
@@ -1244,7 +1098,6 @@ impl Backend for QemuBackend {
             std::thread::sleep(Duration::from_millis(10));
         }
         let old = g.vm.replace(destination);
-        g.host = host.to_string();
         if let Some(old) = old {
             old.stop();
         }
@@ -1254,25 +1107,10 @@ impl Backend for QemuBackend {
         self.timings
             .migrate_downtime_ms
             .push(progress.downtime_ms.unwrap_or_default() as f64);
-        self.push_guest_clock(machine)
-    }
-
-    fn move_guest(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.move_guest(machine, host);
-        }
-        self.host_cpu(host)?;
-        if self.guest(machine)?.power != Power::Off {
-            self.shutdown(machine)?;
-        }
-        self.guest_mut(machine)?.host = host.to_string();
         Ok(())
     }
 
-    fn replace_nic(&mut self, machine: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.replace_nic(machine);
-        }
+    fn replace_nic(&mut self, machine: &str, mac: String) -> Result<(), BackendError> {
         if self.guest(machine)?.power != Power::Off {
             return Err(BackendError::Unsupported {
                 backend: BackendKind::Qemu,
@@ -1281,7 +1119,6 @@ impl Backend for QemuBackend {
                     .into(),
             });
         }
-        let mac = self.mint.mac(&format!("{machine}-replacement"));
         let g = self.guest_mut(machine)?;
         if let Some(first) = g.identity.macs.first_mut() {
             *first = mac;
@@ -1297,18 +1134,10 @@ impl Backend for QemuBackend {
         session: &str,
         spec: &SessionSpec,
     ) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.open_session(machine, session, spec);
-        }
-        self.require(machine, "session-open", &[Power::Running], "running")?;
-        BackendError::check_name("session", session)?;
         self.open_guest_session(machine, session, spec)
     }
 
     fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.close_session(machine, session);
-        }
         if !self.guest(machine)?.sessions.contains(session) {
             return Err(BackendError::Unknown {
                 kind: "session",
@@ -1333,10 +1162,6 @@ impl Backend for QemuBackend {
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.run_meter(machine, session, args, timeout);
-        }
-        self.require(machine, "run meter", &[Power::Running], "running")?;
         let mut argv = vec!["/bin/meter".to_string()];
         argv.extend(args.iter().cloned());
         // The guest runs slower than the harness (TCG): give commands more room.
@@ -1358,10 +1183,6 @@ impl Backend for QemuBackend {
         app: &str,
         args: &[String],
     ) -> Result<(), BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.start_app(machine, session, app, args);
-        }
-        self.require(machine, "start-app", &[Power::Running], "running")?;
         BackendError::check_name("app", app)?;
         let mut argv = vec!["/bin/meter".to_string()];
         argv.extend(args.iter().cloned());
@@ -1375,30 +1196,21 @@ impl Backend for QemuBackend {
             },
             Duration::from_secs(20),
         )?;
-        self.apps.insert(
-            app.to_string(),
-            GuestApp {
-                machine: machine.to_string(),
-            },
-        );
+        self.guest_mut(machine)?.apps.insert(app.to_string());
         Ok(())
     }
 
-    fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError> {
-        let Some(machine) = self.app_machine(app) else {
-            return self.sim.app_output(app);
-        };
-        let Outcome::AppStatus { stdout, .. } = self.guest_app(&machine, app)? else {
+    fn app_output(&mut self, machine: &str, app: &str) -> Result<Vec<String>, BackendError> {
+        self.guest_app_known(machine, app)?;
+        let Outcome::AppStatus { stdout, .. } = self.guest_app(machine, app)? else {
             return Ok(Vec::new());
         };
         Ok(super::process::complete_lines(&stdout))
     }
 
-    fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {
-        let Some(machine) = self.app_machine(app) else {
-            return self.sim.app_status(app);
-        };
-        Ok(match self.guest_app(&machine, app)? {
+    fn app_status(&mut self, machine: &str, app: &str) -> Result<AppStatus, BackendError> {
+        self.guest_app_known(machine, app)?;
+        Ok(match self.guest_app(machine, app)? {
             Outcome::AppStatus {
                 exit: Some(exit), ..
             } => AppStatus::Exited {
@@ -1409,61 +1221,38 @@ impl Backend for QemuBackend {
         })
     }
 
-    fn terminate_app(&mut self, app: &str) -> Result<(), BackendError> {
-        let Some(machine) = self.app_machine(app) else {
-            return self.sim.terminate_app(app);
-        };
+    fn signal_app(&mut self, machine: &str, app: &str, signal: i32) -> Result<(), BackendError> {
+        self.guest_app_known(machine, app)?;
         self.call(
-            &machine,
+            machine,
             Op::AppSignal {
                 app: app.to_string(),
-                signal: libc::SIGTERM,
+                signal,
             },
             Duration::from_secs(10),
         )
         .map(drop)
     }
 
-    fn kill_app(&mut self, app: &str) -> Result<(), BackendError> {
-        let Some(machine) = self.app_machine(app) else {
-            return self.sim.kill_app(app);
-        };
-        self.call(
-            &machine,
-            Op::AppSignal {
-                app: app.to_string(),
-                signal: libc::SIGKILL,
-            },
-            Duration::from_secs(10),
-        )
-        .map(drop)
+    fn set_clock(&mut self, machine: &str, offset_ms: i64) -> Result<(), BackendError> {
+        let g = self.guest_mut(machine)?;
+        g.clock_ms = offset_ms;
+        if g.power == Power::Running {
+            self.push_guest_clock(machine)?;
+        }
+        Ok(())
     }
 
-    fn set_clock(
-        &mut self,
-        world_offset: i64,
-        skews: &[(String, i64)],
-    ) -> Result<(), BackendError> {
-        // The sim driver sets the shared clock for both.
-        let host_skews: Vec<(String, i64)> = skews
+    fn set_servers(&mut self, machine: &str, servers: &[ServerLink]) -> Result<(), BackendError> {
+        let g = self.guest_mut(machine)?;
+        let new: Vec<ServerLink> = servers
             .iter()
-            .filter(|(m, _)| !self.is_guest(m))
+            .filter(|s| !g.servers.contains(s))
             .cloned()
             .collect();
-        self.sim.set_clock(world_offset, &host_skews)?;
-        for (machine, skew) in skews {
-            if let Some(g) = self.guests.get_mut(machine) {
-                g.skew_ms = *skew;
-            }
-        }
-        let running: Vec<String> = self
-            .guests
-            .values()
-            .filter(|g| g.power == Power::Running)
-            .map(|g| g.name.clone())
-            .collect();
-        for machine in running {
-            self.push_guest_clock(&machine)?;
+        g.servers = servers.to_vec();
+        if g.power == Power::Running {
+            self.configure_servers(machine, &new)?;
         }
         Ok(())
     }
@@ -1471,142 +1260,64 @@ impl Backend for QemuBackend {
     fn start_server(
         &mut self,
         machine: &str,
-        port: u16,
-        keepalive: Duration,
+        _port: u16,
+        _keepalive: Duration,
     ) -> Result<ServerInfo, BackendError> {
-        if self.is_guest(machine) {
-            return Err(BackendError::Unsupported {
-                backend: BackendKind::Qemu,
-                operation: "server-start",
-                why: "a network server inside a guest is not supported yet".into(),
-            });
-        }
-        let info = self.sim.start_server(machine, port, keepalive)?;
-        self.servers.insert(machine.to_string(), info.clone());
-        self.add_relays(machine)?;
-        Ok(info)
+        self.guest(machine)?;
+        Err(BackendError::Unsupported {
+            backend: BackendKind::Qemu,
+            operation: "server-start",
+            why: supports(BackendKind::Qemu, Operation::ServerInGuest)
+                .err()
+                .unwrap_or_default(),
+        })
     }
 
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        if self.is_guest(machine) {
-            return Err(BackendError::Unsupported {
-                backend: BackendKind::Qemu,
-                operation: "server-stop",
-                why: "a network server inside a guest is not supported yet".into(),
-            });
-        }
-        self.servers.remove(machine);
-        let relays = std::mem::take(&mut self.relays);
-        let (gone, kept): (Vec<Relay>, Vec<Relay>) =
-            relays.into_iter().partition(|r| r.server == machine);
-        self.relays = kept;
-        for relay in gone {
-            relay.stop();
-        }
-        self.sim.stop_server(machine)
+        self.guest(machine)?;
+        Err(BackendError::Unsupported {
+            backend: BackendKind::Qemu,
+            operation: "server-stop",
+            why: supports(BackendKind::Qemu, Operation::ServerInGuest)
+                .err()
+                .unwrap_or_default(),
+        })
     }
 
-    fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError> {
-        for relay in &self.relays {
-            let crosses = (a.contains(&relay.client) && b.contains(&relay.server))
-                || (b.contains(&relay.client) && a.contains(&relay.server));
-            if crosses {
-                relay.set_cut(true);
-            }
-        }
-        self.sim.partition(a, b)
+    fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        self.plug_into_guest(dongle, machine)
     }
 
-    fn heal(&mut self, machines: &[String]) -> Result<(), BackendError> {
-        for relay in &self.relays {
-            let touches = machines.is_empty()
-                || machines.contains(&relay.client)
-                || machines.contains(&relay.server);
-            if touches {
-                relay.set_cut(false);
-            }
-        }
-        self.sim.heal(machines)
+    fn import_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        self.usbip_attach_guest(dongle, machine)
     }
 
-    fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
-        self.fabric.add_dongle(name, flash)
-    }
-
-    fn usb_attach(
+    fn unplug_dongle(
         &mut self,
         dongle: &str,
-        machines: &[String],
-        mode: UsbMode,
+        machine: &str,
+        how: Unplug,
     ) -> Result<(), BackendError> {
-        let (guests, hosts): (Vec<String>, Vec<String>) =
-            machines.iter().cloned().partition(|m| self.is_guest(m));
-        for guest in &guests {
-            self.guest(guest)?;
-        }
-        if mode == UsbMode::Exclusive {
-            // Passing a device through exclusively takes it away from wherever it was.
-            self.end_usbip(dongle)?;
-            for other in self.guests_with_dongle(dongle) {
-                if !guests.contains(&other) {
-                    self.unplug_from_guest(dongle, &other)?;
-                }
-            }
-            if hosts.is_empty() && !self.fabric.dongles.attached_to(dongle)?.is_empty() {
-                self.sim.usb_detach(dongle)?;
-            }
-        }
-        if !hosts.is_empty() {
-            self.sim.usb_attach(dongle, &hosts, mode)?;
-        }
-        for guest in guests {
-            self.plug_into_guest(dongle, &guest)?;
-        }
-        Ok(())
-    }
-
-    fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.end_usbip(dongle)?;
-        for guest in self.guests_with_dongle(dongle) {
-            self.unplug_from_guest(dongle, &guest)?;
-        }
-        // The sim resets the dongle's bus once nothing holds it.
-        self.sim.usb_detach(dongle)
-    }
-
-    fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
-        if self.is_guest(machine) {
-            return self.usbip_attach_guest(dongle, machine);
-        }
-        // A USB/IP export has one importer: the dongle leaves every guest.
-        self.end_usbip(dongle)?;
-        for guest in self.guests_with_dongle(dongle) {
-            self.unplug_from_guest(dongle, &guest)?;
-        }
-        self.sim.usbip_attach(dongle, machine)
-    }
-
-    fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
-        if self.end_usbip(dongle)? {
+        if self.usbip.get(dongle).is_some_and(|i| i.machine == machine) {
+            match how {
+                Unplug::Clean => self.end_usbip(dongle)?,
+                Unplug::Cut => self.usbip_cut(dongle)?,
+            };
             return Ok(());
         }
-        self.sim.usbip_detach(dongle)
+        self.unplug_from_guest(dongle, machine)
     }
 
-    fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError> {
-        if self.usbip_cut(dongle)? {
-            return Ok(());
+    fn dongle_holders(&self, dongle: &str) -> Vec<(String, DongleLink)> {
+        let mut holders: Vec<(String, DongleLink)> = self
+            .guests_with_dongle(dongle)
+            .into_iter()
+            .map(|g| (g, DongleLink::Usb))
+            .collect();
+        if let Some(import) = self.usbip.get(dongle) {
+            holders.push((import.machine.clone(), DongleLink::Usbip));
         }
-        self.sim.usbip_disconnect(dongle)
-    }
-
-    fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
-        // Every path (sim socket, usbredir, USB/IP) reaches the same firmware.
-        self.fabric.dongles.hang(dongle)
-    }
-
-    fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
-        self.fabric.dongles.status(dongle)
+        holders
     }
 
     fn put_file(
@@ -1615,9 +1326,6 @@ impl Backend for QemuBackend {
         name: &str,
         contents: &[u8],
     ) -> Result<String, BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.put_file(machine, name, contents);
-        }
         BackendError::check_name("file", name)?;
         let path = format!("{GUEST_HOME}/{name}");
         self.call(
@@ -1632,9 +1340,6 @@ impl Backend for QemuBackend {
     }
 
     fn get_file(&mut self, machine: &str, path: &str) -> Result<Vec<u8>, BackendError> {
-        if !self.is_guest(machine) {
-            return self.sim.get_file(machine, path);
-        }
         match self.call(
             machine,
             Op::ReadFile {
@@ -1663,24 +1368,21 @@ impl Backend for QemuBackend {
                 self.power_cut(&name)?;
             }
         }
-        for relay in self.relays.drain(..) {
-            relay.stop();
-        }
         let timings = serde_json::to_vec_pretty(&json!({
             "accelerator": self.env.accelerator,
             "timings": self.timings,
         }))
         .unwrap_or_default();
         let _ = std::fs::write(self.config.log_dir.join("qemu-timings.json"), timings);
-        self.sim.teardown()
+        Ok(())
     }
 
-    fn log_dir(&self) -> PathBuf {
-        self.config.log_dir.clone()
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 
-impl Drop for QemuBackend {
+impl Drop for QemuDriver {
     fn drop(&mut self) {
         for g in self.guests.values_mut() {
             if let Some(vm) = g.vm.take() {

@@ -1,15 +1,16 @@
-//! The sim backend: machines as folders with a simulated OS view, real runtime processes.
+//! The sim driver: machines as folders with a simulated OS view, real runtime processes.
 //!
-//! Each machine is `<run>/machines/<name>/` with `platform/` (what the runtime's `sim:` platform
-//! reads: identity, vmgenid, clock, session table, USB), `disk/` (the runtime's durable state, the
-//! part snapshots and clones copy) and `run/` (sockets). Its runtime is a real `meterd`; apps are
-//! real processes inside real sessions (see [`crate::session_leader`]). Every process dies with
-//! the harness (process groups plus a parent-death signal), Ctrl-C included.
+//! Each machine is a numbered folder under `<run>/machines/` with `platform/` (what the
+//! runtime's `sim:` platform reads: identity, vmgenid, clock, session table, USB), `disk/` (the
+//! runtime's durable state, the part snapshots and clones copy) and `run/` (sockets). Its
+//! runtime is a real `meterd`; apps are real processes inside real sessions (see
+//! [`crate::session_leader`]). Every process dies with the harness (process groups plus a
+//! parent-death signal), Ctrl-C included.
 
 pub mod session;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,28 +18,25 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use self::session::LeaderHandle;
+use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
 use super::fabric::Fabric;
-use super::fabric::network::Relay;
-use super::runner::Backend;
 use super::types::{
-    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile, GuestSpec,
-    HardwareIdentity, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode,
+    AppStatus, BackendError, CloneIdentity, CommandOutput, CpuProfile, HardwareIdentity, Power,
+    Role, ServerInfo, SessionSpec,
 };
 use crate::identity::IdentityMint;
 
-/// Where the sim backend finds its programs and puts its files.
+/// Where the sim driver finds its programs and puts its files.
 pub type SimConfig = super::types::WorldConfig;
 
 struct ServerConf {
     port: u16,
     keepalive: Duration,
-    info: Option<ServerInfo>,
 }
 
 struct Machine {
     name: String,
     guest: bool,
-    host: Option<String>,
     role: Role,
     identity: HardwareIdentity,
     /// The CPU as this machine sees it now (a guest keeps its CPU through a live migration).
@@ -51,8 +49,13 @@ struct Machine {
     sessions: BTreeMap<String, LeaderHandle>,
     session_table: vigil_agent::sessions::SessionTable,
     server: Option<ServerConf>,
+    /// The servers its runtime reaches (given at every start, added to a running runtime).
+    servers: Vec<ServerLink>,
     snapshots: BTreeMap<String, (PathBuf, bool)>,
-    skew_ms: i64,
+    /// How far its clock runs past real time.
+    clock_ms: i64,
+    /// Dongles it holds and how they reached it.
+    dongles: BTreeMap<String, DongleLink>,
 }
 
 impl Machine {
@@ -65,6 +68,9 @@ impl Machine {
     fn socket(&self) -> PathBuf {
         self.dir.join("run").join("meterd.sock")
     }
+    fn usb_dir(&self) -> PathBuf {
+        self.platform().join("usb")
+    }
 }
 
 struct App {
@@ -74,41 +80,31 @@ struct App {
     stdout: PathBuf,
 }
 
-/// The simulation backend.
-pub struct SimBackend {
+/// The simulation driver: hosts, and guests too on the sim backend.
+pub struct SimDriver {
     config: SimConfig,
-    hosts: BTreeMap<String, HostSpec>,
     machines: BTreeMap<String, Machine>,
     apps: BTreeMap<String, App>,
-    relays: Vec<Relay>,
     mint: IdentityMint,
-    /// The world's shared clock and addresses (a dongle's clock moves with the world).
+    /// The world's shared parts (dongles, folders).
     fabric: Fabric,
     command_counter: u64,
     /// Whether the run's app and session logs were folded into the report already.
     logs_gathered: bool,
 }
 
-impl SimBackend {
-    /// Creates an empty world with a fabric of its own.
-    pub fn new(config: SimConfig) -> Result<SimBackend, BackendError> {
-        let fabric = Fabric::new(config.seed);
-        Self::with_fabric(config, fabric)
-    }
-
-    /// Creates an empty world whose machines share `fabric` with another driver's.
-    pub fn with_fabric(config: SimConfig, fabric: Fabric) -> Result<SimBackend, BackendError> {
+impl SimDriver {
+    /// A driver with no machines yet, over the world's `fabric`.
+    pub fn new(config: SimConfig, fabric: Fabric) -> Result<SimDriver, BackendError> {
         for dir in [&config.work_dir, &config.log_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(BackendError::io(format!("create {}", dir.display())))?;
         }
         let mint = IdentityMint::new(config.seed);
-        Ok(SimBackend {
+        Ok(SimDriver {
             config,
-            hosts: BTreeMap::new(),
             machines: BTreeMap::new(),
             apps: BTreeMap::new(),
-            relays: Vec::new(),
             mint,
             fabric,
             command_counter: 0,
@@ -134,25 +130,6 @@ impl SimBackend {
             })
     }
 
-    fn host(&self, name: &str) -> Result<&HostSpec, BackendError> {
-        self.hosts.get(name).ok_or_else(|| BackendError::Unknown {
-            kind: "host",
-            name: name.to_string(),
-        })
-    }
-
-    fn require(
-        &self,
-        machine: &str,
-        operation: &'static str,
-        allowed: &[Power],
-        needed: &'static str,
-    ) -> Result<(), BackendError> {
-        self.machine(machine)?
-            .power
-            .require(machine, operation, allowed, needed)
-    }
-
     /// Where a machine's app outputs and session logs are written while the world runs (the
     /// scratch folder, beside but outside the machine's disk, so clones do not copy them);
     /// [`Self::gather_logs`] folds them into the report.
@@ -176,16 +153,8 @@ impl SimBackend {
         }
     }
 
-    fn insert_machine(
-        &mut self,
-        name: &str,
-        guest: bool,
-        host: Option<String>,
-        role: Role,
-        identity: HardwareIdentity,
-        cpu: CpuProfile,
-    ) -> Result<(), BackendError> {
-        BackendError::check_name("machine", name)?;
+    fn insert_machine(&mut self, spec: &MachineSpec) -> Result<(), BackendError> {
+        BackendError::check_name("machine", &spec.name)?;
         let dir = self
             .fabric
             .folders
@@ -196,24 +165,22 @@ impl SimBackend {
                 .map_err(BackendError::io(format!("create {}", path.display())))?;
         }
         for path in [
-            self.config.log_dir.join(name),
-            self.run_logs(name).join("apps"),
+            self.config.log_dir.join(&spec.name),
+            self.run_logs(&spec.name).join("apps"),
         ] {
             std::fs::create_dir_all(&path)
                 .map_err(BackendError::io(format!("create {}", path.display())))?;
         }
-        let ip = self.fabric.addresses.allocate()?;
         let vmgenid = self.mint.generation_id();
         self.machines.insert(
-            name.to_string(),
+            spec.name.clone(),
             Machine {
-                name: name.to_string(),
-                guest,
-                host,
-                role,
-                identity,
-                cpu,
-                ip,
+                name: spec.name.clone(),
+                guest: spec.guest,
+                role: spec.role,
+                identity: spec.identity.clone(),
+                cpu: spec.cpu.clone(),
+                ip: spec.ip,
                 vmgenid,
                 dir,
                 power: Power::Off,
@@ -221,8 +188,10 @@ impl SimBackend {
                 sessions: BTreeMap::new(),
                 session_table: Default::default(),
                 server: None,
+                servers: Vec::new(),
                 snapshots: BTreeMap::new(),
-                skew_ms: 0,
+                clock_ms: 0,
+                dongles: BTreeMap::new(),
             },
         );
         Ok(())
@@ -260,12 +229,7 @@ impl SimBackend {
         if m.guest {
             write_atomic(&platform.join("vmgenid"), m.vmgenid.as_bytes())?;
         }
-        write_atomic(
-            &platform.join("clock"),
-            (self.fabric.clock.offset_ms().saturating_add(m.skew_ms))
-                .to_string()
-                .as_bytes(),
-        )?;
+        write_atomic(&platform.join("clock"), m.clock_ms.to_string().as_bytes())?;
         self.write_sessions(machine)
     }
 
@@ -277,29 +241,7 @@ impl SimBackend {
             .map_err(BackendError::io(format!("write {}", path.display())))
     }
 
-    fn relay_args(&self, machine: &str) -> Vec<String> {
-        let mut args = Vec::new();
-        for relay in self.relays.iter().filter(|r| r.client == machine) {
-            let pin = self
-                .machines
-                .get(&relay.server)
-                .and_then(|s| s.server.as_ref())
-                .and_then(|c| c.info.as_ref())
-                .map(|i| i.pin.clone());
-            if let Some(pin) = pin {
-                args.extend([
-                    "--remote".to_string(),
-                    relay.local.to_string(),
-                    "--pin".into(),
-                    pin,
-                ]);
-            }
-        }
-        args
-    }
-
     fn start_daemon(&mut self, machine: &str) -> Result<(), BackendError> {
-        let remote_args = self.relay_args(machine);
         let m = self.machine(machine)?;
         let ready = m.state().join("meterd.ready");
         let _ = std::fs::remove_file(&ready);
@@ -327,8 +269,14 @@ impl SimBackend {
                 .arg("--keepalive")
                 .arg(format!("{}", server.keepalive.as_secs_f64()));
         }
+        for link in &m.servers {
+            command
+                .arg("--remote")
+                .arg(link.via.to_string())
+                .arg("--pin")
+                .arg(&link.pin);
+        }
         command
-            .args(&remote_args)
             .env(
                 "METER_LOG",
                 std::env::var("VIGIL_RUNTIME_LOG").unwrap_or_else(|_| "info".into()),
@@ -426,12 +374,9 @@ impl SimBackend {
         Ok(())
     }
 
-    fn boot_inner(&mut self, machine: &str) -> Result<(), BackendError> {
+    fn boot_inner(&mut self, machine: &str, cpu: &CpuProfile) -> Result<(), BackendError> {
         // A guest boots on its host's CPU model.
-        if let Some(host) = self.machine(machine)?.host.clone() {
-            let cpu = self.host(&host)?.cpu.clone();
-            self.machine_mut(machine)?.cpu = cpu;
-        }
+        self.machine_mut(machine)?.cpu = cpu.clone();
         self.write_platform(machine)?;
         // Every boot is a new boot: no process of an earlier one survives it.
         let boot_id = self.mint.generation_id();
@@ -461,53 +406,6 @@ impl SimBackend {
             self.signal_machine(machine, libc::SIGCONT)?;
         }
         result
-    }
-
-    fn add_relays_for_server(&mut self, server: &str) -> Result<(), BackendError> {
-        let info = self
-            .machine(server)?
-            .server
-            .as_ref()
-            .and_then(|c| c.info.clone())
-            .ok_or_else(|| BackendError::Runtime {
-                machine: server.into(),
-                message: "server has no address".into(),
-            })?;
-        let target: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
-            machine: server.into(),
-            message: format!("bad listen address {}", info.listen),
-        })?;
-        let clients: Vec<(String, Ipv4Addr, Power)> = self
-            .machines
-            .values()
-            .filter(|m| m.name != server)
-            .map(|m| (m.name.clone(), m.ip, m.power))
-            .collect();
-        for (client, ip, power) in clients {
-            if self
-                .relays
-                .iter()
-                .any(|r| r.client == client && r.server == server)
-            {
-                continue;
-            }
-            let relay = Relay::start(&client, server, ip, target)?;
-            let local = relay.local.to_string();
-            self.relays.push(relay);
-            if power == Power::Running {
-                self.run_meter_checked(
-                    &client,
-                    &[
-                        "servers".into(),
-                        "add".into(),
-                        local,
-                        "--pin".into(),
-                        info.pin.clone(),
-                    ],
-                )?;
-            }
-        }
-        Ok(())
     }
 
     fn run_meter_checked(&mut self, machine: &str, args: &[String]) -> Result<(), BackendError> {
@@ -552,109 +450,69 @@ impl SimBackend {
         Ok((leader, pid))
     }
 
-    fn drop_relays_to(&mut self, server: &str) {
-        let relays = std::mem::take(&mut self.relays);
-        let (gone, kept): (Vec<Relay>, Vec<Relay>) =
-            relays.into_iter().partition(|r| r.server == server);
-        self.relays = kept;
-        for relay in gone {
-            relay.stop();
-        }
+    /// Connects a dongle to a machine's simulated USB bus.
+    fn attach(
+        &mut self,
+        dongle: &str,
+        machine: &str,
+        link: DongleLink,
+    ) -> Result<(), BackendError> {
+        let dir = self.machine(machine)?.usb_dir();
+        self.fabric
+            .dongles
+            .with(dongle, |device| device.attach(machine, &dir))??;
+        self.machine_mut(machine)?
+            .dongles
+            .insert(dongle.to_string(), link);
+        Ok(())
     }
 
-    fn usb_dir(&self, machine: &str) -> Result<PathBuf, BackendError> {
-        Ok(self.machine(machine)?.platform().join("usb"))
-    }
-
-    fn app(&self, app: &str) -> Result<&App, BackendError> {
-        self.apps.get(app).ok_or_else(|| BackendError::Unknown {
-            kind: "app",
-            name: app.into(),
-        })
+    fn app(&self, machine: &str, app: &str) -> Result<&App, BackendError> {
+        self.apps
+            .get(app)
+            .filter(|a| a.machine == machine)
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "app",
+                name: app.into(),
+            })
     }
 }
 
-impl Backend for SimBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Sim
+impl MachineDriver for SimDriver {
+    fn describe(&self) -> serde_json::Value {
+        json!({})
     }
 
     fn power(&self, machine: &str) -> Result<Power, BackendError> {
         Ok(self.machine(machine)?.power)
     }
 
-    fn host_of(&self, machine: &str) -> Result<String, BackendError> {
-        let m = self.machine(machine)?;
-        Ok(m.host.clone().unwrap_or_else(|| m.name.clone()))
+    fn add_machine(&mut self, spec: &MachineSpec) -> Result<(), BackendError> {
+        self.insert_machine(spec)
     }
 
-    fn machines(&self) -> Vec<String> {
-        self.machines.keys().cloned().collect()
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        json!({
-            "backend": "sim",
-            "runtime": self.config.runtime_bin.display().to_string(),
-            "addresses": self.fabric.addresses.network(),
-        })
-    }
-
-    fn add_host(&mut self, host: &HostSpec) -> Result<(), BackendError> {
-        self.hosts.insert(host.name.clone(), host.clone());
-        self.insert_machine(
-            &host.name,
-            false,
-            None,
-            host.role,
-            host.identity.clone(),
-            host.cpu.clone(),
-        )
-    }
-
-    fn add_guest(&mut self, guest: &GuestSpec) -> Result<(), BackendError> {
-        let cpu = self.host(&guest.host)?.cpu.clone();
-        self.insert_machine(
-            &guest.name,
-            true,
-            Some(guest.host.clone()),
-            guest.role,
-            guest.identity.clone(),
-            cpu,
-        )
-    }
-
-    fn boot(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.require(machine, "boot", &[Power::Off], "powered off")?;
-        self.boot_inner(machine)
+    fn boot(&mut self, machine: &str, cpu: &CpuProfile) -> Result<(), BackendError> {
+        self.boot_inner(machine, cpu)
     }
 
     fn shutdown(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.require(
-            machine,
-            "shutdown",
-            &[Power::Running, Power::Paused],
-            "running",
-        )?;
         self.signal_machine(machine, libc::SIGCONT)?;
         self.close_all_sessions(machine)?;
         self.stop_daemon(machine, true)?;
-        self.machine_mut(machine)?.power = Power::Off;
+        let m = self.machine_mut(machine)?;
+        m.power = Power::Off;
         // A machine that is off serves nobody: its server ends with it.
-        self.machine_mut(machine)?.server = None;
-        self.drop_relays_to(machine);
+        m.server = None;
         Ok(())
     }
 
     fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.require(machine, "pause", &[Power::Running], "running")?;
         self.signal_machine(machine, libc::SIGSTOP)?;
         self.machine_mut(machine)?.power = Power::Paused;
         Ok(())
     }
 
     fn resume(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.require(machine, "resume", &[Power::Paused], "paused")?;
         self.signal_machine(machine, libc::SIGCONT)?;
         self.machine_mut(machine)?.power = Power::Running;
         Ok(())
@@ -672,7 +530,7 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+    fn revert(&mut self, machine: &str, name: &str, cpu: &CpuProfile) -> Result<(), BackendError> {
         let (source, was_running) = self
             .machine(machine)?
             .snapshots
@@ -693,27 +551,25 @@ impl Backend for SimBackend {
         self.apps.retain(|_, app| app.machine != machine);
         // The guest comes back in the power state it had when the snapshot was taken.
         if was_running {
-            self.boot_inner(machine)?;
+            self.boot_inner(machine, cpu)?;
         }
         Ok(())
     }
 
-    fn clone_guest(
+    fn clone_machine(
         &mut self,
         from: &str,
-        to: &str,
-        host: &str,
+        to: &MachineSpec,
         identity: CloneIdentity,
     ) -> Result<(), BackendError> {
         let source = self.machine(from)?;
-        let role = source.role;
-        let new_identity = match identity {
-            CloneIdentity::Perfect => source.identity.clone(),
-            CloneIdentity::New => self.mint.guest_identity(to),
-        };
-        let cpu = self.host(host)?.cpu.clone();
-        self.insert_machine(to, true, Some(host.to_string()), role, new_identity, cpu)?;
-        let target_disk = self.machine(to)?.dir.join("disk");
+        let mut spec = to.clone();
+        spec.role = source.role;
+        if identity == CloneIdentity::Perfect {
+            spec.identity = source.identity.clone();
+        }
+        self.insert_machine(&spec)?;
+        let target_disk = self.machine(&spec.name)?.dir.join("disk");
         std::fs::remove_dir_all(&target_disk).map_err(BackendError::io("prepare the clone"))?;
         self.copy_disk(from, &target_disk)?;
         // Pidfiles and sockets of the source are not part of a clean clone.
@@ -721,25 +577,12 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn migrate(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
-        self.require(machine, "migrate", &[Power::Running], "running")?;
-        self.host(host)?;
+    fn migrate(&mut self, machine: &str) -> Result<(), BackendError> {
         // Live migration keeps the guest running with the hardware it booted with.
-        self.machine_mut(machine)?.host = Some(host.to_string());
-        Ok(())
+        self.machine(machine).map(drop)
     }
 
-    fn move_guest(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
-        self.host(host)?;
-        if self.machine(machine)?.power != Power::Off {
-            self.shutdown(machine)?;
-        }
-        self.machine_mut(machine)?.host = Some(host.to_string());
-        Ok(())
-    }
-
-    fn replace_nic(&mut self, machine: &str) -> Result<(), BackendError> {
-        let mac = self.mint.mac(&format!("{machine}-replacement"));
+    fn replace_nic(&mut self, machine: &str, mac: String) -> Result<(), BackendError> {
         let m = self.machine_mut(machine)?;
         if let Some(first) = m.identity.macs.first_mut() {
             *first = mac;
@@ -758,8 +601,6 @@ impl Backend for SimBackend {
         session: &str,
         spec: &SessionSpec,
     ) -> Result<(), BackendError> {
-        self.require(machine, "session-open", &[Power::Running], "running")?;
-        BackendError::check_name("session", session)?;
         let log = self
             .run_logs(machine)
             .join(format!("session-{session}.log"));
@@ -841,18 +682,18 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError> {
-        let app = self.app(app)?;
+    fn app_output(&mut self, machine: &str, app: &str) -> Result<Vec<String>, BackendError> {
+        let app = self.app(machine, app)?;
         let text = std::fs::read_to_string(&app.stdout).unwrap_or_default();
         Ok(super::process::complete_lines(&text))
     }
 
-    fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {
-        let (machine, session, pid) = {
-            let a = self.app(app)?;
-            (a.machine.clone(), a.session.clone(), a.pid)
+    fn app_status(&mut self, machine: &str, app: &str) -> Result<AppStatus, BackendError> {
+        let (session, pid) = {
+            let a = self.app(machine, app)?;
+            (a.session.clone(), a.pid)
         };
-        let m = self.machine_mut(&machine)?;
+        let m = self.machine_mut(machine)?;
         let Some(leader) = m.sessions.get_mut(&session) else {
             return Ok(AppStatus::Exited {
                 code: None,
@@ -868,35 +709,43 @@ impl Backend for SimBackend {
         })
     }
 
-    fn terminate_app(&mut self, app: &str) -> Result<(), BackendError> {
-        let pid = self.app(app)?.pid;
+    fn signal_app(&mut self, machine: &str, app: &str, signal: i32) -> Result<(), BackendError> {
+        let pid = self.app(machine, app)?.pid;
         // SAFETY: signalling a process of our own session.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        unsafe { libc::kill(pid, signal) };
         Ok(())
     }
 
-    fn kill_app(&mut self, app: &str) -> Result<(), BackendError> {
-        let pid = self.app(app)?.pid;
-        // SAFETY: killing a process of our own session.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        Ok(())
+    fn set_clock(&mut self, machine: &str, offset_ms: i64) -> Result<(), BackendError> {
+        let m = self.machine_mut(machine)?;
+        m.clock_ms = offset_ms;
+        write_atomic(
+            &m.platform().join("clock"),
+            offset_ms.to_string().as_bytes(),
+        )
     }
 
-    fn set_clock(
-        &mut self,
-        world_offset: i64,
-        skews: &[(String, i64)],
-    ) -> Result<(), BackendError> {
-        self.fabric.clock.set_offset_ms(world_offset);
-        for (machine, skew) in skews {
-            self.machine_mut(machine)?.skew_ms = *skew;
+    fn set_servers(&mut self, machine: &str, servers: &[ServerLink]) -> Result<(), BackendError> {
+        let m = self.machine_mut(machine)?;
+        let new: Vec<ServerLink> = servers
+            .iter()
+            .filter(|s| !m.servers.contains(s))
+            .cloned()
+            .collect();
+        m.servers = servers.to_vec();
+        if m.power != Power::Running {
+            return Ok(());
         }
-        let names: Vec<String> = self.machines.keys().cloned().collect();
-        for name in names {
-            let m = self.machine(&name)?;
-            write_atomic(
-                &m.platform().join("clock"),
-                (world_offset + m.skew_ms).to_string().as_bytes(),
+        for link in new {
+            self.run_meter_checked(
+                machine,
+                &[
+                    "servers".into(),
+                    "add".into(),
+                    link.via.to_string(),
+                    "--pin".into(),
+                    link.pin,
+                ],
             )?;
         }
         Ok(())
@@ -908,12 +757,7 @@ impl Backend for SimBackend {
         port: u16,
         keepalive: Duration,
     ) -> Result<ServerInfo, BackendError> {
-        self.require(machine, "server-start", &[Power::Running], "running")?;
-        self.machine_mut(machine)?.server = Some(ServerConf {
-            port,
-            keepalive,
-            info: None,
-        });
+        self.machine_mut(machine)?.server = Some(ServerConf { port, keepalive });
         self.stop_daemon(machine, true)?;
         self.start_daemon(machine)?;
         let m = self.machine(machine)?;
@@ -922,20 +766,14 @@ impl Backend for SimBackend {
             .map_err(BackendError::io(format!("read {}", pin_path.display())))?
             .trim()
             .to_string();
-        let info = ServerInfo {
+        Ok(ServerInfo {
             listen: format!("{}:{port}", m.ip),
             pin,
-        };
-        if let Some(conf) = self.machine_mut(machine)?.server.as_mut() {
-            conf.info = Some(info.clone());
-        }
-        self.add_relays_for_server(machine)?;
-        Ok(info)
+        })
     }
 
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
         self.machine_mut(machine)?.server = None;
-        self.drop_relays_to(machine);
         if self.machine(machine)?.power == Power::Running {
             self.stop_daemon(machine, true)?;
             self.start_daemon(machine)?;
@@ -943,103 +781,36 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError> {
-        for relay in &self.relays {
-            let crosses = (a.contains(&relay.client) && b.contains(&relay.server))
-                || (b.contains(&relay.client) && a.contains(&relay.server));
-            if crosses {
-                relay.set_cut(true);
-            }
-        }
-        Ok(())
+    fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        self.attach(dongle, machine, DongleLink::Usb)
     }
 
-    fn heal(&mut self, machines: &[String]) -> Result<(), BackendError> {
-        for relay in &self.relays {
-            let touches = machines.is_empty()
-                || machines.contains(&relay.client)
-                || machines.contains(&relay.server);
-            if touches {
-                relay.set_cut(false);
-            }
-        }
-        Ok(())
+    fn import_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        // The simulation's USB/IP import reaches the same bus socket as a plug.
+        self.attach(dongle, machine, DongleLink::Usbip)
     }
 
-    fn teardown(&mut self) -> Result<(), BackendError> {
-        let names: Vec<String> = self.machines.keys().cloned().collect();
-        for name in names {
-            if self.machine(&name)?.power != Power::Off {
-                self.signal_machine(&name, libc::SIGCONT)?;
-                self.close_all_sessions(&name)?;
-                self.stop_daemon(&name, true)?;
-                self.machine_mut(&name)?.power = Power::Off;
-            }
-        }
-        for relay in self.relays.drain(..) {
-            relay.stop();
-        }
-        self.fabric.dongles.clear();
-        self.gather_logs();
-        Ok(())
-    }
-
-    fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
-        self.fabric.add_dongle(name, flash)
-    }
-
-    fn usb_attach(
+    fn unplug_dongle(
         &mut self,
         dongle: &str,
-        machines: &[String],
-        mode: UsbMode,
+        machine: &str,
+        _how: Unplug,
     ) -> Result<(), BackendError> {
-        let dirs = machines
-            .iter()
-            .map(|m| Ok((m.clone(), self.usb_dir(m)?)))
-            .collect::<Result<Vec<_>, BackendError>>()?;
-        self.fabric.dongles.with(dongle, |device| {
-            if mode == UsbMode::Exclusive {
-                // Passing a device through exclusively takes it away from wherever it was.
-                for other in device.attached_to() {
-                    if !machines.contains(&other) {
-                        device.detach(Some(&other));
-                    }
-                }
-            }
-            for (machine, dir) in dirs {
-                device.attach(&machine, &dir)?;
-            }
-            Ok(())
-        })?
+        // A cut connection and an unplug look the same to the simulated runtime: the device
+        // vanishes mid-use.
+        if self.machine_mut(machine)?.dongles.remove(dongle).is_some() {
+            self.fabric
+                .dongles
+                .with(dongle, |device| device.detach(Some(machine)))?;
+        }
+        Ok(())
     }
 
-    fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.fabric
-            .dongles
-            .with(dongle, |device| device.detach(None))
-    }
-
-    fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
-        // A USB/IP server exports a device to one importer at a time.
-        self.usb_attach(dongle, &[machine.to_string()], UsbMode::Exclusive)
-    }
-
-    fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.usb_detach(dongle)
-    }
-
-    fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError> {
-        // The connection drops: the importer's device vanishes mid-use.
-        self.usb_detach(dongle)
-    }
-
-    fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
-        self.fabric.dongles.hang(dongle)
-    }
-
-    fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
-        self.fabric.dongles.status(dongle)
+    fn dongle_holders(&self, dongle: &str) -> Vec<(String, DongleLink)> {
+        self.machines
+            .values()
+            .filter_map(|m| Some((m.name.clone(), *m.dongles.get(dongle)?)))
+            .collect()
     }
 
     fn put_file(
@@ -1061,12 +832,26 @@ impl Backend for SimBackend {
         std::fs::read(path).map_err(BackendError::io(format!("read {path} on {machine}")))
     }
 
-    fn log_dir(&self) -> PathBuf {
-        self.config.log_dir.clone()
+    fn teardown(&mut self) -> Result<(), BackendError> {
+        let names: Vec<String> = self.machines.keys().cloned().collect();
+        for name in names {
+            if self.machine(&name)?.power != Power::Off {
+                self.signal_machine(&name, libc::SIGCONT)?;
+                self.close_all_sessions(&name)?;
+                self.stop_daemon(&name, true)?;
+                self.machine_mut(&name)?.power = Power::Off;
+            }
+        }
+        self.gather_logs();
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 
-impl Drop for SimBackend {
+impl Drop for SimDriver {
     fn drop(&mut self) {
         for m in self.machines.values_mut() {
             for (_, leader) in std::mem::take(&mut m.sessions) {

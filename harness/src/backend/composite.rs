@@ -1,0 +1,662 @@
+//! The one backend: machine drivers over a shared fabric.
+//!
+//! Every backend kind is this composite with other drivers: `sim` runs hosts and guests on the
+//! sim driver; `qemu` runs hosts on the sim driver and guests on the qemu driver. The composite
+//! owns what spans machines — where each machine runs and on which host, the network links and
+//! servers, the world clock and skews, the dongles' moves between machines, the apps' machines
+//! and the power rules — so a driver only runs its own machines.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
+use super::fabric::Fabric;
+use super::fabric::network::Links;
+use super::runner::Backend;
+use super::types::{
+    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile, GuestSpec,
+    HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
+};
+use crate::identity::IdentityMint;
+
+/// Where a machine runs.
+struct Placement {
+    /// Index of its driver.
+    driver: usize,
+    /// The host it is on now (a host is on itself).
+    host: String,
+    role: Role,
+    ip: Ipv4Addr,
+}
+
+/// An app and whether it still has a machine to run on.
+struct AppPlace {
+    machine: String,
+    /// False once its machine was powered off or reverted: the app ended with it.
+    alive: bool,
+}
+
+/// A world of machines run by drivers over one fabric.
+pub struct World {
+    kind: BackendKind,
+    config: WorldConfig,
+    fabric: Fabric,
+    drivers: Vec<Box<dyn MachineDriver>>,
+    /// The driver that runs guests (hosts always run on the first).
+    guest_driver: usize,
+    hosts: BTreeMap<String, HostSpec>,
+    machines: BTreeMap<String, Placement>,
+    apps: BTreeMap<String, AppPlace>,
+    servers: BTreeMap<String, ServerInfo>,
+    links: Links,
+    skews: BTreeMap<String, i64>,
+    mint: IdentityMint,
+}
+
+impl World {
+    /// A world of `kind` whose hosts run on `drivers[0]` and guests on `drivers[guest_driver]`.
+    pub fn new(
+        kind: BackendKind,
+        config: WorldConfig,
+        fabric: Fabric,
+        drivers: Vec<Box<dyn MachineDriver>>,
+        guest_driver: usize,
+    ) -> World {
+        assert!(
+            guest_driver < drivers.len(),
+            "the guest driver is one of the drivers"
+        );
+        World {
+            kind,
+            mint: IdentityMint::new(config.seed),
+            config,
+            fabric,
+            drivers,
+            guest_driver,
+            hosts: BTreeMap::new(),
+            machines: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            servers: BTreeMap::new(),
+            links: Links::default(),
+            skews: BTreeMap::new(),
+        }
+    }
+
+    /// The first driver of type `D`, for tests and benchmarks that reach past the trait.
+    pub fn driver_mut<D: MachineDriver>(&mut self) -> Option<&mut D> {
+        self.drivers
+            .iter_mut()
+            .find_map(|d| d.as_any_mut().downcast_mut::<D>())
+    }
+
+    fn placement(&self, machine: &str) -> Result<&Placement, BackendError> {
+        self.machines
+            .get(machine)
+            .ok_or_else(|| BackendError::Unknown {
+                kind: "machine",
+                name: machine.to_string(),
+            })
+    }
+
+    /// The driver running `machine`.
+    fn driver(&mut self, machine: &str) -> Result<&mut dyn MachineDriver, BackendError> {
+        let index = self.placement(machine)?.driver;
+        Ok(self.drivers[index].as_mut())
+    }
+
+    fn host(&self, name: &str) -> Result<&HostSpec, BackendError> {
+        self.hosts.get(name).ok_or_else(|| BackendError::Unknown {
+            kind: "host",
+            name: name.to_string(),
+        })
+    }
+
+    /// The CPU of the host `machine` is on now.
+    fn host_cpu(&self, machine: &str) -> Result<CpuProfile, BackendError> {
+        let host = &self.placement(machine)?.host;
+        Ok(self.host(host)?.cpu.clone())
+    }
+
+    fn require(
+        &self,
+        machine: &str,
+        operation: &'static str,
+        allowed: &[Power],
+        needed: &'static str,
+    ) -> Result<(), BackendError> {
+        let index = self.placement(machine)?.driver;
+        self.drivers[index]
+            .power(machine)?
+            .require(machine, operation, allowed, needed)
+    }
+
+    fn app(&self, app: &str) -> Result<&AppPlace, BackendError> {
+        self.apps.get(app).ok_or_else(|| BackendError::Unknown {
+            kind: "app",
+            name: app.into(),
+        })
+    }
+
+    /// Apps of a machine that stopped or went back in time end with it.
+    fn end_apps_of(&mut self, machine: &str) {
+        for app in self.apps.values_mut().filter(|a| a.machine == machine) {
+            app.alive = false;
+        }
+    }
+
+    /// A machine name that is new to the world and safe as a file name.
+    fn check_new(&self, machine: &str) -> Result<(), BackendError> {
+        BackendError::check_name("machine", machine)?;
+        if self.machines.contains_key(machine) {
+            return Err(BackendError::Runtime {
+                machine: machine.to_string(),
+                message: "a machine of this name exists already".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Places a new machine on a driver and gives it the world's clock and servers.
+    fn place(&mut self, spec: &MachineSpec, driver: usize, host: &str) -> Result<(), BackendError> {
+        self.machines.insert(
+            spec.name.clone(),
+            Placement {
+                driver,
+                host: host.to_string(),
+                role: spec.role,
+                ip: spec.ip,
+            },
+        );
+        self.push_clock(&spec.name)?;
+        let servers: Vec<String> = self.servers.keys().cloned().collect();
+        for server in servers {
+            self.connect_to(&server)?;
+        }
+        Ok(())
+    }
+
+    fn push_clock(&mut self, machine: &str) -> Result<(), BackendError> {
+        let skew = self.skews.get(machine).copied().unwrap_or_default();
+        let offset = self.fabric.clock.offset_ms().saturating_add(skew);
+        self.driver(machine)?.set_clock(machine, offset)
+    }
+
+    /// Links every other machine to a server (those linked already keep their link).
+    fn connect_to(&mut self, server: &str) -> Result<(), BackendError> {
+        let info = self
+            .servers
+            .get(server)
+            .cloned()
+            .ok_or_else(|| BackendError::Runtime {
+                machine: server.into(),
+                message: "server has no address".into(),
+            })?;
+        let target: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
+            machine: server.into(),
+            message: format!("bad listen address {}", info.listen),
+        })?;
+        let clients: Vec<(String, Ipv4Addr)> = self
+            .machines
+            .iter()
+            .filter(|(name, _)| *name != server)
+            .map(|(name, p)| (name.clone(), p.ip))
+            .collect();
+        for (client, ip) in clients {
+            if self.links.connect(&client, server, ip, target)? {
+                self.push_servers(&client)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells a machine's driver which servers its runtime reaches, through which links.
+    fn push_servers(&mut self, client: &str) -> Result<(), BackendError> {
+        let links: Vec<ServerLink> = self
+            .links
+            .of_client(client)
+            .filter_map(|relay| {
+                let pin = self.servers.get(&relay.server)?.pin.clone();
+                Some(ServerLink {
+                    via: relay.local,
+                    pin,
+                })
+            })
+            .collect();
+        self.driver(client)?.set_servers(client, &links)
+    }
+
+    /// Ends a machine's server and the links to it.
+    fn drop_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        if self.servers.remove(machine).is_none() {
+            return Ok(());
+        }
+        self.links.drop_to(machine);
+        let clients: Vec<String> = self.machines.keys().cloned().collect();
+        for client in clients.iter().filter(|c| *c != machine) {
+            self.push_servers(client)?;
+        }
+        Ok(())
+    }
+
+    /// Every machine that holds the dongle now, and how.
+    fn holders(&self, dongle: &str) -> Result<Vec<(String, DongleLink)>, BackendError> {
+        self.fabric.dongles.core(dongle)?;
+        Ok(self
+            .drivers
+            .iter()
+            .flat_map(|d| d.dongle_holders(dongle))
+            .collect())
+    }
+
+    /// Takes a dongle from every holder `keep` does not name.
+    fn take_dongle(
+        &mut self,
+        dongle: &str,
+        how: Unplug,
+        keep: impl Fn(&str, DongleLink) -> bool,
+    ) -> Result<(), BackendError> {
+        for (machine, link) in self.holders(dongle)? {
+            if !keep(&machine, link) {
+                self.driver(&machine)?
+                    .unplug_dongle(dongle, &machine, how)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for World {
+    fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let mut out = json!({
+            "backend": self.kind.to_string(),
+            "runtime": self.config.runtime_bin.display().to_string(),
+            "addresses": self.fabric.addresses.network(),
+        });
+        for driver in &self.drivers {
+            if let (Some(all), serde_json::Value::Object(more)) =
+                (out.as_object_mut(), driver.describe())
+            {
+                all.extend(more);
+            }
+        }
+        out
+    }
+
+    fn power(&self, machine: &str) -> Result<Power, BackendError> {
+        let index = self.placement(machine)?.driver;
+        self.drivers[index].power(machine)
+    }
+
+    fn host_of(&self, machine: &str) -> Result<String, BackendError> {
+        Ok(self.placement(machine)?.host.clone())
+    }
+
+    fn machines(&self) -> Vec<String> {
+        self.machines.keys().cloned().collect()
+    }
+
+    fn add_host(&mut self, host: &HostSpec) -> Result<(), BackendError> {
+        self.check_new(&host.name)?;
+        let spec = MachineSpec {
+            name: host.name.clone(),
+            guest: false,
+            role: host.role,
+            identity: host.identity.clone(),
+            cpu: host.cpu.clone(),
+            ip: self.fabric.addresses.allocate()?,
+        };
+        self.drivers[0].add_machine(&spec)?;
+        self.hosts.insert(host.name.clone(), host.clone());
+        self.place(&spec, 0, &host.name)
+    }
+
+    fn add_guest(&mut self, guest: &GuestSpec) -> Result<(), BackendError> {
+        self.check_new(&guest.name)?;
+        let cpu = self.host(&guest.host)?.cpu.clone();
+        let spec = MachineSpec {
+            name: guest.name.clone(),
+            guest: true,
+            role: guest.role,
+            identity: guest.identity.clone(),
+            cpu,
+            ip: self.fabric.addresses.allocate()?,
+        };
+        let driver = self.guest_driver;
+        self.drivers[driver].add_machine(&spec)?;
+        self.place(&spec, driver, &guest.host)
+    }
+
+    fn boot(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.require(machine, "boot", &[Power::Off], "powered off")?;
+        let cpu = self.host_cpu(machine)?;
+        self.driver(machine)?.boot(machine, &cpu)
+    }
+
+    fn shutdown(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.require(
+            machine,
+            "shutdown",
+            &[Power::Running, Power::Paused],
+            "running",
+        )?;
+        let result = self.driver(machine)?.shutdown(machine);
+        self.end_apps_of(machine);
+        // A machine that is off serves nobody: its server ends with it.
+        self.drop_server(machine)?;
+        result
+    }
+
+    fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.require(machine, "pause", &[Power::Running], "running")?;
+        self.driver(machine)?.pause(machine)
+    }
+
+    fn resume(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.require(machine, "resume", &[Power::Paused], "paused")?;
+        self.driver(machine)?.resume(machine)
+    }
+
+    fn snapshot(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        BackendError::check_name("snapshot", name)?;
+        self.driver(machine)?.snapshot(machine, name)
+    }
+
+    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        let cpu = self.host_cpu(machine)?;
+        // The restored configuration has the devices it had when saved: its dongles come back
+        // from wherever they went since.
+        let index = self.placement(machine)?.driver;
+        for dongle in self.drivers[index].snapshot_dongles(machine, name)? {
+            self.take_dongle(&dongle, Unplug::Clean, |holder, link| {
+                holder == machine && link == DongleLink::Usb
+            })?;
+        }
+        self.end_apps_of(machine);
+        self.driver(machine)?.revert(machine, name, &cpu)
+    }
+
+    fn clone_guest(
+        &mut self,
+        from: &str,
+        to: &str,
+        host: &str,
+        identity: CloneIdentity,
+    ) -> Result<(), BackendError> {
+        self.check_new(to)?;
+        let (driver, role) = {
+            let source = self.placement(from)?;
+            (source.driver, source.role)
+        };
+        let spec = MachineSpec {
+            name: to.to_string(),
+            guest: true,
+            role,
+            identity: self.mint.guest_identity(to),
+            cpu: self.host(host)?.cpu.clone(),
+            ip: self.fabric.addresses.allocate()?,
+        };
+        self.drivers[driver].clone_machine(from, &spec, identity)?;
+        self.place(&spec, driver, host)
+    }
+
+    fn migrate(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
+        self.require(machine, "migrate", &[Power::Running], "running")?;
+        self.host(host)?;
+        self.driver(machine)?.migrate(machine)?;
+        if let Some(p) = self.machines.get_mut(machine) {
+            p.host = host.to_string();
+        }
+        // The guest's clock kept running through the move; the world's too.
+        self.push_clock(machine)
+    }
+
+    fn move_guest(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
+        self.host(host)?;
+        if self.power(machine)? != Power::Off {
+            self.shutdown(machine)?;
+        }
+        if let Some(p) = self.machines.get_mut(machine) {
+            p.host = host.to_string();
+        }
+        Ok(())
+    }
+
+    fn replace_nic(&mut self, machine: &str) -> Result<(), BackendError> {
+        let mac = self.mint.mac(&format!("{machine}-replacement"));
+        self.driver(machine)?.replace_nic(machine, mac)
+    }
+
+    fn open_session(
+        &mut self,
+        machine: &str,
+        session: &str,
+        spec: &SessionSpec,
+    ) -> Result<(), BackendError> {
+        self.require(machine, "session-open", &[Power::Running], "running")?;
+        BackendError::check_name("session", session)?;
+        self.driver(machine)?.open_session(machine, session, spec)
+    }
+
+    fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError> {
+        self.driver(machine)?.close_session(machine, session)
+    }
+
+    fn run_meter(
+        &mut self,
+        machine: &str,
+        session: &str,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<CommandOutput, BackendError> {
+        self.require(machine, "run meter", &[Power::Running], "running")?;
+        self.driver(machine)?
+            .run_meter(machine, session, args, timeout)
+    }
+
+    fn start_app(
+        &mut self,
+        machine: &str,
+        session: &str,
+        app: &str,
+        args: &[String],
+    ) -> Result<(), BackendError> {
+        self.require(machine, "start-app", &[Power::Running], "running")?;
+        BackendError::check_name("app", app)?;
+        self.driver(machine)?
+            .start_app(machine, session, app, args)?;
+        self.apps.insert(
+            app.to_string(),
+            AppPlace {
+                machine: machine.to_string(),
+                alive: true,
+            },
+        );
+        Ok(())
+    }
+
+    fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError> {
+        let place = self.app(app)?;
+        let (machine, alive) = (place.machine.clone(), place.alive);
+        match self.driver(&machine)?.app_output(&machine, app) {
+            // An app that ended with its machine may have left nothing to read.
+            Err(BackendError::Unknown { .. }) if !alive => Ok(Vec::new()),
+            other => other,
+        }
+    }
+
+    fn app_status(&mut self, app: &str) -> Result<AppStatus, BackendError> {
+        let place = self.app(app)?;
+        if !place.alive {
+            return Ok(AppStatus::Exited {
+                code: None,
+                signal: Some(libc::SIGKILL),
+            });
+        }
+        let machine = place.machine.clone();
+        self.driver(&machine)?.app_status(&machine, app)
+    }
+
+    fn terminate_app(&mut self, app: &str) -> Result<(), BackendError> {
+        let place = self.app(app)?;
+        if !place.alive {
+            return Ok(());
+        }
+        let machine = place.machine.clone();
+        self.driver(&machine)?
+            .signal_app(&machine, app, libc::SIGTERM)
+    }
+
+    fn kill_app(&mut self, app: &str) -> Result<(), BackendError> {
+        let place = self.app(app)?;
+        if !place.alive {
+            return Ok(());
+        }
+        let machine = place.machine.clone();
+        self.driver(&machine)?
+            .signal_app(&machine, app, libc::SIGKILL)
+    }
+
+    fn set_clock(
+        &mut self,
+        world_offset: i64,
+        skews: &[(String, i64)],
+    ) -> Result<(), BackendError> {
+        for (machine, _) in skews {
+            self.placement(machine)?;
+        }
+        self.fabric.clock.set_offset_ms(world_offset);
+        self.skews.extend(skews.iter().cloned());
+        let names: Vec<String> = self.machines.keys().cloned().collect();
+        for name in names {
+            self.push_clock(&name)?;
+        }
+        Ok(())
+    }
+
+    fn start_server(
+        &mut self,
+        machine: &str,
+        port: u16,
+        keepalive: Duration,
+    ) -> Result<ServerInfo, BackendError> {
+        self.require(machine, "server-start", &[Power::Running], "running")?;
+        let info = self
+            .driver(machine)?
+            .start_server(machine, port, keepalive)?;
+        self.servers.insert(machine.to_string(), info.clone());
+        self.connect_to(machine)?;
+        Ok(info)
+    }
+
+    fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.placement(machine)?;
+        self.drop_server(machine)?;
+        self.driver(machine)?.stop_server(machine)
+    }
+
+    fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError> {
+        self.links.partition(a, b);
+        Ok(())
+    }
+
+    fn heal(&mut self, machines: &[String]) -> Result<(), BackendError> {
+        self.links.heal(machines);
+        Ok(())
+    }
+
+    fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
+        self.fabric.add_dongle(name, flash)
+    }
+
+    fn usb_attach(
+        &mut self,
+        dongle: &str,
+        machines: &[String],
+        mode: UsbMode,
+    ) -> Result<(), BackendError> {
+        for machine in machines {
+            self.placement(machine)?;
+        }
+        if mode == UsbMode::Exclusive {
+            // Passing a device through exclusively takes it away from wherever it was.
+            self.take_dongle(dongle, Unplug::Clean, |holder, link| {
+                link == DongleLink::Usb && machines.iter().any(|m| m == holder)
+            })?;
+        } else {
+            self.holders(dongle)?;
+        }
+        for machine in machines {
+            self.driver(machine)?.plug_dongle(dongle, machine)?;
+        }
+        Ok(())
+    }
+
+    fn usb_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.take_dongle(dongle, Unplug::Clean, |_, _| false)
+    }
+
+    fn usbip_attach(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
+        // An import is made by the machine's running kernel.
+        self.require(machine, "usbip-attach", &[Power::Running], "running")?;
+        // A USB/IP export has one importer: the dongle leaves every other machine.
+        self.take_dongle(dongle, Unplug::Clean, |holder, link| {
+            holder == machine && link == DongleLink::Usbip
+        })?;
+        self.driver(machine)?.import_dongle(dongle, machine)
+    }
+
+    fn usbip_detach(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.take_dongle(dongle, Unplug::Clean, |_, link| link != DongleLink::Usbip)
+    }
+
+    fn usbip_disconnect(&mut self, dongle: &str) -> Result<(), BackendError> {
+        self.take_dongle(dongle, Unplug::Cut, |_, link| link != DongleLink::Usbip)
+    }
+
+    fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError> {
+        // Every path (sim socket, usbredir, USB/IP) reaches the same firmware.
+        self.fabric.dongles.hang(dongle)
+    }
+
+    fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
+        self.fabric.dongles.status(dongle)
+    }
+
+    fn put_file(
+        &mut self,
+        machine: &str,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<String, BackendError> {
+        BackendError::check_name("file", name)?;
+        self.driver(machine)?.put_file(machine, name, contents)
+    }
+
+    fn get_file(&mut self, machine: &str, path: &str) -> Result<Vec<u8>, BackendError> {
+        self.driver(machine)?.get_file(machine, path)
+    }
+
+    fn teardown(&mut self) -> Result<(), BackendError> {
+        self.links.stop_all();
+        let mut first_error = None;
+        for driver in &mut self.drivers {
+            if let Err(e) = driver.teardown() {
+                first_error.get_or_insert(e);
+            }
+        }
+        self.fabric.dongles.clear();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.config.log_dir.clone()
+    }
+}
