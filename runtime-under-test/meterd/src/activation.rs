@@ -7,7 +7,7 @@ use meter_core::licence::VendorPublicKey;
 use meter_core::reason::Reason;
 
 use crate::daemon::Runtime;
-use crate::store::{self, Change};
+use crate::store;
 
 use crate::os_sources::entropy;
 
@@ -78,18 +78,4 @@ impl Runtime {
             .map_err(|e| (crate::licences::error_chain(&e), None))?;
         Ok(sealed.to_json())
     }
-}
-
-/// A new runtime identity to store: `(random id, receipt key)` changes.
-pub fn identity_changes(random_id: &str, receipt_key: &[u8; 32]) -> Vec<Change> {
-    vec![
-        Change::PutMeta(
-            crate::licences::RANDOM_ID_KEY.into(),
-            random_id.as_bytes().to_vec(),
-        ),
-        Change::PutMeta(
-            crate::licences::RECEIPT_KEY_KEY.into(),
-            receipt_key.to_vec(),
-        ),
-    ]
 }

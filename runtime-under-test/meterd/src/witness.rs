@@ -2,20 +2,17 @@
 //! licences, and a client reconciles with it after a rollback.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use meter_core::rollback::{ChainHead, LockReason, Receipt, ReceiptVerifier, WitnessLog, genesis};
+use meter_core::rollback::{ChainHead, Receipt, ReceiptVerifier, WitnessLog, genesis};
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::Runtime;
-use crate::protocol::{FromServer, ToServer};
-use crate::store::{self, Change};
+use crate::store::Change;
 
 /// Metadata key prefix of a witnessed chain (JSON).
 const WITNESS_KEY_PREFIX: &str = "witness/";
 
 /// Receipts sent to a witness in one frame at most (frames are limited to 64 KiB).
-const RECEIPTS_PER_FRAME: usize = 64;
+pub(crate) const RECEIPTS_PER_FRAME: usize = 64;
 
 /// One witnessed chain and the key its receipts must be signed with (the first key seen).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,7 +106,7 @@ impl WitnessStore {
 }
 
 /// The head of the local chain `receipts` after `seq` receipts.
-fn head_at(licence: &str, receipts: &[Receipt], seq: u64) -> Option<ChainHead> {
+pub(crate) fn head_at(licence: &str, receipts: &[Receipt], seq: u64) -> Option<ChainHead> {
     match seq {
         0 => Some(ChainHead {
             seq: 0,
@@ -118,197 +115,5 @@ fn head_at(licence: &str, receipts: &[Receipt], seq: u64) -> Option<ChainHead> {
         n => receipts
             .get(usize::try_from(n - 1).ok()?)
             .map(Receipt::head),
-    }
-}
-
-impl Runtime {
-    // ----- witness (server) side -----
-
-    /// A client runtime hands over receipts of one of its licences.
-    pub async fn witness_receipts_in(
-        self: &Arc<Self>,
-        request: u64,
-        licence: &str,
-        key: [u8; 32],
-        receipts: Vec<Receipt>,
-    ) -> FromServer {
-        let (head, refused, change) = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .witnesses
-            .accept(licence, key, &receipts);
-        if let Some(change) = change
-            && let Err(e) = self.store.commit(vec![change]).await
-        {
-            tracing::error!(licence, error = %e, "Witnessed chain not recorded");
-        }
-        if let Some(why) = &refused {
-            tracing::warn!(licence, head = head.seq, why, "Witness refused receipts");
-        } else {
-            tracing::debug!(licence, head = head.seq, "Receipts witnessed");
-        }
-        FromServer::Witnessed {
-            request,
-            head,
-            refused,
-        }
-    }
-
-    /// A client runtime asks for the chain this server witnessed for one of its licences.
-    pub fn witness_chain_out(&self, request: u64, licence: &str) -> FromServer {
-        let log = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .witnesses
-            .log(licence);
-        FromServer::WitnessChain { request, log }
-    }
-
-    // ----- client side -----
-
-    /// Hands new receipts of a licence to every reachable witness; a witness whose chain does
-    /// not lead to ours (a fork: the state was rolled back or copied) locks the licence.
-    pub async fn witness_receipts(self: &Arc<Self>, licence: &str, receipts: Vec<Receipt>) {
-        if crate::weakened::is(crate::weakened::Defence::RollbackWitness) {
-            // Weakened: receipts stay on this machine; the witness never hears of them.
-            return;
-        }
-        let Some(verifier) = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .verifier()
-        else {
-            return;
-        };
-        let key = verifier.to_bytes();
-        let answers = self
-            .remotes
-            .ask_all(|request| ToServer::WitnessReceipts {
-                request,
-                licence: licence.to_owned(),
-                key,
-                receipts: receipts.clone(),
-            })
-            .await;
-        for (server, answer) in answers {
-            let FromServer::Witnessed {
-                head,
-                refused: Some(why),
-                ..
-            } = answer
-            else {
-                continue;
-            };
-            let local = self
-                .licences
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .metering
-                .receipts(licence);
-            if head_at(licence, &local, head.seq) == Some(head) {
-                // The witness missed some of our receipts (it was unreachable): catch it up.
-                let tail = local[usize::try_from(head.seq).unwrap_or(usize::MAX)..].to_vec();
-                for chunk in tail.chunks(RECEIPTS_PER_FRAME) {
-                    let _ = self
-                        .remotes
-                        .ask_all(|request| ToServer::WitnessReceipts {
-                            request,
-                            licence: licence.to_owned(),
-                            key,
-                            receipts: chunk.to_vec(),
-                        })
-                        .await;
-                }
-                continue;
-            }
-            tracing::warn!(licence, server, why, "Witness holds another chain");
-            let local_head = head_at(licence, &local, local.len() as u64);
-            let change = {
-                let mut state = self.lock();
-                let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
-                let change = licences.metering.lock(
-                    licence,
-                    LockReason::ChainForked {
-                        local: local_head.unwrap_or(head),
-                        witness: head,
-                    },
-                );
-                let now = self.platform.now_ms().unwrap_or(0);
-                licences.metering.overlay(&mut state.table, now);
-                change
-            };
-            if let Some(change) = change {
-                let _ = store::wait(self.store.submit(vec![change])).await;
-            }
-        }
-    }
-
-    /// Reconciles a locked licence with the chain a reachable witness holds: spent units are
-    /// taken over (none regained), uses spent twice are refused, the lock is lifted.
-    pub async fn reconcile_with_witness(
-        self: &Arc<Self>,
-        licence: &str,
-        now: u64,
-        vmgenid: Option<&str>,
-    ) {
-        let answers = self
-            .remotes
-            .ask_all(|request| ToServer::WitnessFetch {
-                request,
-                licence: licence.to_owned(),
-            })
-            .await;
-        let Some(witness) = answers.into_iter().find_map(|(_, answer)| match answer {
-            FromServer::WitnessChain { log, .. } => {
-                Some(log.unwrap_or_else(|| WitnessLog::new(licence)))
-            }
-            _ => None,
-        }) else {
-            tracing::debug!(licence, "No witness reachable: metered items stay locked");
-            return;
-        };
-        let outcome = {
-            let mut state = self.lock();
-            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(signer) = licences.signer() else {
-                return;
-            };
-            let witness = if crate::weakened::is(crate::weakened::Defence::RollbackReceipts) {
-                // Weakened: the local receipt chain is taken as the truth and compared with itself.
-                WitnessLog {
-                    receipts: licences.metering.receipts(licence),
-                    ..witness
-                }
-            } else {
-                witness
-            };
-            let outcome = licences
-                .metering
-                .reconcile(licence, &witness, now, vmgenid, &signer);
-            licences.metering.overlay(&mut state.table, now);
-            outcome
-        };
-        match outcome {
-            Some(Ok((done, change))) => {
-                if let Err(e) = self.store.commit(vec![change]).await {
-                    tracing::error!(licence, error = %e, "Reconciliation not recorded");
-                }
-                tracing::info!(
-                    licence,
-                    adopted = done.adopted,
-                    refused = done.refused.len(),
-                    still_locked = ?done.lock.as_ref().map(LockReason::code),
-                    "Reconciled with the witness"
-                );
-                if !done.to_witness.is_empty() {
-                    self.witness_receipts(licence, done.to_witness).await;
-                }
-            }
-            Some(Err(e)) => tracing::warn!(licence, error = %e, "Reconciliation failed"),
-            None => {}
-        }
     }
 }

@@ -1,0 +1,175 @@
+//! The daemon's licence upkeep: the traits soft licences open with, refreshing installed
+//! licences, recording spent units and explaining denials.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use meter_core::allocation::{AllocationTable, ContainerClass, ContainerId, ItemState, ProductKey};
+use meter_core::reason::Reason;
+use meter_core::traits::{MachineTraits, names};
+
+use crate::daemon::{Runtime, Via};
+use crate::licences::UnitUse;
+use crate::store;
+
+impl Runtime {
+    /// The traits soft licences are opened with: the platform's current traits plus the
+    /// runtime's random id.
+    pub fn soft_traits(&self) -> Result<MachineTraits, crate::platform::PlatformError> {
+        let mut traits = self.platform.traits()?;
+        if let Some(id) = self
+            .licences
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .random_id()
+        {
+            traits.set(names::RUNTIME_RANDOM_ID, id.to_owned());
+        }
+        Ok(traits)
+    }
+
+    /// Re-validates the installed licences against the machine as it is now (traits, clock,
+    /// vmgenid): bindings that stopped opening turn corrupt and their grants are revoked,
+    /// rollback signs lock metered items, and locked items whose policy says reconcile are
+    /// reconciled with a reachable witness. Runs before every access and status read.
+    pub async fn refresh_licences(self: &Arc<Self>) {
+        let (traits, vmgenid) = match (self.soft_traits(), self.platform.vmgenid()) {
+            (Ok(traits), Ok(vmgenid)) => (traits, vmgenid),
+            (traits, vmgenid) => {
+                tracing::warn!(traits = ?traits.err(), vmgenid = ?vmgenid.err(), "Cannot read the machine: licences not re-validated");
+                return;
+            }
+        };
+        let (revoke, to_reconcile, durable, now) = {
+            let mut state = self.lock();
+            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            // Read under the lock: a concurrent look may have moved the high-water mark past a
+            // reading taken before it, which would look like a clock turned back.
+            let now = match self.platform.now_ms() {
+                Ok(now) => now,
+                Err(e) => {
+                    tracing::warn!(clock = %e, "Cannot read the machine: licences not re-validated");
+                    return;
+                }
+            };
+            let broken = licences.revalidate(&traits, &mut state.table, now);
+            let mut changes = licences.register_metering(now, vmgenid.as_deref());
+            let check = licences.metering.check(now, vmgenid.as_deref());
+            changes.extend(check.changes);
+            licences.metering.overlay(&mut state.table, now);
+            let broken: BTreeSet<String> = broken.iter().map(ToString::to_string).collect();
+            let locked: BTreeSet<String> = check
+                .newly_locked
+                .iter()
+                .map(|id| ContainerId::new(ContainerClass::Soft, id.clone()).to_string())
+                .collect();
+            let revoke: Vec<(u64, Reason)> = state
+                .grants
+                .iter()
+                .filter_map(|(handle, grant)| match &grant.via {
+                    Via::Table { container } if broken.contains(container) => {
+                        Some((*handle, Reason::BindingBroken))
+                    }
+                    Via::Table { container } if locked.contains(container) => {
+                        Some((*handle, Reason::RollbackDetected))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let durable = (!changes.is_empty()).then(|| self.store.submit(changes));
+            (revoke, check.to_reconcile, durable, now)
+        };
+        if let Some(durable) = durable
+            && let Err(e) = store::wait(durable).await
+        {
+            tracing::error!(error = %e, "Metered state not recorded");
+        }
+        for (handle, reason) in revoke {
+            self.revoke(handle, reason).await;
+        }
+        for licence in to_reconcile {
+            self.reconcile_with_witness(&licence, now, vmgenid.as_deref())
+                .await;
+        }
+    }
+
+    /// Records one unit spent from a metered soft item (called with the state lock held, before
+    /// the grant is stored): the store changes and the receipt for the witness, or why the
+    /// use is refused (a rollback sign locked the licence).
+    pub(crate) fn record_unit_spent(
+        &self,
+        container: &ContainerId,
+        product: ProductKey,
+        now: u64,
+    ) -> Result<UnitUse, Reason> {
+        let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(licence) = licences.licence_of(container).map(str::to_owned) else {
+            return Ok((Vec::new(), None));
+        };
+        let mut changes = Vec::new();
+        if licences.signer().is_none() {
+            match licences.ensure_identity(|| {
+                let mut bytes = [0u8; 32];
+                getrandom::fill(&mut bytes).map_err(|e| format!("No randomness: {e}"))?;
+                Ok(bytes)
+            }) {
+                Ok((more, _)) => changes.extend(more),
+                Err(e) => {
+                    tracing::error!(error = %e, "No receipt key: unit use not recorded");
+                    return Ok((changes, None));
+                }
+            }
+        }
+        let signer = licences.signer().expect("created above");
+        let vmgenid = self.platform.vmgenid().ok().flatten();
+        match licences
+            .metering
+            .spend(&licence, product.code, 1, now, vmgenid.as_deref(), &signer)
+        {
+            Some(Ok((receipt, change))) => {
+                changes.push(change);
+                Ok((changes, Some((licence, receipt))))
+            }
+            Some(Err(
+                e @ (meter_core::rollback::RollbackError::Locked(_)
+                | meter_core::rollback::RollbackError::LockedByPolicy(_)),
+            )) => {
+                tracing::warn!(licence, product = product.code, error = %e, "Unit use refused");
+                Err(Reason::RollbackDetected)
+            }
+            Some(Err(meter_core::rollback::RollbackError::UnitsExhausted { .. })) => {
+                Err(Reason::UnitsExhausted)
+            }
+            Some(Err(e)) => {
+                tracing::error!(licence, product = product.code, error = %e, "Unit use not recorded");
+                Ok((changes, None))
+            }
+            None => Ok((changes, None)),
+        }
+    }
+
+    /// A table denial as the app should see it: a rollback lock is `rollback-detected`.
+    pub(crate) fn explain_denial(
+        &self,
+        table: &AllocationTable,
+        product: ProductKey,
+        reason: Reason,
+    ) -> Reason {
+        if reason != Reason::LicenceLocked {
+            return reason;
+        }
+        let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let rolled_back = table.items().iter().any(|view| {
+            view.entry.product == product
+                && view.entry.state == ItemState::Locked
+                && licences
+                    .licence_of(&view.entry.container)
+                    .is_some_and(|id| licences.metering.is_locked(id))
+        });
+        if rolled_back {
+            Reason::RollbackDetected
+        } else {
+            reason
+        }
+    }
+}
