@@ -22,8 +22,7 @@ use meter_core::policy::{Allowance, Counting, ItemRules};
 use meter_core::reason::Reason;
 use tokio::sync::{Notify, mpsc};
 
-use crate::daemon::{Runtime, Via};
-use crate::platform::UsbEndpoint;
+use crate::platform::{Platform, UsbEndpoint};
 use crate::status_view::ProductStatus;
 use crate::transport::{self, DongleTransport, TransportError};
 use crate::weakened::{self, Defence};
@@ -360,8 +359,8 @@ fn item_rules(item: &ProductItem) -> ItemRules {
 }
 
 /// The vendor keys trusted on this machine (`<state>/trust/<firm>.pub`), by firm.
-fn trusted_vendors(runtime: &Runtime) -> BTreeMap<u32, VerifyingKey> {
-    trusted_vendor_keys(&runtime.settings.state_dir)
+fn trusted_vendors<R: DongleOwner>(runtime: &R) -> BTreeMap<u32, VerifyingKey> {
+    trusted_vendor_keys(runtime.state_dir())
 }
 
 /// The vendor keys a meterd state folder trusts (`<state>/trust/<firm>.pub`), by firm.
@@ -418,14 +417,14 @@ impl Dongles {
     /// Brings the manager up to date before an access: new dongles are opened, removed ones
     /// released, and locked-out ones asked again. A dongle bound by another runtime is not
     /// taken back while it stays attached (that would be shared use); a re-plug opens it again.
-    pub async fn before_access(&self, runtime: &Arc<Runtime>) {
+    pub async fn before_access<R: DongleOwner>(&self, runtime: &Arc<R>) {
         self.scan(runtime, true).await;
     }
 
     /// One pass: removals, new endpoints, retries and keepalives.
-    async fn scan(&self, runtime: &Arc<Runtime>, on_demand: bool) {
+    async fn scan<R: DongleOwner>(&self, runtime: &Arc<R>, on_demand: bool) {
         let _scanning = self.scanning.lock().await;
-        let endpoints = match runtime.platform.usb_endpoints() {
+        let endpoints = match runtime.platform().usb_endpoints() {
             Ok(endpoints) => endpoints,
             Err(error) => {
                 tracing::warn!(%error, "Cannot list USB endpoints");
@@ -461,7 +460,7 @@ impl Dongles {
 
     /// Keeps open sessions alive and asks locked-out and unresponsive dongles again when their
     /// retry is due (an unresponsive one in a task of its own). The caller holds the scanning lock.
-    async fn service(&self, runtime: &Arc<Runtime>, on_demand: bool) {
+    async fn service<R: DongleOwner>(&self, runtime: &Arc<R>, on_demand: bool) {
         // Ticks and frames drift by a little; a session a quarter interval early is due too.
         let keepalive_due = KEEPALIVE_INTERVAL - KEEPALIVE_INTERVAL / 4;
         let now = Instant::now();
@@ -499,7 +498,7 @@ impl Dongles {
                     }
                     let runtime = Arc::clone(runtime);
                     tokio::spawn(async move {
-                        let dongles = &runtime.dongles;
+                        let dongles = &runtime.dongles();
                         dongles.open_session(&runtime, &serial, generation).await;
                         if let Some(attached) = dongles.board().attached.get_mut(&serial)
                             && attached.generation == generation
@@ -512,7 +511,7 @@ impl Dongles {
         }
     }
 
-    async fn attach(&self, runtime: &Arc<Runtime>, endpoint: UsbEndpoint) {
+    async fn attach<R: DongleOwner>(&self, runtime: &Arc<R>, endpoint: UsbEndpoint) {
         let Some(id) = file_id(&endpoint) else {
             return;
         };
@@ -564,7 +563,7 @@ impl Dongles {
     }
 
     /// Says hello on connection `generation` and, once bound, offers the dongle's items.
-    async fn open_session(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64) {
+    async fn open_session<R: DongleOwner>(&self, runtime: &Arc<R>, serial: &str, generation: u64) {
         let Some((link, current)) = self.link(serial) else {
             return;
         };
@@ -572,12 +571,12 @@ impl Dongles {
             // Re-plugged meanwhile: the new connection says its own hello.
             return;
         }
-        let vendors = trusted_vendors(runtime);
+        let vendors = trusted_vendors(runtime.as_ref());
         let bind_as = if weakened::is(Defence::DongleBinding) {
             // Weakened: every runtime binds under the same id, so the dongle cannot tell them apart.
             "meter-runtime".to_owned()
         } else {
-            runtime.runtime_id.clone()
+            runtime.runtime_id()
         };
         let runtime_id = match RuntimeId::new(bind_as) {
             Ok(id) => id,
@@ -625,15 +624,26 @@ impl Dongles {
     }
 
     /// Registers the items of an open dongle in the allocation table.
-    fn offer(
+    fn offer<R: DongleOwner>(
         &self,
-        runtime: &Arc<Runtime>,
+        runtime: &Arc<R>,
         serial: &str,
         generation: u64,
         items: Vec<ProductItem>,
     ) {
         let container = container_of(serial);
-        let mut state = runtime.lock();
+        runtime.with_table(|table| self.offer_into(table, serial, generation, items, &container));
+    }
+
+    /// [`Self::offer`] with the allocation table held.
+    fn offer_into(
+        &self,
+        table: &mut AllocationTable,
+        serial: &str,
+        generation: u64,
+        items: Vec<ProductItem>,
+        container: &ContainerId,
+    ) {
         let mut board = self.board();
         let Some(attached) = board.attached.get_mut(serial) else {
             return;
@@ -644,9 +654,9 @@ impl Dongles {
         attached.state = DongleState::Open;
         attached.last_frame = Instant::now();
         attached.opened_at = Instant::now();
-        let _ = state.table.remove_container(&container);
+        let _ = table.remove_container(container);
         for item in &items {
-            state.table.upsert_item(ItemEntry {
+            table.upsert_item(ItemEntry {
                 container: container.clone(),
                 product: ProductKey {
                     firm: item.firm,
@@ -661,7 +671,7 @@ impl Dongles {
         board.known_items.insert(serial.to_owned(), items);
     }
 
-    async fn keep_alive(&self, runtime: &Arc<Runtime>, serial: &str) {
+    async fn keep_alive<R: DongleOwner>(&self, runtime: &Arc<R>, serial: &str) {
         let Some((link, generation)) = self.link(serial) else {
             return;
         };
@@ -676,9 +686,9 @@ impl Dongles {
     }
 
     /// A session failure: the dongle is gone, locked out, rebound or refused; its licences go.
-    async fn failed(
+    async fn failed<R: DongleOwner>(
         &self,
-        runtime: &Arc<Runtime>,
+        runtime: &Arc<R>,
         serial: &str,
         generation: u64,
         error: LinkError,
@@ -753,7 +763,12 @@ impl Dongles {
 
     /// Whether connection `generation`'s endpoint is still among the machine's USB endpoints
     /// (when they cannot be listed, it is taken to be).
-    fn still_attached(&self, runtime: &Arc<Runtime>, serial: &str, generation: u64) -> bool {
+    fn still_attached<R: DongleOwner>(
+        &self,
+        runtime: &Arc<R>,
+        serial: &str,
+        generation: u64,
+    ) -> bool {
         let Some(id) = self
             .board()
             .attached
@@ -763,7 +778,7 @@ impl Dongles {
         else {
             return false;
         };
-        match runtime.platform.usb_endpoints() {
+        match runtime.platform().usb_endpoints() {
             Ok(endpoints) => endpoints
                 .iter()
                 .any(|e| e.serial == serial && file_id(e) == Some(id)),
@@ -798,9 +813,9 @@ impl Dongles {
     }
 
     /// The dongle went away: forget it and take back its licences.
-    async fn detach(
+    async fn detach<R: DongleOwner>(
         &self,
-        runtime: &Arc<Runtime>,
+        runtime: &Arc<R>,
         serial: &str,
         generation: Option<u64>,
         reason: Reason,
@@ -828,19 +843,9 @@ impl Dongles {
     }
 
     /// Withdraws a dongle's items and revokes every grant taken from it.
-    async fn take_back(&self, runtime: &Arc<Runtime>, serial: &str, reason: Reason) {
+    async fn take_back<R: DongleOwner>(&self, runtime: &Arc<R>, serial: &str, reason: Reason) {
         let container = container_of(serial);
-        let container_text = container.to_string();
-        let handles: Vec<u64> = {
-            let mut state = runtime.lock();
-            let _ = state.table.remove_container(&container);
-            state
-                .grants
-                .iter()
-                .filter(|(_, g)| matches!(&g.via, Via::Table { container } if *container == container_text))
-                .map(|(h, _)| *h)
-                .collect()
-        };
+        let handles = runtime.withdraw_container(&container);
         {
             let mut board = self.board();
             board.accesses.retain(|_, (s, _, _)| s != serial);
@@ -862,13 +867,12 @@ impl Dongles {
 
     /// Opens a table grant inside its dongle (units are spent there); on refusal the grant is
     /// released without telling its holder and the reason returned.
-    pub async fn confirm_grant(&self, runtime: &Arc<Runtime>, handle: u64) -> Result<(), Reason> {
-        let Some((product, container)) = runtime.lock().grants.get(&handle).and_then(|g| match &g
-            .via
-        {
-            Via::Table { container } => Some((g.product, container.clone())),
-            Via::Forwarded { .. } => None,
-        }) else {
+    pub async fn confirm_grant<R: DongleOwner>(
+        &self,
+        runtime: &Arc<R>,
+        handle: u64,
+    ) -> Result<(), Reason> {
+        let Some((product, container)) = runtime.table_grant(handle) else {
             return Err(Reason::NotHeld);
         };
         let Some(serial) = container.strip_prefix("dongle:").map(str::to_owned) else {
@@ -940,9 +944,7 @@ impl Dongles {
             Ok(Response::Units { remaining }) => {
                 let container = container_of(&serial);
                 let _ = runtime
-                    .lock()
-                    .table
-                    .set_units_left(&container, product, Some(remaining));
+                    .with_table(|table| table.set_units_left(&container, product, Some(remaining)));
                 self.board()
                     .accesses
                     .insert(handle, (serial, generation, None));
@@ -950,11 +952,9 @@ impl Dongles {
             }
             Ok(Response::Denied(denial)) => {
                 if let dongle::Denial::UnitsExhausted { remaining } = denial {
-                    let _ = runtime.lock().table.set_units_left(
-                        &container_of(&serial),
-                        product,
-                        Some(remaining),
-                    );
+                    let _ = runtime.with_table(|table| {
+                        table.set_units_left(&container_of(&serial), product, Some(remaining))
+                    });
                 }
                 let _ = runtime.release(handle).await;
                 Err(denial
@@ -1106,14 +1106,36 @@ fn state_reason(state: &DongleState) -> Reason {
     }
 }
 
+/// What the dongle service needs from the runtime that owns it.
+pub trait DongleOwner: Send + Sync + 'static {
+    /// The dongle service itself.
+    fn dongles(&self) -> &Dongles;
+    /// The machine the runtime runs on (its USB endpoints).
+    fn platform(&self) -> &dyn Platform;
+    /// The runtime's state folder (trusted vendor keys).
+    fn state_dir(&self) -> &Path;
+    /// The id the runtime binds dongles under.
+    fn runtime_id(&self) -> String;
+    /// Runs `f` on the allocation table, under the runtime's lock.
+    fn with_table<T>(&self, f: impl FnOnce(&mut AllocationTable) -> T) -> T;
+    /// Removes a container's items from the table; the handles of the grants taken from it.
+    fn withdraw_container(&self, container: &ContainerId) -> Vec<u64>;
+    /// A table grant's product and container text (`None` for a forwarded or unknown one).
+    fn table_grant(&self, handle: u64) -> Option<(ProductKey, String)>;
+    /// Releases a grant without telling its holder.
+    fn release(self: &Arc<Self>, handle: u64) -> impl Future<Output = Result<(), Reason>> + Send;
+    /// Takes a grant back and tells its holder why.
+    fn revoke(self: &Arc<Self>, handle: u64, reason: Reason) -> impl Future<Output = ()> + Send;
+}
+
 /// Opens the dongles attached now, then keeps watching the machine's USB endpoints.
-pub async fn start(runtime: Arc<Runtime>) {
-    let Some(mut gone_events) = runtime.dongles.take_gone_events() else {
+pub async fn start<R: DongleOwner>(runtime: Arc<R>) {
+    let Some(mut gone_events) = runtime.dongles().take_gone_events() else {
         return;
     };
-    runtime.dongles.scan(&runtime, false).await;
+    runtime.dongles().scan(&runtime, false).await;
     tokio::spawn(async move {
-        let dongles = &runtime.dongles;
+        let dongles = &runtime.dongles();
         let mut scan_tick = tokio::time::interval(SCAN_INTERVAL);
         let mut keepalive_tick = tokio::time::interval(KEEPALIVE_INTERVAL);
         scan_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

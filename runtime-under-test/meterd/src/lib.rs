@@ -20,6 +20,7 @@ pub mod pidfd;
 pub mod platform;
 pub mod protocol;
 pub mod remote;
+pub mod runtime_ports;
 pub mod server;
 pub mod startup;
 pub mod status_view;

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
-use crate::daemon::Runtime;
 use crate::frame;
+use crate::platform::Platform;
 use crate::protocol::{Claim, FromServer, ToServer};
 use crate::tls;
 
@@ -49,6 +49,30 @@ struct RemoteServer {
     task: Mutex<Option<JoinHandle<()>>>,
     /// Cuts a reconnect back-off short (an access is waiting for the link).
     wake: tokio::sync::Notify,
+}
+
+/// What a server link needs from the runtime it forwards for.
+pub trait LinkOwner: Send + Sync + 'static {
+    /// The machine the runtime runs on (the address to connect from, the machine name).
+    fn platform(&self) -> &dyn Platform;
+    /// The runtime's id, sent in `Hello`.
+    fn runtime_id(&self) -> String;
+    /// The claims this runtime holds on `server` (sent on reconnect).
+    fn claims_for(&self, server: &str) -> Vec<Claim>;
+    /// After a reconnect: records the new server handles and revokes the lost grants.
+    fn reconciled(
+        self: &Arc<Self>,
+        server: &str,
+        restored: Vec<(u64, u64)>,
+        lost: Vec<(u64, Reason)>,
+    ) -> impl Future<Output = ()> + Send;
+    /// Revokes a grant the server no longer honours.
+    fn forwarded_lost(
+        self: &Arc<Self>,
+        server: &str,
+        server_handle: u64,
+        reason: Reason,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// The network servers this runtime forwards to.
@@ -99,7 +123,7 @@ impl Remotes {
     }
 
     /// Adds a server (replacing one with the same address) and starts linking to it.
-    pub fn add(&self, runtime: &Arc<Runtime>, addr: String, pin: [u8; 32]) {
+    pub fn add<R: LinkOwner>(&self, runtime: &Arc<R>, addr: String, pin: [u8; 32]) {
         self.remove(&addr);
         let server = Arc::new(RemoteServer {
             addr,
@@ -269,7 +293,7 @@ pub async fn secure(
     Ok(connector.connect(tls::server_name(), tcp).await?)
 }
 
-async fn keep_linked(runtime: Weak<Runtime>, server: Arc<RemoteServer>) {
+async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let Some(rt) = runtime.upgrade() else { return };
@@ -287,16 +311,19 @@ async fn keep_linked(runtime: Weak<Runtime>, server: Arc<RemoteServer>) {
     }
 }
 
-async fn run_link(runtime: &Arc<Runtime>, server: &Arc<RemoteServer>) -> anyhow::Result<()> {
-    let local = runtime.platform.address().ok().flatten();
+async fn run_link<R: LinkOwner>(
+    runtime: &Arc<R>,
+    server: &Arc<RemoteServer>,
+) -> anyhow::Result<()> {
+    let local = runtime.platform().address().ok().flatten();
     let stream = connect(&server.addr, server.pin, local).await?;
     let mut framed = frame::framed(stream);
-    let machine = runtime.platform.machine_name()?;
+    let machine = runtime.platform().machine_name()?;
     let claims = runtime.claims_for(&server.addr);
     frame::send(
         &mut framed,
         &ToServer::Hello {
-            runtime: runtime.runtime_id.clone(),
+            runtime: runtime.runtime_id(),
             machine,
             claims,
         },
