@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use meter_core::allocation::{
-    AccessRequest, AllocationTable, ContainerClass, HolderId, Origin, ProductKey,
-};
+use meter_core::allocation::{AccessRequest, AllocationTable, HolderId, Origin, ProductKey};
 use meter_core::reason::Reason;
 use meter_core::station::{MachineRole, SessionKind, StationId};
 use meter_core::traits::MachineKind;
@@ -17,12 +15,12 @@ use tokio::sync::mpsc;
 
 use crate::pidfd::ProcessWatch;
 use crate::platform::{Platform, process_session_and_start};
-use crate::protocol::{Claim, FromServer, LocalReply, WireSession};
+use crate::protocol::{Claim, LocalReply, WireSession};
 use crate::remote::Remotes;
 use crate::store::{self, Change, Snapshot, Store};
 
 /// Metadata key prefix of the client runtimes linked to this server.
-const RUNTIME_KEY_PREFIX: &str = "remote-runtime/";
+pub(crate) const RUNTIME_KEY_PREFIX: &str = "remote-runtime/";
 
 /// Firm code used when an app names no firm and no local item tells which.
 pub const DEFAULT_FIRM: u32 = meter_core::policy::DEFAULT_FIRM;
@@ -94,7 +92,7 @@ pub struct GrantRecord {
 }
 
 impl GrantRecord {
-    fn access_request(&self) -> AccessRequest {
+    pub(crate) fn access_request(&self) -> AccessRequest {
         let (holder, origin) = match &self.holder {
             Holder::Local { pid, .. } => (HolderId::Local { pid: *pid }, Origin::Local),
             Holder::Remote { peer, .. } => (
@@ -116,7 +114,7 @@ impl GrantRecord {
         }
     }
 
-    fn container(&self) -> &str {
+    pub(crate) fn container(&self) -> &str {
         match &self.via {
             Via::Table { container } | Via::Forwarded { container, .. } => container,
         }
@@ -125,10 +123,10 @@ impl GrantRecord {
 
 /// A connected client runtime (server side).
 #[derive(Debug)]
-struct RemoteLink {
-    generation: u64,
-    peer: String,
-    machine: String,
+pub(crate) struct RemoteLink {
+    pub(crate) generation: u64,
+    pub(crate) peer: String,
+    pub(crate) machine: String,
 }
 
 /// The mutable state behind one lock.
@@ -139,14 +137,14 @@ pub(crate) struct State {
     next_handle: u64,
     watched: HashMap<u32, u64>,
     listeners: HashMap<u64, mpsc::UnboundedSender<LocalReply>>,
-    links: HashMap<String, RemoteLink>,
-    link_generation: u64,
-    awaiting_reconnect: HashMap<String, Instant>,
-    known_runtimes: std::collections::BTreeSet<String>,
+    pub(crate) links: HashMap<String, RemoteLink>,
+    pub(crate) link_generation: u64,
+    pub(crate) awaiting_reconnect: HashMap<String, Instant>,
+    pub(crate) known_runtimes: std::collections::BTreeSet<String>,
 }
 
 impl State {
-    fn allocate_handle(&mut self) -> u64 {
+    pub(crate) fn allocate_handle(&mut self) -> u64 {
         let handle = self.next_handle.max(1);
         self.next_handle = handle + 1;
         handle
@@ -612,7 +610,7 @@ impl Runtime {
     ///
     /// Concurrent accesses share one look: an access waits for a look that started after it
     /// asked (so it sees every change made before it asked) instead of making its own.
-    async fn observe_machine(self: &Arc<Self>) {
+    pub(crate) async fn observe_machine(self: &Arc<Self>) {
         let asked = self.observations.tickets.fetch_add(1, Ordering::SeqCst);
         let mut last_started = self.observations.last_started.lock().await;
         if *last_started > asked {
@@ -631,7 +629,7 @@ impl Runtime {
 
     /// After a restart, new grants wait until the linked client runtimes have re-claimed theirs
     /// (or their keepalive window ran out), so nothing is granted twice.
-    async fn wait_for_reconnects(&self) {
+    pub(crate) async fn wait_for_reconnects(&self) {
         let started = Instant::now();
         while !self.lock().awaiting_reconnect.is_empty()
             && started.elapsed() < self.settings.keepalive
@@ -645,7 +643,7 @@ impl Runtime {
         self.release_inner(handle, true).await
     }
 
-    async fn release_inner(
+    pub(crate) async fn release_inner(
         self: &Arc<Self>,
         handle: u64,
         durable_wait: bool,
@@ -764,483 +762,9 @@ impl Runtime {
             runtime.release_holder(pid, start).await;
         });
     }
-
-    // ----- network server side -----
-
-    /// A client runtime connected (or reconnected) and says which grants it still holds.
-    pub async fn remote_hello(
-        self: &Arc<Self>,
-        runtime: &str,
-        machine: &str,
-        peer: &str,
-        claims: Vec<Claim>,
-    ) -> (u64, FromServer) {
-        let now = self.platform.now_ms().unwrap_or(0);
-        let mut restored = Vec::new();
-        let mut lost = Vec::new();
-        let mut changes = Vec::new();
-        let generation;
-        {
-            let mut state = self.lock();
-            state.link_generation += 1;
-            generation = state.link_generation;
-            state.awaiting_reconnect.remove(runtime);
-            if state.known_runtimes.insert(runtime.to_owned()) {
-                changes.push(Change::PutMeta(
-                    format!("{RUNTIME_KEY_PREFIX}{runtime}"),
-                    Vec::new(),
-                ));
-            }
-            state.links.insert(
-                runtime.to_owned(),
-                RemoteLink {
-                    generation,
-                    peer: peer.to_owned(),
-                    machine: machine.to_owned(),
-                },
-            );
-            let held: BTreeMap<u64, u64> = state
-                .grants
-                .iter()
-                .filter_map(|(handle, g)| match &g.holder {
-                    Holder::Remote {
-                        runtime: r,
-                        client_handle,
-                        ..
-                    } if r == runtime => Some((*client_handle, *handle)),
-                    _ => None,
-                })
-                .collect();
-            let claimed: std::collections::BTreeSet<u64> =
-                claims.iter().map(|c| c.client_handle).collect();
-            // Grants the client no longer claims are released.
-            for (client_handle, handle) in &held {
-                if !claimed.contains(client_handle)
-                    && let Some(record) = state.grants.remove(handle)
-                {
-                    if let Some(t) = record.table_handle {
-                        let _ = state.table.release(t);
-                    }
-                    changes.push(Change::DeleteGrant(*handle));
-                }
-            }
-            for claim in claims {
-                if let Some(handle) = held.get(&claim.client_handle) {
-                    if let Some(record) = state.grants.get_mut(handle)
-                        && let Holder::Remote { peer: p, .. } = &mut record.holder
-                    {
-                        *p = peer.to_owned();
-                    }
-                    restored.push((claim.client_handle, *handle));
-                    continue;
-                }
-                match self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes) {
-                    Ok((handle, ..)) => restored.push((claim.client_handle, handle)),
-                    Err(reason) => lost.push((claim.client_handle, reason)),
-                }
-            }
-        }
-        if !changes.is_empty()
-            && let Err(e) = self.store.commit(changes).await
-        {
-            tracing::error!(error = %e, "Reconnect not recorded");
-        }
-        tracing::info!(
-            runtime,
-            machine,
-            peer,
-            restored = restored.len(),
-            lost = lost.len(),
-            "Remote runtime connected"
-        );
-        (
-            generation,
-            FromServer::Welcome {
-                restored,
-                lost,
-                keepalive_ms: self.settings.keepalive.as_millis() as u64,
-            },
-        )
-    }
-
-    fn grant_remote(
-        &self,
-        state: &mut State,
-        runtime: &str,
-        peer: &str,
-        claim: &Claim,
-        now: u64,
-        changes: &mut Vec<Change>,
-    ) -> Result<(u64, String, ContainerClass), Reason> {
-        let mut record = GrantRecord {
-            product: claim.product,
-            station: claim.station.clone(),
-            session: claim.session.clone(),
-            role: claim.role,
-            guest: claim.guest,
-            holder: Holder::Remote {
-                runtime: runtime.to_owned(),
-                client_handle: claim.client_handle,
-                peer: peer.to_owned(),
-            },
-            via: Via::Table {
-                container: String::new(),
-            },
-            granted_at: now,
-            table_handle: None,
-        };
-        let grant = state
-            .table
-            .access(record.access_request(), now)
-            .map_err(|reason| self.explain_denial(&state.table, claim.product, reason))?;
-        let container = grant.container.to_string();
-        record.table_handle = Some(grant.handle);
-        if crate::weakened::is(crate::weakened::Defence::ServerQuantity) {
-            // Weakened: a remote grant is answered but not kept in the count.
-            let _ = state.table.release(grant.handle);
-        }
-        record.via = Via::Table {
-            container: container.clone(),
-        };
-        let handle = state.allocate_handle();
-        changes.push(Change::PutGrant(handle, encode_record(&record)));
-        changes.push(Change::PutMeta(
-            "next-handle".into(),
-            (handle + 1).to_le_bytes().to_vec(),
-        ));
-        if let Some(units) = grant.units_left {
-            // Served licences are witnessed by the server's own state; no chain to hand on.
-            match self.record_unit_spent(&grant.container, claim.product, now) {
-                Ok((more, _receipt)) => {
-                    changes.push(crate::licences::units_change(
-                        &grant.container,
-                        claim.product,
-                        units,
-                    ));
-                    changes.extend(more);
-                }
-                Err(reason) => {
-                    let _ = state.table.release(grant.handle);
-                    let _ = state.table.set_units_left(
-                        &grant.container,
-                        claim.product,
-                        Some(units + 1),
-                    );
-                    return Err(reason);
-                }
-            }
-        }
-        state.grants.insert(handle, record);
-        Ok((handle, container, grant.container.class))
-    }
-
-    /// A client runtime forwards an access.
-    pub async fn remote_access(
-        self: &Arc<Self>,
-        runtime: &str,
-        generation: u64,
-        peer: &str,
-        request: u64,
-        claim: Claim,
-    ) -> FromServer {
-        self.wait_for_reconnects().await;
-        self.observe_machine().await;
-        let mut changes = Vec::new();
-        let outcome = {
-            let mut state = self.lock();
-            // Read under the lock, as for local accesses: never behind a high-water mark.
-            let Ok(now) = self.platform.now_ms() else {
-                return FromServer::Denied {
-                    request,
-                    reason: Reason::ServerUnreachable,
-                };
-            };
-            if state.links.get(runtime).map(|l| l.generation) != Some(generation) {
-                // The connection that asked is gone; its station was already released.
-                return FromServer::Denied {
-                    request,
-                    reason: Reason::ServerUnreachable,
-                };
-            }
-            self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
-                .inspect(|_| self.store.submit_eventually(std::mem::take(&mut changes)))
-        };
-        match outcome {
-            // Not waiting for the disk: the client runtime re-claims its grants after a restart.
-            Ok((handle, container, class)) => match self.confirm_on_dongle(handle, class).await {
-                Ok(()) => FromServer::Granted {
-                    request,
-                    handle,
-                    container,
-                },
-                Err(reason) => FromServer::Denied { request, reason },
-            },
-            Err(reason) => FromServer::Denied {
-                request,
-                reason: self.dongles.explain_denial(claim.product, reason),
-            },
-        }
-    }
-
-    /// Confirms a grant with its dongle when it is on one (boxed: rare, and its state is large).
-    async fn confirm_on_dongle(
-        self: &Arc<Self>,
-        handle: u64,
-        class: ContainerClass,
-    ) -> Result<(), Reason> {
-        if class == ContainerClass::Dongle {
-            Box::pin(self.dongles.confirm_grant(self, handle)).await
-        } else {
-            Ok(())
-        }
-    }
-
-    /// A client runtime releases a grant.
-    pub async fn remote_release(
-        self: &Arc<Self>,
-        runtime: &str,
-        request: u64,
-        handle: u64,
-    ) -> FromServer {
-        let owned = {
-            let state = self.lock();
-            state.grants.get(&handle).is_some_and(
-                |g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
-            )
-        };
-        if owned {
-            let _ = self.release_inner(handle, false).await;
-        }
-        FromServer::Released { request }
-    }
-
-    /// A client runtime's connection ended (closed, broken, or silent past its window).
-    pub async fn remote_gone(self: &Arc<Self>, runtime: &str, generation: u64, why: &str) {
-        let handles: Vec<u64> = {
-            let mut state = self.lock();
-            match state.links.get(runtime) {
-                Some(link) if link.generation == generation => {
-                    state.links.remove(runtime);
-                    state.known_runtimes.remove(runtime);
-                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
-                        "{RUNTIME_KEY_PREFIX}{runtime}"
-                    ))]));
-                }
-                // A newer connection of the same runtime took over.
-                _ => return,
-            }
-            state
-                .grants
-                .iter()
-                .filter(
-                    |(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
-                )
-                .map(|(h, _)| *h)
-                .collect()
-        };
-        let count = handles.len();
-        for handle in handles {
-            let _ = self.release(handle).await;
-        }
-        tracing::info!(runtime, why, released = count, "Remote station released");
-    }
-
-    /// Releases the grants of client runtimes that did not reconnect after a restart in time.
-    pub async fn sweep_unreconnected(self: &Arc<Self>) {
-        let expired: Vec<String> = {
-            let mut state = self.lock();
-            let now = Instant::now();
-            let expired: Vec<String> = state
-                .awaiting_reconnect
-                .iter()
-                .filter(|(_, deadline)| **deadline <= now)
-                .map(|(r, _)| r.clone())
-                .collect();
-            for runtime in &expired {
-                state.awaiting_reconnect.remove(runtime);
-                if !state.links.contains_key(runtime) && state.known_runtimes.remove(runtime) {
-                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
-                        "{RUNTIME_KEY_PREFIX}{runtime}"
-                    ))]));
-                }
-            }
-            expired
-        };
-        for runtime in expired {
-            let handles: Vec<u64> = {
-                let state = self.lock();
-                if state.links.contains_key(&runtime) {
-                    continue;
-                }
-                state
-                    .grants
-                    .iter()
-                    .filter(|(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if *r == runtime))
-                    .map(|(h, _)| *h)
-                    .collect()
-            };
-            for handle in &handles {
-                let _ = self.release(*handle).await;
-            }
-            tracing::info!(
-                runtime,
-                released = handles.len(),
-                "Remote runtime did not come back"
-            );
-        }
-    }
-
-    /// Revokes a grant the server no longer honours (client side).
-    pub async fn forwarded_lost(
-        self: &Arc<Self>,
-        server: &str,
-        server_handle: u64,
-        reason: Reason,
-    ) {
-        let handle = {
-            let state = self.lock();
-            state.grants.iter().find_map(|(h, g)| match &g.via {
-                Via::Forwarded {
-                    server: s,
-                    server_handle: sh,
-                    ..
-                } if s == server && *sh == server_handle => Some(*h),
-                _ => None,
-            })
-        };
-        if let Some(handle) = handle {
-            self.revoke(handle, reason).await;
-        }
-    }
-
-    /// The claims this runtime holds on one server (sent on reconnect).
-    pub fn claims_for(&self, server: &str) -> Vec<Claim> {
-        let state = self.lock();
-        state
-            .grants
-            .iter()
-            .filter_map(|(handle, g)| match &g.via {
-                Via::Forwarded { server: s, .. } if s == server => Some(Claim {
-                    client_handle: *handle,
-                    product: g.product,
-                    station: g.station.clone(),
-                    session: g.session.clone(),
-                    role: g.role,
-                    guest: g.guest,
-                }),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// After a reconnect: records new server handles and revokes lost grants.
-    pub async fn reconciled(
-        self: &Arc<Self>,
-        server: &str,
-        restored: Vec<(u64, u64)>,
-        lost: Vec<(u64, Reason)>,
-    ) {
-        let durable = {
-            let mut state = self.lock();
-            let mut changes = Vec::new();
-            for (handle, server_handle) in restored {
-                if let Some(record) = state.grants.get_mut(&handle)
-                    && let Via::Forwarded {
-                        server: s,
-                        server_handle: sh,
-                        ..
-                    } = &mut record.via
-                    && s == server
-                    && *sh != server_handle
-                {
-                    *sh = server_handle;
-                    changes.push(Change::PutGrant(handle, encode_record(record)));
-                }
-            }
-            self.store.submit(changes)
-        };
-        let _ = store::wait(durable).await;
-        for (handle, reason) in lost {
-            self.revoke(handle, reason).await;
-        }
-    }
-
-    /// Status document (`meter status --json`).
-    pub fn status_json(&self) -> serde_json::Value {
-        let machine = serde_json::json!({
-            "name": self.platform.machine_name().ok(),
-            "kind": self.platform.kind().ok(),
-            "role": self.platform.role().ok(),
-            "platform": self.platform.describe(),
-            "vmgenid": self.platform.vmgenid().ok().flatten(),
-            "clock_ms": self.platform.now_ms().ok(),
-            "runtime_id": self.runtime_id,
-        });
-        let state = self.lock();
-        let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
-        let mut containers = licences.containers_json(&state.table);
-        containers.retain(|c| c["kind"] != "dongle");
-        containers.extend(self.dongles.containers_json(&state.table));
-        let mut remotes: Vec<serde_json::Value> = self
-            .remotes
-            .list()
-            .into_iter()
-            .map(|(addr, connected)| {
-                serde_json::json!({"kind": "remote", "id": format!("remote:{addr}"), "state": if connected {"valid"} else {"unreachable"}, "reason": if connected { serde_json::Value::Null } else { "server-unreachable".into() }, "products": []})
-            })
-            .collect();
-        let mut all = containers;
-        all.append(&mut remotes);
-        let server = self
-            .server_info
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .map(|(listen, fingerprint)| {
-                let stations: Vec<serde_json::Value> = state
-                    .links
-                    .iter()
-                    .map(|(runtime, link)| {
-                        let held = state
-                            .grants
-                            .values()
-                            .filter(|g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime))
-                            .count();
-                        serde_json::json!({"runtime": runtime, "machine": link.machine, "peer": link.peer, "allocations": held})
-                    })
-                    .collect();
-                serde_json::json!({"listen": listen, "cert_sha256": fingerprint, "stations": stations})
-            });
-        serde_json::json!({"machine": machine, "containers": all, "server": server})
-    }
-
-    /// Allocation list document (`meter list --json`).
-    pub fn list_json(&self) -> serde_json::Value {
-        let state = self.lock();
-        let allocations: Vec<serde_json::Value> = state
-            .grants
-            .iter()
-            .map(|(handle, g)| {
-                let (pid, peer) = match &g.holder {
-                    Holder::Local { pid, .. } => (Some(*pid), None),
-                    Holder::Remote { peer, .. } => (None, Some(peer.clone())),
-                };
-                let server = match &g.via {
-                    Via::Forwarded { server, .. } => Some(server.clone()),
-                    Via::Table { .. } => None,
-                };
-                serde_json::json!({
-                    "handle": handle, "product": g.product.code, "firm": g.product.firm,
-                    "station": g.station.to_string(), "pid": pid, "peer": peer,
-                    "container": g.container(), "server": server, "granted_at": g.granted_at,
-                })
-            })
-            .collect();
-        serde_json::json!({ "allocations": allocations })
-    }
 }
 
-fn encode_record(record: &GrantRecord) -> Vec<u8> {
+pub(crate) fn encode_record(record: &GrantRecord) -> Vec<u8> {
     postcard::to_stdvec(record).expect("grant records always encode")
 }
 

@@ -1,0 +1,340 @@
+//! The daemon as a network server: the stations of client runtimes, their grants, hellos,
+//! keepalives and departures.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use meter_core::allocation::ContainerClass;
+use meter_core::reason::Reason;
+
+use crate::daemon::{
+    GrantRecord, Holder, RUNTIME_KEY_PREFIX, RemoteLink, Runtime, State, Via, encode_record,
+};
+use crate::protocol::{Claim, FromServer};
+use crate::store::Change;
+
+impl Runtime {
+    /// A client runtime connected (or reconnected) and says which grants it still holds.
+    pub async fn remote_hello(
+        self: &Arc<Self>,
+        runtime: &str,
+        machine: &str,
+        peer: &str,
+        claims: Vec<Claim>,
+    ) -> (u64, FromServer) {
+        let now = self.platform.now_ms().unwrap_or(0);
+        let mut restored = Vec::new();
+        let mut lost = Vec::new();
+        let mut changes = Vec::new();
+        let generation;
+        {
+            let mut state = self.lock();
+            state.link_generation += 1;
+            generation = state.link_generation;
+            state.awaiting_reconnect.remove(runtime);
+            if state.known_runtimes.insert(runtime.to_owned()) {
+                changes.push(Change::PutMeta(
+                    format!("{RUNTIME_KEY_PREFIX}{runtime}"),
+                    Vec::new(),
+                ));
+            }
+            state.links.insert(
+                runtime.to_owned(),
+                RemoteLink {
+                    generation,
+                    peer: peer.to_owned(),
+                    machine: machine.to_owned(),
+                },
+            );
+            let held: BTreeMap<u64, u64> = state
+                .grants
+                .iter()
+                .filter_map(|(handle, g)| match &g.holder {
+                    Holder::Remote {
+                        runtime: r,
+                        client_handle,
+                        ..
+                    } if r == runtime => Some((*client_handle, *handle)),
+                    _ => None,
+                })
+                .collect();
+            let claimed: std::collections::BTreeSet<u64> =
+                claims.iter().map(|c| c.client_handle).collect();
+            // Grants the client no longer claims are released.
+            for (client_handle, handle) in &held {
+                if !claimed.contains(client_handle)
+                    && let Some(record) = state.grants.remove(handle)
+                {
+                    if let Some(t) = record.table_handle {
+                        let _ = state.table.release(t);
+                    }
+                    changes.push(Change::DeleteGrant(*handle));
+                }
+            }
+            for claim in claims {
+                if let Some(handle) = held.get(&claim.client_handle) {
+                    if let Some(record) = state.grants.get_mut(handle)
+                        && let Holder::Remote { peer: p, .. } = &mut record.holder
+                    {
+                        *p = peer.to_owned();
+                    }
+                    restored.push((claim.client_handle, *handle));
+                    continue;
+                }
+                match self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes) {
+                    Ok((handle, ..)) => restored.push((claim.client_handle, handle)),
+                    Err(reason) => lost.push((claim.client_handle, reason)),
+                }
+            }
+        }
+        if !changes.is_empty()
+            && let Err(e) = self.store.commit(changes).await
+        {
+            tracing::error!(error = %e, "Reconnect not recorded");
+        }
+        tracing::info!(
+            runtime,
+            machine,
+            peer,
+            restored = restored.len(),
+            lost = lost.len(),
+            "Remote runtime connected"
+        );
+        (
+            generation,
+            FromServer::Welcome {
+                restored,
+                lost,
+                keepalive_ms: self.settings.keepalive.as_millis() as u64,
+            },
+        )
+    }
+
+    fn grant_remote(
+        &self,
+        state: &mut State,
+        runtime: &str,
+        peer: &str,
+        claim: &Claim,
+        now: u64,
+        changes: &mut Vec<Change>,
+    ) -> Result<(u64, String, ContainerClass), Reason> {
+        let mut record = GrantRecord {
+            product: claim.product,
+            station: claim.station.clone(),
+            session: claim.session.clone(),
+            role: claim.role,
+            guest: claim.guest,
+            holder: Holder::Remote {
+                runtime: runtime.to_owned(),
+                client_handle: claim.client_handle,
+                peer: peer.to_owned(),
+            },
+            via: Via::Table {
+                container: String::new(),
+            },
+            granted_at: now,
+            table_handle: None,
+        };
+        let grant = state
+            .table
+            .access(record.access_request(), now)
+            .map_err(|reason| self.explain_denial(&state.table, claim.product, reason))?;
+        let container = grant.container.to_string();
+        record.table_handle = Some(grant.handle);
+        if crate::weakened::is(crate::weakened::Defence::ServerQuantity) {
+            // Weakened: a remote grant is answered but not kept in the count.
+            let _ = state.table.release(grant.handle);
+        }
+        record.via = Via::Table {
+            container: container.clone(),
+        };
+        let handle = state.allocate_handle();
+        changes.push(Change::PutGrant(handle, encode_record(&record)));
+        changes.push(Change::PutMeta(
+            "next-handle".into(),
+            (handle + 1).to_le_bytes().to_vec(),
+        ));
+        if let Some(units) = grant.units_left {
+            // Served licences are witnessed by the server's own state; no chain to hand on.
+            match self.record_unit_spent(&grant.container, claim.product, now) {
+                Ok((more, _receipt)) => {
+                    changes.push(crate::licences::units_change(
+                        &grant.container,
+                        claim.product,
+                        units,
+                    ));
+                    changes.extend(more);
+                }
+                Err(reason) => {
+                    let _ = state.table.release(grant.handle);
+                    let _ = state.table.set_units_left(
+                        &grant.container,
+                        claim.product,
+                        Some(units + 1),
+                    );
+                    return Err(reason);
+                }
+            }
+        }
+        state.grants.insert(handle, record);
+        Ok((handle, container, grant.container.class))
+    }
+
+    /// A client runtime forwards an access.
+    pub async fn remote_access(
+        self: &Arc<Self>,
+        runtime: &str,
+        generation: u64,
+        peer: &str,
+        request: u64,
+        claim: Claim,
+    ) -> FromServer {
+        self.wait_for_reconnects().await;
+        self.observe_machine().await;
+        let mut changes = Vec::new();
+        let outcome = {
+            let mut state = self.lock();
+            // Read under the lock, as for local accesses: never behind a high-water mark.
+            let Ok(now) = self.platform.now_ms() else {
+                return FromServer::Denied {
+                    request,
+                    reason: Reason::ServerUnreachable,
+                };
+            };
+            if state.links.get(runtime).map(|l| l.generation) != Some(generation) {
+                // The connection that asked is gone; its station was already released.
+                return FromServer::Denied {
+                    request,
+                    reason: Reason::ServerUnreachable,
+                };
+            }
+            self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
+                .inspect(|_| self.store.submit_eventually(std::mem::take(&mut changes)))
+        };
+        match outcome {
+            // Not waiting for the disk: the client runtime re-claims its grants after a restart.
+            Ok((handle, container, class)) => match self.confirm_on_dongle(handle, class).await {
+                Ok(()) => FromServer::Granted {
+                    request,
+                    handle,
+                    container,
+                },
+                Err(reason) => FromServer::Denied { request, reason },
+            },
+            Err(reason) => FromServer::Denied {
+                request,
+                reason: self.dongles.explain_denial(claim.product, reason),
+            },
+        }
+    }
+
+    /// Confirms a grant with its dongle when it is on one (boxed: rare, and its state is large).
+    async fn confirm_on_dongle(
+        self: &Arc<Self>,
+        handle: u64,
+        class: ContainerClass,
+    ) -> Result<(), Reason> {
+        if class == ContainerClass::Dongle {
+            Box::pin(self.dongles.confirm_grant(self, handle)).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A client runtime releases a grant.
+    pub async fn remote_release(
+        self: &Arc<Self>,
+        runtime: &str,
+        request: u64,
+        handle: u64,
+    ) -> FromServer {
+        let owned = {
+            let state = self.lock();
+            state.grants.get(&handle).is_some_and(
+                |g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
+            )
+        };
+        if owned {
+            let _ = self.release_inner(handle, false).await;
+        }
+        FromServer::Released { request }
+    }
+
+    /// A client runtime's connection ended (closed, broken, or silent past its window).
+    pub async fn remote_gone(self: &Arc<Self>, runtime: &str, generation: u64, why: &str) {
+        let handles: Vec<u64> = {
+            let mut state = self.lock();
+            match state.links.get(runtime) {
+                Some(link) if link.generation == generation => {
+                    state.links.remove(runtime);
+                    state.known_runtimes.remove(runtime);
+                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
+                        "{RUNTIME_KEY_PREFIX}{runtime}"
+                    ))]));
+                }
+                // A newer connection of the same runtime took over.
+                _ => return,
+            }
+            state
+                .grants
+                .iter()
+                .filter(
+                    |(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
+                )
+                .map(|(h, _)| *h)
+                .collect()
+        };
+        let count = handles.len();
+        for handle in handles {
+            let _ = self.release(handle).await;
+        }
+        tracing::info!(runtime, why, released = count, "Remote station released");
+    }
+
+    /// Releases the grants of client runtimes that did not reconnect after a restart in time.
+    pub async fn sweep_unreconnected(self: &Arc<Self>) {
+        let expired: Vec<String> = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            let expired: Vec<String> = state
+                .awaiting_reconnect
+                .iter()
+                .filter(|(_, deadline)| **deadline <= now)
+                .map(|(r, _)| r.clone())
+                .collect();
+            for runtime in &expired {
+                state.awaiting_reconnect.remove(runtime);
+                if !state.links.contains_key(runtime) && state.known_runtimes.remove(runtime) {
+                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
+                        "{RUNTIME_KEY_PREFIX}{runtime}"
+                    ))]));
+                }
+            }
+            expired
+        };
+        for runtime in expired {
+            let handles: Vec<u64> = {
+                let state = self.lock();
+                if state.links.contains_key(&runtime) {
+                    continue;
+                }
+                state
+                    .grants
+                    .iter()
+                    .filter(|(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if *r == runtime))
+                    .map(|(h, _)| *h)
+                    .collect()
+            };
+            for handle in &handles {
+                let _ = self.release(*handle).await;
+            }
+            tracing::info!(
+                runtime,
+                released = handles.len(),
+                "Remote runtime did not come back"
+            );
+        }
+    }
+}
