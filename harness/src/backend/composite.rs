@@ -141,6 +141,16 @@ impl World {
         })
     }
 
+    /// Signals an app, unless it ended with its machine.
+    fn signal_app(&mut self, app: &str, signal: i32) -> Result<(), BackendError> {
+        let place = self.app(app)?;
+        if !place.alive {
+            return Ok(());
+        }
+        let machine = place.machine.clone();
+        self.driver(&machine)?.signal_app(&machine, app, signal)
+    }
+
     /// Apps of a machine that stopped or went back in time end with it.
     fn end_apps_of(&mut self, machine: &str) {
         for app in self.apps.values_mut().filter(|a| a.machine == machine) {
@@ -505,23 +515,11 @@ impl Backend for World {
     }
 
     fn terminate_app(&mut self, app: &str) -> Result<(), BackendError> {
-        let place = self.app(app)?;
-        if !place.alive {
-            return Ok(());
-        }
-        let machine = place.machine.clone();
-        self.driver(&machine)?
-            .signal_app(&machine, app, libc::SIGTERM)
+        self.signal_app(app, libc::SIGTERM)
     }
 
     fn kill_app(&mut self, app: &str) -> Result<(), BackendError> {
-        let place = self.app(app)?;
-        if !place.alive {
-            return Ok(());
-        }
-        let machine = place.machine.clone();
-        self.driver(&machine)?
-            .signal_app(&machine, app, libc::SIGKILL)
+        self.signal_app(app, libc::SIGKILL)
     }
 
     fn set_clock(

@@ -1264,24 +1264,12 @@ impl MachineDriver for QemuDriver {
         _keepalive: Duration,
     ) -> Result<ServerInfo, BackendError> {
         self.guest(machine)?;
-        Err(BackendError::Unsupported {
-            backend: BackendKind::Qemu,
-            operation: "server-start",
-            why: supports(BackendKind::Qemu, Operation::ServerInGuest)
-                .err()
-                .unwrap_or_default(),
-        })
+        Err(no_server_in_guest("server-start"))
     }
 
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
         self.guest(machine)?;
-        Err(BackendError::Unsupported {
-            backend: BackendKind::Qemu,
-            operation: "server-stop",
-            why: supports(BackendKind::Qemu, Operation::ServerInGuest)
-                .err()
-                .unwrap_or_default(),
-        })
+        Err(no_server_in_guest("server-stop"))
     }
 
     fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
@@ -1406,6 +1394,17 @@ fn usb_device_id(dongle: &str, plug: u32) -> String {
         })
         .collect();
     format!("usb-{safe}-{plug}")
+}
+
+/// The refusal of a network server inside a guest.
+fn no_server_in_guest(operation: &'static str) -> BackendError {
+    BackendError::Unsupported {
+        backend: BackendKind::Qemu,
+        operation,
+        why: supports(BackendKind::Qemu, Operation::ServerInGuest)
+            .err()
+            .unwrap_or_default(),
+    }
 }
 
 fn run_qemu_img(args: &[&str], disk: &Path) -> Result<(), BackendError> {
