@@ -23,7 +23,7 @@ use meter_core::reason::Reason;
 use tokio::sync::{Notify, mpsc};
 
 use crate::platform::{Platform, UsbEndpoint};
-use crate::status_view::ProductStatus;
+use crate::status_view::{ContainerState, ContainerStatus, DongleDetails, ProductStatus};
 use crate::transport::{self, DongleTransport, TransportError};
 use crate::weakened::{self, Defence};
 
@@ -1022,35 +1022,45 @@ impl Dongles {
     }
 
     /// The dongle containers of `meter status --json`.
-    pub fn containers_json(&self, table: &AllocationTable) -> Vec<serde_json::Value> {
+    pub fn containers(&self, table: &AllocationTable) -> Vec<ContainerStatus> {
         let views = table.items();
         let board = self.board();
         board
             .attached
             .iter()
             .map(|(serial, a)| {
-                let products: Vec<serde_json::Value> = views
+                let products: Vec<ProductStatus> = views
                     .iter()
                     .filter(|v| v.entry.container == a.container)
-                    .map(|view| ProductStatus::from(view).to_json())
+                    .map(ProductStatus::from)
                     .collect();
                 let (state, reason) = match &a.state {
-                    DongleState::Open => ("valid", None),
-                    DongleState::Connecting => ("unreachable", None),
-                    DongleState::Unresponsive => ("unreachable", Some(Reason::DongleUnresponsive)),
-                    DongleState::Refused { reason, .. } => ("locked", *reason),
-                    other => ("locked", Some(state_reason(other))),
+                    DongleState::Open => (ContainerState::Valid, None),
+                    DongleState::Connecting => (ContainerState::Unreachable, None),
+                    DongleState::Unresponsive => (
+                        ContainerState::Unreachable,
+                        Some(Reason::DongleUnresponsive),
+                    ),
+                    DongleState::Refused { reason, .. } => (ContainerState::Locked, *reason),
+                    other => (ContainerState::Locked, Some(state_reason(other))),
                 };
                 let lockout_until = match a.state {
                     DongleState::Locked { until_ms, .. } => Some(until_ms),
                     _ => None,
                 };
-                serde_json::json!({
-                    "kind": "dongle", "id": a.container.to_string(), "serial": serial,
-                    "state": state, "reason": reason.map(|r| r.code()),
-                    "lockout_until": lockout_until, "answered": a.answered,
-                    "endpoint": a.endpoint.path, "products": products,
-                })
+                ContainerStatus {
+                    kind: "dongle".into(),
+                    id: a.container.to_string(),
+                    state,
+                    reason: reason.map(|r| r.code()),
+                    dongle: Some(DongleDetails {
+                        serial: serial.clone(),
+                        lockout_until,
+                        answered: a.answered,
+                        endpoint: a.endpoint.path.clone(),
+                    }),
+                    products,
+                }
             })
             .collect()
     }

@@ -15,7 +15,7 @@ use meter_core::traits::MachineTraits;
 use sha2::{Digest, Sha256};
 
 use crate::metering::Metering;
-use crate::status_view::ProductStatus;
+use crate::status_view::{ContainerStatus, ProductStatus};
 use crate::store::Change;
 
 /// A recorded unit use: the store changes and, for a witnessed licence, its id and receipt.
@@ -419,15 +419,15 @@ impl Licences {
     }
 
     /// The `containers` part of `meter status --json`.
-    pub fn containers_json(&self, table: &AllocationTable) -> Vec<serde_json::Value> {
-        let mut by_container: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    pub fn containers(&self, table: &AllocationTable) -> Vec<ContainerStatus> {
+        let mut by_container: BTreeMap<String, Vec<ProductStatus>> = BTreeMap::new();
         let mut states: BTreeMap<String, (ItemState, Option<Reason>)> = BTreeMap::new();
         for view in table.items() {
             let id = view.entry.container.to_string();
             by_container
                 .entry(id.clone())
                 .or_default()
-                .push(ProductStatus::from(&view).to_json());
+                .push(ProductStatus::from(&view));
             let entry = states.entry(id).or_insert((ItemState::Valid, None));
             if view.entry.state != ItemState::Valid && entry.0 == ItemState::Valid {
                 *entry = (view.entry.state, view.entry.state.denial());
@@ -443,11 +443,14 @@ impl Licences {
                 {
                     reason = Some(Reason::RollbackDetected);
                 }
-                let kind = id.split(':').next().unwrap_or("soft").to_owned();
-                serde_json::json!({
-                    "kind": kind, "id": id, "state": state,
-                    "reason": reason.map(|r| r.code()), "products": products,
-                })
+                ContainerStatus {
+                    kind: id.split(':').next().unwrap_or("soft").to_owned(),
+                    id,
+                    state: state.into(),
+                    reason: reason.map(|r| r.code()),
+                    dongle: None,
+                    products,
+                }
             })
             .collect()
     }

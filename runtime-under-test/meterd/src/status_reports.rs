@@ -1,41 +1,54 @@
 //! What the daemon reports about itself: the status document and the allocation list.
 
+use meter_core::reason::Reason;
+
 use crate::daemon::{Holder, Runtime, Via};
+use crate::status_view::{
+    AllocationList, AllocationStatus, ContainerState, ContainerStatus, MachineStatus, ServerStatus,
+    StationStatus, StatusDocument,
+};
 
 impl Runtime {
     /// Status document (`meter status --json`).
     pub fn status_json(&self) -> serde_json::Value {
-        let machine = serde_json::json!({
-            "name": self.platform.machine_name().ok(),
-            "kind": self.platform.kind().ok(),
-            "role": self.platform.role().ok(),
-            "platform": self.platform.describe(),
-            "vmgenid": self.platform.vmgenid().ok().flatten(),
-            "clock_ms": self.platform.now_ms().ok(),
-            "runtime_id": self.runtime_id,
-        });
+        let machine = MachineStatus {
+            name: self.platform.machine_name().ok(),
+            kind: self.platform.kind().ok(),
+            role: self.platform.role().ok(),
+            platform: self.platform.describe(),
+            vmgenid: self.platform.vmgenid().ok().flatten(),
+            clock_ms: self.platform.now_ms().ok(),
+            runtime_id: self.runtime_id.clone(),
+        };
         let state = self.lock();
         let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
-        let mut containers = licences.containers_json(&state.table);
-        containers.retain(|c| c["kind"] != "dongle");
-        containers.extend(self.dongles.containers_json(&state.table));
-        let mut remotes: Vec<serde_json::Value> = self
-            .remotes
-            .list()
-            .into_iter()
-            .map(|(addr, connected)| {
-                serde_json::json!({"kind": "remote", "id": format!("remote:{addr}"), "state": if connected {"valid"} else {"unreachable"}, "reason": if connected { serde_json::Value::Null } else { "server-unreachable".into() }, "products": []})
-            })
-            .collect();
-        let mut all = containers;
-        all.append(&mut remotes);
+        let mut all = licences.containers(&state.table);
+        all.retain(|c| c.kind != "dongle");
+        all.extend(self.dongles.containers(&state.table));
+        all.extend(
+            self.remotes
+                .list()
+                .into_iter()
+                .map(|(addr, connected)| ContainerStatus {
+                    kind: "remote".into(),
+                    id: format!("remote:{addr}"),
+                    state: if connected {
+                        ContainerState::Valid
+                    } else {
+                        ContainerState::Unreachable
+                    },
+                    reason: (!connected).then_some(Reason::ServerUnreachable.code()),
+                    dongle: None,
+                    products: Vec::new(),
+                }),
+        );
         let server = self
             .server_info
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .map(|(listen, fingerprint)| {
-                let stations: Vec<serde_json::Value> = state
+                let stations: Vec<StationStatus> = state
                     .links
                     .iter()
                     .map(|(runtime, link)| {
@@ -44,18 +57,32 @@ impl Runtime {
                             .values()
                             .filter(|g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime))
                             .count();
-                        serde_json::json!({"runtime": runtime, "machine": link.machine, "peer": link.peer, "allocations": held})
+                        StationStatus {
+                            runtime: runtime.clone(),
+                            machine: link.machine.clone(),
+                            peer: link.peer.clone(),
+                            allocations: held,
+                        }
                     })
                     .collect();
-                serde_json::json!({"listen": listen, "cert_sha256": fingerprint, "stations": stations})
+                ServerStatus {
+                    listen,
+                    cert_sha256: fingerprint,
+                    stations,
+                }
             });
-        serde_json::json!({"machine": machine, "containers": all, "server": server})
+        let document = StatusDocument {
+            machine,
+            containers: all,
+            server,
+        };
+        serde_json::to_value(document).unwrap_or_default()
     }
 
     /// Allocation list document (`meter list --json`).
     pub fn list_json(&self) -> serde_json::Value {
         let state = self.lock();
-        let allocations: Vec<serde_json::Value> = state
+        let allocations: Vec<AllocationStatus> = state
             .grants
             .iter()
             .map(|(handle, g)| {
@@ -67,13 +94,19 @@ impl Runtime {
                     Via::Forwarded { server, .. } => Some(server.clone()),
                     Via::Table { .. } => None,
                 };
-                serde_json::json!({
-                    "handle": handle, "product": g.product.code, "firm": g.product.firm,
-                    "station": g.station.to_string(), "pid": pid, "peer": peer,
-                    "container": g.container(), "server": server, "granted_at": g.granted_at,
-                })
+                AllocationStatus {
+                    handle: *handle,
+                    product: g.product.code,
+                    firm: g.product.firm,
+                    station: g.station.to_string(),
+                    pid,
+                    peer,
+                    container: g.container().to_owned(),
+                    server,
+                    granted_at: g.granted_at,
+                }
             })
             .collect();
-        serde_json::json!({ "allocations": allocations })
+        serde_json::to_value(AllocationList { allocations }).unwrap_or_default()
     }
 }

@@ -2,6 +2,8 @@
 
 use meter_core::allocation::{ItemState, ItemView, Usage};
 use meter_core::policy::Counting;
+use meter_core::station::MachineRole;
+use meter_core::traits::MachineKind;
 use serde::Serialize;
 
 /// One product of a container, as `meter status` lists it.
@@ -43,9 +45,185 @@ impl From<&ItemView> for ProductStatus {
     }
 }
 
-impl ProductStatus {
-    /// As a JSON value, for the status document.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
+/// A container's state as `meter status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainerState {
+    /// Usable.
+    Valid,
+    /// Cannot be decrypted or verified.
+    Corrupt,
+    /// Locked (rollback, lockout, refusal).
+    Locked,
+    /// Past its expiry.
+    Expired,
+    /// Not reachable now (a dongle still connecting, a server link down).
+    Unreachable,
+}
+
+impl From<ItemState> for ContainerState {
+    fn from(state: ItemState) -> Self {
+        match state {
+            ItemState::Valid => ContainerState::Valid,
+            ItemState::Corrupt => ContainerState::Corrupt,
+            ItemState::Locked => ContainerState::Locked,
+            ItemState::Expired => ContainerState::Expired,
+        }
+    }
+}
+
+/// One container (a soft licence, a dongle, a network server) as `meter status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerStatus {
+    /// `soft`, `dongle` or `remote`.
+    pub kind: String,
+    /// The container id (`soft:…`, `dongle:…`, `remote:…`).
+    pub id: String,
+    /// Its state.
+    pub state: ContainerState,
+    /// Why it is not valid, as a reason code.
+    pub reason: Option<&'static str>,
+    /// What only a dongle has.
+    #[serde(flatten)]
+    pub dongle: Option<DongleDetails>,
+    /// Its products.
+    pub products: Vec<ProductStatus>,
+}
+
+/// What `meter status` shows of a dongle beyond any container's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DongleDetails {
+    /// Its serial number.
+    pub serial: String,
+    /// End of its lockout, epoch milliseconds (`null` = not locked out).
+    pub lockout_until: Option<u64>,
+    /// Whether it has answered this runtime since it was attached.
+    pub answered: bool,
+    /// The USB endpoint it is reached through.
+    pub endpoint: std::path::PathBuf,
+}
+
+/// The status document (`meter status --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusDocument {
+    /// The machine the runtime runs on.
+    pub machine: MachineStatus,
+    /// Every container: soft licences, dongles, network servers.
+    pub containers: Vec<ContainerStatus>,
+    /// The runtime's own network server, when it serves.
+    pub server: Option<ServerStatus>,
+}
+
+/// The machine as the runtime sees it (each fact `null` when the platform cannot tell).
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineStatus {
+    /// Its name.
+    pub name: Option<String>,
+    /// Physical or guest.
+    pub kind: Option<MachineKind>,
+    /// Workstation or terminal server.
+    pub role: Option<MachineRole>,
+    /// Which platform answers (host or sim).
+    pub platform: String,
+    /// The hypervisor's generation id, in a guest.
+    pub vmgenid: Option<String>,
+    /// The machine's clock, epoch milliseconds.
+    pub clock_ms: Option<u64>,
+    /// The runtime's id.
+    pub runtime_id: String,
+}
+
+/// The runtime's network server.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStatus {
+    /// Where it listens.
+    pub listen: String,
+    /// Its certificate's SHA-256, the pin clients use.
+    pub cert_sha256: String,
+    /// The client runtimes linked to it.
+    pub stations: Vec<StationStatus>,
+}
+
+/// A client runtime linked to this server.
+#[derive(Debug, Clone, Serialize)]
+pub struct StationStatus {
+    /// The client runtime's id.
+    pub runtime: String,
+    /// Its machine's name.
+    pub machine: String,
+    /// Its network peer address.
+    pub peer: String,
+    /// Grants it holds here.
+    pub allocations: usize,
+}
+
+/// The allocation list (`meter list --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AllocationList {
+    /// Every grant held now.
+    pub allocations: Vec<AllocationStatus>,
+}
+
+/// One grant.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllocationStatus {
+    /// Its handle.
+    pub handle: u64,
+    /// Product code.
+    pub product: u32,
+    /// Vendor (firm) code.
+    pub firm: u32,
+    /// The station it counts for.
+    pub station: String,
+    /// The holding process, for a local holder.
+    pub pid: Option<u32>,
+    /// The client runtime's peer, for a network holder.
+    pub peer: Option<String>,
+    /// The container it was taken from.
+    pub container: String,
+    /// The server it was forwarded to, if any.
+    pub server: Option<String>,
+    /// When it was granted, epoch milliseconds.
+    pub granted_at: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_keep_the_contract_shape() {
+        let soft = ContainerStatus {
+            kind: "soft".into(),
+            id: "soft:abc".into(),
+            state: ItemState::Locked.into(),
+            reason: Some("rollback-detected"),
+            dongle: None,
+            products: Vec::new(),
+        };
+        assert_eq!(
+            serde_json::to_value(&soft).unwrap(),
+            serde_json::json!({"kind": "soft", "id": "soft:abc", "state": "locked",
+                "reason": "rollback-detected", "products": []})
+        );
+        let dongle = ContainerStatus {
+            kind: "dongle".into(),
+            id: "dongle:7".into(),
+            state: ContainerState::Unreachable,
+            reason: None,
+            dongle: Some(DongleDetails {
+                serial: "7".into(),
+                lockout_until: None,
+                answered: true,
+                endpoint: "/dev/hidraw0".into(),
+            }),
+            products: Vec::new(),
+        };
+        assert_eq!(
+            serde_json::to_value(&dongle).unwrap(),
+            serde_json::json!({"kind": "dongle", "id": "dongle:7", "serial": "7",
+                "state": "unreachable", "reason": null, "lockout_until": null,
+                "answered": true, "endpoint": "/dev/hidraw0", "products": []})
+        );
     }
 }
