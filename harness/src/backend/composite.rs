@@ -589,7 +589,8 @@ impl Backend for World {
                 link == DongleLink::Usb && machines.iter().any(|m| m == holder)
             })?;
         } else {
-            self.holders(dongle)?;
+            // A shared attach only adds machines; the dongle must exist all the same.
+            self.fabric.dongles.core(dongle)?;
         }
         for machine in machines {
             self.driver(machine)?.plug_dongle(dongle, machine)?;

@@ -39,6 +39,19 @@ pub struct ServerLink {
     pub pin: String,
 }
 
+impl ServerLink {
+    /// Makes `known` the `wanted` links; returns those it did not have before.
+    pub fn adopt(known: &mut Vec<ServerLink>, wanted: &[ServerLink]) -> Vec<ServerLink> {
+        let new = wanted
+            .iter()
+            .filter(|link| !known.contains(link))
+            .cloned()
+            .collect();
+        *known = wanted.to_vec();
+        new
+    }
+}
+
 /// How a dongle reaches a machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DongleLink {

@@ -70,11 +70,6 @@ impl VirtualDongle {
         Arc::clone(&self.core)
     }
 
-    /// Machines the dongle is attached to.
-    pub fn attached_to(&self) -> Vec<String> {
-        self.attachments.keys().cloned().collect()
-    }
-
     /// Plugs the dongle into a machine's USB (its `usb/` folder).
     pub fn attach(&mut self, machine: &str, usb_dir: &Path) -> Result<(), BackendError> {
         if self.attachments.contains_key(machine) {
@@ -185,11 +180,6 @@ impl DongleRack {
     /// The dongle's own view of itself.
     pub fn status(&self, name: &str) -> Result<serde_json::Value, BackendError> {
         self.with(name, |d| d.status())
-    }
-
-    /// The simulated machines a dongle is plugged into.
-    pub fn attached_to(&self, name: &str) -> Result<Vec<String>, BackendError> {
-        self.with(name, |d| d.attached_to())
     }
 
     /// Unplugs and powers off every dongle.

@@ -1245,12 +1245,7 @@ impl MachineDriver for QemuDriver {
 
     fn set_servers(&mut self, machine: &str, servers: &[ServerLink]) -> Result<(), BackendError> {
         let g = self.guest_mut(machine)?;
-        let new: Vec<ServerLink> = servers
-            .iter()
-            .filter(|s| !g.servers.contains(s))
-            .cloned()
-            .collect();
-        g.servers = servers.to_vec();
+        let new = ServerLink::adopt(&mut g.servers, servers);
         if g.power == Power::Running {
             self.configure_servers(machine, &new)?;
         }

@@ -727,12 +727,7 @@ impl MachineDriver for SimDriver {
 
     fn set_servers(&mut self, machine: &str, servers: &[ServerLink]) -> Result<(), BackendError> {
         let m = self.machine_mut(machine)?;
-        let new: Vec<ServerLink> = servers
-            .iter()
-            .filter(|s| !m.servers.contains(s))
-            .cloned()
-            .collect();
-        m.servers = servers.to_vec();
+        let new = ServerLink::adopt(&mut m.servers, servers);
         if m.power != Power::Running {
             return Ok(());
         }
