@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
 use super::fabric::Fabric;
-use super::fabric::network::Links;
+use super::fabric::network::{Floods, Links};
 use super::runner::Backend;
 use super::types::{
     AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile, GuestSpec,
@@ -53,6 +53,7 @@ pub struct World {
     apps: BTreeMap<String, AppPlace>,
     servers: BTreeMap<String, ServerInfo>,
     links: Links,
+    floods: Floods,
     skews: BTreeMap<String, i64>,
     mint: IdentityMint,
 }
@@ -82,6 +83,7 @@ impl World {
             apps: BTreeMap::new(),
             servers: BTreeMap::new(),
             links: Links::default(),
+            floods: Floods::default(),
             skews: BTreeMap::new(),
         }
     }
@@ -560,14 +562,27 @@ impl Backend for World {
         self.driver(machine)?.stop_server(machine)
     }
 
-    fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError> {
-        self.links.partition(a, b);
+    fn partition(&mut self, a: &[String], b: &[String], reset: bool) -> Result<(), BackendError> {
+        self.links.partition(a, b, reset);
         Ok(())
     }
 
     fn heal(&mut self, machines: &[String]) -> Result<(), BackendError> {
         self.links.heal(machines);
         Ok(())
+    }
+
+    fn flood(&mut self, from: &str, to: &str, connections: u32) -> Result<usize, BackendError> {
+        let source = self.placement(from)?.ip;
+        let info = self.servers.get(to).ok_or_else(|| BackendError::Runtime {
+            machine: to.into(),
+            message: "runs no network server".into(),
+        })?;
+        let target: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
+            machine: to.into(),
+            message: format!("bad listen address {}", info.listen),
+        })?;
+        self.floods.open(source, target, connections)
     }
 
     fn add_dongle(&mut self, name: &str, flash: &Path) -> Result<(), BackendError> {
@@ -645,6 +660,7 @@ impl Backend for World {
 
     fn teardown(&mut self) -> Result<(), BackendError> {
         self.links.stop_all();
+        self.floods.close_all();
         let mut first_error = None;
         for driver in &mut self.drivers {
             if let Err(e) = driver.teardown() {

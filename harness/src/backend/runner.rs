@@ -99,10 +99,14 @@ pub trait Backend {
     ) -> Result<ServerInfo, BackendError>;
     /// Stops the machine's network server.
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;
-    /// Cuts the network between two groups of machines.
-    fn partition(&mut self, a: &[String], b: &[String]) -> Result<(), BackendError>;
+    /// Cuts the network between two groups of machines (nothing lost: delivery resumes on heal);
+    /// with `reset`, the connections between them are also reset.
+    fn partition(&mut self, a: &[String], b: &[String], reset: bool) -> Result<(), BackendError>;
     /// Restores the cuts touching these machines (all cuts when empty).
     fn heal(&mut self, machines: &[String]) -> Result<(), BackendError>;
+    /// Opens up to `connections` idle TCP connections from `from`'s address to `to`'s server,
+    /// held until teardown; how many opened.
+    fn flood(&mut self, from: &str, to: &str, connections: u32) -> Result<usize, BackendError>;
     /// Adds a dongle (unplugged) whose flash the vendor programmed into `flash`.
     fn add_dongle(&mut self, name: &str, flash: &std::path::Path) -> Result<(), BackendError>;
     /// Plugs a dongle into machines: exclusive moves it to one machine (unplugging it elsewhere),

@@ -80,6 +80,55 @@ impl World {
             Assertion::Dongle(a) => self.check_dongle(a),
             Assertion::ReleasedWithin(a) => self.check_released_within(&a.app.value, a.ms),
             Assertion::App(a) => self.check_app(a),
+            Assertion::Holders(a) => self.check_holders(a),
+            Assertion::Responsive(machine) => self.check_responsive(&machine.value),
+        }
+    }
+
+    fn check_holders(&mut self, a: &sc::HoldersAssertion) -> Check {
+        let product = a.product.value;
+        let summary = format!(
+            "at most {} app(s) held product {product} at once, at every step so far",
+            a.at_most
+        );
+        let expected = format!("at most {}", a.at_most);
+        if let Err(e) = self.count_holders() {
+            return Check {
+                holds: false,
+                summary,
+                expected,
+                actual: format!("error: {e}"),
+            };
+        }
+        let peak = self.peak_holders.get(&product).copied().unwrap_or(0);
+        Check {
+            holds: peak <= a.at_most,
+            summary,
+            expected,
+            actual: format!("{peak} at once"),
+        }
+    }
+
+    fn check_responsive(&mut self, machine: &str) -> Check {
+        let within = sc::RESPONSIVE_WITHIN.as_std();
+        let started = Instant::now();
+        let answer = self.backend.run_meter(
+            machine,
+            "console",
+            &["status".to_string(), "--json".to_string()],
+            within,
+        );
+        let took = started.elapsed();
+        let actual = match answer {
+            Ok(out) if out.code == Some(0) => format!("answered in {} ms", took.as_millis()),
+            Ok(out) => format!("answered with exit {:?}: {}", out.code, out.stderr.trim()),
+            Err(e) => format!("no answer: {e}"),
+        };
+        Check {
+            holds: actual.starts_with("answered in"),
+            summary: format!("the runtime on {machine} answers `meter status`"),
+            expected: format!("an answer within {} ms", within.as_millis()),
+            actual,
         }
     }
 

@@ -28,6 +28,7 @@ const DONGLE_SEEN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub(super) struct AppRecord {
     pub machine: String,
+    pub product: u32,
     pub answer: Option<AccessAnswer>,
     pub killed_at: Option<Instant>,
 }
@@ -58,6 +59,9 @@ pub struct World {
     pub(super) network_cut: bool,
     /// Whether a dongle was hung (runtimes notice only when a request times out).
     pub(super) dongle_hung: bool,
+    /// Products whose holders are counted after every step (a `holders` assertion names them),
+    /// with the most apps seen holding each at once so far.
+    pub(super) peak_holders: BTreeMap<u32, u32>,
     session_machines: BTreeMap<String, String>,
     world_offset_ms: i64,
     skews: BTreeMap<String, i64>,
@@ -135,6 +139,14 @@ impl World {
             keepalive: Duration::from_secs(10),
             network_cut: false,
             dongle_hung: false,
+            peak_holders: scenario
+                .steps
+                .iter()
+                .filter_map(|step| match &step.value {
+                    Step::Expect(sc::Assertion::Holders(h)) => Some((h.product.value, 0)),
+                    _ => None,
+                })
+                .collect(),
             session_machines: BTreeMap::new(),
             world_offset_ms: 0,
             skews: BTreeMap::new(),
@@ -201,7 +213,10 @@ impl World {
                 continue;
             }
             let summary = describe_step(&located.value);
-            let result = self.step(&located.value);
+            let mut result = self.step(&located.value);
+            if result.is_ok() {
+                result = self.count_holders();
+            }
             let (verdict, message) = match &result {
                 Ok(()) => (Verdict::Pass, None),
                 Err(e) => (verdict_of(e), Some(self.diagnose(e))),
@@ -229,6 +244,42 @@ impl World {
             }
         }
         tally
+    }
+
+    /// Counts, for each product a `holders` assertion watches, the apps holding it now (granted,
+    /// not revoked, still running) and keeps the peak.
+    pub(super) fn count_holders(&mut self) -> Result<(), BackendError> {
+        if self.peak_holders.is_empty() {
+            return Ok(());
+        }
+        let mut now: BTreeMap<u32, u32> = BTreeMap::new();
+        let candidates: Vec<(String, u32)> = self
+            .apps
+            .iter()
+            .filter(|(_, app)| {
+                self.peak_holders.contains_key(&app.product)
+                    && app.killed_at.is_none()
+                    && matches!(app.answer, Some(AccessAnswer::Granted { .. }))
+            })
+            .map(|(name, app)| (name.clone(), app.product))
+            .collect();
+        for (app, product) in candidates {
+            if self.backend.app_status(&app)? != crate::backend::AppStatus::Running {
+                continue;
+            }
+            let revoked = self
+                .backend
+                .app_output(&app)?
+                .iter()
+                .any(|line| line.contains("\"event\"") && line.contains("\"revoked\""));
+            if !revoked {
+                *now.entry(product).or_default() += 1;
+            }
+        }
+        for (product, peak) in &mut self.peak_holders {
+            *peak = (*peak).max(now.get(product).copied().unwrap_or(0));
+        }
+        Ok(())
     }
 
     /// Stops every machine and process of the world.
@@ -400,10 +451,14 @@ impl World {
             }
             Step::Partition(p) => {
                 let machines: Vec<String> = p.machines.iter().map(|m| m.value.clone()).collect();
+                let reset = p.mode == sc::PartitionMode::Reset;
                 for (i, a) in machines.iter().enumerate() {
                     for b in &machines[i + 1..] {
-                        self.backend
-                            .partition(std::slice::from_ref(a), std::slice::from_ref(b))?;
+                        self.backend.partition(
+                            std::slice::from_ref(a),
+                            std::slice::from_ref(b),
+                            reset,
+                        )?;
                     }
                 }
                 self.network_cut = true;
@@ -431,6 +486,23 @@ impl World {
             Step::ServerStop(m) => {
                 self.servers.retain(|s| s != &m.value);
                 self.backend.stop_server(&m.value)
+            }
+            Step::Wait(d) => {
+                std::thread::sleep(d.value.as_std());
+                Ok(())
+            }
+            Step::Flood(f) => {
+                let opened = self
+                    .backend
+                    .flood(&f.from.value, &f.to.value, f.connections.value)?;
+                tracing::info!(
+                    from = %f.from.value,
+                    to = %f.to.value,
+                    asked = f.connections.value,
+                    opened,
+                    "flood connections open"
+                );
+                Ok(())
             }
             Step::UsbAttach(u) => {
                 let machines: Vec<String> = u.targets().iter().map(|m| m.value.clone()).collect();
@@ -693,6 +765,7 @@ impl World {
             app.to_string(),
             AppRecord {
                 machine: machine.to_string(),
+                product,
                 answer: Some(answer),
                 killed_at: None,
             },

@@ -356,6 +356,14 @@ pub enum Defence {
     CrashRelease,
     /// Silent remote stations are released after the keepalive window.
     KeepaliveRelease,
+    /// A client runtime whose lease on a server lapsed revokes what it forwarded there.
+    LeaseRevocation,
+    /// The server's revocations of remote grants reach the client runtimes and their apps.
+    RemoteRevocation,
+    /// Runtime ids are bound to client keys; a station is named from the authenticated runtime.
+    StationAuthentication,
+    /// Connections, idle handshakes, hellos and grants per station are bounded.
+    ConnectionLimits,
     /// Expiry enforced on the runtime's clock.
     Expiry,
     /// Units counted inside the dongle's secure element.
@@ -364,7 +372,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 21] = [
+    pub const ALL: [Defence; 25] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -384,6 +392,10 @@ impl Defence {
         Defence::TerminalServerSwitch,
         Defence::CrashRelease,
         Defence::KeepaliveRelease,
+        Defence::LeaseRevocation,
+        Defence::RemoteRevocation,
+        Defence::StationAuthentication,
+        Defence::ConnectionLimits,
         Defence::Expiry,
         Defence::DongleCounters,
     ];
@@ -410,6 +422,10 @@ impl Defence {
             Defence::TerminalServerSwitch => "terminal-server-switch",
             Defence::CrashRelease => "crash-release",
             Defence::KeepaliveRelease => "keepalive-release",
+            Defence::LeaseRevocation => "lease-revocation",
+            Defence::RemoteRevocation => "remote-revocation",
+            Defence::StationAuthentication => "station-authentication",
+            Defence::ConnectionLimits => "connection-limits",
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
         }
@@ -448,6 +464,18 @@ impl Defence {
             Defence::CrashRelease => "Crashed local apps are released at once (pidfd).",
             Defence::KeepaliveRelease => {
                 "Silent remote stations are released after the keepalive window."
+            }
+            Defence::LeaseRevocation => {
+                "A client runtime whose lease on a server lapsed revokes what it forwarded there."
+            }
+            Defence::RemoteRevocation => {
+                "The server's revocations of remote grants reach the client runtimes and their apps."
+            }
+            Defence::StationAuthentication => {
+                "Runtime ids are bound to client keys; a station is named from the authenticated runtime."
+            }
+            Defence::ConnectionLimits => {
+                "Connections, idle handshakes, hellos and grants per station are bounded."
             }
             Defence::Expiry => "Expiry enforced on the runtime's clock.",
             Defence::DongleCounters => "Units counted inside the dongle's secure element.",
@@ -519,6 +547,10 @@ pub enum Step {
     ServerStart(ServerStartStep),
     /// Stop a machine's network licence server.
     ServerStop(Name),
+    /// Let real time pass (keepalive windows and leases run in real time).
+    Wait(Located<Duration>),
+    /// Open many idle TCP connections from one machine to another's server (an attack).
+    Flood(FloodStep),
     /// Check what the runtime did.
     Expect(Assertion),
 }
@@ -557,12 +589,14 @@ impl Step {
             Step::Heal(_) => "heal",
             Step::ServerStart(_) => "server-start",
             Step::ServerStop(_) => "server-stop",
+            Step::Wait(_) => "wait",
+            Step::Flood(_) => "flood",
             Step::Expect(_) => "expect",
         }
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 31] = [
+    pub const KEYWORDS: [&'static str; 33] = [
         "boot",
         "shutdown",
         "pause",
@@ -593,6 +627,8 @@ impl Step {
         "heal",
         "server-start",
         "server-stop",
+        "wait",
+        "flood",
         "expect",
     ];
 }
@@ -837,6 +873,21 @@ pub struct SetClockStep {
 pub struct PartitionStep {
     /// Machines that can no longer reach one another (at least two).
     pub machines: Vec<Name>,
+    /// What happens to the connections between them.
+    #[serde(default)]
+    pub mode: PartitionMode,
+}
+
+/// What a partition does to the connections it cuts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionMode {
+    /// Delivery stops and nothing is lost or closed: after a heal, TCP delivers late.
+    #[default]
+    Cut,
+    /// As `cut`, and every connection between them is reset at once (a NAT timeout, a rebooted
+    /// switch): both ends must reconnect after the heal.
+    Reset,
 }
 
 /// `heal`: restore network links.
@@ -861,6 +912,21 @@ pub struct ServerStartStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<Duration>,
 }
+
+/// `flood`: idle TCP connections from an attacker machine to a server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FloodStep {
+    /// The machine the connections come from (its address).
+    pub from: Name,
+    /// The machine whose network server they go to.
+    pub to: Name,
+    /// How many connections (1 to 20000); they stay open, saying nothing, until the run ends.
+    pub connections: Located<u32>,
+}
+
+/// Most connections one `flood` step may open.
+pub const MAX_FLOOD_CONNECTIONS: u32 = 20_000;
 
 /// Reason codes of the runtime contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -902,6 +968,10 @@ pub enum Reason {
     RollbackDetected,
     /// A licence file's signature is invalid.
     SignatureInvalid,
+    /// The network server refused the client runtime's station.
+    StationRefused,
+    /// The station holds as many grants of the product as the server allows.
+    GrantLimitReached,
 }
 
 impl Reason {
@@ -926,6 +996,8 @@ impl Reason {
             Reason::ServerUnreachable => "server-unreachable",
             Reason::RollbackDetected => "rollback-detected",
             Reason::SignatureInvalid => "signature-invalid",
+            Reason::StationRefused => "station-refused",
+            Reason::GrantLimitReached => "grant-limit-reached",
         }
     }
 }
@@ -958,6 +1030,10 @@ pub enum Assertion {
     ReleasedWithin(ReleasedWithinAssertion),
     /// An app's process state.
     App(AppAssertion),
+    /// At no step so far did more apps hold a product at once than allowed.
+    Holders(HoldersAssertion),
+    /// A machine's runtime answers a status request promptly.
+    Responsive(Name),
 }
 
 impl Assertion {
@@ -972,11 +1048,13 @@ impl Assertion {
             Assertion::Dongle(_) => "dongle",
             Assertion::ReleasedWithin(_) => "released-within",
             Assertion::App(_) => "app",
+            Assertion::Holders(_) => "holders",
+            Assertion::Responsive(_) => "responsive",
         }
     }
 
     /// Every assertion key.
-    pub const KEYWORDS: [&'static str; 8] = [
+    pub const KEYWORDS: [&'static str; 10] = [
         "granted",
         "denied",
         "in-use",
@@ -985,8 +1063,23 @@ impl Assertion {
         "dongle",
         "released-within",
         "app",
+        "holders",
+        "responsive",
     ];
 }
+
+/// `holders`: the most apps that held a product at once, over every step so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HoldersAssertion {
+    /// Product code.
+    pub product: ProductCode,
+    /// Most apps (on every machine together) that may have held it at once.
+    pub at_most: u32,
+}
+
+/// How long a `responsive` runtime may take to answer.
+pub const RESPONSIVE_WITHIN: Duration = Duration::from_secs(2);
 
 /// `in-use`: counts of a product in use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -1138,6 +1231,12 @@ struct ExpectKeys {
     /// An app's process state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     app: Option<AppAssertion>,
+    /// The most apps that held a product at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    holders: Option<HoldersAssertion>,
+    /// A machine's runtime answers promptly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    responsive: Option<Name>,
 }
 
 fn single_key_schema(key: &str, description: &str, value: schemars::Schema) -> schemars::Schema {
@@ -1205,6 +1304,16 @@ impl JsonSchema for Assertion {
                 "An app's process state.",
                 generator.subschema_for::<AppAssertion>(),
             ),
+            single_key_schema(
+                "holders",
+                "At no step so far did more apps hold a product at once than allowed.",
+                generator.subschema_for::<HoldersAssertion>(),
+            ),
+            single_key_schema(
+                "responsive",
+                "A machine's runtime answers a status request within 2 s.",
+                generator.subschema_for::<String>(),
+            ),
         ];
         schemars::json_schema!({
             "description": "What an `expect` step checks: exactly one assertion.",
@@ -1227,6 +1336,8 @@ impl TryFrom<ExpectKeys> for Assertion {
             dongle,
             released_within,
             app,
+            holders,
+            responsive,
         } = keys;
         let mut found: Vec<Assertion> = Vec::new();
         if let Some(app) = granted {
@@ -1252,6 +1363,8 @@ impl TryFrom<ExpectKeys> for Assertion {
         found.extend(dongle.map(Assertion::Dongle));
         found.extend(released_within.map(Assertion::ReleasedWithin));
         found.extend(app.map(Assertion::App));
+        found.extend(holders.map(Assertion::Holders));
+        found.extend(responsive.map(Assertion::Responsive));
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(format!(
@@ -1286,6 +1399,8 @@ impl From<Assertion> for ExpectKeys {
             Assertion::Dongle(a) => keys.dongle = Some(a),
             Assertion::ReleasedWithin(a) => keys.released_within = Some(a),
             Assertion::App(a) => keys.app = Some(a),
+            Assertion::Holders(a) => keys.holders = Some(a),
+            Assertion::Responsive(m) => keys.responsive = Some(m),
         }
         keys
     }
@@ -1301,7 +1416,7 @@ pub(crate) fn reason_codes() -> String {
 }
 
 /// Every reason code of the runtime contract.
-pub const ALL_REASONS: [Reason; 18] = [
+pub const ALL_REASONS: [Reason; 20] = [
     Reason::QuantityExhausted,
     Reason::UnknownProduct,
     Reason::LicenceCorrupt,
@@ -1320,4 +1435,6 @@ pub const ALL_REASONS: [Reason; 18] = [
     Reason::ServerUnreachable,
     Reason::RollbackDetected,
     Reason::SignatureInvalid,
+    Reason::StationRefused,
+    Reason::GrantLimitReached,
 ];

@@ -1149,6 +1149,42 @@ impl<'a> Checker<'a> {
                 }
             }
             Step::Heal(heal) => self.machine_list(&heal.machines, "heal"),
+            Step::Wait(duration) => {
+                if duration.is_zero() || duration.value > super::Duration::from_secs(600) {
+                    self.report(
+                        duration.at,
+                        "`wait` lets between 1 ms and 10 minutes of real time pass",
+                        "wait",
+                        Some("e.g. `wait: 3s`; to move clocks forward use `advance`".into()),
+                    );
+                }
+            }
+            Step::Flood(flood) => {
+                self.machine(&flood.from);
+                if self.running(&flood.to).is_some() && !self.servers.contains(&flood.to.value) {
+                    self.report(
+                        flood.to.at,
+                        format!("`{}` runs no network server at this step", flood.to),
+                        "no server",
+                        Some(format!(
+                            "add `- server-start: {{ machine: {} }}` before this step",
+                            flood.to
+                        )),
+                    );
+                }
+                let n = flood.connections.value;
+                if n == 0 || n > super::model::MAX_FLOOD_CONNECTIONS {
+                    self.report(
+                        flood.connections.at,
+                        format!(
+                            "`connections` is between 1 and {}",
+                            super::model::MAX_FLOOD_CONNECTIONS
+                        ),
+                        "connections",
+                        None,
+                    );
+                }
+            }
             Step::ServerStart(start) => {
                 if self.running(&start.machine).is_some() {
                     if self.servers.contains(&start.machine.value) {
@@ -1391,6 +1427,12 @@ impl<'a> Checker<'a> {
 
     fn expect(&mut self, assertion: &Assertion, at: Position) {
         match assertion {
+            Assertion::Holders(holders) => {
+                self.product(&holders.product);
+            }
+            Assertion::Responsive(machine) => {
+                self.running(machine);
+            }
             Assertion::Granted { app } | Assertion::Denied { app, .. } => {
                 self.app(app, true);
             }

@@ -47,11 +47,16 @@ pub enum Reason {
     SignatureInvalid,
     /// The handle or holder does not hold a licence.
     NotHeld,
+    /// The network server refused this runtime's station (its id is bound to another key, or its
+    /// address opened too many stations).
+    StationRefused,
+    /// The station already holds as many grants of this product as a server allows one station.
+    GrantLimitReached,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
         Reason::QuantityExhausted,
         Reason::UnknownProduct,
         Reason::LicenceCorrupt,
@@ -71,6 +76,8 @@ impl Reason {
         Reason::RollbackDetected,
         Reason::SignatureInvalid,
         Reason::NotHeld,
+        Reason::StationRefused,
+        Reason::GrantLimitReached,
     ];
 
     /// The kebab-case code used in JSON output.
@@ -95,6 +102,8 @@ impl Reason {
             Reason::RollbackDetected => "rollback-detected",
             Reason::SignatureInvalid => "signature-invalid",
             Reason::NotHeld => "not-held",
+            Reason::StationRefused => "station-refused",
+            Reason::GrantLimitReached => "grant-limit-reached",
         }
     }
 
@@ -124,6 +133,10 @@ impl Reason {
             Reason::RollbackDetected => "A rollback of time or licence state was detected",
             Reason::SignatureInvalid => "The licence signature is not valid for a trusted vendor",
             Reason::NotHeld => "No such licence is held",
+            Reason::StationRefused => "The licence server refused this station",
+            Reason::GrantLimitReached => {
+                "This station holds as many licences of this product as the server allows"
+            }
         }
     }
 }

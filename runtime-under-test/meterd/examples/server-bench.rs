@@ -217,8 +217,14 @@ type Link = tokio_util::codec::Framed<
     tokio_util::codec::LengthDelimitedCodec,
 >;
 
+/// The key every benchmark station authenticates with (one key may present many runtime ids).
+fn bench_identity() -> &'static meterd::tls::Identity {
+    static IDENTITY: std::sync::OnceLock<meterd::tls::Identity> = std::sync::OnceLock::new();
+    IDENTITY.get_or_init(|| meterd::tls::Identity::generate().expect("identity"))
+}
+
 async fn link(addr: &str, pin: [u8; 32], runtime: &str) -> anyhow::Result<Link> {
-    let stream = meterd::remote::connect(addr, pin, None).await?;
+    let stream = meterd::remote::connect(addr, pin, bench_identity(), None).await?;
     let mut framed = meterd::frame::framed(stream);
     meterd::frame::send(
         &mut framed,
@@ -487,28 +493,36 @@ async fn bench() -> anyhow::Result<()> {
         local_delays[10], local_delays[19], remote_delays[10], remote_delays[19]
     );
 
-    // Memory for held licences: one client runtime holds HELD grants on the server.
+    // Memory for held licences: client runtimes hold HELD grants on the server, as many each
+    // as the server allows one station.
     let before = server.rss_kib();
-    let mut framed = link(&addr, pin, "bench-held").await?;
-    for i in 0..HELD as u64 {
-        meterd::frame::send(
-            &mut framed,
-            &ToServer::Access {
-                request: i,
-                claim: claim(i, 3, "held"),
-            },
-        )
-        .await?;
-        match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
-            FromServer::Granted { .. } => {}
-            other => anyhow::bail!("Held access {i} not granted: {other:?}"),
+    let per_station = meterd::remote_stations::MAX_GRANTS_PER_STATION as usize;
+    let mut links = Vec::new();
+    for station in 0..HELD.div_ceil(per_station) {
+        let name = format!("bench-held-{station}");
+        let mut framed = link(&addr, pin, &name).await?;
+        let count = per_station.min(HELD - station * per_station) as u64;
+        for i in 0..count {
+            meterd::frame::send(
+                &mut framed,
+                &ToServer::Access {
+                    request: i,
+                    claim: claim(i, 3, &name),
+                },
+            )
+            .await?;
+            match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
+                FromServer::Granted { .. } => {}
+                other => anyhow::bail!("Held access {i} not granted: {other:?}"),
+            }
         }
+        links.push(framed);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = server.rss_kib();
     let per_licence = (after.saturating_sub(before)) as f64 * 1024.0 / HELD as f64;
     eprintln!("RSS {before} KiB -> {after} KiB for {HELD} held: {per_licence:.0} bytes each");
-    drop(framed);
+    drop(links);
 
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let report = json!({

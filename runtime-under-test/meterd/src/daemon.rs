@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 
 use crate::pidfd::ProcessWatch;
 use crate::platform::{Platform, process_session_and_start};
-use crate::protocol::{Claim, LocalReply, WireSession};
+use crate::protocol::{Claim, FromServer, LocalReply, WireSession};
 use crate::remote::Remotes;
+use crate::station_registry::StationRegistry;
 use crate::store::{self, Change, Snapshot, Store};
 
 /// Metadata key prefix of the client runtimes linked to this server.
@@ -127,6 +128,10 @@ pub(crate) struct RemoteLink {
     pub(crate) generation: u64,
     pub(crate) peer: String,
     pub(crate) machine: String,
+    /// The machine part of its stations, as the server names them (see `station_registry`).
+    pub(crate) station_machine: String,
+    /// Frames the server sends unprompted on this runtime's connection (revocations).
+    pub(crate) events: mpsc::UnboundedSender<FromServer>,
 }
 
 /// The mutable state behind one lock.
@@ -141,6 +146,13 @@ pub(crate) struct State {
     pub(crate) link_generation: u64,
     pub(crate) awaiting_reconnect: HashMap<String, Instant>,
     pub(crate) known_runtimes: std::collections::BTreeSet<String>,
+    /// Client runtimes whose connection ended: their grants stay counted until the deadline (the
+    /// end of their lease), unless they reconnect and re-claim them first.
+    pub(crate) lapsing: HashMap<String, Instant>,
+    /// Key bindings and station names of client runtimes.
+    pub(crate) stations: StationRegistry,
+    /// Live remote grants per client runtime and product.
+    remote_grants: HashMap<(String, ProductKey), u32>,
 }
 
 impl State {
@@ -148,6 +160,46 @@ impl State {
         let handle = self.next_handle.max(1);
         self.next_handle = handle + 1;
         handle
+    }
+
+    /// Records a grant (and counts it for its remote runtime).
+    pub(crate) fn insert_grant(&mut self, handle: u64, record: GrantRecord) {
+        if let Holder::Remote { runtime, .. } = &record.holder {
+            *self
+                .remote_grants
+                .entry((runtime.clone(), record.product))
+                .or_default() += 1;
+        }
+        if let Some(old) = self.grants.insert(handle, record) {
+            self.uncount(&old);
+        }
+    }
+
+    /// Forgets a grant (and its count).
+    pub(crate) fn remove_grant(&mut self, handle: u64) -> Option<GrantRecord> {
+        let record = self.grants.remove(&handle)?;
+        self.uncount(&record);
+        Some(record)
+    }
+
+    fn uncount(&mut self, record: &GrantRecord) {
+        if let Holder::Remote { runtime, .. } = &record.holder {
+            let key = (runtime.clone(), record.product);
+            if let Some(count) = self.remote_grants.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.remote_grants.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// How many grants of `product` the client runtime `runtime` holds.
+    pub(crate) fn remote_grants_of(&self, runtime: &str, product: ProductKey) -> u32 {
+        self.remote_grants
+            .get(&(runtime.to_owned(), product))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -250,6 +302,7 @@ impl Runtime {
         let mut state = State {
             table: AllocationTable::new(),
             next_handle,
+            stations: StationRegistry::load(&snapshot.meta),
             ..State::default()
         };
         state.known_runtimes = snapshot
@@ -313,14 +366,15 @@ impl Runtime {
                 }
             }
             state.next_handle = state.next_handle.max(handle + 1);
-            state.grants.insert(*handle, record);
+            state.insert_grant(*handle, record);
         }
         // Replaying decremented units a second time: the stored figures are the truth.
         licences.restore_units(&snapshot.meta, &mut state.table);
         if !dropped.is_empty() {
             drop(store.submit(dropped));
         }
-        let remotes = Remotes::new(runtime_id.clone());
+        let identity = crate::tls::load_or_create_runtime_identity(&settings.state_dir)?;
+        let remotes = Remotes::new(identity);
         Ok(Arc::new(Runtime {
             platform,
             store,
@@ -501,7 +555,7 @@ impl Runtime {
                         container: grant.container.to_string(),
                         station: caller.station.to_string(),
                     };
-                    state.grants.insert(handle, record);
+                    state.insert_grant(handle, record);
                     if let Some(events) = events.clone() {
                         state.listeners.insert(handle, events);
                     }
@@ -568,7 +622,7 @@ impl Runtime {
                 };
                 let durable = {
                     let mut state = self.lock();
-                    state.grants.insert(client_handle, record.clone());
+                    state.insert_grant(client_handle, record.clone());
                     if let Some(events) = events {
                         state.listeners.insert(client_handle, events);
                     }
@@ -650,7 +704,7 @@ impl Runtime {
     ) -> Result<(), Reason> {
         let (record, durable) = {
             let mut state = self.lock();
-            let record = state.grants.remove(&handle).ok_or(Reason::NotHeld)?;
+            let record = state.remove_grant(handle).ok_or(Reason::NotHeld)?;
             if let Some(table_handle) = record.table_handle {
                 let _ = state.table.release(table_handle);
             }
@@ -705,9 +759,23 @@ impl Runtime {
         count
     }
 
-    /// Takes a grant back and tells its holder why.
+    /// Takes a grant back and tells its holder why (a remote holder through its connection).
     pub async fn revoke(self: &Arc<Self>, handle: u64, reason: Reason) {
-        let listener = self.lock().listeners.get(&handle).cloned();
+        let (listener, remote) = {
+            let state = self.lock();
+            let remote = match state.grants.get(&handle).map(|g| &g.holder) {
+                Some(Holder::Remote { runtime, .. }) => {
+                    state.links.get(runtime).map(|link| link.events.clone())
+                }
+                _ => None,
+            };
+            (state.listeners.get(&handle).cloned(), remote)
+        };
+        if let Some(events) = remote
+            && !crate::weakened::is(crate::weakened::Defence::RemoteRevocation)
+        {
+            let _ = events.send(FromServer::Revoked { handle, reason });
+        }
         if self.release(handle).await.is_ok() {
             tracing::info!(handle, %reason, "Licence revoked");
             if let Some(listener) = listener {

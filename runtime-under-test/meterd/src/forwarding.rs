@@ -32,6 +32,33 @@ impl Runtime {
         }
     }
 
+    /// The lease on `server` ran out: every grant forwarded to it is revoked
+    /// (`server-unreachable`), since the server may give those seats to others from now on.
+    pub async fn lease_lapsed(self: &Arc<Self>, server: &str) {
+        if crate::weakened::is(crate::weakened::Defence::LeaseRevocation) {
+            return;
+        }
+        let handles: Vec<u64> = {
+            let state = self.lock();
+            state
+                .grants
+                .iter()
+                .filter(|(_, g)| matches!(&g.via, Via::Forwarded { server: s, .. } if s == server))
+                .map(|(h, _)| *h)
+                .collect()
+        };
+        if !handles.is_empty() {
+            tracing::warn!(
+                server,
+                revoked = handles.len(),
+                "Lease on the server lapsed; its grants are revoked"
+            );
+        }
+        for handle in handles {
+            self.revoke(handle, Reason::ServerUnreachable).await;
+        }
+    }
+
     /// The claims this runtime holds on one server (sent on reconnect).
     pub fn claims_for(&self, server: &str) -> Vec<Claim> {
         let state = self.lock();

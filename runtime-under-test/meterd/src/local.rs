@@ -148,10 +148,10 @@ async fn handle(
                 return error("Only an administrator may change servers");
             }
             match crate::tls::parse_pin(&pin) {
-                Ok(pin) => {
-                    runtime.remotes.add(runtime, addr, pin);
-                    persist_servers(runtime).await
-                }
+                Ok(pin) => match runtime.remotes.add(runtime, addr, pin) {
+                    Ok(()) => persist_servers(runtime).await,
+                    Err(e) => error(format!("{e}")),
+                },
                 Err(e) => error(e.to_string()),
             }
         }

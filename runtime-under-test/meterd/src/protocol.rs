@@ -203,8 +203,11 @@ pub enum ToServer {
         /// The server's handle.
         handle: u64,
     },
-    /// The client is alive.
-    Keepalive,
+    /// The client is alive; the server answers with `KeepaliveAck` (which renews the lease).
+    Keepalive {
+        /// Sequence number echoed in the answer.
+        seq: u64,
+    },
     /// Receipts of units spent from one of the client's licences, for the server to witness.
     WitnessReceipts {
         /// Request id echoed in the answer.
@@ -228,6 +231,17 @@ pub enum ToServer {
 /// A frame from a network server to a client runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromServer {
+    /// Answer to `Hello` when the server will not serve this runtime (its id is bound to another
+    /// key, or its peer address made too many); the connection closes after it.
+    Refused {
+        /// Why.
+        reason: Reason,
+    },
+    /// Answer to `Keepalive`.
+    KeepaliveAck {
+        /// The keepalive's sequence number.
+        seq: u64,
+    },
     /// Answer to `Hello`.
     Welcome {
         /// Claims still granted: (client handle, server handle).

@@ -1,6 +1,12 @@
 //! Client side of the network protocol: links to the servers this runtime forwards accesses to.
+//!
+//! A grant from a server is a lease. The client renews it with keepalives the server answers;
+//! each answer extends the lease to the keepalive's *send* time plus the window less a margin
+//! ([`lease_margin`]). The server's own deadline is the *receipt* of the client's last frame plus
+//! the window, so the client's lease always ends first: a client cut off revokes what it holds
+//! (`server-unreachable`) before the server can give the seats to anyone else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -11,15 +17,28 @@ use meter_core::reason::Reason;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::frame;
 use crate::platform::Platform;
 use crate::protocol::{Claim, FromServer, ToServer};
-use crate::tls;
+use crate::tls::{self, Identity};
 
 /// How long a forwarded request may take before the server counts as unreachable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long connecting, TLS and the welcome may take together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How much earlier than the server's deadline a client's lease ends: a tenth of the window,
+/// between 50 ms and 1 s. Both ends time the window on their own monotonic clocks, whose rates
+/// differ by well under 0.1 % (a few ms over any window this side of a minute), and the client
+/// starts timing before the server does (at send, not at receipt), so the margin covers drift
+/// with room to spare.
+pub fn lease_margin(window: Duration) -> Duration {
+    (window / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
 
 /// A grant obtained from a network server.
 #[derive(Debug, Clone)]
@@ -43,12 +62,40 @@ struct Link {
 #[derive(Debug)]
 struct RemoteServer {
     addr: String,
+    tls: Arc<rustls::ClientConfig>,
     pin: [u8; 32],
     link: Mutex<Option<Link>>,
     connected: AtomicBool,
     task: Mutex<Option<JoinHandle<()>>>,
     /// Cuts a reconnect back-off short (an access is waiting for the link).
     wake: tokio::sync::Notify,
+    /// When the lease on this server's grants ends unless renewed; `None` when there is none.
+    lease: Mutex<Option<Instant>>,
+    /// Why the server refused this runtime's hello last time, if it did.
+    refused: Mutex<Option<Reason>>,
+    next_request: AtomicU64,
+}
+
+impl RemoteServer {
+    fn lease_end(&self) -> Option<Instant> {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Extends the lease to `until` (never shortens it).
+    fn extend_lease(&self, until: Instant) {
+        let mut lease = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        if lease.is_none_or(|end| end < until) {
+            *lease = Some(until);
+        }
+    }
+
+    fn refusal(&self) -> Option<Reason> {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_refusal(&self, reason: Option<Reason>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
 }
 
 /// What a server link needs from the runtime it forwards for.
@@ -73,22 +120,29 @@ pub trait LinkOwner: Send + Sync + 'static {
         server_handle: u64,
         reason: Reason,
     ) -> impl Future<Output = ()> + Send;
+    /// The lease on `server` ended: revokes every grant forwarded to it.
+    fn lease_lapsed(self: &Arc<Self>, server: &str) -> impl Future<Output = ()> + Send;
 }
 
 /// The network servers this runtime forwards to.
 #[derive(Debug)]
 pub struct Remotes {
     servers: Mutex<Vec<Arc<RemoteServer>>>,
-    next_request: AtomicU64,
+    identity: Identity,
 }
 
 impl Remotes {
-    /// No servers yet.
-    pub fn new(_runtime_id: String) -> Self {
+    /// No servers yet; links authenticate as `identity`.
+    pub fn new(identity: Identity) -> Self {
         Remotes {
             servers: Mutex::new(Vec::new()),
-            next_request: AtomicU64::new(1),
+            identity,
         }
+    }
+
+    /// The fingerprint servers know this runtime by.
+    pub fn fingerprint(&self) -> String {
+        self.identity.fingerprint()
     }
 
     fn servers(&self) -> Vec<Arc<RemoteServer>> {
@@ -123,15 +177,25 @@ impl Remotes {
     }
 
     /// Adds a server (replacing one with the same address) and starts linking to it.
-    pub fn add<R: LinkOwner>(&self, runtime: &Arc<R>, addr: String, pin: [u8; 32]) {
+    pub fn add<R: LinkOwner>(
+        &self,
+        runtime: &Arc<R>,
+        addr: String,
+        pin: [u8; 32],
+    ) -> Result<(), tls::TlsError> {
+        let tls = tls::client_config(pin, &self.identity)?;
         self.remove(&addr);
         let server = Arc::new(RemoteServer {
             addr,
+            tls,
             pin,
             link: Mutex::new(None),
             connected: AtomicBool::new(false),
             task: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            lease: Mutex::new(None),
+            refused: Mutex::new(None),
+            next_request: AtomicU64::new(1),
         });
         let task = tokio::spawn(keep_linked(Arc::downgrade(runtime), Arc::clone(&server)));
         *server.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -139,6 +203,7 @@ impl Remotes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(server);
+        Ok(())
     }
 
     /// Removes a server; returns false if it was not configured.
@@ -163,9 +228,9 @@ impl Remotes {
         server: &RemoteServer,
         make: impl FnOnce(u64) -> ToServer,
     ) -> Option<FromServer> {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let request = server.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
+        let pending = {
             let link = server.link.lock().unwrap_or_else(|e| e.into_inner());
             let link = link.as_ref()?;
             link.pending
@@ -173,8 +238,16 @@ impl Remotes {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(request, tx);
             link.outbound.send(make(request)).ok()?;
-        }
-        tokio::time::timeout(REQUEST_TIMEOUT, rx).await.ok()?.ok()
+            Arc::clone(&link.pending)
+        };
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, rx).await;
+        // A request that timed out leaves nothing behind (a late grant is given back when it
+        // arrives: see `run_link`).
+        pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request);
+        answer.ok()?.ok()
     }
 
     /// Asks each server in turn; the first grant wins, else the most telling denial.
@@ -182,6 +255,13 @@ impl Remotes {
         let mut denial = Reason::ServerUnreachable;
         for server in self.servers() {
             wait_for_link(&server).await;
+            if !server.connected.load(Ordering::Relaxed)
+                && let Some(refusal) = server.refusal()
+                && denial == Reason::ServerUnreachable
+            {
+                denial = refusal;
+                continue;
+            }
             let answer = self
                 .request(&server, |request| ToServer::Access {
                     request,
@@ -258,12 +338,19 @@ async fn wait_for_link(server: &RemoteServer) {
     }
 }
 
-/// Connects to a server over TLS with its pinned certificate, from `local` if given.
+/// Connects to a server over TLS with its pinned certificate, from `local` if given,
+/// authenticating as `identity`.
 pub async fn connect(
     addr: &str,
     pin: [u8; 32],
+    identity: &Identity,
     local: Option<IpAddr>,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = connect_tcp(addr, local).await?;
+    secure(tcp, pin, identity).await
+}
+
+async fn connect_tcp(addr: &str, local: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let target: SocketAddr = tokio::net::lookup_host(addr)
         .await?
         .next()
@@ -281,16 +368,52 @@ pub async fn connect(
     }
     let tcp = socket.connect(target).await?;
     tcp.set_nodelay(true)?;
-    secure(tcp, pin).await
+    Ok(tcp)
 }
 
-/// Opens TLS on a connected stream to a server, checking its pinned certificate.
+/// Opens TLS on a connected stream to a server, checking its pinned certificate and
+/// authenticating as `identity`.
 pub async fn secure(
     tcp: TcpStream,
     pin: [u8; 32],
+    identity: &Identity,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let connector = TlsConnector::from(tls::client_config(pin)?);
+    let connector = TlsConnector::from(tls::client_config(pin, identity)?);
     Ok(connector.connect(tls::server_name(), tcp).await?)
+}
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkEnd {
+    /// The lease ran out before the server renewed it.
+    #[error("Lease on the server's grants ran out")]
+    LeaseLapsed,
+    /// The server refused this runtime.
+    #[error("Server refused this runtime ({0})")]
+    Refused(Reason),
+    /// Anything else: the connection failed or closed.
+    #[error(transparent)]
+    Broken(#[from] anyhow::Error),
+}
+
+impl From<frame::FrameError> for LinkEnd {
+    fn from(e: frame::FrameError) -> Self {
+        LinkEnd::Broken(e.into())
+    }
+}
+
+impl From<std::io::Error> for LinkEnd {
+    fn from(e: std::io::Error) -> Self {
+        LinkEnd::Broken(e.into())
+    }
+}
+
+/// Sleeps until `deadline`, or for ever when there is none.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) {
@@ -299,14 +422,24 @@ async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) 
         let Some(rt) = runtime.upgrade() else { return };
         match run_link(&rt, &server).await {
             Ok(()) => backoff = Duration::from_millis(100),
+            Err(LinkEnd::Refused(reason)) => {
+                tracing::warn!(server = %server.addr, %reason, "Server refused this runtime");
+                server.set_refusal(Some(reason));
+            }
             Err(e) => tracing::debug!(server = %server.addr, error = %e, "Server link down"),
         }
         server.connected.store(false, Ordering::Relaxed);
-        drop(rt);
+        // While the link is down the lease still runs out on time.
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = server.wake.notified() => {}
+            () = until(server.lease_end()) => {}
         }
+        if server.lease_end().is_some_and(|end| end <= Instant::now()) {
+            *server.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            rt.lease_lapsed(&server.addr).await;
+        }
+        drop(rt);
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
@@ -314,45 +447,70 @@ async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) 
 async fn run_link<R: LinkOwner>(
     runtime: &Arc<R>,
     server: &Arc<RemoteServer>,
-) -> anyhow::Result<()> {
+) -> Result<(), LinkEnd> {
     let local = runtime.platform().address().ok().flatten();
-    let stream = connect(&server.addr, server.pin, local).await?;
-    let mut framed = frame::framed(stream);
-    let machine = runtime.platform().machine_name()?;
-    let claims = runtime.claims_for(&server.addr);
-    frame::send(
-        &mut framed,
-        &ToServer::Hello {
-            runtime: runtime.runtime_id(),
-            machine,
-            claims,
-        },
-    )
-    .await?;
-    let welcome: FromServer =
-        tokio::time::timeout(REQUEST_TIMEOUT, frame::recv(&mut framed)).await??;
-    let FromServer::Welcome {
-        restored,
-        lost,
-        keepalive_ms,
-    } = welcome
-    else {
-        anyhow::bail!("Server did not welcome us");
+    // Connecting may not outlast the lease: a lapsed lease is acted on at once.
+    let deadline = match server.lease_end() {
+        Some(end) => end.min(Instant::now() + CONNECT_TIMEOUT),
+        None => Instant::now() + CONNECT_TIMEOUT,
     };
+    let hello_sent = Instant::now();
+    let welcome = tokio::time::timeout_at(deadline, async {
+        let tcp = connect_tcp(&server.addr, local).await?;
+        let connector = TlsConnector::from(Arc::clone(&server.tls));
+        let stream = connector.connect(tls::server_name(), tcp).await?;
+        let mut framed = frame::framed(stream);
+        let machine = runtime.platform().machine_name()?;
+        let claims = runtime.claims_for(&server.addr);
+        frame::send(
+            &mut framed,
+            &ToServer::Hello {
+                runtime: runtime.runtime_id(),
+                machine,
+                claims,
+            },
+        )
+        .await?;
+        let welcome: FromServer = frame::recv(&mut framed).await?;
+        Ok::<_, anyhow::Error>((framed, welcome))
+    })
+    .await;
+    let (framed, welcome) = match welcome {
+        Ok(result) => result?,
+        Err(_) if server.lease_end().is_some_and(|end| end <= Instant::now()) => {
+            return Err(LinkEnd::LeaseLapsed);
+        }
+        Err(_) => return Err(anyhow::anyhow!("Server did not welcome us in time").into()),
+    };
+    let (restored, lost, window) = match welcome {
+        FromServer::Welcome {
+            restored,
+            lost,
+            keepalive_ms,
+        } => (restored, lost, Duration::from_millis(keepalive_ms.max(1))),
+        FromServer::Refused { reason } => return Err(LinkEnd::Refused(reason)),
+        _ => return Err(anyhow::anyhow!("Server did not welcome us").into()),
+    };
+    server.set_refusal(None);
+    let margin = lease_margin(window);
+    server.extend_lease(hello_sent + window.saturating_sub(margin));
     runtime.reconciled(&server.addr, restored, lost).await;
     tracing::info!(server = %server.addr, "Linked to server");
     let (outbound, mut outbound_rx) = mpsc::unbounded_channel();
     let pending: Pending = Arc::default();
     *server.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(Link {
-        outbound,
+        outbound: outbound.clone(),
         pending: Arc::clone(&pending),
     });
     server.connected.store(true, Ordering::Relaxed);
     let (mut sink, mut stream) = framed.split();
-    let interval = Duration::from_millis((keepalive_ms / 3).max(20));
+    let interval = (window / 3).max(Duration::from_millis(20));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result: anyhow::Result<()> = async {
+    // Keepalives not yet answered: (sequence number, send time).
+    let mut unanswered: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut seq = 0u64;
+    let result: Result<(), LinkEnd> = async {
         loop {
             tokio::select! {
                 out = outbound_rx.recv() => {
@@ -364,14 +522,48 @@ async fn run_link<R: LinkOwner>(
                     sink.flush().await?;
                 }
                 _ = ticker.tick() => {
-                    frame::send(&mut sink, &ToServer::Keepalive).await?;
+                    seq += 1;
+                    unanswered.push_back((seq, Instant::now()));
+                    if unanswered.len() > 64 {
+                        unanswered.pop_front();
+                    }
+                    frame::send(&mut sink, &ToServer::Keepalive { seq }).await?;
+                }
+                () = until(server.lease_end()) => {
+                    if server.lease_end().is_some_and(|end| end <= Instant::now()) {
+                        return Err(LinkEnd::LeaseLapsed);
+                    }
                 }
                 incoming = stream.next() => {
-                    let Some(incoming) = incoming else { anyhow::bail!("Server closed the link") };
+                    let Some(incoming) = incoming else {
+                        return Err(anyhow::anyhow!("Server closed the link").into());
+                    };
                     let message: FromServer = frame::decode(&incoming?)?;
                     match message {
-                        FromServer::Granted { request, .. }
-                        | FromServer::Denied { request, .. }
+                        FromServer::KeepaliveAck { seq: answered } => {
+                            while let Some((s, sent)) = unanswered.front().copied() {
+                                if s > answered {
+                                    break;
+                                }
+                                unanswered.pop_front();
+                                if s == answered {
+                                    server.extend_lease(sent + window.saturating_sub(margin));
+                                }
+                            }
+                        }
+                        FromServer::Granted { request, handle, .. } => {
+                            let waiter = pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&request);
+                            match waiter {
+                                Some(waiter) => {
+                                    if let Err(FromServer::Granted { handle, .. }) = waiter.send(message) {
+                                        give_back(server, &outbound, handle);
+                                    }
+                                }
+                                // Nobody waits any more (the request timed out): give it back.
+                                None => give_back(server, &outbound, handle),
+                            }
+                        }
+                        FromServer::Denied { request, .. }
                         | FromServer::Released { request }
                         | FromServer::Witnessed { request, .. }
                         | FromServer::WitnessChain { request, .. } => {
@@ -381,9 +573,15 @@ async fn run_link<R: LinkOwner>(
                             }
                         }
                         FromServer::Revoked { handle, reason } => {
-                            runtime.forwarded_lost(&server.addr, handle, reason).await;
+                            // In a task of its own: giving the grant back asks the server
+                            // through this very link.
+                            let runtime = Arc::clone(runtime);
+                            let addr = server.addr.clone();
+                            tokio::spawn(async move {
+                                runtime.forwarded_lost(&addr, handle, reason).await;
+                            });
                         }
-                        FromServer::Welcome { .. } => {}
+                        FromServer::Welcome { .. } | FromServer::Refused { .. } => {}
                     }
                 }
             }
@@ -393,4 +591,11 @@ async fn run_link<R: LinkOwner>(
     *server.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
     pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
     result
+}
+
+/// Releases a grant the server made for a request nobody waits for any more.
+fn give_back(server: &RemoteServer, outbound: &mpsc::UnboundedSender<ToServer>, handle: u64) {
+    tracing::info!(server = %server.addr, handle, "Late grant given back");
+    let request = server.next_request.fetch_add(1, Ordering::Relaxed);
+    let _ = outbound.send(ToServer::Release { request, handle });
 }

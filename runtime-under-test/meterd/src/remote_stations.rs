@@ -1,9 +1,12 @@
 //! The daemon as a network server: the stations of client runtimes, their grants, hellos,
 //! keepalives and departures.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
+
+use tokio::sync::mpsc;
 
 use meter_core::allocation::ContainerClass;
 use meter_core::reason::Reason;
@@ -14,25 +17,81 @@ use crate::daemon::{
 use crate::protocol::{Claim, FromServer};
 use crate::store::Change;
 
+/// Most grants of one product one client runtime may hold at once.
+pub const MAX_GRANTS_PER_STATION: u32 = 256;
+
+/// How a client runtime's connection ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Departure {
+    /// Silent for a whole keepalive window: its lease is over now.
+    Silent,
+    /// Closed or broken; its lease runs until one window after the last frame heard.
+    Closed {
+        /// When the server last heard from it.
+        last_heard: Instant,
+    },
+}
+
+/// What a client runtime's hello got.
+#[derive(Debug)]
+pub enum HelloAnswer {
+    /// Linked: serve the connection as generation `generation`, sending `events` unprompted.
+    Welcomed {
+        /// The connection's generation.
+        generation: u64,
+        /// The welcome frame.
+        welcome: FromServer,
+        /// Frames to send unprompted (revocations).
+        events: mpsc::UnboundedReceiver<FromServer>,
+    },
+    /// Refused: send this and close.
+    Refused(FromServer),
+}
+
 impl Runtime {
-    /// A client runtime connected (or reconnected) and says which grants it still holds.
+    /// A client runtime connected (or reconnected), authenticated by the certificate with
+    /// `fingerprint`, and says which grants it still holds.
     pub async fn remote_hello(
         self: &Arc<Self>,
         runtime: &str,
+        fingerprint: &str,
         machine: &str,
-        peer: &str,
+        peer: SocketAddr,
         claims: Vec<Claim>,
-    ) -> (u64, FromServer) {
+    ) -> HelloAnswer {
         let now = self.platform.now_ms().unwrap_or(0);
+        let peer_text = peer.to_string();
+        let peer = peer_text.as_str();
         let mut restored = Vec::new();
         let mut lost = Vec::new();
         let mut changes = Vec::new();
         let generation;
+        let (events_tx, events) = mpsc::unbounded_channel();
         {
             let mut state = self.lock();
+            let trust_claims = crate::weakened::is(crate::weakened::Defence::StationAuthentication);
+            let limit_peers = !crate::weakened::is(crate::weakened::Defence::ConnectionLimits);
+            let admission = match state.stations.admit(
+                runtime,
+                fingerprint,
+                machine,
+                peer_ip(peer),
+                trust_claims,
+                limit_peers,
+            ) {
+                Ok(admission) => admission,
+                Err(reason) => {
+                    drop(state);
+                    tracing::warn!(runtime, machine, peer, %reason, "Remote runtime refused");
+                    return HelloAnswer::Refused(FromServer::Refused { reason });
+                }
+            };
+            changes.extend(admission.changes);
+            let station_machine = admission.station_machine;
             state.link_generation += 1;
             generation = state.link_generation;
             state.awaiting_reconnect.remove(runtime);
+            state.lapsing.remove(runtime);
             if state.known_runtimes.insert(runtime.to_owned()) {
                 changes.push(Change::PutMeta(
                     format!("{RUNTIME_KEY_PREFIX}{runtime}"),
@@ -45,6 +104,8 @@ impl Runtime {
                     generation,
                     peer: peer.to_owned(),
                     machine: machine.to_owned(),
+                    station_machine: station_machine.clone(),
+                    events: events_tx,
                 },
             );
             let held: BTreeMap<u64, u64> = state
@@ -64,7 +125,7 @@ impl Runtime {
             // Grants the client no longer claims are released.
             for (client_handle, handle) in &held {
                 if !claimed.contains(client_handle)
-                    && let Some(record) = state.grants.remove(handle)
+                    && let Some(record) = state.remove_grant(*handle)
                 {
                     if let Some(t) = record.table_handle {
                         let _ = state.table.release(t);
@@ -72,7 +133,7 @@ impl Runtime {
                     changes.push(Change::DeleteGrant(*handle));
                 }
             }
-            for claim in claims {
+            for mut claim in claims {
                 if let Some(handle) = held.get(&claim.client_handle) {
                     if let Some(record) = state.grants.get_mut(handle)
                         && let Holder::Remote { peer: p, .. } = &mut record.holder
@@ -82,6 +143,7 @@ impl Runtime {
                     restored.push((claim.client_handle, *handle));
                     continue;
                 }
+                claim.station.machine = station_machine.clone();
                 match self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes) {
                     Ok((handle, ..)) => restored.push((claim.client_handle, handle)),
                     Err(reason) => lost.push((claim.client_handle, reason)),
@@ -101,14 +163,15 @@ impl Runtime {
             lost = lost.len(),
             "Remote runtime connected"
         );
-        (
+        HelloAnswer::Welcomed {
             generation,
-            FromServer::Welcome {
+            welcome: FromServer::Welcome {
                 restored,
                 lost,
                 keepalive_ms: self.settings.keepalive.as_millis() as u64,
             },
-        )
+            events,
+        }
     }
 
     fn grant_remote(
@@ -120,6 +183,11 @@ impl Runtime {
         now: u64,
         changes: &mut Vec<Change>,
     ) -> Result<(u64, String, ContainerClass), Reason> {
+        if !crate::weakened::is(crate::weakened::Defence::ConnectionLimits)
+            && state.remote_grants_of(runtime, claim.product) >= MAX_GRANTS_PER_STATION
+        {
+            return Err(Reason::GrantLimitReached);
+        }
         let mut record = GrantRecord {
             product: claim.product,
             station: claim.station.clone(),
@@ -178,7 +246,7 @@ impl Runtime {
                 }
             }
         }
-        state.grants.insert(handle, record);
+        state.insert_grant(handle, record);
         Ok((handle, container, grant.container.class))
     }
 
@@ -189,7 +257,7 @@ impl Runtime {
         generation: u64,
         peer: &str,
         request: u64,
-        claim: Claim,
+        mut claim: Claim,
     ) -> FromServer {
         self.wait_for_reconnects().await;
         self.observe_machine().await;
@@ -203,12 +271,18 @@ impl Runtime {
                     reason: Reason::ServerUnreachable,
                 };
             };
-            if state.links.get(runtime).map(|l| l.generation) != Some(generation) {
-                // The connection that asked is gone; its station was already released.
-                return FromServer::Denied {
-                    request,
-                    reason: Reason::ServerUnreachable,
-                };
+            match state.links.get(runtime) {
+                Some(link) if link.generation == generation => {
+                    // The station is the authenticated runtime's, whatever the claim names.
+                    claim.station.machine = link.station_machine.clone();
+                }
+                // The connection that asked is gone (another took over, or it lapsed).
+                _ => {
+                    return FromServer::Denied {
+                        request,
+                        reason: Reason::ServerUnreachable,
+                    };
+                }
             }
             self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
                 .inspect(|_| self.store.submit_eventually(std::mem::take(&mut changes)))
@@ -262,20 +336,47 @@ impl Runtime {
         FromServer::Released { request }
     }
 
-    /// A client runtime's connection ended (closed, broken, or silent past its window).
-    pub async fn remote_gone(self: &Arc<Self>, runtime: &str, generation: u64, why: &str) {
-        let handles: Vec<u64> = {
+    /// A client runtime's connection ended: silent past its window, its grants are released
+    /// now; closed or broken, they lapse one window after it was last heard from, unless it
+    /// reconnects first.
+    pub async fn remote_gone(
+        self: &Arc<Self>,
+        runtime: &str,
+        generation: u64,
+        departure: Departure,
+        why: &str,
+    ) {
+        {
             let mut state = self.lock();
             match state.links.get(runtime) {
                 Some(link) if link.generation == generation => {
                     state.links.remove(runtime);
-                    state.known_runtimes.remove(runtime);
-                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
-                        "{RUNTIME_KEY_PREFIX}{runtime}"
-                    ))]));
                 }
                 // A newer connection of the same runtime took over.
                 _ => return,
+            }
+            if let Departure::Closed { last_heard } = departure {
+                let deadline = last_heard + self.settings.keepalive;
+                state.lapsing.insert(runtime.to_owned(), deadline);
+                tracing::info!(runtime, why, "Remote connection ended; its lease runs on");
+                return;
+            }
+        }
+        let released = self.release_station(runtime).await;
+        tracing::info!(runtime, why, released, "Remote station released");
+    }
+
+    /// Forgets a client runtime that is not linked and releases its grants; how many.
+    async fn release_station(self: &Arc<Self>, runtime: &str) -> usize {
+        let handles: Vec<u64> = {
+            let mut state = self.lock();
+            if state.links.contains_key(runtime) {
+                return 0;
+            }
+            if state.known_runtimes.remove(runtime) {
+                drop(self.store.submit(vec![Change::DeleteMeta(format!(
+                    "{RUNTIME_KEY_PREFIX}{runtime}"
+                ))]));
             }
             state
                 .grants
@@ -286,55 +387,49 @@ impl Runtime {
                 .map(|(h, _)| *h)
                 .collect()
         };
-        let count = handles.len();
-        for handle in handles {
-            let _ = self.release(handle).await;
+        for handle in &handles {
+            let _ = self.release(*handle).await;
         }
-        tracing::info!(runtime, why, released = count, "Remote station released");
+        handles.len()
     }
 
-    /// Releases the grants of client runtimes that did not reconnect after a restart in time.
+    /// Releases the grants of client runtimes whose lease ran out: those that did not reconnect
+    /// after a restart in time, and those whose connection ended a window ago.
     pub async fn sweep_unreconnected(self: &Arc<Self>) {
-        let expired: Vec<String> = {
+        let (unreconnected, lapsed): (Vec<String>, Vec<String>) = {
             let mut state = self.lock();
             let now = Instant::now();
-            let expired: Vec<String> = state
-                .awaiting_reconnect
-                .iter()
-                .filter(|(_, deadline)| **deadline <= now)
-                .map(|(r, _)| r.clone())
-                .collect();
-            for runtime in &expired {
-                state.awaiting_reconnect.remove(runtime);
-                if !state.links.contains_key(runtime) && state.known_runtimes.remove(runtime) {
-                    drop(self.store.submit(vec![Change::DeleteMeta(format!(
-                        "{RUNTIME_KEY_PREFIX}{runtime}"
-                    ))]));
-                }
-            }
-            expired
-        };
-        for runtime in expired {
-            let handles: Vec<u64> = {
-                let state = self.lock();
-                if state.links.contains_key(&runtime) {
-                    continue;
-                }
-                state
-                    .grants
+            let due = |deadlines: &HashMap<String, Instant>| -> Vec<String> {
+                deadlines
                     .iter()
-                    .filter(|(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if *r == runtime))
-                    .map(|(h, _)| *h)
+                    .filter(|(_, deadline)| **deadline <= now)
+                    .map(|(r, _)| r.clone())
                     .collect()
             };
-            for handle in &handles {
-                let _ = self.release(*handle).await;
+            let unreconnected = due(&state.awaiting_reconnect);
+            let lapsed = due(&state.lapsing);
+            for runtime in &unreconnected {
+                state.awaiting_reconnect.remove(runtime);
             }
-            tracing::info!(
-                runtime,
-                released = handles.len(),
-                "Remote runtime did not come back"
-            );
+            for runtime in &lapsed {
+                state.lapsing.remove(runtime);
+            }
+            (unreconnected, lapsed)
+        };
+        for runtime in unreconnected {
+            let released = self.release_station(&runtime).await;
+            tracing::info!(runtime, released, "Remote runtime did not come back");
+        }
+        for runtime in lapsed {
+            let released = self.release_station(&runtime).await;
+            tracing::info!(runtime, released, "Remote runtime's lease lapsed");
         }
     }
+}
+
+/// The address part of a peer `ip:port`.
+fn peer_ip(peer: &str) -> IpAddr {
+    peer.parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }

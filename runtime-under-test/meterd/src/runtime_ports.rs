@@ -94,4 +94,8 @@ impl LinkOwner for Runtime {
     ) -> impl Future<Output = ()> + Send {
         Runtime::forwarded_lost(self, server, server_handle, reason)
     }
+
+    fn lease_lapsed(self: &Arc<Self>, server: &str) -> impl Future<Output = ()> + Send {
+        Runtime::lease_lapsed(self, server)
+    }
 }

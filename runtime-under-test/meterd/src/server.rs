@@ -7,36 +7,56 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use crate::connection_limits::ConnectionLimits;
 use crate::daemon::Runtime;
 use crate::frame;
 use crate::protocol::{FromServer, ToServer};
+use crate::remote_stations::{Departure, HelloAnswer};
 
 /// Default TCP port of the network server.
 pub const DEFAULT_PORT: u16 = 22350;
+
+/// How long a new connection may take to finish TLS and say hello.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// Most requests of one connection answered at once; further frames wait unread.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// Accepts remote stations until the listener fails.
 pub async fn serve(runtime: Arc<Runtime>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let acceptor = TlsAcceptor::from(tls);
     let sweeper = Arc::clone(&runtime);
     tokio::spawn(async move {
-        let period = (sweeper.settings.keepalive / 4).max(Duration::from_millis(20));
+        let period = (sweeper.settings.keepalive / 10)
+            .clamp(Duration::from_millis(20), Duration::from_millis(250));
         let mut ticker = tokio::time::interval(period);
         loop {
             ticker.tick().await;
             sweeper.sweep_unreconnected().await;
         }
     });
+    let limits = ConnectionLimits::new(!crate::weakened::is(
+        crate::weakened::Defence::ConnectionLimits,
+    ));
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                let Some(admitted) = limits.admit(peer.ip()) else {
+                    // Refused at once: closing costs the peer nothing and us one descriptor
+                    // for a moment.
+                    limits.note_refusal(peer);
+                    drop(tcp);
+                    continue;
+                };
                 let runtime = Arc::clone(&runtime);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let _admitted = admitted;
                     if let Err(why) = serve_station(runtime, acceptor, tcp, peer).await {
                         tracing::info!(%peer, why, "Remote connection closed");
                     }
@@ -57,16 +77,28 @@ async fn serve_station(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let window = runtime.settings.keepalive;
+    let hello_deadline = if crate::weakened::is(crate::weakened::Defence::ConnectionLimits) {
+        window * 2
+    } else {
+        HELLO_DEADLINE.min(window.max(Duration::from_secs(1)))
+    };
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let tls = tokio::time::timeout(window, acceptor.accept(tcp))
-        .await
-        .map_err(|_| "TLS handshake timed out".to_owned())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let mut framed = frame::framed(tls);
-    let hello: ToServer = tokio::time::timeout(window, frame::recv(&mut framed))
-        .await
-        .map_err(|_| "no hello within the keepalive window".to_owned())?
-        .map_err(|e| format!("bad hello: {e} ({})", source_of(&e)))?;
+    let opened = tokio::time::timeout(hello_deadline, async {
+        let tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let fingerprint = crate::tls::client_fingerprint(tls.get_ref().1)
+            .ok_or_else(|| "no client certificate".to_owned())?;
+        let mut framed = frame::framed(tls);
+        let hello: ToServer = frame::recv(&mut framed)
+            .await
+            .map_err(|e| format!("bad hello: {e} ({})", source_of(&e)))?;
+        Ok::<_, String>((framed, fingerprint, hello))
+    })
+    .await
+    .map_err(|_| format!("no hello within {hello_deadline:?}"))?;
+    let (mut framed, fingerprint, hello) = opened?;
     let ToServer::Hello {
         runtime: runtime_id,
         machine,
@@ -75,20 +107,31 @@ async fn serve_station(
     else {
         return Err("first frame was not a hello".into());
     };
-    let peer_text = peer.to_string();
-    let (generation, welcome) = runtime
-        .remote_hello(&runtime_id, &machine, &peer_text, claims)
-        .await;
+    let (generation, welcome, events) = match runtime
+        .remote_hello(&runtime_id, &fingerprint, &machine, peer, claims)
+        .await
+    {
+        HelloAnswer::Welcomed {
+            generation,
+            welcome,
+            events,
+        } => (generation, welcome, events),
+        HelloAnswer::Refused(refusal) => {
+            let _ = frame::send(&mut framed, &refusal).await;
+            return Err(format!("hello refused: {refusal:?}"));
+        }
+    };
     frame::send(&mut framed, &welcome)
         .await
         .map_err(|e| e.to_string())?;
+    let peer_text = peer.to_string();
     let station = Station {
         runtime: &runtime,
         runtime_id: &runtime_id,
         generation,
         peer: &peer_text,
     };
-    Err(station.serve(&mut framed, window).await)
+    Err(station.serve(&mut framed, events, window).await)
 }
 
 /// One linked client runtime, as its connection's requests see it.
@@ -106,13 +149,29 @@ impl Station<'_> {
     /// Everything happens in the connection's own task: requests being answered are polled here
     /// side by side (no task per request, no channel to a writer task), and every answer that is
     /// ready is queued before one flush, so a busy connection sends several answers per write.
-    async fn serve(&self, framed: &mut Link, window: Duration) -> String {
+    async fn serve(
+        &self,
+        framed: &mut Link,
+        mut events: mpsc::UnboundedReceiver<FromServer>,
+        window: Duration,
+    ) -> String {
         let mut answering = FuturesUnordered::new();
         let silence = tokio::time::sleep(window);
         tokio::pin!(silence);
+        let mut departure = Departure::Closed {
+            last_heard: std::time::Instant::now(),
+        };
         let why = loop {
             tokio::select! {
                 biased;
+                Some(event) = events.recv() => {
+                    let sent = tokio::time::timeout(window, frame::send(framed, &event)).await;
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break format!("cannot send: {e}"),
+                        Err(_) => break format!("frames not read within the keepalive window of {window:?}"),
+                    }
+                }
                 Some(answer) = answering.next(), if !answering.is_empty() => {
                     let sent = tokio::time::timeout(window, async {
                         queue(framed, &answer).await?;
@@ -130,8 +189,10 @@ impl Station<'_> {
                         Err(_) => break format!("answers not read within the keepalive window of {window:?}"),
                     }
                 }
-                incoming = framed.next() => {
-                    silence.as_mut().reset(Instant::now() + window);
+                incoming = framed.next(), if answering.len() < MAX_IN_FLIGHT => {
+                    let heard = Instant::now();
+                    departure = Departure::Closed { last_heard: heard.into_std() };
+                    silence.as_mut().reset(heard + window);
                     let bytes = match incoming {
                         None => break "connection closed".to_owned(),
                         Some(Err(e)) => break format!("bad frame: {e}"),
@@ -142,7 +203,6 @@ impl Station<'_> {
                         Err(e) => break format!("malformed frame: {}", source_of(&e)),
                     };
                     match message {
-                        ToServer::Keepalive => {}
                         ToServer::Hello { .. } => break "second hello".to_owned(),
                         other => answering.push(self.answer(other)),
                     }
@@ -152,6 +212,7 @@ impl Station<'_> {
                         silence.as_mut().reset(Instant::now() + window);
                         continue;
                     }
+                    departure = Departure::Silent;
                     break format!("missed the keepalive window of {window:?}");
                 }
             }
@@ -162,7 +223,7 @@ impl Station<'_> {
         tokio::join!(
             finish,
             self.runtime
-                .remote_gone(self.runtime_id, self.generation, &why)
+                .remote_gone(self.runtime_id, self.generation, departure, &why)
         );
         why
     }
@@ -195,7 +256,8 @@ impl Station<'_> {
             ToServer::WitnessFetch { request, licence } => {
                 runtime.witness_chain_out(request, &licence)
             }
-            ToServer::Hello { .. } | ToServer::Keepalive => return None,
+            ToServer::Keepalive { seq } => FromServer::KeepaliveAck { seq },
+            ToServer::Hello { .. } => return None,
         };
         Some(answer)
     }

@@ -44,18 +44,17 @@ pub struct DaemonArgs {
     pub pins: Vec<String>,
 }
 
-/// Lets the daemon watch many holders: raise the open-file limit to its hard maximum.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+/// The daemon's descriptor budget (soft open-file limit, within the hard one): enough to watch
+/// thousands of holders, of which the network server may use [`crate::connection_limits::MAX_CONNECTIONS`].
+pub const DESCRIPTOR_BUDGET: u64 = 8192;
+
+/// Sets the open-file limit to the descriptor budget (or the hard limit, when lower).
+fn set_descriptor_budget() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, DESCRIPTOR_BUDGET.min(hard), hard)
+    {
+        tracing::warn!(error = %e, "Cannot set the descriptor budget");
     }
 }
 
@@ -68,7 +67,7 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     if !(args.keepalive > 0.0 && args.keepalive.is_finite()) {
         anyhow::bail!("--keepalive must be a positive number of seconds");
     }
-    raise_fd_limit();
+    set_descriptor_budget();
     let started = std::time::Instant::now();
     let ms = |since: std::time::Instant| since.elapsed().as_millis() as u64;
     std::fs::create_dir_all(&args.state)
@@ -100,7 +99,10 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     }
     for (addr, pin) in servers {
         let pin = tls::parse_pin(&pin).with_context(|| format!("Bad pin for {addr}"))?;
-        runtime.remotes.add(&runtime, addr, pin);
+        runtime
+            .remotes
+            .add(&runtime, addr.clone(), pin)
+            .with_context(|| format!("Cannot link to {addr}"))?;
     }
 
     let socket = args

@@ -1,4 +1,6 @@
-//! TLS for the network server: a self-signed identity kept in the state folder, pinned by clients.
+//! TLS between runtimes: self-signed identities kept in the state folder. Clients pin the
+//! server's certificate; the server learns each client runtime's certificate (its key) and binds
+//! the runtime's id to it on first contact.
 
 use std::fs;
 use std::io;
@@ -8,7 +10,10 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
 use sha2::{Digest, Sha256};
 
 /// A TLS setup failure.
@@ -34,21 +39,35 @@ pub enum TlsError {
     BadPin(String),
 }
 
-/// The server's certificate and key.
+/// A runtime's (or a server's) certificate and key.
 #[derive(Debug)]
-pub struct ServerIdentity {
+pub struct Identity {
     /// The certificate, DER.
     pub cert: CertificateDer<'static>,
     /// The PKCS#8 private key, DER.
     pub key: PrivatePkcs8KeyDer<'static>,
 }
 
-impl ServerIdentity {
-    /// SHA-256 of the certificate DER, lower-case hex: what clients pin.
+impl Identity {
+    /// SHA-256 of the certificate DER, lower-case hex: what clients pin, and how a server knows
+    /// a client runtime.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert)
     }
+
+    /// A fresh self-signed identity, kept nowhere.
+    pub fn generate() -> Result<Identity, TlsError> {
+        let generated = rcgen::generate_simple_self_signed(vec!["meterd".to_owned()])
+            .map_err(TlsError::Generate)?;
+        Ok(Identity {
+            cert: generated.cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der()),
+        })
+    }
 }
+
+/// The server's identity was called this before client runtimes had their own.
+pub type ServerIdentity = Identity;
 
 /// SHA-256 of a certificate DER, lower-case hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
@@ -71,32 +90,36 @@ fn file_error(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
     }
 }
 
-/// Loads the identity from `state`, creating it on first start; writes `<state>/server.pin`.
-pub fn load_or_create_identity(state: &Path) -> Result<ServerIdentity, TlsError> {
-    let cert_path = state.join("server.crt.der");
-    let key_path = state.join("server.key.der");
-    let identity = if cert_path.exists() && key_path.exists() {
-        ServerIdentity {
-            cert: CertificateDer::from(fs::read(&cert_path).map_err(file_error(&cert_path))?),
-            key: PrivatePkcs8KeyDer::from(fs::read(&key_path).map_err(file_error(&key_path))?),
-        }
-    } else {
-        let generated = rcgen::generate_simple_self_signed(vec!["meterd".to_owned()])
-            .map_err(TlsError::Generate)?;
-        let identity = ServerIdentity {
-            cert: generated.cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(generated.signing_key.serialize_der()),
-        };
-        write_private(&key_path, identity.key.secret_pkcs8_der())?;
-        write_atomic(&cert_path, identity.cert.as_ref())?;
-        tracing::info!(fingerprint = %identity.fingerprint(), "Created server certificate");
-        identity
-    };
+/// Loads the server identity from `state`, creating it on first start; writes `<state>/server.pin`.
+pub fn load_or_create_identity(state: &Path) -> Result<Identity, TlsError> {
+    let identity = load_or_create(state, "server")?;
     let pin_path = state.join("server.pin");
     write_atomic(
         &pin_path,
         format!("{}\n", identity.fingerprint()).as_bytes(),
     )?;
+    Ok(identity)
+}
+
+/// Loads this runtime's own key pair from `state` (`runtime.key.der`, mode 0600), creating it on
+/// first start: what it authenticates with to network servers.
+pub fn load_or_create_runtime_identity(state: &Path) -> Result<Identity, TlsError> {
+    load_or_create(state, "runtime")
+}
+
+fn load_or_create(state: &Path, name: &str) -> Result<Identity, TlsError> {
+    let cert_path = state.join(format!("{name}.crt.der"));
+    let key_path = state.join(format!("{name}.key.der"));
+    if cert_path.exists() && key_path.exists() {
+        return Ok(Identity {
+            cert: CertificateDer::from(fs::read(&cert_path).map_err(file_error(&cert_path))?),
+            key: PrivatePkcs8KeyDer::from(fs::read(&key_path).map_err(file_error(&key_path))?),
+        });
+    }
+    let identity = Identity::generate()?;
+    write_private(&key_path, identity.key.secret_pkcs8_der())?;
+    write_atomic(&cert_path, identity.cert.as_ref())?;
+    tracing::info!(name, fingerprint = %identity.fingerprint(), "Created TLS identity");
     Ok(identity)
 }
 
@@ -125,12 +148,17 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-/// The rustls server configuration for an identity.
-pub fn server_config(identity: &ServerIdentity) -> Result<Arc<ServerConfig>, TlsError> {
-    let config = ServerConfig::builder_with_provider(provider())
+/// The rustls server configuration for an identity: every client must present a certificate
+/// (any self-signed one; the server binds runtime ids to them).
+pub fn server_config(identity: &Identity) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = AnyClientCert {
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(
             vec![identity.cert.clone()],
             PrivateKeyDer::Pkcs8(identity.key.clone_key()),
@@ -139,8 +167,9 @@ pub fn server_config(identity: &ServerIdentity) -> Result<Arc<ServerConfig>, Tls
     Ok(Arc::new(config))
 }
 
-/// The rustls client configuration that accepts only the certificate with this SHA-256.
-pub fn client_config(pin: [u8; 32]) -> Result<Arc<ClientConfig>, TlsError> {
+/// The rustls client configuration that accepts only the server certificate with this SHA-256
+/// and authenticates as `identity`.
+pub fn client_config(pin: [u8; 32], identity: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let verifier = PinnedCertVerifier {
         pin,
@@ -151,7 +180,11 @@ pub fn client_config(pin: [u8; 32]) -> Result<Arc<ClientConfig>, TlsError> {
         .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .with_client_auth_cert(
+            vec![identity.cert.clone()],
+            PrivateKeyDer::Pkcs8(identity.key.clone_key()),
+        )
+        .map_err(TlsError::Config)?;
     Ok(Arc::new(config))
 }
 
@@ -211,6 +244,66 @@ impl ServerCertVerifier for PinnedCertVerifier {
     }
 }
 
+/// The fingerprint of the certificate a client authenticated with, once the handshake is done.
+pub fn client_fingerprint(connection: &rustls::ServerConnection) -> Option<String> {
+    connection
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(fingerprint)
+}
+
+/// Requires a client certificate and the proof that the client holds its key; trusts no
+/// authority (a runtime's certificate is self-signed: the server binds ids to keys itself).
+#[derive(Debug)]
+struct AnyClientCert {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +319,14 @@ mod tests {
         assert_eq!(parse_pin(pin.trim()).unwrap().len(), 32);
         assert!(parse_pin("abc").is_err());
         server_config(&first).unwrap();
+        let runtime = load_or_create_runtime_identity(dir.path()).unwrap();
+        assert_ne!(runtime.fingerprint(), first.fingerprint());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.path().join("runtime.key.der"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        client_config([0; 32], &runtime).unwrap();
     }
 }

@@ -53,6 +53,15 @@ pub enum Defence {
     CrashRelease,
     /// Silent remote stations are kept past the keepalive window.
     KeepaliveRelease,
+    /// A client runtime keeps forwarded grants after its lease on the server lapsed.
+    LeaseRevocation,
+    /// The server's revocations of remote grants are not sent to the client runtimes.
+    RemoteRevocation,
+    /// Client runtimes are taken at their word: any key may present any runtime id, and the
+    /// machine name a client claims is its station.
+    StationAuthentication,
+    /// Network connections, hellos and grants per station are not bounded.
+    ConnectionLimits,
     /// Expiry dates are ignored.
     Expiry,
     /// Dongle units are counted in the runtime's own state, not inside the dongle.
@@ -61,7 +70,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 21] = [
+    pub const ALL: [Defence; 25] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -81,6 +90,10 @@ impl Defence {
         Defence::TerminalServerSwitch,
         Defence::CrashRelease,
         Defence::KeepaliveRelease,
+        Defence::LeaseRevocation,
+        Defence::RemoteRevocation,
+        Defence::StationAuthentication,
+        Defence::ConnectionLimits,
         Defence::Expiry,
         Defence::DongleCounters,
     ];
@@ -107,6 +120,10 @@ impl Defence {
             Defence::TerminalServerSwitch => "terminal-server-switch",
             Defence::CrashRelease => "crash-release",
             Defence::KeepaliveRelease => "keepalive-release",
+            Defence::LeaseRevocation => "lease-revocation",
+            Defence::RemoteRevocation => "remote-revocation",
+            Defence::StationAuthentication => "station-authentication",
+            Defence::ConnectionLimits => "connection-limits",
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
         }
@@ -162,7 +179,19 @@ impl Defence {
                 "process exits (pidfd) are not watched: a crashed app keeps its licence"
             }
             Defence::KeepaliveRelease => {
-                "a remote station silent past the keepalive window is kept (only a closed connection releases)"
+                "a remote station silent past the keepalive window is kept (a closed connection still lapses at the window's end)"
+            }
+            Defence::LeaseRevocation => {
+                "a client runtime cut off from its server keeps the grants it forwarded: its apps run on"
+            }
+            Defence::RemoteRevocation => {
+                "the server takes remote grants back without telling the client runtimes"
+            }
+            Defence::StationAuthentication => {
+                "the server takes a client's runtime id and machine name as it says, whatever key it presents"
+            }
+            Defence::ConnectionLimits => {
+                "no bound on connections, idle handshakes, hellos or grants per station"
             }
             Defence::Expiry => "expiry dates are ignored",
             Defence::DongleCounters => {

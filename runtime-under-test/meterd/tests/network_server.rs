@@ -232,7 +232,10 @@ fn a_malformed_frame_closes_only_its_connection() {
     rt.block_on(async {
         let pin = meterd::tls::parse_pin(&pin).unwrap();
         // Garbage instead of a hello.
-        let stream = meterd::remote::connect(&addr, pin, None).await.unwrap();
+        let identity = meterd::tls::Identity::generate().unwrap();
+        let stream = meterd::remote::connect(&addr, pin, &identity, None)
+            .await
+            .unwrap();
         let mut framed = meterd::frame::framed(stream);
         framed
             .send(bytes::Bytes::from_static(&[0xff, 0xfe, 0xfd, 0x00]))
@@ -244,7 +247,9 @@ fn a_malformed_frame_closes_only_its_connection() {
             "connection should be closed"
         );
         // An oversized frame: announce 16 MiB.
-        let stream = meterd::remote::connect(&addr, pin, None).await.unwrap();
+        let stream = meterd::remote::connect(&addr, pin, &identity, None)
+            .await
+            .unwrap();
         let mut raw = stream;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         raw.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
@@ -268,6 +273,21 @@ fn a_malformed_frame_closes_only_its_connection() {
 /// A station speaking the server protocol itself, welcomed as `machine`; with `small_buffers`
 /// it takes small segments into a small receive buffer, so unread answers fill the path quickly.
 async fn raw_station(addr: &str, pin: &str, machine: &str, small_buffers: bool) -> RawLink {
+    let identity = meterd::tls::Identity::generate().unwrap();
+    let (link, welcome) = raw_hello(addr, pin, machine, &identity, small_buffers).await;
+    assert!(matches!(welcome, FromServer::Welcome { .. }), "{welcome:?}");
+    link
+}
+
+/// A raw station's hello as runtime `<machine>-runtime`, authenticated as `identity`: the link
+/// and the server's answer.
+async fn raw_hello(
+    addr: &str,
+    pin: &str,
+    machine: &str,
+    identity: &meterd::tls::Identity,
+    small_buffers: bool,
+) -> (RawLink, FromServer) {
     use std::os::fd::AsFd;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     if small_buffers {
@@ -277,7 +297,7 @@ async fn raw_station(addr: &str, pin: &str, machine: &str, small_buffers: bool) 
     }
     let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
     let pin = meterd::tls::parse_pin(pin).unwrap();
-    let tls = meterd::remote::secure(tcp, pin).await.unwrap();
+    let tls = meterd::remote::secure(tcp, pin, identity).await.unwrap();
     let mut link = meterd::frame::framed(tls);
     let hello = ToServer::Hello {
         runtime: format!("{machine}-runtime"),
@@ -285,9 +305,8 @@ async fn raw_station(addr: &str, pin: &str, machine: &str, small_buffers: bool) 
         claims: Vec::new(),
     };
     meterd::frame::send(&mut link, &hello).await.unwrap();
-    let welcome: FromServer = meterd::frame::recv(&mut link).await.unwrap();
-    assert!(matches!(welcome, FromServer::Welcome { .. }), "{welcome:?}");
-    link
+    let answer: FromServer = meterd::frame::recv(&mut link).await.unwrap();
+    (link, answer)
 }
 
 type RawLink = tokio_util::codec::Framed<
@@ -368,25 +387,288 @@ fn a_station_that_stops_reading_its_answers_is_released_after_its_keepalive_wind
 
 #[test]
 fn thousands_of_network_grants_are_listed_and_counted_once_per_station() {
-    const GRANTS: u64 = 3000;
+    const STATIONS: u64 = 12;
+    const PER_STATION: u64 = 250;
     let vendor = Vendor::new();
     let (server, _sd, addr, pin) = server_with(
         &vendor,
-        &["{ code: 13, name: thirteen, quantity: 1, counting: station-share }"],
+        &["{ code: 13, name: thirteen, quantity: 12, counting: station-share }"],
         "10",
     );
     let rt = runtime_for_raw_stations();
-    let _link = rt.block_on(async {
-        let mut link = raw_station(&addr, &pin, "busy", false).await;
-        for request in 1..=GRANTS {
-            meterd::frame::send(&mut link, &access("busy", request, 13))
-                .await
-                .unwrap();
-            let answer: FromServer = meterd::frame::recv(&mut link).await.unwrap();
-            assert!(matches!(answer, FromServer::Granted { .. }), "{answer:?}");
+    let _links = rt.block_on(async {
+        let mut links = Vec::new();
+        for station in 0..STATIONS {
+            let name = format!("busy{station}");
+            let mut link = raw_station(&addr, &pin, &name, false).await;
+            for request in 1..=PER_STATION {
+                meterd::frame::send(&mut link, &access(&name, request, 13))
+                    .await
+                    .unwrap();
+                let answer: FromServer = meterd::frame::recv(&mut link).await.unwrap();
+                assert!(matches!(answer, FromServer::Granted { .. }), "{answer:?}");
+            }
+            links.push(link);
         }
-        link
+        links
     });
-    assert_eq!(allocations(&server).len() as u64, GRANTS);
-    assert_eq!(server_usage(&server, 13), (1, GRANTS));
+    assert_eq!(allocations(&server).len() as u64, STATIONS * PER_STATION);
+    assert_eq!(
+        server_usage(&server, 13),
+        (STATIONS, STATIONS * PER_STATION)
+    );
+}
+
+#[test]
+fn twenty_thousand_pipelined_accesses_are_capped_per_station_and_others_are_served() {
+    const SENT: u64 = 20_000;
+    let vendor = Vendor::new();
+    let (server, _sd, addr, pin) = server_with(
+        &vendor,
+        &["{ code: 14, name: fourteen, quantity: 2, counting: station-share }"],
+        "10",
+    );
+    let rt = runtime_for_raw_stations();
+    let (granted, capped, _link) = rt.block_on(async {
+        let link = raw_station(&addr, &pin, "greedy", false).await;
+        let (mut sink, mut stream) = futures::StreamExt::split(link);
+        let sender = tokio::spawn(async move {
+            for request in 1..=SENT {
+                sink.feed(meterd::frame::encode(&access("greedy", request, 14)).unwrap())
+                    .await
+                    .unwrap();
+            }
+            sink.flush().await.unwrap();
+            sink
+        });
+        let (mut granted, mut capped) = (0u64, 0u64);
+        for _ in 0..SENT {
+            let bytes = futures::StreamExt::next(&mut stream)
+                .await
+                .unwrap()
+                .unwrap();
+            match meterd::frame::decode::<FromServer>(&bytes).unwrap() {
+                FromServer::Granted { .. } => granted += 1,
+                FromServer::Denied { reason, .. } => {
+                    assert_eq!(reason, meter_core::reason::Reason::GrantLimitReached);
+                    capped += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let sink = sender.await.unwrap();
+        (granted, capped, sink.reunite(stream).unwrap())
+    });
+    println!("{granted} granted, {capped} refused as grant-limit-reached");
+    assert_eq!(
+        granted,
+        u64::from(meterd::remote_stations::MAX_GRANTS_PER_STATION)
+    );
+    assert_eq!(capped, SENT - granted);
+    assert_eq!(server_usage(&server, 14), (1, granted));
+    // Another station is unaffected.
+    let (ws, _d) = client("ws1", "workstation", "127.0.2.15", &addr, &pin);
+    assert!(ws.hold(14, None).granted());
+}
+
+#[test]
+fn a_peer_without_a_client_certificate_is_refused() {
+    let vendor = Vendor::new();
+    let (_server, _sd, addr, pin) = server_with(
+        &vendor,
+        &["{ code: 15, name: fifteen, quantity: 1, counting: user-limit }"],
+        "10",
+    );
+    let rt = runtime_for_raw_stations();
+    rt.block_on(async {
+        let pin = meterd::tls::parse_pin(&pin).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(pin)))
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        // TLS 1.3 reports a refused client only at the first read after the handshake.
+        let outcome = async {
+            let tls = connector
+                .connect(meterd::tls::server_name(), tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut link = meterd::frame::framed(tls);
+            let hello = ToServer::Hello {
+                runtime: "anonymous".into(),
+                machine: "anonymous".into(),
+                claims: Vec::new(),
+            };
+            meterd::frame::send(&mut link, &hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            meterd::frame::recv::<FromServer, _>(&mut link)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        assert!(
+            outcome.is_err(),
+            "welcomed without a certificate: {outcome:?}"
+        );
+    });
+}
+
+#[test]
+fn a_hello_for_another_runtimes_id_from_another_key_is_refused_and_its_grants_stay() {
+    let vendor = Vendor::new();
+    let (server, _sd, addr, pin) = server_with(
+        &vendor,
+        &["{ code: 16, name: sixteen, quantity: 1, counting: station-share }"],
+        "10",
+    );
+    let (victim, _d) = client("vm1", "workstation", "127.0.2.16", &addr, &pin);
+    let holder = victim.hold(16, None);
+    assert!(holder.granted(), "{}", holder.first);
+    let (_, status) = victim.meter(&["status"]);
+    let victim_id = status["machine"]["runtime_id"].as_str().unwrap().to_owned();
+    let rt = runtime_for_raw_stations();
+    let answer = rt.block_on(async {
+        let identity = meterd::tls::Identity::generate().unwrap();
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let pin = meterd::tls::parse_pin(&pin).unwrap();
+        let tls = meterd::remote::secure(tcp, pin, &identity).await.unwrap();
+        let mut link = meterd::frame::framed(tls);
+        let hello = ToServer::Hello {
+            runtime: victim_id.clone(),
+            machine: "vm1".into(),
+            claims: Vec::new(),
+        };
+        meterd::frame::send(&mut link, &hello).await.unwrap();
+        meterd::frame::recv::<FromServer, _>(&mut link)
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        answer,
+        FromServer::Refused {
+            reason: meter_core::reason::Reason::StationRefused
+        }
+    );
+    // The victim's grant is still counted, and another machine cannot take the seat.
+    assert_eq!(allocations(&server).len(), 1);
+    assert_eq!(server_usage(&server, 16), (1, 1));
+    let (other, _d2) = client("vm2", "workstation", "127.0.2.17", &addr, &pin);
+    assert_eq!(other.hold(16, None).reason(), "quantity-exhausted");
+}
+
+#[test]
+fn two_runtimes_naming_one_machine_are_two_stations() {
+    let vendor = Vendor::new();
+    let (server, _sd, addr, pin) = server_with(
+        &vendor,
+        &["{ code: 17, name: seventeen, quantity: 1, counting: station-share }"],
+        "10",
+    );
+    let (first, _d1) = client("vm1", "workstation", "127.0.2.18", &addr, &pin);
+    let held = first.hold(17, None);
+    assert!(held.granted(), "{}", held.first);
+    let (impostor, _d2) = client("vm1", "workstation", "127.0.2.19", &addr, &pin);
+    let denied = impostor.hold(17, None);
+    assert_eq!(denied.reason(), "quantity-exhausted", "{}", denied.first);
+    assert_eq!(server_usage(&server, 17), (1, 1));
+}
+
+#[test]
+fn two_thousand_idle_connections_leave_the_local_socket_answering() {
+    let vendor = Vendor::new();
+    let (server, _sd, addr, _pin) = server_with(
+        &vendor,
+        &["{ code: 18, name: eighteen, quantity: 1, counting: user-limit }"],
+        "10",
+    );
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    let mut idle = Vec::new();
+    for i in 0..2000u32 {
+        // From 40 loopback addresses, 50 each.
+        let source = std::net::Ipv4Addr::new(127, 0, 4, (i % 40 + 1) as u8);
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&std::net::SocketAddr::from((source, 0)).into())
+            .unwrap();
+        if socket.connect(&target.into()).is_ok() {
+            idle.push(socket);
+        }
+    }
+    assert_eq!(idle.len(), 2000);
+    let mut timings = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (code, status) = server.meter(&["status"]);
+        timings.push(started.elapsed());
+        assert_eq!(code, 0, "{status}");
+    }
+    timings.sort();
+    println!(
+        "meter status with 2000 idle TCP connections: median {:?}",
+        timings[2]
+    );
+    let holder = server.hold(18, None);
+    assert!(holder.granted(), "{}", holder.first);
+}
+
+/// Accepts the server certificate with this SHA-256, as a client without its own key would.
+#[derive(Debug)]
+struct AnyServer([u8; 32]);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if meterd::tls::fingerprint(end_entity) == hex::encode(self.0) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("not the pinned server".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
