@@ -121,6 +121,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::partition_reset("partition-reset")]
 #[case::remote_revocation("remote-revocation")]
 #[case::server_flood("server-flood")]
+#[case::station_spoof("station-spoof")]
 #[case::dongle_host_server("dongle-host-server")]
 #[case::dongle_exclusive_guest("dongle-exclusive-guest")]
 #[case::dongle_shared_lockout("dongle-shared-lockout")]

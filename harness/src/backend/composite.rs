@@ -572,6 +572,16 @@ impl Backend for World {
         Ok(())
     }
 
+    fn impersonate(
+        &mut self,
+        machine: &str,
+        name: &str,
+        runtime_id: Option<&str>,
+    ) -> Result<(), BackendError> {
+        self.require(machine, "impersonate", &[Power::Running], "running")?;
+        self.driver(machine)?.impersonate(machine, name, runtime_id)
+    }
+
     fn flood(&mut self, from: &str, to: &str, connections: u32) -> Result<usize, BackendError> {
         let source = self.placement(from)?.ip;
         let info = self.servers.get(to).ok_or_else(|| BackendError::Runtime {

@@ -125,6 +125,14 @@ pub trait MachineDriver: Any {
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError>;
+    /// Restarts the machine's runtime presenting `name` (and `runtime_id`, when given) as its
+    /// identity, until the machine shuts down.
+    fn impersonate(
+        &mut self,
+        machine: &str,
+        name: &str,
+        runtime_id: Option<&str>,
+    ) -> Result<(), BackendError>;
     /// Starts `meter <args>` as a long-lived app in a session.
     fn start_app(
         &mut self,

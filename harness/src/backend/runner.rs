@@ -104,6 +104,14 @@ pub trait Backend {
     fn partition(&mut self, a: &[String], b: &[String], reset: bool) -> Result<(), BackendError>;
     /// Restores the cuts touching these machines (all cuts when empty).
     fn heal(&mut self, machines: &[String]) -> Result<(), BackendError>;
+    /// Restarts a machine's runtime presenting `name` as its machine name and, when given,
+    /// `runtime_id` as its runtime id (until the machine shuts down).
+    fn impersonate(
+        &mut self,
+        machine: &str,
+        name: &str,
+        runtime_id: Option<&str>,
+    ) -> Result<(), BackendError>;
     /// Opens up to `connections` idle TCP connections from `from`'s address to `to`'s server,
     /// held until teardown; how many opened.
     fn flood(&mut self, from: &str, to: &str, connections: u32) -> Result<usize, BackendError>;

@@ -491,6 +491,23 @@ impl World {
                 std::thread::sleep(d.value.as_std());
                 Ok(())
             }
+            Step::Impersonate(i) => {
+                let runtime_id = if i.runtime_id {
+                    let status = runtime::status(self.backend.as_mut(), &i.victim.value)?;
+                    let id = status["machine"]["runtime_id"]
+                        .as_str()
+                        .ok_or_else(|| BackendError::Runtime {
+                            machine: i.victim.value.clone(),
+                            message: "`meter status` shows no machine.runtime_id".into(),
+                        })?
+                        .to_string();
+                    Some(id)
+                } else {
+                    None
+                };
+                self.backend
+                    .impersonate(&i.machine.value, &i.victim.value, runtime_id.as_deref())
+            }
             Step::Flood(f) => {
                 let opened = self
                     .backend

@@ -46,6 +46,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("partition-reset"),
     builtin!("remote-revocation"),
     builtin!("server-flood"),
+    builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),
     builtin!("dongle-hop"),

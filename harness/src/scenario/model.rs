@@ -551,6 +551,8 @@ pub enum Step {
     Wait(Located<Duration>),
     /// Open many idle TCP connections from one machine to another's server (an attack).
     Flood(FloodStep),
+    /// Make a machine's runtime present another machine's name and runtime id (an attack).
+    Impersonate(ImpersonateStep),
     /// Check what the runtime did.
     Expect(Assertion),
 }
@@ -591,12 +593,13 @@ impl Step {
             Step::ServerStop(_) => "server-stop",
             Step::Wait(_) => "wait",
             Step::Flood(_) => "flood",
+            Step::Impersonate(_) => "impersonate",
             Step::Expect(_) => "expect",
         }
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 33] = [
+    pub const KEYWORDS: [&'static str; 34] = [
         "boot",
         "shutdown",
         "pause",
@@ -629,6 +632,7 @@ impl Step {
         "server-stop",
         "wait",
         "flood",
+        "impersonate",
         "expect",
     ];
 }
@@ -923,6 +927,24 @@ pub struct FloodStep {
     pub to: Name,
     /// How many connections (1 to 20000); they stay open, saying nothing, until the run ends.
     pub connections: Located<u32>,
+}
+
+/// `impersonate`: a machine's runtime claims another machine's identity to servers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ImpersonateStep {
+    /// The impostor (its runtime restarts).
+    pub machine: Name,
+    /// The victim, whose machine name (and runtime id) the impostor presents.
+    #[serde(rename = "as")]
+    pub victim: Name,
+    /// Also present the victim's runtime id (default), not only its machine name.
+    #[serde(default = "yes")]
+    pub runtime_id: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Most connections one `flood` step may open.

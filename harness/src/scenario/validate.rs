@@ -1159,6 +1159,18 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            Step::Impersonate(imp) => {
+                self.running(&imp.machine);
+                self.running(&imp.victim);
+                if imp.machine.value == imp.victim.value {
+                    self.report(
+                        imp.victim.at,
+                        "a machine cannot impersonate itself",
+                        "same machine",
+                        None,
+                    );
+                }
+            }
             Step::Flood(flood) => {
                 self.machine(&flood.from);
                 if self.running(&flood.to).is_some() && !self.servers.contains(&flood.to.value) {

@@ -229,6 +229,8 @@ pub struct DaemonSettings {
     pub state_dir: PathBuf,
     /// Keepalive window for remote stations (server) and the interval base (client).
     pub keepalive: Duration,
+    /// A runtime id to present instead of the stored one (an impersonation attack's tool).
+    pub runtime_id: Option<String>,
 }
 
 /// The daemon: shared by every connection task.
@@ -278,9 +280,10 @@ impl Runtime {
         snapshot: Snapshot,
         settings: DaemonSettings,
     ) -> anyhow::Result<Arc<Runtime>> {
-        let runtime_id = match snapshot.meta.get("runtime-id") {
-            Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-            None => {
+        let runtime_id = match (&settings.runtime_id, snapshot.meta.get("runtime-id")) {
+            (Some(presented), _) => presented.clone(),
+            (None, Some(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+            (None, None) => {
                 let mut id = [0u8; 16];
                 getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
                 let id = hex::encode(id);

@@ -42,6 +42,18 @@ pub struct DaemonArgs {
     /// SHA-256 of the server certificate of the --remote at the same position, hex.
     #[arg(long = "pin")]
     pub pins: Vec<String>,
+    /// Present this runtime id to servers instead of the stored one (1 to 64 hex digits). What a
+    /// licensee who edits the state achieves; servers bind ids to keys, so it gains nothing.
+    #[arg(long, value_parser = parse_runtime_id)]
+    pub runtime_id: Option<String>,
+}
+
+fn parse_runtime_id(text: &str) -> Result<String, String> {
+    if !text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(format!("{text:?} is not 1 to 64 hex digits"))
+    }
 }
 
 /// The daemon's descriptor budget (soft open-file limit, within the hard one): enough to watch
@@ -84,6 +96,7 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     let settings = DaemonSettings {
         state_dir: args.state.clone(),
         keepalive: Duration::from_secs_f64(args.keepalive),
+        runtime_id: args.runtime_id.clone(),
     };
     let stage = std::time::Instant::now();
     let runtime = Runtime::new(platform, store, snapshot, settings)?;

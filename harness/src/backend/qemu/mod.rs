@@ -1176,6 +1176,44 @@ impl MachineDriver for QemuDriver {
         }
     }
 
+    fn impersonate(
+        &mut self,
+        machine: &str,
+        name: &str,
+        runtime_id: Option<&str>,
+    ) -> Result<(), BackendError> {
+        // The name and id reach the shell as arguments, never as script text.
+        const SCRIPT: &str = r#"hostname "$1"; shift
+pid=$(cat /disk/meter/meterd.ready 2>/dev/null)
+[ -n "$pid" ] && kill "$pid"
+i=0
+while [ -f /disk/meter/meterd.ready ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+METER_LOG=${METER_LOG:-info} setsid /bin/meterd --platform host --state /disk/meter \
+  --socket /run/meter/meterd.sock "$@" >>/run/vigil/meterd.log 2>&1 </dev/null &
+"#;
+        let mut argv = vec!["sh", "-c", SCRIPT, "impersonate", name];
+        if let Some(id) = runtime_id {
+            argv.extend(["--runtime-id", id]);
+        }
+        let out = self.guest_exec(machine, &argv, Duration::from_secs(20))?;
+        if out.code != Some(0) {
+            return Err(self.guest_failure(
+                machine,
+                format!(
+                    "cannot restart the runtime as {name}: {}",
+                    out.stderr.trim()
+                ),
+            ));
+        }
+        let ready_file = format!("{GUEST_STATE}/meterd.ready");
+        let g = self.guest_mut(machine)?;
+        let vm = g.vm.as_mut().expect("a running guest has a vm");
+        match vm.agent.wait_ready(&ready_file, BOOT_TIMEOUT) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(vm.failure(&format!("runtime did not come back: {e}"))),
+        }
+    }
+
     fn start_app(
         &mut self,
         machine: &str,

@@ -56,6 +56,9 @@ struct Machine {
     clock_ms: i64,
     /// Dongles it holds and how they reached it.
     dongles: BTreeMap<String, DongleLink>,
+    /// The identity its runtime presents instead of its own (an impersonation), until shutdown:
+    /// a machine name and maybe a runtime id.
+    presents: Option<(String, Option<String>)>,
 }
 
 impl Machine {
@@ -192,6 +195,7 @@ impl SimDriver {
                 snapshots: BTreeMap::new(),
                 clock_ms: 0,
                 dongles: BTreeMap::new(),
+                presents: None,
             },
         );
         Ok(())
@@ -203,7 +207,7 @@ impl SimDriver {
         let description = json!({
             "kind": if m.guest { "guest" } else { "physical" },
             "role": match m.role { Role::Workstation => "workstation", Role::TerminalServer => "terminal-server" },
-            "name": m.name,
+            "name": m.presents.as_ref().map_or(&m.name, |(name, _)| name),
             "address": m.ip.to_string(),
             "traits": {
                 "cpu.vendor": cpu.vendor,
@@ -268,6 +272,9 @@ impl SimDriver {
                 .arg(format!("{}:{}", m.ip, server.port))
                 .arg("--keepalive")
                 .arg(format!("{}", server.keepalive.as_secs_f64()));
+        }
+        if let Some((_, Some(id))) = &m.presents {
+            command.arg("--runtime-id").arg(id);
         }
         for link in &m.servers {
             command
@@ -503,7 +510,21 @@ impl MachineDriver for SimDriver {
         m.power = Power::Off;
         // A machine that is off serves nobody: its server ends with it.
         m.server = None;
+        m.presents = None;
         Ok(())
+    }
+
+    fn impersonate(
+        &mut self,
+        machine: &str,
+        name: &str,
+        runtime_id: Option<&str>,
+    ) -> Result<(), BackendError> {
+        self.machine_mut(machine)?.presents =
+            Some((name.to_string(), runtime_id.map(str::to_string)));
+        self.stop_daemon(machine, true)?;
+        self.write_platform(machine)?;
+        self.start_daemon(machine)
     }
 
     fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
