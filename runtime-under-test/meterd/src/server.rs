@@ -250,11 +250,11 @@ impl Station<'_> {
                 receipts,
             } => {
                 runtime
-                    .witness_receipts_in(request, &licence, key, receipts)
+                    .witness_receipts_in(request, self.runtime_id, &licence, key, receipts)
                     .await
             }
             ToServer::WitnessFetch { request, licence } => {
-                runtime.witness_chain_out(request, &licence)
+                runtime.witness_chain_out(request, self.runtime_id, &licence)
             }
             ToServer::Keepalive { seq } => FromServer::KeepaliveAck { seq },
             ToServer::Hello { .. } => return None,

@@ -17,6 +17,7 @@ impl Runtime {
     pub async fn witness_receipts_in(
         self: &Arc<Self>,
         request: u64,
+        runtime: &str,
         licence: &str,
         key: [u8; 32],
         receipts: Vec<Receipt>,
@@ -26,7 +27,7 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .witnesses
-            .accept(licence, key, &receipts);
+            .accept(licence, runtime, key, &receipts, witness_rules());
         if let Some(change) = change
             && let Err(e) = self.store.commit(vec![change]).await
         {
@@ -45,13 +46,13 @@ impl Runtime {
     }
 
     /// A client runtime asks for the chain this server witnessed for one of its licences.
-    pub fn witness_chain_out(&self, request: u64, licence: &str) -> FromServer {
+    pub fn witness_chain_out(&self, request: u64, runtime: &str, licence: &str) -> FromServer {
         let log = self
             .licences
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .witnesses
-            .log(licence);
+            .log(licence, runtime, witness_rules());
         FromServer::WitnessChain { request, log }
     }
 
@@ -199,5 +200,13 @@ impl Runtime {
             Some(Err(e)) => tracing::warn!(licence, error = %e, "Reconciliation failed"),
             None => {}
         }
+    }
+}
+
+/// How this build's witness keeps chains apart (weakened builds may not).
+fn witness_rules() -> crate::witness::WitnessRules {
+    crate::witness::WitnessRules {
+        bind_to_runtime: !crate::weakened::is(crate::weakened::Defence::StationAuthentication),
+        limit_chains: !crate::weakened::is(crate::weakened::Defence::ConnectionLimits),
     }
 }
