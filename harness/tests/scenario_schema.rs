@@ -52,7 +52,11 @@ steps:
   - server-start: { machine: host-a, port: 22351, keepalive: 10s }
   - partition: { machines: [host-a, vm1] }
   - heal: { machines: [host-a, vm1] }
+  - partition: { machines: [host-a, vm1], mode: reset }
   - heal: {}
+  - wait: 10ms
+  - flood: { from: vm1, to: host-a, connections: 10 }
+  - impersonate: { machine: vm2, as: vm1, runtime-id: false }
   - advance: 1h30m
   - set-clock: { machine: vm1, skew: -2h }
   - replace-part: { machine: host-b, part: nic }
@@ -69,6 +73,8 @@ steps:
   - expect: { app: { app: app1, state: exited } }
   - start-app: { machine: vm1, product: 1001, as: app2 }
   - expect: { app: { app: app2, state: revoked, reason: binding-broken } }
+  - expect: { holders: { product: 1001, at-most: 1 } }
+  - expect: { responsive: vm1 }
   - release: app2
   - session-close: sess1
   - server-stop: host-a

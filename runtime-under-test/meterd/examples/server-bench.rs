@@ -20,6 +20,13 @@ use serde_json::json;
 const SECONDS_PER_LEVEL: f64 = 3.0;
 const LEVELS: [usize; 3] = [1, 16, 64];
 const HELD: usize = 10_000;
+/// Idle authenticated stations kept linked for the keepalive cost.
+const IDLE: usize = 10_000;
+/// How long the idle stations are watched.
+const IDLE_SECONDS: u64 = 10;
+/// Outages timed for the revoke delay, and the keepalive window they run against.
+const OUTAGES: usize = 5;
+const OUTAGE_WINDOW_S: f64 = 2.0;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -388,13 +395,19 @@ async fn bench() -> anyhow::Result<()> {
         work.path().join("server"),
         "server",
         "127.0.0.1",
-        &["--server".into(), "--listen".into(), "127.0.0.1:0".into()],
+        &[
+            "--server".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--max-connections".into(),
+            (IDLE + 1000).to_string(),
+        ],
     )?;
     request(
         &server.socket(),
         LocalRequest::Trust {
             firm: 10,
-            key: public,
+            key: public.clone(),
         },
     )
     .await?;
@@ -524,6 +537,11 @@ async fn bench() -> anyhow::Result<()> {
     eprintln!("RSS {before} KiB -> {after} KiB for {HELD} held: {per_licence:.0} bytes each");
     drop(links);
 
+    let idle = idle_stations(&addr, pin, &server).await?;
+    eprintln!("idle stations: {idle}");
+    let outage = revoke_delays(work.path(), &public, &licence.to_json()).await?;
+    eprintln!("revoke after outage: {outage}");
+
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let report = json!({
         "machine": {
@@ -537,6 +555,8 @@ async fn bench() -> anyhow::Result<()> {
             "via_server": {"p50": ms(&remote_delays[10]), "max": ms(&remote_delays[19]), "rounds": remote_delays.len()},
         },
         "held_licences": {"count": HELD, "rss_before_kib": before, "rss_after_kib": after, "bytes_per_licence": per_licence},
+        "idle_stations": idle,
+        "revoke_after_outage": outage,
         "targets": {"pairs_per_second_at_64": 20000, "p99_ms": 2.0, "release_after_kill_ms": 50, "bytes_per_licence": 1024},
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reports/bench/server.json");
@@ -544,4 +564,272 @@ async fn bench() -> anyhow::Result<()> {
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Makes room for `wanted` descriptors in this process (within the hard limit).
+fn raise_descriptor_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The cost of idle stations: IDLE authenticated stations linked from 64 loopback addresses,
+/// each sending its keepalives (a third of the 10 s window) for IDLE_SECONDS; the server's
+/// memory and CPU per station.
+async fn idle_stations(
+    addr: &str,
+    pin: [u8; 32],
+    server: &Machine,
+) -> anyhow::Result<serde_json::Value> {
+    raise_descriptor_limit(IDLE as u64 + 1024);
+    let target: std::net::SocketAddr = addr.parse()?;
+    let before = server.rss_kib();
+    let linking = Instant::now();
+    let mut links = Vec::with_capacity(IDLE);
+    for batch in (0..IDLE).collect::<Vec<_>>().chunks(64) {
+        let opened = futures::future::join_all(batch.iter().map(|&i| async move {
+            let source = std::net::Ipv4Addr::new(127, 0, 5, (i % 64 + 1) as u8);
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::from((source, 0)))?;
+            let tcp = socket.connect(target).await?;
+            let tls = meterd::remote::secure(tcp, pin, bench_identity()).await?;
+            let mut framed = meterd::frame::framed(tls);
+            let name = format!("idle-{i}");
+            meterd::frame::send(
+                &mut framed,
+                &ToServer::Hello {
+                    runtime: name.clone(),
+                    machine: name,
+                    claims: vec![],
+                },
+            )
+            .await?;
+            match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
+                FromServer::Welcome { .. } => Ok(framed),
+                other => anyhow::bail!("Idle station {i} not welcomed: {other:?}"),
+            }
+        }))
+        .await;
+        for link in opened {
+            links.push(link?);
+        }
+    }
+    let linked_s = linking.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    // Every station sends a keepalive each third of the window and reads the answer.
+    let stop = Instant::now() + Duration::from_secs(IDLE_SECONDS);
+    let cpu_before = CpuSnapshot::take(&[server.child.id()]);
+    let watched = Instant::now();
+    let tasks: Vec<_> = links
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut framed)| {
+            tokio::spawn(async move {
+                let interval = Duration::from_millis(3333);
+                // Spread the stations over the interval, as real ones are.
+                tokio::time::sleep(interval.mul_f64((i % 1000) as f64 / 1000.0)).await;
+                let mut acks = 0u64;
+                let mut seq = 0u64;
+                while Instant::now() < stop {
+                    seq += 1;
+                    meterd::frame::send(&mut framed, &ToServer::Keepalive { seq }).await?;
+                    match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
+                        FromServer::KeepaliveAck { .. } => acks += 1,
+                        other => anyhow::bail!("Not an ack: {other:?}"),
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+                Ok::<_, anyhow::Error>((acks, framed))
+            })
+        })
+        .collect();
+    let mut acks = 0;
+    let mut kept = Vec::with_capacity(IDLE);
+    for task in tasks {
+        let (n, framed) = task.await??;
+        acks += n;
+        kept.push(framed);
+    }
+    let seconds = watched.elapsed().as_secs_f64();
+    let cpu_after = CpuSnapshot::take(&[server.child.id()]);
+    drop(kept);
+    let daemon_cpu = cpu_after.daemons.saturating_sub(cpu_before.daemons);
+    Ok(json!({
+        "stations": IDLE,
+        "linked_in_s": linked_s,
+        "watched_s": seconds,
+        "keepalives_answered": acks,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "bytes_per_station": (after.saturating_sub(before)) as f64 * 1024.0 / IDLE as f64,
+        "daemon_cpu_share_of_one_core": daemon_cpu.as_secs_f64() / seconds,
+        "daemon_cpu_us_per_station_per_s": daemon_cpu.as_secs_f64() * 1e6 / seconds / IDLE as f64,
+    }))
+}
+
+/// A TCP relay that a test can cut: while cut it forwards nothing (and loses nothing), like a
+/// pulled cable.
+async fn cuttable_relay(
+    target: std::net::SocketAddr,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::sync::watch::Sender<bool>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let local = listener.local_addr()?;
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            tokio::spawn(copy_unless_cut(ri, wo, cut_rx.clone()));
+            tokio::spawn(copy_unless_cut(ro, wi, cut_rx.clone()));
+        }
+    });
+    Ok((local, cut_tx))
+}
+
+async fn copy_unless_cut(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if cut.wait_for(|c| !c).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if cut.wait_for(|c| !c).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How long after an outage begins the cut-off holder is told (`server-unreachable`) and the
+/// server frees the seat, with a 2 s window: OUTAGES rounds, each with the relay cut until both
+/// happened, then healed.
+async fn revoke_delays(
+    work: &Path,
+    vendor_public: &[u8],
+    licence_json: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let server = Machine::start(
+        work.join("outage-server"),
+        "outage-server",
+        "127.0.0.1",
+        &[
+            "--server".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--keepalive".into(),
+            OUTAGE_WINDOW_S.to_string(),
+        ],
+    )?;
+    request(
+        &server.socket(),
+        LocalRequest::Trust {
+            firm: 10,
+            key: vendor_public.to_vec(),
+        },
+    )
+    .await?;
+    request(
+        &server.socket(),
+        LocalRequest::InstallLicence {
+            source_name: "bench".into(),
+            bytes: licence_json.as_bytes().to_vec(),
+        },
+    )
+    .await?;
+    let status: serde_json::Value = match request(&server.socket(), LocalRequest::Status).await? {
+        LocalReply::Json(text) => serde_json::from_str(&text)?,
+        other => anyhow::bail!("{other:?}"),
+    };
+    let listen: std::net::SocketAddr = status["server"]["listen"]
+        .as_str()
+        .context("no listen")?
+        .parse()?;
+    let pin = status["server"]["cert_sha256"]
+        .as_str()
+        .context("no pin")?
+        .to_owned();
+    let (relay, cut) = cuttable_relay(listen).await?;
+    let client = Machine::start(
+        work.join("outage-client"),
+        "outage-client",
+        "127.0.3.9",
+        &["--remote".into(), relay.to_string(), "--pin".into(), pin],
+    )?;
+    let (mut told, mut freed) = (Vec::new(), Vec::new());
+    for _ in 0..OUTAGES {
+        let mut holder = LocalClient::connect(&client.socket()).await?;
+        loop {
+            // This connection took the licence, so the runtime's revocation comes on it.
+            match holder
+                .request(&LocalRequest::Access {
+                    firm: Some(10),
+                    product: 2,
+                })
+                .await?
+            {
+                LocalReply::Granted { .. } => break,
+                // The link may still be coming up (after the last round's outage).
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let started = Instant::now();
+        cut.send_replace(true);
+        let mut told_at = None;
+        let mut freed_at = None;
+        while told_at.is_none() || freed_at.is_none() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "no revocation after an outage"
+            );
+            if told_at.is_none()
+                && let Ok(Ok(LocalReply::Revoked { .. })) =
+                    tokio::time::timeout(Duration::from_millis(5), holder.next_event()).await
+            {
+                told_at = Some(started.elapsed());
+            }
+            if freed_at.is_none()
+                && let LocalReply::Json(text) =
+                    request(&server.socket(), LocalRequest::List).await?
+                && serde_json::from_str::<serde_json::Value>(&text)?["allocations"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+            {
+                freed_at = Some(started.elapsed());
+            }
+        }
+        cut.send_replace(false);
+        told.push(told_at.unwrap_or_default());
+        freed.push(freed_at.unwrap_or_default());
+    }
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let window = Duration::from_secs_f64(OUTAGE_WINDOW_S);
+    let margin = meterd::remote::lease_margin(window);
+    Ok(json!({
+        "window_ms": ms(&window),
+        "margin_ms": ms(&margin),
+        "rounds": OUTAGES,
+        "holder_told_ms": told.iter().map(ms).collect::<Vec<_>>(),
+        "server_freed_ms": freed.iter().map(ms).collect::<Vec<_>>(),
+        "holder_always_told_first": told.iter().zip(&freed).all(|(t, f)| t < f),
+        "goal_ms": ms(&(window + margin)),
+    }))
 }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-/// Most connections the server holds at once (each costs a descriptor; the rest of the
-/// descriptor budget is kept for local apps, dongles and the store).
+/// Most connections the server holds at once by default (each costs a descriptor; the rest of
+/// the descriptor budget is kept for local apps, dongles and the store).
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Most connections one peer address may hold at once.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 256;
@@ -43,11 +43,12 @@ impl Drop for Admitted {
 }
 
 impl ConnectionLimits {
-    /// The caps; `enforced: false` (a weakened build) admits everything.
-    pub fn new(enforced: bool) -> Self {
+    /// The caps, `max` connections in all; `enforced: false` (a weakened build) admits
+    /// everything.
+    pub fn new(enforced: bool, max: usize) -> Self {
         ConnectionLimits {
             enforced,
-            overall: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            overall: Arc::new(tokio::sync::Semaphore::new(max)),
             per_peer: Arc::default(),
             refused: std::sync::atomic::AtomicU64::new(0),
         }
@@ -91,7 +92,7 @@ mod tests {
 
     #[test]
     fn one_address_is_capped_and_a_closed_connection_gives_its_place_back() {
-        let limits = ConnectionLimits::new(true);
+        let limits = ConnectionLimits::new(true, MAX_CONNECTIONS);
         let ip: IpAddr = "127.0.9.1".parse().unwrap();
         let held: Vec<Admitted> = (0..MAX_CONNECTIONS_PER_PEER)
             .map(|_| limits.admit(ip).unwrap())
@@ -100,7 +101,7 @@ mod tests {
         assert!(limits.admit("127.0.9.2".parse().unwrap()).is_some());
         drop(held);
         assert!(limits.admit(ip).is_some());
-        let open = ConnectionLimits::new(false);
+        let open = ConnectionLimits::new(false, MAX_CONNECTIONS);
         assert!((0..2 * MAX_CONNECTIONS).all(|_| open.admit(ip).is_some()));
     }
 }

@@ -27,8 +27,13 @@ pub const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 /// Most requests of one connection answered at once; further frames wait unread.
 const MAX_IN_FLIGHT: usize = 64;
 
-/// Accepts remote stations until the listener fails.
-pub async fn serve(runtime: Arc<Runtime>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+/// Accepts remote stations until the listener fails, holding at most `max_connections`.
+pub async fn serve(
+    runtime: Arc<Runtime>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    max_connections: usize,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let sweeper = Arc::clone(&runtime);
     tokio::spawn(async move {
@@ -40,9 +45,10 @@ pub async fn serve(runtime: Arc<Runtime>, listener: TcpListener, tls: Arc<rustls
             sweeper.sweep_unreconnected().await;
         }
     });
-    let limits = ConnectionLimits::new(!crate::weakened::is(
-        crate::weakened::Defence::ConnectionLimits,
-    ));
+    let limits = ConnectionLimits::new(
+        !crate::weakened::is(crate::weakened::Defence::ConnectionLimits),
+        max_connections,
+    );
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {

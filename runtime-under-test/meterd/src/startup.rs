@@ -42,10 +42,21 @@ pub struct DaemonArgs {
     /// SHA-256 of the server certificate of the --remote at the same position, hex.
     #[arg(long = "pin")]
     pub pins: Vec<String>,
+    /// Most network connections the server holds at once (1 to 60000); the descriptor budget
+    /// grows with it.
+    #[arg(long, default_value_t = crate::connection_limits::MAX_CONNECTIONS, value_parser = parse_max_connections)]
+    pub max_connections: usize,
     /// Present this runtime id to servers instead of the stored one (1 to 64 hex digits). What a
     /// licensee who edits the state achieves; servers bind ids to keys, so it gains nothing.
     #[arg(long, value_parser = parse_runtime_id)]
     pub runtime_id: Option<String>,
+}
+
+fn parse_max_connections(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=60_000).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a number from 1 to 60000")),
+    }
 }
 
 fn parse_runtime_id(text: &str) -> Result<String, String> {
@@ -56,15 +67,18 @@ fn parse_runtime_id(text: &str) -> Result<String, String> {
     }
 }
 
-/// The daemon's descriptor budget (soft open-file limit, within the hard one): enough to watch
-/// thousands of holders, of which the network server may use [`crate::connection_limits::MAX_CONNECTIONS`].
+/// The daemon's descriptor budget besides its network connections (soft open-file limit,
+/// within the hard one): enough to watch thousands of holders.
 pub const DESCRIPTOR_BUDGET: u64 = 8192;
 
-/// Sets the open-file limit to the descriptor budget (or the hard limit, when lower).
-fn set_descriptor_budget() {
+/// Sets the open-file limit to the descriptor budget plus `connections` beyond the default
+/// network share (or the hard limit, when lower).
+fn set_descriptor_budget(connections: usize) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let extra = connections.saturating_sub(crate::connection_limits::MAX_CONNECTIONS) as u64;
+    let budget = DESCRIPTOR_BUDGET.saturating_add(extra);
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, DESCRIPTOR_BUDGET.min(hard), hard)
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, budget.min(hard), hard)
     {
         tracing::warn!(error = %e, "Cannot set the descriptor budget");
     }
@@ -79,7 +93,7 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     if !(args.keepalive > 0.0 && args.keepalive.is_finite()) {
         anyhow::bail!("--keepalive must be a positive number of seconds");
     }
-    set_descriptor_budget();
+    set_descriptor_budget(args.max_connections);
     let started = std::time::Instant::now();
     let ms = |since: std::time::Instant| since.elapsed().as_millis() as u64;
     std::fs::create_dir_all(&args.state)
@@ -138,7 +152,12 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some((bound.to_string(), identity.fingerprint()));
         tracing::info!(listen = %bound, fingerprint = %identity.fingerprint(), "Network server up");
-        tokio::spawn(server::serve(Arc::clone(&runtime), tcp, config));
+        tokio::spawn(server::serve(
+            Arc::clone(&runtime),
+            tcp,
+            config,
+            args.max_connections,
+        ));
     }
 
     let ready = args.state.join("meterd.ready");
