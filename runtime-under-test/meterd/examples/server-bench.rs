@@ -582,76 +582,92 @@ fn raise_descriptor_limit(wanted: u64) {
 }
 
 /// The cost of idle stations: IDLE authenticated stations linked from 64 loopback addresses,
-/// each sending its keepalives (a third of the 10 s window) for IDLE_SECONDS; the server's
-/// memory and CPU per station.
+/// each sending its keepalives (a third of the 10 s window) from the moment it is linked; once
+/// all are linked, the server's memory per station and its CPU over IDLE_SECONDS.
 async fn idle_stations(
     addr: &str,
     pin: [u8; 32],
     server: &Machine,
 ) -> anyhow::Result<serde_json::Value> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     raise_descriptor_limit(IDLE as u64 + 1024);
     let target: std::net::SocketAddr = addr.parse()?;
     let before = server.rss_kib();
     let linking = Instant::now();
-    let mut links = Vec::with_capacity(IDLE);
-    for batch in (0..IDLE).collect::<Vec<_>>().chunks(64) {
-        let opened = futures::future::join_all(batch.iter().map(|&i| async move {
-            let source = std::net::Ipv4Addr::new(127, 0, 5, (i % 64 + 1) as u8);
-            let socket = tokio::net::TcpSocket::new_v4()?;
-            socket.bind(std::net::SocketAddr::from((source, 0)))?;
-            let tcp = socket.connect(target).await?;
-            let tls = meterd::remote::secure(tcp, pin, bench_identity()).await?;
-            let mut framed = meterd::frame::framed(tls);
-            let name = format!("idle-{i}");
-            meterd::frame::send(
-                &mut framed,
-                &ToServer::Hello {
-                    runtime: name.clone(),
-                    machine: name,
-                    claims: vec![],
-                },
-            )
-            .await?;
-            match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
-                FromServer::Welcome { .. } => Ok(framed),
-                other => anyhow::bail!("Idle station {i} not welcomed: {other:?}"),
-            }
-        }))
-        .await;
-        for link in opened {
-            links.push(link?);
-        }
-    }
-    let linked_s = linking.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = server.rss_kib();
-    // Every station sends a keepalive each third of the window and reads the answer.
-    let stop = Instant::now() + Duration::from_secs(IDLE_SECONDS);
-    let cpu_before = CpuSnapshot::take(&[server.child.id()]);
-    let watched = Instant::now();
-    let tasks: Vec<_> = links
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut framed)| {
+    // Handshakes 64 at a time, so none misses the server's hello deadline.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(64));
+    let linked = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = (0..IDLE)
+        .map(|i| {
+            let handshakes = Arc::clone(&handshakes);
+            let linked = Arc::clone(&linked);
+            let mut stop = stop_rx.clone();
             tokio::spawn(async move {
+                let permit = handshakes.acquire_owned().await?;
+                let source = std::net::Ipv4Addr::new(127, 0, 5, (i % 64 + 1) as u8);
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(std::net::SocketAddr::from((source, 0)))?;
+                let tcp = socket.connect(target).await?;
+                let tls = meterd::remote::secure(tcp, pin, bench_identity()).await?;
+                let mut framed = meterd::frame::framed(tls);
+                let name = format!("idle-{i}");
+                meterd::frame::send(
+                    &mut framed,
+                    &ToServer::Hello {
+                        runtime: name.clone(),
+                        machine: name,
+                        claims: vec![],
+                    },
+                )
+                .await?;
+                match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
+                    FromServer::Welcome { .. } => {}
+                    other => anyhow::bail!("Idle station {i} not welcomed: {other:?}"),
+                }
+                drop(permit);
+                linked.fetch_add(1, Ordering::Relaxed);
                 let interval = Duration::from_millis(3333);
-                // Spread the stations over the interval, as real ones are.
-                tokio::time::sleep(interval.mul_f64((i % 1000) as f64 / 1000.0)).await;
                 let mut acks = 0u64;
                 let mut seq = 0u64;
-                while Instant::now() < stop {
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        () = tokio::time::sleep(interval) => {}
+                    }
                     seq += 1;
                     meterd::frame::send(&mut framed, &ToServer::Keepalive { seq }).await?;
                     match meterd::frame::recv::<FromServer, _>(&mut framed).await? {
                         FromServer::KeepaliveAck { .. } => acks += 1,
                         other => anyhow::bail!("Not an ack: {other:?}"),
                     }
-                    tokio::time::sleep(interval).await;
                 }
                 Ok::<_, anyhow::Error>((acks, framed))
             })
         })
         .collect();
+    while linked.load(Ordering::Relaxed) < IDLE {
+        anyhow::ensure!(
+            linking.elapsed() < Duration::from_secs(300),
+            "only {} of {IDLE} idle stations linked",
+            linked.load(Ordering::Relaxed)
+        );
+        if tasks.iter().any(|t| t.is_finished()) {
+            // A station failed: its error is reported below.
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let linked_s = linking.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss_kib();
+    let cpu_before = CpuSnapshot::take(&[server.child.id()]);
+    let watched = Instant::now();
+    tokio::time::sleep(Duration::from_secs(IDLE_SECONDS)).await;
+    let seconds = watched.elapsed().as_secs_f64();
+    let cpu_after = CpuSnapshot::take(&[server.child.id()]);
+    stop_tx.send_replace(true);
     let mut acks = 0;
     let mut kept = Vec::with_capacity(IDLE);
     for task in tasks {
@@ -659,8 +675,6 @@ async fn idle_stations(
         acks += n;
         kept.push(framed);
     }
-    let seconds = watched.elapsed().as_secs_f64();
-    let cpu_after = CpuSnapshot::take(&[server.child.id()]);
     drop(kept);
     let daemon_cpu = cpu_after.daemons.saturating_sub(cpu_before.daemons);
     Ok(json!({

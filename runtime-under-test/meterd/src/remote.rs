@@ -308,6 +308,12 @@ impl Remotes {
         let Some(remote) = self.servers().into_iter().find(|s| s.addr == server) else {
             return;
         };
+        if !remote.connected.load(Ordering::Relaxed) {
+            // The next hello does not claim it, so the server releases it then (or its lease
+            // runs out first).
+            tracing::debug!(server, server_handle, "Released while the link is down");
+            return;
+        }
         if self
             .request(&remote, |request| ToServer::Release {
                 request,

@@ -2,7 +2,7 @@
 //! keepalives and departures.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,6 +60,7 @@ impl Runtime {
         claims: Vec<Claim>,
     ) -> HelloAnswer {
         let now = self.platform.now_ms().unwrap_or(0);
+        let peer_ip = peer.ip();
         let peer_text = peer.to_string();
         let peer = peer_text.as_str();
         let mut restored = Vec::new();
@@ -75,7 +76,7 @@ impl Runtime {
                 runtime,
                 fingerprint,
                 machine,
-                peer_ip(peer),
+                peer_ip,
                 trust_claims,
                 limit_peers,
             ) {
@@ -425,11 +426,4 @@ impl Runtime {
             tracing::info!(runtime, released, "Remote runtime's lease lapsed");
         }
     }
-}
-
-/// The address part of a peer `ip:port`.
-fn peer_ip(peer: &str) -> IpAddr {
-    peer.parse::<SocketAddr>()
-        .map(|a| a.ip())
-        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
 }
