@@ -72,6 +72,7 @@ steps:
   - expect: { released-within: { app: app1, ms: 100 } }
   - expect: { app: { app: app1, state: exited } }
   - start-app: { machine: vm1, product: 1001, as: app2 }
+  - release-elsewhere: app2
   - expect: { app: { app: app2, state: revoked, reason: binding-broken } }
   - expect: { holders: { product: 1001, at-most: 1 } }
   - expect: { responsive: vm1 }

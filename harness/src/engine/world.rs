@@ -487,6 +487,33 @@ impl World {
                 self.servers.retain(|s| s != &m.value);
                 self.backend.stop_server(&m.value)
             }
+            Step::ReleaseElsewhere(app) => {
+                let record = self
+                    .apps
+                    .get(&app.value)
+                    .ok_or_else(|| BackendError::Unknown {
+                        kind: "app",
+                        name: app.value.clone(),
+                    })?;
+                let Some(AccessAnswer::Granted {
+                    handle: Some(handle),
+                }) = &record.answer
+                else {
+                    // Nothing held, nothing to give back.
+                    return Ok(());
+                };
+                let machine = record.machine.clone();
+                let args = vec![
+                    "release".to_string(),
+                    "--handle".to_string(),
+                    handle.to_string(),
+                ];
+                // The runtime's answer is its business; the assertions check what the app heard.
+                let answer =
+                    runtime::meter_json(self.backend.as_mut(), &machine, "console", &args)?;
+                tracing::info!(app = %app.value, ?answer, "released elsewhere");
+                Ok(())
+            }
             Step::Wait(d) => {
                 std::thread::sleep(d.value.as_std());
                 Ok(())

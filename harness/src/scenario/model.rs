@@ -364,6 +364,8 @@ pub enum Defence {
     StationAuthentication,
     /// Connections, idle handshakes, hellos and grants per station are bounded.
     ConnectionLimits,
+    /// Only a grant's own user releases or watches it, and its holder is told.
+    HolderOwnership,
     /// Expiry enforced on the runtime's clock.
     Expiry,
     /// Units counted inside the dongle's secure element.
@@ -372,7 +374,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 25] = [
+    pub const ALL: [Defence; 26] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -396,6 +398,7 @@ impl Defence {
         Defence::RemoteRevocation,
         Defence::StationAuthentication,
         Defence::ConnectionLimits,
+        Defence::HolderOwnership,
         Defence::Expiry,
         Defence::DongleCounters,
     ];
@@ -426,6 +429,7 @@ impl Defence {
             Defence::RemoteRevocation => "remote-revocation",
             Defence::StationAuthentication => "station-authentication",
             Defence::ConnectionLimits => "connection-limits",
+            Defence::HolderOwnership => "holder-ownership",
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
         }
@@ -476,6 +480,9 @@ impl Defence {
             }
             Defence::ConnectionLimits => {
                 "Connections, idle handshakes, hellos and grants per station are bounded."
+            }
+            Defence::HolderOwnership => {
+                "Only a grant's own user releases or watches it, and its holder is told."
             }
             Defence::Expiry => "Expiry enforced on the runtime's clock.",
             Defence::DongleCounters => "Units counted inside the dongle's secure element.",
@@ -535,6 +542,8 @@ pub enum Step {
     Release(Name),
     /// The app crashes (SIGKILL).
     Kill(Name),
+    /// Another process gives the app's licence back by its handle (an attack on the holder).
+    ReleaseElsewhere(Name),
     /// Move every clock in the world forward.
     Advance(Located<Duration>),
     /// Set one machine's clock offset from world time (an attack).
@@ -585,6 +594,7 @@ impl Step {
             Step::StartApp(_) => "start-app",
             Step::Release(_) => "release",
             Step::Kill(_) => "kill",
+            Step::ReleaseElsewhere(_) => "release-elsewhere",
             Step::Advance(_) => "advance",
             Step::SetClock(_) => "set-clock",
             Step::Partition(_) => "partition",
@@ -599,7 +609,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 34] = [
+    pub const KEYWORDS: [&'static str; 35] = [
         "boot",
         "shutdown",
         "pause",
@@ -624,6 +634,7 @@ impl Step {
         "start-app",
         "release",
         "kill",
+        "release-elsewhere",
         "advance",
         "set-clock",
         "partition",

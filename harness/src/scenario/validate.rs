@@ -1086,6 +1086,18 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            Step::ReleaseElsewhere(name) => {
+                if let Some(app) = self.app(name, false)
+                    && !app.live
+                {
+                    self.report(
+                        name.at,
+                        format!("app `{name}` is no longer running: {}", app.end_note),
+                        "already ended",
+                        None,
+                    );
+                }
+            }
             Step::Release(name) | Step::Kill(name) => {
                 let verb = step.value.keyword();
                 if let Some(app) = self.app(name, false) {

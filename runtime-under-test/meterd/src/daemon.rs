@@ -141,7 +141,9 @@ pub(crate) struct State {
     pub(crate) grants: BTreeMap<u64, GrantRecord>,
     next_handle: u64,
     watched: HashMap<u32, u64>,
-    listeners: HashMap<u64, mpsc::UnboundedSender<LocalReply>>,
+    /// Where each local grant's revocation is told: the connection that took it and any that
+    /// watch it for the same user (added, never replaced).
+    listeners: HashMap<u64, Vec<mpsc::UnboundedSender<LocalReply>>>,
     pub(crate) links: HashMap<String, RemoteLink>,
     pub(crate) link_generation: u64,
     pub(crate) awaiting_reconnect: HashMap<String, Instant>,
@@ -560,7 +562,7 @@ impl Runtime {
                     };
                     state.insert_grant(handle, record);
                     if let Some(events) = events.clone() {
-                        state.listeners.insert(handle, events);
+                        state.listeners.entry(handle).or_default().push(events);
                     }
                     Ok((reply, self.store.submit(changes)))
                 }
@@ -627,7 +629,11 @@ impl Runtime {
                     let mut state = self.lock();
                     state.insert_grant(client_handle, record.clone());
                     if let Some(events) = events {
-                        state.listeners.insert(client_handle, events);
+                        state
+                            .listeners
+                            .entry(client_handle)
+                            .or_default()
+                            .push(events);
                     }
                     self.store.submit(vec![
                         Change::PutGrant(client_handle, encode_record(&record)),
@@ -781,28 +787,89 @@ impl Runtime {
         }
         if self.release(handle).await.is_ok() {
             tracing::info!(handle, %reason, "Licence revoked");
-            if let Some(listener) = listener {
+            for listener in listener.unwrap_or_default() {
                 let _ = listener.send(LocalReply::Revoked { handle, reason });
             }
         }
     }
 
-    /// Sends revocations of `handle` to `events`; false if the handle is not held.
-    pub fn add_listener(&self, handle: u64, events: mpsc::UnboundedSender<LocalReply>) -> bool {
-        let mut state = self.lock();
-        if state.grants.contains_key(&handle) {
-            state.listeners.insert(handle, events);
-            true
-        } else {
-            false
+    /// Releases a local grant for a caller of the local socket: only the holder's own user may,
+    /// and when another process than the holder does, the holder is told (`revoked`,
+    /// `not-held`) so it stops using the licence.
+    pub async fn release_for(
+        self: &Arc<Self>,
+        pid: u32,
+        uid: u32,
+        handle: u64,
+    ) -> Result<(), Reason> {
+        let (listeners, someone_else) = {
+            let state = self.lock();
+            match state.grants.get(&handle).map(|g| &g.holder) {
+                Some(Holder::Local {
+                    pid: holder_pid,
+                    uid: holder_uid,
+                    ..
+                }) if *holder_uid == uid
+                    || crate::weakened::is(crate::weakened::Defence::HolderOwnership) =>
+                {
+                    (
+                        state.listeners.get(&handle).cloned().unwrap_or_default(),
+                        *holder_pid != pid,
+                    )
+                }
+                _ => return Err(Reason::NotHeld),
+            }
+        };
+        self.release(handle).await?;
+        if someone_else && !crate::weakened::is(crate::weakened::Defence::HolderOwnership) {
+            tracing::info!(
+                handle,
+                pid,
+                "Licence released by another process of its user"
+            );
+            for listener in listeners {
+                let _ = listener.send(LocalReply::Revoked {
+                    handle,
+                    reason: Reason::NotHeld,
+                });
+            }
         }
+        Ok(())
     }
 
-    /// Stops sending events of these handles (their connection closed).
-    pub fn forget_listeners(&self, handles: &[u64]) {
+    /// Also sends revocations of `handle` to `events`, when `uid` is its holder's user; false
+    /// if the handle is not held by that user.
+    pub fn add_listener(
+        &self,
+        handle: u64,
+        uid: u32,
+        events: mpsc::UnboundedSender<LocalReply>,
+    ) -> bool {
+        let mut state = self.lock();
+        let owned = matches!(
+            state.grants.get(&handle).map(|g| &g.holder),
+            Some(Holder::Local { uid: holder, .. }) if *holder == uid
+        );
+        if !owned {
+            return false;
+        }
+        let listeners = state.listeners.entry(handle).or_default();
+        if crate::weakened::is(crate::weakened::Defence::HolderOwnership) {
+            // Weakened: a watcher takes the holder's place.
+            listeners.clear();
+        }
+        listeners.retain(|l| !l.is_closed());
+        listeners.push(events);
+        true
+    }
+
+    /// Stops sending events to `events` (its connection closed).
+    pub fn forget_listeners(&self, handles: &[u64], events: &mpsc::UnboundedSender<LocalReply>) {
         let mut state = self.lock();
         for handle in handles {
-            state.listeners.remove(handle);
+            if let Some(listeners) = state.listeners.get_mut(handle) {
+                listeners.retain(|l| !l.same_channel(events) && !l.is_closed());
+            }
         }
     }
 

@@ -91,6 +91,54 @@ impl Runtime {
             self.reconcile_with_witness(&licence, now, vmgenid.as_deref())
                 .await;
         }
+        self.revoke_expired().await;
+    }
+
+    /// Takes back the grants of items that can no longer be used as time passed (expired, on
+    /// the platform clock) and tells their holders (`licence-expired`), local and remote.
+    pub async fn revoke_expired(self: &Arc<Self>) {
+        let revoke: Vec<(u64, Reason)> = {
+            let mut state = self.lock();
+            let Ok(now) = self.platform.now_ms() else {
+                return;
+            };
+            let unusable: std::collections::HashMap<u64, Reason> = state
+                .table
+                .revoke_unusable(now)
+                .into_iter()
+                .map(|(allocation, reason)| (allocation.handle, reason))
+                .collect();
+            if unusable.is_empty() {
+                return;
+            }
+            state
+                .grants
+                .iter()
+                .filter_map(|(handle, grant)| {
+                    let reason = unusable.get(&grant.table_handle?)?;
+                    Some((*handle, *reason))
+                })
+                .collect()
+        };
+        for (handle, reason) in revoke {
+            self.revoke(handle, reason).await;
+        }
+    }
+
+    /// Checks expiry once a second for as long as the runtime lives.
+    pub fn watch_expiry(self: &Arc<Self>) {
+        let runtime = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(runtime) = runtime.upgrade() else {
+                    return;
+                };
+                runtime.revoke_expired().await;
+            }
+        });
     }
 
     /// Records one unit spent from a metered soft item (called with the state lock held, before

@@ -237,9 +237,19 @@ impl Licences {
         let body = body.clone();
         let id = body.licence_id.clone();
         let container = ContainerId::new(ContainerClass::Soft, id.clone());
-        table.remove_container(&container);
+        // The same licence applied again keeps what is in use of it and the units spent: its
+        // items are registered afresh over the old ones, never removed first.
+        let spent: Vec<(ProductKey, Option<u64>)> = table
+            .items()
+            .into_iter()
+            .filter(|view| view.entry.container == container)
+            .map(|view| (view.entry.product, view.entry.units_left))
+            .collect();
         self.opened.remove(&id);
         let (state, reason) = self.register_items(&body, traits, table, now);
+        for (product, units_left) in spent {
+            let _ = table.set_units_left(&container, product, units_left);
+        }
         self.bodies.insert(id.clone(), body);
         let installed = InstalledLicence {
             id: id.clone(),

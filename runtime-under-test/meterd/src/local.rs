@@ -85,7 +85,7 @@ async fn serve_client(runtime: Arc<Runtime>, stream: UnixStream) -> Result<(), f
             }
         }
     };
-    runtime.forget_listeners(&granted_here);
+    runtime.forget_listeners(&granted_here, &events);
     result
 }
 
@@ -117,7 +117,7 @@ async fn handle(
             }
             Err(e) => error(format!("Cannot identify the calling process {pid}: {e:#}")),
         },
-        LocalRequest::Release { handle } => match runtime.release(handle).await {
+        LocalRequest::Release { handle } => match runtime.release_for(pid, uid, handle).await {
             Ok(()) => LocalReply::Released,
             Err(reason) => LocalReply::Error {
                 message: format!("Handle {handle} is not held"),
@@ -125,7 +125,7 @@ async fn handle(
             },
         },
         LocalRequest::Watch { handle } => {
-            if runtime.add_listener(handle, events.clone()) {
+            if runtime.add_listener(handle, uid, events.clone()) {
                 LocalReply::Ok
             } else {
                 LocalReply::Error {

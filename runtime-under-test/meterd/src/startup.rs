@@ -139,6 +139,7 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     let listener =
         local::bind(&socket).with_context(|| format!("Cannot listen on {}", socket.display()))?;
     tokio::spawn(local::serve(Arc::clone(&runtime), listener));
+    runtime.watch_expiry();
 
     if args.server {
         let identity = tls::load_or_create_identity(&args.state)?;

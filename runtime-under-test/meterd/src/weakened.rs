@@ -62,6 +62,8 @@ pub enum Defence {
     StationAuthentication,
     /// Network connections, hellos and grants per station are not bounded.
     ConnectionLimits,
+    /// Any local user may release or watch any grant, and a watcher replaces the holder.
+    HolderOwnership,
     /// Expiry dates are ignored.
     Expiry,
     /// Dongle units are counted in the runtime's own state, not inside the dongle.
@@ -70,7 +72,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 25] = [
+    pub const ALL: [Defence; 26] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -94,6 +96,7 @@ impl Defence {
         Defence::RemoteRevocation,
         Defence::StationAuthentication,
         Defence::ConnectionLimits,
+        Defence::HolderOwnership,
         Defence::Expiry,
         Defence::DongleCounters,
     ];
@@ -124,6 +127,7 @@ impl Defence {
             Defence::RemoteRevocation => "remote-revocation",
             Defence::StationAuthentication => "station-authentication",
             Defence::ConnectionLimits => "connection-limits",
+            Defence::HolderOwnership => "holder-ownership",
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
         }
@@ -192,6 +196,9 @@ impl Defence {
             }
             Defence::ConnectionLimits => {
                 "no bound on connections, idle handshakes, hellos or grants per station"
+            }
+            Defence::HolderOwnership => {
+                "any local user may release or watch any grant, silently, and a watcher replaces the holder's listener"
             }
             Defence::Expiry => "expiry dates are ignored",
             Defence::DongleCounters => {

@@ -264,6 +264,25 @@ impl Holder {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// The next JSON line the holder prints (an event), if one comes within `limit`.
+    pub fn next_event(&mut self, limit: Duration) -> Option<Value> {
+        use std::os::fd::AsFd;
+        if self.stdout.buffer().is_empty() {
+            let timeout =
+                nix::poll::PollTimeout::from(u16::try_from(limit.as_millis()).unwrap_or(u16::MAX));
+            let mut fds = [nix::poll::PollFd::new(
+                self.stdout.get_ref().as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if nix::poll::poll(&mut fds, timeout).ok()? == 0 {
+                return None;
+            }
+        }
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).ok()?;
+        serde_json::from_str(line.trim()).ok()
+    }
 }
 
 impl Drop for Holder {
