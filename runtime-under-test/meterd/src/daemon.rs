@@ -327,8 +327,9 @@ impl Runtime {
                 Err(e) => tracing::warn!(licence = %id, error = %e, "Installed licence unusable"),
             }
         }
-        licences.restore_units(&snapshot.meta, &mut state.table);
-        // Replay grants in handle order so the table counts exactly what was granted before.
+        // Replay grants in handle order so the table counts exactly what was granted before. The
+        // items still have their licence's units here, so a grant that took an item's last unit
+        // replays too; the stored figures are restored after.
         let machine_name = platform.machine_name()?;
         let mut dropped = Vec::new();
         // Grants recorded in another boot: no process of that boot is alive any more (after a
@@ -373,7 +374,7 @@ impl Runtime {
             state.next_handle = state.next_handle.max(handle + 1);
             state.insert_grant(*handle, record);
         }
-        // Replaying decremented units a second time: the stored figures are the truth.
+        // Replaying decremented the licence's units: the stored figures are the truth.
         licences.restore_units(&snapshot.meta, &mut state.table);
         if !dropped.is_empty() {
             drop(store.submit(dropped));

@@ -58,10 +58,19 @@ impl Runtime {
             changes.extend(check.changes);
             licences.metering.overlay(&mut state.table, now);
             let broken: BTreeSet<String> = broken.iter().map(ToString::to_string).collect();
-            let locked: BTreeSet<String> = check
+            let newly_locked: BTreeSet<String> = check
                 .newly_locked
                 .iter()
                 .map(|id| ContainerId::new(ContainerClass::Soft, id.clone()).to_string())
+                .collect();
+            // A lock takes only the products it locks (the licence's metered ones) back.
+            let locked: BTreeSet<(String, ProductKey)> = state
+                .table
+                .items()
+                .into_iter()
+                .filter(|view| view.entry.state == ItemState::Locked)
+                .map(|view| (view.entry.container.to_string(), view.entry.product))
+                .filter(|(container, _)| newly_locked.contains(container))
                 .collect();
             let revoke: Vec<(u64, Reason)> = state
                 .grants
@@ -70,7 +79,9 @@ impl Runtime {
                     Via::Table { container } if broken.contains(container) => {
                         Some((*handle, Reason::BindingBroken))
                     }
-                    Via::Table { container } if locked.contains(container) => {
+                    Via::Table { container }
+                        if locked.contains(&(container.clone(), grant.product)) =>
+                    {
                         Some((*handle, Reason::RollbackDetected))
                     }
                     _ => None,

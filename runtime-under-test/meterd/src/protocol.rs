@@ -219,12 +219,14 @@ pub enum ToServer {
         /// Receipts in chain order.
         receipts: Vec<Receipt>,
     },
-    /// The chain the server witnessed for one of the client's licences.
+    /// A page of the chain the server witnessed for one of the client's licences.
     WitnessFetch {
         /// Request id echoed in the answer.
         request: u64,
         /// Licence id.
         licence: String,
+        /// The first receipt wanted (0-based); the answer holds at most a frame's worth.
+        from: u64,
     },
 }
 
@@ -288,12 +290,15 @@ pub enum FromServer {
         /// Why a receipt was not accepted (a fork or a gap), if one was not.
         refused: Option<String>,
     },
-    /// Answer to `WitnessFetch`.
+    /// Answer to `WitnessFetch`: a page of the witnessed chain.
     WitnessChain {
         /// Request id.
         request: u64,
-        /// The witnessed chain, `None` when the server has seen no receipt of the licence.
+        /// The chain's genesis and its receipts from `from` on (at most a frame's worth);
+        /// `None` when the server has seen no receipt of the licence.
         log: Option<WitnessLog>,
+        /// How many receipts the whole chain holds.
+        total: u64,
     },
 }
 

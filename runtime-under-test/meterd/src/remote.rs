@@ -289,6 +289,25 @@ impl Remotes {
         Err(denial)
     }
 
+    /// The addresses of the servers linked now.
+    pub fn connected(&self) -> Vec<String> {
+        self.servers()
+            .iter()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .map(|s| s.addr.clone())
+            .collect()
+    }
+
+    /// Sends one request to one server; its answer, `None` when it cannot be asked or is silent.
+    pub(crate) async fn ask(
+        &self,
+        server: &str,
+        make: impl FnOnce(u64) -> ToServer,
+    ) -> Option<FromServer> {
+        let remote = self.servers().into_iter().find(|s| s.addr == server)?;
+        self.request(&remote, make).await
+    }
+
     /// Sends one request to every connected server; the answers, by server address.
     pub(crate) async fn ask_all(
         &self,

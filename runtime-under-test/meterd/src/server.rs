@@ -259,9 +259,11 @@ impl Station<'_> {
                     .witness_receipts_in(request, self.runtime_id, &licence, key, receipts)
                     .await
             }
-            ToServer::WitnessFetch { request, licence } => {
-                runtime.witness_chain_out(request, self.runtime_id, &licence)
-            }
+            ToServer::WitnessFetch {
+                request,
+                licence,
+                from,
+            } => runtime.witness_chain_out(request, self.runtime_id, &licence, from),
             ToServer::Keepalive { seq } => FromServer::KeepaliveAck { seq },
             ToServer::Hello { .. } => return None,
         };

@@ -46,14 +46,69 @@ impl Runtime {
     }
 
     /// A client runtime asks for the chain this server witnessed for one of its licences.
-    pub fn witness_chain_out(&self, request: u64, runtime: &str, licence: &str) -> FromServer {
+    pub fn witness_chain_out(
+        &self,
+        request: u64,
+        runtime: &str,
+        licence: &str,
+        from: u64,
+    ) -> FromServer {
         let log = self
             .licences
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .witnesses
             .log(licence, runtime, witness_rules());
-        FromServer::WitnessChain { request, log }
+        let total = log.as_ref().map_or(0, |l| l.receipts.len() as u64);
+        let log = log.map(|log| {
+            let start = usize::try_from(from)
+                .unwrap_or(usize::MAX)
+                .min(log.receipts.len());
+            let end = start
+                .saturating_add(RECEIPTS_PER_FRAME)
+                .min(log.receipts.len());
+            WitnessLog {
+                genesis: log.genesis,
+                receipts: log.receipts[start..end].to_vec(),
+            }
+        });
+        FromServer::WitnessChain {
+            request,
+            log,
+            total,
+        }
+    }
+
+    /// The whole chain one witness holds for a licence, fetched page by page; `None` when the
+    /// witness cannot be asked, an empty log when it has seen no receipt of the licence.
+    async fn fetch_witnessed_chain(&self, server: &str, licence: &str) -> Option<WitnessLog> {
+        let mut whole: Option<WitnessLog> = None;
+        loop {
+            let from = whole.as_ref().map_or(0, |l| l.receipts.len() as u64);
+            let answer = self
+                .remotes
+                .ask(server, |request| ToServer::WitnessFetch {
+                    request,
+                    licence: licence.to_owned(),
+                    from,
+                })
+                .await?;
+            let FromServer::WitnessChain { log, total, .. } = answer else {
+                return None;
+            };
+            let Some(page) = log else {
+                return Some(WitnessLog::new(licence));
+            };
+            let done = page.receipts.is_empty();
+            match &mut whole {
+                Some(log) => log.receipts.extend(page.receipts),
+                None => whole = Some(page),
+            }
+            let have = whole.as_ref().map_or(0, |l| l.receipts.len() as u64);
+            if have >= total || done {
+                return whole;
+            }
+        }
     }
 
     // ----- client side -----
@@ -144,19 +199,14 @@ impl Runtime {
         now: u64,
         vmgenid: Option<&str>,
     ) {
-        let answers = self
-            .remotes
-            .ask_all(|request| ToServer::WitnessFetch {
-                request,
-                licence: licence.to_owned(),
-            })
-            .await;
-        let Some(witness) = answers.into_iter().find_map(|(_, answer)| match answer {
-            FromServer::WitnessChain { log, .. } => {
-                Some(log.unwrap_or_else(|| WitnessLog::new(licence)))
+        let mut witnessed = None;
+        for server in self.remotes.connected() {
+            witnessed = self.fetch_witnessed_chain(&server, licence).await;
+            if witnessed.is_some() {
+                break;
             }
-            _ => None,
-        }) else {
+        }
+        let Some(witness) = witnessed else {
             tracing::debug!(licence, "No witness reachable: metered items stay locked");
             return;
         };

@@ -203,3 +203,47 @@ fn applying_the_same_licence_again_keeps_its_counts() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(machine.hold(5, None).reason(), "quantity-exhausted");
 }
+
+#[test]
+fn a_restart_keeps_the_grant_that_took_the_last_unit() {
+    let (_vendor, machine, mut daemon) = machine_with(&[
+        "{ code: 6, name: six, quantity: 1, counting: user-limit, units: 1, on-rollback: lock }",
+    ]);
+    let holder = machine.hold(6, None);
+    assert!(holder.granted(), "{}", holder.first);
+    daemon.kill9();
+    let _restarted = machine.start(&[]);
+    wait_until(Duration::from_secs(5), || allocations(&machine).len() == 1)
+        .expect("the grant of the last unit survives the restart");
+    let (_, status) = machine.meter(&["status"]);
+    let units = &status["containers"][0]["products"][0]["units_left"];
+    assert_eq!(units, 0, "{status}");
+}
+
+#[test]
+fn a_rollback_lock_takes_back_only_the_locked_products() {
+    let (_vendor, machine, _daemon) = machine_with(&[
+        "{ code: 7, name: metered, quantity: 1, counting: user-limit, units: 5, on-rollback: lock }",
+        "{ code: 8, name: plain, quantity: 1, counting: user-limit }",
+    ]);
+    let mut metered = machine.hold(7, None);
+    let mut plain = machine.hold(8, None);
+    assert!(
+        metered.granted() && plain.granted(),
+        "{} {}",
+        metered.first,
+        plain.first
+    );
+    // The clock turned back a day: below the high-water mark.
+    std::fs::write(machine.platform().join("clock"), "-86400000").unwrap();
+    let (code, status) = machine.meter(&["status"]);
+    assert_eq!(code, 0, "{status}");
+    let event = next_event(&mut metered);
+    assert_eq!(event["reason"], "rollback-detected", "{event}");
+    assert_eq!(plain.next_event(Duration::from_millis(500)), None);
+    let held: Vec<u64> = allocations(&machine)
+        .iter()
+        .filter_map(|a| a["product"].as_u64())
+        .collect();
+    assert_eq!(held, vec![8]);
+}

@@ -393,3 +393,62 @@ fn reverting_the_state_reconciles_units_with_the_server_witness() {
     assert_eq!(access(&vm, 3001).0, 0);
     assert_eq!(units_left(&vm, 3001), Some(6));
 }
+
+#[test]
+fn a_thousand_uses_reconcile_with_the_witness_page_by_page() {
+    const USES: u64 = 1000;
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "many-credits",
+        &[
+            "{ code: 3002, name: many-credits, container: soft, quantity: 1, counting: user-limit, units: 5000, on-rollback: reconcile }",
+        ],
+    );
+    let server = Machine::new("host-a", "workstation", "127.0.0.1");
+    set_machine(
+        &server,
+        &machine_json("host-a", "physical", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    let _server_daemon = server.start(&["--server", "--listen", "127.0.0.1:0"]);
+    let (addr, pin) = server_endpoint(&server);
+    let vm = Machine::new("vm1", "workstation", "127.0.0.1");
+    set_machine(
+        &vm,
+        &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
+    );
+    set_vmgenid(&vm, "0123456789abcdef0123456789abcdef");
+    let remote = ["--remote", addr.as_str(), "--pin", pin.as_str()];
+    let daemon = vm.start(&remote);
+    let (code, answer, licence) = activate(&vm, &vendor, &policy, 3002);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(apply(&vm, &licence).1["state"], "valid");
+    drop(daemon);
+    let snapshot = vm.dir.path().join("snapshot");
+    copy_dir(&vm.state(), &snapshot);
+
+    let daemon = vm.start(&remote);
+    for _ in 0..USES {
+        assert_eq!(access(&vm, 3002).0, 0);
+    }
+    assert_eq!(units_left(&vm, 3002), Some(5000 - USES));
+    drop(daemon);
+
+    copy_dir(&snapshot, &vm.state());
+    set_vmgenid(&vm, "fedcba9876543210fedcba9876543210");
+    let started = std::time::Instant::now();
+    let _daemon = vm.start(&remote);
+    // The witness's chain of a thousand receipts is far over one frame: it comes in pages.
+    assert!(
+        wait_until(Duration::from_secs(20), || units_left(&vm, 3002)
+            == Some(5000 - USES))
+        .is_some(),
+        "{}",
+        product_status(&vm, 3002)
+    );
+    println!(
+        "{USES} receipts reconciled {:?} after the restart",
+        started.elapsed()
+    );
+    assert_eq!(product_status(&vm, 3002)["state"], "valid");
+}
