@@ -362,16 +362,7 @@ impl World {
         let with_reason = a.reason.is_some();
         self.poll(summary, expected, move |world| {
             let lines = world.backend.app_output(&app).map_err(|e| e.to_string())?;
-            let revoked = lines.iter().find_map(|l| {
-                let v: Value = serde_json::from_str(l).ok()?;
-                (v.get("event")?.as_str()? == "revoked").then(|| {
-                    v.get("reason")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string()
-                })
-            });
-            if let Some(reason) = revoked {
+            if let Some(reason) = runtime::revocation_in(&lines) {
                 return Ok(if with_reason {
                     format!("revoked ({reason})")
                 } else {

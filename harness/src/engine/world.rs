@@ -267,12 +267,7 @@ impl World {
             if self.backend.app_status(&app)? != crate::backend::AppStatus::Running {
                 continue;
             }
-            let revoked = self
-                .backend
-                .app_output(&app)?
-                .iter()
-                .any(|line| line.contains("\"event\"") && line.contains("\"revoked\""));
-            if !revoked {
+            if runtime::revocation_in(&self.backend.app_output(&app)?).is_none() {
                 *now.entry(product).or_default() += 1;
             }
         }

@@ -97,6 +97,21 @@ fn parse_first_json(out: &CommandOutput) -> Option<Value> {
         .find_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
 }
 
+/// The reason of the first `revoked` event an app printed (`meter hold` prints
+/// `{"event": "revoked", "handle": 7, "reason": "…"}`), if it printed one.
+pub fn revocation_in(lines: &[String]) -> Option<String> {
+    lines.iter().find_map(|line| {
+        let event: Value = serde_json::from_str(line).ok()?;
+        (event.get("event")?.as_str()? == "revoked").then(|| {
+            event
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        })
+    })
+}
+
 /// Takes a licence and gives it back at once: does the runtime grant it right now?
 pub fn probe_access(
     backend: &mut dyn Backend,
