@@ -254,6 +254,8 @@ impl Machine {
             .arg("__meterd")
             .arg("--state")
             .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("run/meterd.sock"))
             .arg("--platform")
             .arg(format!("sim:{}", dir.join("platform").display()))
             .env("METER_LOG", "warn")
@@ -280,7 +282,7 @@ impl Machine {
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join("state/meterd.sock")
+        self.dir.join("run/meterd.sock")
     }
 
     fn usb(&self) -> PathBuf {

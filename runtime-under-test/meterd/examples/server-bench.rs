@@ -83,6 +83,8 @@ impl Machine {
             .arg("__meterd")
             .arg("--state")
             .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("run/meterd.sock"))
             .arg("--platform")
             .arg(format!("sim:{}", dir.join("platform").display()))
             .args(extra)
@@ -101,7 +103,7 @@ impl Machine {
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join("state/meterd.sock")
+        self.dir.join("run/meterd.sock")
     }
 
     fn rss_kib(&self) -> u64 {

@@ -1,6 +1,7 @@
 //! Starting `meterd`: its arguments, state, platform, TLS identity, local socket and server.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,8 @@ pub struct DaemonArgs {
     /// Durable state folder (redb database, TLS identity, trusted vendor keys in trust/).
     #[arg(long)]
     pub state: PathBuf,
-    /// Unix socket for local apps [default: <state>/meterd.sock].
+    /// Unix socket for local apps, outside the private state folder [default:
+    /// /run/meter/meterd.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Where to learn about the machine: `host` or `sim:<dir>`.
@@ -67,6 +69,9 @@ fn parse_runtime_id(text: &str) -> Result<String, String> {
     }
 }
 
+/// Where local apps find the daemon unless told otherwise (as `meter` looks for it).
+pub const DEFAULT_SOCKET: &str = "/run/meter/meterd.sock";
+
 /// The daemon's descriptor budget besides its network connections (soft open-file limit,
 /// within the hard one): enough to watch thousands of holders.
 pub const DESCRIPTOR_BUDGET: u64 = 8192;
@@ -98,9 +103,15 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     let ms = |since: std::time::Instant| since.elapsed().as_millis() as u64;
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("Cannot create state folder {}", args.state.display()))?;
+    // The state holds the runtime's keys and metered state: its owner's alone.
+    std::fs::set_permissions(&args.state, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("Cannot make {} private", args.state.display()))?;
     let platform = platform::from_spec(&args.platform)?;
     let stage = std::time::Instant::now();
-    let (store, snapshot) = store::Store::open(&args.state.join("meterd.redb"))?;
+    let database = args.state.join("meterd.redb");
+    let (store, snapshot) = store::Store::open(&database)?;
+    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("Cannot make {} private", database.display()))?;
     let store_ms = ms(stage);
     let saved_servers: Vec<(String, String)> = snapshot
         .meta
@@ -135,7 +146,16 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     let socket = args
         .socket
         .clone()
-        .unwrap_or_else(|| args.state.join("meterd.sock"));
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    if let Some(parent) = socket.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("Cannot create the socket folder {}", parent.display()))?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("Cannot open {} to local users", parent.display()))?;
+    }
     let listener =
         local::bind(&socket).with_context(|| format!("Cannot listen on {}", socket.display()))?;
     tokio::spawn(local::serve(Arc::clone(&runtime), listener));

@@ -25,7 +25,10 @@ fn machine_with(products: &[&str]) -> (Vendor, Machine, Daemon) {
 
 /// Lets every user reach the machine's socket (the test folders are private).
 fn open_to_every_user(machine: &Machine) {
-    for dir in [machine.dir.path().to_path_buf(), machine.state()] {
+    for dir in [
+        machine.dir.path().to_path_buf(),
+        machine.socket().parent().unwrap().to_path_buf(),
+    ] {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 }
@@ -246,4 +249,21 @@ fn a_rollback_lock_takes_back_only_the_locked_products() {
         .filter_map(|a| a["product"].as_u64())
         .collect();
     assert_eq!(held, vec![8]);
+}
+
+#[test]
+fn the_state_is_its_owners_alone() {
+    let (_vendor, machine, _daemon) =
+        machine_with(&["{ code: 9, name: nine, quantity: 1, counting: user-limit }"]);
+    let mode = |path: std::path::PathBuf| {
+        std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(machine.state()), 0o700);
+    assert_eq!(mode(machine.state().join("meterd.redb")), 0o600);
+    assert_eq!(mode(machine.state().join("runtime.key.der")), 0o600);
+    assert_eq!(mode(machine.socket()) & 0o666, 0o666);
 }

@@ -91,7 +91,7 @@ impl Machine {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.state().join("meterd.sock")
+        self.dir.path().join("run").join("meterd.sock")
     }
 
     /// Adds a session to the session table (atomic replace).
@@ -115,6 +115,8 @@ impl Machine {
         let child = Command::new(METERD)
             .arg("--state")
             .arg(self.state())
+            .arg("--socket")
+            .arg(self.socket())
             .arg("--platform")
             .arg(format!("sim:{}", self.platform().display()))
             .args(extra)
