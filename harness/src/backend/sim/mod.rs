@@ -562,6 +562,8 @@ impl MachineDriver for SimDriver {
                 name: name.to_string(),
             })?;
         self.power_cut(machine)?;
+        // A revert boots the snapshot's runtime, not an impersonation started since.
+        self.machine_mut(machine)?.presents = None;
         let disk = self.machine(machine)?.dir.join("disk");
         std::fs::remove_dir_all(&disk).map_err(BackendError::io("remove the disk"))?;
         copy_tree(&source, &disk)?;
