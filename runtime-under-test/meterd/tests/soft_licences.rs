@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{METER, Machine, Vendor, server_endpoint, wait_until};
+use common::{Daemon, METER, Machine, Vendor, server_endpoint, wait_until};
 use serde_json::{Value, json};
 
 /// A guest on an Intel host, or the host itself, with a full set of traits.
@@ -340,6 +340,61 @@ fn reverting_the_state_with_a_new_vmgenid_locks_metered_items() {
     );
 }
 
+/// A guest `vm1` whose runtime has a licence of `product` activated and applied, linked to the
+/// witness server `host-a`, stopped; a copy of its state taken then (the snapshot to revert to).
+struct WitnessedGuest {
+    _server: Machine,
+    _server_daemon: Daemon,
+    vm: Machine,
+    remote: Vec<String>,
+    snapshot: PathBuf,
+}
+
+impl WitnessedGuest {
+    fn new(vendor: &Vendor, policy: &Path, product: u32) -> Self {
+        let server = Machine::new("host-a", "workstation", "127.0.0.1");
+        set_machine(
+            &server,
+            &machine_json("host-a", "physical", "Xeon Gold 6248", "127.0.0.1"),
+        );
+        let server_daemon = server.start(&["--server", "--listen", "127.0.0.1:0"]);
+        let (addr, pin) = server_endpoint(&server);
+        let vm = Machine::new("vm1", "workstation", "127.0.0.1");
+        set_machine(
+            &vm,
+            &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
+        );
+        set_vmgenid(&vm, "0123456789abcdef0123456789abcdef");
+        let remote = vec!["--remote".to_owned(), addr, "--pin".to_owned(), pin];
+        let guest = WitnessedGuest {
+            _server: server,
+            _server_daemon: server_daemon,
+            vm,
+            remote,
+            snapshot: PathBuf::new(),
+        };
+        let daemon = guest.start();
+        let (code, answer, licence) = activate(&guest.vm, vendor, policy, product);
+        assert_eq!(code, 0, "{answer}");
+        assert_eq!(apply(&guest.vm, &licence).1["state"], "valid");
+        drop(daemon);
+        let snapshot = guest.vm.dir.path().join("snapshot");
+        copy_dir(&guest.vm.state(), &snapshot);
+        WitnessedGuest { snapshot, ..guest }
+    }
+
+    fn start(&self) -> Daemon {
+        let args: Vec<&str> = self.remote.iter().map(String::as_str).collect();
+        self.vm.start(&args)
+    }
+
+    /// Puts the snapshot's state back, as a revert does, with the new vmgenid a revert brings.
+    fn revert(&self) {
+        copy_dir(&self.snapshot, &self.vm.state());
+        set_vmgenid(&self.vm, "fedcba9876543210fedcba9876543210");
+    }
+}
+
 #[test]
 fn reverting_the_state_reconciles_units_with_the_server_witness() {
     let vendor = Vendor::new();
@@ -350,48 +405,26 @@ fn reverting_the_state_reconciles_units_with_the_server_witness() {
             "{ code: 3001, name: render-credits, container: soft, quantity: 1, counting: user-limit, units: 10, on-rollback: reconcile }",
         ],
     );
-    let server = Machine::new("host-a", "workstation", "127.0.0.1");
-    set_machine(
-        &server,
-        &machine_json("host-a", "physical", "Xeon Gold 6248", "127.0.0.1"),
-    );
-    let _server_daemon = server.start(&["--server", "--listen", "127.0.0.1:0"]);
-    let (addr, pin) = server_endpoint(&server);
-
-    let vm = Machine::new("vm1", "workstation", "127.0.0.1");
-    set_machine(
-        &vm,
-        &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
-    );
-    set_vmgenid(&vm, "0123456789abcdef0123456789abcdef");
-    let daemon = vm.start(&["--remote", &addr, "--pin", &pin]);
-    let (code, answer, licence) = activate(&vm, &vendor, &policy, 3001);
-    assert_eq!(code, 0, "{answer}");
-    assert_eq!(apply(&vm, &licence).1["state"], "valid");
-    drop(daemon);
-    let snapshot = vm.dir.path().join("snapshot");
-    copy_dir(&vm.state(), &snapshot);
-
-    let remote = ["--remote", addr.as_str(), "--pin", pin.as_str()];
-    let daemon = vm.start(&remote);
+    let guest = WitnessedGuest::new(&vendor, &policy, 3001);
+    let vm = &guest.vm;
+    let daemon = guest.start();
     for _ in 0..3 {
-        assert_eq!(access(&vm, 3001).0, 0);
+        assert_eq!(access(vm, 3001).0, 0);
     }
-    assert_eq!(units_left(&vm, 3001), Some(7));
+    assert_eq!(units_left(vm, 3001), Some(7));
     drop(daemon);
 
-    copy_dir(&snapshot, &vm.state());
-    set_vmgenid(&vm, "fedcba9876543210fedcba9876543210");
-    let _daemon = vm.start(&remote);
+    guest.revert();
+    let _daemon = guest.start();
     // No units come back: the witness knows three were spent.
     assert!(
-        wait_until(Duration::from_secs(5), || units_left(&vm, 3001) == Some(7)).is_some(),
+        wait_until(Duration::from_secs(5), || units_left(vm, 3001) == Some(7)).is_some(),
         "{}",
-        product_status(&vm, 3001)
+        product_status(vm, 3001)
     );
-    assert_eq!(product_status(&vm, 3001)["state"], "valid");
-    assert_eq!(access(&vm, 3001).0, 0);
-    assert_eq!(units_left(&vm, 3001), Some(6));
+    assert_eq!(product_status(vm, 3001)["state"], "valid");
+    assert_eq!(access(vm, 3001).0, 0);
+    assert_eq!(units_left(vm, 3001), Some(6));
 }
 
 #[test]
@@ -405,50 +438,29 @@ fn a_thousand_uses_reconcile_with_the_witness_page_by_page() {
             "{ code: 3002, name: many-credits, container: soft, quantity: 1, counting: user-limit, units: 5000, on-rollback: reconcile }",
         ],
     );
-    let server = Machine::new("host-a", "workstation", "127.0.0.1");
-    set_machine(
-        &server,
-        &machine_json("host-a", "physical", "Xeon Gold 6248", "127.0.0.1"),
-    );
-    let _server_daemon = server.start(&["--server", "--listen", "127.0.0.1:0"]);
-    let (addr, pin) = server_endpoint(&server);
-    let vm = Machine::new("vm1", "workstation", "127.0.0.1");
-    set_machine(
-        &vm,
-        &machine_json("vm1", "guest", "Xeon Gold 6248", "127.0.0.1"),
-    );
-    set_vmgenid(&vm, "0123456789abcdef0123456789abcdef");
-    let remote = ["--remote", addr.as_str(), "--pin", pin.as_str()];
-    let daemon = vm.start(&remote);
-    let (code, answer, licence) = activate(&vm, &vendor, &policy, 3002);
-    assert_eq!(code, 0, "{answer}");
-    assert_eq!(apply(&vm, &licence).1["state"], "valid");
-    drop(daemon);
-    let snapshot = vm.dir.path().join("snapshot");
-    copy_dir(&vm.state(), &snapshot);
-
-    let daemon = vm.start(&remote);
+    let guest = WitnessedGuest::new(&vendor, &policy, 3002);
+    let vm = &guest.vm;
+    let daemon = guest.start();
     for _ in 0..USES {
-        assert_eq!(access(&vm, 3002).0, 0);
+        assert_eq!(access(vm, 3002).0, 0);
     }
-    assert_eq!(units_left(&vm, 3002), Some(5000 - USES));
+    assert_eq!(units_left(vm, 3002), Some(5000 - USES));
     drop(daemon);
 
-    copy_dir(&snapshot, &vm.state());
-    set_vmgenid(&vm, "fedcba9876543210fedcba9876543210");
-    let started = std::time::Instant::now();
-    let _daemon = vm.start(&remote);
+    guest.revert();
+    let started = Instant::now();
+    let _daemon = guest.start();
     // The witness's chain of a thousand receipts is far over one frame: it comes in pages.
     assert!(
-        wait_until(Duration::from_secs(20), || units_left(&vm, 3002)
+        wait_until(Duration::from_secs(20), || units_left(vm, 3002)
             == Some(5000 - USES))
         .is_some(),
         "{}",
-        product_status(&vm, 3002)
+        product_status(vm, 3002)
     );
     println!(
         "{USES} receipts reconciled {:?} after the restart",
         started.elapsed()
     );
-    assert_eq!(product_status(&vm, 3002)["state"], "valid");
+    assert_eq!(product_status(vm, 3002)["state"], "valid");
 }
