@@ -140,11 +140,6 @@ impl Remotes {
         }
     }
 
-    /// The fingerprint servers know this runtime by.
-    pub fn fingerprint(&self) -> String {
-        self.identity.fingerprint()
-    }
-
     fn servers(&self) -> Vec<Arc<RemoteServer>> {
         self.servers
             .lock()

@@ -66,9 +66,6 @@ impl Identity {
     }
 }
 
-/// The server's identity was called this before client runtimes had their own.
-pub type ServerIdentity = Identity;
-
 /// SHA-256 of a certificate DER, lower-case hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     hex::encode(Sha256::digest(cert.as_ref()))

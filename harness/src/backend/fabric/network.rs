@@ -27,12 +27,9 @@ struct Gate {
 }
 
 impl Gate {
-    fn set(&self, cut: bool) -> bool {
-        let mut state = self.cut.lock().unwrap_or_else(|e| e.into_inner());
-        let was = *state;
-        *state = cut;
+    fn set(&self, cut: bool) {
+        *self.cut.lock().unwrap_or_else(|e| e.into_inner()) = cut;
         self.changed.notify_all();
-        was
     }
 
     /// Returns once the link delivers (or `stop` is set).
