@@ -21,7 +21,10 @@ pub fn run_daemon(args: Vec<OsString>) -> anyhow::Result<()> {
         .thread_name("meterd")
         .build()
         .context("Cannot start the async runtime")?;
-    runtime.block_on(crate::startup::daemon_main(args))
+    let outcome = runtime.block_on(crate::startup::daemon_main(args));
+    // A task stuck in blocking work must not keep a stopped daemon (and its database) alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    outcome
 }
 
 fn init_logging() {

@@ -1185,9 +1185,15 @@ impl MachineDriver for QemuDriver {
         // The name and id reach the shell as arguments, never as script text.
         const SCRIPT: &str = r#"hostname "$1"; shift
 pid=$(cat /disk/meter/meterd.ready 2>/dev/null)
-[ -n "$pid" ] && kill "$pid"
-i=0
-while [ -f /disk/meter/meterd.ready ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+alive() { [ -d "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+if [ -n "$pid" ]; then
+  kill "$pid"
+  # The old daemon holds the database until it exits, after its ready file is gone.
+  i=0
+  while alive "$pid" && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done
+  if alive "$pid"; then echo "meterd $pid did not stop within 30 s" >&2; exit 1; fi
+fi
+rm -f /disk/meter/meterd.ready
 METER_LOG=${METER_LOG:-info} setsid /bin/meterd --platform host --state /disk/meter \
   --socket /run/meter/meterd.sock "$@" >>/run/vigil/meterd.log 2>&1 </dev/null &
 "#;
@@ -1195,7 +1201,7 @@ METER_LOG=${METER_LOG:-info} setsid /bin/meterd --platform host --state /disk/me
         if let Some(id) = runtime_id {
             argv.extend(["--runtime-id", id]);
         }
-        let out = self.guest_exec(machine, &argv, Duration::from_secs(20))?;
+        let out = self.guest_exec(machine, &argv, Duration::from_secs(40))?;
         if out.code != Some(0) {
             return Err(self.guest_failure(
                 machine,
@@ -1208,9 +1214,24 @@ METER_LOG=${METER_LOG:-info} setsid /bin/meterd --platform host --state /disk/me
         let ready_file = format!("{GUEST_STATE}/meterd.ready");
         let g = self.guest_mut(machine)?;
         let vm = g.vm.as_mut().expect("a running guest has a vm");
-        match vm.agent.wait_ready(&ready_file, BOOT_TIMEOUT) {
+        let waited = vm.agent.wait_ready(&ready_file, BOOT_TIMEOUT).map(drop);
+        match waited {
             Ok(_) => Ok(()),
-            Err(e) => Err(vm.failure(&format!("runtime did not come back: {e}"))),
+            Err(e) => {
+                let log = self.guest_exec(
+                    machine,
+                    &["tail", "-n", "12", "/run/vigil/meterd.log"],
+                    Duration::from_secs(10),
+                );
+                let tail = log.map(|o| o.stdout).unwrap_or_default();
+                Err(self.guest_failure(
+                    machine,
+                    format!(
+                        "runtime did not come back: {e}; its log ends:\n{}",
+                        tail.trim_end()
+                    ),
+                ))
+            }
         }
     }
 
