@@ -346,7 +346,7 @@ fn a_station_that_stops_reading_its_answers_is_released_after_its_keepalive_wind
         "1",
     );
     let rt = runtime_for_raw_stations();
-    let mut link = rt.block_on(async {
+    let link = rt.block_on(async {
         let mut link = raw_station(&addr, &pin, "reader", true).await;
         meterd::frame::send(&mut link, &access("reader", 1, 12))
             .await
@@ -355,18 +355,23 @@ fn a_station_that_stops_reading_its_answers_is_released_after_its_keepalive_wind
         assert!(matches!(granted, FromServer::Granted { .. }), "{granted:?}");
         link
     });
-    // From now on the station keeps asking (so it is never silent) but reads nothing; the
-    // product it asks for does not exist, so every answer is a denial.
-    let flooder = rt.spawn(async move {
-        for request in 2u64.. {
-            if meterd::frame::send(&mut link, &access("reader", request, 99))
-                .await
-                .is_err()
-            {
-                return request;
+    let (mut requests, mut answers) = futures::StreamExt::split(link);
+    // From now on the station keeps asking but reads nothing; the product it asks for does not
+    // exist, so every answer is a denial.
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flooder = rt.spawn({
+        let sent = std::sync::Arc::clone(&sent);
+        async move {
+            for request in 2u64.. {
+                if meterd::frame::send(&mut requests, &access("reader", request, 99))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                sent.store(request - 1, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        unreachable!()
     });
     let released = wait_until(Duration::from_secs(20), || allocations(&server).is_empty())
         .expect("the server released the station that stopped reading");
@@ -375,12 +380,26 @@ fn a_station_that_stops_reading_its_answers_is_released_after_its_keepalive_wind
         released >= Duration::from_millis(700),
         "released too early: {released:?}"
     );
-    // The server closed the connection, so the flooding station's sends fail.
-    let sent = rt
-        .block_on(async { tokio::time::timeout(Duration::from_secs(10), flooder).await })
-        .expect("the server closed the connection")
-        .unwrap();
-    println!("{sent} requests sent before the server closed the connection");
+    // The server closed the connection: what it had sent ends in its close. The station reads
+    // to see it, because with both receive windows shut the kernel may stall the station's
+    // writes past any deadline (4 of 60 loaded runs here: sends still pending 10 s on).
+    let read = rt
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                let mut read = 0u64;
+                while let Some(Ok(_)) = futures::StreamExt::next(&mut answers).await {
+                    read += 1;
+                }
+                read
+            })
+            .await
+        })
+        .expect("the server closed the connection");
+    flooder.abort();
+    println!(
+        "{} requests sent, {read} answers read before the server's close",
+        sent.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let (ws, _d) = client("ws1", "workstation", "127.0.2.14", &addr, &pin);
     assert!(ws.hold(12, None).granted());
 }

@@ -120,7 +120,11 @@ impl Machine {
             .arg("--platform")
             .arg(format!("sim:{}", self.platform().display()))
             .args(extra)
-            .env("METER_LOG", "warn")
+            // METER_TEST_LOG=info shows what the daemons did when a test fails.
+            .env(
+                "METER_LOG",
+                std::env::var("METER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
