@@ -15,7 +15,7 @@ use crate::daemon::{
     GrantRecord, Holder, RUNTIME_KEY_PREFIX, RemoteLink, Runtime, State, Via, encode_record,
 };
 use crate::protocol::{Claim, FromServer};
-use crate::store::Change;
+use crate::store::{self, Change};
 
 /// Most grants of one product one client runtime may hold at once.
 pub const MAX_GRANTS_PER_STATION: u32 = 256;
@@ -286,18 +286,29 @@ impl Runtime {
                 }
             }
             self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
-                .inspect(|_| self.store.submit_eventually(std::mem::take(&mut changes)))
+                .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
         };
         match outcome {
-            // Not waiting for the disk: the client runtime re-claims its grants after a restart.
-            Ok((handle, container, class)) => match self.confirm_on_dongle(handle, class).await {
-                Ok(()) => FromServer::Granted {
+            Ok(((handle, container, class), durable)) => {
+                if let Err(reason) = self.confirm_on_dongle(handle, class).await {
+                    return FromServer::Denied { request, reason };
+                }
+                // On disk before it is answered, as local grants are: a server that crashes
+                // after answering still counts the seat when it comes back.
+                if let Err(e) = store::wait(durable).await {
+                    tracing::error!(handle, error = %e, "Remote grant not recorded; withdrawn");
+                    let _ = self.release_inner(handle, false).await;
+                    return FromServer::Denied {
+                        request,
+                        reason: Reason::ServerUnreachable,
+                    };
+                }
+                FromServer::Granted {
                     request,
                     handle,
                     container,
-                },
-                Err(reason) => FromServer::Denied { request, reason },
-            },
+                }
+            }
             Err(reason) => FromServer::Denied {
                 request,
                 reason: self.dongles.explain_denial(claim.product, reason),

@@ -214,6 +214,35 @@ fn server_restart_loses_no_grant_and_double_grants_none() {
 }
 
 #[test]
+fn a_remote_grant_is_on_the_servers_disk_before_it_is_answered() {
+    let vendor = Vendor::new();
+    let (server, mut server_daemon, addr, pin) = server_with(
+        &vendor,
+        &["{ code: 15, name: fifteen, quantity: 1, counting: station-share }"],
+        "10",
+    );
+    let rt = runtime_for_raw_stations();
+    rt.block_on(async {
+        let mut link = raw_station(&addr, &pin, "keeper", false).await;
+        meterd::frame::send(&mut link, &access("keeper", 1, 15))
+            .await
+            .unwrap();
+        let granted: FromServer = meterd::frame::recv(&mut link).await.unwrap();
+        assert!(matches!(granted, FromServer::Granted { .. }), "{granted:?}");
+        // Killed the moment the answer arrives: what was not on disk by then is lost.
+        server_daemon.kill9();
+    });
+    let _restarted = server.start(&["--server", "--listen", &addr, "--keepalive", "10"]);
+    // The station has not reconnected (it never will), yet its seat is counted.
+    let held = allocations(&server);
+    assert_eq!(
+        held.len(),
+        1,
+        "the grant answered before the crash: {held:?}"
+    );
+}
+
+#[test]
 fn a_malformed_frame_closes_only_its_connection() {
     let vendor = Vendor::new();
     let (server, _sd, addr, pin) = server_with(
