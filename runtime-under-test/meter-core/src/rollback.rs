@@ -257,6 +257,12 @@ pub enum RollbackError {
     /// Public key bytes are not a valid Ed25519 key.
     #[error("Invalid receipt public key")]
     BadPublicKey,
+    /// The witness holds no receipt of a chain that has some here: it cannot vouch for it.
+    #[error("The witness has seen none of the {local} receipts kept here")]
+    WitnessUnaware {
+        /// Receipts in the local chain.
+        local: u64,
+    },
 }
 
 /// Checks that `receipts` link from `genesis` and carry valid signatures.
@@ -551,6 +557,13 @@ impl MeteredState {
         }
         verify_chain(witness.genesis, &witness.receipts, &verifier)?;
         self.verify(&verifier)?;
+        // An empty chain is what a fresh server, or a witness nobody told, holds: taking it
+        // as "we are ahead" would let a reverted guest pointed at one unlock its regained units.
+        if witness.receipts.is_empty() && !self.receipts.is_empty() {
+            return Err(RollbackError::WitnessUnaware {
+                local: self.receipts.len() as u64,
+            });
+        }
 
         let common = self
             .receipts
@@ -973,6 +986,29 @@ mod tests {
             .unwrap();
         assert_eq!(outcome.lock, None);
         assert!(s.touch(T0 + 3, Some(GEN_B)).is_ok());
+    }
+
+    #[test]
+    fn an_empty_witness_chain_never_unlocks_an_item_with_local_receipts() {
+        let mut s = state(10);
+        let mut witnessed = WitnessLog::new("lic-1");
+        spend_witnessed(&mut s, &mut witnessed, 3, T0 + 1);
+        spend_witnessed(&mut s, &mut witnessed, 2, T0 + 2);
+        // The guest goes back to a snapshot taken after the first spend.
+        s.receipts.truncate(1);
+        assert!(s.touch(T0 + 3, Some(GEN_B)).is_err());
+        let fresh_server = WitnessLog::new("lic-1");
+        assert_eq!(
+            s.reconcile(&fresh_server, T0 + 4, Some(GEN_B), &signer()),
+            Err(RollbackError::WitnessUnaware { local: 1 })
+        );
+        assert!(s.touch(T0 + 4, Some(GEN_B)).is_err(), "still locked");
+        // The witness that saw both spends unlocks it, with nothing regained.
+        let outcome = s
+            .reconcile(&witnessed, T0 + 5, Some(GEN_B), &signer())
+            .unwrap();
+        assert_eq!(outcome.lock, None);
+        assert_eq!(s.remaining(PRODUCT), Some(5));
     }
 
     #[test]

@@ -428,6 +428,64 @@ fn reverting_the_state_reconciles_units_with_the_server_witness() {
 }
 
 #[test]
+fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "credits",
+        &[
+            "{ code: 3001, name: render-credits, container: soft, quantity: 1, counting: user-limit, units: 10, on-rollback: reconcile }",
+        ],
+    );
+    let guest = WitnessedGuest::new(&vendor, &policy, 3001);
+    let vm = &guest.vm;
+    let daemon = guest.start();
+    assert_eq!(access(vm, 3001).0, 0);
+    drop(daemon);
+    // The snapshot to go back to holds one receipt; two more units are spent after it.
+    let snapshot = vm.dir.path().join("snapshot-after-one");
+    copy_dir(&vm.state(), &snapshot);
+    let daemon = guest.start();
+    assert_eq!(access(vm, 3001).0, 0);
+    assert_eq!(access(vm, 3001).0, 0);
+    assert_eq!(units_left(vm, 3001), Some(7));
+    drop(daemon);
+
+    copy_dir(&snapshot, &vm.state());
+    set_vmgenid(vm, "fedcba9876543210fedcba9876543210");
+    // A fresh server has seen none of the guest's receipts, so it cannot vouch for the revert.
+    let empty = Machine::new("host-b", "workstation", "127.0.0.1");
+    let _empty_daemon = empty.start(&["--server", "--listen", "127.0.0.1:0"]);
+    let (addr, pin) = server_endpoint(&empty);
+    let daemon = vm.start(&["--remote", &addr, "--pin", &pin]);
+    wait_until(Duration::from_secs(5), || {
+        let (_, status) = vm.meter(&["status"]);
+        status["containers"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["kind"] == "remote" && c["state"] == "valid")
+        })
+    })
+    .expect("the guest linked to the empty server");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(product_status(vm, 3001)["state"], "locked");
+    let (code, denied) = access(vm, 3001);
+    assert_eq!(
+        (code, denied["reason"].as_str()),
+        (1, Some("rollback-detected")),
+        "{denied}"
+    );
+    drop(daemon);
+    // Its own witness unlocks it, with the two later units still spent.
+    let _daemon = guest.start();
+    assert!(
+        wait_until(Duration::from_secs(5), || units_left(vm, 3001) == Some(7)).is_some(),
+        "{}",
+        product_status(vm, 3001)
+    );
+    assert_eq!(product_status(vm, 3001)["state"], "valid");
+}
+
+#[test]
 fn a_thousand_uses_reconcile_with_the_witness_page_by_page() {
     const USES: u64 = 1000;
     let vendor = Vendor::new();
