@@ -489,6 +489,7 @@ impl Runtime {
         };
         self.wait_for_reconnects().await;
         self.observe_machine().await;
+        self.witness_before_first_spend(product).await;
         let mut spent = None;
         let (step, now) = {
             let mut state = self.lock();

@@ -47,6 +47,11 @@ struct MeteredRules {
 pub struct Metering {
     states: BTreeMap<String, MeteredState>,
     rules: BTreeMap<String, MeteredRules>,
+    /// Licences loaded from the disk and not yet compared with a witness: the state may be a
+    /// restored copy, so their next spend asks the witness first.
+    unverified: BTreeSet<String>,
+    /// A spend already waited for a witness to link in this run.
+    waited_for_witness: bool,
 }
 
 /// The store change that records a licence's metered state.
@@ -84,8 +89,10 @@ impl Metering {
             }
         }
         Metering {
+            unverified: states.keys().cloned().collect(),
             states,
             rules: BTreeMap::new(),
+            waited_for_witness: false,
         }
     }
 
@@ -222,6 +229,29 @@ impl Metering {
                 .resolve(policy, Some(witness), now, vmgenid, signer)
                 .map(|done| (done, state_change(licence, state))),
         )
+    }
+
+    /// Loaded licences with a metered item `product` that no witness has vouched for yet.
+    pub fn unverified_holding(&self, product: u32) -> Vec<String> {
+        self.unverified
+            .iter()
+            .filter(|id| {
+                self.rules
+                    .get(*id)
+                    .is_some_and(|rules| rules.products.contains(&product))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// A witness vouched for a licence's chain (or reconciled it): spends no longer ask first.
+    pub fn vouched_for(&mut self, licence: &str) {
+        self.unverified.remove(licence);
+    }
+
+    /// True the first time it is asked in this run: only one spend waits for a witness to link.
+    pub fn first_wait_for_witness(&mut self) -> bool {
+        !std::mem::replace(&mut self.waited_for_witness, true)
     }
 
     /// The receipt chain of a licence (sent to a witness that has not seen all of it).

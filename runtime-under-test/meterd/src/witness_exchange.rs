@@ -2,13 +2,17 @@
 //! sending its own receipts to a witness and reconciling with it after a rollback.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use meter_core::rollback::{LockReason, Receipt, WitnessLog};
+use meter_core::rollback::{ChainHead, LockReason, Receipt, WitnessLog};
 
 use crate::daemon::Runtime;
 use crate::protocol::{FromServer, ToServer};
 use crate::store;
 use crate::witness::{RECEIPTS_PER_FRAME, head_at};
+
+/// How long the first spend after a start waits for a configured witness to link.
+const WITNESS_LINK_WAIT: Duration = Duration::from_secs(3);
 
 impl Runtime {
     // ----- witness (server) side -----
@@ -171,23 +175,111 @@ impl Runtime {
             }
             tracing::warn!(licence, server, why, "Witness holds another chain");
             let local_head = head_at(licence, &local, local.len() as u64);
-            let change = {
-                let mut state = self.lock();
-                let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
-                let change = licences.metering.lock(
-                    licence,
-                    LockReason::ChainForked {
-                        local: local_head.unwrap_or(head),
-                        witness: head,
-                    },
-                );
-                let now = self.platform.now_ms().unwrap_or(0);
-                licences.metering.overlay(&mut state.table, now);
-                change
-            };
-            if let Some(change) = change {
-                let _ = store::wait(self.store.submit(vec![change])).await;
+            self.lock_forked(licence, local_head.unwrap_or(head), head)
+                .await;
+        }
+    }
+
+    /// Locks a licence's metered items: its witness holds another chain than this runtime.
+    async fn lock_forked(self: &Arc<Self>, licence: &str, local: ChainHead, witness: ChainHead) {
+        let change = {
+            let mut state = self.lock();
+            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let change = licences
+                .metering
+                .lock(licence, LockReason::ChainForked { local, witness });
+            let now = self.platform.now_ms().unwrap_or(0);
+            licences.metering.overlay(&mut state.table, now);
+            change
+        };
+        if let Some(change) = change {
+            let _ = store::wait(self.store.submit(vec![change])).await;
+        }
+    }
+
+    /// Before the first spend of `product` from a licence loaded from the disk (the state may
+    /// be a restored copy), compares the licence's chain with a witness: one that holds
+    /// receipts this state lacks locks it (and reconciles it, as the policy says), so the units
+    /// a restore gave back are never spent. Without a reachable witness the spend goes ahead.
+    pub async fn witness_before_first_spend(self: &Arc<Self>, product: u32) {
+        if crate::weakened::is(crate::weakened::Defence::RollbackWitness) || self.remotes.is_empty()
+        {
+            return;
+        }
+        let (pending, wait) = {
+            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let pending = licences.metering.unverified_holding(product);
+            let wait = !pending.is_empty() && licences.metering.first_wait_for_witness();
+            (pending, wait)
+        };
+        if wait {
+            // A daemon that just started links to its servers within moments.
+            let deadline = tokio::time::Instant::now() + WITNESS_LINK_WAIT;
+            while self.remotes.connected().is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+        for licence in pending {
+            let locked = self
+                .licences
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .metering
+                .is_locked(&licence);
+            if locked {
+                // Nothing is spent from it; only a reconciliation may unlock it.
+                continue;
+            }
+            let mut witnessed = None;
+            for server in self.remotes.connected() {
+                witnessed = self.fetch_witnessed_chain(&server, &licence).await;
+                if witnessed.is_some() {
+                    break;
+                }
+            }
+            let Some(witness) = witnessed else {
+                tracing::info!(licence, "No witness reachable before the first spend");
+                continue;
+            };
+            let local = self
+                .licences
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .metering
+                .receipts(&licence);
+            let seen = witness.receipts.len();
+            if seen <= local.len() && local[..seen] == witness.receipts[..] {
+                self.licences
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .metering
+                    .vouched_for(&licence);
+                // The witness missed our last receipts (it was unreachable): catch it up.
+                for chunk in local[seen..].chunks(RECEIPTS_PER_FRAME) {
+                    self.witness_receipts(&licence, chunk.to_vec()).await;
+                }
+                continue;
+            }
+            tracing::warn!(
+                licence,
+                local = local.len(),
+                witnessed = seen,
+                "The witness saw receipts this state lacks: it was restored"
+            );
+            let witness_head = head_at(&licence, &witness.receipts, seen as u64);
+            let local_head = head_at(&licence, &local, local.len() as u64);
+            if let (Some(local), Some(witness_head)) = (local_head, witness_head) {
+                self.lock_forked(&licence, local, witness_head).await;
+            }
+            let now = self.platform.now_ms().unwrap_or(0);
+            let vmgenid = self.platform.vmgenid().ok().flatten();
+            self.reconcile_with_witness(&licence, now, vmgenid.as_deref())
+                .await;
+            self.licences
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .metering
+                .vouched_for(&licence);
         }
     }
 

@@ -428,6 +428,38 @@ fn reverting_the_state_reconciles_units_with_the_server_witness() {
 }
 
 #[test]
+fn a_restored_state_folder_gives_no_unit_back() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "few-credits",
+        &[
+            "{ code: 3003, name: few-credits, container: soft, quantity: 1, counting: user-limit, units: 3, on-rollback: reconcile }",
+        ],
+    );
+    let guest = WitnessedGuest::new(&vendor, &policy, 3003);
+    let vm = &guest.vm;
+    let daemon = guest.start();
+    for _ in 0..3 {
+        assert_eq!(access(vm, 3003).0, 0);
+    }
+    assert_eq!(units_left(vm, 3003), Some(0));
+    drop(daemon);
+    // The licensee copies the state folder saved before the spends back: a file copy on the
+    // same machine, so no vmgenid change and no clock turned back tell of it.
+    copy_dir(&guest.snapshot, &vm.state());
+    let _daemon = guest.start();
+    let (code, denied) = access(vm, 3003);
+    assert_eq!(
+        (code, denied["reason"].as_str()),
+        (1, Some("units-exhausted")),
+        "the first spend after the restore: {denied}"
+    );
+    assert_eq!(units_left(vm, 3003), Some(0));
+    assert_eq!(product_status(vm, 3003)["state"], "valid");
+}
+
+#[test]
 fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
     let vendor = Vendor::new();
     let policy = write_policy(
@@ -468,12 +500,16 @@ fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
     .expect("the guest linked to the empty server");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(product_status(vm, 3001)["state"], "locked");
-    let (code, denied) = access(vm, 3001);
-    assert_eq!(
-        (code, denied["reason"].as_str()),
-        (1, Some("rollback-detected")),
-        "{denied}"
-    );
+    // Asking again changes nothing: the empty server was not handed the guest's chain.
+    for _ in 0..2 {
+        let (code, denied) = access(vm, 3001);
+        assert_eq!(
+            (code, denied["reason"].as_str()),
+            (1, Some("rollback-detected")),
+            "{denied}"
+        );
+    }
+    assert_eq!(product_status(vm, 3001)["state"], "locked");
     drop(daemon);
     // Its own witness unlocks it, with the two later units still spent.
     let _daemon = guest.start();
