@@ -40,6 +40,7 @@ deps:
 bench:
 	mkdir -p reports/bench
 	$(CARGO) run --release -q -p meter-core --example binding-bench
+	$(CARGO) run --release -q -p meter-core --example reconcile-bench
 	$(CARGO) run --release -q -p dongle --example dongle-bench
 	$(CARGO) run --release -q -p meterd --example server-bench
 	./scripts/redis-baseline.sh reports/bench
