@@ -24,10 +24,7 @@ impl Runtime {
         let vendor: VendorPublicKey = match vendor {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| (format!("Not a vendor public key: {e}"), None))?,
-            None => self
-                .licences
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            None => self.lock_licences()
                 .trusted_vendor(firm)
                 .map_err(|e| (e.to_string(), None))?
                 .ok_or_else(|| {
@@ -52,9 +49,7 @@ impl Runtime {
             .now_ms()
             .map_err(|e| (format!("Cannot read the machine clock: {e}"), None))?;
         let (changes, runtime_key) = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_licences()
             .ensure_identity(|| entropy().map_err(|e| e.to_string()))
             .map_err(|e| (e, None))?;
         if !changes.is_empty() {

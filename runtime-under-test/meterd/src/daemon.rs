@@ -399,6 +399,11 @@ impl Runtime {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The installed licences, their metering and witnessed chains.
+    pub(crate) fn lock_licences(&self) -> MutexGuard<'_, crate::licences::Licences> {
+        self.licences.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// After start-up: re-watches surviving local holders, releases dead ones, and gives remote
     /// stations one keepalive window to reconnect.
     pub fn resume(self: &Arc<Self>) {
@@ -924,7 +929,7 @@ impl Runtime {
             .map_err(|e| (format!("Cannot read the machine clock: {e}"), None))?;
         let durable = {
             let mut state = self.lock();
-            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let mut licences = self.lock_licences();
             // Verify on a copy so a refused file cannot touch the live table.
             let mut trial = state.table.clone();
             let installed = licences

@@ -17,12 +17,7 @@ impl Runtime {
     /// runtime's random id.
     pub fn soft_traits(&self) -> Result<MachineTraits, crate::platform::PlatformError> {
         let mut traits = self.platform.traits()?;
-        if let Some(id) = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .random_id()
-        {
+        if let Some(id) = self.lock_licences().random_id() {
             traits.set(names::RUNTIME_RANDOM_ID, id.to_owned());
         }
         Ok(traits)
@@ -42,7 +37,7 @@ impl Runtime {
         };
         let (revoke, to_reconcile, durable, now) = {
             let mut state = self.lock();
-            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let mut licences = self.lock_licences();
             // Read under the lock: a concurrent look may have moved the high-water mark past a
             // reading taken before it, which would look like a clock turned back.
             let now = match self.platform.now_ms() {
@@ -161,7 +156,7 @@ impl Runtime {
         product: ProductKey,
         now: u64,
     ) -> Result<UnitUse, Reason> {
-        let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let mut licences = self.lock_licences();
         let Some(licence) = licences.licence_of(container).map(str::to_owned) else {
             return Ok((Vec::new(), None));
         };
@@ -217,7 +212,7 @@ impl Runtime {
         if reason != Reason::LicenceLocked {
             return reason;
         }
-        let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let licences = self.lock_licences();
         let rolled_back = table.items().iter().any(|view| {
             view.entry.product == product
                 && view.entry.state == ItemState::Locked

@@ -21,7 +21,7 @@ impl Runtime {
             runtime_id: self.runtime_id.clone(),
         };
         let state = self.lock();
-        let licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+        let licences = self.lock_licences();
         let mut all = licences.containers(&state.table);
         all.retain(|c| c.kind != "dongle");
         all.extend(self.dongles.containers(&state.table));

@@ -26,12 +26,13 @@ impl Runtime {
         key: [u8; 32],
         receipts: Vec<Receipt>,
     ) -> FromServer {
-        let (head, refused, change) = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .witnesses
-            .accept(licence, runtime, key, &receipts, witness_rules());
+        let (head, refused, change) = self.lock_licences().witnesses.accept(
+            licence,
+            runtime,
+            key,
+            &receipts,
+            witness_rules(),
+        );
         if let Some(change) = change
             && let Err(e) = self.store.commit(vec![change]).await
         {
@@ -58,9 +59,7 @@ impl Runtime {
         from: u64,
     ) -> FromServer {
         let log = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_licences()
             .witnesses
             .log(licence, runtime, witness_rules());
         let total = log.as_ref().map_or(0, |l| l.receipts.len() as u64);
@@ -124,12 +123,7 @@ impl Runtime {
             // Weakened: receipts stay on this machine; the witness never hears of them.
             return;
         }
-        let Some(verifier) = self
-            .licences
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .verifier()
-        else {
+        let Some(verifier) = self.lock_licences().verifier() else {
             return;
         };
         let key = verifier.to_bytes();
@@ -151,12 +145,7 @@ impl Runtime {
             else {
                 continue;
             };
-            let local = self
-                .licences
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .metering
-                .receipts(licence);
+            let local = self.lock_licences().metering.receipts(licence);
             if head_at(licence, &local, head.seq) == Some(head) {
                 // The witness missed some of our receipts (it was unreachable): catch it up.
                 let tail = local[usize::try_from(head.seq).unwrap_or(usize::MAX)..].to_vec();
@@ -184,7 +173,7 @@ impl Runtime {
     async fn lock_forked(self: &Arc<Self>, licence: &str, local: ChainHead, witness: ChainHead) {
         let change = {
             let mut state = self.lock();
-            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let mut licences = self.lock_licences();
             let change = licences
                 .metering
                 .lock(licence, LockReason::ChainForked { local, witness });
@@ -207,7 +196,7 @@ impl Runtime {
             return;
         }
         let (pending, wait) = {
-            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let mut licences = self.lock_licences();
             let pending = licences.metering.unverified_holding(product);
             let wait = !pending.is_empty() && licences.metering.first_wait_for_witness();
             (pending, wait)
@@ -220,12 +209,7 @@ impl Runtime {
             }
         }
         for licence in pending {
-            let locked = self
-                .licences
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .metering
-                .is_locked(&licence);
+            let locked = self.lock_licences().metering.is_locked(&licence);
             if locked {
                 // Nothing is spent from it; only a reconciliation may unlock it.
                 continue;
@@ -241,19 +225,10 @@ impl Runtime {
                 tracing::info!(licence, "No witness reachable before the first spend");
                 continue;
             };
-            let local = self
-                .licences
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .metering
-                .receipts(&licence);
+            let local = self.lock_licences().metering.receipts(&licence);
             let seen = witness.receipts.len();
             if seen <= local.len() && local[..seen] == witness.receipts[..] {
-                self.licences
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .metering
-                    .vouched_for(&licence);
+                self.lock_licences().metering.vouched_for(&licence);
                 // The witness missed our last receipts (it was unreachable): catch it up.
                 for chunk in local[seen..].chunks(RECEIPTS_PER_FRAME) {
                     self.witness_receipts(&licence, chunk.to_vec()).await;
@@ -275,11 +250,7 @@ impl Runtime {
             let vmgenid = self.platform.vmgenid().ok().flatten();
             self.reconcile_with_witness(&licence, now, vmgenid.as_deref())
                 .await;
-            self.licences
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .metering
-                .vouched_for(&licence);
+            self.lock_licences().metering.vouched_for(&licence);
         }
     }
 
@@ -304,7 +275,7 @@ impl Runtime {
         };
         let outcome = {
             let mut state = self.lock();
-            let mut licences = self.licences.lock().unwrap_or_else(|e| e.into_inner());
+            let mut licences = self.lock_licences();
             let Some(signer) = licences.signer() else {
                 return;
             };
