@@ -116,6 +116,16 @@ impl Runtime {
 
     // ----- client side -----
 
+    /// The chain the first linked server that answers holds for a licence.
+    async fn chain_from_a_witness(&self, licence: &str) -> Option<WitnessLog> {
+        for server in self.remotes.connected() {
+            if let Some(chain) = self.fetch_witnessed_chain(&server, licence).await {
+                return Some(chain);
+            }
+        }
+        None
+    }
+
     /// Hands new receipts of a licence to every reachable witness; a witness whose chain does
     /// not lead to ours (a fork: the state was rolled back or copied) locks the licence.
     pub async fn witness_receipts(self: &Arc<Self>, licence: &str, receipts: Vec<Receipt>) {
@@ -214,14 +224,7 @@ impl Runtime {
                 // Nothing is spent from it; only a reconciliation may unlock it.
                 continue;
             }
-            let mut witnessed = None;
-            for server in self.remotes.connected() {
-                witnessed = self.fetch_witnessed_chain(&server, &licence).await;
-                if witnessed.is_some() {
-                    break;
-                }
-            }
-            let Some(witness) = witnessed else {
+            let Some(witness) = self.chain_from_a_witness(&licence).await else {
                 tracing::info!(licence, "No witness reachable before the first spend");
                 continue;
             };
@@ -262,14 +265,7 @@ impl Runtime {
         now: u64,
         vmgenid: Option<&str>,
     ) {
-        let mut witnessed = None;
-        for server in self.remotes.connected() {
-            witnessed = self.fetch_witnessed_chain(&server, licence).await;
-            if witnessed.is_some() {
-                break;
-            }
-        }
-        let Some(witness) = witnessed else {
+        let Some(witness) = self.chain_from_a_witness(licence).await else {
             tracing::debug!(licence, "No witness reachable: metered items stay locked");
             return;
         };
