@@ -33,15 +33,7 @@ fn server_with(
 fn client(name: &str, role: &str, address: &str, addr: &str, pin: &str) -> (Machine, Daemon) {
     let machine = Machine::new(name, role, address);
     let daemon = machine.start(&["--remote", addr, "--pin", pin]);
-    // Wait for the link to come up.
-    wait_until(Duration::from_secs(10), || {
-        let (_, status) = machine.meter(&["status"]);
-        status["containers"].as_array().is_some_and(|c| {
-            c.iter()
-                .any(|c| c["kind"] == "remote" && c["state"] == "valid")
-        })
-    })
-    .expect("client linked to server");
+    wait_linked(&machine);
     (machine, daemon)
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, METER, Machine, Vendor, server_endpoint, wait_until};
+use common::{Daemon, METER, Machine, Vendor, server_endpoint, wait_linked, wait_until};
 use serde_json::{Value, json};
 
 /// A guest on an Intel host, or the host itself, with a full set of traits.
@@ -43,6 +43,22 @@ fn write_policy(vendor: &Vendor, name: &str, products: &[&str]) -> PathBuf {
     }
     std::fs::write(&policy, yaml).unwrap();
     policy
+}
+
+/// The policy of one metered product `name` (`code`) of `units` that reconciles after a rollback.
+fn reconciled_credits(vendor: &Vendor, name: &str, code: u32, units: u64) -> PathBuf {
+    let product = format!(
+        "{{ code: {code}, name: {name}, container: soft, quantity: 1, counting: user-limit, units: {units}, on-rollback: reconcile }}"
+    );
+    write_policy(vendor, name, &[&product])
+}
+
+/// Spends `uses` units of `product` on `machine`, each granted.
+fn spend(machine: &Machine, product: u32, uses: u64) {
+    for _ in 0..uses {
+        let (code, answer) = access(machine, product);
+        assert_eq!(code, 0, "{answer}");
+    }
 }
 
 fn meter_json(args: &[&str]) -> (i32, Value) {
@@ -398,19 +414,11 @@ impl WitnessedGuest {
 #[test]
 fn reverting_the_state_reconciles_units_with_the_server_witness() {
     let vendor = Vendor::new();
-    let policy = write_policy(
-        &vendor,
-        "credits",
-        &[
-            "{ code: 3001, name: render-credits, container: soft, quantity: 1, counting: user-limit, units: 10, on-rollback: reconcile }",
-        ],
-    );
+    let policy = reconciled_credits(&vendor, "render-credits", 3001, 10);
     let guest = WitnessedGuest::new(&vendor, &policy, 3001);
     let vm = &guest.vm;
     let daemon = guest.start();
-    for _ in 0..3 {
-        assert_eq!(access(vm, 3001).0, 0);
-    }
+    spend(vm, 3001, 3);
     assert_eq!(units_left(vm, 3001), Some(7));
     drop(daemon);
 
@@ -430,19 +438,11 @@ fn reverting_the_state_reconciles_units_with_the_server_witness() {
 #[test]
 fn a_restored_state_folder_gives_no_unit_back() {
     let vendor = Vendor::new();
-    let policy = write_policy(
-        &vendor,
-        "few-credits",
-        &[
-            "{ code: 3003, name: few-credits, container: soft, quantity: 1, counting: user-limit, units: 3, on-rollback: reconcile }",
-        ],
-    );
+    let policy = reconciled_credits(&vendor, "few-credits", 3003, 3);
     let guest = WitnessedGuest::new(&vendor, &policy, 3003);
     let vm = &guest.vm;
     let daemon = guest.start();
-    for _ in 0..3 {
-        assert_eq!(access(vm, 3003).0, 0);
-    }
+    spend(vm, 3003, 3);
     assert_eq!(units_left(vm, 3003), Some(0));
     drop(daemon);
     // The licensee copies the state folder saved before the spends back: a file copy on the
@@ -462,13 +462,7 @@ fn a_restored_state_folder_gives_no_unit_back() {
 #[test]
 fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
     let vendor = Vendor::new();
-    let policy = write_policy(
-        &vendor,
-        "credits",
-        &[
-            "{ code: 3001, name: render-credits, container: soft, quantity: 1, counting: user-limit, units: 10, on-rollback: reconcile }",
-        ],
-    );
+    let policy = reconciled_credits(&vendor, "render-credits", 3001, 10);
     let guest = WitnessedGuest::new(&vendor, &policy, 3001);
     let vm = &guest.vm;
     let daemon = guest.start();
@@ -478,8 +472,7 @@ fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
     let snapshot = vm.dir.path().join("snapshot-after-one");
     copy_dir(&vm.state(), &snapshot);
     let daemon = guest.start();
-    assert_eq!(access(vm, 3001).0, 0);
-    assert_eq!(access(vm, 3001).0, 0);
+    spend(vm, 3001, 2);
     assert_eq!(units_left(vm, 3001), Some(7));
     drop(daemon);
 
@@ -490,14 +483,7 @@ fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
     let _empty_daemon = empty.start(&["--server", "--listen", "127.0.0.1:0"]);
     let (addr, pin) = server_endpoint(&empty);
     let daemon = vm.start(&["--remote", &addr, "--pin", &pin]);
-    wait_until(Duration::from_secs(5), || {
-        let (_, status) = vm.meter(&["status"]);
-        status["containers"].as_array().is_some_and(|c| {
-            c.iter()
-                .any(|c| c["kind"] == "remote" && c["state"] == "valid")
-        })
-    })
-    .expect("the guest linked to the empty server");
+    wait_linked(vm);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(product_status(vm, 3001)["state"], "locked");
     // Asking again changes nothing: the empty server was not handed the guest's chain.
@@ -525,19 +511,11 @@ fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
 fn a_thousand_uses_reconcile_with_the_witness_page_by_page() {
     const USES: u64 = 1000;
     let vendor = Vendor::new();
-    let policy = write_policy(
-        &vendor,
-        "many-credits",
-        &[
-            "{ code: 3002, name: many-credits, container: soft, quantity: 1, counting: user-limit, units: 5000, on-rollback: reconcile }",
-        ],
-    );
+    let policy = reconciled_credits(&vendor, "many-credits", 3002, 5000);
     let guest = WitnessedGuest::new(&vendor, &policy, 3002);
     let vm = &guest.vm;
     let daemon = guest.start();
-    for _ in 0..USES {
-        assert_eq!(access(vm, 3002).0, 0);
-    }
+    spend(vm, 3002, USES);
     assert_eq!(units_left(vm, 3002), Some(5000 - USES));
     drop(daemon);
 

@@ -319,6 +319,18 @@ pub fn server_endpoint(machine: &Machine) -> (String, String) {
     )
 }
 
+/// Waits until `machine`'s runtime is linked to its server (its remote container is valid).
+pub fn wait_linked(machine: &Machine) {
+    wait_until(Duration::from_secs(10), || {
+        let (_, status) = machine.meter(&["status"]);
+        status["containers"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["kind"] == "remote" && c["state"] == "valid")
+        })
+    })
+    .unwrap_or_else(|| panic!("{} linked to its server", machine.name));
+}
+
 pub fn allocations(machine: &Machine) -> Vec<Value> {
     let (code, list) = machine.meter(&["list"]);
     assert_eq!(code, 0, "{list}");
