@@ -403,7 +403,7 @@ fn a_station_that_stops_reading_its_answers_is_released_after_its_keepalive_wind
     );
     // The server closed the connection: what it had sent ends in its close. The station reads
     // to see it, because with both receive windows shut the kernel may stall the station's
-    // writes past any deadline (4 of 60 loaded runs here: sends still pending 10 s on).
+    // writes past any deadline (3 of 27 loaded runs here: sends still pending 10 s on).
     let read = rt
         .block_on(async {
             tokio::time::timeout(Duration::from_secs(10), async {
