@@ -251,7 +251,8 @@ impl Runtime {
             }
             let now = self.platform.now_ms().unwrap_or(0);
             let vmgenid = self.platform.vmgenid().ok().flatten();
-            self.reconcile_with_witness(&licence, now, vmgenid.as_deref())
+            // The chain just fetched is the one to reconcile with: no second fetch.
+            self.reconcile_with_chain(&licence, witness, now, vmgenid.as_deref())
                 .await;
             self.lock_licences().metering.vouched_for(&licence);
         }
@@ -269,6 +270,18 @@ impl Runtime {
             tracing::debug!(licence, "No witness reachable: metered items stay locked");
             return;
         };
+        self.reconcile_with_chain(licence, witness, now, vmgenid)
+            .await;
+    }
+
+    /// Reconciles a locked licence with `witness`, the chain a witness answered.
+    async fn reconcile_with_chain(
+        self: &Arc<Self>,
+        licence: &str,
+        witness: WitnessLog,
+        now: u64,
+        vmgenid: Option<&str>,
+    ) {
         let outcome = {
             let mut state = self.lock();
             let mut licences = self.lock_licences();
