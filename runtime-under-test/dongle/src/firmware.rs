@@ -242,6 +242,7 @@ impl Firmware {
     fn lock(&mut self, reason: LockoutReason, hello_body: &[u8]) -> Vec<u8> {
         let lockout = Lockout {
             reason,
+            since_ms: self.flash.clock.oscillator_ms,
             until_ms: self
                 .flash
                 .clock

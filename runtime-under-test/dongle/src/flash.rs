@@ -212,6 +212,9 @@ impl LockoutReason {
 pub struct Lockout {
     /// Why.
     pub reason: LockoutReason,
+    /// Oscillator time at which it was set (0 in flash written before it was recorded).
+    #[serde(default)]
+    pub since_ms: u64,
     /// Oscillator time at which the dongle is usable again.
     pub until_ms: u64,
 }
