@@ -78,11 +78,28 @@ impl Cell {
     }
 }
 
+/// A hole a scenario shows open because the vendor's policy allows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyHole {
+    /// The scenario that shows it.
+    pub scenario: String,
+    /// The product.
+    pub product: u32,
+    /// The policy field and value that allow it.
+    pub policy: String,
+    /// What the licensee gains.
+    pub gains: String,
+    /// The scenario passed on the full runtime: the hole is shown open, as declared.
+    pub shown: bool,
+}
+
 /// The whole verification: every run plus the coverage it proves.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     /// Every run, scenario by scenario.
     pub cells: Vec<Cell>,
+    /// Holes left open by policy, as the scenarios declare and show them.
+    pub undefended_by_policy: Vec<PolicyHole>,
     /// Scenarios that catch each defence.
     pub caught_by: BTreeMap<String, Vec<String>>,
     /// Defences no scenario catches.
@@ -94,7 +111,9 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// True when every run is as required and every defence is caught by some scenario.
     pub fn ok(&self) -> bool {
-        self.uncaught.is_empty() && self.cells.iter().all(Cell::as_required)
+        self.uncaught.is_empty()
+            && self.cells.iter().all(Cell::as_required)
+            && self.undefended_by_policy.iter().all(|hole| hole.shown)
     }
 
     /// The defence × scenario table in Markdown.
@@ -173,6 +192,25 @@ impl VerifyReport {
                 },
                 first.replace('|', "\\|")
             );
+        }
+        if !self.undefended_by_policy.is_empty() {
+            out.push_str(
+                "\n## Undefended by policy\n\nHoles a vendor's policy leaves open on purpose. Each \
+                 is shown by a built-in scenario that asserts the hole on the full runtime (it \
+                 passes only while the hole is open); a stricter value of the same field closes \
+                 it.\n\n| scenario | product | policy | what the licensee gains | shown |\n|---|---|---|---|---|\n",
+            );
+            for hole in &self.undefended_by_policy {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | `{}` | {} | {} |",
+                    hole.scenario,
+                    hole.product,
+                    hole.policy,
+                    hole.gains.replace('|', "\\|"),
+                    if hole.shown { "open" } else { "**not shown**" }
+                );
+            }
         }
         let problems: Vec<&Cell> = self.cells.iter().filter(|c| !c.as_required()).collect();
         if !problems.is_empty() {
@@ -255,13 +293,24 @@ pub fn run(
     let started = Instant::now();
     let runtime = weakened_runtime_dir(options)?;
     let mut cells = Vec::new();
+    let mut undefended_by_policy = Vec::new();
     for loaded in scenarios {
         let guards = guards_of(loaded);
-        if guards.is_empty() {
+        let allowed = &loaded.scenario.allowed_by_policy;
+        if guards.is_empty() && allowed.is_empty() {
             continue;
         }
         let name = &loaded.scenario.name;
-        cells.push(run_one(options, &loaded.source, name, None, &runtime)?);
+        let full = run_one(options, &loaded.source, name, None, &runtime)?;
+        let shown = full.outcome == Outcome::Passed;
+        undefended_by_policy.extend(allowed.iter().map(|a| PolicyHole {
+            scenario: name.value.clone(),
+            product: a.product.value,
+            policy: a.policy.value.clone(),
+            gains: a.gains.clone(),
+            shown,
+        }));
+        cells.push(full);
         for defence in guards {
             cells.push(run_one(
                 options,
@@ -289,6 +338,7 @@ pub fn run(
         .collect();
     Ok(VerifyReport {
         cells,
+        undefended_by_policy,
         caught_by,
         uncaught,
         seconds: started.elapsed().as_secs_f64(),
@@ -436,6 +486,42 @@ mod tests {
                 "{defence} missing in the schema"
             );
         }
+    }
+
+    #[test]
+    fn a_policy_hole_is_listed_and_must_be_shown() {
+        let hole = |shown| PolicyHole {
+            scenario: "state-restore-unwitnessed".into(),
+            product: 3003,
+            policy: "witness: optional".into(),
+            gains: "Units come back.".into(),
+            shown,
+        };
+        let mut report = VerifyReport {
+            cells: vec![Cell {
+                scenario: "state-restore-unwitnessed".into(),
+                defence: None,
+                outcome: Outcome::Passed,
+                seconds: 0.1,
+            }],
+            undefended_by_policy: vec![hole(true)],
+            caught_by: BTreeMap::new(),
+            uncaught: Vec::new(),
+            seconds: 0.1,
+        };
+        assert!(report.ok());
+        let markdown = report.markdown();
+        let section = markdown.split("## Undefended by policy").nth(1).unwrap();
+        assert!(
+            section.contains(
+                "| state-restore-unwitnessed | 3003 | `witness: optional` | Units come back. | open |"
+            ),
+            "{section}"
+        );
+        // A scenario that did not pass did not show its hole: verification is incomplete.
+        report.undefended_by_policy = vec![hole(false)];
+        assert!(!report.ok());
+        assert!(report.markdown().contains("**not shown**"));
     }
 
     #[test]

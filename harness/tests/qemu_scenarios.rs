@@ -113,6 +113,8 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::vm_activation_denied("vm-activation-denied")]
 #[case::snapshot_rollback_units("snapshot-rollback-units")]
 #[case::snapshot_rollback_time("snapshot-rollback-time")]
+#[case::state_restore("state-restore")]
+#[case::state_restore_unwitnessed("state-restore-unwitnessed")]
 #[case::trial_expiry("trial-expiry")]
 #[case::stationshare_ts_guest("stationshare-ts-guest")]
 #[case::stationshare_mixed("stationshare-mixed")]

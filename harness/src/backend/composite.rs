@@ -582,6 +582,18 @@ impl Backend for World {
         self.driver(machine)?.impersonate(machine, name, runtime_id)
     }
 
+    fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        BackendError::check_name("state copy", name)?;
+        self.require(machine, "state-save", &[Power::Running], "running")?;
+        self.driver(machine)?.save_state(machine, name)
+    }
+
+    fn restore_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        BackendError::check_name("state copy", name)?;
+        self.require(machine, "state-restore", &[Power::Running], "running")?;
+        self.driver(machine)?.restore_state(machine, name)
+    }
+
     fn flood(&mut self, from: &str, to: &str, connections: u32) -> Result<usize, BackendError> {
         let source = self.placement(from)?.ip;
         let info = self.servers.get(to).ok_or_else(|| BackendError::Runtime {

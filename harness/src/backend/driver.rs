@@ -133,6 +133,10 @@ pub trait MachineDriver: Any {
         name: &str,
         runtime_id: Option<&str>,
     ) -> Result<(), BackendError>;
+    /// Stops the machine's runtime, copies its state folder aside as `name`, starts it again.
+    fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
+    /// Stops the machine's runtime, puts the copy `name` back as its state folder, starts it.
+    fn restore_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
     /// Starts `meter <args>` as a long-lived app in a session.
     fn start_app(
         &mut self,

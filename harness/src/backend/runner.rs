@@ -112,6 +112,11 @@ pub trait Backend {
         name: &str,
         runtime_id: Option<&str>,
     ) -> Result<(), BackendError>;
+    /// Stops a machine's runtime, copies its state folder aside as `name`, and starts it again.
+    fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
+    /// Stops a machine's runtime, puts the state folder copy `name` back, and starts it again
+    /// (a file copy: no snapshot, no new vmgenid).
+    fn restore_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
     /// Opens up to `connections` idle TCP connections from `from`'s address to `to`'s server,
     /// held until teardown; how many opened.
     fn flood(&mut self, from: &str, to: &str, connections: u32) -> Result<usize, BackendError>;

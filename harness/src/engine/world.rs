@@ -530,6 +530,8 @@ impl World {
                 self.backend
                     .impersonate(&i.machine.value, &i.victim.value, runtime_id.as_deref())
             }
+            Step::StateSave(s) => self.backend.save_state(&s.machine.value, &s.name.value),
+            Step::StateRestore(s) => self.backend.restore_state(&s.machine.value, &s.name.value),
             Step::Flood(f) => {
                 let opened = self
                     .backend

@@ -3,7 +3,9 @@
 
 use serde::Serialize;
 
-use crate::scenario::{Binding, Container, Counting, Permission, Policy, RollbackPolicy};
+use crate::scenario::{
+    Binding, Container, Counting, Permission, Policy, RollbackPolicy, WitnessPolicy,
+};
 
 /// A vendor's product policy: its firm and the products it issues.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -45,6 +47,8 @@ pub struct PolicyProduct {
     pub terminal_server: Permission,
     /// What the runtime does when metered state is rolled back.
     pub on_rollback: RollbackPolicy,
+    /// Whether units may be spent with no witness vouching for them.
+    pub witness: WitnessPolicy,
 }
 
 impl PolicyDocument {
@@ -65,6 +69,7 @@ impl PolicyDocument {
                 virtual_machines: p.virtual_machines,
                 terminal_server: p.terminal_server,
                 on_rollback: p.on_rollback,
+                witness: p.witness.value,
             })
             .collect();
         Self {
@@ -110,7 +115,8 @@ policy:
   products:
     - { code: 1001, name: cad-pro, container: soft, quantity: 2, counting: station-share,
         binding: { scheme: smartbind, tolerance: strict }, virtual-machines: deny,
-        terminal-server: allow, expires: 30d, units: 100, on-rollback: reconcile }
+        terminal-server: allow, expires: 30d, units: 100, on-rollback: reconcile,
+        witness: required }
     - { code: 2001, name: cam-suite, container: dongle, quantity: 1, counting: user-limit }
 hosts:
   - { name: pc, cpu: { vendor: GenuineIntel, model: "Core i7-12700" } }

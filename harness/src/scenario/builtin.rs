@@ -32,6 +32,8 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("vm-activation-denied"),
     builtin!("snapshot-rollback-units"),
     builtin!("snapshot-rollback-time"),
+    builtin!("state-restore"),
+    builtin!("state-restore-unwitnessed"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),

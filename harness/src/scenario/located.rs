@@ -68,6 +68,12 @@ impl<T> Located<T> {
     }
 }
 
+impl<T: Default> Default for Located<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
+
 impl<T> From<T> for Located<T> {
     fn from(value: T) -> Self {
         Self::new(value)

@@ -41,12 +41,28 @@ pub struct Scenario {
     /// Defences of the runtime this scenario exercises.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guards: Vec<Located<Defence>>,
+    /// Holes this scenario shows open because its policy chose so (listed as undefended by
+    /// policy in the verdicts, never as a defence).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_by_policy: Vec<AllowedByPolicy>,
     /// What happens, in order.
     pub steps: Vec<Located<Step>>,
     /// File name or built-in path the scenario was read from (not a YAML key).
     #[serde(skip)]
     #[schemars(skip)]
     pub origin: String,
+}
+
+/// A hole a scenario shows open on purpose: the vendor's policy for one product allows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AllowedByPolicy {
+    /// The product whose policy allows it.
+    pub product: ProductCode,
+    /// The product field and value that allow it, as `field: value` (e.g. `witness: optional`).
+    pub policy: Located<String>,
+    /// What the licensee gains, in one sentence.
+    pub gains: String,
 }
 
 /// The vendor's licence policy.
@@ -89,6 +105,9 @@ pub struct Product {
     /// What the runtime does when it detects a rollback of metered state.
     #[serde(default)]
     pub on_rollback: RollbackPolicy,
+    /// Whether units may be spent with no witness vouching for them (soft items with units).
+    #[serde(default)]
+    pub witness: Located<WitnessPolicy>,
 }
 
 /// Where a product's licence lives.
@@ -171,6 +190,18 @@ pub enum RollbackPolicy {
     Lock,
     /// Reconcile with a witness (network server or dongle) and carry on.
     Reconcile,
+}
+
+/// Whether metered units may be spent with no witness vouching for them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WitnessPolicy {
+    /// With a witness when one is reachable, without one otherwise: a state restore on a
+    /// machine with no witness is not caught (undefended by this policy).
+    #[default]
+    Optional,
+    /// Only with a witness that vouched for the receipts in this run and takes each new one.
+    Required,
 }
 
 /// A physical machine.
@@ -332,6 +363,8 @@ pub enum Defence {
     RollbackClock,
     /// Reconciliation with a witness that stores chain heads.
     RollbackWitness,
+    /// Units of a `witness: required` item are spent only with a witness vouching for them.
+    WitnessRequired,
     /// Dongle session binds it to one runtime.
     DongleBinding,
     /// A dongle seen by two runtimes at once locks out.
@@ -374,7 +407,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 26] = [
+    pub const ALL: [Defence; 27] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -382,6 +415,7 @@ impl Defence {
         Defence::RollbackVmgenid,
         Defence::RollbackClock,
         Defence::RollbackWitness,
+        Defence::WitnessRequired,
         Defence::DongleBinding,
         Defence::DongleSharedDetection,
         Defence::DongleRebindRelease,
@@ -413,6 +447,7 @@ impl Defence {
             Defence::RollbackVmgenid => "rollback-vmgenid",
             Defence::RollbackClock => "rollback-clock",
             Defence::RollbackWitness => "rollback-witness",
+            Defence::WitnessRequired => "witness-required",
             Defence::DongleBinding => "dongle-binding",
             Defence::DongleSharedDetection => "dongle-shared-detection",
             Defence::DongleRebindRelease => "dongle-rebind-release",
@@ -449,6 +484,9 @@ impl Defence {
             Defence::RollbackVmgenid => "vmgenid recorded at each state write.",
             Defence::RollbackClock => "Time high-water mark.",
             Defence::RollbackWitness => "Reconciliation with a witness that stores chain heads.",
+            Defence::WitnessRequired => {
+                "Units of a `witness: required` item are spent only with a witness vouching for them."
+            }
             Defence::DongleBinding => "Dongle session binds it to one runtime.",
             Defence::DongleSharedDetection => "A dongle seen by two runtimes at once locks out.",
             Defence::DongleRebindRelease => {
@@ -562,6 +600,11 @@ pub enum Step {
     Flood(FloodStep),
     /// Make a machine's runtime present another machine's name and runtime id (an attack).
     Impersonate(ImpersonateStep),
+    /// Copy a machine's runtime state folder aside, as root can (an attack, with `state-restore`).
+    StateSave(StateCopyStep),
+    /// Put a saved copy of a machine's runtime state folder back (an attack: no snapshot, no
+    /// new vmgenid).
+    StateRestore(StateCopyStep),
     /// Check what the runtime did.
     Expect(Assertion),
 }
@@ -604,12 +647,14 @@ impl Step {
             Step::Wait(_) => "wait",
             Step::Flood(_) => "flood",
             Step::Impersonate(_) => "impersonate",
+            Step::StateSave(_) => "state-save",
+            Step::StateRestore(_) => "state-restore",
             Step::Expect(_) => "expect",
         }
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 35] = [
+    pub const KEYWORDS: [&'static str; 37] = [
         "boot",
         "shutdown",
         "pause",
@@ -644,6 +689,8 @@ impl Step {
         "wait",
         "flood",
         "impersonate",
+        "state-save",
+        "state-restore",
         "expect",
     ];
 }
@@ -655,6 +702,16 @@ pub struct SnapshotStep {
     /// The guest.
     pub machine: Name,
     /// Snapshot name, unique per guest.
+    pub name: Name,
+}
+
+/// `state-save` / `state-restore`: a named copy of a machine's runtime state folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StateCopyStep {
+    /// The machine (running; its runtime is stopped for the copy and started again).
+    pub machine: Name,
+    /// The copy's name, unique per machine.
     pub name: Name,
 }
 
@@ -1005,6 +1062,8 @@ pub enum Reason {
     StationRefused,
     /// The station holds as many grants of the product as the server allows.
     GrantLimitReached,
+    /// A `witness: required` item was asked for with no witness vouching for its units.
+    WitnessUnreachable,
 }
 
 impl Reason {
@@ -1031,6 +1090,7 @@ impl Reason {
             Reason::SignatureInvalid => "signature-invalid",
             Reason::StationRefused => "station-refused",
             Reason::GrantLimitReached => "grant-limit-reached",
+            Reason::WitnessUnreachable => "witness-unreachable",
         }
     }
 }
@@ -1449,7 +1509,7 @@ pub(crate) fn reason_codes() -> String {
 }
 
 /// Every reason code of the runtime contract.
-pub const ALL_REASONS: [Reason; 20] = [
+pub const ALL_REASONS: [Reason; 21] = [
     Reason::QuantityExhausted,
     Reason::UnknownProduct,
     Reason::LicenceCorrupt,
@@ -1470,4 +1530,5 @@ pub const ALL_REASONS: [Reason; 20] = [
     Reason::SignatureInvalid,
     Reason::StationRefused,
     Reason::GrantLimitReached,
+    Reason::WitnessUnreachable,
 ];

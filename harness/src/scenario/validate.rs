@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use super::error::{Problem, Source};
 use super::located::{Located, Position};
 use super::model::{
-    Assertion, Container, DongleState, Name, ProductCode, Role, Scenario, SessionKind, Step,
-    UsbMode,
+    AllowedByPolicy, Assertion, Container, DongleState, Name, ProductCode, Role, Scenario,
+    SessionKind, Step, UsbMode, WitnessPolicy,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +90,8 @@ struct Checker<'a> {
     sessions: HashMap<String, Session>,
     session_order: Vec<String>,
     snapshots: HashMap<String, Vec<(String, Power)>>,
+    /// Saved copies of each machine's runtime state folder (`state-save`).
+    state_copies: HashMap<String, Vec<String>>,
     servers: Vec<String>,
     /// The world clock's advance so far.
     advanced: super::Duration,
@@ -129,6 +131,7 @@ impl<'a> Checker<'a> {
             sessions: HashMap::new(),
             session_order: Vec::new(),
             snapshots: HashMap::new(),
+            state_copies: HashMap::new(),
             servers: Vec::new(),
         }
     }
@@ -162,6 +165,9 @@ impl<'a> Checker<'a> {
         self.declare_products(scenario);
         self.declare_machines(scenario);
         self.declare_dongles(scenario);
+        for allowed in &scenario.allowed_by_policy {
+            self.allowed_by_policy(scenario, allowed);
+        }
         let mut guards = HashSet::new();
         for guard in &scenario.guards {
             if !guards.insert(guard.value) {
@@ -172,6 +178,57 @@ impl<'a> Checker<'a> {
                     None,
                 );
             }
+        }
+    }
+
+    /// An `allowed-by-policy` entry names a product of the policy and a field it really has.
+    fn allowed_by_policy(&mut self, scenario: &Scenario, allowed: &AllowedByPolicy) {
+        let code = allowed.product.value;
+        let Some(product) = scenario
+            .policy
+            .products
+            .iter()
+            .find(|p| p.code.value == code)
+        else {
+            self.report(
+                allowed.product.at,
+                format!("product {code} is not in the policy"),
+                "unknown product",
+                None,
+            );
+            return;
+        };
+        let Some((field, value)) = allowed.policy.value.split_once(':') else {
+            self.report(
+                allowed.policy.at,
+                format!("`{}` is not `field: value`", allowed.policy),
+                "not field: value",
+                Some("e.g. `policy: \"witness: optional\"`".into()),
+            );
+            return;
+        };
+        let (field, value) = (field.trim(), value.trim());
+        let fields = serde_json::to_value(product).unwrap_or_default();
+        match fields.get(field) {
+            Some(serde_json::Value::String(actual)) if actual == value => {}
+            Some(serde_json::Value::Number(actual)) if actual.to_string() == value => {}
+            Some(actual) => self.report(
+                allowed.policy.at,
+                format!(
+                    "product {code} has `{field}: {}`, not `{value}`",
+                    actual
+                        .as_str()
+                        .map_or_else(|| actual.to_string(), str::to_owned)
+                ),
+                "not the product's policy",
+                None,
+            ),
+            None => self.report(
+                allowed.policy.at,
+                format!("product {code} does not set `{field}`"),
+                "no such field",
+                Some("name a field the product sets (defaults are written out)".into()),
+            ),
         }
     }
 
@@ -213,6 +270,20 @@ impl<'a> Checker<'a> {
                     format!("product {code} has `units: 0`: nothing could ever be granted"),
                     "no units",
                     Some("give at least one unit, or drop `units` for an unmetered item".into()),
+                );
+            }
+            if product.witness.value == WitnessPolicy::Required
+                && (product.units.is_none() || product.container != Container::Soft)
+            {
+                self.report(
+                    product.witness.at,
+                    format!("product {code} has `witness: required` but spends no soft units"),
+                    "nothing to witness",
+                    Some(
+                        "`witness: required` is for soft-licence items with `units`; drop it or \
+                         add `units`"
+                            .into(),
+                    ),
                 );
             }
             self.products.insert(
@@ -1169,6 +1240,46 @@ impl<'a> Checker<'a> {
                         "wait",
                         Some("e.g. `wait: 3s`; to move clocks forward use `advance`".into()),
                     );
+                }
+            }
+            Step::StateSave(save) => {
+                let named = self.safe_name(&save.name, "state copy");
+                if self.running(&save.machine).is_some() && named {
+                    let saved = self
+                        .state_copies
+                        .entry(save.machine.value.clone())
+                        .or_default();
+                    if saved.contains(&save.name.value) {
+                        let message = format!(
+                            "`{}` already has a state copy named `{}`",
+                            save.machine, save.name
+                        );
+                        self.report(save.name.at, message, "already taken", None);
+                    } else {
+                        saved.push(save.name.value.clone());
+                    }
+                }
+            }
+            Step::StateRestore(restore) => {
+                if self.running(&restore.machine).is_some() {
+                    let saved = self
+                        .state_copies
+                        .get(&restore.machine.value)
+                        .cloned()
+                        .unwrap_or_default();
+                    if !saved.contains(&restore.name.value) {
+                        self.report(
+                            restore.name.at,
+                            format!(
+                                "unknown state copy `{}` of `{}`; known: {}",
+                                restore.name,
+                                restore.machine,
+                                listing(&saved)
+                            ),
+                            "no such copy",
+                            Some("save it earlier with `state-save: { machine, name }`".into()),
+                        );
+                    }
                 }
             }
             Step::Impersonate(imp) => {

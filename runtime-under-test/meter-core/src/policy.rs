@@ -58,6 +58,9 @@ pub struct ProductItem {
     /// What the runtime does when it detects a rollback.
     #[serde(default)]
     pub on_rollback: RollbackPolicy,
+    /// Whether metered units may be spent with no witness vouching for them.
+    #[serde(default)]
+    pub witness: WitnessPolicy,
 }
 
 /// Kind of licence container.
@@ -104,6 +107,19 @@ pub enum RollbackPolicy {
     Lock,
     /// Reconcile with the witness automatically when one is reachable.
     Reconcile,
+}
+
+/// Whether a metered item may be spent without a witness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WitnessPolicy {
+    /// Spent with a witness when one is reachable, without one otherwise (a state restore on a
+    /// machine that never reaches a witness goes unnoticed).
+    #[default]
+    Optional,
+    /// Spent only when a witness has vouched for the licence's receipts in this run and takes
+    /// the new receipt before the grant is answered.
+    Required,
 }
 
 /// The counting rules of one item, as the allocation table needs them.
@@ -209,6 +225,15 @@ impl ProductPolicy {
                     message: "must not be empty".to_owned(),
                 });
             }
+            if item.witness == WitnessPolicy::Required
+                && (item.units.is_none() || item.container != ContainerKind::Soft)
+            {
+                return Err(PolicyError::Field {
+                    index,
+                    field: "witness",
+                    message: "`required` needs a soft licence item with `units`".to_owned(),
+                });
+            }
         }
         Ok(())
     }
@@ -253,6 +278,7 @@ mod tests {
         assert_eq!(cad.binding.tolerance, Tolerance::Strict);
         assert_eq!(cad.virtual_machines, Allowance::Deny);
         assert_eq!(cad.on_rollback, RollbackPolicy::Reconcile);
+        assert_eq!(cad.witness, WitnessPolicy::Required);
         let cam = policy.product(2001).unwrap();
         assert_eq!(cam.container, ContainerKind::Dongle);
         assert_eq!(cam.counting, Counting::UserLimit);
@@ -272,6 +298,29 @@ mod tests {
         assert_eq!(item.virtual_machines, Allowance::Allow);
         assert_eq!(item.terminal_server, Allowance::Allow);
         assert_eq!(item.on_rollback, RollbackPolicy::Lock);
+        assert_eq!(item.witness, WitnessPolicy::Optional);
+    }
+
+    #[test]
+    fn a_required_witness_needs_soft_units() {
+        for item in [
+            "{code: 1, name: a, witness: required}",
+            "{code: 1, name: a, container: dongle, units: 5, witness: required}",
+        ] {
+            let err = ProductPolicy::from_yaml(&format!("products: [{item}]")).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PolicyError::Field {
+                        field: "witness",
+                        ..
+                    }
+                ),
+                "{item}: {err:?}"
+            );
+        }
+        ProductPolicy::from_yaml("products: [{code: 1, name: a, units: 5, witness: required}]")
+            .unwrap();
     }
 
     #[test]

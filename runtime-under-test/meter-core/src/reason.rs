@@ -52,11 +52,14 @@ pub enum Reason {
     StationRefused,
     /// The station already holds as many grants of this product as a server allows one station.
     GrantLimitReached,
+    /// A metered item whose vendor requires a witness was asked for with no witness vouching
+    /// for its receipts.
+    WitnessUnreachable,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::QuantityExhausted,
         Reason::UnknownProduct,
         Reason::LicenceCorrupt,
@@ -78,6 +81,7 @@ impl Reason {
         Reason::NotHeld,
         Reason::StationRefused,
         Reason::GrantLimitReached,
+        Reason::WitnessUnreachable,
     ];
 
     /// The kebab-case code used in JSON output.
@@ -104,6 +108,7 @@ impl Reason {
             Reason::NotHeld => "not-held",
             Reason::StationRefused => "station-refused",
             Reason::GrantLimitReached => "grant-limit-reached",
+            Reason::WitnessUnreachable => "witness-unreachable",
         }
     }
 
@@ -136,6 +141,9 @@ impl Reason {
             Reason::StationRefused => "The licence server refused this station",
             Reason::GrantLimitReached => {
                 "This station holds as many licences of this product as the server allows"
+            }
+            Reason::WitnessUnreachable => {
+                "The vendor requires a witness for this licence's units and none vouches for them"
             }
         }
     }

@@ -596,7 +596,31 @@ impl Runtime {
                     };
                 }
                 if let Some((licence, receipt)) = spent {
-                    self.witness_receipts(&licence, vec![receipt]).await;
+                    let taken = self.witness_receipts(&licence, vec![receipt]).await;
+                    if !taken
+                        && self
+                            .lock_licences()
+                            .metering
+                            .needs_witness(&licence, product)
+                        && !crate::weakened::is(crate::weakened::Defence::WitnessRequired)
+                        && let LocalReply::Granted { handle, .. } = &reply
+                    {
+                        // The vendor wants every unit seen by a witness and none took this one:
+                        // no grant (the unit stays spent, in the chain the witness will get).
+                        tracing::warn!(
+                            licence,
+                            product,
+                            "No witness took the receipt: grant withdrawn"
+                        );
+                        let _ = self.release_inner(*handle, false).await;
+                        let forked = self.lock_licences().metering.is_locked(&licence);
+                        return reply_denied(if forked {
+                            // A witness holds another chain: it locked the licence.
+                            Reason::RollbackDetected
+                        } else {
+                            Reason::WitnessUnreachable
+                        });
+                    }
                 }
                 return reply;
             }

@@ -174,6 +174,19 @@ impl Runtime {
                 }
             }
         }
+        if licences.metering.needs_witness(&licence, product.code)
+            && !crate::weakened::is(crate::weakened::Defence::WitnessRequired)
+            && (!licences.metering.is_vouched_for(&licence) || self.remotes.connected().is_empty())
+        {
+            // The vendor spends these units only where a witness sees them: a restored state
+            // folder on a machine cut off from its witness gains nothing.
+            tracing::warn!(
+                licence,
+                product = product.code,
+                "No witness vouches for the receipts: unit use refused"
+            );
+            return Err(Reason::WitnessUnreachable);
+        }
         let signer = licences.signer().expect("created above");
         let vmgenid = self.platform.vmgenid().ok().flatten();
         match licences

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meter_core::allocation::{AllocationTable, ContainerClass, ContainerId, ItemState};
-use meter_core::policy::{ProductItem, RollbackPolicy};
+use meter_core::policy::{ProductItem, RollbackPolicy, WitnessPolicy};
 use meter_core::rollback::{
     LockReason, MeteredState, Receipt, ReceiptSigner, Reconciliation, RollbackError, WitnessLog,
 };
@@ -40,6 +40,8 @@ struct MeteredRules {
     policy: RollbackPolicy,
     /// Product codes that are metered (units) or time-limited.
     products: BTreeSet<u32>,
+    /// Product codes whose units are spent only with a witness (`witness: required`).
+    witnessed: BTreeSet<u32>,
 }
 
 /// The metered state of every installed soft licence with metered or time-limited items.
@@ -124,6 +126,11 @@ impl Metering {
             MeteredRules {
                 policy,
                 products: metered.iter().map(|item| item.code).collect(),
+                witnessed: metered
+                    .iter()
+                    .filter(|item| item.witness == WitnessPolicy::Required)
+                    .map(|item| item.code)
+                    .collect(),
             },
         );
         if self.states.contains_key(licence) {
@@ -242,6 +249,19 @@ impl Metering {
             })
             .cloned()
             .collect()
+    }
+
+    /// True when the vendor requires a witness for `product`'s units in this licence.
+    pub fn needs_witness(&self, licence: &str, product: u32) -> bool {
+        self.rules
+            .get(licence)
+            .is_some_and(|rules| rules.witnessed.contains(&product))
+    }
+
+    /// True when a witness vouched for the licence's chain in this run, or the chain was begun
+    /// in this run (nothing was loaded that a restore could have put back).
+    pub fn is_vouched_for(&self, licence: &str) -> bool {
+        !self.unverified.contains(licence)
     }
 
     /// A witness vouched for a licence's chain (or reconciled it): spends no longer ask first.

@@ -29,6 +29,8 @@ pub enum Defence {
     RollbackClock,
     /// Receipts are never handed to the witness.
     RollbackWitness,
+    /// The vendor's `witness: required` is ignored: units are spent with no witness.
+    WitnessRequired,
     /// Dongles are bound under one fixed runtime id shared by every runtime.
     DongleBinding,
     /// A shared-use lockout is treated as transient: the dongle stays open and grants stand.
@@ -72,7 +74,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 26] = [
+    pub const ALL: [Defence; 27] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -80,6 +82,7 @@ impl Defence {
         Defence::RollbackVmgenid,
         Defence::RollbackClock,
         Defence::RollbackWitness,
+        Defence::WitnessRequired,
         Defence::DongleBinding,
         Defence::DongleSharedDetection,
         Defence::DongleRebindRelease,
@@ -111,6 +114,7 @@ impl Defence {
             Defence::RollbackVmgenid => "rollback-vmgenid",
             Defence::RollbackClock => "rollback-clock",
             Defence::RollbackWitness => "rollback-witness",
+            Defence::WitnessRequired => "witness-required",
             Defence::DongleBinding => "dongle-binding",
             Defence::DongleSharedDetection => "dongle-shared-detection",
             Defence::DongleRebindRelease => "dongle-rebind-release",
@@ -157,6 +161,9 @@ impl Defence {
                 "the clock is trusted: a time below the high-water mark is taken as the high-water mark"
             }
             Defence::RollbackWitness => "receipts are never handed to the witness (network server)",
+            Defence::WitnessRequired => {
+                "the vendor's `witness: required` is ignored: units are spent with no witness vouching for them"
+            }
             Defence::DongleBinding => {
                 "dongles are bound under one fixed runtime id, so the dongle cannot tell runtimes apart"
             }

@@ -127,14 +127,15 @@ impl Runtime {
     }
 
     /// Hands new receipts of a licence to every reachable witness; a witness whose chain does
-    /// not lead to ours (a fork: the state was rolled back or copied) locks the licence.
-    pub async fn witness_receipts(self: &Arc<Self>, licence: &str, receipts: Vec<Receipt>) {
+    /// not lead to ours (a fork: the state was rolled back or copied) locks the licence. True
+    /// when at least one witness took them.
+    pub async fn witness_receipts(self: &Arc<Self>, licence: &str, receipts: Vec<Receipt>) -> bool {
         if crate::weakened::is(crate::weakened::Defence::RollbackWitness) {
             // Weakened: receipts stay on this machine; the witness never hears of them.
-            return;
+            return false;
         }
         let Some(verifier) = self.lock_licences().verifier() else {
-            return;
+            return false;
         };
         let key = verifier.to_bytes();
         let answers = self
@@ -146,21 +147,22 @@ impl Runtime {
                 receipts: receipts.clone(),
             })
             .await;
+        let mut taken = false;
         for (server, answer) in answers {
-            let FromServer::Witnessed {
-                head,
-                refused: Some(why),
-                ..
-            } = answer
-            else {
+            let FromServer::Witnessed { head, refused, .. } = answer else {
+                continue;
+            };
+            let Some(why) = refused else {
+                taken = true;
                 continue;
             };
             let local = self.lock_licences().metering.receipts(licence);
             if head_at(licence, &local, head.seq) == Some(head) {
                 // The witness missed some of our receipts (it was unreachable): catch it up.
                 let tail = local[usize::try_from(head.seq).unwrap_or(usize::MAX)..].to_vec();
+                let mut caught_up = true;
                 for chunk in tail.chunks(RECEIPTS_PER_FRAME) {
-                    let _ = self
+                    let answers = self
                         .remotes
                         .ask_all(|request| ToServer::WitnessReceipts {
                             request,
@@ -169,7 +171,11 @@ impl Runtime {
                             receipts: chunk.to_vec(),
                         })
                         .await;
+                    caught_up &= answers
+                        .iter()
+                        .any(|(_, a)| matches!(a, FromServer::Witnessed { refused: None, .. }));
                 }
+                taken |= caught_up;
                 continue;
             }
             tracing::warn!(licence, server, why, "Witness holds another chain");
@@ -177,6 +183,7 @@ impl Runtime {
             self.lock_forked(licence, local_head.unwrap_or(head), head)
                 .await;
         }
+        taken
     }
 
     /// Locks a licence's metered items: its witness holds another chain than this runtime.
@@ -234,7 +241,7 @@ impl Runtime {
                 self.lock_licences().metering.vouched_for(&licence);
                 // The witness missed our last receipts (it was unreachable): catch it up.
                 for chunk in local[seen..].chunks(RECEIPTS_PER_FRAME) {
-                    self.witness_receipts(&licence, chunk.to_vec()).await;
+                    let _ = self.witness_receipts(&licence, chunk.to_vec()).await;
                 }
                 continue;
             }
@@ -316,7 +323,7 @@ impl Runtime {
                     "Reconciled with the witness"
                 );
                 if !done.to_witness.is_empty() {
-                    self.witness_receipts(licence, done.to_witness).await;
+                    let _ = self.witness_receipts(licence, done.to_witness).await;
                 }
             }
             Some(Err(e)) => tracing::warn!(licence, error = %e, "Reconciliation failed"),

@@ -460,6 +460,33 @@ fn a_restored_state_folder_gives_no_unit_back() {
 }
 
 #[test]
+fn a_required_witness_is_asked_for_every_unit() {
+    let vendor = Vendor::new();
+    let product = "{ code: 3005, name: audited-credits, container: soft, quantity: 1, counting: user-limit, units: 5, on-rollback: reconcile, witness: required }";
+    let policy = write_policy(&vendor, "audited-credits", &[product]);
+    let guest = WitnessedGuest::new(&vendor, &policy, 3005);
+    let vm = &guest.vm;
+    // With its witness linked, units are spent as usual.
+    let daemon = guest.start();
+    wait_linked(vm);
+    spend(vm, 3005, 2);
+    assert_eq!(units_left(vm, 3005), Some(3));
+    drop(daemon);
+    // Started without a server, the runtime spends nothing: no witness vouches for what it
+    // loaded from the disk, and none would take the receipt.
+    let _daemon = vm.start(&[]);
+    for _ in 0..2 {
+        let (code, denied) = access(vm, 3005);
+        assert_eq!(
+            (code, denied["reason"].as_str()),
+            (1, Some("witness-unreachable")),
+            "{denied}"
+        );
+    }
+    assert_eq!(units_left(vm, 3005), Some(3));
+}
+
+#[test]
 fn a_reverted_guest_pointed_at_an_empty_server_stays_locked() {
     let vendor = Vendor::new();
     let policy = reconciled_credits(&vendor, "render-credits", 3001, 10);

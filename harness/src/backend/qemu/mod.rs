@@ -340,6 +340,71 @@ impl QemuDriver {
     }
 
     /// Points a running guest's runtime at servers, through their links on the harness machine.
+    /// Stops the guest's runtime, runs `middle` (shell; `$1`… are `args`, it shifts what it
+    /// uses and may set `rc=1` on failure), starts the runtime again with the remaining args,
+    /// and waits until it is ready.
+    fn restart_runtime(
+        &mut self,
+        machine: &str,
+        middle: &str,
+        args: &[&str],
+        failure: &str,
+    ) -> Result<(), BackendError> {
+        const STOP: &str = r#"rc=0
+pid=$(cat /disk/meter/meterd.ready 2>/dev/null)
+alive() { [ -d "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+if [ -n "$pid" ]; then
+  kill "$pid"
+  # The old daemon holds the database until it exits, after its ready file is gone.
+  i=0
+  while alive "$pid" && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done
+  if alive "$pid"; then
+    # Seen once in ~10 runs under TCG: the daemon ignores SIGTERM. Say so where its log is.
+    echo "vigil: meterd $pid still running 15 s after SIGTERM: killed" >>/run/vigil/meterd.log
+    kill -9 "$pid"
+    i=0
+    while alive "$pid" && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+  fi
+  if alive "$pid"; then echo "meterd $pid did not stop, even killed" >&2; exit 1; fi
+fi
+rm -f /disk/meter/meterd.ready
+"#;
+        const START: &str = r#"
+METER_LOG=${METER_LOG:-info} setsid /bin/meterd --platform host --state /disk/meter \
+  --socket /run/meter/meterd.sock "$@" >>/run/vigil/meterd.log 2>&1 </dev/null &
+exit $rc
+"#;
+        let script = format!("{STOP}{middle}{START}");
+        let mut argv = vec!["sh", "-c", script.as_str(), "restart-runtime"];
+        argv.extend_from_slice(args);
+        let out = self.guest_exec(machine, &argv, Duration::from_secs(40))?;
+        if out.code != Some(0) {
+            return Err(self.guest_failure(machine, format!("{failure}: {}", out.stderr.trim())));
+        }
+        let ready_file = format!("{GUEST_STATE}/meterd.ready");
+        let g = self.guest_mut(machine)?;
+        let vm = g.vm.as_mut().expect("a running guest has a vm");
+        let waited = vm.agent.wait_ready(&ready_file, BOOT_TIMEOUT).map(drop);
+        match waited {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let log = self.guest_exec(
+                    machine,
+                    &["tail", "-n", "12", "/run/vigil/meterd.log"],
+                    Duration::from_secs(10),
+                );
+                let tail = log.map(|o| o.stdout).unwrap_or_default();
+                Err(self.guest_failure(
+                    machine,
+                    format!(
+                        "runtime did not come back: {e}; its log ends:\n{}",
+                        tail.trim_end()
+                    ),
+                ))
+            }
+        }
+    }
+
     fn configure_servers(
         &mut self,
         machine: &str,
@@ -1183,63 +1248,41 @@ impl MachineDriver for QemuDriver {
         runtime_id: Option<&str>,
     ) -> Result<(), BackendError> {
         // The name and id reach the shell as arguments, never as script text.
-        const SCRIPT: &str = r#"hostname "$1"; shift
-pid=$(cat /disk/meter/meterd.ready 2>/dev/null)
-alive() { [ -d "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
-if [ -n "$pid" ]; then
-  kill "$pid"
-  # The old daemon holds the database until it exits, after its ready file is gone.
-  i=0
-  while alive "$pid" && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done
-  if alive "$pid"; then
-    # Seen once in ~10 runs under TCG: the daemon ignores SIGTERM. Say so where its log is.
-    echo "vigil: meterd $pid still running 15 s after SIGTERM: killed" >>/run/vigil/meterd.log
-    kill -9 "$pid"
-    i=0
-    while alive "$pid" && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
-  fi
-  if alive "$pid"; then echo "meterd $pid did not stop, even killed" >&2; exit 1; fi
-fi
-rm -f /disk/meter/meterd.ready
-METER_LOG=${METER_LOG:-info} setsid /bin/meterd --platform host --state /disk/meter \
-  --socket /run/meter/meterd.sock "$@" >>/run/vigil/meterd.log 2>&1 </dev/null &
-"#;
-        let mut argv = vec!["sh", "-c", SCRIPT, "impersonate", name];
+        let mut args = vec![name];
         if let Some(id) = runtime_id {
-            argv.extend(["--runtime-id", id]);
+            args.extend(["--runtime-id", id]);
         }
-        let out = self.guest_exec(machine, &argv, Duration::from_secs(40))?;
-        if out.code != Some(0) {
-            return Err(self.guest_failure(
-                machine,
-                format!(
-                    "cannot restart the runtime as {name}: {}",
-                    out.stderr.trim()
-                ),
-            ));
-        }
-        let ready_file = format!("{GUEST_STATE}/meterd.ready");
-        let g = self.guest_mut(machine)?;
-        let vm = g.vm.as_mut().expect("a running guest has a vm");
-        let waited = vm.agent.wait_ready(&ready_file, BOOT_TIMEOUT).map(drop);
-        match waited {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let log = self.guest_exec(
-                    machine,
-                    &["tail", "-n", "12", "/run/vigil/meterd.log"],
-                    Duration::from_secs(10),
-                );
-                let tail = log.map(|o| o.stdout).unwrap_or_default();
-                Err(self.guest_failure(
-                    machine,
-                    format!(
-                        "runtime did not come back: {e}; its log ends:\n{}",
-                        tail.trim_end()
-                    ),
-                ))
-            }
-        }
+        self.restart_runtime(
+            machine,
+            r#"hostname "$1"; shift"#,
+            &args,
+            &format!("cannot restart the runtime as {name}"),
+        )
+    }
+
+    fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        self.restart_runtime(
+            machine,
+            r#"copy="/disk/.state-copies/$1"; shift
+rm -rf "$copy"
+mkdir -p /disk/.state-copies && cp -a /disk/meter "$copy" || { echo "cannot copy the state folder" >&2; rc=1; }"#,
+            &[name],
+            &format!("cannot save the runtime's state as {name}"),
+        )
+    }
+
+    fn restore_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        self.restart_runtime(
+            machine,
+            r#"copy="/disk/.state-copies/$1"; shift
+if [ -d "$copy" ]; then
+  rm -rf /disk/meter && cp -a "$copy" /disk/meter || { echo "cannot put the state folder back" >&2; rc=1; }
+else
+  echo "no state copy $copy" >&2; rc=1
+fi"#,
+            &[name],
+            &format!("cannot restore the runtime's state {name}"),
+        )
     }
 
     fn start_app(

@@ -527,6 +527,37 @@ impl MachineDriver for SimDriver {
         self.start_daemon(machine)
     }
 
+    fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        let (state, dest) = {
+            let m = self.machine(machine)?;
+            (m.state(), m.dir.join("state-copies").join(name))
+        };
+        // As root would: stop the service, copy its folder, start it again.
+        self.stop_daemon(machine, true)?;
+        let _ = std::fs::remove_dir_all(&dest);
+        let copied = copy_tree(&state, &dest);
+        let _ = std::fs::remove_file(dest.join("meterd.ready"));
+        let started = self.start_daemon(machine);
+        copied.and(started)
+    }
+
+    fn restore_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        let (state, source) = {
+            let m = self.machine(machine)?;
+            (m.state(), m.dir.join("state-copies").join(name))
+        };
+        if !source.is_dir() {
+            return Err(BackendError::Unknown {
+                kind: "state copy",
+                name: name.to_string(),
+            });
+        }
+        self.stop_daemon(machine, true)?;
+        std::fs::remove_dir_all(&state).map_err(BackendError::io("remove the state folder"))?;
+        copy_tree(&source, &state)?;
+        self.start_daemon(machine)
+    }
+
     fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
         self.signal_machine(machine, libc::SIGSTOP)?;
         self.machine_mut(machine)?.power = Power::Paused;
