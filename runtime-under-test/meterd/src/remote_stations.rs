@@ -260,6 +260,9 @@ impl Runtime {
         request: u64,
         mut claim: Claim,
     ) -> FromServer {
+        // Concurrent accesses share one commit: the writer holds a waited commit back a little
+        // for this one while it is prepared.
+        let announced = self.store.expect_change();
         self.wait_for_reconnects().await;
         self.observe_machine().await;
         let mut changes = Vec::new();
@@ -288,6 +291,7 @@ impl Runtime {
             self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
                 .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
         };
+        drop(announced);
         match outcome {
             Ok(((handle, container, class), durable)) => {
                 if let Err(reason) = self.confirm_on_dongle(handle, class).await {

@@ -77,6 +77,10 @@ pub const EVENTUAL_SYNC: Duration = Duration::from_millis(20);
 /// Most batches written in one commit.
 const MAX_GROUP: usize = 4096;
 
+/// The longest a change someone waits for is held back for the changes announced with
+/// [`Store::expect_change`] that are still being prepared, so they share its commit and sync.
+pub const GATHER_FOR_ANNOUNCED: Duration = Duration::from_micros(500);
+
 /// The state database and its writer thread.
 #[derive(Debug)]
 pub struct Store {
@@ -99,6 +103,8 @@ struct QueueState {
     closed: bool,
     /// The writer is gone (it panicked): batches are refused.
     writer_gone: bool,
+    /// Changes announced and not yet queued (see [`Store::expect_change`]).
+    announced: usize,
 }
 
 impl std::fmt::Debug for Queue {
@@ -127,6 +133,24 @@ impl Queue {
             self.wake.notify_one();
         }
         Ok(())
+    }
+}
+
+/// A change being prepared; while it lives, the writer holds a waited commit back a little for it.
+#[derive(Debug)]
+pub struct AnnouncedChange {
+    queue: Arc<Queue>,
+}
+
+impl Drop for AnnouncedChange {
+    fn drop(&mut self) {
+        let mut state = self.queue.lock();
+        state.announced = state.announced.saturating_sub(1);
+        let last = state.announced == 0;
+        drop(state);
+        if last {
+            self.queue.wake.notify_one();
+        }
     }
 }
 
@@ -178,6 +202,18 @@ impl Store {
             let _ = done.send(Err("state writer stopped".into()));
         }
         receiver
+    }
+
+    /// Announces a change about to be submitted (a request being handled): until the returned
+    /// value is dropped (after its submit, or when it turns out to change nothing), a commit
+    /// someone waits for is held back up to [`GATHER_FOR_ANNOUNCED`] so both share one sync.
+    /// Under concurrent load that turns one sync per request into one per group; alone, a
+    /// request announces nothing beside its own submit and waits no longer.
+    pub fn expect_change(&self) -> AnnouncedChange {
+        self.queue.lock().announced += 1;
+        AnnouncedChange {
+            queue: Arc::clone(&self.queue),
+        }
     }
 
     /// Queues changes nobody waits for: applied in queue order, on disk within [`EVENTUAL_SYNC`]
@@ -270,7 +306,10 @@ fn write_loop(db: Database, queue: &Queue) {
     let _gone = Gone(queue);
     // Batches nobody waits for gather for up to EVENTUAL_SYNC and go to disk in one commit (and
     // one sync); a batch someone waits for is written at once with everything queued before it.
+    // A waited batch is held back up to GATHER_FOR_ANNOUNCED while announced changes are still
+    // on their way, so that concurrent requests share one commit.
     let mut oldest_unwritten: Option<Instant> = None;
+    let mut first_waited: Option<Instant> = None;
     loop {
         let (group, stopping) = {
             let mut state = queue.lock();
@@ -282,8 +321,21 @@ fn write_loop(db: Database, queue: &Queue) {
                     let since = *oldest_unwritten.get_or_insert_with(Instant::now);
                     let someone_waits = state.batches.iter().any(|b| b.done.is_some());
                     let left = EVENTUAL_SYNC.saturating_sub(since.elapsed());
-                    if someone_waits || left.is_zero() || state.batches.len() >= MAX_GROUP {
+                    if state.batches.len() >= MAX_GROUP || left.is_zero() {
                         break;
+                    }
+                    if someone_waits {
+                        let waited = *first_waited.get_or_insert_with(Instant::now);
+                        let gather = GATHER_FOR_ANNOUNCED.saturating_sub(waited.elapsed());
+                        if state.announced == 0 || gather.is_zero() {
+                            break;
+                        }
+                        state = queue
+                            .wake
+                            .wait_timeout(state, gather)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                        continue;
                     }
                     state = queue
                         .wake
@@ -297,6 +349,7 @@ fn write_loop(db: Database, queue: &Queue) {
             (std::mem::take(&mut state.batches), state.closed)
         };
         oldest_unwritten = None;
+        first_waited = None;
         if !group.is_empty() {
             let result = apply(&db, &group).map_err(|e| e.to_string());
             if let Err(message) = &result {
