@@ -114,6 +114,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::snapshot_rollback_units("snapshot-rollback-units")]
 #[case::snapshot_rollback_time("snapshot-rollback-time")]
 #[case::state_restore("state-restore")]
+#[case::licence_reapply("licence-reapply")]
 #[case::trial_expiry("trial-expiry")]
 #[case::stationshare_ts_guest("stationshare-ts-guest")]
 #[case::stationshare_mixed("stationshare-mixed")]

@@ -12,11 +12,14 @@ name: every-kind
 description: Uses every step and every assertion once.
 tags: [schema]
 guards: [trait-binding, dongle-rebind-lockout]
+allowed-by-policy:
+  - { product: 1001, policy: "on-rollback: reconcile", gains: Nothing; the schema test lists it. }
 policy:
   products:
     - { code: 1001, name: cad-pro, container: soft, quantity: 2, counting: station-share,
         binding: { scheme: smartbind, tolerance: strict }, virtual-machines: allow,
-        terminal-server: deny, expires: 30d, units: 10, on-rollback: reconcile }
+        terminal-server: deny, expires: 30d, units: 10, on-rollback: reconcile,
+        witness: required }
     - { code: 2001, name: cam, container: dongle, quantity: 0, counting: no-count }
 hosts:
   - name: host-a
@@ -37,6 +40,9 @@ steps:
   - snapshot: { machine: vm1, name: s0 }
   - activate: { machine: vm1, product: 1001, as: act1 }
   - copy-licence: { product: 1001, from: vm1, to: vm2 }
+  - apply-again: { machine: vm1, product: 1001 }
+  - state-save: { machine: vm1, name: kept }
+  - state-restore: { machine: vm1, name: kept }
   - session-open: { machine: vm2, as: sess1, kind: rdp, user: alice, client-name: pc-1, client-ip: 10.0.0.1 }
   - start-app: { machine: vm2, session: sess1, product: 1001, as: app1 }
   - access: { machine: vm1, product: 1001, as: probe1 }

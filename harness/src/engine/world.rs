@@ -384,7 +384,26 @@ impl World {
                     }
                 }
             }
-            Step::CopyLicence(c) => self.copy_licence(&c.from.value, &c.to.value, c.product.value),
+            Step::CopyLicence(c) => {
+                let (code, value) =
+                    self.apply_issued(&c.from.value, &c.to.value, c.product.value)?;
+                if code != Some(0) {
+                    tracing::info!(to = %c.to.value, answer = %value, "Copied licence refused");
+                }
+                Ok(())
+            }
+            Step::ApplyAgain(a) => {
+                let (code, value) =
+                    self.apply_issued(&a.machine.value, &a.machine.value, a.product.value)?;
+                if code == Some(0) {
+                    Ok(())
+                } else {
+                    Err(BackendError::Runtime {
+                        machine: a.machine.value.clone(),
+                        message: format!("the licence applied again was refused: {value}"),
+                    })
+                }
+            }
             Step::Access(a) => {
                 let session = a.session.as_ref().map_or("console", |s| s.value.as_str());
                 let answer = runtime::probe_access(
@@ -743,7 +762,14 @@ impl World {
 
     /// Copies the licence file a machine was given onto another machine and installs it there,
     /// as a user copying files would. The runtime may refuse it or mark it corrupt.
-    fn copy_licence(&mut self, from: &str, to: &str, product: u32) -> Result<(), BackendError> {
+    /// Applies the licence file `from` was issued for `product` on `to`: `meter activate
+    /// apply`'s exit code and answer.
+    fn apply_issued(
+        &mut self,
+        from: &str,
+        to: &str,
+        product: u32,
+    ) -> Result<(Option<i32>, serde_json::Value), BackendError> {
         let issued = self.vendor.file(&format!("{from}-{product}.licence"));
         let licence = std::fs::read(&issued).map_err(|_| BackendError::Runtime {
             machine: from.into(),
@@ -752,16 +778,12 @@ impl World {
         let inside = self
             .backend
             .put_file(to, &format!("licence-{product}.json"), &licence)?;
-        let (code, value) = runtime::meter_json(
+        runtime::meter_json(
             self.backend.as_mut(),
             to,
             "console",
             &["activate".into(), "apply".into(), inside],
-        )?;
-        if code != Some(0) {
-            tracing::info!("{to} refused the copied licence: {value}");
-        }
-        Ok(())
+        )
     }
 
     fn start_app(

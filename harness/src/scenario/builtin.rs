@@ -34,6 +34,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("snapshot-rollback-time"),
     builtin!("state-restore"),
     builtin!("state-restore-unwitnessed"),
+    builtin!("licence-reapply"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),

@@ -363,6 +363,8 @@ pub enum Defence {
     RollbackClock,
     /// Reconciliation with a witness that stores chain heads.
     RollbackWitness,
+    /// Applying a licence file again keeps what is in use of it and the units spent.
+    ReapplyKeepsCounts,
     /// Units of a `witness: required` item are spent only with a witness vouching for them.
     WitnessRequired,
     /// Dongle session binds it to one runtime.
@@ -407,7 +409,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 27] = [
+    pub const ALL: [Defence; 28] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -416,6 +418,7 @@ impl Defence {
         Defence::RollbackClock,
         Defence::RollbackWitness,
         Defence::WitnessRequired,
+        Defence::ReapplyKeepsCounts,
         Defence::DongleBinding,
         Defence::DongleSharedDetection,
         Defence::DongleRebindRelease,
@@ -448,6 +451,7 @@ impl Defence {
             Defence::RollbackClock => "rollback-clock",
             Defence::RollbackWitness => "rollback-witness",
             Defence::WitnessRequired => "witness-required",
+            Defence::ReapplyKeepsCounts => "reapply-keeps-counts",
             Defence::DongleBinding => "dongle-binding",
             Defence::DongleSharedDetection => "dongle-shared-detection",
             Defence::DongleRebindRelease => "dongle-rebind-release",
@@ -486,6 +490,9 @@ impl Defence {
             Defence::RollbackWitness => "Reconciliation with a witness that stores chain heads.",
             Defence::WitnessRequired => {
                 "Units of a `witness: required` item are spent only with a witness vouching for them."
+            }
+            Defence::ReapplyKeepsCounts => {
+                "Applying a licence file again keeps what is in use of it and the units spent."
             }
             Defence::DongleBinding => "Dongle session binds it to one runtime.",
             Defence::DongleSharedDetection => "A dongle seen by two runtimes at once locks out.",
@@ -572,6 +579,8 @@ pub enum Step {
     Activate(ActivateStep),
     /// Copy a machine's licence file and state to another machine (an attack).
     CopyLicence(CopyLicenceStep),
+    /// Apply a machine's licence file again, as it was issued (an attack on its counts).
+    ApplyAgain(ApplyAgainStep),
     /// One-shot probe: take a licence and give it back at once.
     Access(AccessStep),
     /// Start an app that takes a licence and holds it while it runs.
@@ -633,6 +642,7 @@ impl Step {
             Step::SessionClose(_) => "session-close",
             Step::Activate(_) => "activate",
             Step::CopyLicence(_) => "copy-licence",
+            Step::ApplyAgain(_) => "apply-again",
             Step::Access(_) => "access",
             Step::StartApp(_) => "start-app",
             Step::Release(_) => "release",
@@ -654,7 +664,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 37] = [
+    pub const KEYWORDS: [&'static str; 38] = [
         "boot",
         "shutdown",
         "pause",
@@ -675,6 +685,7 @@ impl Step {
         "session-close",
         "activate",
         "copy-licence",
+        "apply-again",
         "access",
         "start-app",
         "release",
@@ -895,6 +906,16 @@ pub struct CopyLicenceStep {
     pub from: Name,
     /// Machine they are copied to.
     pub to: Name,
+}
+
+/// `apply-again`: the licence file a machine was issued is applied to it once more.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ApplyAgainStep {
+    /// The machine (running) the product was activated on.
+    pub machine: Name,
+    /// A soft product's code.
+    pub product: ProductCode,
 }
 
 /// `access`: one-shot probe.

@@ -1123,6 +1123,10 @@ impl<'a> Checker<'a> {
                 }
                 self.soft_product(&copy.product);
             }
+            Step::ApplyAgain(again) => {
+                self.running(&again.machine);
+                self.soft_product(&again.product);
+            }
             Step::Access(access) => {
                 let machine = self.running(&access.machine);
                 self.product(&access.product);

@@ -237,6 +237,10 @@ impl Licences {
         let body = body.clone();
         let id = body.licence_id.clone();
         let container = ContainerId::new(ContainerClass::Soft, id.clone());
+        if crate::weakened::is(crate::weakened::Defence::ReapplyKeepsCounts) {
+            // Weakened: the licence is installed afresh, its allocations dropped with it.
+            let _ = table.remove_container(&container);
+        }
         // The same licence applied again keeps what is in use of it and the units spent: its
         // items are registered afresh over the old ones, never removed first.
         let spent: Vec<(ProductKey, Option<u64>)> = table

@@ -31,6 +31,8 @@ pub enum Defence {
     RollbackWitness,
     /// The vendor's `witness: required` is ignored: units are spent with no witness.
     WitnessRequired,
+    /// A licence file applied again is registered afresh: what was in use of it is forgotten.
+    ReapplyKeepsCounts,
     /// Dongles are bound under one fixed runtime id shared by every runtime.
     DongleBinding,
     /// A shared-use lockout is treated as transient: the dongle stays open and grants stand.
@@ -74,7 +76,7 @@ pub enum Defence {
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 27] = [
+    pub const ALL: [Defence; 28] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -83,6 +85,7 @@ impl Defence {
         Defence::RollbackClock,
         Defence::RollbackWitness,
         Defence::WitnessRequired,
+        Defence::ReapplyKeepsCounts,
         Defence::DongleBinding,
         Defence::DongleSharedDetection,
         Defence::DongleRebindRelease,
@@ -115,6 +118,7 @@ impl Defence {
             Defence::RollbackClock => "rollback-clock",
             Defence::RollbackWitness => "rollback-witness",
             Defence::WitnessRequired => "witness-required",
+            Defence::ReapplyKeepsCounts => "reapply-keeps-counts",
             Defence::DongleBinding => "dongle-binding",
             Defence::DongleSharedDetection => "dongle-shared-detection",
             Defence::DongleRebindRelease => "dongle-rebind-release",
@@ -163,6 +167,9 @@ impl Defence {
             Defence::RollbackWitness => "receipts are never handed to the witness (network server)",
             Defence::WitnessRequired => {
                 "the vendor's `witness: required` is ignored: units are spent with no witness vouching for them"
+            }
+            Defence::ReapplyKeepsCounts => {
+                "a licence file applied again is registered afresh: what is in use of it and its spent units are forgotten"
             }
             Defence::DongleBinding => {
                 "dongles are bound under one fixed runtime id, so the dongle cannot tell runtimes apart"
