@@ -406,13 +406,26 @@ impl World {
             }
             Step::Access(a) => {
                 let session = a.session.as_ref().map_or("console", |s| s.value.as_str());
-                let answer = runtime::probe_access(
-                    self.backend.as_mut(),
-                    &a.machine.value,
-                    session,
-                    FIRM,
-                    a.product.value,
-                )?;
+                let times = a.times.as_ref().map_or(1, |t| t.value).max(1);
+                let mut answer = None;
+                for done in 1..=times {
+                    let this = runtime::probe_access(
+                        self.backend.as_mut(),
+                        &a.machine.value,
+                        session,
+                        FIRM,
+                        a.product.value,
+                    )?;
+                    let denied = matches!(this, AccessAnswer::Denied { .. });
+                    answer = Some(this);
+                    if denied {
+                        break;
+                    }
+                    if done % 100 == 0 {
+                        tracing::info!(done, times, machine = %a.machine.value, "Probes");
+                    }
+                }
+                let answer = answer.expect("times is at least 1");
                 let name = a
                     .name
                     .as_ref()

@@ -932,7 +932,13 @@ pub struct AccessStep {
     /// Name for the result, to use in `expect: granted/denied`.
     #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
     pub name: Option<Name>,
+    /// Probes in a row (default 1), stopping at the first denial; the result is the last answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times: Option<Located<u32>>,
 }
+
+/// Most probes one `access` step may run (`times`).
+pub const MAX_ACCESS_TIMES: u32 = 10_000;
 
 /// `start-app`: start an app holding a licence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::error::{Problem, Source};
 use super::located::{Located, Position};
+use super::model::MAX_ACCESS_TIMES;
 use super::model::{
     AllowedByPolicy, Assertion, Container, DongleState, Name, ProductCode, Role, Scenario,
     SessionKind, Step, UsbMode, WitnessPolicy,
@@ -1130,6 +1131,16 @@ impl<'a> Checker<'a> {
             Step::Access(access) => {
                 let machine = self.running(&access.machine);
                 self.product(&access.product);
+                if let Some(times) = &access.times
+                    && !(1..=MAX_ACCESS_TIMES).contains(&times.value)
+                {
+                    self.report(
+                        times.at,
+                        format!("`times: {}` is out of range", times.value),
+                        "out of range",
+                        Some(format!("give 1 to {MAX_ACCESS_TIMES}")),
+                    );
+                }
                 if let (Some(session), Some(_)) = (&access.session, &machine) {
                     self.session(session, &access.machine.value);
                 }
