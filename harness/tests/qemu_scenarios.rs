@@ -115,6 +115,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::snapshot_rollback_time("snapshot-rollback-time")]
 #[case::snapshot_rollback_many("snapshot-rollback-many")]
 #[case::state_restore("state-restore")]
+#[case::state_restore_dongle("state-restore-dongle")]
 #[case::licence_reapply("licence-reapply")]
 #[case::trial_expiry("trial-expiry")]
 #[case::stationshare_ts_guest("stationshare-ts-guest")]

@@ -35,6 +35,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("snapshot-rollback-many"),
     builtin!("state-restore"),
     builtin!("state-restore-unwitnessed"),
+    builtin!("state-restore-dongle"),
     builtin!("licence-reapply"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),

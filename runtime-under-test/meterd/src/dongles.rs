@@ -334,6 +334,23 @@ impl Default for Dongles {
     }
 }
 
+/// The id this runtime binds dongles under (and dongles keep its witness head under).
+pub(crate) fn bind_id<R: DongleOwner>(runtime: &R) -> Option<RuntimeId> {
+    let bind_as = if weakened::is(Defence::DongleBinding) {
+        // Weakened: every runtime binds under the same id, so the dongle cannot tell them apart.
+        "meter-runtime".to_owned()
+    } else {
+        runtime.runtime_id()
+    };
+    match RuntimeId::new(bind_as) {
+        Ok(id) => Some(id),
+        Err(error) => {
+            tracing::error!(%error, "This runtime's id cannot bind dongles");
+            None
+        }
+    }
+}
+
 fn file_id(endpoint: &UsbEndpoint) -> Option<(u64, u64)> {
     std::fs::metadata(&endpoint.path)
         .ok()
@@ -407,6 +424,16 @@ impl Dongles {
             .attached
             .values()
             .any(|a| a.state == DongleState::Open)
+    }
+
+    /// The links of the dongles whose session is open, by serial.
+    pub(crate) fn open_links(&self) -> Vec<(String, Arc<Link>)> {
+        self.board()
+            .attached
+            .iter()
+            .filter(|(_, a)| a.state == DongleState::Open)
+            .map(|(serial, a)| (serial.clone(), Arc::clone(&a.link)))
+            .collect()
     }
 
     /// The state of one attached dongle, by serial.
@@ -572,18 +599,8 @@ impl Dongles {
             return;
         }
         let vendors = trusted_vendors(runtime.as_ref());
-        let bind_as = if weakened::is(Defence::DongleBinding) {
-            // Weakened: every runtime binds under the same id, so the dongle cannot tell them apart.
-            "meter-runtime".to_owned()
-        } else {
-            runtime.runtime_id()
-        };
-        let runtime_id = match RuntimeId::new(bind_as) {
-            Ok(id) => id,
-            Err(error) => {
-                tracing::error!(%error, "This runtime's id cannot bind dongles");
-                return;
-            }
+        let Some(runtime_id) = bind_id(runtime.as_ref()) else {
+            return;
         };
         if let Some(attached) = self.board().attached.get_mut(serial) {
             attached.last_hello = Instant::now();

@@ -9,6 +9,7 @@ pub mod connection_limits;
 pub mod daemon;
 pub mod dongle_probe;
 pub mod dongle_vendor;
+pub mod dongle_witness;
 pub mod dongles;
 pub mod forwarding;
 pub mod frame;

@@ -282,6 +282,35 @@ impl Metering {
             .unwrap_or_default()
     }
 
+    /// Every licence's receipt chain folded into one head, as a dongle keeps it for this
+    /// runtime: the receipts of all chains, and a hash over each chain's head.
+    pub fn combined_head(&self) -> dongle::WitnessHead {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update(b"meter-dongle-witness-v1");
+        let mut sequence = 0u64;
+        // Chains with no receipt are left out: activating a licence changes no head.
+        for (id, state) in self.states.iter().filter(|(_, s)| !s.receipts.is_empty()) {
+            let seq = state.receipts.len() as u64;
+            sequence = sequence.saturating_add(seq);
+            hasher.update(id.as_bytes());
+            hasher.update([0]);
+            hasher.update(seq.to_le_bytes());
+            if let Some(head) = crate::witness::head_at(id, &state.receipts, seq) {
+                hasher.update(head.hash.0);
+            }
+        }
+        dongle::WitnessHead {
+            sequence,
+            head: hasher.finalize().into(),
+        }
+    }
+
+    /// Every licence with metered state.
+    pub fn licences(&self) -> Vec<String> {
+        self.states.keys().cloned().collect()
+    }
+
     /// True when the licence's metered items are locked after a rollback.
     pub fn is_locked(&self, licence: &str) -> bool {
         self.rules.contains_key(licence)

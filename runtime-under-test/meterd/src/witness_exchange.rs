@@ -134,6 +134,7 @@ impl Runtime {
             // Weakened: receipts stay on this machine; the witness never hears of them.
             return false;
         }
+        self.tell_dongle_witnesses().await;
         let Some(verifier) = self.lock_licences().verifier() else {
             return false;
         };
@@ -208,8 +209,18 @@ impl Runtime {
     /// receipts this state lacks locks it (and reconciles it, as the policy says), so the units
     /// a restore gave back are never spent. Without a reachable witness the spend goes ahead.
     pub async fn witness_before_first_spend(self: &Arc<Self>, product: u32) {
-        if crate::weakened::is(crate::weakened::Defence::RollbackWitness) || self.remotes.is_empty()
+        if crate::weakened::is(crate::weakened::Defence::RollbackWitness) {
+            return;
+        }
+        if !self
+            .lock_licences()
+            .metering
+            .unverified_holding(product)
+            .is_empty()
         {
+            self.ask_dongle_witnesses().await;
+        }
+        if self.remotes.is_empty() {
             return;
         }
         let (pending, wait) = {
@@ -262,6 +273,65 @@ impl Runtime {
             self.reconcile_with_chain(&licence, witness, now, vmgenid.as_deref())
                 .await;
             self.lock_licences().metering.vouched_for(&licence);
+        }
+    }
+
+    /// Compares this runtime's receipt chains with the head each open dongle keeps for it: a
+    /// dongle that saw receipts this state lacks (a restored state folder) locks every metered
+    /// licence, since a dongle keeps one head for all of them. A network witness may then
+    /// reconcile them, as after any lock.
+    async fn ask_dongle_witnesses(self: &Arc<Self>) {
+        let Some(runtime) = crate::dongles::bind_id(self.as_ref()) else {
+            return;
+        };
+        let local = self.lock_licences().metering.combined_head();
+        if let Some((serial, stored)) =
+            crate::dongle_witness::find_fork(&self.dongles, &runtime, local).await
+        {
+            tracing::warn!(
+                serial,
+                local = local.sequence,
+                dongle = stored.sequence,
+                "A dongle saw receipts this state lacks: it was restored"
+            );
+            self.lock_for_dongle(local, stored).await;
+        } else {
+            // The dongles agree or were away for some spends: bring them up to date.
+            self.tell_dongle_witnesses().await;
+        }
+    }
+
+    /// Hands this runtime's combined chain head to every open dongle; one that keeps a longer
+    /// or different chain locks every metered licence.
+    async fn tell_dongle_witnesses(self: &Arc<Self>) {
+        let local = self.lock_licences().metering.combined_head();
+        if local.sequence == 0 {
+            return;
+        }
+        if let Some((serial, stored)) = crate::dongle_witness::store(&self.dongles, local).await {
+            tracing::warn!(
+                serial,
+                local = local.sequence,
+                dongle = stored.sequence,
+                "A dongle keeps another chain for this runtime"
+            );
+            self.lock_for_dongle(local, stored).await;
+        }
+    }
+
+    /// Locks every metered licence: a dongle witness holds another chain than this runtime.
+    async fn lock_for_dongle(
+        self: &Arc<Self>,
+        local: dongle::WitnessHead,
+        stored: dongle::WitnessHead,
+    ) {
+        let head = |h: dongle::WitnessHead| ChainHead {
+            seq: h.sequence,
+            hash: meter_core::rollback::ChainHash(h.head),
+        };
+        let licences = self.lock_licences().metering.licences();
+        for licence in licences {
+            self.lock_forked(&licence, head(local), head(stored)).await;
         }
     }
 
