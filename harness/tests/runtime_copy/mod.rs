@@ -21,9 +21,16 @@ fn copy_as(binary: &Path, dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// `dir` holding copies of the reference `meterd` as `meterd` and `meter` (it answers to both).
+/// `dir` holding copies of the reference runtime's harness build (`meterd-sim`, which runs on
+/// simulated machines) as `meterd` and `meter` (it answers to both).
 pub fn reference(dir: &Path) -> PathBuf {
-    copy_as(&built("meterd", "cargo build -p meterd"), dir)
+    copy_as(
+        &built(
+            "meterd-sim",
+            "cargo build -p meterd --features simulated-platform --bin meterd-sim",
+        ),
+        dir,
+    )
 }
 
 /// `dir` holding copies of the weakened runtime as `meterd` and `meter`.

@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         Some("__meterd") => {
             let mut argv: Vec<std::ffi::OsString> = vec!["meterd".into()];
             argv.extend(args);
+            meterd::platform::allow_simulated();
             return meterd::cli::run_daemon(argv);
         }
         Some("__meter") => {

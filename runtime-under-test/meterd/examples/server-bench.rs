@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         Some("__meterd") => {
             let mut daemon_args: Vec<std::ffi::OsString> = vec!["meterd".into()];
             daemon_args.extend(args[2..].iter().map(Into::into));
+            meterd::platform::allow_simulated();
             return meterd::cli::run_daemon(daemon_args);
         }
         Some("__hold") => return hold(&args[2], args[3].parse()?),

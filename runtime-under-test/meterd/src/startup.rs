@@ -101,12 +101,13 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
     set_descriptor_budget(args.max_connections);
     let started = std::time::Instant::now();
     let ms = |since: std::time::Instant| since.elapsed().as_millis() as u64;
+    // Before anything is touched: a platform this build refuses leaves no trace.
+    let platform = platform::from_spec(&args.platform)?;
     std::fs::create_dir_all(&args.state)
         .with_context(|| format!("Cannot create state folder {}", args.state.display()))?;
     // The state holds the runtime's keys and metered state: its owner's alone.
     std::fs::set_permissions(&args.state, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("Cannot make {} private", args.state.display()))?;
-    let platform = platform::from_spec(&args.platform)?;
     let stage = std::time::Instant::now();
     let database = args.state.join("meterd.redb");
     let (store, snapshot) = store::Store::open(&database)?;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{METER, Vendor};
+use common::{METER, METER_SIM, Vendor};
 use dongle::{DevicePort, Firmware, Flash, REPORT_LEN};
 use serde_json::Value;
 
@@ -100,7 +100,7 @@ fn serve(mut stream: UnixStream, firmware: &Mutex<Firmware>, counted: &AtomicUsi
 
 /// Runs `meter --json dongle probe --platform sim:<sim> <args>`; exit code and JSON document.
 fn probe(sim: &Path, args: &[&str]) -> (i32, Value) {
-    let out = Command::new(METER)
+    let out = Command::new(METER_SIM.as_path())
         .args(["--json", "dongle", "probe", "--platform"])
         .arg(format!("sim:{}", sim.display()))
         .args(args)

@@ -33,6 +33,11 @@ pub enum PlatformError {
     /// The `--platform` argument names no known platform.
     #[error("Unknown platform {0:?} (expected host or sim:<dir>)")]
     UnknownSpec(String),
+    /// A simulated platform asked of a runtime built to run only on real machines.
+    #[error(
+        "This runtime runs only on the real machine (--platform host): `sim:` is for the test harness's builds"
+    )]
+    SimulatedRefused,
 }
 
 /// One login session as the platform's session table describes it.

@@ -9,8 +9,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const METERD: &str = env!("CARGO_BIN_EXE_meterd");
+pub const METERD: &str = env!("CARGO_BIN_EXE_meterd-sim");
 pub const METER: &str = env!("CARGO_BIN_EXE_meter");
+
+/// `meter` as the harness build answers it (on simulated platforms too): `meterd-sim` linked
+/// under the name `meter`, for the commands that take `--platform sim:<dir>`.
+pub static METER_SIM: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
+    let dir = std::env::temp_dir().join(format!("meterd-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("meter");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(METERD, &link).unwrap();
+    link
+});
 
 /// A vendor with a key pair and a way to issue licences.
 pub struct Vendor {

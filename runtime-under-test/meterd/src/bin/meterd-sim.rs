@@ -1,0 +1,17 @@
+//! meterd-sim: the reference runtime as the harness and the tests run it, on simulated machines
+//! (`--platform sim:<dir>`) as well as real ones; acts as `meterd` or, called `meter`, as the
+//! command-line tool. Never shipped: the `meterd` binary refuses `sim:`.
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called_as = args
+        .first()
+        .and_then(|arg0| std::path::Path::new(arg0).file_name())
+        .and_then(|name| name.to_str())
+        .unwrap_or_default();
+    meterd::platform::allow_simulated();
+    if called_as == "meter" {
+        std::process::exit(meterd::cli::run_meter(args));
+    }
+    meterd::cli::run_daemon(args)
+}
