@@ -66,6 +66,15 @@ pub struct MeterArgs {
     pub command: MeterCommand,
 }
 
+/// The name the process was called by (argv[0]'s file name): `meter` for the command-line
+/// tool, anything else for the daemon.
+pub fn called_as(args: &[OsString]) -> &str {
+    args.first()
+        .and_then(|arg0| std::path::Path::new(arg0).file_name())
+        .and_then(|name| name.to_str())
+        .unwrap_or_default()
+}
+
 /// Runs meter with these arguments (argv[0] first); returns the process exit code.
 pub fn run_meter(args: Vec<OsString>) -> i32 {
     let args = match MeterArgs::try_parse_from(args) {

@@ -4,13 +4,8 @@
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let called_as = args
-        .first()
-        .and_then(|arg0| std::path::Path::new(arg0).file_name())
-        .and_then(|name| name.to_str())
-        .unwrap_or_default();
     meterd::platform::allow_simulated();
-    if called_as == "meter" {
+    if meterd::cli::called_as(&args) == "meter" {
         std::process::exit(meterd::cli::run_meter(args));
     }
     meterd::cli::run_daemon(args)
