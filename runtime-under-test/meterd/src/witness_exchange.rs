@@ -285,16 +285,8 @@ impl Runtime {
             return;
         };
         let local = self.lock_licences().metering.combined_head();
-        if let Some((serial, stored)) =
-            crate::dongle_witness::find_fork(&self.dongles, &runtime, local).await
-        {
-            tracing::warn!(
-                serial,
-                local = local.sequence,
-                dongle = stored.sequence,
-                "A dongle saw receipts this state lacks: it was restored"
-            );
-            self.lock_for_dongle(local, stored).await;
+        if let Some(fork) = crate::dongle_witness::find_fork(&self.dongles, &runtime, local).await {
+            self.lock_for_dongle(local, fork).await;
         } else {
             // The dongles agree or were away for some spends: bring them up to date.
             self.tell_dongle_witnesses().await;
@@ -308,23 +300,24 @@ impl Runtime {
         if local.sequence == 0 {
             return;
         }
-        if let Some((serial, stored)) = crate::dongle_witness::store(&self.dongles, local).await {
-            tracing::warn!(
-                serial,
-                local = local.sequence,
-                dongle = stored.sequence,
-                "A dongle keeps another chain for this runtime"
-            );
-            self.lock_for_dongle(local, stored).await;
+        if let Some(fork) = crate::dongle_witness::store(&self.dongles, local).await {
+            self.lock_for_dongle(local, fork).await;
         }
     }
 
-    /// Locks every metered licence: a dongle witness holds another chain than this runtime.
+    /// Locks every metered licence: the dongle `serial` keeps another chain head (`stored`)
+    /// than this runtime's (`local`): the state was restored or copied.
     async fn lock_for_dongle(
         self: &Arc<Self>,
         local: dongle::WitnessHead,
-        stored: dongle::WitnessHead,
+        (serial, stored): (String, dongle::WitnessHead),
     ) {
+        tracing::warn!(
+            serial,
+            local = local.sequence,
+            dongle = stored.sequence,
+            "A dongle keeps another receipt chain for this runtime: state restored or copied"
+        );
         let head = |h: dongle::WitnessHead| ChainHead {
             seq: h.sequence,
             hash: meter_core::rollback::ChainHash(h.head),
