@@ -324,22 +324,20 @@ fn write_loop(db: Database, queue: &Queue) {
                     if state.batches.len() >= MAX_GROUP || left.is_zero() {
                         break;
                     }
-                    if someone_waits {
+                    // Someone waits: only announced changes still on their way hold it back.
+                    let timeout = if someone_waits {
                         let waited = *first_waited.get_or_insert_with(Instant::now);
                         let gather = GATHER_FOR_ANNOUNCED.saturating_sub(waited.elapsed());
                         if state.announced == 0 || gather.is_zero() {
                             break;
                         }
-                        state = queue
-                            .wake
-                            .wait_timeout(state, gather)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
-                        continue;
-                    }
+                        gather
+                    } else {
+                        left
+                    };
                     state = queue
                         .wake
-                        .wait_timeout(state, left)
+                        .wait_timeout(state, timeout)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 } else {

@@ -212,24 +212,15 @@ impl Runtime {
         if crate::weakened::is(crate::weakened::Defence::RollbackWitness) {
             return;
         }
-        if !self
-            .lock_licences()
-            .metering
-            .unverified_holding(product)
-            .is_empty()
-        {
-            self.ask_dongle_witnesses().await;
+        let pending = self.lock_licences().metering.unverified_holding(product);
+        if pending.is_empty() {
+            return;
         }
+        self.ask_dongle_witnesses().await;
         if self.remotes.is_empty() {
             return;
         }
-        let (pending, wait) = {
-            let mut licences = self.lock_licences();
-            let pending = licences.metering.unverified_holding(product);
-            let wait = !pending.is_empty() && licences.metering.first_wait_for_witness();
-            (pending, wait)
-        };
-        if wait {
+        if self.lock_licences().metering.first_wait_for_witness() {
             // A daemon that just started links to its servers within moments.
             let deadline = tokio::time::Instant::now() + WITNESS_LINK_WAIT;
             while self.remotes.connected().is_empty() && tokio::time::Instant::now() < deadline {
