@@ -27,13 +27,16 @@ busybox=/bin/busybox
 
 # 1. The binaries that go into the guest.
 if [ "$profile" = release ]; then flag=--release; dir=release; else flag=; dir=debug; fi
-meterd_bin=$root/target/$dir/meterd
+# The harness build of the runtime (meterd-sim): it trusts the world root the harness gives it
+# (METER_HARNESS_ROOT on the kernel command line); the shipped meterd trusts only the production
+# root, so no scenario could certify its vendor.
+meterd_bin=$root/target/$dir/meterd-sim
 agent_bin=$root/target/$dir/vigil-agent
 if [ -n "${VIGIL_IMAGE_NO_BUILD:-}" ]; then
   echo "build-image: using the binaries already built in target/$dir (VIGIL_IMAGE_NO_BUILD)"
 else
-  echo "build-image: building meterd and vigil-agent ($profile)"
-  $cargo build -q $flag -p meterd --bin meterd
+  echo "build-image: building meterd-sim and vigil-agent ($profile)"
+  $cargo build -q $flag -p meterd --features simulated-platform --bin meterd-sim
   $cargo build -q $flag -p vigil-agent --bin vigil-agent
 fi
 for b in "$meterd_bin" "$agent_bin"; do

@@ -159,7 +159,7 @@ fn main() -> ExitCode {
         .unwrap_or_default();
     if matches!(argv0.as_str(), "meterd" | "meter") {
         // The harness runs its runtime on simulated machines too.
-        meterd::platform::allow_simulated();
+        meterd::harness_build::enable();
     }
     match argv0.as_str() {
         "meterd" => {

@@ -49,6 +49,7 @@ fn qemu_timings() {
         work_dir: scratch.path().join("work"),
         log_dir: scratch.path().join("logs"),
         seed: 7,
+        harness_root: None,
     };
     let started = Instant::now();
     let mut backend =

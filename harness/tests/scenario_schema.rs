@@ -41,6 +41,7 @@ steps:
   - activate: { machine: vm1, product: 1001, as: act1 }
   - copy-licence: { product: 1001, from: vm1, to: vm2 }
   - apply-again: { machine: vm1, product: 1001 }
+  - forge-licence: { machine: vm1, product: 1001, quantity: 5 }
   - state-save: { machine: vm1, name: kept }
   - state-restore: { machine: vm1, name: kept }
   - session-open: { machine: vm2, as: sess1, kind: rdp, user: alice, client-name: pc-1, client-ip: 10.0.0.1 }

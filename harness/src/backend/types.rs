@@ -296,4 +296,7 @@ pub struct WorldConfig {
     pub log_dir: PathBuf,
     /// Seed for identities and addresses.
     pub seed: u64,
+    /// The world's root key (hex) runtimes are started with (`METER_HARNESS_ROOT`): harness
+    /// builds of the reference runtime trust vendors it certifies.
+    pub harness_root: Option<String>,
 }

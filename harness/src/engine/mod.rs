@@ -12,6 +12,7 @@ use anyhow::Context;
 use crate::backend::WorldConfig;
 use crate::backend::{BackendError, BackendKind, Operation};
 use crate::report::{self, Event, EventSink, Progress, Recorder, Verdict};
+use crate::runtime::VendorDesk;
 use crate::scenario::{self, Scenario};
 
 pub use assertions::Check;
@@ -208,6 +209,11 @@ pub fn run_scenarios(
             break;
         }
         let name = loaded.scenario.name.value.clone();
+        let vendor = VendorDesk::open(
+            &runtime_bin,
+            &scratch.join(format!("{n:02}-vendor")),
+            world::FIRM,
+        );
         let config = WorldConfig {
             runtime_bin: runtime_bin.clone(),
             builtin_runtime: options.runtime_bin.is_none(),
@@ -216,6 +222,7 @@ pub fn run_scenarios(
             work_dir: scratch.join(format!("{n:02}")),
             log_dir: report_dir.join("logs").join(&name),
             seed: seed_for(&run_id, &name),
+            harness_root: vendor.as_ref().ok().map(|v| v.root_key().to_owned()),
         };
         let started = Instant::now();
         emit(Event::ScenarioStarted {
@@ -223,20 +230,15 @@ pub fn run_scenarios(
             source: loaded.source.clone(),
             steps: loaded.scenario.steps.len(),
         });
-        let result = crate::backend::create(options.backend, config)
-            .map_err(|e| e.to_string())
-            .and_then(|backend| {
-                let mut world = World::new(
-                    backend,
-                    &loaded.scenario,
-                    &runtime_bin,
-                    &scratch.join(format!("{n:02}-vendor")),
-                )
-                .map_err(|e| e.to_string())?;
-                let tally = world.run(&loaded.scenario, options.fail_fast, &interrupted, &mut emit);
-                world.finish();
-                Ok(tally)
-            });
+        let result = vendor.map_err(|e| e.to_string()).and_then(|vendor| {
+            let backend =
+                crate::backend::create(options.backend, config).map_err(|e| e.to_string())?;
+            let mut world =
+                World::new(backend, &loaded.scenario, vendor).map_err(|e| e.to_string())?;
+            let tally = world.run(&loaded.scenario, options.fail_fast, &interrupted, &mut emit);
+            world.finish();
+            Ok(tally)
+        });
         let (verdict, assertions, failed, error) = match result {
             Ok(tally) => (tally.verdict, tally.assertions, tally.failed, tally.error),
             Err(e) => (Verdict::Error, 0, 0, Some(e)),

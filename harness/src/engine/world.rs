@@ -51,6 +51,8 @@ pub struct World {
     pub(super) backend: Box<dyn Backend>,
     pub(super) vendor: VendorDesk,
     pub(super) policy_file: std::path::PathBuf,
+    /// The vendor's policy (what `policy_file` holds).
+    policy: PolicyDocument,
     pub(super) apps: BTreeMap<String, AppRecord>,
     pub(super) probes: BTreeMap<String, AccessAnswer>,
     pub(super) servers: Vec<String>,
@@ -69,12 +71,12 @@ pub struct World {
 }
 
 impl World {
-    /// Builds the world's machines (all powered off) and the vendor's keys and policy.
+    /// Builds the world's machines (all powered off) and the vendor's policy, with the vendor's
+    /// desk that certified the world's runtimes' root (see [`VendorDesk::open`]).
     pub fn new(
         mut backend: Box<dyn Backend>,
         scenario: &Scenario,
-        runtime_bin: &Path,
-        vendor_dir: &Path,
+        vendor: VendorDesk,
     ) -> Result<World, BackendError> {
         let mint = IdentityMint::new(0x5eed);
         for host in &scenario.hosts {
@@ -108,7 +110,6 @@ impl World {
                 role: role_of(guest.role),
             })?;
         }
-        let vendor = VendorDesk::open(runtime_bin, vendor_dir)?;
         let hosts: Vec<String> = scenario
             .hosts
             .iter()
@@ -133,6 +134,7 @@ impl World {
             backend,
             vendor,
             policy_file,
+            policy,
             apps: BTreeMap::new(),
             probes: BTreeMap::new(),
             servers: Vec::new(),
@@ -403,6 +405,9 @@ impl World {
                         message: format!("the licence applied again was refused: {value}"),
                     })
                 }
+            }
+            Step::ForgeLicence(f) => {
+                self.forge_licence(&f.machine.value, f.product.value, f.quantity.value)
             }
             Step::Access(a) => {
                 let session = a.session.as_ref().map_or("console", |s| s.value.as_str());
@@ -678,21 +683,21 @@ impl World {
         self.backend.set_clock(self.world_offset_ms, &skews)
     }
 
-    /// Every machine trusts the vendor's key (the vendor ships it with the software).
+    /// Every machine trusts the vendor (the vendor ships its firm certificate with the software).
     fn after_boot(&mut self, machine: &str) -> Result<(), BackendError> {
-        let key = std::fs::read(self.vendor.public_key())
-            .map_err(BackendError::io("read the vendor key"))?;
-        let path = self.backend.put_file(machine, "vendor.pub", &key)?;
+        let certificate = std::fs::read(self.vendor.certificate())
+            .map_err(BackendError::io("read the vendor's firm certificate"))?;
+        let path = self.backend.put_file(machine, "firm.cert", &certificate)?;
         let (code, value) = runtime::meter_json(
             self.backend.as_mut(),
             machine,
             "console",
-            &["trust".into(), "--firm".into(), FIRM.to_string(), path],
+            &["trust".into(), path],
         )?;
         if code != Some(0) {
             return Err(BackendError::Runtime {
                 machine: machine.into(),
-                message: format!("`meter trust` refused the vendor key: {value}"),
+                message: format!("`meter trust` refused the vendor's firm certificate: {value}"),
             });
         }
         Ok(())
@@ -797,6 +802,92 @@ impl World {
             "console",
             &["activate".into(), "apply".into(), inside],
         )
+    }
+
+    /// The licensee on `machine` mints a licence for `product` with `quantity` seats under a
+    /// vendor key and root of their own, trusts it and applies it. What the runtime refuses is
+    /// logged, not an error: the expectations after the step say whether the forgery worked.
+    fn forge_licence(
+        &mut self,
+        machine: &str,
+        product: u32,
+        quantity: u32,
+    ) -> Result<(), BackendError> {
+        let mut forged = self.policy.clone();
+        forged.products.retain(|p| p.code == product);
+        for item in &mut forged.products {
+            item.quantity = quantity;
+        }
+        let yaml = forged.to_yaml().map_err(|e| BackendError::Runtime {
+            machine: machine.into(),
+            message: format!("cannot write the forged policy: {e}"),
+        })?;
+        let policy = self
+            .backend
+            .put_file(machine, "forged-policy.yaml", yaml.as_bytes())?;
+        let dir = std::path::Path::new(&policy)
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        let at = |name: &str| format!("{dir}/{name}");
+        let tool_steps: [Vec<String>; 4] = [
+            vec![
+                "root".into(),
+                "keygen".into(),
+                "--out".into(),
+                at("forged-root"),
+            ],
+            vec![
+                "vendor".into(),
+                "keygen".into(),
+                "--out".into(),
+                at("forged-vendor"),
+            ],
+            vec![
+                "root".into(),
+                "certify".into(),
+                "--root".into(),
+                at("forged-root/root.key"),
+                "--firm".into(),
+                FIRM.to_string(),
+                "--vendor".into(),
+                at("forged-vendor/vendor.pub"),
+                "--out".into(),
+                at("forged.cert"),
+            ],
+            vec![
+                "vendor".into(),
+                "issue".into(),
+                "--policy".into(),
+                policy,
+                "--key".into(),
+                at("forged-vendor/vendor.key"),
+                "--out".into(),
+                at("forged-licence.json"),
+            ],
+        ];
+        for args in &tool_steps {
+            let (code, value) =
+                runtime::meter_json(self.backend.as_mut(), machine, "console", args)?;
+            if code != Some(0) {
+                return Err(BackendError::Runtime {
+                    machine: machine.into(),
+                    message: format!("`meter {}` failed: {value}", args.join(" ")),
+                });
+            }
+        }
+        for (what, args) in [
+            ("trust", vec!["trust".into(), at("forged.cert")]),
+            (
+                "apply",
+                vec!["activate".into(), "apply".into(), at("forged-licence.json")],
+            ),
+        ] {
+            let (code, answer) =
+                runtime::meter_json(self.backend.as_mut(), machine, "console", &args)?;
+            tracing::info!(machine, what, ?code, %answer, "forged licence");
+        }
+        Ok(())
     }
 
     fn start_app(

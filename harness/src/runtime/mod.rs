@@ -16,6 +16,9 @@ use serde_json::Value;
 use crate::backend::{Backend, BackendError, CommandOutput};
 
 /// How long one `meter` command may take before the runtime counts as hung.
+/// The variable that gives a harness build of the reference runtime the world's root key.
+pub const HARNESS_ROOT_VARIABLE: &str = "METER_HARNESS_ROOT";
+
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the runtime answered to an access.
@@ -186,33 +189,74 @@ pub fn product_in_status(status: &Value, product: u32) -> Option<(&Value, &Value
         })
 }
 
-/// The vendor's side of the contract, run on the harness's own machine (the vendor's office).
+/// The vendor's side of the contract, run on the harness's own machine (the vendor's office),
+/// with the world's root (the runtime maker's office) that certifies the vendor.
 #[derive(Debug, Clone)]
 pub struct VendorDesk {
     meter: PathBuf,
     dir: PathBuf,
+    root_key: String,
 }
 
 impl VendorDesk {
-    /// Creates a vendor key pair in `dir`.
-    pub fn open(runtime_bin: &Path, dir: &Path) -> Result<VendorDesk, BackendError> {
+    /// Creates the world's root, a vendor key pair and the vendor's certificate for `firm` in
+    /// `dir`.
+    pub fn open(runtime_bin: &Path, dir: &Path, firm: u32) -> Result<VendorDesk, BackendError> {
         std::fs::create_dir_all(dir).map_err(BackendError::io("create the vendor folder"))?;
-        let desk = VendorDesk {
+        let mut desk = VendorDesk {
             meter: runtime_bin.join("meter"),
             dir: dir.to_path_buf(),
+            root_key: String::new(),
         };
+        let root_dir = dir.join("root");
+        let (_, root) = desk.run(&[
+            "root".into(),
+            "keygen".into(),
+            "--out".into(),
+            root_dir.display().to_string(),
+        ])?;
+        desk.root_key = root["root_key"]
+            .as_str()
+            .filter(|key| key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| BackendError::Runtime {
+                machine: "vendor".into(),
+                message: format!("`meter root keygen` named no root key: {root}"),
+            })?
+            .to_owned();
         desk.run(&[
             "vendor".into(),
             "keygen".into(),
             "--out".into(),
             dir.display().to_string(),
         ])?;
+        desk.run(&[
+            "root".into(),
+            "certify".into(),
+            "--root".into(),
+            root_dir.join("root.key").display().to_string(),
+            "--firm".into(),
+            firm.to_string(),
+            "--vendor".into(),
+            desk.public_key().display().to_string(),
+            "--out".into(),
+            desk.certificate().display().to_string(),
+        ])?;
         Ok(desk)
+    }
+
+    /// The world's root key (hex): runtimes trust the vendors it certifies.
+    pub fn root_key(&self) -> &str {
+        &self.root_key
     }
 
     /// The vendor's public key file.
     pub fn public_key(&self) -> PathBuf {
         self.dir.join("vendor.pub")
+    }
+
+    /// The vendor's firm certificate, signed by the world's root.
+    pub fn certificate(&self) -> PathBuf {
+        self.dir.join("firm.cert")
     }
 
     /// The vendor's private key file.

@@ -37,6 +37,8 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("state-restore-unwitnessed"),
     builtin!("state-restore-dongle"),
     builtin!("licence-reapply"),
+    builtin!("licence-forged"),
+    builtin!("dongle-vm-denied"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),

@@ -405,11 +405,13 @@ pub enum Defence {
     Expiry,
     /// Units counted inside the dongle's secure element.
     DongleCounters,
+    /// Vendors trusted only through a firm certificate from a root the runtime carries.
+    VendorTrust,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 28] = [
+    pub const ALL: [Defence; 29] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -438,6 +440,7 @@ impl Defence {
         Defence::HolderOwnership,
         Defence::Expiry,
         Defence::DongleCounters,
+        Defence::VendorTrust,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -471,6 +474,7 @@ impl Defence {
             Defence::HolderOwnership => "holder-ownership",
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
+            Defence::VendorTrust => "vendor-trust",
         }
     }
 
@@ -531,6 +535,9 @@ impl Defence {
             }
             Defence::Expiry => "Expiry enforced on the runtime's clock.",
             Defence::DongleCounters => "Units counted inside the dongle's secure element.",
+            Defence::VendorTrust => {
+                "Vendors trusted only through a firm certificate from a root the runtime carries."
+            }
         }
     }
 }
@@ -581,6 +588,8 @@ pub enum Step {
     CopyLicence(CopyLicenceStep),
     /// Apply a machine's licence file again, as it was issued (an attack on its counts).
     ApplyAgain(ApplyAgainStep),
+    /// Mint a licence with a self-made vendor key and root, trust it and apply it (an attack).
+    ForgeLicence(ForgeLicenceStep),
     /// One-shot probe: take a licence and give it back at once.
     Access(AccessStep),
     /// Start an app that takes a licence and holds it while it runs.
@@ -643,6 +652,7 @@ impl Step {
             Step::Activate(_) => "activate",
             Step::CopyLicence(_) => "copy-licence",
             Step::ApplyAgain(_) => "apply-again",
+            Step::ForgeLicence(_) => "forge-licence",
             Step::Access(_) => "access",
             Step::StartApp(_) => "start-app",
             Step::Release(_) => "release",
@@ -664,7 +674,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 38] = [
+    pub const KEYWORDS: [&'static str; 39] = [
         "boot",
         "shutdown",
         "pause",
@@ -686,6 +696,7 @@ impl Step {
         "activate",
         "copy-licence",
         "apply-again",
+        "forge-licence",
         "access",
         "start-app",
         "release",
@@ -917,6 +928,23 @@ pub struct ApplyAgainStep {
     /// A soft product's code.
     pub product: ProductCode,
 }
+
+/// `forge-licence`: the licensee, root on a machine, makes a vendor key and a root of their own,
+/// certifies the key for the vendor's firm, asks the runtime to trust it and applies a licence
+/// for a soft product signed with it. Refusals are the runtime's defence, not the step's failure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ForgeLicenceStep {
+    /// The machine (running) the licensee forges on.
+    pub machine: Name,
+    /// A soft product's code; the forged licence has the policy's item with `quantity`.
+    pub product: ProductCode,
+    /// The quantity the forged licence grants.
+    pub quantity: Located<u32>,
+}
+
+/// Most seats a forged licence may name (`forge-licence: quantity`).
+pub const MAX_FORGED_QUANTITY: u32 = 10_000;
 
 /// `access`: one-shot probe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

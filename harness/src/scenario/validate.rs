@@ -4,11 +4,11 @@ use std::collections::{HashMap, HashSet};
 
 use super::error::{Problem, Source};
 use super::located::{Located, Position};
-use super::model::MAX_ACCESS_TIMES;
 use super::model::{
     AllowedByPolicy, Assertion, Container, DongleState, Name, ProductCode, Role, Scenario,
     SessionKind, Step, UsbMode, WitnessPolicy,
 };
+use super::model::{MAX_ACCESS_TIMES, MAX_FORGED_QUANTITY};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -1127,6 +1127,20 @@ impl<'a> Checker<'a> {
             Step::ApplyAgain(again) => {
                 self.running(&again.machine);
                 self.soft_product(&again.product);
+            }
+            Step::ForgeLicence(forge) => {
+                self.running(&forge.machine);
+                self.soft_product(&forge.product);
+                if !(1..=MAX_FORGED_QUANTITY).contains(&forge.quantity.value) {
+                    self.report(
+                        forge.quantity.at,
+                        format!("`quantity: {}` is out of range", forge.quantity.value),
+                        "out of range",
+                        Some(format!(
+                            "a forged licence names 1 to {MAX_FORGED_QUANTITY} seats"
+                        )),
+                    );
+                }
             }
             Step::Access(access) => {
                 let machine = self.running(&access.machine);

@@ -44,6 +44,7 @@ pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> World {
         work_dir: scratch.join("work"),
         log_dir: scratch.join("logs"),
         seed,
+        harness_root: None,
     };
     let mut backend =
         vigil::backend::assemble(vigil::backend::BackendKind::Qemu, config).expect("qemu backend");

@@ -82,6 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             counting: ItemCounting::UserLimit,
             expires_at: None,
             units: Some(u64::MAX),
+            deny_virtual_machines: false,
+            deny_terminal_server: false,
         },
     )?;
     let mut link = Link {

@@ -102,6 +102,12 @@ pub struct ProductItem {
     /// Pay-per-use units left; `None` for an unmetered item.
     #[serde(default)]
     pub units: Option<u64>,
+    /// The vendor's switch: the item is refused in virtual machines.
+    #[serde(default)]
+    pub deny_virtual_machines: bool,
+    /// The vendor's switch: the item is refused in terminal-server sessions.
+    #[serde(default)]
+    pub deny_terminal_server: bool,
 }
 
 impl ProductItem {
@@ -466,6 +472,8 @@ mod tests {
             counting: ItemCounting::UserLimit,
             expires_at: None,
             units: Some(5),
+            deny_virtual_machines: false,
+            deny_terminal_server: false,
         }
     }
 

@@ -31,6 +31,8 @@ fn item(code: u32, units: Option<u64>, expires_at: Option<u64>) -> ProductItem {
         counting: ItemCounting::StationShare,
         expires_at,
         units,
+        deny_virtual_machines: false,
+        deny_terminal_server: false,
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod allocation;
 pub mod binding;
+pub mod firm_certificate;
 pub mod licence;
 pub mod policy;
 pub mod reason;

@@ -156,6 +156,11 @@ impl VendorPublicKey {
         self.exchange
     }
 
+    /// The Ed25519 key licences and dongle certificates are signed with.
+    pub fn signing_key(&self) -> VerifyingKey {
+        self.signing
+    }
+
     /// Checks a signature over a body.
     fn verifies(&self, body: &LicenceBody, signature: &str) -> bool {
         let Ok(bytes) = hex::decode(signature) else {
@@ -593,7 +598,7 @@ pub(crate) fn expand<const N: usize>(entropy: &[u8; 32], info: &[u8]) -> [u8; N]
     out
 }
 
-fn hex32(text: &str, field: &'static str) -> Result<[u8; 32], KeyError> {
+pub(crate) fn hex32(text: &str, field: &'static str) -> Result<[u8; 32], KeyError> {
     hex::decode(text)
         .ok()
         .and_then(|bytes| bytes.try_into().ok())

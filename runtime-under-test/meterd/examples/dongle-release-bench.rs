@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         Some("__meterd") => {
             let mut argv: Vec<std::ffi::OsString> = vec!["meterd".into()];
             argv.extend(args);
-            meterd::platform::allow_simulated();
+            meterd::harness_build::enable();
             return meterd::cli::run_daemon(argv);
         }
         Some("__meter") => {
@@ -44,6 +44,24 @@ fn main() -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let vendor = work.path().join("vendor");
     meter(None, &["vendor", "keygen", "--out", path(&vendor)])?;
+    // The bench's world root: its daemons trust it (METER_HARNESS_ROOT) and it certifies the vendor.
+    let root_dir = work.path().join("root");
+    meter(None, &["root", "keygen", "--out", path(&root_dir)])?;
+    meter(
+        None,
+        &[
+            "root",
+            "certify",
+            "--root",
+            path(&root_dir.join("root.key")),
+            "--firm",
+            "10",
+            "--vendor",
+            path(&vendor.join("vendor.pub")),
+            "--out",
+            path(&vendor.join("firm.cert")),
+        ],
+    )?;
     let policy = work.path().join("policy.yaml");
     std::fs::write(
         &policy,
@@ -259,6 +277,7 @@ impl Machine {
             .arg(dir.join("run/meterd.sock"))
             .arg("--platform")
             .arg(format!("sim:{}", dir.join("platform").display()))
+            .env("METER_HARNESS_ROOT", root_key(&root.join("root/root.pub"))?)
             .env("METER_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()?;
@@ -277,7 +296,7 @@ impl Machine {
         };
         meter(
             Some(&machine.socket()),
-            &["trust", "--firm", "10", path(&vendor.join("vendor.pub"))],
+            &["trust", path(&vendor.join("firm.cert"))],
         )?;
         Ok(machine)
     }
@@ -427,4 +446,13 @@ fn serve(mut stream: UnixStream, firmware: &Mutex<Firmware>, offset: &AtomicI64)
             }
         }
     }
+}
+
+/// The key in a root public key file (`root.pub`), hex.
+fn root_key(file: &Path) -> anyhow::Result<String> {
+    let text: serde_json::Value = serde_json::from_slice(&std::fs::read(file)?)?;
+    text["root-key"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("{} has no root-key", file.display()))
 }

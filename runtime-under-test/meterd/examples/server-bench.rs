@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use meter_core::allocation::ProductKey;
+use meter_core::firm_certificate::RootKey;
 use meter_core::licence::{LicenceBody, VendorKey};
 use meter_core::policy::ProductPolicy;
 use meter_core::station::{MachineRole, StationId};
@@ -34,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         Some("__meterd") => {
             let mut daemon_args: Vec<std::ffi::OsString> = vec!["meterd".into()];
             daemon_args.extend(args[2..].iter().map(Into::into));
-            meterd::platform::allow_simulated();
+            meterd::harness_build::enable();
             return meterd::cli::run_daemon(daemon_args);
         }
         Some("__hold") => return hold(&args[2], args[3].parse()?),
@@ -72,6 +73,11 @@ struct Machine {
     child: Child,
 }
 
+/// The root of the bench's world (a fixed key: the bench proves speed, not trust).
+fn bench_root() -> RootKey {
+    RootKey::from_seed([0x42; 32])
+}
+
 impl Machine {
     fn start(dir: PathBuf, name: &str, address: &str, extra: &[String]) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("platform"))?;
@@ -89,6 +95,7 @@ impl Machine {
             .arg("--platform")
             .arg(format!("sim:{}", dir.join("platform").display()))
             .args(extra)
+            .env("METER_HARNESS_ROOT", bench_root().public().to_hex())
             .env("METER_LOG", "warn")
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -392,7 +399,11 @@ async fn bench() -> anyhow::Result<()> {
         "firm: 10\nfirm-name: bench\nproducts:\n  - { code: 1, name: pairs, quantity: 100000, counting: user-limit }\n  - { code: 2, name: crash, quantity: 1, counting: user-limit }\n  - { code: 3, name: held, quantity: 20000, counting: user-limit }\n",
     )?;
     let licence = key.sign_licence(LicenceBody::unbound(&policy, 0, entropy[2]));
-    let public = serde_json::to_vec(&key.public())?;
+    // The bench's world root certifies its vendor; its daemons trust it (METER_HARNESS_ROOT).
+    let certificate = bench_root()
+        .certify(10, key.public(), 0)
+        .to_json()
+        .into_bytes();
 
     let server = Machine::start(
         work.path().join("server"),
@@ -409,8 +420,8 @@ async fn bench() -> anyhow::Result<()> {
     request(
         &server.socket(),
         LocalRequest::Trust {
-            firm: 10,
-            key: public.clone(),
+            source_name: "bench.cert".into(),
+            bytes: certificate.clone(),
         },
     )
     .await?;
@@ -542,7 +553,7 @@ async fn bench() -> anyhow::Result<()> {
 
     let idle = idle_stations(&addr, pin, &server).await?;
     eprintln!("idle stations: {idle}");
-    let outage = revoke_delays(work.path(), &public, &licence.to_json()).await?;
+    let outage = revoke_delays(work.path(), &certificate, &licence.to_json()).await?;
     eprintln!("revoke after outage: {outage}");
 
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
@@ -741,7 +752,7 @@ async fn copy_unless_cut(
 /// happened, then healed.
 async fn revoke_delays(
     work: &Path,
-    vendor_public: &[u8],
+    vendor_certificate: &[u8],
     licence_json: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let server = Machine::start(
@@ -759,8 +770,8 @@ async fn revoke_delays(
     request(
         &server.socket(),
         LocalRequest::Trust {
-            firm: 10,
-            key: vendor_public.to_vec(),
+            source_name: "bench.cert".into(),
+            bytes: vendor_certificate.to_vec(),
         },
     )
     .await?;

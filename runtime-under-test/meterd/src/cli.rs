@@ -16,6 +16,11 @@ pub fn run_daemon(args: Vec<OsString>) -> anyhow::Result<()> {
     let args = crate::startup::DaemonArgs::parse_from(args);
     init_logging();
     crate::weakened::announce()?;
+    let roots = crate::trust_roots::load().map_err(Clone::clone)?;
+    tracing::info!(
+        roots = roots.len(),
+        "trusting firm certificates from these roots"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("meterd")

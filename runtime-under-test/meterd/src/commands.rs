@@ -43,13 +43,11 @@ pub enum MeterCommand {
     /// Add or remove network servers this runtime forwards to.
     #[command(subcommand)]
     Servers(ServersCommand),
-    /// Trust a vendor's public key for its firm code on this machine.
+    /// Trust a vendor on this machine: install its firm certificate (`meter root certify`),
+    /// accepted only when a root this runtime carries signed it.
     Trust {
-        /// Firm code.
-        #[arg(long)]
-        firm: u32,
-        /// The vendor's public key file (vendor.pub).
-        key: PathBuf,
+        /// The firm certificate file (e.g. firm.cert).
+        certificate: PathBuf,
     },
     /// Activate soft licences bound to this machine.
     #[command(subcommand)]
@@ -57,6 +55,9 @@ pub enum MeterCommand {
     /// Vendor tools: keys, licence issue, activation answers.
     #[command(subcommand)]
     Vendor(VendorCommand),
+    /// The runtime maker's tools: root keys and firm certificates.
+    #[command(subcommand)]
+    Root(crate::root_commands::RootCommand),
     /// Dongles attached to this machine, reached directly (no meterd needed).
     #[command(subcommand)]
     Dongle(crate::dongle_probe::LocalDongleCommand),
@@ -177,9 +178,15 @@ pub async fn run(
         MeterCommand::Servers(ServersCommand::Remove { addr }) => {
             ok_command(&socket, json_mode, LocalRequest::ServersRemove { addr }).await
         }
-        MeterCommand::Trust { firm, key } => {
-            let key = read_file(&key)?;
-            ok_command(&socket, json_mode, LocalRequest::Trust { firm, key }).await
+        MeterCommand::Trust { certificate } => {
+            let bytes = read_file(&certificate)?;
+            let source_name = certificate.display().to_string();
+            json_command(
+                &socket,
+                json_mode,
+                LocalRequest::Trust { source_name, bytes },
+            )
+            .await
         }
         MeterCommand::Activate(ActivateCommand::Apply { file }) => {
             let source_name = file.display().to_string();
@@ -203,6 +210,7 @@ pub async fn run(
             .await
         }
         MeterCommand::Vendor(command) => crate::vendor::run(json_mode, command),
+        MeterCommand::Root(command) => crate::root_commands::run(json_mode, command),
         MeterCommand::Dongle(command) => crate::dongle_probe::run(json_mode, command).await,
     }
 }

@@ -42,7 +42,7 @@ pub struct ProbeArgs {
     /// A vendor public key (vendor.pub) trusted to certify the dongle; repeatable.
     #[arg(long = "vendor")]
     pub vendors: Vec<PathBuf>,
-    /// A meterd state folder whose trusted vendor keys (trust/<firm>.pub) certify the dongle.
+    /// A meterd state folder whose trusted firm certificates (trust/<firm>.cert) certify the dongle.
     #[arg(long)]
     pub state: Option<PathBuf>,
     /// The runtime id the probe binds the dongle to.
@@ -221,7 +221,7 @@ fn trusted_keys(args: &ProbeArgs) -> anyhow::Result<Vec<VerifyingKey>> {
     }
     if keys.is_empty() {
         anyhow::bail!(
-            "No vendor key to check the dongle's certificate: give --vendor <vendor.pub> or --state <meterd state folder with trust/<firm>.pub>"
+            "No vendor key to check the dongle's certificate: give --vendor <vendor.pub> or --state <meterd state folder with trust/<firm>.cert>"
         );
     }
     Ok(keys)

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 use dongle::{DonglePolicy, Flash, ItemCounting, ProductItem, Serial};
-use meter_core::policy::Counting;
+use meter_core::policy::{Allowance, Counting};
 use serde_json::json;
 
 use crate::outcome::Outcome;
@@ -94,6 +94,8 @@ pub fn run(json_mode: bool, command: DongleCommand) -> anyhow::Result<Outcome> {
                             counting: dongle_counting(product.counting),
                             expires_at: product.expires_at,
                             units: product.units,
+                            deny_virtual_machines: product.virtual_machines == Allowance::Deny,
+                            deny_terminal_server: product.terminal_server == Allowance::Deny,
                         },
                     )
                     .with_context(|| format!("Cannot program product {code}"))?;

@@ -369,28 +369,49 @@ fn item_rules(item: &ProductItem) -> ItemRules {
             ItemCounting::StationShare => Counting::StationShare,
             ItemCounting::NoCount => Counting::NoCount,
         },
-        virtual_machines: Allowance::Allow,
-        terminal_server: Allowance::Allow,
+        virtual_machines: allowance(item.deny_virtual_machines),
+        terminal_server: allowance(item.deny_terminal_server),
         expires_at: item.expires_at,
     }
 }
 
-/// The vendor keys trusted on this machine (`<state>/trust/<firm>.pub`), by firm.
+/// A vendor switch as the dongle item stores it.
+fn allowance(denied: bool) -> Allowance {
+    if denied {
+        Allowance::Deny
+    } else {
+        Allowance::Allow
+    }
+}
+
+/// The vendor keys trusted on this machine (`<state>/trust/<firm>.cert`), by firm.
 fn trusted_vendors<R: DongleOwner>(runtime: &R) -> BTreeMap<u32, VerifyingKey> {
     trusted_vendor_keys(runtime.state_dir())
 }
 
-/// The vendor keys a meterd state folder trusts (`<state>/trust/<firm>.pub`), by firm.
+/// The vendor keys a meterd state folder trusts: its firm certificates (`trust/<firm>.cert`)
+/// that a root this process carries signed, by firm.
 pub fn trusted_vendor_keys(state_dir: &Path) -> BTreeMap<u32, VerifyingKey> {
-    let Ok(entries) = std::fs::read_dir(state_dir.join("trust")) else {
+    let trust_dir = state_dir.join("trust");
+    let Ok(entries) = std::fs::read_dir(&trust_dir) else {
         return BTreeMap::new();
     };
     entries
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let path = entry.path();
+            if path.extension()? != "cert" {
+                return None;
+            }
             let firm: u32 = path.file_stem()?.to_str()?.parse().ok()?;
-            Some((firm, vendor_signing_key(&path)?))
+            match crate::licences::trusted_vendor(&trust_dir, firm) {
+                Ok(Some(vendor)) => Some((firm, vendor.signing_key())),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(firm, error = %e, "firm certificate not trusted");
+                    None
+                }
+            }
         })
         .collect()
 }

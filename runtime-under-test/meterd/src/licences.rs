@@ -1,12 +1,13 @@
-//! Installed licence files and trusted vendor keys: turning signed files into allocation items.
+//! Installed licence files and trusted vendors (firm certificates): turning signed files into allocation items.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use meter_core::allocation::{
     AllocationTable, ContainerClass, ContainerId, ItemEntry, ItemState, ProductKey,
 };
+use meter_core::firm_certificate::{CertificateError, FirmCertificate};
 use meter_core::licence::{LicenceBody, SignedLicence, VendorPublicKey, open_products};
 use meter_core::policy::{Counting, ItemRules, ProductItem};
 use meter_core::reason::Reason;
@@ -39,8 +40,15 @@ pub enum LicenceRefusal {
         /// The reason code.
         reason: Reason,
     },
-    /// A vendor key could not be stored or read.
-    #[error("Cannot access vendor key {path}")]
+    /// A firm certificate that no root this runtime carries signed, or that is tampered with
+    /// or malformed.
+    #[error("Vendor not trusted: {detail}")]
+    VendorUntrusted {
+        /// What is wrong.
+        detail: String,
+    },
+    /// A firm certificate could not be stored or read.
+    #[error("Cannot access firm certificate {path}")]
     Key {
         /// The key file.
         path: PathBuf,
@@ -48,9 +56,6 @@ pub enum LicenceRefusal {
         #[source]
         source: std::io::Error,
     },
-    /// A vendor key file is not a key.
-    #[error("Invalid vendor key: {0}")]
-    BadKey(String),
 }
 
 impl LicenceRefusal {
@@ -58,6 +63,7 @@ impl LicenceRefusal {
     pub fn reason(&self) -> Option<Reason> {
         match self {
             LicenceRefusal::Refused { reason, .. } => Some(*reason),
+            LicenceRefusal::VendorUntrusted { .. } => Some(Reason::SignatureInvalid),
             _ => None,
         }
     }
@@ -182,27 +188,36 @@ impl Licences {
         self.trusted_key(firm)
     }
 
-    /// Stores a vendor's public key for `firm` after checking it parses.
-    pub fn trust(&mut self, firm: u32, key: &[u8]) -> Result<(), LicenceRefusal> {
-        parse_vendor_key(key)?;
+    /// Installs a firm certificate after checking a root this runtime carries signed it;
+    /// returns the firm and the vendor key id it trusts now.
+    pub fn trust(
+        &mut self,
+        source_name: &str,
+        bytes: &[u8],
+    ) -> Result<(u32, String), LicenceRefusal> {
+        let refused = |e: CertificateError| LicenceRefusal::VendorUntrusted {
+            detail: error_chain(&e),
+        };
+        let certificate = FirmCertificate::from_json(bytes, source_name).map_err(refused)?;
+        let firm = certificate.firm;
+        let vendor =
+            crate::trust_roots::vendor_of(&certificate, firm, source_name).map_err(refused)?;
         fs::create_dir_all(&self.trust_dir).map_err(|source| LicenceRefusal::Key {
             path: self.trust_dir.clone(),
             source,
         })?;
-        let path = self.trust_dir.join(format!("{firm}.pub"));
+        let path = crate::trust_roots::certificate_path(&self.trust_dir, firm);
         let tmp = path.with_extension("tmp");
-        fs::write(&tmp, key)
+        fs::write(&tmp, certificate.to_json())
             .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(|source| LicenceRefusal::Key { path, source })
+            .map_err(|source| LicenceRefusal::Key { path, source })?;
+        Ok((firm, vendor.key_id()))
     }
 
+    /// The vendor key certified for `firm` in the trust folder, checked against the roots at
+    /// every use: a certificate the licensee writes there is no better than one they install.
     fn trusted_key(&self, firm: u32) -> Result<Option<VendorPublicKey>, LicenceRefusal> {
-        let path = self.trust_dir.join(format!("{firm}.pub"));
-        match fs::read(&path) {
-            Ok(bytes) => parse_vendor_key(&bytes).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(LicenceRefusal::Key { path, source }),
-        }
+        trusted_vendor(&self.trust_dir, firm)
     }
 
     /// Verifies a licence file and opens its items with this machine's traits.
@@ -225,12 +240,20 @@ impl Licences {
         let signed = SignedLicence::from_json(bytes, source_name)
             .map_err(|e| refused(error_chain(&e), e.reason()))?;
         let firm = signed.body.firm;
-        let key = self.trusted_key(firm)?.ok_or_else(|| {
-            refused(
-                format!("no vendor key is trusted for firm {firm}"),
-                Reason::SignatureInvalid,
-            )
-        })?;
+        let key = self
+            .trusted_key(firm)
+            .map_err(|e| match e {
+                LicenceRefusal::VendorUntrusted { detail } => {
+                    refused(detail, Reason::SignatureInvalid)
+                }
+                other => other,
+            })?
+            .ok_or_else(|| {
+                refused(
+                    format!("no vendor key is trusted for firm {firm}"),
+                    Reason::SignatureInvalid,
+                )
+            })?;
         let body = signed
             .verify(&key)
             .map_err(|e| refused(error_chain(&e), e.reason()))?;
@@ -470,8 +493,25 @@ impl Licences {
     }
 }
 
-fn parse_vendor_key(bytes: &[u8]) -> Result<VendorPublicKey, LicenceRefusal> {
-    serde_json::from_slice(bytes).map_err(|e| LicenceRefusal::BadKey(e.to_string()))
+/// The vendor key certified for `firm` in a trust folder (`<firm>.cert`), if any; a certificate
+/// no carried root signed is refused.
+pub fn trusted_vendor(
+    trust_dir: &Path,
+    firm: u32,
+) -> Result<Option<VendorPublicKey>, LicenceRefusal> {
+    let path = crate::trust_roots::certificate_path(trust_dir, firm);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(LicenceRefusal::Key { path, source }),
+    };
+    let name = path.display().to_string();
+    FirmCertificate::from_json(&bytes, &name)
+        .and_then(|certificate| crate::trust_roots::vendor_of(&certificate, firm, &name))
+        .map(Some)
+        .map_err(|e| LicenceRefusal::VendorUntrusted {
+            detail: error_chain(&e),
+        })
 }
 
 /// An error and its sources, joined with ": ".

@@ -165,7 +165,7 @@ async fn handle(
                 error(format!("No server {addr} is configured"))
             }
         }
-        LocalRequest::Trust { firm, key } => {
+        LocalRequest::Trust { source_name, bytes } => {
             if !is_admin(uid) {
                 return error("Only an administrator may trust vendors");
             }
@@ -173,10 +173,19 @@ async fn handle(
                 .licences
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .trust(firm, &key);
+                .trust(&source_name, &bytes);
             match result {
-                Ok(()) => LocalReply::Ok,
-                Err(e) => error(format!("{e:#}")),
+                Ok((firm, vendor)) => {
+                    tracing::info!(firm, vendor, "vendor trusted");
+                    LocalReply::Json(
+                        serde_json::json!({"trusted": true, "firm": firm, "vendor": vendor})
+                            .to_string(),
+                    )
+                }
+                Err(e) => LocalReply::Error {
+                    reason: e.reason(),
+                    message: format!("{e:#}"),
+                },
             }
         }
         LocalRequest::ActivationRequest {

@@ -37,12 +37,12 @@ pub enum LocalRequest {
         /// `addr:port`.
         addr: String,
     },
-    /// Trust a vendor's public key for a firm.
+    /// Trust a vendor: install its firm certificate.
     Trust {
-        /// Firm code.
-        firm: u32,
-        /// The key file's contents.
-        key: Vec<u8>,
+        /// Where it came from (named in errors).
+        source_name: String,
+        /// The certificate file's contents.
+        bytes: Vec<u8>,
     },
     /// Install a signed licence file.
     InstallLicence {

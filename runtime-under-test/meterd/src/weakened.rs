@@ -72,11 +72,13 @@ pub enum Defence {
     Expiry,
     /// Dongle units are counted in the runtime's own state, not inside the dongle.
     DongleCounters,
+    /// A firm certificate is trusted when it verifies against the root it names: any root.
+    VendorTrust,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 28] = [
+    pub const ALL: [Defence; 29] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -105,6 +107,7 @@ impl Defence {
         Defence::HolderOwnership,
         Defence::Expiry,
         Defence::DongleCounters,
+        Defence::VendorTrust,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -138,6 +141,7 @@ impl Defence {
             Defence::HolderOwnership => "holder-ownership",
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
+            Defence::VendorTrust => "vendor-trust",
         }
     }
 }
@@ -217,6 +221,9 @@ impl Defence {
             Defence::Expiry => "expiry dates are ignored",
             Defence::DongleCounters => {
                 "dongle units are counted in the runtime's own (revertible) state; the dongle only opens plain accesses"
+            }
+            Defence::VendorTrust => {
+                "a firm certificate is checked against the root key it names, so a root the licensee made is trusted"
             }
         }
     }

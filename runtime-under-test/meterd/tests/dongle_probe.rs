@@ -104,6 +104,7 @@ fn probe(sim: &Path, args: &[&str]) -> (i32, Value) {
         .args(["--json", "dongle", "probe", "--platform"])
         .arg(format!("sim:{}", sim.display()))
         .args(args)
+        .env("METER_HARNESS_ROOT", &common::TEST_ROOT.public_hex)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -187,7 +188,7 @@ fn probe_picks_the_dongle_named_by_serial_and_binds_as_told() {
     let second = ServedDongle::plug(&vendor, 200, sim.path());
     let state = tempfile::tempdir().unwrap();
     std::fs::create_dir(state.path().join("trust")).unwrap();
-    std::fs::copy(vendor.public(), state.path().join("trust/10.pub")).unwrap();
+    std::fs::copy(vendor.certificate(), state.path().join("trust/10.cert")).unwrap();
 
     let (code, report) = probe(
         sim.path(),

@@ -181,7 +181,7 @@ fn serve(
 fn machine(name: &str, address: &str, vendor: &Vendor) -> (Machine, common::Daemon) {
     let machine = Machine::new(name, "workstation", address);
     let daemon = machine.start(&[]);
-    let (code, out) = machine.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+    let (code, out) = machine.meter(&["trust", vendor.certificate().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     (machine, daemon)
 }
@@ -379,4 +379,28 @@ fn a_dongle_that_stops_answering_revokes_its_holders_and_is_used_again_once_it_a
     assert!(back.is_some(), "{:?}", dongle_container(&vm1));
     assert_eq!(dongle_container(&vm1).unwrap()["state"], "valid");
     assert_eq!(dongle.status()["binding"]["runtime"], runtime_id(&vm1));
+}
+
+#[test]
+fn the_vendors_switches_travel_inside_the_dongle() {
+    let vendor = Vendor::new();
+    let mut dongle = EmulatedDongle::program(
+        &vendor,
+        &[
+            "{code: 2001, name: cam-suite, container: dongle, quantity: 3, counting: user-limit, virtual-machines: deny, terminal-server: deny}",
+        ],
+    );
+    let flash_path = vendor.dir.path().join("dongle.flash.json");
+    let flash: Flash = serde_json::from_slice(&std::fs::read(&flash_path).unwrap()).unwrap();
+    assert!(flash.items()[0].deny_virtual_machines);
+    assert!(flash.items()[0].deny_terminal_server);
+    // The tests' machines are guests: the product is refused there, whatever the runtime holds.
+    let (vm1, _d1) = machine("vm1", "127.0.3.9", &vendor);
+    dongle.plug(&vm1);
+    let (code, refused) = vm1.meter(&["access", "--product", "2001"]);
+    assert_eq!(
+        (code, refused["reason"].as_str()),
+        (1, Some("vm-not-allowed")),
+        "{refused}"
+    );
 }

@@ -83,7 +83,7 @@ fn activate(
     policy: &Path,
     product: u32,
 ) -> (i32, Value, PathBuf) {
-    let (code, out) = machine.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+    let (code, out) = machine.meter(&["trust", vendor.certificate().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     let request = machine.dir.path().join(format!("{product}.request"));
     let (code, out) = machine.meter(&[
@@ -206,10 +206,10 @@ trait TrustVendor {
 
 impl TrustVendor for Machine {
     fn install_trust(&self, vendor: &Vendor) {
-        let (code, out) = self.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+        let (code, out) = self.meter(&["trust", vendor.certificate().to_str().unwrap()]);
         assert_eq!(code, 0, "{out}");
         // Trusting the same key again is fine.
-        let (code, out) = self.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+        let (code, out) = self.meter(&["trust", vendor.certificate().to_str().unwrap()]);
         assert_eq!(code, 0, "{out}");
     }
 }

@@ -240,6 +240,7 @@ impl QemuDriver {
             loadvm,
             usb: g.usb.values().cloned().collect(),
             runtime_disk: self.runtime_disk.clone(),
+            harness_root: self.config.harness_root.clone(),
         }
     }
 

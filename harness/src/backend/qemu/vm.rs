@@ -120,6 +120,8 @@ pub struct VmSpec {
     pub usb: Vec<UsbRedirPlug>,
     /// A read-only disk with the runtime under test, when it is not the image's own.
     pub runtime_disk: Option<PathBuf>,
+    /// The world's root key (hex) the guest's runtime trusts firm certificates from.
+    pub harness_root: Option<String>,
 }
 
 /// Escapes a value for QEMU's `key=value,…` option syntax.
@@ -223,6 +225,14 @@ impl VmSpec {
                         .ok()
                         .filter(|d| crate::name::check(d).is_ok())
                         .map(|d| format!(" {}={d}", crate::runtime::weakening::WEAKEN_VARIABLE))
+                        .unwrap_or_default()
+                    // The world's root reaches the guest's runtime the same way (init's
+                    // environment); hex only, so it cannot add arguments of its own.
+                    + &self
+                        .harness_root
+                        .as_deref()
+                        .filter(|r| r.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .map(|r| format!(" {}={r}", crate::runtime::HARNESS_ROOT_VARIABLE))
                         .unwrap_or_default()
             ),
             "-smbios".into(),
@@ -520,6 +530,7 @@ mod tests {
             incoming: None,
             usb: Vec::new(),
             runtime_disk: None,
+            harness_root: Some("ab".repeat(32)),
         }
     }
 

@@ -283,6 +283,9 @@ impl SimDriver {
                 .arg("--pin")
                 .arg(&link.pin);
         }
+        if let Some(root) = &self.config.harness_root {
+            command.env(crate::runtime::HARNESS_ROOT_VARIABLE, root);
+        }
         command
             .env(
                 "METER_LOG",

@@ -7,7 +7,7 @@ fn main() -> anyhow::Result<()> {
         .map(std::path::PathBuf::from)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    meterd::platform::allow_simulated();
+    meterd::harness_build::enable();
     if called == "meterd" {
         meterd::cli::run_daemon(std::env::args_os().collect())
     } else {

@@ -4,7 +4,7 @@
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    meterd::platform::allow_simulated();
+    meterd::harness_build::enable();
     if meterd::cli::called_as(&args) == "meter" {
         std::process::exit(meterd::cli::run_meter(args));
     }

@@ -5,7 +5,6 @@ pub mod host;
 pub mod sim;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use facts::{Platform, PlatformError, SessionInfo, UsbEndpoint};
 pub use host::{
@@ -13,24 +12,13 @@ pub use host::{
 };
 pub use sim::SimPlatform;
 
-/// Whether this process may run on a simulated platform (see [`allow_simulated`]).
-static SIMULATED_ALLOWED: AtomicBool = AtomicBool::new(false);
-
-/// Lets this process run on a simulated platform, whose machine facts are plain files anyone
-/// with the folder can edit: only the harness's and the tests' builds (cargo feature
-/// `simulated-platform`) can call it, and the `meterd` binary never does.
-#[cfg(feature = "simulated-platform")]
-pub fn allow_simulated() {
-    SIMULATED_ALLOWED.store(true, Ordering::SeqCst);
-}
-
 /// Builds the platform named by a `--platform` argument (`host` or `sim:<dir>`, the latter
-/// only where [`allow_simulated`] was called).
+/// only in a harness build, see [`crate::harness_build`]).
 pub fn from_spec(spec: &str) -> Result<Arc<dyn Platform>, PlatformError> {
     if spec == "host" {
         Ok(Arc::new(HostPlatform::new()))
     } else if let Some(dir) = spec.strip_prefix("sim:") {
-        if !SIMULATED_ALLOWED.load(Ordering::SeqCst) {
+        if !crate::harness_build::enabled() {
             return Err(PlatformError::SimulatedRefused);
         }
         Ok(Arc::new(SimPlatform::new(dir)))

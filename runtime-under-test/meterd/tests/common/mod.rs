@@ -23,6 +23,28 @@ pub static METER_SIM: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(||
     link
 });
 
+/// The root of the tests' world: harness builds trust it when `METER_HARNESS_ROOT` names it.
+pub struct TestRoot {
+    pub dir: PathBuf,
+    pub public_hex: String,
+}
+
+/// One root for every daemon and vendor of a test process.
+pub static TEST_ROOT: std::sync::LazyLock<TestRoot> = std::sync::LazyLock::new(|| {
+    let dir = std::env::temp_dir().join(format!("meterd-tests-root-{}", std::process::id()));
+    let out = Command::new(METER)
+        .args(["--json", "root", "keygen", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let made: Value = serde_json::from_slice(&out.stdout).unwrap();
+    TestRoot {
+        dir,
+        public_hex: made["root_key"].as_str().unwrap().to_owned(),
+    }
+});
+
 /// A vendor with a key pair and a way to issue licences.
 pub struct Vendor {
     pub dir: tempfile::TempDir,
@@ -37,11 +59,27 @@ impl Vendor {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        Vendor { dir }
+        let vendor = Vendor { dir };
+        let out = Command::new(METER)
+            .args(["--json", "root", "certify", "--firm", "10", "--root"])
+            .arg(TEST_ROOT.dir.join("root.key"))
+            .arg("--vendor")
+            .arg(vendor.public())
+            .arg("--out")
+            .arg(vendor.certificate())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        vendor
     }
 
     pub fn public(&self) -> PathBuf {
         self.dir.path().join("vendor.pub")
+    }
+
+    /// The vendor's firm certificate for firm 10, signed by the tests' root.
+    pub fn certificate(&self) -> PathBuf {
+        self.dir.path().join("firm.cert")
     }
 
     /// Issues an unbound licence for `products` (YAML flow items) and returns its path.
@@ -131,6 +169,7 @@ impl Machine {
             .arg("--platform")
             .arg(format!("sim:{}", self.platform().display()))
             .args(extra)
+            .env("METER_HARNESS_ROOT", &TEST_ROOT.public_hex)
             // METER_TEST_LOG=info shows what the daemons did when a test fails.
             .env(
                 "METER_LOG",
@@ -160,7 +199,7 @@ impl Machine {
 
     /// Trusts the vendor and installs a licence.
     pub fn install(&self, vendor: &Vendor, licence: &Path) {
-        let (code, out) = self.meter(&["trust", "--firm", "10", vendor.public().to_str().unwrap()]);
+        let (code, out) = self.meter(&["trust", vendor.certificate().to_str().unwrap()]);
         assert_eq!(code, 0, "{out}");
         let (code, out) = self.meter(&["activate", "apply", licence.to_str().unwrap()]);
         assert_eq!(code, 0, "{out}");
