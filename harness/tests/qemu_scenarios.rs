@@ -120,6 +120,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::licence_forged("licence-forged")]
 #[case::trial_expiry("trial-expiry")]
 #[case::stationshare_ts_guest("stationshare-ts-guest")]
+#[case::terminal_server_setsid("terminal-server-setsid")]
 #[case::stationshare_mixed("stationshare-mixed")]
 #[case::crash_release("crash-release")]
 #[case::holder_release("holder-release")]

@@ -45,7 +45,7 @@ steps:
   - state-save: { machine: vm1, name: kept }
   - state-restore: { machine: vm1, name: kept }
   - session-open: { machine: vm2, as: sess1, kind: rdp, user: alice, client-name: pc-1, client-ip: 10.0.0.1 }
-  - start-app: { machine: vm2, session: sess1, product: 1001, as: app1 }
+  - start-app: { machine: vm2, session: sess1, product: 1001, as: app1, leave-session: true }
   - access: { machine: vm1, product: 1001, as: probe1, times: 2 }
   - usb-attach: { dongle: d1, machine: vm1 }
   - usb-detach: d1

@@ -1,5 +1,7 @@
 //! A login-session leader inside the guest: a process that starts its own session (setsid) and
-//! spawns the session's processes, so they all carry its session id as on a real login.
+//! a login session of its own (it sets its audit login uid, as `pam_loginuid` does at a real
+//! login), and spawns the session's processes, so they all carry both ids as on a real login.
+//! A process that calls `setsid` leaves the first, never the second.
 //!
 //! The agent starts one per session (`vigil-agent leader`) and speaks newline-delimited JSON on
 //! its stdin/stdout. Closing its stdin ends the session and kills its processes.
@@ -24,6 +26,9 @@ pub struct SpawnRequest {
     pub stdout: String,
     /// File that receives stderr.
     pub stderr: String,
+    /// The process leaves the session (`setsid`) as it starts: it stays in the login session.
+    #[serde(default)]
+    pub leave_session: bool,
 }
 
 /// What a session's leader has reported: spawn answers by request id and exits by pid.
@@ -62,6 +67,9 @@ pub enum LeaderEvent {
     Ready {
         /// Session id.
         sid: i32,
+        /// The audit login session id, when the kernel let the leader open one.
+        #[serde(default)]
+        login: Option<u32>,
     },
     /// A spawn request succeeded.
     Spawned {
@@ -132,7 +140,8 @@ pub fn run(parent: Option<i32>) -> anyhow::Result<()> {
         alive: Mutex::new(0),
         spawned: Condvar::new(),
     }));
-    emit(out, &LeaderEvent::Ready { sid });
+    let login = open_login_session();
+    emit(out, &LeaderEvent::Ready { sid, login });
     std::thread::spawn(move || reap_forever(out, children));
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -166,6 +175,38 @@ pub fn run(parent: Option<i32>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The audit session id the kernel has for no login session.
+const NO_LOGIN_SESSION: u32 = u32::MAX;
+
+/// Opens a login session for this process and its descendants: writing a login uid (the
+/// leader's own) makes the kernel assign a fresh audit session id, which no later `setsid`
+/// changes. Where the kernel refuses (no audit support, or no CAP_AUDIT_CONTROL) the process
+/// keeps the login session it inherited, if any: the one returned is what the runtime will see.
+fn open_login_session() -> Option<u32> {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    if let Err(e) = std::fs::write("/proc/self/loginuid", uid.to_string()) {
+        eprintln!("vigil leader: cannot open a login session: {e}");
+    }
+    login_session_of("self")
+}
+
+/// The audit login session of a process (`self` or a pid), if it has one.
+pub fn login_session_of(process: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{process}/sessionid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|id| *id != NO_LOGIN_SESSION)
+}
+
+/// The key of a session in the runtime's session table: its login session where there is one
+/// (the runtime counts a process in its login session), else its process session.
+pub fn table_key(sid: i32, login: Option<u32>) -> i32 {
+    login.and_then(|id| i32::try_from(id).ok()).unwrap_or(sid)
+}
+
 fn spawn(request: &SpawnRequest) -> anyhow::Result<i32> {
     let (program, args) = request
         .argv
@@ -180,10 +221,14 @@ fn spawn(request: &SpawnRequest) -> anyhow::Result<i32> {
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    // SAFETY: prctl is async-signal-safe.
+    let leave_session = request.leave_session;
+    // SAFETY: prctl and setsid are async-signal-safe.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if leave_session && libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }

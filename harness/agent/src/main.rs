@@ -55,6 +55,8 @@ fn find_port(wait: Duration) -> anyhow::Result<PathBuf> {
 
 struct Session {
     sid: i32,
+    /// The audit login session its processes stay in, if the kernel let the leader open one.
+    login: Option<u32>,
     child: Child,
     stdin: Option<ChildStdin>,
     ledger: LeaderLedger,
@@ -191,6 +193,7 @@ fn handle(agent: &Arc<Agent>, request: Request) -> anyhow::Result<Outcome> {
             None => exec_plain(&argv, &env, deadline),
         },
         Op::SessionOpen { name, session } => {
+            // The table names the session by its login session where it has one.
             let sid = open_session(agent, &name)?;
             let mut state = agent.lock();
             state.table.insert(sid, session);
@@ -206,10 +209,30 @@ fn handle(agent: &Arc<Agent>, request: Request) -> anyhow::Result<Outcome> {
             session,
             argv,
             env,
+            leave_session,
         } => {
             let stdout = Path::new(SCRATCH).join("apps").join(format!("{app}.out"));
             let stderr = Path::new(SCRATCH).join("apps").join(format!("{app}.err"));
-            let pid = spawn_in_session(agent, &session, &argv, &env, &stdout, &stderr, deadline)?;
+            if leave_session
+                && agent
+                    .lock()
+                    .sessions
+                    .get(&session)
+                    .is_some_and(|s| s.login.is_none())
+            {
+                bail!(
+                    "Session `{session}` has no login session (writing /proc/self/loginuid was refused): an app leaving it could not be told from the machine's own"
+                );
+            }
+            let request = SpawnRequest {
+                id: 0,
+                argv,
+                env,
+                stdout: stdout.display().to_string(),
+                stderr: stderr.display().to_string(),
+                leave_session,
+            };
+            let pid = spawn_in_session(agent, &session, request, deadline)?;
             agent.lock().apps.insert(
                 app,
                 App {
@@ -342,8 +365,8 @@ fn open_session(agent: &Arc<Agent>, name: &str) -> anyhow::Result<i32> {
     let mut lines = BufReader::new(stdout);
     let mut first = String::new();
     lines.read_line(&mut first)?;
-    let sid = match serde_json::from_str::<LeaderEvent>(&first) {
-        Ok(LeaderEvent::Ready { sid }) => sid,
+    let (sid, login) = match serde_json::from_str::<LeaderEvent>(&first) {
+        Ok(LeaderEvent::Ready { sid, login }) => (sid, login),
         other => {
             let _ = child.kill();
             let _ = child.wait();
@@ -355,6 +378,7 @@ fn open_session(agent: &Arc<Agent>, name: &str) -> anyhow::Result<i32> {
         name.to_string(),
         Session {
             sid,
+            login,
             child,
             stdin,
             ledger: LeaderLedger::default(),
@@ -383,7 +407,7 @@ fn open_session(agent: &Arc<Agent>, name: &str) -> anyhow::Result<i32> {
             agent.changed.notify_all();
         }
     });
-    Ok(sid)
+    Ok(vigil_agent::leader::table_key(sid, login))
 }
 
 fn end_session(agent: &Agent, mut session: Session) {
@@ -401,7 +425,9 @@ fn end_session(agent: &Agent, mut session: Session) {
     let _ = session.child.kill();
     let _ = session.child.wait();
     let mut state = agent.lock();
-    state.table.remove(session.sid);
+    state
+        .table
+        .remove(vigil_agent::leader::table_key(session.sid, session.login));
     if let Err(e) = state.table.write(Path::new(SESSION_TABLE)) {
         eprintln!("vigil-agent: write the session table: {e}");
     }
@@ -417,25 +443,18 @@ fn close_session(agent: &Arc<Agent>, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Has a session's leader spawn `request` (its id is chosen here); returns the pid.
 fn spawn_in_session(
     agent: &Arc<Agent>,
     session: &str,
-    argv: &[String],
-    env: &[(String, String)],
-    stdout: &Path,
-    stderr: &Path,
+    mut request: SpawnRequest,
     deadline: Instant,
 ) -> anyhow::Result<i32> {
     let mut state = agent.lock();
     state.next_id += 1;
     let id = state.next_id;
-    let request = SpawnRequest {
-        id,
-        argv: argv.to_vec(),
-        env: env.to_vec(),
-        stdout: stdout.display().to_string(),
-        stderr: stderr.display().to_string(),
-    };
+    request.id = id;
+    let argv = request.argv.clone();
     let entry = state
         .sessions
         .get_mut(session)
@@ -483,7 +502,15 @@ fn exec_in_session(
     };
     let stdout = Path::new(SCRATCH).join(format!("cmd-{n}.out"));
     let stderr = Path::new(SCRATCH).join(format!("cmd-{n}.err"));
-    let pid = spawn_in_session(agent, session, argv, env, &stdout, &stderr, deadline)?;
+    let request = SpawnRequest {
+        id: 0,
+        argv: argv.to_vec(),
+        env: env.to_vec(),
+        stdout: stdout.display().to_string(),
+        stderr: stderr.display().to_string(),
+        leave_session: false,
+    };
+    let pid = spawn_in_session(agent, session, request, deadline)?;
     let mut state = agent.lock();
     let exit = loop {
         let exit = match state.sessions.get(session) {

@@ -93,6 +93,9 @@ pub enum Op {
         argv: Vec<String>,
         /// Extra environment variables.
         env: Vec<(String, String)>,
+        /// The app calls `setsid` as it starts (it stays in the session's login session).
+        #[serde(default)]
+        leave_session: bool,
     },
     /// How an app is doing and what it printed.
     AppStatus {
@@ -179,7 +182,8 @@ pub enum Outcome {
     },
     /// A session was opened.
     SessionOpened {
-        /// Its session id (the leader's pid).
+        /// Its key in the session table: its login session, else its session id (the
+        /// leader's pid).
         sid: i32,
     },
     /// An app was started.

@@ -17,6 +17,11 @@ impl SessionTable {
         self.entries.insert(sid, kind);
     }
 
+    /// Whether a session is recorded under this key.
+    pub fn contains(&self, sid: i32) -> bool {
+        self.entries.contains_key(&sid)
+    }
+
     /// Forgets a session.
     pub fn remove(&mut self, sid: i32) {
         self.entries.remove(&sid);

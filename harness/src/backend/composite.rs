@@ -479,11 +479,12 @@ impl Backend for World {
         session: &str,
         app: &str,
         args: &[String],
+        leaves_session: bool,
     ) -> Result<(), BackendError> {
         self.require(machine, "start-app", &[Power::Running], "running")?;
         BackendError::check_name("app", app)?;
         self.driver(machine)?
-            .start_app(machine, session, app, args)?;
+            .start_app(machine, session, app, args, leaves_session)?;
         self.apps.insert(
             app.to_string(),
             AppPlace {

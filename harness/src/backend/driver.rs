@@ -137,13 +137,15 @@ pub trait MachineDriver: Any {
     fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
     /// Stops the machine's runtime, puts the copy `name` back as its state folder, starts it.
     fn restore_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
-    /// Starts `meter <args>` as a long-lived app in a session.
+    /// Starts `meter <args>` as a long-lived app in a session; with `leaves_session` it calls
+    /// `setsid` as it starts and must stay in the session's login session.
     fn start_app(
         &mut self,
         machine: &str,
         session: &str,
         app: &str,
         args: &[String],
+        leaves_session: bool,
     ) -> Result<(), BackendError>;
     /// Complete lines the app printed so far.
     fn app_output(&mut self, machine: &str, app: &str) -> Result<Vec<String>, BackendError>;

@@ -71,13 +71,15 @@ pub trait Backend {
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError>;
-    /// Starts a long-lived `meter` command (an app) in a session.
+    /// Starts a long-lived `meter` command (an app) in a session; with `leaves_session` the app
+    /// calls `setsid` as it starts (it stays in the session's login session).
     fn start_app(
         &mut self,
         machine: &str,
         session: &str,
         app: &str,
         args: &[String],
+        leaves_session: bool,
     ) -> Result<(), BackendError>;
     /// Lines the app has printed so far.
     fn app_output(&mut self, app: &str) -> Result<Vec<String>, BackendError>;

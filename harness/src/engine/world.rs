@@ -444,6 +444,7 @@ impl World {
                 s.session.as_ref().map_or("console", |x| x.value.as_str()),
                 &s.name.value,
                 s.product.value,
+                s.leave_session.as_ref().is_some_and(|l| l.value),
             ),
             Step::Release(app) => {
                 // A clean release: the app ends normally (SIGTERM), giving its licence back;
@@ -896,9 +897,15 @@ impl World {
         session: &str,
         app: &str,
         product: u32,
+        leaves_session: bool,
     ) -> Result<(), BackendError> {
-        self.backend
-            .start_app(machine, session, app, &runtime::hold_args(FIRM, product))?;
+        self.backend.start_app(
+            machine,
+            session,
+            app,
+            &runtime::hold_args(FIRM, product),
+            leaves_session,
+        )?;
         let deadline = Instant::now() + runtime::COMMAND_TIMEOUT;
         let answer = loop {
             let lines = self.backend.app_output(app)?;

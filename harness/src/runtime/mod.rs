@@ -4,6 +4,7 @@
 pub mod folder;
 pub mod policy;
 pub mod weakening;
+pub mod world_root;
 
 pub use weakening::WEAKEN_VARIABLE;
 
@@ -16,9 +17,6 @@ use serde_json::Value;
 use crate::backend::{Backend, BackendError, CommandOutput};
 
 /// How long one `meter` command may take before the runtime counts as hung.
-/// The variable that gives a harness build of the reference runtime the world's root key.
-pub const HARNESS_ROOT_VARIABLE: &str = "METER_HARNESS_ROOT";
-
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the runtime answered to an access.

@@ -39,6 +39,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("licence-reapply"),
     builtin!("licence-forged"),
     builtin!("dongle-vm-denied"),
+    builtin!("terminal-server-setsid"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),

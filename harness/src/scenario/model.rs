@@ -407,11 +407,13 @@ pub enum Defence {
     DongleCounters,
     /// Vendors trusted only through a firm certificate from a root the runtime carries.
     VendorTrust,
+    /// A process counts in its login session, which `setsid` cannot leave.
+    LoginSessions,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 29] = [
+    pub const ALL: [Defence; 30] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -441,6 +443,7 @@ impl Defence {
         Defence::Expiry,
         Defence::DongleCounters,
         Defence::VendorTrust,
+        Defence::LoginSessions,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -475,6 +478,7 @@ impl Defence {
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
             Defence::VendorTrust => "vendor-trust",
+            Defence::LoginSessions => "login-sessions",
         }
     }
 
@@ -537,6 +541,9 @@ impl Defence {
             Defence::DongleCounters => "Units counted inside the dongle's secure element.",
             Defence::VendorTrust => {
                 "Vendors trusted only through a firm certificate from a root the runtime carries."
+            }
+            Defence::LoginSessions => {
+                "A process counts in its login session, which `setsid` cannot leave."
             }
         }
     }
@@ -982,6 +989,10 @@ pub struct StartAppStep {
     /// Name steps use for this app.
     #[serde(rename = "as")]
     pub name: Name,
+    /// An attack: the app calls `setsid` as it starts, leaving its session's process session
+    /// (it stays in the session's login session); needs `session`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leave_session: Option<Located<bool>>,
 }
 
 /// `set-clock`: skew a machine's clock.

@@ -1176,6 +1176,17 @@ impl<'a> Checker<'a> {
                 if let (Some(session), Some(_)) = (&start.session, &machine) {
                     self.session(session, &start.machine.value);
                 }
+                if let Some(leave) = &start.leave_session
+                    && leave.value
+                    && start.session.is_none()
+                {
+                    self.report(
+                        leave.at,
+                        "`leave-session` needs a `session` to leave",
+                        "no session",
+                        Some("name the login session the app starts in (`session: <name>`)".into()),
+                    );
+                }
                 if self.fresh_name(&start.name, "app") {
                     self.add_app(
                         &start.name,

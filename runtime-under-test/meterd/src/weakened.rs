@@ -74,11 +74,13 @@ pub enum Defence {
     DongleCounters,
     /// A firm certificate is trusted when it verifies against the root it names: any root.
     VendorTrust,
+    /// A process counts in its process session, which `setsid` leaves, not its login session.
+    LoginSessions,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 29] = [
+    pub const ALL: [Defence; 30] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -108,6 +110,7 @@ impl Defence {
         Defence::Expiry,
         Defence::DongleCounters,
         Defence::VendorTrust,
+        Defence::LoginSessions,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -142,6 +145,7 @@ impl Defence {
             Defence::Expiry => "expiry",
             Defence::DongleCounters => "dongle-counters",
             Defence::VendorTrust => "vendor-trust",
+            Defence::LoginSessions => "login-sessions",
         }
     }
 }
@@ -224,6 +228,9 @@ impl Defence {
             }
             Defence::VendorTrust => {
                 "a firm certificate is checked against the root key it names, so a root the licensee made is trusted"
+            }
+            Defence::LoginSessions => {
+                "a process counts in its process session: one that calls setsid leaves its terminal-server session and counts as the machine"
             }
         }
     }

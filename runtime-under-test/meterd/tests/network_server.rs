@@ -64,7 +64,7 @@ fn station_share_three_across_five_sessions_on_two_terminal_servers() {
     let (ts2, _d2) = client("ts2", "terminal-server", "127.0.2.2", &addr, &pin);
 
     // Session A is the test's own session: two apps in it are one station.
-    let own = nix::unistd::getsid(None).unwrap().as_raw() as u32;
+    let own = common::session_key(std::process::id());
     ts1.add_session(own, "rdp");
     let a1 = ts1.hold(1001, None);
     let a2 = ts1.hold(1001, None);

@@ -1292,6 +1292,7 @@ fi"#,
         session: &str,
         app: &str,
         args: &[String],
+        leaves_session: bool,
     ) -> Result<(), BackendError> {
         BackendError::check_name("app", app)?;
         let mut argv = vec!["/bin/meter".to_string()];
@@ -1303,6 +1304,7 @@ fi"#,
                 session: session.to_string(),
                 argv,
                 env: vec![("METER_SOCKET".into(), GUEST_SOCKET.into())],
+                leave_session: leaves_session,
             },
             Duration::from_secs(20),
         )?;

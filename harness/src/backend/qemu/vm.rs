@@ -232,7 +232,7 @@ impl VmSpec {
                         .harness_root
                         .as_deref()
                         .filter(|r| r.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .map(|r| format!(" {}={r}", crate::runtime::HARNESS_ROOT_VARIABLE))
+                        .map(|r| format!(" {}={r}", crate::runtime::world_root::HARNESS_ROOT_VARIABLE))
                         .unwrap_or_default()
             ),
             "-smbios".into(),

@@ -21,8 +21,8 @@ use self::session::LeaderHandle;
 use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
 use super::fabric::Fabric;
 use super::types::{
-    AppStatus, BackendError, CloneIdentity, CommandOutput, CpuProfile, HardwareIdentity, Power,
-    Role, ServerInfo, SessionSpec,
+    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
+    HardwareIdentity, Power, Role, ServerInfo, SessionSpec,
 };
 use crate::identity::IdentityMint;
 
@@ -284,7 +284,7 @@ impl SimDriver {
                 .arg(&link.pin);
         }
         if let Some(root) = &self.config.harness_root {
-            command.env(crate::runtime::HARNESS_ROOT_VARIABLE, root);
+            command.env(crate::runtime::world_root::HARNESS_ROOT_VARIABLE, root);
         }
         command
             .env(
@@ -444,6 +444,7 @@ impl SimDriver {
         args: &[String],
         stdout: &Path,
         stderr: &Path,
+        leaves_session: bool,
     ) -> Result<(&mut LeaderHandle, i32), BackendError> {
         let mut argv = vec![self.config.runtime_bin.join("meter").display().to_string()];
         argv.extend(args.iter().cloned());
@@ -456,7 +457,17 @@ impl SimDriver {
                 kind: "session",
                 name: session.into(),
             })?;
-        let pid = leader.spawn(&argv, &env, stdout, stderr)?;
+        if leaves_session && leader.login.is_none() {
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Sim,
+                operation: "start-app leave-session",
+                why: "the session has no login session: writing /proc/self/loginuid was refused \
+                      (it needs root, CAP_AUDIT_CONTROL and a kernel with audit support), so a \
+                      process that calls setsid could not be told from the machine's own"
+                    .into(),
+            });
+        }
+        let pid = leader.spawn(&argv, &env, stdout, stderr, leaves_session)?;
         Ok((leader, pid))
     }
 
@@ -663,7 +674,21 @@ impl MachineDriver for SimDriver {
             .join(format!("session-{session}.log"));
         let leader = LeaderHandle::start(&self.config.harness_exe, &log)?;
         let m = self.machine_mut(machine)?;
-        m.session_table.insert(leader.sid, spec.clone());
+        let key = leader.table_key();
+        if m.session_table.contains(key) {
+            leader.close();
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Sim,
+                operation: "session-open",
+                why: format!(
+                    "two sessions would share login session {}: the harness runs inside a login \
+                     session and may not open new ones (writing /proc/self/loginuid needs root \
+                     and a kernel with audit support)",
+                    key
+                ),
+            });
+        }
+        m.session_table.insert(leader.table_key(), spec.clone());
         if let Some(old) = m.sessions.insert(session.to_string(), leader) {
             old.close();
         }
@@ -679,7 +704,7 @@ impl MachineDriver for SimDriver {
                 kind: "session",
                 name: session.into(),
             })?;
-        m.session_table.remove(leader.sid);
+        m.session_table.remove(leader.table_key());
         leader.close();
         self.write_sessions(machine)
     }
@@ -696,7 +721,7 @@ impl MachineDriver for SimDriver {
         let run_dir = self.machine(machine)?.dir.join("run");
         let stdout = run_dir.join(format!("cmd-{n}.out"));
         let stderr = run_dir.join(format!("cmd-{n}.err"));
-        let (leader, pid) = self.spawn_meter(machine, session, args, &stdout, &stderr)?;
+        let (leader, pid) = self.spawn_meter(machine, session, args, &stdout, &stderr, false)?;
         let Some(exit) = leader.wait_exit(pid, timeout) else {
             // SAFETY: killing our own descendant.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -721,12 +746,14 @@ impl MachineDriver for SimDriver {
         session: &str,
         app: &str,
         args: &[String],
+        leaves_session: bool,
     ) -> Result<(), BackendError> {
         BackendError::check_name("app", app)?;
         let apps_dir = self.run_logs(machine).join("apps");
         let stdout = apps_dir.join(format!("{app}.out"));
         let stderr = apps_dir.join(format!("{app}.err"));
-        let (_, pid) = self.spawn_meter(machine, session, args, &stdout, &stderr)?;
+        let (_, pid) =
+            self.spawn_meter(machine, session, args, &stdout, &stderr, leaves_session)?;
         self.apps.insert(
             app.to_string(),
             App {

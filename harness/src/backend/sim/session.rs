@@ -20,6 +20,9 @@ pub struct LeaderHandle {
     events: Receiver<LeaderEvent>,
     /// The session id every process of this session shares.
     pub sid: i32,
+    /// The audit login session every process of this session stays in, if the kernel let the
+    /// leader open one.
+    pub login: Option<u32>,
     ledger: LeaderLedger,
     next_id: u64,
 }
@@ -65,14 +68,16 @@ impl LeaderHandle {
             stdin,
             events: rx,
             sid: 0,
+            login: None,
             ledger: LeaderLedger::default(),
             next_id: 1,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match handle.next_event(deadline)? {
-                LeaderEvent::Ready { sid } => {
+                LeaderEvent::Ready { sid, login } => {
                     handle.sid = sid;
+                    handle.login = login;
                     return Ok(handle);
                 }
                 other => handle.record(other),
@@ -96,8 +101,9 @@ impl LeaderHandle {
     }
 
     fn record(&mut self, event: LeaderEvent) {
-        if let LeaderEvent::Ready { sid } = event {
+        if let LeaderEvent::Ready { sid, login } = event {
             self.sid = sid;
+            self.login = login;
         }
         self.ledger.record(event);
     }
@@ -116,6 +122,7 @@ impl LeaderHandle {
         env: &[(String, String)],
         stdout: &Path,
         stderr: &Path,
+        leave_session: bool,
     ) -> Result<i32, BackendError> {
         let id = self.next_id;
         self.next_id += 1;
@@ -125,6 +132,7 @@ impl LeaderHandle {
             env: env.to_vec(),
             stdout: stdout.display().to_string(),
             stderr: stderr.display().to_string(),
+            leave_session,
         };
         let line = serde_json::to_string(&request).expect("serializable request");
         let stdin = self.stdin.as_mut().ok_or_else(|| BackendError::Runtime {
@@ -165,6 +173,11 @@ impl LeaderHandle {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// The session's key in the runtime's session table (its login session where it has one).
+    pub fn table_key(&self) -> i32 {
+        vigil_agent::leader::table_key(self.sid, self.login)
     }
 
     /// Stops or continues every process of the session.

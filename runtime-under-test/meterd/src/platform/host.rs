@@ -343,15 +343,35 @@ impl HostPlatform {
     }
 }
 
-/// The session id and start time (clock ticks since boot) of a process, from `/proc/<pid>/stat`.
+/// The audit session id the kernel gives a process outside any login session.
+const NO_LOGIN_SESSION: u32 = u32::MAX;
+
+/// The session a process counts in and its start time (clock ticks since boot): its login
+/// session (the audit session id, `/proc/<pid>/sessionid`, which `setsid` cannot change), or
+/// its process session (`/proc/<pid>/stat`) where it has no login session.
 pub fn process_session_and_start(pid: u32) -> io::Result<(u32, u64)> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_proc_stat(&text).ok_or_else(|| {
+    let (session, start) = parse_proc_stat(&text).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("malformed /proc/{pid}/stat"),
         )
-    })
+    })?;
+    if crate::weakened::is(crate::weakened::Defence::LoginSessions) {
+        // Weakened: the process session, which any process may leave with setsid.
+        return Ok((session, start));
+    }
+    Ok((login_session(pid).unwrap_or(session), start))
+}
+
+/// The audit login session of a process, if it has one.
+fn login_session(pid: u32) -> Option<u32> {
+    fs::read_to_string(format!("/proc/{pid}/sessionid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|id| *id != NO_LOGIN_SESSION)
 }
 
 pub(crate) fn parse_proc_stat(text: &str) -> Option<(u32, u64)> {

@@ -222,17 +222,18 @@ impl Machine {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if session.is_some() {
-            // SAFETY: setsid is async-signal-safe.
+            // SAFETY: setsid, open, write and close are async-signal-safe.
             unsafe {
                 command.pre_exec(|| {
                     nix::unistd::setsid().map_err(std::io::Error::from)?;
+                    open_login_session();
                     Ok(())
                 });
             }
         }
         let mut child = command.spawn().unwrap();
         if let Some(kind) = session {
-            self.add_session(child.id(), kind);
+            self.add_session(session_key(child.id()), kind);
         }
         let mut stdin = child.stdin.take().unwrap();
         writeln!(stdin, "go").unwrap();
@@ -248,6 +249,33 @@ impl Machine {
             _stdin: stdin,
         }
     }
+}
+
+/// Opens a login session for the calling process, as a real login does (`pam_loginuid`), where
+/// the kernel allows it; async-signal-safe, for `pre_exec`.
+pub fn open_login_session() {
+    // SAFETY: open, write and close are async-signal-safe; failures are ignored (no audit
+    // support, or not allowed): the runtime then counts the process in its process session.
+    unsafe {
+        let fd = libc::open(c"/proc/self/loginuid".as_ptr(), libc::O_WRONLY);
+        if fd >= 0 {
+            libc::write(fd, c"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+}
+
+/// The session the runtime counts a process in: its login session, else its process session.
+pub fn session_key(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|id| *id != u32::MAX)
+        .unwrap_or_else(|| {
+            nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid as i32)))
+                .map(|sid| sid.as_raw() as u32)
+                .unwrap_or(pid)
+        })
 }
 
 pub fn meter_at(socket: &Path, args: &[&str]) -> (i32, Value) {
