@@ -74,6 +74,7 @@ fn qemu_timings() {
             host: "host-a".into(),
             identity: mint.guest_identity("vm1"),
             role: Role::Workstation,
+            hide_hypervisor: false,
         })
         .unwrap();
     let rounds = 3;

@@ -111,6 +111,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::guest_live_migration("guest-live-migration")]
 #[case::host_licence_in_guest("host-licence-in-guest")]
 #[case::vm_activation_denied("vm-activation-denied")]
+#[case::vm_hidden_hypervisor("vm-hidden-hypervisor")]
 #[case::snapshot_rollback_units("snapshot-rollback-units")]
 #[case::snapshot_rollback_time("snapshot-rollback-time")]
 #[case::snapshot_rollback_many("snapshot-rollback-many")]

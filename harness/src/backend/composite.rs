@@ -31,6 +31,8 @@ struct Placement {
     host: String,
     role: Role,
     ip: Ipv4Addr,
+    /// A guest whose CPUID hypervisor bit is switched off (its clones inherit the setting).
+    hide_hypervisor: bool,
 }
 
 /// An app and whether it still has a machine to run on.
@@ -181,6 +183,7 @@ impl World {
                 host: host.to_string(),
                 role: spec.role,
                 ip: spec.ip,
+                hide_hypervisor: spec.hide_hypervisor,
             },
         );
         self.push_clock(&spec.name)?;
@@ -324,6 +327,7 @@ impl Backend for World {
             identity: host.identity.clone(),
             cpu: host.cpu.clone(),
             ip: self.fabric.addresses.allocate()?,
+            hide_hypervisor: false,
         };
         self.drivers[0].add_machine(&spec)?;
         self.hosts.insert(host.name.clone(), host.clone());
@@ -340,6 +344,7 @@ impl Backend for World {
             identity: guest.identity.clone(),
             cpu,
             ip: self.fabric.addresses.allocate()?,
+            hide_hypervisor: guest.hide_hypervisor,
         };
         let driver = self.guest_driver;
         self.drivers[driver].add_machine(&spec)?;
@@ -403,9 +408,9 @@ impl Backend for World {
         identity: CloneIdentity,
     ) -> Result<(), BackendError> {
         self.check_new(to)?;
-        let (driver, role) = {
+        let (driver, role, hide_hypervisor) = {
             let source = self.placement(from)?;
-            (source.driver, source.role)
+            (source.driver, source.role, source.hide_hypervisor)
         };
         let spec = MachineSpec {
             name: to.to_string(),
@@ -414,6 +419,7 @@ impl Backend for World {
             identity: self.mint.guest_identity(to),
             cpu: self.host(host)?.cpu.clone(),
             ip: self.fabric.addresses.allocate()?,
+            hide_hypervisor,
         };
         self.drivers[driver].clone_machine(from, &spec, identity)?;
         self.place(&spec, driver, host)

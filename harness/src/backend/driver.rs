@@ -27,6 +27,8 @@ pub struct MachineSpec {
     pub cpu: CpuProfile,
     /// Its own address on the world's network.
     pub ip: Ipv4Addr,
+    /// A guest whose CPUID hypervisor bit is switched off.
+    pub hide_hypervisor: bool,
 }
 
 /// A network server a machine's runtime is pointed at: the harness-side address of the link

@@ -156,6 +156,8 @@ pub struct GuestSpec {
     pub identity: HardwareIdentity,
     /// Workstation or terminal server.
     pub role: Role,
+    /// The CPUID hypervisor bit is switched off (an attack by the VM's owner).
+    pub hide_hypervisor: bool,
 }
 
 /// How a clone gets its identity.

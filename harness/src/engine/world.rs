@@ -108,6 +108,7 @@ impl World {
                 host: guest.host.value.clone(),
                 identity,
                 role: role_of(guest.role),
+                hide_hypervisor: guest.hide_hypervisor,
             })?;
         }
         let hosts: Vec<String> = scenario

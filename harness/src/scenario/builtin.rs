@@ -40,6 +40,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("licence-forged"),
     builtin!("dongle-vm-denied"),
     builtin!("terminal-server-setsid"),
+    builtin!("vm-hidden-hypervisor"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),

@@ -292,6 +292,10 @@ pub struct Guest {
     /// Virtual hardware identity; generated from the name when absent.
     #[serde(default, skip_serializing_if = "Identity::is_empty")]
     pub identity: Identity,
+    /// An attack by the VM's owner: the CPUID hypervisor bit is switched off (qemu:
+    /// `-cpu …,-hypervisor`); the virtual firmware and devices still show.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hide_hypervisor: bool,
 }
 
 /// A licence dongle.
@@ -409,11 +413,13 @@ pub enum Defence {
     VendorTrust,
     /// A process counts in its login session, which `setsid` cannot leave.
     LoginSessions,
+    /// A guest is recognised by several signals, not the CPUID hypervisor bit alone.
+    GuestDetection,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 30] = [
+    pub const ALL: [Defence; 31] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -444,6 +450,7 @@ impl Defence {
         Defence::DongleCounters,
         Defence::VendorTrust,
         Defence::LoginSessions,
+        Defence::GuestDetection,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -479,6 +486,7 @@ impl Defence {
             Defence::DongleCounters => "dongle-counters",
             Defence::VendorTrust => "vendor-trust",
             Defence::LoginSessions => "login-sessions",
+            Defence::GuestDetection => "guest-detection",
         }
     }
 
@@ -544,6 +552,9 @@ impl Defence {
             }
             Defence::LoginSessions => {
                 "A process counts in its login session, which `setsid` cannot leave."
+            }
+            Defence::GuestDetection => {
+                "A guest is recognised by several signals, not the CPUID hypervisor bit alone."
             }
         }
     }

@@ -64,6 +64,7 @@ pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> World {
                 host: "host-a".into(),
                 identity: mint.guest_identity(guest),
                 role: Role::Workstation,
+                hide_hypervisor: false,
             })
             .unwrap();
     }

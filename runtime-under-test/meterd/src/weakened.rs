@@ -76,11 +76,13 @@ pub enum Defence {
     VendorTrust,
     /// A process counts in its process session, which `setsid` leaves, not its login session.
     LoginSessions,
+    /// A guest is recognised by the CPUID hypervisor bit alone.
+    GuestDetection,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 30] = [
+    pub const ALL: [Defence; 31] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -111,6 +113,7 @@ impl Defence {
         Defence::DongleCounters,
         Defence::VendorTrust,
         Defence::LoginSessions,
+        Defence::GuestDetection,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -146,6 +149,7 @@ impl Defence {
             Defence::DongleCounters => "dongle-counters",
             Defence::VendorTrust => "vendor-trust",
             Defence::LoginSessions => "login-sessions",
+            Defence::GuestDetection => "guest-detection",
         }
     }
 }
@@ -231,6 +235,9 @@ impl Defence {
             }
             Defence::LoginSessions => {
                 "a process counts in its process session: one that calls setsid leaves its terminal-server session and counts as the machine"
+            }
+            Defence::GuestDetection => {
+                "a guest is recognised by the CPUID hypervisor bit alone, which the VM's owner can switch off"
             }
         }
     }

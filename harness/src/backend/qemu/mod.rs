@@ -66,6 +66,8 @@ struct Snapshot {
 struct Guest {
     name: String,
     role: Role,
+    /// The CPUID hypervisor bit is switched off (`-cpu …,-hypervisor`).
+    hide_hypervisor: bool,
     identity: HardwareIdentity,
     /// The CPU the guest booted with (kept through a live migration).
     cpu: CpuProfile,
@@ -205,6 +207,7 @@ impl QemuDriver {
             Guest {
                 name: name.to_string(),
                 role: spec.role,
+                hide_hypervisor: spec.hide_hypervisor,
                 identity: spec.identity.clone(),
                 cpu: spec.cpu.clone(),
                 vmgenid,
@@ -232,6 +235,7 @@ impl QemuDriver {
             name: g.name.clone(),
             identity: g.identity.clone(),
             cpu: g.cpu.clone(),
+            hide_hypervisor: g.hide_hypervisor,
             vmgenid: g.vmgenid.clone(),
             disk: g.disk(),
             incoming: incoming.then(|| run_dir.join("migration.sock")),

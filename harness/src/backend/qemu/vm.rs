@@ -120,6 +120,8 @@ pub struct VmSpec {
     pub usb: Vec<UsbRedirPlug>,
     /// A read-only disk with the runtime under test, when it is not the image's own.
     pub runtime_disk: Option<PathBuf>,
+    /// The CPUID hypervisor bit is switched off (an attack by the VM's owner).
+    pub hide_hypervisor: bool,
     /// The world's root key (hex) the guest's runtime trusts firm certificates from.
     pub harness_root: Option<String>,
 }
@@ -160,6 +162,9 @@ impl VmSpec {
         );
         if let Some(rev) = parse_microcode(&cpu.microcode) {
             cpu_opt.push_str(&format!(",ucode-rev={rev}"));
+        }
+        if self.hide_hypervisor {
+            cpu_opt.push_str(",-hypervisor");
         }
         let mut disk_device = "virtio-blk-pci,drive=d0,id=vblk0".to_string();
         if let Some(serial) = id.disk_serials.first() {
@@ -530,6 +535,7 @@ mod tests {
             incoming: None,
             usb: Vec::new(),
             runtime_disk: None,
+            hide_hypervisor: false,
             harness_root: Some("ab".repeat(32)),
         }
     }

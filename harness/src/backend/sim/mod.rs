@@ -37,6 +37,8 @@ struct ServerConf {
 struct Machine {
     name: String,
     guest: bool,
+    /// A guest whose CPUID hypervisor bit is switched off.
+    hide_hypervisor: bool,
     role: Role,
     identity: HardwareIdentity,
     /// The CPU as this machine sees it now (a guest keeps its CPU through a live migration).
@@ -180,6 +182,7 @@ impl SimDriver {
             Machine {
                 name: spec.name.clone(),
                 guest: spec.guest,
+                hide_hypervisor: spec.hide_hypervisor,
                 role: spec.role,
                 identity: spec.identity.clone(),
                 cpu: spec.cpu.clone(),
@@ -204,8 +207,26 @@ impl SimDriver {
     fn write_platform(&self, machine: &str) -> Result<(), BackendError> {
         let m = self.machine(machine)?;
         let cpu = &m.cpu;
+        // What the hardware shows: a guest's virtual firmware and virtio devices as QEMU gives
+        // them (the hypervisor bit unless hidden); a host's vendor firmware and Intel devices.
+        let signals = if m.guest {
+            json!({
+                "cpuid-hypervisor": !m.hide_hypervisor,
+                "dmi-vendor": "QEMU",
+                "dmi-product": "Standard PC (i440FX + PIIX, 1996)",
+                "pci-vendors": [0x8086, 0x1af4],
+            })
+        } else {
+            json!({
+                "cpuid-hypervisor": false,
+                "dmi-vendor": "Dell Inc.",
+                "dmi-product": "PowerEdge R650",
+                "pci-vendors": [0x8086, 0x14e4],
+            })
+        };
         let description = json!({
             "kind": if m.guest { "guest" } else { "physical" },
+            "signals": signals,
             "role": match m.role { Role::Workstation => "workstation", Role::TerminalServer => "terminal-server" },
             "name": m.presents.as_ref().map_or(&m.name, |(name, _)| name),
             "address": m.ip.to_string(),

@@ -11,6 +11,7 @@ use meter_core::traits::{MachineKind, MachineTraits, names};
 use sha2::{Digest, Sha256};
 
 use super::facts::*;
+use super::guest_signals::{GuestSignals, parse_pci_vendor};
 use crate::os_sources::wall_clock_ms as real_now_ms;
 
 /// Where the kernel lists hidraw devices; each entry's `device/uevent` describes its HID device.
@@ -117,6 +118,34 @@ impl HostPlatform {
         parse_cpuinfo_first(&text)
     }
 
+    /// What the hardware shows that a hypervisor would give away.
+    pub fn guest_signals(&self) -> GuestSignals {
+        let cpuid_hypervisor = cpuid_hypervisor_bit().unwrap_or_else(|| {
+            self.cpuinfo()
+                .get("flags")
+                .is_some_and(|flags| flags.split_whitespace().any(|f| f == "hypervisor"))
+        });
+        let pci_vendors = fs::read_dir(self.path("/sys/bus/pci/devices"))
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|entry| fs::read_to_string(entry.path().join("vendor")).ok())
+                    .filter_map(|text| parse_pci_vendor(&text))
+                    .collect()
+            })
+            .unwrap_or_default();
+        GuestSignals {
+            cpuid_hypervisor,
+            dmi_vendor: self.dmi("sys_vendor"),
+            dmi_product: self.dmi("product_name"),
+            sys_hypervisor: fs::read_to_string(self.path("/sys/hypervisor/type"))
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty()),
+            pci_vendors,
+        }
+    }
+
     fn dmi(&self, field: &str) -> Option<String> {
         fs::read_to_string(self.path(&format!("/sys/class/dmi/id/{field}")))
             .ok()
@@ -174,12 +203,7 @@ impl Platform for HostPlatform {
     }
 
     fn kind(&self) -> Result<MachineKind, PlatformError> {
-        let guest = cpuid_hypervisor_bit().unwrap_or_else(|| {
-            self.cpuinfo()
-                .get("flags")
-                .is_some_and(|flags| flags.split_whitespace().any(|f| f == "hypervisor"))
-        });
-        Ok(if guest {
+        Ok(if self.guest_signals().is_guest() {
             MachineKind::Guest
         } else {
             MachineKind::Physical
@@ -257,7 +281,7 @@ impl Platform for HostPlatform {
     }
 
     fn vmgenid(&self) -> Result<Option<String>, PlatformError> {
-        Ok(read_optional(Path::new(HOST_VMGENID_FILE))?
+        Ok(read_root_owned(Path::new(HOST_VMGENID_FILE))?
             .map(|text| text.trim().to_ascii_lowercase())
             .filter(|text| !text.is_empty()))
     }
@@ -290,19 +314,11 @@ impl Platform for HostPlatform {
 
 impl HostPlatform {
     fn session_table(&self) -> Result<BTreeMap<u32, SessionInfo>, PlatformError> {
-        use std::os::unix::fs::MetadataExt;
+        // Only a root-owned table is believed: anyone else could claim to be a console.
         let path = PathBuf::from(HOST_SESSION_TABLE);
-        match fs::metadata(&path) {
-            // Only a root-owned table is believed: anyone else could claim to be a console.
-            Ok(meta) if meta.uid() == 0 => {
-                let text = read_to_string(&path)?;
-                parse_session_table(&path, &text)
-            }
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "Session table not owned by root, ignored");
-                Ok(BTreeMap::new())
-            }
-            Err(_) => Ok(BTreeMap::new()),
+        match read_root_owned(&path)? {
+            Some(text) => parse_session_table(&path, &text),
+            None => Ok(BTreeMap::new()),
         }
     }
 
@@ -340,6 +356,25 @@ impl HostPlatform {
             .collect();
         macs.sort();
         macs
+    }
+}
+
+/// A machine fact only root may have written: the file, when it is owned by root and neither its
+/// group nor others may write it; `None` (logged) for any other file, as for a missing one.
+fn read_root_owned(path: &Path) -> Result<Option<String>, PlatformError> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(path) {
+        Ok(meta) if meta.uid() == 0 && meta.mode() & 0o022 == 0 => read_optional(path),
+        Ok(meta) => {
+            tracing::warn!(
+                path = %path.display(),
+                owner = meta.uid(),
+                mode = format_args!("{:o}", meta.mode() & 0o777),
+                "Machine fact not written by root alone, ignored"
+            );
+            Ok(None)
+        }
+        Err(_) => Ok(None),
     }
 }
 
@@ -382,4 +417,27 @@ pub(crate) fn parse_proc_stat(text: &str) -> Option<(u32, u64)> {
     let session = fields.get(3)?.parse().ok()?;
     let start = fields.get(19)?.parse().ok()?;
     Some((session, start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_fact_others_may_write_is_not_believed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmgenid");
+        fs::write(&path, "00112233").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(read_root_owned(&path).unwrap(), None);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let owned_by_root = nix::unistd::getuid().is_root();
+        assert_eq!(
+            read_root_owned(&path).unwrap(),
+            owned_by_root.then(|| "00112233".to_owned()),
+            "a 0644 file is believed only when root owns it"
+        );
+        assert_eq!(read_root_owned(&dir.path().join("missing")).unwrap(), None);
+    }
 }

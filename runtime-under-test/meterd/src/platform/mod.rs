@@ -1,6 +1,7 @@
 //! Where the runtime learns about its machine: the real Linux host or a simulated folder.
 
 mod facts;
+pub mod guest_signals;
 pub mod host;
 pub mod sim;
 

@@ -13,6 +13,7 @@ use meter_core::traits::{MachineKind, MachineTraits, TraitValue, names};
 use serde::Deserialize;
 
 use super::facts::*;
+use super::guest_signals::GuestSignals;
 use crate::os_sources::wall_clock_ms as real_now_ms;
 
 /// The `machine.json` of a simulated machine.
@@ -26,6 +27,10 @@ pub(crate) struct SimMachine {
     address: Option<IpAddr>,
     #[serde(default)]
     traits: BTreeMap<String, TraitValue>,
+    /// What the simulated hardware shows of a hypervisor; when given, the kind is judged from
+    /// it as on a real machine, not taken from `kind`.
+    #[serde(default)]
+    signals: Option<GuestSignals>,
 }
 
 /// A machine simulated by a folder the harness writes (layout in docs/runtime-contract.md).
@@ -227,7 +232,12 @@ impl Platform for SimPlatform {
     }
 
     fn kind(&self) -> Result<MachineKind, PlatformError> {
-        Ok(self.machine()?.kind)
+        let machine = self.machine()?;
+        Ok(match &machine.signals {
+            Some(signals) if signals.is_guest() => MachineKind::Guest,
+            Some(_) => MachineKind::Physical,
+            None => machine.kind,
+        })
     }
 
     fn role(&self) -> Result<MachineRole, PlatformError> {
