@@ -1,6 +1,6 @@
 //! The vendor's certificate over a dongle's device key and serial.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::serial::Serial;
@@ -65,7 +65,7 @@ impl DeviceCertificate {
             .ok_or_else(|| CertificateError::UntrustedVendor(hex::encode(self.vendor_key)))?;
         let signature = Signature::from_bytes(&self.signature);
         vendor
-            .verify(
+            .verify_strict(
                 &Self::message(self.serial, &self.device_key, &self.vendor_key),
                 &signature,
             )

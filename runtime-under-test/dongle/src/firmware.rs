@@ -363,13 +363,17 @@ impl Firmware {
                 FaultCode::AuthenticationFailed,
             );
         };
+        // From here the request is the session's own: its faults are authenticated, so the
+        // runtime can tell them from forged ones.
         if frame.counter < session.next_counter {
             tracing::warn!(
                 session = frame.session,
                 counter = frame.counter,
                 "replayed frame refused"
             );
-            return fault_frame(frame.session, frame.counter, FaultCode::Replayed);
+            return session
+                .keys
+                .fault_frame(frame.session, frame.counter, FaultCode::Replayed);
         }
         if frame.counter > session.next_counter {
             tracing::warn!(
@@ -377,11 +381,15 @@ impl Firmware {
                 counter = frame.counter,
                 "out-of-order frame refused"
             );
-            return fault_frame(frame.session, frame.counter, FaultCode::OutOfOrder);
+            return session
+                .keys
+                .fault_frame(frame.session, frame.counter, FaultCode::OutOfOrder);
         }
         session.next_counter += 1;
         let Some(request) = decode_exact::<Request>(&plaintext) else {
-            return fault_frame(frame.session, frame.counter, FaultCode::Malformed);
+            return session
+                .keys
+                .fault_frame(frame.session, frame.counter, FaultCode::Malformed);
         };
         let oscillator = self.flash.clock.oscillator_ms;
         let bound_here = self

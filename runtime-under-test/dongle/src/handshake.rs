@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use crate::certificate::DeviceCertificate;
 use crate::flash::Lockout;
-use crate::wire::{self, Frame, FrameKind};
+use crate::wire::{self, FaultCode, Frame, FrameKind};
 
 const ACCEPT_LABEL: &[u8] = b"vigil-dongle-accept-v1";
 const REFUSAL_LABEL: &[u8] = b"vigil-dongle-refusal-v1";
@@ -49,11 +49,16 @@ fn certificate_bytes(certificate: &DeviceCertificate) -> Vec<u8> {
     postcard::to_allocvec(certificate).unwrap_or_default()
 }
 
-/// The two AEAD keys of a session, one per direction.
+/// The two AEAD keys of a session, one per direction, and the key that authenticates the
+/// dongle's faults.
 pub(crate) struct SessionKeys {
     pub to_device: ChaCha20Poly1305,
     pub to_host: ChaCha20Poly1305,
+    fault_key: [u8; 32],
 }
+
+/// Length of the tag that authenticates a fault within a session.
+const FAULT_TAG_LEN: usize = 32;
 
 impl SessionKeys {
     /// Derives both keys from the X25519 shared secret and the transcript hash.
@@ -62,10 +67,58 @@ impl SessionKeys {
         salt.extend_from_slice(KEY_SALT_LABEL);
         salt.extend_from_slice(transcript);
         let hkdf = Hkdf::<Sha256>::new(Some(&salt), shared_secret);
+        let mut fault_key = [0u8; 32];
+        expand(&hkdf, b"dongle faults", &mut fault_key);
         Self {
             to_device: cipher(&hkdf, b"runtime to dongle"),
             to_host: cipher(&hkdf, b"dongle to runtime"),
+            fault_key,
         }
+    }
+
+    /// A fault frame of this session, its code followed by a tag only the two ends can make
+    /// (HMAC-SHA256 over the header and the code, as HKDF-Expand computes it): no nonce, so a
+    /// fault for a counter already answered reuses nothing.
+    pub fn fault_frame(&self, session: u32, counter: u64, fault: FaultCode) -> Vec<u8> {
+        let mut body = vec![fault.code()];
+        body.extend_from_slice(&self.fault_tag(session, counter, fault.code()));
+        Frame {
+            kind: FrameKind::Fault,
+            session,
+            counter,
+            body: &body,
+        }
+        .encode()
+    }
+
+    /// The fault a fault frame of this session carries, if its tag authenticates it.
+    pub fn authenticated_fault(&self, frame: &Frame<'_>) -> Option<FaultCode> {
+        let (code, tag) = frame.body.split_first()?;
+        let expected = self.fault_tag(frame.session, frame.counter, *code);
+        let equal = tag.len() == FAULT_TAG_LEN
+            && tag
+                .iter()
+                .zip(expected.iter())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0;
+        if equal {
+            FaultCode::from_code(*code)
+        } else {
+            None
+        }
+    }
+
+    fn fault_tag(&self, session: u32, counter: u64, code: u8) -> [u8; FAULT_TAG_LEN] {
+        let mut info = wire::header(FrameKind::Fault, session, counter).to_vec();
+        info.push(code);
+        let mut tag = [0u8; FAULT_TAG_LEN];
+        let prf = Hkdf::<Sha256>::from_prk(&self.fault_key).unwrap_or_else(|_| {
+            unreachable!("a 32-byte key is a valid HKDF-SHA256 pseudorandom key")
+        });
+        if prf.expand(&info, &mut tag).is_err() {
+            unreachable!("HKDF-SHA256 expands 32 bytes");
+        }
+        tag
     }
 }
 

@@ -1,6 +1,6 @@
 //! The runtime's side of a dongle session: hello, verify, then encrypted request/response.
 
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, VerifyingKey};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::certificate::CertificateError;
@@ -80,9 +80,15 @@ pub enum SessionError {
     /// Another runtime bound the dongle; release every licence taken from it.
     #[error("Dongle bound by another runtime")]
     BindingBroken,
-    /// The dongle refused a frame (unauthenticated; the session is over).
+    /// The dongle refused a frame: before a session opened, or with the session's own
+    /// authentication; the session is over.
     #[error("Dongle fault")]
     Fault(#[source] FaultCode),
+    /// A fault frame for the open session that does not authenticate: anyone on the link could
+    /// have sent it (ignored; a dongle that really lost the session stops answering, and the
+    /// request times out).
+    #[error("Unauthenticated dongle fault ignored")]
+    UnauthenticatedFault(#[source] FaultCode),
     /// The session is not open (not yet, or no more).
     #[error("Session not open")]
     NotOpen,
@@ -106,6 +112,7 @@ impl SessionError {
         !matches!(
             self,
             Self::Frame(_)
+                | Self::UnauthenticatedFault(_)
                 | Self::UnexpectedFrame(_)
                 | Self::WrongSession { .. }
                 | Self::AuthenticationFailed
@@ -246,7 +253,7 @@ impl Session {
                     &body.certificate,
                 );
                 device_key
-                    .verify(&transcript, &Signature::from_bytes(&body.signature))
+                    .verify_strict(&transcript, &Signature::from_bytes(&body.signature))
                     .map_err(SessionError::BadSignature)?;
                 let shared = secret.diffie_hellman(&PublicKey::from(body.ephemeral));
                 if !shared.was_contributory() {
@@ -276,7 +283,7 @@ impl Session {
                 let transcript =
                     handshake::refusal_transcript(&hello_body, &body.lockout, &body.certificate);
                 device_key
-                    .verify(&transcript, &Signature::from_bytes(&body.signature))
+                    .verify_strict(&transcript, &Signature::from_bytes(&body.signature))
                     .map_err(SessionError::BadSignature)?;
                 Err(SessionError::Locked {
                     reason: body.lockout.reason,
@@ -343,8 +350,11 @@ impl Session {
         match frame.kind {
             FrameKind::Response => {}
             FrameKind::Fault if frame.counter == expected => {
+                let Some(fault) = keys.authenticated_fault(&frame) else {
+                    return Err(SessionError::UnauthenticatedFault(fault_code(frame.body)));
+                };
                 self.state = State::Ended;
-                return Err(SessionError::Fault(fault_code(frame.body)));
+                return Err(SessionError::Fault(fault));
             }
             kind => return Err(SessionError::UnexpectedFrame(kind)),
         }
@@ -382,11 +392,11 @@ impl Session {
     }
 }
 
+/// The fault code a fault frame names (its first byte; a tag may follow).
 fn fault_code(body: &[u8]) -> FaultCode {
-    match body {
-        [code] => FaultCode::from_code(*code).unwrap_or(FaultCode::Malformed),
-        _ => FaultCode::Malformed,
-    }
+    body.first()
+        .and_then(|code| FaultCode::from_code(*code))
+        .unwrap_or(FaultCode::Malformed)
 }
 
 #[cfg(test)]
@@ -428,10 +438,15 @@ mod tests {
         )
     }
 
-    fn fault_of(frame: &[u8]) -> FaultCode {
+    /// The fault a frame carries, checked to authenticate with the session's keys.
+    fn fault_of(session: &Session, frame: &[u8]) -> FaultCode {
         let frame = Frame::decode(frame).unwrap();
         assert_eq!(frame.kind, FrameKind::Fault);
-        fault_code(frame.body)
+        let State::Open { keys, .. } = &session.state else {
+            panic!("open session expected")
+        };
+        keys.authenticated_fault(&frame)
+            .expect("a fault within the session is authenticated")
     }
 
     #[test]
@@ -440,13 +455,13 @@ mod tests {
         let second = request_at(&session, 1);
         let first = request_at(&session, 0);
         assert_eq!(
-            fault_of(&firmware.handle_frame(&second, 1_000)),
+            fault_of(&session, &firmware.handle_frame(&second, 1_000)),
             FaultCode::OutOfOrder
         );
         let reply = firmware.handle_frame(&first, 1_000);
         assert_eq!(Frame::decode(&reply).unwrap().kind, FrameKind::Response);
         assert_eq!(
-            fault_of(&firmware.handle_frame(&first, 1_000)),
+            fault_of(&session, &firmware.handle_frame(&first, 1_000)),
             FaultCode::Replayed
         );
         let reply = firmware.handle_frame(&second, 1_000);

@@ -289,10 +289,10 @@ fn replayed_request_refused_and_units_spent_once() {
         dongle::Frame::decode(&replayed).unwrap().kind,
         dongle::FrameKind::Fault
     );
-    assert_eq!(
-        *dongle::Frame::decode(&replayed).unwrap().body,
-        [FaultCode::Replayed.code()]
-    );
+    // The fault names its code and carries the session's tag after it.
+    let body = dongle::Frame::decode(&replayed).unwrap().body.to_vec();
+    assert_eq!(body[0], FaultCode::Replayed.code());
+    assert_eq!(body.len(), 1 + 32);
 }
 
 #[test]
@@ -339,14 +339,55 @@ fn tampered_request_fails_authentication_without_side_effects() {
     let last = frame.len() - 1;
     frame[last] ^= 0x80;
     let reply = rig.exchange(&frame);
-    assert!(matches!(
-        session.receive(&reply),
-        Err(SessionError::Fault(FaultCode::AuthenticationFailed))
-    ));
+    // The dongle cannot authenticate a fault for a frame it could not open: the runtime
+    // ignores it and keeps waiting (a real loss of the session ends in a reply timeout).
+    let error = session.receive(&reply).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            SessionError::UnauthenticatedFault(FaultCode::AuthenticationFailed)
+        ),
+        "{error:?}"
+    );
+    assert!(!error.is_fatal());
     assert_eq!(
         rig.firmware.flash().item(FIRM, METERED).unwrap().units,
         Some(10)
     );
+}
+
+#[test]
+fn a_forged_fault_frame_is_ignored_and_the_genuine_reply_accepted() {
+    let mut rig = Rig::new();
+    let mut session = rig.connect("vm1").unwrap();
+    let request = session.request(&Request::ReadClock).unwrap();
+    let sent = dongle::Frame::decode(&request).unwrap();
+    // Anyone on the link (a USB/IP peer) answers first with a fault for the same session and
+    // counter, plain or with a made-up tag.
+    for body in [vec![FaultCode::UnknownSession.code()], {
+        let mut forged = vec![FaultCode::Replayed.code()];
+        forged.extend_from_slice(&[0x5a; 32]);
+        forged
+    }] {
+        let forged = dongle::Frame {
+            kind: dongle::FrameKind::Fault,
+            session: sent.session,
+            counter: sent.counter,
+            body: &body,
+        }
+        .encode();
+        let error = session.receive(&forged).unwrap_err();
+        assert!(
+            matches!(error, SessionError::UnauthenticatedFault(_)),
+            "{error:?}"
+        );
+        assert!(!error.is_fatal());
+    }
+    let reply = rig.exchange(&request);
+    assert!(matches!(
+        session.receive(&reply).unwrap(),
+        Response::Clock { .. }
+    ));
 }
 
 #[test]
@@ -585,9 +626,13 @@ fn bus_reset_ends_sessions_so_a_hop_is_a_rebind_not_sharing() {
     rig.firmware.bus_reset(rig.now);
     let mut second = rig.connect("vm2").unwrap();
     assert!(rig.call(&mut second, Request::ReadClock).is_ok());
+    // The dongle no longer knows the first session, so it cannot authenticate its fault: the
+    // first runtime hears nothing it may act on and times out.
     assert!(matches!(
         rig.call(&mut first, Request::ReadClock),
-        Err(SessionError::Fault(FaultCode::UnknownSession))
+        Err(SessionError::UnauthenticatedFault(
+            FaultCode::UnknownSession
+        ))
     ));
 }
 

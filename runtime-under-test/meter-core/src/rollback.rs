@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
@@ -121,7 +121,7 @@ impl Receipt {
         };
         verifier
             .0
-            .verify(&self.hash().0, &Signature::from_bytes(&bytes))
+            .verify_strict(&self.hash().0, &Signature::from_bytes(&bytes))
             .is_ok()
     }
 }

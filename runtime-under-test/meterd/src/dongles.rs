@@ -37,6 +37,9 @@ pub const SCAN_INTERVAL: Duration = Duration::from_millis(150);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(50);
 /// How often a locked-out dongle is asked again whether its lockout is over.
 pub const LOCKED_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a dongle that could not be used (certificate refused, a fault ended its session)
+/// is asked again: a vendor trusted since, or a fault that was passing, does not need a re-plug.
+pub const REFUSED_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// A fresh session serves its first grant only this long after the bind, so that another host
 /// enumerating the same shared device meanwhile trips the shared-use lockout before any grant.
 pub const SHARED_USE_SETTLE: Duration = Duration::from_millis(250);
@@ -528,6 +531,11 @@ impl Dongles {
                     }
                     DongleState::Unresponsive
                         if !a.hello_in_flight && now - a.last_hello >= LOCKED_RETRY_INTERVAL =>
+                    {
+                        Some((serial.clone(), a.generation, Retry::HelloAside))
+                    }
+                    DongleState::Refused { .. }
+                        if !a.hello_in_flight && now - a.last_hello >= REFUSED_RETRY_INTERVAL =>
                     {
                         Some((serial.clone(), a.generation, Retry::HelloAside))
                     }

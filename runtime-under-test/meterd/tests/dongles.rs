@@ -404,3 +404,24 @@ fn the_vendors_switches_travel_inside_the_dongle() {
         "{refused}"
     );
 }
+
+#[test]
+fn a_dongle_refused_for_an_untrusted_vendor_is_used_once_the_vendor_is_trusted() {
+    let vendor = Vendor::new();
+    let mut dongle = EmulatedDongle::program(&vendor, &[PRODUCT]);
+    let vm1 = Machine::new("vm1", "workstation", "127.0.3.11");
+    let _daemon = vm1.start(&[]);
+    dongle.plug(&vm1);
+    // No vendor is trusted yet: the dongle's certificate is refused.
+    let refused = wait_until(Duration::from_secs(5), || {
+        dongle_container(&vm1).is_some_and(|c| c["state"] != "valid")
+    });
+    assert!(refused.is_some(), "{:?}", dongle_container(&vm1));
+    let (code, out) = vm1.meter(&["trust", vendor.certificate().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    // Asked again without a re-plug (every REFUSED_RETRY_INTERVAL).
+    let granted = wait_until(Duration::from_secs(20), || {
+        vm1.meter(&["access", "--product", "2001"]).0 == 0
+    });
+    assert!(granted.is_some(), "{:?}", dongle_container(&vm1));
+}
