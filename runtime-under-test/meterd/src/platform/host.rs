@@ -265,6 +265,9 @@ impl Platform for HostPlatform {
         if !macs.is_empty() {
             traits.set(names::NIC_MAC, macs);
         }
+        if let Some(ip) = self.default_route_ipv4() {
+            traits.set(names::NET_IP, ip.to_string());
+        }
         Ok(traits)
     }
 
@@ -320,6 +323,16 @@ impl HostPlatform {
             Some(text) => parse_session_table(&path, &text),
             None => Ok(BTreeMap::new()),
         }
+    }
+
+    /// The IPv4 address of the interface that carries the default route (the `net.ip` trait).
+    fn default_route_ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        let routes = fs::read_to_string(self.path("/proc/net/route")).ok()?;
+        let interface = default_route_interface(&routes)?;
+        nix::ifaddrs::getifaddrs()
+            .ok()?
+            .filter(|ifaddr| ifaddr.interface_name == interface)
+            .find_map(|ifaddr| ifaddr.address?.as_sockaddr_in().map(|sin| sin.ip()))
     }
 
     fn disk_serials(&self) -> Vec<String> {
@@ -378,6 +391,22 @@ fn read_root_owned(path: &Path) -> Result<Option<String>, PlatformError> {
     }
 }
 
+/// The interface of the default route in `/proc/net/route` (destination 0, the lowest metric).
+pub(crate) fn default_route_interface(routes: &str) -> Option<String> {
+    routes
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (interface, destination, metric) =
+                (fields.first()?, fields.get(1)?, fields.get(6)?);
+            (*destination == "00000000")
+                .then(|| (metric.parse::<u32>().unwrap_or(u32::MAX), *interface))
+        })
+        .min()
+        .map(|(_, interface)| interface.to_owned())
+}
+
 /// The audit session id the kernel gives a process outside any login session.
 const NO_LOGIN_SESSION: u32 = u32::MAX;
 
@@ -423,6 +452,31 @@ pub(crate) fn parse_proc_stat(text: &str) -> Option<(u32, u64)> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_default_route_names_the_interface_of_net_ip() {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            eth0\t00000000\t0202000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n";
+        assert_eq!(default_route_interface(routes).as_deref(), Some("eth0"));
+        assert_eq!(default_route_interface("Iface\tDestination\n"), None);
+    }
+
+    #[test]
+    fn a_machine_with_a_default_route_has_net_ip() {
+        let routes = fs::read_to_string("/proc/net/route").unwrap_or_default();
+        let Some(interface) = default_route_interface(&routes) else {
+            eprintln!("SKIPPED: no default route here");
+            return;
+        };
+        let traits = HostPlatform::new().traits().unwrap();
+        let ip = traits.one(names::NET_IP);
+        assert!(
+            ip.is_some(),
+            "no net.ip though {interface} carries the default route"
+        );
+    }
 
     #[test]
     fn a_fact_others_may_write_is_not_believed() {
