@@ -26,6 +26,19 @@ pub struct DoctorReport {
     pub usable_backends: Vec<String>,
 }
 
+/// Whether a child process may open a login session of its own, as the sim backend's session
+/// leaders do (the child gets a fresh audit session id; this process keeps its own).
+fn login_sessions_open() -> bool {
+    std::process::Command::new("sh")
+        .args([
+            "-c",
+            "echo \"$(id -u)\" > /proc/self/loginuid && test \"$(cat /proc/self/sessionid)\" != 4294967295",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 fn finding(check: &str, ok: bool, detail: impl Into<String>) -> Finding {
     Finding {
         check: check.into(),
@@ -74,6 +87,16 @@ pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
     if runtime_ok && pidfd && loopback {
         usable.push("sim".to_string());
     }
+    let login = login_sessions_open();
+    findings.push(finding(
+        "login sessions",
+        login,
+        if login {
+            "a session leader can open its own login session (audit session id): sim terminal-server sessions are told apart as on a real machine"
+        } else {
+            "writing /proc/self/loginuid was refused (needs root and a kernel with audit): on sim, a scenario with two sessions on one machine or an app that leaves its session cannot run"
+        },
+    ));
 
     let qemu = version_of("qemu-system-x86_64");
     findings.push(finding(
