@@ -136,6 +136,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::dongle_vm_denied("dongle-vm-denied")]
 #[case::dongle_shared_lockout("dongle-shared-lockout")]
 #[case::dongle_hop("dongle-hop")]
+#[case::dongle_hop_cloned_state("dongle-hop-cloned-state")]
 #[case::dongle_units("dongle-units")]
 #[case::dongle_rebind("dongle-rebind")]
 #[case::usb_over_ethernet("usb-over-ethernet")]

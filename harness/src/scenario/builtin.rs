@@ -41,6 +41,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("dongle-vm-denied"),
     builtin!("terminal-server-setsid"),
     builtin!("vm-hidden-hypervisor"),
+    builtin!("dongle-hop-cloned-state"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),

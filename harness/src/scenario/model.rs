@@ -415,11 +415,13 @@ pub enum Defence {
     LoginSessions,
     /// A guest is recognised by several signals, not the CPUID hypervisor bit alone.
     GuestDetection,
+    /// A guest cloned with its runtime state is another runtime (its id names the machine).
+    CloneRuntimeId,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 31] = [
+    pub const ALL: [Defence; 32] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -451,6 +453,7 @@ impl Defence {
         Defence::VendorTrust,
         Defence::LoginSessions,
         Defence::GuestDetection,
+        Defence::CloneRuntimeId,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -487,6 +490,7 @@ impl Defence {
             Defence::VendorTrust => "vendor-trust",
             Defence::LoginSessions => "login-sessions",
             Defence::GuestDetection => "guest-detection",
+            Defence::CloneRuntimeId => "clone-runtime-id",
         }
     }
 
@@ -555,6 +559,9 @@ impl Defence {
             }
             Defence::GuestDetection => {
                 "A guest is recognised by several signals, not the CPUID hypervisor bit alone."
+            }
+            Defence::CloneRuntimeId => {
+                "A guest cloned with its runtime state is another runtime (its id names the machine)."
             }
         }
     }

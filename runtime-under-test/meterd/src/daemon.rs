@@ -284,16 +284,26 @@ impl Runtime {
     ) -> anyhow::Result<Arc<Runtime>> {
         let runtime_id = match (&settings.runtime_id, snapshot.meta.get("runtime-id")) {
             (Some(presented), _) => presented.clone(),
-            (None, Some(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
-            (None, None) => {
-                let mut id = [0u8; 16];
-                getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
-                let id = hex::encode(id);
-                drop(store.submit(vec![Change::PutMeta(
-                    "runtime-id".into(),
-                    id.clone().into_bytes(),
-                )]));
-                id
+            (None, stored) => {
+                let stored = match stored {
+                    Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    None => {
+                        let mut id = [0u8; 16];
+                        getrandom::fill(&mut id)
+                            .map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
+                        let id = hex::encode(id);
+                        drop(store.submit(vec![Change::PutMeta(
+                            "runtime-id".into(),
+                            id.clone().into_bytes(),
+                        )]));
+                        id
+                    }
+                };
+                let machine = platform.traits().ok().and_then(|t| {
+                    t.one(meter_core::traits::names::PRODUCT_UUID)
+                        .map(str::to_owned)
+                });
+                crate::runtime_identity::runtime_id(&stored, machine.as_deref())
             }
         };
         let next_handle = snapshot

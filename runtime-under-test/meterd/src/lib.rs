@@ -26,6 +26,7 @@ pub mod protocol;
 pub mod remote;
 pub mod remote_stations;
 pub mod root_commands;
+pub mod runtime_identity;
 pub mod runtime_ports;
 pub mod server;
 pub mod startup;

@@ -78,11 +78,13 @@ pub enum Defence {
     LoginSessions,
     /// A guest is recognised by the CPUID hypervisor bit alone.
     GuestDetection,
+    /// The runtime id is the stored random part alone: a clone with the state is the same runtime.
+    CloneRuntimeId,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 31] = [
+    pub const ALL: [Defence; 32] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -114,6 +116,7 @@ impl Defence {
         Defence::VendorTrust,
         Defence::LoginSessions,
         Defence::GuestDetection,
+        Defence::CloneRuntimeId,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -150,6 +153,7 @@ impl Defence {
             Defence::VendorTrust => "vendor-trust",
             Defence::LoginSessions => "login-sessions",
             Defence::GuestDetection => "guest-detection",
+            Defence::CloneRuntimeId => "clone-runtime-id",
         }
     }
 }
@@ -238,6 +242,9 @@ impl Defence {
             }
             Defence::GuestDetection => {
                 "a guest is recognised by the CPUID hypervisor bit alone, which the VM's owner can switch off"
+            }
+            Defence::CloneRuntimeId => {
+                "the runtime id is kept in the state folder alone: a guest cloned with its state presents the original's id"
             }
         }
     }
