@@ -14,6 +14,13 @@ use crate::outcome::{EXIT_DENIED, EXIT_OK, EXIT_UNREACHABLE, Refused};
 /// Runs meterd with these arguments (argv[0] first) until SIGTERM or SIGINT.
 pub fn run_daemon(args: Vec<OsString>) -> anyhow::Result<()> {
     let args = crate::startup::DaemonArgs::parse_from(args);
+    if args.runtime_id.is_some() && !crate::harness_build::enabled() {
+        // Presenting any id would let two machines pass for one runtime (to a dongle: hops
+        // that count no rebind); only harness builds, which play that attack, take it.
+        anyhow::bail!(
+            "--runtime-id is for harness builds only: this runtime's id is its own (stored part and machine UUID)"
+        );
+    }
     init_logging();
     crate::weakened::announce()?;
     let roots = crate::trust_roots::load().map_err(Clone::clone)?;

@@ -48,8 +48,8 @@ pub struct DaemonArgs {
     /// grows with it.
     #[arg(long, default_value_t = crate::connection_limits::MAX_CONNECTIONS, value_parser = parse_max_connections)]
     pub max_connections: usize,
-    /// Present this runtime id to servers instead of the stored one (1 to 64 hex digits). What a
-    /// licensee who edits the state achieves; servers bind ids to keys, so it gains nothing.
+    /// Present this runtime id instead of its own (1 to 64 hex digits; harness builds only, which
+    /// play the attack of a runtime posing as another; servers bind ids to keys).
     #[arg(long, value_parser = parse_runtime_id)]
     pub runtime_id: Option<String>,
 }

@@ -47,3 +47,24 @@ fn the_harness_build_runs_on_a_simulated_platform() {
     assert!(refused(env!("CARGO_BIN_EXE_meterd")));
     assert!(!refused(env!("CARGO_BIN_EXE_meterd-sim")));
 }
+
+#[test]
+fn the_meterd_binary_refuses_to_present_another_runtime_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["--platform", "host", "--runtime-id", "abcd", "--state"])
+        .arg(&state)
+        .arg("--socket")
+        .arg(dir.path().join("meterd.sock"))
+        .env_remove("METER_WEAKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stderr: {stderr}");
+    assert!(
+        stderr.contains("--runtime-id is for harness builds only"),
+        "stderr: {stderr}"
+    );
+    assert!(!state.exists(), "a refused start touched nothing");
+}
