@@ -1,8 +1,9 @@
 //! The root keys this runtime takes firm certificates from, and the vendor keys they certify.
 //!
-//! Every build carries the production root (its secret is the runtime maker's, kept outside
-//! this repository; a build may name another with `METER_PRODUCTION_ROOT=<hex>` at compile
-//! time). A harness build also trusts the root of the harness's world, given at start in
+//! Every build carries the production root. The reference root's secret was discarded when it
+//! was made, so a shipped reference build trusts no vendor: whoever ships the runtime builds it
+//! with their own root (`METER_PRODUCTION_ROOT=<hex>` at compile time, the public half of a
+//! `meter root keygen`) and certifies vendors with its secret. A harness build also trusts the root of the harness's world, given at start in
 //! `METER_HARNESS_ROOT`; any other build ignores that variable.
 
 use std::path::Path;
