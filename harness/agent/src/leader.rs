@@ -188,12 +188,12 @@ fn open_login_session() -> Option<u32> {
     if let Err(e) = std::fs::write("/proc/self/loginuid", uid.to_string()) {
         eprintln!("vigil leader: cannot open a login session: {e}");
     }
-    login_session_of("self")
+    own_login_session()
 }
 
-/// The audit login session of a process (`self` or a pid), if it has one.
-pub fn login_session_of(process: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{process}/sessionid"))
+/// The audit login session of this process, if it has one.
+fn own_login_session() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/sessionid")
         .ok()?
         .trim()
         .parse()

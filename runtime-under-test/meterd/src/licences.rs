@@ -183,9 +183,10 @@ impl Licences {
         self.signer().map(|s| s.verifier())
     }
 
-    /// The vendor key trusted for `firm`, if any.
+    /// The vendor key certified for `firm` in the trust folder, checked against the roots at
+    /// every use: a certificate the licensee writes there is no better than one they install.
     pub fn trusted_vendor(&self, firm: u32) -> Result<Option<VendorPublicKey>, LicenceRefusal> {
-        self.trusted_key(firm)
+        trusted_vendor(&self.trust_dir, firm)
     }
 
     /// Installs a firm certificate after checking a root this runtime carries signed it;
@@ -214,12 +215,6 @@ impl Licences {
         Ok((firm, vendor.key_id()))
     }
 
-    /// The vendor key certified for `firm` in the trust folder, checked against the roots at
-    /// every use: a certificate the licensee writes there is no better than one they install.
-    fn trusted_key(&self, firm: u32) -> Result<Option<VendorPublicKey>, LicenceRefusal> {
-        trusted_vendor(&self.trust_dir, firm)
-    }
-
     /// Verifies a licence file and opens its items with this machine's traits.
     ///
     /// Refuses (state untouched) files that are malformed, tampered with, or signed by a key
@@ -241,7 +236,7 @@ impl Licences {
             .map_err(|e| refused(error_chain(&e), e.reason()))?;
         let firm = signed.body.firm;
         let key = self
-            .trusted_key(firm)
+            .trusted_vendor(firm)
             .map_err(|e| match e {
                 LicenceRefusal::VendorUntrusted { detail } => {
                     refused(detail, Reason::SignatureInvalid)

@@ -30,18 +30,10 @@ fn access_detached_from_rdp(machine: &Machine, product: u32) -> Option<(i32, Val
         .env("METER_SOCKET", machine.socket())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
-    // SAFETY: open, write, close and setsid are async-signal-safe.
+    // SAFETY: open_login_session and setsid are async-signal-safe.
     unsafe {
         command.pre_exec(|| {
-            let fd = libc::open(c"/proc/self/loginuid".as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, c"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
+            common::open_login_session()?;
             nix::unistd::setsid().map_err(std::io::Error::from)?;
             Ok(())
         });

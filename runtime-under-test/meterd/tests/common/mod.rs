@@ -222,11 +222,12 @@ impl Machine {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         if session.is_some() {
-            // SAFETY: setsid, open, write and close are async-signal-safe.
+            // SAFETY: setsid and open_login_session are async-signal-safe.
             unsafe {
                 command.pre_exec(|| {
                     nix::unistd::setsid().map_err(std::io::Error::from)?;
-                    open_login_session();
+                    // Where it fails the runtime counts the process in its process session.
+                    let _ = open_login_session();
                     Ok(())
                 });
             }
@@ -251,18 +252,22 @@ impl Machine {
     }
 }
 
-/// Opens a login session for the calling process, as a real login does (`pam_loginuid`), where
-/// the kernel allows it; async-signal-safe, for `pre_exec`.
-pub fn open_login_session() {
-    // SAFETY: open, write and close are async-signal-safe; failures are ignored (no audit
-    // support, or not allowed): the runtime then counts the process in its process session.
+/// Opens a login session for the calling process, as a real login does (`pam_loginuid`);
+/// fails where the kernel has no audit support or refuses. Async-signal-safe, for `pre_exec`.
+pub fn open_login_session() -> std::io::Result<()> {
+    // SAFETY: open, write and close are async-signal-safe.
     unsafe {
         let fd = libc::open(c"/proc/self/loginuid".as_ptr(), libc::O_WRONLY);
-        if fd >= 0 {
-            libc::write(fd, c"0".as_ptr().cast(), 1);
-            libc::close(fd);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let written = libc::write(fd, c"0".as_ptr().cast(), 1);
+        libc::close(fd);
+        if written != 1 {
+            return Err(std::io::Error::last_os_error());
         }
     }
+    Ok(())
 }
 
 /// The session the runtime counts a process in: its login session, else its process session.
