@@ -127,6 +127,9 @@ enum Commands {
         /// Die with this process (the harness that started the leader).
         #[arg(long)]
         parent: Option<i32>,
+        /// Open no login session (a process session only, as an unattended console).
+        #[arg(long)]
+        no_login: bool,
     },
 }
 
@@ -297,8 +300,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Commands::Image { action } => image(action),
-        Commands::SessionLeader { parent } => {
-            vigil::session_leader::run(parent)?;
+        Commands::SessionLeader { parent, no_login } => {
+            vigil::session_leader::run(parent, !no_login)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -122,6 +122,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::trial_expiry("trial-expiry")]
 #[case::stationshare_ts_guest("stationshare-ts-guest")]
 #[case::terminal_server_setsid("terminal-server-setsid")]
+#[case::terminal_server_untabled("terminal-server-untabled")]
 #[case::stationshare_mixed("stationshare-mixed")]
 #[case::crash_release("crash-release")]
 #[case::holder_release("holder-release")]

@@ -85,6 +85,7 @@ steps:
   - expect: { responsive: vm1 }
   - release: app2
   - session-close: sess1
+  - drop-session-table: vm1
   - server-stop: host-a
   - migrate: { machine: vm1, host: host-b }
   - revert: { machine: vm1, snapshot: s0 }

@@ -111,7 +111,9 @@ struct Children {
 
 /// Runs a leader until its stdin closes, then kills the whole session. With `parent`, the
 /// leader dies with that process (its parent): a harness that ends takes its sessions along.
-pub fn run(parent: Option<i32>) -> anyhow::Result<()> {
+/// With `login` it opens a login session of its own; without, it keeps the one it inherited
+/// (an unattended console: a process session, no login).
+pub fn run(parent: Option<i32>, login: bool) -> anyhow::Result<()> {
     if let Some(parent) = parent {
         // SAFETY: prctl and getppid only concern this process.
         unsafe {
@@ -140,7 +142,11 @@ pub fn run(parent: Option<i32>) -> anyhow::Result<()> {
         alive: Mutex::new(0),
         spawned: Condvar::new(),
     }));
-    let login = open_login_session();
+    let login = if login {
+        open_login_session()
+    } else {
+        own_login_session()
+    };
     emit(out, &LeaderEvent::Ready { sid, login });
     std::thread::spawn(move || reap_forever(out, children));
     for line in std::io::stdin().lock().lines() {

@@ -24,7 +24,7 @@ const SCRATCH: &str = "/run/vigil";
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("leader") => vigil_agent::leader::run(None),
+        Some("leader") => vigil_agent::leader::run(None, args.get(1).map(String::as_str) != Some("--no-login")),
         Some("--port") => {
             let port = args.get(1).context("--port needs a device path")?;
             serve(PathBuf::from(port))
@@ -192,12 +192,19 @@ fn handle(agent: &Arc<Agent>, request: Request) -> anyhow::Result<Outcome> {
             Some(session) => exec_in_session(agent, &session, &argv, &env, deadline),
             None => exec_plain(&argv, &env, deadline),
         },
-        Op::SessionOpen { name, session } => {
-            // The table names the session by its login session where it has one.
-            let sid = open_session(agent, &name)?;
-            let mut state = agent.lock();
-            state.table.insert(sid, session);
-            state.table.write(Path::new(SESSION_TABLE))?;
+        Op::SessionOpen {
+            name,
+            session,
+            login,
+        } => {
+            // The table names the session by its login session where it has one; a session
+            // opened without a login (an unattended console) is not in it.
+            let sid = open_session(agent, &name, login)?;
+            if login {
+                let mut state = agent.lock();
+                state.table.insert(sid, session);
+                state.table.write(Path::new(SESSION_TABLE))?;
+            }
             Ok(Outcome::SessionOpened { sid })
         }
         Op::SessionClose { name } => {
@@ -285,6 +292,14 @@ fn handle(agent: &Arc<Agent>, request: Request) -> anyhow::Result<Outcome> {
             set_clock(epoch_ms)?;
             Ok(Outcome::Done)
         }
+        Op::DropSessionTable => {
+            agent
+                .lock()
+                .table
+                .drop_file(Path::new(SESSION_TABLE))
+                .context("delete the session table")?;
+            Ok(Outcome::Done)
+        }
         Op::ReadFile { path } => {
             let data = std::fs::read(&path).with_context(|| format!("read {path}"))?;
             Ok(Outcome::File {
@@ -352,10 +367,11 @@ fn set_clock(epoch_ms: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_session(agent: &Arc<Agent>, name: &str) -> anyhow::Result<i32> {
+fn open_session(agent: &Arc<Agent>, name: &str, login: bool) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("find the agent executable")?;
     let mut child = Command::new(exe)
         .arg("leader")
+        .args((!login).then_some("--no-login"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -53,6 +53,10 @@ pub enum SessionKind {
     },
 }
 
+fn a_login() -> bool {
+    true
+}
+
 /// An operation the agent performs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -77,6 +81,10 @@ pub enum Op {
         name: String,
         /// What kind of session it is.
         session: SessionKind,
+        /// Whether it is a login (a login session of its own, in the session table); without,
+        /// an unattended console: a process session the table does not list.
+        #[serde(default = "a_login")]
+        login: bool,
     },
     /// Closes a login session, killing its processes, and removes it from the session table.
     SessionClose {
@@ -114,6 +122,9 @@ pub enum Op {
         /// Milliseconds since the Unix epoch.
         epoch_ms: i64,
     },
+    /// Deletes the runtime's session table and writes it no more while the agent runs (an
+    /// attack: root hides who is logged in).
+    DropSessionTable,
     /// Reads a file.
     ReadFile {
         /// Absolute path inside the guest.

@@ -9,6 +9,8 @@ use crate::protocol::SessionKind;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionTable {
     entries: BTreeMap<i32, SessionKind>,
+    /// The licensee deleted the file and keeps it from being written (until the machine stops).
+    dropped: bool,
 }
 
 impl SessionTable {
@@ -27,9 +29,25 @@ impl SessionTable {
         self.entries.remove(&sid);
     }
 
-    /// Forgets every session (the machine went down).
+    /// Forgets every session (the machine went down); a dropped table is written again.
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.dropped = false;
+    }
+
+    /// The login sessions recorded, by key.
+    pub fn keys(&self) -> impl Iterator<Item = i32> + '_ {
+        self.entries.keys().copied()
+    }
+
+    /// Deletes the table file at `path` and writes it no more, as a licensee who is root can
+    /// (an attack on the runtime's view of sessions); the sessions are still tracked.
+    pub fn drop_file(&mut self, path: &Path) -> std::io::Result<()> {
+        self.dropped = true;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// The table in the runtime's format: `{"<sid>": {"kind": …, "user": …}}`.
@@ -47,8 +65,11 @@ impl SessionTable {
         serde_json::Value::Object(map)
     }
 
-    /// Replaces the table file atomically (write + rename).
+    /// Replaces the table file atomically (write + rename); nothing once it was dropped.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        if self.dropped {
+            return Ok(());
+        }
         let text = serde_json::to_vec_pretty(&self.to_json()).map_err(std::io::Error::other)?;
         write_atomic(path, &text)
     }
@@ -96,5 +117,21 @@ mod tests {
             written,
             serde_json::json!({"57": {"kind": "rdp", "user": "bob", "client_name": "pc-2", "client_ip": "10.0.0.12"}})
         );
+    }
+
+    #[test]
+    fn a_dropped_table_stays_deleted_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.json");
+        let mut table = SessionTable::default();
+        table.write(&path).unwrap();
+        table.drop_file(&path).unwrap();
+        table.insert(3, SessionKind::Console { user: "a".into() });
+        table.write(&path).unwrap();
+        assert!(!path.exists());
+        assert_eq!(table.keys().collect::<Vec<_>>(), vec![3]);
+        table.clear();
+        table.write(&path).unwrap();
+        assert!(path.exists());
     }
 }

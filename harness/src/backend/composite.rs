@@ -589,6 +589,10 @@ impl Backend for World {
         self.driver(machine)?.impersonate(machine, name, runtime_id)
     }
 
+    fn drop_session_table(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.driver(machine)?.drop_session_table(machine)
+    }
+
     fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
         BackendError::check_name("state copy", name)?;
         self.require(machine, "state-save", &[Power::Running], "running")?;

@@ -119,6 +119,9 @@ pub trait MachineDriver: Any {
     ) -> Result<(), BackendError>;
     /// Closes a login session, ending its processes.
     fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError>;
+    /// Deletes the runtime's session table on a running machine and writes it no more until
+    /// the machine stops (its login sessions stay open).
+    fn drop_session_table(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Runs `meter <args>` in a session and waits for it.
     fn run_meter(
         &mut self,

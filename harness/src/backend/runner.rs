@@ -114,6 +114,9 @@ pub trait Backend {
         name: &str,
         runtime_id: Option<&str>,
     ) -> Result<(), BackendError>;
+    /// Deletes the runtime's session table on a running machine, as its root can, and keeps it
+    /// deleted until the machine stops.
+    fn drop_session_table(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Stops a machine's runtime, copies its state folder aside as `name`, and starts it again.
     fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
     /// Stops a machine's runtime, puts the state folder copy `name` back, and starts it again

@@ -517,6 +517,7 @@ impl World {
                 self.servers.push(s.machine.value.clone());
                 Ok(())
             }
+            Step::DropSessionTable(m) => self.backend.drop_session_table(&m.value),
             Step::ServerStop(m) => {
                 self.servers.retain(|s| s != &m.value);
                 self.backend.stop_server(&m.value)

@@ -40,6 +40,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("licence-forged"),
     builtin!("dongle-vm-denied"),
     builtin!("terminal-server-setsid"),
+    builtin!("terminal-server-untabled"),
     builtin!("vm-hidden-hypervisor"),
     builtin!("dongle-hop-cloned-state"),
     builtin!("trial-expiry"),

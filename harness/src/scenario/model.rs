@@ -417,11 +417,13 @@ pub enum Defence {
     GuestDetection,
     /// A guest cloned with its runtime state is another runtime (its id names the machine).
     CloneRuntimeId,
+    /// A terminal server is known by its live login sessions, not only by its session table.
+    TerminalServerRole,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 32] = [
+    pub const ALL: [Defence; 33] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -454,6 +456,7 @@ impl Defence {
         Defence::LoginSessions,
         Defence::GuestDetection,
         Defence::CloneRuntimeId,
+        Defence::TerminalServerRole,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -491,6 +494,7 @@ impl Defence {
             Defence::LoginSessions => "login-sessions",
             Defence::GuestDetection => "guest-detection",
             Defence::CloneRuntimeId => "clone-runtime-id",
+            Defence::TerminalServerRole => "terminal-server-role",
         }
     }
 
@@ -563,6 +567,9 @@ impl Defence {
             Defence::CloneRuntimeId => {
                 "A guest cloned with its runtime state is another runtime (its id names the machine)."
             }
+            Defence::TerminalServerRole => {
+                "A terminal server is known by its live login sessions, not only by its session table."
+            }
         }
     }
 }
@@ -607,6 +614,9 @@ pub enum Step {
     SessionOpen(SessionOpenStep),
     /// Log a session off (its apps end).
     SessionClose(Name),
+    /// Delete the runtime's session table on a running machine and keep it deleted while the
+    /// machine runs (an attack: root hides who is logged in; the sessions stay open).
+    DropSessionTable(Name),
     /// Activate a soft licence on a machine.
     Activate(ActivateStep),
     /// Copy a machine's licence file and state to another machine (an attack).
@@ -674,6 +684,7 @@ impl Step {
             Step::UsbHang(_) => "usb-hang",
             Step::SessionOpen(_) => "session-open",
             Step::SessionClose(_) => "session-close",
+            Step::DropSessionTable(_) => "drop-session-table",
             Step::Activate(_) => "activate",
             Step::CopyLicence(_) => "copy-licence",
             Step::ApplyAgain(_) => "apply-again",
@@ -699,7 +710,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 39] = [
+    pub const KEYWORDS: [&'static str; 40] = [
         "boot",
         "shutdown",
         "pause",
@@ -718,6 +729,7 @@ impl Step {
         "usb-hang",
         "session-open",
         "session-close",
+        "drop-session-table",
         "activate",
         "copy-licence",
         "apply-again",

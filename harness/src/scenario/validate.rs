@@ -1068,6 +1068,9 @@ impl<'a> Checker<'a> {
                 }
             }
             Step::SessionOpen(open) => self.session_open(open, line),
+            Step::DropSessionTable(name) => {
+                self.running(name);
+            }
             Step::SessionClose(name) => match self.sessions.get(&name.value).cloned() {
                 Some(session) if session.open => {
                     let note = format!("session `{name}` was closed at line {line}");

@@ -266,8 +266,7 @@ impl Machine {
         std::fs::create_dir_all(dir.join("platform/usb"))?;
         std::fs::write(
             dir.join("platform/machine.json"),
-            serde_json::json!({"kind": "guest", "role": "workstation", "name": name, "address": address})
-                .to_string(),
+            serde_json::json!({"kind": "guest", "name": name, "address": address}).to_string(),
         )?;
         let daemon = Command::new(std::env::current_exe()?)
             .arg("__meterd")

@@ -83,7 +83,7 @@ impl Machine {
         std::fs::create_dir_all(dir.join("platform"))?;
         std::fs::write(
             dir.join("platform/machine.json"),
-            json!({"kind": "physical", "role": "workstation", "name": name, "address": address, "traits": {}}).to_string(),
+            json!({"kind": "physical", "name": name, "address": address, "traits": {}}).to_string(),
         )?;
         let ready = dir.join("state/meterd.ready");
         let child = Command::new(std::env::current_exe()?)

@@ -257,6 +257,8 @@ pub struct Runtime {
     pub dongles: crate::dongles::Dongles,
     /// Look-ups of the machine before accesses, coalesced: see [`Runtime::observe_machine`].
     observations: MachineObservations,
+    /// Whether the machine is a terminal server, from its table and its live login sessions.
+    pub(crate) role_judge: crate::machine_role::MachineRoleJudge,
 }
 
 /// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
@@ -402,6 +404,7 @@ impl Runtime {
             server_info: Mutex::new(None),
             dongles: crate::dongles::Dongles::new(),
             observations: MachineObservations::default(),
+            role_judge: Default::default(),
         }))
     }
 
@@ -451,16 +454,23 @@ impl Runtime {
 
     /// Who the process `pid` is, as far as licensing cares.
     pub fn identify(&self, pid: u32, uid: u32) -> Result<Caller, anyhow::Error> {
-        let (session_id, start) = process_session_and_start(pid)?;
+        let process = process_session_and_start(pid)?;
+        let login = process.login.then_some(process.id);
         let machine = self.platform.machine_name()?;
-        let role = self.platform.role()?;
+        let role = self.role_judge.role(&*self.platform, login)?;
         let guest = self.platform.kind()? == MachineKind::Guest;
-        let session = self
-            .platform
-            .session(session_id)?
-            .map(|info| info.kind)
-            .unwrap_or(SessionKind::Service);
-        let station = StationId::for_session(machine, role, session_id, &session);
+        let session = match self.platform.session(process.id)? {
+            Some(info) => info.kind,
+            // A login the table does not list is still someone's login: interactive.
+            None if process.login
+                && !crate::weakened::is(crate::weakened::Defence::TerminalServerRole) =>
+            {
+                SessionKind::Console
+            }
+            None => SessionKind::Service,
+        };
+        let start = process.start;
+        let station = StationId::for_session(machine, role, process.id, &session);
         Ok(Caller {
             pid,
             start,
@@ -932,7 +942,7 @@ impl Runtime {
             if let Ok(watch) = ProcessWatch::open(pid) {
                 // The pid may have been reused since the grant: compare start times.
                 let same = process_session_and_start(pid)
-                    .map(|(_, s)| s == start)
+                    .map(|process| process.start == start)
                     .unwrap_or(false);
                 if same && let Err(e) = watch.exited().await {
                     tracing::warn!(pid, error = %e, "Lost the watch on a holder");
@@ -1006,7 +1016,7 @@ impl Runtime {
         Ok(serde_json::json!({
             "name": self.platform.machine_name()?,
             "kind": self.platform.kind()?,
-            "role": self.platform.role()?,
+            "role": self.role_judge.role(&*self.platform, None)?,
             "traits": self.platform.traits()?,
             "vmgenid": self.platform.vmgenid()?,
             "runtime_id": self.runtime_id,

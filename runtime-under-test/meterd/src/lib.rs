@@ -17,6 +17,7 @@ pub mod harness_build;
 pub mod licence_upkeep;
 pub mod licences;
 pub mod local;
+pub mod machine_role;
 pub mod metering;
 pub mod os_sources;
 pub mod outcome;

@@ -14,7 +14,7 @@ impl Runtime {
         let machine = MachineStatus {
             name: self.platform.machine_name().ok(),
             kind: self.platform.kind().ok(),
-            role: self.platform.role().ok(),
+            role: self.role_judge.role(&*self.platform, None).ok(),
             platform: self.platform.describe(),
             vmgenid: self.platform.vmgenid().ok().flatten(),
             clock_ms: self.platform.now_ms().ok(),

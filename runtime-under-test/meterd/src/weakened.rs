@@ -80,11 +80,13 @@ pub enum Defence {
     GuestDetection,
     /// The runtime id is the stored random part alone: a clone with the state is the same runtime.
     CloneRuntimeId,
+    /// A terminal server is known by its session table alone, which root may delete.
+    TerminalServerRole,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 32] = [
+    pub const ALL: [Defence; 33] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -117,6 +119,7 @@ impl Defence {
         Defence::LoginSessions,
         Defence::GuestDetection,
         Defence::CloneRuntimeId,
+        Defence::TerminalServerRole,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -154,6 +157,7 @@ impl Defence {
             Defence::LoginSessions => "login-sessions",
             Defence::GuestDetection => "guest-detection",
             Defence::CloneRuntimeId => "clone-runtime-id",
+            Defence::TerminalServerRole => "terminal-server-role",
         }
     }
 }
@@ -245,6 +249,9 @@ impl Defence {
             }
             Defence::CloneRuntimeId => {
                 "the runtime id is kept in the state folder alone: a guest cloned with its state presents the original's id"
+            }
+            Defence::TerminalServerRole => {
+                "a terminal server is known by its session table alone: with the table deleted it is a workstation and its users' login sessions count as the machine"
             }
         }
     }

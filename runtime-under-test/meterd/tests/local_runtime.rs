@@ -66,10 +66,10 @@ fn local_licence_refused_in_terminal_server_session_allowed_on_workstation_remot
     ws.install(&vendor, &licence);
     let remote_desktop = ws.hold(5, Some("rdp"));
     assert!(remote_desktop.granted(), "{}", remote_desktop.first);
-    // Counted as one: a second use is refused.
-    let console = ws.hold(5, Some("console"));
-    assert!(!console.granted());
-    assert_eq!(console.reason(), "quantity-exhausted");
+    // Counted as one: a second use (outside the session) is refused.
+    let service = ws.hold(5, None);
+    assert!(!service.granted());
+    assert_eq!(service.reason(), "quantity-exhausted");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! On a terminal server a process counts in its login session (the audit session the kernel
 //! gives a login), which `setsid` cannot leave: an app that detaches from its RDP session is
-//! still that session's station.
+//! still that session's station. A terminal server is known by the login sessions alive on it,
+//! table or no table.
 
 mod common;
 
@@ -11,11 +12,31 @@ use std::process::{Command, Stdio};
 use common::{METER, Machine, Vendor};
 use serde_json::Value;
 
+/// How the test's process is logged in.
+#[derive(Clone, Copy)]
+struct Login {
+    /// The kind the session table lists the login session as; `None`: unlisted (only the
+    /// simulated kernel's `logins.json` shows it).
+    listed_as: Option<&'static str>,
+    /// The process leaves its process session with `setsid` after logging in.
+    detached: bool,
+}
+
+/// An RDP login whose app detaches with `setsid`.
+const DETACHED_RDP: Login = Login {
+    listed_as: Some("rdp"),
+    detached: true,
+};
+/// A login the session table does not list (root deleted the table).
+const UNLISTED: Login = Login {
+    listed_as: None,
+    detached: false,
+};
+
 /// Runs `meter --json access --product <product>` as a process that opened a login session
-/// (wrote its login uid, as `pam_loginuid` does) and then left its process session with
-/// `setsid`; the login session is entered into the machine's table as an RDP session first.
-/// `None` when this kernel or user cannot open login sessions.
-fn access_detached_from_rdp(machine: &Machine, product: u32) -> Option<(i32, Value)> {
+/// (wrote its login uid, as `pam_loginuid` does), as `login` says. `None` when this kernel or
+/// user cannot open login sessions.
+fn access_in_login(machine: &Machine, product: u32, login: Login) -> Option<(i32, Value)> {
     let mut command = Command::new("sh");
     command
         .args([
@@ -32,9 +53,11 @@ fn access_detached_from_rdp(machine: &Machine, product: u32) -> Option<(i32, Val
         .stdout(Stdio::piped());
     // SAFETY: open_login_session and setsid are async-signal-safe.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             common::open_login_session()?;
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if login.detached {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+            }
             Ok(())
         });
     }
@@ -45,13 +68,16 @@ fn access_detached_from_rdp(machine: &Machine, product: u32) -> Option<(i32, Val
             return None;
         }
     };
-    let login: u32 = std::fs::read_to_string(format!("/proc/{}/sessionid", child.id()))
+    let id: u32 = std::fs::read_to_string(format!("/proc/{}/sessionid", child.id()))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    assert_ne!(login, u32::MAX, "the kernel gave no login session");
-    machine.add_session(login, "rdp");
+    assert_ne!(id, u32::MAX, "the kernel gave no login session");
+    machine.add_login(id);
+    if let Some(kind) = login.listed_as {
+        machine.add_session(id, kind);
+    }
     writeln!(child.stdin.take().unwrap(), "go").unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
@@ -65,6 +91,27 @@ fn access_detached_from_rdp(machine: &Machine, product: u32) -> Option<(i32, Val
 fn an_app_that_leaves_its_rdp_session_is_still_that_sessions_station() {
     let machine = Machine::new("ts1", "terminal-server", "127.0.9.20");
     let _daemon = machine.start(&[]);
+    install_cad(&machine);
+
+    let Some((code, granted)) = access_in_login(&machine, 1001, DETACHED_RDP) else {
+        return;
+    };
+    assert_eq!(code, 0, "{granted}");
+    let station = granted["station"].as_str().unwrap();
+    assert!(
+        station.starts_with("ts1/s"),
+        "a detached app counted as {station}, not as its RDP session"
+    );
+    let (code, refused) = access_in_login(&machine, 1002, DETACHED_RDP).unwrap();
+    assert_eq!(code, 1, "{refused}");
+    assert_eq!(
+        refused["reason"], "local-licence-terminal-server",
+        "{refused}"
+    );
+}
+
+/// Two products: five station-share seats, and a local licence (quantity 0).
+fn install_cad(machine: &Machine) {
     let vendor = Vendor::new();
     let licence = vendor.issue(
         "ts",
@@ -74,20 +121,48 @@ fn an_app_that_leaves_its_rdp_session_is_still_that_sessions_station() {
         ],
     );
     machine.install(&vendor, &licence);
+}
 
-    let Some((code, granted)) = access_detached_from_rdp(&machine, 1001) else {
+#[test]
+fn a_terminal_server_without_its_session_table_is_known_by_its_live_logins() {
+    // No table at all: only the kernel shows who is logged in (an admin at the console, and
+    // the test's login).
+    let machine = Machine::new("ts1", "workstation", "127.0.9.21");
+    machine.add_login(1);
+    let _daemon = machine.start(&[]);
+    install_cad(&machine);
+
+    let Some((code, granted)) = access_in_login(&machine, 1001, UNLISTED) else {
         return;
     };
     assert_eq!(code, 0, "{granted}");
     let station = granted["station"].as_str().unwrap();
     assert!(
         station.starts_with("ts1/s"),
-        "a detached app counted as {station}, not as its RDP session"
+        "an unlisted login on a terminal server counted as {station}"
     );
-    let (code, refused) = access_detached_from_rdp(&machine, 1002).unwrap();
+    let (code, refused) = access_in_login(&machine, 1002, UNLISTED).unwrap();
     assert_eq!(code, 1, "{refused}");
     assert_eq!(
         refused["reason"], "local-licence-terminal-server",
         "{refused}"
     );
+    // Once a terminal server, always one: the console admin logging off changes nothing.
+    std::fs::write(machine.platform().join("logins.json"), "[]").unwrap();
+    let (code, refused) = access_in_login(&machine, 1002, UNLISTED).unwrap();
+    assert_eq!(code, 1, "{refused}");
+    let (_, status) = common::meter_at(&machine.socket(), &["status"]);
+    assert_eq!(status["machine"]["role"], "terminal-server", "{status}");
+}
+
+#[test]
+fn one_login_viewed_remotely_is_a_workstation() {
+    let machine = Machine::new("ws1", "workstation", "127.0.9.22");
+    let _daemon = machine.start(&[]);
+    install_cad(&machine);
+    let Some((code, granted)) = access_in_login(&machine, 1002, UNLISTED) else {
+        return;
+    };
+    assert_eq!(code, 0, "{granted}");
+    assert_eq!(granted["station"], "ws1", "{granted}");
 }

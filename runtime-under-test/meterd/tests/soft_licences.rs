@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 /// A guest on an Intel host, or the host itself, with a full set of traits.
 fn machine_json(name: &str, kind: &str, cpu_model: &str, address: &str) -> Value {
     json!({
-        "kind": kind, "role": "workstation", "name": name, "address": address,
+        "kind": kind, "name": name, "address": address,
         "traits": {
             "cpu.vendor": "GenuineIntel", "cpu.model-name": cpu_model, "cpu.family": "6",
             "cpu.model": "85", "cpu.stepping": "7", "cpu.microcode": "0x5003604",

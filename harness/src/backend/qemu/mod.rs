@@ -324,17 +324,20 @@ impl QemuDriver {
         Ok(())
     }
 
+    /// Opens a session in a guest: a login, or without `login` an unattended console.
     fn open_guest_session(
         &mut self,
         machine: &str,
         session: &str,
         spec: &SessionSpec,
+        login: bool,
     ) -> Result<(), BackendError> {
         self.call(
             machine,
             Op::SessionOpen {
                 name: session.to_string(),
                 session: spec.clone(),
+                login,
             },
             Duration::from_secs(10),
         )?;
@@ -904,12 +907,16 @@ impl MachineDriver for QemuDriver {
         self.timings
             .boot_ms
             .push(started.elapsed().as_secs_f64() * 1000.0);
+        // The console where apps started outside any session run: a login of its own only on
+        // a terminal server (a workstation's console is unattended until someone logs in).
+        let login = self.guest(machine)?.role == Role::TerminalServer;
         self.open_guest_session(
             machine,
             "console",
             &SessionSpec::Console {
                 user: "operator".into(),
             },
+            login,
         )?;
         self.configure_all_servers(machine)
     }
@@ -1204,7 +1211,7 @@ impl MachineDriver for QemuDriver {
         session: &str,
         spec: &SessionSpec,
     ) -> Result<(), BackendError> {
-        self.open_guest_session(machine, session, spec)
+        self.open_guest_session(machine, session, spec, true)
     }
 
     fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError> {
@@ -1222,6 +1229,17 @@ impl MachineDriver for QemuDriver {
             Duration::from_secs(10),
         )?;
         self.guest_mut(machine)?.sessions.remove(session);
+        Ok(())
+    }
+
+    fn drop_session_table(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.guest(machine)?.power.require(
+            machine,
+            "drop-session-table",
+            &[Power::Running],
+            "running",
+        )?;
+        self.call(machine, Op::DropSessionTable, Duration::from_secs(5))?;
         Ok(())
     }
 

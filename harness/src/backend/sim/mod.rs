@@ -227,7 +227,6 @@ impl SimDriver {
         let description = json!({
             "kind": if m.guest { "guest" } else { "physical" },
             "signals": signals,
-            "role": match m.role { Role::Workstation => "workstation", Role::TerminalServer => "terminal-server" },
             "name": m.presents.as_ref().map_or(&m.name, |(name, _)| name),
             "address": m.ip.to_string(),
             "traits": {
@@ -258,12 +257,58 @@ impl SimDriver {
         self.write_sessions(machine)
     }
 
+    /// Opens a session; a login (in the session table and `logins.json`) or, without `login`,
+    /// an unattended console the table does not list.
+    fn start_session(
+        &mut self,
+        machine: &str,
+        session: &str,
+        spec: &SessionSpec,
+        login: bool,
+    ) -> Result<(), BackendError> {
+        let log = self
+            .run_logs(machine)
+            .join(format!("session-{session}.log"));
+        let leader = LeaderHandle::start(&self.config.harness_exe, &log, login)?;
+        let m = self.machine_mut(machine)?;
+        let key = leader.table_key();
+        if !login {
+            if let Some(old) = m.sessions.insert(session.to_string(), leader) {
+                old.close();
+            }
+            return Ok(());
+        }
+        if m.session_table.contains(key) {
+            leader.close();
+            return Err(BackendError::Unsupported {
+                backend: BackendKind::Sim,
+                operation: "session-open",
+                why: format!(
+                    "two sessions would share login session {}: the harness runs inside a login \
+                     session and may not open new ones (writing /proc/self/loginuid needs root \
+                     and a kernel with audit support)",
+                    key
+                ),
+            });
+        }
+        m.session_table.insert(leader.table_key(), spec.clone());
+        if let Some(old) = m.sessions.insert(session.to_string(), leader) {
+            old.close();
+        }
+        self.write_sessions(machine)
+    }
+
+    /// Writes the session table (unless the licensee dropped it) and the login sessions alive,
+    /// which the simulated kernel shows whatever the table says.
     fn write_sessions(&self, machine: &str) -> Result<(), BackendError> {
         let m = self.machine(machine)?;
         let path = m.platform().join("sessions.json");
         m.session_table
             .write(&path)
-            .map_err(BackendError::io(format!("write {}", path.display())))
+            .map_err(BackendError::io(format!("write {}", path.display())))?;
+        let logins: Vec<i32> = m.session_table.keys().collect();
+        let path = m.platform().join("logins.json");
+        write_atomic(&path, &serde_json::to_vec(&logins).expect("json"))
     }
 
     fn start_daemon(&mut self, machine: &str) -> Result<(), BackendError> {
@@ -415,12 +460,16 @@ impl SimDriver {
         write_atomic(&platform.join("boot_id"), boot_id.as_bytes())?;
         self.start_daemon(machine)?;
         self.machine_mut(machine)?.power = Power::Running;
-        self.open_session(
+        // The console where apps started outside any session run: a login of its own only on
+        // a terminal server (a workstation's console is unattended until someone logs in).
+        let login = self.machine(machine)?.role == Role::TerminalServer;
+        self.start_session(
             machine,
             "console",
             &SessionSpec::Console {
                 user: "operator".into(),
             },
+            login,
         )?;
         Ok(())
     }
@@ -690,30 +739,7 @@ impl MachineDriver for SimDriver {
         session: &str,
         spec: &SessionSpec,
     ) -> Result<(), BackendError> {
-        let log = self
-            .run_logs(machine)
-            .join(format!("session-{session}.log"));
-        let leader = LeaderHandle::start(&self.config.harness_exe, &log)?;
-        let m = self.machine_mut(machine)?;
-        let key = leader.table_key();
-        if m.session_table.contains(key) {
-            leader.close();
-            return Err(BackendError::Unsupported {
-                backend: BackendKind::Sim,
-                operation: "session-open",
-                why: format!(
-                    "two sessions would share login session {}: the harness runs inside a login \
-                     session and may not open new ones (writing /proc/self/loginuid needs root \
-                     and a kernel with audit support)",
-                    key
-                ),
-            });
-        }
-        m.session_table.insert(leader.table_key(), spec.clone());
-        if let Some(old) = m.sessions.insert(session.to_string(), leader) {
-            old.close();
-        }
-        self.write_sessions(machine)
+        self.start_session(machine, session, spec, true)
     }
 
     fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError> {
@@ -728,6 +754,16 @@ impl MachineDriver for SimDriver {
         m.session_table.remove(leader.table_key());
         leader.close();
         self.write_sessions(machine)
+    }
+
+    fn drop_session_table(&mut self, machine: &str) -> Result<(), BackendError> {
+        let m = self.machine_mut(machine)?;
+        m.power
+            .require(machine, "drop-session-table", &[Power::Running], "running")?;
+        let path = m.platform().join("sessions.json");
+        m.session_table
+            .drop_file(&path)
+            .map_err(BackendError::io(format!("delete {}", path.display())))
     }
 
     fn run_meter(

@@ -28,8 +28,9 @@ pub struct LeaderHandle {
 }
 
 impl LeaderHandle {
-    /// Starts a leader (`<exe> session-leader`) and waits until it reports its session id.
-    pub fn start(exe: &Path, stderr_log: &Path) -> Result<Self, BackendError> {
+    /// Starts a leader (`<exe> session-leader`) and waits until it reports its session id;
+    /// without `login` it opens no login session (an unattended console).
+    pub fn start(exe: &Path, stderr_log: &Path, login: bool) -> Result<Self, BackendError> {
         let stderr = std::fs::File::create(stderr_log)
             .map_err(BackendError::io(format!("create {}", stderr_log.display())))?;
         // No pre-exec hook, so the standard library spawns without forking the harness (whose
@@ -40,6 +41,7 @@ impl LeaderHandle {
             .arg("session-leader")
             .arg("--parent")
             .arg(std::process::id().to_string())
+            .args((!login).then_some("--no-login"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr);

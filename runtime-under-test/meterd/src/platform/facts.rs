@@ -1,6 +1,6 @@
 //! What every platform answers: the `Platform` trait, its errors and the session table format.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::net::IpAddr;
@@ -64,8 +64,11 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
     fn machine_name(&self) -> Result<String, PlatformError>;
     /// Physical hardware or a virtual machine (the hypervisor flag).
     fn kind(&self) -> Result<MachineKind, PlatformError>;
-    /// Workstation or terminal server.
+    /// Workstation or terminal server, as the session table says (more than one interactive
+    /// session); the runtime also judges it from live login sessions (`machine_role`).
     fn role(&self) -> Result<MachineRole, PlatformError>;
+    /// The login sessions alive on the machine now (audit session ids), as the kernel knows them.
+    fn live_login_sessions(&self) -> Result<BTreeSet<u32>, PlatformError>;
     /// The machine's hardware traits.
     fn traits(&self) -> Result<MachineTraits, PlatformError>;
     /// The machine's address as other machines see it, if the platform knows it.
@@ -101,6 +104,20 @@ pub(crate) fn read_optional(path: &Path) -> Result<Option<String>, PlatformError
             path: path.to_owned(),
             source,
         }),
+    }
+}
+
+/// The role a session table shows: a terminal server when it lists more than one interactive
+/// session.
+pub(crate) fn role_from_table(table: &BTreeMap<u32, SessionInfo>) -> MachineRole {
+    let interactive = table
+        .values()
+        .filter(|s| !matches!(s.kind, SessionKind::Service))
+        .count();
+    if interactive > 1 {
+        MachineRole::TerminalServer
+    } else {
+        MachineRole::Workstation
     }
 }
 

@@ -1,12 +1,12 @@
 //! The real Linux host: DMI, CPUID, network interfaces, hidraw dongles, the session table file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use meter_core::station::{MachineRole, SessionKind};
+use meter_core::station::MachineRole;
 use meter_core::traits::{MachineKind, MachineTraits, names};
 use sha2::{Digest, Sha256};
 
@@ -211,17 +211,21 @@ impl Platform for HostPlatform {
     }
 
     fn role(&self) -> Result<MachineRole, PlatformError> {
-        // A host with a session table listing more than one interactive session serves many users.
-        let sessions = self.session_table()?;
-        let interactive = sessions
-            .values()
-            .filter(|s| !matches!(s.kind, SessionKind::Service))
-            .count();
-        Ok(if interactive > 1 {
-            MachineRole::TerminalServer
-        } else {
-            MachineRole::Workstation
-        })
+        Ok(role_from_table(&self.session_table()?))
+    }
+
+    fn live_login_sessions(&self) -> Result<BTreeSet<u32>, PlatformError> {
+        let proc = self.path("/proc");
+        let entries = fs::read_dir(&proc).map_err(|source| PlatformError::Read {
+            path: proc.clone(),
+            source,
+        })?;
+        Ok(entries
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().to_str().is_some_and(is_pid))
+            .filter_map(|entry| fs::read_to_string(entry.path().join("sessionid")).ok())
+            .filter_map(|text| parse_login_session(&text))
+            .collect())
     }
 
     fn traits(&self) -> Result<MachineTraits, PlatformError> {
@@ -410,10 +414,21 @@ pub(crate) fn default_route_interface(routes: &str) -> Option<String> {
 /// The audit session id the kernel gives a process outside any login session.
 const NO_LOGIN_SESSION: u32 = u32::MAX;
 
-/// The session a process counts in and its start time (clock ticks since boot): its login
-/// session (the audit session id, `/proc/<pid>/sessionid`, which `setsid` cannot change), or
-/// its process session (`/proc/<pid>/stat`) where it has no login session.
-pub fn process_session_and_start(pid: u32) -> io::Result<(u32, u64)> {
+/// The session a process counts in, and when the process started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessSession {
+    /// Its login session, or its process session where it has none.
+    pub id: u32,
+    /// True when `id` is a login session.
+    pub login: bool,
+    /// The process's start time (clock ticks since boot), which tells a reused pid apart.
+    pub start: u64,
+}
+
+/// The session a process counts in and its start time: its login session (the audit session
+/// id, `/proc/<pid>/sessionid`, which `setsid` cannot change), or its process session
+/// (`/proc/<pid>/stat`) where it has none.
+pub fn process_session_and_start(pid: u32) -> io::Result<ProcessSession> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let (session, start) = parse_proc_stat(&text).ok_or_else(|| {
         io::Error::new(
@@ -421,21 +436,41 @@ pub fn process_session_and_start(pid: u32) -> io::Result<(u32, u64)> {
             format!("malformed /proc/{pid}/stat"),
         )
     })?;
+    let process = ProcessSession {
+        id: session,
+        login: false,
+        start,
+    };
     if crate::weakened::is(crate::weakened::Defence::LoginSessions) {
         // Weakened: the process session, which any process may leave with setsid.
-        return Ok((session, start));
+        return Ok(process);
     }
-    Ok((login_session(pid).unwrap_or(session), start))
+    Ok(match login_session(pid) {
+        Some(id) => ProcessSession {
+            id,
+            login: true,
+            start,
+        },
+        None => process,
+    })
 }
 
 /// The audit login session of a process, if it has one.
 fn login_session(pid: u32) -> Option<u32> {
-    fs::read_to_string(format!("/proc/{pid}/sessionid"))
-        .ok()?
-        .trim()
+    parse_login_session(&fs::read_to_string(format!("/proc/{pid}/sessionid")).ok()?)
+}
+
+/// A `/proc/<pid>/sessionid` text as a login session, `None` for "no login session".
+fn parse_login_session(text: &str) -> Option<u32> {
+    text.trim()
         .parse()
         .ok()
         .filter(|id| *id != NO_LOGIN_SESSION)
+}
+
+/// Whether a `/proc` entry names a process.
+fn is_pid(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
 }
 
 pub(crate) fn parse_proc_stat(text: &str) -> Option<(u32, u64)> {
@@ -452,6 +487,25 @@ pub(crate) fn parse_proc_stat(text: &str) -> Option<(u32, u64)> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn live_login_sessions_are_the_set_audit_session_ids_of_processes() {
+        let root = tempfile::tempdir().unwrap();
+        for (entry, sessionid) in [
+            ("1", "4294967295"),
+            ("20", "7"),
+            ("21", "7"),
+            ("30", "9\n"),
+            ("self", "12"),
+            ("bogus", "13"),
+        ] {
+            let dir = root.path().join("proc").join(entry);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("sessionid"), sessionid).unwrap();
+        }
+        let host = HostPlatform::with_root(root.path());
+        assert_eq!(host.live_login_sessions().unwrap(), BTreeSet::from([7, 9]));
+    }
 
     #[test]
     fn the_default_route_names_the_interface_of_net_ip() {

@@ -1,7 +1,7 @@
 //! The simulated platform: a folder the harness writes (machine kind, traits, clock, sessions,
 //! dongle sockets), watched with inotify.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::net::IpAddr;
@@ -21,7 +21,6 @@ use crate::os_sources::wall_clock_ms as real_now_ms;
 #[serde(deny_unknown_fields)]
 pub(crate) struct SimMachine {
     kind: MachineKind,
-    role: MachineRole,
     name: String,
     #[serde(default)]
     address: Option<IpAddr>,
@@ -53,6 +52,7 @@ pub(crate) struct SimCache {
     vmgenid: Option<Option<String>>,
     boot_id: Option<Option<String>>,
     sessions: Option<Arc<BTreeMap<u32, SessionInfo>>>,
+    logins: Option<Arc<BTreeSet<u32>>>,
     usb: Option<Vec<UsbEndpoint>>,
 }
 
@@ -226,6 +226,22 @@ impl SimPlatform {
     }
 }
 
+impl SimPlatform {
+    /// The machine's session table (`sessions.json`), empty where there is none.
+    fn session_table(&self) -> Result<Arc<BTreeMap<u32, SessionInfo>>, PlatformError> {
+        self.look(
+            |c| &mut c.sessions,
+            || {
+                let path = self.dir.join("sessions.json");
+                Ok(Arc::new(match read_optional(&path)? {
+                    None => BTreeMap::new(),
+                    Some(text) => parse_session_table(&path, &text)?,
+                }))
+            },
+        )
+    }
+}
+
 impl Platform for SimPlatform {
     fn machine_name(&self) -> Result<String, PlatformError> {
         Ok(self.machine()?.name.clone())
@@ -241,7 +257,26 @@ impl Platform for SimPlatform {
     }
 
     fn role(&self) -> Result<MachineRole, PlatformError> {
-        Ok(self.machine()?.role)
+        Ok(role_from_table(&*self.session_table()?))
+    }
+
+    fn live_login_sessions(&self) -> Result<BTreeSet<u32>, PlatformError> {
+        let logins = self.look(
+            |c| &mut c.logins,
+            || {
+                let path = self.dir.join("logins.json");
+                Ok(Arc::new(match read_optional(&path)? {
+                    None => BTreeSet::new(),
+                    Some(text) => {
+                        serde_json::from_str(&text).map_err(|e| PlatformError::Malformed {
+                            path: path.clone(),
+                            message: e.to_string(),
+                        })?
+                    }
+                }))
+            },
+        )?;
+        Ok(logins.as_ref().clone())
     }
 
     fn traits(&self) -> Result<MachineTraits, PlatformError> {
@@ -298,17 +333,7 @@ impl Platform for SimPlatform {
     }
 
     fn session(&self, session_id: u32) -> Result<Option<SessionInfo>, PlatformError> {
-        let table = self.look(
-            |c| &mut c.sessions,
-            || {
-                let path = self.dir.join("sessions.json");
-                Ok(Arc::new(match read_optional(&path)? {
-                    None => BTreeMap::new(),
-                    Some(text) => parse_session_table(&path, &text)?,
-                }))
-            },
-        )?;
-        Ok(table.get(&session_id).cloned())
+        Ok(self.session_table()?.get(&session_id).cloned())
     }
 
     fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError> {

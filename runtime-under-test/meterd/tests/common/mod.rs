@@ -112,11 +112,13 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// A machine of `role` (`workstation`, or `terminal-server`: its session table starts with
+    /// a console login besides the sessions the test opens, so it shows many sessions).
     pub fn new(name: &str, role: &str, address: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("platform")).unwrap();
         let machine = serde_json::json!({
-            "kind": "guest", "role": role, "name": name, "address": address,
+            "kind": "guest", "name": name, "address": address,
             "traits": {"cpu.vendor": "GenuineIntel", "product.uuid": format!("uuid-{name}")},
         });
         std::fs::write(
@@ -124,7 +126,11 @@ impl Machine {
             machine.to_string(),
         )
         .unwrap();
-        std::fs::write(dir.path().join("platform/sessions.json"), "{}").unwrap();
+        let table = match role {
+            "terminal-server" => r#"{"1": {"kind": "console", "user": "admin"}}"#,
+            _ => "{}",
+        };
+        std::fs::write(dir.path().join("platform/sessions.json"), table).unwrap();
         Machine {
             dir,
             name: name.to_owned(),
@@ -141,6 +147,18 @@ impl Machine {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("run").join("meterd.sock")
+    }
+
+    /// Adds a login session to those the simulated kernel shows alive (`logins.json`).
+    pub fn add_login(&self, id: u32) {
+        let path = self.platform().join("logins.json");
+        let mut logins: Vec<u32> = std::fs::read_to_string(&path)
+            .map(|text| serde_json::from_str(&text).unwrap())
+            .unwrap_or_default();
+        logins.push(id);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string(&logins).unwrap()).unwrap();
+        std::fs::rename(tmp, path).unwrap();
     }
 
     /// Adds a session to the session table (atomic replace).
