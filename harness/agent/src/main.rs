@@ -24,7 +24,9 @@ const SCRATCH: &str = "/run/vigil";
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("leader") => vigil_agent::leader::run(None, args.get(1).map(String::as_str) != Some("--no-login")),
+        Some("leader") => {
+            vigil_agent::leader::run(None, args.get(1).map(String::as_str) != Some("--no-login"))
+        }
         Some("--port") => {
             let port = args.get(1).context("--port needs a device path")?;
             serve(PathBuf::from(port))

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use dongle::{Request, Response, RuntimeId, VerifyingKey};
+use meter_core::firm_certificate::FirmCertificate;
 use serde::Serialize;
 
 use crate::dongles::{self, Link};
@@ -39,8 +40,9 @@ pub struct ProbeArgs {
     /// Request/response round trips to time.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub count: u32,
-    /// A vendor public key (vendor.pub) trusted to certify the dongle; repeatable.
-    #[arg(long = "vendor")]
+    /// A vendor's firm certificate (`meter root certify`; e.g. firm.cert) whose vendor may
+    /// certify the dongle, checked against the roots this runtime carries; repeatable.
+    #[arg(long = "vendor", value_name = "FIRM_CERT")]
     pub vendors: Vec<PathBuf>,
     /// A meterd state folder whose trusted firm certificates (trust/<firm>.cert) certify the dongle.
     #[arg(long)]
@@ -209,19 +211,22 @@ pub async fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeReport> {
 fn trusted_keys(args: &ProbeArgs) -> anyhow::Result<Vec<VerifyingKey>> {
     let mut keys = Vec::new();
     for path in &args.vendors {
-        keys.push(dongles::vendor_signing_key(path).with_context(|| {
-            format!(
-                "{} is not a readable vendor public key (vendor.pub)",
-                path.display()
-            )
-        })?);
+        let bytes =
+            std::fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
+        let name = path.display().to_string();
+        let vendor = FirmCertificate::from_json(&bytes, &name)
+            .and_then(|certificate| {
+                crate::trust_roots::vendor_of(&certificate, certificate.firm, &name)
+            })
+            .with_context(|| format!("{name} is not a firm certificate this runtime trusts"))?;
+        keys.push(vendor.signing_key());
     }
     if let Some(state) = &args.state {
         keys.extend(dongles::trusted_vendor_keys(state).into_values());
     }
     if keys.is_empty() {
         anyhow::bail!(
-            "No vendor key to check the dongle's certificate: give --vendor <vendor.pub> or --state <meterd state folder with trust/<firm>.cert>"
+            "No vendor key to check the dongle's certificate: give --vendor <firm.cert> or --state <meterd state folder with trust/<firm>.cert>"
         );
     }
     Ok(keys)

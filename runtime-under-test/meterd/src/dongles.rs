@@ -419,13 +419,6 @@ pub fn trusted_vendor_keys(state_dir: &Path) -> BTreeMap<u32, VerifyingKey> {
         .collect()
 }
 
-/// The key that certifies dongles in a vendor public key file (`vendor.pub`), if it is one.
-pub fn vendor_signing_key(path: &Path) -> Option<VerifyingKey> {
-    let text: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    let bytes = hex::decode(text["signing-key"].as_str()?).ok()?;
-    VerifyingKey::from_bytes(&<[u8; 32]>::try_from(bytes.as_slice()).ok()?).ok()
-}
-
 impl Dongles {
     /// A manager with no dongles yet; [`spawn`] starts watching.
     pub fn new() -> Self {

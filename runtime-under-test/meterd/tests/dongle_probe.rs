@@ -125,11 +125,11 @@ fn probe_opens_a_session_like_meterd_and_times_twenty_round_trips() {
     let vendor = Vendor::new();
     let sim = tempfile::tempdir().unwrap();
     let dongle = ServedDongle::plug(&vendor, 4711, sim.path());
-    let public = vendor.public();
+    let certificate = vendor.certificate();
 
     let (code, report) = probe(
         sim.path(),
-        &["--count", "20", "--vendor", path_arg(&public)],
+        &["--count", "20", "--vendor", path_arg(&certificate)],
     );
     assert_eq!(code, 0, "{report}");
     let socket: PathBuf = sim.path().join("usb/4711.sock");
@@ -223,8 +223,8 @@ fn probe_picks_the_dongle_named_by_serial_and_binds_as_told() {
 fn no_dongle_is_an_error_naming_what_was_scanned() {
     let vendor = Vendor::new();
     let sim = tempfile::tempdir().unwrap();
-    let public = vendor.public();
-    let (code, report) = probe(sim.path(), &["--vendor", path_arg(&public)]);
+    let certificate = vendor.certificate();
+    let (code, report) = probe(sim.path(), &["--vendor", path_arg(&certificate)]);
     assert_eq!(code, 2, "{report}");
     let error = report["error"].as_str().unwrap();
     assert!(error.contains("No dongle found"), "{error}");
@@ -236,7 +236,7 @@ fn no_dongle_is_an_error_naming_what_was_scanned() {
     let _dongle = ServedDongle::plug(&vendor, 7, sim.path());
     let (code, report) = probe(
         sim.path(),
-        &["--serial", "8", "--vendor", path_arg(&public)],
+        &["--serial", "8", "--vendor", path_arg(&certificate)],
     );
     assert_eq!(code, 2, "{report}");
     let error = report["error"].as_str().unwrap();
@@ -250,7 +250,7 @@ fn a_dongle_certified_by_an_untrusted_vendor_is_refused() {
     let stranger = Vendor::new();
     let sim = tempfile::tempdir().unwrap();
     let _dongle = ServedDongle::plug(&vendor, 9, sim.path());
-    let (code, report) = probe(sim.path(), &["--vendor", path_arg(&stranger.public())]);
+    let (code, report) = probe(sim.path(), &["--vendor", path_arg(&stranger.certificate())]);
     assert_eq!(code, 2, "{report}");
     let error = report["error"].as_str().unwrap();
     assert!(
@@ -258,4 +258,43 @@ fn a_dongle_certified_by_an_untrusted_vendor_is_refused() {
         "{error}"
     );
     assert!(error.contains("certificate"), "{error}");
+}
+
+#[test]
+fn a_firm_certificate_from_a_self_made_root_is_refused() {
+    // The dongle's own vendor, but certified by a root the licensee made.
+    let vendor = Vendor::new();
+    let root = vendor.dir.path().join("own-root");
+    let own_cert = vendor.dir.path().join("own.cert");
+    for args in [
+        vec!["root", "keygen", "--out", path_arg(&root)],
+        vec![
+            "root",
+            "certify",
+            "--root",
+            path_arg(&root.join("root.key")),
+            "--firm",
+            "10",
+            "--vendor",
+            path_arg(&vendor.public()),
+            "--out",
+            path_arg(&own_cert),
+        ],
+    ] {
+        let out = Command::new(common::METER)
+            .arg("--json")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let sim = tempfile::tempdir().unwrap();
+    let _dongle = ServedDongle::plug(&vendor, 11, sim.path());
+    let (code, report) = probe(sim.path(), &["--vendor", path_arg(&own_cert)]);
+    assert_eq!(code, 2, "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("not a firm certificate this runtime trusts"),
+        "{error}"
+    );
 }
