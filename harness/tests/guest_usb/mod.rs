@@ -27,9 +27,23 @@ pub fn skip_reason() -> Option<String> {
     Some(why)
 }
 
+/// The secret of the vendor key that certifies the test dongle.
+const VENDOR_SEED: [u8; 32] = [5; 32];
+
 /// The vendor key that certifies the test dongle.
 pub fn vendor_key() -> dongle::SigningKey {
-    dongle::SigningKey::from_bytes(&[5u8; 32])
+    dongle::SigningKey::from_bytes(&VENDOR_SEED)
+}
+
+/// The root the guests' runtimes trust in these tests (given to them as the world root).
+fn test_root() -> meter_core::firm_certificate::RootKey {
+    meter_core::firm_certificate::RootKey::from_seed([6; 32])
+}
+
+/// The test vendor's firm certificate (firm 10), signed by the test root.
+fn firm_certificate() -> String {
+    let vendor = meter_core::licence::VendorKey::from_seeds(VENDOR_SEED, [7; 32]);
+    test_root().certify(10, vendor.public(), 0).to_json()
 }
 
 /// A qemu backend with host `host-a`, the given guests on it, and dongle `d1` with `serial`.
@@ -44,7 +58,7 @@ pub fn world(scratch: &Path, seed: u64, guests: &[&str], serial: u64) -> World {
         work_dir: scratch.join("work"),
         log_dir: scratch.join("logs"),
         seed,
-        harness_root: None,
+        harness_root: Some(test_root().public().to_hex()),
     };
     let mut backend =
         vigil::backend::assemble(vigil::backend::BackendKind::Qemu, config).expect("qemu backend");
@@ -111,17 +125,15 @@ pub fn accelerator(backend: &mut World) -> &'static str {
     guest_driver(backend).accelerator()
 }
 
-/// Stops the guest's runtime and gives the guest the vendor's public key: the probe binds the
-/// dongle for real, so the runtime must not hold it too.
+/// Stops the guest's runtime and gives the guest the vendor's firm certificate: the probe binds
+/// the dongle for real, so the runtime must not hold it too.
 pub fn prepare_probe(backend: &mut World, guest: &str) {
     let stopped = guest_driver(backend)
         .guest_exec(guest, &["/bin/killall", "meterd"], Duration::from_secs(10))
         .unwrap();
     assert_eq!(stopped.code, Some(0), "stop the guest runtime: {stopped:?}");
-    let key = vendor_key().verifying_key().to_bytes();
-    let key = serde_json::json!({ "signing-key": hex::encode(key) });
     backend
-        .put_file(guest, "vendor.pub", key.to_string().as_bytes())
+        .put_file(guest, "firm.cert", firm_certificate().as_bytes())
         .unwrap();
 }
 
@@ -139,7 +151,7 @@ pub fn probe(backend: &mut World, guest: &str, count: u32) -> serde_json::Value 
                 "--platform",
                 "host",
                 "--vendor",
-                "/disk/home/vendor.pub",
+                "/disk/home/firm.cert",
                 "--count",
                 &count,
             ],
