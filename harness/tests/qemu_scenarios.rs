@@ -138,6 +138,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::dongle_shared_lockout("dongle-shared-lockout")]
 #[case::dongle_hop("dongle-hop")]
 #[case::dongle_hop_cloned_state("dongle-hop-cloned-state")]
+#[case::dongle_impersonated_runtime("dongle-impersonated-runtime")]
 #[case::dongle_units("dongle-units")]
 #[case::dongle_rebind("dongle-rebind")]
 #[case::usb_over_ethernet("usb-over-ethernet")]

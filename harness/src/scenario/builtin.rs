@@ -43,6 +43,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("terminal-server-untabled"),
     builtin!("vm-hidden-hypervisor"),
     builtin!("dongle-hop-cloned-state"),
+    builtin!("dongle-impersonated-runtime"),
     builtin!("trial-expiry"),
     builtin!("nic-replaced"),
     builtin!("stationshare-terminal-server"),

@@ -419,11 +419,13 @@ pub enum Defence {
     CloneRuntimeId,
     /// A terminal server is known by its live login sessions, not only by its session table.
     TerminalServerRole,
+    /// Each runtime proves a key of its own to dongles: another's id without its key is another runtime.
+    DongleRuntimeKey,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 33] = [
+    pub const ALL: [Defence; 34] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -457,6 +459,7 @@ impl Defence {
         Defence::GuestDetection,
         Defence::CloneRuntimeId,
         Defence::TerminalServerRole,
+        Defence::DongleRuntimeKey,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -495,6 +498,7 @@ impl Defence {
             Defence::GuestDetection => "guest-detection",
             Defence::CloneRuntimeId => "clone-runtime-id",
             Defence::TerminalServerRole => "terminal-server-role",
+            Defence::DongleRuntimeKey => "dongle-runtime-key",
         }
     }
 
@@ -569,6 +573,9 @@ impl Defence {
             }
             Defence::TerminalServerRole => {
                 "A terminal server is known by its live login sessions, not only by its session table."
+            }
+            Defence::DongleRuntimeKey => {
+                "Each runtime proves a key of its own to dongles: another's id without its key is another runtime."
             }
         }
     }

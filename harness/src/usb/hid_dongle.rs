@@ -419,8 +419,12 @@ mod tests {
     #[test]
     fn an_out_report_hello_gets_an_in_report_reply() {
         let (_dir, mut device) = device();
-        let (_session, hello) =
-            dongle::Session::start(dongle::RuntimeId::new("vm1").unwrap(), [9; 32], vec![]);
+        let (_session, hello) = dongle::Session::start(
+            dongle::RuntimeId::new("vm1").unwrap(),
+            &dongle::SigningKey::from_bytes(&[8; 32]),
+            [9; 32],
+            vec![],
+        );
         for report in dongle::encode_reports(&hello).unwrap() {
             device.interrupt_out(&report);
         }

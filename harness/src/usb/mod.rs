@@ -180,6 +180,7 @@ mod tests {
         let vendor = dongle::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
         let (mut session, hello) = dongle::Session::start(
             dongle::RuntimeId::new(runtime).unwrap(),
+            &dongle::SigningKey::from_bytes(&[8; 32]),
             [9; 32],
             vec![vendor],
         );
@@ -221,8 +222,12 @@ mod tests {
 
     /// Whether the dongle answers a hello from `runtime` at all.
     fn answers(core: &DongleCore, runtime: &str) -> bool {
-        let (_, hello) =
-            dongle::Session::start(dongle::RuntimeId::new(runtime).unwrap(), [9; 32], vec![]);
+        let (_, hello) = dongle::Session::start(
+            dongle::RuntimeId::new(runtime).unwrap(),
+            &dongle::SigningKey::from_bytes(&[8; 32]),
+            [9; 32],
+            vec![],
+        );
         let mut port = DevicePort::new();
         dongle::encode_reports(&hello)
             .unwrap()

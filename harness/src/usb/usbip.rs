@@ -672,8 +672,12 @@ mod tests {
     }
 
     fn hello_reports() -> Vec<dongle::Report> {
-        let (_session, hello) =
-            dongle::Session::start(dongle::RuntimeId::new("vm1").unwrap(), [9; 32], vec![]);
+        let (_session, hello) = dongle::Session::start(
+            dongle::RuntimeId::new("vm1").unwrap(),
+            &dongle::SigningKey::from_bytes(&[8; 32]),
+            [9; 32],
+            vec![],
+        );
         dongle::encode_reports(&hello).unwrap()
     }
 

@@ -598,8 +598,12 @@ mod tests {
         for _ in 0..3 {
             host.receive();
         }
-        let (_session, hello) =
-            dongle::Session::start(dongle::RuntimeId::new("vm1").unwrap(), [9; 32], vec![]);
+        let (_session, hello) = dongle::Session::start(
+            dongle::RuntimeId::new("vm1").unwrap(),
+            &dongle::SigningKey::from_bytes(&[8; 32]),
+            [9; 32],
+            vec![],
+        );
         let reports = dongle::encode_reports(&hello).unwrap();
         for (n, report) in reports.iter().enumerate() {
             let mut body = vec![OUT_ENDPOINT, 0];

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use ed25519_dalek::Signer;
+use ed25519_dalek::{Signature, Signer, VerifyingKey};
 use serde::Serialize;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -204,6 +204,10 @@ impl Firmware {
             Some(hello) if frame.session == 0 => hello,
             _ => return fault_frame(frame.session, frame.counter, FaultCode::Malformed),
         };
+        if !proves_its_key(&hello) {
+            tracing::warn!(serial = %self.flash.serial, runtime = %hello.runtime, "hello without a valid key proof");
+            return fault_frame(0, frame.counter, FaultCode::Malformed);
+        }
         let oscillator = self.flash.clock.oscillator_ms;
         if let Some(lockout) = self.flash.lockout_at(oscillator) {
             tracing::info!(serial = %self.flash.serial, runtime = %hello.runtime, "hello refused: locked out");
@@ -211,7 +215,7 @@ impl Firmware {
         }
         if let Some(binding) = self.flash.binding.clone() {
             let active = self.is_active(binding.session);
-            if binding.runtime != hello.runtime {
+            if !binding.is_runtime(&hello.runtime, &hello.runtime_key) {
                 if active {
                     tracing::warn!(serial = %self.flash.serial, bound = %binding.runtime, intruder = %hello.runtime, "bind while another runtime is active: shared use");
                     return self.lock(LockoutReason::Shared, frame.body);
@@ -316,6 +320,7 @@ impl Firmware {
         );
         self.flash.binding = Some(Binding {
             runtime: hello.runtime,
+            runtime_key: hello.runtime_key,
             session: id,
             bound_at_ms: oscillator,
         });
@@ -548,4 +553,15 @@ impl DevicePort {
         };
         encode_reports(&frame).unwrap_or_default()
     }
+}
+
+/// Whether a hello's key signed it (strict Ed25519).
+fn proves_its_key(hello: &HelloBody) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(&hello.runtime_key) else {
+        return false;
+    };
+    let message =
+        handshake::hello_proof(hello.runtime.as_str(), &hello.ephemeral, &hello.runtime_key);
+    key.verify_strict(&message, &Signature::from_bytes(&hello.proof))
+        .is_ok()
 }

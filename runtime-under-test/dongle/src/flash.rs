@@ -186,10 +186,22 @@ impl DongleClock {
 pub struct Binding {
     /// The bound runtime.
     pub runtime: RuntimeId,
+    /// The key the bound runtime proved at its hello (zeros in flash written before hellos
+    /// carried keys).
+    #[serde(default, with = "crate::byte_array")]
+    pub runtime_key: [u8; 32],
     /// The session that holds the binding.
     pub session: u32,
     /// Oscillator time of the bind.
     pub bound_at_ms: u64,
+}
+
+impl Binding {
+    /// Whether a hello from `runtime` proving `key` comes from the bound runtime: the same id
+    /// with another key is another runtime.
+    pub fn is_runtime(&self, runtime: &RuntimeId, key: &[u8; 32]) -> bool {
+        self.runtime == *runtime && self.runtime_key == *key
+    }
 }
 
 /// Why the dongle is locked out.

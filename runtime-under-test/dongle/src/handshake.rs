@@ -10,8 +10,21 @@ use crate::flash::Lockout;
 use crate::wire::{self, FaultCode, Frame, FrameKind};
 
 const ACCEPT_LABEL: &[u8] = b"vigil-dongle-accept-v1";
+const HELLO_LABEL: &[u8] = b"vigil-dongle-hello-v1";
 const REFUSAL_LABEL: &[u8] = b"vigil-dongle-refusal-v1";
 const KEY_SALT_LABEL: &[u8] = b"vigil-dongle-keys-v1";
+
+/// What a runtime's key signs in its hello: its id, its ephemeral key and the key itself. A
+/// replayed hello opens a session nobody can use (its ephemeral secret stays with its maker).
+pub(crate) fn hello_proof(runtime: &str, ephemeral: &[u8; 32], runtime_key: &[u8; 32]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(HELLO_LABEL);
+    hash.update((runtime.len() as u32).to_le_bytes());
+    hash.update(runtime.as_bytes());
+    hash.update(ephemeral);
+    hash.update(runtime_key);
+    hash.finalize().into()
+}
 
 /// The hash both ends sign/verify and derive keys from when a session opens.
 pub(crate) fn accept_transcript(

@@ -1,6 +1,6 @@
 //! The runtime's side of a dongle session: hello, verify, then encrypted request/response.
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::certificate::CertificateError;
@@ -177,16 +177,29 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// Starts a session; returns it and the hello frame to send. `ephemeral_secret` must be 32
-    /// fresh random bytes.
+    /// fresh random bytes; `runtime_key` is the runtime's own key, which signs the hello (the
+    /// dongle tells runtimes apart by id and key).
     pub fn start(
         runtime: RuntimeId,
+        runtime_key: &SigningKey,
         ephemeral_secret: [u8; 32],
         trusted_vendors: Vec<VerifyingKey>,
     ) -> (Self, Vec<u8>) {
         let secret = StaticSecret::from(ephemeral_secret);
+        let ephemeral = PublicKey::from(&secret).to_bytes();
+        let public = runtime_key.verifying_key().to_bytes();
+        let proof = runtime_key
+            .sign(&handshake::hello_proof(
+                runtime.as_str(),
+                &ephemeral,
+                &public,
+            ))
+            .to_bytes();
         let hello = HelloBody {
             runtime: runtime.clone(),
-            ephemeral: PublicKey::from(&secret).to_bytes(),
+            ephemeral,
+            runtime_key: public,
+            proof,
         };
         let hello_body = postcard::to_allocvec(&hello).unwrap_or_default();
         let frame = Frame {
@@ -414,6 +427,7 @@ mod tests {
         );
         let (mut session, hello) = Session::start(
             RuntimeId::new("vm1").unwrap(),
+            &SigningKey::from_bytes(&[6; 32]),
             [4; 32],
             vec![vendor.verifying_key()],
         );

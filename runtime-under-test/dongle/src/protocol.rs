@@ -145,6 +145,12 @@ pub(crate) struct HelloBody {
     pub runtime: RuntimeId,
     #[serde(with = "crate::byte_array")]
     pub ephemeral: [u8; 32],
+    /// The runtime's public key: the dongle tells runtimes apart by id and key together.
+    #[serde(with = "crate::byte_array")]
+    pub runtime_key: [u8; 32],
+    /// The runtime key's signature over the rest of the hello ([`crate::handshake::hello_proof`]).
+    #[serde(with = "crate::byte_array")]
+    pub proof: [u8; 64],
 }
 
 /// Body of a hello-accept frame.

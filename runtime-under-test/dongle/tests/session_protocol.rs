@@ -54,6 +54,15 @@ fn runtime(name: &str) -> RuntimeId {
     RuntimeId::new(name).unwrap()
 }
 
+/// The key of the runtime called `name` (one per name).
+fn key_of(name: &str) -> SigningKey {
+    let mut seed = [0x5a; 32];
+    for (slot, byte) in seed.iter_mut().zip(name.bytes().cycle()) {
+        *slot ^= byte;
+    }
+    SigningKey::from_bytes(&seed)
+}
+
 /// A dongle with a clock the test moves, reached through HID reports.
 struct Rig {
     firmware: Firmware,
@@ -95,7 +104,7 @@ impl Rig {
 
     fn hello(&mut self, name: &str) -> (Session, Vec<u8>) {
         self.secrets += 1;
-        Session::start(runtime(name), [self.secrets; 32], trusted())
+        Session::start(runtime(name), &key_of(name), [self.secrets; 32], trusted())
     }
 
     fn connect(&mut self, name: &str) -> Result<Session, SessionError> {
@@ -230,7 +239,8 @@ fn device_key_not_matching_certificate_refused() {
 #[case::nobody_trusted(vec![])]
 fn dongle_from_untrusted_vendor_refused(#[case] trusted_vendors: Vec<VerifyingKey>) {
     let mut rig = Rig::new();
-    let (mut session, hello) = Session::start(runtime("vm1"), [9; 32], trusted_vendors);
+    let (mut session, hello) =
+        Session::start(runtime("vm1"), &key_of("vm1"), [9; 32], trusted_vendors);
     let reply = rig.exchange(&hello);
     let error = session.accept(&reply).unwrap_err();
     assert!(
@@ -829,19 +839,23 @@ fn interleaved_reports_from_two_hosts_reassemble_per_port() {
             runtime: long_id.clone(),
         })
         .unwrap();
-    let (mut second, hello) = Session::start(long_id, [0x77; 32], trusted());
+    let (mut second, hello) = Session::start(long_id, &key_of("long"), [0x77; 32], trusted());
     let (request_reports, hello_reports) = (
         encode_reports(&request).unwrap(),
         encode_reports(&hello).unwrap(),
     );
-    assert!(request_reports.len() > 1 && hello_reports.len() > 1);
+    assert!(hello_reports.len() >= request_reports.len() && request_reports.len() > 1);
+    // Aligned at their ends: the request's reports interleave with the hello's, and its last
+    // one arrives just after the hello completes.
+    let offset = hello_reports.len() - request_reports.len();
     let (mut port_a, mut port_b) = (DevicePort::new(), DevicePort::new());
     let (mut back_a, mut back_b) = (Vec::new(), Vec::new());
-    for index in 0..request_reports.len().max(hello_reports.len()) {
-        if let Some(report) = hello_reports.get(index) {
-            back_b.extend(port_b.receive_report(&mut rig.firmware, report, rig.now));
-        }
-        if let Some(report) = request_reports.get(index) {
+    for (index, report) in hello_reports.iter().enumerate() {
+        back_b.extend(port_b.receive_report(&mut rig.firmware, report, rig.now));
+        if let Some(report) = index
+            .checked_sub(offset)
+            .and_then(|at| request_reports.get(at))
+        {
             back_a.extend(port_a.receive_report(&mut rig.firmware, report, rig.now));
         }
     }
@@ -874,4 +888,33 @@ fn interleaved_reports_from_two_hosts_reassemble_per_port() {
         ),
         "{request_error:?}"
     );
+}
+
+/// A runtime presenting another's id with its own key is another runtime: binding while the
+/// owner of the id is active is shared use.
+#[test]
+fn the_same_id_with_another_key_is_another_runtime() {
+    let mut rig = Rig::new();
+    let mut first = rig.connect("vm1").unwrap();
+    rig.advance(SECOND);
+    rig.call(&mut first, Request::ReadClock).unwrap();
+    let impostor = SigningKey::from_bytes(&[0x99; 32]);
+    let (mut session, hello) = Session::start(runtime("vm1"), &impostor, [0x42; 32], trusted());
+    let reply = rig.exchange(&hello);
+    let error = session.accept(&reply).unwrap_err();
+    assert_eq!(error.reason_code(), Some("dongle-shared"), "{error:?}");
+}
+
+/// A hello whose proof does not verify is refused as malformed and binds nothing.
+#[test]
+fn a_hello_with_a_forged_key_proof_is_refused() {
+    let mut rig = Rig::new();
+    let (_, mut hello) = Session::start(runtime("vm1"), &key_of("vm1"), [0x43; 32], trusted());
+    // The proof is the body's last 64 bytes (postcard, fixed-size arrays).
+    let last = hello.len() - 1;
+    hello[last] ^= 1;
+    let (mut session, _) = Session::start(runtime("vm1"), &key_of("vm1"), [0x43; 32], trusted());
+    let reply = rig.exchange(&hello);
+    assert!(session.accept(&reply).is_err());
+    assert!(rig.firmware.status(rig.now).binding.is_none());
 }

@@ -187,8 +187,12 @@ fn sim_transport(
         let mut sessions = Vec::new();
         for _ in 0..50 {
             let started = Instant::now();
-            link.hello(RuntimeId::new("bench-runtime".to_owned())?, vec![key])
-                .await?;
+            link.hello(
+                RuntimeId::new("bench-runtime".to_owned())?,
+                &dongle::SigningKey::from_bytes(&[0x42; 32]),
+                vec![key],
+            )
+            .await?;
             sessions.push(started.elapsed());
         }
         let mut round_trips = Vec::with_capacity(ROUND_TRIPS);

@@ -247,6 +247,8 @@ pub struct Runtime {
     pub settings: DaemonSettings,
     /// This runtime's persistent random id (identifies it to servers).
     pub runtime_id: String,
+    /// The key this runtime proves to dongles at every hello.
+    pub dongle_key: dongle::SigningKey,
     /// Network servers this runtime forwards to.
     pub remotes: Remotes,
     /// Installed licences and trusted vendors.
@@ -393,12 +395,27 @@ impl Runtime {
         }
         let identity = crate::tls::load_or_create_runtime_identity(&settings.state_dir)?;
         let remotes = Remotes::new(identity);
+        let key_secret = match snapshot
+            .meta
+            .get("runtime-key")
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+        {
+            Some(secret) => secret,
+            None => {
+                let mut secret = [0u8; 32];
+                getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
+                drop(store.submit(vec![Change::PutMeta("runtime-key".into(), secret.to_vec())]));
+                secret
+            }
+        };
+        let dongle_key = crate::runtime_identity::dongle_key(&key_secret, &runtime_id);
         Ok(Arc::new(Runtime {
             platform,
             store,
             state: Mutex::new(state),
             settings,
             runtime_id,
+            dongle_key,
             remotes,
             licences: Mutex::new(licences),
             server_info: Mutex::new(None),

@@ -47,7 +47,7 @@ pub struct ProbeArgs {
     /// A meterd state folder whose trusted firm certificates (trust/<firm>.cert) certify the dongle.
     #[arg(long)]
     pub state: Option<PathBuf>,
-    /// The runtime id the probe binds the dongle to.
+    /// The runtime id the probe binds the dongle to (with a key derived from it).
     #[arg(long, default_value = "meter-probe")]
     pub runtime_id: String,
 }
@@ -150,7 +150,8 @@ pub async fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeReport> {
     let kind = transport.kind();
     let link = Link::start(transport, || {})
         .with_context(|| format!("Cannot start the link to dongle {}", endpoint.serial))?;
-    let (identity, items) = link.open(runtime, keys).await.with_context(|| {
+    let key = probe_key(&runtime);
+    let (identity, items) = link.open(runtime, &key, keys).await.with_context(|| {
         format!(
             "Cannot open a session with dongle {} at {path}",
             endpoint.serial
@@ -205,6 +206,16 @@ pub async fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeReport> {
         rtt_max_ms: summary.max_ms,
         round_trips_per_s: round3(f64::from(args.count) / elapsed.as_secs_f64().max(1e-9)),
     })
+}
+
+/// The key the probe proves to the dongle: from the id it binds as, so probes under one id are
+/// one runtime to the dongle (a diagnostic holds no secret worth keeping).
+fn probe_key(runtime: &RuntimeId) -> dongle::SigningKey {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"meter-probe-key-v1\0");
+    hash.update(runtime.as_str().as_bytes());
+    dongle::SigningKey::from_bytes(&hash.finalize().into())
 }
 
 /// The vendor keys given by --vendor and --state; at least one is needed to trust a dongle.

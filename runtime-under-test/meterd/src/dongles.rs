@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use dongle::{
     DongleIdentity, ItemCounting, LockoutReason, ProductItem, Report, ReportAssembler, Request,
-    Response, RuntimeId, Session, SessionError, VerifyingKey, encode_reports,
+    Response, RuntimeId, Session, SessionError, SigningKey, VerifyingKey, encode_reports,
 };
 use meter_core::allocation::{AllocationTable, ContainerClass, ContainerId, ItemEntry, ProductKey};
 use meter_core::policy::{Allowance, Counting, ItemRules};
@@ -191,10 +191,11 @@ impl Link {
         })
     }
 
-    /// Opens (or re-opens) a session: the dongle binds to `runtime`.
+    /// Opens (or re-opens) a session: the dongle binds to `runtime`, which proves `key`.
     pub async fn hello(
         &self,
         runtime: RuntimeId,
+        key: &SigningKey,
         trusted_vendors: Vec<VerifyingKey>,
     ) -> Result<DongleIdentity, LinkError> {
         let mut secret = [0u8; 32];
@@ -214,7 +215,7 @@ impl Link {
         // Whatever is still in flight belongs to an older session.
         while reports.try_recv().is_ok() {}
         *assembler = ReportAssembler::new();
-        let (mut opening, hello) = Session::start(runtime, secret, trusted_vendors);
+        let (mut opening, hello) = Session::start(runtime, key, secret, trusted_vendors);
         send_frame(writer, &hello)?;
         let frame = next_frame(reports, assembler).await.inspect_err(|error| {
             *timed_out = matches!(error, LinkError::Timeout(_));
@@ -229,9 +230,10 @@ impl Link {
     pub async fn open(
         &self,
         runtime: RuntimeId,
+        key: &SigningKey,
         trusted_vendors: Vec<VerifyingKey>,
     ) -> Result<(DongleIdentity, Vec<ProductItem>), LinkError> {
-        let identity = self.hello(runtime, trusted_vendors).await?;
+        let identity = self.hello(runtime, key, trusted_vendors).await?;
         match self.call(&Request::ListItems).await? {
             Response::Items { items, .. } => Ok((identity, items)),
             other => {
@@ -629,7 +631,7 @@ impl Dongles {
         }
         let started = Instant::now();
         let keys: Vec<VerifyingKey> = vendors.values().copied().collect();
-        let opened = link.open(runtime_id, keys).await;
+        let opened = link.open(runtime_id, runtime.dongle_key(), keys).await;
         if matches!(opened, Ok(_) | Err(LinkError::Session(_)))
             && let Some(attached) = self.board().attached.get_mut(serial)
             && attached.generation == generation
@@ -1165,6 +1167,8 @@ pub trait DongleOwner: Send + Sync + 'static {
     fn state_dir(&self) -> &Path;
     /// The id the runtime binds dongles under.
     fn runtime_id(&self) -> String;
+    /// The key the runtime proves to dongles with that id.
+    fn dongle_key(&self) -> &SigningKey;
     /// Runs `f` on the allocation table, under the runtime's lock.
     fn with_table<T>(&self, f: impl FnOnce(&mut AllocationTable) -> T) -> T;
     /// Removes a container's items from the table; the handles of the grants taken from it.

@@ -30,6 +30,10 @@ impl DongleOwner for Runtime {
         self.runtime_id.clone()
     }
 
+    fn dongle_key(&self) -> &dongle::SigningKey {
+        &self.dongle_key
+    }
+
     fn with_table<T>(&self, f: impl FnOnce(&mut AllocationTable) -> T) -> T {
         f(&mut self.lock().table)
     }

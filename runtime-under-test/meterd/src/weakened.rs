@@ -82,11 +82,13 @@ pub enum Defence {
     CloneRuntimeId,
     /// A terminal server is known by its session table alone, which root may delete.
     TerminalServerRole,
+    /// The key a runtime proves to dongles is derived from its id alone.
+    DongleRuntimeKey,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 33] = [
+    pub const ALL: [Defence; 34] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -120,6 +122,7 @@ impl Defence {
         Defence::GuestDetection,
         Defence::CloneRuntimeId,
         Defence::TerminalServerRole,
+        Defence::DongleRuntimeKey,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -158,6 +161,7 @@ impl Defence {
             Defence::GuestDetection => "guest-detection",
             Defence::CloneRuntimeId => "clone-runtime-id",
             Defence::TerminalServerRole => "terminal-server-role",
+            Defence::DongleRuntimeKey => "dongle-runtime-key",
         }
     }
 }
@@ -252,6 +256,9 @@ impl Defence {
             }
             Defence::TerminalServerRole => {
                 "a terminal server is known by its session table alone: with the table deleted it is a workstation and its users' login sessions count as the machine"
+            }
+            Defence::DongleRuntimeKey => {
+                "the key a runtime proves to dongles is derived from its id alone: a runtime presenting another's id proves its key too"
             }
         }
     }
