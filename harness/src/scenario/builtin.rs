@@ -31,6 +31,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("host-licence-in-guest"),
     builtin!("vm-activation-denied"),
     builtin!("snapshot-rollback-units"),
+    builtin!("witness-empty-server"),
     builtin!("snapshot-rollback-time"),
     builtin!("snapshot-rollback-many"),
     builtin!("state-restore"),

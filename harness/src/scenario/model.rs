@@ -421,11 +421,13 @@ pub enum Defence {
     TerminalServerRole,
     /// Each runtime proves a key of its own to dongles: another's id without its key is another runtime.
     DongleRuntimeKey,
+    /// A licence reconciles only with the witness that keeps its chain, not any server it is shown.
+    WitnessPinning,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 34] = [
+    pub const ALL: [Defence; 35] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -460,6 +462,7 @@ impl Defence {
         Defence::CloneRuntimeId,
         Defence::TerminalServerRole,
         Defence::DongleRuntimeKey,
+        Defence::WitnessPinning,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -499,6 +502,7 @@ impl Defence {
             Defence::CloneRuntimeId => "clone-runtime-id",
             Defence::TerminalServerRole => "terminal-server-role",
             Defence::DongleRuntimeKey => "dongle-runtime-key",
+            Defence::WitnessPinning => "witness-pinning",
         }
     }
 
@@ -576,6 +580,9 @@ impl Defence {
             }
             Defence::DongleRuntimeKey => {
                 "Each runtime proves a key of its own to dongles: another's id without its key is another runtime."
+            }
+            Defence::WitnessPinning => {
+                "A licence reconciles only with the witness that keeps its chain, not any server it is shown."
             }
         }
     }

@@ -1025,6 +1025,7 @@ impl Runtime {
         tracing::info!(source = source_name, "Licence installed");
         // Metered state, expiry and rollback locks of the new items.
         self.refresh_licences().await;
+        self.pin_witnesses().await;
         Ok(durable.1)
     }
 

@@ -14,6 +14,9 @@ use crate::store::Change;
 /// Metadata key prefix of a licence's metered state (JSON).
 const METERED_KEY_PREFIX: &str = "metered/";
 
+/// Metadata key prefix of the certificate pin (hex) of a licence's witness.
+const WITNESS_PIN_PREFIX: &str = "witness-pin/";
+
 /// The clock may pass the high-water mark by this much before the mark is written again.
 const HIGH_WATER_STEP_MS: u64 = 1_000;
 
@@ -54,6 +57,10 @@ pub struct Metering {
     unverified: BTreeSet<String>,
     /// A spend already waited for a witness to link in this run.
     waited_for_witness: bool,
+    /// The witness each licence keeps its chain with (server certificate pin, hex): the first
+    /// linked when the licence was installed or that first took its receipts. Only it may
+    /// reconcile the licence: an empty server the licensee points a reverted guest at may not.
+    witness_pins: BTreeMap<String, String>,
 }
 
 /// The store change that records a licence's metered state.
@@ -90,11 +97,19 @@ impl Metering {
                 Err(e) => tracing::error!(licence = id, error = %e, "Unreadable metered state"),
             }
         }
+        let witness_pins = meta
+            .iter()
+            .filter_map(|(key, bytes)| {
+                let id = key.strip_prefix(WITNESS_PIN_PREFIX)?;
+                Some((id.to_owned(), String::from_utf8(bytes.clone()).ok()?))
+            })
+            .collect();
         Metering {
             unverified: states.keys().cloned().collect(),
             states,
             rules: BTreeMap::new(),
             waited_for_witness: false,
+            witness_pins,
         }
     }
 
@@ -306,6 +321,24 @@ impl Metering {
         }
     }
 
+    /// The certificate pin (hex) of the witness a licence keeps its chain with, once chosen.
+    pub fn witness_pin(&self, licence: &str) -> Option<&str> {
+        self.witness_pins.get(licence).map(String::as_str)
+    }
+
+    /// Chooses the witness of a licence (its server's certificate pin, hex) unless it has one;
+    /// the change to store when it was chosen now.
+    pub fn pin_witness(&mut self, licence: &str, pin: &str) -> Option<Change> {
+        if !self.states.contains_key(licence) || self.witness_pins.contains_key(licence) {
+            return None;
+        }
+        self.witness_pins.insert(licence.to_owned(), pin.to_owned());
+        Some(Change::PutMeta(
+            format!("{WITNESS_PIN_PREFIX}{licence}"),
+            pin.as_bytes().to_vec(),
+        ))
+    }
+
     /// Every licence with metered state.
     pub fn licences(&self) -> Vec<String> {
         self.states.keys().cloned().collect()
@@ -352,5 +385,34 @@ impl Metering {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meter_core::policy::ProductPolicy;
+
+    #[test]
+    fn a_licence_keeps_the_first_witness_it_is_given() {
+        let policy =
+            ProductPolicy::from_yaml("products: [{code: 1, name: credits, units: 5}]").unwrap();
+        let mut metering = Metering::load(&BTreeMap::new());
+        // A licence without metered state has nothing to witness.
+        assert!(metering.pin_witness("L-1", "aa").is_none());
+        assert!(
+            metering
+                .register("L-1", &policy.products, 1_000, None)
+                .is_some()
+        );
+        let change = metering.pin_witness("L-1", "aa").expect("first pin");
+        assert!(metering.pin_witness("L-1", "bb").is_none());
+        assert_eq!(metering.witness_pin("L-1"), Some("aa"));
+        // The pin survives a restart.
+        let Change::PutMeta(key, value) = change else {
+            panic!("{change:?}")
+        };
+        let reloaded = Metering::load(&BTreeMap::from([(key, value)]));
+        assert_eq!(reloaded.witness_pin("L-1"), Some("aa"));
     }
 }

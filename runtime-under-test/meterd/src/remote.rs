@@ -284,6 +284,15 @@ impl Remotes {
         Err(denial)
     }
 
+    /// The addresses of the servers linked now, with their certificate pins (hex).
+    pub fn connected_pins(&self) -> Vec<(String, String)> {
+        self.servers()
+            .iter()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .map(|s| (s.addr.clone(), hex::encode(s.pin)))
+            .collect()
+    }
+
     /// The addresses of the servers linked now.
     pub fn connected(&self) -> Vec<String> {
         self.servers()

@@ -84,11 +84,13 @@ pub enum Defence {
     TerminalServerRole,
     /// The key a runtime proves to dongles is derived from its id alone.
     DongleRuntimeKey,
+    /// Any linked server may reconcile a licence, not only the witness that keeps its chain.
+    WitnessPinning,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 34] = [
+    pub const ALL: [Defence; 35] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -123,6 +125,7 @@ impl Defence {
         Defence::CloneRuntimeId,
         Defence::TerminalServerRole,
         Defence::DongleRuntimeKey,
+        Defence::WitnessPinning,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -162,6 +165,7 @@ impl Defence {
             Defence::CloneRuntimeId => "clone-runtime-id",
             Defence::TerminalServerRole => "terminal-server-role",
             Defence::DongleRuntimeKey => "dongle-runtime-key",
+            Defence::WitnessPinning => "witness-pinning",
         }
     }
 }
@@ -259,6 +263,9 @@ impl Defence {
             }
             Defence::DongleRuntimeKey => {
                 "the key a runtime proves to dongles is derived from its id alone: a runtime presenting another's id proves its key too"
+            }
+            Defence::WitnessPinning => {
+                "any linked server may reconcile a licence: a reverted guest pointed at an empty server takes its empty chain as the truth"
             }
         }
     }

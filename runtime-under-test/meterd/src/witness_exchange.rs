@@ -116,14 +116,71 @@ impl Runtime {
 
     // ----- client side -----
 
-    /// The chain the first linked server that answers holds for a licence.
+    /// The chain the licence's witness holds for it: the pinned server's, or where none was
+    /// chosen yet the first linked server's that answers.
     async fn chain_from_a_witness(&self, licence: &str) -> Option<WitnessLog> {
-        for server in self.remotes.connected() {
+        let pin = self
+            .lock_licences()
+            .metering
+            .witness_pin(licence)
+            .map(str::to_owned)
+            .filter(|_| !crate::weakened::is(crate::weakened::Defence::WitnessPinning));
+        for (server, server_pin) in self.remotes.connected_pins() {
+            if pin.as_ref().is_some_and(|pin| *pin != server_pin) {
+                tracing::debug!(licence, server, "Not this licence's witness");
+                continue;
+            }
             if let Some(chain) = self.fetch_witnessed_chain(&server, licence).await {
                 return Some(chain);
             }
         }
         None
+    }
+
+    /// Makes `pin` the witness of `licence` unless it has one.
+    async fn pin_witness_of(self: &Arc<Self>, licence: &str, pin: &str) {
+        let change = self.lock_licences().metering.pin_witness(licence, pin);
+        if let Some(change) = change {
+            let _ = store::wait(self.store.submit(vec![change])).await;
+        }
+    }
+
+    /// Chooses a witness for every metered licence that has none: the first server linked
+    /// (waiting a moment for a configured server to link, as a daemon just started does).
+    pub async fn pin_witnesses(self: &Arc<Self>) {
+        if self.remotes.is_empty() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + WITNESS_LINK_WAIT;
+        loop {
+            if let Some((_, pin)) = self.remotes.connected_pins().into_iter().next() {
+                self.pin_witness_of_all(&pin).await;
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(
+                    "No server linked: licences choose their witness at their first spend"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Makes `pin` the witness of every metered licence that has none yet.
+    async fn pin_witness_of_all(self: &Arc<Self>, pin: &str) {
+        let changes: Vec<_> = {
+            let mut licences = self.lock_licences();
+            licences
+                .metering
+                .licences()
+                .iter()
+                .filter_map(|licence| licences.metering.pin_witness(licence, pin))
+                .collect()
+        };
+        if !changes.is_empty() {
+            let _ = store::wait(self.store.submit(changes)).await;
+        }
     }
 
     /// Hands new receipts of a licence to every reachable witness; a witness whose chain does
@@ -154,6 +211,16 @@ impl Runtime {
                 continue;
             };
             let Some(why) = refused else {
+                if !taken
+                    && let Some((_, pin)) = self
+                        .remotes
+                        .connected_pins()
+                        .into_iter()
+                        .find(|(addr, _)| *addr == server)
+                {
+                    // The first witness to take a licence's receipts keeps its chain.
+                    self.pin_witness_of(licence, &pin).await;
+                }
                 taken = true;
                 continue;
             };
