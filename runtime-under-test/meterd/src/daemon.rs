@@ -397,14 +397,17 @@ impl Runtime {
         let remotes = Remotes::new(identity);
         let key_secret = match snapshot
             .meta
-            .get("runtime-key")
+            .get("dongle-key-secret")
             .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
         {
             Some(secret) => secret,
             None => {
                 let mut secret = [0u8; 32];
                 getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
-                drop(store.submit(vec![Change::PutMeta("runtime-key".into(), secret.to_vec())]));
+                drop(store.submit(vec![Change::PutMeta(
+                    "dongle-key-secret".into(),
+                    secret.to_vec(),
+                )]));
                 secret
             }
         };
