@@ -217,7 +217,7 @@ impl Firmware {
             let active = self.is_active(binding.session);
             if !binding.is_runtime(&hello.runtime, &hello.runtime_key) {
                 if active {
-                    tracing::warn!(serial = %self.flash.serial, bound = %binding.runtime, intruder = %hello.runtime, "bind while another runtime is active: shared use");
+                    tracing::warn!(serial = %self.flash.serial, bound = %binding.runtime, intruder = %hello.runtime, same_id = binding.runtime == hello.runtime, "bind while another runtime is active: shared use");
                     return self.lock(LockoutReason::Shared, frame.body);
                 }
                 if self.count_rebind() {

@@ -356,6 +356,15 @@ pub(crate) fn bind_id<R: DongleOwner>(runtime: &R) -> Option<RuntimeId> {
     }
 }
 
+/// The key the runtime proves to dongles with its [`bind_id`].
+pub(crate) fn bind_key<R: DongleOwner>(runtime: &R) -> SigningKey {
+    if weakened::is(Defence::DongleBinding) {
+        // Weakened: one key for the one shared id, so the dongle cannot tell runtimes apart.
+        return crate::runtime_identity::dongle_key(&[0; 32], "meter-runtime");
+    }
+    runtime.dongle_key().clone()
+}
+
 fn file_id(endpoint: &UsbEndpoint) -> Option<(u64, u64)> {
     std::fs::metadata(&endpoint.path)
         .ok()
@@ -631,7 +640,9 @@ impl Dongles {
         }
         let started = Instant::now();
         let keys: Vec<VerifyingKey> = vendors.values().copied().collect();
-        let opened = link.open(runtime_id, runtime.dongle_key(), keys).await;
+        let opened = link
+            .open(runtime_id, &bind_key(runtime.as_ref()), keys)
+            .await;
         if matches!(opened, Ok(_) | Err(LinkError::Session(_)))
             && let Some(attached) = self.board().attached.get_mut(serial)
             && attached.generation == generation
