@@ -263,34 +263,10 @@ fn a_dongle_certified_by_an_untrusted_vendor_is_refused() {
 #[test]
 fn a_firm_certificate_from_a_self_made_root_is_refused() {
     // The dongle's own vendor, but certified by a root the licensee made.
-    let vendor = Vendor::new();
-    let root = vendor.dir.path().join("own-root");
-    let own_cert = vendor.dir.path().join("own.cert");
-    for args in [
-        vec!["root", "keygen", "--out", path_arg(&root)],
-        vec![
-            "root",
-            "certify",
-            "--root",
-            path_arg(&root.join("root.key")),
-            "--firm",
-            "10",
-            "--vendor",
-            path_arg(&vendor.public()),
-            "--out",
-            path_arg(&own_cert),
-        ],
-    ] {
-        let out = Command::new(common::METER)
-            .arg("--json")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    let forged = common::SelfMadeVendor::new();
     let sim = tempfile::tempdir().unwrap();
-    let _dongle = ServedDongle::plug(&vendor, 11, sim.path());
-    let (code, report) = probe(sim.path(), &["--vendor", path_arg(&own_cert)]);
+    let _dongle = ServedDongle::plug(&forged.vendor, 11, sim.path());
+    let (code, report) = probe(sim.path(), &["--vendor", path_arg(&forged.certificate)]);
     assert_eq!(code, 2, "{report}");
     let error = report["error"].as_str().unwrap();
     assert!(

@@ -6,49 +6,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{METER, Machine, TEST_ROOT, Vendor};
+use common::{Machine, SelfMadeVendor, TEST_ROOT, Vendor};
 use serde_json::Value;
-
-/// A vendor key the licensee made, certified by a root the licensee made.
-struct SelfMadeVendor {
-    vendor: Vendor,
-    certificate: std::path::PathBuf,
-}
-
-impl SelfMadeVendor {
-    fn new() -> Self {
-        let vendor = Vendor::new();
-        let root = vendor.dir.path().join("own-root");
-        run_meter(&["root", "keygen", "--out", path(&root)]);
-        let certificate = vendor.dir.path().join("own.cert");
-        run_meter(&[
-            "root",
-            "certify",
-            "--root",
-            path(&root.join("root.key")),
-            "--firm",
-            "10",
-            "--vendor",
-            path(&vendor.public()),
-            "--out",
-            path(&certificate),
-        ]);
-        SelfMadeVendor {
-            vendor,
-            certificate,
-        }
-    }
-}
-
-fn run_meter(args: &[&str]) -> Value {
-    let out = Command::new(METER)
-        .arg("--json")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -437,3 +437,50 @@ pub fn allocations(machine: &Machine) -> Vec<Value> {
     assert_eq!(code, 0, "{list}");
     list["allocations"].as_array().cloned().unwrap_or_default()
 }
+
+/// A vendor key the licensee made, certified by a root the licensee made.
+pub struct SelfMadeVendor {
+    /// The vendor, whose key the licensee made.
+    pub vendor: Vendor,
+    /// Its firm certificate (firm 10), signed by the licensee's own root.
+    pub certificate: PathBuf,
+}
+
+impl SelfMadeVendor {
+    pub fn new() -> Self {
+        let vendor = Vendor::new();
+        let root = vendor.dir.path().join("own-root");
+        meter_ok(&["root", "keygen", "--out", path_str(&root)]);
+        let certificate = vendor.dir.path().join("own.cert");
+        meter_ok(&[
+            "root",
+            "certify",
+            "--root",
+            path_str(&root.join("root.key")),
+            "--firm",
+            "10",
+            "--vendor",
+            path_str(&vendor.public()),
+            "--out",
+            path_str(&certificate),
+        ]);
+        SelfMadeVendor {
+            vendor,
+            certificate,
+        }
+    }
+}
+
+/// Runs `meter --json <args>`, which must succeed.
+fn meter_ok(args: &[&str]) {
+    let out = Command::new(METER)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
