@@ -1,6 +1,6 @@
-//! The shapes of summary.md, junit.xml and report.json, pinned with insta.
+//! The shapes of summary.md, junit.xml, report.json and report.html, pinned with insta.
 
-use vigil::report::{Event, Verdict, junit_xml, summary_markdown, write_reports};
+use vigil::report::{Event, Verdict, junit_xml, report_html, summary_markdown, write_reports};
 
 fn events() -> Vec<Event> {
     vec![
@@ -98,4 +98,13 @@ fn report_files_and_latest_link() {
     assert_eq!(report["events"].as_array().unwrap().len(), events().len());
     let latest = std::fs::read_link(dir.path().join("latest")).unwrap();
     assert_eq!(latest.to_str(), Some("20261127-120000-abcd"));
+}
+
+#[test]
+fn report_html_shape() {
+    let html = report_html("20261127-120000-abcd", &events(), "logs");
+    // Self-contained: nothing to run, nothing to fetch.
+    assert!(!html.contains("<script"), "{html}");
+    assert!(!html.contains("http"), "{html}");
+    insta::assert_snapshot!(html);
 }

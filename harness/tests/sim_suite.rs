@@ -40,7 +40,7 @@ fn every_builtin_scenario_passes_on_sim() {
         String::from_utf8_lossy(&out.stderr)
     );
     let reports_dir = reports.path().join("latest");
-    for file in ["report.json", "junit.xml", "summary.md"] {
+    for file in ["report.json", "junit.xml", "summary.md", "report.html"] {
         assert!(reports_dir.join(file).exists(), "{file} missing");
     }
 }

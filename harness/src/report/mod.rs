@@ -1,5 +1,7 @@
-//! Run events and the reports made from them: report.json, junit.xml, summary.md, live progress.
+//! Run events and the reports made from them: report.json, junit.xml, summary.md, report.html,
+//! live progress.
 
+mod html;
 mod junit;
 mod summary;
 
@@ -8,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+pub use html::report_html;
 pub use junit::junit_xml;
 pub use summary::summary_markdown;
 
@@ -260,7 +263,8 @@ pub fn scenario_results(events: &[Event]) -> Vec<ScenarioResult> {
         .collect()
 }
 
-/// Writes report.json, junit.xml and summary.md into a run folder and points `latest` at it.
+/// Writes report.json, junit.xml, summary.md and report.html into a run folder and points
+/// `latest` at it.
 pub fn write_reports(run_dir: &Path, run_id: &str, events: &[Event]) -> std::io::Result<()> {
     std::fs::create_dir_all(run_dir)?;
     let results = scenario_results(events);
@@ -279,6 +283,10 @@ pub fn write_reports(run_dir: &Path, run_id: &str, events: &[Event]) -> std::io:
     )?;
     std::fs::write(run_dir.join("junit.xml"), junit_xml(run_id, events))?;
     std::fs::write(run_dir.join("summary.md"), summary_markdown(run_id, events))?;
+    std::fs::write(
+        run_dir.join("report.html"),
+        report_html(run_id, events, "logs"),
+    )?;
     if let Some(parent) = run_dir.parent() {
         let latest = parent.join("latest");
         let _ = std::fs::remove_file(&latest);

@@ -1,0 +1,299 @@
+//! report.html: a self-contained page of a run (inline CSS and SVG, no script, no network): the
+//! verdicts, and per scenario a timeline of its steps and checks and a table of what each did.
+
+use std::fmt::Write;
+
+use super::{Event, Verdict, scenario_results};
+
+/// Width of a timeline's drawing area, in SVG units.
+const TIMELINE_WIDTH: f64 = 900.0;
+/// Left margin of a timeline, where the lane names go.
+const LANE_LABEL_WIDTH: f64 = 60.0;
+/// Height of one lane.
+const LANE_HEIGHT: f64 = 22.0;
+
+/// Renders the HTML report of a run; `logs` is the run's log folder, relative to the page.
+pub fn report_html(run_id: &str, events: &[Event], logs: &str) -> String {
+    let results = scenario_results(events);
+    let overall = results
+        .iter()
+        .fold(Verdict::Pass, |acc, r| acc.worst(r.verdict));
+    let backend = events.iter().find_map(|e| match e {
+        Event::RunStarted { backend, .. } => Some(backend.as_str()),
+        _ => None,
+    });
+    let passed = results
+        .iter()
+        .filter(|r| r.verdict == Verdict::Pass)
+        .count();
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <title>Vigil run {run}</title>\n<style>\n{STYLE}</style>\n</head>\n<body>\n\
+         <h1>Vigil run {run} <span class=\"verdict {class}\">{label}</span></h1>\n\
+         <p>{passed} of {total} scenarios passed on the {backend} backend. Machine logs: \
+         <a href=\"{logs}/\">{logs}/</a>.</p>\n",
+        run = escape(run_id),
+        class = css_class(overall),
+        label = overall.label(),
+        total = results.len(),
+        backend = escape(backend.unwrap_or("unknown")),
+        logs = escape(logs),
+    );
+    out.push_str(
+        "<table>\n<tr><th>scenario</th><th>verdict</th><th>assertions</th><th>failed</th>\
+         <th>duration</th></tr>\n",
+    );
+    for r in &results {
+        let _ = writeln!(
+            out,
+            "<tr><td><a href=\"#{anchor}\">{name}</a></td><td class=\"{class}\">{label}</td>\
+             <td class=\"num\">{assertions}</td><td class=\"num\">{failed}</td>\
+             <td class=\"num\">{secs:.2} s</td></tr>",
+            anchor = anchor(&r.name),
+            name = escape(&r.name),
+            class = css_class(r.verdict),
+            label = r.verdict.label(),
+            assertions = r.assertions,
+            failed = r.failed,
+            secs = r.elapsed_ms / 1000.0,
+        );
+    }
+    out.push_str("</table>\n");
+    for r in &results {
+        let marks = marks_of(events, &r.name);
+        let _ = writeln!(
+            out,
+            "<section id=\"{anchor}\">\n<h2>{name} <span class=\"verdict {class}\">{label}</span></h2>",
+            anchor = anchor(&r.name),
+            name = escape(&r.name),
+            class = css_class(r.verdict),
+            label = r.verdict.label(),
+        );
+        if let Some(error) = &r.error {
+            let _ = writeln!(out, "<p class=\"error\">{}</p>", escape(error));
+        }
+        out.push_str(&timeline_svg(&marks));
+        out.push_str(&marks_table(&marks));
+        out.push_str("</section>\n");
+    }
+    out.push_str("</body>\n</html>\n");
+    out
+}
+
+/// One step or check of a scenario, placed in time.
+struct Mark<'a> {
+    index: usize,
+    line: usize,
+    check: bool,
+    summary: &'a str,
+    start_ms: f64,
+    elapsed_ms: f64,
+    verdict: Verdict,
+    detail: Option<String>,
+}
+
+/// The steps and checks of a scenario in order, each starting where the one before ended.
+fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
+    let mut at = 0.0;
+    let mut marks = Vec::new();
+    for event in events {
+        let mark = match event {
+            Event::Step {
+                scenario: s,
+                index,
+                line,
+                summary,
+                elapsed_ms,
+                verdict,
+                message,
+            } if s == scenario => Mark {
+                index: *index,
+                line: *line,
+                check: false,
+                summary,
+                start_ms: at,
+                elapsed_ms: *elapsed_ms,
+                verdict: *verdict,
+                detail: message.clone(),
+            },
+            Event::Assertion {
+                scenario: s,
+                index,
+                line,
+                summary,
+                expected,
+                actual,
+                verdict,
+                elapsed_ms,
+            } if s == scenario => Mark {
+                index: *index,
+                line: *line,
+                check: true,
+                summary,
+                start_ms: at,
+                elapsed_ms: *elapsed_ms,
+                verdict: *verdict,
+                detail: (*verdict != Verdict::Pass)
+                    .then(|| format!("expected {expected}, got {actual}")),
+            },
+            _ => continue,
+        };
+        at += mark.elapsed_ms.max(0.0);
+        marks.push(mark);
+    }
+    marks
+}
+
+/// Two lanes (steps, checks) on one time axis; each mark a bar (a check at least a tick wide)
+/// whose tooltip names it.
+fn timeline_svg(marks: &[Mark<'_>]) -> String {
+    let total_ms = marks
+        .iter()
+        .map(|m| m.start_ms + m.elapsed_ms.max(0.0))
+        .fold(0.0, f64::max)
+        .max(1.0);
+    let scale = TIMELINE_WIDTH / total_ms;
+    let height = LANE_HEIGHT * 2.0 + 24.0;
+    let width = LANE_LABEL_WIDTH + TIMELINE_WIDTH + 10.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        "<svg class=\"timeline\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" \
+         role=\"img\" aria-label=\"timeline of steps and checks\">"
+    );
+    for (lane, name) in ["steps", "checks"].iter().enumerate() {
+        let y = lane as f64 * LANE_HEIGHT;
+        let _ = writeln!(
+            svg,
+            "<text x=\"0\" y=\"{:.1}\" class=\"lane\">{name}</text>\
+             <line x1=\"{LANE_LABEL_WIDTH}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" class=\"rule\"/>",
+            y + 15.0,
+            y + LANE_HEIGHT - 2.0,
+            LANE_LABEL_WIDTH + TIMELINE_WIDTH,
+            y + LANE_HEIGHT - 2.0,
+        );
+    }
+    for mark in marks {
+        let lane = if mark.check { 1.0 } else { 0.0 };
+        let x = LANE_LABEL_WIDTH + mark.start_ms * scale;
+        let w = (mark.elapsed_ms.max(0.0) * scale).max(2.0);
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" class=\"{}\">\
+             <title>{} line {}: {} ({:.1} ms, {})</title></rect>",
+            lane * LANE_HEIGHT + 3.0,
+            LANE_HEIGHT - 8.0,
+            css_class(mark.verdict),
+            mark.index,
+            mark.line,
+            escape(mark.summary),
+            mark.elapsed_ms,
+            mark.verdict.label(),
+        );
+    }
+    for quarter in 0..=4 {
+        let ms = total_ms * f64::from(quarter) / 4.0;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" class=\"tick\">{:.2} s</text>",
+            LANE_LABEL_WIDTH + ms * scale - if quarter == 4 { 40.0 } else { 0.0 },
+            LANE_HEIGHT * 2.0 + 16.0,
+            ms / 1000.0,
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The steps and checks of a scenario as a table, with what went wrong.
+fn marks_table(marks: &[Mark<'_>]) -> String {
+    let mut out = String::from(
+        "<table>\n<tr><th>#</th><th>line</th><th>what</th><th>time</th><th>verdict</th>\
+         <th>detail</th></tr>\n",
+    );
+    for mark in marks {
+        let _ = writeln!(
+            out,
+            "<tr><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}{}</td>\
+             <td class=\"num\">{:.1} ms</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            mark.index,
+            mark.line,
+            if mark.check { "expect " } else { "" },
+            escape(mark.summary),
+            mark.elapsed_ms,
+            css_class(mark.verdict),
+            mark.verdict.label(),
+            escape(mark.detail.as_deref().unwrap_or("")),
+        );
+    }
+    out.push_str("</table>\n");
+    out
+}
+
+fn css_class(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Pass => "pass",
+        Verdict::Fail => "fail",
+        Verdict::Error => "error",
+    }
+}
+
+/// An id for a scenario's section: its name with anything but letters, digits and `-` as `-`.
+fn anchor(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("scenario-{safe}")
+}
+
+/// Text made safe for HTML content and attribute values.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+td.num { text-align: right; }
+.pass { color: #1b5e20; fill: #2e7d32; }
+.fail { color: #b71c1c; fill: #c62828; }
+.error { color: #4a148c; fill: #6a1b9a; }
+.verdict { font-size: 0.7em; border: 1px solid currentColor; padding: 0.1em 0.4em; }
+svg.timeline text { font-size: 11px; fill: #555; }
+svg.timeline .rule { stroke: #ddd; }
+section { margin-top: 2em; }
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped_and_anchors_are_safe() {
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+        assert_eq!(anchor("my scenario/1"), "scenario-my-scenario-1");
+    }
+}
