@@ -216,6 +216,7 @@ impl World {
                 continue;
             }
             let summary = describe_step(&located.value);
+            let machines = self.machines_of(&located.value);
             let mut result = self.step(&located.value);
             if result.is_ok() {
                 result = self.count_holders();
@@ -229,6 +230,7 @@ impl World {
                 index,
                 line,
                 summary: summary.clone(),
+                machines,
                 elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
                 verdict,
                 message: message.clone(),
@@ -308,6 +310,18 @@ impl World {
             }
         }
         text
+    }
+
+    /// The machines a step acts on: those it names, or the machine of the app it names.
+    fn machines_of(&self, step: &Step) -> Vec<String> {
+        match step {
+            Step::Release(app) | Step::Kill(app) | Step::ReleaseElsewhere(app) => self
+                .apps
+                .get(&app.value)
+                .map(|record| vec![record.machine.clone()])
+                .unwrap_or_default(),
+            other => other.machines().into_iter().map(str::to_owned).collect(),
+        }
     }
 
     fn step(&mut self, step: &Step) -> Result<(), BackendError> {

@@ -1,5 +1,6 @@
 //! report.html: a self-contained page of a run (inline CSS and SVG, no script, no network): the
-//! verdicts, and per scenario a timeline of its steps and checks and a table of what each did.
+//! verdicts, and per scenario a timeline (a lane per machine, one for world-wide steps, one for
+//! checks) and a table of what each step and check did.
 
 use std::fmt::Write;
 
@@ -8,7 +9,7 @@ use super::{Event, Verdict, scenario_results};
 /// Width of a timeline's drawing area, in SVG units.
 const TIMELINE_WIDTH: f64 = 900.0;
 /// Left margin of a timeline, where the lane names go.
-const LANE_LABEL_WIDTH: f64 = 60.0;
+const LANE_LABEL_WIDTH: f64 = 110.0;
 /// Height of one lane.
 const LANE_HEIGHT: f64 = 22.0;
 
@@ -87,6 +88,8 @@ struct Mark<'a> {
     index: usize,
     line: usize,
     check: bool,
+    /// The machines a step acted on (none for checks and world-wide steps).
+    machines: &'a [String],
     summary: &'a str,
     start_ms: f64,
     elapsed_ms: f64,
@@ -105,6 +108,7 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 index,
                 line,
                 summary,
+                machines,
                 elapsed_ms,
                 verdict,
                 message,
@@ -112,6 +116,7 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 index: *index,
                 line: *line,
                 check: false,
+                machines,
                 summary,
                 start_ms: at,
                 elapsed_ms: *elapsed_ms,
@@ -131,6 +136,7 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 index: *index,
                 line: *line,
                 check: true,
+                machines: &[],
                 summary,
                 start_ms: at,
                 elapsed_ms: *elapsed_ms,
@@ -146,52 +152,86 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
     marks
 }
 
-/// Two lanes (steps, checks) on one time axis; each mark a bar (a check at least a tick wide)
-/// whose tooltip names it.
+/// Where a mark is drawn: the lanes of its machines, else the world lane, or the checks lane.
+fn lanes_of<'a>(mark: &Mark<'a>) -> Vec<&'a str> {
+    if mark.check {
+        vec![CHECKS]
+    } else if mark.machines.is_empty() {
+        vec![WORLD]
+    } else {
+        mark.machines.iter().map(String::as_str).collect()
+    }
+}
+
+/// The lane of world-wide steps (`advance`, `wait`, and steps naming no machine).
+const WORLD: &str = "world";
+/// The lane of checks (`expect`).
+const CHECKS: &str = "checks";
+
+/// One lane per machine (in the order the scenario first acts on them), then world-wide steps,
+/// then checks, on one time axis; each mark a bar (at least a tick wide) whose tooltip names it.
 fn timeline_svg(marks: &[Mark<'_>]) -> String {
+    let mut lanes: Vec<&str> = Vec::new();
+    for mark in marks.iter().filter(|m| !m.check) {
+        for lane in lanes_of(mark) {
+            if !lanes.contains(&lane) {
+                lanes.push(lane);
+            }
+        }
+    }
+    if let Some(world) = lanes.iter().position(|l| *l == WORLD) {
+        // World-wide steps go below the machines.
+        let lane = lanes.remove(world);
+        lanes.push(lane);
+    }
+    lanes.push(CHECKS);
     let total_ms = marks
         .iter()
         .map(|m| m.start_ms + m.elapsed_ms.max(0.0))
         .fold(0.0, f64::max)
         .max(1.0);
     let scale = TIMELINE_WIDTH / total_ms;
-    let height = LANE_HEIGHT * 2.0 + 24.0;
+    let axis_y = LANE_HEIGHT * lanes.len() as f64;
+    let height = axis_y + 24.0;
     let width = LANE_LABEL_WIDTH + TIMELINE_WIDTH + 10.0;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
         "<svg class=\"timeline\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" \
-         role=\"img\" aria-label=\"timeline of steps and checks\">"
+         role=\"img\" aria-label=\"timeline of steps by machine, and checks\">"
     );
-    for (lane, name) in ["steps", "checks"].iter().enumerate() {
+    for (lane, name) in lanes.iter().enumerate() {
         let y = lane as f64 * LANE_HEIGHT;
         let _ = writeln!(
             svg,
-            "<text x=\"0\" y=\"{:.1}\" class=\"lane\">{name}</text>\
+            "<text x=\"0\" y=\"{:.1}\" class=\"lane\">{}</text>\
              <line x1=\"{LANE_LABEL_WIDTH}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" class=\"rule\"/>",
             y + 15.0,
+            escape(name),
             y + LANE_HEIGHT - 2.0,
             LANE_LABEL_WIDTH + TIMELINE_WIDTH,
             y + LANE_HEIGHT - 2.0,
         );
     }
     for mark in marks {
-        let lane = if mark.check { 1.0 } else { 0.0 };
         let x = LANE_LABEL_WIDTH + mark.start_ms * scale;
         let w = (mark.elapsed_ms.max(0.0) * scale).max(2.0);
-        let _ = writeln!(
-            svg,
-            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" class=\"{}\">\
-             <title>{} line {}: {} ({:.1} ms, {})</title></rect>",
-            lane * LANE_HEIGHT + 3.0,
-            LANE_HEIGHT - 8.0,
-            css_class(mark.verdict),
-            mark.index,
-            mark.line,
-            escape(mark.summary),
-            mark.elapsed_ms,
-            mark.verdict.label(),
-        );
+        for lane in lanes_of(mark) {
+            let row = lanes.iter().position(|l| *l == lane).unwrap_or(0) as f64;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" class=\"{}\">\
+                 <title>{} line {}: {} ({:.1} ms, {})</title></rect>",
+                row * LANE_HEIGHT + 3.0,
+                LANE_HEIGHT - 8.0,
+                css_class(mark.verdict),
+                mark.index,
+                mark.line,
+                escape(mark.summary),
+                mark.elapsed_ms,
+                mark.verdict.label(),
+            );
+        }
     }
     for quarter in 0..=4 {
         let ms = total_ms * f64::from(quarter) / 4.0;
@@ -199,7 +239,7 @@ fn timeline_svg(marks: &[Mark<'_>]) -> String {
             svg,
             "<text x=\"{:.1}\" y=\"{:.1}\" class=\"tick\">{:.2} s</text>",
             LANE_LABEL_WIDTH + ms * scale - if quarter == 4 { 40.0 } else { 0.0 },
-            LANE_HEIGHT * 2.0 + 16.0,
+            axis_y + 16.0,
             ms / 1000.0,
         );
     }

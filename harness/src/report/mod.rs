@@ -79,6 +79,9 @@ pub enum Event {
         line: usize,
         /// What the step did, in words.
         summary: String,
+        /// The machines it acted on (none for world-wide steps such as `advance`).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        machines: Vec<String>,
         /// Time taken, milliseconds.
         elapsed_ms: f64,
         /// Pass, or why not.

@@ -723,6 +723,62 @@ impl Step {
         }
     }
 
+    /// The machines the step names, in the order it names them (apps, sessions and dongles are
+    /// not machines: a step naming only those names none).
+    pub fn machines(&self) -> Vec<&str> {
+        let names: Vec<&Name> = match self {
+            Step::Boot(m)
+            | Step::Shutdown(m)
+            | Step::Pause(m)
+            | Step::Resume(m)
+            | Step::DropSessionTable(m)
+            | Step::ServerStop(m) => vec![m],
+            Step::Snapshot(s) => vec![&s.machine],
+            Step::StateSave(s) | Step::StateRestore(s) => vec![&s.machine],
+            Step::Revert(s) => vec![&s.machine],
+            Step::Clone(c) => std::iter::once(&c.from)
+                .chain(std::iter::once(&c.to))
+                .chain(c.host.iter())
+                .collect(),
+            Step::Migrate(m) => vec![&m.machine, &m.host],
+            Step::Move(m) => vec![&m.machine, &m.host],
+            Step::ReplacePart(r) => vec![&r.machine],
+            Step::UsbAttach(u) => u.targets(),
+            Step::UsbipAttach(u) => vec![&u.machine],
+            Step::SessionOpen(s) => vec![&s.machine],
+            Step::Activate(a) => vec![&a.machine],
+            Step::CopyLicence(c) => vec![&c.from, &c.to],
+            Step::ApplyAgain(a) => vec![&a.machine],
+            Step::ForgeLicence(f) => vec![&f.machine],
+            Step::Access(a) => vec![&a.machine],
+            Step::StartApp(s) => vec![&s.machine],
+            Step::SetClock(s) => vec![&s.machine],
+            Step::Partition(p) => p.machines.iter().collect(),
+            Step::Heal(h) => h.machines.iter().collect(),
+            Step::ServerStart(s) => vec![&s.machine],
+            Step::Flood(f) => vec![&f.from, &f.to],
+            Step::Impersonate(i) => vec![&i.machine, &i.victim],
+            Step::UsbDetach(_)
+            | Step::UsbipDetach(_)
+            | Step::UsbipDisconnect(_)
+            | Step::UsbHang(_)
+            | Step::SessionClose(_)
+            | Step::Release(_)
+            | Step::Kill(_)
+            | Step::ReleaseElsewhere(_)
+            | Step::Advance(_)
+            | Step::Wait(_)
+            | Step::Expect(_) => vec![],
+        };
+        let mut machines: Vec<&str> = Vec::new();
+        for name in names {
+            if !machines.contains(&name.value.as_str()) {
+                machines.push(&name.value);
+            }
+        }
+        machines
+    }
+
     /// Every step key, in declaration order.
     pub const KEYWORDS: [&'static str; 40] = [
         "boot",
@@ -1642,3 +1698,40 @@ pub const ALL_REASONS: [Reason; 21] = [
     Reason::GrantLimitReached,
     Reason::WitnessUnreachable,
 ];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn steps_name_their_machines_once_each_in_order() {
+        let scenario = crate::scenario::parse_str(
+            r#"
+name: lanes
+description: machines per step
+policy: { products: [{ code: 1, name: a, container: soft, quantity: 1, counting: user-limit }] }
+hosts: [{ name: host-a, cpu: { vendor: V, model: M } }, { name: host-b, cpu: { vendor: V, model: M } }]
+guests: [{ name: vm1, host: host-a }]
+steps:
+  - boot: vm1
+  - clone: { from: vm1, to: vm2, host: host-b }
+  - migrate: { machine: vm1, host: host-b }
+  - advance: 1h
+"#,
+            "lanes.yaml",
+        )
+        .unwrap();
+        let machines: Vec<Vec<&str>> = scenario
+            .steps
+            .iter()
+            .map(|step| step.value.machines())
+            .collect();
+        assert_eq!(
+            machines,
+            vec![
+                vec!["vm1"],
+                vec!["vm1", "vm2", "host-b"],
+                vec!["vm1", "host-b"],
+                vec![],
+            ]
+        );
+    }
+}
