@@ -673,6 +673,17 @@ impl Backend for World {
         self.fabric.dongles.hang(dongle)
     }
 
+    fn dongle_machines(&self, dongle: &str) -> Vec<String> {
+        let mut machines: Vec<String> = self
+            .holders(dongle)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(machine, _)| machine)
+            .collect();
+        machines.dedup();
+        machines
+    }
+
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError> {
         self.fabric.dongles.status(dongle)
     }

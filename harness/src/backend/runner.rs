@@ -148,6 +148,8 @@ pub trait Backend {
     fn usb_hang(&mut self, dongle: &str) -> Result<(), BackendError>;
     /// The dongle's own view of itself (binding, lockout, clock), as its firmware reports it.
     fn dongle_status(&mut self, dongle: &str) -> Result<serde_json::Value, BackendError>;
+    /// The machines a dongle is attached to now (by USB or USB/IP).
+    fn dongle_machines(&self, dongle: &str) -> Vec<String>;
     /// Writes a file onto a machine's disk; returns its path as the machine sees it.
     fn put_file(
         &mut self,

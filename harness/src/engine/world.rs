@@ -312,9 +312,14 @@ impl World {
         text
     }
 
-    /// The machines a step acts on: those it names, or the machine of the app it names.
+    /// The machines a step acts on: those it names, the machine of the app it names, or the
+    /// machines its dongle is attached to.
     fn machines_of(&self, step: &Step) -> Vec<String> {
         match step {
+            Step::UsbDetach(d)
+            | Step::UsbipDetach(d)
+            | Step::UsbipDisconnect(d)
+            | Step::UsbHang(d) => self.backend.dongle_machines(&d.value),
             Step::Release(app) | Step::Kill(app) | Step::ReleaseElsewhere(app) => self
                 .apps
                 .get(&app.value)
