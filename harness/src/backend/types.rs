@@ -132,6 +132,14 @@ pub enum Role {
     TerminalServer,
 }
 
+impl Role {
+    /// Whether the console where apps started outside any session run is a login of its own:
+    /// only on a terminal server (a workstation's console is unattended until someone logs in).
+    pub fn console_is_a_login(self) -> bool {
+        self == Role::TerminalServer
+    }
+}
+
 /// A physical machine of the world.
 #[derive(Debug, Clone, Serialize)]
 pub struct HostSpec {

@@ -208,14 +208,10 @@ pub async fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeReport> {
     })
 }
 
-/// The key the probe proves to the dongle: from the id it binds as, so probes under one id are
-/// one runtime to the dongle (a diagnostic holds no secret worth keeping).
+/// The key the probe proves to the dongle: from the id it binds as and no secret, so probes
+/// under one id are one runtime to the dongle (a diagnostic holds no secret worth keeping).
 fn probe_key(runtime: &RuntimeId) -> dongle::SigningKey {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    hash.update(b"meter-probe-key-v1\0");
-    hash.update(runtime.as_str().as_bytes());
-    dongle::SigningKey::from_bytes(&hash.finalize().into())
+    crate::runtime_identity::dongle_key(&[0; 32], runtime.as_str())
 }
 
 /// The vendor keys given by --vendor and --state; at least one is needed to trust a dongle.

@@ -145,37 +145,33 @@ impl Runtime {
         }
     }
 
-    /// Chooses a witness for every metered licence that has none: the first server linked
-    /// (waiting a moment for a configured server to link, as a daemon just started does).
-    pub async fn pin_witnesses(self: &Arc<Self>) {
-        if self.remotes.is_empty() {
-            return;
-        }
+    /// Waits up to [`WITNESS_LINK_WAIT`] for a configured server to link, as one does within
+    /// moments of the daemon's start.
+    async fn wait_for_a_link(&self) {
         let deadline = tokio::time::Instant::now() + WITNESS_LINK_WAIT;
-        loop {
-            if let Some((_, pin)) = self.remotes.connected_pins().into_iter().next() {
-                self.pin_witness_of_all(&pin).await;
-                return;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::info!(
-                    "No server linked: licences choose their witness at their first spend"
-                );
-                return;
-            }
+        while self.remotes.connected().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Makes `pin` the witness of every metered licence that has none yet.
-    async fn pin_witness_of_all(self: &Arc<Self>, pin: &str) {
+    /// Chooses a witness for every metered licence that has none: the first server linked
+    /// (waiting a moment for a configured server to link).
+    pub async fn pin_witnesses(self: &Arc<Self>) {
+        if self.remotes.is_empty() {
+            return;
+        }
+        self.wait_for_a_link().await;
+        let Some((_, pin)) = self.remotes.connected_pins().into_iter().next() else {
+            tracing::info!("No server linked: licences choose their witness at their first spend");
+            return;
+        };
         let changes: Vec<_> = {
             let mut licences = self.lock_licences();
             licences
                 .metering
                 .licences()
                 .iter()
-                .filter_map(|licence| licences.metering.pin_witness(licence, pin))
+                .filter_map(|licence| licences.metering.pin_witness(licence, &pin))
                 .collect()
         };
         if !changes.is_empty() {
@@ -288,11 +284,7 @@ impl Runtime {
             return;
         }
         if self.lock_licences().metering.first_wait_for_witness() {
-            // A daemon that just started links to its servers within moments.
-            let deadline = tokio::time::Instant::now() + WITNESS_LINK_WAIT;
-            while self.remotes.connected().is_empty() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            self.wait_for_a_link().await;
         }
         for licence in pending {
             let locked = self.lock_licences().metering.is_locked(&licence);

@@ -907,9 +907,7 @@ impl MachineDriver for QemuDriver {
         self.timings
             .boot_ms
             .push(started.elapsed().as_secs_f64() * 1000.0);
-        // The console where apps started outside any session run: a login of its own only on
-        // a terminal server (a workstation's console is unattended until someone logs in).
-        let login = self.guest(machine)?.role == Role::TerminalServer;
+        let login = self.guest(machine)?.role.console_is_a_login();
         self.open_guest_session(
             machine,
             "console",

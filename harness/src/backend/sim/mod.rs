@@ -271,31 +271,30 @@ impl SimDriver {
             .join(format!("session-{session}.log"));
         let leader = LeaderHandle::start(&self.config.harness_exe, &log, login)?;
         let m = self.machine_mut(machine)?;
-        let key = leader.table_key();
-        if !login {
-            if let Some(old) = m.sessions.insert(session.to_string(), leader) {
-                old.close();
+        if login {
+            let key = leader.table_key();
+            if m.session_table.contains(key) {
+                leader.close();
+                return Err(BackendError::Unsupported {
+                    backend: BackendKind::Sim,
+                    operation: "session-open",
+                    why: format!(
+                        "two sessions would share login session {key}: the harness runs inside a \
+                         login session and may not open new ones (writing /proc/self/loginuid \
+                         needs root and a kernel with audit support)"
+                    ),
+                });
             }
-            return Ok(());
+            m.session_table.insert(key, spec.clone());
         }
-        if m.session_table.contains(key) {
-            leader.close();
-            return Err(BackendError::Unsupported {
-                backend: BackendKind::Sim,
-                operation: "session-open",
-                why: format!(
-                    "two sessions would share login session {}: the harness runs inside a login \
-                     session and may not open new ones (writing /proc/self/loginuid needs root \
-                     and a kernel with audit support)",
-                    key
-                ),
-            });
-        }
-        m.session_table.insert(leader.table_key(), spec.clone());
         if let Some(old) = m.sessions.insert(session.to_string(), leader) {
             old.close();
         }
-        self.write_sessions(machine)
+        if login {
+            self.write_sessions(machine)
+        } else {
+            Ok(())
+        }
     }
 
     /// Writes the session table (unless the licensee dropped it) and the login sessions alive,
@@ -460,9 +459,7 @@ impl SimDriver {
         write_atomic(&platform.join("boot_id"), boot_id.as_bytes())?;
         self.start_daemon(machine)?;
         self.machine_mut(machine)?.power = Power::Running;
-        // The console where apps started outside any session run: a login of its own only on
-        // a terminal server (a workstation's console is unattended until someone logs in).
-        let login = self.machine(machine)?.role == Role::TerminalServer;
+        let login = self.machine(machine)?.role.console_is_a_login();
         self.start_session(
             machine,
             "console",

@@ -224,9 +224,7 @@ impl SimPlatform {
             },
         )
     }
-}
 
-impl SimPlatform {
     /// The machine's session table (`sessions.json`), empty where there is none.
     fn session_table(&self) -> Result<Arc<BTreeMap<u32, SessionInfo>>, PlatformError> {
         self.look(
