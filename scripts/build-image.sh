@@ -107,14 +107,9 @@ done
 cp "$mdir"/modules.order "$mdir"/modules.builtin* "$rootfs/lib/modules/$kver/" 2>/dev/null || true
 depmod -b "$rootfs" "$kver"
 module_count=$(find "$rootfs/lib/modules" -name '*.ko*' | wc -l)
-cat > "$rootfs/etc/passwd" <<PASSWD
-root:x:0:0:root:/root:/bin/sh
-operator:x:999:999:operator:/tmp:/bin/sh
-alice:x:1000:1000:alice:/tmp:/bin/sh
-bob:x:1001:1001:bob:/tmp:/bin/sh
-carol:x:1002:1002:carol:/tmp:/bin/sh
-PASSWD
-printf 'root:x:0:\noperator:x:999:\nalice:x:1000:\nbob:x:1001:\ncarol:x:1002:\n' > "$rootfs/etc/group"
+# Only root: the agent creates each session user's account (same uid as on every machine).
+printf 'root:x:0:0:root:/root:/bin/sh\n' > "$rootfs/etc/passwd"
+printf 'root:x:0:\n' > "$rootfs/etc/group"
 cp images/init "$rootfs/init"
 chmod 0755 "$rootfs/init"
 

@@ -130,6 +130,9 @@ enum Commands {
         /// Open no login session (a process session only, as an unattended console).
         #[arg(long)]
         no_login: bool,
+        /// Run the session's processes as this uid (and a group of the same number).
+        #[arg(long)]
+        uid: Option<u32>,
     },
 }
 
@@ -300,8 +303,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Commands::Image { action } => image(action),
-        Commands::SessionLeader { parent, no_login } => {
-            vigil::session_leader::run(parent, !no_login)?;
+        Commands::SessionLeader {
+            parent,
+            no_login,
+            uid,
+        } => {
+            vigil::session_leader::run(parent, !no_login, uid)?;
             Ok(ExitCode::SUCCESS)
         }
     }

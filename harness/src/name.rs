@@ -51,6 +51,15 @@ pub fn check(name: &str) -> Result<(), NameError> {
     }
 }
 
+/// The allowed user account names as a regular expression (also in the docs): a user becomes an
+/// account in a guest's `/etc/passwd`, so only what `useradd` takes everywhere is allowed.
+pub const USER_PATTERN: &str = "^[a-z_][a-z0-9_-]{0,31}$";
+
+/// Whether `user` matches [`USER_PATTERN`].
+pub fn is_user(user: &str) -> bool {
+    vigil_agent::accounts::is_account_name(user)
+}
+
 /// `dir/name` for a checked `name`: the result is always directly inside `dir`.
 pub fn child(dir: &Path, name: &str) -> Result<PathBuf, NameError> {
     check(name)?;

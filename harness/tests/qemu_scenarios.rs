@@ -127,6 +127,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::stationshare_mixed("stationshare-mixed")]
 #[case::crash_release("crash-release")]
 #[case::holder_release("holder-release")]
+#[case::holder_other_user("holder-other-user")]
 #[case::server_keepalive("server-keepalive")]
 #[case::partition_short("partition-short")]
 #[case::partition_reset("partition-reset")]

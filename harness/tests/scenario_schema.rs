@@ -78,8 +78,8 @@ steps:
   - kill: app1
   - expect: { released-within: { app: app1, ms: 100 } }
   - expect: { app: { app: app1, state: exited } }
-  - start-app: { machine: vm1, product: 1001, as: app2 }
-  - release-elsewhere: app2
+  - start-app: { machine: vm2, product: 1001, as: app2 }
+  - release-elsewhere: { app: app2, session: sess1 }
   - expect: { app: { app: app2, state: revoked, reason: binding-broken } }
   - expect: { holders: { product: 1001, at-most: 1 } }
   - expect: { responsive: vm1 }
@@ -301,6 +301,7 @@ fn check(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mut V
         let ok = match pattern {
             p if p == scenario::DURATION_PATTERN => text.parse::<Duration>().is_ok(),
             p if p == scenario::CLOCK_SKEW_PATTERN => text.parse::<ClockSkew>().is_ok(),
+            p if p == vigil::name::USER_PATTERN => vigil::name::is_user(text),
             other => panic!("checker does not know pattern {other}"),
         };
         if !ok {

@@ -112,8 +112,10 @@ struct Children {
 /// Runs a leader until its stdin closes, then kills the whole session. With `parent`, the
 /// leader dies with that process (its parent): a harness that ends takes its sessions along.
 /// With `login` it opens a login session of its own; without, it keeps the one it inherited
-/// (an unattended console: a process session, no login).
-pub fn run(parent: Option<i32>, login: bool) -> anyhow::Result<()> {
+/// (an unattended console: a process session, no login). With `user`, the session's processes
+/// run as that uid (and a group of the same number, no others), as a login manager starts them;
+/// the leader itself keeps its privileges to open the login session and end the session.
+pub fn run(parent: Option<i32>, login: bool, user: Option<u32>) -> anyhow::Result<()> {
     if let Some(parent) = parent {
         // SAFETY: prctl and getppid only concern this process.
         unsafe {
@@ -143,7 +145,7 @@ pub fn run(parent: Option<i32>, login: bool) -> anyhow::Result<()> {
         spawned: Condvar::new(),
     }));
     let login = if login {
-        open_login_session()
+        open_login_session(user)
     } else {
         own_login_session()
     };
@@ -155,7 +157,7 @@ pub fn run(parent: Option<i32>, login: bool) -> anyhow::Result<()> {
             continue;
         }
         let event = match serde_json::from_str::<SpawnRequest>(&line) {
-            Ok(request) => match spawn(&request) {
+            Ok(request) => match spawn(&request, user) {
                 Ok(pid) => {
                     *children.alive.lock().unwrap_or_else(|e| e.into_inner()) += 1;
                     children.spawned.notify_one();
@@ -185,12 +187,13 @@ pub fn run(parent: Option<i32>, login: bool) -> anyhow::Result<()> {
 const NO_LOGIN_SESSION: u32 = u32::MAX;
 
 /// Opens a login session for this process and its descendants: writing a login uid (the
-/// leader's own) makes the kernel assign a fresh audit session id, which no later `setsid`
-/// changes. Where the kernel refuses (no audit support, or no CAP_AUDIT_CONTROL) the process
-/// keeps the login session it inherited, if any: the one returned is what the runtime will see.
-fn open_login_session() -> Option<u32> {
+/// session's user, else the leader's own) makes the kernel assign a fresh audit session id,
+/// which no later `setsid` changes. Where the kernel refuses (no audit support, or no
+/// CAP_AUDIT_CONTROL) the process keeps the login session it inherited, if any: the one
+/// returned is what the runtime will see.
+fn open_login_session(user: Option<u32>) -> Option<u32> {
     // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
+    let uid = user.unwrap_or_else(|| unsafe { libc::getuid() });
     if let Err(e) = std::fs::write("/proc/self/loginuid", uid.to_string()) {
         eprintln!("vigil leader: cannot open a login session: {e}");
     }
@@ -213,7 +216,7 @@ pub fn table_key(sid: i32, login: Option<u32>) -> i32 {
     login.and_then(|id| i32::try_from(id).ok()).unwrap_or(sid)
 }
 
-fn spawn(request: &SpawnRequest) -> anyhow::Result<i32> {
+fn spawn(request: &SpawnRequest, user: Option<u32>) -> anyhow::Result<i32> {
     let (program, args) = request
         .argv
         .split_first()
@@ -228,13 +231,21 @@ fn spawn(request: &SpawnRequest) -> anyhow::Result<i32> {
         .stdout(stdout)
         .stderr(stderr);
     let leave_session = request.leave_session;
-    // SAFETY: prctl and setsid are async-signal-safe.
+    // SAFETY: prctl, setsid, setgroups, setgid and setuid are async-signal-safe.
     unsafe {
         command.pre_exec(move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if leave_session && libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            if let Some(uid) = user
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // After the user change, which clears the parent-death signal.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
     }

@@ -5,6 +5,7 @@
 //! session, set the clock, read and write files, and report readiness. The harness side lives in
 //! the `vigil` crate (`backend::qemu::agent`).
 
+pub mod accounts;
 pub mod leader;
 pub mod protocol;
 pub mod sessions;

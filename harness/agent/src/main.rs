@@ -25,7 +25,12 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("leader") => {
-            vigil_agent::leader::run(None, args.get(1).map(String::as_str) != Some("--no-login"))
+            let login = !args.iter().any(|a| a == "--no-login");
+            let user = match args.iter().find_map(|a| a.strip_prefix("--uid=")) {
+                Some(uid) => Some(uid.parse::<u32>().context("--uid= needs a number")?),
+                None => None,
+            };
+            vigil_agent::leader::run(None, login, user)
         }
         Some("--port") => {
             let port = args.get(1).context("--port needs a device path")?;
@@ -198,10 +203,14 @@ fn handle(agent: &Arc<Agent>, request: Request) -> anyhow::Result<Outcome> {
             name,
             session,
             login,
+            uid,
         } => {
+            if let Some(uid) = uid {
+                vigil_agent::accounts::ensure(Path::new("/etc"), session.user(), uid)?;
+            }
             // The table names the session by its login session where it has one; a session
             // opened without a login (an unattended console) is not in it.
-            let sid = open_session(agent, &name, login)?;
+            let sid = open_session(agent, &name, login, uid)?;
             if login {
                 let mut state = agent.lock();
                 state.table.insert(sid, session);
@@ -369,11 +378,17 @@ fn set_clock(epoch_ms: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_session(agent: &Arc<Agent>, name: &str, login: bool) -> anyhow::Result<i32> {
+fn open_session(
+    agent: &Arc<Agent>,
+    name: &str,
+    login: bool,
+    uid: Option<u32>,
+) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("find the agent executable")?;
     let mut child = Command::new(exe)
         .arg("leader")
         .args((!login).then_some("--no-login"))
+        .args(uid.map(|uid| format!("--uid={uid}")))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

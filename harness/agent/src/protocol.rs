@@ -53,6 +53,15 @@ pub enum SessionKind {
     },
 }
 
+impl SessionKind {
+    /// The user logged in.
+    pub fn user(&self) -> &str {
+        match self {
+            SessionKind::Console { user } | SessionKind::Rdp { user, .. } => user,
+        }
+    }
+}
+
 fn a_login() -> bool {
     true
 }
@@ -85,6 +94,10 @@ pub enum Op {
         /// an unattended console: a process session the table does not list.
         #[serde(default = "a_login")]
         login: bool,
+        /// The uid the session's processes run as (the agent creates the user's account);
+        /// none: as the agent (root).
+        #[serde(default)]
+        uid: Option<u32>,
     },
     /// Closes a login session, killing its processes, and removes it from the session table.
     SessionClose {

@@ -18,8 +18,8 @@ use super::fabric::Fabric;
 use super::fabric::network::{Floods, Links};
 use super::runner::Backend;
 use super::types::{
-    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile, GuestSpec,
-    HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
+    AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, CpuProfile,
+    GuestSpec, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
 };
 use crate::identity::IdentityMint;
 
@@ -470,13 +470,13 @@ impl Backend for World {
     fn run_meter(
         &mut self,
         machine: &str,
-        session: &str,
+        caller: Caller<'_>,
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError> {
         self.require(machine, "run meter", &[Power::Running], "running")?;
         self.driver(machine)?
-            .run_meter(machine, session, args, timeout)
+            .run_meter(machine, caller, args, timeout)
     }
 
     fn start_app(

@@ -8,8 +8,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use super::types::{
-    AppStatus, BackendError, CloneIdentity, CommandOutput, CpuProfile, HardwareIdentity, Power,
-    Role, ServerInfo, SessionSpec,
+    AppStatus, BackendError, Caller, CloneIdentity, CommandOutput, CpuProfile, HardwareIdentity,
+    Power, Role, ServerInfo, SessionSpec,
 };
 
 /// A machine as the composite hands it to a driver.
@@ -122,11 +122,11 @@ pub trait MachineDriver: Any {
     /// Deletes the runtime's session table on a running machine and writes it no more until
     /// the machine stops (its login sessions stay open).
     fn drop_session_table(&mut self, machine: &str) -> Result<(), BackendError>;
-    /// Runs `meter <args>` in a session and waits for it.
+    /// Runs `meter <args>` as `caller` and waits for it.
     fn run_meter(
         &mut self,
         machine: &str,
-        session: &str,
+        caller: Caller<'_>,
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError>;

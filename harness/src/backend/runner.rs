@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::types::{
-    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, GuestSpec, HostSpec,
-    Operation, Power, ServerInfo, SessionSpec, UsbMode, supports,
+    AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, GuestSpec,
+    HostSpec, Operation, Power, ServerInfo, SessionSpec, UsbMode, supports,
 };
 
 /// A world runner. Every method names machines, sessions and apps by their scenario names.
@@ -63,11 +63,11 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
     /// Closes a login session, ending its processes.
     fn close_session(&mut self, machine: &str, session: &str) -> Result<(), BackendError>;
-    /// Runs the runtime's `meter` command in a session and waits for it.
+    /// Runs the runtime's `meter` command as `caller` and waits for it.
     fn run_meter(
         &mut self,
         machine: &str,
-        session: &str,
+        caller: Caller<'_>,
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError>;

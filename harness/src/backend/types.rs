@@ -62,6 +62,9 @@ pub enum BackendError {
         #[source]
         source: crate::name::NameError,
     },
+    /// A user that cannot be an account.
+    #[error("Cannot make `{name}` a user account: {why}")]
+    BadAccount { name: String, why: String },
     /// This backend cannot do that (yet).
     #[error("The {backend} backend cannot {operation}: {why}")]
     Unsupported {
@@ -180,6 +183,15 @@ pub enum CloneIdentity {
 
 /// The kind of a login session, in the session table's format (shared with the guest agent).
 pub use vigil_agent::protocol::SessionKind as SessionSpec;
+
+/// Who runs a `meter` command on a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller<'a> {
+    /// The machine's administrator (root), outside every login session, as a service runs.
+    Admin,
+    /// A process of the named login session, run as that session's user.
+    Session(&'a str),
+}
 
 /// What a finished command printed and how it ended.
 #[derive(Debug, Clone, Serialize)]

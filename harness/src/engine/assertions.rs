@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::world::World;
-use crate::backend::AppStatus;
+use crate::backend::{AppStatus, Caller};
 use crate::runtime::{self, AccessAnswer};
 use crate::scenario::{self as sc, Assertion};
 
@@ -114,7 +114,7 @@ impl World {
         let started = Instant::now();
         let answer = self.backend.run_meter(
             machine,
-            "console",
+            Caller::Session("console"),
             &["status".to_string(), "--json".to_string()],
             within,
         );
@@ -260,7 +260,7 @@ impl World {
             let listed = runtime::meter_json(
                 self.backend.as_mut(),
                 &record.machine,
-                "console",
+                Caller::Admin,
                 &["list".to_string()],
             );
             let seen_at = Instant::now();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::verdict_of;
 use crate::backend::{
-    Backend, BackendError, CloneIdentity, GuestSpec, HostSpec, Power, Role, SessionSpec, UsbMode,
+    Backend, BackendError, Caller, CloneIdentity, GuestSpec, HostSpec, Power, Role, SessionSpec,
+    UsbMode,
 };
 use crate::identity::{IdentityMint, cpu_profile};
 use crate::report::{Event, Verdict};
@@ -28,6 +29,7 @@ const DONGLE_SEEN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub(super) struct AppRecord {
     pub machine: String,
+    pub session: String,
     pub product: u32,
     pub answer: Option<AccessAnswer>,
     pub killed_at: Option<Instant>,
@@ -320,7 +322,9 @@ impl World {
             | Step::UsbipDetach(d)
             | Step::UsbipDisconnect(d)
             | Step::UsbHang(d) => self.backend.dongle_machines(&d.value),
-            Step::Release(app) | Step::Kill(app) | Step::ReleaseElsewhere(app) => self
+            Step::Release(app)
+            | Step::Kill(app)
+            | Step::ReleaseElsewhere(sc::ReleaseElsewhereStep { app, .. }) => self
                 .apps
                 .get(&app.value)
                 .map(|record| vec![record.machine.clone()])
@@ -369,10 +373,10 @@ impl World {
             Step::SessionOpen(s) => {
                 let spec = match s.kind {
                     sc::SessionKind::Console => SessionSpec::Console {
-                        user: s.user.clone(),
+                        user: s.user.value.clone(),
                     },
                     sc::SessionKind::Rdp => SessionSpec::Rdp {
-                        user: s.user.clone(),
+                        user: s.user.value.clone(),
                         client_name: s.client_name.clone().unwrap_or_else(|| "client".into()),
                         client_ip: s
                             .client_ip
@@ -541,7 +545,8 @@ impl World {
                 self.servers.retain(|s| s != &m.value);
                 self.backend.stop_server(&m.value)
             }
-            Step::ReleaseElsewhere(app) => {
+            Step::ReleaseElsewhere(r) => {
+                let app = &r.app;
                 let record = self
                     .apps
                     .get(&app.value)
@@ -557,15 +562,23 @@ impl World {
                     return Ok(());
                 };
                 let machine = record.machine.clone();
+                let session = r
+                    .session
+                    .as_ref()
+                    .map_or(record.session.clone(), |s| s.value.clone());
                 let args = vec![
                     "release".to_string(),
                     "--handle".to_string(),
                     handle.to_string(),
                 ];
                 // The runtime's answer is its business; the assertions check what the app heard.
-                let answer =
-                    runtime::meter_json(self.backend.as_mut(), &machine, "console", &args)?;
-                tracing::info!(app = %app.value, ?answer, "released elsewhere");
+                let answer = runtime::meter_json(
+                    self.backend.as_mut(),
+                    &machine,
+                    Caller::Session(&session),
+                    &args,
+                )?;
+                tracing::info!(app = %app.value, %session, ?answer, "released elsewhere");
                 Ok(())
             }
             Step::Wait(d) => {
@@ -713,7 +726,7 @@ impl World {
         let (code, value) = runtime::meter_json(
             self.backend.as_mut(),
             machine,
-            "console",
+            Caller::Admin,
             &["trust".into(), path],
         )?;
         if code != Some(0) {
@@ -731,7 +744,7 @@ impl World {
         let (code, value) = runtime::meter_json(
             self.backend.as_mut(),
             machine,
-            "console",
+            Caller::Admin,
             &[
                 "activate".into(),
                 "request".into(),
@@ -788,7 +801,7 @@ impl World {
         let (code, value) = runtime::meter_json(
             self.backend.as_mut(),
             machine,
-            "console",
+            Caller::Admin,
             &["activate".into(), "apply".into(), inside],
         )?;
         if code != Some(0) {
@@ -821,7 +834,7 @@ impl World {
         runtime::meter_json(
             self.backend.as_mut(),
             to,
-            "console",
+            Caller::Admin,
             &["activate".into(), "apply".into(), inside],
         )
     }
@@ -890,7 +903,7 @@ impl World {
         ];
         for args in &tool_steps {
             let (code, value) =
-                runtime::meter_json(self.backend.as_mut(), machine, "console", args)?;
+                runtime::meter_json(self.backend.as_mut(), machine, Caller::Admin, args)?;
             if code != Some(0) {
                 return Err(BackendError::Runtime {
                     machine: machine.into(),
@@ -906,7 +919,7 @@ impl World {
             ),
         ] {
             let (code, answer) =
-                runtime::meter_json(self.backend.as_mut(), machine, "console", &args)?;
+                runtime::meter_json(self.backend.as_mut(), machine, Caller::Admin, &args)?;
             tracing::info!(machine, what, ?code, %answer, "forged licence");
         }
         Ok(())
@@ -960,6 +973,7 @@ impl World {
             app.to_string(),
             AppRecord {
                 machine: machine.to_string(),
+                session: session.to_string(),
                 product,
                 answer: Some(answer),
                 killed_at: None,

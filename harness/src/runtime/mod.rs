@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::backend::{Backend, BackendError, CommandOutput};
+use crate::backend::{Backend, BackendError, Caller, CommandOutput};
 
 /// How long one `meter` command may take before the runtime counts as hung.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,12 +74,12 @@ impl AccessAnswer {
 pub fn meter_json(
     backend: &mut dyn Backend,
     machine: &str,
-    session: &str,
+    caller: Caller<'_>,
     args: &[String],
 ) -> Result<(Option<i32>, Value), BackendError> {
     let mut full = args.to_vec();
     full.push("--json".into());
-    let out = backend.run_meter(machine, session, &full, COMMAND_TIMEOUT)?;
+    let out = backend.run_meter(machine, caller, &full, COMMAND_TIMEOUT)?;
     let value = parse_first_json(&out).ok_or_else(|| BackendError::Runtime {
         machine: machine.into(),
         message: format!(
@@ -128,7 +128,7 @@ pub fn probe_access(
         "--product".into(),
         product.to_string(),
     ];
-    let (_, value) = meter_json(backend, machine, session, &args)?;
+    let (_, value) = meter_json(backend, machine, Caller::Session(session), &args)?;
     AccessAnswer::from_json(&value.to_string()).ok_or_else(|| BackendError::Runtime {
         machine: machine.into(),
         message: format!("`meter access` answered without `granted`: {value}"),
@@ -149,7 +149,7 @@ pub fn hold_args(firm: u32, product: u32) -> Vec<String> {
 
 /// The runtime's `status` document.
 pub fn status(backend: &mut dyn Backend, machine: &str) -> Result<Value, BackendError> {
-    let (_, value) = meter_json(backend, machine, "console", &["status".to_string()])?;
+    let (_, value) = meter_json(backend, machine, Caller::Admin, &["status".to_string()])?;
     Ok(value)
 }
 

@@ -56,6 +56,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("local-licence"),
     builtin!("crash-release"),
     builtin!("holder-release"),
+    builtin!("holder-other-user"),
     builtin!("server-keepalive"),
     builtin!("partition-short"),
     builtin!("partition-reset"),

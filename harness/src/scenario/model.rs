@@ -648,7 +648,7 @@ pub enum Step {
     /// The app crashes (SIGKILL).
     Kill(Name),
     /// Another process gives the app's licence back by its handle (an attack on the holder).
-    ReleaseElsewhere(Name),
+    ReleaseElsewhere(ReleaseElsewhereStep),
     /// Move every clock in the world forward.
     Advance(Located<Duration>),
     /// Set one machine's clock offset from world time (an attack).
@@ -980,14 +980,27 @@ pub struct SessionOpenStep {
     /// Console or RDP.
     #[serde(default)]
     pub kind: SessionKind,
-    /// User logged in.
-    pub user: String,
+    /// User logged in: an account on the machine, with the same uid on every machine.
+    #[schemars(regex(pattern = crate::name::USER_PATTERN))]
+    pub user: Name,
     /// RDP client's machine name (rdp only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_name: Option<String>,
     /// RDP client's address (rdp only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
+}
+
+/// `release-elsewhere`: another process gives an app's licence back by its handle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReleaseElsewhereStep {
+    /// The app whose licence is given back.
+    pub app: Name,
+    /// The login session (on the app's machine) the releasing process runs in, as that
+    /// session's user; default: the app's own session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Name>,
 }
 
 /// Kind of login session.

@@ -1200,16 +1200,20 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
-            Step::ReleaseElsewhere(name) => {
-                if let Some(app) = self.app(name, false)
-                    && !app.live
-                {
-                    self.report(
-                        name.at,
-                        format!("app `{name}` is no longer running: {}", app.end_note),
-                        "already ended",
-                        None,
-                    );
+            Step::ReleaseElsewhere(r) => {
+                let name = &r.app;
+                if let Some(app) = self.app(name, false) {
+                    if !app.live {
+                        self.report(
+                            name.at,
+                            format!("app `{name}` is no longer running: {}", app.end_note),
+                            "already ended",
+                            None,
+                        );
+                    }
+                    if let Some(session) = &r.session {
+                        self.session(session, &app.machine);
+                    }
                 }
             }
             Step::Release(name) | Step::Kill(name) => {
@@ -1561,8 +1565,19 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        if open.user.trim().is_empty() {
-            self.report(open.name.at, "`user` is empty", "no user", None);
+        if !crate::name::is_user(&open.user.value) {
+            self.report(
+                open.user.at,
+                format!(
+                    "`user: {}` is not an account name (it becomes one on the machine)",
+                    open.user.value.escape_default()
+                ),
+                "bad user",
+                Some(format!(
+                    "a lower-case letter or `_`, then up to 31 lower-case letters, digits, `_` or `-` ({})",
+                    crate::name::USER_PATTERN
+                )),
+            );
         }
         if let Some(machine) = &machine
             && machine.role == Role::Workstation

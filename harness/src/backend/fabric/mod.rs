@@ -1,6 +1,8 @@
 //! What the machines of a world share, whichever driver runs them: the dongle rack, the network
-//! links between them, the world clock, one address allocator and numbered machine folders.
+//! links between them, the world clock, one address allocator, one user directory and numbered
+//! machine folders.
 
+pub mod accounts;
 pub mod addresses;
 pub mod clock;
 pub mod dongles;
@@ -12,6 +14,8 @@ use crate::backend::types::BackendError;
 /// Handles to a world's shared parts; clones share them.
 #[derive(Debug, Clone)]
 pub struct Fabric {
+    /// User accounts.
+    pub accounts: accounts::Accounts,
     /// Machine addresses.
     pub addresses: addresses::Addresses,
     /// The world clock.
@@ -32,6 +36,7 @@ impl Fabric {
     /// A fresh fabric for a world seeded `seed`.
     pub fn new(seed: u64) -> Self {
         Self {
+            accounts: accounts::Accounts::default(),
             addresses: addresses::Addresses::new(seed),
             clock: clock::WorldClock::default(),
             dongles: dongles::DongleRack::default(),

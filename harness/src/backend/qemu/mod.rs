@@ -31,8 +31,9 @@ use self::usbip::UsbipImport;
 use self::vm::{Environment, UsbRedirPlug, Vm, VmSpec, XHCI_USB2_PORTS};
 use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
 use super::fabric::Fabric;
+use super::fabric::accounts::CONSOLE_USER;
 use super::types::{
-    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
+    AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, CpuProfile,
     HardwareIdentity, Operation, Power, Role, ServerInfo, SessionSpec, WorldConfig, supports,
 };
 use crate::identity::IdentityMint;
@@ -338,6 +339,7 @@ impl QemuDriver {
                 name: session.to_string(),
                 session: spec.clone(),
                 login,
+                uid: Some(self.fabric.accounts.uid(spec.user())?),
             },
             Duration::from_secs(10),
         )?;
@@ -443,7 +445,7 @@ exit $rc
     fn meter_checked(&mut self, machine: &str, args: &[String]) -> Result<(), BackendError> {
         let mut full = args.to_vec();
         full.push("--json".into());
-        let out = self.run_meter(machine, "console", &full, Duration::from_secs(20))?;
+        let out = self.run_meter(machine, Caller::Admin, &full, Duration::from_secs(20))?;
         if out.code == Some(0) {
             Ok(())
         } else {
@@ -912,7 +914,7 @@ impl MachineDriver for QemuDriver {
             machine,
             "console",
             &SessionSpec::Console {
-                user: "operator".into(),
+                user: CONSOLE_USER.into(),
             },
             login,
         )?;
@@ -1244,7 +1246,7 @@ impl MachineDriver for QemuDriver {
     fn run_meter(
         &mut self,
         machine: &str,
-        session: &str,
+        caller: Caller<'_>,
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError> {
@@ -1253,7 +1255,11 @@ impl MachineDriver for QemuDriver {
         // The guest runs slower than the harness (TCG): give commands more room.
         let timeout = timeout.max(Duration::from_secs(30));
         let env = vec![("METER_SOCKET".into(), GUEST_SOCKET.into())];
-        match self.exec(machine, argv, env, Some(session.to_string()), timeout) {
+        let session = match caller {
+            Caller::Admin => None,
+            Caller::Session(session) => Some(session.to_string()),
+        };
+        match self.exec(machine, argv, env, session, timeout) {
             Err(BackendError::Timeout { after, .. }) => Err(BackendError::Timeout {
                 what: format!("`meter {}` on {machine}", args.join(" ")),
                 after,

@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use self::session::LeaderHandle;
+use self::session::{ExitInfo, LeaderHandle};
 use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
 use super::fabric::Fabric;
+use super::fabric::accounts::CONSOLE_USER;
 use super::types::{
-    AppStatus, BackendError, BackendKind, CloneIdentity, CommandOutput, CpuProfile,
+    AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, CpuProfile,
     HardwareIdentity, Power, Role, ServerInfo, SessionSpec,
 };
 use crate::identity::IdentityMint;
@@ -104,6 +105,16 @@ impl SimDriver {
         for dir in [&config.work_dir, &config.log_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(BackendError::io(format!("create {}", dir.display())))?;
+        }
+        // Apps run as unprivileged users and must reach the runtime's socket and program.
+        for dir in [&config.work_dir, &config.runtime_bin] {
+            let dir = std::fs::canonicalize(dir)
+                .map_err(BackendError::io(format!("find {}", dir.display())))?;
+            let mut at = Some(dir.as_path());
+            while let Some(dir) = at {
+                let_users_through(dir)?;
+                at = dir.parent();
+            }
         }
         let mint = IdentityMint::new(config.seed);
         Ok(SimDriver {
@@ -269,7 +280,8 @@ impl SimDriver {
         let log = self
             .run_logs(machine)
             .join(format!("session-{session}.log"));
-        let leader = LeaderHandle::start(&self.config.harness_exe, &log, login)?;
+        let uid = self.fabric.accounts.uid(spec.user())?;
+        let leader = LeaderHandle::start(&self.config.harness_exe, &log, login, uid)?;
         let m = self.machine_mut(machine)?;
         if login {
             let key = leader.table_key();
@@ -464,7 +476,7 @@ impl SimDriver {
             machine,
             "console",
             &SessionSpec::Console {
-                user: "operator".into(),
+                user: CONSOLE_USER.into(),
             },
             login,
         )?;
@@ -486,7 +498,7 @@ impl SimDriver {
     }
 
     fn run_meter_checked(&mut self, machine: &str, args: &[String]) -> Result<(), BackendError> {
-        let out = self.run_meter(machine, "console", args, Duration::from_secs(10))?;
+        let out = self.run_meter(machine, Caller::Admin, args, Duration::from_secs(10))?;
         if out.code == Some(0) {
             Ok(())
         } else {
@@ -536,6 +548,52 @@ impl SimDriver {
         }
         let pid = leader.spawn(&argv, &env, stdout, stderr, leaves_session)?;
         Ok((leader, pid))
+    }
+
+    /// Runs `meter <args>` as the machine's administrator: root, outside every session of the
+    /// machine; `None` when it did not end in time (it is killed).
+    fn run_admin_command(
+        &self,
+        machine: &str,
+        args: &[String],
+        stdout: &Path,
+        stderr: &Path,
+        timeout: Duration,
+    ) -> Result<Option<ExitInfo>, BackendError> {
+        let meter = self.config.runtime_bin.join("meter");
+        let file = |path: &Path| {
+            std::fs::File::create(path)
+                .map_err(BackendError::io(format!("create {}", path.display())))
+        };
+        let mut child = Command::new(&meter)
+            .args(args)
+            .env("METER_SOCKET", self.machine(machine)?.socket())
+            .stdin(Stdio::null())
+            .stdout(file(stdout)?)
+            .stderr(file(stderr)?)
+            .spawn()
+            .map_err(BackendError::io(format!("start {}", meter.display())))?;
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(500);
+        loop {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(BackendError::io("wait for `meter`"))?
+            {
+                use std::os::unix::process::ExitStatusExt;
+                return Ok(Some(ExitInfo {
+                    code: status.code(),
+                    signal: status.signal(),
+                }));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(None);
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
     }
 
     /// Connects a dongle to a machine's simulated USB bus.
@@ -766,7 +824,7 @@ impl MachineDriver for SimDriver {
     fn run_meter(
         &mut self,
         machine: &str,
-        session: &str,
+        caller: Caller<'_>,
         args: &[String],
         timeout: Duration,
     ) -> Result<CommandOutput, BackendError> {
@@ -775,14 +833,24 @@ impl MachineDriver for SimDriver {
         let run_dir = self.machine(machine)?.dir.join("run");
         let stdout = run_dir.join(format!("cmd-{n}.out"));
         let stderr = run_dir.join(format!("cmd-{n}.err"));
-        let (leader, pid) = self.spawn_meter(machine, session, args, &stdout, &stderr, false)?;
-        let Some(exit) = leader.wait_exit(pid, timeout) else {
-            // SAFETY: killing our own descendant.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            return Err(BackendError::Timeout {
-                what: format!("`meter {}` on {machine}", args.join(" ")),
-                after: timeout,
-            });
+        let timed_out = || BackendError::Timeout {
+            what: format!("`meter {}` on {machine}", args.join(" ")),
+            after: timeout,
+        };
+        let exit = match caller {
+            Caller::Session(session) => {
+                let (leader, pid) =
+                    self.spawn_meter(machine, session, args, &stdout, &stderr, false)?;
+                let Some(exit) = leader.wait_exit(pid, timeout) else {
+                    // SAFETY: killing our own descendant.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return Err(timed_out());
+                };
+                exit
+            }
+            Caller::Admin => self
+                .run_admin_command(machine, args, &stdout, &stderr, timeout)?
+                .ok_or_else(timed_out)?,
         };
         let output = CommandOutput {
             code: exit.code,
@@ -1052,6 +1120,22 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), BackendError> {
             std::fs::copy(entry.path(), &target)
                 .map_err(BackendError::io(format!("copy {}", entry.path().display())))?;
         }
+    }
+    Ok(())
+}
+/// Lets every user pass through `dir` (search permission for others) when the harness owns it
+/// and it keeps them out; a folder of someone else's is left as it is.
+fn let_users_through(dir: &Path) -> Result<(), BackendError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta =
+        std::fs::metadata(dir).map_err(BackendError::io(format!("inspect {}", dir.display())))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.mode() & 0o001 == 0 && meta.uid() == me {
+        let mode = (meta.mode() & 0o7777) | 0o001;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(
+            BackendError::io(format!("open {} to the machines' users", dir.display())),
+        )?;
     }
     Ok(())
 }

@@ -29,8 +29,14 @@ pub struct LeaderHandle {
 
 impl LeaderHandle {
     /// Starts a leader (`<exe> session-leader`) and waits until it reports its session id;
-    /// without `login` it opens no login session (an unattended console).
-    pub fn start(exe: &Path, stderr_log: &Path, login: bool) -> Result<Self, BackendError> {
+    /// without `login` it opens no login session (an unattended console). The session's
+    /// processes run as `uid`.
+    pub fn start(
+        exe: &Path,
+        stderr_log: &Path,
+        login: bool,
+        uid: u32,
+    ) -> Result<Self, BackendError> {
         let stderr = std::fs::File::create(stderr_log)
             .map_err(BackendError::io(format!("create {}", stderr_log.display())))?;
         // No pre-exec hook, so the standard library spawns without forking the harness (whose
@@ -42,6 +48,8 @@ impl LeaderHandle {
             .arg("--parent")
             .arg(std::process::id().to_string())
             .args((!login).then_some("--no-login"))
+            .arg("--uid")
+            .arg(uid.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr);
