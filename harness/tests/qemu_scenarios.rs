@@ -114,6 +114,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::vm_hidden_hypervisor("vm-hidden-hypervisor")]
 #[case::snapshot_rollback_units("snapshot-rollback-units")]
 #[case::witness_empty_server("witness-empty-server")]
+#[case::witness_claimed_first("witness-claimed-first")]
 #[case::snapshot_rollback_time("snapshot-rollback-time")]
 #[case::snapshot_rollback_many("snapshot-rollback-many")]
 #[case::state_restore("state-restore")]

@@ -602,6 +602,9 @@ impl World {
                 self.backend
                     .impersonate(&i.machine.value, &i.victim.value, runtime_id.as_deref())
             }
+            Step::ClaimWitness(c) => {
+                self.claim_witness(&c.machine.value, &c.victim.value, c.product.value)
+            }
             Step::StateSave(s) => self.backend.save_state(&s.machine.value, &s.name.value),
             Step::StateRestore(s) => self.backend.restore_state(&s.machine.value, &s.name.value),
             Step::Flood(f) => {
@@ -837,6 +840,34 @@ impl World {
             Caller::Admin,
             &["activate".into(), "apply".into(), inside],
         )
+    }
+
+    /// `machine`'s runtime hands the witnesses a receipt of the licence that holds `product` on
+    /// `victim` (read from the victim's status), signed with its own key. What the witnesses
+    /// answer is logged: the victim's later checks tell whether the claim hurt it.
+    fn claim_witness(
+        &mut self,
+        machine: &str,
+        victim: &str,
+        product: u32,
+    ) -> Result<(), BackendError> {
+        let status = runtime::status(self.backend.as_mut(), victim)?;
+        let licence =
+            runtime::soft_licence_of(&status, product).ok_or_else(|| BackendError::Runtime {
+                machine: victim.into(),
+                message: format!("`meter status` shows no soft licence of product {product}"),
+            })?;
+        let args = vec!["claim-witness".to_string(), licence.clone()];
+        let (code, answer) =
+            runtime::meter_json(self.backend.as_mut(), machine, Caller::Admin, &args)?;
+        if code != Some(0) {
+            return Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("`meter claim-witness {licence}` failed: {answer}"),
+            });
+        }
+        tracing::info!(machine, victim, %licence, %answer, "claimed a witness chain");
+        Ok(())
     }
 
     /// The licensee on `machine` mints a licence for `product` with `quantity` seats under a

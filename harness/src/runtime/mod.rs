@@ -153,6 +153,22 @@ pub fn status(backend: &mut dyn Backend, machine: &str) -> Result<Value, Backend
     Ok(value)
 }
 
+/// The licence id of the soft container that holds `product` in a status document.
+pub fn soft_licence_of(status: &Value, product: u32) -> Option<String> {
+    status["containers"]
+        .as_array()?
+        .iter()
+        .filter(|c| c["kind"] == "soft")
+        .find(|c| {
+            c["products"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["code"] == product))
+        })?["id"]
+        .as_str()?
+        .strip_prefix("soft:")
+        .map(str::to_owned)
+}
+
 /// Whether a status document shows that the dongle `serial` has answered the runtime (a
 /// session opened, or refused by the dongle). A runtime that does not say `answered` is taken
 /// at its container's state.

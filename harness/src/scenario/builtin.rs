@@ -32,6 +32,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("vm-activation-denied"),
     builtin!("snapshot-rollback-units"),
     builtin!("witness-empty-server"),
+    builtin!("witness-claimed-first"),
     builtin!("snapshot-rollback-time"),
     builtin!("snapshot-rollback-many"),
     builtin!("state-restore"),

@@ -423,11 +423,13 @@ pub enum Defence {
     DongleRuntimeKey,
     /// A licence reconciles only with the witness that keeps its chain, not any server it is shown.
     WitnessPinning,
+    /// A witness keeps a chain per licence and receipt key: no other runtime starts or blocks it.
+    WitnessChainKeys,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 35] = [
+    pub const ALL: [Defence; 36] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -463,6 +465,7 @@ impl Defence {
         Defence::TerminalServerRole,
         Defence::DongleRuntimeKey,
         Defence::WitnessPinning,
+        Defence::WitnessChainKeys,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -503,6 +506,7 @@ impl Defence {
             Defence::TerminalServerRole => "terminal-server-role",
             Defence::DongleRuntimeKey => "dongle-runtime-key",
             Defence::WitnessPinning => "witness-pinning",
+            Defence::WitnessChainKeys => "witness-chain-keys",
         }
     }
 
@@ -583,6 +587,9 @@ impl Defence {
             }
             Defence::WitnessPinning => {
                 "A licence reconciles only with the witness that keeps its chain, not any server it is shown."
+            }
+            Defence::WitnessChainKeys => {
+                "A witness keeps a chain per licence and receipt key: another machine cannot claim a licence's chain first."
             }
         }
     }
@@ -667,6 +674,9 @@ pub enum Step {
     Flood(FloodStep),
     /// Make a machine's runtime present another machine's name and runtime id (an attack).
     Impersonate(ImpersonateStep),
+    /// A machine's runtime hands the witnesses receipts of another machine's licence, signed
+    /// with its own key, before the licence's owner sends any (an attack).
+    ClaimWitness(ClaimWitnessStep),
     /// Copy a machine's runtime state folder aside, as root can (an attack, with `state-restore`).
     StateSave(StateCopyStep),
     /// Put a saved copy of a machine's runtime state folder back (an attack: no snapshot, no
@@ -717,6 +727,7 @@ impl Step {
             Step::Wait(_) => "wait",
             Step::Flood(_) => "flood",
             Step::Impersonate(_) => "impersonate",
+            Step::ClaimWitness(_) => "claim-witness",
             Step::StateSave(_) => "state-save",
             Step::StateRestore(_) => "state-restore",
             Step::Expect(_) => "expect",
@@ -758,6 +769,7 @@ impl Step {
             Step::ServerStart(s) => vec![&s.machine],
             Step::Flood(f) => vec![&f.from, &f.to],
             Step::Impersonate(i) => vec![&i.machine, &i.victim],
+            Step::ClaimWitness(c) => vec![&c.machine, &c.victim],
             Step::UsbDetach(_)
             | Step::UsbipDetach(_)
             | Step::UsbipDisconnect(_)
@@ -780,7 +792,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 40] = [
+    pub const KEYWORDS: [&'static str; 41] = [
         "boot",
         "shutdown",
         "pause",
@@ -818,6 +830,7 @@ impl Step {
         "wait",
         "flood",
         "impersonate",
+        "claim-witness",
         "state-save",
         "state-restore",
         "expect",
@@ -1192,6 +1205,18 @@ pub struct ImpersonateStep {
 
 fn yes() -> bool {
     true
+}
+
+/// `claim-witness`: a machine claims another machine's licence at the witnesses first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClaimWitnessStep {
+    /// The claiming machine (its runtime must be linked to the victim's witness).
+    pub machine: Name,
+    /// The machine whose licence is claimed.
+    pub victim: Name,
+    /// The metered product whose soft licence on the victim is claimed.
+    pub product: ProductCode,
 }
 
 /// Most connections one `flood` step may open.

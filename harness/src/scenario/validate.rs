@@ -1341,6 +1341,27 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            Step::ClaimWitness(claim) => {
+                self.running(&claim.machine);
+                self.running(&claim.victim);
+                self.soft_product(&claim.product);
+                if self.servers.is_empty() {
+                    self.report(
+                        claim.machine.at,
+                        "no network server runs at this step to witness the claim",
+                        "no witness",
+                        Some("add `- server-start: { machine: <host> }` before this step".into()),
+                    );
+                }
+                if claim.machine.value == claim.victim.value {
+                    self.report(
+                        claim.victim.at,
+                        "a machine cannot claim its own licence",
+                        "same machine",
+                        None,
+                    );
+                }
+            }
             Step::Flood(flood) => {
                 self.machine(&flood.from);
                 if self.running(&flood.to).is_some() && !self.servers.contains(&flood.to.value) {

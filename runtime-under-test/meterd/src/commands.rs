@@ -58,6 +58,13 @@ pub enum MeterCommand {
     /// The runtime maker's tools: root keys and firm certificates.
     #[command(subcommand)]
     Root(crate::root_commands::RootCommand),
+    /// An attack the harness stages (harness builds only): hand the witnesses a receipt of
+    /// another machine's licence, signed with this runtime's key, before its owner sends any.
+    #[command(hide = true)]
+    ClaimWitness {
+        /// The licence id (`meter status` of its machine shows it).
+        licence: String,
+    },
     /// Dongles attached to this machine, reached directly (no meterd needed).
     #[command(subcommand)]
     Dongle(crate::dongle_probe::LocalDongleCommand),
@@ -171,6 +178,9 @@ pub async fn run(
             }
         }
         MeterCommand::Status => json_command(&socket, json_mode, LocalRequest::Status).await,
+        MeterCommand::ClaimWitness { licence } => {
+            json_command(&socket, json_mode, LocalRequest::ClaimWitness { licence }).await
+        }
         MeterCommand::List => json_command(&socket, json_mode, LocalRequest::List).await,
         MeterCommand::Servers(ServersCommand::Add { addr, pin }) => {
             ok_command(&socket, json_mode, LocalRequest::ServersAdd { addr, pin }).await

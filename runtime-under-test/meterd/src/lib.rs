@@ -42,4 +42,5 @@ pub mod vendor;
 pub mod vendor_files;
 pub mod weakened;
 pub mod witness;
+pub mod witness_claim;
 pub mod witness_exchange;

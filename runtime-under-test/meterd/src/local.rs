@@ -165,6 +165,15 @@ async fn handle(
                 error(format!("No server {addr} is configured"))
             }
         }
+        LocalRequest::ClaimWitness { licence } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may claim witnesses");
+            }
+            match runtime.claim_witness(&licence).await {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(e) => error(e.to_string()),
+            }
+        }
         LocalRequest::Trust { source_name, bytes } => {
             if !is_admin(uid) {
                 return error("Only an administrator may trust vendors");

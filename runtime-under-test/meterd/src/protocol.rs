@@ -37,6 +37,12 @@ pub enum LocalRequest {
         /// `addr:port`.
         addr: String,
     },
+    /// An attack (harness builds, administrators only): hand the witnesses receipts of another
+    /// machine's licence, signed with this runtime's key.
+    ClaimWitness {
+        /// The licence id.
+        licence: String,
+    },
     /// Trust a vendor: install its firm certificate.
     Trust {
         /// Where it came from (named in errors).
@@ -225,6 +231,8 @@ pub enum ToServer {
         request: u64,
         /// Licence id.
         licence: String,
+        /// The client's receipt public key (Ed25519): the chain of the licence signed with it.
+        key: [u8; 32],
         /// The first receipt wanted (0-based); the answer holds at most a frame's worth.
         from: u64,
     },

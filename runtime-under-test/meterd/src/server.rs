@@ -262,8 +262,9 @@ impl Station<'_> {
             ToServer::WitnessFetch {
                 request,
                 licence,
+                key,
                 from,
-            } => runtime.witness_chain_out(request, self.runtime_id, &licence, from),
+            } => runtime.witness_chain_out(request, self.runtime_id, &licence, &key, from),
             ToServer::Keepalive { seq } => FromServer::KeepaliveAck { seq },
             ToServer::Hello { .. } => return None,
         };

@@ -86,11 +86,14 @@ pub enum Defence {
     DongleRuntimeKey,
     /// Any linked server may reconcile a licence, not only the witness that keeps its chain.
     WitnessPinning,
+    /// A witness keeps a chain per licence and receipt key: no other runtime starts or blocks a
+    /// licence's chain.
+    WitnessChainKeys,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 35] = [
+    pub const ALL: [Defence; 36] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -126,6 +129,7 @@ impl Defence {
         Defence::TerminalServerRole,
         Defence::DongleRuntimeKey,
         Defence::WitnessPinning,
+        Defence::WitnessChainKeys,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -166,6 +170,7 @@ impl Defence {
             Defence::TerminalServerRole => "terminal-server-role",
             Defence::DongleRuntimeKey => "dongle-runtime-key",
             Defence::WitnessPinning => "witness-pinning",
+            Defence::WitnessChainKeys => "witness-chain-keys",
         }
     }
 }
@@ -266,6 +271,9 @@ impl Defence {
             }
             Defence::WitnessPinning => {
                 "any linked server may reconcile a licence: a reverted guest pointed at an empty server takes its empty chain as the truth"
+            }
+            Defence::WitnessChainKeys => {
+                "a witness keeps one chain per licence id, owned by the first runtime to send receipts for it: another machine that claims a licence first locks its owner out of the witness"
             }
         }
     }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::Change;
 
-/// Metadata key prefix of a witnessed chain (JSON).
+/// Metadata key prefix of a witnessed chain (JSON), followed by its chain id.
 const WITNESS_KEY_PREFIX: &str = "witness/";
 
 /// Receipts sent to a witness in one frame at most (frames are limited to 64 KiB).
@@ -17,9 +17,9 @@ pub(crate) const RECEIPTS_PER_FRAME: usize = 64;
 /// Most chains one client runtime may have witnessed.
 pub const MAX_CHAINS_PER_RUNTIME: usize = 64;
 
-/// One witnessed chain, the key its receipts must be signed with (the first key seen) and the
-/// client runtime it is witnessed for (the first to send receipts; chains kept before runtimes
-/// were recorded are bound to the next one).
+/// One witnessed chain, the key its receipts are signed with and the client runtime it is
+/// witnessed for (the first to send receipts; chains kept before runtimes were recorded are
+/// bound to the next one).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Witnessed {
     key: String,
@@ -35,22 +35,39 @@ pub struct WitnessRules {
     pub bind_to_runtime: bool,
     /// Keep at most [`MAX_CHAINS_PER_RUNTIME`] chains per runtime.
     pub limit_chains: bool,
+    /// Keep a chain per licence *and receipt key*, so receipts of a licence signed with another
+    /// key (another runtime's) start a chain of their own and never block or replace the
+    /// licence's own; without, a licence has one chain, owned by the first key and runtime.
+    pub key_chains: bool,
 }
 
-/// Chains this runtime witnesses, by licence id.
+impl WitnessRules {
+    /// The id a licence's chain signed with `key` is kept under.
+    fn chain_id(&self, licence: &str, key: &[u8; 32]) -> String {
+        if self.key_chains {
+            format!("{licence}/{}", hex::encode(key))
+        } else {
+            licence.to_owned()
+        }
+    }
+}
+
+/// Chains this runtime witnesses, by chain id (licence id and receipt key).
 #[derive(Debug, Default)]
 pub struct WitnessStore {
     chains: BTreeMap<String, Witnessed>,
 }
 
 impl WitnessStore {
-    /// Witnessed chains as the store holds them.
+    /// Witnessed chains as the store holds them (a chain stored under its licence id alone,
+    /// as older runtimes kept them, is taken as the chain of that licence and its key).
     pub fn load(meta: &BTreeMap<String, Vec<u8>>) -> Self {
         let chains = meta
             .iter()
             .filter_map(|(key, bytes)| {
                 let id = key.strip_prefix(WITNESS_KEY_PREFIX)?;
-                match serde_json::from_slice(bytes) {
+                match serde_json::from_slice::<Witnessed>(bytes) {
+                    Ok(chain) if !id.contains('/') => Some((format!("{id}/{}", chain.key), chain)),
                     Ok(chain) => Some((id.to_owned(), chain)),
                     Err(e) => {
                         tracing::error!(licence = id, error = %e, "Unreadable witnessed chain");
@@ -62,8 +79,9 @@ impl WitnessStore {
         WitnessStore { chains }
     }
 
-    /// Appends receipts to a licence's chain. Answers the head, and why a receipt was refused
-    /// (a fork, a gap, another key), with the change to store when something was added.
+    /// Appends receipts to the chain of a licence and key. Answers the head, and why a receipt
+    /// was refused (a fork, a gap, another runtime), with the change to store when something
+    /// was added.
     pub fn accept(
         &mut self,
         licence: &str,
@@ -72,14 +90,15 @@ impl WitnessStore {
         receipts: &[Receipt],
         rules: WitnessRules,
     ) -> (ChainHead, Option<String>, Option<Change>) {
+        let id = rules.chain_id(licence, &key);
         let verifier = match ReceiptVerifier::from_bytes(&key) {
             Ok(verifier) => verifier,
             Err(e) => {
-                let head = self.head(licence);
+                let head = self.head(licence, &id);
                 return (head, Some(e.to_string()), None);
             }
         };
-        if !self.chains.contains_key(licence)
+        if !self.chains.contains_key(&id)
             && rules.limit_chains
             && self
                 .chains
@@ -96,14 +115,11 @@ impl WitnessStore {
                 None,
             );
         }
-        let chain = self
-            .chains
-            .entry(licence.to_owned())
-            .or_insert_with(|| Witnessed {
-                key: hex::encode(key),
-                runtime: None,
-                log: WitnessLog::new(licence),
-            });
+        let chain = self.chains.entry(id.clone()).or_insert_with(|| Witnessed {
+            key: hex::encode(key),
+            runtime: None,
+            log: WitnessLog::new(licence),
+        });
         let mut newly_bound = false;
         if rules.bind_to_runtime {
             match &chain.runtime {
@@ -139,25 +155,31 @@ impl WitnessStore {
         let head = chain.log.head();
         let change = (head != before || newly_bound).then(|| {
             Change::PutMeta(
-                format!("{WITNESS_KEY_PREFIX}{licence}"),
+                format!("{WITNESS_KEY_PREFIX}{id}"),
                 serde_json::to_vec(chain).expect("witnessed chains always encode"),
             )
         });
         (head, refused, change)
     }
 
-    /// The witnessed chain of a licence, if any receipt of it was seen from `runtime` (with
-    /// `bind_to_runtime` off: from any runtime).
-    pub fn log(&self, licence: &str, runtime: &str, rules: WitnessRules) -> Option<WitnessLog> {
+    /// The witnessed chain of a licence signed with `key`, if any receipt of it was seen from
+    /// `runtime` (with `bind_to_runtime` off: from any runtime).
+    pub fn log(
+        &self,
+        licence: &str,
+        key: &[u8; 32],
+        runtime: &str,
+        rules: WitnessRules,
+    ) -> Option<WitnessLog> {
         self.chains
-            .get(licence)
+            .get(&rules.chain_id(licence, key))
             .filter(|c| !rules.bind_to_runtime || c.runtime.as_deref().is_none_or(|r| r == runtime))
             .map(|c| c.log.clone())
     }
 
-    fn head(&self, licence: &str) -> ChainHead {
+    fn head(&self, licence: &str, id: &str) -> ChainHead {
         self.chains
-            .get(licence)
+            .get(id)
             .map_or_else(|| WitnessLog::new(licence).head(), |c| c.log.head())
     }
 }
@@ -183,10 +205,69 @@ mod tests {
     const RULES: WitnessRules = WitnessRules {
         bind_to_runtime: true,
         limit_chains: true,
+        key_chains: true,
     };
 
     fn key() -> [u8; 32] {
         ReceiptSigner::from_bytes(&[7; 32]).verifier().to_bytes()
+    }
+
+    fn first_receipt(licence: &str, signer: &ReceiptSigner) -> Receipt {
+        let mut state = meter_core::rollback::MeteredState::new(
+            licence,
+            BTreeMap::from([(1, 10)]),
+            1_000,
+            None,
+        );
+        state.spend(1, 1, 1_000, None, signer).unwrap()
+    }
+
+    #[test]
+    fn a_licence_claimed_first_under_another_key_keeps_its_own_chain() {
+        let owner = ReceiptSigner::from_bytes(&[7; 32]);
+        let thief = ReceiptSigner::from_bytes(&[8; 32]);
+        let mut store = WitnessStore::default();
+        let claimed = first_receipt("L-1", &thief);
+        let (head, refused, _) = store.accept(
+            "L-1",
+            "thief",
+            thief.verifier().to_bytes(),
+            &[claimed],
+            RULES,
+        );
+        assert_eq!((head.seq, refused), (1, None));
+        let own = first_receipt("L-1", &owner);
+        let (head, refused, change) =
+            store.accept("L-1", "owner", key(), std::slice::from_ref(&own), RULES);
+        assert_eq!((head.seq, refused), (1, None));
+        assert!(change.is_some());
+        let log = store.log("L-1", &key(), "owner", RULES).unwrap();
+        assert_eq!(log.receipts, vec![own]);
+        // Reloaded from what was stored, the two chains stay apart.
+        let meta: BTreeMap<String, Vec<u8>> = match change.unwrap() {
+            Change::PutMeta(k, v) => BTreeMap::from([(k, v)]),
+            other => panic!("{other:?}"),
+        };
+        let reloaded = WitnessStore::load(&meta);
+        assert!(reloaded.log("L-1", &key(), "owner", RULES).is_some());
+
+        // With one chain per licence, the first key owns it and the licence's own is refused.
+        let weak = WitnessRules {
+            key_chains: false,
+            ..RULES
+        };
+        let mut store = WitnessStore::default();
+        let claimed = first_receipt("L-1", &thief);
+        store.accept(
+            "L-1",
+            "thief",
+            thief.verifier().to_bytes(),
+            &[claimed],
+            weak,
+        );
+        let (_, refused, _) =
+            store.accept("L-1", "owner", key(), &[first_receipt("L-1", &owner)], weak);
+        assert!(refused.is_some());
     }
 
     #[test]
@@ -200,13 +281,13 @@ mod tests {
             refused.as_deref(),
             Some("the licence is witnessed for another runtime")
         );
-        assert!(store.log("L-1", "r1", RULES).is_some());
-        assert!(store.log("L-1", "r2", RULES).is_none());
+        assert!(store.log("L-1", &key(), "r1", RULES).is_some());
+        assert!(store.log("L-1", &key(), "r2", RULES).is_none());
         let open = WitnessRules {
             bind_to_runtime: false,
-            limit_chains: true,
+            ..RULES
         };
-        assert!(store.log("L-1", "r2", open).is_some());
+        assert!(store.log("L-1", &key(), "r2", open).is_some());
     }
 
     #[test]

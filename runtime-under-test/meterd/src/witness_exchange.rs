@@ -56,12 +56,13 @@ impl Runtime {
         request: u64,
         runtime: &str,
         licence: &str,
+        key: &[u8; 32],
         from: u64,
     ) -> FromServer {
         let log = self
             .lock_licences()
             .witnesses
-            .log(licence, runtime, witness_rules());
+            .log(licence, key, runtime, witness_rules());
         let total = log.as_ref().map_or(0, |l| l.receipts.len() as u64);
         let log = log.map(|log| {
             let start = usize::try_from(from)
@@ -85,6 +86,7 @@ impl Runtime {
     /// The whole chain one witness holds for a licence, fetched page by page; `None` when the
     /// witness cannot be asked, an empty log when it has seen no receipt of the licence.
     async fn fetch_witnessed_chain(&self, server: &str, licence: &str) -> Option<WitnessLog> {
+        let key = self.lock_licences().verifier()?.to_bytes();
         let mut whole: Option<WitnessLog> = None;
         loop {
             let from = whole.as_ref().map_or(0, |l| l.receipts.len() as u64);
@@ -93,6 +95,7 @@ impl Runtime {
                 .ask(server, |request| ToServer::WitnessFetch {
                     request,
                     licence: licence.to_owned(),
+                    key,
                     from,
                 })
                 .await?;
@@ -147,7 +150,7 @@ impl Runtime {
 
     /// Waits up to [`WITNESS_LINK_WAIT`] for a configured server to link, as one does within
     /// moments of the daemon's start.
-    async fn wait_for_a_link(&self) {
+    pub(crate) async fn wait_for_a_link(&self) {
         let deadline = tokio::time::Instant::now() + WITNESS_LINK_WAIT;
         while self.remotes.connected().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -450,5 +453,6 @@ fn witness_rules() -> crate::witness::WitnessRules {
     crate::witness::WitnessRules {
         bind_to_runtime: !crate::weakened::is(crate::weakened::Defence::StationAuthentication),
         limit_chains: !crate::weakened::is(crate::weakened::Defence::ConnectionLimits),
+        key_chains: !crate::weakened::is(crate::weakened::Defence::WitnessChainKeys),
     }
 }
