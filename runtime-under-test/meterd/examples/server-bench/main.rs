@@ -2,7 +2,10 @@
 //!
 //! Run: `cargo run --release -p meterd --example server-bench` (writes reports/bench/server.json).
 //! With `-- --server-protocol-only [--levels 1,16,64]` it runs the server protocol levels alone and
-//! writes nothing.
+//! writes nothing. Built with `--features weakened` and run with `-- --owner-check`, it measures
+//! the cost of the owner check instead (reports/bench/owner-check.json; see `owner_check.rs`).
+
+mod owner_check;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -80,6 +83,17 @@ fn bench_root() -> RootKey {
 
 impl Machine {
     fn start(dir: PathBuf, name: &str, address: &str, extra: &[String]) -> anyhow::Result<Self> {
+        Self::start_with_env(dir, name, address, extra, &[])
+    }
+
+    /// Starts a daemon with extra environment variables (e.g. `METER_WEAKEN`).
+    fn start_with_env(
+        dir: PathBuf,
+        name: &str,
+        address: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("platform"))?;
         std::fs::write(
             dir.join("platform/machine.json"),
@@ -97,6 +111,7 @@ impl Machine {
             .args(extra)
             .env("METER_HARNESS_ROOT", bench_root().public().to_hex())
             .env("METER_LOG", "warn")
+            .envs(env.iter().copied())
             .stderr(Stdio::inherit())
             .spawn()?;
         let started = Instant::now();
@@ -129,6 +144,34 @@ impl Drop for Machine {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Trusts the bench's vendor on a daemon and installs the bench's licence there.
+async fn install_licence(
+    machine: &Machine,
+    certificate: &[u8],
+    licence_json: &str,
+) -> anyhow::Result<()> {
+    request(
+        &machine.socket(),
+        LocalRequest::Trust {
+            source_name: "bench.cert".into(),
+            bytes: certificate.to_vec(),
+        },
+    )
+    .await?;
+    match request(
+        &machine.socket(),
+        LocalRequest::InstallLicence {
+            source_name: "bench".into(),
+            bytes: licence_json.as_bytes().to_vec(),
+        },
+    )
+    .await?
+    {
+        LocalReply::Json(_) => Ok(()),
+        other => anyhow::bail!("Licence not installed: {other:?}"),
     }
 }
 
@@ -405,6 +448,10 @@ async fn bench() -> anyhow::Result<()> {
         .to_json()
         .into_bytes();
 
+    if std::env::args().any(|a| a == "--owner-check") {
+        return owner_check::run(work.path(), &certificate, &licence.to_json()).await;
+    }
+
     let server = Machine::start(
         work.path().join("server"),
         "server",
@@ -417,26 +464,7 @@ async fn bench() -> anyhow::Result<()> {
             (IDLE + 1000).to_string(),
         ],
     )?;
-    request(
-        &server.socket(),
-        LocalRequest::Trust {
-            source_name: "bench.cert".into(),
-            bytes: certificate.clone(),
-        },
-    )
-    .await?;
-    match request(
-        &server.socket(),
-        LocalRequest::InstallLicence {
-            source_name: "bench".into(),
-            bytes: licence.to_json().into_bytes(),
-        },
-    )
-    .await?
-    {
-        LocalReply::Json(_) => {}
-        other => anyhow::bail!("Licence not installed: {other:?}"),
-    }
+    install_licence(&server, &certificate, &licence.to_json()).await?;
     let status: serde_json::Value = match request(&server.socket(), LocalRequest::Status).await? {
         LocalReply::Json(text) => serde_json::from_str(&text)?,
         other => anyhow::bail!("{other:?}"),
