@@ -5,6 +5,7 @@
 //! clock, assertions) → [`backend`] (sim, qemu, libvirt behind one trait) → [`runtime`] (drives
 //! the runtime under test through its contract) → [`report`] (JSON, JUnit, Markdown).
 
+pub mod audit;
 pub mod backend;
 pub mod bench;
 pub mod capabilities;

@@ -56,6 +56,25 @@ enum Commands {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Audit a vendor's licence policy: run every threat of the catalogue that applies to each
+    /// product and print a threat × product matrix.
+    ///
+    /// The policy file holds `products:` exactly as a scenario's `policy:` does. Each cell is
+    /// *defended* (the runtime refused the attack), *allowed by your policy* (a policy field lets
+    /// it through: the vendor's choice), *UNDEFENDED* (a hole; exit code 1) or *n/a*. The matrix
+    /// is written as audit.json, audit.md and audit.html into the run's report folder.
+    ///
+    /// Example: `vigil audit my-policy.yaml` or `vigil audit --list-threats`.
+    Audit {
+        /// The policy file (`products:`).
+        #[arg(required_unless_present = "list_threats")]
+        policy: Option<PathBuf>,
+        /// Print the threats with what each proves, and run nothing.
+        #[arg(long)]
+        list_threats: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// Run every built-in scenario (optionally only those with a tag).
     Suite {
         /// Only scenarios with this tag (repeatable: any of them).
@@ -224,6 +243,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Commands::Scenario { scenarios, run } => {
             let loaded = engine::load_scenarios(&scenarios)?;
             let outcome = engine::run_scenarios(loaded, &run_options(run, cli.verbose))?;
+            Ok(ExitCode::from(outcome.exit_code()))
+        }
+        Commands::Audit {
+            policy,
+            list_threats,
+            run,
+        } => {
+            if list_threats {
+                print!("{}", vigil::audit::threat_list());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let path = anyhow::Context::context(policy, "a policy file is needed")?;
+            let policy = vigil::audit::load_policy(&path)?;
+            let outcome = vigil::audit::run(&policy, &run_options(run, cli.verbose))?;
+            println!("{}", outcome.matrix.markdown());
+            eprintln!(
+                "vigil: audit matrix in {}",
+                outcome.report_dir.join("audit.html").display()
+            );
             Ok(ExitCode::from(outcome.exit_code()))
         }
         Commands::Suite { tag, run } => {

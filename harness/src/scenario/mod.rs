@@ -72,6 +72,27 @@ pub fn parse_str(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
     }
 }
 
+/// Parses and validates a policy document on its own (`products:`, as under a scenario's
+/// `policy:`); `origin` names it in diagnostics.
+pub fn parse_policy(text: &str, origin: &str) -> Result<Policy, ScenarioError> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(ScenarioError::TooLarge {
+            path: origin.into(),
+            size: text.len() as u64,
+            max: MAX_FILE_BYTES,
+        });
+    }
+    let source = Source::new(origin, text);
+    let policy: Policy = serde_saphyr::from_str_with_options(text, syntax::options())
+        .map_err(|error| source.error(vec![syntax::problem(&error, &source)]))?;
+    let problems = validate::validate_policy(&policy, &source);
+    if problems.is_empty() {
+        Ok(policy)
+    } else {
+        Err(source.error(problems))
+    }
+}
+
 /// The built-in scenarios shipped in the binary.
 pub fn builtin() -> &'static [BuiltinScenario] {
     builtin::BUILTINS

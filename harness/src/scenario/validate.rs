@@ -76,6 +76,15 @@ pub(crate) fn validate(scenario: &Scenario, source: &Source) -> Vec<Problem> {
     problems
 }
 
+/// Checks a policy on its own (as `vigil audit` reads one): its products, as a scenario's.
+pub(crate) fn validate_policy(policy: &super::Policy, source: &Source) -> Vec<Problem> {
+    let mut checker = Checker::new(source);
+    checker.declare_policy(policy);
+    let mut problems = checker.problems;
+    problems.sort_by_key(|p| (p.at.line, p.at.column));
+    problems
+}
+
 struct Checker<'a> {
     source: &'a Source,
     problems: Vec<Problem>,
@@ -234,7 +243,11 @@ impl<'a> Checker<'a> {
     }
 
     fn declare_products(&mut self, scenario: &Scenario) {
-        if scenario.policy.products.is_empty() {
+        self.declare_policy(&scenario.policy);
+    }
+
+    fn declare_policy(&mut self, policy: &super::Policy) {
+        if policy.products.is_empty() {
             self.report(
                 Position::default(),
                 "the policy has no products",
@@ -243,7 +256,7 @@ impl<'a> Checker<'a> {
             );
         }
         let mut names: HashMap<&str, Position> = HashMap::new();
-        for product in &scenario.policy.products {
+        for product in &policy.products {
             let code = product.code.value;
             if self.products.contains_key(&code) {
                 self.report(
