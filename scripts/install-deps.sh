@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Vigil needs: QEMU 10 (bookworm-backports), busybox and a guest kernel
-# for images, redis for the benchmark baseline. Idempotent; run as root (CI and the runners are root).
+# for images, redis for the benchmark baseline, chromium for the report's browser check.
+# Idempotent; run as root (CI and the runners are root).
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -27,4 +28,6 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
 apt-get install -y -qq --no-install-recommends \
   busybox-static cpio kmod redis-server iproute2 procps >/dev/null
+# Headless Chromium renders report.html in a test (the page must load without console errors).
+apt-get install -y -qq --no-install-recommends chromium >/dev/null
 qemu-system-x86_64 --version | head -1

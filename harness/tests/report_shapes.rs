@@ -120,3 +120,44 @@ fn report_html_shape() {
     assert!(!html.contains("http"), "{html}");
     insta::assert_snapshot!(html);
 }
+
+#[test]
+fn junit_parses_in_standard_consumers_with_classnames_and_properties() {
+    let xml = junit_xml("20261127-120000-abcd", &events());
+    let report = quick_junit::Report::deserialize_from_str(&xml).unwrap();
+    assert_eq!(report.test_suites.len(), 2);
+    for suite in &report.test_suites {
+        let names: Vec<String> = suite
+            .properties
+            .iter()
+            .map(|p| format!("{}={}", p.name.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(names, ["backend=sim", "accelerator=none"]);
+        for case in &suite.test_cases {
+            assert_eq!(case.classname.as_deref(), Some(suite.name.as_str()));
+        }
+    }
+    // Python's standard library, as dashboards' import scripts read it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junit.xml");
+    std::fs::write(&path, &xml).unwrap();
+    let script = "import sys, xml.etree.ElementTree as ET\n\
+                  root = ET.parse(sys.argv[1]).getroot()\n\
+                  for case in root.iter('testcase'):\n    print(case.get('classname'))";
+    match std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .output()
+    {
+        Ok(out) => {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let classes = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(
+                classes.lines().collect::<Vec<_>>(),
+                ["clone-guest", "clone-guest", "user-limit"]
+            );
+        }
+        Err(e) => eprintln!("SKIPPED the Python reader: {e}"),
+    }
+}

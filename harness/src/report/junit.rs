@@ -1,6 +1,8 @@
-//! junit.xml: one test case per assertion, one suite per scenario.
+//! junit.xml: one test case per assertion (a failed step is an error case), one suite per
+//! scenario; every case's `classname` is its scenario, and each suite carries the run's backend
+//! and accelerator as properties.
 
-use quick_junit::{NonSuccessKind, Report, TestCase, TestCaseStatus, TestSuite};
+use quick_junit::{NonSuccessKind, Property, Report, TestCase, TestCaseStatus, TestSuite};
 
 use super::{Event, Verdict};
 
@@ -8,13 +10,29 @@ use super::{Event, Verdict};
 pub fn junit_xml(run_id: &str, events: &[Event]) -> String {
     let mut report = Report::new(format!("vigil-{run_id}"));
     let mut suite: Option<TestSuite> = None;
+    let mut scenario_name = String::new();
+    let mut properties: Vec<Property> = Vec::new();
     for event in events {
         match event {
+            Event::RunStarted {
+                backend,
+                environment,
+                ..
+            } => {
+                let accelerator = environment["accelerator"].as_str().unwrap_or("none");
+                properties = vec![
+                    Property::new("backend", backend.as_str()),
+                    Property::new("accelerator", accelerator),
+                ];
+            }
             Event::ScenarioStarted { scenario, .. } => {
                 if let Some(done) = suite.take() {
                     report.add_test_suite(done);
                 }
-                suite = Some(TestSuite::new(scenario.clone()));
+                let mut new = TestSuite::new(scenario.clone());
+                new.add_properties(properties.iter().cloned());
+                suite = Some(new);
+                scenario_name.clone_from(scenario);
             }
             Event::Assertion {
                 index,
@@ -36,6 +54,7 @@ pub fn junit_xml(run_id: &str, events: &[Event]) -> String {
                     }
                 };
                 let mut case = TestCase::new(format!("{index:03} {summary} (line {line})"), status);
+                case.set_classname(scenario_name.as_str());
                 case.set_time(std::time::Duration::from_secs_f64(elapsed_ms / 1000.0));
                 if let Some(s) = suite.as_mut() {
                     s.add_test_case(case);
@@ -57,7 +76,8 @@ pub fn junit_xml(run_id: &str, events: &[Event]) -> String {
                 let mut status = TestCaseStatus::non_success(kind);
                 status.set_message(message.clone().unwrap_or_default());
                 status.set_type("step");
-                let case = TestCase::new(format!("{index:03} {summary} (line {line})"), status);
+                let mut case = TestCase::new(format!("{index:03} {summary} (line {line})"), status);
+                case.set_classname(scenario_name.as_str());
                 if let Some(s) = suite.as_mut() {
                     s.add_test_case(case);
                 }
