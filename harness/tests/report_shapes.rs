@@ -1,6 +1,8 @@
 //! The shapes of summary.md, junit.xml, report.json and report.html, pinned with insta.
 
-use vigil::report::{Event, Verdict, junit_xml, report_html, summary_markdown, write_reports};
+use vigil::report::{
+    Event, StepAnswer, Verdict, junit_xml, report_html, summary_markdown, write_reports,
+};
 
 fn events() -> Vec<Event> {
     vec![
@@ -20,6 +22,8 @@ fn events() -> Vec<Event> {
             line: 14,
             summary: "boot: vm1".into(),
             machines: vec!["vm1".into()],
+            answers: vec![],
+            power: [("vm1".to_string(), "running".to_string())].into(),
             elapsed_ms: 120.0,
             verdict: Verdict::Pass,
             message: None,
@@ -30,7 +34,26 @@ fn events() -> Vec<Event> {
             line: 15,
             summary: "advance: 1h".into(),
             machines: vec![],
+            answers: vec![],
+            power: [("vm1".to_string(), "running".to_string())].into(),
             elapsed_ms: 20.0,
+            verdict: Verdict::Pass,
+            message: None,
+        },
+        Event::Step {
+            scenario: "clone-guest".into(),
+            index: 3,
+            line: 16,
+            summary: "start-app: {as: app2, machine: vm1, product: 1001}".into(),
+            machines: vec!["vm1".into()],
+            answers: vec![StepAnswer {
+                product: 1001,
+                name: "app2".into(),
+                granted: false,
+                reason: Some("licence-corrupt".into()),
+            }],
+            power: [("vm1".to_string(), "paused".to_string())].into(),
+            elapsed_ms: 30.0,
             verdict: Verdict::Pass,
             message: None,
         },
@@ -73,6 +96,8 @@ fn events() -> Vec<Event> {
             line: 12,
             summary: "boot: ws1".into(),
             machines: vec!["ws1".into()],
+            answers: vec![],
+            power: Default::default(),
             elapsed_ms: 10000.0,
             verdict: Verdict::Error,
             message: Some("Timed out after 10s waiting for meterd".into()),
@@ -151,7 +176,11 @@ fn junit_parses_in_standard_consumers_with_classnames_and_properties() {
         .output()
     {
         Ok(out) => {
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let classes = String::from_utf8(out.stdout).unwrap();
             assert_eq!(
                 classes.lines().collect::<Vec<_>>(),

@@ -12,7 +12,7 @@ use crate::backend::{
     UsbMode,
 };
 use crate::identity::{IdentityMint, cpu_profile};
-use crate::report::{Event, Verdict};
+use crate::report::{Event, StepAnswer, Verdict};
 use crate::runtime::policy::PolicyDocument;
 use crate::runtime::{self, AccessAnswer, VendorDesk};
 use crate::scenario::{self as sc, Scenario, Step};
@@ -227,12 +227,28 @@ impl World {
                 Ok(()) => (Verdict::Pass, None),
                 Err(e) => (verdict_of(e), Some(self.diagnose(e))),
             };
+            let answers = if result.is_ok() {
+                self.answers_of(&located.value)
+            } else {
+                Vec::new()
+            };
+            let power = self
+                .backend
+                .machines()
+                .into_iter()
+                .filter_map(|m| {
+                    let state = self.backend.power(&m).ok()?;
+                    Some((m, state.name().to_owned()))
+                })
+                .collect();
             emit(Event::Step {
                 scenario: self.name.clone(),
                 index,
                 line,
                 summary: summary.clone(),
                 machines,
+                answers,
+                power,
                 elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
                 verdict,
                 message: message.clone(),
@@ -255,6 +271,47 @@ impl World {
 
     /// Counts, for each product a `holders` assertion watches, the apps holding it now (granted,
     /// not revoked, still running) and keeps the peak.
+    /// What the runtime answered the app, access or named activation `step` started.
+    fn answers_of(&self, step: &Step) -> Vec<StepAnswer> {
+        let (name, product, answer) = match step {
+            Step::StartApp(s) => (
+                s.name.value.clone(),
+                s.product.value,
+                self.apps.get(&s.name.value).and_then(|a| a.answer.as_ref()),
+            ),
+            Step::Access(a) => {
+                let name = a
+                    .name
+                    .as_ref()
+                    .map(|n| n.value.clone())
+                    .unwrap_or_else(|| format!("access-{}", a.product.value));
+                let answer = self.probes.get(&name);
+                (name, a.product.value, answer)
+            }
+            Step::Activate(a) => match &a.name {
+                Some(name) => (
+                    name.value.clone(),
+                    a.product.value,
+                    self.probes.get(&name.value),
+                ),
+                None => return Vec::new(),
+            },
+            _ => return Vec::new(),
+        };
+        answer
+            .map(|answer| StepAnswer {
+                product,
+                name,
+                granted: matches!(answer, AccessAnswer::Granted { .. }),
+                reason: match answer {
+                    AccessAnswer::Denied { reason, .. } => Some(reason.clone()),
+                    AccessAnswer::Granted { .. } => None,
+                },
+            })
+            .into_iter()
+            .collect()
+    }
+
     pub(super) fn count_holders(&mut self) -> Result<(), BackendError> {
         if self.peak_holders.is_empty() {
             return Ok(());

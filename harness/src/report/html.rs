@@ -1,10 +1,12 @@
 //! report.html: a self-contained page of a run (inline CSS and SVG, no script, no network): the
-//! verdicts, and per scenario a timeline (a lane per machine, one for world-wide steps, one for
-//! checks) and a table of what each step and check did.
+//! verdicts, and per scenario a timeline (a lane per machine shaded by its power state, one for
+//! world-wide steps, one per product with its grants and denials, one for checks), links to each
+//! machine's logs, and a table of what each step and check did.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::{Event, Verdict, scenario_results};
+use super::{Event, StepAnswer, Verdict, scenario_results};
 
 /// Width of a timeline's drawing area, in SVG units.
 const TIMELINE_WIDTH: f64 = 900.0;
@@ -76,6 +78,7 @@ pub fn report_html(run_id: &str, events: &[Event], logs: &str) -> String {
             let _ = writeln!(out, "<p class=\"error\">{}</p>", escape(error));
         }
         out.push_str(&timeline_svg(&marks));
+        out.push_str(&log_links(&marks, logs, &r.name));
         out.push_str(&marks_table(&marks));
         out.push_str("</section>\n");
     }
@@ -90,6 +93,10 @@ struct Mark<'a> {
     check: bool,
     /// The machines a step acted on (none for checks and world-wide steps).
     machines: &'a [String],
+    /// What the runtime answered the app, access or activation the step started.
+    answers: &'a [StepAnswer],
+    /// Every machine's power state after the step (empty for checks).
+    power: Option<&'a BTreeMap<String, String>>,
     summary: &'a str,
     start_ms: f64,
     elapsed_ms: f64,
@@ -109,6 +116,8 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 line,
                 summary,
                 machines,
+                answers,
+                power,
                 elapsed_ms,
                 verdict,
                 message,
@@ -117,6 +126,8 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 line: *line,
                 check: false,
                 machines,
+                answers,
+                power: Some(power),
                 summary,
                 start_ms: at,
                 elapsed_ms: *elapsed_ms,
@@ -137,6 +148,8 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 line: *line,
                 check: true,
                 machines: &[],
+                answers: &[],
+                power: None,
                 summary,
                 start_ms: at,
                 elapsed_ms: *elapsed_ms,
@@ -168,23 +181,42 @@ const WORLD: &str = "world";
 /// The lane of checks (`expect`).
 const CHECKS: &str = "checks";
 
-/// One lane per machine (in the order the scenario first acts on them), then world-wide steps,
-/// then checks, on one time axis; each mark a bar (at least a tick wide) whose tooltip names it.
-fn timeline_svg(marks: &[Mark<'_>]) -> String {
-    let mut lanes: Vec<&str> = Vec::new();
+/// The lane of a product's grants and denials.
+fn product_lane(product: u32) -> String {
+    format!("product {product}")
+}
+
+/// The machines a scenario acts on, in the order it first does.
+fn machines_in<'a>(marks: &[Mark<'a>]) -> Vec<&'a str> {
+    let mut machines: Vec<&str> = Vec::new();
     for mark in marks.iter().filter(|m| !m.check) {
-        for lane in lanes_of(mark) {
-            if !lanes.contains(&lane) {
-                lanes.push(lane);
+        for machine in mark.machines {
+            if !machines.contains(&machine.as_str()) {
+                machines.push(machine);
             }
         }
     }
-    if let Some(world) = lanes.iter().position(|l| *l == WORLD) {
-        // World-wide steps go below the machines.
-        let lane = lanes.remove(world);
-        lanes.push(lane);
+    machines
+}
+
+/// One lane per machine (in the order the scenario first acts on them, shaded by its power
+/// state), then world-wide steps, one lane per product (a dot per grant, a cross per denial),
+/// then checks, on one time axis; each mark a bar (at least a tick wide) whose tooltip names it.
+fn timeline_svg(marks: &[Mark<'_>]) -> String {
+    let machines = machines_in(marks);
+    let mut lanes: Vec<String> = machines.iter().map(|m| (*m).to_owned()).collect();
+    if marks.iter().any(|m| !m.check && m.machines.is_empty()) {
+        lanes.push(WORLD.to_owned());
     }
-    lanes.push(CHECKS);
+    let mut products: Vec<u32> = marks
+        .iter()
+        .flat_map(|m| m.answers.iter().map(|a| a.product))
+        .collect();
+    products.sort_unstable();
+    products.dedup();
+    lanes.extend(products.iter().map(|p| product_lane(*p)));
+    lanes.push(CHECKS.to_owned());
+    let row_of = |lane: &str| lanes.iter().position(|l| l == lane).unwrap_or(0) as f64;
     let total_ms = marks
         .iter()
         .map(|m| m.start_ms + m.elapsed_ms.max(0.0))
@@ -213,11 +245,66 @@ fn timeline_svg(marks: &[Mark<'_>]) -> String {
             y + LANE_HEIGHT - 2.0,
         );
     }
+    // Power states: each machine's state after a step shades its lane until the next step.
+    let mut state: BTreeMap<&str, &str> = BTreeMap::new();
+    for mark in marks {
+        let x = LANE_LABEL_WIDTH + mark.start_ms * scale;
+        let w = (mark.elapsed_ms.max(0.0) * scale).max(0.5);
+        for machine in &machines {
+            let Some(power) = state.get(machine) else {
+                continue;
+            };
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" class=\"power-{}\">\
+                 <title>{} {}</title></rect>",
+                row_of(machine) * LANE_HEIGHT + 1.0,
+                LANE_HEIGHT - 4.0,
+                power_class(power),
+                escape(machine),
+                escape(power),
+            );
+        }
+        if let Some(power) = mark.power {
+            for (machine, power) in power {
+                state.insert(machine.as_str(), power.as_str());
+            }
+        }
+    }
     for mark in marks {
         let x = LANE_LABEL_WIDTH + mark.start_ms * scale;
         let w = (mark.elapsed_ms.max(0.0) * scale).max(2.0);
+        for answer in mark.answers {
+            let cx = x + w;
+            let cy = row_of(&product_lane(answer.product)) * LANE_HEIGHT + LANE_HEIGHT / 2.0 - 1.0;
+            let what = match &answer.reason {
+                None => format!("{} granted", answer.name),
+                Some(reason) => format!("{} denied ({reason})", answer.name),
+            };
+            let shape = if answer.granted {
+                format!("<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"5\" class=\"granted\">")
+            } else {
+                format!(
+                    "<path d=\"M{:.1} {:.1} l10 10 m0 -10 l-10 10\" class=\"denied\">",
+                    cx - 5.0,
+                    cy - 5.0
+                )
+            };
+            let end = if answer.granted {
+                "</circle>"
+            } else {
+                "</path>"
+            };
+            let _ = writeln!(
+                svg,
+                "{shape}<title>{} line {}: {}</title>{end}",
+                mark.index,
+                mark.line,
+                escape(&what)
+            );
+        }
         for lane in lanes_of(mark) {
-            let row = lanes.iter().position(|l| *l == lane).unwrap_or(0) as f64;
+            let row = row_of(lane);
             let _ = writeln!(
                 svg,
                 "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" class=\"{}\">\
@@ -245,6 +332,35 @@ fn timeline_svg(marks: &[Mark<'_>]) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// The CSS class of a power state's shading.
+fn power_class(power: &str) -> &'static str {
+    match power {
+        "running" => "running",
+        "paused" => "paused",
+        _ => "off",
+    }
+}
+
+/// Links to the log folder of every machine the scenario acted on.
+fn log_links(marks: &[Mark<'_>], logs: &str, scenario: &str) -> String {
+    let machines = machines_in(marks);
+    if machines.is_empty() {
+        return String::new();
+    }
+    let links: Vec<String> = machines
+        .iter()
+        .map(|m| {
+            format!(
+                "<a href=\"{logs}/{scenario}/{machine}/\">{machine}</a>",
+                logs = escape(logs),
+                scenario = escape(scenario),
+                machine = escape(m)
+            )
+        })
+        .collect();
+    format!("<p class=\"logs\">Logs: {}</p>\n", links.join(" · "))
 }
 
 /// The steps and checks of a scenario as a table, with what went wrong.
@@ -321,6 +437,11 @@ td.num { text-align: right; }
 .verdict { font-size: 0.7em; border: 1px solid currentColor; padding: 0.1em 0.4em; }
 svg.timeline text { font-size: 11px; fill: #555; }
 svg.timeline .rule { stroke: #ddd; }
+svg.timeline .power-running { fill: #e3f2e3; }
+svg.timeline .power-paused { fill: #fff1bf; }
+svg.timeline .power-off { fill: #eeeeee; }
+svg.timeline .granted { fill: #2e7d32; }
+svg.timeline .denied { stroke: #c62828; stroke-width: 2.5; fill: none; }
 section { margin-top: 2em; }
 ";
 

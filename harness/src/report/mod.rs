@@ -82,6 +82,12 @@ pub enum Event {
         /// The machines it acted on (none for world-wide steps such as `advance`).
         #[serde(skip_serializing_if = "Vec::is_empty")]
         machines: Vec<String>,
+        /// What the runtime answered the app, access or activation the step started.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        answers: Vec<StepAnswer>,
+        /// Every machine's power state after the step (`running`, `paused`, `off`).
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        power: std::collections::BTreeMap<String, String>,
         /// Time taken, milliseconds.
         elapsed_ms: f64,
         /// Pass, or why not.
@@ -123,6 +129,20 @@ pub enum Event {
         /// Why it errored, if it did.
         error: Option<String>,
     },
+}
+
+/// What the runtime answered an app, access or activation a step started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepAnswer {
+    /// The product asked for.
+    pub product: u32,
+    /// The app's or access's name in the scenario.
+    pub name: String,
+    /// Granted or denied.
+    pub granted: bool,
+    /// The reason of a denial.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Receives events as they happen.
