@@ -87,6 +87,12 @@ fn the_sample_policy_is_defended_where_it_forbids_and_allowed_where_it_allows() 
         ("terminal-server-sessions", 1006, "not-applicable"),
         ("dongle-in-vm", 2001, "defended"),
         ("dongle-in-vm", 1001, "not-applicable"),
+        ("dongle-in-vm", 2002, "allowed-by-policy"),
+        ("snapshot-revert", 1003, "defended"),
+        ("local-licence-network", 1008, "defended"),
+        ("spoofed-station", 1007, "defended"),
+        ("partition", 1001, "defended"),
+        ("dongle-shared", 2002, "defended"),
     ];
     for (threat, product, label) in expected {
         assert_eq!(
@@ -123,6 +129,9 @@ fn a_weakened_runtime_turns_cells_undefended() {
     assert_eq!(code, Some(1));
     assert_eq!(cell(&matrix, "vm-activation", 1002), "undefended");
     assert_eq!(cell(&matrix, "dongle-in-vm", 2001), "undefended");
+    let (code, matrix) = audit(Some((dir.path(), "station-authentication")));
+    assert_eq!(code, Some(1));
+    assert_eq!(cell(&matrix, "spoofed-station", 1007), "undefended");
 }
 
 #[test]

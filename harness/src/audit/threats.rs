@@ -77,6 +77,12 @@ pub static THREATS: &[Threat] = &[
         plan: plan_state_restore_unwitnessed,
     },
     Threat {
+        name: "snapshot-revert",
+        proves: "reverting a guest to a snapshot taken before units were spent regains no unit",
+        template: template!("snapshot-revert"),
+        plan: plan_snapshot_revert,
+    },
+    Threat {
         name: "crash",
         proves: "a crashed app's licence is released at once, not held for ever",
         template: template!("crash"),
@@ -93,6 +99,30 @@ pub static THREATS: &[Threat] = &[
         proves: "a terminal server's sessions are counted one station each: no more users than seats",
         template: template!("terminal-server-sessions"),
         plan: plan_terminal_server,
+    },
+    Threat {
+        name: "local-licence-network",
+        proves: "a local single-user licence (quantity 0) is never served over the network",
+        template: template!("local-licence-network"),
+        plan: plan_local_licence_network,
+    },
+    Threat {
+        name: "spoofed-station",
+        proves: "a machine presenting another's name and runtime id to the server shares no seat",
+        template: template!("spoofed-station"),
+        plan: plan_spoofed_station,
+    },
+    Threat {
+        name: "partition",
+        proves: "a client cut off longer than the keepalive window loses its seat before another takes it: never two holders",
+        template: template!("partition"),
+        plan: plan_partition,
+    },
+    Threat {
+        name: "dongle-shared",
+        proves: "a dongle shared by two machines at once serves neither",
+        template: template!("dongle-shared"),
+        plan: plan_dongle_shared,
     },
     Threat {
         name: "dongle-in-vm",
@@ -230,6 +260,12 @@ fn metered(product: &Product) -> Result<u64, Plan> {
 }
 
 fn plan_state_restore(product: &Product) -> Plan {
+    rolled_back(product, "ws1")
+}
+
+/// Three units spent, the state rolled back on `machine`, one more asked for: locked
+/// (`on-rollback: lock`), or reconciled with the witness so no unit comes back.
+fn rolled_back(product: &Product, machine: &str) -> Plan {
     let units = match metered(product) {
         Ok(units) => units,
         Err(plan) => return plan,
@@ -237,9 +273,9 @@ fn plan_state_restore(product: &Product) -> Plan {
     let code = product.code.value;
     match product.on_rollback {
         RollbackPolicy::Lock => refused("denied: attack, reason: rollback-detected"),
-        // Reconciled: the three spent before the restore stay spent, the attack's one too.
+        // Reconciled: the three spent before the rollback stay spent, the attack's one too.
         RollbackPolicy::Reconcile => refused(format!(
-            "units: {{ machine: ws1, product: {code}, left: {} }}",
+            "units: {{ machine: {machine}, product: {code}, left: {} }}",
             units - UNITS_SPENT
         )),
     }
@@ -258,6 +294,73 @@ fn plan_state_restore_unwitnessed(product: &Product) -> Plan {
             format!("units: {{ machine: ws1, product: {code}, left: {units} }}"),
         ),
     }
+}
+
+fn plan_snapshot_revert(product: &Product) -> Plan {
+    if let Some(plan) = soft_in_guests(product) {
+        return plan;
+    }
+    rolled_back(product, "vm1")
+}
+
+fn plan_local_licence_network(product: &Product) -> Plan {
+    if product.container != Container::Soft {
+        return not_applicable("not a soft licence");
+    }
+    if product.quantity != 0 {
+        return not_applicable("not a local licence (quantity 0)");
+    }
+    refused("denied: attack, reason: local-licence-remote")
+}
+
+/// A network licence whose only seat the template hands from one machine to another.
+fn one_network_seat(product: &Product) -> Option<Plan> {
+    if product.container != Container::Soft {
+        return Some(not_applicable("not a soft licence"));
+    }
+    if product.counting == Counting::NoCount {
+        return Some(not_applicable("not counted"));
+    }
+    if product.quantity != 1 {
+        return Some(not_applicable(format!(
+            "quantity {} (the template hands over one seat: quantity 1)",
+            product.quantity
+        )));
+    }
+    if product.units.is_some() {
+        return Some(not_applicable("metered: units are spent locally"));
+    }
+    None
+}
+
+fn plan_spoofed_station(product: &Product) -> Plan {
+    if let Some(plan) = one_network_seat(product) {
+        return plan;
+    }
+    if product.counting != Counting::StationShare {
+        return not_applicable("counted per access, not per station");
+    }
+    refused("denied: attack, reason: station-refused")
+}
+
+fn plan_partition(product: &Product) -> Plan {
+    if let Some(plan) = one_network_seat(product) {
+        return plan;
+    }
+    let code = product.code.value;
+    refused(format!("holders: {{ product: {code}, at-most: 1 }}"))
+}
+
+fn plan_dongle_shared(product: &Product) -> Plan {
+    if product.container != Container::Dongle {
+        return not_applicable("not a dongle licence");
+    }
+    if product.virtual_machines == Permission::Deny {
+        return not_applicable(
+            "virtual-machines: deny keeps the dongle off guests (see dongle-in-vm)",
+        );
+    }
+    refused("denied: attack, reason: dongle-shared")
 }
 
 fn plan_crash(product: &Product) -> Plan {
