@@ -33,6 +33,8 @@ pub(super) struct AppRecord {
     pub product: u32,
     pub answer: Option<AccessAnswer>,
     pub killed_at: Option<Instant>,
+    /// Seen exited or revoked: it holds nothing any more.
+    pub gone: bool,
 }
 
 /// Result of running one scenario.
@@ -220,8 +222,12 @@ impl World {
             let summary = describe_step(&located.value);
             let machines = self.machines_of(&located.value);
             let mut result = self.step(&located.value);
+            let mut holding = BTreeMap::new();
             if result.is_ok() {
-                result = self.count_holders();
+                match self.count_holders() {
+                    Ok(now) => holding = now,
+                    Err(e) => result = Err(e),
+                }
             }
             let (verdict, message) = match &result {
                 Ok(()) => (Verdict::Pass, None),
@@ -248,6 +254,7 @@ impl World {
                 summary: summary.clone(),
                 machines,
                 answers,
+                holding,
                 power,
                 elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
                 verdict,
@@ -312,33 +319,34 @@ impl World {
             .collect()
     }
 
-    pub(super) fn count_holders(&mut self) -> Result<(), BackendError> {
-        if self.peak_holders.is_empty() {
-            return Ok(());
-        }
+    /// How many of the scenario's apps hold each product now (granted, running, not told it
+    /// lost the licence), for every product an app was ever granted; keeps the peaks the
+    /// `holders` assertions check. An app seen ended or revoked is not asked again.
+    pub(super) fn count_holders(&mut self) -> Result<BTreeMap<u32, u32>, BackendError> {
         let mut now: BTreeMap<u32, u32> = BTreeMap::new();
-        let candidates: Vec<(String, u32)> = self
-            .apps
-            .iter()
-            .filter(|(_, app)| {
-                self.peak_holders.contains_key(&app.product)
-                    && app.killed_at.is_none()
-                    && matches!(app.answer, Some(AccessAnswer::Granted { .. }))
-            })
-            .map(|(name, app)| (name.clone(), app.product))
-            .collect();
-        for (app, product) in candidates {
-            if self.backend.app_status(&app)? != crate::backend::AppStatus::Running {
+        let mut candidates = Vec::new();
+        for (name, app) in &self.apps {
+            if !matches!(app.answer, Some(AccessAnswer::Granted { .. })) {
                 continue;
             }
-            if runtime::revocation_in(&self.backend.app_output(&app)?).is_none() {
+            now.entry(app.product).or_default();
+            if app.killed_at.is_none() && !app.gone {
+                candidates.push((name.clone(), app.product));
+            }
+        }
+        for (app, product) in candidates {
+            let holds = self.backend.app_status(&app)? == crate::backend::AppStatus::Running
+                && runtime::revocation_in(&self.backend.app_output(&app)?).is_none();
+            if holds {
                 *now.entry(product).or_default() += 1;
+            } else if let Some(record) = self.apps.get_mut(&app) {
+                record.gone = true;
             }
         }
         for (product, peak) in &mut self.peak_holders {
             *peak = (*peak).max(now.get(product).copied().unwrap_or(0));
         }
-        Ok(())
+        Ok(now)
     }
 
     /// Stops every machine and process of the world.
@@ -1065,6 +1073,7 @@ impl World {
                 product,
                 answer: Some(answer),
                 killed_at: None,
+                gone: false,
             },
         );
         Ok(())

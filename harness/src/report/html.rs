@@ -97,6 +97,8 @@ struct Mark<'a> {
     answers: &'a [StepAnswer],
     /// Every machine's power state after the step (empty for checks).
     power: Option<&'a BTreeMap<String, String>>,
+    /// How many of the scenario's apps hold each product after the step (none for checks).
+    holding: Option<&'a BTreeMap<u32, u32>>,
     summary: &'a str,
     start_ms: f64,
     elapsed_ms: f64,
@@ -117,6 +119,7 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 summary,
                 machines,
                 answers,
+                holding,
                 power,
                 elapsed_ms,
                 verdict,
@@ -128,6 +131,7 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 machines,
                 answers,
                 power: Some(power),
+                holding: Some(holding),
                 summary,
                 start_ms: at,
                 elapsed_ms: *elapsed_ms,
@@ -150,6 +154,7 @@ fn marks_of<'a>(events: &'a [Event], scenario: &str) -> Vec<Mark<'a>> {
                 machines: &[],
                 answers: &[],
                 power: None,
+                holding: None,
                 summary,
                 start_ms: at,
                 elapsed_ms: *elapsed_ms,
@@ -210,7 +215,12 @@ fn timeline_svg(marks: &[Mark<'_>]) -> String {
     }
     let mut products: Vec<u32> = marks
         .iter()
-        .flat_map(|m| m.answers.iter().map(|a| a.product))
+        .flat_map(|m| {
+            m.answers
+                .iter()
+                .map(|a| a.product)
+                .chain(m.holding.into_iter().flat_map(|h| h.keys().copied()))
+        })
         .collect();
     products.sort_unstable();
     products.dedup();
@@ -270,6 +280,14 @@ fn timeline_svg(marks: &[Mark<'_>]) -> String {
                 state.insert(machine.as_str(), power.as_str());
             }
         }
+    }
+    for product in &products {
+        svg.push_str(&holding_line(
+            marks,
+            *product,
+            row_of(&product_lane(*product)),
+            scale,
+        ));
     }
     for mark in marks {
         let x = LANE_LABEL_WIDTH + mark.start_ms * scale;
@@ -332,6 +350,49 @@ fn timeline_svg(marks: &[Mark<'_>]) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// A step line of how many apps hold `product` over time, in its lane (`row`), with the count
+/// written where it changes.
+fn holding_line(marks: &[Mark<'_>], product: u32, row: f64, scale: f64) -> String {
+    let peak = marks
+        .iter()
+        .filter_map(|m| m.holding.and_then(|h| h.get(&product)))
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let bottom = row * LANE_HEIGHT + LANE_HEIGHT - 3.0;
+    let y = |count: u32| bottom - f64::from(count) * (LANE_HEIGHT - 8.0) / f64::from(peak);
+    let mut count = 0;
+    let mut points = vec![format!("{LANE_LABEL_WIDTH:.1},{:.1}", y(0))];
+    let mut labels = String::new();
+    for mark in marks {
+        let Some(now) = mark.holding.map(|h| h.get(&product).copied().unwrap_or(0)) else {
+            continue;
+        };
+        if now != count {
+            let x = LANE_LABEL_WIDTH + (mark.start_ms + mark.elapsed_ms.max(0.0)) * scale;
+            points.push(format!("{x:.1},{:.1}", y(count)));
+            points.push(format!("{x:.1},{:.1}", y(now)));
+            let _ = write!(
+                labels,
+                "<text x=\"{:.1}\" y=\"{:.1}\" class=\"count\">{now}</text>",
+                x + 2.0,
+                y(now) - 1.0
+            );
+            count = now;
+        }
+    }
+    points.push(format!(
+        "{:.1},{:.1}",
+        LANE_LABEL_WIDTH + TIMELINE_WIDTH,
+        y(count)
+    ));
+    format!(
+        "<polyline points=\"{}\" class=\"holding\"><title>apps holding product {product}</title></polyline>{labels}\n",
+        points.join(" ")
+    )
 }
 
 /// The CSS class of a power state's shading.
@@ -441,6 +502,8 @@ svg.timeline .power-running { fill: #e3f2e3; }
 svg.timeline .power-paused { fill: #fff1bf; }
 svg.timeline .power-off { fill: #eeeeee; }
 svg.timeline .granted { fill: #2e7d32; }
+svg.timeline .holding { fill: none; stroke: #1565c0; stroke-width: 1.5; }
+svg.timeline text.count { font-size: 9px; fill: #1565c0; }
 svg.timeline .denied { stroke: #c62828; stroke-width: 2.5; fill: none; }
 section { margin-top: 2em; }
 ";

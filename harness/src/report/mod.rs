@@ -85,6 +85,10 @@ pub enum Event {
         /// What the runtime answered the app, access or activation the step started.
         #[serde(skip_serializing_if = "Vec::is_empty")]
         answers: Vec<StepAnswer>,
+        /// How many of the scenario's apps hold each product after the step (for every product
+        /// an app was granted so far).
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        holding: std::collections::BTreeMap<u32, u32>,
         /// Every machine's power state after the step (`running`, `paused`, `off`).
         #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         power: std::collections::BTreeMap<String, String>,
