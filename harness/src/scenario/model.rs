@@ -1268,6 +1268,12 @@ pub enum Reason {
     GrantLimitReached,
     /// A `witness: required` item was asked for with no witness vouching for its units.
     WitnessUnreachable,
+    /// An access rule of the runtime's administrator refuses the requester.
+    RuleDenied,
+    /// The requester holds as many seats as an access rule allows.
+    RuleMaxReached,
+    /// The free seats are reserved by access rules for others.
+    ReservedForOthers,
 }
 
 impl Reason {
@@ -1295,6 +1301,9 @@ impl Reason {
             Reason::StationRefused => "station-refused",
             Reason::GrantLimitReached => "grant-limit-reached",
             Reason::WitnessUnreachable => "witness-unreachable",
+            Reason::RuleDenied => "rule-denied",
+            Reason::RuleMaxReached => "rule-max-reached",
+            Reason::ReservedForOthers => "reserved-for-others",
         }
     }
 }
@@ -1713,7 +1722,7 @@ pub(crate) fn reason_codes() -> String {
 }
 
 /// Every reason code of the runtime contract.
-pub const ALL_REASONS: [Reason; 21] = [
+pub const ALL_REASONS: [Reason; 24] = [
     Reason::QuantityExhausted,
     Reason::UnknownProduct,
     Reason::LicenceCorrupt,
@@ -1735,6 +1744,9 @@ pub const ALL_REASONS: [Reason; 21] = [
     Reason::StationRefused,
     Reason::GrantLimitReached,
     Reason::WitnessUnreachable,
+    Reason::RuleDenied,
+    Reason::RuleMaxReached,
+    Reason::ReservedForOthers,
 ];
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Sans-IO licence logic of the meter reference runtime.
 
+pub mod access_rules;
 pub mod activation;
 pub mod allocation;
 pub mod binding;

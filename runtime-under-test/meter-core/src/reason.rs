@@ -55,11 +55,17 @@ pub enum Reason {
     /// A metered item whose vendor requires a witness was asked for with no witness vouching
     /// for its receipts.
     WitnessUnreachable,
+    /// An access rule of the runtime's administrator refuses this requester.
+    RuleDenied,
+    /// The requester's user, group or machine holds as many seats as an access rule allows.
+    RuleMaxReached,
+    /// The free seats are reserved by access rules for others.
+    ReservedForOthers,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 25] = [
         Reason::QuantityExhausted,
         Reason::UnknownProduct,
         Reason::LicenceCorrupt,
@@ -82,6 +88,9 @@ impl Reason {
         Reason::StationRefused,
         Reason::GrantLimitReached,
         Reason::WitnessUnreachable,
+        Reason::RuleDenied,
+        Reason::RuleMaxReached,
+        Reason::ReservedForOthers,
     ];
 
     /// The kebab-case code used in JSON output.
@@ -109,6 +118,9 @@ impl Reason {
             Reason::StationRefused => "station-refused",
             Reason::GrantLimitReached => "grant-limit-reached",
             Reason::WitnessUnreachable => "witness-unreachable",
+            Reason::RuleDenied => "rule-denied",
+            Reason::RuleMaxReached => "rule-max-reached",
+            Reason::ReservedForOthers => "reserved-for-others",
         }
     }
 
@@ -145,6 +157,9 @@ impl Reason {
             Reason::WitnessUnreachable => {
                 "The vendor requires a witness for this licence's units and none vouches for them"
             }
+            Reason::RuleDenied => "An access rule of this licence server refuses you",
+            Reason::RuleMaxReached => "You hold as many of these licences as an access rule allows",
+            Reason::ReservedForOthers => "The free licences are reserved for others",
         }
     }
 }
