@@ -65,6 +65,7 @@ steps:
   - flood: { from: vm1, to: host-a, connections: 10 }
   - impersonate: { machine: vm2, as: vm1, runtime-id: false }
   - claim-witness: { machine: vm2, victim: vm1, product: 1001 }
+  - rules: { machine: vm2, rules: { rules: [{ who: { user: mallory }, action: deny }] } }
   - advance: 1h30m
   - set-clock: { machine: vm1, skew: -2h }
   - replace-part: { machine: host-b, part: nic }

@@ -667,6 +667,27 @@ impl World {
                 self.backend
                     .impersonate(&i.machine.value, &i.victim.value, runtime_id.as_deref())
             }
+            Step::Rules(r) => {
+                let text = serde_json::to_vec(&r.rules).expect("a JSON map always encodes");
+                let path = self
+                    .backend
+                    .put_file(&r.machine.value, "rules.json", &text)?;
+                let args = vec!["rules".to_string(), "apply".to_string(), path];
+                let (code, answer) = runtime::meter_json(
+                    self.backend.as_mut(),
+                    &r.machine.value,
+                    Caller::Admin,
+                    &args,
+                )?;
+                if code == Some(0) {
+                    Ok(())
+                } else {
+                    Err(BackendError::Runtime {
+                        machine: r.machine.value.clone(),
+                        message: format!("`meter rules apply` refused the rules: {answer}"),
+                    })
+                }
+            }
             Step::ClaimWitness(c) => {
                 self.claim_witness(&c.machine.value, &c.victim.value, c.product.value)
             }

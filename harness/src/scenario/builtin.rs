@@ -58,6 +58,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("crash-release"),
     builtin!("holder-release"),
     builtin!("holder-other-user"),
+    builtin!("access-rules"),
     builtin!("server-keepalive"),
     builtin!("partition-short"),
     builtin!("partition-reset"),

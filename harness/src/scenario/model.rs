@@ -425,11 +425,13 @@ pub enum Defence {
     WitnessPinning,
     /// A witness keeps a chain per licence and receipt key: no other runtime starts or blocks it.
     WitnessChainKeys,
+    /// The administrator's access rules (exclusions, include lists, caps, reservations) hold.
+    AccessRules,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 36] = [
+    pub const ALL: [Defence; 37] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -466,6 +468,7 @@ impl Defence {
         Defence::DongleRuntimeKey,
         Defence::WitnessPinning,
         Defence::WitnessChainKeys,
+        Defence::AccessRules,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -507,6 +510,7 @@ impl Defence {
             Defence::DongleRuntimeKey => "dongle-runtime-key",
             Defence::WitnessPinning => "witness-pinning",
             Defence::WitnessChainKeys => "witness-chain-keys",
+            Defence::AccessRules => "access-rules",
         }
     }
 
@@ -590,6 +594,9 @@ impl Defence {
             }
             Defence::WitnessChainKeys => {
                 "A witness keeps a chain per licence and receipt key: another machine cannot claim a licence's chain first."
+            }
+            Defence::AccessRules => {
+                "The administrator's access rules hold: excluded users, caps per user or group, reservations."
             }
         }
     }
@@ -677,6 +684,8 @@ pub enum Step {
     /// A machine's runtime hands the witnesses receipts of another machine's licence, signed
     /// with its own key, before the licence's owner sends any (an attack).
     ClaimWitness(ClaimWitnessStep),
+    /// Put the administrator's access rules in force on a machine's runtime.
+    Rules(RulesStep),
     /// Copy a machine's runtime state folder aside, as root can (an attack, with `state-restore`).
     StateSave(StateCopyStep),
     /// Put a saved copy of a machine's runtime state folder back (an attack: no snapshot, no
@@ -728,6 +737,7 @@ impl Step {
             Step::Flood(_) => "flood",
             Step::Impersonate(_) => "impersonate",
             Step::ClaimWitness(_) => "claim-witness",
+            Step::Rules(_) => "rules",
             Step::StateSave(_) => "state-save",
             Step::StateRestore(_) => "state-restore",
             Step::Expect(_) => "expect",
@@ -770,6 +780,7 @@ impl Step {
             Step::Flood(f) => vec![&f.from, &f.to],
             Step::Impersonate(i) => vec![&i.machine, &i.victim],
             Step::ClaimWitness(c) => vec![&c.machine, &c.victim],
+            Step::Rules(r) => vec![&r.machine],
             Step::UsbDetach(_)
             | Step::UsbipDetach(_)
             | Step::UsbipDisconnect(_)
@@ -792,7 +803,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 41] = [
+    pub const KEYWORDS: [&'static str; 42] = [
         "boot",
         "shutdown",
         "pause",
@@ -831,6 +842,7 @@ impl Step {
         "flood",
         "impersonate",
         "claim-witness",
+        "rules",
         "state-save",
         "state-restore",
         "expect",
@@ -1205,6 +1217,17 @@ pub struct ImpersonateStep {
 
 fn yes() -> bool {
     true
+}
+
+/// `rules`: the administrator's access rules on a machine's runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RulesStep {
+    /// The machine whose runtime gets them (a network server's rules govern its clients too).
+    pub machine: Name,
+    /// The rules document, as `meter rules apply` takes it (docs/runtime-contract.md, Access
+    /// rules): `groups`, `rules`, `default`.
+    pub rules: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `claim-witness`: a machine claims another machine's licence at the witnesses first.

@@ -1354,6 +1354,9 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            Step::Rules(r) => {
+                self.running(&r.machine);
+            }
             Step::ClaimWitness(claim) => {
                 self.running(&claim.machine);
                 self.running(&claim.victim);

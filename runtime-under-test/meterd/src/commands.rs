@@ -58,6 +58,9 @@ pub enum MeterCommand {
     /// The runtime maker's tools: root keys and firm certificates.
     #[command(subcommand)]
     Root(crate::root_commands::RootCommand),
+    /// Access rules of this runtime: who may use which product, reservations and caps.
+    #[command(subcommand)]
+    Rules(RulesCommand),
     /// An attack the harness stages (harness builds only): hand the witnesses a receipt of
     /// another machine's licence, signed with this runtime's key, before its owner sends any.
     #[command(hide = true)]
@@ -86,6 +89,19 @@ pub enum ServersCommand {
         /// `addr:port` of the server.
         addr: String,
     },
+}
+
+/// `meter rules` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Put a rules document (YAML; see docs/runtime-contract.md, Access rules) in force,
+    /// replacing the one before; an empty document lifts every rule. Administrators only.
+    Apply {
+        /// The rules file.
+        file: PathBuf,
+    },
+    /// Show the rules in force.
+    Show,
 }
 
 /// `meter activate` subcommands.
@@ -178,6 +194,19 @@ pub async fn run(
             }
         }
         MeterCommand::Status => json_command(&socket, json_mode, LocalRequest::Status).await,
+        MeterCommand::Rules(RulesCommand::Apply { file }) => {
+            let bytes = read_file(&file)?;
+            let source_name = file.display().to_string();
+            json_command(
+                &socket,
+                json_mode,
+                LocalRequest::RulesApply { source_name, bytes },
+            )
+            .await
+        }
+        MeterCommand::Rules(RulesCommand::Show) => {
+            json_command(&socket, json_mode, LocalRequest::RulesShow).await
+        }
         MeterCommand::ClaimWitness { licence } => {
             json_command(&socket, json_mode, LocalRequest::ClaimWitness { licence }).await
         }

@@ -261,6 +261,8 @@ pub struct Runtime {
     observations: MachineObservations,
     /// Whether the machine is a terminal server, from its table and its live login sessions.
     pub(crate) role_judge: crate::machine_role::MachineRoleJudge,
+    /// The administrator's access rules.
+    access: Mutex<crate::access_control::AccessControl>,
 }
 
 /// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
@@ -318,6 +320,7 @@ impl Runtime {
             .unwrap_or(1);
         let mut licences = crate::licences::Licences::new(settings.state_dir.join("trust"));
         licences.load_meta(&snapshot.meta);
+        let access = crate::access_control::AccessControl::load(&snapshot.meta);
         let mut state = State {
             table: AllocationTable::new(),
             next_handle,
@@ -425,7 +428,12 @@ impl Runtime {
             dongles: crate::dongles::Dongles::new(),
             observations: MachineObservations::default(),
             role_judge: Default::default(),
+            access: Mutex::new(access),
         }))
+    }
+
+    pub(crate) fn lock_access(&self) -> MutexGuard<'_, crate::access_control::AccessControl> {
+        self.access.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -563,28 +571,34 @@ impl Runtime {
                 granted_at: now,
                 table_handle: None,
             };
-            let recorded = state
-                .table
-                .access(record.access_request(), now)
-                .and_then(|grant| {
-                    match grant.units_left {
-                        Some(units) => match self.record_unit_spent(&grant.container, key, now) {
-                            Ok(use_record) => Ok((grant, Some(use_record))),
-                            Err(reason) => {
-                                // The use could not be recorded (a rollback sign locked the licence
-                                // meanwhile): no grant, and the unit goes back.
-                                let _ = state.table.release(grant.handle);
-                                let _ = state.table.set_units_left(
-                                    &grant.container,
-                                    key,
-                                    Some(units + 1),
-                                );
-                                Err(reason)
-                            }
-                        },
-                        None => Ok((grant, None)),
-                    }
-                });
+            let refusal = if crate::weakened::is(crate::weakened::Defence::AccessRules) {
+                // Weakened: the administrator's rules are never asked.
+                None
+            } else {
+                self.rules_refusal(&state, key, caller)
+            };
+            let recorded = match refusal {
+                Some(reason) => Err(reason),
+                None => state.table.access(record.access_request(), now),
+            }
+            .and_then(|grant| {
+                match grant.units_left {
+                    Some(units) => match self.record_unit_spent(&grant.container, key, now) {
+                        Ok(use_record) => Ok((grant, Some(use_record))),
+                        Err(reason) => {
+                            // The use could not be recorded (a rollback sign locked the licence
+                            // meanwhile): no grant, and the unit goes back.
+                            let _ = state.table.release(grant.handle);
+                            let _ =
+                                state
+                                    .table
+                                    .set_units_left(&grant.container, key, Some(units + 1));
+                            Err(reason)
+                        }
+                    },
+                    None => Ok((grant, None)),
+                }
+            });
             let step = match recorded {
                 Ok((grant, use_record)) => {
                     record.table_handle = Some(grant.handle);

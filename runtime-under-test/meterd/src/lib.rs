@@ -1,5 +1,7 @@
 //! The meter reference licence runtime: the daemon `meterd` and the command-line tool `meter`.
 
+pub mod access_checks;
+pub mod access_control;
 pub mod activation;
 pub mod activation_commands;
 pub mod cli;

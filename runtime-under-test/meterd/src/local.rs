@@ -165,6 +165,16 @@ async fn handle(
                 error(format!("No server {addr} is configured"))
             }
         }
+        LocalRequest::RulesApply { source_name, bytes } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may set access rules");
+            }
+            match runtime.apply_rules(&source_name, &bytes).await {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(message) => error(message),
+            }
+        }
+        LocalRequest::RulesShow => LocalReply::Json(runtime.rules_json().to_string()),
         LocalRequest::ClaimWitness { licence } => {
             if !is_admin(uid) {
                 return error("Only an administrator may claim witnesses");

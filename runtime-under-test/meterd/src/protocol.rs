@@ -37,6 +37,15 @@ pub enum LocalRequest {
         /// `addr:port`.
         addr: String,
     },
+    /// Put access rules in force (administrators only).
+    RulesApply {
+        /// Where they came from (named in errors).
+        source_name: String,
+        /// The rules document (YAML or JSON).
+        bytes: Vec<u8>,
+    },
+    /// Show the access rules in force.
+    RulesShow,
     /// An attack (harness builds, administrators only): hand the witnesses receipts of another
     /// machine's licence, signed with this runtime's key.
     ClaimWitness {

@@ -89,11 +89,13 @@ pub enum Defence {
     /// A witness keeps a chain per licence and receipt key: no other runtime starts or blocks a
     /// licence's chain.
     WitnessChainKeys,
+    /// The administrator's access rules (deny, include lists, caps, reservations) are enforced.
+    AccessRules,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 36] = [
+    pub const ALL: [Defence; 37] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -130,6 +132,7 @@ impl Defence {
         Defence::DongleRuntimeKey,
         Defence::WitnessPinning,
         Defence::WitnessChainKeys,
+        Defence::AccessRules,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -171,6 +174,7 @@ impl Defence {
             Defence::DongleRuntimeKey => "dongle-runtime-key",
             Defence::WitnessPinning => "witness-pinning",
             Defence::WitnessChainKeys => "witness-chain-keys",
+            Defence::AccessRules => "access-rules",
         }
     }
 }
@@ -274,6 +278,9 @@ impl Defence {
             }
             Defence::WitnessChainKeys => {
                 "a witness keeps one chain per licence id, owned by the first runtime to send receipts for it: another machine that claims a licence first locks its owner out of the witness"
+            }
+            Defence::AccessRules => {
+                "access rules are kept and shown but never asked: excluded users, caps and reservations change nothing"
             }
         }
     }

@@ -48,6 +48,14 @@ impl Accounts {
         uids.insert(user.to_string(), uid);
         Ok(uid)
     }
+
+    /// Every account so far, as the lines of a passwd file.
+    pub fn passwd(&self) -> String {
+        let uids = self.uids.lock().unwrap_or_else(|e| e.into_inner());
+        uids.iter()
+            .map(|(name, uid)| format!("{name}:x:{uid}:{uid}:{name}:/tmp:/bin/sh\n"))
+            .collect()
+    }
 }
 
 #[cfg(test)]

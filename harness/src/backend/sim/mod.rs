@@ -281,6 +281,9 @@ impl SimDriver {
             .run_logs(machine)
             .join(format!("session-{session}.log"));
         let uid = self.fabric.accounts.uid(spec.user())?;
+        // The simulated machine's accounts, where its runtime looks users up.
+        let passwd = self.machine(machine)?.platform().join("passwd");
+        write_atomic(&passwd, self.fabric.accounts.passwd().as_bytes())?;
         let leader = LeaderHandle::start(&self.config.harness_exe, &log, login, uid)?;
         let m = self.machine_mut(machine)?;
         if login {

@@ -81,12 +81,23 @@ pub trait Platform: Send + Sync + std::fmt::Debug {
     fn now_ms(&self) -> Result<u64, PlatformError>;
     /// What the session with this id is, if the session table knows it.
     fn session(&self, session_id: u32) -> Result<Option<SessionInfo>, PlatformError>;
+    /// The name of the user account `uid`, if the machine has one.
+    fn user_name(&self, uid: u32) -> Result<Option<String>, PlatformError>;
     /// Dongles attached to the machine.
     fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError>;
     /// Where [`Platform::usb_endpoints`] looks, for messages.
     fn usb_scanned(&self) -> String;
     /// Human-readable description (`host` or `sim:<dir>`).
     fn describe(&self) -> String;
+}
+
+/// The name of `uid` in a passwd-format text (`name:x:uid:gid:…`).
+pub(crate) fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
 }
 
 pub(crate) fn read_to_string(path: &Path) -> Result<String, PlatformError> {

@@ -301,6 +301,11 @@ impl Platform for HostPlatform {
         Ok(self.session_table()?.remove(&session_id))
     }
 
+    fn user_name(&self, uid: u32) -> Result<Option<String>, PlatformError> {
+        let passwd = read_optional(&self.path("/etc/passwd"))?.unwrap_or_default();
+        Ok(super::facts::passwd_name(&passwd, uid))
+    }
+
     fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError> {
         list_hidraw_dongles(&self.path(HIDRAW_CLASS), &self.path("/dev"))
     }

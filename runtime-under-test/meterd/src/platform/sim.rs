@@ -334,6 +334,12 @@ impl Platform for SimPlatform {
         Ok(self.session_table()?.get(&session_id).cloned())
     }
 
+    /// The simulated machine's accounts: `passwd` in the platform folder (absent: none).
+    fn user_name(&self, uid: u32) -> Result<Option<String>, PlatformError> {
+        let passwd = read_optional(&self.dir.join("passwd"))?.unwrap_or_default();
+        Ok(super::facts::passwd_name(&passwd, uid))
+    }
+
     fn usb_endpoints(&self) -> Result<Vec<UsbEndpoint>, PlatformError> {
         self.look(
             |c| &mut c.usb,

@@ -1,0 +1,121 @@
+//! The daemon's side of access rules: putting a document in force (`meter rules apply`),
+//! showing it, and asking it before a local access takes a licence.
+
+use std::sync::Arc;
+
+use meter_core::access_rules::{AccessRules, Requester, Seat};
+use meter_core::allocation::ProductKey;
+use meter_core::policy::Counting;
+use meter_core::reason::Reason;
+use meter_core::station::SessionKind;
+use serde_json::{Value, json};
+
+use crate::daemon::{Caller, GrantRecord, Holder, Runtime, State};
+use crate::protocol::WireSession;
+use crate::store;
+
+impl Runtime {
+    /// Puts a rules document (YAML or JSON) in force; an empty one lifts every rule.
+    pub async fn apply_rules(
+        self: &Arc<Self>,
+        source_name: &str,
+        bytes: &[u8],
+    ) -> Result<Value, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| format!("{source_name} is not text"))?;
+        let rules = AccessRules::from_yaml(text).map_err(|e| {
+            format!(
+                "Rules {source_name} refused: {}",
+                crate::licences::error_chain(&e)
+            )
+        })?;
+        let count = rules.rules.len();
+        let change = self.lock_access().apply(rules);
+        store::wait(self.store.submit(vec![change]))
+            .await
+            .map_err(|e| format!("Rules not recorded: {e}"))?;
+        tracing::info!(source = source_name, rules = count, "Access rules in force");
+        Ok(json!({"applied": true, "rules": count}))
+    }
+
+    /// The rules in force (`null` when none).
+    pub fn rules_json(&self) -> Value {
+        json!({"rules": self.lock_access().rules()})
+    }
+
+    /// Why the rules refuse `caller` a licence of `key` now, if they do.
+    pub(crate) fn rules_refusal(
+        &self,
+        state: &State,
+        key: ProductKey,
+        caller: &Caller,
+    ) -> Option<Reason> {
+        let mut access = self.lock_access();
+        let rules = access.rules()?.clone();
+        let items: Vec<_> = state
+            .table
+            .items()
+            .into_iter()
+            .filter(|v| v.entry.product == key)
+            .collect();
+        let quantity: u32 = items
+            .iter()
+            .map(|v| v.entry.rules.quantity)
+            .fold(0, u32::saturating_add);
+        let counting = items.first().map(|v| v.entry.rules.counting);
+        let held_here =
+            |record: &GrantRecord| record.product == key && record.station == caller.station;
+        let takes_seat = match counting {
+            Some(Counting::UserLimit) => true,
+            Some(Counting::StationShare) => !state.grants.values().any(held_here),
+            Some(Counting::NoCount) | None => false,
+        };
+        let mut look_up =
+            |uid: u32| access.user_name(uid, |uid| self.platform.user_name(uid).ok().flatten());
+        let address = self.platform.address().ok().flatten();
+        let requester = Requester {
+            user: look_up(caller.uid),
+            machine: caller.station.machine.clone(),
+            address,
+            client_name: match &caller.session {
+                SessionKind::Rdp { client_name, .. } => Some(client_name.clone()),
+                _ => None,
+            },
+        };
+        // One seat per grant (user-limit) or per station (station-share).
+        let mut seen_stations = std::collections::BTreeSet::new();
+        let holders: Vec<Requester> = state
+            .grants
+            .values()
+            .filter(|g| g.product == key)
+            .filter(|g| {
+                counting != Some(Counting::StationShare) || seen_stations.insert(g.station.clone())
+            })
+            .map(|g| Requester {
+                user: match g.holder {
+                    Holder::Local { uid, .. } => look_up(uid),
+                    Holder::Remote { .. } => None,
+                },
+                machine: g.station.machine.clone(),
+                address: None,
+                client_name: match &g.session {
+                    WireSession::Rdp { client_name, .. } => Some(client_name.clone()),
+                    _ => None,
+                },
+            })
+            .collect();
+        let seats: Vec<Seat<'_>> = holders.iter().map(|holder| Seat { holder }).collect();
+        match rules.check(key, &requester, quantity, &seats, takes_seat) {
+            Ok(()) => None,
+            Err(denial) => {
+                tracing::info!(
+                    product = %key,
+                    user = requester.user.as_deref().unwrap_or("?"),
+                    rule = ?denial.rule,
+                    why = %denial.why,
+                    "Access rule refused a licence"
+                );
+                Some(denial.reason)
+            }
+        }
+    }
+}
