@@ -130,6 +130,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::holder_release("holder-release")]
 #[case::holder_other_user("holder-other-user")]
 #[case::access_rules("access-rules")]
+#[case::access_rules_network("access-rules-network")]
 #[case::server_keepalive("server-keepalive")]
 #[case::partition_short("partition-short")]
 #[case::partition_reset("partition-reset")]

@@ -59,6 +59,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("holder-release"),
     builtin!("holder-other-user"),
     builtin!("access-rules"),
+    builtin!("access-rules-network"),
     builtin!("server-keepalive"),
     builtin!("partition-short"),
     builtin!("partition-reset"),

@@ -1,5 +1,5 @@
 //! The daemon's side of access rules: putting a document in force (`meter rules apply`),
-//! showing it, and asking it before a local access takes a licence.
+//! showing it, and asking it before a local or a client runtime's access takes a licence.
 
 use std::sync::Arc;
 
@@ -7,11 +7,11 @@ use meter_core::access_rules::{AccessRules, Requester, Seat};
 use meter_core::allocation::ProductKey;
 use meter_core::policy::Counting;
 use meter_core::reason::Reason;
-use meter_core::station::SessionKind;
+use meter_core::station::{SessionKind, StationId};
 use serde_json::{Value, json};
 
 use crate::daemon::{Caller, GrantRecord, Holder, Runtime, State};
-use crate::protocol::WireSession;
+use crate::protocol::{Claim, WireSession};
 use crate::store;
 
 impl Runtime {
@@ -37,20 +37,66 @@ impl Runtime {
         Ok(json!({"applied": true, "rules": count}))
     }
 
+    /// The account name of `uid` on this machine (looked up once).
+    pub(crate) fn user_of(&self, uid: u32) -> Option<String> {
+        self.lock_access()
+            .user_name(uid, |uid| self.platform.user_name(uid).ok().flatten())
+    }
+
     /// The rules in force (`null` when none).
     pub fn rules_json(&self) -> Value {
         json!({"rules": self.lock_access().rules()})
     }
 
-    /// Why the rules refuse `caller` a licence of `key` now, if they do.
+    /// Why the rules refuse the local process `caller` a licence of `key` now, if they do.
     pub(crate) fn rules_refusal(
         &self,
         state: &State,
         key: ProductKey,
         caller: &Caller,
     ) -> Option<Reason> {
-        let mut access = self.lock_access();
-        let rules = access.rules()?.clone();
+        self.lock_access().rules()?;
+        let requester = Requester {
+            user: self.user_of(caller.uid),
+            machine: caller.station.machine.clone(),
+            address: self.platform.address().ok().flatten(),
+            client_name: match &caller.session {
+                SessionKind::Rdp { client_name, .. } => Some(client_name.clone()),
+                _ => None,
+            },
+        };
+        self.refusal_for(state, key, &requester, &caller.station)
+    }
+
+    /// Why the rules refuse a client runtime's access `claim` from `peer`, if they do.
+    pub(crate) fn remote_rules_refusal(
+        &self,
+        state: &State,
+        claim: &Claim,
+        peer: &str,
+    ) -> Option<Reason> {
+        self.lock_access().rules()?;
+        let requester = Requester {
+            user: claim.user.clone(),
+            machine: claim.station.machine.clone(),
+            address: peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()),
+            client_name: match &claim.session {
+                WireSession::Rdp { client_name, .. } => Some(client_name.clone()),
+                _ => None,
+            },
+        };
+        self.refusal_for(state, claim.product, &requester, &claim.station)
+    }
+
+    /// Why the rules refuse `requester` a licence of `key` for `station` now, if they do.
+    fn refusal_for(
+        &self,
+        state: &State,
+        key: ProductKey,
+        requester: &Requester,
+        station: &StationId,
+    ) -> Option<Reason> {
+        let rules = self.lock_access().rules()?.clone();
         let items: Vec<_> = state
             .table
             .items()
@@ -62,38 +108,25 @@ impl Runtime {
             .map(|v| v.entry.rules.quantity)
             .fold(0, u32::saturating_add);
         let counting = items.first().map(|v| v.entry.rules.counting);
-        let held_here =
-            |record: &GrantRecord| record.product == key && record.station == caller.station;
+        let held_here = |record: &GrantRecord| record.product == key && record.station == *station;
         let takes_seat = match counting {
             Some(Counting::UserLimit) => true,
             Some(Counting::StationShare) => !state.grants.values().any(held_here),
             Some(Counting::NoCount) | None => false,
         };
-        let mut look_up =
-            |uid: u32| access.user_name(uid, |uid| self.platform.user_name(uid).ok().flatten());
-        let address = self.platform.address().ok().flatten();
-        let requester = Requester {
-            user: look_up(caller.uid),
-            machine: caller.station.machine.clone(),
-            address,
-            client_name: match &caller.session {
-                SessionKind::Rdp { client_name, .. } => Some(client_name.clone()),
-                _ => None,
-            },
-        };
         // One seat per grant (user-limit) or per station (station-share).
         let mut seen_stations = std::collections::BTreeSet::new();
         let holders: Vec<Requester> = state
             .grants
-            .values()
-            .filter(|g| g.product == key)
-            .filter(|g| {
+            .iter()
+            .filter(|(_, g)| g.product == key)
+            .filter(|(_, g)| {
                 counting != Some(Counting::StationShare) || seen_stations.insert(g.station.clone())
             })
-            .map(|g| Requester {
+            .map(|(handle, g)| Requester {
                 user: match g.holder {
-                    Holder::Local { uid, .. } => look_up(uid),
-                    Holder::Remote { .. } => None,
+                    Holder::Local { uid, .. } => self.user_of(uid),
+                    Holder::Remote { .. } => state.remote_users.get(handle).cloned(),
                 },
                 machine: g.station.machine.clone(),
                 address: None,
@@ -104,7 +137,7 @@ impl Runtime {
             })
             .collect();
         let seats: Vec<Seat<'_>> = holders.iter().map(|holder| Seat { holder }).collect();
-        match rules.check(key, &requester, quantity, &seats, takes_seat) {
+        match rules.check(key, requester, quantity, &seats, takes_seat) {
             Ok(()) => None,
             Err(denial) => {
                 tracing::info!(

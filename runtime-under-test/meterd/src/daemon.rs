@@ -155,6 +155,8 @@ pub(crate) struct State {
     pub(crate) stations: StationRegistry,
     /// Live remote grants per client runtime and product.
     remote_grants: HashMap<(String, ProductKey), u32>,
+    /// The users client runtimes named for their live grants (access rules count by user).
+    pub(crate) remote_users: HashMap<u64, String>,
 }
 
 impl State {
@@ -179,6 +181,7 @@ impl State {
 
     /// Forgets a grant (and its count).
     pub(crate) fn remove_grant(&mut self, handle: u64) -> Option<GrantRecord> {
+        self.remote_users.remove(&handle);
         let record = self.grants.remove(&handle)?;
         self.uncount(&record);
         Some(record)
@@ -685,6 +688,7 @@ impl Runtime {
             return reply_denied(local_denial);
         }
         // Not grantable here: forward to the network servers.
+        let user = self.user_of(caller.uid);
         let claim = Claim {
             client_handle,
             product: key,
@@ -692,6 +696,7 @@ impl Runtime {
             session: WireSession::from(&caller.session),
             role: caller.role,
             guest: caller.guest,
+            user,
         };
         match self.remotes.access(claim.clone()).await {
             Ok(forwarded) => {

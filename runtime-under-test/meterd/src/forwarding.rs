@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use meter_core::reason::Reason;
 
-use crate::daemon::{Runtime, Via, encode_record};
+use crate::daemon::{Holder, Runtime, Via, encode_record};
 use crate::protocol::Claim;
 use crate::store::{self, Change};
 
@@ -73,6 +73,10 @@ impl Runtime {
                     session: g.session.clone(),
                     role: g.role,
                     guest: g.guest,
+                    user: match g.holder {
+                        Holder::Local { uid, .. } => self.user_of(uid),
+                        Holder::Remote { .. } => None,
+                    },
                 }),
                 _ => None,
             })

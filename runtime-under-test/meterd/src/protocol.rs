@@ -190,6 +190,9 @@ pub struct Claim {
     pub role: MachineRole,
     /// True when the client machine is a virtual machine.
     pub guest: bool,
+    /// The user the app runs as, as the client runtime knows it (access rules name users).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// A frame from a client runtime to a network server.
@@ -342,6 +345,7 @@ mod tests {
             },
             role: MachineRole::TerminalServer,
             guest: true,
+            user: None,
         };
         let message = ToServer::Access { request: 1, claim };
         let bytes = frame::encode(&message).unwrap();

@@ -248,6 +248,9 @@ impl Runtime {
             }
         }
         state.insert_grant(handle, record);
+        if let Some(user) = &claim.user {
+            state.remote_users.insert(handle, user.clone());
+        }
         Ok((handle, container, grant.container.class))
     }
 
@@ -288,8 +291,16 @@ impl Runtime {
                     };
                 }
             }
-            self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes)
-                .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
+            let refusal = if crate::weakened::is(crate::weakened::Defence::AccessRules) {
+                None
+            } else {
+                self.remote_rules_refusal(&state, &claim, peer)
+            };
+            match refusal {
+                Some(reason) => Err(reason),
+                None => self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes),
+            }
+            .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
         };
         drop(announced);
         match outcome {

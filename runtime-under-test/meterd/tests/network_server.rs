@@ -346,6 +346,7 @@ fn access(machine: &str, request: u64, code: u32) -> ToServer {
             session: WireSession::Console,
             role: MachineRole::Workstation,
             guest: false,
+            user: None,
         },
     }
 }

@@ -269,6 +269,7 @@ fn claim(client_handle: u64, code: u32, machine: &str) -> Claim {
         session: WireSession::Console,
         role: MachineRole::Workstation,
         guest: false,
+        user: None,
     }
 }
 
