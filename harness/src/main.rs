@@ -80,6 +80,10 @@ enum Commands {
         /// Only scenarios with this tag (repeatable: any of them).
         #[arg(long)]
         tag: Vec<String>,
+        /// Run only shard K of N (e.g. `2/4`): the scenarios sorted by name, every N-th from the
+        /// K-th; the N shards of a job matrix run every scenario exactly once.
+        #[arg(long, value_name = "K/N")]
+        shard: Option<engine::shard::Shard>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -264,8 +268,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::from(outcome.exit_code()))
         }
-        Commands::Suite { tag, run } => {
-            let loaded = engine::builtin_scenarios(&tag)?;
+        Commands::Suite { tag, shard, run } => {
+            let mut loaded = engine::builtin_scenarios(&tag)?;
+            if let Some(shard) = shard {
+                loaded = shard.select(loaded, |l| l.scenario.name.value.as_str());
+                eprintln!("vigil: shard {shard}: {} scenarios", loaded.len());
+                if loaded.is_empty() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
             let outcome = engine::run_scenarios(loaded, &run_options(run, cli.verbose))?;
             Ok(ExitCode::from(outcome.exit_code()))
         }

@@ -2,6 +2,7 @@
 //! virtual clock, checks assertions, and streams every step and assertion as an [`Event`].
 
 mod assertions;
+pub mod shard;
 mod world;
 
 use std::path::{Path, PathBuf};
