@@ -41,12 +41,16 @@ pub fn is_account_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
+/// Serialises account changes: the agent serves requests on several threads.
+static ACCOUNT_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Makes sure the account `name` with `uid` (and its group, same number) exists under `etc`;
 /// a no-op when it does.
 pub fn ensure(etc: &Path, name: &str, uid: u32) -> Result<(), AccountError> {
     if !is_account_name(name) {
         return Err(AccountError::BadName(name.to_string()));
     }
+    let _one_at_a_time = ACCOUNT_FILES.lock().unwrap_or_else(|e| e.into_inner());
     let passwd = format!("{name}:x:{uid}:{uid}:{name}:/tmp:/bin/sh");
     let group = format!("{name}:x:{uid}:");
     ensure_line(&etc.join("passwd"), name, uid, &passwd)?;
@@ -88,7 +92,7 @@ fn ensure_line(path: &Path, name: &str, id: u32, line: &str) -> Result<(), Accou
     }
     new.push_str(line);
     new.push('\n');
-    let tmp = path.with_extension("vigil-new");
+    let tmp = path.with_extension(format!("vigil-new-{}", std::process::id()));
     std::fs::write(&tmp, new).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }

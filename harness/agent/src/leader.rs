@@ -231,6 +231,7 @@ fn spawn(request: &SpawnRequest, user: Option<u32>) -> anyhow::Result<i32> {
         .stdout(stdout)
         .stderr(stderr);
     let leave_session = request.leave_session;
+    let leader = std::process::id();
     // SAFETY: prctl, setsid, setgroups, setgid and setuid are async-signal-safe.
     unsafe {
         command.pre_exec(move || {
@@ -244,8 +245,12 @@ fn spawn(request: &SpawnRequest, user: Option<u32>) -> anyhow::Result<i32> {
             {
                 return Err(std::io::Error::last_os_error());
             }
-            // After the user change, which clears the parent-death signal.
+            // After the user change, which clears the parent-death signal; a leader that died
+            // before it was armed leaves the child to the init process: end it now.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if u32::try_from(libc::getppid()).ok() != Some(leader) {
+                libc::_exit(1);
+            }
             Ok(())
         });
     }

@@ -151,14 +151,21 @@ impl Threat {
             .replace("{{product}}", &flow)
             .replace("{{code}}", &product.code.value.to_string())
             .replace("{{expect}}", expect)
-            .replace("{{fill}}", &fill(self.name, product))
+            .replace(
+                "{{fill}}",
+                &if self.template.contains("{{fill}}") {
+                    fill(self.name, product)
+                } else {
+                    String::new()
+                },
+            )
     }
 }
 
 /// Steps that take every seat of `product` before the attack (for the threats that need it).
 fn fill(threat: &str, product: &Product) -> String {
     let code = product.code.value;
-    let seats = product.quantity.max(1);
+    let seats = product.quantity.clamp(1, MAX_FILLED_SEATS);
     let lines: Vec<String> = (1..=seats)
         .flat_map(|n| match threat {
             "terminal-server-sessions" => vec![

@@ -82,7 +82,10 @@ mod tests {
 
     #[test]
     fn shard_arguments_are_checked() {
-        assert_eq!("2/4".parse::<Shard>().unwrap(), Shard { index: 2, count: 4 });
+        assert_eq!(
+            "2/4".parse::<Shard>().unwrap(),
+            Shard { index: 2, count: 4 }
+        );
         for bad in ["0/4", "5/4", "1/0", "x/2", "3", "1/1001", "-1/2"] {
             assert!(bad.parse::<Shard>().is_err(), "{bad}");
         }

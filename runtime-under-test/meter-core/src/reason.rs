@@ -93,6 +93,14 @@ impl Reason {
         Reason::ReservedForOthers,
     ];
 
+    /// True for the refusals of an administrator's access rules.
+    pub fn is_rule(&self) -> bool {
+        matches!(
+            self,
+            Reason::RuleDenied | Reason::RuleMaxReached | Reason::ReservedForOthers
+        )
+    }
+
     /// The kebab-case code used in JSON output.
     pub fn code(&self) -> &'static str {
         match self {

@@ -29,10 +29,12 @@ impl Runtime {
             )
         })?;
         let count = rules.rules.len();
-        let change = self.lock_access().apply(rules);
+        let change = crate::access_control::AccessControl::change_for(&rules);
         store::wait(self.store.submit(vec![change]))
             .await
             .map_err(|e| format!("Rules not recorded: {e}"))?;
+        // In force only once stored, so a failed command leaves the old rules.
+        self.lock_access().set(rules);
         tracing::info!(source = source_name, rules = count, "Access rules in force");
         Ok(json!({"applied": true, "rules": count}))
     }
@@ -79,7 +81,7 @@ impl Runtime {
         let requester = Requester {
             user: claim.user.clone(),
             machine: claim.station.machine.clone(),
-            address: peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()),
+            address: peer_ip(peer),
             client_name: match &claim.session {
                 WireSession::Rdp { client_name, .. } => Some(client_name.clone()),
                 _ => None,
@@ -129,7 +131,10 @@ impl Runtime {
                     Holder::Remote { .. } => state.remote_users.get(handle).cloned(),
                 },
                 machine: g.station.machine.clone(),
-                address: None,
+                address: match &g.holder {
+                    Holder::Local { .. } => self.platform.address().ok().flatten(),
+                    Holder::Remote { peer, .. } => peer_ip(peer),
+                },
                 client_name: match &g.session {
                     WireSession::Rdp { client_name, .. } => Some(client_name.clone()),
                     _ => None,
@@ -151,4 +156,11 @@ impl Runtime {
             }
         }
     }
+}
+
+/// The address of a peer (`ip:port`), IPv4-mapped IPv6 addresses as IPv4.
+fn peer_ip(peer: &str) -> Option<std::net::IpAddr> {
+    peer.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical())
 }

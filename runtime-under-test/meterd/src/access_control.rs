@@ -14,20 +14,21 @@ pub const RULES_KEY: &str = "access-rules";
 #[derive(Debug, Default)]
 pub struct AccessControl {
     rules: Option<AccessRules>,
-    names: HashMap<u32, Option<String>>,
+    names: HashMap<u32, String>,
 }
 
 impl AccessControl {
-    /// The rules the store holds, if any (unreadable ones are logged and left out).
+    /// The rules the store holds, if any. Unreadable ones fail closed: every access is refused
+    /// until an administrator applies rules again.
     pub fn load(meta: &BTreeMap<String, Vec<u8>>) -> Self {
-        let rules = meta.get(RULES_KEY).and_then(|bytes| {
-            match serde_json::from_slice::<AccessRules>(bytes) {
-                Ok(rules) => Some(rules),
-                Err(e) => {
-                    tracing::error!(error = %e, "Unreadable access rules in the state");
-                    None
+        let rules = meta.get(RULES_KEY).map(|bytes| {
+            serde_json::from_slice::<AccessRules>(bytes).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "Unreadable access rules in the state: refusing every access");
+                AccessRules {
+                    default: meter_core::access_rules::Action::Deny,
+                    ..AccessRules::default()
                 }
-            }
+            })
         });
         AccessControl {
             rules,
@@ -40,27 +41,33 @@ impl AccessControl {
         self.rules.as_ref()
     }
 
-    /// Puts `rules` in force (an empty document lifts every rule); the change to store.
-    pub fn apply(&mut self, rules: AccessRules) -> Change {
-        if rules == AccessRules::default() {
-            self.rules = None;
+    /// The change that stores `rules` (an empty document lifts every rule).
+    pub fn change_for(rules: &AccessRules) -> Change {
+        if *rules == AccessRules::default() {
             Change::DeleteMeta(RULES_KEY.into())
         } else {
-            let bytes = serde_json::to_vec(&rules).expect("rules always encode");
-            self.rules = Some(rules);
+            let bytes = serde_json::to_vec(rules).expect("rules always encode");
             Change::PutMeta(RULES_KEY.into(), bytes)
         }
     }
 
-    /// The user name of `uid`, looked up once with `look_up`.
+    /// Puts `rules` in force (once stored).
+    pub fn set(&mut self, rules: AccessRules) {
+        self.rules = (rules != AccessRules::default()).then_some(rules);
+    }
+
+    /// The user name of `uid`: a name found once is kept; no name (or a failed look-up) is
+    /// asked again next time.
     pub fn user_name(
         &mut self,
         uid: u32,
         look_up: impl FnOnce(u32) -> Option<String>,
     ) -> Option<String> {
-        self.names
-            .entry(uid)
-            .or_insert_with(|| look_up(uid))
-            .clone()
+        if let Some(name) = self.names.get(&uid) {
+            return Some(name.clone());
+        }
+        let name = look_up(uid)?;
+        self.names.insert(uid, name.clone());
+        Some(name)
     }
 }

@@ -684,7 +684,8 @@ impl Runtime {
             Err(denied) => denied,
         };
         let local_denial = self.dongles.explain_denial(key, local_denial);
-        if self.remotes.is_empty() {
+        // The administrator's rules of this machine are final: never worked round by a server.
+        if self.remotes.is_empty() || local_denial.is_rule() {
             return reply_denied(local_denial);
         }
         // Not grantable here: forward to the network servers.

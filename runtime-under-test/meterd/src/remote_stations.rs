@@ -141,10 +141,24 @@ impl Runtime {
                     {
                         *p = peer.to_owned();
                     }
+                    // The users of grants kept over a restart live in memory only.
+                    if let Some(user) = &claim.user {
+                        state.remote_users.insert(*handle, user.clone());
+                    }
                     restored.push((claim.client_handle, *handle));
                     continue;
                 }
                 claim.station.machine = station_machine.clone();
+                // A claim this server does not hold is a new access: the rules decide it.
+                let refusal = if crate::weakened::is(crate::weakened::Defence::AccessRules) {
+                    None
+                } else {
+                    self.remote_rules_refusal(&state, &claim, peer)
+                };
+                if let Some(reason) = refusal {
+                    lost.push((claim.client_handle, reason));
+                    continue;
+                }
                 match self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes) {
                     Ok((handle, ..)) => restored.push((claim.client_handle, handle)),
                     Err(reason) => lost.push((claim.client_handle, reason)),

@@ -115,11 +115,30 @@ impl WitnessStore {
                 None,
             );
         }
-        let chain = self.chains.entry(id.clone()).or_insert_with(|| Witnessed {
-            key: hex::encode(key),
-            runtime: None,
-            log: WitnessLog::new(licence),
-        });
+        if !self.chains.contains_key(&id) {
+            // A chain starts only with a receipt that verifies under its key: naming someone
+            // else's key (it is in their licence) with no receipt, or a forged one, binds nothing.
+            let mut trial = WitnessLog::new(licence);
+            match receipts.first().map(|r| trial.accept(r, &verifier)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return (WitnessLog::new(licence).head(), Some(e.to_string()), None);
+                }
+                None => {
+                    let why = "no receipt to start the chain with".to_owned();
+                    return (trial.head(), Some(why), None);
+                }
+            }
+            self.chains.insert(
+                id.clone(),
+                Witnessed {
+                    key: hex::encode(key),
+                    runtime: None,
+                    log: WitnessLog::new(licence),
+                },
+            );
+        }
+        let chain = self.chains.get_mut(&id).expect("inserted above");
         let mut newly_bound = false;
         if rules.bind_to_runtime {
             match &chain.runtime {
@@ -272,8 +291,10 @@ mod tests {
 
     #[test]
     fn a_chain_is_witnessed_for_the_runtime_that_started_it() {
+        let owner = ReceiptSigner::from_bytes(&[7; 32]);
         let mut store = WitnessStore::default();
-        let (_, refused, change) = store.accept("L-1", "r1", key(), &[], RULES);
+        let (_, refused, change) =
+            store.accept("L-1", "r1", key(), &[first_receipt("L-1", &owner)], RULES);
         assert_eq!(refused, None);
         assert!(change.is_some(), "the binding is stored");
         let (_, refused, _) = store.accept("L-1", "r2", key(), &[], RULES);
@@ -291,15 +312,42 @@ mod tests {
     }
 
     #[test]
+    fn naming_someone_elses_key_without_their_receipts_binds_nothing() {
+        let owner = ReceiptSigner::from_bytes(&[7; 32]);
+        let thief = ReceiptSigner::from_bytes(&[8; 32]);
+        let mut store = WitnessStore::default();
+        // The owner's public key is in their licence: a thief names it with no receipt, or
+        // with a receipt of their own signing.
+        let (_, refused, change) = store.accept("L-1", "thief", key(), &[], RULES);
+        assert!(refused.is_some() && change.is_none());
+        let forged = first_receipt("L-1", &thief);
+        let (_, refused, change) = store.accept("L-1", "thief", key(), &[forged], RULES);
+        assert!(refused.is_some() && change.is_none());
+        let (head, refused, _) = store.accept(
+            "L-1",
+            "owner",
+            key(),
+            &[first_receipt("L-1", &owner)],
+            RULES,
+        );
+        assert_eq!((head.seq, refused), (1, None));
+    }
+
+    #[test]
     fn one_runtime_keeps_a_bounded_number_of_chains() {
+        let owner = ReceiptSigner::from_bytes(&[7; 32]);
         let mut store = WitnessStore::default();
         for i in 0..MAX_CHAINS_PER_RUNTIME {
-            let (_, refused, _) = store.accept(&format!("L-{i}"), "r1", key(), &[], RULES);
+            let licence = format!("L-{i}");
+            let first = first_receipt(&licence, &owner);
+            let (_, refused, _) = store.accept(&licence, "r1", key(), &[first], RULES);
             assert_eq!(refused, None);
         }
-        let (_, refused, change) = store.accept("L-more", "r1", key(), &[], RULES);
+        let first = first_receipt("L-more", &owner);
+        let (_, refused, change) =
+            store.accept("L-more", "r1", key(), std::slice::from_ref(&first), RULES);
         assert!(refused.is_some() && change.is_none());
-        let (_, refused, _) = store.accept("L-more", "r2", key(), &[], RULES);
+        let (_, refused, _) = store.accept("L-more", "r2", key(), &[first], RULES);
         assert_eq!(refused, None);
     }
 }

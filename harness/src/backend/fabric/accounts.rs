@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::backend::types::BackendError;
 
-/// The first uid handed out; well above the accounts a distribution creates for people (1000 up)
-/// and below `nobody` (65534), so a simulated user is never one of the host's own.
-pub const FIRST_UID: u32 = 61000;
+/// The first uid handed out: far above the ranges distributions and systemd hand out (people
+/// from 1000, systemd's dynamic users 61184–65519, container ranges from 524288 in 65536
+/// blocks up to 1878982656), and below 2³¹ for tools that keep uids signed.
+pub const FIRST_UID: u32 = 1_900_000_000;
 
 /// Most users one world may have.
 pub const MAX_USERS: u32 = 4000;

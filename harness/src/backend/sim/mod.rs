@@ -1132,13 +1132,30 @@ fn let_users_through(dir: &Path) -> Result<(), BackendError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta =
         std::fs::metadata(dir).map_err(BackendError::io(format!("inspect {}", dir.display())))?;
+    if meta.mode() & 0o001 != 0 {
+        return Ok(());
+    }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    if meta.mode() & 0o001 == 0 && meta.uid() == me {
-        let mode = (meta.mode() & 0o7777) | 0o001;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(
-            BackendError::io(format!("open {} to the machines' users", dir.display())),
-        )?;
+    // Only scratch folders are opened (a private temporary folder of the harness or its
+    // tests); a folder elsewhere, such as a home folder, is the user's to open.
+    let scratch = [std::env::temp_dir(), PathBuf::from("/dev/shm")]
+        .iter()
+        .filter_map(|root| std::fs::canonicalize(root).ok())
+        .any(|root| dir.starts_with(&root) && dir != root);
+    if meta.uid() != me || !scratch {
+        return Err(BackendError::Unsupported {
+            backend: BackendKind::Sim,
+            operation: "run apps as the scenario's users",
+            why: format!(
+                "they cannot pass through {}: give others search permission on it (chmod o+x) \
+                 or set TMPDIR to a folder they can reach",
+                dir.display()
+            ),
+        });
     }
-    Ok(())
+    let mode = (meta.mode() & 0o7777) | 0o001;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(BackendError::io(
+        format!("open {} to the machines' users", dir.display()),
+    ))
 }
