@@ -125,6 +125,18 @@ pub static THREATS: &[Threat] = &[
         plan: plan_dongle_shared,
     },
     Threat {
+        name: "dongle-hop",
+        proves: "a dongle passed through to another guest takes its seat along: the first app loses it",
+        template: template!("dongle-hop"),
+        plan: plan_dongle_hop,
+    },
+    Threat {
+        name: "usbip-replug",
+        proves: "a dongle re-exported over USB/IP to another guest takes its seat along: the first app loses it",
+        template: template!("usbip-replug"),
+        plan: plan_dongle_hop,
+    },
+    Threat {
         name: "dongle-in-vm",
         proves: "a dongle passed through to a virtual machine is not used there",
         template: template!("dongle-in-vm"),
@@ -370,6 +382,21 @@ fn plan_dongle_shared(product: &Product) -> Plan {
     refused("denied: attack, reason: dongle-shared")
 }
 
+fn plan_dongle_hop(product: &Product) -> Plan {
+    if product.container != Container::Dongle {
+        return not_applicable("not a dongle licence");
+    }
+    if product.virtual_machines == Permission::Deny {
+        return not_applicable(
+            "virtual-machines: deny keeps the dongle off guests (see dongle-in-vm)",
+        );
+    }
+    if product.counting == Counting::NoCount {
+        return not_applicable("not counted");
+    }
+    refused("app: { app: first, state: revoked, reason: dongle-removed }")
+}
+
 fn plan_crash(product: &Product) -> Plan {
     if product.container != Container::Soft {
         return not_applicable("not a soft licence");
@@ -457,6 +484,7 @@ mod tests {
     #[case(
         "{ code: 2001, name: e, container: dongle, quantity: 2, counting: user-limit, virtual-machines: deny }"
     )]
+    #[case("{ code: 2002, name: f, container: dongle, quantity: 1, counting: station-share }")]
     fn every_template_instantiates_to_a_valid_scenario(#[case] yaml: &str) {
         let product = product(yaml);
         for threat in THREATS {

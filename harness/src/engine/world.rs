@@ -33,8 +33,6 @@ pub(super) struct AppRecord {
     pub product: u32,
     pub answer: Option<AccessAnswer>,
     pub killed_at: Option<Instant>,
-    /// Seen exited or revoked: it holds nothing any more.
-    pub gone: bool,
 }
 
 /// Result of running one scenario.
@@ -320,8 +318,8 @@ impl World {
     }
 
     /// How many of the scenario's apps hold each product now (granted, running, not told it
-    /// lost the licence), for every product an app was ever granted; keeps the peaks the
-    /// `holders` assertions check. An app seen ended or revoked is not asked again.
+    /// lost the licence; on a paused machine as they were), for every product an app was ever
+    /// granted; keeps the peaks the `holders` assertions check.
     pub(super) fn count_holders(&mut self) -> Result<BTreeMap<u32, u32>, BackendError> {
         let mut now: BTreeMap<u32, u32> = BTreeMap::new();
         let mut candidates = Vec::new();
@@ -330,17 +328,27 @@ impl World {
                 continue;
             }
             now.entry(app.product).or_default();
-            if app.killed_at.is_none() && !app.gone {
+            if app.killed_at.is_none() {
                 candidates.push((name.clone(), app.product));
             }
         }
         for (app, product) in candidates {
-            let holds = self.backend.app_status(&app)? == crate::backend::AppStatus::Running
-                && runtime::revocation_in(&self.backend.app_output(&app)?).is_none();
+            let machine = self
+                .apps
+                .get(&app)
+                .map(|a| a.machine.clone())
+                .unwrap_or_default();
+            let holds = match self.backend.power(&machine)? {
+                // A frozen machine's apps hold what they held; nobody inside can be asked.
+                Power::Paused => true,
+                Power::Off => false,
+                Power::Running => {
+                    self.backend.app_status(&app)? == crate::backend::AppStatus::Running
+                        && runtime::revocation_in(&self.backend.app_output(&app)?).is_none()
+                }
+            };
             if holds {
                 *now.entry(product).or_default() += 1;
-            } else if let Some(record) = self.apps.get_mut(&app) {
-                record.gone = true;
             }
         }
         for (product, peak) in &mut self.peak_holders {
@@ -1094,7 +1102,6 @@ impl World {
                 product,
                 answer: Some(answer),
                 killed_at: None,
-                gone: false,
             },
         );
         Ok(())

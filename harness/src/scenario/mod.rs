@@ -53,28 +53,24 @@ pub fn load(path: impl AsRef<Path>) -> Result<Scenario, ScenarioError> {
 
 /// Parses and validates scenario `text`; `origin` names it in diagnostics (a path or built-in name).
 pub fn parse_str(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
-    if text.len() > MAX_FILE_BYTES {
-        return Err(ScenarioError::TooLarge {
-            path: origin.into(),
-            size: text.len() as u64,
-            max: MAX_FILE_BYTES,
-        });
-    }
-    let source = Source::new(origin, text);
-    let mut scenario: Scenario = serde_saphyr::from_str_with_options(text, syntax::options())
-        .map_err(|error| source.error(vec![syntax::problem(&error, &source)]))?;
+    let mut scenario: Scenario = parse_checked(text, origin, validate::validate)?;
     scenario.origin = origin.to_owned();
-    let problems = validate::validate(&scenario, &source);
-    if problems.is_empty() {
-        Ok(scenario)
-    } else {
-        Err(source.error(problems))
-    }
+    Ok(scenario)
 }
 
 /// Parses and validates a policy document on its own (`products:`, as under a scenario's
 /// `policy:`); `origin` names it in diagnostics.
 pub fn parse_policy(text: &str, origin: &str) -> Result<Policy, ScenarioError> {
+    parse_checked(text, origin, validate::validate_policy)
+}
+
+/// Parses `text` (at most [`MAX_FILE_BYTES`]) into a `T` and checks it with `validate`; every
+/// problem located in `origin`.
+fn parse_checked<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    validate: impl Fn(&T, &Source) -> Vec<Problem>,
+) -> Result<T, ScenarioError> {
     if text.len() > MAX_FILE_BYTES {
         return Err(ScenarioError::TooLarge {
             path: origin.into(),
@@ -83,11 +79,11 @@ pub fn parse_policy(text: &str, origin: &str) -> Result<Policy, ScenarioError> {
         });
     }
     let source = Source::new(origin, text);
-    let policy: Policy = serde_saphyr::from_str_with_options(text, syntax::options())
+    let parsed: T = serde_saphyr::from_str_with_options(text, syntax::options())
         .map_err(|error| source.error(vec![syntax::problem(&error, &source)]))?;
-    let problems = validate::validate_policy(&policy, &source);
+    let problems = validate(&parsed, &source);
     if problems.is_empty() {
-        Ok(policy)
+        Ok(parsed)
     } else {
         Err(source.error(problems))
     }

@@ -20,24 +20,6 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
-/// `meter --json <args>` run as `uid`.
-fn meter_as(uid: u32, machine: &Machine, args: &[&str]) -> (i32, Value) {
-    let out = Command::new(METER)
-        .uid(uid)
-        .gid(uid)
-        .arg("--json")
-        .args(args)
-        .env("METER_SOCKET", machine.socket())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let value = text
-        .lines()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("meter printed no JSON: {out:?}"));
-    (out.status.code().unwrap_or(-1), value)
-}
-
 #[test]
 fn rules_are_an_administrators_kept_across_restarts_and_checked_by_account_name() {
     let vendor = Vendor::new();

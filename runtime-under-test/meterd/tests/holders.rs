@@ -33,24 +33,6 @@ fn open_to_every_user(machine: &Machine) {
     }
 }
 
-/// `meter --json <args>` run as `uid`.
-fn meter_as(uid: u32, machine: &Machine, args: &[&str]) -> (i32, Value) {
-    let out = Command::new(METER)
-        .uid(uid)
-        .gid(uid)
-        .arg("--json")
-        .args(args)
-        .env("METER_SOCKET", machine.socket())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let value = text
-        .lines()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("meter printed no JSON: {out:?}"));
-    (out.status.code().unwrap_or(-1), value)
-}
-
 /// The holder's next line, within a few seconds.
 fn next_event(holder: &mut Holder) -> Value {
     holder

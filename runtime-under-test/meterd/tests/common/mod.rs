@@ -288,6 +288,24 @@ pub fn open_login_session() -> std::io::Result<()> {
     Ok(())
 }
 
+/// `meter --json <args>` against `machine`'s daemon, run as `uid`.
+pub fn meter_as(uid: u32, machine: &Machine, args: &[&str]) -> (i32, Value) {
+    let out = Command::new(METER)
+        .uid(uid)
+        .gid(uid)
+        .arg("--json")
+        .args(args)
+        .env("METER_SOCKET", machine.socket())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = text
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("meter printed no JSON: {out:?}"));
+    (out.status.code().unwrap_or(-1), value)
+}
+
 /// The session the runtime counts a process in: its login session, else its process session.
 pub fn session_key(pid: u32) -> u32 {
     std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
