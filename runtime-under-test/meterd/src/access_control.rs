@@ -2,6 +2,7 @@
 //! the state as `access-rules`) and the user names of the uids it has met.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use meter_core::access_rules::AccessRules;
 
@@ -13,7 +14,7 @@ pub const RULES_KEY: &str = "access-rules";
 /// The rules in force and a cache of user names by uid.
 #[derive(Debug, Default)]
 pub struct AccessControl {
-    rules: Option<AccessRules>,
+    rules: Option<Arc<AccessRules>>,
     names: HashMap<u32, String>,
 }
 
@@ -22,13 +23,13 @@ impl AccessControl {
     /// until an administrator applies rules again.
     pub fn load(meta: &BTreeMap<String, Vec<u8>>) -> Self {
         let rules = meta.get(RULES_KEY).map(|bytes| {
-            serde_json::from_slice::<AccessRules>(bytes).unwrap_or_else(|e| {
+            Arc::new(serde_json::from_slice::<AccessRules>(bytes).unwrap_or_else(|e| {
                 tracing::error!(error = %e, "Unreadable access rules in the state: refusing every access");
                 AccessRules {
                     default: meter_core::access_rules::Action::Deny,
                     ..AccessRules::default()
                 }
-            })
+            }))
         });
         AccessControl {
             rules,
@@ -36,9 +37,9 @@ impl AccessControl {
         }
     }
 
-    /// The rules in force.
-    pub fn rules(&self) -> Option<&AccessRules> {
-        self.rules.as_ref()
+    /// The rules in force (a shared handle: asking them copies nothing).
+    pub fn rules(&self) -> Option<Arc<AccessRules>> {
+        self.rules.clone()
     }
 
     /// The change that stores `rules` (an empty document lifts every rule).
@@ -53,7 +54,7 @@ impl AccessControl {
 
     /// Puts `rules` in force (once stored).
     pub fn set(&mut self, rules: AccessRules) {
-        self.rules = (rules != AccessRules::default()).then_some(rules);
+        self.rules = (rules != AccessRules::default()).then(|| Arc::new(rules));
     }
 
     /// The user name of `uid`: a name found once is kept; no name (or a failed look-up) is

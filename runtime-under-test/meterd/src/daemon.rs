@@ -574,13 +574,7 @@ impl Runtime {
                 granted_at: now,
                 table_handle: None,
             };
-            let refusal = if crate::weakened::is(crate::weakened::Defence::AccessRules) {
-                // Weakened: the administrator's rules are never asked.
-                None
-            } else {
-                self.rules_refusal(&state, key, caller)
-            };
-            let recorded = match refusal {
+            let recorded = match self.rules_refusal(&state, key, caller) {
                 Some(reason) => Err(reason),
                 None => state.table.access(record.access_request(), now),
             }

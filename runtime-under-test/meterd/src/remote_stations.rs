@@ -150,11 +150,7 @@ impl Runtime {
                 }
                 claim.station.machine = station_machine.clone();
                 // A claim this server does not hold is a new access: the rules decide it.
-                let refusal = if crate::weakened::is(crate::weakened::Defence::AccessRules) {
-                    None
-                } else {
-                    self.remote_rules_refusal(&state, &claim, peer)
-                };
+                let refusal = self.remote_rules_refusal(&state, &claim, peer);
                 if let Some(reason) = refusal {
                     lost.push((claim.client_handle, reason));
                     continue;
@@ -305,11 +301,7 @@ impl Runtime {
                     };
                 }
             }
-            let refusal = if crate::weakened::is(crate::weakened::Defence::AccessRules) {
-                None
-            } else {
-                self.remote_rules_refusal(&state, &claim, peer)
-            };
+            let refusal = self.remote_rules_refusal(&state, &claim, peer);
             match refusal {
                 Some(reason) => Err(reason),
                 None => self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes),
