@@ -172,7 +172,8 @@ impl Rule {
         }
     }
 
-    fn covers(&self, product: ProductKey) -> bool {
+    /// Whether the rule applies to `product`.
+    pub fn covers(&self, product: ProductKey) -> bool {
         self.firm.is_none_or(|f| f == product.firm)
             && self.product.is_none_or(|p| p == product.code)
     }
@@ -351,7 +352,8 @@ impl AccessRules {
     }
 }
 
-fn describe(subject: &Subject) -> String {
+/// A subject in words (`group support`).
+pub fn describe(subject: &Subject) -> String {
     match subject {
         Subject::User(u) => format!("user {u}"),
         Subject::Group(g) => format!("group {g}"),

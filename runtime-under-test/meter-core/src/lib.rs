@@ -11,3 +11,5 @@ pub mod reason;
 pub mod rollback;
 pub mod station;
 pub mod traits;
+pub mod usage;
+pub mod usage_report;

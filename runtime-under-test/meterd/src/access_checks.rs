@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use meter_core::access_rules::{AccessRules, Requester, Seat};
+use meter_core::access_rules::{AccessRules, Requester, RuleDenial, Seat};
 use meter_core::allocation::ProductKey;
 use meter_core::policy::Counting;
-use meter_core::reason::Reason;
 use meter_core::station::{SessionKind, StationId};
 use serde_json::{Value, json};
 
@@ -56,7 +55,7 @@ impl Runtime {
         state: &State,
         key: ProductKey,
         caller: &Caller,
-    ) -> Option<Reason> {
+    ) -> Option<RuleDenial> {
         let rules = self.rules_to_ask()?;
         let requester = Requester {
             user: self.user_of(caller.uid),
@@ -76,7 +75,7 @@ impl Runtime {
         state: &State,
         claim: &Claim,
         peer: &str,
-    ) -> Option<Reason> {
+    ) -> Option<RuleDenial> {
         let rules = self.rules_to_ask()?;
         let requester = Requester {
             user: claim.user.clone(),
@@ -96,7 +95,14 @@ impl Runtime {
             // Weakened: the administrator's rules are never asked.
             return None;
         }
-        self.lock_access().rules()
+        let rules = self.lock_access().rules()?;
+        if crate::weakened::is(crate::weakened::Defence::RuleReservations) {
+            // Weakened: reservations are dropped, so the seats they keep are free to anyone.
+            let mut unreserved = (*rules).clone();
+            unreserved.rules.retain(|rule| rule.reserve.is_none());
+            return Some(Arc::new(unreserved));
+        }
+        Some(rules)
     }
 
     /// Why `rules` refuse `requester` a licence of `key` for `station` now, if they do.
@@ -107,7 +113,7 @@ impl Runtime {
         key: ProductKey,
         requester: &Requester,
         station: &StationId,
-    ) -> Option<Reason> {
+    ) -> Option<RuleDenial> {
         let items: Vec<_> = state
             .table
             .items()
@@ -161,7 +167,7 @@ impl Runtime {
                     why = %denial.why,
                     "Access rule refused a licence"
                 );
-                Some(denial.reason)
+                Some(denial)
             }
         }
     }

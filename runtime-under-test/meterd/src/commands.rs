@@ -61,6 +61,16 @@ pub enum MeterCommand {
     /// Access rules of this runtime: who may use which product, reservations and caps.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// The usage log: check it, report from it.
+    #[command(subcommand)]
+    Usage(crate::usage_commands::UsageCommand),
+    /// An attack the harness stages (harness builds only): remove one usage record, as root
+    /// editing the state database would.
+    #[command(hide = true)]
+    TamperUsageLog {
+        /// The record's place (from 1).
+        seq: u64,
+    },
     /// An attack the harness stages (harness builds only): hand the witnesses a receipt of
     /// another machine's licence, signed with this runtime's key, before its owner sends any.
     #[command(hide = true)]
@@ -206,6 +216,12 @@ pub async fn run(
         }
         MeterCommand::Rules(RulesCommand::Show) => {
             json_command(&socket, json_mode, LocalRequest::RulesShow).await
+        }
+        MeterCommand::Usage(command) => {
+            crate::usage_commands::run(&socket, json_mode, command).await
+        }
+        MeterCommand::TamperUsageLog { seq } => {
+            json_command(&socket, json_mode, LocalRequest::TamperUsage { seq }).await
         }
         MeterCommand::ClaimWitness { licence } => {
             json_command(&socket, json_mode, LocalRequest::ClaimWitness { licence }).await

@@ -10,6 +10,7 @@ use meter_core::allocation::{AccessRequest, AllocationTable, HolderId, Origin, P
 use meter_core::reason::Reason;
 use meter_core::station::{MachineRole, SessionKind, StationId};
 use meter_core::traits::MachineKind;
+use meter_core::usage::UsageKind;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -157,6 +158,8 @@ pub(crate) struct State {
     remote_grants: HashMap<(String, ProductKey), u32>,
     /// The users client runtimes named for their live grants (access rules count by user).
     pub(crate) remote_users: HashMap<u64, String>,
+    /// Live grants per product.
+    in_use: HashMap<ProductKey, u32>,
 }
 
 impl State {
@@ -168,6 +171,7 @@ impl State {
 
     /// Records a grant (and counts it for its remote runtime).
     pub(crate) fn insert_grant(&mut self, handle: u64, record: GrantRecord) {
+        *self.in_use.entry(record.product).or_default() += 1;
         if let Holder::Remote { runtime, .. } = &record.holder {
             *self
                 .remote_grants
@@ -188,6 +192,12 @@ impl State {
     }
 
     fn uncount(&mut self, record: &GrantRecord) {
+        if let Some(count) = self.in_use.get_mut(&record.product) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.in_use.remove(&record.product);
+            }
+        }
         if let Holder::Remote { runtime, .. } = &record.holder {
             let key = (runtime.clone(), record.product);
             if let Some(count) = self.remote_grants.get_mut(&key) {
@@ -197,6 +207,11 @@ impl State {
                 }
             }
         }
+    }
+
+    /// How many grants of `product` are held.
+    pub(crate) fn in_use(&self, product: ProductKey) -> u32 {
+        self.in_use.get(&product).copied().unwrap_or(0)
     }
 
     /// How many grants of `product` the client runtime `runtime` holds.
@@ -236,6 +251,8 @@ pub struct DaemonSettings {
     pub keepalive: Duration,
     /// A runtime id to present instead of the stored one (an impersonation attack's tool).
     pub runtime_id: Option<String>,
+    /// Whether grants, denials and their ends are written to the usage log.
+    pub usage_log: bool,
 }
 
 /// The daemon: shared by every connection task.
@@ -266,6 +283,8 @@ pub struct Runtime {
     pub(crate) role_judge: crate::machine_role::MachineRoleJudge,
     /// The administrator's access rules.
     access: Mutex<crate::access_control::AccessControl>,
+    /// The usage log's public key; none when the runtime keeps no log.
+    pub(crate) usage_key: Option<[u8; 32]>,
 }
 
 /// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
@@ -418,6 +437,28 @@ impl Runtime {
             }
         };
         let dongle_key = crate::runtime_identity::dongle_key(&key_secret, &runtime_id);
+        let usage_key = if settings.usage_log {
+            let secret = match snapshot
+                .meta
+                .get(crate::usage_log::USAGE_KEY_KEY)
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+            {
+                Some(secret) => secret,
+                None => {
+                    let mut secret = [0u8; 32];
+                    getrandom::fill(&mut secret)
+                        .map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
+                    drop(store.submit(vec![Change::PutMeta(
+                        crate::usage_log::USAGE_KEY_KEY.into(),
+                        secret.to_vec(),
+                    )]));
+                    secret
+                }
+            };
+            Some(store.start_usage_log(&secret))
+        } else {
+            None
+        };
         Ok(Arc::new(Runtime {
             platform,
             store,
@@ -432,6 +473,7 @@ impl Runtime {
             observations: MachineObservations::default(),
             role_judge: Default::default(),
             access: Mutex::new(access),
+            usage_key,
         }))
     }
 
@@ -547,6 +589,7 @@ impl Runtime {
         self.observe_machine().await;
         self.witness_before_first_spend(product).await;
         let mut spent = None;
+        let mut refusing_rule = None;
         let (step, now) = {
             let mut state = self.lock();
             // Read under the lock: the high-water mark of metered licences only moves under it,
@@ -575,7 +618,10 @@ impl Runtime {
                 table_handle: None,
             };
             let recorded = match self.rules_refusal(&state, key, caller) {
-                Some(reason) => Err(reason),
+                Some(denial) => {
+                    refusing_rule = denial.rule;
+                    Err(denial.reason)
+                }
                 None => state.table.access(record.access_request(), now),
             }
             .and_then(|grant| {
@@ -619,6 +665,7 @@ impl Runtime {
                         station: caller.station.to_string(),
                     };
                     state.insert_grant(handle, record);
+                    changes.extend(self.usage_grant(&state, handle));
                     if let Some(events) = events.clone() {
                         state.listeners.entry(handle).or_default().push(events);
                     }
@@ -678,8 +725,17 @@ impl Runtime {
             Err(denied) => denied,
         };
         let local_denial = self.dongles.explain_denial(key, local_denial);
+        let asker = crate::usage_log::Asker {
+            user: self.user_of(caller.uid),
+            machine: caller.station.machine.clone(),
+            session: caller.station.session,
+            wire_session: WireSession::from(&caller.session),
+            peer: None,
+        };
         // The administrator's rules of this machine are final: never worked round by a server.
         if self.remotes.is_empty() || local_denial.is_rule() {
+            self.log_denial(asker, key, local_denial, refusing_rule)
+                .await;
             return reply_denied(local_denial);
         }
         // Not grantable here: forward to the network servers.
@@ -720,13 +776,15 @@ impl Runtime {
                             .or_default()
                             .push(events);
                     }
-                    self.store.submit(vec![
+                    let mut changes = vec![
                         Change::PutGrant(client_handle, encode_record(&record)),
                         Change::PutMeta(
                             "next-handle".into(),
                             (client_handle + 1).to_le_bytes().to_vec(),
                         ),
-                    ])
+                    ];
+                    changes.extend(self.usage_grant(&state, client_handle));
+                    self.store.submit(changes)
                 };
                 self.watch_holder(caller.pid, caller.start);
                 if let Err(e) = store::wait(durable).await {
@@ -749,6 +807,7 @@ impl Runtime {
                 } else {
                     local_denial
                 };
+                self.log_denial(asker, key, reason, None).await;
                 reply_denied(reason)
             }
         }
@@ -796,14 +855,31 @@ impl Runtime {
         handle: u64,
         durable_wait: bool,
     ) -> Result<(), Reason> {
+        self.end_grant(handle, durable_wait, UsageKind::Release)
+            .await
+    }
+
+    /// Ends one grant, logged as `end` (a release, a reclaim or a revocation); forwarded grants
+    /// are released on their server too.
+    pub(crate) async fn end_grant(
+        self: &Arc<Self>,
+        handle: u64,
+        durable_wait: bool,
+        end: UsageKind,
+    ) -> Result<(), Reason> {
         let (record, durable) = {
             let mut state = self.lock();
+            let user = self.usage_user(&state, handle);
             let record = state.remove_grant(handle).ok_or(Reason::NotHeld)?;
             if let Some(table_handle) = record.table_handle {
                 let _ = state.table.release(table_handle);
             }
             state.listeners.remove(&handle);
-            let changes = vec![Change::DeleteGrant(handle)];
+            let mut changes = vec![Change::DeleteGrant(handle)];
+            if self.usage_key.is_some() {
+                let at = self.platform.now_ms().unwrap_or(record.granted_at);
+                changes.extend(self.usage_change(&state, end, handle, &record, user, at));
+            }
             let durable = if durable_wait {
                 Some(self.store.submit(changes))
             } else {
@@ -870,7 +946,11 @@ impl Runtime {
         {
             let _ = events.send(FromServer::Revoked { handle, reason });
         }
-        if self.release(handle).await.is_ok() {
+        if self
+            .end_grant(handle, true, UsageKind::Revocation { reason })
+            .await
+            .is_ok()
+        {
             tracing::info!(handle, %reason, "Licence revoked");
             for listener in listener.unwrap_or_default() {
                 let _ = listener.send(LocalReply::Revoked { handle, reason });

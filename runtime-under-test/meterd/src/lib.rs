@@ -40,6 +40,8 @@ pub mod store;
 pub mod tls;
 pub mod transport;
 pub mod trust_roots;
+pub mod usage_commands;
+pub mod usage_log;
 pub mod vendor;
 pub mod vendor_files;
 pub mod weakened;

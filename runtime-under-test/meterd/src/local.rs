@@ -175,6 +175,33 @@ async fn handle(
             }
         }
         LocalRequest::RulesShow => LocalReply::Json(runtime.rules_json().to_string()),
+        LocalRequest::UsageVerify => {
+            if !is_admin(uid) {
+                return error("Only an administrator may read the usage log");
+            }
+            match runtime.usage_verify_json() {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(e) => error(e.to_string()),
+            }
+        }
+        LocalRequest::UsageReport { from_ms, to_ms } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may read the usage log");
+            }
+            match runtime.usage_report_json(from_ms, to_ms) {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(e) => error(e.to_string()),
+            }
+        }
+        LocalRequest::TamperUsage { seq } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may edit the usage log");
+            }
+            match runtime.tamper_usage(seq).await {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(e) => error(e.to_string()),
+            }
+        }
         LocalRequest::ClaimWitness { licence } => {
             if !is_admin(uid) {
                 return error("Only an administrator may claim witnesses");

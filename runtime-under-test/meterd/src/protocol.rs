@@ -46,6 +46,20 @@ pub enum LocalRequest {
     },
     /// Show the access rules in force.
     RulesShow,
+    /// Check the usage log (administrators only).
+    UsageVerify,
+    /// A usage report (administrators only).
+    UsageReport {
+        /// Start of the window, unix ms (default: the first record).
+        from_ms: Option<u64>,
+        /// End of the window, unix ms (default: now).
+        to_ms: Option<u64>,
+    },
+    /// An attack (harness builds, administrators only): remove one usage record.
+    TamperUsage {
+        /// The record's place.
+        seq: u64,
+    },
     /// An attack (harness builds, administrators only): hand the witnesses receipts of another
     /// machine's licence, signed with this runtime's key.
     ClaimWitness {

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use meter_core::allocation::ContainerClass;
 use meter_core::reason::Reason;
+use meter_core::usage::UsageKind;
 
 use crate::daemon::{
     GrantRecord, Holder, RUNTIME_KEY_PREFIX, RemoteLink, Runtime, State, Via, encode_record,
@@ -151,8 +152,8 @@ impl Runtime {
                 claim.station.machine = station_machine.clone();
                 // A claim this server does not hold is a new access: the rules decide it.
                 let refusal = self.remote_rules_refusal(&state, &claim, peer);
-                if let Some(reason) = refusal {
-                    lost.push((claim.client_handle, reason));
+                if let Some(denial) = refusal {
+                    lost.push((claim.client_handle, denial.reason));
                     continue;
                 }
                 match self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes) {
@@ -261,6 +262,7 @@ impl Runtime {
         if let Some(user) = &claim.user {
             state.remote_users.insert(handle, user.clone());
         }
+        changes.extend(self.usage_grant(state, handle));
         Ok((handle, container, grant.container.class))
     }
 
@@ -279,6 +281,7 @@ impl Runtime {
         self.wait_for_reconnects().await;
         self.observe_machine().await;
         let mut changes = Vec::new();
+        let mut refusing_rule = None;
         let outcome = {
             let mut state = self.lock();
             // Read under the lock, as for local accesses: never behind a high-water mark.
@@ -303,7 +306,10 @@ impl Runtime {
             }
             let refusal = self.remote_rules_refusal(&state, &claim, peer);
             match refusal {
-                Some(reason) => Err(reason),
+                Some(denial) => {
+                    refusing_rule = denial.rule;
+                    Err(denial.reason)
+                }
                 None => self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes),
             }
             .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
@@ -330,10 +336,19 @@ impl Runtime {
                     container,
                 }
             }
-            Err(reason) => FromServer::Denied {
-                request,
-                reason: self.dongles.explain_denial(claim.product, reason),
-            },
+            Err(reason) => {
+                let reason = self.dongles.explain_denial(claim.product, reason);
+                let asker = crate::usage_log::Asker {
+                    user: claim.user.clone(),
+                    machine: claim.station.machine.clone(),
+                    session: claim.station.session,
+                    wire_session: claim.session.clone(),
+                    peer: Some(peer.to_owned()),
+                };
+                self.log_denial(asker, claim.product, reason, refusing_rule)
+                    .await;
+                FromServer::Denied { request, reason }
+            }
         }
     }
 
@@ -421,7 +436,7 @@ impl Runtime {
                 .collect()
         };
         for handle in &handles {
-            let _ = self.release(*handle).await;
+            let _ = self.end_grant(*handle, true, UsageKind::Reclaim).await;
         }
         handles.len()
     }

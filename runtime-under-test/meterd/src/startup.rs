@@ -52,6 +52,10 @@ pub struct DaemonArgs {
     /// play the attack of a runtime posing as another; servers bind ids to keys).
     #[arg(long, value_parser = parse_runtime_id)]
     pub runtime_id: Option<String>,
+    /// Keep no usage log (the administrator's record of every grant, denial and release, read
+    /// with `meter usage report`; on by default).
+    #[arg(long)]
+    pub no_usage_log: bool,
 }
 
 fn parse_max_connections(text: &str) -> Result<usize, String> {
@@ -123,6 +127,7 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
         state_dir: args.state.clone(),
         keepalive: Duration::from_secs_f64(args.keepalive),
         runtime_id: args.runtime_id.clone(),
+        usage_log: !args.no_usage_log,
     };
     let stage = std::time::Instant::now();
     let runtime = Runtime::new(platform, store, snapshot, settings)?;

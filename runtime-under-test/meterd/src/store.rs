@@ -6,12 +6,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use meter_core::usage::{LogHead, UsageEvent, UsageSealer, record_hash};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 const GRANTS: TableDefinition<u64, &[u8]> = TableDefinition::new("grants");
 const LICENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("licences");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
+
+/// Metadata key of the usage log's head, kept beside the log (see `meter_core::usage`).
+pub const USAGE_HEAD_KEY: &str = "usage-head";
 
 /// A failure of the state database.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,10 @@ pub enum Change {
     PutMeta(String, Vec<u8>),
     /// Removes a metadata value.
     DeleteMeta(String),
+    /// Appends an event to the usage log: sealed (placed, chained, signed) as it is written.
+    AppendUsage(Box<UsageEvent>),
+    /// Removes a usage record, leaving the head: only a harness build's log-tamper attack.
+    RemoveUsage(u64),
 }
 
 /// Everything stored, as read at start-up.
@@ -86,6 +95,11 @@ pub const GATHER_FOR_ANNOUNCED: Duration = Duration::from_micros(500);
 pub struct Store {
     queue: Arc<Queue>,
     path: PathBuf,
+    db: Arc<Database>,
+    /// Seals usage events; none until [`Store::start_usage_log`] (events are then dropped).
+    sealer: Arc<Mutex<Option<UsageSealer>>>,
+    /// The usage log's head when the store was opened.
+    opened_head: LogHead,
 }
 
 /// Batches on their way to the writer thread.
@@ -173,22 +187,76 @@ impl Store {
             txn.open_table(GRANTS).map_err(db_error)?;
             txn.open_table(LICENCES).map_err(db_error)?;
             txn.open_table(META).map_err(db_error)?;
+            txn.open_table(USAGE).map_err(db_error)?;
             txn.commit().map_err(db_error)?;
         }
         let snapshot = read_all(&db)?;
+        let opened_head = usage_head(&db, &snapshot)?;
+        let db = Arc::new(db);
         let queue = Arc::new(Queue::default());
+        let sealer = Arc::new(Mutex::new(None));
+        let writer = Writer {
+            db: Arc::clone(&db),
+            sealer: Arc::clone(&sealer),
+        };
         let writer_queue = Arc::clone(&queue);
         thread::Builder::new()
             .name("meterd-store".into())
-            .spawn(move || write_loop(db, &writer_queue))
+            .spawn(move || write_loop(&writer, &writer_queue))
             .map_err(|e| StoreError::Database(redb::Error::Io(e)))?;
         Ok((
             Store {
                 queue,
                 path: path.to_owned(),
+                db,
+                sealer,
+                opened_head,
             },
             snapshot,
         ))
+    }
+
+    /// Starts sealing usage events with the 32-byte secret key; returns its public key.
+    pub fn start_usage_log(&self, secret: &[u8; 32]) -> [u8; 32] {
+        let mut sealer = self.sealer.lock().unwrap_or_else(|e| e.into_inner());
+        let head = sealer.as_ref().map_or(self.opened_head, UsageSealer::head);
+        let started = UsageSealer::new(secret, head);
+        let public = started.public_key();
+        *sealer = Some(started);
+        public
+    }
+
+    /// Whether usage events are recorded.
+    pub fn usage_log_on(&self) -> bool {
+        self.sealer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Reads the usage log as committed: each record (place, stored form) in place order, then
+    /// the head kept beside it.
+    pub fn read_usage(
+        &self,
+        mut each: impl FnMut(u64, &[u8]),
+    ) -> Result<Option<LogHead>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        for row in txn
+            .open_table(USAGE)
+            .map_err(db_error)?
+            .iter()
+            .map_err(db_error)?
+        {
+            let (k, v) = row.map_err(db_error)?;
+            each(k.value(), v.value());
+        }
+        let kept = txn
+            .open_table(META)
+            .map_err(db_error)?
+            .get(USAGE_HEAD_KEY)
+            .map_err(db_error)?
+            .and_then(|v| LogHead::from_bytes(v.value()));
+        Ok(kept)
     }
 
     /// Queues changes; they are applied in queue order. Await the receiver for durability.
@@ -289,7 +357,33 @@ fn read_all(db: &Database) -> Result<Snapshot, StoreError> {
     Ok(snapshot)
 }
 
-fn write_loop(db: Database, queue: &Queue) {
+/// Where the log goes on: the head kept beside it, or its last record when none is kept.
+fn usage_head(db: &Database, snapshot: &Snapshot) -> Result<LogHead, StoreError> {
+    if let Some(head) = snapshot
+        .meta
+        .get(USAGE_HEAD_KEY)
+        .and_then(|b| LogHead::from_bytes(b))
+    {
+        return Ok(head);
+    }
+    let txn = db.begin_read().map_err(db_error)?;
+    let table = txn.open_table(USAGE).map_err(db_error)?;
+    Ok(match table.last().map_err(db_error)? {
+        Some((k, v)) => LogHead {
+            seq: k.value(),
+            hash: record_hash(v.value()),
+        },
+        None => LogHead::default(),
+    })
+}
+
+/// What the writer thread writes with.
+struct Writer {
+    db: Arc<Database>,
+    sealer: Arc<Mutex<Option<UsageSealer>>>,
+}
+
+fn write_loop(writer: &Writer, queue: &Queue) {
     /// Marks the queue when the writer stops, even by a panic, so no one waits on it forever.
     struct Gone<'q>(&'q Queue);
     impl Drop for Gone<'_> {
@@ -349,7 +443,7 @@ fn write_loop(db: Database, queue: &Queue) {
         oldest_unwritten = None;
         first_waited = None;
         if !group.is_empty() {
-            let result = apply(&db, &group).map_err(|e| e.to_string());
+            let result = writer.apply(&group).map_err(|e| e.to_string());
             if let Err(message) = &result {
                 tracing::error!(%message, "State commit failed");
             }
@@ -373,6 +467,10 @@ struct NetChanges<'a> {
     grants: BTreeMap<u64, Option<&'a [u8]>>,
     licences: BTreeMap<&'a str, Option<&'a [u8]>>,
     meta: BTreeMap<&'a str, Option<&'a [u8]>>,
+    /// Usage events to append, in queue order.
+    usage: Vec<&'a UsageEvent>,
+    /// Usage records to remove (a tamper attack).
+    usage_removed: Vec<u64>,
 }
 
 impl<'a> NetChanges<'a> {
@@ -398,14 +496,36 @@ impl<'a> NetChanges<'a> {
                 Change::DeleteMeta(key) => {
                     net.meta.insert(key, None);
                 }
+                Change::AppendUsage(event) => net.usage.push(event),
+                Change::RemoveUsage(seq) => net.usage_removed.push(*seq),
             }
         }
         net
     }
 }
 
-fn apply(db: &Database, group: &[Batch]) -> Result<(), StoreError> {
-    let net = NetChanges::of(group);
+impl Writer {
+    /// Writes a group in one commit; usage events are sealed here, in commit order.
+    fn apply(&self, group: &[Batch]) -> Result<(), StoreError> {
+        let net = NetChanges::of(group);
+        let mut sealer = self.sealer.lock().unwrap_or_else(|e| e.into_inner());
+        let head_before = sealer.as_ref().map(UsageSealer::head);
+        let result = apply(&self.db, &net, sealer.as_mut());
+        if result.is_err()
+            && let (Some(sealer), Some(head)) = (sealer.as_mut(), head_before)
+        {
+            // Nothing of the group was written: the next record follows the last one written.
+            sealer.rewind(head);
+        }
+        result
+    }
+}
+
+fn apply(
+    db: &Database,
+    net: &NetChanges<'_>,
+    sealer: Option<&mut UsageSealer>,
+) -> Result<(), StoreError> {
     let mut txn = db.begin_write().map_err(db_error)?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| StoreError::Database(redb::Error::Corrupted(e.to_string())))?;
@@ -433,6 +553,28 @@ fn apply(db: &Database, group: &[Batch]) -> Result<(), StoreError> {
                 None => meta.remove(*key).map(drop),
             }
             .map_err(db_error)?;
+        }
+        let mut usage = txn.open_table(USAGE).map_err(db_error)?;
+        for seq in &net.usage_removed {
+            usage.remove(seq).map_err(db_error)?;
+        }
+        match sealer {
+            Some(sealer) if !net.usage.is_empty() => {
+                for event in &net.usage {
+                    let (seq, stored) = sealer.seal(event);
+                    usage.insert(seq, stored.as_slice()).map_err(db_error)?;
+                }
+                meta.insert(USAGE_HEAD_KEY, sealer.head().to_bytes().as_slice())
+                    .map_err(db_error)?;
+            }
+            Some(_) => {}
+            None if !net.usage.is_empty() => {
+                tracing::warn!(
+                    events = net.usage.len(),
+                    "Usage log off: events not recorded"
+                );
+            }
+            None => {}
         }
     }
     txn.commit().map_err(db_error)

@@ -91,11 +91,17 @@ pub enum Defence {
     WitnessChainKeys,
     /// The administrator's access rules (deny, include lists, caps, reservations) are enforced.
     AccessRules,
+    /// Seats reserved for others and not yet used by them are not free to the rest.
+    RuleReservations,
+    /// Every grant, denial, release, reclaim and revocation is recorded in the usage log.
+    UsageLogRecords,
+    /// Verifying the usage log checks its places, chain, signatures and head.
+    UsageLogChain,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 37] = [
+    pub const ALL: [Defence; 40] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -133,6 +139,9 @@ impl Defence {
         Defence::WitnessPinning,
         Defence::WitnessChainKeys,
         Defence::AccessRules,
+        Defence::RuleReservations,
+        Defence::UsageLogRecords,
+        Defence::UsageLogChain,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -175,6 +184,9 @@ impl Defence {
             Defence::WitnessPinning => "witness-pinning",
             Defence::WitnessChainKeys => "witness-chain-keys",
             Defence::AccessRules => "access-rules",
+            Defence::RuleReservations => "rule-reservations",
+            Defence::UsageLogRecords => "usage-log-records",
+            Defence::UsageLogChain => "usage-log-chain",
         }
     }
 }
@@ -281,6 +293,15 @@ impl Defence {
             }
             Defence::AccessRules => {
                 "access rules are kept and shown but never asked: excluded users, caps and reservations change nothing"
+            }
+            Defence::RuleReservations => {
+                "reservations are not subtracted from the free seats: anyone takes the seats kept for a group"
+            }
+            Defence::UsageLogRecords => {
+                "denials are not written to the usage log: reports show no one was ever refused"
+            }
+            Defence::UsageLogChain => {
+                "`meter usage verify` counts the records and checks nothing: a removed or altered record goes unseen"
             }
         }
     }

@@ -1,0 +1,501 @@
+//! The usage log: one record per grant, denial, release, reclaim and revocation, each chained to
+//! the one before by its hash and signed with the runtime's usage key.
+//!
+//! A record's stored form is its body (postcard) followed by an Ed25519 signature over the body
+//! with a domain prefix. Its hash, over the stored form, is the next record's `prev`. Verifying
+//! walks the records in order and finds a removed record (a gap in the sequence and a broken
+//! chain), an altered one (a bad signature, and a broken chain after it), a reordered one (a
+//! sequence out of place) and a removed or added tail (a head other than the one kept beside the
+//! log). Whoever holds the usage key can rewrite the whole log consistently: kept in the
+//! runtime's state, it stops users who cannot read the state, and a head copied elsewhere stops
+//! the rest (see `meter usage verify`).
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::allocation::ProductKey;
+use crate::reason::Reason;
+
+/// Domain of usage-record signatures and hashes.
+const DOMAIN: &[u8] = b"meter-usage-v1\0";
+
+/// Length of a record's signature at the end of its stored form.
+const SIGNATURE_LEN: usize = 64;
+
+/// Most problems one verification lists (the count goes on).
+pub const MAX_LISTED_PROBLEMS: usize = 100;
+
+/// What happened to a licence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UsageKind {
+    /// A licence was granted.
+    Grant,
+    /// An access was refused.
+    Denial {
+        /// Why.
+        reason: Reason,
+        /// The access rule that refused it, by index in the rules document.
+        rule: Option<u32>,
+    },
+    /// The holder released it (or exited).
+    Release,
+    /// The runtime took it back: its holder's lease ran out.
+    Reclaim,
+    /// The runtime took it back and told its holder why.
+    Revocation {
+        /// Why.
+        reason: Reason,
+    },
+}
+
+impl UsageKind {
+    /// The kebab-case name used in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UsageKind::Grant => "grant",
+            UsageKind::Denial { .. } => "denial",
+            UsageKind::Release => "release",
+            UsageKind::Reclaim => "reclaim",
+            UsageKind::Revocation { .. } => "revocation",
+        }
+    }
+
+    /// Whether it ends a grant.
+    pub fn ends_grant(&self) -> bool {
+        matches!(
+            self,
+            UsageKind::Release | UsageKind::Reclaim | UsageKind::Revocation { .. }
+        )
+    }
+}
+
+/// One event, as the runtime saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct UsageEvent {
+    /// When, unix ms (the runtime's clock).
+    pub at_ms: u64,
+    /// What happened.
+    pub kind: UsageKind,
+    /// The product.
+    pub product: ProductKey,
+    /// The grant's handle (0 for a denial).
+    pub handle: u64,
+    /// The user who asked, when known.
+    pub user: Option<String>,
+    /// The machine the access counts for.
+    pub machine: String,
+    /// The terminal-server session, for a session's station.
+    pub session: Option<u32>,
+    /// The client computer of a remote-desktop session.
+    pub client_name: Option<String>,
+    /// The address the access came from (a client runtime's peer, a session's client).
+    pub address: Option<String>,
+    /// Grants of the product this runtime holds after the event.
+    pub in_use: u32,
+    /// How long the grant was held (events that end one).
+    pub held_ms: Option<u64>,
+}
+
+/// A record of the log: an event, its place and the hash of the record before it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Place in the log, from 1.
+    pub seq: u64,
+    /// Hash of the previous record's stored form (zeros for the first).
+    pub prev: [u8; 32],
+    /// The event.
+    pub event: UsageEvent,
+}
+
+/// The last record of a log: its place and hash (place 0: an empty log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogHead {
+    /// The last record's place.
+    pub seq: u64,
+    /// The last record's hash.
+    pub hash: [u8; 32],
+}
+
+impl LogHead {
+    /// Stored form: place (8 bytes, little endian) then hash.
+    pub fn to_bytes(&self) -> [u8; 40] {
+        let mut bytes = [0u8; 40];
+        bytes[..8].copy_from_slice(&self.seq.to_le_bytes());
+        bytes[8..].copy_from_slice(&self.hash);
+        bytes
+    }
+
+    /// Reads a stored head.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let seq = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+        let hash = bytes.get(8..)?.try_into().ok()?;
+        Some(LogHead { seq, hash })
+    }
+
+    /// `seq:hash-hex`, as `meter usage verify` prints it.
+    pub fn display(&self) -> String {
+        format!("{}:{}", self.seq, hex::encode(self.hash))
+    }
+}
+
+/// The hash of a record's stored form.
+pub fn record_hash(stored: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(DOMAIN);
+    hasher.update(stored);
+    hasher.finalize().into()
+}
+
+/// Seals events into records: places them after the head and signs them.
+pub struct UsageSealer {
+    key: SigningKey,
+    head: LogHead,
+}
+
+impl std::fmt::Debug for UsageSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UsageSealer")
+            .field("head", &self.head)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UsageSealer {
+    /// A sealer with the 32-byte secret key, continuing the log after `head`.
+    pub fn new(secret: &[u8; 32], head: LogHead) -> Self {
+        UsageSealer {
+            key: SigningKey::from_bytes(secret),
+            head,
+        }
+    }
+
+    /// The public key records verify under.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// The last sealed record.
+    pub fn head(&self) -> LogHead {
+        self.head
+    }
+
+    /// Goes on after `head` (the records after it were not written).
+    pub fn rewind(&mut self, head: LogHead) {
+        self.head = head;
+    }
+
+    /// Seals the next record; its place and stored form.
+    pub fn seal(&mut self, event: &UsageEvent) -> (u64, Vec<u8>) {
+        /// A [`UsageRecord`] borrowing its event: encodes the same.
+        #[derive(Serialize)]
+        struct RecordRef<'e> {
+            seq: u64,
+            prev: [u8; 32],
+            event: &'e UsageEvent,
+        }
+        let seq = self.head.seq.saturating_add(1);
+        let record = RecordRef {
+            seq,
+            prev: self.head.hash,
+            event,
+        };
+        let mut stored = postcard::to_stdvec(&record).expect("usage records always encode");
+        let signature = self.key.sign(&signed_message(&stored));
+        stored.extend_from_slice(&signature.to_bytes());
+        self.head = LogHead {
+            seq,
+            hash: record_hash(&stored),
+        };
+        (seq, stored)
+    }
+}
+
+fn signed_message(body: &[u8]) -> Vec<u8> {
+    [DOMAIN, body].concat()
+}
+
+/// Reads a stored record without checking its signature.
+pub fn read_record(stored: &[u8]) -> Option<UsageRecord> {
+    let body = stored.get(..stored.len().checked_sub(SIGNATURE_LEN)?)?;
+    postcard::from_bytes(body).ok()
+}
+
+/// Something wrong with a log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "problem")]
+pub enum LogProblem {
+    /// A record cannot be read.
+    Unreadable {
+        /// Its place in the table.
+        at: u64,
+    },
+    /// A record says it belongs elsewhere (records moved).
+    OutOfPlace {
+        /// Its place in the table.
+        at: u64,
+        /// The place it names.
+        names: u64,
+    },
+    /// Records are missing before this place.
+    Missing {
+        /// The first missing place.
+        from: u64,
+        /// The next record present.
+        to: u64,
+    },
+    /// A record does not follow the one before it (one before was removed, altered or moved).
+    ChainBroken {
+        /// Its place.
+        at: u64,
+    },
+    /// A record's signature does not verify (it was altered or forged).
+    BadSignature {
+        /// Its place.
+        at: u64,
+    },
+    /// The log ends elsewhere than the head kept beside it says (its tail was cut or added to).
+    HeadMismatch {
+        /// The head kept, `seq:hash`.
+        kept: String,
+        /// The head found, `seq:hash`.
+        found: String,
+    },
+}
+
+/// What verifying a log found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Verification {
+    /// Records read.
+    pub records: u64,
+    /// The head found, `seq:hash`.
+    pub head: String,
+    /// Problems found (at most [`MAX_LISTED_PROBLEMS`] listed).
+    pub problems: Vec<LogProblem>,
+    /// How many problems there were in all.
+    pub problem_count: u64,
+}
+
+impl Verification {
+    /// True when nothing was found wrong.
+    pub fn intact(&self) -> bool {
+        self.problem_count == 0
+    }
+}
+
+/// Walks a log (place and stored form, in place order), checking places, chain and signatures
+/// under `public_key`, and its end against `kept_head` when one is kept.
+pub fn verify<'a>(
+    rows: impl IntoIterator<Item = (u64, &'a [u8])>,
+    public_key: &[u8; 32],
+    kept_head: Option<LogHead>,
+) -> Verification {
+    let key = VerifyingKey::from_bytes(public_key).ok();
+    let mut problems = Vec::new();
+    let mut problem_count = 0u64;
+    let mut note = |problem: LogProblem| {
+        problem_count += 1;
+        if problems.len() < MAX_LISTED_PROBLEMS {
+            problems.push(problem);
+        }
+    };
+    let mut head = LogHead::default();
+    let mut records = 0u64;
+    for (at, stored) in rows {
+        records += 1;
+        let expected = head.seq.saturating_add(1);
+        if at != expected {
+            note(LogProblem::Missing {
+                from: expected,
+                to: at,
+            });
+        }
+        match read_record(stored) {
+            None => note(LogProblem::Unreadable { at }),
+            Some(record) => {
+                if record.seq != at {
+                    note(LogProblem::OutOfPlace {
+                        at,
+                        names: record.seq,
+                    });
+                }
+                if record.prev != head.hash {
+                    note(LogProblem::ChainBroken { at });
+                }
+                let (body, signature) = stored.split_at(stored.len() - SIGNATURE_LEN);
+                let signed = key.as_ref().is_some_and(|key| {
+                    let signature = Signature::from_slice(signature);
+                    signature.is_ok_and(|s| key.verify_strict(&signed_message(body), &s).is_ok())
+                });
+                if !signed {
+                    note(LogProblem::BadSignature { at });
+                }
+            }
+        }
+        head = LogHead {
+            seq: at,
+            hash: record_hash(stored),
+        };
+    }
+    if let Some(kept) = kept_head
+        && kept != head
+    {
+        note(LogProblem::HeadMismatch {
+            kept: kept.display(),
+            found: head.display(),
+        });
+    }
+    Verification {
+        records,
+        head: head.display(),
+        problems,
+        problem_count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u64) -> UsageEvent {
+        UsageEvent {
+            at_ms: 1_000 * n,
+            kind: if n % 2 == 1 {
+                UsageKind::Grant
+            } else {
+                UsageKind::Release
+            },
+            product: ProductKey {
+                firm: 10,
+                code: 1001,
+            },
+            handle: n.div_ceil(2),
+            user: Some("dan".into()),
+            machine: "ts1".into(),
+            session: Some(3),
+            client_name: Some("pc-1".into()),
+            address: Some("10.0.0.1".into()),
+            in_use: u32::try_from(n % 2).unwrap(),
+            held_ms: (n % 2 == 0).then_some(1_000),
+        }
+    }
+
+    /// A log of `n` records and its sealer.
+    fn log(n: u64) -> (Vec<(u64, Vec<u8>)>, UsageSealer) {
+        let mut sealer = UsageSealer::new(&[7; 32], LogHead::default());
+        let rows = (1..=n).map(|i| sealer.seal(&event(i))).collect();
+        (rows, sealer)
+    }
+
+    fn check(rows: &[(u64, Vec<u8>)], sealer: &UsageSealer) -> Verification {
+        verify(
+            rows.iter().map(|(k, v)| (*k, v.as_slice())),
+            &sealer.public_key(),
+            Some(sealer.head()),
+        )
+    }
+
+    #[test]
+    fn an_untouched_log_verifies() {
+        let (rows, sealer) = log(6);
+        let found = check(&rows, &sealer);
+        assert!(found.intact(), "{found:?}");
+        assert_eq!(found.records, 6);
+        assert_eq!(found.head, sealer.head().display());
+    }
+
+    #[test]
+    fn a_removed_record_is_found() {
+        let (mut rows, sealer) = log(6);
+        rows.remove(2);
+        let found = check(&rows, &sealer);
+        assert_eq!(
+            found.problems,
+            vec![
+                LogProblem::Missing { from: 3, to: 4 },
+                LogProblem::ChainBroken { at: 4 }
+            ]
+        );
+    }
+
+    #[test]
+    fn an_altered_record_is_found() {
+        let (mut rows, sealer) = log(6);
+        let mut record = read_record(&rows[1].1).unwrap();
+        record.event.user = Some("sam".into());
+        let mut body = postcard::to_stdvec(&record).unwrap();
+        body.extend_from_slice(&rows[1].1[rows[1].1.len() - SIGNATURE_LEN..]);
+        rows[1].1 = body;
+        let found = check(&rows, &sealer);
+        assert_eq!(
+            found.problems,
+            vec![
+                LogProblem::BadSignature { at: 2 },
+                LogProblem::ChainBroken { at: 3 }
+            ]
+        );
+    }
+
+    #[test]
+    fn reordered_records_are_found() {
+        let (mut rows, sealer) = log(6);
+        let second = rows[1].1.clone();
+        rows[1].1 = rows[2].1.clone();
+        rows[2].1 = second;
+        let found = check(&rows, &sealer);
+        assert!(
+            found
+                .problems
+                .contains(&LogProblem::OutOfPlace { at: 2, names: 3 })
+        );
+        assert!(found.problems.contains(&LogProblem::ChainBroken { at: 2 }));
+    }
+
+    #[test]
+    fn a_cut_tail_is_found_by_the_kept_head_only() {
+        let (mut rows, sealer) = log(6);
+        rows.pop();
+        let found = check(&rows, &sealer);
+        assert!(matches!(
+            found.problems.as_slice(),
+            [LogProblem::HeadMismatch { .. }]
+        ));
+        let unanchored = verify(
+            rows.iter().map(|(k, v)| (*k, v.as_slice())),
+            &sealer.public_key(),
+            None,
+        );
+        assert!(unanchored.intact());
+    }
+
+    #[test]
+    fn another_key_verifies_nothing() {
+        let (rows, _) = log(2);
+        let other = UsageSealer::new(&[8; 32], LogHead::default());
+        let found = verify(
+            rows.iter().map(|(k, v)| (*k, v.as_slice())),
+            &other.public_key(),
+            None,
+        );
+        assert_eq!(found.problem_count, 2);
+    }
+
+    #[test]
+    fn a_reopened_log_continues_its_chain() {
+        let (mut rows, sealer) = log(3);
+        let mut reopened = UsageSealer::new(&[7; 32], sealer.head());
+        rows.push(reopened.seal(&event(4)));
+        assert!(check(&rows, &reopened).intact());
+    }
+
+    #[test]
+    fn heads_round_trip() {
+        let (_, sealer) = log(3);
+        let head = sealer.head();
+        assert_eq!(LogHead::from_bytes(&head.to_bytes()), Some(head));
+        assert_eq!(LogHead::from_bytes(&[1, 2]), None);
+    }
+}

@@ -1,0 +1,248 @@
+//! The daemon's usage log: every grant, denial and end of a grant goes to the store with the
+//! change it belongs to (so nothing is answered before it is logged), and is read back for
+//! `meter usage verify` and `meter usage report`.
+
+use std::sync::Arc;
+
+use meter_core::allocation::ProductKey;
+use meter_core::reason::Reason;
+use meter_core::usage::{UsageEvent, UsageKind, Verification, read_record, verify};
+use meter_core::usage_report::{self, Window};
+use serde_json::{Value, json};
+
+use crate::daemon::{GrantRecord, Holder, Runtime, State};
+use crate::protocol::WireSession;
+use crate::store::{self, Change};
+
+/// Metadata key of the usage log's secret key.
+pub const USAGE_KEY_KEY: &str = "usage-key";
+
+/// Who asked for a licence that was refused.
+#[derive(Debug, Clone)]
+pub(crate) struct Asker {
+    /// The user, when known.
+    pub user: Option<String>,
+    /// The machine counted.
+    pub machine: String,
+    /// The terminal-server session, for a session's station.
+    pub session: Option<u32>,
+    /// Its remote-desktop session, if any.
+    pub wire_session: WireSession,
+    /// A client runtime's address (`ip:port`), for an access it forwarded.
+    pub peer: Option<String>,
+}
+
+/// A log failure the command line reports.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageLogError {
+    /// The runtime runs without a usage log.
+    #[error("This runtime keeps no usage log (meterd --no-usage-log)")]
+    Off,
+    /// The store could not be read.
+    #[error("Cannot read the usage log")]
+    Store(#[source] store::StoreError),
+    /// Not a harness build.
+    #[error("Only a harness build stages log tampering")]
+    NotHarnessBuild,
+}
+
+/// The address an event names: a client runtime's peer, else a remote desktop's client.
+fn address_of(session: &WireSession, peer: Option<&str>) -> Option<String> {
+    match (peer, session) {
+        (Some(peer), _) => Some(
+            peer.parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().to_canonical().to_string())
+                .unwrap_or_else(|_| peer.to_owned()),
+        ),
+        (None, WireSession::Rdp { client_ip, .. }) => Some(client_ip.clone()),
+        (None, _) => None,
+    }
+}
+
+fn client_name_of(session: &WireSession) -> Option<String> {
+    match session {
+        WireSession::Rdp { client_name, .. } => Some(client_name.clone()),
+        _ => None,
+    }
+}
+
+impl Runtime {
+    /// The user holding a grant: a local holder's account, or the user a client runtime named.
+    fn grant_user(&self, state: &State, handle: u64, record: &GrantRecord) -> Option<String> {
+        match record.holder {
+            Holder::Local { uid, .. } => self.user_of(uid),
+            Holder::Remote { .. } => state.remote_users.get(&handle).cloned(),
+        }
+    }
+
+    /// The log change recording `kind` for the grant `handle` at `at_ms` (none with the log
+    /// off). Call it with the state as it is after the event.
+    pub(crate) fn usage_change(
+        &self,
+        state: &State,
+        kind: UsageKind,
+        handle: u64,
+        record: &GrantRecord,
+        user: Option<String>,
+        at_ms: u64,
+    ) -> Option<Change> {
+        if self.usage_key.is_none() {
+            return None;
+        }
+        let peer = match &record.holder {
+            Holder::Remote { peer, .. } => Some(peer.as_str()),
+            Holder::Local { .. } => None,
+        };
+        let held_ms = kind
+            .ends_grant()
+            .then(|| at_ms.saturating_sub(record.granted_at));
+        Some(Change::AppendUsage(Box::new(UsageEvent {
+            at_ms,
+            kind,
+            product: record.product,
+            handle,
+            user,
+            machine: record.station.machine.clone(),
+            session: record.station.session,
+            client_name: client_name_of(&record.session),
+            address: address_of(&record.session, peer),
+            in_use: state.in_use(record.product),
+            held_ms,
+        })))
+    }
+
+    /// The log change for a grant just recorded under `handle`.
+    pub(crate) fn usage_grant(&self, state: &State, handle: u64) -> Option<Change> {
+        let record = state.grants.get(&handle)?;
+        let user = self.grant_user(state, handle, record);
+        self.usage_change(
+            state,
+            UsageKind::Grant,
+            handle,
+            record,
+            user,
+            record.granted_at,
+        )
+    }
+
+    /// The user of a grant about to end (read before it is forgotten).
+    pub(crate) fn usage_user(&self, state: &State, handle: u64) -> Option<String> {
+        if self.usage_key.is_none() {
+            return None;
+        }
+        let record = state.grants.get(&handle)?;
+        self.grant_user(state, handle, record)
+    }
+
+    /// Records a refused access and waits until it is written.
+    pub(crate) async fn log_denial(
+        &self,
+        asker: Asker,
+        product: ProductKey,
+        reason: Reason,
+        rule: Option<usize>,
+    ) {
+        if self.usage_key.is_none()
+            || crate::weakened::is(crate::weakened::Defence::UsageLogRecords)
+        {
+            // Weakened: denials leave no record.
+            return;
+        }
+        let at_ms = self.platform.now_ms().unwrap_or(0);
+        let durable = {
+            let state = self.lock();
+            self.store
+                .submit(vec![Change::AppendUsage(Box::new(UsageEvent {
+                    at_ms,
+                    kind: UsageKind::Denial {
+                        reason,
+                        rule: rule.and_then(|r| u32::try_from(r).ok()),
+                    },
+                    product,
+                    handle: 0,
+                    user: asker.user,
+                    machine: asker.machine,
+                    session: asker.session,
+                    client_name: client_name_of(&asker.wire_session),
+                    address: address_of(&asker.wire_session, asker.peer.as_deref()),
+                    in_use: state.in_use(product),
+                    held_ms: None,
+                }))])
+        };
+        if let Err(e) = store::wait(durable).await {
+            tracing::error!(error = %e, "Denial not logged");
+        }
+    }
+
+    /// Checks the whole log: places, chain, signatures and the head kept beside it.
+    pub fn usage_verify(&self) -> Result<(Verification, [u8; 32]), UsageLogError> {
+        let key = self.usage_key.ok_or(UsageLogError::Off)?;
+        let mut rows = Vec::new();
+        let kept = self
+            .store
+            .read_usage(|seq, stored| rows.push((seq, stored.to_vec())))
+            .map_err(UsageLogError::Store)?;
+        let mut found = verify(
+            rows.iter().map(|(seq, stored)| (*seq, stored.as_slice())),
+            &key,
+            kept,
+        );
+        if crate::weakened::is(crate::weakened::Defence::UsageLogChain) {
+            // Weakened: the records are counted, nothing is checked.
+            found.problems.clear();
+            found.problem_count = 0;
+        }
+        Ok((found, key))
+    }
+
+    /// `meter usage verify`'s answer.
+    pub fn usage_verify_json(&self) -> Result<Value, UsageLogError> {
+        let (found, key) = self.usage_verify()?;
+        Ok(json!({
+            "intact": found.intact(),
+            "records": found.records,
+            "head": found.head,
+            "public-key": hex::encode(key),
+            "problem-count": found.problem_count,
+            "problems": found.problems,
+        }))
+    }
+
+    /// A usage report over `[from, to)` (unix ms; `to` defaults to now), with the rules in
+    /// force for reservations.
+    pub fn usage_report_json(
+        &self,
+        from_ms: Option<u64>,
+        to_ms: Option<u64>,
+    ) -> Result<Value, UsageLogError> {
+        if self.usage_key.is_none() {
+            return Err(UsageLogError::Off);
+        }
+        let to_ms = to_ms.unwrap_or_else(|| self.platform.now_ms().unwrap_or(u64::MAX));
+        let rules = self.lock_access().rules();
+        let mut builder = usage_report::Builder::new(rules.as_deref(), Window { from_ms, to_ms });
+        let mut unreadable = 0u64;
+        self.store
+            .read_usage(|_, stored| match read_record(stored) {
+                Some(record) => builder.add(&record.event),
+                None => unreadable += 1,
+            })
+            .map_err(UsageLogError::Store)?;
+        let mut report = serde_json::to_value(builder.finish()).unwrap_or(Value::Null);
+        report["unreadable-records"] = json!(unreadable);
+        Ok(report)
+    }
+
+    /// An attack (harness builds): removes the usage record `seq` as root editing the database
+    /// would, leaving the head kept beside the log.
+    pub async fn tamper_usage(self: &Arc<Self>, seq: u64) -> Result<Value, UsageLogError> {
+        if !crate::harness_build::enabled() {
+            return Err(UsageLogError::NotHarnessBuild);
+        }
+        store::wait(self.store.submit(vec![Change::RemoveUsage(seq)]))
+            .await
+            .map_err(UsageLogError::Store)?;
+        tracing::warn!(seq, "Usage record removed (a staged attack)");
+        Ok(json!({"removed": seq}))
+    }
+}
