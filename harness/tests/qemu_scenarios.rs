@@ -131,6 +131,7 @@ fn scenario_file_passes(scenario: &str, name: &str) {
 #[case::holder_other_user("holder-other-user")]
 #[case::access_rules("access-rules")]
 #[case::access_rules_network("access-rules-network")]
+#[case::usage_log_tampered("usage-log-tampered")]
 #[case::server_keepalive("server-keepalive")]
 #[case::partition_short("partition-short")]
 #[case::partition_reset("partition-reset")]

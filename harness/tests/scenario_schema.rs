@@ -85,6 +85,9 @@ steps:
   - expect: { app: { app: app2, state: revoked, reason: binding-broken } }
   - expect: { holders: { product: 1001, at-most: 1 } }
   - expect: { responsive: vm1 }
+  - expect: { usage: { machine: vm2, product: 1001, user: ann, grants: 1, denials: 0, reason: rule-denied, held: 1h, tolerance: 2m } }
+  - tamper-usage-log: { machine: vm2, record: 1 }
+  - expect: { usage-log: { machine: vm2, intact: false } }
   - release: app2
   - session-close: sess1
   - drop-session-table: vm1

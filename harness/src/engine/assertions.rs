@@ -25,7 +25,7 @@ pub struct Check {
 /// How long a state assertion waits for the runtime to settle (releases and counts are
 /// asynchronous: a kill is noticed by a pidfd, a vanished station by its keepalive window, so
 /// while the network is cut the window covers two keepalive windows).
-fn settle_window(world: &World) -> Duration {
+pub(super) fn settle_window(world: &World) -> Duration {
     // A hung dongle is noticed only when a request to it times out (2 s in the reference runtime).
     let base = if world.dongle_hung {
         Duration::from_secs(8)
@@ -82,6 +82,8 @@ impl World {
             Assertion::App(a) => self.check_app(a),
             Assertion::Holders(a) => self.check_holders(a),
             Assertion::Responsive(machine) => self.check_responsive(&machine.value),
+            Assertion::Usage(a) => self.check_usage(a),
+            Assertion::UsageLog(a) => self.check_usage_log(a),
         }
     }
 

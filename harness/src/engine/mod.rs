@@ -3,6 +3,7 @@
 
 mod assertions;
 pub mod shard;
+mod usage_checks;
 mod world;
 
 use std::path::{Path, PathBuf};

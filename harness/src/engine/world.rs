@@ -696,6 +696,23 @@ impl World {
                     })
                 }
             }
+            Step::TamperUsageLog(t) => {
+                let args = vec!["tamper-usage-log".to_string(), t.record.value.to_string()];
+                let (code, answer) = runtime::meter_json(
+                    self.backend.as_mut(),
+                    &t.machine.value,
+                    Caller::Admin,
+                    &args,
+                )?;
+                if code == Some(0) {
+                    Ok(())
+                } else {
+                    Err(BackendError::Runtime {
+                        machine: t.machine.value.clone(),
+                        message: format!("`meter tamper-usage-log` failed: {answer}"),
+                    })
+                }
+            }
             Step::ClaimWitness(c) => {
                 self.claim_witness(&c.machine.value, &c.victim.value, c.product.value)
             }

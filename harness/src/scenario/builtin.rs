@@ -60,6 +60,8 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("holder-other-user"),
     builtin!("access-rules"),
     builtin!("access-rules-network"),
+    builtin!("usage-reserved-split"),
+    builtin!("usage-log-tampered"),
     builtin!("server-keepalive"),
     builtin!("partition-short"),
     builtin!("partition-reset"),

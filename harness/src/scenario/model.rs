@@ -427,11 +427,17 @@ pub enum Defence {
     WitnessChainKeys,
     /// The administrator's access rules (exclusions, include lists, caps, reservations) hold.
     AccessRules,
+    /// Seats reserved for others and still unused are not free to the rest.
+    RuleReservations,
+    /// The usage log records every grant, denial and end of a grant.
+    UsageLogRecords,
+    /// Verifying the usage log finds a removed, altered or reordered record.
+    UsageLogChain,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 37] = [
+    pub const ALL: [Defence; 40] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -469,6 +475,9 @@ impl Defence {
         Defence::WitnessPinning,
         Defence::WitnessChainKeys,
         Defence::AccessRules,
+        Defence::RuleReservations,
+        Defence::UsageLogRecords,
+        Defence::UsageLogChain,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -511,6 +520,9 @@ impl Defence {
             Defence::WitnessPinning => "witness-pinning",
             Defence::WitnessChainKeys => "witness-chain-keys",
             Defence::AccessRules => "access-rules",
+            Defence::RuleReservations => "rule-reservations",
+            Defence::UsageLogRecords => "usage-log-records",
+            Defence::UsageLogChain => "usage-log-chain",
         }
     }
 
@@ -597,6 +609,15 @@ impl Defence {
             }
             Defence::AccessRules => {
                 "The administrator's access rules hold: excluded users, caps per user or group, reservations."
+            }
+            Defence::RuleReservations => {
+                "Seats reserved for a group and not yet used by it are not free to anyone else."
+            }
+            Defence::UsageLogRecords => {
+                "The usage log records every grant, denial, release, reclaim and revocation."
+            }
+            Defence::UsageLogChain => {
+                "Verifying the usage log finds a record removed, altered or moved by whoever edits the state."
             }
         }
     }
@@ -686,6 +707,8 @@ pub enum Step {
     ClaimWitness(ClaimWitnessStep),
     /// Put the administrator's access rules in force on a machine's runtime.
     Rules(RulesStep),
+    /// Remove one record of a machine's usage log, as root editing the state can (an attack).
+    TamperUsageLog(TamperUsageLogStep),
     /// Copy a machine's runtime state folder aside, as root can (an attack, with `state-restore`).
     StateSave(StateCopyStep),
     /// Put a saved copy of a machine's runtime state folder back (an attack: no snapshot, no
@@ -738,6 +761,7 @@ impl Step {
             Step::Impersonate(_) => "impersonate",
             Step::ClaimWitness(_) => "claim-witness",
             Step::Rules(_) => "rules",
+            Step::TamperUsageLog(_) => "tamper-usage-log",
             Step::StateSave(_) => "state-save",
             Step::StateRestore(_) => "state-restore",
             Step::Expect(_) => "expect",
@@ -781,6 +805,7 @@ impl Step {
             Step::Impersonate(i) => vec![&i.machine, &i.victim],
             Step::ClaimWitness(c) => vec![&c.machine, &c.victim],
             Step::Rules(r) => vec![&r.machine],
+            Step::TamperUsageLog(t) => vec![&t.machine],
             Step::UsbDetach(_)
             | Step::UsbipDetach(_)
             | Step::UsbipDisconnect(_)
@@ -803,7 +828,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 42] = [
+    pub const KEYWORDS: [&'static str; 43] = [
         "boot",
         "shutdown",
         "pause",
@@ -843,6 +868,7 @@ impl Step {
         "impersonate",
         "claim-witness",
         "rules",
+        "tamper-usage-log",
         "state-save",
         "state-restore",
         "expect",
@@ -1230,6 +1256,16 @@ pub struct RulesStep {
     pub rules: serde_json::Map<String, serde_json::Value>,
 }
 
+/// `tamper-usage-log`: remove one record of a machine's usage log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TamperUsageLogStep {
+    /// The machine whose runtime keeps the log.
+    pub machine: Name,
+    /// The record's place in the log, from 1 (`meter usage verify` counts them).
+    pub record: Located<u64>,
+}
+
 /// `claim-witness`: a machine claims another machine's licence at the witnesses first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -1363,6 +1399,10 @@ pub enum Assertion {
     Holders(HoldersAssertion),
     /// A machine's runtime answers a status request promptly.
     Responsive(Name),
+    /// Figures of a runtime's usage report (`meter usage report`).
+    Usage(UsageAssertion),
+    /// What verifying a runtime's usage log finds (`meter usage verify`).
+    UsageLog(UsageLogAssertion),
 }
 
 impl Assertion {
@@ -1379,11 +1419,13 @@ impl Assertion {
             Assertion::App(_) => "app",
             Assertion::Holders(_) => "holders",
             Assertion::Responsive(_) => "responsive",
+            Assertion::Usage(_) => "usage",
+            Assertion::UsageLog(_) => "usage-log",
         }
     }
 
     /// Every assertion key.
-    pub const KEYWORDS: [&'static str; 10] = [
+    pub const KEYWORDS: [&'static str; 12] = [
         "granted",
         "denied",
         "in-use",
@@ -1394,7 +1436,54 @@ impl Assertion {
         "app",
         "holders",
         "responsive",
+        "usage",
+        "usage-log",
     ];
+}
+
+/// `usage`: figures of a runtime's usage report over the whole run, for one product and
+/// optionally one user. Give at least one figure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UsageAssertion {
+    /// The machine whose runtime keeps the log (a network server logs its clients' accesses).
+    pub machine: Name,
+    /// Product code.
+    pub product: ProductCode,
+    /// Only this user's figures (a session's user; not with `peak`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<Name>,
+    /// Grants made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grants: Option<u64>,
+    /// Denials (of `reason` only, when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denials: Option<u64>,
+    /// The reason the counted denials were given (with `denials`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Located<Reason>>,
+    /// Most grants of the product held at once in any hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<u32>,
+    /// Time held, summed over the grants, on the machine's clock (`advance` moves it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Duration>,
+    /// How far `held` may be off (default 1m: apps take real time to start and stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<Duration>,
+}
+
+/// How far a `usage` assertion's `held` may be off unless it says.
+pub const DEFAULT_HELD_TOLERANCE: Duration = Duration::from_secs(60);
+
+/// `usage-log`: what verifying a runtime's usage log finds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UsageLogAssertion {
+    /// The machine whose runtime keeps the log.
+    pub machine: Name,
+    /// True: every record in place, chained and signed; false: tampering found.
+    pub intact: bool,
 }
 
 /// `holders`: the most apps that held a product at once, over every step so far.
@@ -1566,6 +1655,12 @@ struct ExpectKeys {
     /// A machine's runtime answers promptly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     responsive: Option<Name>,
+    /// Figures of a usage report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage: Option<UsageAssertion>,
+    /// What verifying a usage log finds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage_log: Option<UsageLogAssertion>,
 }
 
 fn single_key_schema(key: &str, description: &str, value: schemars::Schema) -> schemars::Schema {
@@ -1643,6 +1738,16 @@ impl JsonSchema for Assertion {
                 "A machine's runtime answers a status request within 2 s.",
                 generator.subschema_for::<String>(),
             ),
+            single_key_schema(
+                "usage",
+                "Figures of a runtime's usage report (`meter usage report`).",
+                generator.subschema_for::<UsageAssertion>(),
+            ),
+            single_key_schema(
+                "usage-log",
+                "What verifying a runtime's usage log finds (`meter usage verify`).",
+                generator.subschema_for::<UsageLogAssertion>(),
+            ),
         ];
         schemars::json_schema!({
             "description": "What an `expect` step checks: exactly one assertion.",
@@ -1667,6 +1772,8 @@ impl TryFrom<ExpectKeys> for Assertion {
             app,
             holders,
             responsive,
+            usage,
+            usage_log,
         } = keys;
         let mut found: Vec<Assertion> = Vec::new();
         if let Some(app) = granted {
@@ -1694,6 +1801,8 @@ impl TryFrom<ExpectKeys> for Assertion {
         found.extend(app.map(Assertion::App));
         found.extend(holders.map(Assertion::Holders));
         found.extend(responsive.map(Assertion::Responsive));
+        found.extend(usage.map(Assertion::Usage));
+        found.extend(usage_log.map(Assertion::UsageLog));
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(format!(
@@ -1730,6 +1839,8 @@ impl From<Assertion> for ExpectKeys {
             Assertion::App(a) => keys.app = Some(a),
             Assertion::Holders(a) => keys.holders = Some(a),
             Assertion::Responsive(m) => keys.responsive = Some(m),
+            Assertion::Usage(a) => keys.usage = Some(a),
+            Assertion::UsageLog(a) => keys.usage_log = Some(a),
         }
         keys
     }

@@ -1357,6 +1357,17 @@ impl<'a> Checker<'a> {
             Step::Rules(r) => {
                 self.running(&r.machine);
             }
+            Step::TamperUsageLog(t) => {
+                self.running(&t.machine);
+                if t.record.value == 0 {
+                    self.report(
+                        t.record.at,
+                        "usage records are counted from 1",
+                        "no record 0",
+                        Some("`record: 1` is the first record".into()),
+                    );
+                }
+            }
             Step::ClaimWitness(claim) => {
                 self.running(&claim.machine);
                 self.running(&claim.victim);
@@ -1662,6 +1673,53 @@ impl<'a> Checker<'a> {
             }
             Assertion::Responsive(machine) => {
                 self.running(machine);
+            }
+            Assertion::UsageLog(log) => {
+                self.running(&log.machine);
+            }
+            Assertion::Usage(usage) => {
+                self.running(&usage.machine);
+                self.product(&usage.product);
+                if usage.grants.is_none()
+                    && usage.denials.is_none()
+                    && usage.peak.is_none()
+                    && usage.held.is_none()
+                {
+                    self.report(
+                        usage.product.at,
+                        "`usage` needs a figure: `grants`, `denials`, `peak` or `held`",
+                        "nothing to check",
+                        None,
+                    );
+                }
+                if let Some(reason) = &usage.reason
+                    && usage.denials.is_none()
+                {
+                    self.report(
+                        reason.at,
+                        "`reason` counts denials: give `denials` with it",
+                        "reason without denials",
+                        None,
+                    );
+                }
+                if let Some(user) = &usage.user
+                    && usage.peak.is_some()
+                {
+                    self.report(
+                        user.at,
+                        "`peak` is the product's, for every user: leave `user` out or check another figure",
+                        "peak of a user",
+                        None,
+                    );
+                }
+                if usage.tolerance.is_some() && usage.held.is_none() {
+                    self.report(
+                        usage.product.at,
+                        "`tolerance` goes with `held`",
+                        "tolerance without held",
+                        None,
+                    );
+                }
             }
             Assertion::Granted { app } | Assertion::Denied { app, .. } => {
                 self.app(app, true);

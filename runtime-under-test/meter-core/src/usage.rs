@@ -363,7 +363,7 @@ mod tests {
     fn event(n: u64) -> UsageEvent {
         UsageEvent {
             at_ms: 1_000 * n,
-            kind: if n % 2 == 1 {
+            kind: if !n.is_multiple_of(2) {
                 UsageKind::Grant
             } else {
                 UsageKind::Release
@@ -379,7 +379,7 @@ mod tests {
             client_name: Some("pc-1".into()),
             address: Some("10.0.0.1".into()),
             in_use: u32::try_from(n % 2).unwrap(),
-            held_ms: (n % 2 == 0).then_some(1_000),
+            held_ms: n.is_multiple_of(2).then_some(1_000),
         }
     }
 

@@ -111,6 +111,9 @@ pub struct Window {
     pub to_ms: u64,
 }
 
+/// Denials alike: hour, product, user, reason and rule.
+type DenialKey = (u64, ProductKey, Option<String>, Reason, Option<u32>);
+
 struct Live {
     product: ProductKey,
     user: Option<String>,
@@ -152,7 +155,7 @@ pub struct Builder<'r> {
     level: HashMap<ProductKey, (u32, u64)>,
     usage: BTreeMap<(ProductKey, Option<String>), (u64, u64)>,
     peaks: BTreeMap<(ProductKey, u64), u32>,
-    denials: BTreeMap<(u64, ProductKey, Option<String>, Reason, Option<u32>), u64>,
+    denials: BTreeMap<DenialKey, u64>,
     reserves: Vec<Reserve>,
     last_ms: Option<u64>,
 }

@@ -28,12 +28,9 @@ pub enum UsageCommand {
         /// End of the window (excluded), as --from [default: now].
         #[arg(long, value_parser = parse_time)]
         to: Option<u64>,
-        /// Print comma-separated values (one line per figure) instead of text.
-        #[arg(long, conflicts_with = "json")]
-        csv: bool,
-        /// Print JSON (as the global --json).
+        /// Print comma-separated values (one line per figure) instead of text or JSON.
         #[arg(long)]
-        json: bool,
+        csv: bool,
     },
 }
 
@@ -41,18 +38,13 @@ pub enum UsageCommand {
 pub async fn run(socket: &Path, json_mode: bool, command: UsageCommand) -> anyhow::Result<Outcome> {
     let (request, format) = match command {
         UsageCommand::Verify => (LocalRequest::UsageVerify, Format::Verify),
-        UsageCommand::Report {
-            from,
-            to,
-            csv,
-            json,
-        } => {
+        UsageCommand::Report { from, to, csv } => {
             if let (Some(from), Some(to)) = (from, to)
                 && from >= to
             {
                 anyhow::bail!("--from must come before --to");
             }
-            let format = match (csv, json || json_mode) {
+            let format = match (csv, json_mode) {
                 (true, _) => Format::Csv,
                 (false, true) => Format::Json,
                 (false, false) => Format::Text,

@@ -86,9 +86,7 @@ impl Runtime {
         user: Option<String>,
         at_ms: u64,
     ) -> Option<Change> {
-        if self.usage_key.is_none() {
-            return None;
-        }
+        self.usage_key?;
         let peer = match &record.holder {
             Holder::Remote { peer, .. } => Some(peer.as_str()),
             Holder::Local { .. } => None,
@@ -127,9 +125,7 @@ impl Runtime {
 
     /// The user of a grant about to end (read before it is forgotten).
     pub(crate) fn usage_user(&self, state: &State, handle: u64) -> Option<String> {
-        if self.usage_key.is_none() {
-            return None;
-        }
+        self.usage_key?;
         let record = state.grants.get(&handle)?;
         self.grant_user(state, handle, record)
     }
