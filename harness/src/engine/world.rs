@@ -58,6 +58,9 @@ pub struct World {
     pub(super) apps: BTreeMap<String, AppRecord>,
     pub(super) probes: BTreeMap<String, AccessAnswer>,
     pub(super) servers: Vec<String>,
+    /// Machines whose usage report goes into the run's report: those that served licences or
+    /// had rules or usage checked.
+    usage_machines: std::collections::BTreeSet<String>,
     pub(super) keepalive: Duration,
     /// Whether a partition is in force (silent stations are then released by keepalive).
     pub(super) network_cut: bool,
@@ -141,6 +144,7 @@ impl World {
             apps: BTreeMap::new(),
             probes: BTreeMap::new(),
             servers: Vec::new(),
+            usage_machines: Default::default(),
             keepalive: Duration::from_secs(10),
             network_cut: false,
             dongle_hung: false,
@@ -190,6 +194,11 @@ impl World {
             let line = located.at.line as usize;
             let started = Instant::now();
             if let Step::Expect(assertion) = &located.value {
+                if let sc::Assertion::Usage(sc::UsageAssertion { machine, .. })
+                | sc::Assertion::UsageLog(sc::UsageLogAssertion { machine, .. }) = assertion
+                {
+                    self.usage_machines.insert(machine.value.clone());
+                }
                 let check = self.check(assertion);
                 tally.assertions += 1;
                 let verdict = if check.holds {
@@ -216,6 +225,11 @@ impl World {
                     break;
                 }
                 continue;
+            }
+            if let Step::Rules(sc::RulesStep { machine, .. })
+            | Step::TamperUsageLog(sc::TamperUsageLogStep { machine, .. }) = &located.value
+            {
+                self.usage_machines.insert(machine.value.clone());
             }
             let summary = describe_step(&located.value);
             let machines = self.machines_of(&located.value);
@@ -271,7 +285,30 @@ impl World {
                 break;
             }
         }
+        self.emit_usage_reports(emit);
         tally
+    }
+
+    /// Emits the usage report of every running machine worth one (see `usage_machines`).
+    fn emit_usage_reports(&mut self, emit: &mut dyn FnMut(Event)) {
+        let machines: Vec<String> = self.usage_machines.iter().cloned().collect();
+        for machine in machines {
+            if !matches!(self.backend.power(&machine), Ok(Power::Running)) {
+                continue;
+            }
+            let args = ["usage".to_string(), "report".to_string()];
+            match runtime::meter_json(self.backend.as_mut(), &machine, Caller::Admin, &args) {
+                Ok((Some(0), report)) => emit(Event::UsageReport {
+                    scenario: self.name.clone(),
+                    machine,
+                    report,
+                }),
+                Ok((code, answer)) => {
+                    tracing::warn!(machine, ?code, %answer, "No usage report");
+                }
+                Err(e) => tracing::warn!(machine, error = %e, "No usage report"),
+            }
+        }
     }
 
     /// Counts, for each product a `holders` assertion watches, the apps holding it now (granted,
@@ -611,6 +648,7 @@ impl World {
                 self.backend
                     .start_server(&s.machine.value, s.port.unwrap_or(22350), keepalive)?;
                 self.servers.push(s.machine.value.clone());
+                self.usage_machines.insert(s.machine.value.clone());
                 Ok(())
             }
             Step::DropSessionTable(m) => self.backend.drop_session_table(&m.value),

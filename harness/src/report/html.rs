@@ -80,6 +80,7 @@ pub fn report_html(run_id: &str, events: &[Event], logs: &str) -> String {
         out.push_str(&timeline_svg(&marks));
         out.push_str(&log_links(&marks, logs, &r.name));
         out.push_str(&marks_table(&marks));
+        out.push_str(&super::usage_html::usage_tables(events, &r.name));
         out.push_str("</section>\n");
     }
     out.push_str("</body>\n</html>\n");
@@ -473,7 +474,7 @@ fn anchor(name: &str) -> String {
 }
 
 /// Text made safe for HTML content and attribute values.
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

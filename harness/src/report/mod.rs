@@ -4,6 +4,7 @@
 mod html;
 mod junit;
 mod summary;
+mod usage_html;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -118,6 +119,16 @@ pub enum Event {
         /// Time taken, milliseconds.
         elapsed_ms: f64,
     },
+    /// A runtime's usage report at the end of a scenario (`meter usage report`), for the
+    /// machines that served licences or had rules or usage checked.
+    UsageReport {
+        /// Scenario name.
+        scenario: String,
+        /// The machine whose runtime keeps the log.
+        machine: String,
+        /// The report, as the runtime answered it.
+        report: serde_json::Value,
+    },
     /// A scenario ended.
     ScenarioFinished {
         /// Scenario name.
@@ -211,6 +222,7 @@ impl EventSink for Progress {
                     )
                 }
             }
+            Event::UsageReport { .. } => Ok(()),
             Event::ScenarioFinished {
                 scenario,
                 verdict,
