@@ -44,6 +44,7 @@ bench:
 	$(CARGO) run --release -q -p dongle --example dongle-bench
 	$(CARGO) run --release -q -p meterd --example server-bench
 	$(CARGO) run --release -q -p meterd --features weakened --example server-bench -- --owner-check
+	$(CARGO) run --release -q -p meterd --example server-bench -- --rules-log
 	./scripts/redis-baseline.sh reports/bench
 	$(CARGO) run --release -q -p meterd --example dongle-release-bench
 	$(CARGO) run --release -q -- bench --out reports/bench

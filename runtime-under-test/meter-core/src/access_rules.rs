@@ -267,6 +267,29 @@ impl AccessRules {
         held: &[Seat<'_>],
         takes_seat: bool,
     ) -> Result<(), RuleDenial> {
+        let count = u32::try_from(held.len()).unwrap_or(u32::MAX);
+        self.check_lazily(
+            product,
+            requester,
+            quantity,
+            count,
+            || held.iter().map(|s| s.holder.clone()).collect(),
+            takes_seat,
+        )
+    }
+
+    /// As [`AccessRules::check`], with `held_count` seats in use, whose holders `holders` lists
+    /// only when a cap or a reservation needs them (a cap naming the requester, or reservations
+    /// that could leave it no free seat).
+    pub fn check_lazily(
+        &self,
+        product: ProductKey,
+        requester: &Requester,
+        quantity: u32,
+        held_count: u32,
+        holders: impl FnOnce() -> Vec<Requester>,
+        takes_seat: bool,
+    ) -> Result<(), RuleDenial> {
         let covering: Vec<(usize, &Rule)> = self
             .rules
             .iter()
@@ -314,6 +337,21 @@ impl AccessRules {
         if !takes_seat {
             return Ok(());
         }
+        let free = quantity.saturating_sub(held_count);
+        let capped = covering
+            .iter()
+            .any(|(_, r)| r.max.is_some() && self.names(&r.who, requester));
+        let reserved: u32 = covering
+            .iter()
+            .filter_map(|(_, r)| r.reserve)
+            .fold(0u32, u32::saturating_add);
+        // Reservations can leave no free seat only when they keep at least as many as are free.
+        let reservations_bite = quantity > 0 && reserved > 0 && free <= reserved;
+        if !capped && !reservations_bite {
+            return Ok(());
+        }
+        let holders = holders();
+        let held: Vec<Seat<'_>> = holders.iter().map(|holder| Seat { holder }).collect();
         let used_by = |subject: &Subject| -> u32 {
             let n = held
                 .iter()
@@ -333,8 +371,7 @@ impl AccessRules {
                 });
             }
         }
-        if quantity > 0 {
-            let free = quantity.saturating_sub(u32::try_from(held.len()).unwrap_or(u32::MAX));
+        if reservations_bite {
             let kept_for_others: u32 = covering
                 .iter()
                 .filter(|(_, r)| !self.names(&r.who, requester))

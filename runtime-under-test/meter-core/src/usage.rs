@@ -1,12 +1,14 @@
 //! The usage log: one record per grant, denial, release, reclaim and revocation, each chained to
 //! the one before by its hash and signed with the runtime's usage key.
 //!
-//! A record's stored form is its body (postcard) followed by an Ed25519 signature over the body
-//! with a domain prefix. Its hash, over the stored form, is the next record's `prev`. Verifying
-//! walks the records in order and finds a removed record (a gap in the sequence and a broken
-//! chain), an altered one (a bad signature, and a broken chain after it), a reordered one (a
-//! sequence out of place) and a removed or added tail (a head other than the one kept beside the
-//! log). Whoever holds the usage key can rewrite the whole log consistently: kept in the
+//! A record's stored form is its body (postcard), followed, for the last record of each commit,
+//! by an Ed25519 signature over the body with a domain prefix. Its hash, over the stored form, is
+//! the next record's `prev`, so each signature covers, through the chain, every record before it:
+//! one signature per commit instead of one per record, and a busy runtime commits many records at
+//! once. Verifying walks the records in order and finds a removed record (a gap in the sequence
+//! and a broken chain), an altered one (a broken chain after it, or a bad signature), a reordered
+//! one (a sequence out of place), records appended without the key (an unsigned tail) and a
+//! removed or added tail (a head other than the one kept beside the log). Whoever holds the usage key can rewrite the whole log consistently: kept in the
 //! runtime's state, it stops users who cannot read the state, and a head copied elsewhere stops
 //! the rest (see `meter usage verify`).
 
@@ -187,8 +189,9 @@ impl UsageSealer {
         self.head = head;
     }
 
-    /// Seals the next record; its place and stored form.
-    pub fn seal(&mut self, event: &UsageEvent) -> (u64, Vec<u8>) {
+    /// Seals the next record, signed when `sign` (the last of a commit); its place and stored
+    /// form.
+    pub fn seal(&mut self, event: &UsageEvent, sign: bool) -> (u64, Vec<u8>) {
         /// A [`UsageRecord`] borrowing its event: encodes the same.
         #[derive(Serialize)]
         struct RecordRef<'e> {
@@ -203,8 +206,10 @@ impl UsageSealer {
             event,
         };
         let mut stored = postcard::to_stdvec(&record).expect("usage records always encode");
-        let signature = self.key.sign(&signed_message(&stored));
-        stored.extend_from_slice(&signature.to_bytes());
+        if sign {
+            let signature = self.key.sign(&signed_message(&stored));
+            stored.extend_from_slice(&signature.to_bytes());
+        }
         self.head = LogHead {
             seq,
             hash: record_hash(&stored),
@@ -219,8 +224,18 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
 
 /// Reads a stored record without checking its signature.
 pub fn read_record(stored: &[u8]) -> Option<UsageRecord> {
-    let body = stored.get(..stored.len().checked_sub(SIGNATURE_LEN)?)?;
-    postcard::from_bytes(body).ok()
+    split_record(stored).map(|(record, _, _)| record)
+}
+
+/// A stored record's body read, the body's bytes, and its signature (if it has one).
+fn split_record(stored: &[u8]) -> Option<(UsageRecord, &[u8], Option<&[u8]>)> {
+    let (record, rest) = postcard::take_from_bytes::<UsageRecord>(stored).ok()?;
+    let body = &stored[..stored.len() - rest.len()];
+    match rest.len() {
+        0 => Some((record, body, None)),
+        SIGNATURE_LEN => Some((record, body, Some(rest))),
+        _ => None,
+    }
 }
 
 /// Something wrong with a log.
@@ -255,6 +270,11 @@ pub enum LogProblem {
     BadSignature {
         /// Its place.
         at: u64,
+    },
+    /// The log ends in records no signature covers (appended by someone without the key).
+    UnsignedTail {
+        /// The first record after the last signed one.
+        from: u64,
     },
     /// The log ends elsewhere than the head kept beside it says (its tail was cut or added to).
     HeadMismatch {
@@ -304,6 +324,7 @@ pub fn verify<'a>(
     };
     let mut head = LogHead::default();
     let mut records = 0u64;
+    let mut unsigned_from: Option<u64> = None;
     for (at, stored) in rows {
         records += 1;
         let expected = head.seq.saturating_add(1);
@@ -313,9 +334,9 @@ pub fn verify<'a>(
                 to: at,
             });
         }
-        match read_record(stored) {
+        match split_record(stored) {
             None => note(LogProblem::Unreadable { at }),
-            Some(record) => {
+            Some((record, body, signature)) => {
                 if record.seq != at {
                     note(LogProblem::OutOfPlace {
                         at,
@@ -325,13 +346,21 @@ pub fn verify<'a>(
                 if record.prev != head.hash {
                     note(LogProblem::ChainBroken { at });
                 }
-                let (body, signature) = stored.split_at(stored.len() - SIGNATURE_LEN);
-                let signed = key.as_ref().is_some_and(|key| {
-                    let signature = Signature::from_slice(signature);
-                    signature.is_ok_and(|s| key.verify_strict(&signed_message(body), &s).is_ok())
-                });
-                if !signed {
-                    note(LogProblem::BadSignature { at });
+                match signature {
+                    Some(signature) => {
+                        let signed = key.as_ref().is_some_and(|key| {
+                            let signature = Signature::from_slice(signature);
+                            signature
+                                .is_ok_and(|s| key.verify_strict(&signed_message(body), &s).is_ok())
+                        });
+                        if !signed {
+                            note(LogProblem::BadSignature { at });
+                        }
+                        unsigned_from = None;
+                    }
+                    None => {
+                        unsigned_from.get_or_insert(at);
+                    }
                 }
             }
         }
@@ -339,6 +368,9 @@ pub fn verify<'a>(
             seq: at,
             hash: record_hash(stored),
         };
+    }
+    if let Some(from) = unsigned_from {
+        note(LogProblem::UnsignedTail { from });
     }
     if let Some(kept) = kept_head
         && kept != head
@@ -383,10 +415,12 @@ mod tests {
         }
     }
 
-    /// A log of `n` records and its sealer.
+    /// A log of `n` records, committed two at a time, and its sealer.
     fn log(n: u64) -> (Vec<(u64, Vec<u8>)>, UsageSealer) {
         let mut sealer = UsageSealer::new(&[7; 32], LogHead::default());
-        let rows = (1..=n).map(|i| sealer.seal(&event(i))).collect();
+        let rows = (1..=n)
+            .map(|i| sealer.seal(&event(i), i.is_multiple_of(2) || i == n))
+            .collect();
         (rows, sealer)
     }
 
@@ -421,14 +455,22 @@ mod tests {
         );
     }
 
+    /// Record `index` of `rows` with its user changed, its signature (if any) kept.
+    fn alter(rows: &mut [(u64, Vec<u8>)], index: usize) {
+        let (mut record, body, signature) = split_record(&rows[index].1).unwrap();
+        let signature = signature.map(<[u8]>::to_vec);
+        assert!(!body.is_empty());
+        record.event.user = Some("sam".into());
+        let mut stored = postcard::to_stdvec(&record).unwrap();
+        stored.extend(signature.unwrap_or_default());
+        rows[index].1 = stored;
+    }
+
     #[test]
     fn an_altered_record_is_found() {
+        // A signed record (the second): its signature and the chain after it.
         let (mut rows, sealer) = log(6);
-        let mut record = read_record(&rows[1].1).unwrap();
-        record.event.user = Some("sam".into());
-        let mut body = postcard::to_stdvec(&record).unwrap();
-        body.extend_from_slice(&rows[1].1[rows[1].1.len() - SIGNATURE_LEN..]);
-        rows[1].1 = body;
+        alter(&mut rows, 1);
         let found = check(&rows, &sealer);
         assert_eq!(
             found.problems,
@@ -437,6 +479,22 @@ mod tests {
                 LogProblem::ChainBroken { at: 3 }
             ]
         );
+        // An unsigned one (the first): the chain after it.
+        let (mut rows, sealer) = log(6);
+        alter(&mut rows, 0);
+        let found = check(&rows, &sealer);
+        assert_eq!(found.problems, vec![LogProblem::ChainBroken { at: 2 }]);
+    }
+
+    #[test]
+    fn records_appended_without_the_key_are_found() {
+        let (mut rows, mut sealer) = log(4);
+        // Chained correctly, but whoever appends without the key cannot sign the last one.
+        let mut forger = UsageSealer::new(&[9; 32], sealer.head());
+        rows.push(forger.seal(&event(5), false));
+        sealer.rewind(forger.head());
+        let found = check(&rows, &sealer);
+        assert_eq!(found.problems, vec![LogProblem::UnsignedTail { from: 5 }]);
     }
 
     #[test]
@@ -456,8 +514,9 @@ mod tests {
 
     #[test]
     fn a_cut_tail_is_found_by_the_kept_head_only() {
+        // Cut back to a commit's end: what is left is chained and signed.
         let (mut rows, sealer) = log(6);
-        rows.pop();
+        rows.truncate(4);
         let found = check(&rows, &sealer);
         assert!(matches!(
             found.problems.as_slice(),
@@ -473,7 +532,7 @@ mod tests {
 
     #[test]
     fn another_key_verifies_nothing() {
-        let (rows, _) = log(2);
+        let (rows, _) = log(4);
         let other = UsageSealer::new(&[8; 32], LogHead::default());
         let found = verify(
             rows.iter().map(|(k, v)| (*k, v.as_slice())),
@@ -487,7 +546,7 @@ mod tests {
     fn a_reopened_log_continues_its_chain() {
         let (mut rows, sealer) = log(3);
         let mut reopened = UsageSealer::new(&[7; 32], sealer.head());
-        rows.push(reopened.seal(&event(4)));
+        rows.push(reopened.seal(&event(4), true));
         assert!(check(&rows, &reopened).intact());
     }
 

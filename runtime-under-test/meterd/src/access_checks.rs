@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use meter_core::access_rules::{AccessRules, Requester, RuleDenial, Seat};
+use meter_core::access_rules::{AccessRules, Requester, RuleDenial};
 use meter_core::allocation::ProductKey;
 use meter_core::policy::Counting;
 use meter_core::station::{SessionKind, StationId};
@@ -132,32 +132,41 @@ impl Runtime {
             Some(Counting::NoCount) | None => false,
         };
         // One seat per grant (user-limit) or per station (station-share).
-        let mut seen_stations = std::collections::BTreeSet::new();
-        let holders: Vec<Requester> = state
-            .grants
-            .iter()
-            .filter(|(_, g)| g.product == key)
-            .filter(|(_, g)| {
-                counting != Some(Counting::StationShare) || seen_stations.insert(g.station.clone())
-            })
-            .map(|(handle, g)| Requester {
-                user: match g.holder {
-                    Holder::Local { uid, .. } => self.user_of(uid),
-                    Holder::Remote { .. } => state.remote_users.get(handle).cloned(),
-                },
-                machine: g.station.machine.clone(),
-                address: match &g.holder {
-                    Holder::Local { .. } => self.platform.address().ok().flatten(),
-                    Holder::Remote { peer, .. } => peer_ip(peer),
-                },
-                client_name: match &g.session {
-                    WireSession::Rdp { client_name, .. } => Some(client_name.clone()),
-                    _ => None,
-                },
-            })
-            .collect();
-        let seats: Vec<Seat<'_>> = holders.iter().map(|holder| Seat { holder }).collect();
-        match rules.check(key, requester, quantity, &seats, takes_seat) {
+        let of_product = || state.grants.iter().filter(|(_, g)| g.product == key);
+        let held_count = match counting {
+            Some(Counting::StationShare) => of_product()
+                .map(|(_, g)| &g.station)
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            _ => state.in_use(key) as usize,
+        };
+        // Who holds the seats: read only when a cap or a reservation needs them.
+        let holders = || {
+            let mut seen_stations = std::collections::BTreeSet::new();
+            of_product()
+                .filter(|(_, g)| {
+                    counting != Some(Counting::StationShare)
+                        || seen_stations.insert(g.station.clone())
+                })
+                .map(|(handle, g)| Requester {
+                    user: match g.holder {
+                        Holder::Local { uid, .. } => self.user_of(uid),
+                        Holder::Remote { .. } => state.remote_users.get(handle).cloned(),
+                    },
+                    machine: g.station.machine.clone(),
+                    address: match &g.holder {
+                        Holder::Local { .. } => self.platform.address().ok().flatten(),
+                        Holder::Remote { peer, .. } => peer_ip(peer),
+                    },
+                    client_name: match &g.session {
+                        WireSession::Rdp { client_name, .. } => Some(client_name.clone()),
+                        _ => None,
+                    },
+                })
+                .collect()
+        };
+        let held_count = u32::try_from(held_count).unwrap_or(u32::MAX);
+        match rules.check_lazily(key, requester, quantity, held_count, holders, takes_seat) {
             Ok(()) => None,
             Err(denial) => {
                 tracing::info!(

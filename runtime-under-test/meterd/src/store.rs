@@ -100,6 +100,8 @@ pub struct Store {
     sealer: Arc<Mutex<Option<UsageSealer>>>,
     /// The usage log's head when the store was opened.
     opened_head: LogHead,
+    /// The writer thread (joined when the store is dropped).
+    writer: Option<thread::JoinHandle<()>>,
 }
 
 /// Batches on their way to the writer thread.
@@ -172,6 +174,13 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.queue.lock().closed = true;
         self.queue.wake.notify_one();
+        // What is queued is written and the database closed before the store is gone, so it
+        // can be opened again at once.
+        if let Some(writer) = self.writer.take()
+            && writer.thread().id() != thread::current().id()
+        {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -200,7 +209,7 @@ impl Store {
             sealer: Arc::clone(&sealer),
         };
         let writer_queue = Arc::clone(&queue);
-        thread::Builder::new()
+        let writer = thread::Builder::new()
             .name("meterd-store".into())
             .spawn(move || write_loop(&writer, &writer_queue))
             .map_err(|e| StoreError::Database(redb::Error::Io(e)))?;
@@ -211,6 +220,7 @@ impl Store {
                 db,
                 sealer,
                 opened_head,
+                writer: Some(writer),
             },
             snapshot,
         ))
@@ -560,8 +570,10 @@ fn apply(
         }
         match sealer {
             Some(sealer) if !net.usage.is_empty() => {
-                for event in &net.usage {
-                    let (seq, stored) = sealer.seal(event);
+                let last = net.usage.len() - 1;
+                for (i, event) in net.usage.iter().enumerate() {
+                    // The last record of the commit is signed; the chain covers the rest.
+                    let (seq, stored) = sealer.seal(event, i == last);
                     usage.insert(seq, stored.as_slice()).map_err(db_error)?;
                 }
                 meta.insert(USAGE_HEAD_KEY, sealer.head().to_bytes().as_slice())

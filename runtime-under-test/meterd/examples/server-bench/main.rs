@@ -4,8 +4,11 @@
 //! With `-- --server-protocol-only [--levels 1,16,64]` it runs the server protocol levels alone and
 //! writes nothing. Built with `--features weakened` and run with `-- --owner-check`, it measures
 //! the cost of the owner check instead (reports/bench/owner-check.json; see `owner_check.rs`).
+//! With `-- --rules-log` it measures the cost of 50 access rules and the usage log, and a usage
+//! report over a million records (reports/bench/rules-log.json; see `rules_log.rs`).
 
 mod owner_check;
+mod rules_log;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -451,6 +454,9 @@ async fn bench() -> anyhow::Result<()> {
 
     if std::env::args().any(|a| a == "--owner-check") {
         return owner_check::run(work.path(), &certificate, &licence.to_json()).await;
+    }
+    if std::env::args().any(|a| a == "--rules-log") {
+        return rules_log::run(work.path(), &certificate, &licence.to_json()).await;
     }
 
     let server = Machine::start(
