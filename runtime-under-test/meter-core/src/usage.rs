@@ -224,18 +224,32 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
 
 /// Reads a stored record without checking its signature.
 pub fn read_record(stored: &[u8]) -> Option<UsageRecord> {
-    split_record(stored).map(|(record, _, _)| record)
+    split_record(stored).map(|s| s.record)
 }
 
-/// A stored record's body read, the body's bytes, and its signature (if it has one).
-fn split_record(stored: &[u8]) -> Option<(UsageRecord, &[u8], Option<&[u8]>)> {
+/// A stored record taken apart.
+struct StoredRecord<'s> {
+    record: UsageRecord,
+    /// The body's bytes (what the signature covers).
+    body: &'s [u8],
+    /// The signature, on the last record of a commit.
+    signature: Option<&'s [u8]>,
+}
+
+/// Takes a stored record apart.
+fn split_record(stored: &[u8]) -> Option<StoredRecord<'_>> {
     let (record, rest) = postcard::take_from_bytes::<UsageRecord>(stored).ok()?;
     let body = &stored[..stored.len() - rest.len()];
-    match rest.len() {
-        0 => Some((record, body, None)),
-        SIGNATURE_LEN => Some((record, body, Some(rest))),
-        _ => None,
-    }
+    let signature = match rest.len() {
+        0 => None,
+        SIGNATURE_LEN => Some(rest),
+        _ => return None,
+    };
+    Some(StoredRecord {
+        record,
+        body,
+        signature,
+    })
 }
 
 /// Something wrong with a log.
@@ -336,7 +350,11 @@ pub fn verify<'a>(
         }
         match split_record(stored) {
             None => note(LogProblem::Unreadable { at }),
-            Some((record, body, signature)) => {
+            Some(StoredRecord {
+                record,
+                body,
+                signature,
+            }) => {
                 if record.seq != at {
                     note(LogProblem::OutOfPlace {
                         at,
@@ -457,9 +475,9 @@ mod tests {
 
     /// Record `index` of `rows` with its user changed, its signature (if any) kept.
     fn alter(rows: &mut [(u64, Vec<u8>)], index: usize) {
-        let (mut record, body, signature) = split_record(&rows[index].1).unwrap();
-        let signature = signature.map(<[u8]>::to_vec);
-        assert!(!body.is_empty());
+        let stored = split_record(&rows[index].1).unwrap();
+        let signature = stored.signature.map(<[u8]>::to_vec);
+        let mut record = stored.record;
         record.event.user = Some("sam".into());
         let mut stored = postcard::to_stdvec(&record).unwrap();
         stored.extend(signature.unwrap_or_default());
