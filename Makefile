@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build test lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
+.PHONY: all build test test-libvirt lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
 
 all: build
 
@@ -13,6 +13,20 @@ build:
 ## built-in scenario on the sim backend, through the real binary).
 test: lint weakened
 	$(CARGO) test --workspace --all-targets --no-fail-fast
+	$(MAKE) test-libvirt
+
+## The libvirt suite: the harness built with the cargo feature `libvirt` (needs libvirt-dev and
+## libvirtd from `make deps`); skipped with the reason where libvirt is missing, unless
+## VIGIL_REQUIRE_LIBVIRT=1 (CI), which makes a skip a failure.
+test-libvirt:
+	@if pkg-config --exists libvirt 2>/dev/null; then \
+	  $(CARGO) clippy -p vigil --features libvirt --all-targets -- -D warnings && \
+	  $(CARGO) test -p vigil --features libvirt --lib --test libvirt_daemon; \
+	elif [ "$${VIGIL_REQUIRE_LIBVIRT:-0}" = 1 ]; then \
+	  echo "test-libvirt: VIGIL_REQUIRE_LIBVIRT=1 but libvirt-dev is missing (make deps)" >&2; exit 1; \
+	else \
+	  echo "test-libvirt: skipped: libvirt-dev is not installed (make deps)"; \
+	fi
 
 ## The test-only weakened runtime (one defence off per METER_WEAKEN); never in release artefacts.
 weakened:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Vigil needs: QEMU 10 (bookworm-backports), busybox and a guest kernel
+# Installs the Debian packages Vigil needs: QEMU 10 and libvirt 11 (bookworm-backports), busybox and a guest kernel
 # for images, redis for the benchmark baseline, chromium for the report's browser check.
 # Idempotent; run as root (CI and the runners are root).
 set -euo pipefail
@@ -26,6 +26,10 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+# libvirt 11 (pairs with QEMU 10) for the libvirt backend: the daemon, its QEMU driver, virsh and
+# the headers the harness's `libvirt` feature links against. The harness starts its own daemons.
+apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config >/dev/null
 apt-get install -y -qq --no-install-recommends \
   busybox-static cpio kmod redis-server iproute2 procps >/dev/null
 # Headless Chromium renders report.html in a test (the page must load without console errors).

@@ -132,14 +132,50 @@ pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
     if qemu_missing.is_none() {
         usable.push("qemu".to_string());
     }
+    findings.push(libvirt_daemon_finding());
     findings.push(finding(
         "libvirt backend",
         false,
-        "not built yet: the libvirt backend arrives with its own issue (cargo feature `libvirt`)",
+        "guests through libvirt are not built yet (a private libvirt daemon per host is: \
+         cargo feature `libvirt`)",
     ));
     DoctorReport {
         findings,
         usable_backends: usable,
+    }
+}
+
+/// Whether this build can start a libvirt daemon per host, and which libvirt it would run.
+fn libvirt_daemon_finding() -> Finding {
+    #[cfg(feature = "libvirt")]
+    {
+        if !crate::backend::libvirt::daemon::installed() {
+            return finding(
+                "libvirt daemon",
+                false,
+                "libvirtd is not installed (make deps installs libvirt 11 from bookworm-backports)",
+            );
+        }
+        let version = std::process::Command::new(crate::backend::libvirt::daemon::LIBVIRTD)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        finding(
+            "libvirt daemon",
+            true,
+            format!(
+                "{version}; one private daemon per host (qemu:///system?socket=<host>/run/libvirt-sock)"
+            ),
+        )
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        finding(
+            "libvirt daemon",
+            false,
+            "this vigil was built without the cargo feature `libvirt`",
+        )
     }
 }
 

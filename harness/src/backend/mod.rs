@@ -6,6 +6,8 @@
 mod composite;
 pub mod driver;
 mod fabric;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 mod process;
 pub mod qemu;
 mod runner;

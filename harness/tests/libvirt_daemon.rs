@@ -1,0 +1,68 @@
+//! One libvirt daemon per simulated host: two run side by side on one machine, each with its own
+//! host UUID, and stopping them leaves no process behind.
+#![cfg(feature = "libvirt")]
+
+use std::path::Path;
+
+use vigil::backend::libvirt::daemon::{self, HostDaemon};
+
+/// Whether the libvirt suite must run (CI): a skip is then a failure.
+fn required() -> bool {
+    std::env::var_os("VIGIL_REQUIRE_LIBVIRT").is_some_and(|v| v == "1")
+}
+
+/// Processes whose command line mentions `dir` (a daemon or guest of that host).
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect()
+}
+
+#[test]
+fn two_hosts_run_their_own_daemons_and_leave_nothing_behind() {
+    if !daemon::installed() || !nix::unistd::Uid::effective().is_root() {
+        assert!(
+            !required(),
+            "VIGIL_REQUIRE_LIBVIRT=1 but libvirtd or root is missing"
+        );
+        eprintln!("skipped: needs libvirtd (make deps) and root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uuids = [
+        "6b1a4c1e-0f0e-4a3c-9d2b-0a0b0c0d0e01",
+        "6b1a4c1e-0f0e-4a3c-9d2b-0a0b0c0d0e02",
+    ];
+    let mut daemons: Vec<HostDaemon> = uuids
+        .iter()
+        .enumerate()
+        .map(|(i, uuid)| HostDaemon::start(&dir.path().join(format!("host-{i}")), uuid).unwrap())
+        .collect();
+    for (daemon, uuid) in daemons.iter().zip(uuids) {
+        let connection = daemon.connect().unwrap();
+        let capabilities = connection.capabilities().unwrap();
+        assert!(
+            capabilities.contains(&format!("<uuid>{uuid}</uuid>")),
+            "{capabilities}"
+        );
+        assert!(
+            connection.hyp_version().unwrap() >= 10_000_000,
+            "QEMU 10 or later"
+        );
+    }
+    assert_ne!(daemons[0].pid(), daemons[1].pid());
+    for daemon in &mut daemons {
+        daemon.stop().unwrap();
+    }
+    assert_eq!(processes_under(dir.path()), Vec::<String>::new());
+    // Dropped without stop: the same.
+    let again = HostDaemon::start(&dir.path().join("host-0"), uuids[0]).unwrap();
+    drop(again);
+    assert_eq!(processes_under(dir.path()), Vec::<String>::new());
+}
