@@ -223,6 +223,21 @@ impl State {
     }
 }
 
+/// Who asked for a licence that was refused (for the usage log).
+#[derive(Debug, Clone)]
+pub(crate) struct Asker {
+    /// The user, when known.
+    pub user: Option<String>,
+    /// The machine counted.
+    pub machine: String,
+    /// The terminal-server session, for a session's station.
+    pub session: Option<u32>,
+    /// Its remote-desktop session, if any.
+    pub wire_session: WireSession,
+    /// A client runtime's address (`ip:port`), for an access it forwarded.
+    pub peer: Option<String>,
+}
+
 /// Facts about the calling process and its machine that decide its station.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -440,7 +455,7 @@ impl Runtime {
         let usage_key = if settings.usage_log {
             let secret = match snapshot
                 .meta
-                .get(crate::usage_log::USAGE_KEY_KEY)
+                .get(crate::store::USAGE_KEY_KEY)
                 .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
             {
                 Some(secret) => secret,
@@ -449,7 +464,7 @@ impl Runtime {
                     getrandom::fill(&mut secret)
                         .map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
                     drop(store.submit(vec![Change::PutMeta(
-                        crate::usage_log::USAGE_KEY_KEY.into(),
+                        crate::store::USAGE_KEY_KEY.into(),
                         secret.to_vec(),
                     )]));
                     secret
@@ -725,7 +740,7 @@ impl Runtime {
             Err(denied) => denied,
         };
         let local_denial = self.dongles.explain_denial(key, local_denial);
-        let asker = crate::usage_log::Asker {
+        let asker = Asker {
             user: self.user_of(caller.uid),
             machine: caller.station.machine.clone(),
             session: caller.station.session,

@@ -338,7 +338,7 @@ impl Runtime {
             }
             Err(reason) => {
                 let reason = self.dongles.explain_denial(claim.product, reason);
-                let asker = crate::usage_log::Asker {
+                let asker = crate::daemon::Asker {
                     user: claim.user.clone(),
                     machine: claim.station.machine.clone(),
                     session: claim.station.session,

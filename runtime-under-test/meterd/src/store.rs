@@ -15,6 +15,9 @@ const LICENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("licences");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
 
+/// Metadata key of the usage log's secret key.
+pub const USAGE_KEY_KEY: &str = "usage-key";
+
 /// Metadata key of the usage log's head, kept beside the log (see `meter_core::usage`).
 pub const USAGE_HEAD_KEY: &str = "usage-head";
 

@@ -10,27 +10,9 @@ use meter_core::usage::{UsageEvent, UsageKind, Verification, read_record, verify
 use meter_core::usage_report::{self, Window};
 use serde_json::{Value, json};
 
-use crate::daemon::{GrantRecord, Holder, Runtime, State};
+use crate::daemon::{Asker, GrantRecord, Holder, Runtime, State};
 use crate::protocol::WireSession;
 use crate::store::{self, Change};
-
-/// Metadata key of the usage log's secret key.
-pub const USAGE_KEY_KEY: &str = "usage-key";
-
-/// Who asked for a licence that was refused.
-#[derive(Debug, Clone)]
-pub(crate) struct Asker {
-    /// The user, when known.
-    pub user: Option<String>,
-    /// The machine counted.
-    pub machine: String,
-    /// The terminal-server session, for a session's station.
-    pub session: Option<u32>,
-    /// Its remote-desktop session, if any.
-    pub wire_session: WireSession,
-    /// A client runtime's address (`ip:port`), for an access it forwarded.
-    pub peer: Option<String>,
-}
 
 /// A log failure the command line reports.
 #[derive(Debug, thiserror::Error)]

@@ -168,7 +168,7 @@ async fn report_over_a_million(
         getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("{e}"))?;
         store
             .commit(vec![Change::PutMeta(
-                meterd::usage_log::USAGE_KEY_KEY.into(),
+                meterd::store::USAGE_KEY_KEY.into(),
                 secret.to_vec(),
             )])
             .await?;
