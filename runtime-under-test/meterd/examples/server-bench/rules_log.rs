@@ -17,7 +17,7 @@ use super::{Machine, end_to_end_level, install_licence, request};
 /// Client counts measured.
 const LEVELS: [usize; 2] = [16, 64];
 /// Turns per level and daemon.
-const TURNS: usize = 3;
+const TURNS: usize = 5;
 /// Records in the log the report reads.
 const RECORDS: u64 = 1_000_000;
 /// Records written per commit while filling it.
