@@ -7,3 +7,4 @@
 //! different host UUIDs are what a migration between two hosts needs.
 
 pub mod daemon;
+pub mod domain_xml;
