@@ -21,7 +21,7 @@ test: lint weakened
 test-libvirt:
 	@if pkg-config --exists libvirt 2>/dev/null; then \
 	  $(CARGO) clippy -p vigil --features libvirt --all-targets -- -D warnings && \
-	  $(CARGO) test -p vigil --features libvirt --lib --test libvirt_daemon --test libvirt_guest --test libvirt_migration; \
+	  $(CARGO) test -p vigil --features libvirt --lib --test libvirt_daemon --test libvirt_guest --test libvirt_migration --test libvirt_snapshot; \
 	elif [ "$${VIGIL_REQUIRE_LIBVIRT:-0}" = 1 ]; then \
 	  echo "test-libvirt: VIGIL_REQUIRE_LIBVIRT=1 but libvirt-dev is missing (make deps)" >&2; exit 1; \
 	else \

@@ -45,7 +45,7 @@ fn a_guest_boots_to_a_ready_runtime_through_libvirt() {
         board_serial: "VM1-BOARD".into(),
         mac: Some("52:54:00:12:34:56".into()),
         disk_serial: Some("VM1-DISK".into()),
-        genid: genid.into(),
+        genid: Some(genid.into()),
         memory_mib: 384,
         domain_type: "qemu",
         hide_hypervisor: false,

@@ -27,7 +27,7 @@ fn spec(images: &Path, guest: &Path, side: &str) -> DomainSpec {
         board_serial: "VM1-BOARD".into(),
         mac: Some("52:54:00:12:34:57".into()),
         disk_serial: Some("VM1-DISK".into()),
-        genid: GENID.into(),
+        genid: Some(GENID.into()),
         memory_mib: 384,
         domain_type: "qemu",
         hide_hypervisor: false,

@@ -21,8 +21,9 @@ pub struct DomainSpec {
     pub mac: Option<String>,
     /// The data disk's serial (at most 20 characters reach the guest).
     pub disk_serial: Option<String>,
-    /// The virtual machine generation id, `8-4-4-4-12`.
-    pub genid: String,
+    /// The virtual machine generation id, `8-4-4-4-12`; none: libvirt makes one, and a new one
+    /// at every revert to a snapshot.
+    pub genid: Option<String>,
     /// Memory, MiB.
     pub memory_mib: u32,
     /// `kvm` when the machine can run guests with KVM, else `qemu` (TCG).
@@ -70,7 +71,12 @@ impl DomainSpec {
         let _ = writeln!(x, "<domain type='{}'>", self.domain_type);
         let _ = writeln!(x, "  <name>{}</name>", escape(&self.name));
         let _ = writeln!(x, "  <uuid>{}</uuid>", escape(&self.uuid));
-        let _ = writeln!(x, "  <genid>{}</genid>", escape(&self.genid));
+        match &self.genid {
+            Some(genid) => {
+                let _ = writeln!(x, "  <genid>{}</genid>", escape(genid));
+            }
+            None => x.push_str("  <genid/>\n"),
+        }
         let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", self.memory_mib);
         x.push_str("  <vcpu>1</vcpu>\n");
         x.push_str("  <sysinfo type='smbios'>\n    <system>\n");
@@ -154,7 +160,7 @@ mod tests {
             board_serial: "BRD-77".into(),
             mac: Some("52:54:00:12:34:56".into()),
             disk_serial: Some("DISK-0123456789abcdefXYZ".into()),
-            genid: "c5f2b3a1-0d4e-4f6a-8b7c-9d0e1f2a3b4c".into(),
+            genid: Some("c5f2b3a1-0d4e-4f6a-8b7c-9d0e1f2a3b4c".into()),
             memory_mib: 384,
             domain_type: "qemu",
             hide_hypervisor: true,
@@ -170,6 +176,15 @@ mod tests {
     #[test]
     fn the_domain_xml_carries_the_guests_identity() {
         insta::assert_snapshot!(spec().xml());
+    }
+
+    #[test]
+    fn without_a_generation_id_libvirt_makes_one() {
+        let spec = DomainSpec {
+            genid: None,
+            ..spec()
+        };
+        assert!(spec.xml().contains("  <genid/>\n"));
     }
 
     #[test]
