@@ -3,60 +3,28 @@
 //! makes at every revert (what the runtime's rollback defence watches for).
 #![cfg(feature = "libvirt")]
 
+mod libvirt_common;
+
 use std::time::{Duration, Instant};
 
-use vigil::backend::libvirt::daemon::{self, HostDaemon};
-use vigil::backend::libvirt::domain_xml::DomainSpec;
+use libvirt_common::{READY_FILE, guest_folder, guest_spec, image_dir_or_skip};
+use vigil::backend::libvirt::daemon::HostDaemon;
 use vigil::backend::qemu::agent::AgentClient;
-use vigil::backend::qemu::vm;
-
-fn required() -> bool {
-    std::env::var_os("VIGIL_REQUIRE_LIBVIRT").is_some_and(|v| v == "1")
-}
-
-const READY_FILE: &str = "/disk/meter/meterd.ready";
 
 #[test]
 fn a_revert_runs_the_snapshot_with_a_new_generation_id() {
-    let images = vm::image_dir();
-    let missing = if !daemon::installed() || !nix::unistd::Uid::effective().is_root() {
-        Some("libvirtd (make deps) and root".to_string())
-    } else {
-        vm::missing_prerequisite(&images)
-    };
-    if let Some(why) = missing {
-        assert!(!required(), "VIGIL_REQUIRE_LIBVIRT=1 but missing: {why}");
-        eprintln!("skipped: needs {why}");
+    let Some(images) = image_dir_or_skip() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let host = HostDaemon::start(
         &dir.path().join("host-a"),
         "6b1a4c1e-0f0e-4a3c-9d2b-0a0b0c0d0ec1",
     )
     .unwrap();
-    let guest = dir.path().join("vm1");
-    std::fs::create_dir_all(guest.join("run")).unwrap();
-    std::fs::copy(images.join("data.qcow2"), guest.join("disk.qcow2")).unwrap();
-    let spec = DomainSpec {
-        name: "vm1".into(),
-        uuid: "5e0b6a52-4c3d-4c43-9a52-2b6c1f0d9e03".into(),
-        system_serial: "VM1-SERIAL".into(),
-        board_serial: "VM1-BOARD".into(),
-        mac: Some("52:54:00:12:34:58".into()),
-        disk_serial: Some("VM1-DISK".into()),
-        genid: None,
-        memory_mib: 384,
-        domain_type: "qemu",
-        hide_hypervisor: false,
-        kernel: images.join("vmlinux").canonicalize().unwrap(),
-        initrd: images.join("initramfs.cpio").canonicalize().unwrap(),
-        cmdline: "console=ttyS0 quiet panic=-1 mitigations=off cryptomgr.notests vigil.name=vm1"
-            .into(),
-        disk: guest.join("disk.qcow2"),
-        agent_socket: guest.join("run/agent.sock"),
-        serial_log: guest.join("serial.log"),
-    };
+    let guest = guest_folder(&images, dir.path());
+    // No generation id given: libvirt makes one, and a new one at the revert.
+    let spec = guest_spec(&images, &guest, "5e0b6a52-4c3d-4c43-9a52-2b6c1f0d9e03", "a");
     let connection = host.connect().unwrap();
     let domain = connection.define_domain_xml(&spec.xml()).unwrap();
     domain.create().unwrap();

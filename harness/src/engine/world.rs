@@ -718,38 +718,12 @@ impl World {
                 let path = self
                     .backend
                     .put_file(&r.machine.value, "rules.json", &text)?;
-                let args = vec!["rules".to_string(), "apply".to_string(), path];
-                let (code, answer) = runtime::meter_json(
-                    self.backend.as_mut(),
-                    &r.machine.value,
-                    Caller::Admin,
-                    &args,
-                )?;
-                if code == Some(0) {
-                    Ok(())
-                } else {
-                    Err(BackendError::Runtime {
-                        machine: r.machine.value.clone(),
-                        message: format!("`meter rules apply` refused the rules: {answer}"),
-                    })
-                }
+                let args = ["rules".to_string(), "apply".to_string(), path];
+                self.admin_command(&r.machine.value, &args)
             }
             Step::TamperUsageLog(t) => {
-                let args = vec!["tamper-usage-log".to_string(), t.record.value.to_string()];
-                let (code, answer) = runtime::meter_json(
-                    self.backend.as_mut(),
-                    &t.machine.value,
-                    Caller::Admin,
-                    &args,
-                )?;
-                if code == Some(0) {
-                    Ok(())
-                } else {
-                    Err(BackendError::Runtime {
-                        machine: t.machine.value.clone(),
-                        message: format!("`meter tamper-usage-log` failed: {answer}"),
-                    })
-                }
+                let args = ["tamper-usage-log".to_string(), t.record.value.to_string()];
+                self.admin_command(&t.machine.value, &args)
             }
             Step::ClaimWitness(c) => {
                 self.claim_witness(&c.machine.value, &c.victim.value, c.product.value)
@@ -994,6 +968,20 @@ impl World {
     /// `machine`'s runtime hands the witnesses a receipt of the licence that holds `product` on
     /// `victim` (read from the victim's status), signed with its own key. What the witnesses
     /// answer is logged: the victim's later checks tell whether the claim hurt it.
+    /// Runs an administrator's `meter` command on `machine`; an error unless it exits 0.
+    fn admin_command(&mut self, machine: &str, args: &[String]) -> Result<(), BackendError> {
+        let (code, answer) =
+            runtime::meter_json(self.backend.as_mut(), machine, Caller::Admin, args)?;
+        if code == Some(0) {
+            Ok(())
+        } else {
+            Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("`meter {}` refused: {answer}", args.join(" ")),
+            })
+        }
+    }
+
     fn claim_witness(
         &mut self,
         machine: &str,
