@@ -25,7 +25,7 @@ pub struct Check {
 /// How long a state assertion waits for the runtime to settle (releases and counts are
 /// asynchronous: a kill is noticed by a pidfd, a vanished station by its keepalive window, so
 /// while the network is cut the window covers two keepalive windows).
-pub(super) fn settle_window(world: &World) -> Duration {
+fn settle_window(world: &World) -> Duration {
     // A hung dongle is noticed only when a request to it times out (2 s in the reference runtime).
     let base = if world.dongle_hung {
         Duration::from_secs(8)
@@ -141,22 +141,38 @@ impl World {
         expected: String,
         mut read: impl FnMut(&mut World) -> Result<String, String>,
     ) -> Check {
+        let wanted = expected.clone();
+        self.poll_until(summary, expected, |world| {
+            read(world).map(|actual| {
+                let holds = actual == wanted;
+                (actual, holds)
+            })
+        })
+    }
+
+    /// Re-reads until `read` says the assertion holds or the settle window ends; the value
+    /// last read is reported.
+    pub(super) fn poll_until(
+        &mut self,
+        summary: String,
+        expected: String,
+        mut read: impl FnMut(&mut World) -> Result<(String, bool), String>,
+    ) -> Check {
         let deadline = Instant::now() + settle_window(self);
-        let actual = loop {
-            let actual = match read(self) {
-                Ok(v) => v,
-                Err(e) => format!("error: {e}"),
+        loop {
+            let (actual, holds) = match read(self) {
+                Ok(answer) => answer,
+                Err(e) => (format!("error: {e}"), false),
             };
-            if actual == expected || Instant::now() > deadline {
-                break actual;
+            if holds || Instant::now() > deadline {
+                return Check {
+                    holds,
+                    summary,
+                    expected,
+                    actual,
+                };
             }
             std::thread::sleep(Duration::from_millis(50));
-        };
-        Check {
-            holds: actual == expected,
-            summary,
-            expected,
-            actual,
         }
     }
 

@@ -1,10 +1,8 @@
 //! Checking `usage` and `usage-log` assertions against a runtime's usage report and log.
 
-use std::time::Instant;
-
 use serde_json::Value;
 
-use super::assertions::{Check, settle_window};
+use super::assertions::Check;
 use super::world::World;
 use crate::backend::Caller;
 use crate::runtime;
@@ -107,31 +105,6 @@ fn describe(a: &sc::UsageAssertion, found: Option<&Figures>) -> (String, bool) {
 }
 
 impl World {
-    /// Re-reads until `read` says the assertion holds or the settle window ends.
-    fn poll_until(
-        &mut self,
-        summary: String,
-        expected: String,
-        mut read: impl FnMut(&mut World) -> Result<(String, bool), String>,
-    ) -> Check {
-        let deadline = Instant::now() + settle_window(self);
-        loop {
-            let (actual, holds) = match read(self) {
-                Ok(answer) => answer,
-                Err(e) => (format!("error: {e}"), false),
-            };
-            if holds || Instant::now() > deadline {
-                return Check {
-                    holds,
-                    summary,
-                    expected,
-                    actual,
-                };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-
     /// Checks figures of a runtime's usage report.
     pub(super) fn check_usage(&mut self, a: &sc::UsageAssertion) -> Check {
         let (expected, _) = describe(a, None);

@@ -213,15 +213,8 @@ impl<'r> Builder<'r> {
         if self.from_ms.is_none() {
             self.from_ms = Some(at);
         }
-        // Reserved seats stood idle since the last event.
         let since = self.last_ms.unwrap_or(at);
-        let idle = self.overlap(since, at.max(since));
-        for reserve in &mut self.reserves {
-            let unused = u64::from(reserve.reserved.saturating_sub(reserve.held));
-            reserve.unused_ms = reserve
-                .unused_ms
-                .saturating_add(idle.saturating_mul(unused));
-        }
+        self.count_idle_reserves(since, at);
         self.last_ms = Some(at.max(since));
         let hour = at / HOUR_MS * HOUR_MS;
         match &event.kind {
@@ -276,12 +269,28 @@ impl<'r> Builder<'r> {
         }
     }
 
-    fn end(&mut self, live: &Live, at: u64) {
-        let held = self.overlap(live.start_ms, at);
+    /// Reserved seats stood idle from `since` to `until` (within the window).
+    fn count_idle_reserves(&mut self, since: u64, until: u64) {
+        let idle = self.overlap(since, until.max(since));
+        for reserve in &mut self.reserves {
+            let unused = u64::from(reserve.reserved.saturating_sub(reserve.held));
+            reserve.unused_ms = reserve
+                .unused_ms
+                .saturating_add(idle.saturating_mul(unused));
+        }
+    }
+
+    /// Counts a grant's time held up to `until` (within the window) for its user.
+    fn add_held(&mut self, live: &Live, until: u64) {
+        let held = self.overlap(live.start_ms, until);
         self.usage
             .entry((live.product, live.user.clone()))
             .or_default()
             .1 += held;
+    }
+
+    fn end(&mut self, live: &Live, at: u64) {
+        self.add_held(live, at);
         for &i in &live.reserves {
             self.reserves[i].held = self.reserves[i].held.saturating_sub(1);
         }
@@ -322,20 +331,10 @@ impl<'r> Builder<'r> {
             self.from_ms = Some(from);
         }
         let since = self.last_ms.unwrap_or(from);
-        let idle = self.overlap(since, to.max(since));
-        for reserve in &mut self.reserves {
-            let unused = u64::from(reserve.reserved.saturating_sub(reserve.held));
-            reserve.unused_ms = reserve
-                .unused_ms
-                .saturating_add(idle.saturating_mul(unused));
-        }
+        self.count_idle_reserves(since, to);
         let live: Vec<Live> = self.live.drain().map(|(_, l)| l).collect();
         for live in &live {
-            let held = self.overlap(live.start_ms, to);
-            self.usage
-                .entry((live.product, live.user.clone()))
-                .or_default()
-                .1 += held;
+            self.add_held(live, to);
         }
         UsageReport {
             from_ms: from,

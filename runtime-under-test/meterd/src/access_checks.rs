@@ -183,7 +183,7 @@ impl Runtime {
 }
 
 /// The address of a peer (`ip:port`), IPv4-mapped IPv6 addresses as IPv4.
-fn peer_ip(peer: &str) -> Option<std::net::IpAddr> {
+pub(crate) fn peer_ip(peer: &str) -> Option<std::net::IpAddr> {
     peer.parse::<std::net::SocketAddr>()
         .ok()
         .map(|a| a.ip().to_canonical())

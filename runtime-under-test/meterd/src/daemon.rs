@@ -435,41 +435,10 @@ impl Runtime {
         }
         let identity = crate::tls::load_or_create_runtime_identity(&settings.state_dir)?;
         let remotes = Remotes::new(identity);
-        let key_secret = match snapshot
-            .meta
-            .get("dongle-key-secret")
-            .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
-        {
-            Some(secret) => secret,
-            None => {
-                let mut secret = [0u8; 32];
-                getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
-                drop(store.submit(vec![Change::PutMeta(
-                    "dongle-key-secret".into(),
-                    secret.to_vec(),
-                )]));
-                secret
-            }
-        };
+        let key_secret = stored_secret(&snapshot, &store, "dongle-key-secret")?;
         let dongle_key = crate::runtime_identity::dongle_key(&key_secret, &runtime_id);
         let usage_key = if settings.usage_log {
-            let secret = match snapshot
-                .meta
-                .get(crate::store::USAGE_KEY_KEY)
-                .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
-            {
-                Some(secret) => secret,
-                None => {
-                    let mut secret = [0u8; 32];
-                    getrandom::fill(&mut secret)
-                        .map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
-                    drop(store.submit(vec![Change::PutMeta(
-                        crate::store::USAGE_KEY_KEY.into(),
-                        secret.to_vec(),
-                    )]));
-                    secret
-                }
-            };
+            let secret = stored_secret(&snapshot, &store, crate::store::USAGE_KEY_KEY)?;
             Some(store.start_usage_log(&secret))
         } else {
             None
@@ -1080,6 +1049,21 @@ impl Runtime {
             runtime.release_holder(pid, start).await;
         });
     }
+}
+
+/// The 32-byte secret stored under the metadata `key`, made and stored on first need.
+fn stored_secret(snapshot: &Snapshot, store: &Store, key: &str) -> anyhow::Result<[u8; 32]> {
+    if let Some(secret) = snapshot
+        .meta
+        .get(key)
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+    {
+        return Ok(secret);
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("No randomness: {e}"))?;
+    drop(store.submit(vec![Change::PutMeta(key.into(), secret.to_vec())]));
+    Ok(secret)
 }
 
 pub(crate) fn encode_record(record: &GrantRecord) -> Vec<u8> {

@@ -19,7 +19,7 @@ const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
 pub const USAGE_KEY_KEY: &str = "usage-key";
 
 /// Metadata key of the usage log's head, kept beside the log (see `meter_core::usage`).
-pub const USAGE_HEAD_KEY: &str = "usage-head";
+const USAGE_HEAD_KEY: &str = "usage-head";
 
 /// A failure of the state database.
 #[derive(Debug, thiserror::Error)]
@@ -237,14 +237,6 @@ impl Store {
         let public = started.public_key();
         *sealer = Some(started);
         public
-    }
-
-    /// Whether usage events are recorded.
-    pub fn usage_log_on(&self) -> bool {
-        self.sealer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
     }
 
     /// Reads the usage log as committed: each record (place, stored form) in place order, then

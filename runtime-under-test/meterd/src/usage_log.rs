@@ -32,9 +32,8 @@ pub enum UsageLogError {
 fn address_of(session: &WireSession, peer: Option<&str>) -> Option<String> {
     match (peer, session) {
         (Some(peer), _) => Some(
-            peer.parse::<std::net::SocketAddr>()
-                .map(|a| a.ip().to_canonical().to_string())
-                .unwrap_or_else(|_| peer.to_owned()),
+            crate::access_checks::peer_ip(peer)
+                .map_or_else(|| peer.to_owned(), |ip| ip.to_string()),
         ),
         (None, WireSession::Rdp { client_ip, .. }) => Some(client_ip.clone()),
         (None, _) => None,
@@ -93,6 +92,8 @@ impl Runtime {
 
     /// The log change for a grant just recorded under `handle`.
     pub(crate) fn usage_grant(&self, state: &State, handle: u64) -> Option<Change> {
+        // With the log off, not even the holder's user is looked up.
+        self.usage_key?;
         let record = state.grants.get(&handle)?;
         let user = self.grant_user(state, handle, record);
         self.usage_change(

@@ -33,13 +33,7 @@ fn rules_are_an_administrators_kept_across_restarts_and_checked_by_account_name(
     .unwrap();
     let mut daemon = machine.start(&[]);
     machine.install(&vendor, &licence);
-    // Every user reaches the socket (the test folders are private).
-    for dir in [
-        machine.dir.path().to_path_buf(),
-        machine.socket().parent().unwrap().to_path_buf(),
-    ] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    machine.open_to_every_user();
 
     let files = tempfile::tempdir().unwrap();
     std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -23,16 +23,6 @@ fn machine_with(products: &[&str]) -> (Vendor, Machine, Daemon) {
     (vendor, machine, daemon)
 }
 
-/// Lets every user reach the machine's socket (the test folders are private).
-fn open_to_every_user(machine: &Machine) {
-    for dir in [
-        machine.dir.path().to_path_buf(),
-        machine.socket().parent().unwrap().to_path_buf(),
-    ] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-}
-
 /// The holder's next line, within a few seconds.
 fn next_event(holder: &mut Holder) -> Value {
     holder
@@ -46,7 +36,7 @@ fn another_users_release_is_refused_and_the_holder_keeps_its_grant() {
         machine_with(&["{ code: 1, name: one, quantity: 1, counting: user-limit }"]);
     let holder = machine.hold(1, None);
     assert!(holder.granted(), "{}", holder.first);
-    open_to_every_user(&machine);
+    machine.open_to_every_user();
     let handle = holder.first["handle"].to_string();
     let (code, answer) = meter_as(OTHER_UID, &machine, &["release", "--handle", &handle]);
     assert_eq!(
@@ -95,7 +85,7 @@ fn a_watcher_is_told_besides_the_holder_and_another_user_cannot_watch() {
         client
     });
     // Another user's watch is refused (run in a child process that drops to that user).
-    open_to_every_user(&machine);
+    machine.open_to_every_user();
     let refused = Command::new(std::env::current_exe().unwrap())
         .uid(OTHER_UID)
         .gid(OTHER_UID)

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-
 use common::*;
 use serde_json::Value;
 
@@ -30,12 +28,7 @@ fn the_log_records_who_used_what_survives_restarts_and_shows_tampering() {
     .unwrap();
     let mut daemon = machine.start(&[]);
     machine.install(&vendor, &licence);
-    for dir in [
-        machine.dir.path().to_path_buf(),
-        machine.socket().parent().unwrap().to_path_buf(),
-    ] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    machine.open_to_every_user();
     let rules = machine.dir.path().join("rules.yaml");
     std::fs::write(
         &rules,

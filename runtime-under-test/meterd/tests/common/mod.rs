@@ -149,6 +149,17 @@ impl Machine {
         self.dir.path().join("run").join("meterd.sock")
     }
 
+    /// Lets every user reach the machine's socket (the test folders are private).
+    pub fn open_to_every_user(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [
+            self.dir.path().to_path_buf(),
+            self.socket().parent().unwrap().to_path_buf(),
+        ] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
     /// Adds a login session to those the simulated kernel shows alive (`logins.json`).
     pub fn add_login(&self, id: u32) {
         let path = self.platform().join("logins.json");
