@@ -119,7 +119,7 @@ pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
         },
     ));
     let qemu_missing =
-        crate::backend::qemu::vm::missing_prerequisite(&crate::backend::qemu::vm::image_dir());
+        crate::backend::qemu::vm::missing_prerequisite(&crate::backend::guest::image::image_dir());
     let accelerator = if kvm.0 { "kvm" } else { "tcg" };
     findings.push(finding(
         "qemu backend",

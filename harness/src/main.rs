@@ -367,7 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn image(action: ImageAction) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = vigil::backend::qemu::vm::image_dir();
+    let dir = vigil::backend::guest::image::image_dir();
     match action {
         ImageAction::Build { profile } => {
             let script = checkout.join("scripts/build-image.sh");
@@ -392,7 +392,7 @@ fn image(action: ImageAction) -> anyhow::Result<ExitCode> {
         }
         ImageAction::Status => {
             let mut complete = true;
-            for file in vigil::backend::qemu::vm::IMAGE_FILES {
+            for file in vigil::backend::guest::image::IMAGE_FILES {
                 let path = dir.join(file);
                 match std::fs::metadata(&path) {
                     Ok(meta) => {

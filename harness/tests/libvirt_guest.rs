@@ -8,9 +8,9 @@ mod libvirt_common;
 use std::time::{Duration, Instant};
 
 use libvirt_common::{READY_FILE, guest_folder, guest_spec, image_dir_or_skip};
+use vigil::backend::guest::agent::AgentClient;
 use vigil::backend::libvirt::daemon::HostDaemon;
 use vigil::backend::libvirt::domain_xml::DomainSpec;
-use vigil::backend::qemu::agent::AgentClient;
 
 #[test]
 fn a_guest_boots_to_a_ready_runtime_through_libvirt() {

@@ -9,9 +9,9 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use libvirt_common::{READY_FILE, guest_folder, guest_spec, image_dir_or_skip};
+use vigil::backend::guest::agent::AgentClient;
 use vigil::backend::libvirt::daemon::HostDaemon;
 use vigil::backend::libvirt::domain_xml::DomainSpec;
-use vigil::backend::qemu::agent::AgentClient;
 
 const GENID: &str = "0d9e8f7a-6b5c-4d3e-8f2a-1b0c9d8e7f6a";
 const UUID: &str = "5e0b6a52-4c3d-4c43-9a52-2b6c1f0d9e02";

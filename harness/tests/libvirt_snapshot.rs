@@ -8,8 +8,8 @@ mod libvirt_common;
 use std::time::{Duration, Instant};
 
 use libvirt_common::{READY_FILE, guest_folder, guest_spec, image_dir_or_skip};
+use vigil::backend::guest::agent::AgentClient;
 use vigil::backend::libvirt::daemon::HostDaemon;
-use vigil::backend::qemu::agent::AgentClient;
 
 #[test]
 fn a_revert_runs_the_snapshot_with_a_new_generation_id() {

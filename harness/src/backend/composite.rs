@@ -328,6 +328,7 @@ impl Backend for World {
             cpu: host.cpu.clone(),
             ip: self.fabric.addresses.allocate()?,
             hide_hypervisor: false,
+            host: host.name.clone(),
         };
         self.drivers[0].add_machine(&spec)?;
         self.hosts.insert(host.name.clone(), host.clone());
@@ -345,6 +346,7 @@ impl Backend for World {
             cpu,
             ip: self.fabric.addresses.allocate()?,
             hide_hypervisor: guest.hide_hypervisor,
+            host: guest.host.clone(),
         };
         let driver = self.guest_driver;
         self.drivers[driver].add_machine(&spec)?;
@@ -420,6 +422,7 @@ impl Backend for World {
             cpu: self.host(host)?.cpu.clone(),
             ip: self.fabric.addresses.allocate()?,
             hide_hypervisor,
+            host: host.to_string(),
         };
         self.drivers[driver].clone_machine(from, &spec, identity)?;
         self.place(&spec, driver, host)
@@ -428,7 +431,7 @@ impl Backend for World {
     fn migrate(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
         self.require(machine, "migrate", &[Power::Running], "running")?;
         self.host(host)?;
-        self.driver(machine)?.migrate(machine)?;
+        self.driver(machine)?.migrate(machine, host)?;
         if let Some(p) = self.machines.get_mut(machine) {
             p.host = host.to_string();
         }
@@ -441,6 +444,7 @@ impl Backend for World {
         if self.power(machine)? != Power::Off {
             self.shutdown(machine)?;
         }
+        self.driver(machine)?.move_machine(machine, host)?;
         if let Some(p) = self.machines.get_mut(machine) {
             p.host = host.to_string();
         }

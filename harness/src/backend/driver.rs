@@ -29,6 +29,8 @@ pub struct MachineSpec {
     pub ip: Ipv4Addr,
     /// A guest whose CPUID hypervisor bit is switched off.
     pub hide_hypervisor: bool,
+    /// The host it is placed on (a host is on itself).
+    pub host: String,
 }
 
 /// A network server a machine's runtime is pointed at: the harness-side address of the link
@@ -106,8 +108,13 @@ pub trait MachineDriver: Any {
         to: &MachineSpec,
         identity: CloneIdentity,
     ) -> Result<(), BackendError>;
-    /// Moves a running guest live to another host (it keeps its CPU and identity).
-    fn migrate(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Moves a running guest live to `host` (it keeps its CPU and identity).
+    fn migrate(&mut self, machine: &str, host: &str) -> Result<(), BackendError>;
+    /// Places a stopped guest on `host`; it boots there with that host's CPU.
+    fn move_machine(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
+        let _ = (machine, host);
+        Ok(())
+    }
     /// Gives a machine's first NIC a new MAC.
     fn replace_nic(&mut self, machine: &str, mac: String) -> Result<(), BackendError>;
     /// Opens a login session on a running machine.

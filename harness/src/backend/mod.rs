@@ -6,6 +6,7 @@
 mod composite;
 pub mod driver;
 mod fabric;
+pub mod guest;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 mod process;
@@ -34,7 +35,7 @@ pub fn assemble(kind: BackendKind, config: WorldConfig) -> Result<World, Backend
             Ok(World::new(kind, config, fabric, vec![Box::new(sim)], 0))
         }
         BackendKind::Qemu => {
-            let guests = qemu::QemuDriver::new(config.clone(), fabric.clone())?;
+            let guests = qemu::QemuDriver::start(config.clone(), fabric.clone())?;
             let mut hosts_config = config.clone();
             hosts_config.work_dir = config.work_dir.join("hosts");
             let hosts = sim::SimDriver::new(hosts_config, fabric.clone())?;
@@ -42,6 +43,17 @@ pub fn assemble(kind: BackendKind, config: WorldConfig) -> Result<World, Backend
                 vec![Box::new(hosts), Box::new(guests)];
             Ok(World::new(kind, config, fabric, drivers, 1))
         }
+        #[cfg(feature = "libvirt")]
+        BackendKind::Libvirt => {
+            let guests = libvirt::LibvirtDriver::start(config.clone(), fabric.clone())?;
+            let mut hosts_config = config.clone();
+            hosts_config.work_dir = config.work_dir.join("hosts");
+            let hosts = sim::SimDriver::new(hosts_config, fabric.clone())?;
+            let drivers: Vec<Box<dyn driver::MachineDriver>> =
+                vec![Box::new(hosts), Box::new(guests)];
+            Ok(World::new(kind, config, fabric, drivers, 1))
+        }
+        #[cfg(not(feature = "libvirt"))]
         other => Err(BackendError::Unsupported {
             backend: other,
             operation: "run scenarios",

@@ -262,12 +262,15 @@ pub enum Operation {
 pub fn supports(kind: BackendKind, op: Operation) -> Result<(), String> {
     match (kind, op) {
         (BackendKind::Sim, _) | (BackendKind::Qemu, Operation::Run) => Ok(()),
-        (BackendKind::Qemu, Operation::ServerInGuest) => {
+        (BackendKind::Libvirt, Operation::Run) if cfg!(feature = "libvirt") => Ok(()),
+        (BackendKind::Qemu | BackendKind::Libvirt, Operation::ServerInGuest) => {
             Err("a network server inside a guest is not supported yet".into())
         }
-        (other, _) => Err(format!(
-            "the {other} backend is not built yet; use --backend sim (see `vigil doctor`)"
-        )),
+        (BackendKind::Libvirt, _) => Err(
+            "this vigil was built without the cargo feature `libvirt` (`cargo run --features \
+             libvirt`, after `make deps` installs libvirt-dev)"
+                .into(),
+        ),
     }
 }
 

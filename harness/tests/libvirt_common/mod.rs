@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use vigil::backend::guest::image;
 use vigil::backend::libvirt::daemon;
 use vigil::backend::libvirt::domain_xml::DomainSpec;
 use vigil::backend::qemu::vm;
@@ -12,7 +13,7 @@ pub const READY_FILE: &str = "/disk/meter/meterd.ready";
 /// The image folder, or none (the test is skipped) when libvirtd, root or the image is missing;
 /// with `VIGIL_REQUIRE_LIBVIRT=1` (CI) a missing one fails the test instead.
 pub fn image_dir_or_skip() -> Option<PathBuf> {
-    let images = vm::image_dir();
+    let images = image::image_dir();
     let missing = if !daemon::installed() || !nix::unistd::Uid::effective().is_root() {
         Some("libvirtd (make deps) and root".to_string())
     } else {
@@ -42,6 +43,8 @@ pub fn guest_spec(images: &Path, guest: &Path, uuid: &str, side: &str) -> Domain
         genid: None,
         memory_mib: 384,
         domain_type: "qemu",
+        cpu_model: "qemu64".into(),
+        cpu_vendor_id: None,
         hide_hypervisor: false,
         kernel: images.join("vmlinux").canonicalize().unwrap(),
         initrd: images.join("initramfs.cpio").canonicalize().unwrap(),
@@ -50,6 +53,8 @@ pub fn guest_spec(images: &Path, guest: &Path, uuid: &str, side: &str) -> Domain
         disk: guest.join("disk.qcow2"),
         agent_socket: guest.join(format!("run/agent-{side}.sock")),
         serial_log: guest.join(format!("serial-{side}.log")),
+        runtime_disk: None,
+        usb: Vec::new(),
     }
 }
 

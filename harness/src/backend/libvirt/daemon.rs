@@ -252,6 +252,16 @@ impl HostDaemon {
         &self.host_uuid
     }
 
+    /// The QEMU log the daemon keeps for a domain.
+    pub fn qemu_log(&self, domain: &str) -> PathBuf {
+        self.dir.join("log/qemu").join(format!("{domain}.log"))
+    }
+
+    /// The daemon's own log.
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("log/libvirtd.log")
+    }
+
     /// The daemon's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -1,10 +1,13 @@
 //! The domain XML a libvirt daemon defines a guest from: direct kernel boot of the guest image,
 //! the guest's SMBIOS identity, MAC, disk serial and generation id, the agent's virtio-serial
-//! channel, the serial console in a file and a USB controller for dongles, in plain libvirt XML
-//! (no `qemu:commandline`, which would taint the domain).
+//! channel, the serial console in a file, a USB controller with the dongles passed through over
+//! usbredir, and the host's CPU as the closest named model, in plain libvirt XML (no
+//! `qemu:commandline`, which would taint the domain).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+
+use crate::backend::guest::usb_plug::UsbRedirPlug;
 
 /// Everything a guest's domain is made of.
 #[derive(Debug, Clone)]
@@ -28,6 +31,10 @@ pub struct DomainSpec {
     pub memory_mib: u32,
     /// `kvm` when the machine can run guests with KVM, else `qemu` (TCG).
     pub domain_type: &'static str,
+    /// The named CPU model libvirt gives the guest.
+    pub cpu_model: String,
+    /// The CPUID vendor the guest sees (12 characters), when set.
+    pub cpu_vendor_id: Option<String>,
     /// The CPUID hypervisor bit is switched off (an attack by the VM's owner).
     pub hide_hypervisor: bool,
     /// The guest kernel.
@@ -42,6 +49,44 @@ pub struct DomainSpec {
     pub agent_socket: PathBuf,
     /// The serial console's log file.
     pub serial_log: PathBuf,
+    /// A read-only raw disk with the runtime under test, when it is not the image's own.
+    pub runtime_disk: Option<PathBuf>,
+    /// Dongles plugged in from the start.
+    pub usb: Vec<UsbRedirPlug>,
+}
+
+/// The libvirt alias of a usbredir device (user aliases start with `ua-`).
+pub fn redirdev_alias(plug: &UsbRedirPlug) -> String {
+    let safe: String = plug
+        .id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("ua-{safe}")
+}
+
+/// A usbredir device on the xhci controller that connects to its server on 127.0.0.1 and
+/// reconnects when the connection breaks (a restored guest finds it broken, unplugs the device
+/// and plugs it afresh once connected, as the qemu backend's guests do).
+pub fn redirdev_xml(plug: &UsbRedirPlug) -> String {
+    format!(
+        "<redirdev bus='usb' type='tcp'>\n\
+         \x20 <source mode='connect' host='127.0.0.1' service='{}'>\n\
+         \x20   <reconnect enabled='yes' timeout='1'/>\n\
+         \x20 </source>\n\
+         \x20 <alias name='{}'/>\n\
+         \x20 <address type='usb' bus='0' port='{}'/>\n\
+         </redirdev>\n",
+        plug.port,
+        escape(&redirdev_alias(plug)),
+        plug.xhci_port
+    )
 }
 
 /// `text` with the five XML special characters escaped.
@@ -102,7 +147,23 @@ impl DomainSpec {
         x.push_str("    <smbios mode='sysinfo'/>\n  </os>\n");
         x.push_str("  <features>\n    <acpi/>\n  </features>\n");
         x.push_str("  <cpu mode='custom' match='exact' check='none'>\n");
-        x.push_str("    <model fallback='allow'>qemu64</model>\n");
+        match &self.cpu_vendor_id {
+            Some(vendor) => {
+                let _ = writeln!(
+                    x,
+                    "    <model fallback='allow' vendor_id='{}'>{}</model>",
+                    escape(vendor),
+                    escape(&self.cpu_model)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    x,
+                    "    <model fallback='allow'>{}</model>",
+                    escape(&self.cpu_model)
+                );
+            }
+        }
         if self.hide_hypervisor {
             x.push_str("    <feature policy='disable' name='hypervisor'/>\n");
         }
@@ -120,6 +181,18 @@ impl DomainSpec {
             let _ = writeln!(x, "      <serial>{}</serial>", escape(&serial));
         }
         x.push_str("    </disk>\n");
+        if let Some(disk) = &self.runtime_disk {
+            x.push_str("    <disk type='file' device='disk'>\n");
+            x.push_str("      <driver name='qemu' type='raw'/>\n");
+            let _ = writeln!(x, "      <source file='{}'/>", path(disk));
+            x.push_str("      <target dev='vdb' bus='virtio'/>\n      <readonly/>\n");
+            let _ = writeln!(
+                x,
+                "      <serial>{}</serial>",
+                vigil_agent::protocol::RUNTIME_DISK_SERIAL
+            );
+            x.push_str("    </disk>\n");
+        }
         x.push_str("    <interface type='user'>\n");
         if let Some(mac) = &self.mac {
             let _ = writeln!(x, "      <mac address='{}'/>", escape(mac));
@@ -142,6 +215,11 @@ impl DomainSpec {
         );
         x.push_str("      <target port='0'/>\n    </serial>\n");
         x.push_str("    <rng model='virtio'>\n      <backend model='random'>/dev/urandom</backend>\n    </rng>\n");
+        for plug in &self.usb {
+            for line in redirdev_xml(plug).lines() {
+                let _ = writeln!(x, "    {line}");
+            }
+        }
         x.push_str("    <memballoon model='none'/>\n");
         x.push_str("  </devices>\n</domain>\n");
         x
@@ -163,6 +241,8 @@ mod tests {
             genid: Some("c5f2b3a1-0d4e-4f6a-8b7c-9d0e1f2a3b4c".into()),
             memory_mib: 384,
             domain_type: "qemu",
+            cpu_model: "Cascadelake-Server".into(),
+            cpu_vendor_id: Some("GenuineIntel".into()),
             hide_hypervisor: true,
             kernel: "/images/vmlinux".into(),
             initrd: "/images/initramfs.cpio".into(),
@@ -170,6 +250,12 @@ mod tests {
             disk: "/guests/01/disk.qcow2".into(),
             agent_socket: "/guests/01/run/agent.sock".into(),
             serial_log: "/logs/vm1/serial.log".into(),
+            runtime_disk: Some("/work/runtime.ext4".into()),
+            usb: vec![UsbRedirPlug {
+                id: "usb-key.1-3".into(),
+                port: 40123,
+                xhci_port: 2,
+            }],
         }
     }
 

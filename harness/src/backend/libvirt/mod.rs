@@ -1,4 +1,7 @@
-//! The libvirt driver's parts: one real libvirt daemon per simulated host ([`daemon`]).
+//! The libvirt backend: guests are domains of real libvirt daemons, one private daemon per
+//! simulated host ([`daemon`]), defined from the world ([`domain_xml`], [`cpu_model`]) and
+//! driven through libvirt's API ([`hypervisor`], [`running`]); everything inside a guest goes
+//! through the agent, as on the qemu backend (the shared guest driver).
 //!
 //! Each host gets its own `libvirtd` with its own host UUID, run, state, cache, log and config
 //! folders. libvirt's privileged daemon keeps those at fixed paths, so each runs in a private
@@ -6,5 +9,25 @@
 //! reachable from outside at `<host folder>/run/libvirt-sock`. Two daemons on one machine with
 //! different host UUIDs are what a migration between two hosts needs.
 
+pub mod cpu_model;
 pub mod daemon;
 pub mod domain_xml;
+pub mod hypervisor;
+pub mod running;
+
+use super::fabric::Fabric;
+use super::guest::GuestDriver;
+use super::types::{BackendError, WorldConfig};
+use hypervisor::LibvirtHypervisor;
+
+/// The libvirt driver: guests as libvirt domains.
+pub type LibvirtDriver = GuestDriver<LibvirtHypervisor>;
+
+impl LibvirtDriver {
+    /// A driver with no guests yet, over the world's `fabric`; fails when libvirtd, root,
+    /// QEMU or the guest image is missing.
+    pub fn start(config: WorldConfig, fabric: Fabric) -> Result<LibvirtDriver, BackendError> {
+        let hv = LibvirtHypervisor::detect(&config)?;
+        GuestDriver::new(config, fabric, hv)
+    }
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use qapi::qmp;
 
-use super::usb_plug::UsbRedirPlug;
+use crate::backend::guest::usb_plug::UsbRedirPlug;
 
 /// Errors from the QEMU monitor.
 #[derive(Debug, thiserror::Error)]

@@ -6,32 +6,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::agent::AgentClient;
 use super::qmp::{Monitor, QmpMonitor};
-pub use super::usb_plug::{UsbRedirPlug, XHCI_USB2_PORTS};
-use crate::backend::types::{BackendError, CpuProfile, HardwareIdentity};
+use crate::backend::guest::agent::AgentClient;
+use crate::backend::guest::hypervisor::LaunchSpec;
+use crate::backend::guest::image::{self, Accelerator, MEMORY_MIB, guid, tail};
+use crate::backend::types::BackendError;
 
 /// The QEMU program.
 pub const QEMU: &str = "qemu-system-x86_64";
-
-/// Guest memory, MiB (small: snapshots and migrations copy it).
-const MEMORY_MIB: u32 = 384;
 
 /// Where the guest image lives and how QEMU runs on this machine.
 #[derive(Debug, Clone)]
 pub struct Environment {
     /// `vmlinux`, `initramfs.cpio` and `data.qcow2`.
     pub image_dir: PathBuf,
-    /// `kvm` or `tcg`.
-    pub accelerator: &'static str,
-    /// Why that accelerator.
-    pub accelerator_reason: String,
+    /// KVM or TCG, and why.
+    pub accelerator: Accelerator,
     /// `qemu-system-x86_64 --version`, first line.
     pub qemu_version: String,
 }
-
-/// The files of a complete guest image.
-pub const IMAGE_FILES: [&str; 3] = ["vmlinux", "initramfs.cpio", "data.qcow2"];
 
 /// Why the qemu backend cannot run here, if it cannot.
 pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
@@ -40,33 +33,13 @@ pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
             "{QEMU} is not installed (`make deps` installs QEMU 10)"
         ));
     }
-    for file in IMAGE_FILES {
-        if !image_dir.join(file).exists() {
-            return Some(format!(
-                "{} is missing (`make images` builds the guest image)",
-                image_dir.join(file).display()
-            ));
-        }
-    }
-    None
-}
-
-/// The folder holding the guest image: `VIGIL_IMAGE_DIR`, else `images/out` of this checkout.
-pub fn image_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VIGIL_IMAGE_DIR") {
-        return PathBuf::from(dir);
-    }
-    let here = PathBuf::from("images/out");
-    if here.join("vmlinux").exists() {
-        return here;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out")
+    image::missing_image(image_dir)
 }
 
 impl Environment {
     /// Checks QEMU and the image; picks KVM when it can run a guest, TCG otherwise.
     pub fn detect() -> Result<Environment, BackendError> {
-        let image_dir = image_dir();
+        let image_dir = image::image_dir();
         if let Some(why) = missing_prerequisite(&image_dir) {
             return Err(BackendError::Unsupported {
                 backend: crate::backend::types::BackendKind::Qemu,
@@ -74,56 +47,12 @@ impl Environment {
                 why,
             });
         }
-        let (kvm, reason) = crate::capabilities::kvm_usable();
-        let forced = std::env::var("VIGIL_ACCEL").ok();
-        let accelerator = match forced.as_deref() {
-            Some("kvm") => "kvm",
-            Some("tcg") => "tcg",
-            _ if kvm => "kvm",
-            _ => "tcg",
-        };
         Ok(Environment {
             image_dir,
-            accelerator,
-            accelerator_reason: match forced {
-                Some(f) => format!("VIGIL_ACCEL={f}"),
-                None => reason,
-            },
+            accelerator: Accelerator::detect(),
             qemu_version: crate::capabilities::version_of(QEMU).unwrap_or_default(),
         })
     }
-}
-
-/// What one QEMU process is started with.
-#[derive(Debug, Clone)]
-pub struct VmSpec {
-    /// Guest name (the runtime's machine name).
-    pub name: String,
-    /// Firmware and device identity.
-    pub identity: HardwareIdentity,
-    /// CPU model the guest sees.
-    pub cpu: CpuProfile,
-    /// VM generation id (32 hex digits).
-    pub vmgenid: String,
-    /// The qcow2 data disk.
-    pub disk: PathBuf,
-    /// Folder for this process's sockets.
-    pub run_dir: PathBuf,
-    /// Folder for serial console, QEMU stderr and command lines.
-    pub log_dir: PathBuf,
-    /// Restore this internal snapshot at start (`-loadvm`).
-    pub loadvm: Option<String>,
-    /// Wait for an incoming migration on this Unix socket.
-    pub incoming: Option<PathBuf>,
-    /// usbredir devices plugged in from the start (a revert or migration must match the saved
-    /// device set).
-    pub usb: Vec<UsbRedirPlug>,
-    /// A read-only disk with the runtime under test, when it is not the image's own.
-    pub runtime_disk: Option<PathBuf>,
-    /// The CPUID hypervisor bit is switched off (an attack by the VM's owner).
-    pub hide_hypervisor: bool,
-    /// The world's root key (hex) the guest's runtime trusts firm certificates from.
-    pub harness_root: Option<String>,
 }
 
 /// Escapes a value for QEMU's `key=value,…` option syntax.
@@ -131,27 +60,11 @@ fn opt(value: &str) -> String {
     value.replace(',', ",,")
 }
 
-/// The vmgenid as a GUID (`8-4-4-4-12`).
-pub fn guid(hex32: &str) -> String {
-    let h: String = hex32.chars().filter(char::is_ascii_hexdigit).collect();
-    if h.len() != 32 {
-        return hex32.to_string();
-    }
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
-impl VmSpec {
-    /// QEMU's arguments.
-    pub fn args(&self, env: &Environment) -> Vec<String> {
-        let id = &self.identity;
-        let cpu = &self.cpu;
+/// QEMU's arguments for a start of `spec` (waiting for a migration on `incoming` when given).
+pub fn command_args(spec: &LaunchSpec, incoming: Option<&Path>, env: &Environment) -> Vec<String> {
+    {
+        let id = &spec.identity;
+        let cpu = &spec.cpu;
         let mut cpu_opt = format!(
             "qemu64,vendor={},model-id={},family={},model={},stepping={}",
             opt(&cpu.vendor),
@@ -163,7 +76,7 @@ impl VmSpec {
         if let Some(rev) = parse_microcode(&cpu.microcode) {
             cpu_opt.push_str(&format!(",ucode-rev={rev}"));
         }
-        if self.hide_hypervisor {
+        if spec.hide_hypervisor {
             cpu_opt.push_str(",-hypervisor");
         }
         let mut disk_device = "virtio-blk-pci,drive=d0,id=vblk0".to_string();
@@ -180,7 +93,7 @@ impl VmSpec {
         }
         let mut args: Vec<String> = [
             "-accel",
-            env.accelerator,
+            env.accelerator.name,
             "-machine",
             "q35",
             "-m",
@@ -196,50 +109,15 @@ impl VmSpec {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let kernel = self.image("vmlinux", env);
-        let initrd = self.image("initramfs.cpio", env);
+        let kernel = image::image_file(&env.image_dir, "vmlinux");
+        let initrd = image::image_file(&env.image_dir, "initramfs.cpio");
         args.extend([
             "-kernel".into(),
-            kernel,
+            kernel.display().to_string(),
             "-initrd".into(),
-            initrd,
+            initrd.display().to_string(),
             "-append".into(),
-            // Under TCG the kernel's crypto self-tests, the KDF self-test, the kprobe tracer and
-            // parsing the module-signing certificates took ~2 s of every boot; a test guest needs
-            // none of them (its modules still load, unverified).
-            format!(
-                "console=ttyS0 quiet panic=-1 mitigations=off i8042.noaux=1 i8042.nokbd=1 \
-                 8250.nr_uarts=1 random.trust_cpu=on cryptomgr.notests \
-                 initcall_blacklist=crypto_kdf108_init,init_kprobe_trace,load_system_certificate_list \
-                 vigil.name={}{}{}",
-                self.name,
-                if self.runtime_disk.is_some() {
-                    " vigil.runtime-disk=1"
-                } else {
-                    ""
-                },
-                // The guest runtime's log filter, for diagnosing a guest (`VIGIL_GUEST_LOG=debug`).
-                std::env::var("VIGIL_GUEST_LOG")
-                    .ok()
-                    .filter(|f| !f.is_empty() && !f.contains(char::is_whitespace))
-                    .map(|f| format!(" METER_LOG={f}"))
-                    .unwrap_or_default()
-                    // A weakened runtime's defence switch reaches the guest's runtime as it
-                    // reaches a simulated machine's (the image's own runtime refuses to run).
-                    + &std::env::var(crate::runtime::weakening::WEAKEN_VARIABLE)
-                        .ok()
-                        .filter(|d| crate::name::check(d).is_ok())
-                        .map(|d| format!(" {}={d}", crate::runtime::weakening::WEAKEN_VARIABLE))
-                        .unwrap_or_default()
-                    // The world's root reaches the guest's runtime the same way (init's
-                    // environment); hex only, so it cannot add arguments of its own.
-                    + &self
-                        .harness_root
-                        .as_deref()
-                        .filter(|r| r.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .map(|r| format!(" {}={r}", crate::runtime::world_root::HARNESS_ROOT_VARIABLE))
-                        .unwrap_or_default()
-            ),
+            image::kernel_cmdline(spec),
             "-smbios".into(),
             format!(
                 "type=1,uuid={},serial={},manufacturer=QEMU,product=Standard PC",
@@ -260,14 +138,14 @@ impl VmSpec {
             // durability against a host crash, and each fsync cost tens of milliseconds.
             format!(
                 "driver=file,filename={},node-name=f0,cache.no-flush=on",
-                opt(&self.disk.display().to_string())
+                opt(&spec.disk.display().to_string())
             ),
             "-blockdev".into(),
             "driver=qcow2,file=f0,node-name=d0".into(),
             "-device".into(),
             disk_device,
             "-device".into(),
-            format!("vmgenid,id=vmgen0,guid={}", guid(&self.vmgenid)),
+            format!("vmgenid,id=vmgen0,guid={}", guid(&spec.vmgenid)),
             // An entropy source: without one (no RDRAND under TCG) the guest's getrandom blocks
             // for seconds at boot, and the runtime's first key waits for it.
             "-device".into(),
@@ -278,7 +156,7 @@ impl VmSpec {
             "-chardev".into(),
             format!(
                 "socket,id=agent0,path={},server=on,wait=off",
-                opt(&self.run_dir.join("agent.sock").display().to_string())
+                opt(&spec.agent_socket().display().to_string())
             ),
             "-device".into(),
             "virtio-serial-pci,id=vser0".into(),
@@ -287,17 +165,17 @@ impl VmSpec {
             "-chardev".into(),
             format!(
                 "file,id=console0,path={},append=on",
-                opt(&self.serial_log().display().to_string())
+                opt(&spec.serial_log().display().to_string())
             ),
             "-serial".into(),
             "chardev:console0".into(),
             "-qmp".into(),
             format!(
                 "unix:{},server=on,wait=off",
-                opt(&self.run_dir.join("qmp.sock").display().to_string())
+                opt(&spec.run_dir.join("qmp.sock").display().to_string())
             ),
         ]);
-        if let Some(disk) = &self.runtime_disk {
+        if let Some(disk) = &spec.runtime_disk {
             args.extend([
                 "-blockdev".into(),
                 format!(
@@ -309,11 +187,11 @@ impl VmSpec {
                 "-device".into(),
                 format!(
                     "virtio-blk-pci,drive=rt,id=vblk-rt,serial={}",
-                    super::runtime_disk::SERIAL
+                    vigil_agent::protocol::RUNTIME_DISK_SERIAL
                 ),
             ]);
         }
-        for plug in &self.usb {
+        for plug in &spec.usb {
             args.extend([
                 "-chardev".into(),
                 plug.chardev_at_start(),
@@ -321,26 +199,13 @@ impl VmSpec {
                 plug.device(),
             ]);
         }
-        if let Some(tag) = &self.loadvm {
+        if let Some(tag) = &spec.loadvm {
             args.extend(["-loadvm".into(), tag.clone()]);
         }
-        if let Some(socket) = &self.incoming {
+        if let Some(socket) = incoming {
             args.extend(["-incoming".into(), format!("unix:{}", socket.display())]);
         }
         args
-    }
-
-    fn image(&self, file: &str, env: &Environment) -> String {
-        let path = env.image_dir.join(file);
-        std::fs::canonicalize(&path)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    }
-
-    /// The guest's serial console log (appended across QEMU processes).
-    pub fn serial_log(&self) -> PathBuf {
-        self.log_dir.join("serial.log")
     }
 }
 
@@ -355,7 +220,7 @@ fn parse_microcode(text: &str) -> Option<u64> {
 /// A running QEMU process with its monitor and agent connections.
 pub struct Vm {
     /// What it was started with.
-    pub spec: VmSpec,
+    pub spec: LaunchSpec,
     /// The command line, for diagnostics.
     pub command_line: String,
     child: Child,
@@ -368,7 +233,12 @@ pub struct Vm {
 impl Vm {
     /// Starts QEMU in its own process group (killed with the harness) and connects to its
     /// monitor and agent sockets.
-    pub fn launch(spec: VmSpec, env: &Environment) -> Result<Vm, BackendError> {
+    /// With `incoming`, QEMU waits for a live migration on that Unix socket.
+    pub fn launch(
+        spec: LaunchSpec,
+        incoming: Option<&Path>,
+        env: &Environment,
+    ) -> Result<Vm, BackendError> {
         std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::io(format!(
             "create {}",
             spec.run_dir.display()
@@ -380,7 +250,7 @@ impl Vm {
         for socket in ["agent.sock", "qmp.sock"] {
             let _ = std::fs::remove_file(spec.run_dir.join(socket));
         }
-        let args = spec.args(env);
+        let args = command_args(&spec, incoming, env);
         let command_line = format!("{QEMU} {}", shell_words(&args));
         let mut commands = OpenOptions::new()
             .create(true)
@@ -416,14 +286,13 @@ impl Vm {
                     return Err(boot_failure(&spec, &command_line, &e.to_string()));
                 }
             };
-        let agent =
-            match AgentClient::connect(&spec.run_dir.join("agent.sock"), Duration::from_secs(10)) {
-                Ok(a) => a,
-                Err(e) => {
-                    kill_group(&mut child);
-                    return Err(boot_failure(&spec, &command_line, &e.to_string()));
-                }
-            };
+        let agent = match AgentClient::connect(&spec.agent_socket(), Duration::from_secs(10)) {
+            Ok(a) => a,
+            Err(e) => {
+                kill_group(&mut child);
+                return Err(boot_failure(&spec, &command_line, &e.to_string()));
+            }
+        };
         Ok(Vm {
             spec,
             command_line,
@@ -478,7 +347,7 @@ fn kill_group(child: &mut Child) {
 }
 
 /// A failure of a guest with what is needed to understand it.
-pub fn boot_failure(spec: &VmSpec, command_line: &str, message: &str) -> BackendError {
+pub fn boot_failure(spec: &LaunchSpec, command_line: &str, message: &str) -> BackendError {
     let serial = tail(&spec.serial_log(), 15);
     let stderr = tail(&spec.log_dir.join("qemu.log"), 5);
     BackendError::Runtime {
@@ -488,13 +357,6 @@ pub fn boot_failure(spec: &VmSpec, command_line: &str, message: &str) -> Backend
             spec.serial_log().display()
         ),
     }
-}
-
-/// The last lines of a log file.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn shell_words(args: &[String]) -> String {
@@ -515,9 +377,10 @@ fn shell_words(args: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::types::HardwareIdentity;
 
-    fn spec() -> VmSpec {
-        VmSpec {
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
             name: "vm1".into(),
             identity: HardwareIdentity {
                 product_uuid: "11111111-2222-3333-4444-555555555555".into(),
@@ -532,7 +395,6 @@ mod tests {
             run_dir: "/tmp/run".into(),
             log_dir: "/tmp/log".into(),
             loadvm: Some("fresh".into()),
-            incoming: None,
             usb: Vec::new(),
             runtime_disk: None,
             hide_hypervisor: false,
@@ -544,11 +406,13 @@ mod tests {
     fn command_line_carries_identity_cpu_and_generation() {
         let env = Environment {
             image_dir: "/img".into(),
-            accelerator: "tcg",
-            accelerator_reason: String::new(),
+            accelerator: Accelerator {
+                name: "tcg",
+                reason: String::new(),
+            },
             qemu_version: String::new(),
         };
-        let args = spec().args(&env).join(" ");
+        let args = command_args(&spec(), None, &env).join(" ");
         assert!(args.contains("-accel tcg"));
         assert!(args.contains("type=1,uuid=11111111-2222-3333-4444-555555555555,serial=VM-1,,2"));
         assert!(args.contains("type=2,serial=VB-1"));
@@ -565,10 +429,9 @@ mod tests {
     }
 
     #[test]
-    fn microcode_and_guids_parse() {
+    fn microcode_parses() {
         assert_eq!(parse_microcode("0x5003604"), Some(0x5003604));
         assert_eq!(parse_microcode("17"), Some(17));
         assert_eq!(parse_microcode("n/a"), None);
-        assert_eq!(guid("0011"), "0011");
     }
 }

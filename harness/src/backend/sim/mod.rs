@@ -773,7 +773,7 @@ impl MachineDriver for SimDriver {
         Ok(())
     }
 
-    fn migrate(&mut self, machine: &str) -> Result<(), BackendError> {
+    fn migrate(&mut self, machine: &str, _host: &str) -> Result<(), BackendError> {
         // Live migration keeps the guest running with the hardware it booted with.
         self.machine(machine).map(drop)
     }

@@ -4,16 +4,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::backend::types::BackendError;
+use crate::backend::types::{BackendError, BackendKind};
 
 /// The virtio-blk serial the guest's init looks for (`/sys/block/vd*/serial`).
 pub use vigil_agent::protocol::RUNTIME_DISK_SERIAL as SERIAL;
 
 /// Builds `<work_dir>/runtime.ext4` from the regular files of `runtime_dir` (symbolic links
 /// followed; a file reached twice is stored once, hard-linked).
-pub fn build(runtime_dir: &Path, work_dir: &Path) -> Result<PathBuf, BackendError> {
+pub fn build(
+    runtime_dir: &Path,
+    work_dir: &Path,
+    backend: BackendKind,
+) -> Result<PathBuf, BackendError> {
     let unusable = |why: String| BackendError::Unsupported {
-        backend: crate::backend::types::BackendKind::Qemu,
+        backend,
         operation: "carry the runtime into its guests",
         why,
     };
@@ -90,7 +94,9 @@ mod tests {
     fn a_folder_without_meterd_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("meter"), b"x").unwrap();
-        let error = build(dir.path(), dir.path()).unwrap_err().to_string();
+        let error = build(dir.path(), dir.path(), BackendKind::Qemu)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("has no `meterd`"), "{error}");
     }
 
@@ -104,7 +110,7 @@ mod tests {
         for name in ["meter", "meterd"] {
             std::os::unix::fs::symlink(&real, runtime.join(name)).unwrap();
         }
-        let image = build(&runtime, dir.path()).unwrap();
+        let image = build(&runtime, dir.path(), BackendKind::Qemu).unwrap();
         let size = std::fs::metadata(image).unwrap().len();
         assert!(size < 10 << 20, "one 1 MiB file took {size} bytes");
     }
