@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build test test-libvirt lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
+.PHONY: all build test test-libvirt test-libvirt-all verify-libvirt lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
 
 all: build
 
@@ -21,12 +21,21 @@ test: lint weakened
 test-libvirt:
 	@if pkg-config --exists libvirt 2>/dev/null; then \
 	  $(CARGO) clippy -p vigil --features libvirt --all-targets -- -D warnings && \
-	  $(CARGO) test -p vigil --features libvirt --lib --test libvirt_daemon --test libvirt_guest --test libvirt_migration --test libvirt_snapshot; \
+	  $(CARGO) test -p vigil --features libvirt --lib --test libvirt_daemon --test libvirt_guest --test libvirt_migration --test libvirt_snapshot && \
+	  VIGIL_LIBVIRT_SCENARIOS=$(LIBVIRT_CORE_SCENARIOS) $(CARGO) test -p vigil --features libvirt --test libvirt_scenarios -- --nocapture --test-threads 1; \
 	elif [ "$${VIGIL_REQUIRE_LIBVIRT:-0}" = 1 ]; then \
 	  echo "test-libvirt: VIGIL_REQUIRE_LIBVIRT=1 but libvirt-dev is missing (make deps)" >&2; exit 1; \
 	else \
 	  echo "test-libvirt: skipped: libvirt-dev is not installed (make deps)"; \
 	fi
+
+## One built-in scenario per libvirt operation (boot, clone, perfect copy to another host, cold move
+## to another CPU, live migration, snapshot and revert, revert with a dongle, hidden hypervisor,
+## usbredir hot-plug, USB/IP, terminal-server sessions); `make test-libvirt-all` runs every scenario
+## of the qemu suite (~20 min under TCG here).
+LIBVIRT_CORE_SCENARIOS = clone-guest,clone-guest-loose,guest-move-other-host,guest-live-migration,snapshot-rollback-units,dongle-units,vm-hidden-hypervisor,dongle-hop,usb-over-ethernet,stationshare-ts-guest
+test-libvirt-all: images
+	VIGIL_LIBVIRT_SCENARIOS=all $(CARGO) test -p vigil --features libvirt --test libvirt_scenarios -- --nocapture --test-threads 1
 
 ## The test-only weakened runtime (one defence off per METER_WEAKEN); never in release artefacts.
 weakened:
@@ -37,6 +46,15 @@ weakened:
 verify-scenarios: weakened
 	$(CARGO) build -p vigil
 	./target/debug/vigil verify --weakened target/debug/meter-weakened --docs docs/verdicts.md
+
+## The same proof on the libvirt backend for the guest scenarios that guard what only a virtual
+## machine can attack (copies, moves, hypervisor hiding, reverts, passthrough, USB/IP); the table
+## goes to reports/verify-libvirt/verdicts.{json,md}.
+LIBVIRT_VERIFY_SCENARIOS = clone-guest guest-move-other-host vm-hidden-hypervisor snapshot-rollback-units dongle-exclusive-guest dongle-hop-cloned-state usb-over-ethernet
+verify-libvirt: weakened images
+	$(CARGO) build -p vigil --features libvirt
+	./target/debug/vigil verify --backend libvirt --weakened target/debug/meter-weakened \
+	  --work-dir reports/verify-libvirt/runs --out reports/verify-libvirt $(LIBVIRT_VERIFY_SCENARIOS)
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -81,7 +99,13 @@ test-vm: images
 	$(CARGO) test -p vigil --test qemu_scenarios --test usbredir_guest --test usbip_guest -- --nocapture --test-threads 1
 
 ## QEMU timings (boot to agent-ready, snapshot, revert, clone, live migration) into reports/bench/vm.json,
-## and the dongle's USB paths into a guest (usbredir, USB/IP) into reports/bench/usb.json.
+## the dongle's USB paths into a guest (usbredir, USB/IP) into reports/bench/usb.json, and where
+## libvirt is installed the libvirt backend's timings with their ratios to the qemu backend's of
+## the same run into reports/bench/libvirt-vm.json.
 bench-vm: images
 	mkdir -p reports/bench
-	$(CARGO) test -p vigil --test qemu_bench --test usb_bench -- --nocapture --ignored --test-threads 1
+	@if pkg-config --exists libvirt 2>/dev/null; then \
+	  $(CARGO) test -p vigil --features libvirt --test qemu_bench --test usb_bench -- --nocapture --ignored --test-threads 1; \
+	else \
+	  $(CARGO) test -p vigil --test qemu_bench --test usb_bench -- --nocapture --ignored --test-threads 1; \
+	fi

@@ -133,12 +133,11 @@ pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
         usable.push("qemu".to_string());
     }
     findings.push(libvirt_daemon_finding());
-    findings.push(finding(
-        "libvirt backend",
-        false,
-        "guests through libvirt are not built yet (a private libvirt daemon per host is: \
-         cargo feature `libvirt`)",
-    ));
+    let libvirt = libvirt_backend_finding(accelerator);
+    if libvirt.ok {
+        usable.push("libvirt".to_string());
+    }
+    findings.push(libvirt);
     DoctorReport {
         findings,
         usable_backends: usable,
@@ -175,6 +174,36 @@ fn libvirt_daemon_finding() -> Finding {
             "libvirt daemon",
             false,
             "this vigil was built without the cargo feature `libvirt`",
+        )
+    }
+}
+
+/// Whether guests can run through libvirt here, and with which accelerator.
+fn libvirt_backend_finding(accelerator: &str) -> Finding {
+    #[cfg(feature = "libvirt")]
+    {
+        let missing = crate::backend::libvirt::hypervisor::missing_prerequisite(
+            &crate::backend::guest::image::image_dir(),
+        );
+        let domain_type = if accelerator == "kvm" {
+            "kvm"
+        } else {
+            "qemu (TCG)"
+        };
+        finding(
+            "libvirt backend",
+            missing.is_none(),
+            missing.unwrap_or_else(|| format!("usable; domains of type {domain_type}")),
+        )
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        let _ = accelerator;
+        finding(
+            "libvirt backend",
+            false,
+            "this vigil was built without the cargo feature `libvirt` (`cargo run --features \
+             libvirt -- …`)",
         )
     }
 }

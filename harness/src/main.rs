@@ -138,6 +138,9 @@ enum Commands {
         /// Also write the Markdown table here (e.g. docs/verdicts.md).
         #[arg(long)]
         docs: Option<PathBuf>,
+        /// The backend every run uses (a weakened runtime reaches guests on its runtime disk).
+        #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
+        backend: BackendKind,
     },
     /// Build or inspect the guest image of the qemu backend (images/out/).
     Image {
@@ -331,7 +334,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             work_dir,
             out,
             docs,
+            backend,
         } => {
+            let subset = !scenarios.is_empty();
             let loaded = if scenarios.is_empty() {
                 engine::builtin_scenarios(&[])?
             } else {
@@ -341,6 +346,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 vigil: std::env::current_exe()?,
                 weakened_bin: weakened,
                 work_dir,
+                backend,
+                subset,
             };
             let report = vigil::verify::run(&options, &loaded)?;
             vigil::verify::write(&report, &out, docs.as_deref())?;

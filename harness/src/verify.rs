@@ -14,6 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::backend::BackendKind;
 use crate::engine::LoadedScenario;
 use crate::runtime::WEAKEN_VARIABLE;
 use crate::scenario::Defence;
@@ -32,6 +33,10 @@ pub struct VerifyOptions {
     pub weakened_bin: PathBuf,
     /// Folder for the per-run reports and the weakened runtime folder.
     pub work_dir: PathBuf,
+    /// The backend every scenario runs on.
+    pub backend: BackendKind,
+    /// Only some scenarios run: a defence none of them guards is not counted as uncaught.
+    pub subset: bool,
 }
 
 /// How one scenario fared against one runtime.
@@ -294,8 +299,10 @@ pub fn run(
     let runtime = weakened_runtime_dir(options)?;
     let mut cells = Vec::new();
     let mut undefended_by_policy = Vec::new();
+    let mut guarded: BTreeSet<String> = BTreeSet::new();
     for loaded in scenarios {
         let guards = guards_of(loaded);
+        guarded.extend(guards.iter().cloned());
         let allowed = &loaded.scenario.allowed_by_policy;
         if guards.is_empty() && allowed.is_empty() {
             continue;
@@ -333,7 +340,7 @@ pub fn run(
     let caught: BTreeSet<&str> = caught_by.keys().map(String::as_str).collect();
     let uncaught = all_defences()
         .into_iter()
-        .filter(|d| !caught.contains(d))
+        .filter(|d| !caught.contains(d) && (!options.subset || guarded.contains(*d)))
         .map(str::to_owned)
         .collect();
     Ok(VerifyReport {
@@ -373,6 +380,8 @@ fn run_one(
         .arg(scenario_argument(source, name))
         .arg("--report-dir")
         .arg(&reports)
+        .arg("--backend")
+        .arg(options.backend.to_string())
         .env_remove(WEAKEN_VARIABLE)
         .env("NO_COLOR", "1");
     if let Some(defence) = &defence {

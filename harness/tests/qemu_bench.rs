@@ -1,12 +1,15 @@
-//! `make bench-vm`: QEMU timings on this machine, with the accelerator used, into
-//! reports/bench/vm.json. Ignored by default (`cargo test -- --ignored` runs it); skips with a
-//! printed reason when QEMU or the guest image is missing.
+//! `make bench-vm`: guest timings on this machine, with the accelerator used: the qemu
+//! backend's into reports/bench/vm.json and, built with the `libvirt` feature, the libvirt
+//! backend's beside the qemu backend's of the same run, with their ratios, into
+//! reports/bench/libvirt-vm.json. Ignored by default (`cargo test -- --ignored` runs them);
+//! skipped with a printed reason when QEMU, libvirt or the guest image is missing.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use vigil::backend::qemu::QemuDriver;
-use vigil::backend::{Backend, CloneIdentity, GuestSpec, HostSpec, Role, WorldConfig};
+use vigil::backend::guest::hypervisor::Hypervisor;
+use vigil::backend::guest::{GuestDriver, Timings};
+use vigil::backend::{Backend, BackendKind, CloneIdentity, GuestSpec, HostSpec, Role, WorldConfig};
 use vigil::identity::{IdentityMint, cpu_profile};
 
 fn image_dir() -> PathBuf {
@@ -28,16 +31,12 @@ fn stats(values: &[f64]) -> serde_json::Value {
     })
 }
 
-#[test]
-#[ignore = "boots real guests; run by `make bench-vm`"]
-fn qemu_timings() {
-    let image = image_dir();
-    if let Some(why) = vigil::backend::qemu::vm::missing_prerequisite(&image) {
-        println!("SKIPPED qemu benchmark: {why}");
-        return;
-    }
+/// One guest's life on a backend: boots, live migrations between two hosts, snapshots and
+/// reverts, a clone booted on the other host. Migrations come first: libvirt refuses to migrate
+/// a domain that has snapshots.
+fn exercise<H: Hypervisor>(kind: BackendKind, rounds: usize) -> (Timings, serde_json::Value) {
     // SAFETY: set before any thread of this test reads the environment.
-    unsafe { std::env::set_var("VIGIL_IMAGE_DIR", &image) };
+    unsafe { std::env::set_var("VIGIL_IMAGE_DIR", image_dir()) };
     let scratch = tempfile::tempdir().unwrap();
     let config = WorldConfig {
         runtime_bin: PathBuf::from(env!("CARGO_BIN_EXE_vigil"))
@@ -52,8 +51,7 @@ fn qemu_timings() {
         harness_root: None,
     };
     let started = Instant::now();
-    let mut backend =
-        vigil::backend::assemble(vigil::backend::BackendKind::Qemu, config).expect("qemu backend");
+    let mut backend = vigil::backend::assemble(kind, config).expect("backend");
     let mint = IdentityMint::new(7);
     for (name, vendor, model) in [
         ("host-a", "GenuineIntel", "Xeon Gold 6248"),
@@ -77,15 +75,14 @@ fn qemu_timings() {
             hide_hypervisor: false,
         })
         .unwrap();
-    let rounds = 3;
     backend.boot("vm1").expect("boot");
-    for i in 0..rounds {
-        backend.snapshot("vm1", &format!("s{i}")).expect("snapshot");
-        backend.revert("vm1", &format!("s{i}")).expect("revert");
-    }
     for i in 0..rounds {
         let host = if i % 2 == 0 { "host-b" } else { "host-a" };
         backend.migrate("vm1", host).expect("migrate");
+    }
+    for i in 0..rounds {
+        backend.snapshot("vm1", &format!("s{i}")).expect("snapshot");
+        backend.revert("vm1", &format!("s{i}")).expect("revert");
     }
     backend
         .clone_guest("vm1", "vm2", "host-b", CloneIdentity::New)
@@ -94,31 +91,124 @@ fn qemu_timings() {
     backend.shutdown("vm2").expect("shutdown the clone");
     backend.shutdown("vm1").expect("shutdown");
     backend.boot("vm1").expect("second boot");
-    let t = backend
-        .driver_mut::<QemuDriver>()
-        .expect("qemu driver")
-        .timings()
-        .clone();
+    let driver = backend
+        .driver_mut::<GuestDriver<H>>()
+        .expect("guest driver");
+    let timings = driver.timings().clone();
+    let accelerator = driver.accelerator();
+    let describe = backend.describe();
     backend.teardown().unwrap();
-    let report = serde_json::json!({
-        "accelerator": backend.driver_mut::<QemuDriver>().expect("qemu driver").accelerator(),
-        "describe": backend.describe(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-        "boot_to_agent_ready": stats(&t.boot_ms),
-        "snapshot_savevm": stats(&t.snapshot_ms),
-        "revert_to_agent_ready": stats(&t.revert_ms),
-        "clone_disk_copy": stats(&t.clone_ms),
-        "live_migration": stats(&t.migrate_ms),
-        "live_migration_downtime": stats(&t.migrate_downtime_ms),
-        "total_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-    });
+    assert_eq!(timings.boot_ms.len(), 3, "three boots were timed");
+    assert_eq!(timings.revert_ms.len(), rounds);
+    assert_eq!(timings.migrate_ms.len(), rounds);
+    (
+        timings,
+        serde_json::json!({
+            "accelerator": accelerator,
+            "describe": describe,
+            "total_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        }),
+    )
+}
+
+#[cfg(feature = "libvirt")]
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
+}
+
+/// Each operation's timings, by the names the reports use.
+fn operations(t: &Timings) -> [(&'static str, &[f64]); 6] {
+    [
+        ("boot_to_agent_ready", &t.boot_ms),
+        ("snapshot", &t.snapshot_ms),
+        ("revert_to_agent_ready", &t.revert_ms),
+        ("clone_disk_copy", &t.clone_ms),
+        ("live_migration", &t.migrate_ms),
+        ("live_migration_downtime", &t.migrate_downtime_ms),
+    ]
+}
+
+fn report_of(t: &Timings, run: serde_json::Value) -> serde_json::Value {
+    let mut report = run;
+    let fields = report.as_object_mut().unwrap();
+    fields.insert(
+        "cpus".into(),
+        serde_json::json!(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        ),
+    );
+    fields.insert(
+        "load_average".into(),
+        serde_json::json!(
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        ),
+    );
+    for (name, values) in operations(t) {
+        fields.insert(name.into(), stats(values));
+    }
+    report
+}
+
+fn write_report(file: &str, report: &serde_json::Value) {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../reports/bench");
     std::fs::create_dir_all(&out).unwrap();
-    let text = serde_json::to_string_pretty(&report).unwrap();
-    std::fs::write(out.join("vm.json"), &text).unwrap();
+    let text = serde_json::to_string_pretty(report).unwrap();
+    std::fs::write(out.join(file), &text).unwrap();
     println!("{text}");
-    assert_eq!(t.boot_ms.len(), 3, "three boots were timed");
-    assert_eq!(t.revert_ms.len(), rounds);
-    assert_eq!(t.migrate_ms.len(), rounds);
+}
+
+#[test]
+#[ignore = "boots real guests; run by `make bench-vm`"]
+fn qemu_timings() {
+    if let Some(why) = vigil::backend::qemu::vm::missing_prerequisite(&image_dir()) {
+        println!("SKIPPED qemu benchmark: {why}");
+        return;
+    }
+    let (t, run) = exercise::<vigil::backend::qemu::QemuHypervisor>(BackendKind::Qemu, 3);
+    write_report("vm.json", &report_of(&t, run));
+}
+
+/// The libvirt backend's timings and their ratios to the qemu backend's, measured in one run
+/// (goal: at most 1.2 for each operation).
+#[cfg(feature = "libvirt")]
+#[test]
+#[ignore = "boots real guests; run by `make bench-vm`"]
+fn libvirt_timings_against_qemu() {
+    use vigil::backend::libvirt::hypervisor::{LibvirtHypervisor, missing_prerequisite};
+    if let Some(why) = missing_prerequisite(&image_dir()) {
+        println!("SKIPPED libvirt benchmark: {why}");
+        return;
+    }
+    let rounds = 3;
+    let (qemu, qemu_run) =
+        exercise::<vigil::backend::qemu::QemuHypervisor>(BackendKind::Qemu, rounds);
+    let (libvirt, libvirt_run) = exercise::<LibvirtHypervisor>(BackendKind::Libvirt, rounds);
+    let ratios: serde_json::Map<String, serde_json::Value> = operations(&libvirt)
+        .into_iter()
+        .zip(operations(&qemu))
+        .filter_map(|((name, l), (_, q))| {
+            let (l, q) = (median(l)?, median(q)?);
+            (q > 0.0).then(|| {
+                (
+                    name.to_string(),
+                    serde_json::json!(((l / q) * 100.0).round() / 100.0),
+                )
+            })
+        })
+        .collect();
+    write_report(
+        "libvirt-vm.json",
+        &serde_json::json!({
+            "libvirt": report_of(&libvirt, libvirt_run),
+            "qemu": report_of(&qemu, qemu_run),
+            "median_ratio_libvirt_to_qemu": ratios,
+            "goal": "each ratio at most 1.2",
+        }),
+    );
 }

@@ -1,4 +1,6 @@
 //! What the libvirt tests share: their prerequisites and a guest's domain.
+// Each test file uses the helpers it needs.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,19 @@ use std::path::{Path, PathBuf};
 
 use super::hypervisor::LaunchSpec;
 
+/// The QEMU program guests run in, whichever hypervisor starts it.
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Why guests cannot run here, if they cannot: QEMU or a file of the image is missing.
+pub fn missing_qemu_or_image(image_dir: &Path) -> Option<String> {
+    if crate::capabilities::version_of(QEMU).is_none() {
+        return Some(format!(
+            "{QEMU} is not installed (`make deps` installs QEMU 10)"
+        ));
+    }
+    missing_image(image_dir)
+}
+
 /// The files of a complete guest image.
 pub const IMAGE_FILES: [&str; 3] = ["vmlinux", "initramfs.cpio", "data.qcow2"];
 

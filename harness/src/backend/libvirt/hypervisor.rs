@@ -55,7 +55,7 @@ pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some(DaemonError::NotRoot.to_string());
     }
-    crate::backend::qemu::vm::missing_prerequisite(image_dir)
+    image::missing_qemu_or_image(image_dir)
 }
 
 impl LibvirtHypervisor {
@@ -270,7 +270,7 @@ impl Hypervisor for LibvirtHypervisor {
             "accelerator": self.accelerator.name,
             "accelerator_reason": self.accelerator.reason,
             "libvirt": version,
-            "qemu": crate::capabilities::version_of(crate::backend::qemu::vm::QEMU),
+            "qemu": crate::capabilities::version_of(image::QEMU),
             "daemons": daemons,
         })
     }

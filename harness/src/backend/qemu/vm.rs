@@ -12,8 +12,7 @@ use crate::backend::guest::hypervisor::LaunchSpec;
 use crate::backend::guest::image::{self, Accelerator, MEMORY_MIB, guid, tail};
 use crate::backend::types::BackendError;
 
-/// The QEMU program.
-pub const QEMU: &str = "qemu-system-x86_64";
+pub use crate::backend::guest::image::QEMU;
 
 /// Where the guest image lives and how QEMU runs on this machine.
 #[derive(Debug, Clone)]
@@ -28,12 +27,7 @@ pub struct Environment {
 
 /// Why the qemu backend cannot run here, if it cannot.
 pub fn missing_prerequisite(image_dir: &Path) -> Option<String> {
-    if crate::capabilities::version_of(QEMU).is_none() {
-        return Some(format!(
-            "{QEMU} is not installed (`make deps` installs QEMU 10)"
-        ));
-    }
-    image::missing_image(image_dir)
+    image::missing_qemu_or_image(image_dir)
 }
 
 impl Environment {

@@ -1,0 +1,123 @@
+//! What the suites of built-in scenarios on guests share: the scenarios with a guest, and
+//! running one through the real `vigil` binary on a backend, expecting the sim verdict (pass).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The guest image folder.
+pub fn image_dir() -> PathBuf {
+    std::env::var_os("VIGIL_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out"))
+}
+
+/// Runs `scenario` (a built-in name or a file) whose scenario name is `name` on `backend`; its
+/// exit code, report and output.
+pub fn run_scenario_file(
+    backend: &str,
+    scenario: &str,
+    name: &str,
+) -> (Option<i32>, serde_json::Value, String) {
+    let reports = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["scenario", scenario, "--backend", backend, "--report-dir"])
+        .arg(reports.path())
+        .env("VIGIL_IMAGE_DIR", image_dir())
+        .output()
+        .unwrap();
+    let text = std::fs::read_to_string(reports.path().join("latest").join("report.json"))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{name}: no report ({e}); stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let logs = reports.path().join("latest").join("logs").join(name);
+    // Keep the guests' consoles and runtime logs where a failing CI run can show them.
+    if let Some(keep) = std::env::var_os("VIGIL_QEMU_TEST_LOGS") {
+        let target = Path::new(&keep).join(backend).join(name);
+        let _ = std::fs::create_dir_all(&target);
+        let _ = Command::new("cp")
+            .arg("-r")
+            .arg(&logs)
+            .arg(&target)
+            .status();
+    }
+    (
+        out.status.code(),
+        report,
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Asserts that `scenario` (named `name`) passes on `backend`, as it does on sim.
+pub fn scenario_file_passes(backend: &str, scenario: &str, name: &str) {
+    let (code, report, output) = run_scenario_file(backend, scenario, name);
+    let scenario = &report["scenarios"][0];
+    assert_eq!(
+        (code, scenario["verdict"].as_str()),
+        (Some(0), Some("pass")),
+        "{name} on {backend}: {}\n{output}",
+        scenario["error"]
+    );
+    assert_eq!(report["events"][0]["backend"], backend, "{report}");
+}
+
+/// A test `$test(name)` per built-in scenario with a guest (dongles reach guests over usbredir
+/// and USB/IP), calling `$run(name)`; the host-only ones run the same machines as on sim and
+/// stay in the sim suite.
+#[macro_export]
+macro_rules! guest_scenarios {
+    ($test:ident, $run:path) => {
+        #[rstest::rstest]
+        #[case::clone_guest("clone-guest")]
+        #[case::clone_guest_loose("clone-guest-loose")]
+        #[case::guest_move_same_host("guest-move-same-host")]
+        #[case::guest_move_other_host("guest-move-other-host")]
+        #[case::guest_live_migration("guest-live-migration")]
+        #[case::host_licence_in_guest("host-licence-in-guest")]
+        #[case::vm_activation_denied("vm-activation-denied")]
+        #[case::vm_hidden_hypervisor("vm-hidden-hypervisor")]
+        #[case::snapshot_rollback_units("snapshot-rollback-units")]
+        #[case::witness_empty_server("witness-empty-server")]
+        #[case::witness_claimed_first("witness-claimed-first")]
+        #[case::snapshot_rollback_time("snapshot-rollback-time")]
+        #[case::snapshot_rollback_many("snapshot-rollback-many")]
+        #[case::state_restore("state-restore")]
+        #[case::state_restore_dongle("state-restore-dongle")]
+        #[case::licence_reapply("licence-reapply")]
+        #[case::licence_forged("licence-forged")]
+        #[case::trial_expiry("trial-expiry")]
+        #[case::stationshare_ts_guest("stationshare-ts-guest")]
+        #[case::terminal_server_setsid("terminal-server-setsid")]
+        #[case::terminal_server_untabled("terminal-server-untabled")]
+        #[case::stationshare_mixed("stationshare-mixed")]
+        #[case::crash_release("crash-release")]
+        #[case::holder_release("holder-release")]
+        #[case::holder_other_user("holder-other-user")]
+        #[case::access_rules("access-rules")]
+        #[case::access_rules_network("access-rules-network")]
+        #[case::usage_log_tampered("usage-log-tampered")]
+        #[case::server_keepalive("server-keepalive")]
+        #[case::partition_short("partition-short")]
+        #[case::partition_reset("partition-reset")]
+        #[case::remote_revocation("remote-revocation")]
+        #[case::server_flood("server-flood")]
+        #[case::station_spoof("station-spoof")]
+        #[case::dongle_host_server("dongle-host-server")]
+        #[case::dongle_exclusive_guest("dongle-exclusive-guest")]
+        #[case::dongle_vm_denied("dongle-vm-denied")]
+        #[case::dongle_shared_lockout("dongle-shared-lockout")]
+        #[case::dongle_hop("dongle-hop")]
+        #[case::dongle_hop_cloned_state("dongle-hop-cloned-state")]
+        #[case::dongle_impersonated_runtime("dongle-impersonated-runtime")]
+        #[case::dongle_units("dongle-units")]
+        #[case::dongle_rebind("dongle-rebind")]
+        #[case::usb_over_ethernet("usb-over-ethernet")]
+        #[case::dongle_hang("dongle-hang")]
+        fn $test(#[case] name: &str) {
+            $run(name);
+        }
+    };
+}
