@@ -9,6 +9,7 @@ pub mod licence;
 pub mod policy;
 pub mod reason;
 pub mod rollback;
+pub mod seat_ledger;
 pub mod station;
 pub mod traits;
 pub mod usage;

@@ -1,0 +1,398 @@
+//! The seats of network licences as the members of a server triad replicate them: a
+//! deterministic state machine over the committed entries of their log.
+//!
+//! Every entry carries the time its leader gave it; the ledger never reads a clock of its own,
+//! so every member that applies the same entries holds the same seats. Times only go forwards: an
+//! entry stamped earlier than one applied before counts at the later time (a new leader whose
+//! clock runs behind cannot bring an ended lease back). A lease ends at its `until_ms`; a grant
+//! finds the seats of the leases still running at its time, so a quantity is never exceeded
+//! across the triad, whichever member leads. Grants carry the asker's request id: a grant asked
+//! again after a failover (its answer lost with the old leader) gets the first answer, not a
+//! second seat.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What a triad's log records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LedgerCommand {
+    /// One seat of `product` (of `quantity` across the triad) for `holder`, for `lease_ms`.
+    Grant {
+        /// The asker's id for this request (the same on a retry).
+        request: u64,
+        /// Product code.
+        product: u32,
+        /// Seats the licence has across the triad.
+        quantity: u32,
+        /// Who holds it: a station's runtime identity.
+        holder: String,
+        /// How long the lease runs without a renewal.
+        lease_ms: u64,
+    },
+    /// Every lease of `holder` runs `lease_ms` from now.
+    Renew {
+        /// Whose leases.
+        holder: String,
+        /// How long they run now.
+        lease_ms: u64,
+    },
+    /// A lease ends now (its holder gave it back).
+    Release {
+        /// The lease.
+        lease: u64,
+        /// Who asks (only the holder may).
+        holder: String,
+    },
+}
+
+/// A command with the time its leader stamped it with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// Milliseconds since the epoch on the leader's clock.
+    pub at_ms: u64,
+    /// What to do.
+    pub command: LedgerCommand,
+}
+
+/// What applying an entry answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LedgerOutcome {
+    /// A seat: lease id and when it ends unless renewed.
+    Granted {
+        /// The lease.
+        lease: u64,
+        /// When it ends.
+        until_ms: u64,
+    },
+    /// Every seat of the product is held.
+    NoSeat {
+        /// Seats held when asked.
+        in_use: u32,
+    },
+    /// How many leases of the holder were renewed.
+    Renewed {
+        /// Leases renewed.
+        leases: u32,
+    },
+    /// The lease ended.
+    Released,
+    /// No running lease of that holder has that id.
+    UnknownLease,
+    /// Not a command (a membership change or an empty entry).
+    Nothing,
+}
+
+/// One seat held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Product code.
+    pub product: u32,
+    /// Holder's identity.
+    pub holder: String,
+    /// When it started.
+    pub since_ms: u64,
+    /// When it ends unless renewed.
+    pub until_ms: u64,
+}
+
+/// Something that happened to a seat, as the triad committed it (for a run's history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeatEvent {
+    /// A lease began.
+    Granted {
+        /// The lease.
+        lease: u64,
+        /// Product code.
+        product: u32,
+        /// Holder.
+        holder: String,
+        /// When.
+        at_ms: u64,
+    },
+    /// A lease ended by its holder.
+    Released {
+        /// The lease.
+        lease: u64,
+        /// When.
+        at_ms: u64,
+    },
+    /// A lease ran out.
+    Expired {
+        /// The lease.
+        lease: u64,
+        /// When it ended.
+        at_ms: u64,
+    },
+}
+
+/// The replicated seats.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeatLedger {
+    /// Running leases by id.
+    leases: BTreeMap<u64, Lease>,
+    /// The next lease id.
+    next_lease: u64,
+    /// The latest entry time applied.
+    now_ms: u64,
+    /// The answer to each grant request, by (holder, request id).
+    answered: BTreeMap<(String, u64), LedgerOutcome>,
+}
+
+/// How many answered grant requests the ledger remembers per holder (older retries are not
+/// expected after a failover: a client asks again within seconds).
+const ANSWERS_KEPT_PER_HOLDER: usize = 64;
+
+impl SeatLedger {
+    /// An empty ledger.
+    pub fn new() -> SeatLedger {
+        SeatLedger::default()
+    }
+
+    /// Applies one committed entry; returns its answer and what happened to seats.
+    pub fn apply(&mut self, entry: &LedgerEntry) -> (LedgerOutcome, Vec<SeatEvent>) {
+        self.now_ms = self.now_ms.max(entry.at_ms);
+        let now = self.now_ms;
+        let mut events = self.expire(now);
+        let outcome = match &entry.command {
+            LedgerCommand::Grant {
+                request,
+                product,
+                quantity,
+                holder,
+                lease_ms,
+            } => {
+                let key = (holder.clone(), *request);
+                if let Some(answer) = self.answered.get(&key) {
+                    return (answer.clone(), events);
+                }
+                let in_use = self.in_use(*product);
+                let outcome = if in_use >= *quantity {
+                    LedgerOutcome::NoSeat { in_use }
+                } else {
+                    let lease = self.next_lease;
+                    self.next_lease += 1;
+                    let until_ms = now.saturating_add(*lease_ms);
+                    self.leases.insert(
+                        lease,
+                        Lease {
+                            product: *product,
+                            holder: holder.clone(),
+                            since_ms: now,
+                            until_ms,
+                        },
+                    );
+                    events.push(SeatEvent::Granted {
+                        lease,
+                        product: *product,
+                        holder: holder.clone(),
+                        at_ms: now,
+                    });
+                    LedgerOutcome::Granted { lease, until_ms }
+                };
+                self.remember(key, outcome.clone());
+                outcome
+            }
+            LedgerCommand::Renew { holder, lease_ms } => {
+                let until_ms = now.saturating_add(*lease_ms);
+                let mut leases = 0;
+                for lease in self.leases.values_mut().filter(|l| &l.holder == holder) {
+                    lease.until_ms = lease.until_ms.max(until_ms);
+                    leases += 1;
+                }
+                LedgerOutcome::Renewed { leases }
+            }
+            LedgerCommand::Release { lease, holder } => match self.leases.get(lease) {
+                Some(held) if &held.holder == holder => {
+                    self.leases.remove(lease);
+                    events.push(SeatEvent::Released {
+                        lease: *lease,
+                        at_ms: now,
+                    });
+                    LedgerOutcome::Released
+                }
+                _ => LedgerOutcome::UnknownLease,
+            },
+        };
+        (outcome, events)
+    }
+
+    /// Applies an entry that is not a command (it only moves time on).
+    pub fn tick(&mut self, at_ms: u64) -> Vec<SeatEvent> {
+        self.now_ms = self.now_ms.max(at_ms);
+        self.expire(self.now_ms)
+    }
+
+    /// Seats of `product` held now.
+    pub fn in_use(&self, product: u32) -> u32 {
+        let held = self
+            .leases
+            .values()
+            .filter(|l| l.product == product)
+            .count();
+        u32::try_from(held).unwrap_or(u32::MAX)
+    }
+
+    /// The running leases.
+    pub fn leases(&self) -> &BTreeMap<u64, Lease> {
+        &self.leases
+    }
+
+    /// The latest time the ledger has seen.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    fn expire(&mut self, now: u64) -> Vec<SeatEvent> {
+        let ended: Vec<(u64, u64)> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.until_ms <= now)
+            .map(|(id, l)| (*id, l.until_ms))
+            .collect();
+        ended
+            .into_iter()
+            .map(|(lease, at_ms)| {
+                self.leases.remove(&lease);
+                SeatEvent::Expired { lease, at_ms }
+            })
+            .collect()
+    }
+
+    fn remember(&mut self, key: (String, u64), outcome: LedgerOutcome) {
+        let holder = key.0.clone();
+        self.answered.insert(key, outcome);
+        let of_holder: Vec<(String, u64)> = self
+            .answered
+            .range((holder.clone(), 0)..=(holder, u64::MAX))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if of_holder.len() > ANSWERS_KEPT_PER_HOLDER {
+            let excess = of_holder.len() - ANSWERS_KEPT_PER_HOLDER;
+            for old in of_holder.into_iter().take(excess) {
+                self.answered.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(at_ms: u64, request: u64, holder: &str) -> LedgerEntry {
+        LedgerEntry {
+            at_ms,
+            command: LedgerCommand::Grant {
+                request,
+                product: 1001,
+                quantity: 2,
+                holder: holder.into(),
+                lease_ms: 1_000,
+            },
+        }
+    }
+
+    #[test]
+    fn a_quantity_is_never_exceeded_and_ended_leases_free_their_seat() {
+        let mut ledger = SeatLedger::new();
+        assert!(matches!(
+            ledger.apply(&grant(0, 1, "a")).0,
+            LedgerOutcome::Granted { .. }
+        ));
+        assert!(matches!(
+            ledger.apply(&grant(10, 1, "b")).0,
+            LedgerOutcome::Granted { .. }
+        ));
+        assert_eq!(
+            ledger.apply(&grant(20, 1, "c")).0,
+            LedgerOutcome::NoSeat { in_use: 2 }
+        );
+        // a's lease ran out at 1000: its seat is free at 1001.
+        let (outcome, events) = ledger.apply(&grant(1_001, 2, "c"));
+        assert!(matches!(outcome, LedgerOutcome::Granted { .. }));
+        assert_eq!(
+            events[0],
+            SeatEvent::Expired {
+                lease: 0,
+                at_ms: 1_000
+            }
+        );
+    }
+
+    #[test]
+    fn a_retried_grant_gets_its_first_answer_not_a_second_seat() {
+        let mut ledger = SeatLedger::new();
+        let first = ledger.apply(&grant(0, 7, "a")).0;
+        let again = ledger.apply(&grant(5, 7, "a")).0;
+        assert_eq!(first, again);
+        assert_eq!(ledger.in_use(1001), 1);
+    }
+
+    #[test]
+    fn time_never_goes_back_so_a_late_leader_cannot_revive_a_lease() {
+        let mut ledger = SeatLedger::new();
+        ledger.apply(&grant(0, 1, "a"));
+        ledger.tick(2_000);
+        assert_eq!(ledger.in_use(1001), 0);
+        // A leader whose clock is behind stamps an earlier time: the ledger stays at 2000.
+        let renew = LedgerEntry {
+            at_ms: 500,
+            command: LedgerCommand::Renew {
+                holder: "a".into(),
+                lease_ms: 1_000,
+            },
+        };
+        assert_eq!(ledger.apply(&renew).0, LedgerOutcome::Renewed { leases: 0 });
+        assert_eq!(ledger.now_ms(), 2_000);
+    }
+
+    #[test]
+    fn only_the_holder_releases_its_lease() {
+        let mut ledger = SeatLedger::new();
+        let LedgerOutcome::Granted { lease, .. } = ledger.apply(&grant(0, 1, "a")).0 else {
+            panic!("granted");
+        };
+        let by = |holder: &str| LedgerEntry {
+            at_ms: 1,
+            command: LedgerCommand::Release {
+                lease,
+                holder: holder.into(),
+            },
+        };
+        assert_eq!(ledger.apply(&by("b")).0, LedgerOutcome::UnknownLease);
+        assert_eq!(ledger.apply(&by("a")).0, LedgerOutcome::Released);
+        assert_eq!(ledger.in_use(1001), 0);
+    }
+
+    #[test]
+    fn renewals_keep_a_lease_past_its_first_end() {
+        let mut ledger = SeatLedger::new();
+        ledger.apply(&grant(0, 1, "a"));
+        let renew = LedgerEntry {
+            at_ms: 900,
+            command: LedgerCommand::Renew {
+                holder: "a".into(),
+                lease_ms: 1_000,
+            },
+        };
+        assert_eq!(ledger.apply(&renew).0, LedgerOutcome::Renewed { leases: 1 });
+        ledger.tick(1_500);
+        assert_eq!(ledger.in_use(1001), 1);
+        ledger.tick(1_900);
+        assert_eq!(ledger.in_use(1001), 0);
+    }
+
+    #[test]
+    fn answers_kept_per_holder_are_bounded() {
+        let mut ledger = SeatLedger::new();
+        for request in 0..200 {
+            let mut entry = grant(request, request, "a");
+            if let LedgerCommand::Grant { quantity, .. } = &mut entry.command {
+                *quantity = 1_000;
+            }
+            ledger.apply(&entry);
+        }
+        assert_eq!(ledger.answered.len(), ANSWERS_KEPT_PER_HOLDER);
+    }
+}

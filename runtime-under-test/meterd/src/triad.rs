@@ -1,0 +1,224 @@
+//! One member of a licence server triad: three servers whose seat ledger is one, replicated
+//! with Raft so that any two keep serving and none counts a seat twice. The leader stamps every
+//! command with its clock; the ledger applies the committed log on every member alike.
+//! Without a quorum nothing new is granted: a write that cannot reach two members ends in
+//! [`TriadError::NoQuorum`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meter_core::seat_ledger::{LedgerCommand, LedgerEntry, LedgerOutcome};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{Config, ServerState};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::tls::Identity;
+use crate::triad_network::{MemberLinks, serve};
+use crate::triad_store::{self, TriadLedger, TriadStoreError};
+use crate::triad_types::{Member, MemberId, TriadRaft};
+
+/// How fast members notice each other and elect (milliseconds), and how long a write may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct TriadTiming {
+    /// Leader heartbeat period (also each append call's timeout).
+    pub heartbeat_ms: u64,
+    /// Shortest election timeout.
+    pub election_min_ms: u64,
+    /// Longest election timeout (also the leader's lease).
+    pub election_max_ms: u64,
+    /// How long a write may wait for a quorum before the asker is told there is none.
+    pub write_timeout: Duration,
+}
+
+impl Default for TriadTiming {
+    fn default() -> TriadTiming {
+        TriadTiming {
+            heartbeat_ms: 250,
+            election_min_ms: 1_000,
+            election_max_ms: 2_000,
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a triad member could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TriadError {
+    /// The member's storage failed to open.
+    #[error("Cannot open the triad member's storage")]
+    Store(#[source] TriadStoreError),
+    /// The Raft settings are inconsistent.
+    #[error("Invalid triad timing")]
+    Timing(#[source] openraft::ConfigError),
+    /// Raft could not start or stopped.
+    #[error("The triad member stopped: {0}")]
+    Stopped(String),
+    /// The member list does not name this member.
+    #[error("Member {id} is not one of the triad's members {members:?}")]
+    NotAMember {
+        /// This member.
+        id: MemberId,
+        /// The members given.
+        members: Vec<MemberId>,
+    },
+    /// Another member leads: ask it (unknown during an election).
+    #[error("This member does not lead the triad; ask {}", leader.as_ref().map_or("again after the election", |m| m.addr.as_str()))]
+    NotLeader {
+        /// The leader, when known.
+        leader: Option<Member>,
+    },
+    /// No two members agreed in time: nothing new is granted without a quorum.
+    #[error("No quorum of the triad answered within {0:?}")]
+    NoQuorum(Duration),
+}
+
+/// A running member.
+pub struct TriadMember {
+    id: MemberId,
+    raft: TriadRaft,
+    ledger: TriadLedger,
+    timing: TriadTiming,
+    server: JoinHandle<()>,
+}
+
+impl TriadMember {
+    /// Starts member `id` of `members`, serving the others on `listener` with `identity`
+    /// (whose pin `members` lists), its log and ledger in the redb file `db`. A member that
+    /// starts for the first time proposes the membership; one that restarts catches up.
+    pub async fn start(
+        id: MemberId,
+        members: BTreeMap<MemberId, Member>,
+        listener: TcpListener,
+        identity: Arc<Identity>,
+        db: &Path,
+        timing: TriadTiming,
+    ) -> Result<TriadMember, TriadError> {
+        if !members.contains_key(&id) {
+            return Err(TriadError::NotAMember {
+                id,
+                members: members.keys().copied().collect(),
+            });
+        }
+        let config = Config {
+            cluster_name: "meter-triad".into(),
+            heartbeat_interval: timing.heartbeat_ms,
+            election_timeout_min: timing.election_min_ms,
+            election_timeout_max: timing.election_max_ms,
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(TriadError::Timing)?;
+        let (log, ledger) = triad_store::open(db).map_err(TriadError::Store)?;
+        let raft = TriadRaft::new(
+            id,
+            Arc::new(config),
+            MemberLinks::new(Arc::clone(&identity)),
+            log,
+            ledger.clone(),
+        )
+        .await
+        .map_err(|e| TriadError::Stopped(e.to_string()))?;
+        let peers: BTreeSet<String> = members
+            .iter()
+            .filter(|(member, _)| **member != id)
+            .map(|(_, m)| m.pin.clone())
+            .collect();
+        let served = raft.clone();
+        let server = tokio::spawn(async move {
+            if let Err(e) = serve(listener, &identity, served, peers).await {
+                tracing::error!(error = %e, "Triad member stopped serving its peers");
+            }
+        });
+        // Every member proposes the same membership; one already initialised refuses, fine.
+        match raft.initialize(members).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(TriadError::Stopped(e.to_string())),
+        }
+        Ok(TriadMember {
+            id,
+            raft,
+            ledger,
+            timing,
+            server,
+        })
+    }
+
+    /// This member's number.
+    pub fn id(&self) -> MemberId {
+        self.id
+    }
+
+    /// Commits `command` stamped with this member's clock (it must lead); its answer.
+    pub async fn submit(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or_default();
+        let write = self.raft.client_write(LedgerEntry { at_ms, command });
+        match tokio::time::timeout(self.timing.write_timeout, write).await {
+            Err(_) => Err(TriadError::NoQuorum(self.timing.write_timeout)),
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                Err(TriadError::NotLeader {
+                    leader: forward.leader_node,
+                })
+            }
+            Ok(Err(e)) => Err(TriadError::Stopped(e.to_string())),
+        }
+    }
+
+    /// The member that leads, as this member knows.
+    pub fn leader(&self) -> Option<MemberId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether this member leads now.
+    pub fn leads(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Waits until this member knows a leader; which.
+    pub async fn wait_for_leader(&self, within: Duration) -> Option<MemberId> {
+        self.raft
+            .wait(Some(within))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
+    /// Waits until this member's ledger has applied the log up to `index`.
+    pub async fn wait_applied(&self, index: u64, within: Duration) -> bool {
+        self.raft
+            .wait(Some(within))
+            .applied_index_at_least(Some(index), "applied")
+            .await
+            .is_ok()
+    }
+
+    /// The last log index this member has applied.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|log_id| log_id.index)
+    }
+
+    /// This member's copy of the seat ledger.
+    pub fn ledger(&self) -> &TriadLedger {
+        &self.ledger
+    }
+
+    /// Stops the member (its storage keeps what it committed).
+    pub async fn stop(self) {
+        self.server.abort();
+        let _ = self.server.await;
+        let _ = self.raft.shutdown().await;
+    }
+}

@@ -1,0 +1,292 @@
+//! Member-to-member traffic of a triad: Raft's calls over mutual TLS, each side pinned to the
+//! other members' certificates, one length-prefixed JSON frame per call and per answer.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{RaftNetwork, RaftNetworkFactory};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::tls::{self, Identity};
+use crate::triad_types::{Member, MemberId, TriadConfig, TriadRaft, TriadRaftError, TriadRpcError};
+
+/// The largest frame a member sends or takes (a snapshot chunk or a batch of entries).
+const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// How long a connection to another member may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A call of one member's Raft to another's.
+#[derive(Debug, Serialize, Deserialize)]
+enum Call {
+    Append(AppendEntriesRequest<TriadConfig>),
+    Vote(VoteRequest<MemberId>),
+    Snapshot(InstallSnapshotRequest<TriadConfig>),
+}
+
+/// The answer to a [`Call`].
+#[derive(Debug, Serialize, Deserialize)]
+enum Answer {
+    Append(Result<AppendEntriesResponse<MemberId>, TriadRaftError>),
+    Vote(Result<VoteResponse<MemberId>, TriadRaftError>),
+    Snapshot(Result<InstallSnapshotResponse<MemberId>, TriadRaftError<InstallSnapshotError>>),
+}
+
+type Link = Framed<tokio_rustls::client::TlsStream<TcpStream>, LengthDelimitedCodec>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// A link could not carry a call.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("Cannot reach member {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Member {addr} has no valid pin: {pin:?}")]
+    Pin { addr: String, pin: String },
+    #[error("The TLS setup for member {addr} failed")]
+    Tls {
+        addr: String,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("The link to member {addr} broke")]
+    Broken {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Member {addr} answered something else")]
+    Garbled { addr: String },
+    #[error("Cannot encode or decode a call to member {addr}")]
+    Codec {
+        addr: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Opens links to the other members with this member's identity.
+#[derive(Clone)]
+pub struct MemberLinks {
+    identity: Arc<Identity>,
+}
+
+impl MemberLinks {
+    /// Links that authenticate as `identity`.
+    pub fn new(identity: Arc<Identity>) -> MemberLinks {
+        MemberLinks { identity }
+    }
+}
+
+/// The link to one other member, opened at its first call and again after a break.
+pub struct MemberLink {
+    target: MemberId,
+    member: Member,
+    identity: Arc<Identity>,
+    link: Option<Link>,
+}
+
+impl RaftNetworkFactory<TriadConfig> for MemberLinks {
+    type Network = MemberLink;
+
+    async fn new_client(&mut self, target: MemberId, node: &Member) -> MemberLink {
+        MemberLink {
+            target,
+            member: node.clone(),
+            identity: Arc::clone(&self.identity),
+            link: None,
+        }
+    }
+}
+
+impl MemberLink {
+    async fn open(&self) -> Result<Link, LinkError> {
+        let addr = self.member.addr.clone();
+        let pin = tls::parse_pin(&self.member.pin).map_err(|_| LinkError::Pin {
+            addr: addr.clone(),
+            pin: self.member.pin.clone(),
+        })?;
+        let config = tls::client_config(pin, &self.identity).map_err(|source| LinkError::Tls {
+            addr: addr.clone(),
+            source,
+        })?;
+        let connect = async {
+            let tcp = TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            TlsConnector::from(config)
+                .connect(tls::server_name(), tcp)
+                .await
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            .map_err(|source| LinkError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        Ok(Framed::new(stream, codec()))
+    }
+
+    /// Sends a call and waits for its answer; a broken link is dropped (reopened next time).
+    async fn call(&mut self, call: &Call) -> Result<Answer, LinkError> {
+        let addr = self.member.addr.clone();
+        if self.link.is_none() {
+            self.link = Some(self.open().await?);
+        }
+        let link = self.link.as_mut().expect("opened above");
+        let frame = serde_json::to_vec(call).map_err(|source| LinkError::Codec {
+            addr: addr.clone(),
+            source,
+        })?;
+        let exchange = async {
+            link.send(bytes::Bytes::from(frame)).await?;
+            match link.next().await {
+                Some(answer) => answer,
+                None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            }
+        };
+        match exchange.await {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| LinkError::Codec { addr, source })
+            }
+            Err(source) => {
+                self.link = None;
+                Err(LinkError::Broken { addr, source })
+            }
+        }
+    }
+
+    fn failed<E: std::error::Error>(&mut self, e: LinkError) -> TriadRpcError<E> {
+        // A call cut off half way leaves the stream out of step: start afresh.
+        self.link = None;
+        match e {
+            LinkError::Connect { .. } => {
+                openraft::error::RPCError::Unreachable(Unreachable::new(&e))
+            }
+            _ => openraft::error::RPCError::Network(NetworkError::new(&e)),
+        }
+    }
+}
+
+impl RaftNetwork<TriadConfig> for MemberLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TriadConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<MemberId>, TriadRpcError> {
+        match self.call(&Call::Append(rpc)).await {
+            Ok(Answer::Append(Ok(answer))) => Ok(answer),
+            Ok(Answer::Append(Err(e))) => Err(openraft::error::RPCError::RemoteError(
+                RemoteError::new(self.target, e),
+            )),
+            Ok(_) => Err(self.failed(LinkError::Garbled {
+                addr: self.member.addr.clone(),
+            })),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<MemberId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<MemberId>, TriadRpcError> {
+        match self.call(&Call::Vote(rpc)).await {
+            Ok(Answer::Vote(Ok(answer))) => Ok(answer),
+            Ok(Answer::Vote(Err(e))) => Err(openraft::error::RPCError::RemoteError(
+                RemoteError::new(self.target, e),
+            )),
+            Ok(_) => Err(self.failed(LinkError::Garbled {
+                addr: self.member.addr.clone(),
+            })),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TriadConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<MemberId>, TriadRpcError<InstallSnapshotError>> {
+        match self.call(&Call::Snapshot(rpc)).await {
+            Ok(Answer::Snapshot(Ok(answer))) => Ok(answer),
+            Ok(Answer::Snapshot(Err(e))) => Err(openraft::error::RPCError::RemoteError(
+                RemoteError::new(self.target, e),
+            )),
+            Ok(_) => Err(self.failed(LinkError::Garbled {
+                addr: self.member.addr.clone(),
+            })),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+}
+
+/// Serves the other members' calls to `raft` on `listener`: only a peer that proves it holds
+/// the key of one of `peers` (certificate pins) is answered.
+pub async fn serve(
+    listener: TcpListener,
+    identity: &Identity,
+    raft: TriadRaft,
+    peers: BTreeSet<String>,
+) -> Result<(), tls::TlsError> {
+    let acceptor = TlsAcceptor::from(tls::server_config(identity)?);
+    let peers = Arc::new(peers);
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let raft = raft.clone();
+        let peers = Arc::clone(&peers);
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                tracing::debug!(%from, "Triad peer failed the TLS handshake");
+                return;
+            };
+            let known =
+                tls::client_fingerprint(stream.get_ref().1).is_some_and(|pin| peers.contains(&pin));
+            if !known {
+                tracing::warn!(%from, "Refused a triad peer whose certificate is no member's");
+                return;
+            }
+            let mut link = Framed::new(stream, codec());
+            while let Some(Ok(frame)) = link.next().await {
+                let Ok(call) = serde_json::from_slice::<Call>(&frame) else {
+                    tracing::warn!(%from, "Dropped a triad peer that sent a garbled call");
+                    return;
+                };
+                let answer = match call {
+                    Call::Append(rpc) => Answer::Append(raft.append_entries(rpc).await),
+                    Call::Vote(rpc) => Answer::Vote(raft.vote(rpc).await),
+                    Call::Snapshot(rpc) => Answer::Snapshot(raft.install_snapshot(rpc).await),
+                };
+                let Ok(bytes) = serde_json::to_vec(&answer) else {
+                    return;
+                };
+                if link.send(bytes::Bytes::from(bytes)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,263 @@
+//! A licence server triad of three real members in one process, over mutual TLS on loopback:
+//! a leader is elected, seats are counted once across the triad, a follower names the leader,
+//! losing the leader keeps the service going (a retried grant is not granted twice), losing two
+//! stops new grants, a member that restarts catches up, and a peer with an unknown certificate
+//! is refused.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meter_core::seat_ledger::{LedgerCommand, LedgerOutcome};
+use meterd::tls::Identity;
+use meterd::triad::{TriadError, TriadMember, TriadTiming};
+use meterd::triad_types::{Member, MemberId};
+use tokio::net::TcpListener;
+
+const PRODUCT: u32 = 1001;
+const WAIT: Duration = Duration::from_secs(20);
+
+fn timing() -> TriadTiming {
+    TriadTiming {
+        heartbeat_ms: 100,
+        election_min_ms: 400,
+        election_max_ms: 800,
+        write_timeout: Duration::from_secs(3),
+    }
+}
+
+fn grant(request: u64, holder: &str) -> LedgerCommand {
+    LedgerCommand::Grant {
+        request,
+        product: PRODUCT,
+        quantity: 2,
+        holder: holder.into(),
+        lease_ms: 60_000,
+    }
+}
+
+/// Three members' identities, addresses and storage, to start and restart them.
+struct Triad {
+    dir: tempfile::TempDir,
+    identities: BTreeMap<MemberId, Arc<Identity>>,
+    members: BTreeMap<MemberId, Member>,
+    running: BTreeMap<MemberId, TriadMember>,
+}
+
+impl Triad {
+    async fn new() -> Triad {
+        let mut identities = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        for id in 1..=3 {
+            let identity = Arc::new(Identity::generate().unwrap());
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            members.insert(
+                id,
+                Member {
+                    addr: format!("127.0.0.1:{port}"),
+                    pin: identity.fingerprint(),
+                },
+            );
+            identities.insert(id, identity);
+        }
+        let mut triad = Triad {
+            dir: tempfile::tempdir().unwrap(),
+            identities,
+            members,
+            running: BTreeMap::new(),
+        };
+        for id in 1..=3 {
+            triad.start(id).await;
+        }
+        triad
+    }
+
+    async fn start(&mut self, id: MemberId) {
+        let listener = TcpListener::bind(&self.members[&id].addr).await.unwrap();
+        let member = TriadMember::start(
+            id,
+            self.members.clone(),
+            listener,
+            Arc::clone(&self.identities[&id]),
+            &self.dir.path().join(format!("member-{id}.redb")),
+            timing(),
+        )
+        .await
+        .unwrap();
+        self.running.insert(id, member);
+    }
+
+    async fn stop(&mut self, id: MemberId) {
+        if let Some(member) = self.running.remove(&id) {
+            member.stop().await;
+        }
+    }
+
+    /// The leader the running members agree on.
+    async fn leader(&self) -> MemberId {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let leaders: Vec<MemberId> = self
+                .running
+                .values()
+                .filter(|m| m.leads())
+                .map(TriadMember::id)
+                .collect();
+            if let [leader] = leaders[..]
+                && self.running.values().all(|m| m.leader() == Some(leader))
+            {
+                return leader;
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every running member applied what the leader has.
+    async fn settle(&self) {
+        let leader = self.leader().await;
+        let index = self.running[&leader].applied_index().unwrap_or_default();
+        for member in self.running.values() {
+            assert!(
+                member.wait_applied(index, WAIT).await,
+                "member {} lags",
+                member.id()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
+    let mut triad = Triad::new().await;
+    let leader = triad.leader().await;
+    let lead = &triad.running[&leader];
+
+    // Two seats across the triad, whichever member serves.
+    assert!(matches!(
+        lead.submit(grant(1, "a")).await.unwrap(),
+        LedgerOutcome::Granted { .. }
+    ));
+    let granted_b = lead.submit(grant(1, "b")).await.unwrap();
+    assert!(matches!(granted_b, LedgerOutcome::Granted { .. }));
+    assert_eq!(
+        lead.submit(grant(1, "c")).await.unwrap(),
+        LedgerOutcome::NoSeat { in_use: 2 }
+    );
+    triad.settle().await;
+    for member in triad.running.values() {
+        assert_eq!(
+            member.ledger().in_use(PRODUCT).await,
+            2,
+            "member {}",
+            member.id()
+        );
+    }
+
+    // A follower does not grant: it names the leader.
+    let follower = triad
+        .running
+        .keys()
+        .copied()
+        .find(|id| *id != leader)
+        .unwrap();
+    match triad.running[&follower].submit(grant(2, "c")).await {
+        Err(TriadError::NotLeader {
+            leader: Some(named),
+        }) => {
+            assert_eq!(named, triad.members[&leader]);
+        }
+        other => panic!("a follower answered {other:?}"),
+    }
+
+    // The leader goes: the other two elect one and serve on.
+    let lost = Instant::now();
+    triad.stop(leader).await;
+    let new_leader = triad.leader().await;
+    assert_ne!(new_leader, leader);
+    let lead = &triad.running[&new_leader];
+    // b asks again (its answer lost with the old leader): the same lease, not a second seat.
+    assert_eq!(lead.submit(grant(1, "b")).await.unwrap(), granted_b);
+    eprintln!(
+        "failover: leader stopped → first answer from the new leader in {} ms",
+        lost.elapsed().as_millis()
+    );
+    let LedgerOutcome::Granted { lease, .. } = granted_b else {
+        unreachable!()
+    };
+    assert_eq!(
+        lead.submit(LedgerCommand::Release {
+            lease,
+            holder: "b".into()
+        })
+        .await
+        .unwrap(),
+        LedgerOutcome::Released
+    );
+    assert!(matches!(
+        lead.submit(grant(3, "c")).await.unwrap(),
+        LedgerOutcome::Granted { .. }
+    ));
+
+    // The old leader restarts from its storage and catches up with what it missed.
+    triad.start(leader).await;
+    triad.settle().await;
+    for member in triad.running.values() {
+        assert_eq!(
+            member.ledger().in_use(PRODUCT).await,
+            2,
+            "member {}",
+            member.id()
+        );
+    }
+
+    // Two members gone: nothing new is granted.
+    let leader = triad.leader().await;
+    let others: Vec<MemberId> = triad
+        .running
+        .keys()
+        .copied()
+        .filter(|id| *id != leader)
+        .collect();
+    for id in others {
+        triad.stop(id).await;
+    }
+    match triad.running[&leader].submit(grant(4, "d")).await {
+        Err(TriadError::NoQuorum(_)) => {}
+        other => panic!("a lone member answered {other:?}"),
+    }
+    let ids: Vec<MemberId> = triad.running.keys().copied().collect();
+    for id in ids {
+        triad.stop(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_an_unknown_certificate_is_not_answered() {
+    use futures::{SinkExt, StreamExt};
+    let triad = Triad::new().await;
+    triad.leader().await;
+    let stranger = Identity::generate().unwrap();
+    let target = &triad.members[&1];
+    let pin = meterd::tls::parse_pin(&target.pin).unwrap();
+    let config = meterd::tls::client_config(pin, &stranger).unwrap();
+    let tcp = tokio::net::TcpStream::connect(&target.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(meterd::tls::server_name(), tcp)
+        .await;
+    // The handshake may finish (the member checks the pin after it), but no call is answered.
+    if let Ok(stream) = tls {
+        let mut link =
+            tokio_util::codec::Framed::new(stream, tokio_util::codec::LengthDelimitedCodec::new());
+        let _ = link.send(bytes::Bytes::from_static(b"{\"Vote\":{}}")).await;
+        let answer = tokio::time::timeout(Duration::from_secs(5), link.next()).await;
+        assert!(
+            matches!(answer, Ok(None) | Ok(Some(Err(_)))),
+            "a stranger got an answer: {answer:?}"
+        );
+    }
+}
