@@ -117,6 +117,17 @@ const QEMU_CONF: &str = "user = \"root\"\n\
 impl HostDaemon {
     /// Starts a daemon whose folders live under `dir`, known by `host_uuid`.
     pub fn start(dir: &Path, host_uuid: &str) -> Result<HostDaemon, DaemonError> {
+        HostDaemon::start_with_cache(dir, host_uuid, None)
+    }
+
+    /// As [`HostDaemon::start`], with libvirt's cache folder (what it learnt of the QEMU binary
+    /// by probing it, seconds of a first start) shared at `cache` when given: libvirt keys it
+    /// by the binary and its own version and replaces its files whole.
+    pub fn start_with_cache(
+        dir: &Path,
+        host_uuid: &str,
+        cache: Option<&Path>,
+    ) -> Result<HostDaemon, DaemonError> {
         if !installed() {
             return Err(DaemonError::NotInstalled);
         }
@@ -125,7 +136,10 @@ impl HostDaemon {
         }
         let mut binds = Vec::new();
         for (part, target) in PRIVATE_FOLDERS {
-            let source = dir.join(part);
+            let source = match cache {
+                Some(shared) if part == "cache" => shared.to_owned(),
+                _ => dir.join(part),
+            };
             std::fs::create_dir_all(&source).map_err(prepare(&source))?;
             // The mount points must exist outside too.
             std::fs::create_dir_all(target).map_err(prepare(Path::new(target)))?;

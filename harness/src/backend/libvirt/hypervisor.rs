@@ -86,7 +86,8 @@ impl LibvirtHypervisor {
         if !self.hosts.contains_key(host) {
             let dir = self.hosts_dir.join(format!("{:02}", self.hosts.len()));
             let uuid = host_uuid(self.seed, host);
-            let daemon = HostDaemon::start(&dir, &uuid).map_err(|e| daemon_error(host, e))?;
+            let daemon = HostDaemon::start_with_cache(&dir, &uuid, Some(&shared_cache()))
+                .map_err(|e| daemon_error(host, e))?;
             let connection = daemon.connect().map_err(|e| daemon_error(host, e))?;
             tracing::info!(host, uuid, uri = daemon.uri(), "libvirt daemon started");
             self.hosts
@@ -203,7 +204,14 @@ impl LibvirtHypervisor {
             .unwrap_or_else(|| spec.agent_socket());
         let qemu_log = self.qemu_log(&spec.name);
         self.logs.insert(spec.name.clone(), spec.log_dir.clone());
-        match AgentClient::connect(&socket, AGENT_CONNECT) {
+        let started = std::time::Instant::now();
+        let connected = AgentClient::connect(&socket, AGENT_CONNECT);
+        tracing::info!(
+            guest = %spec.name,
+            ms = started.elapsed().as_millis() as u64,
+            "agent socket connected"
+        );
+        match connected {
             Ok(agent) => Ok(DomainVm {
                 domain,
                 agent,
@@ -291,19 +299,32 @@ impl Hypervisor for LibvirtHypervisor {
                 let snapshot = self.snapshot_of(&spec.name, &name)?;
                 let xml_file = spec.log_dir.join("libvirt-domain.xml");
                 // libvirt restores the snapshot's definition and gives it a new generation id.
+                let started = std::time::Instant::now();
                 snapshot
                     .revert(virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
                     .map_err(|e| refused(&spec.name, "revert to the snapshot", e, &xml_file))?;
+                tracing::info!(
+                    guest = %spec.name,
+                    snapshot = %name,
+                    ms = started.elapsed().as_millis() as u64,
+                    "libvirt reverted the domain"
+                );
                 let domain = snapshot
                     .domain()
                     .map_err(|e| refused(&spec.name, "find the reverted domain", e, &xml_file))?;
                 self.attach(domain, spec, xml_file)
             }
             None => {
+                let started = std::time::Instant::now();
                 let (domain, xml_file) = self.define(&spec)?;
                 domain
                     .create()
                     .map_err(|e| refused(&spec.name, "start the domain", e, &xml_file))?;
+                tracing::info!(
+                    guest = %spec.name,
+                    ms = started.elapsed().as_millis() as u64,
+                    "libvirt started the domain"
+                );
                 self.attach(domain, spec, xml_file)
             }
         }
@@ -441,6 +462,7 @@ impl Hypervisor for LibvirtHypervisor {
             | virt::sys::VIR_MIGRATE_PERSIST_DEST
             | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
         let target = &self.host(host)?.connection;
+        let started = std::time::Instant::now();
         let moved = source
             .domain
             .migrate2(
@@ -452,6 +474,12 @@ impl Hypervisor for LibvirtHypervisor {
                 0,
             )
             .map_err(|e| source.failure(&format!("libvirt refused the live migration: {e}")))?;
+        tracing::info!(
+            guest = %destination.name,
+            host,
+            ms = started.elapsed().as_millis() as u64,
+            "libvirt migrated the domain"
+        );
         let downtime_ms = moved
             .job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
             .ok()
@@ -513,6 +541,14 @@ impl Hypervisor for LibvirtHypervisor {
             }
         }
     }
+}
+
+/// libvirt's cache shared by every run's daemons on this machine: `VIGIL_LIBVIRT_CACHE`, else
+/// `vigil-libvirt-cache` in the temporary folder.
+fn shared_cache() -> PathBuf {
+    std::env::var_os("VIGIL_LIBVIRT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("vigil-libvirt-cache"))
 }
 
 /// A snapshot definition with only its name (libvirt takes an internal snapshot of a qcow2

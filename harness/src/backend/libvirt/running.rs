@@ -99,10 +99,16 @@ impl RunningGuest for DomainVm {
     }
 
     fn kill(self) {
+        let started = Instant::now();
         if self.domain.is_active().unwrap_or(false)
             && let Err(e) = self.domain.destroy()
         {
             tracing::warn!(guest = %self.spec.name, error = %e, "libvirt did not destroy the domain");
         }
+        tracing::debug!(
+            guest = %self.spec.name,
+            ms = started.elapsed().as_millis() as u64,
+            "domain destroyed"
+        );
     }
 }
