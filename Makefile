@@ -79,6 +79,7 @@ bench:
 	$(CARGO) run --release -q -p meterd --example server-bench -- --rules-log
 	./scripts/redis-baseline.sh reports/bench
 	$(CARGO) run --release -q -p meterd --example dongle-release-bench
+	$(CARGO) run --release -q -p meterd --example triad-bench
 	$(CARGO) run --release -q -- bench --out reports/bench
 
 ## A short fuzzing run of the dongle frame parser (needs cargo-fuzz: `cargo install cargo-fuzz`).

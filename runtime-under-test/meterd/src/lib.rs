@@ -40,6 +40,7 @@ pub mod store;
 pub mod tls;
 pub mod transport;
 pub mod triad;
+pub mod triad_local;
 pub mod triad_network;
 pub mod triad_store;
 pub mod triad_types;

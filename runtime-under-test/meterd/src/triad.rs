@@ -34,12 +34,15 @@ pub struct TriadTiming {
 }
 
 impl Default for TriadTiming {
+    /// For members on one LAN: a follower takes over within about
+    /// `election_max_ms + election_min_ms..election_max_ms` of its leader's last heartbeat
+    /// (openraft's leader lease is the longest election timeout).
     fn default() -> TriadTiming {
         TriadTiming {
-            heartbeat_ms: 250,
-            election_min_ms: 1_000,
-            election_max_ms: 2_000,
-            write_timeout: Duration::from_secs(5),
+            heartbeat_ms: 100,
+            election_min_ms: 400,
+            election_max_ms: 800,
+            write_timeout: Duration::from_secs(3),
         }
     }
 }

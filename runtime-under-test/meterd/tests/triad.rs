@@ -4,15 +4,13 @@
 //! stops new grants, a member that restarts catches up, and a peer with an unknown certificate
 //! is refused.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meter_core::seat_ledger::{LedgerCommand, LedgerOutcome};
 use meterd::tls::Identity;
-use meterd::triad::{TriadError, TriadMember, TriadTiming};
-use meterd::triad_types::{Member, MemberId};
-use tokio::net::TcpListener;
+use meterd::triad::{TriadError, TriadTiming};
+use meterd::triad_local::LoopbackTriad;
+use meterd::triad_types::MemberId;
 
 const PRODUCT: u32 = 1001;
 const WAIT: Duration = Duration::from_secs(20);
@@ -36,106 +34,14 @@ fn grant(request: u64, holder: &str) -> LedgerCommand {
     }
 }
 
-/// Three members' identities, addresses and storage, to start and restart them.
-struct Triad {
-    dir: tempfile::TempDir,
-    identities: BTreeMap<MemberId, Arc<Identity>>,
-    members: BTreeMap<MemberId, Member>,
-    running: BTreeMap<MemberId, TriadMember>,
-}
-
-impl Triad {
-    async fn new() -> Triad {
-        let mut identities = BTreeMap::new();
-        let mut members = BTreeMap::new();
-        for id in 1..=3 {
-            let identity = Arc::new(Identity::generate().unwrap());
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            members.insert(
-                id,
-                Member {
-                    addr: format!("127.0.0.1:{port}"),
-                    pin: identity.fingerprint(),
-                },
-            );
-            identities.insert(id, identity);
-        }
-        let mut triad = Triad {
-            dir: tempfile::tempdir().unwrap(),
-            identities,
-            members,
-            running: BTreeMap::new(),
-        };
-        for id in 1..=3 {
-            triad.start(id).await;
-        }
-        triad
-    }
-
-    async fn start(&mut self, id: MemberId) {
-        let listener = TcpListener::bind(&self.members[&id].addr).await.unwrap();
-        let member = TriadMember::start(
-            id,
-            self.members.clone(),
-            listener,
-            Arc::clone(&self.identities[&id]),
-            &self.dir.path().join(format!("member-{id}.redb")),
-            timing(),
-        )
-        .await
-        .unwrap();
-        self.running.insert(id, member);
-    }
-
-    async fn stop(&mut self, id: MemberId) {
-        if let Some(member) = self.running.remove(&id) {
-            member.stop().await;
-        }
-    }
-
-    /// The leader the running members agree on.
-    async fn leader(&self) -> MemberId {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let leaders: Vec<MemberId> = self
-                .running
-                .values()
-                .filter(|m| m.leads())
-                .map(TriadMember::id)
-                .collect();
-            if let [leader] = leaders[..]
-                && self.running.values().all(|m| m.leader() == Some(leader))
-            {
-                return leader;
-            }
-            assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until every running member applied what the leader has.
-    async fn settle(&self) {
-        let leader = self.leader().await;
-        let index = self.running[&leader].applied_index().unwrap_or_default();
-        for member in self.running.values() {
-            assert!(
-                member.wait_applied(index, WAIT).await,
-                "member {} lags",
-                member.id()
-            );
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
-    let mut triad = Triad::new().await;
-    let leader = triad.leader().await;
-    let lead = &triad.running[&leader];
+    let dir = tempfile::tempdir().unwrap();
+    let mut triad = LoopbackTriad::start(dir.path().to_owned(), 3, timing())
+        .await
+        .unwrap();
+    let leader = triad.leader(WAIT).await.unwrap();
+    let lead = triad.member(leader).unwrap();
 
     // Two seats across the triad, whichever member serves.
     assert!(matches!(
@@ -148,8 +54,8 @@ async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
         lead.submit(grant(1, "c")).await.unwrap(),
         LedgerOutcome::NoSeat { in_use: 2 }
     );
-    triad.settle().await;
-    for member in triad.running.values() {
+    triad.settle(WAIT).await.unwrap();
+    for member in triad.running().values() {
         assert_eq!(
             member.ledger().in_use(PRODUCT).await,
             2,
@@ -160,26 +66,26 @@ async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
 
     // A follower does not grant: it names the leader.
     let follower = triad
-        .running
+        .running()
         .keys()
         .copied()
         .find(|id| *id != leader)
         .unwrap();
-    match triad.running[&follower].submit(grant(2, "c")).await {
+    match triad.member(follower).unwrap().submit(grant(2, "c")).await {
         Err(TriadError::NotLeader {
             leader: Some(named),
         }) => {
-            assert_eq!(named, triad.members[&leader]);
+            assert_eq!(named, triad.members()[&leader]);
         }
         other => panic!("a follower answered {other:?}"),
     }
 
     // The leader goes: the other two elect one and serve on.
     let lost = Instant::now();
-    triad.stop(leader).await;
-    let new_leader = triad.leader().await;
+    triad.stop_member(leader).await;
+    let new_leader = triad.leader(WAIT).await.unwrap();
     assert_ne!(new_leader, leader);
-    let lead = &triad.running[&new_leader];
+    let lead = triad.member(new_leader).unwrap();
     // b asks again (its answer lost with the old leader): the same lease, not a second seat.
     assert_eq!(lead.submit(grant(1, "b")).await.unwrap(), granted_b);
     eprintln!(
@@ -204,9 +110,9 @@ async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
     ));
 
     // The old leader restarts from its storage and catches up with what it missed.
-    triad.start(leader).await;
-    triad.settle().await;
-    for member in triad.running.values() {
+    triad.start_member(leader).await.unwrap();
+    triad.settle(WAIT).await.unwrap();
+    for member in triad.running().values() {
         assert_eq!(
             member.ledger().in_use(PRODUCT).await,
             2,
@@ -216,33 +122,33 @@ async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
     }
 
     // Two members gone: nothing new is granted.
-    let leader = triad.leader().await;
+    let leader = triad.leader(WAIT).await.unwrap();
     let others: Vec<MemberId> = triad
-        .running
+        .running()
         .keys()
         .copied()
         .filter(|id| *id != leader)
         .collect();
     for id in others {
-        triad.stop(id).await;
+        triad.stop_member(id).await;
     }
-    match triad.running[&leader].submit(grant(4, "d")).await {
+    match triad.member(leader).unwrap().submit(grant(4, "d")).await {
         Err(TriadError::NoQuorum(_)) => {}
         other => panic!("a lone member answered {other:?}"),
     }
-    let ids: Vec<MemberId> = triad.running.keys().copied().collect();
-    for id in ids {
-        triad.stop(id).await;
-    }
+    triad.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_an_unknown_certificate_is_not_answered() {
     use futures::{SinkExt, StreamExt};
-    let triad = Triad::new().await;
-    triad.leader().await;
+    let dir = tempfile::tempdir().unwrap();
+    let triad = LoopbackTriad::start(dir.path().to_owned(), 3, timing())
+        .await
+        .unwrap();
+    triad.leader(WAIT).await.unwrap();
     let stranger = Identity::generate().unwrap();
-    let target = &triad.members[&1];
+    let target = &triad.members()[&1];
     let pin = meterd::tls::parse_pin(&target.pin).unwrap();
     let config = meterd::tls::client_config(pin, &stranger).unwrap();
     let tcp = tokio::net::TcpStream::connect(&target.addr).await.unwrap();
@@ -260,4 +166,5 @@ async fn a_peer_with_an_unknown_certificate_is_not_answered() {
             "a stranger got an answer: {answer:?}"
         );
     }
+    triad.stop().await;
 }
