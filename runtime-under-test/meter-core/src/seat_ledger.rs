@@ -135,8 +135,8 @@ pub struct SeatLedger {
     next_lease: u64,
     /// The latest entry time applied.
     now_ms: u64,
-    /// The answer to each grant request, by (holder, request id).
-    answered: BTreeMap<(String, u64), LedgerOutcome>,
+    /// The answer to each grant request, by holder and request id.
+    answered: BTreeMap<String, BTreeMap<u64, LedgerOutcome>>,
 }
 
 /// How many answered grant requests the ledger remembers per holder (older retries are not
@@ -162,8 +162,7 @@ impl SeatLedger {
                 holder,
                 lease_ms,
             } => {
-                let key = (holder.clone(), *request);
-                if let Some(answer) = self.answered.get(&key) {
+                if let Some(answer) = self.answered.get(holder).and_then(|a| a.get(request)) {
                     return (answer.clone(), events);
                 }
                 let in_use = self.in_use(*product);
@@ -190,7 +189,7 @@ impl SeatLedger {
                     });
                     LedgerOutcome::Granted { lease, until_ms }
                 };
-                self.remember(key, outcome.clone());
+                self.remember(holder, *request, outcome.clone());
                 outcome
             }
             LedgerCommand::Renew { holder, lease_ms } => {
@@ -259,19 +258,12 @@ impl SeatLedger {
             .collect()
     }
 
-    fn remember(&mut self, key: (String, u64), outcome: LedgerOutcome) {
-        let holder = key.0.clone();
-        self.answered.insert(key, outcome);
-        let of_holder: Vec<(String, u64)> = self
-            .answered
-            .range((holder.clone(), 0)..=(holder, u64::MAX))
-            .map(|(k, _)| k.clone())
-            .collect();
-        if of_holder.len() > ANSWERS_KEPT_PER_HOLDER {
-            let excess = of_holder.len() - ANSWERS_KEPT_PER_HOLDER;
-            for old in of_holder.into_iter().take(excess) {
-                self.answered.remove(&old);
-            }
+    fn remember(&mut self, holder: &str, request: u64, outcome: LedgerOutcome) {
+        let answers = self.answered.entry(holder.to_owned()).or_default();
+        answers.insert(request, outcome);
+        // A holder's requests are numbered upwards: the oldest go first.
+        while answers.len() > ANSWERS_KEPT_PER_HOLDER {
+            answers.pop_first();
         }
     }
 }
@@ -393,6 +385,16 @@ mod tests {
             }
             ledger.apply(&entry);
         }
-        assert_eq!(ledger.answered.len(), ANSWERS_KEPT_PER_HOLDER);
+        assert_eq!(ledger.answered["a"].len(), ANSWERS_KEPT_PER_HOLDER);
+    }
+
+    #[test]
+    fn a_ledger_survives_a_json_snapshot() {
+        let mut ledger = SeatLedger::new();
+        ledger.apply(&grant(0, 1, "a"));
+        ledger.apply(&grant(1, 2, "b"));
+        let text = serde_json::to_string(&ledger).unwrap();
+        let back: SeatLedger = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, ledger);
     }
 }

@@ -18,8 +18,8 @@ pub enum LoopbackTriadError {
     /// A member's identity could not be made.
     #[error("Cannot make a member's identity")]
     Identity(#[source] TlsError),
-    /// A loopback port could not be had.
-    #[error("Cannot listen on loopback")]
+    /// A loopback port or the storage folder could not be had.
+    #[error("Cannot listen on loopback or make the storage folder")]
     Listen(#[source] std::io::Error),
     /// A member did not start.
     #[error("Member {id} did not start")]
@@ -54,6 +54,7 @@ impl LoopbackTriad {
         size: u64,
         timing: TriadTiming,
     ) -> Result<LoopbackTriad, LoopbackTriadError> {
+        std::fs::create_dir_all(&dir).map_err(LoopbackTriadError::Listen)?;
         let mut identities = BTreeMap::new();
         let mut members = BTreeMap::new();
         for id in 1..=size {

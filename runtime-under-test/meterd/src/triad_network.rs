@@ -240,7 +240,8 @@ impl RaftNetwork<TriadConfig> for MemberLink {
 }
 
 /// Serves the other members' calls to `raft` on `listener`: only a peer that proves it holds
-/// the key of one of `peers` (certificate pins) is answered.
+/// the key of one of `peers` (certificate pins) is answered. Dropping the future ends every
+/// connection it accepted.
 pub async fn serve(
     listener: TcpListener,
     identity: &Identity,
@@ -249,14 +250,17 @@ pub async fn serve(
 ) -> Result<(), tls::TlsError> {
     let acceptor = TlsAcceptor::from(tls::server_config(identity)?);
     let peers = Arc::new(peers);
+    // The connections end with the server (they hold its Raft, and so its storage).
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let Ok((tcp, from)) = listener.accept().await else {
             continue;
         };
         let acceptor = acceptor.clone();
         let raft = raft.clone();
         let peers = Arc::clone(&peers);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _ = tcp.set_nodelay(true);
             let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await
             else {
