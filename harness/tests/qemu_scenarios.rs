@@ -124,25 +124,7 @@ fn a_wrong_expectation_fails_on_qemu_too() {
     let scenario = dir.path().join("wrong-in-guest.yaml");
     std::fs::write(
         &scenario,
-        r#"name: wrong-in-guest
-description: Expects a clone on other hardware to keep a medium-bound licence, which it must not.
-policy:
-  products:
-    - { code: 1001, name: cad-pro, container: soft, quantity: 1, counting: station-share,
-        binding: { scheme: smartbind, tolerance: medium } }
-hosts:
-  - { name: host-a, cpu: { vendor: GenuineIntel, model: "Xeon Gold 6248" } }
-  - { name: host-b, cpu: { vendor: AuthenticAMD, model: "EPYC 7543" } }
-guests:
-  - { name: vm1, host: host-a }
-steps:
-  - boot: vm1
-  - activate: { machine: vm1, product: 1001 }
-  - clone: { from: vm1, to: vm1-copy, host: host-b }
-  - boot: vm1-copy
-  - access: { machine: vm1-copy, product: 1001, as: copied }
-  - expect: { granted: copied }
-"#,
+        guest_scenarios::wrong_expectation("wrong-in-guest"),
     )
     .unwrap();
     let reports = tempfile::tempdir().unwrap();

@@ -36,22 +36,12 @@ pub fn assemble(kind: BackendKind, config: WorldConfig) -> Result<World, Backend
         }
         BackendKind::Qemu => {
             let guests = qemu::QemuDriver::start(config.clone(), fabric.clone())?;
-            let mut hosts_config = config.clone();
-            hosts_config.work_dir = config.work_dir.join("hosts");
-            let hosts = sim::SimDriver::new(hosts_config, fabric.clone())?;
-            let drivers: Vec<Box<dyn driver::MachineDriver>> =
-                vec![Box::new(hosts), Box::new(guests)];
-            Ok(World::new(kind, config, fabric, drivers, 1))
+            guests_on_sim_hosts(kind, config, fabric, Box::new(guests))
         }
         #[cfg(feature = "libvirt")]
         BackendKind::Libvirt => {
             let guests = libvirt::LibvirtDriver::start(config.clone(), fabric.clone())?;
-            let mut hosts_config = config.clone();
-            hosts_config.work_dir = config.work_dir.join("hosts");
-            let hosts = sim::SimDriver::new(hosts_config, fabric.clone())?;
-            let drivers: Vec<Box<dyn driver::MachineDriver>> =
-                vec![Box::new(hosts), Box::new(guests)];
-            Ok(World::new(kind, config, fabric, drivers, 1))
+            guests_on_sim_hosts(kind, config, fabric, Box::new(guests))
         }
         #[cfg(not(feature = "libvirt"))]
         other => Err(BackendError::Unsupported {
@@ -62,4 +52,23 @@ pub fn assemble(kind: BackendKind, config: WorldConfig) -> Result<World, Backend
                 .unwrap_or_else(|| "it has no driver".into()),
         }),
     }
+}
+
+/// A composite whose hosts run on the sim driver and whose guests run on `guests`.
+fn guests_on_sim_hosts(
+    kind: BackendKind,
+    config: WorldConfig,
+    fabric: fabric::Fabric,
+    guests: Box<dyn driver::MachineDriver>,
+) -> Result<World, BackendError> {
+    let mut hosts_config = config.clone();
+    hosts_config.work_dir = config.work_dir.join("hosts");
+    let hosts = sim::SimDriver::new(hosts_config, fabric.clone())?;
+    Ok(World::new(
+        kind,
+        config,
+        fabric,
+        vec![Box::new(hosts), guests],
+        1,
+    ))
 }

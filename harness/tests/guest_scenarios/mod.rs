@@ -64,6 +64,32 @@ pub fn scenario_file_passes(backend: &str, scenario: &str, name: &str) {
     assert_eq!(report["events"][0]["backend"], backend, "{report}");
 }
 
+/// A scenario named `name` that expects a clone on other hardware to keep a medium-bound
+/// licence, which it must not: a run of it must fail (exit 1).
+pub fn wrong_expectation(name: &str) -> String {
+    format!(
+        r#"name: {name}
+description: Expects a clone on other hardware to keep a medium-bound licence, which it must not.
+policy:
+  products:
+    - {{ code: 1001, name: cad-pro, container: soft, quantity: 1, counting: station-share,
+        binding: {{ scheme: smartbind, tolerance: medium }} }}
+hosts:
+  - {{ name: host-a, cpu: {{ vendor: GenuineIntel, model: "Xeon Gold 6248" }} }}
+  - {{ name: host-b, cpu: {{ vendor: AuthenticAMD, model: "EPYC 7543" }} }}
+guests:
+  - {{ name: vm1, host: host-a }}
+steps:
+  - boot: vm1
+  - activate: {{ machine: vm1, product: 1001 }}
+  - clone: {{ from: vm1, to: vm1-copy, host: host-b }}
+  - boot: vm1-copy
+  - access: {{ machine: vm1-copy, product: 1001, as: copied }}
+  - expect: {{ granted: copied }}
+"#
+    )
+}
+
 /// A test `$test(name)` per built-in scenario with a guest (dongles reach guests over usbredir
 /// and USB/IP), calling `$run(name)`; the host-only ones run the same machines as on sim and
 /// stay in the sim suite.

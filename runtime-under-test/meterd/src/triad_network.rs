@@ -186,22 +186,39 @@ impl MemberLink {
     }
 }
 
+impl MemberLink {
+    /// Makes `call` and takes its answer out with `pick` (none: the member answered another
+    /// call's kind).
+    async fn rpc<T, E: std::error::Error>(
+        &mut self,
+        call: Call,
+        pick: fn(Answer) -> Option<Result<T, TriadRaftError<E>>>,
+    ) -> Result<T, TriadRpcError<E>> {
+        match self.call(&call).await.map(pick) {
+            Ok(Some(Ok(answer))) => Ok(answer),
+            Ok(Some(Err(e))) => Err(openraft::error::RPCError::RemoteError(RemoteError::new(
+                self.target,
+                e,
+            ))),
+            Ok(None) => Err(self.failed(LinkError::Garbled {
+                addr: self.member.addr.clone(),
+            })),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+}
+
 impl RaftNetwork<TriadConfig> for MemberLink {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TriadConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<MemberId>, TriadRpcError> {
-        match self.call(&Call::Append(rpc)).await {
-            Ok(Answer::Append(Ok(answer))) => Ok(answer),
-            Ok(Answer::Append(Err(e))) => Err(openraft::error::RPCError::RemoteError(
-                RemoteError::new(self.target, e),
-            )),
-            Ok(_) => Err(self.failed(LinkError::Garbled {
-                addr: self.member.addr.clone(),
-            })),
-            Err(e) => Err(self.failed(e)),
-        }
+        self.rpc(Call::Append(rpc), |answer| match answer {
+            Answer::Append(result) => Some(result),
+            _ => None,
+        })
+        .await
     }
 
     async fn vote(
@@ -209,16 +226,11 @@ impl RaftNetwork<TriadConfig> for MemberLink {
         rpc: VoteRequest<MemberId>,
         _option: RPCOption,
     ) -> Result<VoteResponse<MemberId>, TriadRpcError> {
-        match self.call(&Call::Vote(rpc)).await {
-            Ok(Answer::Vote(Ok(answer))) => Ok(answer),
-            Ok(Answer::Vote(Err(e))) => Err(openraft::error::RPCError::RemoteError(
-                RemoteError::new(self.target, e),
-            )),
-            Ok(_) => Err(self.failed(LinkError::Garbled {
-                addr: self.member.addr.clone(),
-            })),
-            Err(e) => Err(self.failed(e)),
-        }
+        self.rpc(Call::Vote(rpc), |answer| match answer {
+            Answer::Vote(result) => Some(result),
+            _ => None,
+        })
+        .await
     }
 
     async fn install_snapshot(
@@ -226,16 +238,11 @@ impl RaftNetwork<TriadConfig> for MemberLink {
         rpc: InstallSnapshotRequest<TriadConfig>,
         _option: RPCOption,
     ) -> Result<InstallSnapshotResponse<MemberId>, TriadRpcError<InstallSnapshotError>> {
-        match self.call(&Call::Snapshot(rpc)).await {
-            Ok(Answer::Snapshot(Ok(answer))) => Ok(answer),
-            Ok(Answer::Snapshot(Err(e))) => Err(openraft::error::RPCError::RemoteError(
-                RemoteError::new(self.target, e),
-            )),
-            Ok(_) => Err(self.failed(LinkError::Garbled {
-                addr: self.member.addr.clone(),
-            })),
-            Err(e) => Err(self.failed(e)),
-        }
+        self.rpc(Call::Snapshot(rpc), |answer| match answer {
+            Answer::Snapshot(result) => Some(result),
+            _ => None,
+        })
+        .await
     }
 }
 

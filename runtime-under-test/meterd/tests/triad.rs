@@ -34,6 +34,19 @@ fn grant(request: u64, holder: &str) -> LedgerCommand {
     }
 }
 
+/// Waits until the running members applied the leader's log; each then holds `seats`.
+async fn every_member_holds(triad: &LoopbackTriad, seats: u32) {
+    triad.settle(WAIT).await.unwrap();
+    for member in triad.running().values() {
+        assert_eq!(
+            member.ledger().in_use(PRODUCT).await,
+            seats,
+            "member {}",
+            member.id()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
     let dir = tempfile::tempdir().unwrap();
@@ -54,15 +67,7 @@ async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
         lead.submit(grant(1, "c")).await.unwrap(),
         LedgerOutcome::NoSeat { in_use: 2 }
     );
-    triad.settle(WAIT).await.unwrap();
-    for member in triad.running().values() {
-        assert_eq!(
-            member.ledger().in_use(PRODUCT).await,
-            2,
-            "member {}",
-            member.id()
-        );
-    }
+    every_member_holds(&triad, 2).await;
 
     // A follower does not grant: it names the leader.
     let follower = triad
@@ -111,15 +116,7 @@ async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
 
     // The old leader restarts from its storage and catches up with what it missed.
     triad.start_member(leader).await.unwrap();
-    triad.settle(WAIT).await.unwrap();
-    for member in triad.running().values() {
-        assert_eq!(
-            member.ledger().in_use(PRODUCT).await,
-            2,
-            "member {}",
-            member.id()
-        );
-    }
+    every_member_holds(&triad, 2).await;
 
     // Two members gone: nothing new is granted.
     let leader = triad.leader(WAIT).await.unwrap();

@@ -126,6 +126,13 @@ pub trait Hypervisor: 'static {
     fn teardown(&mut self) {}
 }
 
+/// Copies a stopped (or frozen and flushed) guest's disk to `target`.
+pub fn copy_disk_file(spec: &LaunchSpec, target: &Path) -> Result<(), BackendError> {
+    std::fs::copy(&spec.disk, target)
+        .map(drop)
+        .map_err(BackendError::io(format!("copy {}", spec.disk.display())))
+}
+
 /// Runs `qemu-img <args> <disk>` on a disk no guest runs from.
 pub fn run_qemu_img(args: &[&str], disk: &Path) -> Result<(), BackendError> {
     let out = std::process::Command::new("qemu-img")

@@ -17,7 +17,7 @@ use super::domain_xml::DomainSpec;
 use super::running::DomainVm;
 use crate::backend::guest::agent::AgentClient;
 use crate::backend::guest::hypervisor::{
-    Hypervisor, LaunchSpec, Migrated, RunningGuest, run_qemu_img,
+    Hypervisor, LaunchSpec, Migrated, RunningGuest, copy_disk_file, run_qemu_img,
 };
 use crate::backend::guest::image::{self, Accelerator, MEMORY_MIB, guid};
 use crate::backend::types::{BackendError, BackendKind, WorldConfig};
@@ -385,11 +385,7 @@ impl Hypervisor for LibvirtHypervisor {
         vm: Option<&mut DomainVm>,
         target: &Path,
     ) -> Result<(), BackendError> {
-        let copy = || {
-            std::fs::copy(&spec.disk, target)
-                .map(drop)
-                .map_err(BackendError::io(format!("copy {}", spec.disk.display())))
-        };
+        let copy = || copy_disk_file(spec, target);
         let Some(vm) = vm else {
             return copy();
         };

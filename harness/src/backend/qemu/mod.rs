@@ -18,7 +18,9 @@ use self::vm::{Environment, Vm};
 use super::fabric::Fabric;
 use super::guest::GuestDriver;
 use super::guest::agent::AgentClient;
-use super::guest::hypervisor::{Hypervisor, LaunchSpec, Migrated, RunningGuest, run_qemu_img};
+use super::guest::hypervisor::{
+    Hypervisor, LaunchSpec, Migrated, RunningGuest, copy_disk_file, run_qemu_img,
+};
 use super::guest::usb_plug::UsbRedirPlug;
 use super::types::{BackendError, BackendKind, WorldConfig};
 
@@ -148,11 +150,7 @@ impl Hypervisor for QemuHypervisor {
         vm: Option<&mut Vm>,
         target: &Path,
     ) -> Result<(), BackendError> {
-        let copy = || {
-            std::fs::copy(&spec.disk, target)
-                .map(drop)
-                .map_err(BackendError::io(format!("copy {}", spec.disk.display())))
-        };
+        let copy = || copy_disk_file(spec, target);
         let Some(vm) = vm else {
             return copy();
         };
