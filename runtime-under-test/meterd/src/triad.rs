@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::tls::Identity;
 use crate::triad_network::{MemberLinks, serve};
-use crate::triad_store::{self, TriadLedger, TriadStoreError};
+use crate::triad_store::{self, TriadLedger, TriadLog, TriadStoreError};
 use crate::triad_types::{Member, MemberId, TriadRaft};
 
 /// How fast members notice each other and elect (milliseconds), and how long a write may wait.
@@ -78,6 +78,24 @@ pub enum TriadError {
     NoQuorum(Duration),
 }
 
+/// Opens a member's storage; a member stopped a moment ago may still be letting go of it (its
+/// Raft's tasks end after its shutdown returns), so a file still open is waited for a while.
+async fn open_store(db: &Path) -> Result<(TriadLog, TriadLedger), TriadError> {
+    const LET_GO: Duration = Duration::from_secs(5);
+    let started = std::time::Instant::now();
+    loop {
+        match triad_store::open(db) {
+            Err(TriadStoreError::Open {
+                source: redb::Error::DatabaseAlreadyOpen,
+                ..
+            }) if started.elapsed() < LET_GO => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other.map_err(TriadError::Store),
+        }
+    }
+}
+
 /// A running member.
 pub struct TriadMember {
     id: MemberId,
@@ -116,7 +134,7 @@ impl TriadMember {
         }
         .validate()
         .map_err(TriadError::Timing)?;
-        let (log, ledger) = triad_store::open(db).map_err(TriadError::Store)?;
+        let (log, ledger) = open_store(db).await?;
         let raft = TriadRaft::new(
             id,
             Arc::new(config),
@@ -140,7 +158,12 @@ impl TriadMember {
         // Every member proposes the same membership; one already initialised refuses, fine.
         match raft.initialize(members).await {
             Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(e) => return Err(TriadError::Stopped(e.to_string())),
+            Err(e) => {
+                server.abort();
+                let _ = server.await;
+                let _ = raft.shutdown().await;
+                return Err(TriadError::Stopped(e.to_string()));
+            }
         }
         Ok(TriadMember {
             id,

@@ -145,13 +145,15 @@ impl MemberLink {
         Ok(Framed::new(stream, codec()))
     }
 
-    /// Sends a call and waits for its answer; a broken link is dropped (reopened next time).
+    /// Sends a call and waits for its answer. The link is out of `self` meanwhile: a call
+    /// abandoned half way (openraft times calls out by dropping them) leaves no link whose next
+    /// answer would be this call's, and the next call opens a fresh one.
     async fn call(&mut self, call: &Call) -> Result<Answer, LinkError> {
         let addr = self.member.addr.clone();
-        if self.link.is_none() {
-            self.link = Some(self.open().await?);
-        }
-        let link = self.link.as_mut().expect("opened above");
+        let mut link = match self.link.take() {
+            Some(link) => link,
+            None => self.open().await?,
+        };
         let frame = serde_json::to_vec(call).map_err(|source| LinkError::Codec {
             addr: addr.clone(),
             source,
@@ -163,19 +165,19 @@ impl MemberLink {
                 None => Err(std::io::ErrorKind::UnexpectedEof.into()),
             }
         };
-        match exchange.await {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| LinkError::Codec { addr, source })
-            }
-            Err(source) => {
-                self.link = None;
-                Err(LinkError::Broken { addr, source })
-            }
-        }
+        let bytes = exchange.await.map_err(|source| LinkError::Broken {
+            addr: addr.clone(),
+            source,
+        })?;
+        let answer =
+            serde_json::from_slice(&bytes).map_err(|source| LinkError::Codec { addr, source })?;
+        // The answer was this call's: the link is in step for the next one.
+        self.link = Some(link);
+        Ok(answer)
     }
 
     fn failed<E: std::error::Error>(&mut self, e: LinkError) -> TriadRpcError<E> {
-        // A call cut off half way leaves the stream out of step: start afresh.
+        // A link that carried something unexpected is out of step: start afresh.
         self.link = None;
         match e {
             LinkError::Connect { .. } => {
@@ -261,8 +263,14 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let Ok((tcp, from)) = listener.accept().await else {
-            continue;
+        let (tcp, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "Triad member cannot accept a peer");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let acceptor = acceptor.clone();
         let raft = raft.clone();

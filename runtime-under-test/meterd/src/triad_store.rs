@@ -312,7 +312,10 @@ impl TriadLedger {
 
 impl RaftSnapshotBuilder<TriadConfig> for TriadLedger {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TriadConfig>, TriadStorageError> {
-        let applied = self.applied.lock().await.clone();
+        // Held until the snapshot is stored: an installed snapshot cannot land in between and
+        // be overwritten by this older one.
+        let guard = self.applied.lock().await;
+        let applied = guard.clone();
         let data = encode(&applied)?;
         let snapshot_id = match applied.last_applied {
             Some(last) => format!("{}-{}", last.leader_id, last.index),
@@ -328,6 +331,7 @@ impl RaftSnapshotBuilder<TriadConfig> for TriadLedger {
             data: data.clone(),
         };
         write_state(&self.db, SNAPSHOT, &encode(&stored)?).map_err(io_write)?;
+        drop(guard);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -398,8 +402,9 @@ impl RaftStateMachine<TriadConfig> for TriadLedger {
             meta: meta.clone(),
             data: encode(&installed)?,
         };
+        let mut applied = self.applied.lock().await;
         write_state(&self.db, SNAPSHOT, &encode(&stored)?).map_err(io_write)?;
-        *self.applied.lock().await = installed;
+        *applied = installed;
         Ok(())
     }
 

@@ -77,6 +77,11 @@ pub trait RunningGuest {
     fn wait_off(self, wait: Duration);
     /// Pulls its plug at once (the disk keeps what was written).
     fn kill(self);
+    /// The generation id it runs with (32 hex digits) when the hypervisor chose it (libvirt
+    /// makes a new one at a revert); none: the one it was started with.
+    fn generation_id(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A way of running guests.

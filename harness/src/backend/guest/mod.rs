@@ -305,6 +305,13 @@ impl<H: Hypervisor> GuestDriver<H> {
                 return Err(err);
             }
         }
+        {
+            // The hypervisor's choice, when it made one, is what later starts keep.
+            let g = self.guest_mut(machine)?;
+            if let Some(id) = g.vm.as_ref().and_then(RunningGuest::generation_id) {
+                g.vmgenid = id;
+            }
+        }
         self.push_guest_clock(machine)?;
         self.call(machine, Op::RefreshVmgenid, Duration::from_secs(5))?;
         tracing::info!(
@@ -1114,6 +1121,11 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
             self.timings.migrate_downtime_ms.push(downtime);
         }
         Ok(())
+    }
+
+    fn move_machine(&mut self, machine: &str, host: &str) -> Result<(), BackendError> {
+        self.guest(machine)?;
+        self.hv.move_guest(machine, host)
     }
 
     fn replace_nic(&mut self, machine: &str, mac: String) -> Result<(), BackendError> {

@@ -156,17 +156,13 @@ impl LibvirtHypervisor {
         .xml()
     }
 
-    /// Defines (or redefines) the guest's domain from `spec`; it keeps the generation id its
-    /// domain has (a reboot is not a revert).
+    /// Defines (or redefines) the guest's domain from `spec`, with the generation id the
+    /// driver keeps for it (the one libvirt gave at the last revert, or a new one after a revert
+    /// of a stopped guest).
     fn define(&mut self, spec: &LaunchSpec) -> Result<(Domain, PathBuf), BackendError> {
         let host = self.placed(&spec.name)?;
         let existing = self.domain(&spec.name)?;
-        let genid = existing
-            .as_ref()
-            .and_then(|d| d.xml_desc(0).ok())
-            .and_then(|xml| genid_of(&xml))
-            .unwrap_or_else(|| guid(&spec.vmgenid));
-        let xml = self.domain_xml(spec, genid);
+        let xml = self.domain_xml(spec, guid(&spec.vmgenid));
         let xml_file = write_domain_xml(spec, &xml)?;
         let connection = &self.host(&host)?.connection;
         if existing.is_none()
@@ -362,16 +358,10 @@ impl Hypervisor for LibvirtHypervisor {
             .map(|xml| !xml.contains("<state>shutoff</state>"))
             .unwrap_or(true);
         if running_state {
-            // Its disk state without running it: restored paused, then stopped.
-            snapshot
-                .revert(virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED)
-                .map_err(|e| refused_plain(&spec.name, "revert to the snapshot", e))?;
-            let domain = snapshot
-                .domain()
-                .map_err(|e| refused_plain(&spec.name, "find the reverted domain", e))?;
-            domain
-                .destroy()
-                .map_err(|e| refused_plain(&spec.name, "stop the reverted domain", e))
+            // libvirt would start the guest to restore a running state (its dongles would
+            // connect to their servers meanwhile); the stopped guest only needs its disk back,
+            // which is what libvirt itself does for a snapshot of a stopped domain.
+            run_qemu_img(&["snapshot", "-a", name], &spec.disk)
         } else {
             snapshot
                 .revert(0)
@@ -457,19 +447,32 @@ impl Hypervisor for LibvirtHypervisor {
             | virt::sys::VIR_MIGRATE_UNSAFE
             | virt::sys::VIR_MIGRATE_PERSIST_DEST
             | virt::sys::VIR_MIGRATE_UNDEFINE_SOURCE;
+        // libvirt migrates no domain with snapshot metadata: it leaves with the definition and
+        // comes back on the destination (the snapshots themselves are in the shared disk).
+        let snapshots = snapshot_definitions(&source.domain);
+        for snapshot in source.domain.list_all_snapshots(0).unwrap_or_default() {
+            snapshot
+                .delete(virt::sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+                .map_err(|e| refused_plain(&destination.name, "set the snapshots aside", e))?;
+        }
         let target = &self.host(host)?.connection;
         let started = std::time::Instant::now();
-        let moved = source
-            .domain
-            .migrate2(
-                target,
-                Some(&xml),
-                flags,
-                None,
-                Some(&format!("tcp:127.0.0.1:{port}")),
-                0,
-            )
-            .map_err(|e| source.failure(&format!("libvirt refused the live migration: {e}")))?;
+        let migrated = source.domain.migrate2(
+            target,
+            Some(&xml),
+            flags,
+            None,
+            Some(&format!("tcp:127.0.0.1:{port}")),
+            0,
+        );
+        let moved = match migrated {
+            Ok(moved) => moved,
+            Err(e) => {
+                redefine_snapshots(&source.domain, &snapshots, &destination.name)?;
+                return Err(source.failure(&format!("libvirt refused the live migration: {e}")));
+            }
+        };
+        redefine_snapshots(&moved, &snapshots, &destination.name)?;
         tracing::info!(
             guest = %destination.name,
             host,
@@ -498,21 +501,12 @@ impl Hypervisor for LibvirtHypervisor {
             let xml = domain
                 .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
                 .map_err(|e| refused_plain(guest, "read the domain", e))?;
-            let snapshots: Vec<String> = domain
-                .list_all_snapshots(virt::sys::VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|s| s.xml_desc(virt::sys::VIR_DOMAIN_SNAPSHOT_XML_SECURE).ok())
-                .collect();
+            let snapshots = snapshot_definitions(&domain);
             let target = &self.host(host)?.connection;
             let moved = target
                 .define_domain_xml(&xml)
                 .map_err(|e| refused_plain(guest, "define the domain on its new host", e))?;
-            for snapshot in &snapshots {
-                moved
-                    .create_snapshot_xml(snapshot, virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
-                    .map_err(|e| refused_plain(guest, "carry a snapshot to its new host", e))?;
-            }
+            redefine_snapshots(&moved, &snapshots, guest)?;
             domain
                 .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
                 .map_err(|e| refused_plain(guest, "undefine the domain on its old host", e))?;
@@ -545,6 +539,30 @@ fn shared_cache() -> PathBuf {
     std::env::var_os("VIGIL_LIBVIRT_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("vigil-libvirt-cache"))
+}
+
+/// A domain's snapshot definitions, parents first.
+fn snapshot_definitions(domain: &Domain) -> Vec<String> {
+    domain
+        .list_all_snapshots(virt::sys::VIR_DOMAIN_SNAPSHOT_LIST_TOPOLOGICAL)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| s.xml_desc(virt::sys::VIR_DOMAIN_SNAPSHOT_XML_SECURE).ok())
+        .collect()
+}
+
+/// Gives `domain` the snapshot metadata `definitions` (parents first) again.
+fn redefine_snapshots(
+    domain: &Domain,
+    definitions: &[String],
+    guest: &str,
+) -> Result<(), BackendError> {
+    for definition in definitions {
+        domain
+            .create_snapshot_xml(definition, virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+            .map_err(|e| refused_plain(guest, "carry a snapshot along", e))?;
+    }
+    Ok(())
 }
 
 /// A snapshot definition with only its name (libvirt takes an internal snapshot of a qcow2

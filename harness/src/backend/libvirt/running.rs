@@ -98,6 +98,17 @@ impl RunningGuest for DomainVm {
         self.kill();
     }
 
+    fn generation_id(&self) -> Option<String> {
+        let xml = self.domain.xml_desc(0).ok()?;
+        let start = xml.find("<genid>")? + "<genid>".len();
+        let end = start + xml[start..].find("</genid>")?;
+        let hex: String = xml[start..end]
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .collect();
+        (hex.len() == 32).then(|| hex.to_ascii_lowercase())
+    }
+
     fn kill(self) {
         let started = Instant::now();
         if self.domain.is_active().unwrap_or(false)
