@@ -89,6 +89,17 @@ pub fn redirdev_xml(plug: &UsbRedirPlug) -> String {
     )
 }
 
+/// The generation id of a domain's XML as 32 lower-case hex digits (libvirt writes a GUID).
+pub fn genid_of(xml: &str) -> Option<String> {
+    let start = xml.find("<genid>")? + "<genid>".len();
+    let end = start + xml[start..].find("</genid>")?;
+    let hex: String = xml[start..end]
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .collect();
+    (hex.len() == 32).then(|| hex.to_ascii_lowercase())
+}
+
 /// `text` with the five XML special characters escaped.
 fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

@@ -432,12 +432,9 @@ impl Hypervisor for LibvirtHypervisor {
         // The destination runs the same generation id (a migration is not a revert) with its
         // own agent socket (the source keeps its own until the move completes).
         let genid = source
-            .domain
-            .xml_desc(0)
-            .ok()
-            .and_then(|xml| genid_of(&xml))
-            .unwrap_or_else(|| guid(&destination.vmgenid));
-        let xml = self.domain_xml(&destination, genid);
+            .generation_id()
+            .unwrap_or_else(|| destination.vmgenid.clone());
+        let xml = self.domain_xml(&destination, guid(&genid));
         let xml_file = write_domain_xml(&destination, &xml)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -593,13 +590,6 @@ fn write_domain_xml(spec: &LaunchSpec, xml: &str) -> Result<PathBuf, BackendErro
     Ok(file)
 }
 
-/// The `<genid>` of a domain's XML.
-fn genid_of(xml: &str) -> Option<String> {
-    let start = xml.find("<genid>")? + "<genid>".len();
-    let end = start + xml[start..].find("</genid>")?;
-    Some(xml[start..end].trim().to_string())
-}
-
 /// The Unix socket of the agent's channel (`vigil`) in a domain's XML.
 fn agent_socket_of(xml: &str) -> Option<PathBuf> {
     xml.split("<channel ")
@@ -660,8 +650,8 @@ mod tests {
             Some(PathBuf::from("/g/run-1/agent.sock"))
         );
         assert_eq!(
-            genid_of(xml).as_deref(),
-            Some("0d9e8f7a-6b5c-4d3e-8f2a-1b0c9d8e7f6a")
+            super::super::domain_xml::genid_of(xml).as_deref(),
+            Some("0d9e8f7a6b5c4d3e8f2a1b0c9d8e7f6a")
         );
     }
 

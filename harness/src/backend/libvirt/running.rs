@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use virt::domain::Domain;
 
-use super::domain_xml::redirdev_xml;
+use super::domain_xml::{genid_of, redirdev_xml};
 use crate::backend::guest::agent::AgentClient;
 use crate::backend::guest::hypervisor::{LaunchSpec, RunningGuest};
 use crate::backend::guest::image::tail;
@@ -99,14 +99,7 @@ impl RunningGuest for DomainVm {
     }
 
     fn generation_id(&self) -> Option<String> {
-        let xml = self.domain.xml_desc(0).ok()?;
-        let start = xml.find("<genid>")? + "<genid>".len();
-        let end = start + xml[start..].find("</genid>")?;
-        let hex: String = xml[start..end]
-            .chars()
-            .filter(char::is_ascii_hexdigit)
-            .collect();
-        (hex.len() == 32).then(|| hex.to_ascii_lowercase())
+        genid_of(&self.domain.xml_desc(0).ok()?)
     }
 
     fn kill(self) {
