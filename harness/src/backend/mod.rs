@@ -28,7 +28,7 @@ pub fn create(kind: BackendKind, config: WorldConfig) -> Result<Box<dyn Backend>
 /// The composite of drivers a backend kind is: `sim` runs every machine on the sim driver;
 /// `qemu` runs hosts on the sim driver and guests on the qemu driver, over one fabric.
 pub fn assemble(kind: BackendKind, config: WorldConfig) -> Result<World, BackendError> {
-    let fabric = fabric::Fabric::new(config.seed);
+    let fabric = fabric::Fabric::new(config.seed)?;
     match kind {
         BackendKind::Sim => {
             let sim = sim::SimDriver::new(config.clone(), fabric.clone())?;

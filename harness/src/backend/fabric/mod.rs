@@ -33,14 +33,14 @@ impl Fabric {
         self.dongles.add(name, flash, self.clock.cell())
     }
 
-    /// A fresh fabric for a world seeded `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self {
+    /// A fresh fabric for a world seeded `seed`; fails when no loopback block is free.
+    pub fn new(seed: u64) -> Result<Self, BackendError> {
+        Ok(Self {
             accounts: accounts::Accounts::default(),
-            addresses: addresses::Addresses::new(seed),
+            addresses: addresses::Addresses::new(seed)?,
             clock: clock::WorldClock::default(),
             dongles: dongles::DongleRack::default(),
             folders: folders::MachineFolders::default(),
-        }
+        })
     }
 }
