@@ -1,18 +1,22 @@
 //! The usage log: one record per grant, denial, release, reclaim and revocation, each chained to
-//! the one before by its hash and signed with the runtime's usage key.
+//! the one before by its hash and sealed with the runtime's usage key.
 //!
-//! A record's stored form is its body (postcard), followed, for the last record of each commit,
-//! by an Ed25519 signature over the body with a domain prefix. Its hash, over the stored form, is
-//! the next record's `prev`, so each signature covers, through the chain, every record before it:
-//! one signature per commit instead of one per record, and a busy runtime commits many records at
-//! once. Verifying walks the records in order and finds a removed record (a gap in the sequence
-//! and a broken chain), an altered one (a broken chain after it, or a bad signature), a reordered
-//! one (a sequence out of place), records appended without the key (an unsigned tail) and a
-//! removed or added tail (a head other than the one kept beside the log). Whoever holds the usage key can rewrite the whole log consistently: kept in the
-//! runtime's state, it stops users who cannot read the state, and a head copied elsewhere stops
-//! the rest (see `meter usage verify`).
+//! A record's stored form is its body (postcard), then its seal: nothing for a record inside a
+//! commit; for the last record of each commit an HMAC-SHA256 tag (key derived from the usage
+//! key), and, at most once a second or so (the writer decides), an Ed25519 signature after the
+//! tag. Both cover the body with a domain prefix. A record's hash, over its stored form, is the
+//! next record's `prev`, so each seal covers, through the chain, every record before it. The tag
+//! costs a microsecond where a signature costs tens; the runtime, which holds the key, checks
+//! both, and anyone with the public key alone checks every record up to the last signature.
+//! Verifying walks the records in order and finds a removed record (a gap in the sequence and a
+//! broken chain), an altered one (a broken chain after it, or a bad seal), a reordered one (a
+//! sequence out of place), records appended without the key (an unsealed tail) and a removed or
+//! added tail (a head other than the one kept beside the log). Whoever holds the usage key can
+//! rewrite the whole log consistently: kept in the runtime's state, it stops users who cannot
+//! read the state, and a head copied elsewhere stops the rest (see `meter usage verify`).
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -24,6 +28,63 @@ const DOMAIN: &[u8] = b"meter-usage-v1\0";
 
 /// Length of a record's signature at the end of its stored form.
 const SIGNATURE_LEN: usize = 64;
+/// Length of a record's tag at the end of its body.
+const TAG_LEN: usize = 32;
+/// What the tag key is derived for (HKDF info).
+const TAG_KEY_INFO: &[u8] = b"meter-usage-tag-v1";
+
+/// HMAC-SHA256 over records' bodies.
+type TagMac = hmac::Hmac<Sha256>;
+
+/// How a record is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seal {
+    /// Inside a commit: the chain alone (a later seal covers it).
+    Chained,
+    /// The last of a commit: a tag only the runtime can make and check.
+    Tagged,
+    /// The last of a commit, and a signature anyone with the public key can check.
+    Signed,
+}
+
+/// The key records' tags are made and checked with (secret: the runtime keeps it).
+#[derive(Clone)]
+pub struct TagKey([u8; 32]);
+
+impl std::fmt::Debug for TagKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TagKey(..)")
+    }
+}
+
+impl TagKey {
+    /// The tag key of the 32-byte usage secret.
+    pub fn of_secret(secret: &[u8; 32]) -> Self {
+        let mut key = [0u8; 32];
+        hkdf::Hkdf::<Sha256>::new(Some(DOMAIN), secret)
+            .expand(TAG_KEY_INFO, &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 length");
+        TagKey(key)
+    }
+
+    fn mac(&self) -> TagMac {
+        <TagMac as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length")
+    }
+
+    fn tag(&self, body: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = self.mac();
+        mac.update(DOMAIN);
+        mac.update(body);
+        mac.finalize().into_bytes().into()
+    }
+
+    fn check(&self, body: &[u8], tag: &[u8]) -> bool {
+        let mut mac = self.mac();
+        mac.update(DOMAIN);
+        mac.update(body);
+        mac.verify_slice(tag).is_ok()
+    }
+}
 
 /// Most problems one verification lists (the count goes on).
 pub const MAX_LISTED_PROBLEMS: usize = 100;
@@ -143,6 +204,17 @@ impl LogHead {
     }
 }
 
+/// A usage event encoded ahead of sealing (the sealer only places and seals it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedEvent(Vec<u8>);
+
+impl EncodedEvent {
+    /// Encodes `event` as a record's body holds it.
+    pub fn of(event: &UsageEvent) -> Self {
+        EncodedEvent(postcard::to_stdvec(event).expect("usage events always encode"))
+    }
+}
+
 /// The hash of a record's stored form.
 pub fn record_hash(stored: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
@@ -151,9 +223,10 @@ pub fn record_hash(stored: &[u8]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-/// Seals events into records: places them after the head and signs them.
+/// Seals events into records: places them after the head, tags and signs them.
 pub struct UsageSealer {
     key: SigningKey,
+    tag_key: TagKey,
     head: LogHead,
 }
 
@@ -170,8 +243,14 @@ impl UsageSealer {
     pub fn new(secret: &[u8; 32], head: LogHead) -> Self {
         UsageSealer {
             key: SigningKey::from_bytes(secret),
+            tag_key: TagKey::of_secret(secret),
             head,
         }
+    }
+
+    /// The key this sealer's tags check under.
+    pub fn tag_key(&self) -> TagKey {
+        self.tag_key.clone()
     }
 
     /// The public key records verify under.
@@ -189,26 +268,26 @@ impl UsageSealer {
         self.head = head;
     }
 
-    /// Seals the next record, signed when `sign` (the last of a commit); its place and stored
-    /// form.
-    pub fn seal(&mut self, event: &UsageEvent, sign: bool) -> (u64, Vec<u8>) {
-        /// A [`UsageRecord`] borrowing its event: encodes the same.
-        #[derive(Serialize)]
-        struct RecordRef<'e> {
-            seq: u64,
-            prev: [u8; 32],
-            event: &'e UsageEvent,
-        }
+    /// Seals the next record as `seal` says; its place and stored form.
+    pub fn seal(&mut self, event: &EncodedEvent, seal: Seal) -> (u64, Vec<u8>) {
         let seq = self.head.seq.saturating_add(1);
-        let record = RecordRef {
-            seq,
-            prev: self.head.hash,
-            event,
-        };
-        let mut stored = postcard::to_stdvec(&record).expect("usage records always encode");
-        if sign {
-            let signature = self.key.sign(&signed_message(&stored));
-            stored.extend_from_slice(&signature.to_bytes());
+        // The body is a `UsageRecord` in postcard: the fields one after the other, the event
+        // encoded already (by whoever asked, not by the writer that seals in commit order).
+        let mut varint = [0u8; 10];
+        let seq_bytes = postcard::to_slice(&seq, &mut varint).expect("a u64 fits ten bytes");
+        let mut stored = Vec::with_capacity(
+            seq_bytes.len() + self.head.hash.len() + event.0.len() + TAG_LEN + SIGNATURE_LEN,
+        );
+        stored.extend_from_slice(seq_bytes);
+        stored.extend_from_slice(&self.head.hash);
+        stored.extend_from_slice(&event.0);
+        if seal != Seal::Chained {
+            let tag = self.tag_key.tag(&stored);
+            let signature = (seal == Seal::Signed).then(|| self.key.sign(&signed_message(&stored)));
+            stored.extend_from_slice(&tag);
+            if let Some(signature) = signature {
+                stored.extend_from_slice(&signature.to_bytes());
+            }
         }
         self.head = LogHead {
             seq,
@@ -222,7 +301,7 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
     [DOMAIN, body].concat()
 }
 
-/// Reads a stored record without checking its signature.
+/// Reads a stored record without checking its seal.
 pub fn read_record(stored: &[u8]) -> Option<UsageRecord> {
     split_record(stored).map(|s| s.record)
 }
@@ -230,9 +309,11 @@ pub fn read_record(stored: &[u8]) -> Option<UsageRecord> {
 /// A stored record taken apart.
 struct StoredRecord<'s> {
     record: UsageRecord,
-    /// The body's bytes (what the signature covers).
+    /// The body's bytes (what the tag and signature cover).
     body: &'s [u8],
-    /// The signature, on the last record of a commit.
+    /// The tag, on the last record of a commit.
+    tag: Option<&'s [u8]>,
+    /// The signature, on some of those.
     signature: Option<&'s [u8]>,
 }
 
@@ -240,14 +321,19 @@ struct StoredRecord<'s> {
 fn split_record(stored: &[u8]) -> Option<StoredRecord<'_>> {
     let (record, rest) = postcard::take_from_bytes::<UsageRecord>(stored).ok()?;
     let body = &stored[..stored.len() - rest.len()];
-    let signature = match rest.len() {
-        0 => None,
-        SIGNATURE_LEN => Some(rest),
+    let (tag, signature) = match rest.len() {
+        0 => (None, None),
+        TAG_LEN => (Some(rest), None),
+        n if n == TAG_LEN + SIGNATURE_LEN => {
+            let (tag, signature) = rest.split_at(TAG_LEN);
+            (Some(tag), Some(signature))
+        }
         _ => return None,
     };
     Some(StoredRecord {
         record,
         body,
+        tag,
         signature,
     })
 }
@@ -280,14 +366,15 @@ pub enum LogProblem {
         /// Its place.
         at: u64,
     },
-    /// A record's signature does not verify (it was altered or forged).
+    /// A record's tag or signature does not verify (it was altered or forged).
     BadSignature {
         /// Its place.
         at: u64,
     },
-    /// The log ends in records no signature covers (appended by someone without the key).
+    /// The log ends in records no seal the verifier can check covers (appended by someone
+    /// without the key; with the public key alone, the tail after the last signature).
     UnsignedTail {
-        /// The first record after the last signed one.
+        /// The first record after the last checked seal.
         from: u64,
     },
     /// The log ends elsewhere than the head kept beside it says (its tail was cut or added to).
@@ -320,11 +407,13 @@ impl Verification {
     }
 }
 
-/// Walks a log (place and stored form, in place order), checking places, chain and signatures
-/// under `public_key`, and its end against `kept_head` when one is kept.
+/// Walks a log (place and stored form, in place order), checking places, chain, signatures
+/// under `public_key` and tags under `tag_key` (the runtime's; without it tags are skipped and
+/// only signatures seal), and its end against `kept_head` when one is kept.
 pub fn verify<'a>(
     rows: impl IntoIterator<Item = (u64, &'a [u8])>,
     public_key: &[u8; 32],
+    tag_key: Option<&TagKey>,
     kept_head: Option<LogHead>,
 ) -> Verification {
     let key = VerifyingKey::from_bytes(public_key).ok();
@@ -353,6 +442,7 @@ pub fn verify<'a>(
             Some(StoredRecord {
                 record,
                 body,
+                tag,
                 signature,
             }) => {
                 if record.seq != at {
@@ -364,21 +454,25 @@ pub fn verify<'a>(
                 if record.prev != head.hash {
                     note(LogProblem::ChainBroken { at });
                 }
-                match signature {
-                    Some(signature) => {
-                        let signed = key.as_ref().is_some_and(|key| {
-                            let signature = Signature::from_slice(signature);
-                            signature
-                                .is_ok_and(|s| key.verify_strict(&signed_message(body), &s).is_ok())
-                        });
-                        if !signed {
-                            note(LogProblem::BadSignature { at });
-                        }
-                        unsigned_from = None;
-                    }
-                    None => {
+                let tag_checked = match (tag, tag_key) {
+                    (Some(tag), Some(tag_key)) => Some(tag_key.check(body, tag)),
+                    _ => None,
+                };
+                let signature_checked = signature.map(|signature| {
+                    key.as_ref().is_some_and(|key| {
+                        Signature::from_slice(signature)
+                            .is_ok_and(|s| key.verify_strict(&signed_message(body), &s).is_ok())
+                    })
+                });
+                match (tag_checked, signature_checked) {
+                    (None, None) => {
                         unsigned_from.get_or_insert(at);
                     }
+                    (Some(false), _) | (_, Some(false)) => {
+                        note(LogProblem::BadSignature { at });
+                        unsigned_from = None;
+                    }
+                    _ => unsigned_from = None,
                 }
             }
         }
@@ -433,11 +527,22 @@ mod tests {
         }
     }
 
+    /// The seal of record `i` of `n` committed two at a time, every second commit signed.
+    fn seal_of(i: u64, n: u64) -> Seal {
+        if i.is_multiple_of(4) || i == n {
+            Seal::Signed
+        } else if i.is_multiple_of(2) {
+            Seal::Tagged
+        } else {
+            Seal::Chained
+        }
+    }
+
     /// A log of `n` records, committed two at a time, and its sealer.
     fn log(n: u64) -> (Vec<(u64, Vec<u8>)>, UsageSealer) {
         let mut sealer = UsageSealer::new(&[7; 32], LogHead::default());
         let rows = (1..=n)
-            .map(|i| sealer.seal(&event(i), i.is_multiple_of(2) || i == n))
+            .map(|i| sealer.seal(&EncodedEvent::of(&event(i)), seal_of(i, n)))
             .collect();
         (rows, sealer)
     }
@@ -446,6 +551,16 @@ mod tests {
         verify(
             rows.iter().map(|(k, v)| (*k, v.as_slice())),
             &sealer.public_key(),
+            Some(&sealer.tag_key()),
+            Some(sealer.head()),
+        )
+    }
+
+    fn check_public(rows: &[(u64, Vec<u8>)], sealer: &UsageSealer) -> Verification {
+        verify(
+            rows.iter().map(|(k, v)| (*k, v.as_slice())),
+            &sealer.public_key(),
+            None,
             Some(sealer.head()),
         )
     }
@@ -473,20 +588,25 @@ mod tests {
         );
     }
 
-    /// Record `index` of `rows` with its user changed, its signature (if any) kept.
+    /// Record `index` of `rows` with its user changed, its seal (if any) kept.
     fn alter(rows: &mut [(u64, Vec<u8>)], index: usize) {
         let stored = split_record(&rows[index].1).unwrap();
-        let signature = stored.signature.map(<[u8]>::to_vec);
+        let seal: Vec<u8> = [stored.tag, stored.signature]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .copied()
+            .collect();
         let mut record = stored.record;
         record.event.user = Some("sam".into());
         let mut stored = postcard::to_stdvec(&record).unwrap();
-        stored.extend(signature.unwrap_or_default());
+        stored.extend(seal);
         rows[index].1 = stored;
     }
 
     #[test]
     fn an_altered_record_is_found() {
-        // A signed record (the second): its signature and the chain after it.
+        // A tagged record (the second): its tag and the chain after it.
         let (mut rows, sealer) = log(6);
         alter(&mut rows, 1);
         let found = check(&rows, &sealer);
@@ -495,6 +615,17 @@ mod tests {
             vec![
                 LogProblem::BadSignature { at: 2 },
                 LogProblem::ChainBroken { at: 3 }
+            ]
+        );
+        // A signed one (the fourth): found with the public key alone too.
+        let (mut rows, sealer) = log(6);
+        alter(&mut rows, 3);
+        let found = check_public(&rows, &sealer);
+        assert_eq!(
+            found.problems,
+            vec![
+                LogProblem::BadSignature { at: 4 },
+                LogProblem::ChainBroken { at: 5 }
             ]
         );
         // An unsigned one (the first): the chain after it.
@@ -506,12 +637,28 @@ mod tests {
 
     #[test]
     fn records_appended_without_the_key_are_found() {
+        let cases = [
+            // Chained correctly, but whoever appends without the key cannot seal the last one.
+            (Seal::Chained, LogProblem::UnsignedTail { from: 5 }),
+            (Seal::Tagged, LogProblem::BadSignature { at: 5 }),
+            (Seal::Signed, LogProblem::BadSignature { at: 5 }),
+        ];
+        for (seal, problem) in cases {
+            let (mut rows, mut sealer) = log(4);
+            let mut forger = UsageSealer::new(&[9; 32], sealer.head());
+            rows.push(forger.seal(&EncodedEvent::of(&event(5)), seal));
+            sealer.rewind(forger.head());
+            assert_eq!(check(&rows, &sealer).problems, vec![problem], "{seal:?}");
+        }
+    }
+
+    #[test]
+    fn with_the_public_key_alone_a_tagged_tail_is_unchecked() {
         let (mut rows, mut sealer) = log(4);
-        // Chained correctly, but whoever appends without the key cannot sign the last one.
-        let mut forger = UsageSealer::new(&[9; 32], sealer.head());
-        rows.push(forger.seal(&event(5), false));
-        sealer.rewind(forger.head());
-        let found = check(&rows, &sealer);
+        rows.push(sealer.seal(&EncodedEvent::of(&event(5)), Seal::Chained));
+        rows.push(sealer.seal(&EncodedEvent::of(&event(6)), Seal::Tagged));
+        assert!(check(&rows, &sealer).intact());
+        let found = check_public(&rows, &sealer);
         assert_eq!(found.problems, vec![LogProblem::UnsignedTail { from: 5 }]);
     }
 
@@ -543,6 +690,7 @@ mod tests {
         let unanchored = verify(
             rows.iter().map(|(k, v)| (*k, v.as_slice())),
             &sealer.public_key(),
+            Some(&sealer.tag_key()),
             None,
         );
         assert!(unanchored.intact());
@@ -555,8 +703,10 @@ mod tests {
         let found = verify(
             rows.iter().map(|(k, v)| (*k, v.as_slice())),
             &other.public_key(),
+            Some(&other.tag_key()),
             None,
         );
+        // Records 2 (tagged) and 4 (signed and tagged).
         assert_eq!(found.problem_count, 2);
     }
 
@@ -564,8 +714,25 @@ mod tests {
     fn a_reopened_log_continues_its_chain() {
         let (mut rows, sealer) = log(3);
         let mut reopened = UsageSealer::new(&[7; 32], sealer.head());
-        rows.push(reopened.seal(&event(4), true));
+        rows.push(reopened.seal(&EncodedEvent::of(&event(4)), Seal::Tagged));
         assert!(check(&rows, &reopened).intact());
+    }
+
+    #[test]
+    fn a_body_is_the_record_in_postcard() {
+        let (rows, _) = log(3);
+        let mut prev = [0u8; 32];
+        for (seq, stored) in &rows {
+            let record = UsageRecord {
+                seq: *seq,
+                prev,
+                event: event(*seq),
+            };
+            let body = postcard::to_stdvec(&record).unwrap();
+            assert_eq!(split_record(stored).unwrap().body, body.as_slice());
+            assert_eq!(read_record(stored), Some(record));
+            prev = record_hash(stored);
+        }
     }
 
     #[test]

@@ -300,6 +300,8 @@ pub struct Runtime {
     access: Mutex<crate::access_control::AccessControl>,
     /// The usage log's public key; none when the runtime keeps no log.
     pub(crate) usage_key: Option<[u8; 32]>,
+    /// The key the usage log's tags check under (secret, like the signing key).
+    pub(crate) usage_tag_key: Option<meter_core::usage::TagKey>,
 }
 
 /// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
@@ -437,11 +439,12 @@ impl Runtime {
         let remotes = Remotes::new(identity);
         let key_secret = stored_secret(&snapshot, &store, "dongle-key-secret")?;
         let dongle_key = crate::runtime_identity::dongle_key(&key_secret, &runtime_id);
-        let usage_key = if settings.usage_log {
+        let (usage_key, usage_tag_key) = if settings.usage_log {
             let secret = stored_secret(&snapshot, &store, crate::store::USAGE_KEY_KEY)?;
-            Some(store.start_usage_log(&secret))
+            let (public, tag) = store.start_usage_log(&secret);
+            (Some(public), Some(tag))
         } else {
-            None
+            (None, None)
         };
         Ok(Arc::new(Runtime {
             platform,
@@ -458,6 +461,7 @@ impl Runtime {
             role_judge: Default::default(),
             access: Mutex::new(access),
             usage_key,
+            usage_tag_key,
         }))
     }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meter_core::usage::{LogHead, UsageEvent, UsageSealer, record_hash};
+use meter_core::usage::{EncodedEvent, LogHead, Seal, TagKey, UsageSealer, record_hash};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
@@ -61,7 +61,7 @@ pub enum Change {
     /// Removes a metadata value.
     DeleteMeta(String),
     /// Appends an event to the usage log: sealed (placed, chained, signed) as it is written.
-    AppendUsage(Box<UsageEvent>),
+    AppendUsage(EncodedEvent),
     /// Removes a usage record, leaving the head: only a harness build's log-tamper attack.
     RemoveUsage(u64),
 }
@@ -92,6 +92,11 @@ const MAX_GROUP: usize = 4096;
 /// The longest a change someone waits for is held back for the changes announced with
 /// [`Store::expect_change`] that are still being prepared, so they share its commit and sync.
 pub const GATHER_FOR_ANNOUNCED: Duration = Duration::from_micros(500);
+
+/// The longest the usage log goes without a signature while records are written: the tag every
+/// commit ends with costs a microsecond, a signature tens, so only one commit in this interval
+/// (and the last one before a stop) is signed.
+pub const SIGN_USAGE_EVERY: Duration = Duration::from_secs(1);
 
 /// The state database and its writer thread.
 #[derive(Debug)]
@@ -210,6 +215,7 @@ impl Store {
         let writer = Writer {
             db: Arc::clone(&db),
             sealer: Arc::clone(&sealer),
+            last_signed: std::cell::Cell::new(None),
         };
         let writer_queue = Arc::clone(&queue);
         let writer = thread::Builder::new()
@@ -229,14 +235,15 @@ impl Store {
         ))
     }
 
-    /// Starts sealing usage events with the 32-byte secret key; returns its public key.
-    pub fn start_usage_log(&self, secret: &[u8; 32]) -> [u8; 32] {
+    /// Starts sealing usage events with the 32-byte secret key; returns its public key and the
+    /// key its tags check under.
+    pub fn start_usage_log(&self, secret: &[u8; 32]) -> ([u8; 32], TagKey) {
         let mut sealer = self.sealer.lock().unwrap_or_else(|e| e.into_inner());
         let head = sealer.as_ref().map_or(self.opened_head, UsageSealer::head);
         let started = UsageSealer::new(secret, head);
-        let public = started.public_key();
+        let keys = (started.public_key(), started.tag_key());
         *sealer = Some(started);
-        public
+        keys
     }
 
     /// Reads the usage log as committed: each record (place, stored form) in place order, then
@@ -386,6 +393,8 @@ fn usage_head(db: &Database, snapshot: &Snapshot) -> Result<LogHead, StoreError>
 struct Writer {
     db: Arc<Database>,
     sealer: Arc<Mutex<Option<UsageSealer>>>,
+    /// When the writer last signed a usage record (none yet: the first commit signs).
+    last_signed: std::cell::Cell<Option<Instant>>,
 }
 
 fn write_loop(writer: &Writer, queue: &Queue) {
@@ -448,7 +457,7 @@ fn write_loop(writer: &Writer, queue: &Queue) {
         oldest_unwritten = None;
         first_waited = None;
         if !group.is_empty() {
-            let result = writer.apply(&group).map_err(|e| e.to_string());
+            let result = writer.apply(&group, stopping).map_err(|e| e.to_string());
             if let Err(message) = &result {
                 tracing::error!(%message, "State commit failed");
             }
@@ -473,7 +482,7 @@ struct NetChanges<'a> {
     licences: BTreeMap<&'a str, Option<&'a [u8]>>,
     meta: BTreeMap<&'a str, Option<&'a [u8]>>,
     /// Usage events to append, in queue order.
-    usage: Vec<&'a UsageEvent>,
+    usage: Vec<&'a EncodedEvent>,
     /// Usage records to remove (a tamper attack).
     usage_removed: Vec<u64>,
 }
@@ -510,17 +519,31 @@ impl<'a> NetChanges<'a> {
 }
 
 impl Writer {
-    /// Writes a group in one commit; usage events are sealed here, in commit order.
-    fn apply(&self, group: &[Batch]) -> Result<(), StoreError> {
+    /// Writes a group in one commit; usage events are sealed here, in commit order. The last
+    /// record is signed when the last signature is [`SIGN_USAGE_EVERY`] old, or the writer is
+    /// stopping; tagged otherwise.
+    fn apply(&self, group: &[Batch], stopping: bool) -> Result<(), StoreError> {
         let net = NetChanges::of(group);
         let mut sealer = self.sealer.lock().unwrap_or_else(|e| e.into_inner());
         let head_before = sealer.as_ref().map(UsageSealer::head);
-        let result = apply(&self.db, &net, sealer.as_mut());
-        if result.is_err()
-            && let (Some(sealer), Some(head)) = (sealer.as_mut(), head_before)
-        {
-            // Nothing of the group was written: the next record follows the last one written.
-            sealer.rewind(head);
+        let sign = stopping
+            || self
+                .last_signed
+                .get()
+                .is_none_or(|at| at.elapsed() >= SIGN_USAGE_EVERY);
+        let last_seal = if sign { Seal::Signed } else { Seal::Tagged };
+        let result = apply(&self.db, &net, sealer.as_mut(), last_seal);
+        match &result {
+            Err(_) => {
+                if let (Some(sealer), Some(head)) = (sealer.as_mut(), head_before) {
+                    // Nothing of the group was written: the next record follows the last one.
+                    sealer.rewind(head);
+                }
+            }
+            Ok(()) if sign && sealer.is_some() && !net.usage.is_empty() => {
+                self.last_signed.set(Some(Instant::now()));
+            }
+            Ok(()) => {}
         }
         result
     }
@@ -530,6 +553,7 @@ fn apply(
     db: &Database,
     net: &NetChanges<'_>,
     sealer: Option<&mut UsageSealer>,
+    last_seal: Seal,
 ) -> Result<(), StoreError> {
     let mut txn = db.begin_write().map_err(db_error)?;
     txn.set_durability(Durability::Immediate)
@@ -567,8 +591,9 @@ fn apply(
             Some(sealer) if !net.usage.is_empty() => {
                 let last = net.usage.len() - 1;
                 for (i, event) in net.usage.iter().enumerate() {
-                    // The last record of the commit is signed; the chain covers the rest.
-                    let (seq, stored) = sealer.seal(event, i == last);
+                    // The last record of the commit is sealed; the chain covers the rest.
+                    let seal = if i == last { last_seal } else { Seal::Chained };
+                    let (seq, stored) = sealer.seal(event, seal);
                     usage.insert(seq, stored.as_slice()).map_err(db_error)?;
                 }
                 meta.insert(USAGE_HEAD_KEY, sealer.head().to_bytes().as_slice())
@@ -625,6 +650,75 @@ mod tests {
         assert_eq!(snapshot.grants[&7], b"new");
         assert_eq!(snapshot.meta["next-handle"], 3u64.to_le_bytes());
         assert!(!snapshot.meta.contains_key("x"));
+    }
+
+    fn usage_event(n: u64) -> Change {
+        Change::AppendUsage(EncodedEvent::of(&meter_core::usage::UsageEvent {
+            at_ms: n,
+            kind: meter_core::usage::UsageKind::Grant,
+            product: meter_core::allocation::ProductKey { firm: 1, code: 2 },
+            handle: n,
+            user: None,
+            machine: "m".into(),
+            session: None,
+            client_name: None,
+            address: None,
+            in_use: 1,
+            held_ms: None,
+        }))
+    }
+
+    /// Verifies the log of the database at `path` with the public key alone, or also the tags.
+    fn verify_usage(
+        store: &Store,
+        public: &[u8; 32],
+        tag: Option<&TagKey>,
+    ) -> meter_core::usage::Verification {
+        let mut rows = Vec::new();
+        let kept = store
+            .read_usage(|seq, stored| rows.push((seq, stored.to_vec())))
+            .unwrap();
+        meter_core::usage::verify(
+            rows.iter().map(|(k, v)| (*k, v.as_slice())),
+            public,
+            tag,
+            kept,
+        )
+    }
+
+    #[tokio::test]
+    async fn commits_are_tagged_the_first_and_the_last_before_a_stop_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meterd.redb");
+        let (public, tag) = {
+            let (store, _) = Store::open(&path).unwrap();
+            let (public, tag) = store.start_usage_log(&[5; 32]);
+            store
+                .commit(vec![usage_event(1), usage_event(2)])
+                .await
+                .unwrap();
+            store.commit(vec![usage_event(3)]).await.unwrap();
+            store.commit(vec![usage_event(4)]).await.unwrap();
+            // Records 3 and 4 end commits within a second of the signed one: tagged only.
+            assert!(verify_usage(&store, &public, Some(&tag)).intact());
+            assert_eq!(
+                verify_usage(&store, &public, None).problems,
+                [meter_core::usage::LogProblem::UnsignedTail { from: 3 }]
+            );
+            // Queued when the store stops: written in a signed commit.
+            store.submit_eventually(vec![usage_event(5)]);
+            (public, tag)
+        };
+        let (store, _) = loop {
+            match Store::open(&path) {
+                Ok(pair) => break pair,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        let found = verify_usage(&store, &public, None);
+        assert!(found.intact(), "{found:?}");
+        assert_eq!(found.records, 5);
+        assert!(verify_usage(&store, &public, Some(&tag)).intact());
     }
 
     #[tokio::test]

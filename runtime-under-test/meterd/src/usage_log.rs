@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use meter_core::allocation::ProductKey;
 use meter_core::reason::Reason;
-use meter_core::usage::{UsageEvent, UsageKind, Verification, read_record, verify};
+use meter_core::usage::{EncodedEvent, UsageEvent, UsageKind, Verification, read_record, verify};
 use meter_core::usage_report::{self, Window};
 use serde_json::{Value, json};
 
@@ -75,7 +75,7 @@ impl Runtime {
         let held_ms = kind
             .ends_grant()
             .then(|| at_ms.saturating_sub(record.granted_at));
-        Some(Change::AppendUsage(Box::new(UsageEvent {
+        Some(Change::AppendUsage(EncodedEvent::of(&UsageEvent {
             at_ms,
             kind,
             product: record.product,
@@ -131,7 +131,7 @@ impl Runtime {
         let durable = {
             let state = self.lock();
             self.store
-                .submit(vec![Change::AppendUsage(Box::new(UsageEvent {
+                .submit(vec![Change::AppendUsage(EncodedEvent::of(&UsageEvent {
                     at_ms,
                     kind: UsageKind::Denial {
                         reason,
@@ -153,7 +153,7 @@ impl Runtime {
         }
     }
 
-    /// Checks the whole log: places, chain, signatures and the head kept beside it.
+    /// Checks the whole log: places, chain, tags, signatures and the head kept beside it.
     pub fn usage_verify(&self) -> Result<(Verification, [u8; 32]), UsageLogError> {
         let key = self.usage_key.ok_or(UsageLogError::Off)?;
         let mut rows = Vec::new();
@@ -164,6 +164,7 @@ impl Runtime {
         let mut found = verify(
             rows.iter().map(|(seq, stored)| (*seq, stored.as_slice())),
             &key,
+            self.usage_tag_key.as_ref(),
             kept,
         );
         if crate::weakened::is(crate::weakened::Defence::UsageLogChain) {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use meter_core::allocation::ProductKey;
-use meter_core::usage::{UsageEvent, UsageKind};
+use meter_core::usage::{EncodedEvent, UsageEvent, UsageKind};
 use meterd::protocol::{LocalReply, LocalRequest};
 use meterd::store::{Change, Store};
 use serde_json::{Value, json};
@@ -177,7 +177,7 @@ async fn report_over_a_million(
         let mut n = 0u64;
         while n < RECORDS {
             let batch: Vec<Change> = (n..(n + FILL_BATCH).min(RECORDS))
-                .map(|i| Change::AppendUsage(Box::new(event(i, start_ms))))
+                .map(|i| Change::AppendUsage(EncodedEvent::of(&event(i, start_ms))))
                 .collect();
             n += batch.len() as u64;
             store.commit(batch).await?;
@@ -230,7 +230,7 @@ async fn stored_record_bytes(work: &Path) -> anyhow::Result<f64> {
     store.start_usage_log(&[7; 32]);
     let mut total = 0usize;
     let mut count = 0usize;
-    let events = (0..1000).map(|i| Change::AppendUsage(Box::new(event(i, 0))));
+    let events = (0..1000).map(|i| Change::AppendUsage(EncodedEvent::of(&event(i, 0))));
     store.commit(events.collect()).await?;
     store.read_usage(|_, stored| {
         total += stored.len();
