@@ -560,6 +560,17 @@ impl Runtime {
         }
     }
 
+    /// Who a local caller is, for the usage log.
+    fn asker_of(&self, caller: &Caller) -> Asker {
+        Asker {
+            user: self.user_of(caller.uid),
+            machine: caller.station.machine.clone(),
+            session: caller.station.session,
+            wire_session: WireSession::from(&caller.session),
+            peer: None,
+        }
+    }
+
     /// A local app asks for a licence; `events` receives revocations of the grant.
     pub async fn access_local(
         self: &Arc<Self>,
@@ -657,7 +668,7 @@ impl Runtime {
                     if let Some(events) = events.clone() {
                         state.listeners.entry(handle).or_default().push(events);
                     }
-                    Ok((reply, self.store.submit(changes)))
+                    Ok((key, reply, self.store.submit(changes)))
                 }
                 Err(reason) => Err((
                     key,
@@ -668,10 +679,14 @@ impl Runtime {
             (step, now)
         };
         let (key, local_denial, client_handle) = match step {
-            Ok((reply, durable)) => {
+            Ok((key, reply, durable)) => {
                 if let LocalReply::Granted { handle, .. } = &reply
                     && let Err(reason) = self.dongles.confirm_grant(self, *handle).await
                 {
+                    // The dongle refused what the table granted: the grant went back (logged
+                    // as a release) and the app is denied (logged as a denial).
+                    self.log_denial(self.asker_of(caller), key, reason, None)
+                        .await;
                     return reply_denied(reason);
                 }
                 self.watch_holder(caller.pid, caller.start);
@@ -700,12 +715,15 @@ impl Runtime {
                         );
                         let _ = self.release_inner(*handle, false).await;
                         let forked = self.lock_licences().metering.is_locked(&licence);
-                        return reply_denied(if forked {
+                        let reason = if forked {
                             // A witness holds another chain: it locked the licence.
                             Reason::RollbackDetected
                         } else {
                             Reason::WitnessUnreachable
-                        });
+                        };
+                        self.log_denial(self.asker_of(caller), key, reason, None)
+                            .await;
+                        return reply_denied(reason);
                     }
                 }
                 return reply;
@@ -713,13 +731,7 @@ impl Runtime {
             Err(denied) => denied,
         };
         let local_denial = self.dongles.explain_denial(key, local_denial);
-        let asker = Asker {
-            user: self.user_of(caller.uid),
-            machine: caller.station.machine.clone(),
-            session: caller.station.session,
-            wire_session: WireSession::from(&caller.session),
-            peer: None,
-        };
+        let asker = self.asker_of(caller);
         // The administrator's rules of this machine are final: never worked round by a server.
         if self.remotes.is_empty() || local_denial.is_rule() {
             self.log_denial(asker, key, local_denial, refusing_rule)

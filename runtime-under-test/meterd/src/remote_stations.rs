@@ -315,9 +315,19 @@ impl Runtime {
             .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
         };
         drop(announced);
+        let asker = || crate::daemon::Asker {
+            user: claim.user.clone(),
+            machine: claim.station.machine.clone(),
+            session: claim.station.session,
+            wire_session: claim.session.clone(),
+            peer: Some(peer.to_owned()),
+        };
         match outcome {
             Ok(((handle, container, class), durable)) => {
+                // A grant withdrawn after the table gave it (the dongle refused it, or it could
+                // not be recorded) went back as a release; the client is denied, logged too.
                 if let Err(reason) = self.confirm_on_dongle(handle, class).await {
+                    self.log_denial(asker(), claim.product, reason, None).await;
                     return FromServer::Denied { request, reason };
                 }
                 // On disk before it is answered, as local grants are: a server that crashes
@@ -325,10 +335,9 @@ impl Runtime {
                 if let Err(e) = store::wait(durable).await {
                     tracing::error!(handle, error = %e, "Remote grant not recorded; withdrawn");
                     let _ = self.release_inner(handle, false).await;
-                    return FromServer::Denied {
-                        request,
-                        reason: Reason::ServerUnreachable,
-                    };
+                    let reason = Reason::ServerUnreachable;
+                    self.log_denial(asker(), claim.product, reason, None).await;
+                    return FromServer::Denied { request, reason };
                 }
                 FromServer::Granted {
                     request,
@@ -338,14 +347,7 @@ impl Runtime {
             }
             Err(reason) => {
                 let reason = self.dongles.explain_denial(claim.product, reason);
-                let asker = crate::daemon::Asker {
-                    user: claim.user.clone(),
-                    machine: claim.station.machine.clone(),
-                    session: claim.station.session,
-                    wire_session: claim.session.clone(),
-                    peer: Some(peer.to_owned()),
-                };
-                self.log_denial(asker, claim.product, reason, refusing_rule)
+                self.log_denial(asker(), claim.product, reason, refusing_rule)
                     .await;
                 FromServer::Denied { request, reason }
             }

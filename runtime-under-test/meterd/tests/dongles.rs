@@ -338,6 +338,17 @@ fn a_dongle_shared_by_two_daemons_at_once_locks_out() {
         (1, Some("dongle-locked-out")),
         "{answer}"
     );
+    // The dongle refused what the table offered: the app's denial is in the usage log.
+    let (code, report) = vm1.meter(&["usage", "report"]);
+    assert_eq!(code, 0, "{report}");
+    assert!(
+        report["denials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["reason"] == "dongle-locked-out"),
+        "{report}"
+    );
     dongle.advance(Duration::from_secs(301));
     let (code, answer) = vm1.meter(&["access", "--product", "2001"]);
     assert_eq!(code, 0, "{answer}");

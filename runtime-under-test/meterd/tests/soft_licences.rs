@@ -484,6 +484,17 @@ fn a_required_witness_is_asked_for_every_unit() {
         );
     }
     assert_eq!(units_left(vm, 3005), Some(3));
+    // Each grant was withdrawn after the table gave it: the log shows the denials the app got.
+    let (code, report) = vm.meter(&["usage", "report"]);
+    assert_eq!(code, 0, "{report}");
+    let denied: u64 = report["denials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["reason"] == "witness-unreachable")
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(denied, 2, "{report}");
 }
 
 #[test]
