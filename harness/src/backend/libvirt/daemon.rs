@@ -69,6 +69,8 @@ pub struct HostDaemon {
     dir: PathBuf,
     host_uuid: String,
     child: Option<Child>,
+    /// Its registration for a later run to sweep, should this one be killed.
+    registration: Option<super::leftovers::Registration>,
 }
 
 /// Whether `libvirtd` can be found on the PATH.
@@ -192,11 +194,20 @@ impl HostDaemon {
         }
         // Errors come back as values; libvirt's own handler would also print them.
         virt::error::clear_error_callback();
+        // What a killed run left behind goes first (its guests hold memory and CPU).
+        let registry = super::leftovers::registry();
+        super::leftovers::sweep(&registry);
+        let registration = super::leftovers::register(&registry, dir)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "libvirt daemon not registered for a later sweep");
+            })
+            .ok();
         let child = command.spawn().map_err(DaemonError::Spawn)?;
         let mut daemon = HostDaemon {
             dir: dir.to_owned(),
             host_uuid: host_uuid.to_owned(),
             child: Some(child),
+            registration,
         };
         daemon.wait_ready()?;
         tracing::info!(dir = %dir.display(), host_uuid, "libvirt daemon up");
@@ -300,7 +311,7 @@ impl HostDaemon {
             }
         }
         // Guests left running (the daemon was gone) are stopped by their pid files.
-        kill_leftover_guests(&self.dir.join("run/qemu"));
+        super::leftovers::kill_guests(&self.dir.join("run/qemu"), "qemu");
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
@@ -318,24 +329,8 @@ impl HostDaemon {
                 }
             }
         }
+        self.registration = None;
         Ok(())
-    }
-}
-
-/// Kills the QEMU processes named by `*.pid` files in the daemon's run folder.
-fn kill_leftover_guests(run_qemu: &Path) {
-    let Ok(entries) = std::fs::read_dir(run_qemu) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "pid")
-            && let Ok(text) = std::fs::read_to_string(&path)
-            && let Ok(pid) = text.trim().parse::<i32>()
-            && pid > 1
-        {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
     }
 }
 

@@ -7,12 +7,14 @@
 //! folders. libvirt's privileged daemon keeps those at fixed paths, so each runs in a private
 //! mount namespace where the host's folders are bind-mounted over them; its socket stays
 //! reachable from outside at `<host folder>/run/libvirt-sock`. Two daemons on one machine with
-//! different host UUIDs are what a migration between two hosts needs.
+//! different host UUIDs are what a migration between two hosts needs. A run killed outright
+//! leaves its daemons and guests running; the next run stops them ([`leftovers`]).
 
 pub mod cpu_model;
 pub mod daemon;
 pub mod domain_xml;
 pub mod hypervisor;
+pub mod leftovers;
 pub mod running;
 
 use super::fabric::Fabric;
