@@ -149,10 +149,21 @@ mod tests {
 
     /// A process whose command line holds `name` (its argv[0]; bash's `exec -a`).
     fn process_named(name: &str) -> Child {
-        Command::new("bash")
+        let child = Command::new("bash")
             .args(["-c", &format!("exec -a {name} sleep 60")])
             .spawn()
-            .unwrap()
+            .unwrap();
+        // Until bash has become `sleep`, its command line is bash's.
+        let became = (0..500).any(|_| {
+            let argv0 = std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default();
+            if argv0.starts_with(name.as_bytes()) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            false
+        });
+        assert!(became, "{name} did not start");
+        child
     }
 
     fn gone(child: &mut Child) -> bool {
