@@ -37,6 +37,13 @@ pub enum LedgerCommand {
         /// How long they run now.
         lease_ms: u64,
     },
+    /// A new leader took over: every lease still running runs at least `lease_ms` from now,
+    /// so none runs out for want of the renewals no leader could take meanwhile. Unlike other
+    /// commands it expires nothing first.
+    Grace {
+        /// The grace: one lease window.
+        lease_ms: u64,
+    },
     /// A lease ends now (its holder gave it back).
     Release {
         /// The lease.
@@ -153,7 +160,11 @@ impl SeatLedger {
     pub fn apply(&mut self, entry: &LedgerEntry) -> (LedgerOutcome, Vec<SeatEvent>) {
         self.now_ms = self.now_ms.max(entry.at_ms);
         let now = self.now_ms;
-        let mut events = self.expire(now);
+        let mut events = match entry.command {
+            // Leases that ran out while no leader served are what the grace is for.
+            LedgerCommand::Grace { .. } => Vec::new(),
+            _ => self.expire(now),
+        };
         let outcome = match &entry.command {
             LedgerCommand::Grant {
                 request,
@@ -200,6 +211,15 @@ impl SeatLedger {
                     leases += 1;
                 }
                 LedgerOutcome::Renewed { leases }
+            }
+            LedgerCommand::Grace { lease_ms } => {
+                let until_ms = now.saturating_add(*lease_ms);
+                for lease in self.leases.values_mut() {
+                    lease.until_ms = lease.until_ms.max(until_ms);
+                }
+                LedgerOutcome::Renewed {
+                    leases: u32::try_from(self.leases.len()).unwrap_or(u32::MAX),
+                }
             }
             LedgerCommand::Release { lease, holder } => match self.leases.get(lease) {
                 Some(held) if &held.holder == holder => {
@@ -310,6 +330,32 @@ mod tests {
                 at_ms: 1_000
             }
         );
+    }
+
+    #[test]
+    fn a_new_leaders_grace_keeps_leases_that_ran_out_while_none_led() {
+        let mut ledger = SeatLedger::new();
+        ledger.apply(&grant(0, 1, "a"));
+        ledger.apply(&grant(500, 1, "b"));
+        // No leader from 600 to 1200: a's lease (to 1000) could not be renewed. The new leader's
+        // grace comes first, and expires nothing.
+        let grace = LedgerEntry {
+            at_ms: 1_200,
+            command: LedgerCommand::Grace { lease_ms: 1_000 },
+        };
+        let (outcome, events) = ledger.apply(&grace);
+        assert_eq!(outcome, LedgerOutcome::Renewed { leases: 2 });
+        assert!(events.is_empty());
+        assert!(ledger.leases().values().all(|l| l.until_ms == 2_200));
+        assert_eq!(
+            ledger.apply(&grant(1_300, 1, "c")).0,
+            LedgerOutcome::NoSeat { in_use: 2 }
+        );
+        // Without a renewal they end a window after the grace.
+        assert!(matches!(
+            ledger.apply(&grant(2_200, 2, "c")).0,
+            LedgerOutcome::Granted { .. }
+        ));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct TriadTiming {
     pub election_max_ms: u64,
     /// How long a write may wait for a quorum before the asker is told there is none.
     pub write_timeout: Duration,
+    /// The grace a new leader gives every running lease before anything expires: one lease
+    /// (keepalive) window, milliseconds.
+    pub lease_grace_ms: u64,
 }
 
 impl Default for TriadTiming {
@@ -43,6 +46,7 @@ impl Default for TriadTiming {
             election_min_ms: 400,
             election_max_ms: 800,
             write_timeout: Duration::from_secs(3),
+            lease_grace_ms: 30_000,
         }
     }
 }
@@ -103,6 +107,8 @@ pub struct TriadMember {
     ledger: TriadLedger,
     timing: TriadTiming,
     server: JoinHandle<()>,
+    /// The last term whose grace this member committed as its leader.
+    graced_term: tokio::sync::Mutex<u64>,
 }
 
 impl TriadMember {
@@ -171,6 +177,7 @@ impl TriadMember {
             ledger,
             timing,
             server,
+            graced_term: tokio::sync::Mutex::new(0),
         })
     }
 
@@ -179,8 +186,35 @@ impl TriadMember {
         self.id
     }
 
-    /// Commits `command` stamped with this member's clock (it must lead); its answer.
+    /// Commits `command` stamped with this member's clock (it must lead); its answer. The
+    /// first command a member commits in a term it leads is preceded by the grace of
+    /// [`TriadTiming::lease_grace_ms`]: leases end only when entries apply, so nothing can
+    /// expire before it.
     pub async fn submit(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
+        let (leads, term) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.state == ServerState::Leader, metrics.current_term)
+        };
+        if leads {
+            let mut graced = self.graced_term.lock().await;
+            if *graced < term {
+                let lease_ms = self.timing.lease_grace_ms;
+                self.write(LedgerCommand::Grace { lease_ms }).await?;
+                tracing::info!(
+                    member = self.id,
+                    term,
+                    lease_ms,
+                    "New leader's grace committed"
+                );
+                *graced = term;
+            }
+        }
+        self.write(command).await
+    }
+
+    /// Commits one command stamped with this member's clock.
+    async fn write(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
         let at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

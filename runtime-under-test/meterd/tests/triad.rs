@@ -21,6 +21,7 @@ fn timing() -> TriadTiming {
         election_min_ms: 400,
         election_max_ms: 800,
         write_timeout: Duration::from_secs(3),
+        lease_grace_ms: 5_000,
     }
 }
 
@@ -133,6 +134,49 @@ async fn a_triad_counts_seats_once_and_survives_one_member_but_not_two() {
         Err(TriadError::NoQuorum(_)) => {}
         other => panic!("a lone member answered {other:?}"),
     }
+    triad.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_keeps_a_lease_that_ran_out_during_the_election() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut triad = LoopbackTriad::start(dir.path().to_owned(), 3, timing())
+        .await
+        .unwrap();
+    let leader = triad.leader(WAIT).await.unwrap();
+    let short = LedgerCommand::Grant {
+        request: 1,
+        product: PRODUCT,
+        quantity: 1,
+        holder: "a".into(),
+        lease_ms: 300,
+    };
+    let lead = triad.member(leader).unwrap();
+    assert!(matches!(
+        lead.submit(short).await.unwrap(),
+        LedgerOutcome::Granted { .. }
+    ));
+    // The leader goes; the election takes longer than a's lease, which nobody could renew.
+    triad.stop_member(leader).await;
+    let new_leader = triad.leader(WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let other = LedgerCommand::Grant {
+        request: 1,
+        product: PRODUCT,
+        quantity: 1,
+        holder: "b".into(),
+        lease_ms: 300,
+    };
+    assert_eq!(
+        triad
+            .member(new_leader)
+            .unwrap()
+            .submit(other)
+            .await
+            .unwrap(),
+        LedgerOutcome::NoSeat { in_use: 1 },
+        "a's seat went to b: no grace after the election"
+    );
     triad.stop().await;
 }
 
