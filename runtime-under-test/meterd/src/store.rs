@@ -60,7 +60,8 @@ pub enum Change {
     PutMeta(String, Vec<u8>),
     /// Removes a metadata value.
     DeleteMeta(String),
-    /// Appends an event to the usage log: sealed (placed, chained, signed) as it is written.
+    /// Appends an event to the usage log: sealed (placed, chained, tagged or signed) as it is
+    /// written.
     AppendUsage(EncodedEvent),
     /// Removes a usage record, leaving the head: only a harness build's log-tamper attack.
     RemoveUsage(u64),
