@@ -12,6 +12,19 @@ fn required() -> bool {
     std::env::var_os("VIGIL_REQUIRE_LIBVIRT").is_some_and(|v| v == "1")
 }
 
+/// Whether libvirtd and root are here; a skip (said on stderr) fails when the suite is required.
+fn can_run() -> bool {
+    if daemon::installed() && nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(
+        !required(),
+        "VIGIL_REQUIRE_LIBVIRT=1 but libvirtd or root is missing"
+    );
+    eprintln!("skipped: needs libvirtd (make deps) and root");
+    false
+}
+
 /// Processes whose command line mentions `dir` (a daemon or guest of that host).
 fn processes_under(dir: &Path) -> Vec<String> {
     let needle = dir.display().to_string();
@@ -27,12 +40,7 @@ fn processes_under(dir: &Path) -> Vec<String> {
 
 #[test]
 fn two_hosts_run_their_own_daemons_and_leave_nothing_behind() {
-    if !daemon::installed() || !nix::unistd::Uid::effective().is_root() {
-        assert!(
-            !required(),
-            "VIGIL_REQUIRE_LIBVIRT=1 but libvirtd or root is missing"
-        );
-        eprintln!("skipped: needs libvirtd (make deps) and root");
+    if !can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -81,12 +89,7 @@ fn a_daemon_a_killed_harness_left_is_stopped_by_the_next_run() {
         std::thread::sleep(std::time::Duration::from_secs(120));
         return;
     }
-    if !daemon::installed() || !nix::unistd::Uid::effective().is_root() {
-        assert!(
-            !required(),
-            "VIGIL_REQUIRE_LIBVIRT=1 but libvirtd or root is missing"
-        );
-        eprintln!("skipped: needs libvirtd (make deps) and root");
+    if !can_run() {
         return;
     }
     use std::io::BufRead;
