@@ -42,16 +42,23 @@ impl Addresses {
             "Cannot create {}",
             folder.display()
         )))?;
+        // Shared by every user of the machine, as the temp folder is (whoever made it).
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o1777));
         for step in 0..BLOCKS {
             let block =
                 FIRST_BLOCK + u8::try_from((seed % BLOCKS + step) % BLOCKS).expect("below 250");
             let path = folder.join(format!("127.{block}.lease"));
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(BackendError::io(format!("Cannot open {}", path.display())))?;
+            // A lease is only locked, never written: another user's file is opened to read.
+            let file = match std::fs::File::open(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path),
+                opened => opened,
+            }
+            .map_err(BackendError::io(format!("Cannot open {}", path.display())))?;
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lease) => {
                     tracing::debug!(block, "leased loopback block");
