@@ -669,7 +669,7 @@ mod tests {
         }))
     }
 
-    /// Verifies the log of the database at `path` with the public key alone, or also the tags.
+    /// Verifies the store's usage log with the public key alone, or also the tags.
     fn verify_usage(
         store: &Store,
         public: &[u8; 32],

@@ -8,7 +8,8 @@
 
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -37,13 +38,12 @@ impl Addresses {
         Self::in_folder(seed, &lease_folder())
     }
 
-    fn in_folder(seed: u64, folder: &std::path::Path) -> Result<Self, BackendError> {
+    fn in_folder(seed: u64, folder: &Path) -> Result<Self, BackendError> {
         std::fs::create_dir_all(folder).map_err(BackendError::io(format!(
             "Cannot create {}",
             folder.display()
         )))?;
         // Shared by every user of the machine, as the temp folder is (whoever made it).
-        use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o1777));
         for step in 0..BLOCKS {
             let block =
