@@ -5,8 +5,9 @@
 # reports/bench/server.json, written by `cargo run --release -p meterd --example server-bench`)
 # as a ratio to redis's INCR+DECR pairs per second. Starts redis itself and stops it on exit.
 # A second redis, with every write appended and fsynced before it is answered (appendfsync
-# always), is measured in the same run as the like-for-like peer of our durable grants
-# (durable_ratio); the goal stays on the first.
+# always), is measured in the same run as the like-for-like peer of a server that logs every
+# grant and release durably (usage_log_durable_ratio); the goal is on the first, with our
+# server's seats alone (network seats are leases: no disk write; see docs/runtime-contract.md).
 set -euo pipefail
 
 out_dir=${1:-reports/bench}
@@ -75,11 +76,12 @@ for clients in "${clients_levels[@]}"; do
   durable_incr=$(durable_rps "$clients" INCR vigil:licences)
   durable_decr=$(durable_rps "$clients" DECR vigil:licences)
   protocol=$(ours_pps server_protocol "$clients")
+  logged=$(ours_pps server_protocol_usage_log "$clients")
   end_to_end=$(ours_pps end_to_end "$clients")
-  entries+=("$(awk -v c="$clients" -v i="$incr" -v d="$decr" -v di="$durable_incr" -v dd="$durable_decr" -v p="${protocol:-0}" -v e="${end_to_end:-0}" 'BEGIN {
+  entries+=("$(awk -v c="$clients" -v i="$incr" -v d="$decr" -v di="$durable_incr" -v dd="$durable_decr" -v p="${protocol:-0}" -v l="${logged:-0}" -v e="${end_to_end:-0}" 'BEGIN {
     pair = 1 / (1 / i + 1 / d);
     durable = 1 / (1 / di + 1 / dd);
-    printf "{\"clients\": %d, \"redis_incr_per_second\": %.1f, \"redis_decr_per_second\": %.1f, \"redis_pairs_per_second\": %.1f, \"ours_pairs_per_second\": %.1f, \"ratio\": %.3f, \"ours_end_to_end_pairs_per_second\": %.1f, \"end_to_end_ratio\": %.3f, \"redis_durable_pairs_per_second\": %.1f, \"durable_ratio\": %.3f}", c, i, d, pair, p, p / pair, e, e / pair, durable, p / durable }')")
+    printf "{\"clients\": %d, \"redis_incr_per_second\": %.1f, \"redis_decr_per_second\": %.1f, \"redis_pairs_per_second\": %.1f, \"ours_pairs_per_second\": %.1f, \"ratio\": %.3f, \"ours_usage_log_pairs_per_second\": %.1f, \"usage_log_ratio\": %.3f, \"usage_log_durable_ratio\": %.3f, \"ours_end_to_end_pairs_per_second\": %.1f, \"end_to_end_ratio\": %.3f, \"redis_durable_pairs_per_second\": %.1f, \"durable_ratio\": %.3f}", c, i, d, pair, p, p / pair, l, l / pair, l / durable, e, e / pair, durable, p / durable }')")
   echo "redis-baseline: ${entries[-1]}" >&2
 done
 
@@ -87,7 +89,7 @@ version=$(redis-server --version | awk '{ print $3 }' | cut -d= -f2)
 {
   printf '{\n  "peer": "redis-server %s on 127.0.0.1, INCR+DECR of one key (redis-benchmark)",\n' "$version"
   printf '  "durable_peer": "the same with appendonly yes, appendfsync always (each write fsynced before its answer)",\n'
-  printf '  "ours": "meterd network server, access+release pairs (server_protocol of %s); end_to_end goes through a local meterd",\n' "$ours"
+  printf '  "ours": "meterd network server, access+release pairs, seats only, usage log off (server_protocol of %s); usage_log: the server as shipped, each grant and release logged and synced before its answer (its like-for-like peer is the durable one: usage_log_durable_ratio); end_to_end goes through a local meterd",\n' "$ours"
   printf '  "goal": {"ratio_at_16": 0.45, "ratio_at_64": 0.45},\n'
   printf '  "machine": {"cpus": %d},\n' "$(nproc)"
   printf '  "levels": [\n    %s\n  ]\n}\n' "$(IFS=$'\n'; echo "${entries[*]}" | paste -sd, | sed 's/},{/},\n    {/g')"

@@ -91,6 +91,7 @@ steps:
   - release: app2
   - session-close: sess1
   - drop-session-table: vm1
+  - server-crash: host-a
   - server-stop: host-a
   - migrate: { machine: vm1, host: host-b }
   - revert: { machine: vm1, snapshot: s0 }

@@ -573,6 +573,17 @@ impl Backend for World {
         self.driver(machine)?.stop_server(machine)
     }
 
+    fn crash_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.placement(machine)?;
+        if !self.servers.contains_key(machine) {
+            return Err(BackendError::Unknown {
+                kind: "server",
+                name: machine.to_string(),
+            });
+        }
+        self.driver(machine)?.crash_server(machine)
+    }
+
     fn partition(&mut self, a: &[String], b: &[String], reset: bool) -> Result<(), BackendError> {
         self.links.partition(a, b, reset);
         Ok(())

@@ -101,6 +101,8 @@ pub trait Backend {
     ) -> Result<ServerInfo, BackendError>;
     /// Stops the machine's network server.
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Kills the machine's network server (SIGKILL) and starts it again with its state.
+    fn crash_server(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Cuts the network between two groups of machines (nothing lost: delivery resumes on heal);
     /// with `reset`, the connections between them are also reset.
     fn partition(&mut self, a: &[String], b: &[String], reset: bool) -> Result<(), BackendError>;

@@ -652,6 +652,7 @@ impl World {
                 Ok(())
             }
             Step::DropSessionTable(m) => self.backend.drop_session_table(&m.value),
+            Step::ServerCrash(m) => self.backend.crash_server(&m.value),
             Step::ServerStop(m) => {
                 self.servers.retain(|s| s != &m.value);
                 self.backend.stop_server(&m.value)

@@ -67,6 +67,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("partition-reset"),
     builtin!("remote-revocation"),
     builtin!("server-flood"),
+    builtin!("server-crash"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),

@@ -433,11 +433,13 @@ pub enum Defence {
     UsageLogRecords,
     /// Verifying the usage log finds a removed, altered or reordered record.
     UsageLogChain,
+    /// A restarted server grants nothing new until the runtimes it knew re-claimed their seats.
+    RestartGrace,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 40] = [
+    pub const ALL: [Defence; 41] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -478,6 +480,7 @@ impl Defence {
         Defence::RuleReservations,
         Defence::UsageLogRecords,
         Defence::UsageLogChain,
+        Defence::RestartGrace,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -523,6 +526,7 @@ impl Defence {
             Defence::RuleReservations => "rule-reservations",
             Defence::UsageLogRecords => "usage-log-records",
             Defence::UsageLogChain => "usage-log-chain",
+            Defence::RestartGrace => "restart-grace",
         }
     }
 
@@ -619,6 +623,9 @@ impl Defence {
             Defence::UsageLogChain => {
                 "Verifying the usage log finds a record removed, altered or moved by whoever edits the state."
             }
+            Defence::RestartGrace => {
+                "A restarted server grants nothing new until the stations it knew have re-claimed their seats or their leases ran out."
+            }
         }
     }
 }
@@ -696,6 +703,9 @@ pub enum Step {
     ServerStart(ServerStartStep),
     /// Stop a machine's network licence server.
     ServerStop(Name),
+    /// Kill a machine's network licence server (SIGKILL) and start it again (an attack: the
+    /// licensee hopes the restarted server forgets the seats it granted).
+    ServerCrash(Name),
     /// Let real time pass (keepalive windows and leases run in real time).
     Wait(Located<Duration>),
     /// Open many idle TCP connections from one machine to another's server (an attack).
@@ -756,6 +766,7 @@ impl Step {
             Step::Heal(_) => "heal",
             Step::ServerStart(_) => "server-start",
             Step::ServerStop(_) => "server-stop",
+            Step::ServerCrash(_) => "server-crash",
             Step::Wait(_) => "wait",
             Step::Flood(_) => "flood",
             Step::Impersonate(_) => "impersonate",
@@ -777,7 +788,8 @@ impl Step {
             | Step::Pause(m)
             | Step::Resume(m)
             | Step::DropSessionTable(m)
-            | Step::ServerStop(m) => vec![m],
+            | Step::ServerStop(m)
+            | Step::ServerCrash(m) => vec![m],
             Step::Snapshot(s) => vec![&s.machine],
             Step::StateSave(s) | Step::StateRestore(s) => vec![&s.machine],
             Step::Revert(s) => vec![&s.machine],
@@ -828,7 +840,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 43] = [
+    pub const KEYWORDS: [&'static str; 44] = [
         "boot",
         "shutdown",
         "pause",
@@ -863,6 +875,7 @@ impl Step {
         "heal",
         "server-start",
         "server-stop",
+        "server-crash",
         "wait",
         "flood",
         "impersonate",

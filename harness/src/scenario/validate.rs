@@ -1440,6 +1440,17 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            Step::ServerCrash(name) => {
+                if self.machine(name).is_some() && !self.servers.contains(&name.value) {
+                    let running = listing(&self.servers);
+                    self.report(
+                        name.at,
+                        format!("`{name}` runs no server at this step; servers running: {running}"),
+                        "no server",
+                        None,
+                    );
+                }
+            }
             Step::ServerStop(name) => {
                 if self.machine(name).is_some() {
                     if self.servers.contains(&name.value) {

@@ -130,6 +130,7 @@ macro_rules! guest_scenarios {
         #[case::partition_reset("partition-reset")]
         #[case::remote_revocation("remote-revocation")]
         #[case::server_flood("server-flood")]
+        #[case::server_crash("server-crash")]
         #[case::station_spoof("station-spoof")]
         #[case::dongle_host_server("dongle-host-server")]
         #[case::dongle_exclusive_guest("dongle-exclusive-guest")]

@@ -1,6 +1,6 @@
 //! The daemon's shared state: the allocation table, grant records, holders and their watchers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +20,9 @@ use crate::protocol::{Claim, FromServer, LocalReply, WireSession};
 use crate::remote::Remotes;
 use crate::station_registry::StationRegistry;
 use crate::store::{self, Change, Snapshot, Store};
+
+/// Handles recorded ahead at a time (the state keeps a ceiling, not every handle).
+const HANDLE_BLOCK: u64 = 1024;
 
 /// Metadata key prefix of the client runtimes linked to this server.
 pub(crate) const RUNTIME_KEY_PREFIX: &str = "remote-runtime/";
@@ -141,6 +144,10 @@ pub(crate) struct State {
     pub(crate) table: AllocationTable,
     pub(crate) grants: BTreeMap<u64, GrantRecord>,
     next_handle: u64,
+    /// The handle the state records as next: handles below it may have been handed out.
+    handle_ceiling: u64,
+    /// Remote grants kept in memory only (network leases, see `resume`): no row to delete.
+    pub(crate) leases: HashSet<u64>,
     watched: HashMap<u32, u64>,
     /// Where each local grant's revocation is told: the connection that took it and any that
     /// watch it for the same user (added, never replaced).
@@ -163,9 +170,18 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn allocate_handle(&mut self) -> u64 {
+    /// A new handle; `changes` gets the recorded handle ceiling when it is due, so a restart
+    /// never hands out a handle again without a write for each one.
+    pub(crate) fn allocate_handle(&mut self, changes: &mut Vec<Change>) -> u64 {
         let handle = self.next_handle.max(1);
         self.next_handle = handle + 1;
+        if self.next_handle.saturating_add(HANDLE_BLOCK / 2) > self.handle_ceiling {
+            self.handle_ceiling = self.next_handle.saturating_add(HANDLE_BLOCK);
+            changes.push(Change::PutMeta(
+                "next-handle".into(),
+                self.handle_ceiling.to_le_bytes().to_vec(),
+            ));
+        }
         handle
     }
 
@@ -186,6 +202,7 @@ impl State {
     /// Forgets a grant (and its count).
     pub(crate) fn remove_grant(&mut self, handle: u64) -> Option<GrantRecord> {
         self.remote_users.remove(&handle);
+        self.leases.remove(&handle);
         let record = self.grants.remove(&handle)?;
         self.uncount(&record);
         Some(record)
@@ -363,6 +380,7 @@ impl Runtime {
         let mut state = State {
             table: AllocationTable::new(),
             next_handle,
+            handle_ceiling: next_handle,
             stations: StationRegistry::load(&snapshot.meta),
             ..State::default()
         };
@@ -428,6 +446,7 @@ impl Runtime {
                 }
             }
             state.next_handle = state.next_handle.max(handle + 1);
+            state.handle_ceiling = state.next_handle;
             state.insert_grant(*handle, record);
         }
         // Replaying decremented the licence's units: the stored figures are the truth.
@@ -480,6 +499,11 @@ impl Runtime {
 
     /// After start-up: re-watches surviving local holders, releases dead ones, and gives remote
     /// stations one keepalive window to reconnect.
+    ///
+    /// A server keeps its seats (network leases) in memory only; which client runtimes were
+    /// linked is on disk before any of them is welcomed. Until each of those has reconnected
+    /// and re-claimed its seats, or one window has passed (their own leases ended a margin
+    /// before), nothing new is granted: a seat answered before a crash is never given twice.
     pub fn resume(self: &Arc<Self>) {
         let (local, remote): (Vec<_>, Vec<_>) = {
             let state = self.lock();
@@ -505,6 +529,9 @@ impl Runtime {
         };
         for (pid, start) in local {
             self.watch_holder(pid, start);
+        }
+        if crate::weakened::is(crate::weakened::Defence::RestartGrace) {
+            return;
         }
         let deadline = Instant::now() + self.settings.keepalive;
         let mut state = self.lock();
@@ -647,11 +674,9 @@ impl Runtime {
                     record.via = Via::Table {
                         container: grant.container.to_string(),
                     };
-                    let handle = state.allocate_handle();
-                    let mut changes = vec![
-                        Change::PutGrant(handle, encode_record(&record)),
-                        Change::PutMeta("next-handle".into(), (handle + 1).to_le_bytes().to_vec()),
-                    ];
+                    let mut changes = Vec::new();
+                    let handle = state.allocate_handle(&mut changes);
+                    changes.push(Change::PutGrant(handle, encode_record(&record)));
                     if let (Some(units), Some((more, receipt))) = (grant.units_left, use_record) {
                         changes.push(crate::licences::units_change(&grant.container, key, units));
                         changes.extend(more);
@@ -670,11 +695,15 @@ impl Runtime {
                     }
                     Ok((key, reply, self.store.submit(changes)))
                 }
-                Err(reason) => Err((
-                    key,
-                    self.explain_denial(&state.table, key, reason),
-                    state.allocate_handle(),
-                )),
+                Err(reason) => {
+                    // The handle a forwarded grant will have (recorded with it).
+                    let mut ceiling = Vec::new();
+                    let handle = state.allocate_handle(&mut ceiling);
+                    if !ceiling.is_empty() {
+                        self.store.submit_eventually(ceiling);
+                    }
+                    Err((key, self.explain_denial(&state.table, key, reason), handle))
+                }
             };
             (step, now)
         };
@@ -776,13 +805,7 @@ impl Runtime {
                             .or_default()
                             .push(events);
                     }
-                    let mut changes = vec![
-                        Change::PutGrant(client_handle, encode_record(&record)),
-                        Change::PutMeta(
-                            "next-handle".into(),
-                            (client_handle + 1).to_le_bytes().to_vec(),
-                        ),
-                    ];
+                    let mut changes = vec![Change::PutGrant(client_handle, encode_record(&record))];
                     changes.extend(self.usage_grant(&state, client_handle));
                     self.store.submit(changes)
                 };
@@ -870,17 +893,23 @@ impl Runtime {
         let (record, durable) = {
             let mut state = self.lock();
             let user = self.usage_user(&state, handle);
+            let lease = state.leases.contains(&handle);
             let record = state.remove_grant(handle).ok_or(Reason::NotHeld)?;
             if let Some(table_handle) = record.table_handle {
                 let _ = state.table.release(table_handle);
             }
             state.listeners.remove(&handle);
-            let mut changes = vec![Change::DeleteGrant(handle)];
+            let mut changes = Vec::new();
+            if !lease {
+                changes.push(Change::DeleteGrant(handle));
+            }
             if self.usage_key.is_some() {
                 let at = self.platform.now_ms().unwrap_or(record.granted_at);
                 changes.extend(self.usage_change(&state, end, handle, &record, user, at));
             }
-            let durable = if durable_wait {
+            let durable = if changes.is_empty() {
+                None
+            } else if durable_wait {
                 Some(self.store.submit(changes))
             } else {
                 self.store.submit_eventually(changes);
@@ -1151,5 +1180,41 @@ impl Runtime {
             "vmgenid": self.platform.vmgenid()?,
             "runtime_id": self.runtime_id,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_recorded_a_block_ahead_and_never_reused_after_a_restart() {
+        let mut state = State {
+            next_handle: 1,
+            handle_ceiling: 1,
+            ..State::default()
+        };
+        let mut recorded = 0;
+        let mut writes = 0;
+        for expected in 1..=3000u64 {
+            let mut changes = Vec::new();
+            let handle = state.allocate_handle(&mut changes);
+            assert_eq!(handle, expected);
+            for change in changes {
+                let Change::PutMeta(key, value) = change else {
+                    panic!("{change:?}")
+                };
+                assert_eq!(key, "next-handle");
+                recorded = u64::from_le_bytes(value.try_into().unwrap());
+                writes += 1;
+            }
+            // What a restart would start from is past this handle, by half a block at least.
+            assert!(
+                recorded > handle + HANDLE_BLOCK / 2,
+                "{handle} vs {recorded}"
+            );
+        }
+        // One write per half block, not one per handle.
+        assert_eq!(writes, 6);
     }
 }

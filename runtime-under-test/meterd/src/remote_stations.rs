@@ -126,13 +126,16 @@ impl Runtime {
                 claims.iter().map(|c| c.client_handle).collect();
             // Grants the client no longer claims are released.
             for (client_handle, handle) in &held {
+                let lease = state.leases.contains(handle);
                 if !claimed.contains(client_handle)
                     && let Some(record) = state.remove_grant(*handle)
                 {
                     if let Some(t) = record.table_handle {
                         let _ = state.table.release(t);
                     }
-                    changes.push(Change::DeleteGrant(*handle));
+                    if !lease {
+                        changes.push(Change::DeleteGrant(*handle));
+                    }
                 }
             }
             for mut claim in claims {
@@ -230,16 +233,14 @@ impl Runtime {
         record.via = Via::Table {
             container: container.clone(),
         };
-        let handle = state.allocate_handle();
-        changes.push(Change::PutGrant(handle, encode_record(&record)));
-        changes.push(Change::PutMeta(
-            "next-handle".into(),
-            (handle + 1).to_le_bytes().to_vec(),
-        ));
+        let handle = state.allocate_handle(changes);
         if let Some(units) = grant.units_left {
             // Served licences are witnessed by the server's own state; no chain to hand on.
             match self.record_unit_spent(&grant.container, claim.product, now) {
                 Ok((more, _receipt)) => {
+                    // A metered grant is recorded with its spend: a re-claim after a crash must
+                    // find it held, not spend a second unit.
+                    changes.push(Change::PutGrant(handle, encode_record(&record)));
                     changes.push(crate::licences::units_change(
                         &grant.container,
                         claim.product,
@@ -257,6 +258,9 @@ impl Runtime {
                     return Err(reason);
                 }
             }
+        } else {
+            // A seat is a lease: kept in memory, re-claimed after a restart (see `resume`).
+            state.leases.insert(handle);
         }
         state.insert_grant(handle, record);
         if let Some(user) = &claim.user {
@@ -276,8 +280,8 @@ impl Runtime {
         mut claim: Claim,
     ) -> FromServer {
         // Concurrent accesses share one commit: the writer holds a waited commit back a little
-        // for this one while it is prepared.
-        let announced = self.store.expect_change();
+        // for this one while it is prepared (with the usage log on, every access writes).
+        let announced = self.usage_key.is_some().then(|| self.store.expect_change());
         self.wait_for_reconnects().await;
         self.observe_machine().await;
         let mut changes = Vec::new();
@@ -312,8 +316,17 @@ impl Runtime {
                 }
                 None => self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes),
             }
-            .map(|granted| (granted, self.store.submit(std::mem::take(&mut changes))))
+            .map(|granted| {
+                // A seat alone writes nothing; a spent unit or a usage record is on disk first.
+                let durable =
+                    (!changes.is_empty()).then(|| self.store.submit(std::mem::take(&mut changes)));
+                (granted, durable)
+            })
         };
+        if !changes.is_empty() {
+            // Refused after a handle was taken: its ceiling is still recorded.
+            self.store.submit_eventually(changes);
+        }
         drop(announced);
         let asker = || crate::daemon::Asker {
             user: claim.user.clone(),
@@ -330,9 +343,12 @@ impl Runtime {
                     self.log_denial(asker(), claim.product, reason, None).await;
                     return FromServer::Denied { request, reason };
                 }
-                // On disk before it is answered, as local grants are: a server that crashes
-                // after answering still counts the seat when it comes back.
-                if let Err(e) = store::wait(durable).await {
+                // What it wrote is on disk before it is answered. A seat needs no row: a server
+                // that crashes after answering grants nothing new after its restart until the
+                // holder has re-claimed the seat or its lease ran out (`resume`).
+                if let Some(durable) = durable
+                    && let Err(e) = store::wait(durable).await
+                {
                     tracing::error!(handle, error = %e, "Remote grant not recorded; withdrawn");
                     let _ = self.release_inner(handle, false).await;
                     let reason = Reason::ServerUnreachable;

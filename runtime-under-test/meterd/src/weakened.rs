@@ -97,11 +97,13 @@ pub enum Defence {
     UsageLogRecords,
     /// Verifying the usage log checks its places, chain, signatures and head.
     UsageLogChain,
+    /// A restarted server grants nothing new until the runtimes it knew re-claimed their seats.
+    RestartGrace,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 40] = [
+    pub const ALL: [Defence; 41] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -142,6 +144,7 @@ impl Defence {
         Defence::RuleReservations,
         Defence::UsageLogRecords,
         Defence::UsageLogChain,
+        Defence::RestartGrace,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -187,6 +190,7 @@ impl Defence {
             Defence::RuleReservations => "rule-reservations",
             Defence::UsageLogRecords => "usage-log-records",
             Defence::UsageLogChain => "usage-log-chain",
+            Defence::RestartGrace => "restart-grace",
         }
     }
 }
@@ -302,6 +306,9 @@ impl Defence {
             }
             Defence::UsageLogChain => {
                 "`meter usage verify` counts the records and checks nothing: a removed or altered record goes unseen"
+            }
+            Defence::RestartGrace => {
+                "a restarted server grants at once: the seats its linked stations held before a crash are free to anyone before they re-claim them"
             }
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::SinkExt;
 use meter_core::allocation::ProductKey;
+use meter_core::reason::Reason;
 use meter_core::station::{MachineRole, StationId};
 use meterd::protocol::{Claim, FromServer, ToServer, WireSession};
 
@@ -206,7 +207,7 @@ fn server_restart_loses_no_grant_and_double_grants_none() {
 }
 
 #[test]
-fn a_remote_grant_is_on_the_servers_disk_before_it_is_answered() {
+fn a_seat_answered_before_a_crash_waits_for_its_holder_after_the_restart() {
     let vendor = Vendor::new();
     let (server, mut server_daemon, addr, pin) = server_with(
         &vendor,
@@ -214,24 +215,52 @@ fn a_remote_grant_is_on_the_servers_disk_before_it_is_answered() {
         "10",
     );
     let rt = runtime_for_raw_stations();
+    let keeper = meterd::tls::Identity::generate().unwrap();
     rt.block_on(async {
-        let mut link = raw_station(&addr, &pin, "keeper", false).await;
+        let (mut link, _welcome) = raw_hello(&addr, &pin, "keeper", &keeper, false, vec![]).await;
         meterd::frame::send(&mut link, &access("keeper", 1, 15))
             .await
             .unwrap();
         let granted: FromServer = meterd::frame::recv(&mut link).await.unwrap();
         assert!(matches!(granted, FromServer::Granted { .. }), "{granted:?}");
-        // Killed the moment the answer arrives: what was not on disk by then is lost.
+        // Killed the moment the answer arrives: the seat was in memory only.
         server_daemon.kill9();
     });
     let _restarted = server.start(&["--server", "--listen", &addr, "--keepalive", "10"]);
-    // The station has not reconnected (it never will), yet its seat is counted.
-    let held = allocations(&server);
-    assert_eq!(
-        held.len(),
-        1,
-        "the grant answered before the crash: {held:?}"
-    );
+    rt.block_on(async {
+        // Another station asks first; its answer waits for the keeper, known from before.
+        let mut other = raw_station(&addr, &pin, "other", false).await;
+        meterd::frame::send(&mut other, &access("other", 1, 15))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ToServer::Access { claim, .. } = access("keeper", 1, 15) else {
+            unreachable!()
+        };
+        let (_link, welcome) = raw_hello(&addr, &pin, "keeper", &keeper, false, vec![claim]).await;
+        match welcome {
+            FromServer::Welcome { restored, lost, .. } => {
+                assert_eq!(
+                    restored.len(),
+                    1,
+                    "re-claimed: {restored:?}, lost: {lost:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let answer: FromServer = meterd::frame::recv(&mut other).await.unwrap();
+        assert!(
+            matches!(
+                answer,
+                FromServer::Denied {
+                    reason: Reason::QuantityExhausted,
+                    ..
+                }
+            ),
+            "the seat went to another station before its holder re-claimed it: {answer:?}"
+        );
+    });
+    assert_eq!(allocations(&server).len(), 1);
 }
 
 #[test]
@@ -295,19 +324,20 @@ fn a_malformed_frame_closes_only_its_connection() {
 /// it takes small segments into a small receive buffer, so unread answers fill the path quickly.
 async fn raw_station(addr: &str, pin: &str, machine: &str, small_buffers: bool) -> RawLink {
     let identity = meterd::tls::Identity::generate().unwrap();
-    let (link, welcome) = raw_hello(addr, pin, machine, &identity, small_buffers).await;
+    let (link, welcome) = raw_hello(addr, pin, machine, &identity, small_buffers, vec![]).await;
     assert!(matches!(welcome, FromServer::Welcome { .. }), "{welcome:?}");
     link
 }
 
-/// A raw station's hello as runtime `<machine>-runtime`, authenticated as `identity`: the link
-/// and the server's answer.
+/// A raw station's hello as runtime `<machine>-runtime`, authenticated as `identity`, claiming
+/// `claims`: the link and the server's answer.
 async fn raw_hello(
     addr: &str,
     pin: &str,
     machine: &str,
     identity: &meterd::tls::Identity,
     small_buffers: bool,
+    claims: Vec<Claim>,
 ) -> (RawLink, FromServer) {
     use std::os::fd::AsFd;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -323,7 +353,7 @@ async fn raw_hello(
     let hello = ToServer::Hello {
         runtime: format!("{machine}-runtime"),
         machine: machine.into(),
-        claims: Vec::new(),
+        claims,
     };
     meterd::frame::send(&mut link, &hello).await.unwrap();
     let answer: FromServer = meterd::frame::recv(&mut link).await.unwrap();

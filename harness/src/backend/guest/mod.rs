@@ -1345,6 +1345,11 @@ fi"#,
         Err(no_server_in_guest(self.hv.kind(), "server-stop"))
     }
 
+    fn crash_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.guest(machine)?;
+        Err(no_server_in_guest(self.hv.kind(), "server-crash"))
+    }
+
     fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
         self.plug_into_guest(dongle, machine)
     }

@@ -985,6 +985,12 @@ impl MachineDriver for SimDriver {
         Ok(())
     }
 
+    fn crash_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        // No SIGTERM, no clean stop: the state is as the killed process left it.
+        self.stop_daemon(machine, false)?;
+        self.start_daemon(machine)
+    }
+
     fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
         self.attach(dongle, machine, DongleLink::Usb)
     }

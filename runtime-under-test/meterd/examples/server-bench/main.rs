@@ -178,6 +178,41 @@ async fn install_licence(
     }
 }
 
+/// Starts a network server with the bench's licence; with the name `plain`, its usage log off.
+/// Returns it, its listening address and its certificate pin (hex).
+async fn start_server(
+    work: &Path,
+    name: &str,
+    certificate: &[u8],
+    licence: &meter_core::licence::SignedLicence,
+) -> anyhow::Result<(Machine, String, String)> {
+    let mut args: Vec<String> = vec![
+        "--server".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--max-connections".into(),
+        (IDLE + 1000).to_string(),
+    ];
+    if name == "plain" {
+        args.push("--no-usage-log".into());
+    }
+    let server = Machine::start(work.join(name), name, "127.0.0.1", &args)?;
+    install_licence(&server, certificate, &licence.to_json()).await?;
+    let status: serde_json::Value = match request(&server.socket(), LocalRequest::Status).await? {
+        LocalReply::Json(text) => serde_json::from_str(&text)?,
+        other => anyhow::bail!("{other:?}"),
+    };
+    let addr = status["server"]["listen"]
+        .as_str()
+        .context("no listen")?
+        .to_owned();
+    let pin = status["server"]["cert_sha256"]
+        .as_str()
+        .context("no pin")?
+        .to_owned();
+    Ok((server, addr, pin))
+}
+
 async fn request(socket: &Path, request: LocalRequest) -> anyhow::Result<LocalReply> {
     Ok(LocalClient::connect(socket)
         .await?
@@ -459,32 +494,14 @@ async fn bench() -> anyhow::Result<()> {
         return rules_log::run(work.path(), &certificate, &licence.to_json()).await;
     }
 
-    let server = Machine::start(
-        work.path().join("server"),
-        "server",
-        "127.0.0.1",
-        &[
-            "--server".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--max-connections".into(),
-            (IDLE + 1000).to_string(),
-        ],
-    )?;
-    install_licence(&server, &certificate, &licence.to_json()).await?;
-    let status: serde_json::Value = match request(&server.socket(), LocalRequest::Status).await? {
-        LocalReply::Json(text) => serde_json::from_str(&text)?,
-        other => anyhow::bail!("{other:?}"),
-    };
-    let addr = status["server"]["listen"]
-        .as_str()
-        .context("no listen")?
-        .to_owned();
-    let pin_hex = status["server"]["cert_sha256"]
-        .as_str()
-        .context("no pin")?
-        .to_owned();
+    // The server as shipped (usage log on) serves every part of the bench; a second one with
+    // the usage log off gives the seat-counting protocol alone (the redis peer's figure).
+    let (server, addr, pin_hex) =
+        start_server(work.path(), "server", &certificate, &licence).await?;
     let pin = meterd::tls::parse_pin(&pin_hex)?;
+    let (plain, plain_addr, plain_pin) =
+        start_server(work.path(), "plain", &certificate, &licence).await?;
+    let plain_pin = meterd::tls::parse_pin(&plain_pin)?;
 
     let mut server_protocol = Vec::new();
     if server_protocol_only {
@@ -500,16 +517,25 @@ async fn bench() -> anyhow::Result<()> {
             None => LEVELS.to_vec(),
         };
         for clients in levels {
-            let result = server_protocol_level(&addr, pin, clients, &[server.child.id()]).await?;
+            let result =
+                server_protocol_level(&plain_addr, plain_pin, clients, &[plain.child.id()]).await?;
             println!("server protocol: {result}");
+            let result = server_protocol_level(&addr, pin, clients, &[server.child.id()]).await?;
+            println!("server protocol, usage log: {result}");
         }
         return Ok(());
     }
+    let mut server_protocol_usage_log = Vec::new();
     for clients in LEVELS {
-        let result = server_protocol_level(&addr, pin, clients, &[server.child.id()]).await?;
+        let result =
+            server_protocol_level(&plain_addr, plain_pin, clients, &[plain.child.id()]).await?;
         eprintln!("server protocol: {result}");
         server_protocol.push(result);
+        let result = server_protocol_level(&addr, pin, clients, &[server.child.id()]).await?;
+        eprintln!("server protocol, usage log: {result}");
+        server_protocol_usage_log.push(result);
     }
+    drop(plain);
 
     let client = Machine::start(
         work.path().join("client"),
@@ -598,6 +624,8 @@ async fn bench() -> anyhow::Result<()> {
             "note": "cores shared with other work: see load_average_before; daemon CPU per pair is the steadier figure",
         },
         "server_protocol": server_protocol,
+        "server_protocol_note": "server_protocol: the usage log off (--no-usage-log), seats only; server_protocol_usage_log: as shipped, every grant and release logged and synced before its answer",
+        "server_protocol_usage_log": server_protocol_usage_log,
         "end_to_end": end_to_end,
         "release_after_kill_ms": {
             "local": {"p50": ms(&local_delays[10]), "max": ms(&local_delays[19]), "rounds": local_delays.len()},
