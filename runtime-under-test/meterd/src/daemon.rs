@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -311,6 +311,8 @@ pub struct Runtime {
     pub dongles: crate::dongles::Dongles,
     /// Look-ups of the machine before accesses, coalesced: see [`Runtime::observe_machine`].
     observations: MachineObservations,
+    /// True while client runtimes linked before the start may still re-claim their grants.
+    reclaims_awaited: AtomicBool,
     /// Whether the machine is a terminal server, from its table and its live login sessions.
     pub(crate) role_judge: crate::machine_role::MachineRoleJudge,
     /// The administrator's access rules.
@@ -477,6 +479,7 @@ impl Runtime {
             server_info: Mutex::new(None),
             dongles: crate::dongles::Dongles::new(),
             observations: MachineObservations::default(),
+            reclaims_awaited: AtomicBool::new(false),
             role_judge: Default::default(),
             access: Mutex::new(access),
             usage_key,
@@ -537,6 +540,9 @@ impl Runtime {
         let mut state = self.lock();
         for runtime in remote {
             state.awaiting_reconnect.insert(runtime, deadline);
+        }
+        if !state.awaiting_reconnect.is_empty() {
+            self.reclaims_awaited.store(true, Ordering::SeqCst);
         }
     }
 
@@ -860,10 +866,20 @@ impl Runtime {
     /// After a restart, new grants wait until the linked client runtimes have re-claimed theirs
     /// (or their keepalive window ran out), so nothing is granted twice.
     pub(crate) async fn wait_for_reconnects(&self) {
+        // Nobody is awaited once everyone came back or lapsed: no lock for each access then.
+        if !self.reclaims_awaited.load(Ordering::SeqCst) {
+            return;
+        }
         let started = Instant::now();
-        while !self.lock().awaiting_reconnect.is_empty()
-            && started.elapsed() < self.settings.keepalive
-        {
+        loop {
+            if self.lock().awaiting_reconnect.is_empty() {
+                // Only `resume` adds to it, once: empty now, empty for good.
+                self.reclaims_awaited.store(false, Ordering::SeqCst);
+                return;
+            }
+            if started.elapsed() >= self.settings.keepalive {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -890,8 +906,28 @@ impl Runtime {
         durable_wait: bool,
         end: UsageKind,
     ) -> Result<(), Reason> {
+        self.end_grant_of(handle, None, durable_wait, end).await
+    }
+
+    /// Ends one grant as [`Runtime::end_grant`] does, when `runtime` (if any) is the client
+    /// runtime that holds it; `NotHeld` otherwise.
+    pub(crate) async fn end_grant_of(
+        self: &Arc<Self>,
+        handle: u64,
+        runtime: Option<&str>,
+        durable_wait: bool,
+        end: UsageKind,
+    ) -> Result<(), Reason> {
         let (record, durable) = {
             let mut state = self.lock();
+            if let Some(runtime) = runtime {
+                let held = state.grants.get(&handle).is_some_and(
+                    |g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
+                );
+                if !held {
+                    return Err(Reason::NotHeld);
+                }
+            }
             let user = self.usage_user(&state, handle);
             let lease = state.leases.contains(&handle);
             let record = state.remove_grant(handle).ok_or(Reason::NotHeld)?;

@@ -52,36 +52,42 @@ impl Runtime {
             let check = licences.metering.check(now, vmgenid.as_deref());
             changes.extend(check.changes);
             licences.metering.overlay(&mut state.table, now);
-            let broken: BTreeSet<String> = broken.iter().map(ToString::to_string).collect();
-            let newly_locked: BTreeSet<String> = check
-                .newly_locked
-                .iter()
-                .map(|id| ContainerId::new(ContainerClass::Soft, id.clone()).to_string())
-                .collect();
-            // A lock takes only the products it locks (the licence's metered ones) back.
-            let locked: BTreeSet<(String, ProductKey)> = state
-                .table
-                .items()
-                .into_iter()
-                .filter(|view| view.entry.state == ItemState::Locked)
-                .map(|view| (view.entry.container.to_string(), view.entry.product))
-                .filter(|(container, _)| newly_locked.contains(container))
-                .collect();
-            let revoke: Vec<(u64, Reason)> = state
-                .grants
-                .iter()
-                .filter_map(|(handle, grant)| match &grant.via {
-                    Via::Table { container } if broken.contains(container) => {
-                        Some((*handle, Reason::BindingBroken))
-                    }
-                    Via::Table { container }
-                        if locked.contains(&(container.clone(), grant.product)) =>
-                    {
-                        Some((*handle, Reason::RollbackDetected))
-                    }
-                    _ => None,
-                })
-                .collect();
+            // Almost every look finds nothing broken and nothing newly locked: then no grant
+            // is looked at.
+            let revoke: Vec<(u64, Reason)> = if broken.is_empty() && check.newly_locked.is_empty() {
+                Vec::new()
+            } else {
+                let broken: BTreeSet<String> = broken.iter().map(ToString::to_string).collect();
+                let newly_locked: BTreeSet<String> = check
+                    .newly_locked
+                    .iter()
+                    .map(|id| ContainerId::new(ContainerClass::Soft, id.clone()).to_string())
+                    .collect();
+                // A lock takes only the products it locks (the licence's metered ones) back.
+                let locked: BTreeSet<(String, ProductKey)> = state
+                    .table
+                    .items()
+                    .into_iter()
+                    .filter(|view| view.entry.state == ItemState::Locked)
+                    .map(|view| (view.entry.container.to_string(), view.entry.product))
+                    .filter(|(container, _)| newly_locked.contains(container))
+                    .collect();
+                state
+                    .grants
+                    .iter()
+                    .filter_map(|(handle, grant)| match &grant.via {
+                        Via::Table { container } if broken.contains(container) => {
+                            Some((*handle, Reason::BindingBroken))
+                        }
+                        Via::Table { container }
+                            if locked.contains(&(container.clone(), grant.product)) =>
+                        {
+                            Some((*handle, Reason::RollbackDetected))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            };
             let durable = (!changes.is_empty()).then(|| self.store.submit(changes));
             (revoke, check.to_reconcile, durable, now)
         };

@@ -390,15 +390,10 @@ impl Runtime {
         request: u64,
         handle: u64,
     ) -> FromServer {
-        let owned = {
-            let state = self.lock();
-            state.grants.get(&handle).is_some_and(
-                |g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
-            )
-        };
-        if owned {
-            let _ = self.release_inner(handle, false).await;
-        }
+        // Only its own grants: another runtime's handle is answered alike and left alone.
+        let _ = self
+            .end_grant_of(handle, Some(runtime), false, UsageKind::Release)
+            .await;
         FromServer::Released { request }
     }
 

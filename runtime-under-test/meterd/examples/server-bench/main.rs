@@ -10,6 +10,10 @@
 mod owner_check;
 mod rules_log;
 
+/// The allocator the shipped daemon uses (the bench runs the daemon in this executable).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -2,6 +2,11 @@
 //! (`--platform sim:<dir>`) as well as real ones; acts as `meterd` or, called `meter`, as the
 //! command-line tool. Never shipped: the `meterd` binary refuses `sim:`.
 
+/// mimalloc: the server's access and release pairs allocate and free small buffers all the time
+/// (the server bench measured about a tenth more access and release pairs per second with it).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     meterd::harness_build::enable();

@@ -104,16 +104,11 @@ impl FolderWatch {
         use std::os::fd::AsRawFd;
         use std::sync::atomic::Ordering;
         let mut clean = true;
-        let mut buffer = [0u8; 4096];
+        // Not zeroed first: almost every drain reads nothing, and only the bytes read are looked at.
+        let mut buffer = std::mem::MaybeUninit::<[u8; 4096]>::uninit();
         loop {
             // SAFETY: reading into a buffer we own, within its length.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                )
-            };
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buffer.as_mut_ptr().cast(), 4096) };
             if n < 0 {
                 let error = io::Error::last_os_error();
                 match error.kind() {
@@ -132,8 +127,9 @@ impl FolderWatch {
             let mut at = 0;
             while at + header <= n {
                 // SAFETY: the kernel wrote a whole event header at `at`; read it unaligned.
-                let event: libc::inotify_event =
-                    unsafe { std::ptr::read_unaligned(buffer.as_ptr().add(at).cast()) };
+                let event: libc::inotify_event = unsafe {
+                    std::ptr::read_unaligned(buffer.as_ptr().cast::<u8>().add(at).cast())
+                };
                 if event.mask & libc::IN_IGNORED != 0 {
                     if event.wd == self.dir_wd {
                         self.broken.store(true, Ordering::Relaxed);
