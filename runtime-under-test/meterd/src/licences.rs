@@ -13,7 +13,6 @@ use meter_core::policy::{Counting, ItemRules, ProductItem};
 use meter_core::reason::Reason;
 use meter_core::rollback::{Receipt, ReceiptSigner, ReceiptVerifier};
 use meter_core::traits::MachineTraits;
-use sha2::{Digest, Sha256};
 
 use crate::metering::Metering;
 use crate::status_view::{ContainerStatus, ProductStatus};
@@ -93,8 +92,8 @@ pub struct Licences {
     bodies: BTreeMap<String, LicenceBody>,
     /// Items of the licences that open on this machine.
     opened: BTreeMap<String, Vec<ProductItem>>,
-    /// Digest of the traits the licences were last opened with.
-    opened_with: Option<[u8; 32]>,
+    /// The traits the licences were last opened with.
+    opened_with: Option<MachineTraits>,
     /// The runtime's random id, once created.
     random_id: Option<String>,
     /// The runtime's receipt signing key, once created.
@@ -370,12 +369,11 @@ impl Licences {
         table: &mut AllocationTable,
         now: u64,
     ) -> Vec<ContainerId> {
-        let digest: [u8; 32] =
-            Sha256::digest(serde_json::to_vec(traits).unwrap_or_default()).into();
-        if self.opened_with == Some(digest) {
+        // Compared as they are (a few short strings): cheaper than any digest of them.
+        if self.opened_with.as_ref() == Some(traits) {
             return Vec::new();
         }
-        self.opened_with = Some(digest);
+        self.opened_with = Some(traits.clone());
         let mut broken = Vec::new();
         let bodies: Vec<LicenceBody> = self.bodies.values().cloned().collect();
         for body in bodies {
