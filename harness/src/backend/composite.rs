@@ -19,7 +19,8 @@ use super::fabric::network::{Floods, Links};
 use super::runner::Backend;
 use super::types::{
     AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, CpuProfile,
-    GuestSpec, HostSpec, Power, Role, ServerInfo, SessionSpec, UsbMode, WorldConfig,
+    GuestSpec, HostSpec, Power, Role, ServerInfo, ServerSettings, SessionSpec, UsbMode,
+    WorldConfig,
 };
 use crate::identity::IdentityMint;
 
@@ -555,13 +556,10 @@ impl Backend for World {
     fn start_server(
         &mut self,
         machine: &str,
-        port: u16,
-        keepalive: Duration,
+        settings: ServerSettings,
     ) -> Result<ServerInfo, BackendError> {
         self.require(machine, "server-start", &[Power::Running], "running")?;
-        let info = self
-            .driver(machine)?
-            .start_server(machine, port, keepalive)?;
+        let info = self.driver(machine)?.start_server(machine, settings)?;
         self.servers.insert(machine.to_string(), info.clone());
         self.connect_to(machine)?;
         Ok(info)

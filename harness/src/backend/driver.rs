@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::types::{
     AppStatus, BackendError, Caller, CloneIdentity, CommandOutput, CpuProfile, HardwareIdentity,
-    Power, Role, ServerInfo, SessionSpec,
+    Power, Role, ServerInfo, ServerSettings, SessionSpec,
 };
 
 /// A machine as the composite hands it to a driver.
@@ -174,8 +174,7 @@ pub trait MachineDriver: Any {
     fn start_server(
         &mut self,
         machine: &str,
-        port: u16,
-        keepalive: Duration,
+        settings: ServerSettings,
     ) -> Result<ServerInfo, BackendError>;
     /// Restarts the machine's runtime without its server.
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;

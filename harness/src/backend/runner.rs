@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::types::{
     AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, GuestSpec,
-    HostSpec, Operation, Power, ServerInfo, SessionSpec, UsbMode, supports,
+    HostSpec, Operation, Power, ServerInfo, ServerSettings, SessionSpec, UsbMode, supports,
 };
 
 /// A world runner. Every method names machines, sessions and apps by their scenario names.
@@ -96,8 +96,7 @@ pub trait Backend {
     fn start_server(
         &mut self,
         machine: &str,
-        port: u16,
-        keepalive: Duration,
+        settings: ServerSettings,
     ) -> Result<ServerInfo, BackendError>;
     /// Stops the machine's network server.
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;

@@ -219,6 +219,17 @@ pub enum AppStatus {
     },
 }
 
+/// How a machine's runtime serves as a network server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// TCP port.
+    pub port: u16,
+    /// Keepalive window of its stations.
+    pub keepalive: Duration,
+    /// Whether it keeps its usage log (off: its seats are never written to disk).
+    pub usage_log: bool,
+}
+
 /// Where a runtime's network server can be reached and how to trust it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerInfo {

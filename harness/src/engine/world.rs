@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::verdict_of;
 use crate::backend::{
-    Backend, BackendError, Caller, CloneIdentity, GuestSpec, HostSpec, Power, Role, SessionSpec,
-    UsbMode,
+    Backend, BackendError, Caller, CloneIdentity, GuestSpec, HostSpec, Power, Role, ServerSettings,
+    SessionSpec, UsbMode,
 };
 use crate::identity::{IdentityMint, cpu_profile};
 use crate::report::{Event, StepAnswer, Verdict};
@@ -645,8 +645,12 @@ impl World {
                     .map(|d| d.as_std())
                     .unwrap_or(Duration::from_secs(10));
                 self.keepalive = self.keepalive.max(keepalive);
-                self.backend
-                    .start_server(&s.machine.value, s.port.unwrap_or(22350), keepalive)?;
+                let settings = ServerSettings {
+                    port: s.port.unwrap_or(22350),
+                    keepalive,
+                    usage_log: s.usage_log.unwrap_or(true),
+                };
+                self.backend.start_server(&s.machine.value, settings)?;
                 self.servers.push(s.machine.value.clone());
                 self.usage_machines.insert(s.machine.value.clone());
                 Ok(())

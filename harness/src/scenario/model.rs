@@ -1226,6 +1226,10 @@ pub struct ServerStartStep {
     /// Keepalive window for remote stations (default 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<Duration>,
+    /// Whether the server keeps its usage log (default true; false: its seats are leases it
+    /// never writes to disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_log: Option<bool>,
 }
 
 /// `flood`: idle TCP connections from an attacker machine to a server.

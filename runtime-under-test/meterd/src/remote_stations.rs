@@ -238,9 +238,6 @@ impl Runtime {
             // Served licences are witnessed by the server's own state; no chain to hand on.
             match self.record_unit_spent(&grant.container, claim.product, now) {
                 Ok((more, _receipt)) => {
-                    // A metered grant is recorded with its spend: a re-claim after a crash must
-                    // find it held, not spend a second unit.
-                    changes.push(Change::PutGrant(handle, encode_record(&record)));
                     changes.push(crate::licences::units_change(
                         &grant.container,
                         claim.product,
@@ -258,8 +255,14 @@ impl Runtime {
                     return Err(reason);
                 }
             }
+        }
+        // A seat is a lease kept in memory, re-claimed after a restart (see `resume`). It is
+        // recorded only with a write its grant makes anyway (a spent unit, a usage record), so
+        // that a re-claim after a crash finds it held: no second unit spent, no usage record
+        // left without its end.
+        if grant.units_left.is_some() || self.usage_key.is_some() {
+            changes.push(Change::PutGrant(handle, encode_record(&record)));
         } else {
-            // A seat is a lease: kept in memory, re-claimed after a restart (see `resume`).
             state.leases.insert(handle);
         }
         state.insert_grant(handle, record);

@@ -17,15 +17,27 @@ fn server_with(
     products: &[&str],
     keepalive: &str,
 ) -> (Machine, Daemon, String, String) {
+    server_with_options(vendor, products, keepalive, &[])
+}
+
+/// A server as [`server_with`] starts it, with more daemon options.
+fn server_with_options(
+    vendor: &Vendor,
+    products: &[&str],
+    keepalive: &str,
+    options: &[&str],
+) -> (Machine, Daemon, String, String) {
     let licence = vendor.issue("server", products);
     let server = Machine::new("srv", "workstation", "127.0.0.1");
-    let daemon = server.start(&[
+    let mut args = vec![
         "--server",
         "--listen",
         "127.0.0.1:0",
         "--keepalive",
         keepalive,
-    ]);
+    ];
+    args.extend_from_slice(options);
+    let daemon = server.start(&args);
     server.install(vendor, &licence);
     let (addr, pin) = server_endpoint(&server);
     (server, daemon, addr, pin)
@@ -206,13 +218,17 @@ fn server_restart_loses_no_grant_and_double_grants_none() {
     assert!(!ws2.hold(8, None).granted());
 }
 
-#[test]
-fn a_seat_answered_before_a_crash_waits_for_its_holder_after_the_restart() {
+/// Without the usage log the seat is in memory only; with it, it is written with its record.
+#[rstest::rstest]
+#[case::seats_in_memory(&["--no-usage-log"])]
+#[case::seats_written_with_the_usage_log(&[])]
+fn a_seat_answered_before_a_crash_waits_for_its_holder_after_the_restart(#[case] options: &[&str]) {
     let vendor = Vendor::new();
-    let (server, mut server_daemon, addr, pin) = server_with(
+    let (server, mut server_daemon, addr, pin) = server_with_options(
         &vendor,
         &["{ code: 15, name: fifteen, quantity: 1, counting: station-share }"],
         "10",
+        options,
     );
     let rt = runtime_for_raw_stations();
     let keeper = meterd::tls::Identity::generate().unwrap();
@@ -226,7 +242,9 @@ fn a_seat_answered_before_a_crash_waits_for_its_holder_after_the_restart() {
         // Killed the moment the answer arrives: the seat was in memory only.
         server_daemon.kill9();
     });
-    let _restarted = server.start(&["--server", "--listen", &addr, "--keepalive", "10"]);
+    let mut args = vec!["--server", "--listen", &addr, "--keepalive", "10"];
+    args.extend_from_slice(options);
+    let _restarted = server.start(&args);
     rt.block_on(async {
         // Another station asks first; its answer waits for the keeper, known from before.
         let mut other = raw_station(&addr, &pin, "other", false).await;

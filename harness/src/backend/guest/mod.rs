@@ -34,7 +34,8 @@ use super::fabric::Fabric;
 use super::fabric::accounts::CONSOLE_USER;
 use super::types::{
     AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, CpuProfile,
-    HardwareIdentity, Operation, Power, Role, ServerInfo, SessionSpec, WorldConfig, supports,
+    HardwareIdentity, Operation, Power, Role, ServerInfo, ServerSettings, SessionSpec, WorldConfig,
+    supports,
 };
 use crate::identity::IdentityMint;
 use crate::usb::usbip::UsbipServer;
@@ -1333,8 +1334,7 @@ fi"#,
     fn start_server(
         &mut self,
         machine: &str,
-        _port: u16,
-        _keepalive: Duration,
+        _settings: ServerSettings,
     ) -> Result<ServerInfo, BackendError> {
         self.guest(machine)?;
         Err(no_server_in_guest(self.hv.kind(), "server-start"))

@@ -23,17 +23,12 @@ use super::fabric::Fabric;
 use super::fabric::accounts::CONSOLE_USER;
 use super::types::{
     AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, CpuProfile,
-    HardwareIdentity, Power, Role, ServerInfo, SessionSpec,
+    HardwareIdentity, Power, Role, ServerInfo, ServerSettings, SessionSpec,
 };
 use crate::identity::IdentityMint;
 
 /// Where the sim driver finds its programs and puts its files.
 pub type SimConfig = super::types::WorldConfig;
-
-struct ServerConf {
-    port: u16,
-    keepalive: Duration,
-}
 
 struct Machine {
     name: String,
@@ -51,7 +46,7 @@ struct Machine {
     daemon: Option<Child>,
     sessions: BTreeMap<String, LeaderHandle>,
     session_table: vigil_agent::sessions::SessionTable,
-    server: Option<ServerConf>,
+    server: Option<ServerSettings>,
     /// The servers its runtime reaches (given at every start, added to a running runtime).
     servers: Vec<ServerLink>,
     snapshots: BTreeMap<String, (PathBuf, bool)>,
@@ -352,6 +347,9 @@ impl SimDriver {
                 .arg(format!("{}:{}", m.ip, server.port))
                 .arg("--keepalive")
                 .arg(format!("{}", server.keepalive.as_secs_f64()));
+            if !server.usage_log {
+                command.arg("--no-usage-log");
+            }
         }
         if let Some((_, Some(id))) = &m.presents {
             command.arg("--runtime-id").arg(id);
@@ -958,10 +956,10 @@ impl MachineDriver for SimDriver {
     fn start_server(
         &mut self,
         machine: &str,
-        port: u16,
-        keepalive: Duration,
+        settings: ServerSettings,
     ) -> Result<ServerInfo, BackendError> {
-        self.machine_mut(machine)?.server = Some(ServerConf { port, keepalive });
+        let port = settings.port;
+        self.machine_mut(machine)?.server = Some(settings);
         self.stop_daemon(machine, true)?;
         self.start_daemon(machine)?;
         let m = self.machine(machine)?;
