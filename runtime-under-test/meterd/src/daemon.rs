@@ -503,10 +503,10 @@ impl Runtime {
     /// After start-up: re-watches surviving local holders, releases dead ones, and gives remote
     /// stations one keepalive window to reconnect.
     ///
-    /// A server keeps its seats (network leases) in memory only; which client runtimes were
-    /// linked is on disk before any of them is welcomed. Until each of those has reconnected
-    /// and re-claimed its seats, or one window has passed (their own leases ended a margin
-    /// before), nothing new is granted: a seat answered before a crash is never given twice.
+    /// A server's seats (network leases) need not be on disk; which client runtimes were
+    /// linked is, before any of them is welcomed. Until each of those has reconnected and
+    /// re-claimed its seats, or one window has passed (their own leases ended a margin before),
+    /// nothing new is granted: a seat answered before a crash is never given twice.
     pub fn resume(self: &Arc<Self>) {
         let (local, remote): (Vec<_>, Vec<_>) = {
             let state = self.lock();
