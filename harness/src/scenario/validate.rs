@@ -1441,35 +1441,32 @@ impl<'a> Checker<'a> {
                 }
             }
             Step::ServerCrash(name) => {
-                if self.machine(name).is_some() && !self.servers.contains(&name.value) {
-                    let running = listing(&self.servers);
-                    self.report(
-                        name.at,
-                        format!("`{name}` runs no server at this step; servers running: {running}"),
-                        "no server",
-                        None,
-                    );
+                if self.machine(name).is_some() {
+                    self.serving(name);
                 }
             }
             Step::ServerStop(name) => {
-                if self.machine(name).is_some() {
-                    if self.servers.contains(&name.value) {
-                        self.servers.retain(|s| *s != name.value);
-                    } else {
-                        let running = listing(&self.servers);
-                        self.report(
-                            name.at,
-                            format!(
-                                "`{name}` runs no server at this step; servers running: {running}"
-                            ),
-                            "no server",
-                            None,
-                        );
-                    }
+                if self.machine(name).is_some() && self.serving(name) {
+                    self.servers.retain(|s| *s != name.value);
                 }
             }
             Step::Expect(assertion) => self.expect(assertion, step.at),
         }
+    }
+
+    /// Whether `name` runs a server at this step; reported when it does not.
+    fn serving(&mut self, name: &Name) -> bool {
+        if self.servers.contains(&name.value) {
+            return true;
+        }
+        let running = listing(&self.servers);
+        self.report(
+            name.at,
+            format!("`{name}` runs no server at this step; servers running: {running}"),
+            "no server",
+            None,
+        );
+        false
     }
 
     fn add_app(

@@ -144,7 +144,8 @@ pub(crate) struct State {
     pub(crate) table: AllocationTable,
     pub(crate) grants: BTreeMap<u64, GrantRecord>,
     next_handle: u64,
-    /// The handle the state records as next: handles below it may have been handed out.
+    /// The handle the state records as next: handles below it may have been handed out (0
+    /// after a start, so the first handle taken records a new ceiling).
     handle_ceiling: u64,
     /// Remote grants kept in memory only (network leases, see `resume`): no row to delete.
     pub(crate) leases: HashSet<u64>,
@@ -199,11 +200,21 @@ impl State {
         }
     }
 
-    /// Forgets a grant (and its count).
-    pub(crate) fn remove_grant(&mut self, handle: u64) -> Option<GrantRecord> {
-        self.remote_users.remove(&handle);
-        self.leases.remove(&handle);
+    /// Forgets a grant: its count, its allocation in the table, and its row (the deletion
+    /// goes into `changes`) unless it is a lease kept in memory only.
+    pub(crate) fn remove_grant(
+        &mut self,
+        handle: u64,
+        changes: &mut Vec<Change>,
+    ) -> Option<GrantRecord> {
         let record = self.grants.remove(&handle)?;
+        self.remote_users.remove(&handle);
+        if !self.leases.remove(&handle) {
+            changes.push(Change::DeleteGrant(handle));
+        }
+        if let Some(table_handle) = record.table_handle {
+            let _ = self.table.release(table_handle);
+        }
         self.uncount(&record);
         Some(record)
     }
@@ -382,7 +393,6 @@ impl Runtime {
         let mut state = State {
             table: AllocationTable::new(),
             next_handle,
-            handle_ceiling: next_handle,
             stations: StationRegistry::load(&snapshot.meta),
             ..State::default()
         };
@@ -448,7 +458,6 @@ impl Runtime {
                 }
             }
             state.next_handle = state.next_handle.max(handle + 1);
-            state.handle_ceiling = state.next_handle;
             state.insert_grant(*handle, record);
         }
         // Replaying decremented the licence's units: the stored figures are the truth.
@@ -929,16 +938,11 @@ impl Runtime {
                 }
             }
             let user = self.usage_user(&state, handle);
-            let lease = state.leases.contains(&handle);
-            let record = state.remove_grant(handle).ok_or(Reason::NotHeld)?;
-            if let Some(table_handle) = record.table_handle {
-                let _ = state.table.release(table_handle);
-            }
-            state.listeners.remove(&handle);
             let mut changes = Vec::new();
-            if !lease {
-                changes.push(Change::DeleteGrant(handle));
-            }
+            let record = state
+                .remove_grant(handle, &mut changes)
+                .ok_or(Reason::NotHeld)?;
+            state.listeners.remove(&handle);
             if self.usage_key.is_some() {
                 let at = self.platform.now_ms().unwrap_or(record.granted_at);
                 changes.extend(self.usage_change(&state, end, handle, &record, user, at));
@@ -1227,7 +1231,6 @@ mod tests {
     fn handles_are_recorded_a_block_ahead_and_never_reused_after_a_restart() {
         let mut state = State {
             next_handle: 1,
-            handle_ceiling: 1,
             ..State::default()
         };
         let mut recorded = 0;

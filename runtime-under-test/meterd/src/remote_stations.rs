@@ -126,16 +126,8 @@ impl Runtime {
                 claims.iter().map(|c| c.client_handle).collect();
             // Grants the client no longer claims are released.
             for (client_handle, handle) in &held {
-                let lease = state.leases.contains(handle);
-                if !claimed.contains(client_handle)
-                    && let Some(record) = state.remove_grant(*handle)
-                {
-                    if let Some(t) = record.table_handle {
-                        let _ = state.table.release(t);
-                    }
-                    if !lease {
-                        changes.push(Change::DeleteGrant(*handle));
-                    }
+                if !claimed.contains(client_handle) {
+                    state.remove_grant(*handle, &mut changes);
                 }
             }
             for mut claim in claims {
