@@ -55,6 +55,8 @@ pub struct World {
     machines: BTreeMap<String, Placement>,
     apps: BTreeMap<String, AppPlace>,
     servers: BTreeMap<String, ServerInfo>,
+    /// Server triads, each its three members in order.
+    triads: Vec<Vec<String>>,
     links: Links,
     floods: Floods,
     skews: BTreeMap<String, i64>,
@@ -85,6 +87,7 @@ impl World {
             machines: BTreeMap::new(),
             apps: BTreeMap::new(),
             servers: BTreeMap::new(),
+            triads: Vec::new(),
             links: Links::default(),
             floods: Floods::default(),
             skews: BTreeMap::new(),
@@ -229,20 +232,68 @@ impl World {
         Ok(())
     }
 
-    /// Tells a machine's driver which servers its runtime reaches, through which links.
+    /// Tells a machine's driver which servers its runtime reaches, through which links: a
+    /// triad's members as one server (none to a member of it).
     fn push_servers(&mut self, client: &str) -> Result<(), BackendError> {
-        let links: Vec<ServerLink> = self
+        let triad_of = |server: &str| self.triads.iter().find(|t| t.iter().any(|m| m == server));
+        let mut links: Vec<ServerLink> = self
             .links
             .of_client(client)
+            .filter(|relay| triad_of(&relay.server).is_none())
             .filter_map(|relay| {
                 let pin = self.servers.get(&relay.server)?.pin.clone();
-                Some(ServerLink {
-                    via: relay.local,
-                    pin,
-                })
+                Some(ServerLink::single(relay.local, pin))
             })
             .collect();
+        for triad in self
+            .triads
+            .iter()
+            .filter(|t| !t.iter().any(|m| m == client))
+        {
+            let endpoints: Option<Vec<(SocketAddr, String)>> = triad
+                .iter()
+                .map(|member| {
+                    let relay = self.links.of_client(client).find(|r| &r.server == member)?;
+                    Some((relay.local, self.servers.get(member)?.pin.clone()))
+                })
+                .collect();
+            if let Some(endpoints) = endpoints {
+                links.push(ServerLink { endpoints });
+            }
+        }
         self.driver(client)?.set_servers(client, &links)
+    }
+
+    /// Runs `meter <args> --json` as the administrator of `machine`; its JSON answer.
+    fn admin_json(
+        &mut self,
+        machine: &str,
+        args: &[&str],
+    ) -> Result<serde_json::Value, BackendError> {
+        let mut full: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+        full.push("--json".into());
+        let out = self.driver(machine)?.run_meter(
+            machine,
+            Caller::Admin,
+            &full,
+            Duration::from_secs(20),
+        )?;
+        let answer: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap_or_default();
+        if out.code != Some(0) {
+            return Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!(
+                    "meter {} failed: {}{}",
+                    args.join(" "),
+                    answer
+                        .get("error")
+                        .and_then(|e| e.as_str())
+                        .unwrap_or_default(),
+                    out.stderr.trim()
+                ),
+            });
+        }
+        Ok(answer)
     }
 
     /// Ends a machine's server and the links to it.
@@ -580,6 +631,79 @@ impl Backend for World {
             });
         }
         self.driver(machine)?.crash_server(machine)
+    }
+
+    fn form_triad(&mut self, members: &[String]) -> Result<(), BackendError> {
+        // Each member's triad port is its server's port + 1; each reaches the others through
+        // links of its own, so partitions cut them as they cut clients.
+        let mut places = Vec::new();
+        for member in members {
+            self.require(member, "triad", &[Power::Running], "running")?;
+            let info = self
+                .servers
+                .get(member)
+                .ok_or_else(|| BackendError::Runtime {
+                    machine: member.clone(),
+                    message: "runs no network server (start one with server-start first)".into(),
+                })?;
+            let listen: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
+                machine: member.clone(),
+                message: format!("bad listen address {}", info.listen),
+            })?;
+            let port = listen
+                .port()
+                .checked_add(1)
+                .ok_or_else(|| BackendError::Runtime {
+                    machine: member.clone(),
+                    message: "a server on port 65535 leaves no triad port".into(),
+                })?;
+            let ip = self.placement(member)?.ip;
+            places.push((
+                member.clone(),
+                ip,
+                SocketAddr::new(listen.ip(), port),
+                info.pin.clone(),
+            ));
+        }
+        for (from, ip, own, _) in &places {
+            let mut args = vec!["triad".to_string(), "join".to_string()];
+            for (to, _, target, pin) in &places {
+                let reach = if to == from {
+                    *own
+                } else {
+                    self.links.connect_member(from, to, *ip, *target)?
+                };
+                args.push(format!("{pin}@{reach}"));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.admin_json(from, &args)?;
+        }
+        self.triads.push(members.to_vec());
+        // The first member leads once all three are up (its election comes first).
+        let first = members[0].clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.admin_json(&first, &["triad", "status"])?;
+            if status.get("leads").and_then(|l| l.as_bool()) == Some(true) {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(BackendError::Runtime {
+                    machine: first,
+                    message: format!("the triad elected no leader within 20 s: {status}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let clients: Vec<String> = self.machines.keys().cloned().collect();
+        for client in clients {
+            self.push_servers(&client)?;
+        }
+        Ok(())
+    }
+
+    fn triad_history(&mut self, member: &str) -> Result<serde_json::Value, BackendError> {
+        self.admin_json(member, &["triad", "status", "--history"])
     }
 
     fn partition(&mut self, a: &[String], b: &[String], reset: bool) -> Result<(), BackendError> {

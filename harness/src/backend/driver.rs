@@ -37,22 +37,62 @@ pub struct MachineSpec {
 /// that reaches it (the driver says it the way its machine sees the harness) and its pin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerLink {
-    /// The link's address on the harness machine.
-    pub via: SocketAddr,
-    /// The server certificate's pin.
-    pub pin: String,
+    /// Where the server answers on the harness machine, with its certificate's pin: one
+    /// address, or a triad's three members in the triad's order.
+    pub endpoints: Vec<(SocketAddr, String)>,
 }
 
 impl ServerLink {
-    /// Makes `known` the `wanted` links; returns those it did not have before.
-    pub fn adopt(known: &mut Vec<ServerLink>, wanted: &[ServerLink]) -> Vec<ServerLink> {
+    /// A link to one server.
+    pub fn single(via: SocketAddr, pin: String) -> ServerLink {
+        ServerLink {
+            endpoints: vec![(via, pin)],
+        }
+    }
+
+    /// The server's address as `meter servers add` takes it (a triad's separated by commas),
+    /// each address as the machine reaches it (`reach`).
+    pub fn address(&self, reach: impl Fn(SocketAddr) -> SocketAddr) -> String {
+        let addresses: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|(via, _)| reach(*via).to_string())
+            .collect();
+        addresses.join(",")
+    }
+
+    /// The pins as `meter servers add --pin` takes them.
+    pub fn pins(&self) -> String {
+        let pins: Vec<&str> = self.endpoints.iter().map(|(_, pin)| pin.as_str()).collect();
+        pins.join(",")
+    }
+
+    /// Makes `known` the `wanted` links; returns those it did not have before and those a new
+    /// one replaces (servers that became members of a triad). A server that is simply gone
+    /// stays configured on the machine, unreachable, as it would for a real client.
+    pub fn adopt(
+        known: &mut Vec<ServerLink>,
+        wanted: &[ServerLink],
+    ) -> (Vec<ServerLink>, Vec<ServerLink>) {
         let new = wanted
             .iter()
             .filter(|link| !known.contains(link))
             .cloned()
             .collect();
+        let gone = known
+            .iter()
+            .filter(|link| !wanted.contains(link))
+            .filter(|link| {
+                wanted.iter().any(|w| {
+                    w.endpoints
+                        .iter()
+                        .any(|(via, _)| link.endpoints.iter().any(|(v, _)| v == via))
+                })
+            })
+            .cloned()
+            .collect();
         *known = wanted.to_vec();
-        new
+        (new, gone)
     }
 }
 

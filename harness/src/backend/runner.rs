@@ -102,6 +102,11 @@ pub trait Backend {
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Kills the machine's network server (SIGKILL) and starts it again with its state.
     fn crash_server(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Makes the network servers of three machines one triad (2-of-3); returns once the first
+    /// leads, every other machine's runtime pointed at the triad.
+    fn form_triad(&mut self, members: &[String]) -> Result<(), BackendError>;
+    /// A triad member's view: its number, the leader, and the seat events its ledger applied.
+    fn triad_history(&mut self, member: &str) -> Result<serde_json::Value, BackendError>;
     /// Cuts the network between two groups of machines (nothing lost: delivery resumes on heal);
     /// with `reset`, the connections between them are also reset.
     fn partition(&mut self, a: &[String], b: &[String], reset: bool) -> Result<(), BackendError>;

@@ -58,6 +58,8 @@ pub struct World {
     pub(super) apps: BTreeMap<String, AppRecord>,
     pub(super) probes: BTreeMap<String, AccessAnswer>,
     pub(super) servers: Vec<String>,
+    /// Server triads formed, each its three members in order.
+    pub(super) triads: Vec<Vec<String>>,
     /// Machines whose usage report goes into the run's report: those that served licences or
     /// had rules or usage checked.
     usage_machines: std::collections::BTreeSet<String>,
@@ -144,6 +146,7 @@ impl World {
             apps: BTreeMap::new(),
             probes: BTreeMap::new(),
             servers: Vec::new(),
+            triads: Vec::new(),
             usage_machines: Default::default(),
             keepalive: Duration::from_secs(10),
             network_cut: false,
@@ -657,6 +660,12 @@ impl World {
             }
             Step::DropSessionTable(m) => self.backend.drop_session_table(&m.value),
             Step::ServerCrash(m) => self.backend.crash_server(&m.value),
+            Step::Triad(members) => {
+                let members: Vec<String> = members.iter().map(|m| m.value.clone()).collect();
+                self.backend.form_triad(&members)?;
+                self.triads.push(members);
+                Ok(())
+            }
             Step::ServerStop(m) => {
                 self.servers.retain(|s| s != &m.value);
                 self.backend.stop_server(&m.value)

@@ -435,11 +435,13 @@ pub enum Defence {
     UsageLogChain,
     /// A restarted server grants nothing new until the runtimes it knew re-claimed their seats.
     RestartGrace,
+    /// A triad member serves only while it leads and answers only what the triad committed.
+    TriadQuorum,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 41] = [
+    pub const ALL: [Defence; 42] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -481,6 +483,7 @@ impl Defence {
         Defence::UsageLogRecords,
         Defence::UsageLogChain,
         Defence::RestartGrace,
+        Defence::TriadQuorum,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -527,6 +530,7 @@ impl Defence {
             Defence::UsageLogRecords => "usage-log-records",
             Defence::UsageLogChain => "usage-log-chain",
             Defence::RestartGrace => "restart-grace",
+            Defence::TriadQuorum => "triad-quorum",
         }
     }
 
@@ -626,6 +630,9 @@ impl Defence {
             Defence::RestartGrace => {
                 "A restarted server grants nothing new until the stations it knew have re-claimed their seats or their leases ran out."
             }
+            Defence::TriadQuorum => {
+                "A triad member grants and renews only what two members committed: a member cut off from the others serves nobody."
+            }
         }
     }
 }
@@ -706,6 +713,10 @@ pub enum Step {
     /// Kill a machine's network licence server (SIGKILL) and start it again (an attack: the
     /// licensee hopes the restarted server forgets the seats it granted).
     ServerCrash(Name),
+    /// Make the network servers of three machines one triad (2-of-3 redundancy): seats counted
+    /// once across the three, the first listed leading while all are up; every other machine's
+    /// runtime is pointed at the triad as one server.
+    Triad(Vec<Name>),
     /// Let real time pass (keepalive windows and leases run in real time).
     Wait(Located<Duration>),
     /// Open many idle TCP connections from one machine to another's server (an attack).
@@ -767,6 +778,7 @@ impl Step {
             Step::ServerStart(_) => "server-start",
             Step::ServerStop(_) => "server-stop",
             Step::ServerCrash(_) => "server-crash",
+            Step::Triad(_) => "triad",
             Step::Wait(_) => "wait",
             Step::Flood(_) => "flood",
             Step::Impersonate(_) => "impersonate",
@@ -811,6 +823,7 @@ impl Step {
             Step::StartApp(s) => vec![&s.machine],
             Step::SetClock(s) => vec![&s.machine],
             Step::Partition(p) => p.machines.iter().collect(),
+            Step::Triad(members) => members.iter().collect(),
             Step::Heal(h) => h.machines.iter().collect(),
             Step::ServerStart(s) => vec![&s.machine],
             Step::Flood(f) => vec![&f.from, &f.to],
@@ -840,7 +853,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 44] = [
+    pub const KEYWORDS: [&'static str; 45] = [
         "boot",
         "shutdown",
         "pause",
@@ -876,6 +889,7 @@ impl Step {
         "server-start",
         "server-stop",
         "server-crash",
+        "triad",
         "wait",
         "flood",
         "impersonate",

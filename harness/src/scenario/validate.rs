@@ -103,6 +103,8 @@ struct Checker<'a> {
     /// Saved copies of each machine's runtime state folder (`state-save`).
     state_copies: HashMap<String, Vec<String>>,
     servers: Vec<String>,
+    /// Machines whose servers are members of a triad.
+    triad_members: Vec<String>,
     /// The world clock's advance so far.
     advanced: super::Duration,
 }
@@ -143,6 +145,7 @@ impl<'a> Checker<'a> {
             snapshots: HashMap::new(),
             state_copies: HashMap::new(),
             servers: Vec::new(),
+            triad_members: Vec::new(),
         }
     }
 
@@ -1443,6 +1446,38 @@ impl<'a> Checker<'a> {
             Step::ServerCrash(name) => {
                 if self.machine(name).is_some() {
                     self.serving(name);
+                }
+            }
+            Step::Triad(members) => {
+                if members.len() != 3 {
+                    self.report(
+                        step.at,
+                        format!("a triad has three members, not {}", members.len()),
+                        "three members",
+                        None,
+                    );
+                }
+                for (i, member) in members.iter().enumerate() {
+                    if members[..i].iter().any(|m| m.value == member.value) {
+                        self.report(
+                            member.at,
+                            format!("`{member}` is listed twice"),
+                            "listed twice",
+                            None,
+                        );
+                        continue;
+                    }
+                    if self.triad_members.contains(&member.value) {
+                        self.report(
+                            member.at,
+                            format!("`{member}` is a member of a triad already"),
+                            "in a triad",
+                            None,
+                        );
+                    }
+                    if self.machine(member).is_some() && self.serving(member) {
+                        self.triad_members.push(member.value.clone());
+                    }
                 }
             }
             Step::ServerStop(name) => {

@@ -398,6 +398,14 @@ impl AllocationTable {
         self.allocations.get(&handle)
     }
 
+    /// The counting rules of the item of `product` in `container`.
+    pub fn rules_of(&self, container: &ContainerId, product: ProductKey) -> Option<ItemRules> {
+        self.items
+            .iter()
+            .find(|item| &item.container == container && item.product == product)
+            .map(|item| item.rules)
+    }
+
     /// Grants an access or says why not.
     ///
     /// Items of the product are tried in registration order; the first that can grant does.

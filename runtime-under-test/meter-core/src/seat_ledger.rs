@@ -7,8 +7,8 @@
 //! clock runs behind cannot bring an ended lease back). A lease ends at its `until_ms`; a grant
 //! finds the seats of the leases still running at its time, so a quantity is never exceeded
 //! across the triad, whichever member leads. Grants carry the asker's request id: a grant asked
-//! again after a failover (its answer lost with the old leader) gets the first answer, not a
-//! second seat.
+//! again after a failover (its answer lost with the old leader) gets the lease it already has,
+//! not a second seat.
 
 use std::collections::BTreeMap;
 
@@ -42,6 +42,17 @@ pub enum LedgerCommand {
     /// commands it expires nothing first.
     Grace {
         /// The grace: one lease window.
+        lease_ms: u64,
+    },
+    /// A holder linked again (to a new leader, say) and names the requests whose seats it still
+    /// holds: their leases run `lease_ms` from now, and its other leases end (it gave them back
+    /// while it could not say so).
+    Reclaim {
+        /// Whose leases.
+        holder: String,
+        /// The requests of the seats it still holds.
+        requests: Vec<u64>,
+        /// How long they run now.
         lease_ms: u64,
     },
     /// A lease ends now (its holder gave it back).
@@ -82,6 +93,11 @@ pub enum LedgerOutcome {
         /// Leases renewed.
         leases: u32,
     },
+    /// The leases a reclaim kept: `(request, lease)` for each request still held.
+    Reclaimed {
+        /// Requests and their leases.
+        kept: Vec<(u64, u64)>,
+    },
     /// The lease ended.
     Released,
     /// No running lease of that holder has that id.
@@ -97,6 +113,8 @@ pub struct Lease {
     pub product: u32,
     /// Holder's identity.
     pub holder: String,
+    /// The holder's request that took it.
+    pub request: u64,
     /// When it started.
     pub since_ms: u64,
     /// When it ends unless renewed.
@@ -142,13 +160,7 @@ pub struct SeatLedger {
     next_lease: u64,
     /// The latest entry time applied.
     now_ms: u64,
-    /// The answer to each grant request, by holder and request id.
-    answered: BTreeMap<String, BTreeMap<u64, LedgerOutcome>>,
 }
-
-/// How many answered grant requests the ledger remembers per holder (older retries are not
-/// expected after a failover: a client asks again within seconds).
-const ANSWERS_KEPT_PER_HOLDER: usize = 64;
 
 impl SeatLedger {
     /// An empty ledger.
@@ -173,8 +185,17 @@ impl SeatLedger {
                 holder,
                 lease_ms,
             } => {
-                if let Some(answer) = self.answered.get(holder).and_then(|a| a.get(request)) {
-                    return (answer.clone(), events);
+                // A retry (or a re-claim) of a seat still held is that seat.
+                if let Some((lease, held)) = self
+                    .leases
+                    .iter()
+                    .find(|(_, l)| &l.holder == holder && l.request == *request)
+                {
+                    let outcome = LedgerOutcome::Granted {
+                        lease: *lease,
+                        until_ms: held.until_ms,
+                    };
+                    return (outcome, events);
                 }
                 let in_use = self.in_use(*product);
                 let outcome = if in_use >= *quantity {
@@ -188,6 +209,7 @@ impl SeatLedger {
                         Lease {
                             product: *product,
                             holder: holder.clone(),
+                            request: *request,
                             since_ms: now,
                             until_ms,
                         },
@@ -200,8 +222,29 @@ impl SeatLedger {
                     });
                     LedgerOutcome::Granted { lease, until_ms }
                 };
-                self.remember(holder, *request, outcome.clone());
                 outcome
+            }
+            LedgerCommand::Reclaim {
+                holder,
+                requests,
+                lease_ms,
+            } => {
+                let until_ms = now.saturating_add(*lease_ms);
+                let mut kept = Vec::new();
+                let mut given_back = Vec::new();
+                for (id, lease) in self.leases.iter_mut().filter(|(_, l)| &l.holder == holder) {
+                    if requests.contains(&lease.request) {
+                        lease.until_ms = lease.until_ms.max(until_ms);
+                        kept.push((lease.request, *id));
+                    } else {
+                        given_back.push(*id);
+                    }
+                }
+                for lease in given_back {
+                    self.leases.remove(&lease);
+                    events.push(SeatEvent::Released { lease, at_ms: now });
+                }
+                LedgerOutcome::Reclaimed { kept }
             }
             LedgerCommand::Renew { holder, lease_ms } => {
                 let until_ms = now.saturating_add(*lease_ms);
@@ -276,15 +319,6 @@ impl SeatLedger {
                 SeatEvent::Expired { lease, at_ms }
             })
             .collect()
-    }
-
-    fn remember(&mut self, holder: &str, request: u64, outcome: LedgerOutcome) {
-        let answers = self.answered.entry(holder.to_owned()).or_default();
-        answers.insert(request, outcome);
-        // A holder's requests are numbered upwards: the oldest go first.
-        while answers.len() > ANSWERS_KEPT_PER_HOLDER {
-            answers.pop_first();
-        }
     }
 }
 
@@ -422,16 +456,53 @@ mod tests {
     }
 
     #[test]
-    fn answers_kept_per_holder_are_bounded() {
+    fn a_grant_asked_again_after_its_lease_ended_is_a_new_seat() {
         let mut ledger = SeatLedger::new();
-        for request in 0..200 {
-            let mut entry = grant(request, request, "a");
-            if let LedgerCommand::Grant { quantity, .. } = &mut entry.command {
-                *quantity = 1_000;
+        let LedgerOutcome::Granted { lease: first, .. } = ledger.apply(&grant(0, 7, "a")).0 else {
+            panic!("granted");
+        };
+        let LedgerOutcome::Granted { lease: again, .. } = ledger.apply(&grant(1_500, 7, "a")).0
+        else {
+            panic!("granted");
+        };
+        assert_ne!(first, again);
+        assert_eq!(ledger.in_use(1001), 1);
+    }
+
+    #[test]
+    fn a_reclaim_keeps_the_seats_named_and_ends_the_others() {
+        let mut ledger = SeatLedger::new();
+        let LedgerOutcome::Granted { lease: kept, .. } = ledger.apply(&grant(0, 1, "a")).0 else {
+            panic!("granted");
+        };
+        ledger.apply(&grant(1, 2, "a"));
+        ledger.apply(&grant(2, 9, "b"));
+        let reclaim = LedgerEntry {
+            at_ms: 900,
+            command: LedgerCommand::Reclaim {
+                holder: "a".into(),
+                requests: vec![1, 5],
+                lease_ms: 1_000,
+            },
+        };
+        let (outcome, events) = ledger.apply(&reclaim);
+        assert_eq!(
+            outcome,
+            LedgerOutcome::Reclaimed {
+                kept: vec![(1, kept)]
             }
-            ledger.apply(&entry);
-        }
-        assert_eq!(ledger.answered["a"].len(), ANSWERS_KEPT_PER_HOLDER);
+        );
+        assert_eq!(
+            events,
+            vec![SeatEvent::Released {
+                lease: 1,
+                at_ms: 900
+            }]
+        );
+        assert_eq!(ledger.leases()[&kept].until_ms, 1_900);
+        // b's lease was not touched: it ends at 1002.
+        ledger.tick(1_500);
+        assert_eq!(ledger.in_use(1001), 1);
     }
 
     #[test]

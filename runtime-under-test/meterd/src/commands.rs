@@ -43,6 +43,9 @@ pub enum MeterCommand {
     /// Add or remove network servers this runtime forwards to.
     #[command(subcommand)]
     Servers(ServersCommand),
+    /// Make this network server one of a triad of three (2-of-3 redundancy), or show it.
+    #[command(subcommand)]
+    Triad(TriadCommand),
     /// Trust a vendor on this machine: install its firm certificate (`meter root certify`),
     /// accepted only when a root this runtime carries signed it.
     Trust {
@@ -86,11 +89,14 @@ pub enum MeterCommand {
 /// `meter servers` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ServersCommand {
-    /// Forward accesses to a network server whose certificate has this SHA-256.
+    /// Forward accesses to a network server whose certificate has this SHA-256, or to a triad
+    /// of three (`a:port,b:port,c:port` with `--pin pa,pb,pc`): the runtime links to the
+    /// member that leads and follows the lead when it moves.
     Add {
-        /// `addr:port` of the server.
+        /// `addr:port` of the server, or of a triad's three members separated by commas.
         addr: String,
-        /// SHA-256 of the server certificate, hex (the server's `<state>/server.pin`).
+        /// SHA-256 of the server certificate, hex (the server's `<state>/server.pin`); for a
+        /// triad, one per member separated by commas.
         #[arg(long)]
         pin: String,
     },
@@ -99,6 +105,41 @@ pub enum ServersCommand {
         /// `addr:port` of the server.
         addr: String,
     },
+}
+
+/// `meter triad` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TriadCommand {
+    /// Join a triad: name its three members as `<pin>@<addr:port>`, in the same order on each
+    /// member. `addr:port` is where this member reaches that member's triad port (for itself:
+    /// where it listens for the others); `pin` is each server's certificate SHA-256 (its
+    /// `<state>/server.pin`). Kept in the state: a restarted member joins again and catches up.
+    /// Administrators only.
+    Join {
+        /// The three members, `<pin>@<addr:port>`.
+        #[arg(num_args = 3, required = true)]
+        members: Vec<String>,
+    },
+    /// This member's number, the leader it knows, and whether it leads.
+    Status {
+        /// Also the seat events (grants, releases, expiries) its ledger applied.
+        #[arg(long)]
+        history: bool,
+    },
+}
+
+/// Reads `<pin>@<addr:port>`.
+fn parse_member(text: &str) -> anyhow::Result<crate::triad_types::Member> {
+    let (pin, addr) = text
+        .split_once('@')
+        .ok_or_else(|| anyhow::anyhow!("{text:?} is not <pin>@<addr:port>"))?;
+    crate::tls::parse_pin(pin).map_err(|e| anyhow::anyhow!("Bad pin in {text:?}: {e}"))?;
+    addr.parse::<std::net::SocketAddr>()
+        .map_err(|e| anyhow::anyhow!("Bad address in {text:?}: {e}"))?;
+    Ok(crate::triad_types::Member {
+        addr: addr.to_owned(),
+        pin: pin.to_ascii_lowercase(),
+    })
 }
 
 /// `meter rules` subcommands.
@@ -229,6 +270,16 @@ pub async fn run(
         MeterCommand::List => json_command(&socket, json_mode, LocalRequest::List).await,
         MeterCommand::Servers(ServersCommand::Add { addr, pin }) => {
             ok_command(&socket, json_mode, LocalRequest::ServersAdd { addr, pin }).await
+        }
+        MeterCommand::Triad(TriadCommand::Join { members }) => {
+            let members = members
+                .iter()
+                .map(|m| parse_member(m))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            json_command(&socket, json_mode, LocalRequest::TriadJoin { members }).await
+        }
+        MeterCommand::Triad(TriadCommand::Status { history }) => {
+            json_command(&socket, json_mode, LocalRequest::TriadStatus { history }).await
         }
         MeterCommand::Servers(ServersCommand::Remove { addr }) => {
             ok_command(&socket, json_mode, LocalRequest::ServersRemove { addr }).await

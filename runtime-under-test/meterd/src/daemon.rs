@@ -332,6 +332,8 @@ pub struct Runtime {
     pub(crate) usage_key: Option<[u8; 32]>,
     /// The key the usage log's tags check under (secret, like the signing key).
     pub(crate) usage_tag_key: Option<meter_core::usage::TagKey>,
+    /// The triad this server joined, if any.
+    pub(crate) triad: std::sync::OnceLock<Arc<crate::triad_server::TriadSeats>>,
 }
 
 /// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
@@ -493,6 +495,7 @@ impl Runtime {
             access: Mutex::new(access),
             usage_key,
             usage_tag_key,
+            triad: std::sync::OnceLock::new(),
         }))
     }
 

@@ -42,6 +42,8 @@ pub mod transport;
 pub mod triad;
 pub mod triad_local;
 pub mod triad_network;
+pub mod triad_server;
+pub mod triad_stations;
 pub mod triad_store;
 pub mod triad_types;
 pub mod trust_roots;

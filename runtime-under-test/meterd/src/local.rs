@@ -147,10 +147,10 @@ async fn handle(
             if !is_admin(uid) {
                 return error("Only an administrator may change servers");
             }
-            match crate::tls::parse_pin(&pin) {
-                Ok(pin) => match runtime.remotes.add(runtime, addr, pin) {
+            match crate::remote::parse_pins(&pin) {
+                Ok(pins) => match runtime.remotes.add(runtime, addr, pins) {
                     Ok(()) => persist_servers(runtime).await,
-                    Err(e) => error(format!("{e}")),
+                    Err(e) => error(format!("{:#}", anyhow::Error::from(e))),
                 },
                 Err(e) => error(e.to_string()),
             }
@@ -175,6 +175,20 @@ async fn handle(
             }
         }
         LocalRequest::RulesShow => LocalReply::Json(runtime.rules_json().to_string()),
+        LocalRequest::TriadJoin { members } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may join a triad");
+            }
+            let settings = crate::triad_server::TriadSettings { members };
+            match runtime.join_triad(settings, true).await {
+                Ok(status) => LocalReply::Json(status.to_string()),
+                Err(e) => error(format!("{:#}", anyhow::Error::from(e))),
+            }
+        }
+        LocalRequest::TriadStatus { history } => match runtime.triad_status(history) {
+            Some(status) => LocalReply::Json(status.to_string()),
+            None => error("This runtime is not a triad member"),
+        },
         LocalRequest::UsageVerify => {
             if !is_admin(uid) {
                 return error("Only an administrator may read the usage log");

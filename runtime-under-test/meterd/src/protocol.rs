@@ -46,6 +46,17 @@ pub enum LocalRequest {
     },
     /// Show the access rules in force.
     RulesShow,
+    /// Join a licence server triad (administrators only; network servers only).
+    TriadJoin {
+        /// The three members in the triad's order: where this member reaches each (its own
+        /// entry: where it listens for the others) and each one's certificate pin.
+        members: Vec<crate::triad_types::Member>,
+    },
+    /// This member's view of its triad.
+    TriadStatus {
+        /// With the seat events its ledger applied.
+        history: bool,
+    },
     /// Check the usage log (administrators only).
     UsageVerify,
     /// A usage report (administrators only).

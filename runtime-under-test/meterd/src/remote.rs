@@ -59,11 +59,23 @@ struct Link {
     pending: Pending,
 }
 
+/// One address a server answers at (a triad has three).
 #[derive(Debug)]
-struct RemoteServer {
+struct Endpoint {
     addr: String,
     tls: Arc<rustls::ClientConfig>,
     pin: [u8; 32],
+}
+
+/// A network server: one, or a triad of three members of which the leader serves. Grants,
+/// claims and the lease belong to the server as a whole, so they survive a change of leader.
+#[derive(Debug)]
+struct RemoteServer {
+    /// Its name: its address, or its members' separated by commas.
+    addr: String,
+    endpoints: Vec<Endpoint>,
+    /// The endpoint linked to or tried next.
+    current: std::sync::atomic::AtomicUsize,
     link: Mutex<Option<Link>>,
     connected: AtomicBool,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -77,6 +89,20 @@ struct RemoteServer {
 }
 
 impl RemoteServer {
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
+    }
+
+    /// Moves on to the next member of a triad (its leader may be another); false for a lone
+    /// server.
+    fn next_endpoint(&self) -> bool {
+        if self.endpoints.len() < 2 {
+            return false;
+        }
+        self.current.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     fn lease_end(&self) -> Option<Instant> {
         *self.lease.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -163,27 +189,52 @@ impl Remotes {
             .collect()
     }
 
-    /// Configured servers with their pins (hex), for persisting.
+    /// Configured servers with their pins (hex, comma-separated for a triad), for persisting.
     pub fn config(&self) -> Vec<(String, String)> {
         self.servers()
             .iter()
-            .map(|s| (s.addr.clone(), hex::encode(s.pin)))
+            .map(|s| {
+                let pins: Vec<String> = s.endpoints.iter().map(|e| hex::encode(e.pin)).collect();
+                (s.addr.clone(), pins.join(","))
+            })
             .collect()
     }
 
-    /// Adds a server (replacing one with the same address) and starts linking to it.
+    /// Adds a server (replacing one with the same address) and starts linking to it: `addr`
+    /// is one `addr:port`, or a triad's three separated by commas with a pin for each.
     pub fn add<R: LinkOwner>(
         &self,
         runtime: &Arc<R>,
         addr: String,
-        pin: [u8; 32],
-    ) -> Result<(), tls::TlsError> {
-        let tls = tls::client_config(pin, &self.identity)?;
+        pins: Vec<[u8; 32]>,
+    ) -> Result<(), RemotesError> {
+        let addrs: Vec<&str> = addr.split(',').map(str::trim).collect();
+        if addrs.len() != pins.len() {
+            return Err(RemotesError::PinCount {
+                addrs: addrs.len(),
+                pins: pins.len(),
+            });
+        }
+        if addrs.len() != 1 && addrs.len() != 3 {
+            return Err(RemotesError::Members(addrs.len()));
+        }
+        let endpoints = addrs
+            .iter()
+            .zip(pins)
+            .map(|(addr, pin)| {
+                Ok(Endpoint {
+                    addr: (*addr).to_owned(),
+                    tls: tls::client_config(pin, &self.identity)?,
+                    pin,
+                })
+            })
+            .collect::<Result<Vec<_>, tls::TlsError>>()
+            .map_err(RemotesError::Tls)?;
         self.remove(&addr);
         let server = Arc::new(RemoteServer {
             addr,
-            tls,
-            pin,
+            endpoints,
+            current: std::sync::atomic::AtomicUsize::new(0),
             link: Mutex::new(None),
             connected: AtomicBool::new(false),
             task: Mutex::new(None),
@@ -284,12 +335,12 @@ impl Remotes {
         Err(denial)
     }
 
-    /// The addresses of the servers linked now, with their certificate pins (hex).
+    /// The servers linked now, with the certificate pin (hex) of the member linked to.
     pub fn connected_pins(&self) -> Vec<(String, String)> {
         self.servers()
             .iter()
             .filter(|s| s.connected.load(Ordering::Relaxed))
-            .map(|s| (s.addr.clone(), hex::encode(s.pin)))
+            .map(|s| (s.addr.clone(), hex::encode(s.endpoint().pin)))
             .collect()
     }
 
@@ -348,6 +399,32 @@ impl Remotes {
             tracing::warn!(server, server_handle, "Release not confirmed by server");
         }
     }
+}
+
+/// Why a server cannot be added.
+#[derive(Debug, thiserror::Error)]
+pub enum RemotesError {
+    /// Not one pin per address.
+    #[error("{addrs} addresses but {pins} pins: give one pin per address")]
+    PinCount {
+        /// Addresses given.
+        addrs: usize,
+        /// Pins given.
+        pins: usize,
+    },
+    /// A server is one address, or a triad's three.
+    #[error("A server is one address or a triad of three, not {0}")]
+    Members(usize),
+    /// A pin cannot make a TLS configuration.
+    #[error("Cannot set up TLS for the server")]
+    Tls(#[source] tls::TlsError),
+}
+
+/// Reads pins (hex SHA-256) separated by commas.
+pub fn parse_pins(text: &str) -> Result<Vec<[u8; 32]>, tls::TlsError> {
+    text.split(',')
+        .map(|pin| tls::parse_pin(pin.trim()))
+        .collect()
 }
 
 /// How long an access waits for a link that is down to come back before the server counts as
@@ -449,15 +526,25 @@ async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) 
     let mut backoff = Duration::from_millis(100);
     loop {
         let Some(rt) = runtime.upgrade() else { return };
-        match run_link(&rt, &server).await {
+        let ended = run_link(&rt, &server).await;
+        server.connected.store(false, Ordering::Relaxed);
+        match ended {
             Ok(()) => backoff = Duration::from_millis(100),
+            // A triad member that does not lead (or is down): try the next one at once, and
+            // back off only after a round of all three.
+            Err(e) if server.next_endpoint() => {
+                tracing::debug!(server = %server.addr, error = %e, "Triad member not serving; trying the next");
+                let round = server.current.load(Ordering::Relaxed) % server.endpoints.len() == 0;
+                if !round {
+                    backoff = Duration::from_millis(20);
+                }
+            }
             Err(LinkEnd::Refused(reason)) => {
                 tracing::warn!(server = %server.addr, %reason, "Server refused this runtime");
                 server.set_refusal(Some(reason));
             }
             Err(e) => tracing::debug!(server = %server.addr, error = %e, "Server link down"),
         }
-        server.connected.store(false, Ordering::Relaxed);
         // While the link is down the lease still runs out on time.
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
@@ -469,7 +556,11 @@ async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) 
             rt.lease_lapsed(&server.addr).await;
         }
         drop(rt);
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(if server.endpoints.len() > 1 {
+            Duration::from_millis(400)
+        } else {
+            Duration::from_secs(2)
+        });
     }
 }
 
@@ -485,8 +576,9 @@ async fn run_link<R: LinkOwner>(
     };
     let hello_sent = Instant::now();
     let welcome = tokio::time::timeout_at(deadline, async {
-        let tcp = connect_tcp(&server.addr, local).await?;
-        let connector = TlsConnector::from(Arc::clone(&server.tls));
+        let endpoint = server.endpoint();
+        let tcp = connect_tcp(&endpoint.addr, local).await?;
+        let connector = TlsConnector::from(Arc::clone(&endpoint.tls));
         let stream = connector.connect(tls::server_name(), tcp).await?;
         let mut framed = frame::framed(stream);
         let machine = runtime.platform().machine_name()?;
@@ -536,6 +628,13 @@ async fn run_link<R: LinkOwner>(
     let interval = (window / 3).max(Duration::from_millis(20));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A triad member that leaves a keepalive unanswered this long is left for the next one
+    // (it may be cut off from the others, or gone): well before the lease ends, so the runtime
+    // re-claims its grants from the new leader in time.
+    let triad = server.endpoints.len() > 1;
+    let stall = window / 4;
+    let mut stall_check = tokio::time::interval((window / 10).max(Duration::from_millis(10)));
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Keepalives not yet answered: (sequence number, send time).
     let mut unanswered: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut seq = 0u64;
@@ -561,6 +660,11 @@ async fn run_link<R: LinkOwner>(
                 () = until(server.lease_end()) => {
                     if server.lease_end().is_some_and(|end| end <= Instant::now()) {
                         return Err(LinkEnd::LeaseLapsed);
+                    }
+                }
+                _ = stall_check.tick(), if triad => {
+                    if unanswered.front().is_some_and(|(_, sent)| sent.elapsed() > stall) {
+                        return Err(anyhow::anyhow!("Triad member stopped answering keepalives").into());
                     }
                 }
                 incoming = stream.next() => {
@@ -610,7 +714,9 @@ async fn run_link<R: LinkOwner>(
                                 runtime.forwarded_lost(&addr, handle, reason).await;
                             });
                         }
-                        FromServer::Welcome { .. } | FromServer::Refused { .. } => {}
+                        // A triad member that stopped leading sends its stations to the leader.
+                        FromServer::Refused { reason } => return Err(LinkEnd::Refused(reason)),
+                        FromServer::Welcome { .. } => {}
                     }
                 }
             }

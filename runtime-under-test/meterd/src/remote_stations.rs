@@ -60,6 +60,12 @@ impl Runtime {
         peer: SocketAddr,
         claims: Vec<Claim>,
     ) -> HelloAnswer {
+        if self.refuses_hello() {
+            tracing::info!(runtime, machine, %peer, "Hello refused: this triad member does not lead");
+            return HelloAnswer::Refused(FromServer::Refused {
+                reason: Reason::ServerUnreachable,
+            });
+        }
         let now = self.platform.now_ms().unwrap_or(0);
         let peer_ip = peer.ip();
         let peer_text = peer.to_string();
@@ -161,6 +167,19 @@ impl Runtime {
             && let Err(e) = self.store.commit(changes).await
         {
             tracing::error!(error = %e, "Reconnect not recorded");
+        }
+        if !self
+            .reclaim_triad_seats(runtime, &mut restored, &mut lost)
+            .await
+        {
+            let departure = Departure::Closed {
+                last_heard: Instant::now(),
+            };
+            self.remote_gone(runtime, generation, departure, "no triad quorum")
+                .await;
+            return HelloAnswer::Refused(FromServer::Refused {
+                reason: Reason::ServerUnreachable,
+            });
         }
         tracing::info!(
             runtime,
@@ -350,6 +369,13 @@ impl Runtime {
                     self.log_denial(asker(), claim.product, reason, None).await;
                     return FromServer::Denied { request, reason };
                 }
+                // In a triad the seat is the triad's: committed by two members before it is
+                // answered.
+                if let Err(reason) = self.take_triad_seat(runtime, handle).await {
+                    let _ = self.release_inner(handle, false).await;
+                    self.log_denial(asker(), claim.product, reason, None).await;
+                    return FromServer::Denied { request, reason };
+                }
                 FromServer::Granted {
                     request,
                     handle,
@@ -386,9 +412,13 @@ impl Runtime {
         handle: u64,
     ) -> FromServer {
         // Only its own grants: another runtime's handle is answered alike and left alone.
-        let _ = self
+        let ended = self
             .end_grant_of(handle, Some(runtime), false, UsageKind::Release)
             .await;
+        // A triad seat is given back at once (else at the runtime's next keepalive).
+        if ended.is_ok() && self.triad().is_some() {
+            self.renew_triad_seats(runtime).await;
+        }
         FromServer::Released { request }
     }
 

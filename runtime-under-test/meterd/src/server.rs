@@ -173,6 +173,10 @@ impl Station<'_> {
                 Some(event) = events.recv() => {
                     let sent = tokio::time::timeout(window, frame::send(framed, &event)).await;
                     match sent {
+                        // A triad member that stopped leading lets its stations go.
+                        Ok(Ok(())) if matches!(event, FromServer::Refused { .. }) => {
+                            break "sent to the triad's leader".to_owned();
+                        }
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => break format!("cannot send: {e}"),
                         Err(_) => break format!("frames not read within the keepalive window of {window:?}"),
@@ -180,16 +184,17 @@ impl Station<'_> {
                 }
                 Some(answer) = answering.next(), if !answering.is_empty() => {
                     let sent = tokio::time::timeout(window, async {
-                        queue(framed, &answer).await?;
+                        let mut ends = queue(framed, &answer).await?;
                         while let Some(Some(more)) = answering.next().now_or_never() {
-                            queue(framed, &more).await?;
+                            ends |= queue(framed, &more).await?;
                         }
                         SinkExt::<bytes::Bytes>::flush(framed).await?;
-                        Ok::<_, frame::FrameError>(())
+                        Ok::<_, frame::FrameError>(ends)
                     })
                     .await;
                     match sent {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(true)) => break "sent to the triad's leader".to_owned(),
+                        Ok(Ok(false)) => {}
                         Ok(Err(e)) => break format!("cannot answer: {e}"),
                         // A station that stops reading its answers is as gone as a silent one.
                         Err(_) => break format!("answers not read within the keepalive window of {window:?}"),
@@ -265,7 +270,17 @@ impl Station<'_> {
                 key,
                 from,
             } => runtime.witness_chain_out(request, self.runtime_id, &licence, &key, from),
-            ToServer::Keepalive { seq } => FromServer::KeepaliveAck { seq },
+            // A triad member answers once the triad renewed the runtime's seats; one that cannot
+            // renew them sends the runtime to the leader.
+            ToServer::Keepalive { seq } => {
+                if runtime.renew_triad_seats(self.runtime_id).await {
+                    FromServer::KeepaliveAck { seq }
+                } else {
+                    FromServer::Refused {
+                        reason: meter_core::reason::Reason::ServerUnreachable,
+                    }
+                }
+            }
             ToServer::Hello { .. } => return None,
         };
         Some(answer)
@@ -276,12 +291,13 @@ impl Station<'_> {
 type Link = Framed<TlsStream<TcpStream>, LengthDelimitedCodec>;
 
 /// Queues one answer in the connection's write buffer (written at the next flush, or sooner
-/// when the buffer is full).
-async fn queue(framed: &mut Link, answer: &Option<FromServer>) -> Result<(), frame::FrameError> {
+/// when the buffer is full); true when it ends the connection (a refusal).
+async fn queue(framed: &mut Link, answer: &Option<FromServer>) -> Result<bool, frame::FrameError> {
     if let Some(answer) = answer {
         framed.feed(frame::encode(answer)?).await?;
+        return Ok(matches!(answer, FromServer::Refused { .. }));
     }
-    Ok(())
+    Ok(false)
 }
 
 fn source_of(error: &frame::FrameError) -> String {

@@ -123,6 +123,10 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
         .get("servers")
         .and_then(|b| serde_json::from_slice(b).ok())
         .unwrap_or_default();
+    let triad: Option<crate::triad_server::TriadSettings> = snapshot
+        .meta
+        .get(crate::triad_server::TRIAD_META_KEY)
+        .and_then(|b| serde_json::from_slice(b).ok());
     let settings = DaemonSettings {
         state_dir: args.state.clone(),
         keepalive: Duration::from_secs_f64(args.keepalive),
@@ -142,10 +146,11 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
         servers.push((addr.clone(), pin.clone()));
     }
     for (addr, pin) in servers {
-        let pin = tls::parse_pin(&pin).with_context(|| format!("Bad pin for {addr}"))?;
+        let pins =
+            crate::remote::parse_pins(&pin).with_context(|| format!("Bad pin for {addr}"))?;
         runtime
             .remotes
-            .add(&runtime, addr.clone(), pin)
+            .add(&runtime, addr.clone(), pins)
             .with_context(|| format!("Cannot link to {addr}"))?;
     }
 
@@ -185,6 +190,13 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
             config,
             args.max_connections,
         ));
+        // A triad member joins again and catches up with the others.
+        if let Some(triad) = triad {
+            runtime
+                .join_triad(triad, false)
+                .await
+                .context("Cannot join the triad again")?;
+        }
     }
 
     let ready = args.state.join("meterd.ready");

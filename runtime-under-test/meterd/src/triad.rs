@@ -114,7 +114,8 @@ pub struct TriadMember {
 impl TriadMember {
     /// Starts member `id` of `members`, serving the others on `listener` with `identity`
     /// (whose pin `members` lists), its log and ledger in the redb file `db`. A member that
-    /// starts for the first time proposes the membership; one that restarts catches up.
+    /// `proposes` and starts for the first time proposes the membership (and stands for
+    /// election at once); one that restarts, or does not propose, learns it from the leader.
     pub async fn start(
         id: MemberId,
         members: BTreeMap<MemberId, Member>,
@@ -122,6 +123,7 @@ impl TriadMember {
         identity: Arc<Identity>,
         db: &Path,
         timing: TriadTiming,
+        proposes: bool,
     ) -> Result<TriadMember, TriadError> {
         if !members.contains_key(&id) {
             return Err(TriadError::NotAMember {
@@ -144,7 +146,13 @@ impl TriadMember {
         let raft = TriadRaft::new(
             id,
             Arc::new(config),
-            MemberLinks::new(Arc::clone(&identity)),
+            MemberLinks::new(
+                Arc::clone(&identity),
+                members
+                    .iter()
+                    .map(|(id, m)| (*id, m.addr.clone()))
+                    .collect(),
+            ),
             log,
             ledger.clone(),
         )
@@ -161,8 +169,13 @@ impl TriadMember {
                 tracing::error!(error = %e, "Triad member stopped serving its peers");
             }
         });
-        // Every member proposes the same membership; one already initialised refuses, fine.
-        match raft.initialize(members).await {
+        // Proposers propose the same membership; one already initialised refuses, fine.
+        let proposed = if proposes {
+            raft.initialize(members).await
+        } else {
+            Ok(())
+        };
+        match proposed {
             Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
             Err(e) => {
                 server.abort();
@@ -268,6 +281,32 @@ impl TriadMember {
             .borrow()
             .last_applied
             .map(|log_id| log_id.index)
+    }
+
+    /// Holds this member back from standing for election (it still votes and follows) until it
+    /// has known a leader, or for `at_most` without one.
+    pub fn hold_elections(&self, at_most: Duration) {
+        let raft = self.raft.clone();
+        raft.runtime_config().elect(false);
+        let id = self.id;
+        tokio::spawn(async move {
+            let known = raft
+                .wait(Some(at_most))
+                .metrics(|m| m.current_leader.is_some(), "a leader is known")
+                .await
+                .is_ok();
+            raft.runtime_config().elect(true);
+            tracing::debug!(
+                member = id,
+                leader_known = known,
+                "Triad member stands for election"
+            );
+        });
+    }
+
+    /// This member's Raft state as it changes.
+    pub fn metrics(&self) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<MemberId, Member>> {
+        self.raft.metrics()
     }
 
     /// This member's copy of the seat ledger.

@@ -97,6 +97,7 @@ impl LoopbackTriad {
             Arc::clone(&self.identities[&id]),
             &self.dir.join(format!("member-{id}.redb")),
             self.timing,
+            true,
         )
         .await
         .map_err(|source| LoopbackTriadError::Member { id, source })?;

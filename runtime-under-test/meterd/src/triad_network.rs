@@ -1,7 +1,7 @@
 //! Member-to-member traffic of a triad: Raft's calls over mutual TLS, each side pinned to the
 //! other members' certificates, one length-prefixed JSON frame per call and per answer.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,12 +87,18 @@ enum LinkError {
 #[derive(Clone)]
 pub struct MemberLinks {
     identity: Arc<Identity>,
+    /// Where this member reaches each other member (its own view: members may reach one
+    /// another by different routes); the membership's address otherwise.
+    addresses: BTreeMap<MemberId, String>,
 }
 
 impl MemberLinks {
-    /// Links that authenticate as `identity`.
-    pub fn new(identity: Arc<Identity>) -> MemberLinks {
-        MemberLinks { identity }
+    /// Links that authenticate as `identity`, reaching members at `addresses`.
+    pub fn new(identity: Arc<Identity>, addresses: BTreeMap<MemberId, String>) -> MemberLinks {
+        MemberLinks {
+            identity,
+            addresses,
+        }
     }
 }
 
@@ -108,9 +114,13 @@ impl RaftNetworkFactory<TriadConfig> for MemberLinks {
     type Network = MemberLink;
 
     async fn new_client(&mut self, target: MemberId, node: &Member) -> MemberLink {
+        let mut member = node.clone();
+        if let Some(addr) = self.addresses.get(&target) {
+            member.addr = addr.clone();
+        }
         MemberLink {
             target,
-            member: node.clone(),
+            member,
             identity: Arc::clone(&self.identity),
             link: None,
         }

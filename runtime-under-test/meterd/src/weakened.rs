@@ -99,11 +99,14 @@ pub enum Defence {
     UsageLogChain,
     /// A restarted server grants nothing new until the runtimes it knew re-claimed their seats.
     RestartGrace,
+    /// A triad member serves client runtimes only while it leads, and answers a grant or a
+    /// keepalive only once the triad committed it.
+    TriadQuorum,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 41] = [
+    pub const ALL: [Defence; 42] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -145,6 +148,7 @@ impl Defence {
         Defence::UsageLogRecords,
         Defence::UsageLogChain,
         Defence::RestartGrace,
+        Defence::TriadQuorum,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -191,6 +195,7 @@ impl Defence {
             Defence::UsageLogRecords => "usage-log-records",
             Defence::UsageLogChain => "usage-log-chain",
             Defence::RestartGrace => "restart-grace",
+            Defence::TriadQuorum => "triad-quorum",
         }
     }
 }
@@ -309,6 +314,9 @@ impl Defence {
             }
             Defence::RestartGrace => {
                 "a restarted server grants at once: the seats its linked stations held before a crash are free to anyone before they re-claim them"
+            }
+            Defence::TriadQuorum => {
+                "a triad member serves without a quorum: a follower or a leader cut off from the others grants and renews on its own count"
             }
         }
     }

@@ -81,6 +81,8 @@ pub struct Relay {
     pub client: String,
     /// Server machine name.
     pub server: String,
+    /// True for a link between two members of a server triad (not a client's link).
+    pub member: bool,
     shared: Arc<Shared>,
 }
 
@@ -135,6 +137,7 @@ impl Relay {
             local,
             client: client.to_string(),
             server: server.to_string(),
+            member: false,
             shared,
         })
     }
@@ -175,7 +178,7 @@ impl Links {
         if self
             .0
             .iter()
-            .any(|r| r.client == client && r.server == server)
+            .any(|r| r.client == client && r.server == server && !r.member)
         {
             return Ok(false);
         }
@@ -184,9 +187,34 @@ impl Links {
         Ok(true)
     }
 
+    /// The relay from triad member `from` (at `source_ip`) to member `to`'s triad port at
+    /// `target`, started unless there is one; where `from` reaches `to`.
+    pub fn connect_member(
+        &mut self,
+        from: &str,
+        to: &str,
+        source_ip: Ipv4Addr,
+        target: SocketAddr,
+    ) -> Result<SocketAddr, BackendError> {
+        if let Some(relay) = self
+            .0
+            .iter()
+            .find(|r| r.client == from && r.server == to && r.member)
+        {
+            return Ok(relay.local);
+        }
+        let mut relay = Relay::start(from, to, source_ip, target)?;
+        relay.member = true;
+        let local = relay.local;
+        self.0.push(relay);
+        Ok(local)
+    }
+
     /// The relays a client machine reaches servers through.
     pub fn of_client<'a>(&'a self, client: &'a str) -> impl Iterator<Item = &'a Relay> + 'a {
-        self.0.iter().filter(move |r| r.client == client)
+        self.0
+            .iter()
+            .filter(move |r| r.client == client && !r.member)
     }
 
     /// Stops every relay to `server`.

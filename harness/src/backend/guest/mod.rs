@@ -436,7 +436,7 @@ exit $rc
         links: &[ServerLink],
     ) -> Result<(), BackendError> {
         for link in links {
-            let address = SocketAddr::from((HOST_FROM_GUEST, link.via.port())).to_string();
+            let address = link.address(|via| SocketAddr::from((HOST_FROM_GUEST, via.port())));
             self.meter_checked(
                 machine,
                 &[
@@ -444,9 +444,22 @@ exit $rc
                     "add".into(),
                     address,
                     "--pin".into(),
-                    link.pin.clone(),
+                    link.pins(),
                 ],
             )?;
+        }
+        Ok(())
+    }
+
+    /// Stops a running guest's runtime forwarding to servers it should no longer know.
+    fn unconfigure_servers(
+        &mut self,
+        machine: &str,
+        links: &[ServerLink],
+    ) -> Result<(), BackendError> {
+        for link in links {
+            let address = link.address(|via| SocketAddr::from((HOST_FROM_GUEST, via.port())));
+            self.meter_checked(machine, &["servers".into(), "remove".into(), address])?;
         }
         Ok(())
     }
@@ -1324,8 +1337,9 @@ fi"#,
 
     fn set_servers(&mut self, machine: &str, servers: &[ServerLink]) -> Result<(), BackendError> {
         let g = self.guest_mut(machine)?;
-        let new = ServerLink::adopt(&mut g.servers, servers);
+        let (new, gone) = ServerLink::adopt(&mut g.servers, servers);
         if g.power == Power::Running {
+            self.unconfigure_servers(machine, &gone)?;
             self.configure_servers(machine, &new)?;
         }
         Ok(())

@@ -357,9 +357,9 @@ impl SimDriver {
         for link in &m.servers {
             command
                 .arg("--remote")
-                .arg(link.via.to_string())
+                .arg(link.address(|via| via))
                 .arg("--pin")
-                .arg(&link.pin);
+                .arg(link.pins());
         }
         if let Some(root) = &self.config.harness_root {
             command.env(crate::runtime::world_root::HARNESS_ROOT_VARIABLE, root);
@@ -934,9 +934,15 @@ impl MachineDriver for SimDriver {
 
     fn set_servers(&mut self, machine: &str, servers: &[ServerLink]) -> Result<(), BackendError> {
         let m = self.machine_mut(machine)?;
-        let new = ServerLink::adopt(&mut m.servers, servers);
+        let (new, gone) = ServerLink::adopt(&mut m.servers, servers);
         if m.power != Power::Running {
             return Ok(());
+        }
+        for link in gone {
+            self.run_meter_checked(
+                machine,
+                &["servers".into(), "remove".into(), link.address(|via| via)],
+            )?;
         }
         for link in new {
             self.run_meter_checked(
@@ -944,9 +950,9 @@ impl MachineDriver for SimDriver {
                 &[
                     "servers".into(),
                     "add".into(),
-                    link.via.to_string(),
+                    link.address(|via| via),
                     "--pin".into(),
-                    link.pin,
+                    link.pins(),
                 ],
             )?;
         }

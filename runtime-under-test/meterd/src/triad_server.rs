@@ -1,0 +1,286 @@
+//! The network server as a member of a licence server triad: its seats are the triad's
+//! replicated ledger's, and it serves client runtimes only while it leads.
+//!
+//! The member keeps its own allocation table (licences, rules, the usage log work as on a lone
+//! server) and takes a ledger seat for every grant the table counts, so a licence's quantity
+//! holds across the three members. A client runtime's leases are renewed by its keepalives
+//! (each answered once the renewal is committed) and re-claimed by its hello on whichever
+//! member leads; a seat whose last grant ended here is given back at the next reclaim.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meter_core::allocation::ProductKey;
+use meter_core::policy::{Counting, ItemRules};
+use meter_core::seat_ledger::{LedgerCommand, LedgerOutcome};
+use meter_core::station::StationId;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+use crate::tls::Identity;
+use crate::triad::{TriadError, TriadMember, TriadTiming};
+use crate::triad_types::{Member, MemberId};
+
+/// Where a member's triad settings are kept in its state.
+pub const TRIAD_META_KEY: &str = "triad";
+
+/// The three members as one of them reaches the others: `addr` is where this member reaches
+/// each (its own: where it listens for them), `pin` each member's certificate pin. Every
+/// member lists the members in the same order (a member's number is its place).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriadSettings {
+    /// The members, in the triad's order.
+    pub members: Vec<Member>,
+}
+
+/// Why a triad cannot be joined.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// Not three members.
+    #[error("A triad has three members, not {0}")]
+    Size(usize),
+    /// A pin is listed twice.
+    #[error("Member {0} is listed twice")]
+    Repeated(String),
+    /// This server's certificate is not a member's.
+    #[error("This server's certificate {0} is not one of the members'")]
+    NotAMember(String),
+    /// Joined already (a member's triad does not change while it runs).
+    #[error("This server is a triad member already")]
+    Joined,
+    /// The member-to-member address cannot be listened on.
+    #[error("Cannot listen for the other members on {addr}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The member did not start.
+    #[error("The triad member did not start")]
+    Member(#[source] TriadError),
+}
+
+/// A seat could not be taken.
+#[derive(Debug)]
+pub enum SeatRefusal {
+    /// Every seat of the product is held across the triad.
+    NoSeat,
+    /// This member cannot commit (it does not lead, or no two members agree).
+    Unreachable(TriadError),
+}
+
+/// This server's part in a triad.
+pub struct TriadSeats {
+    member: TriadMember,
+    /// A client runtime's grants and its reclaims do not overlap: a reclaim names the seats
+    /// of the grants in force, and must not end a seat a grant is taking meanwhile.
+    holders: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    window_ms: u64,
+}
+
+impl std::fmt::Debug for TriadSeats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TriadSeats")
+            .field("member", &self.member.id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The ledger request naming one seat: a station's seat of a product (StationShare), or one
+/// access's (UserLimit); `None` for accesses that take no seat.
+pub fn seat_request(
+    rules: &ItemRules,
+    product: ProductKey,
+    station: &StationId,
+    client_handle: u64,
+) -> Option<u64> {
+    let mut hash = Sha256::new();
+    hash.update(product.firm.to_le_bytes());
+    hash.update(product.code.to_le_bytes());
+    match rules.counting {
+        Counting::NoCount => return None,
+        Counting::StationShare => {
+            hash.update(b"station");
+            hash.update(station.machine.as_bytes());
+            hash.update(station.session.unwrap_or(u32::MAX).to_le_bytes());
+        }
+        Counting::UserLimit => {
+            hash.update(b"access");
+            hash.update(client_handle.to_le_bytes());
+        }
+    }
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Some(u64::from_le_bytes(first))
+}
+
+/// The ledger's product number of a product key.
+fn ledger_product(product: ProductKey) -> u32 {
+    // Firm and code together, folded: products of one triad are few, and a collision only
+    // ever counts two products as one (stricter, never looser).
+    product.code ^ product.firm.rotate_left(16)
+}
+
+impl TriadSettings {
+    /// Checks the settings for the server whose certificate pin is `own_pin`; its number.
+    pub fn own_id(&self, own_pin: &str) -> Result<MemberId, JoinError> {
+        if self.members.len() != 3 {
+            return Err(JoinError::Size(self.members.len()));
+        }
+        let mut seen = BTreeSet::new();
+        for member in &self.members {
+            if !seen.insert(member.pin.as_str()) {
+                return Err(JoinError::Repeated(member.pin.clone()));
+            }
+        }
+        self.members
+            .iter()
+            .position(|m| m.pin == own_pin)
+            .map(|i| i as MemberId + 1)
+            .ok_or_else(|| JoinError::NotAMember(own_pin.to_owned()))
+    }
+}
+
+impl TriadSeats {
+    /// Joins the triad: listens for the other members at its own address and starts its Raft
+    /// with its log in `db`; client leases last `window`.
+    pub async fn join(
+        settings: &TriadSettings,
+        identity: Arc<Identity>,
+        db: &Path,
+        window: Duration,
+    ) -> Result<TriadSeats, JoinError> {
+        let id = settings.own_id(&identity.fingerprint())?;
+        let own = &settings.members[(id - 1) as usize];
+        let listener = TcpListener::bind(&own.addr)
+            .await
+            .map_err(|source| JoinError::Listen {
+                addr: own.addr.clone(),
+                source,
+            })?;
+        let members: BTreeMap<MemberId, Member> = settings
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i as MemberId + 1, m.clone()))
+            .collect();
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        // The members' election timeouts do not overlap: the first listed leads a triad whose
+        // members are all up, the second takes over from it (the scenarios rely on knowing).
+        let election_min_ms = 300 + 250 * (id - 1);
+        let timing = TriadTiming {
+            election_min_ms,
+            election_max_ms: election_min_ms + 150,
+            // A keepalive is answered once its renewal commits: a write that cannot commit
+            // must fail well within the client's window, so it can go to the next leader.
+            write_timeout: (window / 3).clamp(Duration::from_millis(300), Duration::from_secs(3)),
+            lease_grace_ms: window_ms,
+            ..TriadTiming::default()
+        };
+        // Only the first member proposes the membership: a new triad is led by it.
+        let member = TriadMember::start(id, members, listener, identity, db, timing, id == 1)
+            .await
+            .map_err(JoinError::Member)?;
+        // The others stand for election only once they have known a leader (or after a while
+        // without one, the first being down).
+        if id != 1 {
+            member.hold_elections(Duration::from_secs(10));
+        }
+        tracing::info!(member = id, "Joined the licence server triad");
+        Ok(TriadSeats {
+            member,
+            holders: Mutex::default(),
+            window_ms,
+        })
+    }
+
+    /// Whether this member leads now (only the leader serves client runtimes).
+    pub fn leads(&self) -> bool {
+        self.member.leads()
+    }
+
+    /// This member's number and the leader's, as it knows.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "member": self.member.id(),
+            "leader": self.member.leader(),
+            "leads": self.member.leads(),
+            "applied": self.member.applied_index(),
+        })
+    }
+
+    /// Changes of this member's Raft state (to notice losing the lead).
+    pub fn states(&self) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<MemberId, Member>> {
+        self.member.metrics()
+    }
+
+    fn holder_lock(&self, holder: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(holders.entry(holder.to_owned()).or_default())
+    }
+
+    /// Takes the ledger seat `request` of `product` (of `quantity`) for `holder`; a seat the
+    /// holder has already is that seat.
+    pub async fn take(
+        &self,
+        holder: &str,
+        request: u64,
+        product: ProductKey,
+        quantity: u32,
+    ) -> Result<(), SeatRefusal> {
+        let lock = self.holder_lock(holder);
+        let _taking = lock.read().await;
+        let command = LedgerCommand::Grant {
+            request,
+            product: ledger_product(product),
+            quantity,
+            holder: holder.to_owned(),
+            lease_ms: self.window_ms,
+        };
+        match self.member.submit(command).await {
+            Ok(LedgerOutcome::Granted { .. }) => Ok(()),
+            Ok(LedgerOutcome::NoSeat { .. }) => Err(SeatRefusal::NoSeat),
+            Ok(other) => Err(SeatRefusal::Unreachable(TriadError::Stopped(format!(
+                "unexpected answer {other:?}"
+            )))),
+            Err(e) => Err(SeatRefusal::Unreachable(e)),
+        }
+    }
+
+    /// Renews `holder`'s seats named by `seats()` (read under the holder's lock) for one window
+    /// and ends its others; the seats kept.
+    pub async fn reclaim(
+        &self,
+        holder: &str,
+        seats: impl FnOnce() -> Vec<u64>,
+    ) -> Result<BTreeSet<u64>, TriadError> {
+        let lock = self.holder_lock(holder);
+        let _reclaiming = lock.write().await;
+        let requests = seats();
+        let command = LedgerCommand::Reclaim {
+            holder: holder.to_owned(),
+            requests,
+            lease_ms: self.window_ms,
+        };
+        match self.member.submit(command).await? {
+            LedgerOutcome::Reclaimed { kept } => Ok(kept.into_iter().map(|(r, _)| r).collect()),
+            other => Err(TriadError::Stopped(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// The seat events this member's ledger applied (for a run's history).
+    pub fn history(&self) -> Vec<meter_core::seat_ledger::SeatEvent> {
+        self.member.ledger().events()
+    }
+
+    /// Stops the member.
+    pub async fn stop(self) {
+        self.member.stop().await;
+    }
+}

@@ -1,0 +1,246 @@
+//! The daemon as a triad member: joining (at the administrator's word, and again at every
+//! start), the triad seats of the grants it makes for client runtimes, and letting its client
+//! runtimes go when it stops leading.
+
+use std::sync::Arc;
+
+use meter_core::allocation::ProductKey;
+use meter_core::reason::Reason;
+use meter_core::usage::UsageKind;
+use openraft::ServerState;
+
+use crate::daemon::{Holder, Runtime, State};
+use crate::protocol::FromServer;
+use crate::store::Change;
+use crate::triad_server::{JoinError, SeatRefusal, TRIAD_META_KEY, TriadSeats, TriadSettings};
+
+/// Why this runtime cannot join a triad.
+#[derive(Debug, thiserror::Error)]
+pub enum TriadJoinError {
+    /// Only a network server joins a triad.
+    #[error("This runtime is not a network server (start it with --server)")]
+    NotAServer,
+    /// The server's TLS identity cannot be read.
+    #[error("Cannot read the server's TLS identity")]
+    Identity(#[source] crate::tls::TlsError),
+    /// The triad refused or failed.
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    /// The settings could not be kept.
+    #[error("The triad settings were not saved")]
+    Store(#[source] crate::store::StoreError),
+}
+
+fn weakened() -> bool {
+    crate::weakened::is(crate::weakened::Defence::TriadQuorum)
+}
+
+/// The seat of one grant held here: its ledger request, product and quantity.
+fn seat_of(state: &State, handle: u64) -> Option<(u64, ProductKey, u32)> {
+    let record = state.grants.get(&handle)?;
+    let Holder::Remote { client_handle, .. } = &record.holder else {
+        return None;
+    };
+    let allocation = state.table.allocation(record.table_handle?)?;
+    let rules = state
+        .table
+        .rules_of(&allocation.container, record.product)?;
+    let request =
+        crate::triad_server::seat_request(&rules, record.product, &record.station, *client_handle)?;
+    Some((request, record.product, rules.capacity()?))
+}
+
+/// The seats of every grant a client runtime holds here.
+fn seats_of(state: &State, runtime: &str) -> Vec<u64> {
+    let mut seats: Vec<u64> = state
+        .grants
+        .iter()
+        .filter(|(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime))
+        .filter_map(|(handle, _)| seat_of(state, *handle).map(|(request, ..)| request))
+        .collect();
+    seats.sort_unstable();
+    seats.dedup();
+    seats
+}
+
+impl Runtime {
+    /// The triad this server is a member of, if any.
+    pub(crate) fn triad(&self) -> Option<&Arc<TriadSeats>> {
+        self.triad.get()
+    }
+
+    /// Joins the triad `settings` names (kept in the state when `keep`, so every start joins
+    /// again); what the member reports.
+    pub async fn join_triad(
+        self: &Arc<Self>,
+        settings: TriadSettings,
+        keep: bool,
+    ) -> Result<serde_json::Value, TriadJoinError> {
+        if self
+            .server_info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err(TriadJoinError::NotAServer);
+        }
+        if self.triad.get().is_some() {
+            return Err(JoinError::Joined.into());
+        }
+        let identity = crate::tls::load_or_create_identity(&self.settings.state_dir)
+            .map_err(TriadJoinError::Identity)?;
+        let db = self.settings.state_dir.join("triad.redb");
+        let seats =
+            TriadSeats::join(&settings, Arc::new(identity), &db, self.settings.keepalive).await?;
+        if keep {
+            let bytes = serde_json::to_vec(&settings).unwrap_or_default();
+            if let Err(e) = self
+                .store
+                .commit(vec![Change::PutMeta(TRIAD_META_KEY.into(), bytes)])
+                .await
+            {
+                seats.stop().await;
+                return Err(TriadJoinError::Store(e));
+            }
+        }
+        let seats = Arc::new(seats);
+        let described = seats.describe();
+        if self.triad.set(Arc::clone(&seats)).is_err() {
+            return Err(JoinError::Joined.into());
+        }
+        self.watch_leadership(&seats);
+        Ok(described)
+    }
+
+    /// Lets every linked client runtime go when this member stops leading (they go on with
+    /// the new leader).
+    fn watch_leadership(self: &Arc<Self>, seats: &TriadSeats) {
+        let mut states = seats.states();
+        let runtime = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut led = false;
+            while states.changed().await.is_ok() {
+                let leads = states.borrow().state == ServerState::Leader;
+                if led && !leads {
+                    let Some(runtime) = runtime.upgrade() else {
+                        return;
+                    };
+                    tracing::warn!("This member no longer leads the triad; its stations go");
+                    runtime.let_stations_go();
+                }
+                led = leads;
+            }
+        });
+    }
+
+    /// Tells every linked client runtime to go elsewhere (their links end).
+    fn let_stations_go(&self) {
+        let state = self.lock();
+        for link in state.links.values() {
+            let _ = link.events.send(FromServer::Refused {
+                reason: Reason::ServerUnreachable,
+            });
+        }
+    }
+
+    /// Whether a client runtime's hello is refused because this member does not lead.
+    pub(crate) fn refuses_hello(&self) -> bool {
+        self.triad().is_some_and(|triad| !triad.leads()) && !weakened()
+    }
+
+    /// Takes the triad seat of a grant just made here for `runtime`; the reason to withdraw
+    /// it otherwise.
+    pub(crate) async fn take_triad_seat(&self, runtime: &str, handle: u64) -> Result<(), Reason> {
+        let Some(triad) = self.triad() else {
+            return Ok(());
+        };
+        let Some((request, product, quantity)) = seat_of(&self.lock(), handle) else {
+            return Ok(());
+        };
+        match triad.take(runtime, request, product, quantity).await {
+            Ok(()) => Ok(()),
+            Err(SeatRefusal::NoSeat) => Err(Reason::QuantityExhausted),
+            Err(SeatRefusal::Unreachable(_)) if weakened() => Ok(()),
+            Err(SeatRefusal::Unreachable(e)) => {
+                tracing::warn!(runtime, error = %e, "Triad seat not taken");
+                Err(Reason::ServerUnreachable)
+            }
+        }
+    }
+
+    /// Renews a client runtime's triad seats and gives back those whose grants ended here;
+    /// false when the triad did not commit it (the runtime must go to the leader).
+    pub(crate) async fn renew_triad_seats(&self, runtime: &str) -> bool {
+        let Some(triad) = self.triad() else {
+            return true;
+        };
+        match triad
+            .reclaim(runtime, || seats_of(&self.lock(), runtime))
+            .await
+        {
+            Ok(_) => true,
+            Err(_) if weakened() => true,
+            Err(e) => {
+                tracing::warn!(runtime, error = %e, "Triad seats not renewed");
+                false
+            }
+        }
+    }
+
+    /// After a client runtime's hello: re-claims the triad seats of the grants it kept here,
+    /// takes seats anew for those the triad no longer held, and moves those it cannot seat to
+    /// `lost`; false when the triad did not commit (the hello is refused).
+    pub(crate) async fn reclaim_triad_seats(
+        self: &Arc<Self>,
+        runtime: &str,
+        restored: &mut Vec<(u64, u64)>,
+        lost: &mut Vec<(u64, Reason)>,
+    ) -> bool {
+        let Some(triad) = self.triad() else {
+            return true;
+        };
+        let kept = match triad
+            .reclaim(runtime, || seats_of(&self.lock(), runtime))
+            .await
+        {
+            Ok(kept) => kept,
+            Err(_) if weakened() => return true,
+            Err(e) => {
+                tracing::warn!(runtime, error = %e, "Triad seats not re-claimed");
+                return false;
+            }
+        };
+        let mut seated = Vec::new();
+        for (client_handle, handle) in std::mem::take(restored) {
+            let seat = seat_of(&self.lock(), handle);
+            let refusal = match seat {
+                Some((request, ..)) if kept.contains(&request) => None,
+                None => None,
+                Some(_) => self.take_triad_seat(runtime, handle).await.err(),
+            };
+            match refusal {
+                None => seated.push((client_handle, handle)),
+                Some(Reason::ServerUnreachable) if !weakened() => return false,
+                Some(reason) => {
+                    let _ = self
+                        .end_grant_of(handle, Some(runtime), false, UsageKind::Reclaim)
+                        .await;
+                    lost.push((client_handle, reason));
+                }
+            }
+        }
+        *restored = seated;
+        true
+    }
+
+    /// What this member reports: its number, the leader, and (with `history`) the seat events
+    /// its ledger applied.
+    pub fn triad_status(&self, history: bool) -> Option<serde_json::Value> {
+        let triad = self.triad()?;
+        let mut status = triad.describe();
+        if history {
+            status["history"] = serde_json::to_value(triad.history()).unwrap_or_default();
+        }
+        Some(status)
+    }
+}
