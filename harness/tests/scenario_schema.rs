@@ -27,6 +27,7 @@ hosts:
     identity: { board-serial: B-1, product-uuid: 4c4c4544-0001, product-serial: P-1,
                 disk-serials: [D-1, D-2], macs: ["52:54:00:00:00:01"] }
   - { name: host-b, role: terminal-server, cpu: { vendor: AuthenticAMD, model: "EPYC 7543" } }
+  - { name: host-c, cpu: { vendor: AuthenticAMD, model: "EPYC 7543" } }
 guests:
   - { name: vm1, host: host-a, identity: { macs: ["52:54:00:00:01:01"] } }
   - { name: vm2, host: host-a, role: terminal-server }
@@ -91,6 +92,9 @@ steps:
   - release: app2
   - session-close: sess1
   - drop-session-table: vm1
+  - server-start: { machine: host-b }
+  - server-start: { machine: host-c }
+  - triad: [host-a, host-b, host-c]
   - server-crash: host-a
   - server-stop: host-a
   - migrate: { machine: vm1, host: host-b }

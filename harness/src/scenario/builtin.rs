@@ -68,6 +68,8 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("remote-revocation"),
     builtin!("server-flood"),
     builtin!("server-crash"),
+    builtin!("triad-failover"),
+    builtin!("triad-split-brain"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),

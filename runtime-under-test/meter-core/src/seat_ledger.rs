@@ -198,7 +198,7 @@ impl SeatLedger {
                     return (outcome, events);
                 }
                 let in_use = self.in_use(*product);
-                let outcome = if in_use >= *quantity {
+                if in_use >= *quantity {
                     LedgerOutcome::NoSeat { in_use }
                 } else {
                     let lease = self.next_lease;
@@ -221,8 +221,7 @@ impl SeatLedger {
                         at_ms: now,
                     });
                     LedgerOutcome::Granted { lease, until_ms }
-                };
-                outcome
+                }
             }
             LedgerCommand::Reclaim {
                 holder,

@@ -534,7 +534,10 @@ async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) 
             // back off only after a round of all three.
             Err(e) if server.next_endpoint() => {
                 tracing::debug!(server = %server.addr, error = %e, "Triad member not serving; trying the next");
-                let round = server.current.load(Ordering::Relaxed) % server.endpoints.len() == 0;
+                let round = server
+                    .current
+                    .load(Ordering::Relaxed)
+                    .is_multiple_of(server.endpoints.len());
                 if !round {
                     backoff = Duration::from_millis(20);
                 }

@@ -170,16 +170,25 @@ impl Runtime {
 
     /// Renews a client runtime's triad seats and gives back those whose grants ended here;
     /// false when the triad did not commit it (the runtime must go to the leader).
-    pub(crate) async fn renew_triad_seats(&self, runtime: &str) -> bool {
+    pub(crate) async fn renew_triad_seats(self: &Arc<Self>, runtime: &str) -> bool {
         let Some(triad) = self.triad() else {
             return true;
         };
+        if weakened() {
+            // Weakened: answered on the member's own word, the renewal committed if it can be.
+            let (me, triad, runtime) = (Arc::clone(self), Arc::clone(triad), runtime.to_owned());
+            tokio::spawn(async move {
+                let _ = triad
+                    .reclaim(&runtime, || seats_of(&me.lock(), &runtime))
+                    .await;
+            });
+            return true;
+        }
         match triad
             .reclaim(runtime, || seats_of(&self.lock(), runtime))
             .await
         {
             Ok(_) => true,
-            Err(_) if weakened() => true,
             Err(e) => {
                 tracing::warn!(runtime, error = %e, "Triad seats not renewed");
                 false
