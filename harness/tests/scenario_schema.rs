@@ -95,6 +95,7 @@ steps:
   - server-start: { machine: host-b }
   - server-start: { machine: host-c }
   - triad: [host-a, host-b, host-c]
+  - expect: { seat-history: { product: 1001, at-most: 2 } }
   - server-crash: host-a
   - server-stop: host-a
   - migrate: { machine: vm1, host: host-b }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::world::World;
-use crate::backend::{AppStatus, Caller};
+use crate::backend::{AppStatus, Caller, Power};
 use crate::runtime::{self, AccessAnswer};
 use crate::scenario::{self as sc, Assertion};
 
@@ -84,7 +84,105 @@ impl World {
             Assertion::Responsive(machine) => self.check_responsive(&machine.value),
             Assertion::Usage(a) => self.check_usage(a),
             Assertion::UsageLog(a) => self.check_usage_log(a),
+            Assertion::SeatHistory(a) => self.check_seat_history(a),
         }
+    }
+
+    fn check_seat_history(&mut self, a: &sc::SeatHistoryAssertion) -> Check {
+        let product = a.product.value;
+        let summary = format!(
+            "the triad's committed seats of product {product} never exceeded {}, and every app holding one has it there",
+            a.at_most
+        );
+        let expected = format!("at most {} at once; no app without its seat", a.at_most);
+        match self.seat_history_findings(product, a.at_most) {
+            Ok(findings) => Check {
+                holds: findings.is_empty(),
+                summary,
+                expected,
+                actual: if findings.is_empty() {
+                    "as expected".to_owned()
+                } else {
+                    findings.join("; ")
+                },
+            },
+            Err(e) => Check {
+                holds: false,
+                summary,
+                expected,
+                actual: format!("error: {e}"),
+            },
+        }
+    }
+
+    /// What is wrong with the triads' committed history of `product` (nothing: empty).
+    fn seat_history_findings(
+        &mut self,
+        product: u32,
+        at_most: u32,
+    ) -> Result<Vec<String>, crate::backend::BackendError> {
+        let mut findings = Vec::new();
+        let mut holders = std::collections::BTreeSet::new();
+        let triads = self.triads.clone();
+        let members: std::collections::BTreeSet<&String> = triads.iter().flatten().collect();
+        for triad in &triads {
+            // Every member committed one log: the longest history it still holds is read.
+            let mut longest: Option<(String, super::seat_history::SeatHistory)> = None;
+            for member in triad {
+                if self.backend.power(member)? != Power::Running {
+                    continue;
+                }
+                let status = self.backend.triad_history(member)?;
+                let events = status
+                    .get("history")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let read = super::seat_history::read(&events, product);
+                if longest.as_ref().is_none_or(|(_, l)| read.events > l.events) {
+                    longest = Some((member.clone(), read));
+                }
+            }
+            let Some((member, read)) = longest else {
+                findings.push(format!("no member of {} runs", triad.join(", ")));
+                continue;
+            };
+            if read.peak > at_most {
+                findings.push(format!("{} seats at once on {member}'s history", read.peak));
+            }
+            findings.extend(read.anomalies.iter().map(|a| format!("{member}: {a}")));
+            holders.extend(read.holders);
+        }
+        // An app a triad answered must hold its seat in the history: granted and then lost
+        // would let another take it.
+        let apps: Vec<(String, String)> = self
+            .apps
+            .iter()
+            .filter(|(_, app)| app.product == product && app.killed_at.is_none())
+            .filter(|(_, app)| matches!(app.answer, Some(AccessAnswer::Granted { .. })))
+            .filter(|(_, app)| !members.contains(&app.machine))
+            .map(|(name, app)| (name.clone(), app.machine.clone()))
+            .collect();
+        for (app, machine) in apps {
+            if self.backend.power(&machine)? != Power::Running
+                || self.backend.app_status(&app)? != crate::backend::AppStatus::Running
+                || runtime::revocation_in(&self.backend.app_output(&app)?).is_some()
+            {
+                continue;
+            }
+            let status = runtime::status(self.backend.as_mut(), &machine)?;
+            let id = status
+                .pointer("/machine/runtime_id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            if !holders.contains(&id) {
+                findings.push(format!(
+                    "{app} on {machine} runs with a seat no triad's history holds"
+                ));
+            }
+        }
+        Ok(findings)
     }
 
     fn check_holders(&mut self, a: &sc::HoldersAssertion) -> Check {

@@ -2,6 +2,7 @@
 //! virtual clock, checks assertions, and streams every step and assertion as an [`Event`].
 
 mod assertions;
+mod seat_history;
 pub mod shard;
 mod usage_checks;
 mod world;

@@ -1434,6 +1434,9 @@ pub enum Assertion {
     Usage(UsageAssertion),
     /// What verifying a runtime's usage log finds (`meter usage verify`).
     UsageLog(UsageLogAssertion),
+    /// A triad's committed seat history never exceeded a quantity, and every app holding a
+    /// seat has it there.
+    SeatHistory(SeatHistoryAssertion),
 }
 
 impl Assertion {
@@ -1452,11 +1455,12 @@ impl Assertion {
             Assertion::Responsive(_) => "responsive",
             Assertion::Usage(_) => "usage",
             Assertion::UsageLog(_) => "usage-log",
+            Assertion::SeatHistory(_) => "seat-history",
         }
     }
 
     /// Every assertion key.
-    pub const KEYWORDS: [&'static str; 12] = [
+    pub const KEYWORDS: [&'static str; 13] = [
         "granted",
         "denied",
         "in-use",
@@ -1469,6 +1473,7 @@ impl Assertion {
         "responsive",
         "usage",
         "usage-log",
+        "seat-history",
     ];
 }
 
@@ -1524,6 +1529,16 @@ pub struct HoldersAssertion {
     /// Product code.
     pub product: ProductCode,
     /// Most apps (on every machine together) that may have held it at once.
+    pub at_most: u32,
+}
+
+/// `seat-history`: what the triads' members committed for a product over the whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SeatHistoryAssertion {
+    /// Product code.
+    pub product: ProductCode,
+    /// Most seats the committed history may ever have had running at once.
     pub at_most: u32,
 }
 
@@ -1692,6 +1707,9 @@ struct ExpectKeys {
     /// What verifying a usage log finds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     usage_log: Option<UsageLogAssertion>,
+    /// A triad's committed seat history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seat_history: Option<SeatHistoryAssertion>,
 }
 
 fn single_key_schema(key: &str, description: &str, value: schemars::Schema) -> schemars::Schema {
@@ -1775,6 +1793,11 @@ impl JsonSchema for Assertion {
                 generator.subschema_for::<UsageAssertion>(),
             ),
             single_key_schema(
+                "seat-history",
+                "A triad's committed seat history never exceeded a quantity, and every app holding a seat has it there.",
+                generator.subschema_for::<SeatHistoryAssertion>(),
+            ),
+            single_key_schema(
                 "usage-log",
                 "What verifying a runtime's usage log finds (`meter usage verify`).",
                 generator.subschema_for::<UsageLogAssertion>(),
@@ -1805,6 +1828,7 @@ impl TryFrom<ExpectKeys> for Assertion {
             responsive,
             usage,
             usage_log,
+            seat_history,
         } = keys;
         let mut found: Vec<Assertion> = Vec::new();
         if let Some(app) = granted {
@@ -1834,6 +1858,7 @@ impl TryFrom<ExpectKeys> for Assertion {
         found.extend(responsive.map(Assertion::Responsive));
         found.extend(usage.map(Assertion::Usage));
         found.extend(usage_log.map(Assertion::UsageLog));
+        found.extend(seat_history.map(Assertion::SeatHistory));
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(format!(
@@ -1872,6 +1897,7 @@ impl From<Assertion> for ExpectKeys {
             Assertion::Responsive(m) => keys.responsive = Some(m),
             Assertion::Usage(a) => keys.usage = Some(a),
             Assertion::UsageLog(a) => keys.usage_log = Some(a),
+            Assertion::SeatHistory(a) => keys.seat_history = Some(a),
         }
         keys
     }

@@ -1714,6 +1714,17 @@ impl<'a> Checker<'a> {
             Assertion::Holders(holders) => {
                 self.product(&holders.product);
             }
+            Assertion::SeatHistory(history) => {
+                self.product(&history.product);
+                if self.triad_members.is_empty() {
+                    self.report(
+                        history.product.at,
+                        "`seat-history` reads a triad's committed seats, and no `triad` was formed before this step",
+                        "no triad",
+                        Some("form one first: `triad: [a, b, c]`".into()),
+                    );
+                }
+            }
             Assertion::Responsive(machine) => {
                 self.running(machine);
             }

@@ -21,8 +21,8 @@ pub enum LedgerCommand {
     Grant {
         /// The asker's id for this request (the same on a retry).
         request: u64,
-        /// Product code.
-        product: u32,
+        /// Product: its firm in the high 32 bits, its code in the low.
+        product: u64,
         /// Seats the licence has across the triad.
         quantity: u32,
         /// Who holds it: a station's runtime identity.
@@ -109,8 +109,8 @@ pub enum LedgerOutcome {
 /// One seat held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
-    /// Product code.
-    pub product: u32,
+    /// Product (firm and code).
+    pub product: u64,
     /// Holder's identity.
     pub holder: String,
     /// The holder's request that took it.
@@ -128,8 +128,8 @@ pub enum SeatEvent {
     Granted {
         /// The lease.
         lease: u64,
-        /// Product code.
-        product: u32,
+        /// Product (firm and code).
+        product: u64,
         /// Holder.
         holder: String,
         /// When.
@@ -285,7 +285,7 @@ impl SeatLedger {
     }
 
     /// Seats of `product` held now.
-    pub fn in_use(&self, product: u32) -> u32 {
+    pub fn in_use(&self, product: u64) -> u32 {
         let held = self
             .leases
             .values()

@@ -120,11 +120,10 @@ pub fn seat_request(
     Some(u64::from_le_bytes(first))
 }
 
-/// The ledger's product number of a product key.
-fn ledger_product(product: ProductKey) -> u32 {
-    // Firm and code together, folded: products of one triad are few, and a collision only
-    // ever counts two products as one (stricter, never looser).
-    product.code ^ product.firm.rotate_left(16)
+/// The ledger's product number of a product key: its firm in the high half, its code in the
+/// low.
+fn ledger_product(product: ProductKey) -> u64 {
+    (u64::from(product.firm) << 32) | u64::from(product.code)
 }
 
 impl TriadSettings {

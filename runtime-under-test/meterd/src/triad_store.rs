@@ -295,7 +295,7 @@ impl RaftLogStorage<TriadConfig> for TriadLog {
 
 impl TriadLedger {
     /// Seats of `product` held now on this member's copy of the ledger.
-    pub async fn in_use(&self, product: u32) -> u32 {
+    pub async fn in_use(&self, product: u64) -> u32 {
         self.applied.lock().await.ledger.in_use(product)
     }
 

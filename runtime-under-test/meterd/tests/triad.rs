@@ -12,7 +12,7 @@ use meterd::triad::{TriadError, TriadTiming};
 use meterd::triad_local::LoopbackTriad;
 use meterd::triad_types::MemberId;
 
-const PRODUCT: u32 = 1001;
+const PRODUCT: u64 = 1001;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn timing() -> TriadTiming {
