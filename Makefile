@@ -77,6 +77,7 @@ bench:
 	$(CARGO) run --release -q -p meterd --example server-bench
 	$(CARGO) run --release -q -p meterd --features weakened --example server-bench -- --owner-check
 	$(CARGO) run --release -q -p meterd --example server-bench -- --rules-log
+	$(CARGO) run --release -q -p meterd --example server-bench -- --triad
 	./scripts/redis-baseline.sh reports/bench
 	$(CARGO) run --release -q -p meterd --example dongle-release-bench
 	$(CARGO) run --release -q -p meterd --example triad-bench

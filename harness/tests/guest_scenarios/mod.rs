@@ -131,6 +131,7 @@ macro_rules! guest_scenarios {
         #[case::remote_revocation("remote-revocation")]
         #[case::server_flood("server-flood")]
         #[case::server_crash("server-crash")]
+        #[case::triad_split_brain("triad-split-brain")]
         #[case::station_spoof("station-spoof")]
         #[case::dongle_host_server("dongle-host-server")]
         #[case::dongle_exclusive_guest("dongle-exclusive-guest")]

@@ -283,3 +283,82 @@ impl TriadSeats {
         self.member.stop().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meter_core::policy::Allowance;
+
+    fn rules(counting: Counting) -> ItemRules {
+        ItemRules {
+            quantity: 2,
+            counting,
+            virtual_machines: Allowance::Allow,
+            terminal_server: Allowance::Allow,
+            expires_at: None,
+        }
+    }
+
+    const PRODUCT: ProductKey = ProductKey {
+        firm: 10,
+        code: 1001,
+    };
+
+    #[test]
+    fn a_stations_accesses_share_one_seat_and_user_limit_accesses_do_not() {
+        let station = StationId::machine("vm1");
+        let share = rules(Counting::StationShare);
+        assert_eq!(
+            seat_request(&share, PRODUCT, &station, 1),
+            seat_request(&share, PRODUCT, &station, 2)
+        );
+        assert_ne!(
+            seat_request(&share, PRODUCT, &station, 1),
+            seat_request(&share, PRODUCT, &StationId::machine("vm2"), 1)
+        );
+        let limit = rules(Counting::UserLimit);
+        assert_ne!(
+            seat_request(&limit, PRODUCT, &station, 1),
+            seat_request(&limit, PRODUCT, &station, 2)
+        );
+        assert_eq!(
+            seat_request(&rules(Counting::NoCount), PRODUCT, &station, 1),
+            None
+        );
+    }
+
+    #[test]
+    fn a_member_finds_itself_by_its_pin_and_a_triad_has_three_distinct_members() {
+        let member = |pin: &str| Member {
+            addr: "127.0.0.1:1".into(),
+            pin: pin.into(),
+        };
+        let settings = TriadSettings {
+            members: vec![member("a"), member("b"), member("c")],
+        };
+        assert_eq!(settings.own_id("b").unwrap(), 2);
+        assert!(matches!(
+            settings.own_id("d"),
+            Err(JoinError::NotAMember(_))
+        ));
+        let two = TriadSettings {
+            members: vec![member("a"), member("b")],
+        };
+        assert!(matches!(two.own_id("a"), Err(JoinError::Size(2))));
+        let repeated = TriadSettings {
+            members: vec![member("a"), member("a"), member("c")],
+        };
+        assert!(matches!(repeated.own_id("a"), Err(JoinError::Repeated(_))));
+    }
+
+    #[test]
+    fn ledger_products_keep_firms_apart() {
+        assert_ne!(
+            ledger_product(PRODUCT),
+            ledger_product(ProductKey {
+                firm: 11,
+                code: 1001
+            })
+        );
+    }
+}

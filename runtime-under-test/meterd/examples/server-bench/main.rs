@@ -5,10 +5,13 @@
 //! writes nothing. Built with `--features weakened` and run with `-- --owner-check`, it measures
 //! the cost of the owner check instead (reports/bench/owner-check.json; see `owner_check.rs`).
 //! With `-- --rules-log` it measures the cost of 50 access rules and the usage log, and a usage
-//! report over a million records (reports/bench/rules-log.json; see `rules_log.rs`).
+//! report over a million records (reports/bench/rules-log.json; see `rules_log.rs`). With
+//! `-- --triad` it compares a triad of servers with one server and times failovers
+//! (reports/bench/triad-server.json; see `triad.rs`).
 
 mod owner_check;
 mod rules_log;
+mod triad;
 
 /// The allocator the shipped daemon uses (the bench runs the daemon in this executable).
 #[global_allocator]
@@ -493,6 +496,9 @@ async fn bench() -> anyhow::Result<()> {
 
     if std::env::args().any(|a| a == "--owner-check") {
         return owner_check::run(work.path(), &certificate, &licence.to_json()).await;
+    }
+    if std::env::args().any(|a| a == "--triad") {
+        return triad::run(work.path(), &certificate, &licence).await;
     }
     if std::env::args().any(|a| a == "--rules-log") {
         return rules_log::run(work.path(), &certificate, &licence.to_json()).await;
