@@ -558,6 +558,13 @@ impl Runtime {
         }
     }
 
+    /// Grants wait for no re-claims any more: a triad's seats are in its replicated ledger, not
+    /// in this member's memory, so nothing a restart lost needs them.
+    pub(crate) fn stop_awaiting_reclaims(&self) {
+        self.lock().awaiting_reconnect.clear();
+        self.reclaims_awaited.store(false, Ordering::SeqCst);
+    }
+
     /// Who the process `pid` is, as far as licensing cares.
     pub fn identify(&self, pid: u32, uid: u32) -> Result<Caller, anyhow::Error> {
         let process = process_session_and_start(pid)?;

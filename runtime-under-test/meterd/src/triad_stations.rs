@@ -109,6 +109,7 @@ impl Runtime {
             return Err(JoinError::Joined.into());
         }
         self.watch_leadership(&seats);
+        self.stop_awaiting_reclaims();
         Ok(described)
     }
 

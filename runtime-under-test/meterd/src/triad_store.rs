@@ -222,7 +222,13 @@ impl RaftLogStorage<TriadConfig> for TriadLog {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<MemberId>>, TriadStorageError> {
-        self.state(VOTE)
+        // Read once, at start: a member does not resume a leadership it held before it stopped
+        // (the others may have elected another meanwhile, and a stale leader's term only
+        // delays the election); it stands for election again like any member.
+        Ok(self.state::<Vote<MemberId>>(VOTE)?.map(|mut vote| {
+            vote.committed = false;
+            vote
+        }))
     }
 
     async fn save_committed(
