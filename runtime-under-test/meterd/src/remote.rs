@@ -524,23 +524,37 @@ async fn until(deadline: Option<Instant>) {
 
 async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) {
     let mut backoff = Duration::from_millis(100);
+    // A triad's back-off after a whole round of its members, doubling to 400 ms.
+    let mut round_backoff = Duration::from_millis(20);
     loop {
         let Some(rt) = runtime.upgrade() else { return };
         let ended = run_link(&rt, &server).await;
         server.connected.store(false, Ordering::Relaxed);
         match ended {
-            Ok(()) => backoff = Duration::from_millis(100),
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                round_backoff = Duration::from_millis(20);
+            }
             // A triad member that does not lead (or is down): try the next one at once, and
             // back off only after a round of all three.
             Err(e) if server.next_endpoint() => {
                 tracing::debug!(server = %server.addr, error = %e, "Triad member not serving; trying the next");
+                // A refusal of this runtime itself (not "ask the leader") is kept for accesses.
+                if let LinkEnd::Refused(reason) = &e
+                    && *reason != Reason::ServerUnreachable
+                {
+                    server.set_refusal(Some(*reason));
+                }
                 let round = server
                     .current
                     .load(Ordering::Relaxed)
                     .is_multiple_of(server.endpoints.len());
-                if !round {
-                    backoff = Duration::from_millis(20);
-                }
+                backoff = if round {
+                    round_backoff = (round_backoff * 2).min(Duration::from_millis(400));
+                    round_backoff
+                } else {
+                    Duration::from_millis(20)
+                };
             }
             Err(LinkEnd::Refused(reason)) => {
                 tracing::warn!(server = %server.addr, %reason, "Server refused this runtime");
@@ -559,11 +573,9 @@ async fn keep_linked<R: LinkOwner>(runtime: Weak<R>, server: Arc<RemoteServer>) 
             rt.lease_lapsed(&server.addr).await;
         }
         drop(rt);
-        backoff = (backoff * 2).min(if server.endpoints.len() > 1 {
-            Duration::from_millis(400)
-        } else {
-            Duration::from_secs(2)
-        });
+        if server.endpoints.len() == 1 {
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 }
 

@@ -72,6 +72,7 @@ impl Runtime {
         let peer = peer_text.as_str();
         let mut restored = Vec::new();
         let mut lost = Vec::new();
+        let mut claimed_seats = Vec::new();
         let mut changes = Vec::new();
         let generation;
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -96,6 +97,12 @@ impl Runtime {
             };
             changes.extend(admission.changes);
             let station_machine = admission.station_machine;
+            if self.triad().is_some() {
+                claimed_seats = claims
+                    .iter()
+                    .filter_map(|claim| crate::triad_stations::claim_seat(&state, claim))
+                    .collect();
+            }
             state.link_generation += 1;
             generation = state.link_generation;
             state.awaiting_reconnect.remove(runtime);
@@ -169,7 +176,7 @@ impl Runtime {
             tracing::error!(error = %e, "Reconnect not recorded");
         }
         if !self
-            .reclaim_triad_seats(runtime, &mut restored, &mut lost)
+            .reclaim_triad_seats(runtime, claimed_seats, &mut restored, &mut lost)
             .await
         {
             let departure = Departure::Closed {

@@ -184,19 +184,20 @@ pub async fn daemon_main(args: DaemonArgs) -> anyhow::Result<()> {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some((bound.to_string(), identity.fingerprint()));
         tracing::info!(listen = %bound, fingerprint = %identity.fingerprint(), "Network server up");
-        tokio::spawn(server::serve(
-            Arc::clone(&runtime),
-            tcp,
-            config,
-            args.max_connections,
-        ));
-        // A triad member joins again and catches up with the others.
+        // A triad member joins again before it serves anyone: until then it would answer as a
+        // lone server, with seats the triad does not count.
         if let Some(triad) = triad {
             runtime
                 .join_triad(triad, false)
                 .await
                 .context("Cannot join the triad again")?;
         }
+        tokio::spawn(server::serve(
+            Arc::clone(&runtime),
+            tcp,
+            config,
+            args.max_connections,
+        ));
     }
 
     let ready = args.state.join("meterd.ready");

@@ -100,6 +100,14 @@ async fn open_store(db: &Path) -> Result<(TriadLog, TriadLedger), TriadError> {
     }
 }
 
+/// Milliseconds since the epoch on this machine's wall clock.
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
 /// A running member.
 pub struct TriadMember {
     id: MemberId,
@@ -109,6 +117,10 @@ pub struct TriadMember {
     server: JoinHandle<()>,
     /// The last term whose grace this member committed as its leader.
     graced_term: tokio::sync::Mutex<u64>,
+    /// The wall-clock time and the instant this member's lead began: within a term entries
+    /// are stamped from the monotonic clock, so a step of the leader's wall clock (root can
+    /// set it) cannot expire leases early.
+    stamp_base: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 impl TriadMember {
@@ -191,6 +203,7 @@ impl TriadMember {
             timing,
             server,
             graced_term: tokio::sync::Mutex::new(0),
+            stamp_base: std::sync::Mutex::new(None),
         })
     }
 
@@ -212,6 +225,8 @@ impl TriadMember {
         if leads {
             let mut graced = self.graced_term.lock().await;
             if *graced < term {
+                *self.stamp_base.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((wall_ms(), std::time::Instant::now()));
                 let lease_ms = self.timing.lease_grace_ms;
                 self.write(LedgerCommand::Grace { lease_ms }).await?;
                 tracing::info!(
@@ -226,12 +241,16 @@ impl TriadMember {
         self.write(command).await
     }
 
-    /// Commits one command stamped with this member's clock.
+    /// Commits one command stamped with this member's clock: the wall clock at the start of
+    /// its lead, plus the monotonic time since.
     async fn write(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or_default();
+        let base = *self.stamp_base.lock().unwrap_or_else(|e| e.into_inner());
+        let at_ms = match base {
+            Some((wall, since)) => {
+                wall.saturating_add(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX))
+            }
+            None => wall_ms(),
+        };
         let write = self.raft.client_write(LedgerEntry { at_ms, command });
         match tokio::time::timeout(self.timing.write_timeout, write).await {
             Err(_) => Err(TriadError::NoQuorum(self.timing.write_timeout)),

@@ -104,9 +104,10 @@ pub fn seat_request(
     hash.update(product.code.to_le_bytes());
     match rules.counting {
         Counting::NoCount => return None,
+        // The holder is the client runtime, which is one machine: its station is its session
+        // (the machine's name as each member's registry knows it may differ between members).
         Counting::StationShare => {
             hash.update(b"station");
-            hash.update(station.machine.as_bytes());
             hash.update(station.session.unwrap_or(u32::MAX).to_le_bytes());
         }
         Counting::UserLimit => {
@@ -178,7 +179,8 @@ impl TriadSeats {
             election_max_ms: election_min_ms + 150,
             // A keepalive is answered once its renewal commits: a write that cannot commit
             // must fail well within the client's window, so it can go to the next leader.
-            write_timeout: (window / 3).clamp(Duration::from_millis(300), Duration::from_secs(3)),
+            // (An eighth: half the time a client waits for a keepalive's answer, a quarter.)
+            write_timeout: (window / 8).clamp(Duration::from_millis(200), Duration::from_secs(3)),
             lease_grace_ms: window_ms,
             ..TriadTiming::default()
         };
@@ -253,22 +255,24 @@ impl TriadSeats {
     }
 
     /// Renews `holder`'s seats named by `seats()` (read under the holder's lock) for one window
-    /// and ends its others; the seats kept.
+    /// and ends its others; the seats named and those the ledger still held.
     pub async fn reclaim(
         &self,
         holder: &str,
         seats: impl FnOnce() -> Vec<u64>,
-    ) -> Result<BTreeSet<u64>, TriadError> {
+    ) -> Result<(Vec<u64>, BTreeSet<u64>), TriadError> {
         let lock = self.holder_lock(holder);
         let _reclaiming = lock.write().await;
         let requests = seats();
         let command = LedgerCommand::Reclaim {
             holder: holder.to_owned(),
-            requests,
+            requests: requests.clone(),
             lease_ms: self.window_ms,
         };
         match self.member.submit(command).await? {
-            LedgerOutcome::Reclaimed { kept } => Ok(kept.into_iter().map(|(r, _)| r).collect()),
+            LedgerOutcome::Reclaimed { kept } => {
+                Ok((requests, kept.into_iter().map(|(r, _)| r).collect()))
+            }
             other => Err(TriadError::Stopped(format!("unexpected answer {other:?}"))),
         }
     }
@@ -312,9 +316,13 @@ mod tests {
             seat_request(&share, PRODUCT, &station, 1),
             seat_request(&share, PRODUCT, &station, 2)
         );
+        let session = StationId {
+            machine: "vm1".into(),
+            session: Some(4),
+        };
         assert_ne!(
             seat_request(&share, PRODUCT, &station, 1),
-            seat_request(&share, PRODUCT, &StationId::machine("vm2"), 1)
+            seat_request(&share, PRODUCT, &session, 1)
         );
         let limit = rules(Counting::UserLimit);
         assert_ne!(

@@ -50,6 +50,18 @@ fn seat_of(state: &State, handle: u64) -> Option<(u64, ProductKey, u32)> {
     Some((request, record.product, rules.capacity()?))
 }
 
+/// The seat a client runtime's claim names (as its grant here would have it), if it takes one.
+pub(crate) fn claim_seat(state: &State, claim: &crate::protocol::Claim) -> Option<u64> {
+    let rules = state
+        .table
+        .items()
+        .into_iter()
+        .find(|item| item.entry.product == claim.product)?
+        .entry
+        .rules;
+    crate::triad_server::seat_request(&rules, claim.product, &claim.station, claim.client_handle)
+}
+
 /// The seats of every grant a client runtime holds here.
 fn seats_of(state: &State, runtime: &str) -> Vec<u64> {
     let mut seats: Vec<u64> = state
@@ -155,7 +167,15 @@ impl Runtime {
         let Some(triad) = self.triad() else {
             return Ok(());
         };
-        let Some((request, product, quantity)) = seat_of(&self.lock(), handle) else {
+        let seat = {
+            let state = self.lock();
+            if !state.grants.contains_key(&handle) {
+                // Ended meanwhile (revoked while it was being confirmed): nothing to answer.
+                return Err(Reason::ServerUnreachable);
+            }
+            seat_of(&state, handle)
+        };
+        let Some((request, product, quantity)) = seat else {
             return Ok(());
         };
         match triad.take(runtime, request, product, quantity).await {
@@ -189,7 +209,16 @@ impl Runtime {
             .reclaim(runtime, || seats_of(&self.lock(), runtime))
             .await
         {
-            Ok(_) => true,
+            Ok((named, kept)) if named.iter().all(|seat| kept.contains(seat)) => true,
+            // A seat its grants here count on is gone from the ledger: the runtime must say
+            // hello again (to whichever member leads), which seats it anew or tells it lost.
+            Ok(_) => {
+                tracing::warn!(
+                    runtime,
+                    "Triad seats no longer held; the station must re-claim"
+                );
+                false
+            }
             Err(e) => {
                 tracing::warn!(runtime, error = %e, "Triad seats not renewed");
                 false
@@ -197,23 +226,30 @@ impl Runtime {
         }
     }
 
-    /// After a client runtime's hello: re-claims the triad seats of the grants it kept here,
-    /// takes seats anew for those the triad no longer held, and moves those it cannot seat to
-    /// `lost`; false when the triad did not commit (the hello is refused).
+    /// After a client runtime's hello: re-claims the triad seats of its claims (`claimed`: a
+    /// claim this member could not restore keeps its seat until the runtime has revoked it),
+    /// takes seats anew for the grants kept here whose seats the triad no longer held, and
+    /// moves those it cannot seat to `lost`; false when the triad did not commit (the hello is
+    /// refused).
     pub(crate) async fn reclaim_triad_seats(
         self: &Arc<Self>,
         runtime: &str,
+        claimed: Vec<u64>,
         restored: &mut Vec<(u64, u64)>,
         lost: &mut Vec<(u64, Reason)>,
     ) -> bool {
         let Some(triad) = self.triad() else {
             return true;
         };
-        let kept = match triad
-            .reclaim(runtime, || seats_of(&self.lock(), runtime))
-            .await
-        {
-            Ok(kept) => kept,
+        let named = || {
+            let mut seats = seats_of(&self.lock(), runtime);
+            seats.extend(claimed);
+            seats.sort_unstable();
+            seats.dedup();
+            seats
+        };
+        let kept = match triad.reclaim(runtime, named).await {
+            Ok((_, kept)) => kept,
             Err(_) if weakened() => return true,
             Err(e) => {
                 tracing::warn!(runtime, error = %e, "Triad seats not re-claimed");
@@ -225,8 +261,8 @@ impl Runtime {
             let seat = seat_of(&self.lock(), handle);
             let refusal = match seat {
                 Some((request, ..)) if kept.contains(&request) => None,
-                None => None,
-                Some(_) => self.take_triad_seat(runtime, handle).await.err(),
+                // No seat to take, or the grant ended meanwhile (then it is lost).
+                _ => self.take_triad_seat(runtime, handle).await.err(),
             };
             match refusal {
                 None => seated.push((client_handle, handle)),

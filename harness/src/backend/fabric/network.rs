@@ -217,11 +217,13 @@ impl Links {
             .filter(move |r| r.client == client && !r.member)
     }
 
-    /// Stops every relay to `server`.
+    /// Stops every client's relay to `server` (links between triad members stay: a member
+    /// whose server starts again listens where it did).
     pub fn drop_to(&mut self, server: &str) {
         let relays = std::mem::take(&mut self.0);
-        let (gone, kept): (Vec<Relay>, Vec<Relay>) =
-            relays.into_iter().partition(|r| r.server == server);
+        let (gone, kept): (Vec<Relay>, Vec<Relay>) = relays
+            .into_iter()
+            .partition(|r| r.server == server && !r.member);
         self.0 = kept;
         for relay in gone {
             relay.stop();
