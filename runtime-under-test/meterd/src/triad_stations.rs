@@ -62,17 +62,25 @@ pub(crate) fn claim_seat(state: &State, claim: &crate::protocol::Claim) -> Optio
     crate::triad_server::seat_request(&rules, claim.product, &claim.station, claim.client_handle)
 }
 
-/// The seats of every grant a client runtime holds here.
-fn seats_of(state: &State, runtime: &str) -> Vec<u64> {
-    let mut seats: Vec<u64> = state
+/// The seats (request, product, quantity) of every grant a client runtime holds here.
+fn seats_held(state: &State, runtime: &str) -> Vec<(u64, ProductKey, u32)> {
+    let mut seats: Vec<(u64, ProductKey, u32)> = state
         .grants
         .iter()
         .filter(|(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime))
-        .filter_map(|(handle, _)| seat_of(state, *handle).map(|(request, ..)| request))
+        .filter_map(|(handle, _)| seat_of(state, *handle))
         .collect();
-    seats.sort_unstable();
-    seats.dedup();
+    seats.sort_unstable_by_key(|(request, ..)| *request);
+    seats.dedup_by_key(|(request, ..)| *request);
     seats
+}
+
+/// The seat requests of every grant a client runtime holds here.
+fn seats_of(state: &State, runtime: &str) -> Vec<u64> {
+    seats_held(state, runtime)
+        .into_iter()
+        .map(|(request, ..)| request)
+        .collect()
 }
 
 impl Runtime {
@@ -205,19 +213,32 @@ impl Runtime {
             });
             return true;
         }
-        match triad
-            .reclaim(runtime, || seats_of(&self.lock(), runtime))
-            .await
-        {
-            Ok((named, kept)) if named.iter().all(|seat| kept.contains(seat)) => true,
-            // A seat its grants here count on is gone from the ledger: the runtime must say
-            // hello again (to whichever member leads), which seats it anew or tells it lost.
-            Ok(_) => {
-                tracing::warn!(
-                    runtime,
-                    "Triad seats no longer held; the station must re-claim"
-                );
-                false
+        let mut held = Vec::new();
+        let reclaimed = triad
+            .reclaim(runtime, || {
+                held = seats_held(&self.lock(), runtime);
+                held.iter().map(|(request, ..)| *request).collect()
+            })
+            .await;
+        match reclaimed {
+            // A seat the ledger does not hold is taken now: a grant still taking it (its table
+            // entry made, its ledger seat not yet committed) gets the same seat. One that
+            // cannot be had sends the runtime to say hello again, which reports it lost.
+            Ok((_, kept)) => {
+                for (request, product, quantity) in held {
+                    if kept.contains(&request) {
+                        continue;
+                    }
+                    if let Err(refusal) = triad.take(runtime, request, product, quantity).await {
+                        tracing::warn!(
+                            runtime,
+                            ?refusal,
+                            "Triad seat no longer held; the station must re-claim"
+                        );
+                        return false;
+                    }
+                }
+                true
             }
             Err(e) => {
                 tracing::warn!(runtime, error = %e, "Triad seats not renewed");
