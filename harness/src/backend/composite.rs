@@ -63,6 +63,14 @@ pub struct World {
     mint: IdentityMint,
 }
 
+/// Where a machine's network server listens, as its start reported it.
+fn listen_addr(machine: &str, info: &ServerInfo) -> Result<SocketAddr, BackendError> {
+    info.listen.parse().map_err(|_| BackendError::Runtime {
+        machine: machine.into(),
+        message: format!("bad listen address {}", info.listen),
+    })
+}
+
 impl World {
     /// A world of `kind` whose hosts run on `drivers[0]` and guests on `drivers[guest_driver]`.
     pub fn new(
@@ -214,10 +222,7 @@ impl World {
                 machine: server.into(),
                 message: "server has no address".into(),
             })?;
-        let target: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
-            machine: server.into(),
-            message: format!("bad listen address {}", info.listen),
-        })?;
+        let target = listen_addr(server, &info)?;
         let clients: Vec<(String, Ipv4Addr)> = self
             .machines
             .iter()
@@ -646,10 +651,7 @@ impl Backend for World {
                     machine: member.clone(),
                     message: "runs no network server (start one with server-start first)".into(),
                 })?;
-            let listen: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
-                machine: member.clone(),
-                message: format!("bad listen address {}", info.listen),
-            })?;
+            let listen = listen_addr(member, info)?;
             let port = listen
                 .port()
                 .checked_add(1)
@@ -748,10 +750,7 @@ impl Backend for World {
             machine: to.into(),
             message: "runs no network server".into(),
         })?;
-        let target: SocketAddr = info.listen.parse().map_err(|_| BackendError::Runtime {
-            machine: to.into(),
-            message: format!("bad listen address {}", info.listen),
-        })?;
+        let target = listen_addr(to, info)?;
         self.floods.open(source, target, connections)
     }
 

@@ -398,6 +398,14 @@ impl AllocationTable {
         self.allocations.get(&handle)
     }
 
+    /// The counting rules of the first item of `product` (the one an access tries first).
+    pub fn first_rules(&self, product: ProductKey) -> Option<ItemRules> {
+        self.items
+            .iter()
+            .find(|item| item.product == product)
+            .map(|item| item.rules)
+    }
+
     /// The counting rules of the item of `product` in `container`.
     pub fn rules_of(&self, container: &ContainerId, product: ProductKey) -> Option<ItemRules> {
         self.items

@@ -52,13 +52,7 @@ fn seat_of(state: &State, handle: u64) -> Option<(u64, ProductKey, u32)> {
 
 /// The seat a client runtime's claim names (as its grant here would have it), if it takes one.
 pub(crate) fn claim_seat(state: &State, claim: &crate::protocol::Claim) -> Option<u64> {
-    let rules = state
-        .table
-        .items()
-        .into_iter()
-        .find(|item| item.entry.product == claim.product)?
-        .entry
-        .rules;
+    let rules = state.table.first_rules(claim.product)?;
     crate::triad_server::seat_request(&rules, claim.product, &claim.station, claim.client_handle)
 }
 

@@ -140,6 +140,11 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// A server link's address as a guest reaches it (`meter servers add|remove` takes it so).
+fn guest_address(link: &ServerLink) -> String {
+    link.address(|via| SocketAddr::from((HOST_FROM_GUEST, via.port())))
+}
+
 impl<H: Hypervisor> GuestDriver<H> {
     /// A driver with no guests yet, over the world's `fabric`, running guests on `hv`.
     pub fn new(config: WorldConfig, fabric: Fabric, hv: H) -> Result<GuestDriver<H>, BackendError> {
@@ -436,7 +441,7 @@ exit $rc
         links: &[ServerLink],
     ) -> Result<(), BackendError> {
         for link in links {
-            let address = link.address(|via| SocketAddr::from((HOST_FROM_GUEST, via.port())));
+            let address = guest_address(link);
             self.meter_checked(
                 machine,
                 &[
@@ -458,7 +463,7 @@ exit $rc
         links: &[ServerLink],
     ) -> Result<(), BackendError> {
         for link in links {
-            let address = link.address(|via| SocketAddr::from((HOST_FROM_GUEST, via.port())));
+            let address = guest_address(link);
             self.meter_checked(machine, &["servers".into(), "remove".into(), address])?;
         }
         Ok(())
