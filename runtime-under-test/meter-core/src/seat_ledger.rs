@@ -44,9 +44,10 @@ pub enum LedgerCommand {
         /// The grace: one lease window.
         lease_ms: u64,
     },
-    /// A holder linked again (to a new leader, say) and names the requests whose seats it still
-    /// holds: their leases run `lease_ms` from now, and its other leases end (it gave them back
-    /// while it could not say so).
+    /// A holder names the requests whose seats it still holds (at a keepalive, after a
+    /// release, or linked again to a new leader): their leases run `lease_ms` from now, and
+    /// its other leases end (it gave them back), but only those last taken by an entry the
+    /// asker had seen applied when it listed its seats.
     Reclaim {
         /// Whose leases.
         holder: String,
@@ -54,6 +55,11 @@ pub enum LedgerCommand {
         requests: Vec<u64>,
         /// How long they run now.
         lease_ms: u64,
+        /// The [`SeatLedger::applied`] count the asker read before it listed its seats: a
+        /// seat taken by a later entry (a grant the list could not know) is not ended.
+        /// `None`: every seat not named ends.
+        #[serde(default)]
+        as_of: Option<u64>,
     },
     /// A lease ends now (its holder gave it back).
     Release {
@@ -62,6 +68,9 @@ pub enum LedgerCommand {
         /// Who asks (only the holder may).
         holder: String,
     },
+    /// Several commands committed as one entry, applied one after the other at its time
+    /// (each as if it were an entry of its own).
+    Batch(Vec<LedgerCommand>),
 }
 
 /// A command with the time its leader stamped it with.
@@ -104,6 +113,8 @@ pub enum LedgerOutcome {
     UnknownLease,
     /// Not a command (a membership change or an empty entry).
     Nothing,
+    /// The answers to a batch's commands, in its order.
+    Batch(Vec<LedgerOutcome>),
 }
 
 /// One seat held.
@@ -119,6 +130,9 @@ pub struct Lease {
     pub since_ms: u64,
     /// When it ends unless renewed.
     pub until_ms: u64,
+    /// The [`SeatLedger::applied`] count of the entry that last took it.
+    #[serde(default)]
+    pub taken_at: u64,
 }
 
 /// Something that happened to a seat, as the triad committed it (for a run's history).
@@ -160,6 +174,9 @@ pub struct SeatLedger {
     next_lease: u64,
     /// The latest entry time applied.
     now_ms: u64,
+    /// Entries applied so far.
+    #[serde(default)]
+    applied: u64,
 }
 
 impl SeatLedger {
@@ -171,13 +188,30 @@ impl SeatLedger {
     /// Applies one committed entry; returns its answer and what happened to seats.
     pub fn apply(&mut self, entry: &LedgerEntry) -> (LedgerOutcome, Vec<SeatEvent>) {
         self.now_ms = self.now_ms.max(entry.at_ms);
+        self.applied = self.applied.saturating_add(1);
         let now = self.now_ms;
-        let mut events = match entry.command {
-            // Leases that ran out while no leader served are what the grace is for.
-            LedgerCommand::Grace { .. } => Vec::new(),
+        self.apply_command(now, &entry.command)
+    }
+
+    /// How many entries this ledger has applied (the same on every member at the same place
+    /// in the log).
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Applies one command at `now`.
+    fn apply_command(
+        &mut self,
+        now: u64,
+        command: &LedgerCommand,
+    ) -> (LedgerOutcome, Vec<SeatEvent>) {
+        let mut events = match command {
+            // Leases that ran out while no leader served are what the grace is for; a batch's
+            // commands expire what they would as entries of their own.
+            LedgerCommand::Grace { .. } | LedgerCommand::Batch(_) => Vec::new(),
             _ => self.expire(now),
         };
-        let outcome = match &entry.command {
+        let outcome = match command {
             LedgerCommand::Grant {
                 request,
                 product,
@@ -186,11 +220,13 @@ impl SeatLedger {
                 lease_ms,
             } => {
                 // A retry (or a re-claim) of a seat still held is that seat.
+                let applied = self.applied;
                 if let Some((lease, held)) = self
                     .leases
-                    .iter()
+                    .iter_mut()
                     .find(|(_, l)| &l.holder == holder && l.request == *request)
                 {
+                    held.taken_at = applied;
                     let outcome = LedgerOutcome::Granted {
                         lease: *lease,
                         until_ms: held.until_ms,
@@ -212,6 +248,7 @@ impl SeatLedger {
                             request: *request,
                             since_ms: now,
                             until_ms,
+                            taken_at: self.applied,
                         },
                     );
                     events.push(SeatEvent::Granted {
@@ -227,6 +264,7 @@ impl SeatLedger {
                 holder,
                 requests,
                 lease_ms,
+                as_of,
             } => {
                 let until_ms = now.saturating_add(*lease_ms);
                 let mut kept = Vec::new();
@@ -235,7 +273,7 @@ impl SeatLedger {
                     if requests.contains(&lease.request) {
                         lease.until_ms = lease.until_ms.max(until_ms);
                         kept.push((lease.request, *id));
-                    } else {
+                    } else if as_of.is_none_or(|seen| lease.taken_at <= seen) {
                         given_back.push(*id);
                     }
                 }
@@ -274,6 +312,16 @@ impl SeatLedger {
                 }
                 _ => LedgerOutcome::UnknownLease,
             },
+            LedgerCommand::Batch(commands) => LedgerOutcome::Batch(
+                commands
+                    .iter()
+                    .map(|command| {
+                        let (outcome, happened) = self.apply_command(now, command);
+                        events.extend(happened);
+                        outcome
+                    })
+                    .collect(),
+            ),
         };
         (outcome, events)
     }
@@ -363,6 +411,46 @@ mod tests {
                 at_ms: 1_000
             }
         );
+    }
+
+    #[test]
+    fn a_batch_answers_each_command_as_entries_of_their_own_would() {
+        let mut batched = SeatLedger::new();
+        let mut single = SeatLedger::new();
+        batched.apply(&grant(0, 1, "a"));
+        single.apply(&grant(0, 1, "a"));
+        // At 1 200 a's lease has run out (at 1 000): a grace first keeps it, as it would alone.
+        let commands = vec![
+            LedgerCommand::Grace { lease_ms: 1_000 },
+            grant(1_200, 1, "b").command,
+            grant(1_200, 1, "c").command,
+            grant(1_200, 2, "d").command,
+        ];
+        let (outcome, events) = batched.apply(&LedgerEntry {
+            at_ms: 1_200,
+            command: LedgerCommand::Batch(commands.clone()),
+        });
+        let mut answers = Vec::new();
+        let mut happened = Vec::new();
+        for command in commands {
+            let (answer, events) = single.apply(&LedgerEntry {
+                at_ms: 1_200,
+                command,
+            });
+            answers.push(answer);
+            happened.extend(events);
+        }
+        assert_eq!(outcome, LedgerOutcome::Batch(answers.clone()));
+        assert_eq!(events, happened);
+        let seat = |l: &Lease| (l.product, l.holder.clone(), l.request, l.until_ms);
+        assert!(
+            batched
+                .leases()
+                .values()
+                .map(seat)
+                .eq(single.leases().values().map(seat))
+        );
+        assert_eq!(answers[3], LedgerOutcome::NoSeat { in_use: 2 });
     }
 
     #[test]
@@ -482,6 +570,7 @@ mod tests {
                 holder: "a".into(),
                 requests: vec![1, 5],
                 lease_ms: 1_000,
+                as_of: None,
             },
         };
         let (outcome, events) = ledger.apply(&reclaim);
@@ -502,6 +591,42 @@ mod tests {
         // b's lease was not touched: it ends at 1002.
         ledger.tick(1_500);
         assert_eq!(ledger.in_use(1001), 1);
+    }
+
+    #[test]
+    fn a_reclaim_spares_the_seats_taken_after_its_asker_listed_them() {
+        let mut ledger = SeatLedger::new();
+        ledger.apply(&grant(0, 1, "a"));
+        ledger.apply(&grant(1, 2, "a"));
+        // The asker lists a's seats (none: both grants ended on its side) ...
+        let listed = ledger.applied();
+        // ... while a grant of seat 2 takes it again.
+        ledger.apply(&grant(3, 2, "a"));
+        let reclaim = |as_of| LedgerEntry {
+            at_ms: 10,
+            command: LedgerCommand::Reclaim {
+                holder: "a".into(),
+                requests: vec![],
+                lease_ms: 1_000,
+                as_of,
+            },
+        };
+        let (_, events) = ledger.apply(&reclaim(Some(listed)));
+        assert_eq!(
+            events,
+            vec![SeatEvent::Released {
+                lease: 0,
+                at_ms: 10
+            }]
+        );
+        assert_eq!(ledger.in_use(1001), 1);
+        // A seat taken anew after the list is spared too; listed after it, it ends.
+        ledger.apply(&grant(4, 3, "a"));
+        let (_, events) = ledger.apply(&reclaim(Some(listed)));
+        assert!(events.is_empty());
+        let (_, events) = ledger.apply(&reclaim(Some(ledger.applied())));
+        assert_eq!(events.len(), 2);
+        assert_eq!(ledger.in_use(1001), 0);
     }
 
     #[test]

@@ -422,9 +422,9 @@ impl Runtime {
         let ended = self
             .end_grant_of(handle, Some(runtime), false, UsageKind::Release)
             .await;
-        // A triad seat is given back at once (else at the runtime's next keepalive).
-        if ended.is_ok() && self.triad().is_some() {
-            self.renew_triad_seats(runtime).await;
+        // A triad seat is given back at once, answered before it is committed.
+        if ended.is_ok() {
+            self.give_back_triad_seats(runtime);
         }
         FromServer::Released { request }
     }

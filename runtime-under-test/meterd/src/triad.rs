@@ -108,6 +108,80 @@ fn wall_ms() -> u64 {
         .unwrap_or_default()
 }
 
+/// Where the answer to a command waiting for the next entry goes.
+type Answer = tokio::sync::oneshot::Sender<Result<LedgerOutcome, TriadError>>;
+
+/// Commits `batch` as one entry stamped `at_ms` (a lone command as itself) and answers each.
+async fn write_entry(
+    raft: &TriadRaft,
+    timeout: Duration,
+    at_ms: u64,
+    mut batch: Vec<(LedgerCommand, Answer)>,
+) {
+    let (command, lone) = if batch.len() == 1 {
+        (batch[0].0.clone(), true)
+    } else {
+        let commands = batch.iter().map(|(command, _)| command.clone()).collect();
+        (LedgerCommand::Batch(commands), false)
+    };
+    let written = match tokio::time::timeout(
+        timeout,
+        raft.client_write(LedgerEntry { at_ms, command }),
+    )
+    .await
+    {
+        Err(_) => Err(TriadError::NoQuorum(timeout)),
+        Ok(Ok(response)) => Ok(response.data),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+            Err(TriadError::NotLeader {
+                leader: forward.leader_node,
+            })
+        }
+        Ok(Err(e)) => Err(TriadError::Stopped(e.to_string())),
+    };
+    match written {
+        Ok(outcome) if lone => {
+            if let Some((_, answer)) = batch.pop() {
+                let _ = answer.send(Ok(outcome));
+            }
+        }
+        Ok(LedgerOutcome::Batch(outcomes)) if outcomes.len() == batch.len() => {
+            for ((_, answer), outcome) in batch.into_iter().zip(outcomes) {
+                let _ = answer.send(Ok(outcome));
+            }
+        }
+        Ok(other) => {
+            for (_, answer) in batch {
+                let _ = answer.send(Err(TriadError::Stopped(format!(
+                    "unexpected answer to a batch {other:?}"
+                ))));
+            }
+        }
+        Err(e) => {
+            for (_, answer) in batch {
+                let _ = answer.send(Err(e.same()));
+            }
+        }
+    }
+}
+
+impl TriadError {
+    /// The same error for another asker (a batch's commands share their entry's fate).
+    fn same(&self) -> TriadError {
+        match self {
+            TriadError::NoQuorum(timeout) => TriadError::NoQuorum(*timeout),
+            TriadError::NotLeader { leader } => TriadError::NotLeader {
+                leader: leader.clone(),
+            },
+            TriadError::NotAMember { id, members } => TriadError::NotAMember {
+                id: *id,
+                members: members.clone(),
+            },
+            other => TriadError::Stopped(other.to_string()),
+        }
+    }
+}
+
 /// A running member.
 pub struct TriadMember {
     id: MemberId,
@@ -121,6 +195,11 @@ pub struct TriadMember {
     /// are stamped from the monotonic clock, so a step of the leader's wall clock (root can
     /// set it) cannot expire leases early.
     stamp_base: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
+    /// Commands waiting for the next entry.
+    waiting: std::sync::Mutex<Vec<(LedgerCommand, Answer)>>,
+    /// Held while one entry is written: the commands asked for meanwhile gather, and go in
+    /// the next entry together.
+    pen: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl TriadMember {
@@ -204,6 +283,8 @@ impl TriadMember {
             server,
             graced_term: tokio::sync::Mutex::new(0),
             stamp_base: std::sync::Mutex::new(None),
+            waiting: std::sync::Mutex::default(),
+            pen: Arc::default(),
         })
     }
 
@@ -242,8 +323,20 @@ impl TriadMember {
     }
 
     /// Commits one command stamped with this member's clock: the wall clock at the start of
-    /// its lead, plus the monotonic time since.
+    /// its lead, plus the monotonic time since. Commands asked for while an entry is being
+    /// written go in the next entry together (one replication and one sync for all of them).
     async fn write(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
+        let (answer, mut answered) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((command, answer));
+        let pen = Arc::clone(&self.pen).lock_owned().await;
+        // Written meanwhile by the one who held the pen?
+        if let Ok(result) = answered.try_recv() {
+            return result;
+        }
+        let batch = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
         let base = *self.stamp_base.lock().unwrap_or_else(|e| e.into_inner());
         let at_ms = match base {
             Some((wall, since)) => {
@@ -251,17 +344,20 @@ impl TriadMember {
             }
             None => wall_ms(),
         };
-        let write = self.raft.client_write(LedgerEntry { at_ms, command });
-        match tokio::time::timeout(self.timing.write_timeout, write).await {
-            Err(_) => Err(TriadError::NoQuorum(self.timing.write_timeout)),
-            Ok(Ok(response)) => Ok(response.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                Err(TriadError::NotLeader {
-                    leader: forward.leader_node,
-                })
-            }
-            Ok(Err(e)) => Err(TriadError::Stopped(e.to_string())),
-        }
+        // Written by a task of its own: an asker that gives up does not abandon the others.
+        let (raft, timeout) = (self.raft.clone(), self.timing.write_timeout);
+        tokio::spawn(async move {
+            write_entry(&raft, timeout, at_ms, batch).await;
+            drop(pen);
+        });
+        answered
+            .await
+            .unwrap_or_else(|_| Err(TriadError::Stopped("the write was abandoned".into())))
+    }
+
+    /// How long a write may wait for a quorum.
+    pub fn write_timeout(&self) -> Duration {
+        self.timing.write_timeout
     }
 
     /// The member that leads, as this member knows.

@@ -7,9 +7,9 @@
 //! (each answered once the renewal is committed) and re-claimed by its hello on whichever
 //! member leads; a seat whose last grant ended here is given back at the next reclaim.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use meter_core::allocation::ProductKey;
@@ -77,10 +77,9 @@ pub enum SeatRefusal {
 /// This server's part in a triad.
 pub struct TriadSeats {
     member: TriadMember,
-    /// A client runtime's grants and its reclaims do not overlap: a reclaim names the seats
-    /// of the grants in force, and must not end a seat a grant is taking meanwhile.
-    holders: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     window_ms: u64,
+    /// Seats given back but not yet committed as such (a release is answered at once).
+    giving_back: tokio::sync::watch::Sender<usize>,
 }
 
 impl std::fmt::Debug for TriadSeats {
@@ -196,8 +195,8 @@ impl TriadSeats {
         tracing::info!(member = id, "Joined the licence server triad");
         Ok(TriadSeats {
             member,
-            holders: Mutex::default(),
             window_ms,
+            giving_back: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -221,13 +220,9 @@ impl TriadSeats {
         self.member.metrics()
     }
 
-    fn holder_lock(&self, holder: &str) -> Arc<tokio::sync::RwLock<()>> {
-        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(holders.entry(holder.to_owned()).or_default())
-    }
-
     /// Takes the ledger seat `request` of `product` (of `quantity`) for `holder`; a seat the
-    /// holder has already is that seat.
+    /// holder has already is that seat. Every seat held, it waits for the seats being given
+    /// back and asks once more.
     pub async fn take(
         &self,
         holder: &str,
@@ -235,8 +230,6 @@ impl TriadSeats {
         product: ProductKey,
         quantity: u32,
     ) -> Result<(), SeatRefusal> {
-        let lock = self.holder_lock(holder);
-        let _taking = lock.read().await;
         let command = LedgerCommand::Grant {
             request,
             product: ledger_product(product),
@@ -244,7 +237,18 @@ impl TriadSeats {
             holder: holder.to_owned(),
             lease_ms: self.window_ms,
         };
-        match self.member.submit(command).await {
+        let mut given_back = self.giving_back.subscribe();
+        let mut outcome = self.member.submit(command.clone()).await;
+        if matches!(outcome, Ok(LedgerOutcome::NoSeat { .. })) && *given_back.borrow() > 0 {
+            let settled = given_back.wait_for(|giving| *giving == 0);
+            if tokio::time::timeout(self.member.write_timeout(), settled)
+                .await
+                .is_ok()
+            {
+                outcome = self.member.submit(command).await;
+            }
+        }
+        match outcome {
             Ok(LedgerOutcome::Granted { .. }) => Ok(()),
             Ok(LedgerOutcome::NoSeat { .. }) => Err(SeatRefusal::NoSeat),
             Ok(other) => Err(SeatRefusal::Unreachable(TriadError::Stopped(format!(
@@ -254,20 +258,22 @@ impl TriadSeats {
         }
     }
 
-    /// Renews `holder`'s seats named by `seats()` (read under the holder's lock) for one window
-    /// and ends its others; the seats named and those the ledger still held.
+    /// Renews `holder`'s seats named by `seats()` for one window and ends its others (but not
+    /// one a grant took after `seats()` was read); the seats named and those the ledger still
+    /// held.
     pub async fn reclaim(
         &self,
         holder: &str,
         seats: impl FnOnce() -> Vec<u64>,
     ) -> Result<(Vec<u64>, BTreeSet<u64>), TriadError> {
-        let lock = self.holder_lock(holder);
-        let _reclaiming = lock.write().await;
+        // Read before the list: a grant the list misses is taken by a later entry.
+        let as_of = self.member.ledger().applied().await;
         let requests = seats();
         let command = LedgerCommand::Reclaim {
             holder: holder.to_owned(),
             requests: requests.clone(),
             lease_ms: self.window_ms,
+            as_of: Some(as_of),
         };
         match self.member.submit(command).await? {
             LedgerOutcome::Reclaimed { kept } => {
@@ -275,6 +281,24 @@ impl TriadSeats {
             }
             other => Err(TriadError::Stopped(format!("unexpected answer {other:?}"))),
         }
+    }
+
+    /// Gives back `holder`'s seats that `seats()` no longer names, without waiting: a grant
+    /// that finds every seat held meanwhile waits for it.
+    pub fn give_back(
+        self: &Arc<Self>,
+        holder: &str,
+        seats: impl FnOnce() -> Vec<u64> + Send + 'static,
+    ) {
+        self.giving_back.send_modify(|giving| *giving += 1);
+        let (triad, holder) = (Arc::clone(self), holder.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = triad.reclaim(&holder, seats).await {
+                // Its next keepalive gives them back, or they run out with their lease.
+                tracing::debug!(holder, error = %e, "Triad seats not given back yet");
+            }
+            triad.giving_back.send_modify(|giving| *giving -= 1);
+        });
     }
 
     /// The seat events this member's ledger applied (for a run's history).

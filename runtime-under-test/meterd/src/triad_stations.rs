@@ -241,6 +241,16 @@ impl Runtime {
         }
     }
 
+    /// Gives back the triad seats of a client runtime's grants that ended here (answered at
+    /// once; a grant that finds every seat held waits for it).
+    pub(crate) fn give_back_triad_seats(self: &Arc<Self>, runtime: &str) {
+        let Some(triad) = self.triad() else {
+            return;
+        };
+        let (me, holder) = (Arc::clone(self), runtime.to_owned());
+        triad.give_back(runtime, move || seats_of(&me.lock(), &holder));
+    }
+
     /// After a client runtime's hello: re-claims the triad seats of its claims (`claimed`: a
     /// claim this member could not restore keeps its seat until the runtime has revoked it),
     /// takes seats anew for the grants kept here whose seats the triad no longer held, and
