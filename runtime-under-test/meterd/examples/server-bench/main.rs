@@ -7,7 +7,8 @@
 //! With `-- --rules-log` it measures the cost of 50 access rules and the usage log, and a usage
 //! report over a million records (reports/bench/rules-log.json; see `rules_log.rs`). With
 //! `-- --triad` it compares a triad of servers with one server and times failovers
-//! (reports/bench/triad-server.json; see `triad.rs`).
+//! (reports/bench/triad-server.json; see `triad.rs`). The daemons log at `warn` unless
+//! `METER_BENCH_LOG` gives their `METER_LOG` filter.
 
 mod owner_check;
 mod rules_log;
@@ -120,7 +121,10 @@ impl Machine {
             .arg(format!("sim:{}", dir.join("platform").display()))
             .args(extra)
             .env("METER_HARNESS_ROOT", bench_root().public().to_hex())
-            .env("METER_LOG", "warn")
+            .env(
+                "METER_LOG",
+                std::env::var("METER_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .envs(env.iter().copied())
             .stderr(Stdio::inherit())
             .spawn()?;

@@ -184,6 +184,7 @@ pub async fn run(work: &Path, certificate: &[u8], licence: &SignedLicence) -> an
             lead + 1
         );
         failovers.push(took);
+        let lead_killed = lead;
         let member = &mut members[lead];
         let _ = std::fs::remove_file(member.dir.join("state/meterd.ready"));
         let name = format!("member{}", lead + 1);
@@ -193,14 +194,19 @@ pub async fn run(work: &Path, certificate: &[u8], licence: &SignedLicence) -> an
             "127.0.0.1",
             &member.args,
         )?);
-        // Back in the triad (it knows the leader) before the next round.
+        // Back in the triad before the next round: it knows the leader and has applied what
+        // the leader had (a member still catching up cannot be elected).
+        let lead = leader(&members, Duration::from_secs(20)).await?;
+        let leader_applied = status(members[lead].machine.as_ref().context("running")?, false)
+            .await?["applied"]
+            .as_u64();
+        let member = &members[lead_killed];
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
             let machine = member.machine.as_ref().context("running")?;
-            if status(machine, false)
-                .await
-                .is_ok_and(|s| s["leader"].as_u64().is_some())
-            {
+            if status(machine, false).await.is_ok_and(|s| {
+                s["leader"].as_u64().is_some() && s["applied"].as_u64() >= leader_applied
+            }) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
