@@ -298,6 +298,16 @@ impl TriadMember {
     /// [`TriadTiming::lease_grace_ms`]: leases end only when entries apply, so nothing can
     /// expire before it.
     pub async fn submit(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
+        self.submit_within(command, Duration::ZERO).await
+    }
+
+    /// Commits `command` as [`TriadMember::submit`] does, but with the next entry another
+    /// command is written in, if one is within `linger` (it needs no entry of its own).
+    pub async fn submit_within(
+        &self,
+        command: LedgerCommand,
+        linger: Duration,
+    ) -> Result<LedgerOutcome, TriadError> {
         let (leads, term) = {
             let metrics = self.raft.metrics();
             let metrics = metrics.borrow();
@@ -309,7 +319,8 @@ impl TriadMember {
                 *self.stamp_base.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((wall_ms(), std::time::Instant::now()));
                 let lease_ms = self.timing.lease_grace_ms;
-                self.write(LedgerCommand::Grace { lease_ms }).await?;
+                self.write(LedgerCommand::Grace { lease_ms }, Duration::ZERO)
+                    .await?;
                 tracing::info!(
                     member = self.id,
                     term,
@@ -319,18 +330,29 @@ impl TriadMember {
                 *graced = term;
             }
         }
-        self.write(command).await
+        self.write(command, linger).await
     }
 
     /// Commits one command stamped with this member's clock: the wall clock at the start of
     /// its lead, plus the monotonic time since. Commands asked for while an entry is being
-    /// written go in the next entry together (one replication and one sync for all of them).
-    async fn write(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
+    /// written go in the next entry together (one replication and one sync for all of them);
+    /// a command waits up to `linger` for another to write it along.
+    async fn write(
+        &self,
+        command: LedgerCommand,
+        linger: Duration,
+    ) -> Result<LedgerOutcome, TriadError> {
         let (answer, mut answered) = tokio::sync::oneshot::channel();
         self.waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((command, answer));
+        if !linger.is_zero()
+            && let Ok(result) = tokio::time::timeout(linger, &mut answered).await
+        {
+            return result
+                .unwrap_or_else(|_| Err(TriadError::Stopped("the write was abandoned".into())));
+        }
         let pen = Arc::clone(&self.pen).lock_owned().await;
         // Written meanwhile by the one who held the pen?
         if let Ok(result) = answered.try_recv() {

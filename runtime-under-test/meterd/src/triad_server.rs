@@ -36,6 +36,9 @@ pub struct TriadSettings {
     pub members: Vec<Member>,
 }
 
+/// How long a seat given back waits for another command to share its entry.
+const GIVE_BACK_LINGER: Duration = Duration::from_millis(20);
+
 /// Why a triad cannot be joined.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -267,6 +270,17 @@ impl TriadSeats {
         seats: impl FnOnce() -> Vec<u64>,
     ) -> Result<(Vec<u64>, BTreeSet<u64>), TriadError> {
         // Read before the list: a grant the list misses is taken by a later entry.
+        self.reclaim_within(holder, seats, Duration::ZERO).await
+    }
+
+    /// [`TriadSeats::reclaim`], written with the next entry another command goes in if one is
+    /// within `linger`.
+    async fn reclaim_within(
+        &self,
+        holder: &str,
+        seats: impl FnOnce() -> Vec<u64>,
+        linger: Duration,
+    ) -> Result<(Vec<u64>, BTreeSet<u64>), TriadError> {
         let as_of = self.member.ledger().applied().await;
         let requests = seats();
         let command = LedgerCommand::Reclaim {
@@ -275,7 +289,7 @@ impl TriadSeats {
             lease_ms: self.window_ms,
             as_of: Some(as_of),
         };
-        match self.member.submit(command).await? {
+        match self.member.submit_within(command, linger).await? {
             LedgerOutcome::Reclaimed { kept } => {
                 Ok((requests, kept.into_iter().map(|(r, _)| r).collect()))
             }
@@ -283,8 +297,9 @@ impl TriadSeats {
         }
     }
 
-    /// Gives back `holder`'s seats that `seats()` no longer names, without waiting: a grant
-    /// that finds every seat held meanwhile waits for it.
+    /// Gives back `holder`'s seats that `seats()` no longer names, without waiting (and
+    /// without an entry of its own when another command is written within [`GIVE_BACK_LINGER`]):
+    /// a grant that finds every seat held meanwhile waits for it.
     pub fn give_back(
         self: &Arc<Self>,
         holder: &str,
@@ -293,7 +308,7 @@ impl TriadSeats {
         self.giving_back.send_modify(|giving| *giving += 1);
         let (triad, holder) = (Arc::clone(self), holder.to_owned());
         tokio::spawn(async move {
-            if let Err(e) = triad.reclaim(&holder, seats).await {
+            if let Err(e) = triad.reclaim_within(&holder, seats, GIVE_BACK_LINGER).await {
                 // Its next keepalive gives them back, or they run out with their lease.
                 tracing::debug!(holder, error = %e, "Triad seats not given back yet");
             }
