@@ -1,5 +1,6 @@
 //! A triad of network servers against one server, in the same run: access+release pairs per
-//! second through the triad's leader (each grant and release committed by two members) as a
+//! second through the triad's leader (each grant committed by two members, releases given back
+//! with the next entry) as a
 //! ratio to a lone server without its usage log, and the failover time from the leader killed
 //! (SIGKILL) to the first grant a new leader answers, over 20 rounds.
 //! Writes reports/bench/triad-server.json.
@@ -215,7 +216,7 @@ pub async fn run(work: &Path, certificate: &[u8], licence: &SignedLicence) -> an
     failovers.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let report = json!({
-        "what": "access+release pairs through a triad's leader (each grant and release committed on two members, fsynced) and through one server without its usage log, same run, same load generator; failover: leader killed (SIGKILL) to the first grant a new leader answers",
+        "what": "access+release pairs through a triad's leader (each grant committed on two members, fsynced; concurrent commands batched into one entry; releases given back with the next entry) and through one server without its usage log, same run, same load generator; failover: leader killed (SIGKILL) to the first grant a new leader answers, every member caught up before each round",
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
         "levels": levels,
         "failover_ms": {
