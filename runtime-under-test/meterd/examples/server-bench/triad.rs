@@ -1,8 +1,7 @@
 //! A triad of network servers against one server, in the same run: access+release pairs per
 //! second through the triad's leader (each grant committed by two members, releases given back
-//! with the next entry) as a
-//! ratio to a lone server without its usage log, and the failover time from the leader killed
-//! (SIGKILL) to the first grant a new leader answers, over 20 rounds.
+//! with the next entry) as a ratio to a lone server without its usage log, and the failover time
+//! from the leader killed (SIGKILL) to the first grant a new leader answers, over 20 rounds.
 //! Writes reports/bench/triad-server.json.
 
 use std::path::{Path, PathBuf};
