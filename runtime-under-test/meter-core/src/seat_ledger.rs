@@ -55,7 +55,7 @@ pub enum LedgerCommand {
         requests: Vec<u64>,
         /// How long they run now.
         lease_ms: u64,
-        /// The [`SeatLedger::applied`] count the asker read before it listed its seats: a
+        /// The [`SeatLedger::applied`] position the asker read before it listed its seats: a
         /// seat taken by a later entry (a grant the list could not know) is not ended.
         /// `None`: every seat not named ends.
         #[serde(default)]
@@ -130,7 +130,7 @@ pub struct Lease {
     pub since_ms: u64,
     /// When it ends unless renewed.
     pub until_ms: u64,
-    /// The [`SeatLedger::applied`] count of the entry that last took it.
+    /// The log position ([`SeatLedger::applied`]) of the entry that last took it.
     #[serde(default)]
     pub taken_at: u64,
 }
@@ -174,7 +174,7 @@ pub struct SeatLedger {
     next_lease: u64,
     /// The latest entry time applied.
     now_ms: u64,
-    /// Entries applied so far.
+    /// The log position of the last entry applied.
     #[serde(default)]
     applied: u64,
 }
@@ -187,14 +187,23 @@ impl SeatLedger {
 
     /// Applies one committed entry; returns its answer and what happened to seats.
     pub fn apply(&mut self, entry: &LedgerEntry) -> (LedgerOutcome, Vec<SeatEvent>) {
+        self.apply_at(self.applied.saturating_add(1), entry)
+    }
+
+    /// Applies the entry at `position` of the log (its index: the same on every member,
+    /// whatever snapshot it started from); returns its answer and what happened to seats.
+    pub fn apply_at(
+        &mut self,
+        position: u64,
+        entry: &LedgerEntry,
+    ) -> (LedgerOutcome, Vec<SeatEvent>) {
         self.now_ms = self.now_ms.max(entry.at_ms);
-        self.applied = self.applied.saturating_add(1);
+        self.applied = self.applied.max(position);
         let now = self.now_ms;
         self.apply_command(now, &entry.command)
     }
 
-    /// How many entries this ledger has applied (the same on every member at the same place
-    /// in the log).
+    /// The log position of the last entry this ledger applied.
     pub fn applied(&self) -> u64 {
         self.applied
     }
@@ -627,6 +636,37 @@ mod tests {
         let (_, events) = ledger.apply(&reclaim(Some(ledger.applied())));
         assert_eq!(events.len(), 2);
         assert_eq!(ledger.in_use(1001), 0);
+    }
+
+    #[test]
+    fn positions_are_the_logs_whatever_the_ledger_started_from() {
+        // Two members, one rebuilt from a snapshot taken at position 7: the same entries at the
+        // same log positions take their seats at the same positions.
+        let renew = LedgerEntry {
+            at_ms: 0,
+            command: LedgerCommand::Renew {
+                holder: "x".into(),
+                lease_ms: 1,
+            },
+        };
+        let mut fresh = SeatLedger::new();
+        let mut restored = SeatLedger::new();
+        for position in 1..=7 {
+            fresh.apply_at(position, &renew);
+        }
+        restored.apply_at(7, &renew);
+        for ledger in [&mut fresh, &mut restored] {
+            ledger.apply_at(9, &grant(1, 100, "a"));
+            assert_eq!(ledger.applied(), 9);
+        }
+        let taken = |l: &SeatLedger| {
+            l.leases()
+                .values()
+                .find(|lease| lease.holder == "a")
+                .map(|lease| lease.taken_at)
+        };
+        assert_eq!(taken(&fresh), Some(9));
+        assert_eq!(taken(&fresh), taken(&restored));
     }
 
     #[test]

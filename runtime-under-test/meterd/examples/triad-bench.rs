@@ -1,5 +1,5 @@
 //! Benchmark of a licence server triad (three members on loopback, mutual TLS, redb storage
-//! synced in groups, concurrent commands batched into one entry):
+//! with a synced commit per entry, concurrent commands batched into one entry):
 //! - failover: the leader is stopped; measured from then to the first grant the new leader
 //!   answers (a client retrying every 10 ms), over 20 rounds (the stopped member restarts and
 //!   catches up between rounds);

@@ -353,12 +353,38 @@ impl TriadMember {
             return result
                 .unwrap_or_else(|_| Err(TriadError::Stopped("the write was abandoned".into())));
         }
+        // One bound for the whole write, waiting for the pen included.
+        let timeout = self.timing.write_timeout;
+        match tokio::time::timeout(timeout, self.write_waiting(&mut answered)).await {
+            Ok(result) => result,
+            Err(_) => Err(TriadError::NoQuorum(timeout)),
+        }
+    }
+
+    /// Waits for the pen, unless the command waiting for `answered` is written meanwhile, and
+    /// writes every command waiting then in one entry.
+    async fn write_waiting(
+        &self,
+        answered: &mut tokio::sync::oneshot::Receiver<Result<LedgerOutcome, TriadError>>,
+    ) -> Result<LedgerOutcome, TriadError> {
         let pen = Arc::clone(&self.pen).lock_owned().await;
         // Written meanwhile by the one who held the pen?
         if let Ok(result) = answered.try_recv() {
             return result;
         }
-        let batch = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut batch =
+            std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        // A command whose asker gave up is not written (a grant's seat would go to nobody).
+        batch.retain(|(_, answer)| !answer.is_closed());
+        // A new leader's grace comes before anything else, whenever the others were asked.
+        batch.sort_by_key(|(command, _)| !matches!(command, LedgerCommand::Grace { .. }));
+        if batch.is_empty() {
+            // Ours is in the entry being written (its writer answers before it lets go).
+            drop(pen);
+            return answered
+                .await
+                .unwrap_or_else(|_| Err(TriadError::Stopped("the write was abandoned".into())));
+        }
         let base = *self.stamp_base.lock().unwrap_or_else(|e| e.into_inner());
         let at_ms = match base {
             Some((wall, since)) => {

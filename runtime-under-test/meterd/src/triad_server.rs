@@ -68,6 +68,22 @@ pub enum JoinError {
     Member(#[source] TriadError),
 }
 
+/// How many give-backs of seats started and finished.
+#[derive(Debug, Default, Clone, Copy)]
+struct GiveBacks {
+    started: u64,
+    finished: u64,
+}
+
+/// Counts a give-back finished when dropped.
+struct GiveBackDone(Arc<TriadSeats>);
+
+impl Drop for GiveBackDone {
+    fn drop(&mut self) {
+        self.0.giving_back.send_modify(|g| g.finished += 1);
+    }
+}
+
 /// A seat could not be taken.
 #[derive(Debug)]
 pub enum SeatRefusal {
@@ -81,8 +97,9 @@ pub enum SeatRefusal {
 pub struct TriadSeats {
     member: TriadMember,
     window_ms: u64,
-    /// Seats given back but not yet committed as such (a release is answered at once).
-    giving_back: tokio::sync::watch::Sender<usize>,
+    /// Give-backs of seats started and finished (a release is answered before its seat is
+    /// committed as given back).
+    giving_back: tokio::sync::watch::Sender<GiveBacks>,
 }
 
 impl std::fmt::Debug for TriadSeats {
@@ -199,7 +216,7 @@ impl TriadSeats {
         Ok(TriadSeats {
             member,
             window_ms,
-            giving_back: tokio::sync::watch::Sender::new(0),
+            giving_back: tokio::sync::watch::Sender::new(GiveBacks::default()),
         })
     }
 
@@ -242,12 +259,12 @@ impl TriadSeats {
         };
         let mut given_back = self.giving_back.subscribe();
         let mut outcome = self.member.submit(command.clone()).await;
-        if matches!(outcome, Ok(LedgerOutcome::NoSeat { .. })) && *given_back.borrow() > 0 {
-            let settled = given_back.wait_for(|giving| *giving == 0);
-            if tokio::time::timeout(self.member.write_timeout(), settled)
-                .await
-                .is_ok()
-            {
+        if matches!(outcome, Ok(LedgerOutcome::NoSeat { .. })) {
+            // The give-backs started by now may free a seat: once they are done, ask again.
+            let started = given_back.borrow().started;
+            if given_back.borrow().finished < started {
+                let done = given_back.wait_for(|g| g.finished >= started);
+                let _ = tokio::time::timeout(self.member.write_timeout(), done).await;
                 outcome = self.member.submit(command).await;
             }
         }
@@ -305,14 +322,16 @@ impl TriadSeats {
         holder: &str,
         seats: impl FnOnce() -> Vec<u64> + Send + 'static,
     ) {
-        self.giving_back.send_modify(|giving| *giving += 1);
+        self.giving_back.send_modify(|g| g.started += 1);
+        // Counted as finished however it ends (even never run).
+        let finished = GiveBackDone(Arc::clone(self));
         let (triad, holder) = (Arc::clone(self), holder.to_owned());
         tokio::spawn(async move {
+            let _finished = finished;
             if let Err(e) = triad.reclaim_within(&holder, seats, GIVE_BACK_LINGER).await {
                 // Its next keepalive gives them back, or they run out with their lease.
                 tracing::debug!(holder, error = %e, "Triad seats not given back yet");
             }
-            triad.giving_back.send_modify(|giving| *giving -= 1);
         });
     }
 

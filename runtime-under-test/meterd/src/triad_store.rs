@@ -1,8 +1,7 @@
 //! A triad member's Raft log and seat ledger, kept in its own redb file: the log entries, the
 //! vote, the purged position and the latest snapshot are durable (on disk before openraft is
 //! told); the ledger itself lives in memory and is rebuilt at start from the snapshot and the
-//! committed entries after it. Appended entries are made durable in groups: one sync covers
-//! every append made while the previous sync ran.
+//! committed entries after it.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -76,8 +75,6 @@ pub struct TriadLog {
     db: Arc<Database>,
     /// Serialises writes (openraft requires them in order).
     writes: Arc<Mutex<()>>,
-    /// Appends written but not yet synced, told once their sync is done.
-    unsynced: std::sync::mpsc::Sender<LogFlushed<TriadConfig>>,
 }
 
 /// The state machine half: the seat ledger.
@@ -111,12 +108,6 @@ pub fn open(path: &Path) -> Result<(TriadLog, TriadLedger), TriadStoreError> {
         txn.commit().map_err(|e| open_error(e.into()))?;
     }
     let db = Arc::new(db);
-    let (unsynced, to_sync) = std::sync::mpsc::channel();
-    let syncing = Arc::clone(&db);
-    std::thread::Builder::new()
-        .name("triad-sync".into())
-        .spawn(move || sync_loop(&syncing, &to_sync))
-        .map_err(|e| open_error(redb::Error::Io(e)))?;
     let mut applied = Applied::default();
     if let Some(bytes) = read_state(&db, SNAPSHOT).map_err(open_error)? {
         let snapshot: StoredSnapshot =
@@ -134,7 +125,6 @@ pub fn open(path: &Path) -> Result<(TriadLog, TriadLedger), TriadStoreError> {
         TriadLog {
             db: Arc::clone(&db),
             writes: Arc::new(Mutex::new(())),
-            unsynced,
         },
         TriadLedger {
             db,
@@ -142,34 +132,6 @@ pub fn open(path: &Path) -> Result<(TriadLog, TriadLedger), TriadStoreError> {
             events: Arc::default(),
         },
     ))
-}
-
-/// Syncs appended entries to disk, as many as were appended by the time each sync starts, and
-/// tells openraft; ends when the log is dropped.
-fn sync_loop(db: &Database, appended: &std::sync::mpsc::Receiver<LogFlushed<TriadConfig>>) {
-    while let Ok(first) = appended.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(appended.try_iter());
-        // An empty commit that waits for the disk makes every commit before it durable.
-        let synced = db
-            .begin_write()
-            .map_err(redb::Error::from)
-            .and_then(|mut txn| {
-                txn.set_durability(Durability::Immediate)?;
-                txn.commit()?;
-                Ok(())
-            });
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, "Triad log not synced");
-        }
-        for callback in waiting {
-            let result = synced
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string()));
-            callback.log_io_completed(result);
-        }
-    }
 }
 
 fn read_state(db: &Database, key: &str) -> Result<Option<Vec<u8>>, redb::Error> {
@@ -300,7 +262,10 @@ impl RaftLogStorage<TriadConfig> for TriadLog {
     {
         let _order = self.writes.lock().await;
         let mut txn = self.db.begin_write().map_err(io_write)?;
-        txn.set_durability(Durability::None).map_err(io_write)?;
+        // openraft 0.9 waits for each append before the next: one synced commit each (a
+        // batch of commands is one entry, so concurrent askers share it).
+        txn.set_durability(Durability::Immediate)
+            .map_err(io_write)?;
         {
             let mut table = txn.open_table(LOG).map_err(io_write)?;
             for entry in entries {
@@ -310,10 +275,9 @@ impl RaftLogStorage<TriadConfig> for TriadLog {
             }
         }
         txn.commit().map_err(io_write)?;
-        // Durable once the sync thread's next sync is done: openraft is told then.
-        self.unsynced
-            .send(callback)
-            .map_err(|_| io_write(std::io::Error::other("the triad log's sync thread stopped")))
+        // Durable now: the commit above waited for the disk.
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<MemberId>) -> Result<(), TriadStorageError> {
@@ -351,7 +315,7 @@ impl TriadLedger {
         self.applied.lock().await.ledger.in_use(product)
     }
 
-    /// How many entries this member's ledger has applied.
+    /// The log position of the last entry this member's ledger applied.
     pub async fn applied(&self) -> u64 {
         self.applied.lock().await.ledger.applied()
     }
@@ -420,7 +384,7 @@ impl RaftStateMachine<TriadConfig> for TriadLedger {
             match entry.payload {
                 EntryPayload::Blank => answers.push(LedgerOutcome::Nothing),
                 EntryPayload::Normal(command) => {
-                    let (outcome, events) = applied.ledger.apply(&command);
+                    let (outcome, events) = applied.ledger.apply_at(entry.log_id.index, &command);
                     happened.extend(events);
                     answers.push(outcome);
                 }
