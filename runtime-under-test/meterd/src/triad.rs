@@ -353,8 +353,9 @@ impl TriadMember {
             return result
                 .unwrap_or_else(|_| Err(TriadError::Stopped("the write was abandoned".into())));
         }
-        // One bound for the whole write, waiting for the pen included.
-        let timeout = self.timing.write_timeout;
+        // One bound for the whole write: the entry being written when it was asked for (its
+        // turn), then its own entry, each within `write_timeout`.
+        let timeout = self.timing.write_timeout.saturating_mul(2);
         match tokio::time::timeout(timeout, self.write_waiting(&mut answered)).await {
             Ok(result) => result,
             Err(_) => Err(TriadError::NoQuorum(timeout)),

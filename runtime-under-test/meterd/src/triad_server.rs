@@ -198,7 +198,8 @@ impl TriadSeats {
             election_max_ms: election_min_ms + 150,
             // A keepalive is answered once its renewal commits: a write that cannot commit
             // must fail well within the client's window, so it can go to the next leader.
-            // (An eighth: half the time a client waits for a keepalive's answer, a quarter.)
+            // (An eighth: a write waits at most two, the entry in flight and its own, within
+            // the quarter window a client waits for a keepalive's answer.)
             write_timeout: (window / 8).clamp(Duration::from_millis(200), Duration::from_secs(3)),
             lease_grace_ms: window_ms,
             ..TriadTiming::default()

@@ -1,8 +1,8 @@
 //! A licence server triad of three real members in one process, over mutual TLS on loopback:
 //! a leader is elected, seats are counted once across the triad, a follower names the leader,
 //! losing the leader keeps the service going (a retried grant is not granted twice), losing two
-//! stops new grants, a member that restarts catches up, and a peer with an unknown certificate
-//! is refused.
+//! stops new grants, a member that restarts catches up, a peer with an unknown certificate is
+//! refused, and commands asked for at once share entries yet each gets its own answer.
 
 use std::time::{Duration, Instant};
 
@@ -207,5 +207,52 @@ async fn a_peer_with_an_unknown_certificate_is_not_answered() {
             "a stranger got an answer: {answer:?}"
         );
     }
+    triad.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_asked_at_once_share_entries_and_each_gets_its_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let triad = LoopbackTriad::start(dir.path().to_owned(), 3, timing())
+        .await
+        .unwrap();
+    let leader = triad.leader(WAIT).await.unwrap();
+    let lead = triad.member(leader).unwrap();
+    // The new leader's grace goes in first, on its own.
+    lead.submit(LedgerCommand::Renew {
+        holder: "nobody".into(),
+        lease_ms: 1,
+    })
+    .await
+    .unwrap();
+    let before = lead.applied_index().unwrap_or(0);
+    // Forty askers at once for 25 seats: exactly 25 leases, each asker its own.
+    let asks = (0..40u64).map(|i| {
+        lead.submit(LedgerCommand::Grant {
+            request: i,
+            product: PRODUCT,
+            quantity: 25,
+            holder: format!("holder-{i}"),
+            lease_ms: 60_000,
+        })
+    });
+    let answers = futures::future::join_all(asks).await;
+    let leases: std::collections::BTreeSet<u64> = answers
+        .iter()
+        .filter_map(|answer| match answer {
+            Ok(LedgerOutcome::Granted { lease, .. }) => Some(*lease),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(leases.len(), 25, "{answers:?}");
+    let refused = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(LedgerOutcome::NoSeat { in_use: 25 })))
+        .count();
+    assert_eq!(refused, 15, "{answers:?}");
+    // They went in a few entries, not forty.
+    let entries = lead.applied_index().unwrap_or(0) - before;
+    assert!(entries <= 10, "{entries} entries for 40 commands");
+    every_member_holds(&triad, 25).await;
     triad.stop().await;
 }
