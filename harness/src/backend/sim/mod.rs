@@ -8,6 +8,7 @@
 //! parent-death signal), Ctrl-C included.
 
 pub mod session;
+mod stopped;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -700,6 +701,16 @@ impl MachineDriver for SimDriver {
 
     fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
         self.signal_machine(machine, libc::SIGSTOP)?;
+        // A paused guest sends nothing more: the step returns once its runtime has stopped
+        // (a frame sent while the signal was on its way would land after later steps).
+        if let Some(child) = &self.machine(machine)?.daemon
+            && !stopped::wait_stopped(child.id(), Duration::from_secs(5))
+        {
+            tracing::warn!(
+                machine,
+                "The paused machine's runtime did not stop within 5 s"
+            );
+        }
         self.machine_mut(machine)?.power = Power::Paused;
         Ok(())
     }
