@@ -280,14 +280,12 @@ impl TriadSeats {
     }
 
     /// Renews `holder`'s seats named by `seats()` for one window and ends its others (but not
-    /// one a grant took after `seats()` was read); the seats named and those the ledger still
-    /// held.
+    /// one a grant took after `seats()` was read); the seats named that the ledger still held.
     pub async fn reclaim(
         &self,
         holder: &str,
         seats: impl FnOnce() -> Vec<u64>,
-    ) -> Result<(Vec<u64>, BTreeSet<u64>), TriadError> {
-        // Read before the list: a grant the list misses is taken by a later entry.
+    ) -> Result<BTreeSet<u64>, TriadError> {
         self.reclaim_within(holder, seats, Duration::ZERO).await
     }
 
@@ -298,19 +296,18 @@ impl TriadSeats {
         holder: &str,
         seats: impl FnOnce() -> Vec<u64>,
         linger: Duration,
-    ) -> Result<(Vec<u64>, BTreeSet<u64>), TriadError> {
+    ) -> Result<BTreeSet<u64>, TriadError> {
+        // Read before the list: a grant the list misses is taken by a later entry.
         let as_of = self.member.ledger().applied().await;
         let requests = seats();
         let command = LedgerCommand::Reclaim {
             holder: holder.to_owned(),
-            requests: requests.clone(),
+            requests,
             lease_ms: self.window_ms,
             as_of: Some(as_of),
         };
         match self.member.submit_within(command, linger).await? {
-            LedgerOutcome::Reclaimed { kept } => {
-                Ok((requests, kept.into_iter().map(|(r, _)| r).collect()))
-            }
+            LedgerOutcome::Reclaimed { kept } => Ok(kept.into_iter().map(|(r, _)| r).collect()),
             other => Err(TriadError::Stopped(format!("unexpected answer {other:?}"))),
         }
     }

@@ -218,7 +218,7 @@ impl Runtime {
             // A seat the ledger does not hold is taken now: a grant still taking it (its table
             // entry made, its ledger seat not yet committed) gets the same seat. One that
             // cannot be had sends the runtime to say hello again, which reports it lost.
-            Ok((_, kept)) => {
+            Ok(kept) => {
                 for (request, product, quantity) in held {
                     if kept.contains(&request) {
                         continue;
@@ -274,7 +274,7 @@ impl Runtime {
             seats
         };
         let kept = match triad.reclaim(runtime, named).await {
-            Ok((_, kept)) => kept,
+            Ok(kept) => kept,
             Err(_) if weakened() => return true,
             Err(e) => {
                 tracing::warn!(runtime, error = %e, "Triad seats not re-claimed");

@@ -140,9 +140,14 @@ fn read_state(db: &Database, key: &str) -> Result<Option<Vec<u8>>, redb::Error> 
     Ok(table.get(key)?.map(|v| v.value().to_vec()))
 }
 
-fn write_state(db: &Database, key: &str, value: &[u8]) -> Result<(), redb::Error> {
+fn write_state(
+    db: &Database,
+    key: &str,
+    value: &[u8],
+    durability: Durability,
+) -> Result<(), redb::Error> {
     let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
+    txn.set_durability(durability)?;
     txn.open_table(STATE)?.insert(key, value)?;
     txn.commit()?;
     Ok(())
@@ -218,7 +223,7 @@ impl RaftLogStorage<TriadConfig> for TriadLog {
 
     async fn save_vote(&mut self, vote: &Vote<MemberId>) -> Result<(), TriadStorageError> {
         let _order = self.writes.lock().await;
-        write_state(&self.db, VOTE, &encode(vote)?).map_err(io_write)
+        write_state(&self.db, VOTE, &encode(vote)?, Durability::Immediate).map_err(io_write)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<MemberId>>, TriadStorageError> {
@@ -238,13 +243,7 @@ impl RaftLogStorage<TriadConfig> for TriadLog {
         // Not synced on its own: the committed position only saves re-applying entries after a
         // restart, and goes to disk with the next synced write.
         let _order = self.writes.lock().await;
-        let mut txn = self.db.begin_write().map_err(io_write)?;
-        txn.set_durability(Durability::None).map_err(io_write)?;
-        txn.open_table(STATE)
-            .map_err(io_write)?
-            .insert(COMMITTED, encode(&committed)?.as_slice())
-            .map_err(io_write)?;
-        txn.commit().map_err(io_write)
+        write_state(&self.db, COMMITTED, &encode(&committed)?, Durability::None).map_err(io_write)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<MemberId>>, TriadStorageError> {
@@ -351,7 +350,8 @@ impl RaftSnapshotBuilder<TriadConfig> for TriadLedger {
             meta: meta.clone(),
             data: data.clone(),
         };
-        write_state(&self.db, SNAPSHOT, &encode(&stored)?).map_err(io_write)?;
+        write_state(&self.db, SNAPSHOT, &encode(&stored)?, Durability::Immediate)
+            .map_err(io_write)?;
         drop(guard);
         Ok(Snapshot {
             meta,
@@ -424,7 +424,8 @@ impl RaftStateMachine<TriadConfig> for TriadLedger {
             data: encode(&installed)?,
         };
         let mut applied = self.applied.lock().await;
-        write_state(&self.db, SNAPSHOT, &encode(&stored)?).map_err(io_write)?;
+        write_state(&self.db, SNAPSHOT, &encode(&stored)?, Durability::Immediate)
+            .map_err(io_write)?;
         *applied = installed;
         Ok(())
     }
