@@ -45,6 +45,9 @@ pub struct LoopbackTriad {
     identities: BTreeMap<MemberId, Arc<Identity>>,
     members: BTreeMap<MemberId, Member>,
     running: BTreeMap<MemberId, TriadMember>,
+    /// Listeners bound when the ports were chosen, kept until their member first starts (a
+    /// port let go in between could be taken by another test).
+    bound: BTreeMap<MemberId, std::net::TcpListener>,
 }
 
 impl LoopbackTriad {
@@ -57,12 +60,16 @@ impl LoopbackTriad {
         std::fs::create_dir_all(&dir).map_err(LoopbackTriadError::Listen)?;
         let mut identities = BTreeMap::new();
         let mut members = BTreeMap::new();
+        let mut bound = BTreeMap::new();
         for id in 1..=size {
             let identity = Arc::new(Identity::generate().map_err(LoopbackTriadError::Identity)?);
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
+            let listener =
+                std::net::TcpListener::bind("127.0.0.1:0").map_err(LoopbackTriadError::Listen)?;
+            let port = listener
+                .local_addr()
                 .map_err(LoopbackTriadError::Listen)?
                 .port();
+            bound.insert(id, listener);
             members.insert(
                 id,
                 Member {
@@ -78,6 +85,7 @@ impl LoopbackTriad {
             identities,
             members,
             running: BTreeMap::new(),
+            bound,
         };
         for id in 1..=size {
             triad.start_member(id).await?;
@@ -87,9 +95,13 @@ impl LoopbackTriad {
 
     /// Starts (or restarts, from its storage) member `id`.
     pub async fn start_member(&mut self, id: MemberId) -> Result<(), LoopbackTriadError> {
-        let listener = TcpListener::bind(&self.members[&id].addr)
-            .await
-            .map_err(LoopbackTriadError::Listen)?;
+        let listener = match self.bound.remove(&id) {
+            Some(listener) => listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(listener)),
+            None => TcpListener::bind(&self.members[&id].addr).await,
+        }
+        .map_err(LoopbackTriadError::Listen)?;
         let member = TriadMember::start(
             id,
             self.members.clone(),
