@@ -2,31 +2,44 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build test test-libvirt test-libvirt-all verify-libvirt lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
+.PHONY: all build test libvirt-required test-libvirt test-libvirt-all verify-libvirt lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
 
 all: build
 
 build:
 	$(CARGO) build --workspace --all-targets
 
-## The test command: formatting, lints, every crate's tests (the harness's include every
-## built-in scenario on the sim backend, through the real binary).
-test: lint weakened
-	$(CARGO) test --workspace --all-targets --no-fail-fast
-	$(MAKE) test-libvirt
+## Whether libvirt-dev is here (`make deps`): the harness is then built and tested with its
+## cargo feature `libvirt`, in the same build as everything else.
+HAVE_LIBVIRT := $(shell pkg-config --exists libvirt 2>/dev/null && echo yes)
+ifeq ($(HAVE_LIBVIRT),yes)
+TEST_FEATURES := --features vigil/libvirt
+endif
 
-## The libvirt suite: the harness built with the cargo feature `libvirt` (needs libvirt-dev and
-## libvirtd from `make deps`); skipped with the reason where libvirt is missing, unless
+## The test command: formatting, lints, every crate's tests (the harness's include every
+## built-in scenario on the sim backend, through the real binary, the qemu suite and, with
+## libvirt, the libvirt suite's core scenarios).
+test: lint weakened libvirt-required
+	VIGIL_LIBVIRT_SCENARIOS=$(LIBVIRT_CORE_SCENARIOS) $(CARGO) test --workspace --all-targets $(TEST_FEATURES) --no-fail-fast
+
+## Where libvirt is missing the libvirt suite is skipped with the reason, unless
 ## VIGIL_REQUIRE_LIBVIRT=1 (CI), which makes a skip a failure.
-test-libvirt:
-	@if pkg-config --exists libvirt 2>/dev/null; then \
+libvirt-required:
+	@if [ "$(HAVE_LIBVIRT)" != yes ]; then \
+	  if [ "$${VIGIL_REQUIRE_LIBVIRT:-0}" = 1 ]; then \
+	    echo "test: VIGIL_REQUIRE_LIBVIRT=1 but libvirt-dev is missing (make deps)" >&2; exit 1; \
+	  else \
+	    echo "test: libvirt suite skipped: libvirt-dev is not installed (make deps)"; \
+	  fi; \
+	fi
+
+## The libvirt suite alone: the harness built with the cargo feature `libvirt` (needs
+## libvirt-dev and libvirtd from `make deps`).
+test-libvirt: libvirt-required
+	@if [ "$(HAVE_LIBVIRT)" = yes ]; then \
 	  $(CARGO) clippy -p vigil --features libvirt --all-targets -- -D warnings && \
 	  $(CARGO) test -p vigil --features libvirt --lib --test libvirt_daemon --test libvirt_guest --test libvirt_migration --test libvirt_snapshot && \
-	  VIGIL_LIBVIRT_SCENARIOS=$(LIBVIRT_CORE_SCENARIOS) $(CARGO) test -p vigil --features libvirt --test libvirt_scenarios -- --nocapture --test-threads 1; \
-	elif [ "$${VIGIL_REQUIRE_LIBVIRT:-0}" = 1 ]; then \
-	  echo "test-libvirt: VIGIL_REQUIRE_LIBVIRT=1 but libvirt-dev is missing (make deps)" >&2; exit 1; \
-	else \
-	  echo "test-libvirt: skipped: libvirt-dev is not installed (make deps)"; \
+	  VIGIL_LIBVIRT_SCENARIOS=$(LIBVIRT_CORE_SCENARIOS) $(CARGO) test -p vigil --features libvirt --test libvirt_scenarios -- --nocapture; \
 	fi
 
 ## One built-in scenario per libvirt operation (boot, clone, perfect copy to another host, cold move
@@ -56,10 +69,16 @@ verify-libvirt: weakened images
 	./target/debug/vigil verify --backend libvirt --weakened target/debug/meter-weakened \
 	  --work-dir reports/verify-libvirt/runs --out reports/verify-libvirt $(LIBVIRT_VERIFY_SCENARIOS)
 
+## Lints: the default build (what a fresh machine builds), the weakened runtime and, with
+## libvirt, the harness with its `libvirt` feature.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p meterd --features weakened --all-targets -- -D warnings
+	@if [ "$(HAVE_LIBVIRT)" = yes ]; then \
+	  echo "$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings"; \
+	  $(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings; \
+	fi
 
 fmt:
 	$(CARGO) fmt --all

@@ -141,6 +141,10 @@ enum Commands {
         /// The backend every run uses (a weakened runtime reaches guests on its runtime disk).
         #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
         backend: BackendKind,
+        /// How many runs go at once (default: one per CPU on sim, one on guest backends,
+        /// whose guests each want a CPU of their own).
+        #[arg(long)]
+        jobs: Option<std::num::NonZeroUsize>,
     },
     /// Build or inspect the guest image of the qemu backend (images/out/).
     Image {
@@ -181,6 +185,17 @@ enum ImageAction {
 enum ImageProfile {
     Dev,
     Release,
+}
+
+/// Runs `vigil verify` makes at once unless told: sim runs mostly wait on their runtimes' timers,
+/// so one per CPU; guests under emulation want a CPU each, so one at a time.
+fn default_verify_jobs(backend: BackendKind) -> std::num::NonZeroUsize {
+    match backend {
+        BackendKind::Sim => {
+            std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN)
+        }
+        _ => std::num::NonZeroUsize::MIN,
+    }
 }
 
 fn main() -> ExitCode {
@@ -335,6 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             docs,
             backend,
+            jobs,
         } => {
             let subset = !scenarios.is_empty();
             let loaded = if scenarios.is_empty() {
@@ -348,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 work_dir,
                 backend,
                 subset,
+                jobs: jobs.unwrap_or_else(|| default_verify_jobs(backend)),
             };
             let report = vigil::verify::run(&options, &loaded)?;
             vigil::verify::write(&report, &out, docs.as_deref())?;

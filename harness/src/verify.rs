@@ -37,6 +37,8 @@ pub struct VerifyOptions {
     pub backend: BackendKind,
     /// Only some scenarios run: a defence none of them guards is not counted as uncaught.
     pub subset: bool,
+    /// How many runs go at once (each is a `vigil scenario` process of its own).
+    pub jobs: std::num::NonZeroUsize,
 }
 
 /// How one scenario fared against one runtime.
@@ -298,43 +300,54 @@ fn weakened_runtime_dir(options: &VerifyOptions) -> Result<PathBuf, VerifyError>
     Ok(dir)
 }
 
-/// Runs every scenario with guards against the full runtime and each guarded weakening.
+/// One run to make: a scenario against the full runtime (`defence` none) or a weakened one.
+struct Job<'a> {
+    loaded: &'a LoadedScenario,
+    defence: Option<String>,
+}
+
+/// Runs every scenario with guards against the full runtime and each guarded weakening,
+/// [`VerifyOptions::jobs`] runs at a time; the cells come in the scenarios' order whatever
+/// order the runs end in.
 pub fn run(
     options: &VerifyOptions,
     scenarios: &[LoadedScenario],
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
     let runtime = weakened_runtime_dir(options)?;
-    let mut cells = Vec::new();
-    let mut undefended_by_policy = Vec::new();
+    let mut jobs = Vec::new();
     let mut guarded: BTreeSet<String> = BTreeSet::new();
     for loaded in scenarios {
         let guards = guards_of(loaded);
         guarded.extend(guards.iter().cloned());
-        let allowed = &loaded.scenario.allowed_by_policy;
-        if guards.is_empty() && allowed.is_empty() {
+        if guards.is_empty() && loaded.scenario.allowed_by_policy.is_empty() {
             continue;
         }
-        let name = &loaded.scenario.name;
-        let full = run_one(options, &loaded.source, name, None, &runtime)?;
-        let shown = full.outcome == Outcome::Passed;
-        undefended_by_policy.extend(allowed.iter().map(|a| PolicyHole {
-            scenario: name.value.clone(),
-            product: a.product.value,
-            policy: a.policy.value.clone(),
-            gains: a.gains.clone(),
-            shown,
+        jobs.push(Job {
+            loaded,
+            defence: None,
+        });
+        jobs.extend(guards.into_iter().map(|defence| Job {
+            loaded,
+            defence: Some(defence),
         }));
-        cells.push(full);
-        for defence in guards {
-            cells.push(run_one(
-                options,
-                &loaded.source,
-                name,
-                Some(defence),
-                &runtime,
-            )?);
+    }
+    let cells = run_jobs(options, &jobs, &runtime)?;
+    let mut undefended_by_policy = Vec::new();
+    for (job, cell) in jobs.iter().zip(&cells) {
+        if job.defence.is_some() {
+            continue;
         }
+        let shown = cell.outcome == Outcome::Passed;
+        undefended_by_policy.extend(job.loaded.scenario.allowed_by_policy.iter().map(|a| {
+            PolicyHole {
+                scenario: cell.scenario.clone(),
+                product: a.product.value,
+                policy: a.policy.value.clone(),
+                gains: a.gains.clone(),
+                shown,
+            }
+        }));
     }
     let mut caught_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for cell in &cells {
@@ -358,6 +371,57 @@ pub fn run(
         uncaught,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Makes every run of `jobs`, [`VerifyOptions::jobs`] at a time; their cells in `jobs`' order.
+fn run_jobs(
+    options: &VerifyOptions,
+    jobs: &[Job<'_>],
+    runtime: &Path,
+) -> Result<Vec<Cell>, VerifyError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: std::sync::Mutex<Vec<Option<Result<Cell, VerifyError>>>> =
+        std::sync::Mutex::new(jobs.iter().map(|_| None).collect());
+    let workers = options.jobs.get().min(jobs.len().max(1));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(job) = jobs.get(i) else { break };
+                    let cell = run_one(
+                        options,
+                        &job.loaded.source,
+                        &job.loaded.scenario.name,
+                        job.defence.clone(),
+                        runtime,
+                    );
+                    let failed = cell.is_err();
+                    if let Ok(mut done) = done.lock() {
+                        done[i] = Some(cell);
+                    }
+                    if failed {
+                        // The harness itself failed: no further runs are started.
+                        next.store(jobs.len(), std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    // A run the harness could not make stops the whole verification, with its error; a job
+    // left unstarted (None) is only ever one after such a run.
+    let mut cells = Vec::with_capacity(jobs.len());
+    let mut unstarted = false;
+    for cell in done {
+        match cell {
+            Some(Ok(cell)) => cells.push(cell),
+            Some(Err(e)) => return Err(e),
+            None => unstarted = true,
+        }
+    }
+    debug_assert!(!unstarted, "a run was left unstarted without an error");
+    Ok(cells)
 }
 
 /// How `vigil scenario` is told which scenario to run: a built-in by its name (so it runs from

@@ -85,6 +85,6 @@ fn a_failing_scenario_leaves_no_daemon_or_guest_running() {
         .as_str()
         .unwrap_or_else(|| panic!("no run id in {report}"))
         .to_owned();
-    let left = processes_naming(&format!("vigil-{run_id}/"));
+    let left = processes_naming(&format!("vigil-{run_id}-"));
     assert!(left.is_empty(), "left running after the run: {left:#?}");
 }

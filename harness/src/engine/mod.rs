@@ -284,7 +284,9 @@ pub fn run_scenarios(
 /// thousands of small files there is far cheaper); else the system temp folder. Guest disks of
 /// real VMs stay off /dev/shm, which may be small.
 fn tempfile_dir(run_id: &str, backend: BackendKind) -> anyhow::Result<PathBuf> {
-    let name = format!("vigil-{run_id}");
+    // With the process id: runs started in the same second by processes side by side (a
+    // parallel `vigil verify`, suite shards) never share a scratch folder.
+    let name = format!("vigil-{run_id}-{}", std::process::id());
     if backend == BackendKind::Sim && std::env::var_os("TMPDIR").is_none() {
         let shm = Path::new("/dev/shm").join(&name);
         if std::fs::create_dir_all(&shm).is_ok() {
