@@ -124,7 +124,6 @@ impl World {
         let mut findings = Vec::new();
         let mut holders = std::collections::BTreeSet::new();
         let triads = self.triads.clone();
-        let members: std::collections::BTreeSet<&String> = triads.iter().flatten().collect();
         for triad in &triads {
             // Every member committed one log: the longest history it still holds is read.
             let mut longest: Option<(String, super::seat_history::SeatHistory)> = None;
@@ -153,14 +152,13 @@ impl World {
             findings.extend(read.anomalies.iter().map(|a| format!("{member}: {a}")));
             holders.extend(read.holders);
         }
-        // An app a triad answered must hold its seat in the history: granted and then lost
-        // would let another take it.
+        // An app a triad answered (a client's, or one on a member's own machine) must hold its
+        // seat in the history: granted and then lost would let another take it.
         let apps: Vec<(String, String)> = self
             .apps
             .iter()
             .filter(|(_, app)| app.product == product && app.killed_at.is_none())
             .filter(|(_, app)| matches!(app.answer, Some(AccessAnswer::Granted { .. })))
-            .filter(|(_, app)| !members.contains(&app.machine))
             .map(|(name, app)| (name.clone(), app.machine.clone()))
             .collect();
         for (app, machine) in apps {
@@ -176,7 +174,9 @@ impl World {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
-            if !holders.contains(&id) {
+            // A client runtime holds its seats as itself; a triad member's own apps hold theirs
+            // as `<runtime id>/apps` (runtime contract, *Server triads*).
+            if !holders.contains(&id) && !holders.contains(&format!("{id}/apps")) {
                 findings.push(format!(
                     "{app} on {machine} runs with a seat no triad's history holds"
                 ));

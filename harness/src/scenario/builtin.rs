@@ -70,6 +70,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("server-crash"),
     builtin!("triad-failover"),
     builtin!("triad-split-brain"),
+    builtin!("triad-member-apps"),
     builtin!("triad-rejoin"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),

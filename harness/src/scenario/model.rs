@@ -437,11 +437,13 @@ pub enum Defence {
     RestartGrace,
     /// A triad member serves only while it leads and answers only what the triad committed.
     TriadQuorum,
+    /// The apps on a triad member's own machine take their seats in the triad's ledger.
+    TriadMemberApps,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 42] = [
+    pub const ALL: [Defence; 43] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -484,6 +486,7 @@ impl Defence {
         Defence::UsageLogChain,
         Defence::RestartGrace,
         Defence::TriadQuorum,
+        Defence::TriadMemberApps,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -531,6 +534,7 @@ impl Defence {
             Defence::UsageLogChain => "usage-log-chain",
             Defence::RestartGrace => "restart-grace",
             Defence::TriadQuorum => "triad-quorum",
+            Defence::TriadMemberApps => "triad-member-apps",
         }
     }
 
@@ -632,6 +636,9 @@ impl Defence {
             }
             Defence::TriadQuorum => {
                 "A triad member grants and renews only what two members committed: a member cut off from the others serves nobody."
+            }
+            Defence::TriadMemberApps => {
+                "An app on a triad member's own machine takes a seat in the triad's ledger (through the leader), so the members' apps and the clients never hold more seats than the licence has."
             }
         }
     }

@@ -743,6 +743,16 @@ impl Runtime {
                         .await;
                     return reply_denied(reason);
                 }
+                if let LocalReply::Granted { handle, .. } = &reply
+                    && let Err(reason) = self.take_member_app_seat(*handle).await
+                {
+                    // A triad member's app without a seat in the triad's ledger: the grant
+                    // goes back (logged as a release) and the app is denied.
+                    let _ = self.release_inner(*handle, false).await;
+                    self.log_denial(self.asker_of(caller), key, reason, None)
+                        .await;
+                    return reply_denied(reason);
+                }
                 self.watch_holder(caller.pid, caller.start);
                 if let Err(e) = store::wait(durable).await {
                     return LocalReply::Error {
@@ -968,6 +978,9 @@ impl Runtime {
             (record, durable)
         };
         self.dongles.release_grant(handle);
+        if matches!(record.holder, Holder::Local { .. }) {
+            self.give_back_member_app_seats();
+        }
         if let Some(durable) = durable
             && let Err(e) = store::wait(durable).await
         {

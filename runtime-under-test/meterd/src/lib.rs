@@ -41,6 +41,7 @@ pub mod tls;
 pub mod transport;
 pub mod triad;
 pub mod triad_local;
+mod triad_member_apps;
 pub mod triad_network;
 pub mod triad_server;
 pub mod triad_stations;

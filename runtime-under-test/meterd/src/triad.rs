@@ -16,7 +16,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::tls::Identity;
-use crate::triad_network::{MemberLinks, serve};
+use crate::triad_network::{
+    ForwardError, ForwardRefusal, Forwarded, MemberLink, MemberLinks, serve,
+};
 use crate::triad_store::{self, TriadLedger, TriadLog, TriadStoreError};
 use crate::triad_types::{Member, MemberId, TriadRaft};
 
@@ -182,13 +184,12 @@ impl TriadError {
     }
 }
 
-/// A running member.
-pub struct TriadMember {
+/// What commits commands stamped with the leader's clock: the member's, shared with the task
+/// that answers the commands other members forward.
+struct Writer {
     id: MemberId,
     raft: TriadRaft,
-    ledger: TriadLedger,
     timing: TriadTiming,
-    server: JoinHandle<()>,
     /// The last term whose grace this member committed as its leader.
     graced_term: tokio::sync::Mutex<u64>,
     /// The wall-clock time and the instant this member's lead began: within a term entries
@@ -202,108 +203,30 @@ pub struct TriadMember {
     pen: Arc<tokio::sync::Mutex<()>>,
 }
 
-impl TriadMember {
-    /// Starts member `id` of `members`, serving the others on `listener` with `identity`
-    /// (whose pin `members` lists), its log and ledger in the redb file `db`. A member that
-    /// `proposes` and starts for the first time proposes the membership (and stands for
-    /// election at once); one that restarts, or does not propose, learns it from the leader.
-    pub async fn start(
-        id: MemberId,
-        members: BTreeMap<MemberId, Member>,
-        listener: TcpListener,
-        identity: Arc<Identity>,
-        db: &Path,
-        timing: TriadTiming,
-        proposes: bool,
-    ) -> Result<TriadMember, TriadError> {
-        if !members.contains_key(&id) {
-            return Err(TriadError::NotAMember {
-                id,
-                members: members.keys().copied().collect(),
-            });
-        }
-        let config = Config {
-            cluster_name: "meter-triad".into(),
-            heartbeat_interval: timing.heartbeat_ms,
-            election_timeout_min: timing.election_min_ms,
-            election_timeout_max: timing.election_max_ms,
-            install_snapshot_timeout: 5_000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
-            ..Default::default()
-        }
-        .validate()
-        .map_err(TriadError::Timing)?;
-        let (log, ledger) = open_store(db).await?;
-        let raft = TriadRaft::new(
-            id,
-            Arc::new(config),
-            MemberLinks::new(
-                Arc::clone(&identity),
-                members
-                    .iter()
-                    .map(|(id, m)| (*id, m.addr.clone()))
-                    .collect(),
-            ),
-            log,
-            ledger.clone(),
-        )
-        .await
-        .map_err(|e| TriadError::Stopped(e.to_string()))?;
-        let peers: BTreeSet<String> = members
-            .iter()
-            .filter(|(member, _)| **member != id)
-            .map(|(_, m)| m.pin.clone())
-            .collect();
-        let served = raft.clone();
-        let server = tokio::spawn(async move {
-            if let Err(e) = serve(listener, &identity, served, peers).await {
-                tracing::error!(error = %e, "Triad member stopped serving its peers");
-            }
-        });
-        // Proposers propose the same membership; one already initialised refuses, fine.
-        let proposed = if proposes {
-            raft.initialize(members).await
-        } else {
-            Ok(())
-        };
-        match proposed {
-            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(e) => {
-                server.abort();
-                let _ = server.await;
-                let _ = raft.shutdown().await;
-                return Err(TriadError::Stopped(e.to_string()));
-            }
-        }
-        Ok(TriadMember {
-            id,
-            raft,
-            ledger,
-            timing,
-            server,
-            graced_term: tokio::sync::Mutex::new(0),
-            stamp_base: std::sync::Mutex::new(None),
-            waiting: std::sync::Mutex::default(),
-            pen: Arc::default(),
-        })
-    }
+/// A running member.
+pub struct TriadMember {
+    id: MemberId,
+    raft: TriadRaft,
+    ledger: TriadLedger,
+    timing: TriadTiming,
+    server: JoinHandle<()>,
+    /// Answers the commands other members forward.
+    forwarder: JoinHandle<()>,
+    writer: Arc<Writer>,
+    /// The members, and the links to reach them, for forwarding to the leader.
+    members: BTreeMap<MemberId, Member>,
+    links: MemberLinks,
+    /// The link to the leader this member forwards to.
+    leader_link: tokio::sync::Mutex<Option<MemberLink>>,
+}
 
-    /// This member's number.
-    pub fn id(&self) -> MemberId {
-        self.id
-    }
-
-    /// Commits `command` stamped with this member's clock (it must lead); its answer. The
-    /// first command a member commits in a term it leads is preceded by the grace of
+impl Writer {
+    /// Commits `command` stamped with this member's clock (it must lead), with the next entry
+    /// another command is written in if one is within `linger`; its answer. The first command
+    /// a member commits in a term it leads is preceded by the grace of
     /// [`TriadTiming::lease_grace_ms`]: leases end only when entries apply, so nothing can
     /// expire before it.
-    pub async fn submit(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
-        self.submit_within(command, Duration::ZERO).await
-    }
-
-    /// Commits `command` as [`TriadMember::submit`] does, but with the next entry another
-    /// command is written in, if one is within `linger` (it needs no entry of its own).
-    pub async fn submit_within(
+    async fn submit_within(
         &self,
         command: LedgerCommand,
         linger: Duration,
@@ -403,6 +326,190 @@ impl TriadMember {
             .await
             .unwrap_or_else(|_| Err(TriadError::Stopped("the write was abandoned".into())))
     }
+}
+
+/// Commits the commands other members forward while this member leads (each in a task of its
+/// own, so they share entries as local ones do); refuses them otherwise.
+async fn answer_forwarded(
+    writer: Arc<Writer>,
+    mut forwarded: tokio::sync::mpsc::Receiver<Forwarded>,
+) {
+    while let Some((command, answer)) = forwarded.recv().await {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move {
+            let leads = writer.raft.metrics().borrow().state == ServerState::Leader;
+            let outcome = if leads {
+                writer
+                    .submit_within(command, Duration::ZERO)
+                    .await
+                    .map_err(|e| match e {
+                        TriadError::NotLeader { .. } => ForwardRefusal::NotLeader,
+                        TriadError::NoQuorum(_) => ForwardRefusal::NoQuorum,
+                        other => ForwardRefusal::Failed(other.to_string()),
+                    })
+            } else {
+                Err(ForwardRefusal::NotLeader)
+            };
+            let _ = answer.send(outcome);
+        });
+    }
+}
+
+impl TriadMember {
+    /// Starts member `id` of `members`, serving the others on `listener` with `identity`
+    /// (whose pin `members` lists), its log and ledger in the redb file `db`. A member that
+    /// `proposes` and starts for the first time proposes the membership (and stands for
+    /// election at once); one that restarts, or does not propose, learns it from the leader.
+    pub async fn start(
+        id: MemberId,
+        members: BTreeMap<MemberId, Member>,
+        listener: TcpListener,
+        identity: Arc<Identity>,
+        db: &Path,
+        timing: TriadTiming,
+        proposes: bool,
+    ) -> Result<TriadMember, TriadError> {
+        if !members.contains_key(&id) {
+            return Err(TriadError::NotAMember {
+                id,
+                members: members.keys().copied().collect(),
+            });
+        }
+        let config = Config {
+            cluster_name: "meter-triad".into(),
+            heartbeat_interval: timing.heartbeat_ms,
+            election_timeout_min: timing.election_min_ms,
+            election_timeout_max: timing.election_max_ms,
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1_000),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(TriadError::Timing)?;
+        let (log, ledger) = open_store(db).await?;
+        let links = MemberLinks::new(
+            Arc::clone(&identity),
+            members
+                .iter()
+                .map(|(id, m)| (*id, m.addr.clone()))
+                .collect(),
+        );
+        let raft = TriadRaft::new(id, Arc::new(config), links.clone(), log, ledger.clone())
+            .await
+            .map_err(|e| TriadError::Stopped(e.to_string()))?;
+        let peers: BTreeSet<String> = members
+            .iter()
+            .filter(|(member, _)| **member != id)
+            .map(|(_, m)| m.pin.clone())
+            .collect();
+        let writer = Arc::new(Writer {
+            id,
+            raft: raft.clone(),
+            timing,
+            graced_term: tokio::sync::Mutex::new(0),
+            stamp_base: std::sync::Mutex::new(None),
+            waiting: std::sync::Mutex::default(),
+            pen: Arc::default(),
+        });
+        let (forwarded, to_answer) = tokio::sync::mpsc::channel(64);
+        let forwarder = tokio::spawn(answer_forwarded(Arc::clone(&writer), to_answer));
+        let served = raft.clone();
+        let server = tokio::spawn(async move {
+            if let Err(e) = serve(listener, &identity, served, peers, forwarded).await {
+                tracing::error!(error = %e, "Triad member stopped serving its peers");
+            }
+        });
+        // Proposers propose the same membership; one already initialised refuses, fine.
+        let proposed = if proposes {
+            raft.initialize(members.clone()).await
+        } else {
+            Ok(())
+        };
+        match proposed {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(e) => {
+                server.abort();
+                forwarder.abort();
+                let _ = server.await;
+                let _ = raft.shutdown().await;
+                return Err(TriadError::Stopped(e.to_string()));
+            }
+        }
+        Ok(TriadMember {
+            id,
+            raft,
+            ledger,
+            timing,
+            server,
+            forwarder,
+            writer,
+            members,
+            links,
+            leader_link: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// This member's number.
+    pub fn id(&self) -> MemberId {
+        self.id
+    }
+
+    /// Commits `command` stamped with this member's clock (it must lead); its answer. The
+    /// first command a member commits in a term it leads is preceded by the grace of
+    /// [`TriadTiming::lease_grace_ms`]: leases end only when entries apply, so nothing can
+    /// expire before it.
+    pub async fn submit(&self, command: LedgerCommand) -> Result<LedgerOutcome, TriadError> {
+        self.writer.submit_within(command, Duration::ZERO).await
+    }
+
+    /// Commits `command` as [`TriadMember::submit`] does, but with the next entry another
+    /// command is written in, if one is within `linger` (it needs no entry of its own).
+    pub async fn submit_within(
+        &self,
+        command: LedgerCommand,
+        linger: Duration,
+    ) -> Result<LedgerOutcome, TriadError> {
+        self.writer.submit_within(command, linger).await
+    }
+
+    /// Commits `command` through whichever member leads: itself, or the leader it forwards
+    /// the command to over the members' link (a member's own apps' seats).
+    pub async fn submit_anywhere(
+        &self,
+        command: LedgerCommand,
+    ) -> Result<LedgerOutcome, TriadError> {
+        if self.leads() {
+            return self.submit(command).await;
+        }
+        let Some(leader) = self.leader().filter(|leader| *leader != self.id) else {
+            return Err(TriadError::NotLeader { leader: None });
+        };
+        let Some(node) = self.members.get(&leader) else {
+            return Err(TriadError::NotLeader { leader: None });
+        };
+        let mut link = self.leader_link.lock().await;
+        let link = match &mut *link {
+            Some(link) if link.target() == leader => link,
+            other => other.insert(self.links.link(leader, node)),
+        };
+        // The leader's own bound on the write, and a connection's setup.
+        let timeout = self
+            .timing
+            .write_timeout
+            .saturating_mul(2)
+            .saturating_add(Duration::from_secs(2));
+        match tokio::time::timeout(timeout, link.forward(command)).await {
+            Err(_) => Err(TriadError::NoQuorum(timeout)),
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(ForwardError::Refused(ForwardRefusal::NoQuorum))) => {
+                Err(TriadError::NoQuorum(self.timing.write_timeout))
+            }
+            Ok(
+                Err(ForwardError::Refused(ForwardRefusal::NotLeader)) | Err(ForwardError::Link(_)),
+            ) => Err(TriadError::NotLeader { leader: None }),
+            Ok(Err(e)) => Err(TriadError::Stopped(e.to_string())),
+        }
+    }
 
     /// How long a write may wait for a quorum.
     pub fn write_timeout(&self) -> Duration {
@@ -481,6 +588,7 @@ impl TriadMember {
     /// Stops the member (its storage keeps what it committed).
     pub async fn stop(self) {
         self.server.abort();
+        self.forwarder.abort();
         let _ = self.server.await;
         let _ = self.raft.shutdown().await;
     }

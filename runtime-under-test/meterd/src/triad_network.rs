@@ -1,11 +1,14 @@
 //! Member-to-member traffic of a triad: Raft's calls over mutual TLS, each side pinned to the
-//! other members' certificates, one length-prefixed JSON frame per call and per answer.
+//! other members' certificates, one length-prefixed JSON frame per call and per answer; and
+//! the ledger commands a member that does not lead forwards to the leader (its own apps'
+//! seats).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use meter_core::seat_ledger::{LedgerCommand, LedgerOutcome};
 use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{
@@ -32,7 +35,32 @@ enum Call {
     Append(AppendEntriesRequest<TriadConfig>),
     Vote(VoteRequest<MemberId>),
     Snapshot(InstallSnapshotRequest<TriadConfig>),
+    /// A ledger command for the leader to commit (from a member that does not lead).
+    Submit(LedgerCommand),
 }
+
+/// Why the leader did not commit a forwarded command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardRefusal {
+    /// The member asked does not lead (any more).
+    #[error("The member asked does not lead the triad")]
+    NotLeader,
+    /// No quorum answered in time.
+    #[error("No quorum of the triad answered")]
+    NoQuorum,
+    /// Only a member's own seats are forwarded (grants, renewals, reclaims, releases).
+    #[error("A member may not forward this command")]
+    NotForwardable,
+    /// The leader failed otherwise.
+    #[error("The leader failed: {0}")]
+    Failed(String),
+}
+
+/// A forwarded command, with where its answer goes.
+pub type Forwarded = (
+    LedgerCommand,
+    tokio::sync::oneshot::Sender<Result<LedgerOutcome, ForwardRefusal>>,
+);
 
 /// The answer to a [`Call`].
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +68,7 @@ enum Answer {
     Append(Result<AppendEntriesResponse<MemberId>, TriadRaftError>),
     Vote(Result<VoteResponse<MemberId>, TriadRaftError>),
     Snapshot(Result<InstallSnapshotResponse<MemberId>, TriadRaftError<InstallSnapshotError>>),
+    Submit(Result<LedgerOutcome, ForwardRefusal>),
 }
 
 type Link = Framed<tokio_rustls::client::TlsStream<TcpStream>, LengthDelimitedCodec>;
@@ -110,10 +139,9 @@ pub struct MemberLink {
     link: Option<Link>,
 }
 
-impl RaftNetworkFactory<TriadConfig> for MemberLinks {
-    type Network = MemberLink;
-
-    async fn new_client(&mut self, target: MemberId, node: &Member) -> MemberLink {
+impl MemberLinks {
+    /// A link to member `target` (at this member's address for it, else `node`'s).
+    pub fn link(&self, target: MemberId, node: &Member) -> MemberLink {
         let mut member = node.clone();
         if let Some(addr) = self.addresses.get(&target) {
             member.addr = addr.clone();
@@ -124,6 +152,50 @@ impl RaftNetworkFactory<TriadConfig> for MemberLinks {
             identity: Arc::clone(&self.identity),
             link: None,
         }
+    }
+}
+
+/// A forwarded command could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The leader was not reached, or its answer was lost.
+    #[error("The triad's leader was not reached")]
+    Link(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The leader refused.
+    #[error(transparent)]
+    Refused(ForwardRefusal),
+}
+
+impl MemberLink {
+    /// The member this link reaches.
+    pub fn target(&self) -> MemberId {
+        self.target
+    }
+
+    /// Asks this member (the leader) to commit `command`; its answer.
+    pub async fn forward(&mut self, command: LedgerCommand) -> Result<LedgerOutcome, ForwardError> {
+        match self.call(&Call::Submit(command)).await {
+            Ok(Answer::Submit(Ok(outcome))) => Ok(outcome),
+            Ok(Answer::Submit(Err(refusal))) => Err(ForwardError::Refused(refusal)),
+            Ok(_) => {
+                self.link = None;
+                Err(ForwardError::Link(
+                    format!("member {} answered another call", self.member.addr).into(),
+                ))
+            }
+            Err(e) => {
+                self.link = None;
+                Err(ForwardError::Link(Box::new(e)))
+            }
+        }
+    }
+}
+
+impl RaftNetworkFactory<TriadConfig> for MemberLinks {
+    type Network = MemberLink;
+
+    async fn new_client(&mut self, target: MemberId, node: &Member) -> MemberLink {
+        self.link(target, node)
     }
 }
 
@@ -258,14 +330,27 @@ impl RaftNetwork<TriadConfig> for MemberLink {
     }
 }
 
-/// Serves the other members' calls to `raft` on `listener`: only a peer that proves it holds
-/// the key of one of `peers` (certificate pins) is answered. Dropping the future ends every
-/// connection it accepted.
+/// Whether a member may forward `command` to the leader: its own seats' commands only (a
+/// grace, or a batch that could carry one, is the leader's alone).
+fn forwardable(command: &LedgerCommand) -> bool {
+    matches!(
+        command,
+        LedgerCommand::Grant { .. }
+            | LedgerCommand::Renew { .. }
+            | LedgerCommand::Reclaim { .. }
+            | LedgerCommand::Release { .. }
+    )
+}
+
+/// Serves the other members' calls to `raft` on `listener`, and their forwarded commands to
+/// `forwarded`: only a peer that proves it holds the key of one of `peers` (certificate pins)
+/// is answered. Dropping the future ends every connection it accepted.
 pub async fn serve(
     listener: TcpListener,
     identity: &Identity,
     raft: TriadRaft,
     peers: BTreeSet<String>,
+    forwarded: tokio::sync::mpsc::Sender<Forwarded>,
 ) -> Result<(), tls::TlsError> {
     let acceptor = TlsAcceptor::from(tls::server_config(identity)?);
     let peers = Arc::new(peers);
@@ -285,6 +370,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let raft = raft.clone();
         let peers = Arc::clone(&peers);
+        let forwarded = forwarded.clone();
         connections.spawn(async move {
             let _ = tcp.set_nodelay(true);
             let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await
@@ -308,6 +394,20 @@ pub async fn serve(
                     Call::Append(rpc) => Answer::Append(raft.append_entries(rpc).await),
                     Call::Vote(rpc) => Answer::Vote(raft.vote(rpc).await),
                     Call::Snapshot(rpc) => Answer::Snapshot(raft.install_snapshot(rpc).await),
+                    Call::Submit(command) if !forwardable(&command) => {
+                        tracing::warn!(%from, "Refused a forwarded command no member may forward");
+                        Answer::Submit(Err(ForwardRefusal::NotForwardable))
+                    }
+                    Call::Submit(command) => {
+                        let (answer, answered) = tokio::sync::oneshot::channel();
+                        let outcome = match forwarded.send((command, answer)).await {
+                            Ok(()) => answered.await.unwrap_or_else(|_| {
+                                Err(ForwardRefusal::Failed("the member stopped".into()))
+                            }),
+                            Err(_) => Err(ForwardRefusal::Failed("the member stopped".into())),
+                        };
+                        Answer::Submit(outcome)
+                    }
                 };
                 let Ok(bytes) = serde_json::to_vec(&answer) else {
                     return;
@@ -317,5 +417,30 @@ pub async fn serve(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_forwards_its_own_seats_commands_but_never_a_grace() {
+        let holder = || "member-app".to_owned();
+        assert!(forwardable(&LedgerCommand::Grant {
+            request: 1,
+            product: 1,
+            quantity: 1,
+            holder: holder(),
+            lease_ms: 1,
+        }));
+        assert!(forwardable(&LedgerCommand::Renew {
+            holder: holder(),
+            lease_ms: 1,
+        }));
+        assert!(!forwardable(&LedgerCommand::Grace { lease_ms: 1 }));
+        assert!(!forwardable(&LedgerCommand::Batch(vec![
+            LedgerCommand::Grace { lease_ms: 1 }
+        ])));
     }
 }

@@ -84,6 +84,16 @@ impl Drop for GiveBackDone {
     }
 }
 
+/// Which member commits a seat's command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// This member, which must lead: the seats of the client runtimes it serves.
+    Here,
+    /// Whichever member leads, this one or the leader it forwards to: the seats of the apps on
+    /// this member's own machine.
+    Leader,
+}
+
 /// A seat could not be taken.
 #[derive(Debug)]
 pub enum SeatRefusal {
@@ -241,11 +251,24 @@ impl TriadSeats {
         self.member.metrics()
     }
 
-    /// Takes the ledger seat `request` of `product` (of `quantity`) for `holder`; a seat the
-    /// holder has already is that seat. Every seat held, it waits for the seats being given
-    /// back and asks once more.
+    /// Commits `command` by `route`.
+    async fn commit(
+        &self,
+        route: Route,
+        command: LedgerCommand,
+    ) -> Result<LedgerOutcome, TriadError> {
+        match route {
+            Route::Here => self.member.submit(command).await,
+            Route::Leader => self.member.submit_anywhere(command).await,
+        }
+    }
+
+    /// Takes the ledger seat `request` of `product` (of `quantity`) for `holder`, committed by
+    /// `route`; a seat the holder has already is that seat. Every seat held, it waits for the
+    /// seats being given back and asks once more.
     pub async fn take(
         &self,
+        route: Route,
         holder: &str,
         request: u64,
         product: ProductKey,
@@ -259,14 +282,14 @@ impl TriadSeats {
             lease_ms: self.window_ms,
         };
         let mut given_back = self.giving_back.subscribe();
-        let mut outcome = self.member.submit(command.clone()).await;
+        let mut outcome = self.commit(route, command.clone()).await;
         if matches!(outcome, Ok(LedgerOutcome::NoSeat { .. })) {
             // The give-backs started by now may free a seat: once they are done, ask again.
             let started = given_back.borrow().started;
             if given_back.borrow().finished < started {
                 let done = given_back.wait_for(|g| g.finished >= started);
                 let _ = tokio::time::timeout(self.member.write_timeout(), done).await;
-                outcome = self.member.submit(command).await;
+                outcome = self.commit(route, command).await;
             }
         }
         match outcome {
@@ -280,19 +303,23 @@ impl TriadSeats {
     }
 
     /// Renews `holder`'s seats named by `seats()` for one window and ends its others (but not
-    /// one a grant took after `seats()` was read); the seats named that the ledger still held.
+    /// one a grant took after `seats()` was read), committed by `route`; the seats named that
+    /// the ledger still held.
     pub async fn reclaim(
         &self,
+        route: Route,
         holder: &str,
         seats: impl FnOnce() -> Vec<u64>,
     ) -> Result<BTreeSet<u64>, TriadError> {
-        self.reclaim_within(holder, seats, Duration::ZERO).await
+        self.reclaim_within(route, holder, seats, Duration::ZERO)
+            .await
     }
 
     /// [`TriadSeats::reclaim`], written with the next entry another command goes in if one is
-    /// within `linger`.
+    /// within `linger` (when this member writes it).
     async fn reclaim_within(
         &self,
+        route: Route,
         holder: &str,
         seats: impl FnOnce() -> Vec<u64>,
         linger: Duration,
@@ -306,7 +333,11 @@ impl TriadSeats {
             lease_ms: self.window_ms,
             as_of: Some(as_of),
         };
-        match self.member.submit_within(command, linger).await? {
+        let outcome = match route {
+            Route::Leader if !self.member.leads() => self.member.submit_anywhere(command).await?,
+            _ => self.member.submit_within(command, linger).await?,
+        };
+        match outcome {
             LedgerOutcome::Reclaimed { kept } => Ok(kept.into_iter().map(|(r, _)| r).collect()),
             other => Err(TriadError::Stopped(format!("unexpected answer {other:?}"))),
         }
@@ -317,6 +348,7 @@ impl TriadSeats {
     /// a grant that finds every seat held meanwhile waits for it.
     pub fn give_back(
         self: &Arc<Self>,
+        route: Route,
         holder: &str,
         seats: impl FnOnce() -> Vec<u64> + Send + 'static,
     ) {
@@ -326,11 +358,20 @@ impl TriadSeats {
         let (triad, holder) = (Arc::clone(self), holder.to_owned());
         tokio::spawn(async move {
             let _finished = finished;
-            if let Err(e) = triad.reclaim_within(&holder, seats, GIVE_BACK_LINGER).await {
+            if let Err(e) = triad
+                .reclaim_within(route, &holder, seats, GIVE_BACK_LINGER)
+                .await
+            {
                 // Its next keepalive gives them back, or they run out with their lease.
                 tracing::debug!(holder, error = %e, "Triad seats not given back yet");
             }
         });
+    }
+
+    /// How many seats `holder` holds on this member's copy of the ledger (it may lag the
+    /// leader's).
+    pub async fn held_by(&self, holder: &str) -> usize {
+        self.member.ledger().held_by(holder).await
     }
 
     /// The seat events this member's ledger applied (for a run's history).

@@ -12,7 +12,9 @@ use openraft::ServerState;
 use crate::daemon::{Holder, Runtime, State};
 use crate::protocol::FromServer;
 use crate::store::Change;
-use crate::triad_server::{JoinError, SeatRefusal, TRIAD_META_KEY, TriadSeats, TriadSettings};
+use crate::triad_server::{
+    JoinError, Route, SeatRefusal, TRIAD_META_KEY, TriadSeats, TriadSettings,
+};
 
 /// Why this runtime cannot join a triad.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,7 @@ impl Runtime {
             return Err(JoinError::Joined.into());
         }
         self.watch_leadership(&seats);
+        self.keep_member_app_seats(self.settings.keepalive);
         self.stop_awaiting_reclaims();
         Ok(described)
     }
@@ -180,7 +183,10 @@ impl Runtime {
         let Some((request, product, quantity)) = seat else {
             return Ok(());
         };
-        match triad.take(runtime, request, product, quantity).await {
+        match triad
+            .take(Route::Here, runtime, request, product, quantity)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(SeatRefusal::NoSeat) => Err(Reason::QuantityExhausted),
             Err(SeatRefusal::Unreachable(_)) if weakened() => Ok(()),
@@ -202,14 +208,14 @@ impl Runtime {
             let (me, triad, runtime) = (Arc::clone(self), Arc::clone(triad), runtime.to_owned());
             tokio::spawn(async move {
                 let _ = triad
-                    .reclaim(&runtime, || seats_of(&me.lock(), &runtime))
+                    .reclaim(Route::Here, &runtime, || seats_of(&me.lock(), &runtime))
                     .await;
             });
             return true;
         }
         let mut held = Vec::new();
         let reclaimed = triad
-            .reclaim(runtime, || {
+            .reclaim(Route::Here, runtime, || {
                 held = seats_held(&self.lock(), runtime);
                 held.iter().map(|(request, ..)| *request).collect()
             })
@@ -223,7 +229,10 @@ impl Runtime {
                     if kept.contains(&request) {
                         continue;
                     }
-                    if let Err(refusal) = triad.take(runtime, request, product, quantity).await {
+                    if let Err(refusal) = triad
+                        .take(Route::Here, runtime, request, product, quantity)
+                        .await
+                    {
                         tracing::warn!(
                             runtime,
                             ?refusal,
@@ -248,7 +257,7 @@ impl Runtime {
             return;
         };
         let (me, holder) = (Arc::clone(self), runtime.to_owned());
-        triad.give_back(runtime, move || seats_of(&me.lock(), &holder));
+        triad.give_back(Route::Here, runtime, move || seats_of(&me.lock(), &holder));
     }
 
     /// After a client runtime's hello: re-claims the triad seats of its claims (`claimed`: a
@@ -273,7 +282,7 @@ impl Runtime {
             seats.dedup();
             seats
         };
-        let kept = match triad.reclaim(runtime, named).await {
+        let kept = match triad.reclaim(Route::Here, runtime, named).await {
             Ok(kept) => kept,
             Err(_) if weakened() => return true,
             Err(e) => {

@@ -314,6 +314,18 @@ impl TriadLedger {
         self.applied.lock().await.ledger.in_use(product)
     }
 
+    /// How many seats `holder` holds on this member's copy of the ledger.
+    pub async fn held_by(&self, holder: &str) -> usize {
+        self.applied
+            .lock()
+            .await
+            .ledger
+            .leases()
+            .values()
+            .filter(|lease| lease.holder == holder)
+            .count()
+    }
+
     /// The log position of the last entry this member's ledger applied.
     pub async fn applied(&self) -> u64 {
         self.applied.lock().await.ledger.applied()

@@ -102,11 +102,13 @@ pub enum Defence {
     /// A triad member serves client runtimes only while it leads, and answers a grant or a
     /// keepalive only once the triad committed it.
     TriadQuorum,
+    /// The apps on a triad member's own machine take their seats in the triad's ledger.
+    TriadMemberApps,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 42] = [
+    pub const ALL: [Defence; 43] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -149,6 +151,7 @@ impl Defence {
         Defence::UsageLogChain,
         Defence::RestartGrace,
         Defence::TriadQuorum,
+        Defence::TriadMemberApps,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -196,6 +199,7 @@ impl Defence {
             Defence::UsageLogChain => "usage-log-chain",
             Defence::RestartGrace => "restart-grace",
             Defence::TriadQuorum => "triad-quorum",
+            Defence::TriadMemberApps => "triad-member-apps",
         }
     }
 }
@@ -317,6 +321,9 @@ impl Defence {
             }
             Defence::TriadQuorum => {
                 "a triad member serves without a quorum: a follower or a leader cut off from the others grants and renews on its own count"
+            }
+            Defence::TriadMemberApps => {
+                "the apps on a triad member's own machine take no seat in the triad's ledger: each member's own table counts them, so the three members' apps and the clients together hold more seats than the licence has"
             }
         }
     }

@@ -2,7 +2,8 @@
 //! a leader is elected, seats are counted once across the triad, a follower names the leader,
 //! losing the leader keeps the service going (a retried grant is not granted twice), losing two
 //! stops new grants, a member that restarts catches up, a peer with an unknown certificate is
-//! refused, and commands asked for at once share entries yet each gets its own answer.
+//! refused, commands asked for at once share entries yet each gets its own answer, and a
+//! follower's own commands reach the ledger through the leader.
 
 use std::time::{Duration, Instant};
 
@@ -254,5 +255,66 @@ async fn commands_asked_at_once_share_entries_and_each_gets_its_own_answer() {
     let entries = lead.applied_index().unwrap_or(0) - before;
     assert!(entries <= 10, "{entries} entries for 40 commands");
     every_member_holds(&triad, 25).await;
+    triad.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_commits_its_own_seats_through_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut triad = LoopbackTriad::start(dir.path().to_owned(), 3, timing())
+        .await
+        .unwrap();
+    let leader = triad.leader(WAIT).await.unwrap();
+    let follower = *triad.running().keys().find(|id| **id != leader).unwrap();
+    let on_follower = triad.member(follower).unwrap();
+
+    // Asked of the follower itself, a command is refused (client runtimes go to the leader)...
+    assert!(matches!(
+        on_follower.submit(grant(1, "member-app")).await,
+        Err(TriadError::NotLeader { .. })
+    ));
+    // ...and forwarded, the leader commits it: one seat of two, counted on every member.
+    assert!(matches!(
+        on_follower
+            .submit_anywhere(grant(1, "member-app"))
+            .await
+            .unwrap(),
+        LedgerOutcome::Granted { .. }
+    ));
+    let lead = triad.member(leader).unwrap();
+    assert!(matches!(
+        lead.submit(grant(2, "client")).await.unwrap(),
+        LedgerOutcome::Granted { .. }
+    ));
+    assert!(matches!(
+        on_follower
+            .submit_anywhere(grant(3, "member-app"))
+            .await
+            .unwrap(),
+        LedgerOutcome::NoSeat { in_use: 2 }
+    ));
+    every_member_holds(&triad, 2).await;
+
+    // The leader gone, a follower forwards nothing until the others elect a new one.
+    triad.stop_member(leader).await;
+    let new_leader = triad.leader(WAIT).await.unwrap();
+    let forwarding = *triad
+        .running()
+        .keys()
+        .find(|id| **id != new_leader)
+        .unwrap();
+    let released = triad
+        .member(forwarding)
+        .unwrap()
+        .submit_anywhere(LedgerCommand::Reclaim {
+            holder: "member-app".into(),
+            requests: vec![],
+            lease_ms: 60_000,
+            as_of: None,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(released, LedgerOutcome::Reclaimed { .. }));
+    every_member_holds(&triad, 1).await;
     triad.stop().await;
 }

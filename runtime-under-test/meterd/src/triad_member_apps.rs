@@ -1,0 +1,199 @@
+//! The apps on a triad member's own machine: each takes a seat in the triad's ledger, as the
+//! member's runtime, through whichever member leads (forwarded to it when this one follows),
+//! so the members' apps and the client runtimes together never hold more seats than the
+//! licence has. Their seats are renewed every quarter window; apps whose seats could not be
+//! renewed are revoked before their leases run out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meter_core::allocation::ProductKey;
+use meter_core::reason::Reason;
+
+use crate::daemon::{Holder, Runtime, State};
+use crate::triad_server::{Route, SeatRefusal, seat_request};
+
+/// The seat (request, product, quantity) of a local app's grant `handle`, if it takes one: a
+/// counted item's (a local single-user licence is the machine's own, counted by no server).
+fn local_seat_of(state: &State, handle: u64) -> Option<(u64, ProductKey, u32)> {
+    let record = state.grants.get(&handle)?;
+    if !matches!(record.holder, Holder::Local { .. }) {
+        return None;
+    }
+    let allocation = state.table.allocation(record.table_handle?)?;
+    let rules = state
+        .table
+        .rules_of(&allocation.container, record.product)?;
+    if rules.is_local() {
+        return None;
+    }
+    let request = seat_request(&rules, record.product, &record.station, handle)?;
+    Some((request, record.product, rules.capacity()?))
+}
+
+/// Every local app's seat, with the grants holding it.
+fn local_seats(state: &State) -> Vec<((u64, ProductKey, u32), Vec<u64>)> {
+    let mut seats: Vec<((u64, ProductKey, u32), Vec<u64>)> = Vec::new();
+    for handle in state.grants.keys() {
+        let Some(seat) = local_seat_of(state, *handle) else {
+            continue;
+        };
+        match seats.iter_mut().find(|(s, _)| s.0 == seat.0) {
+            Some((_, handles)) => handles.push(*handle),
+            None => seats.push((seat, vec![*handle])),
+        }
+    }
+    seats
+}
+
+/// The requests of every local app's seat.
+fn local_requests(state: &State) -> Vec<u64> {
+    let mut requests: Vec<u64> = local_seats(state)
+        .into_iter()
+        .map(|((request, ..), _)| request)
+        .collect();
+    requests.sort_unstable();
+    requests
+}
+
+/// The ledger holder of a member's apps' seats: its runtime id with `/apps`, apart from the
+/// seats it may hold as a client runtime of its own triad (forwarded when its table refuses),
+/// which its keepalives' reclaims name and would otherwise end.
+pub(crate) fn member_apps_holder(runtime_id: &str) -> String {
+    format!("{runtime_id}/apps")
+}
+
+fn weakened() -> bool {
+    crate::weakened::is(crate::weakened::Defence::TriadMemberApps)
+}
+
+impl Runtime {
+    /// Takes the triad seat of a local app's grant just made here; the reason to withdraw the
+    /// grant otherwise.
+    pub(crate) async fn take_member_app_seat(&self, handle: u64) -> Result<(), Reason> {
+        let Some(triad) = self.triad() else {
+            return Ok(());
+        };
+        if weakened() {
+            // Weakened: the member's own table is the only count of its apps.
+            return Ok(());
+        }
+        let seat = {
+            let state = self.lock();
+            if !state.grants.contains_key(&handle) {
+                return Err(Reason::NotHeld);
+            }
+            local_seat_of(&state, handle)
+        };
+        let Some((request, product, quantity)) = seat else {
+            return Ok(());
+        };
+        match triad
+            .take(
+                Route::Leader,
+                &member_apps_holder(&self.runtime_id),
+                request,
+                product,
+                quantity,
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(SeatRefusal::NoSeat) => Err(Reason::QuantityExhausted),
+            Err(SeatRefusal::Unreachable(e)) => {
+                tracing::warn!(handle, error = %e, "Triad seat of a member's app not taken");
+                Err(Reason::ServerUnreachable)
+            }
+        }
+    }
+
+    /// Gives back the triad seats of this member's apps that ended (answered at once).
+    pub(crate) fn give_back_member_app_seats(self: &Arc<Self>) {
+        let Some(triad) = self.triad() else {
+            return;
+        };
+        if weakened() {
+            return;
+        }
+        let me = Arc::clone(self);
+        triad.give_back(
+            Route::Leader,
+            &member_apps_holder(&self.runtime_id),
+            move || local_requests(&me.lock()),
+        );
+    }
+
+    /// Renews this member's apps' seats every quarter `window` for as long as the runtime
+    /// lives; revokes the apps whose seats were not renewed for three quarters of it (before
+    /// the ledger lets their seats go) or that the ledger no longer seats.
+    pub(crate) fn keep_member_app_seats(self: &Arc<Self>, window: Duration) {
+        if weakened() {
+            return;
+        }
+        let runtime = Arc::downgrade(self);
+        let holder = member_apps_holder(&self.runtime_id);
+        let period = (window / 4).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            let mut renewed_at = Instant::now();
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(me) = runtime.upgrade() else {
+                    return;
+                };
+                let Some(triad) = me.triad().cloned() else {
+                    return;
+                };
+                let seats = local_seats(&me.lock());
+                // No app holds a seat: nothing to renew, unless the ledger still lists one (a
+                // give-back sent by a follower whose copy had not yet applied the seat's grant
+                // leaves it; this reclaim, naming none, ends it).
+                if seats.is_empty() && triad.held_by(&holder).await == 0 {
+                    renewed_at = Instant::now();
+                    continue;
+                }
+                let requests: Vec<u64> = seats.iter().map(|((request, ..), _)| *request).collect();
+                let mut unseated = Vec::new();
+                match triad.reclaim(Route::Leader, &holder, || requests).await {
+                    Ok(kept) => {
+                        let mut all = true;
+                        for ((request, product, quantity), handles) in &seats {
+                            if kept.contains(request) {
+                                continue;
+                            }
+                            // Its lease ran out (or a grant is still taking it): take it again.
+                            match triad
+                                .take(Route::Leader, &holder, *request, *product, *quantity)
+                                .await
+                            {
+                                Ok(()) => {}
+                                Err(SeatRefusal::NoSeat) => unseated.extend(handles),
+                                Err(SeatRefusal::Unreachable(_)) => all = false,
+                            }
+                        }
+                        if all {
+                            renewed_at = Instant::now();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Triad seats of the member's apps not renewed");
+                    }
+                }
+                for handle in unseated {
+                    tracing::warn!(handle, "A member's app lost its triad seat: revoked");
+                    me.revoke(handle, Reason::QuantityExhausted).await;
+                }
+                if renewed_at.elapsed() + period >= window {
+                    let handles: Vec<u64> = seats.into_iter().flat_map(|(_, h)| h).collect();
+                    tracing::warn!(
+                        apps = handles.len(),
+                        "The triad did not renew the member's apps' seats: revoked"
+                    );
+                    for handle in handles {
+                        me.revoke(handle, Reason::ServerUnreachable).await;
+                    }
+                    renewed_at = Instant::now();
+                }
+            }
+        });
+    }
+}
