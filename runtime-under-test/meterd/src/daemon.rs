@@ -164,6 +164,9 @@ pub(crate) struct State {
     pub(crate) stations: StationRegistry,
     /// Live remote grants per client runtime and product.
     remote_grants: HashMap<(String, ProductKey), u32>,
+    /// The handles of each client runtime's live grants (its keepalives look them up, rather
+    /// than scan every grant).
+    remote_handles: HashMap<String, std::collections::BTreeSet<u64>>,
     /// The users client runtimes named for their live grants (access rules count by user).
     pub(crate) remote_users: HashMap<u64, String>,
     /// Live grants per product.
@@ -188,16 +191,29 @@ impl State {
 
     /// Records a grant (and counts it for its remote runtime).
     pub(crate) fn insert_grant(&mut self, handle: u64, record: GrantRecord) {
+        if let Some(old) = self.grants.remove(&handle) {
+            self.uncount(handle, &old);
+        }
         *self.in_use.entry(record.product).or_default() += 1;
         if let Holder::Remote { runtime, .. } = &record.holder {
             *self
                 .remote_grants
                 .entry((runtime.clone(), record.product))
                 .or_default() += 1;
+            self.remote_handles
+                .entry(runtime.clone())
+                .or_default()
+                .insert(handle);
         }
-        if let Some(old) = self.grants.insert(handle, record) {
-            self.uncount(&old);
-        }
+        self.grants.insert(handle, record);
+    }
+
+    /// The handles of the live grants client runtime `runtime` holds here.
+    pub(crate) fn grants_of_runtime(&self, runtime: &str) -> Vec<u64> {
+        self.remote_handles
+            .get(runtime)
+            .map(|handles| handles.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Forgets a grant: its count, its allocation in the table, and its row (the deletion
@@ -215,11 +231,11 @@ impl State {
         if let Some(table_handle) = record.table_handle {
             let _ = self.table.release(table_handle);
         }
-        self.uncount(&record);
+        self.uncount(handle, &record);
         Some(record)
     }
 
-    fn uncount(&mut self, record: &GrantRecord) {
+    fn uncount(&mut self, handle: u64, record: &GrantRecord) {
         if let Some(count) = self.in_use.get_mut(&record.product) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -232,6 +248,12 @@ impl State {
                 *count -= 1;
                 if *count == 0 {
                     self.remote_grants.remove(&key);
+                }
+            }
+            if let Some(handles) = self.remote_handles.get_mut(runtime) {
+                handles.remove(&handle);
+                if handles.is_empty() {
+                    self.remote_handles.remove(runtime);
                 }
             }
         }
@@ -334,6 +356,9 @@ pub struct Runtime {
     pub(crate) usage_tag_key: Option<meter_core::usage::TagKey>,
     /// The triad this server joined, if any.
     pub(crate) triad: std::sync::OnceLock<Arc<crate::triad_server::TriadSeats>>,
+    /// This runtime was a triad member when it stopped: until it has joined again, its own
+    /// apps are refused (they could take no seat in the triad's ledger).
+    pub(crate) triad_saved: bool,
 }
 
 /// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
@@ -359,6 +384,9 @@ impl Runtime {
         snapshot: Snapshot,
         settings: DaemonSettings,
     ) -> anyhow::Result<Arc<Runtime>> {
+        let triad_saved = snapshot
+            .meta
+            .contains_key(crate::triad_server::TRIAD_META_KEY);
         let runtime_id = match (&settings.runtime_id, snapshot.meta.get("runtime-id")) {
             (Some(presented), _) => presented.clone(),
             (None, stored) => {
@@ -496,6 +524,7 @@ impl Runtime {
             usage_key,
             usage_tag_key,
             triad: std::sync::OnceLock::new(),
+            triad_saved,
         }))
     }
 
@@ -979,7 +1008,7 @@ impl Runtime {
         };
         self.dongles.release_grant(handle);
         if matches!(record.holder, Holder::Local { .. }) {
-            self.give_back_member_app_seats();
+            self.give_back_member_app_seats().await;
         }
         if let Some(durable) = durable
             && let Err(e) = store::wait(durable).await
@@ -1249,6 +1278,53 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn remote_record(runtime: &str) -> GrantRecord {
+        GrantRecord {
+            product: ProductKey {
+                firm: 10,
+                code: 1001,
+            },
+            station: StationId::machine("vm1"),
+            session: WireSession::Console,
+            role: MachineRole::Workstation,
+            guest: false,
+            holder: Holder::Remote {
+                runtime: runtime.into(),
+                client_handle: 1,
+                peer: "127.0.0.1:1".into(),
+            },
+            via: Via::Table {
+                container: String::new(),
+            },
+            granted_at: 0,
+            table_handle: None,
+        }
+    }
+
+    #[test]
+    fn a_client_runtimes_grants_are_found_by_their_runtime_whatever_replaces_them() {
+        let mut state = State::default();
+        state.insert_grant(1, remote_record("a"));
+        state.insert_grant(2, remote_record("a"));
+        state.insert_grant(3, remote_record("b"));
+        assert_eq!(state.grants_of_runtime("a"), vec![1, 2]);
+        // A grant recorded again (a re-claim) for another runtime moves with it.
+        state.insert_grant(2, remote_record("b"));
+        assert_eq!(state.grants_of_runtime("a"), vec![1]);
+        assert_eq!(state.grants_of_runtime("b"), vec![2, 3]);
+        // Recorded again for the same runtime, it is still there once.
+        state.insert_grant(1, remote_record("a"));
+        assert_eq!(state.grants_of_runtime("a"), vec![1]);
+        let mut changes = Vec::new();
+        state.remove_grant(1, &mut changes);
+        assert!(state.grants_of_runtime("a").is_empty());
+        assert!(
+            !state.remote_handles.contains_key("a"),
+            "no empty entry is kept"
+        );
+        assert_eq!(state.remote_grants_of("b", remote_record("b").product), 2);
+    }
 
     #[test]
     fn handles_are_recorded_a_block_ahead_and_never_reused_after_a_restart() {

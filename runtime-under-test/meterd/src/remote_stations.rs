@@ -471,14 +471,7 @@ impl Runtime {
                     "{RUNTIME_KEY_PREFIX}{runtime}"
                 ))]));
             }
-            state
-                .grants
-                .iter()
-                .filter(
-                    |(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime),
-                )
-                .map(|(h, _)| *h)
-                .collect()
+            state.grants_of_runtime(runtime)
         };
         for handle in &handles {
             let _ = self.end_grant(*handle, true, UsageKind::Reclaim).await;

@@ -52,11 +52,7 @@ impl Runtime {
                     .links
                     .iter()
                     .map(|(runtime, link)| {
-                        let held = state
-                            .grants
-                            .values()
-                            .filter(|g| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime))
-                            .count();
+                        let held = state.grants_of_runtime(runtime).len();
                         StationStatus {
                             runtime: runtime.clone(),
                             machine: link.machine.clone(),

@@ -330,16 +330,20 @@ impl RaftNetwork<TriadConfig> for MemberLink {
     }
 }
 
-/// Whether a member may forward `command` to the leader: its own seats' commands only (a
-/// grace, or a batch that could carry one, is the leader's alone).
+/// The suffix of the ledger holder under which a member's own apps hold their seats.
+pub const MEMBER_APPS_SUFFIX: &str = "/apps";
+
+/// Whether a member may forward `command` to the leader: its own apps' seats' commands only
+/// (a holder named `…/apps`: client runtimes' seats are the leader's to commit, and a grace,
+/// or a batch that could carry one, is the leader's alone).
 fn forwardable(command: &LedgerCommand) -> bool {
-    matches!(
-        command,
-        LedgerCommand::Grant { .. }
-            | LedgerCommand::Renew { .. }
-            | LedgerCommand::Reclaim { .. }
-            | LedgerCommand::Release { .. }
-    )
+    match command {
+        LedgerCommand::Grant { holder, .. }
+        | LedgerCommand::Renew { holder, .. }
+        | LedgerCommand::Reclaim { holder, .. }
+        | LedgerCommand::Release { holder, .. } => holder.ends_with(MEMBER_APPS_SUFFIX),
+        LedgerCommand::Grace { .. } | LedgerCommand::Batch(_) => false,
+    }
 }
 
 /// Serves the other members' calls to `raft` on `listener`, and their forwarded commands to
@@ -425,8 +429,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_member_forwards_its_own_seats_commands_but_never_a_grace() {
-        let holder = || "member-app".to_owned();
+    fn a_member_forwards_its_own_apps_seats_commands_but_never_a_grace_or_a_clients() {
+        let holder = || "4f30ade0bafddc24/apps".to_owned();
         assert!(forwardable(&LedgerCommand::Grant {
             request: 1,
             product: 1,
@@ -439,6 +443,13 @@ mod tests {
             lease_ms: 1,
         }));
         assert!(!forwardable(&LedgerCommand::Grace { lease_ms: 1 }));
+        // A client runtime's seats are the leader's to commit.
+        assert!(!forwardable(&LedgerCommand::Reclaim {
+            holder: "4f30ade0bafddc24".into(),
+            requests: vec![],
+            lease_ms: 1,
+            as_of: None,
+        }));
         assert!(!forwardable(&LedgerCommand::Batch(vec![
             LedgerCommand::Grace { lease_ms: 1 }
         ])));

@@ -61,10 +61,9 @@ pub(crate) fn claim_seat(state: &State, claim: &crate::protocol::Claim) -> Optio
 /// The seats (request, product, quantity) of every grant a client runtime holds here.
 fn seats_held(state: &State, runtime: &str) -> Vec<(u64, ProductKey, u32)> {
     let mut seats: Vec<(u64, ProductKey, u32)> = state
-        .grants
-        .iter()
-        .filter(|(_, g)| matches!(&g.holder, Holder::Remote { runtime: r, .. } if r == runtime))
-        .filter_map(|(handle, _)| seat_of(state, *handle))
+        .grants_of_runtime(runtime)
+        .into_iter()
+        .filter_map(|handle| seat_of(state, handle))
         .collect();
     seats.sort_unstable_by_key(|(request, ..)| *request);
     seats.dedup_by_key(|(request, ..)| *request);

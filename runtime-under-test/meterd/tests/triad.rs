@@ -270,13 +270,13 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
 
     // Asked of the follower itself, a command is refused (client runtimes go to the leader)...
     assert!(matches!(
-        on_follower.submit(grant(1, "member-app")).await,
+        on_follower.submit(grant(1, "member-2/apps")).await,
         Err(TriadError::NotLeader { .. })
     ));
     // ...and forwarded, the leader commits it: one seat of two, counted on every member.
     assert!(matches!(
         on_follower
-            .submit_anywhere(grant(1, "member-app"))
+            .submit_anywhere(grant(1, "member-2/apps"))
             .await
             .unwrap(),
         LedgerOutcome::Granted { .. }
@@ -288,7 +288,7 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
     ));
     assert!(matches!(
         on_follower
-            .submit_anywhere(grant(3, "member-app"))
+            .submit_anywhere(grant(3, "member-2/apps"))
             .await
             .unwrap(),
         LedgerOutcome::NoSeat { in_use: 2 }
@@ -307,7 +307,7 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
         .member(forwarding)
         .unwrap()
         .submit_anywhere(LedgerCommand::Reclaim {
-            holder: "member-app".into(),
+            holder: "member-2/apps".into(),
             requests: vec![],
             lease_ms: 60_000,
             as_of: None,
