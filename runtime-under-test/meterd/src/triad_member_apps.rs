@@ -123,6 +123,12 @@ impl Runtime {
             return;
         }
         let holder = member_apps_holder(&self.runtime_id);
+        // No more seats held than the apps still running name: the app that ended held none
+        // (an item no server counts), or its grant is not on this copy yet and the next
+        // renewal gives it back.
+        if triad.held_by(&holder).await <= local_requests(&self.lock()).len() {
+            return;
+        }
         if triad.leads() {
             let me = Arc::clone(self);
             triad.give_back(Route::Leader, &holder, move || local_requests(&me.lock()));
