@@ -124,15 +124,11 @@ impl Runtime {
                 },
             );
             let held: BTreeMap<u64, u64> = state
-                .grants
-                .iter()
-                .filter_map(|(handle, g)| match &g.holder {
-                    Holder::Remote {
-                        runtime: r,
-                        client_handle,
-                        ..
-                    } if r == runtime => Some((*client_handle, *handle)),
-                    _ => None,
+                .grants_of_runtime(runtime)
+                .into_iter()
+                .filter_map(|handle| match &state.grants.get(&handle)?.holder {
+                    Holder::Remote { client_handle, .. } => Some((*client_handle, handle)),
+                    Holder::Local { .. } => None,
                 })
                 .collect();
             let claimed: std::collections::BTreeSet<u64> =

@@ -203,12 +203,9 @@ struct Writer {
     pen: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A running member.
+/// A running member (its number, Raft and timing are its writer's).
 pub struct TriadMember {
-    id: MemberId,
-    raft: TriadRaft,
     ledger: TriadLedger,
-    timing: TriadTiming,
     server: JoinHandle<()>,
     /// Answers the commands other members forward.
     forwarder: JoinHandle<()>,
@@ -436,10 +433,7 @@ impl TriadMember {
             }
         }
         Ok(TriadMember {
-            id,
-            raft,
             ledger,
-            timing,
             server,
             forwarder,
             writer,
@@ -451,7 +445,7 @@ impl TriadMember {
 
     /// This member's number.
     pub fn id(&self) -> MemberId {
-        self.id
+        self.writer.id
     }
 
     /// Commits `command` stamped with this member's clock (it must lead); its answer. The
@@ -481,7 +475,7 @@ impl TriadMember {
         if self.leads() {
             return self.submit(command).await;
         }
-        let Some(leader) = self.leader().filter(|leader| *leader != self.id) else {
+        let Some(leader) = self.leader().filter(|leader| *leader != self.writer.id) else {
             return Err(TriadError::NotLeader { leader: None });
         };
         let Some(node) = self.members.get(&leader) else {
@@ -494,6 +488,7 @@ impl TriadMember {
         };
         // The leader's own bound on the write, and a connection's setup.
         let timeout = self
+            .writer
             .timing
             .write_timeout
             .saturating_mul(2)
@@ -502,7 +497,7 @@ impl TriadMember {
             Err(_) => Err(TriadError::NoQuorum(timeout)),
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(ForwardError::Refused(ForwardRefusal::NoQuorum))) => {
-                Err(TriadError::NoQuorum(self.timing.write_timeout))
+                Err(TriadError::NoQuorum(self.writer.timing.write_timeout))
             }
             Ok(
                 Err(ForwardError::Refused(ForwardRefusal::NotLeader)) | Err(ForwardError::Link(_)),
@@ -513,22 +508,23 @@ impl TriadMember {
 
     /// How long a write may wait for a quorum.
     pub fn write_timeout(&self) -> Duration {
-        self.timing.write_timeout
+        self.writer.timing.write_timeout
     }
 
     /// The member that leads, as this member knows.
     pub fn leader(&self) -> Option<MemberId> {
-        self.raft.metrics().borrow().current_leader
+        self.writer.raft.metrics().borrow().current_leader
     }
 
     /// Whether this member leads now.
     pub fn leads(&self) -> bool {
-        self.raft.metrics().borrow().state == ServerState::Leader
+        self.writer.raft.metrics().borrow().state == ServerState::Leader
     }
 
     /// Waits until this member knows a leader; which.
     pub async fn wait_for_leader(&self, within: Duration) -> Option<MemberId> {
-        self.raft
+        self.writer
+            .raft
             .wait(Some(within))
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
@@ -538,7 +534,8 @@ impl TriadMember {
 
     /// Waits until this member's ledger has applied the log up to `index`.
     pub async fn wait_applied(&self, index: u64, within: Duration) -> bool {
-        self.raft
+        self.writer
+            .raft
             .wait(Some(within))
             .applied_index_at_least(Some(index), "applied")
             .await
@@ -547,7 +544,8 @@ impl TriadMember {
 
     /// The last log index this member has applied.
     pub fn applied_index(&self) -> Option<u64> {
-        self.raft
+        self.writer
+            .raft
             .metrics()
             .borrow()
             .last_applied
@@ -557,9 +555,9 @@ impl TriadMember {
     /// Holds this member back from standing for election (it still votes and follows) until it
     /// has known a leader, or for `at_most` without one.
     pub fn hold_elections(&self, at_most: Duration) {
-        let raft = self.raft.clone();
+        let raft = self.writer.raft.clone();
         raft.runtime_config().elect(false);
-        let id = self.id;
+        let id = self.writer.id;
         tokio::spawn(async move {
             let known = raft
                 .wait(Some(at_most))
@@ -577,7 +575,7 @@ impl TriadMember {
 
     /// This member's Raft state as it changes.
     pub fn metrics(&self) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<MemberId, Member>> {
-        self.raft.metrics()
+        self.writer.raft.metrics()
     }
 
     /// This member's copy of the seat ledger.
@@ -590,6 +588,6 @@ impl TriadMember {
         self.server.abort();
         self.forwarder.abort();
         let _ = self.server.await;
-        let _ = self.raft.shutdown().await;
+        let _ = self.writer.raft.shutdown().await;
     }
 }
