@@ -269,6 +269,9 @@ pub struct AllocationTable {
     next_handle: Handle,
     /// Use of each (container, product) pair, kept in step with `allocations`.
     in_use: HashMap<(ContainerId, ProductKey), ItemUse>,
+    /// Quantities are counted by someone else (a server triad's replicated ledger): this
+    /// table records and counts its allocations but refuses none for quantity.
+    quantity_elsewhere: bool,
 }
 
 /// The allocations on one item: how many, and how many per station.
@@ -293,6 +296,8 @@ struct StoredTable {
     items: Vec<ItemEntry>,
     allocations: BTreeMap<Handle, Allocation>,
     next_handle: Handle,
+    #[serde(default)]
+    quantity_elsewhere: bool,
 }
 
 impl From<StoredTable> for AllocationTable {
@@ -302,6 +307,7 @@ impl From<StoredTable> for AllocationTable {
             allocations: BTreeMap::new(),
             next_handle: stored.next_handle,
             in_use: HashMap::new(),
+            quantity_elsewhere: stored.quantity_elsewhere,
         };
         for (handle, allocation) in stored.allocations {
             table.count_in(&allocation);
@@ -317,6 +323,7 @@ impl From<AllocationTable> for StoredTable {
             items: table.items,
             allocations: table.allocations,
             next_handle: table.next_handle,
+            quantity_elsewhere: table.quantity_elsewhere,
         }
     }
 }
@@ -329,7 +336,14 @@ impl AllocationTable {
             allocations: BTreeMap::new(),
             next_handle: 1,
             in_use: HashMap::new(),
+            quantity_elsewhere: false,
         }
+    }
+
+    /// Leaves quantities to another count (a server triad's ledger, which knows the seats
+    /// every member gave): allocations are still counted, but none is refused for quantity.
+    pub fn count_quantity_elsewhere(&mut self, elsewhere: bool) {
+        self.quantity_elsewhere = elsewhere;
     }
 
     /// Adds an item, or replaces the rules, name, state and units of an existing one.
@@ -616,7 +630,7 @@ impl AllocationTable {
         let usage = used.map(ItemUse::usage).unwrap_or_default();
         match rules.counting {
             Counting::UserLimit => {
-                if usage.accesses >= capacity {
+                if usage.accesses >= capacity && !self.quantity_elsewhere {
                     return Err(Reason::QuantityExhausted);
                 }
                 Ok(true)
@@ -627,7 +641,7 @@ impl AllocationTable {
                 if station_counted {
                     return Ok(false);
                 }
-                if usage.stations >= capacity {
+                if usage.stations >= capacity && !self.quantity_elsewhere {
                     return Err(Reason::QuantityExhausted);
                 }
                 Ok(true)

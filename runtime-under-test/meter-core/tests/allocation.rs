@@ -155,6 +155,36 @@ fn station_share_counts_a_workstation_console_and_its_rdp_session_once() {
     );
 }
 
+#[rstest]
+#[case::user_limit(Counting::UserLimit)]
+#[case::station_share(Counting::StationShare)]
+fn quantity_counted_elsewhere_refuses_none_but_counts_all(#[case] counting: Counting) {
+    let mut table = table_with(rules(1, counting));
+    table.count_quantity_elsewhere(true);
+    let first = table.access(
+        remote_from("ws1", MachineRole::Workstation, 1, SessionKind::Console),
+        NOW,
+    );
+    let second = table.access(
+        remote_from("ws22", MachineRole::Workstation, 1, SessionKind::Console),
+        NOW,
+    );
+    assert!(first.unwrap().counted && second.unwrap().counted);
+    assert_eq!(
+        table.usage(PRODUCT),
+        Usage {
+            stations: 2,
+            accesses: 2
+        }
+    );
+    // Counted here again, the quantity is this table's to refuse.
+    table.count_quantity_elsewhere(false);
+    assert_eq!(
+        table.access(local("ws3", 7), NOW).map(|_| ()),
+        Err(Reason::QuantityExhausted)
+    );
+}
+
 #[test]
 fn no_count_is_unlimited() {
     let mut table = table_with(rules(1, Counting::NoCount));

@@ -169,6 +169,8 @@ pub(crate) struct State {
     remote_handles: HashMap<String, std::collections::BTreeSet<u64>>,
     /// The users client runtimes named for their live grants (access rules count by user).
     pub(crate) remote_users: HashMap<u64, String>,
+    /// Grants whose triad seat is being taken (their own take decides whether they keep it).
+    pub(crate) seating: HashSet<u64>,
     /// Live grants per product.
     in_use: HashMap<ProductKey, u32>,
 }

@@ -58,15 +58,33 @@ pub(crate) fn claim_seat(state: &State, claim: &crate::protocol::Claim) -> Optio
     crate::triad_server::seat_request(&rules, claim.product, &claim.station, claim.client_handle)
 }
 
-/// The seats (request, product, quantity) of every grant a client runtime holds here.
-fn seats_held(state: &State, runtime: &str) -> Vec<(u64, ProductKey, u32)> {
-    let mut seats: Vec<(u64, ProductKey, u32)> = state
+/// One seat a client runtime's grants here hold.
+struct HeldSeat {
+    request: u64,
+    product: ProductKey,
+    quantity: u32,
+    /// Every grant holding it is still taking it (their own take decides).
+    being_taken: bool,
+}
+
+/// The seats of every grant a client runtime holds here.
+fn seats_held(state: &State, runtime: &str) -> Vec<HeldSeat> {
+    let mut seats: Vec<HeldSeat> = state
         .grants_of_runtime(runtime)
         .into_iter()
-        .filter_map(|handle| seat_of(state, handle))
+        .filter_map(|handle| {
+            let (request, product, quantity) = seat_of(state, handle)?;
+            Some(HeldSeat {
+                request,
+                product,
+                quantity,
+                being_taken: state.seating.contains(&handle),
+            })
+        })
         .collect();
-    seats.sort_unstable_by_key(|(request, ..)| *request);
-    seats.dedup_by_key(|(request, ..)| *request);
+    // A seat any settled grant holds is settled.
+    seats.sort_unstable_by_key(|seat| (seat.request, seat.being_taken));
+    seats.dedup_by_key(|seat| seat.request);
     seats
 }
 
@@ -74,8 +92,20 @@ fn seats_held(state: &State, runtime: &str) -> Vec<(u64, ProductKey, u32)> {
 fn seats_of(state: &State, runtime: &str) -> Vec<u64> {
     seats_held(state, runtime)
         .into_iter()
-        .map(|(request, ..)| request)
+        .map(|seat| seat.request)
         .collect()
+}
+
+/// Marks a grant as taking its seat until dropped.
+struct Seating<'a> {
+    runtime: &'a Runtime,
+    handle: u64,
+}
+
+impl Drop for Seating<'_> {
+    fn drop(&mut self) {
+        self.runtime.lock().seating.remove(&self.handle);
+    }
 }
 
 impl Runtime {
@@ -126,6 +156,11 @@ impl Runtime {
         self.watch_leadership(&seats);
         self.keep_member_app_seats(self.settings.keepalive);
         self.stop_awaiting_reclaims();
+        // The ledger counts the seats every member gave: this member's table, which knows only
+        // its own grants (none of a leader's before it took over, none from before a crash
+        // until their holders re-claim them), must not refuse a re-claim for want of a seat
+        // that a grant still taking its ledger seat holds here.
+        self.lock().table.count_quantity_elsewhere(true);
         Ok(described)
     }
 
@@ -172,15 +207,23 @@ impl Runtime {
             return Ok(());
         };
         let seat = {
-            let state = self.lock();
+            let mut state = self.lock();
             if !state.grants.contains_key(&handle) {
                 // Ended meanwhile (revoked while it was being confirmed): nothing to answer.
                 return Err(Reason::ServerUnreachable);
             }
-            seat_of(&state, handle)
+            let seat = seat_of(&state, handle);
+            if seat.is_some() {
+                state.seating.insert(handle);
+            }
+            seat
         };
         let Some((request, product, quantity)) = seat else {
             return Ok(());
+        };
+        let _seating = Seating {
+            runtime: self,
+            handle,
         };
         match triad
             .take(Route::Here, runtime, request, product, quantity)
@@ -216,16 +259,22 @@ impl Runtime {
         let reclaimed = triad
             .reclaim(Route::Here, runtime, || {
                 held = seats_held(&self.lock(), runtime);
-                held.iter().map(|(request, ..)| *request).collect()
+                held.iter().map(|seat| seat.request).collect()
             })
             .await;
         match reclaimed {
-            // A seat the ledger does not hold is taken now: a grant still taking it (its table
-            // entry made, its ledger seat not yet committed) gets the same seat. One that
+            // A seat the ledger does not hold is taken now (the grants still taking theirs are
+            // left to their own takes, which withdraw them if every seat is held). One that
             // cannot be had sends the runtime to say hello again, which reports it lost.
             Ok(kept) => {
-                for (request, product, quantity) in held {
-                    if kept.contains(&request) {
+                for seat in held {
+                    let HeldSeat {
+                        request,
+                        product,
+                        quantity,
+                        being_taken,
+                    } = seat;
+                    if being_taken || kept.contains(&request) {
                         continue;
                     }
                     if let Err(refusal) = triad
