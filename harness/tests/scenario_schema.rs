@@ -92,6 +92,7 @@ steps:
   - release: app2
   - session-close: sess1
   - drop-session-table: vm1
+  - activate-triad: { machines: [host-a, host-b, host-c], product: 1001 }
   - server-start: { machine: host-b }
   - server-start: { machine: host-c }
   - triad: [host-a, host-b, host-c]

@@ -507,6 +507,10 @@ impl World {
                 let machine = self.machine_of_session(&name.value)?;
                 self.backend.close_session(&machine, &name.value)
             }
+            Step::ActivateTriad(a) => {
+                let machines: Vec<String> = a.machines.iter().map(|m| m.value.clone()).collect();
+                self.activate_triad(&machines, a.product.value)
+            }
             Step::Activate(a) => {
                 let answer = self.activate(&a.machine.value, a.product.value)?;
                 match (&a.name, answer) {
@@ -878,24 +882,30 @@ impl World {
         Ok(())
     }
 
-    /// Activates a soft licence: request on the machine, answer at the vendor's desk, install.
-    fn activate(&mut self, machine: &str, product: u32) -> Result<AccessAnswer, BackendError> {
+    /// Makes `machine`'s activation request for `product` (naming its server certificate for a
+    /// triad licence) and brings it to the vendor's desk; where it lies there.
+    fn activation_request(
+        &mut self,
+        machine: &str,
+        product: u32,
+        triad_member: bool,
+    ) -> Result<std::path::PathBuf, BackendError> {
         let request_path = self.backend.put_file(machine, "activation.request", b"")?;
-        let (code, value) = runtime::meter_json(
-            self.backend.as_mut(),
-            machine,
-            Caller::Admin,
-            &[
-                "activate".into(),
-                "request".into(),
-                "--firm".into(),
-                FIRM.to_string(),
-                "--product".into(),
-                product.to_string(),
-                "--out".into(),
-                request_path.clone(),
-            ],
-        )?;
+        let mut args = vec![
+            "activate".into(),
+            "request".into(),
+            "--firm".into(),
+            FIRM.to_string(),
+            "--product".into(),
+            product.to_string(),
+            "--out".into(),
+            request_path.clone(),
+        ];
+        if triad_member {
+            args.push("--triad-member".into());
+        }
+        let (code, value) =
+            runtime::meter_json(self.backend.as_mut(), machine, Caller::Admin, &args)?;
         if code != Some(0) {
             return Err(BackendError::Runtime {
                 machine: machine.into(),
@@ -904,8 +914,70 @@ impl World {
         }
         let request = self.backend.get_file(machine, &request_path)?;
         let vendor_request = self.vendor.file(&format!("{machine}-{product}.request"));
-        let vendor_answer = self.vendor.file(&format!("{machine}-{product}.licence"));
         std::fs::write(&vendor_request, request).map_err(BackendError::io("store the request"))?;
+        Ok(vendor_request)
+    }
+
+    /// Installs the licence the vendor issued `machine` for `product`.
+    fn install_issued(&mut self, machine: &str, product: u32) -> Result<(), BackendError> {
+        let vendor_answer = self.vendor.file(&format!("{machine}-{product}.licence"));
+        let licence =
+            std::fs::read(&vendor_answer).map_err(BackendError::io("read the licence"))?;
+        let inside =
+            self.backend
+                .put_file(machine, &format!("licence-{product}.json"), &licence)?;
+        let (code, value) = runtime::meter_json(
+            self.backend.as_mut(),
+            machine,
+            Caller::Admin,
+            &["activate".into(), "apply".into(), inside],
+        )?;
+        if code != Some(0) {
+            return Err(BackendError::Runtime {
+                machine: machine.into(),
+                message: format!("`meter activate apply` refused the licence: {value}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Activates one triad licence for the servers of three machines: their requests (each
+    /// naming its server certificate) answered together, each copy installed on its machine.
+    fn activate_triad(&mut self, machines: &[String], product: u32) -> Result<(), BackendError> {
+        let mut args: Vec<String> = vec!["vendor".into(), "activate-triad".into()];
+        for machine in machines {
+            let request = self.activation_request(machine, product, true)?;
+            args.push("--request".into());
+            args.push(request.display().to_string());
+        }
+        for machine in machines {
+            args.push("--out".into());
+            let out = self.vendor.file(&format!("{machine}-{product}.licence"));
+            args.push(out.display().to_string());
+        }
+        args.extend([
+            "--policy".into(),
+            self.policy_file.display().to_string(),
+            "--key".into(),
+            self.vendor.private_key().display().to_string(),
+        ]);
+        let (code, value) = self.vendor.run(&args)?;
+        if code != Some(0) {
+            return Err(BackendError::Runtime {
+                machine: machines.join(", "),
+                message: format!("the vendor refused the triad activation: {value}"),
+            });
+        }
+        for machine in machines {
+            self.install_issued(machine, product)?;
+        }
+        Ok(())
+    }
+
+    /// Activates a soft licence: request on the machine, answer at the vendor's desk, install.
+    fn activate(&mut self, machine: &str, product: u32) -> Result<AccessAnswer, BackendError> {
+        let vendor_request = self.activation_request(machine, product, false)?;
+        let vendor_answer = self.vendor.file(&format!("{machine}-{product}.licence"));
         let (code, value) = self.vendor.run(&[
             "vendor".into(),
             "activate".into(),
@@ -933,23 +1005,7 @@ impl World {
                     .to_string(),
             });
         }
-        let licence =
-            std::fs::read(&vendor_answer).map_err(BackendError::io("read the licence"))?;
-        let inside =
-            self.backend
-                .put_file(machine, &format!("licence-{product}.json"), &licence)?;
-        let (code, value) = runtime::meter_json(
-            self.backend.as_mut(),
-            machine,
-            Caller::Admin,
-            &["activate".into(), "apply".into(), inside],
-        )?;
-        if code != Some(0) {
-            return Err(BackendError::Runtime {
-                machine: machine.into(),
-                message: format!("`meter activate apply` refused the licence: {value}"),
-            });
-        }
+        self.install_issued(machine, product)?;
         Ok(AccessAnswer::Granted { handle: None })
     }
 

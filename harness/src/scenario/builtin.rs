@@ -71,6 +71,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-failover"),
     builtin!("triad-split-brain"),
     builtin!("triad-member-apps"),
+    builtin!("triad-licence"),
     builtin!("triad-rejoin"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),

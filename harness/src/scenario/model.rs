@@ -439,11 +439,13 @@ pub enum Defence {
     TriadQuorum,
     /// The apps on a triad member's own machine take their seats in the triad's ledger.
     TriadMemberApps,
+    /// A triad licence serves only in the triad of the three servers it names.
+    TriadLicence,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 43] = [
+    pub const ALL: [Defence; 44] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -487,6 +489,7 @@ impl Defence {
         Defence::RestartGrace,
         Defence::TriadQuorum,
         Defence::TriadMemberApps,
+        Defence::TriadLicence,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -535,6 +538,7 @@ impl Defence {
             Defence::RestartGrace => "restart-grace",
             Defence::TriadQuorum => "triad-quorum",
             Defence::TriadMemberApps => "triad-member-apps",
+            Defence::TriadLicence => "triad-licence",
         }
     }
 
@@ -640,6 +644,9 @@ impl Defence {
             Defence::TriadMemberApps => {
                 "An app on a triad member's own machine takes a seat in the triad's ledger (through the leader), so the members' apps and the clients never hold more seats than the licence has."
             }
+            Defence::TriadLicence => {
+                "A licence issued for a server triad serves only in the triad of the three servers it names: its three copies never serve as three lone servers."
+            }
         }
     }
 }
@@ -689,6 +696,9 @@ pub enum Step {
     DropSessionTable(Name),
     /// Activate a soft licence on a machine.
     Activate(ActivateStep),
+    /// Activate one triad licence for three network servers: each gets its copy, bound to it
+    /// and naming the three (it serves only once they form that triad).
+    ActivateTriad(ActivateTriadStep),
     /// Copy a machine's licence file and state to another machine (an attack).
     CopyLicence(CopyLicenceStep),
     /// Apply a machine's licence file again, as it was issued (an attack on its counts).
@@ -770,6 +780,7 @@ impl Step {
             Step::SessionClose(_) => "session-close",
             Step::DropSessionTable(_) => "drop-session-table",
             Step::Activate(_) => "activate",
+            Step::ActivateTriad(_) => "activate-triad",
             Step::CopyLicence(_) => "copy-licence",
             Step::ApplyAgain(_) => "apply-again",
             Step::ForgeLicence(_) => "forge-licence",
@@ -823,6 +834,7 @@ impl Step {
             Step::UsbipAttach(u) => vec![&u.machine],
             Step::SessionOpen(s) => vec![&s.machine],
             Step::Activate(a) => vec![&a.machine],
+            Step::ActivateTriad(a) => a.machines.iter().collect(),
             Step::CopyLicence(c) => vec![&c.from, &c.to],
             Step::ApplyAgain(a) => vec![&a.machine],
             Step::ForgeLicence(f) => vec![&f.machine],
@@ -860,7 +872,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 45] = [
+    pub const KEYWORDS: [&'static str; 46] = [
         "boot",
         "shutdown",
         "pause",
@@ -881,6 +893,7 @@ impl Step {
         "session-close",
         "drop-session-table",
         "activate",
+        "activate-triad",
         "copy-licence",
         "apply-again",
         "forge-licence",
@@ -1110,6 +1123,16 @@ pub struct ActivateStep {
     /// Name for the outcome, to use in `expect: granted/denied` (an unnamed refusal fails the step).
     #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
     pub name: Option<Name>,
+}
+
+/// `activate-triad`: one triad licence for three network servers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ActivateTriadStep {
+    /// The three machines whose servers will form the triad.
+    pub machines: Vec<Name>,
+    /// A soft product's code.
+    pub product: ProductCode,
 }
 
 /// `copy-licence`: copy a licence to another machine.
@@ -1371,6 +1394,8 @@ pub enum Reason {
     RuleMaxReached,
     /// The free seats are reserved by access rules for others.
     ReservedForOthers,
+    /// The licence is issued for a server triad and serves only in that triad.
+    TriadRequired,
 }
 
 impl Reason {
@@ -1401,6 +1426,7 @@ impl Reason {
             Reason::RuleDenied => "rule-denied",
             Reason::RuleMaxReached => "rule-max-reached",
             Reason::ReservedForOthers => "reserved-for-others",
+            Reason::TriadRequired => "triad-required",
         }
     }
 }
@@ -1920,7 +1946,7 @@ pub(crate) fn reason_codes() -> String {
 }
 
 /// Every reason code of the runtime contract.
-pub const ALL_REASONS: [Reason; 24] = [
+pub const ALL_REASONS: [Reason; 25] = [
     Reason::QuantityExhausted,
     Reason::UnknownProduct,
     Reason::LicenceCorrupt,
@@ -1945,6 +1971,7 @@ pub const ALL_REASONS: [Reason; 24] = [
     Reason::RuleDenied,
     Reason::RuleMaxReached,
     Reason::ReservedForOthers,
+    Reason::TriadRequired,
 ];
 
 #[cfg(test)]

@@ -1130,6 +1130,35 @@ impl<'a> Checker<'a> {
                 }
                 self.soft_product(&activate.product);
             }
+            Step::ActivateTriad(activate) => {
+                if activate.machines.len() != 3 {
+                    self.report(
+                        step.at,
+                        format!(
+                            "a triad licence is for three servers, not {}",
+                            activate.machines.len()
+                        ),
+                        "three machines",
+                        None,
+                    );
+                }
+                for (i, machine) in activate.machines.iter().enumerate() {
+                    if activate.machines[..i]
+                        .iter()
+                        .any(|m| m.value == machine.value)
+                    {
+                        self.report(
+                            machine.at,
+                            format!("`{machine}` is listed twice"),
+                            "listed twice",
+                            None,
+                        );
+                        continue;
+                    }
+                    self.running(machine);
+                }
+                self.soft_product(&activate.product);
+            }
             Step::CopyLicence(copy) => {
                 self.running(&copy.from);
                 self.running(&copy.to);

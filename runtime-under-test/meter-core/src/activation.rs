@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::licence::{
-    LicenceBody, LicenceError, SignedLicence, VendorKey, VendorPublicKey, expand,
+    LicenceBody, LicenceError, SignedLicence, TriadBinding, VendorKey, VendorPublicKey, expand,
+    licence_id,
 };
 use crate::policy::{Allowance, ContainerKind, ProductItem, ProductPolicy};
 use crate::reason::Reason;
@@ -39,6 +40,9 @@ pub struct ActivationRequest {
     pub runtime_key: String,
     /// When the request was made, unix milliseconds.
     pub requested_at: u64,
+    /// The requesting network server's certificate pin, when it asks to be a triad member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_pin: Option<String>,
 }
 
 /// An activation request file: the request encrypted to the vendor's exchange key.
@@ -249,24 +253,107 @@ pub fn answer(
     now: u64,
     entropy: [u8; 32],
 ) -> Result<ActivationAnswer, ActivationError> {
+    Ok(match bound_body(request, policy, now, entropy)? {
+        Ok(body) => ActivationAnswer::Licence(vendor.sign_licence(body)),
+        Err(Refusal { reason, message }) => ActivationAnswer::Refused { reason, message },
+    })
+}
+
+/// The vendor's answer to a server triad's three requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TriadAnswer {
+    /// One licence per member, in the requests' order, each bound to its member and naming
+    /// all three.
+    Licences(Vec<SignedLicence>),
+    /// The vendor refuses (the reason of the first request it refuses).
+    Refused {
+        /// Why.
+        reason: Reason,
+        /// Explanation for humans.
+        message: String,
+    },
+}
+
+/// The vendor's decision for a server triad: three requests, each from a network server that
+/// named its certificate pin, answered with one licence (one id, counted once) whose copy for
+/// each member is bound to that member and names the three pins. `entropy` gives one seed per
+/// member and one for the triad licence's id.
+pub fn answer_triad(
+    requests: &[ActivationRequest],
+    policy: &ProductPolicy,
+    vendor: &VendorKey,
+    now: u64,
+    entropy: &[[u8; 32]],
+) -> Result<TriadAnswer, ActivationError> {
+    let refused = |message: String| TriadAnswer::Refused {
+        reason: Reason::TriadRequired,
+        message,
+    };
+    if requests.len() != 3 || entropy.len() != 4 {
+        return Ok(refused(format!(
+            "A triad licence answers three requests, not {}",
+            requests.len()
+        )));
+    }
+    let mut pins = Vec::new();
+    for (number, request) in requests.iter().enumerate() {
+        let Some(pin) = &request.server_pin else {
+            return Ok(refused(format!(
+                "Request {} names no server certificate: make it on the member with `meter activate request --triad-member`",
+                number + 1
+            )));
+        };
+        if pins.contains(pin) {
+            return Ok(refused(format!(
+                "Requests name server certificate {pin} twice: a triad is three servers"
+            )));
+        }
+        pins.push(pin.clone());
+    }
+    let binding = TriadBinding {
+        id: licence_id(&entropy[3]),
+        members: pins,
+    };
+    let mut licences = Vec::new();
+    for (request, seed) in requests.iter().zip(entropy) {
+        match bound_body(request, policy, now, *seed)? {
+            Ok(mut body) => {
+                body.triad = Some(binding.clone());
+                licences.push(vendor.sign_licence(body));
+            }
+            Err(Refusal { reason, message }) => {
+                return Ok(TriadAnswer::Refused { reason, message });
+            }
+        }
+    }
+    Ok(TriadAnswer::Licences(licences))
+}
+
+/// The licence body the vendor would sign for `request`, or its refusal.
+fn bound_body(
+    request: &ActivationRequest,
+    policy: &ProductPolicy,
+    now: u64,
+    entropy: [u8; 32],
+) -> Result<Result<LicenceBody, Refusal>, ActivationError> {
     let items = match requested_items(request, policy) {
         Ok(items) => items,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return Ok(Err(refusal)),
     };
     if request.kind == MachineKind::Guest
         && let Some(item) = items
             .iter()
             .find(|item| item.virtual_machines == Allowance::Deny)
     {
-        return Ok(refuse(
+        return Ok(Err(refuse(
             Reason::VmNotAllowed,
             format!(
                 "Product {} ({}) may not be activated in a virtual machine: the vendor's policy says virtual-machines: deny",
                 item.code, item.name
             ),
-        ));
+        )));
     }
-    let body = LicenceBody::bound(
+    LicenceBody::bound(
         policy,
         items,
         &request.traits,
@@ -275,14 +362,14 @@ pub fn answer(
         now,
         entropy,
     )
-    .map_err(ActivationError::Licence)?;
-    Ok(ActivationAnswer::Licence(vendor.sign_licence(body)))
+    .map(Ok)
+    .map_err(ActivationError::Licence)
 }
 
 fn requested_items(
     request: &ActivationRequest,
     policy: &ProductPolicy,
-) -> Result<Vec<ProductItem>, ActivationAnswer> {
+) -> Result<Vec<ProductItem>, Refusal> {
     if request.firm != policy.firm {
         return Err(refuse(
             Reason::UnknownProduct,
@@ -323,8 +410,14 @@ fn requested_items(
         .collect()
 }
 
-fn refuse(reason: Reason, message: String) -> ActivationAnswer {
-    ActivationAnswer::Refused { reason, message }
+/// Why the vendor refuses a request.
+struct Refusal {
+    reason: Reason,
+    message: String,
+}
+
+fn refuse(reason: Reason, message: String) -> Refusal {
+    Refusal { reason, message }
 }
 
 fn request_cipher(

@@ -172,6 +172,8 @@ pub enum ItemState {
     Locked,
     /// Past its expiry time.
     Expired,
+    /// Issued for a server triad this runtime is not a member of now.
+    OutsideTriad,
 }
 
 impl ItemState {
@@ -182,6 +184,7 @@ impl ItemState {
             ItemState::Corrupt => Some(Reason::LicenceCorrupt),
             ItemState::Locked => Some(Reason::LicenceLocked),
             ItemState::Expired => Some(Reason::LicenceExpired),
+            ItemState::OutsideTriad => Some(Reason::TriadRequired),
         }
     }
 }

@@ -263,6 +263,30 @@ pub struct LicenceBody {
     pub sealed: Option<SealedContent>,
     /// Public key of the runtime that asked for activation, hex (bound licences only).
     pub runtime_key: Option<String>,
+    /// The server triad this licence was issued for (it serves only in that triad).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triad: Option<TriadBinding>,
+}
+
+/// The three servers a triad licence is issued for: each member's copy names all three.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TriadBinding {
+    /// The licence the three copies are of (counted once across the triad).
+    pub id: String,
+    /// The members' server certificate pins (SHA-256 of each member's TLS certificate, hex).
+    pub members: Vec<String>,
+}
+
+impl TriadBinding {
+    /// Whether `pins` (a triad's members, in any order) are exactly the members named here.
+    pub fn names_exactly(&self, pins: &[String]) -> bool {
+        let mut named: Vec<&str> = self.members.iter().map(String::as_str).collect();
+        let mut given: Vec<&str> = pins.iter().map(String::as_str).collect();
+        named.sort_unstable();
+        given.sort_unstable();
+        named == given
+    }
 }
 
 impl LicenceBody {
@@ -278,6 +302,7 @@ impl LicenceBody {
             products: policy.products.clone(),
             sealed: None,
             runtime_key: None,
+            triad: None,
         }
     }
 
@@ -336,6 +361,7 @@ impl LicenceBody {
                 ciphertext: hex::encode(ciphertext),
             }),
             runtime_key,
+            triad: None,
         })
     }
 
@@ -581,7 +607,8 @@ fn content_cipher(key: &ContentKey) -> ChaCha20Poly1305 {
     ChaCha20Poly1305::new(&Key::from(*key.as_bytes()))
 }
 
-fn licence_id(entropy: &[u8; 32]) -> String {
+/// A new licence id drawn from `entropy`.
+pub fn licence_id(entropy: &[u8; 32]) -> String {
     let id: [u8; 8] = expand(entropy, b"meter licence id");
     format!("L-{}", hex::encode(id))
 }

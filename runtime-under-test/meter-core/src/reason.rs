@@ -61,11 +61,13 @@ pub enum Reason {
     RuleMaxReached,
     /// The free seats are reserved by access rules for others.
     ReservedForOthers,
+    /// The licence is issued for a server triad and serves only in that triad.
+    TriadRequired,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::QuantityExhausted,
         Reason::UnknownProduct,
         Reason::LicenceCorrupt,
@@ -91,6 +93,7 @@ impl Reason {
         Reason::RuleDenied,
         Reason::RuleMaxReached,
         Reason::ReservedForOthers,
+        Reason::TriadRequired,
     ];
 
     /// True for the refusals of an administrator's access rules.
@@ -129,6 +132,7 @@ impl Reason {
             Reason::RuleDenied => "rule-denied",
             Reason::RuleMaxReached => "rule-max-reached",
             Reason::ReservedForOthers => "reserved-for-others",
+            Reason::TriadRequired => "triad-required",
         }
     }
 
@@ -168,6 +172,9 @@ impl Reason {
             Reason::RuleDenied => "An access rule of this licence server refuses you",
             Reason::RuleMaxReached => "You hold as many of these licences as an access rule allows",
             Reason::ReservedForOthers => "The free licences are reserved for others",
+            Reason::TriadRequired => {
+                "The licence is issued for a server triad and serves only in that triad"
+            }
         }
     }
 }

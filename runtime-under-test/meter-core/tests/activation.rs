@@ -1,7 +1,8 @@
 //! Activation: sealed requests, vendor answers and refusals, end to end.
 
 use meter_core::activation::{
-    ActivationAnswer, ActivationError, ActivationRequest, SealedRequest, answer,
+    ActivationAnswer, ActivationError, ActivationRequest, SealedRequest, TriadAnswer, answer,
+    answer_triad,
 };
 use meter_core::licence::{VendorKey, open_products};
 use meter_core::policy::ProductPolicy;
@@ -45,7 +46,77 @@ fn request(kind: MachineKind, products: Vec<u32>) -> ActivationRequest {
         traits: guest("Intel(R) Xeon(R) Gold 6248", "uuid-vm1"),
         runtime_key: "cd".repeat(32),
         requested_at: NOW,
+        server_pin: None,
     }
+}
+
+/// A triad member's request: its own machine and server certificate pin.
+fn member_request(number: u8) -> ActivationRequest {
+    ActivationRequest {
+        traits: MachineTraits::new()
+            .with(names::CPU_VENDOR, "GenuineIntel")
+            .with(names::CPU_MODEL_NAME, format!("Xeon {number}"))
+            .with(names::PRODUCT_UUID, format!("uuid-srv{number}"))
+            .with(names::PRODUCT_SERIAL, format!("serial-{number}"))
+            .with(names::DISK_SERIAL, vec![format!("disk-{number}")])
+            .with(names::NIC_MAC, vec![format!("52:54:00:00:00:0{number}")]),
+        server_pin: Some(format!("{number:02x}").repeat(32)),
+        ..request(MachineKind::Physical, vec![1001])
+    }
+}
+
+#[test]
+fn a_triad_licence_is_one_licence_whose_copies_are_bound_each_to_its_member() {
+    let requests: Vec<ActivationRequest> =
+        (1..=3).map(|n| through_files(&member_request(n))).collect();
+    let seeds = [[1; 32], [2; 32], [3; 32], [4; 32]];
+    let answered = answer_triad(&requests, &policy("allow"), &vendor(), NOW, &seeds).unwrap();
+    let TriadAnswer::Licences(licences) = answered else {
+        panic!("refused: {answered:?}");
+    };
+    assert_eq!(licences.len(), 3);
+    let pins: Vec<String> = requests
+        .iter()
+        .filter_map(|r| r.server_pin.clone())
+        .collect();
+    let mut triad_ids = Vec::new();
+    for (licence, request) in licences.iter().zip(&requests) {
+        let body = licence.verify(&vendor().public()).unwrap();
+        let triad = body
+            .triad
+            .as_ref()
+            .expect("a triad licence names its triad");
+        assert_eq!(triad.members, pins);
+        triad_ids.push(triad.id.clone());
+        // Bound to its own member, not to the others.
+        assert!(open_products(body, &request.traits).is_ok());
+        let other = &requests[(requests.iter().position(|r| r == request).unwrap() + 1) % 3];
+        assert!(open_products(body, &other.traits).is_err());
+    }
+    triad_ids.dedup();
+    assert_eq!(triad_ids.len(), 1, "one licence, counted once");
+}
+
+#[rstest]
+#[case::no_pin(None, "names no server certificate")]
+#[case::same_pin(Some("01".repeat(32)), "twice")]
+fn a_triad_licence_needs_three_servers_naming_their_certificates(
+    #[case] third_pin: Option<String>,
+    #[case] message: &str,
+) {
+    let mut requests: Vec<ActivationRequest> = (1..=3).map(member_request).collect();
+    requests[2].server_pin = third_pin;
+    let seeds = [[1; 32], [2; 32], [3; 32], [4; 32]];
+    let answered = answer_triad(&requests, &policy("allow"), &vendor(), NOW, &seeds).unwrap();
+    let TriadAnswer::Refused {
+        reason,
+        message: text,
+    } = answered
+    else {
+        panic!("answered: {answered:?}");
+    };
+    assert_eq!(reason, Reason::TriadRequired);
+    assert!(text.contains(message), "{text}");
 }
 
 /// Seals, writes, reads and opens a request as the runtime and vendor tools do.

@@ -20,6 +20,7 @@ impl Runtime {
         firm: u32,
         products: Vec<u32>,
         vendor: Option<Vec<u8>>,
+        triad_member: bool,
     ) -> Result<String, (String, Option<Reason>)> {
         let vendor: VendorPublicKey = match vendor {
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -60,6 +61,13 @@ impl Runtime {
         let traits = self
             .soft_traits()
             .map_err(|e| (format!("Cannot read machine traits: {e}"), None))?;
+        let server_pin = if triad_member {
+            let identity = crate::tls::load_or_create_identity(&self.settings.state_dir)
+                .map_err(|e| (format!("Cannot read the server's TLS identity: {e}"), None))?;
+            Some(identity.fingerprint())
+        } else {
+            None
+        };
         let request = ActivationRequest {
             firm,
             products,
@@ -67,6 +75,7 @@ impl Runtime {
             traits,
             runtime_key,
             requested_at: now,
+            server_pin,
         };
         let sealed = request
             .seal(&vendor, entropy().map_err(|e| (e.to_string(), None))?)

@@ -12,15 +12,32 @@ use crate::client::LocalClient;
 use crate::outcome::{EXIT_OK, Outcome, report_error};
 use crate::protocol::{LocalReply, LocalRequest};
 
+/// What `meter activate request` asks for.
+#[derive(Debug)]
+pub struct Asked {
+    /// The product.
+    pub product: u32,
+    /// The vendor's firm.
+    pub firm: u32,
+    /// The vendor's public key file, if not the one trusted for the firm.
+    pub vendor: Option<PathBuf>,
+    /// A triad licence (the request names this server's certificate pin).
+    pub triad_member: bool,
+}
+
 /// `meter activate request`: asks meterd for the sealed request and writes it to `out`.
 pub async fn request_command(
     socket: &Path,
     json_mode: bool,
-    product: u32,
-    firm: u32,
-    vendor: Option<PathBuf>,
+    asked: Asked,
     out: &Path,
 ) -> anyhow::Result<Outcome> {
+    let Asked {
+        product,
+        firm,
+        vendor,
+        triad_member,
+    } = asked;
     let vendor = match vendor {
         Some(path) => {
             Some(fs::read(&path).with_context(|| format!("Cannot read {}", path.display()))?)
@@ -33,13 +50,14 @@ pub async fn request_command(
             firm,
             products: vec![product],
             vendor,
+            triad_member,
         })
         .await?;
     match reply {
         LocalReply::Json(text) => {
             fs::write(out, text.as_bytes())
                 .with_context(|| format!("Cannot write {}", out.display()))?;
-            let document = json!({"request": out, "firm": firm, "products": [product]});
+            let document = json!({"request": out, "firm": firm, "products": [product], "triad_member": triad_member});
             if json_mode {
                 println!("{document}");
             } else {

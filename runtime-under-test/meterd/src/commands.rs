@@ -172,6 +172,10 @@ pub enum ActivateCommand {
         /// Where to write the request.
         #[arg(long)]
         out: PathBuf,
+        /// Ask for a licence of a server triad (`meter vendor activate-triad` answers the three
+        /// members' requests together): the request names this server's certificate pin.
+        #[arg(long)]
+        triad_member: bool,
     },
     /// Install a signed licence file (an activation answer or an issued licence).
     Apply {
@@ -309,11 +313,15 @@ pub async fn run(
             firm,
             vendor,
             out,
+            triad_member,
         }) => {
-            crate::activation_commands::request_command(
-                &socket, json_mode, product, firm, vendor, &out,
-            )
-            .await
+            let asked = crate::activation_commands::Asked {
+                product,
+                firm,
+                vendor,
+                triad_member,
+            };
+            crate::activation_commands::request_command(&socket, json_mode, asked, &out).await
         }
         MeterCommand::Vendor(command) => crate::vendor::run(json_mode, command),
         MeterCommand::Root(command) => crate::root_commands::run(json_mode, command),

@@ -102,6 +102,8 @@ pub struct Licences {
     pub metering: Metering,
     /// Chains this runtime witnesses for client runtimes (server side).
     pub witnesses: crate::witness::WitnessStore,
+    /// The certificate pins of the triad this server is a member of, once joined.
+    triad: Option<Vec<String>>,
 }
 
 /// The metadata key of an item's remaining units.
@@ -127,6 +129,7 @@ impl Licences {
             receipt_key: None,
             metering: Metering::default(),
             witnesses: crate::witness::WitnessStore::default(),
+            triad: None,
         }
     }
 
@@ -297,6 +300,13 @@ impl Licences {
         let container = ContainerId::new(ContainerClass::Soft, id.clone());
         match open_products(body, traits) {
             Ok(items) => {
+                let outside_triad = body.triad.as_ref().is_some_and(|binding| {
+                    !self
+                        .triad
+                        .as_ref()
+                        .is_some_and(|pins| binding.names_exactly(pins))
+                        && !crate::weakened::is(crate::weakened::Defence::TriadLicence)
+                });
                 for item in &items {
                     let rules = crate::weakened::rules(item.rules());
                     let expired = rules.expires_at.is_some_and(|at| at <= now);
@@ -310,6 +320,8 @@ impl Licences {
                         rules,
                         state: if expired {
                             ItemState::Expired
+                        } else if outside_triad {
+                            ItemState::OutsideTriad
                         } else {
                             ItemState::Valid
                         },
@@ -397,6 +409,28 @@ impl Licences {
             }
         }
         broken
+    }
+
+    /// This server joined the triad of the members with certificate pins `pins`: the items of
+    /// the licences issued for exactly that triad serve from now on.
+    pub fn enter_triad(&mut self, pins: Vec<String>, table: &mut AllocationTable) {
+        for body in self.bodies.values() {
+            if !body
+                .triad
+                .as_ref()
+                .is_some_and(|binding| binding.names_exactly(&pins))
+            {
+                continue;
+            }
+            let container = ContainerId::new(ContainerClass::Soft, body.licence_id.clone());
+            for view in table.items() {
+                if view.entry.container == container && view.entry.state == ItemState::OutsideTriad
+                {
+                    let _ = table.set_state(&container, view.entry.product, ItemState::Valid);
+                }
+            }
+        }
+        self.triad = Some(pins);
     }
 
     /// Forgets the opened traits so the next [`Licences::revalidate`] re-opens everything.

@@ -252,11 +252,15 @@ async fn handle(
             firm,
             products,
             vendor,
+            triad_member,
         } => {
             if !is_admin(uid) {
                 return error("Only an administrator may request activations");
             }
-            match runtime.activation_request(firm, products, vendor).await {
+            match runtime
+                .activation_request(firm, products, vendor, triad_member)
+                .await
+            {
                 Ok(text) => LocalReply::Json(text),
                 Err((message, reason)) => LocalReply::Error { message, reason },
             }

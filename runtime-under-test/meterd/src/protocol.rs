@@ -106,6 +106,9 @@ pub enum LocalRequest {
         products: Vec<u32>,
         /// The vendor's public key file; `None` = the key trusted for the firm.
         vendor: Option<Vec<u8>>,
+        /// Ask for a triad licence: the request names this server's certificate pin.
+        #[serde(default)]
+        triad_member: bool,
     },
 }
 

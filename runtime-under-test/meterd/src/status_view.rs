@@ -59,6 +59,8 @@ pub enum ContainerState {
     Expired,
     /// Not reachable now (a dongle still connecting, a server link down).
     Unreachable,
+    /// Issued for a server triad this server is not a member of now.
+    OutsideTriad,
 }
 
 impl From<ItemState> for ContainerState {
@@ -68,6 +70,7 @@ impl From<ItemState> for ContainerState {
             ItemState::Corrupt => ContainerState::Corrupt,
             ItemState::Locked => ContainerState::Locked,
             ItemState::Expired => ContainerState::Expired,
+            ItemState::OutsideTriad => ContainerState::OutsideTriad,
         }
     }
 }

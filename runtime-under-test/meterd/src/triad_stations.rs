@@ -160,7 +160,13 @@ impl Runtime {
         // its own grants (none of a leader's before it took over, none from before a crash
         // until their holders re-claim them), must not refuse a re-claim for want of a seat
         // that a grant still taking its ledger seat holds here.
-        self.lock().table.count_quantity_elsewhere(true);
+        let pins: Vec<String> = settings.members.iter().map(|m| m.pin.clone()).collect();
+        {
+            let mut state = self.lock();
+            state.table.count_quantity_elsewhere(true);
+            // The licences issued for this very triad serve from now on.
+            self.lock_licences().enter_triad(pins, &mut state.table);
+        }
         Ok(described)
     }
 

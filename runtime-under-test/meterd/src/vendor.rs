@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Subcommand;
-use meter_core::activation::{self, ActivationAnswer, SealedRequest};
+use meter_core::activation::{self, ActivationAnswer, SealedRequest, TriadAnswer};
 use meter_core::licence::{LicenceBody, VendorKey};
 use serde_json::json;
 
@@ -50,6 +50,20 @@ pub enum VendorCommand {
         /// Where to write the licence.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Answer the three members' requests of a server triad with one triad licence: a copy
+    /// for each member, bound to it and naming the three servers' certificates (made with
+    /// `meter activate request --triad-member`); it serves only in that triad.
+    ActivateTriad {
+        /// The members' activation requests (three, repeat the option).
+        #[arg(long = "request", num_args = 1, required = true)]
+        requests: Vec<PathBuf>,
+        /// The product policy and the key that signs.
+        #[command(flatten)]
+        vendor: VendorInputs,
+        /// Where to write each member's copy, in the requests' order (three).
+        #[arg(long = "out", num_args = 1, required = true)]
+        outs: Vec<PathBuf>,
     },
 }
 
@@ -97,6 +111,70 @@ pub fn run(json_mode: bool, command: VendorCommand) -> anyhow::Result<Outcome> {
             vendor,
             out,
         } => vendor_answer(json_mode, &request, &vendor.policy, &vendor.key, &out),
+        VendorCommand::ActivateTriad {
+            requests,
+            vendor,
+            outs,
+        } => triad_answer(json_mode, &requests, &vendor, &outs),
+    }
+}
+
+/// `meter vendor activate-triad`: answers a triad's three requests with one licence, or
+/// refuses (exit 1).
+fn triad_answer(
+    json_mode: bool,
+    requests: &[PathBuf],
+    vendor: &VendorInputs,
+    outs: &[PathBuf],
+) -> anyhow::Result<Outcome> {
+    if requests.len() != 3 || outs.len() != 3 {
+        anyhow::bail!(
+            "A triad licence answers three requests into three files: got {} --request and {} --out",
+            requests.len(),
+            outs.len()
+        );
+    }
+    let key = read_vendor_key(&vendor.key)?;
+    let policy = read_policy(&vendor.policy)?;
+    let mut opened = Vec::new();
+    for path in requests {
+        let bytes = fs::read(path).with_context(|| format!("Cannot read {}", path.display()))?;
+        let sealed = SealedRequest::from_json(&bytes, &path.display().to_string())?;
+        opened.push(sealed.open(&key)?);
+    }
+    let seeds = [entropy()?, entropy()?, entropy()?, entropy()?];
+    match activation::answer_triad(&opened, &policy, &key, now_ms(), &seeds)? {
+        TriadAnswer::Licences(licences) => {
+            for (licence, out) in licences.iter().zip(outs) {
+                write_file(out, licence.to_json().as_bytes())?;
+            }
+            let triad = licences
+                .first()
+                .and_then(|l| l.body.triad.as_ref())
+                .map(|t| t.id.clone())
+                .unwrap_or_default();
+            tracing::info!(triad = %triad, "Triad activation answered");
+            let document = json!({
+                "triad": triad,
+                "licences": licences.iter().map(|l| &l.body.licence_id).collect::<Vec<_>>(),
+                "out": outs,
+            });
+            report(json_mode, &document, || {
+                format!("triad licence {triad}: one copy per member written")
+            });
+            Ok(Outcome { code: EXIT_OK })
+        }
+        TriadAnswer::Refused { reason, message } => {
+            if json_mode {
+                println!(
+                    "{}",
+                    json!({"error": format!("Activation refused: {message}"), "reason": reason.code()})
+                );
+            } else {
+                eprintln!("meter: activation refused: {message} ({reason})");
+            }
+            Ok(Outcome { code: EXIT_DENIED })
+        }
     }
 }
 

@@ -104,11 +104,13 @@ pub enum Defence {
     TriadQuorum,
     /// The apps on a triad member's own machine take their seats in the triad's ledger.
     TriadMemberApps,
+    /// A triad licence serves only in the triad of the three servers it names.
+    TriadLicence,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 43] = [
+    pub const ALL: [Defence; 44] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -152,6 +154,7 @@ impl Defence {
         Defence::RestartGrace,
         Defence::TriadQuorum,
         Defence::TriadMemberApps,
+        Defence::TriadLicence,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -200,6 +203,7 @@ impl Defence {
             Defence::RestartGrace => "restart-grace",
             Defence::TriadQuorum => "triad-quorum",
             Defence::TriadMemberApps => "triad-member-apps",
+            Defence::TriadLicence => "triad-licence",
         }
     }
 }
@@ -323,7 +327,10 @@ impl Defence {
                 "a triad member serves without a quorum: a follower or a leader cut off from the others grants and renews on its own count"
             }
             Defence::TriadMemberApps => {
-                "the apps on a triad member's own machine take no seat in the triad's ledger: each member's own table counts them, so the three members' apps and the clients together hold more seats than the licence has"
+                "the apps on a triad member's own machine take no seat in the triad's ledger, so the three members' apps and the clients together hold more seats than the licence has"
+            }
+            Defence::TriadLicence => {
+                "a triad licence serves wherever it opens: each of the three servers it was issued for serves its seats alone, outside any triad, three times over"
             }
         }
     }

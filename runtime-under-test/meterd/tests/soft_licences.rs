@@ -574,3 +574,117 @@ fn a_thousand_uses_reconcile_with_the_witness_page_by_page() {
     );
     assert_eq!(product_status(vm, 3002)["state"], "valid");
 }
+
+/// `machine`'s activation request for product 1001, naming its server certificate when
+/// `triad_member`.
+fn request_1001(machine: &Machine, triad_member: bool) -> PathBuf {
+    let file = if triad_member {
+        "1001-triad.request"
+    } else {
+        "1001.request"
+    };
+    let request = machine.dir.path().join(file);
+    let mut args = vec![
+        "activate",
+        "request",
+        "--firm",
+        "10",
+        "--product",
+        "1001",
+        "--out",
+        request.to_str().unwrap(),
+    ];
+    if triad_member {
+        args.push("--triad-member");
+    }
+    let (code, out) = machine.meter(&args);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["triad_member"], triad_member, "{out}");
+    request
+}
+
+#[test]
+fn a_triad_licence_serves_nothing_outside_its_triad_and_needs_three_named_servers() {
+    let vendor = Vendor::new();
+    let policy = write_policy(
+        &vendor,
+        "triad",
+        &["{ code: 1001, name: cad-pro, container: soft, quantity: 2 }"],
+    );
+    let key = vendor.dir.path().join("vendor.key");
+    let members: Vec<Machine> = (1..=3)
+        .map(|n| {
+            let name = format!("srv-{n}");
+            let machine = Machine::new(&name, "workstation", "127.0.0.1");
+            let cpu = format!("Xeon Gold 62{n}8");
+            set_machine(
+                &machine,
+                &machine_json(&name, "physical", &cpu, "127.0.0.1"),
+            );
+            machine
+        })
+        .collect();
+    let _daemons: Vec<_> = members.iter().map(|m| m.start(&[])).collect();
+    let mut requests = Vec::new();
+    for member in &members {
+        member.install_trust(&vendor);
+        requests.push(request_1001(member, true));
+    }
+    let outs: Vec<PathBuf> = (1..=3)
+        .map(|n| vendor.dir.path().join(format!("srv-{n}.licence")))
+        .collect();
+    let answer = |requests: &[PathBuf]| {
+        let mut args = vec!["vendor".to_owned(), "activate-triad".to_owned()];
+        for request in requests {
+            args.extend(["--request".to_owned(), request.display().to_string()]);
+        }
+        for out in &outs {
+            args.extend(["--out".to_owned(), out.display().to_string()]);
+        }
+        args.extend(["--policy".to_owned(), policy.display().to_string()]);
+        args.extend(["--key".to_owned(), key.display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        meter_json(&args)
+    };
+
+    // A request that names no server certificate cannot be part of a triad licence.
+    let plain = request_1001(&members[2], false);
+    let (code, refused) = answer(&[requests[0].clone(), requests[1].clone(), plain]);
+    assert_eq!(
+        (code, refused["reason"].as_str()),
+        (1, Some("triad-required")),
+        "{refused}"
+    );
+    assert!(!outs[0].exists(), "a refusal writes nothing");
+
+    let (code, issued) = answer(&requests);
+    assert_eq!(code, 0, "{issued}");
+    let copies: Vec<Value> = outs
+        .iter()
+        .map(|out| serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap())
+        .collect();
+    assert_eq!(copies[0]["body"]["triad"], copies[2]["body"]["triad"]);
+    assert_eq!(
+        copies[0]["body"]["triad"]["id"], issued["triad"],
+        "{issued}"
+    );
+    for (member, out) in members.iter().zip(&outs) {
+        let (code, installed) = apply(member, out);
+        assert_eq!(code, 0, "{installed}");
+        // Served by a lone server, it grants nothing.
+        assert_eq!(product_status(member, 1001)["state"], "outside-triad");
+        let (code, denied) = access(member, 1001);
+        assert_eq!(
+            (code, denied["reason"].as_str()),
+            (1, Some("triad-required")),
+            "{denied}"
+        );
+    }
+    // Another member's copy does not open here.
+    let (code, foreign) = apply(&members[0], &outs[1]);
+    assert_eq!(
+        (code, foreign["state"].as_str()),
+        (0, Some("corrupt")),
+        "{foreign}"
+    );
+}
