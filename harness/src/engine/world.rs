@@ -341,6 +341,14 @@ impl World {
                 ),
                 None => return Vec::new(),
             },
+            Step::ActivateTriad(a) => match &a.name {
+                Some(name) => (
+                    name.value.clone(),
+                    a.product.value,
+                    self.probes.get(&name.value),
+                ),
+                None => return Vec::new(),
+            },
             _ => return Vec::new(),
         };
         answer
@@ -509,7 +517,20 @@ impl World {
             }
             Step::ActivateTriad(a) => {
                 let machines: Vec<String> = a.machines.iter().map(|m| m.value.clone()).collect();
-                self.activate_triad(&machines, a.product.value)
+                let answer = self.activate_triad(&machines, a.product.value)?;
+                match (&a.name, answer) {
+                    (Some(name), answer) => {
+                        self.probes.insert(name.value.clone(), answer);
+                        Ok(())
+                    }
+                    (None, AccessAnswer::Granted { .. }) => Ok(()),
+                    (None, AccessAnswer::Denied { reason, message }) => {
+                        Err(BackendError::Runtime {
+                            machine: machines.join(", "),
+                            message: format!("triad activation refused ({reason}): {message}"),
+                        })
+                    }
+                }
             }
             Step::Activate(a) => {
                 let answer = self.activate(&a.machine.value, a.product.value)?;
@@ -943,7 +964,11 @@ impl World {
 
     /// Activates one triad licence for the servers of three machines: their requests (each
     /// naming its server certificate) answered together, each copy installed on its machine.
-    fn activate_triad(&mut self, machines: &[String], product: u32) -> Result<(), BackendError> {
+    fn activate_triad(
+        &mut self,
+        machines: &[String],
+        product: u32,
+    ) -> Result<AccessAnswer, BackendError> {
         let mut args: Vec<String> = vec!["vendor".into(), "activate-triad".into()];
         for machine in machines {
             let request = self.activation_request(machine, product, true)?;
@@ -963,15 +988,13 @@ impl World {
         ]);
         let (code, value) = self.vendor.run(&args)?;
         if code != Some(0) {
-            return Err(BackendError::Runtime {
-                machine: machines.join(", "),
-                message: format!("the vendor refused the triad activation: {value}"),
-            });
+            // The vendor refused (e.g. members in guests denied): nothing is installed.
+            return Ok(vendor_refusal(&value));
         }
         for machine in machines {
             self.install_issued(machine, product)?;
         }
-        Ok(())
+        Ok(AccessAnswer::Granted { handle: None })
     }
 
     /// Activates a soft licence: request on the machine, answer at the vendor's desk, install.
@@ -992,18 +1015,7 @@ impl World {
         ])?;
         if code != Some(0) {
             // The vendor refused (e.g. activation in a VM denied): nothing is installed.
-            return Ok(AccessAnswer::Denied {
-                reason: value
-                    .get("reason")
-                    .and_then(serde_json::Value::as_str)
-                    .unwrap_or("unknown")
-                    .to_string(),
-                message: value
-                    .get("error")
-                    .and_then(serde_json::Value::as_str)
-                    .unwrap_or_default()
-                    .to_string(),
-            });
+            return Ok(vendor_refusal(&value));
         }
         self.install_issued(machine, product)?;
         Ok(AccessAnswer::Granted { handle: None })
@@ -1334,4 +1346,18 @@ fn merge_identity(
         generated.macs = given.macs.iter().map(|m| m.value.clone()).collect();
     }
     generated
+}
+
+/// What the vendor tool's refusal says, as an activation's answer.
+fn vendor_refusal(value: &serde_json::Value) -> AccessAnswer {
+    let text = |key: &str| {
+        value
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    AccessAnswer::Denied {
+        reason: text("reason").unwrap_or_else(|| "unknown".to_owned()),
+        message: text("error").unwrap_or_default(),
+    }
 }

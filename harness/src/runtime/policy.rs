@@ -45,6 +45,8 @@ pub struct PolicyProduct {
     pub virtual_machines: Permission,
     /// Whether the product may be used in terminal-server sessions.
     pub terminal_server: Permission,
+    /// Whether a triad licence of it may be activated for members in virtual machines.
+    pub triad_in_guests: Permission,
     /// What the runtime does when metered state is rolled back.
     pub on_rollback: RollbackPolicy,
     /// Whether units may be spent with no witness vouching for them.
@@ -68,6 +70,7 @@ impl PolicyDocument {
                 binding: p.binding,
                 virtual_machines: p.virtual_machines,
                 terminal_server: p.terminal_server,
+                triad_in_guests: p.triad_in_guests,
                 on_rollback: p.on_rollback,
                 witness: p.witness.value,
             })

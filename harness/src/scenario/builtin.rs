@@ -72,6 +72,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-split-brain"),
     builtin!("triad-member-apps"),
     builtin!("triad-licence"),
+    builtin!("triad-in-guests"),
     builtin!("triad-rejoin"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),

@@ -96,6 +96,9 @@ pub struct Product {
     /// Whether the licence may be used in terminal-server sessions.
     #[serde(default)]
     pub terminal_server: Permission,
+    /// Whether a triad licence of it may be activated for members in virtual machines.
+    #[serde(default)]
+    pub triad_in_guests: Permission,
     /// Expiry, as a duration from scenario start (absent = never expires).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<Duration>,
@@ -1133,6 +1136,9 @@ pub struct ActivateTriadStep {
     pub machines: Vec<Name>,
     /// A soft product's code.
     pub product: ProductCode,
+    /// Name for the outcome, to use in `expect: granted/denied` (an unnamed refusal fails the step).
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
 }
 
 /// `copy-licence`: copy a licence to another machine.

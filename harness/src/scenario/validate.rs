@@ -1157,6 +1157,12 @@ impl<'a> Checker<'a> {
                     }
                     self.running(machine);
                 }
+                if let Some(name) = &activate.name
+                    && let Some(first) = activate.machines.first()
+                    && self.fresh_name(name, "activation")
+                {
+                    self.add_app(name, AppKind::Access, first, &None, line);
+                }
                 self.soft_product(&activate.product);
             }
             Step::CopyLicence(copy) => {

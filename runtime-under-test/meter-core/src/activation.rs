@@ -310,6 +310,26 @@ pub fn answer_triad(
         }
         pins.push(pin.clone());
     }
+    for request in requests.iter().filter(|r| r.kind == MachineKind::Guest) {
+        let items = match requested_items(request, policy) {
+            Ok(items) => items,
+            Err(Refusal { reason, message }) => {
+                return Ok(TriadAnswer::Refused { reason, message });
+            }
+        };
+        if let Some(item) = items
+            .iter()
+            .find(|item| item.triad_in_guests == Allowance::Deny)
+        {
+            return Ok(TriadAnswer::Refused {
+                reason: Reason::VmNotAllowed,
+                message: format!(
+                    "Product {} ({}) may not be served by a server triad member in a virtual machine: the vendor's policy says triad-in-guests: deny",
+                    item.code, item.name
+                ),
+            });
+        }
+    }
     let binding = TriadBinding {
         id: licence_id(&entropy[3]),
         members: pins,

@@ -55,6 +55,10 @@ pub struct ProductItem {
     /// Whether the item may be used on a terminal server.
     #[serde(default)]
     pub terminal_server: Allowance,
+    /// Whether a triad licence of the item may be activated for members in virtual machines
+    /// (members on guests of one host lose the quorum with that host).
+    #[serde(default)]
+    pub triad_in_guests: Allowance,
     /// What the runtime does when it detects a rollback.
     #[serde(default)]
     pub on_rollback: RollbackPolicy,

@@ -304,3 +304,23 @@ fn a_refusal_round_trips_through_its_file() {
         refusal
     );
 }
+
+#[test]
+fn the_vendor_may_keep_triad_members_off_virtual_machines() {
+    let policy = ProductPolicy::from_yaml(
+        "firm: 10\nproducts:\n  - { code: 1001, name: cad-pro, triad-in-guests: deny }\n",
+    )
+    .unwrap();
+    let seeds = [[1; 32], [2; 32], [3; 32], [4; 32]];
+    let physical: Vec<ActivationRequest> = (1..=3).map(member_request).collect();
+    let issued = answer_triad(&physical, &policy, &vendor(), NOW, &seeds).unwrap();
+    assert!(matches!(issued, TriadAnswer::Licences(_)), "{issued:?}");
+    let mut one_guest = physical;
+    one_guest[1].kind = MachineKind::Guest;
+    let refused = answer_triad(&one_guest, &policy, &vendor(), NOW, &seeds).unwrap();
+    let TriadAnswer::Refused { reason, message } = refused else {
+        panic!("issued: {refused:?}");
+    };
+    assert_eq!(reason, Reason::VmNotAllowed);
+    assert!(message.contains("triad-in-guests: deny"), "{message}");
+}
