@@ -71,6 +71,14 @@ pub enum LedgerCommand {
     /// Several commands committed as one entry, applied one after the other at its time
     /// (each as if it were an entry of its own).
     Batch(Vec<LedgerCommand>),
+    /// A member says what machine it runs on (every member learns which members are virtual
+    /// machines, whose quorum one host's failure may take).
+    MemberMachine {
+        /// The member's number.
+        member: u64,
+        /// Whether its machine is a virtual machine.
+        guest: bool,
+    },
 }
 
 /// A command with the time its leader stamped it with.
@@ -177,6 +185,9 @@ pub struct SeatLedger {
     /// The log position of the last entry applied.
     #[serde(default)]
     applied: u64,
+    /// Whether each member that said so runs in a virtual machine.
+    #[serde(default)]
+    member_guests: BTreeMap<u64, bool>,
 }
 
 impl SeatLedger {
@@ -321,6 +332,10 @@ impl SeatLedger {
                 }
                 _ => LedgerOutcome::UnknownLease,
             },
+            LedgerCommand::MemberMachine { member, guest } => {
+                self.member_guests.insert(*member, *guest);
+                LedgerOutcome::Nothing
+            }
             LedgerCommand::Batch(commands) => LedgerOutcome::Batch(
                 commands
                     .iter()
@@ -354,6 +369,15 @@ impl SeatLedger {
     /// The running leases.
     pub fn leases(&self) -> &BTreeMap<u64, Lease> {
         &self.leases
+    }
+
+    /// The members that said they run in a virtual machine, by number.
+    pub fn members_in_guests(&self) -> Vec<u64> {
+        self.member_guests
+            .iter()
+            .filter(|(_, guest)| **guest)
+            .map(|(member, _)| *member)
+            .collect()
     }
 
     /// The latest time the ledger has seen.
@@ -460,6 +484,24 @@ mod tests {
                 .eq(single.leases().values().map(seat))
         );
         assert_eq!(answers[3], LedgerOutcome::NoSeat { in_use: 2 });
+    }
+
+    #[test]
+    fn members_tell_which_of_them_run_in_guests() {
+        let mut ledger = SeatLedger::new();
+        ledger.apply(&grant(0, 1, "a"));
+        let said = |member, guest| LedgerEntry {
+            at_ms: 10,
+            command: LedgerCommand::MemberMachine { member, guest },
+        };
+        assert_eq!(ledger.apply(&said(3, true)).0, LedgerOutcome::Nothing);
+        ledger.apply(&said(1, true));
+        ledger.apply(&said(2, false));
+        assert_eq!(ledger.members_in_guests(), vec![1, 3]);
+        // Moved to a physical machine and restarted, a member says so again.
+        ledger.apply(&said(3, false));
+        assert_eq!(ledger.members_in_guests(), vec![1]);
+        assert_eq!(ledger.in_use(1001), 1, "seats untouched");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use meter_core::reason::Reason;
 use crate::daemon::{Holder, Runtime, Via};
 use crate::status_view::{
     AllocationList, AllocationStatus, ContainerState, ContainerStatus, MachineStatus, ServerStatus,
-    StationStatus, StatusDocument,
+    StationStatus, StatusDocument, TriadStatus,
 };
 
 impl Runtime {
@@ -67,10 +67,15 @@ impl Runtime {
                     stations,
                 }
             });
+        let triad = self.triad().map(|triad| {
+            let (member, leader) = triad.numbers();
+            TriadStatus::new(member, leader, triad.members_in_guests())
+        });
         let document = StatusDocument {
             machine,
             containers: all,
             server,
+            triad,
         };
         serde_json::to_value(document).unwrap_or_default()
     }

@@ -115,6 +115,44 @@ pub struct StatusDocument {
     pub containers: Vec<ContainerStatus>,
     /// The runtime's own network server, when it serves.
     pub server: Option<ServerStatus>,
+    /// The server triad this server is a member of, when it joined one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triad: Option<TriadStatus>,
+}
+
+/// This server's triad as `meter status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TriadStatus {
+    /// This member's number.
+    pub member: u64,
+    /// The leader's number, when one is known.
+    pub leader: Option<u64>,
+    /// The members that run in virtual machines, by number (as each said).
+    pub members_in_guests: Vec<u64>,
+    /// What the administrator should know (members in guests may share one host).
+    pub warnings: Vec<String>,
+}
+
+impl TriadStatus {
+    /// The status of member `member` (leader `leader`) whose members `in_guests` said they run
+    /// in virtual machines.
+    pub fn new(member: u64, leader: Option<u64>, in_guests: Vec<u64>) -> TriadStatus {
+        let mut warnings = Vec::new();
+        if in_guests.len() >= 2 {
+            let mut listed: Vec<String> = in_guests.iter().map(u64::to_string).collect();
+            let last = listed.pop().unwrap_or_default();
+            warnings.push(format!(
+                "Members {} and {last} of this server triad run in virtual machines: if two share a host, that host's failure takes the triad's quorum",
+                listed.join(", ")
+            ));
+        }
+        TriadStatus {
+            member,
+            leader,
+            members_in_guests: in_guests,
+            warnings,
+        }
+    }
 }
 
 /// The machine as the runtime sees it (each fact `null` when the platform cannot tell).
@@ -193,6 +231,19 @@ pub struct AllocationStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_members_in_guests_are_warned_of_one_is_not() {
+        assert!(TriadStatus::new(1, Some(1), vec![3]).warnings.is_empty());
+        let warned = TriadStatus::new(2, None, vec![1, 2, 3]);
+        assert_eq!(
+            warned.warnings,
+            [
+                "Members 1, 2 and 3 of this server triad run in virtual machines: if two share a host, that host's failure takes the triad's quorum"
+            ]
+        );
+        assert!(TriadStatus::new(2, None, vec![1, 3]).warnings[0].starts_with("Members 1 and 3 "));
+    }
 
     #[test]
     fn containers_keep_the_contract_shape() {

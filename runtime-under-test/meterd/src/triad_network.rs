@@ -333,11 +333,12 @@ impl RaftNetwork<TriadConfig> for MemberLink {
 /// The suffix of the ledger holder under which a member's own apps hold their seats.
 pub const MEMBER_APPS_SUFFIX: &str = "/apps";
 
-/// Whether a member may forward `command` to the leader: its own apps' seats' commands only
-/// (a holder named `…/apps`: client runtimes' seats are the leader's to commit, and a grace,
-/// or a batch that could carry one, is the leader's alone).
+/// Whether a member may forward `command` to the leader: its own apps' seats' commands and
+/// what machine it runs on only (a holder named `…/apps`: client runtimes' seats are the
+/// leader's to commit, and a grace, or a batch that could carry one, is the leader's alone).
 fn forwardable(command: &LedgerCommand) -> bool {
     match command {
+        LedgerCommand::MemberMachine { .. } => true,
         LedgerCommand::Grant { holder, .. }
         | LedgerCommand::Renew { holder, .. }
         | LedgerCommand::Reclaim { holder, .. }
@@ -453,5 +454,10 @@ mod tests {
         assert!(!forwardable(&LedgerCommand::Batch(vec![
             LedgerCommand::Grace { lease_ms: 1 }
         ])));
+        // Its machine's kind is its own to tell.
+        assert!(forwardable(&LedgerCommand::MemberMachine {
+            member: 2,
+            guest: true
+        }));
     }
 }

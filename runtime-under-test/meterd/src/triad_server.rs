@@ -246,6 +246,39 @@ impl TriadSeats {
         })
     }
 
+    /// This member's number and the leader's, when one is known.
+    pub fn numbers(&self) -> (MemberId, Option<MemberId>) {
+        (self.member.id(), self.member.leader())
+    }
+
+    /// The members that said they run in a virtual machine.
+    pub fn members_in_guests(&self) -> Vec<MemberId> {
+        self.member.ledger().members_in_guests()
+    }
+
+    /// Has the triad learn whether this member's machine is a virtual machine: committed
+    /// through the leader, tried again every second (for up to a minute) until it is.
+    pub fn announce_machine(self: &Arc<Self>, guest: bool) {
+        let triad = Arc::downgrade(self);
+        tokio::spawn(async move {
+            for _ in 0..60 {
+                let Some(seats) = triad.upgrade() else {
+                    return;
+                };
+                let command = LedgerCommand::MemberMachine {
+                    member: seats.member.id(),
+                    guest,
+                };
+                match seats.member.submit_anywhere(command).await {
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!(error = %e, "Machine kind not announced yet"),
+                }
+                drop(seats);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
     /// Changes of this member's Raft state (to notice losing the lead).
     pub fn states(&self) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<MemberId, Member>> {
         self.member.metrics()

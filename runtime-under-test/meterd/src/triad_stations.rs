@@ -154,6 +154,8 @@ impl Runtime {
             return Err(JoinError::Joined.into());
         }
         self.watch_leadership(&seats);
+        let guest = self.platform.kind().ok() == Some(meter_core::traits::MachineKind::Guest);
+        seats.announce_machine(guest);
         self.keep_member_app_seats(self.settings.keepalive);
         self.stop_awaiting_reclaims();
         // The ledger counts the seats every member gave: this member's table, which knows only

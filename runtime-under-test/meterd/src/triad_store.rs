@@ -84,6 +84,8 @@ pub struct TriadLedger {
     applied: Arc<Mutex<Applied>>,
     /// What happened to seats, as this member applied the log (a run's history).
     events: Arc<std::sync::Mutex<Vec<SeatEvent>>>,
+    /// The members that said they run in a virtual machine, as of the last entry applied.
+    guests: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 fn io_write(e: impl std::error::Error + 'static) -> TriadStorageError {
@@ -128,6 +130,7 @@ pub fn open(path: &Path) -> Result<(TriadLog, TriadLedger), TriadStoreError> {
         },
         TriadLedger {
             db,
+            guests: Arc::new(std::sync::Mutex::new(applied.ledger.members_in_guests())),
             applied: Arc::new(Mutex::new(applied)),
             events: Arc::default(),
         },
@@ -340,6 +343,17 @@ impl TriadLedger {
     pub fn events(&self) -> Vec<SeatEvent> {
         self.events.lock().map(|e| e.clone()).unwrap_or_default()
     }
+
+    /// The members that said they run in a virtual machine (as this member's ledger knows).
+    pub fn members_in_guests(&self) -> Vec<u64> {
+        self.guests.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    fn publish_guests(&self, ledger: &SeatLedger) {
+        if let Ok(mut guests) = self.guests.lock() {
+            *guests = ledger.members_in_guests();
+        }
+    }
 }
 
 impl RaftSnapshotBuilder<TriadConfig> for TriadLedger {
@@ -409,6 +423,7 @@ impl RaftStateMachine<TriadConfig> for TriadLedger {
         if let Ok(mut events) = self.events.lock() {
             events.extend(happened);
         }
+        self.publish_guests(&applied.ledger);
         Ok(answers)
     }
 
@@ -439,6 +454,7 @@ impl RaftStateMachine<TriadConfig> for TriadLedger {
         write_state(&self.db, SNAPSHOT, &encode(&stored)?, Durability::Immediate)
             .map_err(io_write)?;
         *applied = installed;
+        self.publish_guests(&applied.ledger);
         Ok(())
     }
 
