@@ -98,6 +98,8 @@ steps:
   - triad: [host-a, host-b, host-c]
   - expect: { seat-history: { product: 1001, at-most: 2 } }
   - server-crash: host-a
+  - server-pause: host-a
+  - server-resume: host-a
   - server-stop: host-a
   - migrate: { machine: vm1, host: host-b }
   - revert: { machine: vm1, snapshot: s0 }

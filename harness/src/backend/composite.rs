@@ -109,6 +109,18 @@ impl World {
             .find_map(|d| d.as_any_mut().downcast_mut::<D>())
     }
 
+    /// An error unless `machine` runs a network server.
+    fn serving(&self, machine: &str) -> Result<(), BackendError> {
+        self.placement(machine)?;
+        if !self.servers.contains_key(machine) {
+            return Err(BackendError::Unknown {
+                kind: "server",
+                name: machine.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn placement(&self, machine: &str) -> Result<&Placement, BackendError> {
         self.machines
             .get(machine)
@@ -628,14 +640,18 @@ impl Backend for World {
     }
 
     fn crash_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.placement(machine)?;
-        if !self.servers.contains_key(machine) {
-            return Err(BackendError::Unknown {
-                kind: "server",
-                name: machine.to_string(),
-            });
-        }
+        self.serving(machine)?;
         self.driver(machine)?.crash_server(machine)
+    }
+
+    fn pause_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.serving(machine)?;
+        self.driver(machine)?.pause_server(machine)
+    }
+
+    fn resume_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.serving(machine)?;
+        self.driver(machine)?.resume_server(machine)
     }
 
     fn form_triad(&mut self, members: &[String]) -> Result<(), BackendError> {

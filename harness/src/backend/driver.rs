@@ -220,6 +220,10 @@ pub trait MachineDriver: Any {
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Kills the machine's runtime (SIGKILL) while it serves, and starts it again as the server.
     fn crash_server(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Freezes the machine's runtime (SIGSTOP) while it serves; returns once it stands still.
+    fn pause_server(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Lets the machine's frozen runtime run on (SIGCONT).
+    fn resume_server(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Plugs a dongle into a machine (nothing when it is plugged in there already).
     fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError>;
     /// Has a machine import a dongle over USB/IP (nothing when it holds a live import already).

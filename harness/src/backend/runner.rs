@@ -102,6 +102,10 @@ pub trait Backend {
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Kills the machine's network server (SIGKILL) and starts it again with its state.
     fn crash_server(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Freezes the machine's network server (SIGSTOP); returns once it stands still.
+    fn pause_server(&mut self, machine: &str) -> Result<(), BackendError>;
+    /// Lets a frozen network server run on (SIGCONT).
+    fn resume_server(&mut self, machine: &str) -> Result<(), BackendError>;
     /// Makes the network servers of three machines one triad (2-of-3); returns once the first
     /// leads, every other machine's runtime pointed at the triad.
     fn form_triad(&mut self, members: &[String]) -> Result<(), BackendError>;

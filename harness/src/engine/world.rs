@@ -685,6 +685,8 @@ impl World {
             }
             Step::DropSessionTable(m) => self.backend.drop_session_table(&m.value),
             Step::ServerCrash(m) => self.backend.crash_server(&m.value),
+            Step::ServerPause(m) => self.backend.pause_server(&m.value),
+            Step::ServerResume(m) => self.backend.resume_server(&m.value),
             Step::Triad(members) => {
                 let members: Vec<String> = members.iter().map(|m| m.value.clone()).collect();
                 self.backend.form_triad(&members)?;

@@ -73,6 +73,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-member-apps"),
     builtin!("triad-licence"),
     builtin!("triad-in-guests"),
+    builtin!("triad-paused-leader"),
     builtin!("triad-rejoin"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),

@@ -733,6 +733,11 @@ pub enum Step {
     /// Kill a machine's network licence server (SIGKILL) and start it again (an attack: the
     /// licensee hopes the restarted server forgets the seats it granted).
     ServerCrash(Name),
+    /// Freeze a machine's network server (SIGSTOP: its connections stay open and silent, its
+    /// timers stand still), as a debugger, a swap storm or a frozen VM would.
+    ServerPause(Name),
+    /// Let a frozen server run on (SIGCONT), unaware of the time it lost.
+    ServerResume(Name),
     /// Make the network servers of three machines one triad (2-of-3 redundancy): seats counted
     /// once across the three, the first listed leading while all are up; every other machine's
     /// runtime is pointed at the triad as one server.
@@ -799,6 +804,8 @@ impl Step {
             Step::ServerStart(_) => "server-start",
             Step::ServerStop(_) => "server-stop",
             Step::ServerCrash(_) => "server-crash",
+            Step::ServerPause(_) => "server-pause",
+            Step::ServerResume(_) => "server-resume",
             Step::Triad(_) => "triad",
             Step::Wait(_) => "wait",
             Step::Flood(_) => "flood",
@@ -822,7 +829,9 @@ impl Step {
             | Step::Resume(m)
             | Step::DropSessionTable(m)
             | Step::ServerStop(m)
-            | Step::ServerCrash(m) => vec![m],
+            | Step::ServerCrash(m)
+            | Step::ServerPause(m)
+            | Step::ServerResume(m) => vec![m],
             Step::Snapshot(s) => vec![&s.machine],
             Step::StateSave(s) | Step::StateRestore(s) => vec![&s.machine],
             Step::Revert(s) => vec![&s.machine],
@@ -875,7 +884,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 46] = [
+    pub const KEYWORDS: [&'static str; 48] = [
         "boot",
         "shutdown",
         "pause",
@@ -912,6 +921,8 @@ impl Step {
         "server-start",
         "server-stop",
         "server-crash",
+        "server-pause",
+        "server-resume",
         "triad",
         "wait",
         "flood",

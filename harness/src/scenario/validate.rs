@@ -103,6 +103,8 @@ struct Checker<'a> {
     /// Saved copies of each machine's runtime state folder (`state-save`).
     state_copies: HashMap<String, Vec<String>>,
     servers: Vec<String>,
+    /// Machines whose servers are frozen (`server-pause`).
+    paused_servers: Vec<String>,
     /// Machines whose servers are members of a triad.
     triad_members: Vec<String>,
     /// The world clock's advance so far.
@@ -146,6 +148,7 @@ impl<'a> Checker<'a> {
             state_copies: HashMap::new(),
             servers: Vec::new(),
             triad_members: Vec::new(),
+            paused_servers: Vec::new(),
         }
     }
 
@@ -1479,8 +1482,39 @@ impl<'a> Checker<'a> {
                 }
             }
             Step::ServerCrash(name) => {
-                if self.machine(name).is_some() {
-                    self.serving(name);
+                if self.machine(name).is_some() && self.serving(name) {
+                    // Killed and started again: it runs.
+                    self.paused_servers.retain(|s| *s != name.value);
+                }
+            }
+            Step::ServerPause(name) => {
+                if self.machine(name).is_some() && self.serving(name) {
+                    if self.paused_servers.contains(&name.value) {
+                        self.report(
+                            name.at,
+                            format!("the server of `{name}` is paused already"),
+                            "paused",
+                            None,
+                        );
+                    } else {
+                        self.paused_servers.push(name.value.clone());
+                    }
+                }
+            }
+            Step::ServerResume(name) => {
+                if self.machine(name).is_some() && self.serving(name) {
+                    if self.paused_servers.contains(&name.value) {
+                        self.paused_servers.retain(|s| *s != name.value);
+                    } else {
+                        self.report(
+                            name.at,
+                            format!(
+                                "the server of `{name}` is not paused (`server-pause` it first)"
+                            ),
+                            "not paused",
+                            None,
+                        );
+                    }
                 }
             }
             Step::Triad(members) => {
@@ -1518,6 +1552,7 @@ impl<'a> Checker<'a> {
             Step::ServerStop(name) => {
                 if self.machine(name).is_some() && self.serving(name) {
                     self.servers.retain(|s| *s != name.value);
+                    self.paused_servers.retain(|s| *s != name.value);
                 }
             }
             Step::Expect(assertion) => self.expect(assertion, step.at),
@@ -1954,6 +1989,18 @@ steps:
     )]
     #[case::snapshot_of_a_running_guest_reverts_to_running(
         "  - boot: vm1\n  - snapshot: { machine: vm1, name: on }\n  - shutdown: vm1\n  - revert: { machine: vm1, snapshot: on }\n  - access: { machine: vm1, product: 1 }\n",
+        None
+    )]
+    #[case::a_server_resumes_only_once_paused(
+        "  - server-start: { machine: h1 }\n  - server-resume: h1\n",
+        Some("the server of `h1` is not paused (`server-pause` it first)")
+    )]
+    #[case::a_paused_server_is_not_paused_again(
+        "  - server-start: { machine: h1 }\n  - server-pause: h1\n  - server-pause: h1\n",
+        Some("the server of `h1` is paused already")
+    )]
+    #[case::a_crashed_server_runs_again(
+        "  - server-start: { machine: h1 }\n  - server-pause: h1\n  - server-crash: h1\n  - server-pause: h1\n",
         None
     )]
     #[case::migration_changes_the_host(

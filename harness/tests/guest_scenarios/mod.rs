@@ -137,6 +137,7 @@ macro_rules! guest_scenarios {
         #[case::triad_licence("triad-licence")]
         #[case::triad_in_guests("triad-in-guests")]
         #[case::triad_rejoin("triad-rejoin")]
+        #[case::triad_paused_leader("triad-paused-leader")]
         #[case::station_spoof("station-spoof")]
         #[case::dongle_host_server("dongle-host-server")]
         #[case::dongle_exclusive_guest("dongle-exclusive-guest")]

@@ -1369,6 +1369,16 @@ fi"#,
         Err(no_server_in_guest(self.hv.kind(), "server-crash"))
     }
 
+    fn pause_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.guest(machine)?;
+        Err(no_server_in_guest(self.hv.kind(), "server-pause"))
+    }
+
+    fn resume_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        self.guest(machine)?;
+        Err(no_server_in_guest(self.hv.kind(), "server-resume"))
+    }
+
     fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
         self.plug_into_guest(dongle, machine)
     }

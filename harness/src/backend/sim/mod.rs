@@ -1006,6 +1006,26 @@ impl MachineDriver for SimDriver {
         self.start_daemon(machine)
     }
 
+    fn pause_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        // Only the runtime stands still: the machine's apps and sessions run on.
+        if let Some(child) = &self.machine(machine)?.daemon {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+            if !stopped::wait_stopped(child.id(), Duration::from_secs(5)) {
+                tracing::warn!(machine, "The paused server did not stop within 5 s");
+            }
+        }
+        Ok(())
+    }
+
+    fn resume_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        if let Some(child) = &self.machine(machine)?.daemon {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        }
+        Ok(())
+    }
+
     fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
         self.attach(dongle, machine, DongleLink::Usb)
     }
