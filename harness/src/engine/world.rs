@@ -518,35 +518,11 @@ impl World {
             Step::ActivateTriad(a) => {
                 let machines: Vec<String> = a.machines.iter().map(|m| m.value.clone()).collect();
                 let answer = self.activate_triad(&machines, a.product.value)?;
-                match (&a.name, answer) {
-                    (Some(name), answer) => {
-                        self.probes.insert(name.value.clone(), answer);
-                        Ok(())
-                    }
-                    (None, AccessAnswer::Granted { .. }) => Ok(()),
-                    (None, AccessAnswer::Denied { reason, message }) => {
-                        Err(BackendError::Runtime {
-                            machine: machines.join(", "),
-                            message: format!("triad activation refused ({reason}): {message}"),
-                        })
-                    }
-                }
+                self.activation_answered(a.name.as_ref(), &machines.join(", "), answer)
             }
             Step::Activate(a) => {
                 let answer = self.activate(&a.machine.value, a.product.value)?;
-                match (&a.name, answer) {
-                    (Some(name), answer) => {
-                        self.probes.insert(name.value.clone(), answer);
-                        Ok(())
-                    }
-                    (None, AccessAnswer::Granted { .. }) => Ok(()),
-                    (None, AccessAnswer::Denied { reason, message }) => {
-                        Err(BackendError::Runtime {
-                            machine: a.machine.value.clone(),
-                            message: format!("activation refused ({reason}): {message}"),
-                        })
-                    }
-                }
+                self.activation_answered(a.name.as_ref(), &a.machine.value, answer)
             }
             Step::CopyLicence(c) => {
                 let (code, value) =
@@ -997,6 +973,26 @@ impl World {
             self.install_issued(machine, product)?;
         }
         Ok(AccessAnswer::Granted { handle: None })
+    }
+
+    /// Keeps an activation's answer under its step's name; an unnamed refusal fails the step.
+    fn activation_answered(
+        &mut self,
+        name: Option<&sc::Name>,
+        machine: &str,
+        answer: AccessAnswer,
+    ) -> Result<(), BackendError> {
+        match (name, answer) {
+            (Some(name), answer) => {
+                self.probes.insert(name.value.clone(), answer);
+                Ok(())
+            }
+            (None, AccessAnswer::Granted { .. }) => Ok(()),
+            (None, AccessAnswer::Denied { reason, message }) => Err(BackendError::Runtime {
+                machine: machine.to_owned(),
+                message: format!("activation refused ({reason}): {message}"),
+            }),
+        }
     }
 
     /// Activates a soft licence: request on the machine, answer at the vendor's desk, install.

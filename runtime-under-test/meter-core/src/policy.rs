@@ -56,8 +56,9 @@ pub struct ProductItem {
     #[serde(default)]
     pub terminal_server: Allowance,
     /// Whether a triad licence of the item may be activated for members in virtual machines
-    /// (members on guests of one host lose the quorum with that host).
-    #[serde(default)]
+    /// (members on guests of one host lose the quorum with that host). Left out when allowed,
+    /// so the signed form of the items of licences issued before it existed is unchanged.
+    #[serde(default, skip_serializing_if = "Allowance::is_allow")]
     pub triad_in_guests: Allowance,
     /// What the runtime does when it detects a rollback.
     #[serde(default)]
@@ -100,6 +101,13 @@ pub enum Allowance {
     Allow,
     /// Denied.
     Deny,
+}
+
+impl Allowance {
+    /// Whether it allows.
+    pub fn is_allow(&self) -> bool {
+        *self == Allowance::Allow
+    }
 }
 
 /// What happens to metered items when a rollback is detected.

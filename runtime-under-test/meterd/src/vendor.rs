@@ -164,17 +164,7 @@ fn triad_answer(
             });
             Ok(Outcome { code: EXIT_OK })
         }
-        TriadAnswer::Refused { reason, message } => {
-            if json_mode {
-                println!(
-                    "{}",
-                    json!({"error": format!("Activation refused: {message}"), "reason": reason.code()})
-                );
-            } else {
-                eprintln!("meter: activation refused: {message} ({reason})");
-            }
-            Ok(Outcome { code: EXIT_DENIED })
-        }
+        TriadAnswer::Refused { reason, message } => Ok(refused(json_mode, reason, &message)),
     }
 }
 
@@ -232,16 +222,19 @@ pub fn vendor_answer(
             }
             Ok(Outcome { code: EXIT_OK })
         }
-        ActivationAnswer::Refused { reason, message } => {
-            if json_mode {
-                println!(
-                    "{}",
-                    json!({"error": format!("Activation refused: {message}"), "reason": reason.code()})
-                );
-            } else {
-                eprintln!("meter: activation refused: {message} ({reason})");
-            }
-            Ok(Outcome { code: EXIT_DENIED })
-        }
+        ActivationAnswer::Refused { reason, message } => Ok(refused(json_mode, reason, &message)),
     }
+}
+
+/// Says the vendor refuses to activate (exit 1).
+fn refused(json_mode: bool, reason: meter_core::reason::Reason, message: &str) -> Outcome {
+    if json_mode {
+        println!(
+            "{}",
+            json!({"error": format!("Activation refused: {message}"), "reason": reason.code()})
+        );
+    } else {
+        eprintln!("meter: activation refused: {message} ({reason})");
+    }
+    Outcome { code: EXIT_DENIED }
 }
