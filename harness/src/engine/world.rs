@@ -333,18 +333,11 @@ impl World {
                 let answer = self.probes.get(&name);
                 (name, a.product.value, answer)
             }
-            Step::Activate(a) => match &a.name {
+            Step::Activate(sc::ActivateStep { name, product, .. })
+            | Step::ActivateTriad(sc::ActivateTriadStep { name, product, .. }) => match name {
                 Some(name) => (
                     name.value.clone(),
-                    a.product.value,
-                    self.probes.get(&name.value),
-                ),
-                None => return Vec::new(),
-            },
-            Step::ActivateTriad(a) => match &a.name {
-                Some(name) => (
-                    name.value.clone(),
-                    a.product.value,
+                    product.value,
                     self.probes.get(&name.value),
                 ),
                 None => return Vec::new(),

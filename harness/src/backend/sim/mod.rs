@@ -432,6 +432,20 @@ impl SimDriver {
         Ok(())
     }
 
+    /// Returns once the machine's stopped runtime stands still (a frame sent while SIGSTOP was
+    /// on its way would land after later steps); warns after 5 s.
+    fn wait_daemon_stopped(&self, machine: &str) -> Result<(), BackendError> {
+        if let Some(child) = &self.machine(machine)?.daemon
+            && !stopped::wait_stopped(child.id(), Duration::from_secs(5))
+        {
+            tracing::warn!(
+                machine,
+                "The stopped machine's runtime did not stop within 5 s"
+            );
+        }
+        Ok(())
+    }
+
     fn close_all_sessions(&mut self, machine: &str) -> Result<(), BackendError> {
         let m = self.machine_mut(machine)?;
         let sessions = std::mem::take(&mut m.sessions);
@@ -701,16 +715,7 @@ impl MachineDriver for SimDriver {
 
     fn pause(&mut self, machine: &str) -> Result<(), BackendError> {
         self.signal_machine(machine, libc::SIGSTOP)?;
-        // A paused guest sends nothing more: the step returns once its runtime has stopped
-        // (a frame sent while the signal was on its way would land after later steps).
-        if let Some(child) = &self.machine(machine)?.daemon
-            && !stopped::wait_stopped(child.id(), Duration::from_secs(5))
-        {
-            tracing::warn!(
-                machine,
-                "The paused machine's runtime did not stop within 5 s"
-            );
-        }
+        self.wait_daemon_stopped(machine)?;
         self.machine_mut(machine)?.power = Power::Paused;
         Ok(())
     }
@@ -1011,11 +1016,8 @@ impl MachineDriver for SimDriver {
         if let Some(child) = &self.machine(machine)?.daemon {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
-            if !stopped::wait_stopped(child.id(), Duration::from_secs(5)) {
-                tracing::warn!(machine, "The paused server did not stop within 5 s");
-            }
         }
-        Ok(())
+        self.wait_daemon_stopped(machine)
     }
 
     fn resume_server(&mut self, machine: &str) -> Result<(), BackendError> {
