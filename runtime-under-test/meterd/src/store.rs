@@ -18,8 +18,13 @@ const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
 /// Metadata key of the usage log's secret key.
 pub const USAGE_KEY_KEY: &str = "usage-key";
 
-/// Metadata key of the usage log's head, kept beside the log (see `meter_core::usage`).
-const USAGE_HEAD_KEY: &str = "usage-head";
+/// Metadata key where older states kept the usage log's head (moved to [`HEAD_ROW`] at open).
+const OLD_USAGE_HEAD_KEY: &str = "usage-head";
+
+/// The usage table's row that keeps the log's head beside the records (see `meter_core::usage`):
+/// the last key, so that it shares the page the records are appended to and a commit writes no
+/// page more for it.
+const HEAD_ROW: u64 = u64::MAX;
 
 /// A failure of the state database.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +44,9 @@ pub enum StoreError {
     /// The writer thread is gone.
     #[error("State writer stopped")]
     WriterGone,
+    /// The usage log has no place left for another record.
+    #[error("Usage log full")]
+    UsageLogFull,
 }
 
 fn db_error(e: impl Into<redb::Error>) -> StoreError {
@@ -204,12 +212,14 @@ impl Store {
             let txn = db.begin_write().map_err(db_error)?;
             txn.open_table(GRANTS).map_err(db_error)?;
             txn.open_table(LICENCES).map_err(db_error)?;
-            txn.open_table(META).map_err(db_error)?;
-            txn.open_table(USAGE).map_err(db_error)?;
+            let mut meta = txn.open_table(META).map_err(db_error)?;
+            let mut usage = txn.open_table(USAGE).map_err(db_error)?;
+            move_old_head(&mut meta, &mut usage)?;
+            drop((meta, usage));
             txn.commit().map_err(db_error)?;
         }
         let snapshot = read_all(&db)?;
-        let opened_head = usage_head(&db, &snapshot)?;
+        let opened_head = usage_head(&db)?;
         let db = Arc::new(db);
         let queue = Arc::new(Queue::default());
         let sealer = Arc::new(Mutex::new(None));
@@ -254,19 +264,13 @@ impl Store {
         mut each: impl FnMut(u64, &[u8]),
     ) -> Result<Option<LogHead>, StoreError> {
         let txn = self.db.begin_read().map_err(db_error)?;
-        for row in txn
-            .open_table(USAGE)
-            .map_err(db_error)?
-            .iter()
-            .map_err(db_error)?
-        {
+        let table = txn.open_table(USAGE).map_err(db_error)?;
+        for row in table.range(..HEAD_ROW).map_err(db_error)? {
             let (k, v) = row.map_err(db_error)?;
             each(k.value(), v.value());
         }
-        let kept = txn
-            .open_table(META)
-            .map_err(db_error)?
-            .get(USAGE_HEAD_KEY)
+        let kept = table
+            .get(HEAD_ROW)
             .map_err(db_error)?
             .and_then(|v| LogHead::from_bytes(v.value()));
         Ok(kept)
@@ -370,18 +374,34 @@ fn read_all(db: &Database) -> Result<Snapshot, StoreError> {
     Ok(snapshot)
 }
 
+/// Moves the head an older state kept in the metadata to [`HEAD_ROW`].
+fn move_old_head(
+    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    usage: &mut redb::Table<'_, u64, &'static [u8]>,
+) -> Result<(), StoreError> {
+    let Some(old) = meta.remove(OLD_USAGE_HEAD_KEY).map_err(db_error)? else {
+        return Ok(());
+    };
+    let old = old.value().to_vec();
+    if usage.get(HEAD_ROW).map_err(db_error)?.is_none() {
+        usage.insert(HEAD_ROW, old.as_slice()).map_err(db_error)?;
+    }
+    Ok(())
+}
+
 /// Where the log goes on: the head kept beside it, or its last record when none is kept.
-fn usage_head(db: &Database, snapshot: &Snapshot) -> Result<LogHead, StoreError> {
-    if let Some(head) = snapshot
-        .meta
-        .get(USAGE_HEAD_KEY)
-        .and_then(|b| LogHead::from_bytes(b))
+fn usage_head(db: &Database) -> Result<LogHead, StoreError> {
+    let txn = db.begin_read().map_err(db_error)?;
+    let table = txn.open_table(USAGE).map_err(db_error)?;
+    if let Some(head) = table
+        .get(HEAD_ROW)
+        .map_err(db_error)?
+        .and_then(|v| LogHead::from_bytes(v.value()))
     {
         return Ok(head);
     }
-    let txn = db.begin_read().map_err(db_error)?;
-    let table = txn.open_table(USAGE).map_err(db_error)?;
-    Ok(match table.last().map_err(db_error)? {
+    let last = table.range(..HEAD_ROW).map_err(db_error)?.next_back();
+    Ok(match last.transpose().map_err(db_error)? {
         Some((k, v)) => LogHead {
             seq: k.value(),
             hash: record_hash(v.value()),
@@ -595,9 +615,13 @@ fn apply(
                     // The last record of the commit is sealed; the chain covers the rest.
                     let seal = if i == last { last_seal } else { Seal::Chained };
                     let (seq, stored) = sealer.seal(event, seal);
+                    if seq == HEAD_ROW {
+                        return Err(StoreError::UsageLogFull);
+                    }
                     usage.insert(seq, stored.as_slice()).map_err(db_error)?;
                 }
-                meta.insert(USAGE_HEAD_KEY, sealer.head().to_bytes().as_slice())
+                usage
+                    .insert(HEAD_ROW, sealer.head().to_bytes().as_slice())
                     .map_err(db_error)?;
             }
             Some(_) => {}
@@ -720,6 +744,55 @@ mod tests {
         assert!(found.intact(), "{found:?}");
         assert_eq!(found.records, 5);
         assert!(verify_usage(&store, &public, Some(&tag)).intact());
+    }
+
+    #[tokio::test]
+    async fn an_older_state_keeps_its_log_head_and_goes_on_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meterd.redb");
+        let (public, tag) = {
+            let (store, _) = Store::open(&path).unwrap();
+            let keys = store.start_usage_log(&[6; 32]);
+            store
+                .commit(vec![usage_event(1), usage_event(2)])
+                .await
+                .unwrap();
+            keys
+        };
+        let (store, _) = loop {
+            match Store::open(&path) {
+                Ok(pair) => break pair,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        let head = store.read_usage(|_, _| {}).unwrap().expect("a head");
+        assert_eq!(head.seq, 2);
+        drop(store);
+        // As older states kept it: the head in the metadata, no head row.
+        loop {
+            let Ok(db) = Database::create(&path) else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            let txn = db.begin_write().unwrap();
+            txn.open_table(USAGE).unwrap().remove(HEAD_ROW).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(OLD_USAGE_HEAD_KEY, head.to_bytes().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+            break;
+        }
+        let (store, snapshot) = Store::open(&path).unwrap();
+        assert!(!snapshot.meta.contains_key(OLD_USAGE_HEAD_KEY));
+        store.start_usage_log(&[6; 32]);
+        store.commit(vec![usage_event(3)]).await.unwrap();
+        let mut places = Vec::new();
+        let kept = store.read_usage(|seq, _| places.push(seq)).unwrap();
+        assert_eq!(places, [1, 2, 3]);
+        assert_eq!(kept.map(|h| h.seq), Some(3));
+        let found = verify_usage(&store, &public, Some(&tag));
+        assert!(found.intact(), "{found:?}");
     }
 
     #[tokio::test]
