@@ -7,13 +7,23 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meter_core::usage::{EncodedEvent, LogHead, Seal, TagKey, UsageSealer, record_hash};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use tokio::sync::oneshot;
 
 const GRANTS: TableDefinition<u64, &[u8]> = TableDefinition::new("grants");
 const LICENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("licences");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The usage log's records, but for the newest few.
 const USAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("usage");
+/// The usage log's newest records (up to [`TAIL_RECORDS`] before they move to [`USAGE`]) and
+/// its head: a table of one page, so that a commit appending records writes that page, not the
+/// path from the root of a deep table to its last leaf.
+const USAGE_TAIL: TableDefinition<u64, &[u8]> = TableDefinition::new("usage-tail");
+
+/// Records the tail holds before they move to [`USAGE`] together.
+const TAIL_RECORDS: u64 = 32;
 
 /// Metadata key of the usage log's secret key.
 pub const USAGE_KEY_KEY: &str = "usage-key";
@@ -21,9 +31,8 @@ pub const USAGE_KEY_KEY: &str = "usage-key";
 /// Metadata key where older states kept the usage log's head (moved to [`HEAD_ROW`] at open).
 const OLD_USAGE_HEAD_KEY: &str = "usage-head";
 
-/// The usage table's row that keeps the log's head beside the records (see `meter_core::usage`):
-/// the last key, so that it shares the page the records are appended to and a commit writes no
-/// page more for it.
+/// The tail's row that keeps the log's head beside the records (see `meter_core::usage`): the
+/// last key, on the page the records are appended to.
 const HEAD_ROW: u64 = u64::MAX;
 
 /// A failure of the state database.
@@ -214,8 +223,9 @@ impl Store {
             txn.open_table(LICENCES).map_err(db_error)?;
             let mut meta = txn.open_table(META).map_err(db_error)?;
             let mut usage = txn.open_table(USAGE).map_err(db_error)?;
-            move_old_head(&mut meta, &mut usage)?;
-            drop((meta, usage));
+            let mut tail = txn.open_table(USAGE_TAIL).map_err(db_error)?;
+            move_old_head(&mut meta, &mut usage, &mut tail)?;
+            drop((meta, usage, tail));
             txn.commit().map_err(db_error)?;
         }
         let snapshot = read_all(&db)?;
@@ -264,12 +274,15 @@ impl Store {
         mut each: impl FnMut(u64, &[u8]),
     ) -> Result<Option<LogHead>, StoreError> {
         let txn = self.db.begin_read().map_err(db_error)?;
-        let table = txn.open_table(USAGE).map_err(db_error)?;
-        for row in table.range(..HEAD_ROW).map_err(db_error)? {
-            let (k, v) = row.map_err(db_error)?;
-            each(k.value(), v.value());
+        let usage = txn.open_table(USAGE).map_err(db_error)?;
+        let tail = txn.open_table(USAGE_TAIL).map_err(db_error)?;
+        for table in [&usage, &tail] {
+            for row in table.range(..HEAD_ROW).map_err(db_error)? {
+                let (k, v) = row.map_err(db_error)?;
+                each(k.value(), v.value());
+            }
         }
-        let kept = table
+        let kept = tail
             .get(HEAD_ROW)
             .map_err(db_error)?
             .and_then(|v| LogHead::from_bytes(v.value()));
@@ -374,17 +387,38 @@ fn read_all(db: &Database) -> Result<Snapshot, StoreError> {
     Ok(snapshot)
 }
 
-/// Moves the head an older state kept in the metadata to [`HEAD_ROW`].
+/// A usage table as the writer opens it.
+type UsageTable<'t> = redb::Table<'t, u64, &'static [u8]>;
+
+/// Moves the head an older state kept in the metadata (or at the end of the records) to the
+/// tail's [`HEAD_ROW`].
 fn move_old_head(
     meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
-    usage: &mut redb::Table<'_, u64, &'static [u8]>,
+    usage: &mut UsageTable<'_>,
+    tail: &mut UsageTable<'_>,
 ) -> Result<(), StoreError> {
-    let Some(old) = meta.remove(OLD_USAGE_HEAD_KEY).map_err(db_error)? else {
-        return Ok(());
-    };
-    let old = old.value().to_vec();
-    if usage.get(HEAD_ROW).map_err(db_error)?.is_none() {
-        usage.insert(HEAD_ROW, old.as_slice()).map_err(db_error)?;
+    let in_meta = meta.remove(OLD_USAGE_HEAD_KEY).map_err(db_error)?;
+    let in_meta = in_meta.map(|v| v.value().to_vec());
+    let in_usage = usage.remove(HEAD_ROW).map_err(db_error)?;
+    let in_usage = in_usage.map(|v| v.value().to_vec());
+    if let Some(old) = in_usage.or(in_meta)
+        && tail.get(HEAD_ROW).map_err(db_error)?.is_none()
+    {
+        tail.insert(HEAD_ROW, old.as_slice()).map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// Moves the tail's records to the rest of the log.
+fn move_tail(tail: &mut UsageTable<'_>, usage: &mut UsageTable<'_>) -> Result<(), StoreError> {
+    let mut moved = Vec::new();
+    for row in tail.range(..HEAD_ROW).map_err(db_error)? {
+        let (k, v) = row.map_err(db_error)?;
+        moved.push((k.value(), v.value().to_vec()));
+    }
+    for (seq, stored) in &moved {
+        usage.insert(seq, stored.as_slice()).map_err(db_error)?;
+        tail.remove(seq).map_err(db_error)?;
     }
     Ok(())
 }
@@ -392,15 +426,19 @@ fn move_old_head(
 /// Where the log goes on: the head kept beside it, or its last record when none is kept.
 fn usage_head(db: &Database) -> Result<LogHead, StoreError> {
     let txn = db.begin_read().map_err(db_error)?;
-    let table = txn.open_table(USAGE).map_err(db_error)?;
-    if let Some(head) = table
+    let tail = txn.open_table(USAGE_TAIL).map_err(db_error)?;
+    if let Some(head) = tail
         .get(HEAD_ROW)
         .map_err(db_error)?
         .and_then(|v| LogHead::from_bytes(v.value()))
     {
         return Ok(head);
     }
-    let last = table.range(..HEAD_ROW).map_err(db_error)?.next_back();
+    let mut last = tail.range(..HEAD_ROW).map_err(db_error)?.next_back();
+    if last.is_none() {
+        let usage = txn.open_table(USAGE).map_err(db_error)?;
+        last = usage.range(..HEAD_ROW).map_err(db_error)?.next_back();
+    }
     Ok(match last.transpose().map_err(db_error)? {
         Some((k, v)) => LogHead {
             seq: k.value(),
@@ -605,8 +643,10 @@ fn apply(
             .map_err(db_error)?;
         }
         let mut usage = txn.open_table(USAGE).map_err(db_error)?;
+        let mut tail = txn.open_table(USAGE_TAIL).map_err(db_error)?;
         for seq in &net.usage_removed {
             usage.remove(seq).map_err(db_error)?;
+            tail.remove(seq).map_err(db_error)?;
         }
         match sealer {
             Some(sealer) if !net.usage.is_empty() => {
@@ -618,11 +658,14 @@ fn apply(
                     if seq == HEAD_ROW {
                         return Err(StoreError::UsageLogFull);
                     }
-                    usage.insert(seq, stored.as_slice()).map_err(db_error)?;
+                    tail.insert(seq, stored.as_slice()).map_err(db_error)?;
                 }
-                usage
-                    .insert(HEAD_ROW, sealer.head().to_bytes().as_slice())
+                tail.insert(HEAD_ROW, sealer.head().to_bytes().as_slice())
                     .map_err(db_error)?;
+                // The head's row and the records.
+                if tail.len().map_err(db_error)? > TAIL_RECORDS {
+                    move_tail(&mut tail, &mut usage)?;
+                }
             }
             Some(_) => {}
             None if !net.usage.is_empty() => {
@@ -747,6 +790,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_longer_than_its_tail_reads_in_order_and_goes_on_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meterd.redb");
+        let (public, tag) = {
+            let (store, _) = Store::open(&path).unwrap();
+            let keys = store.start_usage_log(&[7; 32]);
+            for first in (1..=100).step_by(5) {
+                store
+                    .commit((first..first + 5).map(usage_event).collect())
+                    .await
+                    .unwrap();
+            }
+            keys
+        };
+        let (store, _) = loop {
+            match Store::open(&path) {
+                Ok(pair) => break pair,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        };
+        store.start_usage_log(&[7; 32]);
+        store.commit(vec![usage_event(101)]).await.unwrap();
+        let mut places = Vec::new();
+        let kept = store.read_usage(|seq, _| places.push(seq)).unwrap();
+        assert_eq!(places, (1..=101).collect::<Vec<_>>());
+        assert_eq!(kept.map(|h| h.seq), Some(101));
+        let found = verify_usage(&store, &public, Some(&tag));
+        assert!(found.intact(), "{found:?}");
+        // A record removed from the moved part, and one from the tail: both found.
+        store
+            .commit(vec![Change::RemoveUsage(10), Change::RemoveUsage(100)])
+            .await
+            .unwrap();
+        let found = verify_usage(&store, &public, Some(&tag));
+        assert_eq!(found.records, 99);
+        use meter_core::usage::LogProblem::Missing;
+        assert!(
+            found.problems.contains(&Missing { from: 10, to: 11 }),
+            "{found:?}"
+        );
+        assert!(
+            found.problems.contains(&Missing { from: 100, to: 101 }),
+            "{found:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn an_older_state_keeps_its_log_head_and_goes_on_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meterd.redb");
@@ -775,7 +865,10 @@ mod tests {
                 continue;
             };
             let txn = db.begin_write().unwrap();
-            txn.open_table(USAGE).unwrap().remove(HEAD_ROW).unwrap();
+            txn.open_table(USAGE_TAIL)
+                .unwrap()
+                .remove(HEAD_ROW)
+                .unwrap();
             txn.open_table(META)
                 .unwrap()
                 .insert(OLD_USAGE_HEAD_KEY, head.to_bytes().as_slice())
