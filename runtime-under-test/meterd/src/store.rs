@@ -650,6 +650,11 @@ fn apply(
         }
         match sealer {
             Some(sealer) if !net.usage.is_empty() => {
+                // A commit of more records than the tail holds writes them to the rest at once.
+                let past_tail = net.usage.len() as u64 >= TAIL_RECORDS;
+                if past_tail {
+                    move_tail(&mut tail, &mut usage)?;
+                }
                 let last = net.usage.len() - 1;
                 for (i, event) in net.usage.iter().enumerate() {
                     // The last record of the commit is sealed; the chain covers the rest.
@@ -658,7 +663,9 @@ fn apply(
                     if seq == HEAD_ROW {
                         return Err(StoreError::UsageLogFull);
                     }
-                    tail.insert(seq, stored.as_slice()).map_err(db_error)?;
+                    if past_tail { &mut usage } else { &mut tail }
+                        .insert(seq, stored.as_slice())
+                        .map_err(db_error)?;
                 }
                 tail.insert(HEAD_ROW, sealer.head().to_bytes().as_slice())
                     .map_err(db_error)?;
@@ -802,6 +809,11 @@ mod tests {
                     .await
                     .unwrap();
             }
+            // More than the tail holds, in one commit.
+            store
+                .commit((101..=140).map(usage_event).collect())
+                .await
+                .unwrap();
             keys
         };
         let (store, _) = loop {
@@ -811,27 +823,30 @@ mod tests {
             }
         };
         store.start_usage_log(&[7; 32]);
-        store.commit(vec![usage_event(101)]).await.unwrap();
+        store.commit(vec![usage_event(141)]).await.unwrap();
         let mut places = Vec::new();
         let kept = store.read_usage(|seq, _| places.push(seq)).unwrap();
-        assert_eq!(places, (1..=101).collect::<Vec<_>>());
-        assert_eq!(kept.map(|h| h.seq), Some(101));
+        assert_eq!(places, (1..=141).collect::<Vec<_>>());
+        assert_eq!(kept.map(|h| h.seq), Some(141));
         let found = verify_usage(&store, &public, Some(&tag));
         assert!(found.intact(), "{found:?}");
-        // A record removed from the moved part, and one from the tail: both found.
+        // A record removed from the moved part, and the last from the tail: both found.
         store
-            .commit(vec![Change::RemoveUsage(10), Change::RemoveUsage(100)])
+            .commit(vec![Change::RemoveUsage(10), Change::RemoveUsage(141)])
             .await
             .unwrap();
         let found = verify_usage(&store, &public, Some(&tag));
-        assert_eq!(found.records, 99);
+        assert_eq!(found.records, 139);
         use meter_core::usage::LogProblem::Missing;
         assert!(
             found.problems.contains(&Missing { from: 10, to: 11 }),
             "{found:?}"
         );
         assert!(
-            found.problems.contains(&Missing { from: 100, to: 101 }),
+            found
+                .problems
+                .iter()
+                .any(|p| matches!(p, meter_core::usage::LogProblem::HeadMismatch { .. })),
             "{found:?}"
         );
     }
