@@ -169,7 +169,8 @@ pub(crate) struct State {
     remote_handles: HashMap<String, std::collections::BTreeSet<u64>>,
     /// The users client runtimes named for their live grants (access rules count by user).
     pub(crate) remote_users: HashMap<u64, String>,
-    /// Grants whose triad seat is being taken (their own take decides whether they keep it).
+    /// Grants whose triad seat is being taken, from the moment the table grants them until
+    /// their own take decides whether they keep it (a keepalive leaves them to it).
     pub(crate) seating: HashSet<u64>,
     /// Live grants per product.
     in_use: HashMap<ProductKey, u32>,
@@ -227,6 +228,7 @@ impl State {
     ) -> Option<GrantRecord> {
         let record = self.grants.remove(&handle)?;
         self.remote_users.remove(&handle);
+        self.seating.remove(&handle);
         if !self.leases.remove(&handle) {
             changes.push(Change::DeleteGrant(handle));
         }

@@ -334,6 +334,11 @@ impl Runtime {
                 None => self.grant_remote(&mut state, runtime, peer, &claim, now, &mut changes),
             }
             .map(|granted| {
+                if self.triad().is_some() {
+                    // Its triad seat is taken once the dongle confirmed it and it is on disk;
+                    // until then a keepalive leaves the seat to that take.
+                    state.seating.insert(granted.0);
+                }
                 // A seat alone writes nothing; a spent unit or a usage record is on disk first.
                 let durable =
                     (!changes.is_empty()).then(|| self.store.submit(std::mem::take(&mut changes)));

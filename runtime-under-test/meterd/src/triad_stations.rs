@@ -223,6 +223,8 @@ impl Runtime {
             let seat = seat_of(&state, handle);
             if seat.is_some() {
                 state.seating.insert(handle);
+            } else {
+                state.seating.remove(&handle);
             }
             seat
         };
