@@ -91,7 +91,7 @@ impl World {
     fn check_seat_history(&mut self, a: &sc::SeatHistoryAssertion) -> Check {
         let product = a.product.value;
         let summary = format!(
-            "the triad's committed seats of product {product} never exceeded {}, and every app holding one has it there",
+            "the servers' seats of product {product} never exceeded {}, and every app holding one has it there",
             a.at_most
         );
         let expected = format!("at most {} at once; no app without its seat", a.at_most);
@@ -152,6 +152,44 @@ impl World {
             findings.extend(read.anomalies.iter().map(|a| format!("{member}: {a}")));
             holders.extend(read.holders);
         }
+        // A lone server's seats are in its usage log (`meter usage seats`).
+        let members: std::collections::BTreeSet<String> =
+            triads.iter().flatten().cloned().collect();
+        let lone: std::collections::BTreeSet<String> = self
+            .servers
+            .iter()
+            .filter(|s| !members.contains(*s))
+            .cloned()
+            .collect();
+        for server in lone {
+            if self.backend.power(&server)? != Power::Running {
+                continue;
+            }
+            let args = ["usage".to_string(), "seats".to_string()];
+            let seats =
+                match runtime::meter_json(self.backend.as_mut(), &server, Caller::Admin, &args)? {
+                    (Some(0), seats) => seats,
+                    (_, answer) => {
+                        let why = answer
+                            .get("error")
+                            .and_then(Value::as_str)
+                            .map_or_else(|| answer.to_string(), str::to_owned);
+                        findings.push(format!("{server}'s seats cannot be read: {why}"));
+                        continue;
+                    }
+                };
+            let events = seats
+                .get("history")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let read = super::seat_history::read(&events, product);
+            if read.peak > at_most {
+                findings.push(format!("{} seats at once on {server}", read.peak));
+            }
+            findings.extend(read.anomalies.iter().map(|a| format!("{server}: {a}")));
+            holders.extend(read.holders);
+        }
         // An app a triad answered (a client's, or one on a member's own machine) must hold its
         // seat in the history: granted and then lost would let another take it.
         let apps: Vec<(String, String)> = self
@@ -174,9 +212,24 @@ impl World {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
-            // A client runtime holds its seats as itself; a triad member's own apps hold theirs
-            // as `<runtime id>/apps` (runtime contract, *Server triads*).
-            if !holders.contains(&id) && !holders.contains(&format!("{id}/apps")) {
+            // A client runtime holds its triad seats as itself; a triad member's own apps hold
+            // theirs as `<runtime id>/apps` (runtime contract, *Server triads*); a lone
+            // server's seats are held by the station's machine.
+            let station = status
+                .pointer("/machine/name")
+                .and_then(Value::as_str)
+                .unwrap_or(&machine)
+                .to_owned();
+            // (its name, or the name with a suffix when another runtime claimed it first).
+            let holds_as_station = |h: &String| {
+                h == &station
+                    || h.strip_prefix(station.as_str())
+                        .is_some_and(|r| r.starts_with('~'))
+            };
+            if !holders.contains(&id)
+                && !holders.contains(&format!("{id}/apps"))
+                && !holders.iter().any(holds_as_station)
+            {
                 findings.push(format!(
                     "{app} on {machine} runs with a seat no triad's history holds"
                 ));

@@ -1582,7 +1582,8 @@ pub struct HoldersAssertion {
     pub at_most: u32,
 }
 
-/// `seat-history`: what the triads' members committed for a product over the whole run.
+/// `seat-history`: the seats of a product over the whole run, as the triads' members committed
+/// them and as each lone server's usage log recorded them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SeatHistoryAssertion {

@@ -1786,12 +1786,15 @@ impl<'a> Checker<'a> {
             }
             Assertion::SeatHistory(history) => {
                 self.product(&history.product);
-                if self.triad_members.is_empty() {
+                if self.triad_members.is_empty() && self.servers.is_empty() {
                     self.report(
                         history.product.at,
-                        "`seat-history` reads a triad's committed seats, and no `triad` was formed before this step",
-                        "no triad",
-                        Some("form one first: `triad: [a, b, c]`".into()),
+                        "`seat-history` reads the servers' seats, and no server runs at this step",
+                        "no server",
+                        Some(
+                            "start one first (`server-start`), or form a triad: `triad: [a, b, c]`"
+                                .into(),
+                        ),
                     );
                 }
             }

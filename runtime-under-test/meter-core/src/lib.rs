@@ -14,3 +14,4 @@ pub mod station;
 pub mod traits;
 pub mod usage;
 pub mod usage_report;
+pub mod usage_seats;

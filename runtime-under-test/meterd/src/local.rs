@@ -198,6 +198,15 @@ async fn handle(
                 Err(e) => error(e.to_string()),
             }
         }
+        LocalRequest::UsageSeats => {
+            if !is_admin(uid) {
+                return error("Only an administrator may read the usage log");
+            }
+            match runtime.usage_seats_json() {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(e) => error(e.to_string()),
+            }
+        }
         LocalRequest::UsageReport { from_ms, to_ms } => {
             if !is_admin(uid) {
                 return error("Only an administrator may read the usage log");

@@ -110,6 +110,8 @@ pub enum LocalRequest {
         #[serde(default)]
         triad_member: bool,
     },
+    /// The seats the usage log shows, as they began and ended (administrators only).
+    UsageSeats,
 }
 
 /// A reply (or, on a holding connection, an event) from meterd.

@@ -16,6 +16,7 @@ use meter_core::allocation::ProductKey;
 use meter_core::policy::{Counting, ItemRules};
 use meter_core::seat_ledger::{LedgerCommand, LedgerOutcome};
 use meter_core::station::StationId;
+use meter_core::usage_seats::ledger_product;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -148,12 +149,6 @@ pub fn seat_request(
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     Some(u64::from_le_bytes(first))
-}
-
-/// The ledger's product number of a product key: its firm in the high half, its code in the
-/// low.
-fn ledger_product(product: ProductKey) -> u64 {
-    (u64::from(product.firm) << 32) | u64::from(product.code)
 }
 
 impl TriadSettings {

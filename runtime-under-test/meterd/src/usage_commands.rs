@@ -18,6 +18,10 @@ pub enum UsageCommand {
     /// finds a removed, altered, reordered or cut record. Compare the printed head with one
     /// kept elsewhere to catch whoever rewrote the log with the key.
     Verify,
+    /// The seats the log shows, as JSON: each as it began (product, holder's machine) and
+    /// ended (released, or taken back when its lease ran out), as a triad member's `meter
+    /// triad status --history` lists its ledger's.
+    Seats,
     /// Usage per user and product, peak concurrent grants per hour, denials per hour and
     /// reason, and reserved seats left unused.
     Report {
@@ -38,6 +42,7 @@ pub enum UsageCommand {
 pub async fn run(socket: &Path, json_mode: bool, command: UsageCommand) -> anyhow::Result<Outcome> {
     let (request, format) = match command {
         UsageCommand::Verify => (LocalRequest::UsageVerify, Format::Verify),
+        UsageCommand::Seats => (LocalRequest::UsageSeats, Format::Json),
         UsageCommand::Report { from, to, csv } => {
             if let (Some(from), Some(to)) = (from, to)
                 && from >= to

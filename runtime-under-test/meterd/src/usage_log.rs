@@ -2,12 +2,15 @@
 //! change it belongs to (so nothing is answered before it is logged), and is read back for
 //! `meter usage verify` and `meter usage report`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use meter_core::allocation::ProductKey;
+use meter_core::policy::Counting;
 use meter_core::reason::Reason;
 use meter_core::usage::{EncodedEvent, UsageEvent, UsageKind, Verification, read_record, verify};
 use meter_core::usage_report::{self, Window};
+use meter_core::usage_seats::seat_history;
 use serde_json::{Value, json};
 
 use crate::daemon::{Asker, GrantRecord, Holder, Runtime, State};
@@ -211,6 +214,36 @@ impl Runtime {
         let mut report = serde_json::to_value(builder.finish()).unwrap_or(Value::Null);
         report["unreadable-records"] = json!(unreadable);
         Ok(report)
+    }
+
+    /// The seats the usage log shows (`meter usage seats`): each product counted as this
+    /// runtime's licence items count it (a product no item has any more: a seat per grant).
+    pub fn usage_seats_json(&self) -> Result<Value, UsageLogError> {
+        if self.usage_key.is_none() {
+            return Err(UsageLogError::Off);
+        }
+        let counting: HashMap<ProductKey, Counting> = self
+            .lock()
+            .table
+            .items()
+            .into_iter()
+            .map(|item| (item.entry.product, item.entry.rules.counting))
+            .collect();
+        let mut events = Vec::new();
+        let mut unreadable = 0u64;
+        self.store
+            .read_usage(|_, stored| match read_record(stored) {
+                Some(record) => events.push(record.event),
+                None => unreadable += 1,
+            })
+            .map_err(UsageLogError::Store)?;
+        let history = seat_history(events, |product| {
+            counting
+                .get(&product)
+                .copied()
+                .unwrap_or(Counting::UserLimit)
+        });
+        Ok(json!({"history": history, "unreadable-records": unreadable}))
     }
 
     /// An attack (harness builds): removes the usage record `seq` as root editing the database

@@ -67,6 +67,21 @@ fn the_log_records_who_used_what_survives_restarts_and_shows_tampering() {
     let (code, out) = meter_as(MALLORY, &machine, &["usage", "report"]);
     assert_ne!(code, 0, "{out}");
 
+    // Read back as seats: each user-limit grant held one, begun and released.
+    let (code, seats) = machine.meter(&["usage", "seats"]);
+    assert_eq!(code, 0, "{seats}");
+    let kinds: Vec<String> = seats["history"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{seats}"))
+        .iter()
+        .filter_map(|e| e.as_object()?.keys().next().cloned())
+        .collect();
+    assert_eq!(kinds, ["Granted", "Released", "Granted", "Released"], "{seats}");
+    assert_eq!(seats["history"][0]["Granted"]["holder"], "ws1", "{seats}");
+    assert_eq!(seats["history"][2]["Granted"]["lease"], 2, "{seats}");
+    let (code, out) = meter_as(MALLORY, &machine, &["usage", "seats"]);
+    assert_ne!(code, 0, "{out}");
+
     // The chain goes on across a restart.
     drop(daemon);
     daemon = machine.start(&[]);
