@@ -76,7 +76,11 @@ fn the_log_records_who_used_what_survives_restarts_and_shows_tampering() {
         .iter()
         .filter_map(|e| e.as_object()?.keys().next().cloned())
         .collect();
-    assert_eq!(kinds, ["Granted", "Released", "Granted", "Released"], "{seats}");
+    assert_eq!(
+        kinds,
+        ["Granted", "Released", "Granted", "Released"],
+        "{seats}"
+    );
     assert_eq!(seats["history"][0]["Granted"]["holder"], "ws1", "{seats}");
     assert_eq!(seats["history"][2]["Granted"]["lease"], 2, "{seats}");
     let (code, out) = meter_as(MALLORY, &machine, &["usage", "seats"]);
