@@ -75,6 +75,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-in-guests"),
     builtin!("triad-paused-leader"),
     builtin!("triad-rejoin"),
+    builtin!("triad-restored-member"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),

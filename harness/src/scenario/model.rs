@@ -444,11 +444,13 @@ pub enum Defence {
     TriadMemberApps,
     /// A triad licence serves only in the triad of the three servers it names.
     TriadLicence,
+    /// A triad member that starts again takes no part in elections until it has caught up.
+    TriadRestartQuarantine,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 44] = [
+    pub const ALL: [Defence; 45] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -493,6 +495,7 @@ impl Defence {
         Defence::TriadQuorum,
         Defence::TriadMemberApps,
         Defence::TriadLicence,
+        Defence::TriadRestartQuarantine,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -542,6 +545,7 @@ impl Defence {
             Defence::TriadQuorum => "triad-quorum",
             Defence::TriadMemberApps => "triad-member-apps",
             Defence::TriadLicence => "triad-licence",
+            Defence::TriadRestartQuarantine => "triad-restart-quarantine",
         }
     }
 
@@ -649,6 +653,9 @@ impl Defence {
             }
             Defence::TriadLicence => {
                 "A licence issued for a server triad serves only in the triad of the three servers it names: its three copies never serve as three lone servers."
+            }
+            Defence::TriadRestartQuarantine => {
+                "A triad member that starts again neither votes nor stands for election until its log holds what the other members applied (asked of the leader, or of both others), or for two lease windows: a member whose state was put back from an old copy cannot help elect a leader that never saw the seats granted since."
             }
         }
     }

@@ -215,6 +215,8 @@ pub struct TriadMember {
     links: MemberLinks,
     /// The link to the leader this member forwards to.
     leader_link: tokio::sync::Mutex<Option<MemberLink>>,
+    /// Set while this member answers no vote request (see [`TriadMember::quarantine`]).
+    quarantined: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Writer {
@@ -411,8 +413,12 @@ impl TriadMember {
         let (forwarded, to_answer) = tokio::sync::mpsc::channel(64);
         let forwarder = tokio::spawn(answer_forwarded(Arc::clone(&writer), to_answer));
         let served = raft.clone();
+        let quarantined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let in_quarantine = Arc::clone(&quarantined);
         let server = tokio::spawn(async move {
-            if let Err(e) = serve(listener, &identity, served, peers, forwarded).await {
+            if let Err(e) =
+                serve(listener, &identity, served, peers, forwarded, in_quarantine).await
+            {
                 tracing::error!(error = %e, "Triad member stopped serving its peers");
             }
         });
@@ -440,6 +446,7 @@ impl TriadMember {
             members,
             links,
             leader_link: tokio::sync::Mutex::new(None),
+            quarantined,
         })
     }
 
@@ -570,6 +577,85 @@ impl TriadMember {
                 leader_known = known,
                 "Triad member stands for election"
             );
+        });
+    }
+
+    /// Keeps a member that started again out of every election, as a voter and as a candidate
+    /// (it still follows and acknowledges a leader's entries), until its log reaches as far as
+    /// both other members (or a leader other than itself) said they had applied theirs, asked
+    /// after this member started; or for `at_most`. Its state may have been put
+    /// back from an old copy: a log missing entries it had acknowledged, which with its vote
+    /// could elect a leader that never saw them. Caught up so, its log holds every entry
+    /// committed before it started; `at_most` (longer than a lease) lets every lease
+    /// granted in the entries it may have lost run out first, so that forgetting them hands
+    /// no seat out twice. A triad that lost a member and restarts another is without a leader
+    /// until then.
+    pub fn quarantine(&self, at_most: Duration) {
+        let raft = self.writer.raft.clone();
+        raft.runtime_config().elect(false);
+        self.quarantined
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let quarantined = Arc::clone(&self.quarantined);
+        let id = self.writer.id;
+        let links = self.links.clone();
+        let members = self.members.clone();
+        tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + at_most;
+            let caught_up = tokio::time::timeout_at(until, async {
+                loop {
+                    let leader = raft.metrics().borrow().current_leader;
+                    // Whom to ask: the leader, or (none known) both others, whose logs hold
+                    // between them every entry committed with this member's help.
+                    let asked: Vec<MemberId> = match leader.filter(|leader| *leader != id) {
+                        Some(leader) => vec![leader],
+                        None => members.keys().copied().filter(|m| *m != id).collect(),
+                    };
+                    let mut target = Some(0u64);
+                    for member in &asked {
+                        let Some(node) = members.get(member) else {
+                            target = None;
+                            break;
+                        };
+                        target = match links.link(*member, node).applied().await {
+                            Ok(applied) => target.map(|t| t.max(applied.unwrap_or(0))),
+                            Err(_) => None,
+                        };
+                        if target.is_none() {
+                            break;
+                        }
+                    }
+                    if let Some(applied) = target {
+                        {
+                            let left = until.saturating_duration_since(tokio::time::Instant::now());
+                            let reached = raft
+                                .wait(Some(left))
+                                .metrics(
+                                    // Held in its log is enough (a restarted member applies
+                                    // its entries only once a leader says they committed).
+                                    |m| m.last_log_index.is_some_and(|i| i >= applied),
+                                    "holds as much as the others applied",
+                                )
+                                .await;
+                            tracing::debug!(
+                                member = id,
+                                ?asked,
+                                applied,
+                                reached = reached.is_ok(),
+                                "Quarantined member catching up"
+                            );
+                            if reached.is_ok() {
+                                return;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await
+            .is_ok();
+            quarantined.store(false, std::sync::atomic::Ordering::SeqCst);
+            raft.runtime_config().elect(true);
+            tracing::info!(member = id, caught_up, "Triad member out of quarantine");
         });
     }
 

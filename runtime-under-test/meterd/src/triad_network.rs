@@ -37,6 +37,8 @@ enum Call {
     Snapshot(InstallSnapshotRequest<TriadConfig>),
     /// A ledger command for the leader to commit (from a member that does not lead).
     Submit(LedgerCommand),
+    /// How far the member has applied its log (asked by a member in quarantine).
+    Applied,
 }
 
 /// Why the leader did not commit a forwarded command.
@@ -69,6 +71,8 @@ enum Answer {
     Vote(Result<VoteResponse<MemberId>, TriadRaftError>),
     Snapshot(Result<InstallSnapshotResponse<MemberId>, TriadRaftError<InstallSnapshotError>>),
     Submit(Result<LedgerOutcome, ForwardRefusal>),
+    /// The last log position the member applied (none yet: `None`).
+    Applied(Option<u64>),
 }
 
 type Link = Framed<tokio_rustls::client::TlsStream<TcpStream>, LengthDelimitedCodec>;
@@ -177,6 +181,25 @@ impl MemberLink {
         match self.call(&Call::Submit(command)).await {
             Ok(Answer::Submit(Ok(outcome))) => Ok(outcome),
             Ok(Answer::Submit(Err(refusal))) => Err(ForwardError::Refused(refusal)),
+            Ok(_) => {
+                self.link = None;
+                Err(ForwardError::Link(
+                    format!("member {} answered another call", self.member.addr).into(),
+                ))
+            }
+            Err(e) => {
+                self.link = None;
+                Err(ForwardError::Link(Box::new(e)))
+            }
+        }
+    }
+}
+
+impl MemberLink {
+    /// How far this member has applied its log.
+    pub async fn applied(&mut self) -> Result<Option<u64>, ForwardError> {
+        match self.call(&Call::Applied).await {
+            Ok(Answer::Applied(applied)) => Ok(applied),
             Ok(_) => {
                 self.link = None;
                 Err(ForwardError::Link(
@@ -349,13 +372,15 @@ fn forwardable(command: &LedgerCommand) -> bool {
 
 /// Serves the other members' calls to `raft` on `listener`, and their forwarded commands to
 /// `forwarded`: only a peer that proves it holds the key of one of `peers` (certificate pins)
-/// is answered. Dropping the future ends every connection it accepted.
+/// is answered; while `quarantined`, no vote request is. Dropping the future ends every
+/// connection it accepted.
 pub async fn serve(
     listener: TcpListener,
     identity: &Identity,
     raft: TriadRaft,
     peers: BTreeSet<String>,
     forwarded: tokio::sync::mpsc::Sender<Forwarded>,
+    quarantined: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), tls::TlsError> {
     let acceptor = TlsAcceptor::from(tls::server_config(identity)?);
     let peers = Arc::new(peers);
@@ -376,6 +401,7 @@ pub async fn serve(
         let raft = raft.clone();
         let peers = Arc::clone(&peers);
         let forwarded = forwarded.clone();
+        let quarantined = Arc::clone(&quarantined);
         connections.spawn(async move {
             let _ = tcp.set_nodelay(true);
             let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await
@@ -396,7 +422,15 @@ pub async fn serve(
                     return;
                 };
                 let answer = match call {
+                    // In quarantine this member answers no candidate, as if it were down.
+                    Call::Vote(_) if quarantined.load(std::sync::atomic::Ordering::SeqCst) => {
+                        tracing::debug!(%from, "Vote request left unanswered (quarantine)");
+                        return;
+                    }
                     Call::Append(rpc) => Answer::Append(raft.append_entries(rpc).await),
+                    Call::Applied => {
+                        Answer::Applied(raft.metrics().borrow().last_applied.map(|a| a.index))
+                    }
                     Call::Vote(rpc) => Answer::Vote(raft.vote(rpc).await),
                     Call::Snapshot(rpc) => Answer::Snapshot(raft.install_snapshot(rpc).await),
                     Call::Submit(command) if !forwardable(&command) => {

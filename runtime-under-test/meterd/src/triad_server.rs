@@ -173,12 +173,14 @@ impl TriadSettings {
 
 impl TriadSeats {
     /// Joins the triad: listens for the other members at its own address and starts its Raft
-    /// with its log in `db`; client leases last `window`.
+    /// with its log in `db`; client leases last `window`. A member that `rejoins` (at a start,
+    /// from the settings kept in its state) is kept out of elections a while (quarantine).
     pub async fn join(
         settings: &TriadSettings,
         identity: Arc<Identity>,
         db: &Path,
         window: Duration,
+        rejoins: bool,
     ) -> Result<TriadSeats, JoinError> {
         let id = settings.own_id(&identity.fingerprint())?;
         let own = &settings.members[(id - 1) as usize];
@@ -213,9 +215,12 @@ impl TriadSeats {
         let member = TriadMember::start(id, members, listener, identity, db, timing, id == 1)
             .await
             .map_err(JoinError::Member)?;
-        // The others stand for election only once they have known a leader (or after a while
-        // without one, the first being down).
-        if id != 1 {
+        if rejoins && !crate::weakened::is(crate::weakened::Defence::TriadRestartQuarantine) {
+            // Started again: its state may be an old copy (see `quarantine`).
+            member.quarantine(window.saturating_mul(2));
+        } else if id != 1 {
+            // The others stand for election only once they have known a leader (or after a
+            // while without one, the first being down).
             member.hold_elections(Duration::from_secs(10));
         }
         tracing::info!(member = id, "Joined the licence server triad");

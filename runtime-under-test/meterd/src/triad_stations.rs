@@ -135,8 +135,14 @@ impl Runtime {
         let identity = crate::tls::load_or_create_identity(&self.settings.state_dir)
             .map_err(TriadJoinError::Identity)?;
         let db = self.settings.state_dir.join("triad.redb");
-        let seats =
-            TriadSeats::join(&settings, Arc::new(identity), &db, self.settings.keepalive).await?;
+        let seats = TriadSeats::join(
+            &settings,
+            Arc::new(identity),
+            &db,
+            self.settings.keepalive,
+            !keep,
+        )
+        .await?;
         if keep {
             let bytes = serde_json::to_vec(&settings).unwrap_or_default();
             if let Err(e) = self

@@ -106,11 +106,14 @@ pub enum Defence {
     TriadMemberApps,
     /// A triad licence serves only in the triad of the three servers it names.
     TriadLicence,
+    /// A triad member that starts again neither votes nor stands for election until its log
+    /// holds what the other members applied, or for two lease windows.
+    TriadRestartQuarantine,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 44] = [
+    pub const ALL: [Defence; 45] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -155,6 +158,7 @@ impl Defence {
         Defence::TriadQuorum,
         Defence::TriadMemberApps,
         Defence::TriadLicence,
+        Defence::TriadRestartQuarantine,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -204,6 +208,7 @@ impl Defence {
             Defence::TriadQuorum => "triad-quorum",
             Defence::TriadMemberApps => "triad-member-apps",
             Defence::TriadLicence => "triad-licence",
+            Defence::TriadRestartQuarantine => "triad-restart-quarantine",
         }
     }
 }
@@ -331,6 +336,9 @@ impl Defence {
             }
             Defence::TriadLicence => {
                 "a triad licence serves wherever it opens: each of the three servers it was issued for serves its seats alone, outside any triad, three times over"
+            }
+            Defence::TriadRestartQuarantine => {
+                "a triad member votes as soon as it starts again: one whose state was put back from an old copy helps elect a leader that never saw the seats granted since, so they are handed out twice"
             }
         }
     }
