@@ -132,12 +132,7 @@ impl World {
                     continue;
                 }
                 let status = self.backend.triad_history(member)?;
-                let events = status
-                    .get("history")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                let read = super::seat_history::read(&events, product);
+                let read = read_history(&status, product);
                 if longest.as_ref().is_none_or(|(_, l)| read.events > l.events) {
                     longest = Some((member.clone(), read));
                 }
@@ -146,11 +141,7 @@ impl World {
                 findings.push(format!("no member of {} runs", triad.join(", ")));
                 continue;
             };
-            if read.peak > at_most {
-                findings.push(format!("{} seats at once on {member}'s history", read.peak));
-            }
-            findings.extend(read.anomalies.iter().map(|a| format!("{member}: {a}")));
-            holders.extend(read.holders);
+            note_history(&mut findings, &mut holders, &member, read, at_most);
         }
         // A lone server's seats are in its usage log (`meter usage seats`).
         let members: std::collections::BTreeSet<String> =
@@ -178,17 +169,8 @@ impl World {
                         continue;
                     }
                 };
-            let events = seats
-                .get("history")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            let read = super::seat_history::read(&events, product);
-            if read.peak > at_most {
-                findings.push(format!("{} seats at once on {server}", read.peak));
-            }
-            findings.extend(read.anomalies.iter().map(|a| format!("{server}: {a}")));
-            holders.extend(read.holders);
+            let read = read_history(&seats, product);
+            note_history(&mut findings, &mut holders, &server, read, at_most);
         }
         // An app a triad answered (a client's, or one on a member's own machine) must hold its
         // seat in the history: granted and then lost would let another take it.
@@ -589,4 +571,31 @@ fn licence_state_in(status: &Value, product: u32) -> String {
             .to_string(),
         None => "no licence for this product".into(),
     }
+}
+
+/// The seat events of `product` a server's `history` lists (`meter triad status --history`,
+/// `meter usage seats`).
+fn read_history(answer: &Value, product: u32) -> super::seat_history::SeatHistory {
+    let events = answer
+        .get("history")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    super::seat_history::read(&events, product)
+}
+
+/// Notes what `server`'s history says: too many seats at once, events that do not add up,
+/// and the holders of seats still running.
+fn note_history(
+    findings: &mut Vec<String>,
+    holders: &mut std::collections::BTreeSet<String>,
+    server: &str,
+    read: super::seat_history::SeatHistory,
+    at_most: u32,
+) {
+    if read.peak > at_most {
+        findings.push(format!("{} seats at once on {server}'s history", read.peak));
+    }
+    findings.extend(read.anomalies.iter().map(|a| format!("{server}: {a}")));
+    holders.extend(read.holders);
 }

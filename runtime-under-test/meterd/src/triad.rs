@@ -625,27 +625,25 @@ impl TriadMember {
                         }
                     }
                     if let Some(applied) = target {
-                        {
-                            let left = until.saturating_duration_since(tokio::time::Instant::now());
-                            let reached = raft
-                                .wait(Some(left))
-                                .metrics(
-                                    // Held in its log is enough (a restarted member applies
-                                    // its entries only once a leader says they committed).
-                                    |m| m.last_log_index.is_some_and(|i| i >= applied),
-                                    "holds as much as the others applied",
-                                )
-                                .await;
-                            tracing::debug!(
-                                member = id,
-                                ?asked,
-                                applied,
-                                reached = reached.is_ok(),
-                                "Quarantined member catching up"
-                            );
-                            if reached.is_ok() {
-                                return;
-                            }
+                        let left = until.saturating_duration_since(tokio::time::Instant::now());
+                        let reached = raft
+                            .wait(Some(left))
+                            .metrics(
+                                // Held in its log is enough (a restarted member applies
+                                // its entries only once a leader says they committed).
+                                |m| m.last_log_index.is_some_and(|i| i >= applied),
+                                "holds as much as the others applied",
+                            )
+                            .await;
+                        tracing::debug!(
+                            member = id,
+                            ?asked,
+                            applied,
+                            reached = reached.is_ok(),
+                            "Quarantined member catching up"
+                        );
+                        if reached.is_ok() {
+                            return;
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;

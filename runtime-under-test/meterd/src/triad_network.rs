@@ -178,39 +178,33 @@ impl MemberLink {
 
     /// Asks this member (the leader) to commit `command`; its answer.
     pub async fn forward(&mut self, command: LedgerCommand) -> Result<LedgerOutcome, ForwardError> {
-        match self.call(&Call::Submit(command)).await {
-            Ok(Answer::Submit(Ok(outcome))) => Ok(outcome),
-            Ok(Answer::Submit(Err(refusal))) => Err(ForwardError::Refused(refusal)),
-            Ok(_) => {
-                self.link = None;
-                Err(ForwardError::Link(
-                    format!("member {} answered another call", self.member.addr).into(),
-                ))
-            }
-            Err(e) => {
-                self.link = None;
-                Err(ForwardError::Link(Box::new(e)))
-            }
+        match self.ask(&Call::Submit(command)).await? {
+            Answer::Submit(Ok(outcome)) => Ok(outcome),
+            Answer::Submit(Err(refusal)) => Err(ForwardError::Refused(refusal)),
+            _ => Err(self.answered_another_call()),
         }
     }
-}
 
-impl MemberLink {
     /// How far this member has applied its log.
     pub async fn applied(&mut self) -> Result<Option<u64>, ForwardError> {
-        match self.call(&Call::Applied).await {
-            Ok(Answer::Applied(applied)) => Ok(applied),
-            Ok(_) => {
-                self.link = None;
-                Err(ForwardError::Link(
-                    format!("member {} answered another call", self.member.addr).into(),
-                ))
-            }
-            Err(e) => {
-                self.link = None;
-                Err(ForwardError::Link(Box::new(e)))
-            }
+        match self.ask(&Call::Applied).await? {
+            Answer::Applied(applied) => Ok(applied),
+            _ => Err(self.answered_another_call()),
         }
+    }
+
+    /// Makes `call`; a broken link is dropped (opened again at the next call).
+    async fn ask(&mut self, call: &Call) -> Result<Answer, ForwardError> {
+        self.call(call).await.map_err(|e| {
+            self.link = None;
+            ForwardError::Link(Box::new(e))
+        })
+    }
+
+    /// Drops a link whose member answered another call than the one made.
+    fn answered_another_call(&mut self) -> ForwardError {
+        self.link = None;
+        ForwardError::Link(format!("member {} answered another call", self.member.addr).into())
     }
 }
 
