@@ -221,11 +221,11 @@ impl Store {
             let txn = db.begin_write().map_err(db_error)?;
             txn.open_table(GRANTS).map_err(db_error)?;
             txn.open_table(LICENCES).map_err(db_error)?;
+            txn.open_table(USAGE).map_err(db_error)?;
             let mut meta = txn.open_table(META).map_err(db_error)?;
-            let mut usage = txn.open_table(USAGE).map_err(db_error)?;
             let mut tail = txn.open_table(USAGE_TAIL).map_err(db_error)?;
-            move_old_head(&mut meta, &mut usage, &mut tail)?;
-            drop((meta, usage, tail));
+            move_old_head(&mut meta, &mut tail)?;
+            drop((meta, tail));
             txn.commit().map_err(db_error)?;
         }
         let snapshot = read_all(&db)?;
@@ -390,20 +390,16 @@ fn read_all(db: &Database) -> Result<Snapshot, StoreError> {
 /// A usage table as the writer opens it.
 type UsageTable<'t> = redb::Table<'t, u64, &'static [u8]>;
 
-/// Moves the head an older state kept in the metadata (or at the end of the records) to the
-/// tail's [`HEAD_ROW`].
+/// Moves the head an older state kept in the metadata to the tail's [`HEAD_ROW`].
 fn move_old_head(
     meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
-    usage: &mut UsageTable<'_>,
     tail: &mut UsageTable<'_>,
 ) -> Result<(), StoreError> {
-    let in_meta = meta.remove(OLD_USAGE_HEAD_KEY).map_err(db_error)?;
-    let in_meta = in_meta.map(|v| v.value().to_vec());
-    let in_usage = usage.remove(HEAD_ROW).map_err(db_error)?;
-    let in_usage = in_usage.map(|v| v.value().to_vec());
-    if let Some(old) = in_usage.or(in_meta)
-        && tail.get(HEAD_ROW).map_err(db_error)?.is_none()
-    {
+    let Some(old) = meta.remove(OLD_USAGE_HEAD_KEY).map_err(db_error)? else {
+        return Ok(());
+    };
+    let old = old.value().to_vec();
+    if tail.get(HEAD_ROW).map_err(db_error)?.is_none() {
         tail.insert(HEAD_ROW, old.as_slice()).map_err(db_error)?;
     }
     Ok(())
@@ -784,12 +780,7 @@ mod tests {
             store.submit_eventually(vec![usage_event(5)]);
             (public, tag)
         };
-        let (store, _) = loop {
-            match Store::open(&path) {
-                Ok(pair) => break pair,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        };
+        let (store, _) = open_again(&path).await;
         let found = verify_usage(&store, &public, None);
         assert!(found.intact(), "{found:?}");
         assert_eq!(found.records, 5);
@@ -816,12 +807,7 @@ mod tests {
                 .unwrap();
             keys
         };
-        let (store, _) = loop {
-            match Store::open(&path) {
-                Ok(pair) => break pair,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        };
+        let (store, _) = open_again(&path).await;
         store.start_usage_log(&[7; 32]);
         store.commit(vec![usage_event(141)]).await.unwrap();
         let mut places = Vec::new();
@@ -864,12 +850,7 @@ mod tests {
                 .unwrap();
             keys
         };
-        let (store, _) = loop {
-            match Store::open(&path) {
-                Ok(pair) => break pair,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        };
+        let (store, _) = open_again(&path).await;
         let head = store.read_usage(|_, _| {}).unwrap().expect("a head");
         assert_eq!(head.seq, 2);
         drop(store);
@@ -921,33 +902,27 @@ mod tests {
                 .unwrap();
             store.commit(vec![Change::DeleteGrant(1)]).await.unwrap();
         }
-        // The writer thread owns the database; give it a moment to drop after the store is gone.
-        let mut reopened = None;
-        for _ in 0..100 {
-            match Store::open(&path) {
-                Ok(pair) => {
-                    reopened = Some(pair);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
-        let (_store, snapshot) = reopened.expect("database reopens");
+        let (_store, snapshot) = open_again(&path).await;
         assert_eq!(snapshot.grants.len(), 1);
         assert_eq!(snapshot.grants[&2], b"two");
         assert_eq!(snapshot.licences["lic-1"], b"{}");
         assert_eq!(snapshot.meta["next-handle"], 3u64.to_le_bytes());
     }
 
-    async fn reopen(path: &Path) -> Snapshot {
-        // The writer thread owns the database until it has drained its queue.
+    /// Opens the database again once the last store's writer thread let go of it (it owns
+    /// the database until it has drained its queue).
+    async fn open_again(path: &Path) -> (Store, Snapshot) {
         for _ in 0..200 {
-            if let Ok((_store, snapshot)) = Store::open(path) {
-                return snapshot;
+            if let Ok(pair) = Store::open(path) {
+                return pair;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("database does not reopen");
+    }
+
+    async fn reopen(path: &Path) -> Snapshot {
+        open_again(path).await.1
     }
 
     #[tokio::test]

@@ -191,6 +191,22 @@ impl Runtime {
         }))
     }
 
+    /// Hands every readable event of the usage log to `each`, in order; how many records could
+    /// not be read.
+    fn each_usage_event(&self, mut each: impl FnMut(UsageEvent)) -> Result<u64, UsageLogError> {
+        if self.usage_key.is_none() {
+            return Err(UsageLogError::Off);
+        }
+        let mut unreadable = 0u64;
+        self.store
+            .read_usage(|_, stored| match read_record(stored) {
+                Some(record) => each(record.event),
+                None => unreadable += 1,
+            })
+            .map_err(UsageLogError::Store)?;
+        Ok(unreadable)
+    }
+
     /// A usage report over `[from, to)` (unix ms; `to` defaults to now), with the rules in
     /// force for reservations.
     pub fn usage_report_json(
@@ -198,19 +214,10 @@ impl Runtime {
         from_ms: Option<u64>,
         to_ms: Option<u64>,
     ) -> Result<Value, UsageLogError> {
-        if self.usage_key.is_none() {
-            return Err(UsageLogError::Off);
-        }
         let to_ms = to_ms.unwrap_or_else(|| self.platform.now_ms().unwrap_or(u64::MAX));
         let rules = self.lock_access().rules();
         let mut builder = usage_report::Builder::new(rules.as_deref(), Window { from_ms, to_ms });
-        let mut unreadable = 0u64;
-        self.store
-            .read_usage(|_, stored| match read_record(stored) {
-                Some(record) => builder.add(&record.event),
-                None => unreadable += 1,
-            })
-            .map_err(UsageLogError::Store)?;
+        let unreadable = self.each_usage_event(|event| builder.add(&event))?;
         let mut report = serde_json::to_value(builder.finish()).unwrap_or(Value::Null);
         report["unreadable-records"] = json!(unreadable);
         Ok(report)
@@ -219,9 +226,6 @@ impl Runtime {
     /// The seats the usage log shows (`meter usage seats`): each product counted as this
     /// runtime's licence items count it (a product no item has any more: a seat per grant).
     pub fn usage_seats_json(&self) -> Result<Value, UsageLogError> {
-        if self.usage_key.is_none() {
-            return Err(UsageLogError::Off);
-        }
         let counting: HashMap<ProductKey, Counting> = self
             .lock()
             .table
@@ -230,13 +234,7 @@ impl Runtime {
             .map(|item| (item.entry.product, item.entry.rules.counting))
             .collect();
         let mut events = Vec::new();
-        let mut unreadable = 0u64;
-        self.store
-            .read_usage(|_, stored| match read_record(stored) {
-                Some(record) => events.push(record.event),
-                None => unreadable += 1,
-            })
-            .map_err(UsageLogError::Store)?;
+        let unreadable = self.each_usage_event(|event| events.push(event))?;
         let history = seat_history(events, |product| {
             counting
                 .get(&product)
