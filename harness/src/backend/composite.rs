@@ -676,20 +676,23 @@ impl Backend for World {
                     message: "a server on port 65535 leaves no triad port".into(),
                 })?;
             let ip = self.placement(member)?.ip;
+            let own = SocketAddr::new(info.bind.ip(), port);
             places.push((
                 member.clone(),
                 ip,
+                own,
                 SocketAddr::new(listen.ip(), port),
                 info.pin.clone(),
             ));
         }
-        for (from, ip, own, _) in &places {
+        for (from, ip, own, _, _) in &places {
             let mut args = vec!["triad".to_string(), "join".to_string()];
-            for (to, _, target, pin) in &places {
+            for (to, _, _, target, pin) in &places {
                 let reach = if to == from {
                     *own
                 } else {
-                    self.links.connect_member(from, to, *ip, *target)?
+                    let via = self.links.connect_member(from, to, *ip, *target)?;
+                    self.driver(from)?.reach(from, via)
                 };
                 args.push(format!("{pin}@{reach}"));
             }

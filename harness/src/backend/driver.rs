@@ -210,6 +210,11 @@ pub trait MachineDriver: Any {
     /// The servers the machine's runtime should know: new ones are added to a running runtime,
     /// all are given at its next start.
     fn set_servers(&mut self, machine: &str, servers: &[ServerLink]) -> Result<(), BackendError>;
+    /// How `machine` reaches `via`, an address on the harness machine (a relay's).
+    fn reach(&self, machine: &str, via: SocketAddr) -> SocketAddr {
+        let _ = machine;
+        via
+    }
     /// Restarts a running machine's runtime as a network server on its own address.
     fn start_server(
         &mut self,

@@ -1,5 +1,6 @@
 //! What backends and the engine exchange: machine specs, power, world settings and errors.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -233,8 +234,11 @@ pub struct ServerSettings {
 /// Where a runtime's network server can be reached and how to trust it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerInfo {
-    /// Address the server listens on.
+    /// Address the server listens on, as the harness machine reaches it.
     pub listen: String,
+    /// Address it binds on its own machine (a guest's is not where the harness reaches it).
+    #[serde(skip)]
+    pub bind: SocketAddr,
     /// SHA-256 of its certificate.
     pub pin: String,
 }
@@ -265,18 +269,13 @@ pub enum Power {
 pub enum Operation {
     /// Running scenarios at all.
     Run,
-    /// A network server on a guest (`server-start` naming a guest).
-    ServerInGuest,
 }
 
 /// Whether a backend of `kind` can do `op`; else why not.
 pub fn supports(kind: BackendKind, op: Operation) -> Result<(), String> {
     match (kind, op) {
-        (BackendKind::Sim, _) | (BackendKind::Qemu, Operation::Run) => Ok(()),
+        (BackendKind::Sim, _) | (BackendKind::Qemu, _) => Ok(()),
         (BackendKind::Libvirt, Operation::Run) if cfg!(feature = "libvirt") => Ok(()),
-        (BackendKind::Qemu | BackendKind::Libvirt, Operation::ServerInGuest) => {
-            Err("a network server inside a guest is not supported yet".into())
-        }
         (BackendKind::Libvirt, _) => Err(
             "this vigil was built without the cargo feature `libvirt` (`cargo run --features \
              libvirt`, after `make deps` installs libvirt-dev)"

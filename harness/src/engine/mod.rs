@@ -112,36 +112,6 @@ pub fn builtin_scenarios(tags: &[String]) -> anyhow::Result<Vec<LoadedScenario>>
     Ok(loaded)
 }
 
-/// The operations a scenario asks for that only some backends offer.
-fn operations(scenario: &crate::scenario::Scenario) -> Vec<Operation> {
-    use crate::scenario::Step;
-    let mut guests: std::collections::BTreeSet<&str> = scenario
-        .guests
-        .iter()
-        .map(|g| g.name.value.as_str())
-        .collect();
-    let mut needed = Vec::new();
-    for step in &scenario.steps {
-        match &step.value {
-            Step::Clone(clone) => {
-                guests.insert(clone.to.value.as_str());
-            }
-            Step::ServerStart(server) if guests.contains(server.machine.value.as_str()) => {
-                needed.push(Operation::ServerInGuest);
-            }
-            _ => {}
-        }
-    }
-    needed
-}
-
-/// Why a backend of `kind` cannot run `scenario`, if it cannot.
-fn cannot_run(kind: BackendKind, scenario: &crate::scenario::Scenario) -> Option<String> {
-    std::iter::once(Operation::Run)
-        .chain(operations(scenario))
-        .find_map(|op| crate::backend::supports(kind, op).err())
-}
-
 /// Prints the built-in scenarios.
 pub fn print_list(backend: Option<BackendKind>) -> anyhow::Result<()> {
     let all = builtin_scenarios(&[])?;
@@ -149,7 +119,7 @@ pub fn print_list(backend: Option<BackendKind>) -> anyhow::Result<()> {
         let tags: Vec<&str> = s.scenario.tags.iter().map(|t| t.value.as_str()).collect();
         let availability = match backend {
             None => String::new(),
-            Some(kind) => match cannot_run(kind, &s.scenario) {
+            Some(kind) => match crate::backend::supports(kind, Operation::Run).err() {
                 Some(why) => format!("  [cannot run on {kind}: {why}]"),
                 None => String::new(),
             },

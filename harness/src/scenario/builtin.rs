@@ -76,6 +76,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-paused-leader"),
     builtin!("triad-rejoin"),
     builtin!("triad-restored-member"),
+    builtin!("triad-guest-members"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),

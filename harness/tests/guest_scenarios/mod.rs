@@ -140,6 +140,7 @@ macro_rules! guest_scenarios {
         #[case::triad_member_apps("triad-member-apps")]
         #[case::triad_licence("triad-licence")]
         #[case::triad_in_guests("triad-in-guests")]
+        #[case::triad_guest_members("triad-guest-members")]
         #[case::station_spoof("station-spoof")]
         #[case::dongle_host_server("dongle-host-server")]
         #[case::dongle_exclusive_guest("dongle-exclusive-guest")]

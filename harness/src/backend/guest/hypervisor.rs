@@ -3,6 +3,7 @@
 //! USB/IP) goes through the agent and is the driver's; starting, stopping, snapshots, copies
 //! and moves of whole guests are the hypervisor's.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -73,6 +74,14 @@ pub trait RunningGuest {
     fn usb_plug(&mut self, plug: &UsbRedirPlug) -> Result<(), BackendError>;
     /// Unplugs a usbredir device.
     fn usb_unplug(&mut self, plug: &UsbRedirPlug) -> Result<(), BackendError>;
+    /// Forwards connections to `host`, an address of the harness machine, to the guest's
+    /// `guest_port` (a network server in the guest).
+    fn forward_port(&mut self, host: SocketAddr, guest_port: u16) -> Result<(), BackendError> {
+        let _ = guest_port;
+        Err(self.failure(&format!(
+            "this hypervisor forwards no port into a guest (asked for {host})"
+        )))
+    }
     /// Waits for a guest that powers itself off; pulls its plug after `wait`.
     fn wait_off(self, wait: Duration);
     /// Pulls its plug at once (the disk keeps what was written).

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod hypervisor;
 pub mod image;
 mod runtime_disk;
+mod server;
 pub mod usb_plug;
 mod usbip;
 
@@ -33,9 +34,8 @@ use super::driver::{DongleLink, MachineDriver, MachineSpec, ServerLink, Unplug};
 use super::fabric::Fabric;
 use super::fabric::accounts::CONSOLE_USER;
 use super::types::{
-    AppStatus, BackendError, BackendKind, Caller, CloneIdentity, CommandOutput, CpuProfile,
-    HardwareIdentity, Operation, Power, Role, ServerInfo, ServerSettings, SessionSpec, WorldConfig,
-    supports,
+    AppStatus, BackendError, Caller, CloneIdentity, CommandOutput, CpuProfile, HardwareIdentity,
+    Power, Role, ServerInfo, ServerSettings, SessionSpec, WorldConfig,
 };
 use crate::identity::IdentityMint;
 use crate::usb::usbip::UsbipServer;
@@ -89,6 +89,10 @@ struct Guest<V> {
     apps: BTreeSet<String>,
     /// Dongles passed through over usbredir: dongle → its device on the xhci controller.
     usb: BTreeMap<String, UsbRedirPlug>,
+    /// Its own address on the world's network (where its forwarded ports listen).
+    ip: Ipv4Addr,
+    /// The network server its runtime runs, if it runs one.
+    server: Option<ServerSettings>,
 }
 
 impl<V> Guest<V> {
@@ -236,6 +240,8 @@ impl<H: Hypervisor> GuestDriver<H> {
                 servers: Vec::new(),
                 apps: BTreeSet::new(),
                 usb: BTreeMap::new(),
+                ip: spec.ip,
+                server: None,
             },
         );
         Ok(())
@@ -336,6 +342,7 @@ impl<H: Hypervisor> GuestDriver<H> {
         let g = self.guest_mut(machine)?;
         g.vm = Some(vm);
         g.power = Power::Running;
+        self.forward_server_ports(machine)?;
         Ok(started)
     }
 
@@ -376,6 +383,7 @@ impl<H: Hypervisor> GuestDriver<H> {
     fn restart_runtime(
         &mut self,
         machine: &str,
+        signal: i32,
         middle: &str,
         args: &[&str],
         failure: &str,
@@ -384,7 +392,7 @@ impl<H: Hypervisor> GuestDriver<H> {
 pid=$(cat /disk/meter/meterd.ready 2>/dev/null)
 alive() { [ -d "/proc/$1" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 if [ -n "$pid" ]; then
-  kill "$pid"
+  kill "-$STOP_SIGNAL" "$pid"
   # The old daemon holds the database until it exits, after its ready file is gone.
   i=0
   while alive "$pid" && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done
@@ -400,11 +408,13 @@ fi
 rm -f /disk/meter/meterd.ready
 "#;
         const START: &str = r#"
+# A network server's options come from the machine's configuration (see `server.rs`).
 METER_LOG=${METER_LOG:-info} setsid /bin/meterd --platform host --state /disk/meter \
-  --socket /run/meter/meterd.sock "$@" >>/run/vigil/meterd.log 2>&1 </dev/null &
+  --socket /run/meter/meterd.sock $(cat /disk/server.args 2>/dev/null) "$@" \
+  >>/run/vigil/meterd.log 2>&1 </dev/null &
 exit $rc
 "#;
-        let script = format!("{STOP}{middle}{START}");
+        let script = format!("STOP_SIGNAL={signal}\n{STOP}{middle}{START}");
         let mut argv = vec!["sh", "-c", script.as_str(), "restart-runtime"];
         argv.extend_from_slice(args);
         let out = self.guest_exec(machine, &argv, Duration::from_secs(40))?;
@@ -1133,6 +1143,8 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
         if let Some(old) = g.vm.replace(moved.vm) {
             old.kill();
         }
+        // The source's forwarded ports closed with it.
+        self.forward_server_ports(machine)?;
         self.timings
             .migrate_ms
             .push(started.elapsed().as_secs_f64() * 1000.0);
@@ -1240,6 +1252,7 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
         }
         self.restart_runtime(
             machine,
+            libc::SIGTERM,
             r#"hostname "$1"; shift"#,
             &args,
             &format!("cannot restart the runtime as {name}"),
@@ -1249,6 +1262,7 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
     fn save_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
         self.restart_runtime(
             machine,
+            libc::SIGTERM,
             r#"copy="/disk/.state-copies/$1"; shift
 rm -rf "$copy"
 mkdir -p /disk/.state-copies && cp -a /disk/meter "$copy" || { echo "cannot copy the state folder" >&2; rc=1; }"#,
@@ -1260,6 +1274,7 @@ mkdir -p /disk/.state-copies && cp -a /disk/meter "$copy" || { echo "cannot copy
     fn restore_state(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
         self.restart_runtime(
             machine,
+            libc::SIGTERM,
             r#"copy="/disk/.state-copies/$1"; shift
 if [ -d "$copy" ]; then
   rm -rf /disk/meter && cp -a "$copy" /disk/meter || { echo "cannot put the state folder back" >&2; rc=1; }
@@ -1350,33 +1365,32 @@ fi"#,
         Ok(())
     }
 
+    fn reach(&self, _machine: &str, via: SocketAddr) -> SocketAddr {
+        SocketAddr::from((HOST_FROM_GUEST, via.port()))
+    }
+
     fn start_server(
         &mut self,
         machine: &str,
-        _settings: ServerSettings,
+        settings: ServerSettings,
     ) -> Result<ServerInfo, BackendError> {
-        self.guest(machine)?;
-        Err(no_server_in_guest(self.hv.kind(), "server-start"))
+        self.start_guest_server(machine, settings)
     }
 
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.guest(machine)?;
-        Err(no_server_in_guest(self.hv.kind(), "server-stop"))
+        self.stop_guest_server(machine)
     }
 
     fn crash_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.guest(machine)?;
-        Err(no_server_in_guest(self.hv.kind(), "server-crash"))
+        self.crash_guest_server(machine)
     }
 
     fn pause_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.guest(machine)?;
-        Err(no_server_in_guest(self.hv.kind(), "server-pause"))
+        self.signal_guest_runtime(machine, libc::SIGSTOP)
     }
 
     fn resume_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.guest(machine)?;
-        Err(no_server_in_guest(self.hv.kind(), "server-resume"))
+        self.signal_guest_runtime(machine, libc::SIGCONT)
     }
 
     fn plug_dongle(&mut self, dongle: &str, machine: &str) -> Result<(), BackendError> {
@@ -1503,15 +1517,4 @@ fn usb_device_id(dongle: &str, plug: u32) -> String {
         })
         .collect();
     format!("usb-{safe}-{plug}")
-}
-
-/// The refusal of a network server inside a guest.
-fn no_server_in_guest(backend: BackendKind, operation: &'static str) -> BackendError {
-    BackendError::Unsupported {
-        backend,
-        operation,
-        why: supports(backend, Operation::ServerInGuest)
-            .err()
-            .unwrap_or_default(),
-    }
 }

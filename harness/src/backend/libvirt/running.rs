@@ -1,6 +1,7 @@
 //! A guest running as a libvirt domain: its agent connection and the domain calls the guest
 //! driver makes of a running guest (pause, resume, dongles, power off).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,24 @@ impl RunningGuest for DomainVm {
         self.domain
             .detach_device_flags(&redirdev_xml(plug), virt::sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(|e| self.refused(&format!("detach usbredir device {}", plug.id), e))
+    }
+
+    fn forward_port(&mut self, host: SocketAddr, guest_port: u16) -> Result<(), BackendError> {
+        // libvirt's user networking (slirp) has no port forwarding of its own (only its passt
+        // backend has): QEMU's monitor command on the interface's netdev, `hostnet0`.
+        let rule = format!("tcp:{host}-:{guest_port}");
+        let answer = self
+            .domain
+            .qemu_monitor_command(
+                &format!("hostfwd_add hostnet0 {rule}"),
+                virt::sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+            )
+            .map_err(|e| self.refused(&format!("forward {rule}"), e))?;
+        // HMP answers nothing on success, a sentence on failure.
+        if !answer.trim().is_empty() {
+            return Err(self.failure(&format!("cannot forward {rule}: {}", answer.trim())));
+        }
+        Ok(())
     }
 
     fn wait_off(self, wait: Duration) {

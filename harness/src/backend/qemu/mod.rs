@@ -9,6 +9,7 @@
 pub mod qmp;
 pub mod vm;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,23 @@ impl RunningGuest for Vm {
         self.monitor
             .usb_unplug(&plug.id)
             .map_err(|e| Vm::failure(self, &format!("cannot unplug {}: {e}", plug.id)))
+    }
+
+    fn forward_port(&mut self, host: SocketAddr, guest_port: u16) -> Result<(), BackendError> {
+        // User networking's own forwarding: QEMU listens on `host` and connects to the guest.
+        let rule = format!("tcp:{host}-:{guest_port}");
+        let answer = self
+            .monitor
+            .hmp(&format!("hostfwd_add n0 {rule}"))
+            .map_err(|e| Vm::failure(self, &format!("cannot forward {rule}: {e}")))?;
+        // HMP answers nothing on success, a sentence on failure.
+        if !answer.trim().is_empty() {
+            return Err(Vm::failure(
+                self,
+                &format!("cannot forward {rule}: {}", answer.trim()),
+            ));
+        }
+        Ok(())
     }
 
     fn wait_off(self, wait: Duration) {

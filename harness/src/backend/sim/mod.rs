@@ -11,7 +11,7 @@ pub mod session;
 mod stopped;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -990,8 +990,10 @@ impl MachineDriver for SimDriver {
             .map_err(BackendError::io(format!("read {}", pin_path.display())))?
             .trim()
             .to_string();
+        let listen = SocketAddr::from((m.ip, port));
         Ok(ServerInfo {
-            listen: format!("{}:{port}", m.ip),
+            listen: listen.to_string(),
+            bind: listen,
             pin,
         })
     }
