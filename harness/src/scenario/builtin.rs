@@ -77,6 +77,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-rejoin"),
     builtin!("triad-restored-member"),
     builtin!("triad-guest-members"),
+    builtin!("triad-reverted-member"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),

@@ -444,7 +444,8 @@ pub enum Defence {
     TriadMemberApps,
     /// A triad licence serves only in the triad of the three servers it names.
     TriadLicence,
-    /// A triad member that starts again takes no part in elections until it has caught up.
+    /// A triad member that starts again, or whose machine is reverted, takes no part in
+    /// elections until it has caught up or its lost leases ran out.
     TriadRestartQuarantine,
 }
 
@@ -655,7 +656,7 @@ impl Defence {
                 "A licence issued for a server triad serves only in the triad of the three servers it names: its three copies never serve as three lone servers."
             }
             Defence::TriadRestartQuarantine => {
-                "A triad member that starts again neither votes nor stands for election until its log holds what the other members applied (asked of the leader, or of both others), or for two lease windows: a member whose state was put back from an old copy cannot help elect a leader that never saw the seats granted since."
+                "A triad member that starts again neither votes nor stands for election until its log holds what the other members applied (asked of the leader, or of both others), or for two lease windows; one whose machine's generation id changes (a hypervisor's revert: its Raft runs on from an old memory) takes no part in the triad at all for two lease windows, and makes no call while it still leads the term it went back to: a member whose state was put back from an old copy cannot help elect a leader that never saw the seats granted since."
             }
         }
     }

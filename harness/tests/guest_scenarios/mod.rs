@@ -141,6 +141,7 @@ macro_rules! guest_scenarios {
         #[case::triad_licence("triad-licence")]
         #[case::triad_in_guests("triad-in-guests")]
         #[case::triad_guest_members("triad-guest-members")]
+        #[case::triad_reverted_member("triad-reverted-member")]
         #[case::station_spoof("station-spoof")]
         #[case::dongle_host_server("dongle-host-server")]
         #[case::dongle_exclusive_guest("dongle-exclusive-guest")]

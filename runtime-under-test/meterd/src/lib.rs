@@ -44,6 +44,7 @@ pub mod triad_local;
 mod triad_member_apps;
 pub mod triad_network;
 pub mod triad_server;
+pub mod triad_standing;
 pub mod triad_stations;
 pub mod triad_store;
 pub mod triad_types;

@@ -19,6 +19,7 @@ use crate::tls::Identity;
 use crate::triad_network::{
     ForwardError, ForwardRefusal, Forwarded, MemberLink, MemberLinks, serve,
 };
+use crate::triad_standing::Standing;
 use crate::triad_store::{self, TriadLedger, TriadLog, TriadStoreError};
 use crate::triad_types::{Member, MemberId, TriadRaft};
 
@@ -215,8 +216,9 @@ pub struct TriadMember {
     links: MemberLinks,
     /// The link to the leader this member forwards to.
     leader_link: tokio::sync::Mutex<Option<MemberLink>>,
-    /// Set while this member answers no vote request (see [`TriadMember::quarantine`]).
-    quarantined: Arc<std::sync::atomic::AtomicBool>,
+    /// How far this member takes part now (see [`TriadMember::quarantine`] and
+    /// [`TriadMember::isolate`]).
+    standing: Arc<Standing>,
 }
 
 impl Writer {
@@ -386,12 +388,14 @@ impl TriadMember {
         .validate()
         .map_err(TriadError::Timing)?;
         let (log, ledger) = open_store(db).await?;
+        let standing = Arc::new(Standing::default());
         let links = MemberLinks::new(
             Arc::clone(&identity),
             members
                 .iter()
                 .map(|(id, m)| (*id, m.addr.clone()))
                 .collect(),
+            Arc::clone(&standing),
         );
         let raft = TriadRaft::new(id, Arc::new(config), links.clone(), log, ledger.clone())
             .await
@@ -413,11 +417,17 @@ impl TriadMember {
         let (forwarded, to_answer) = tokio::sync::mpsc::channel(64);
         let forwarder = tokio::spawn(answer_forwarded(Arc::clone(&writer), to_answer));
         let served = raft.clone();
-        let quarantined = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let in_quarantine = Arc::clone(&quarantined);
+        let served_standing = Arc::clone(&standing);
         let server = tokio::spawn(async move {
-            if let Err(e) =
-                serve(listener, &identity, served, peers, forwarded, in_quarantine).await
+            if let Err(e) = serve(
+                listener,
+                &identity,
+                served,
+                peers,
+                forwarded,
+                served_standing,
+            )
+            .await
             {
                 tracing::error!(error = %e, "Triad member stopped serving its peers");
             }
@@ -446,7 +456,7 @@ impl TriadMember {
             members,
             links,
             leader_link: tokio::sync::Mutex::new(None),
-            quarantined,
+            standing,
         })
     }
 
@@ -592,10 +602,10 @@ impl TriadMember {
     /// until then.
     pub fn quarantine(&self, at_most: Duration) {
         let raft = self.writer.raft.clone();
+        let standing = Arc::clone(&self.standing);
+        // Taken before this returns: no vote request is answered from now on.
+        let refusing = standing.refuse_votes();
         raft.runtime_config().elect(false);
-        self.quarantined
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let quarantined = Arc::clone(&self.quarantined);
         let id = self.writer.id;
         let links = self.links.clone();
         let members = self.members.clone();
@@ -651,9 +661,48 @@ impl TriadMember {
             })
             .await
             .is_ok();
-            quarantined.store(false, std::sync::atomic::Ordering::SeqCst);
-            raft.runtime_config().elect(true);
+            drop(refusing);
+            if standing.votes() {
+                raft.runtime_config().elect(true);
+            }
             tracing::info!(member = id, caught_up, "Triad member out of quarantine");
+        });
+    }
+
+    /// Keeps a member whose whole machine went back to an older state (its hypervisor
+    /// reverted it: its memory and disk are an old copy, and its Raft runs on from there
+    /// without starting again) out of the triad for `window`: it makes and answers no Raft call
+    /// and stands for no election, as if it were down, so every lease granted in the entries
+    /// it lost runs out first (forgetting them then hands no seat out twice). It may have
+    /// led in the term it went back to, with a log that lacks entries the others hold in that
+    /// very term: it stays silent while it believes it leads that term, until a leader of a
+    /// later term is heard of, so it never appends an entry at a position the others hold.
+    pub fn isolate(&self, window: Duration) {
+        let raft = self.writer.raft.clone();
+        let standing = Arc::clone(&self.standing);
+        let refusing = standing.refuse_votes();
+        let deaf = standing.stop_listening();
+        let silent = standing.stop_talking();
+        raft.runtime_config().elect(false);
+        let id = self.writer.id;
+        let term = raft.metrics().borrow().current_term;
+        tracing::warn!(member = id, term, "Machine reverted: triad member isolated");
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            drop(deaf);
+            drop(refusing);
+            if standing.votes() {
+                raft.runtime_config().elect(true);
+            }
+            let _ = raft
+                .wait(None)
+                .metrics(
+                    |m| !(m.current_leader == Some(id) && m.current_term == term),
+                    "leads no longer in the term it went back to",
+                )
+                .await;
+            drop(silent);
+            tracing::info!(member = id, "Triad member out of isolation");
         });
     }
 

@@ -22,6 +22,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::tls::{self, Identity};
+use crate::triad_standing::Standing;
 use crate::triad_types::{Member, MemberId, TriadConfig, TriadRaft, TriadRaftError, TriadRpcError};
 
 /// The largest frame a member sends or takes (a snapshot chunk or a batch of entries).
@@ -108,6 +109,8 @@ enum LinkError {
     },
     #[error("Member {addr} answered something else")]
     Garbled { addr: String },
+    #[error("This member makes no call to member {addr} now (its state may be an old copy)")]
+    Silent { addr: String },
     #[error("Cannot encode or decode a call to member {addr}")]
     Codec {
         addr: String,
@@ -123,14 +126,22 @@ pub struct MemberLinks {
     /// Where this member reaches each other member (its own view: members may reach one
     /// another by different routes); the membership's address otherwise.
     addresses: BTreeMap<MemberId, String>,
+    /// Whether this member makes Raft calls now.
+    standing: Arc<Standing>,
 }
 
 impl MemberLinks {
-    /// Links that authenticate as `identity`, reaching members at `addresses`.
-    pub fn new(identity: Arc<Identity>, addresses: BTreeMap<MemberId, String>) -> MemberLinks {
+    /// Links that authenticate as `identity`, reaching members at `addresses`, making Raft
+    /// calls while `standing` allows.
+    pub fn new(
+        identity: Arc<Identity>,
+        addresses: BTreeMap<MemberId, String>,
+        standing: Arc<Standing>,
+    ) -> MemberLinks {
         MemberLinks {
             identity,
             addresses,
+            standing,
         }
     }
 }
@@ -141,6 +152,7 @@ pub struct MemberLink {
     member: Member,
     identity: Arc<Identity>,
     link: Option<Link>,
+    standing: Arc<Standing>,
 }
 
 impl MemberLinks {
@@ -155,6 +167,7 @@ impl MemberLinks {
             member,
             identity: Arc::clone(&self.identity),
             link: None,
+            standing: Arc::clone(&self.standing),
         }
     }
 }
@@ -279,7 +292,7 @@ impl MemberLink {
         // A link that carried something unexpected is out of step: start afresh.
         self.link = None;
         match e {
-            LinkError::Connect { .. } => {
+            LinkError::Connect { .. } | LinkError::Silent { .. } => {
                 openraft::error::RPCError::Unreachable(Unreachable::new(&e))
             }
             _ => openraft::error::RPCError::Network(NetworkError::new(&e)),
@@ -295,6 +308,11 @@ impl MemberLink {
         call: Call,
         pick: fn(Answer) -> Option<Result<T, TriadRaftError<E>>>,
     ) -> Result<T, TriadRpcError<E>> {
+        if self.standing.silent() {
+            return Err(self.failed(LinkError::Silent {
+                addr: self.member.addr.clone(),
+            }));
+        }
         match self.call(&call).await.map(pick) {
             Ok(Some(Ok(answer))) => Ok(answer),
             Ok(Some(Err(e))) => Err(openraft::error::RPCError::RemoteError(RemoteError::new(
@@ -366,15 +384,15 @@ fn forwardable(command: &LedgerCommand) -> bool {
 
 /// Serves the other members' calls to `raft` on `listener`, and their forwarded commands to
 /// `forwarded`: only a peer that proves it holds the key of one of `peers` (certificate pins)
-/// is answered; while `quarantined`, no vote request is. Dropping the future ends every
-/// connection it accepted.
+/// is answered; no vote request is while `standing` refuses votes, and no Raft call while it
+/// is deaf. Dropping the future ends every connection it accepted.
 pub async fn serve(
     listener: TcpListener,
     identity: &Identity,
     raft: TriadRaft,
     peers: BTreeSet<String>,
     forwarded: tokio::sync::mpsc::Sender<Forwarded>,
-    quarantined: Arc<std::sync::atomic::AtomicBool>,
+    standing: Arc<Standing>,
 ) -> Result<(), tls::TlsError> {
     let acceptor = TlsAcceptor::from(tls::server_config(identity)?);
     let peers = Arc::new(peers);
@@ -395,7 +413,7 @@ pub async fn serve(
         let raft = raft.clone();
         let peers = Arc::clone(&peers);
         let forwarded = forwarded.clone();
-        let quarantined = Arc::clone(&quarantined);
+        let standing = Arc::clone(&standing);
         connections.spawn(async move {
             let _ = tcp.set_nodelay(true);
             let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await
@@ -416,8 +434,12 @@ pub async fn serve(
                     return;
                 };
                 let answer = match call {
-                    // In quarantine this member answers no candidate, as if it were down.
-                    Call::Vote(_) if quarantined.load(std::sync::atomic::Ordering::SeqCst) => {
+                    // Kept out, this member answers as if it were down.
+                    Call::Append(_) | Call::Vote(_) | Call::Snapshot(_) if standing.deaf() => {
+                        tracing::debug!(%from, "Raft call left unanswered (isolated)");
+                        return;
+                    }
+                    Call::Vote(_) if !standing.votes() => {
                         tracing::debug!(%from, "Vote request left unanswered (quarantine)");
                         return;
                     }

@@ -231,6 +231,17 @@ impl TriadSeats {
         })
     }
 
+    /// Keeps this member out of the triad after its machine went back to an older state (a
+    /// new generation id: a hypervisor's revert), for two lease windows (see
+    /// [`TriadMember::isolate`]).
+    pub fn machine_reverted(&self) {
+        if crate::weakened::is(crate::weakened::Defence::TriadRestartQuarantine) {
+            return;
+        }
+        self.member
+            .isolate(Duration::from_millis(self.window_ms.saturating_mul(2)));
+    }
+
     /// Whether this member leads now (only the leader serves client runtimes).
     pub fn leads(&self) -> bool {
         self.member.leads()

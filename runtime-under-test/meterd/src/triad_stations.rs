@@ -3,6 +3,7 @@
 //! runtimes go when it stops leading.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use meter_core::allocation::ProductKey;
 use meter_core::reason::Reason;
@@ -108,6 +109,9 @@ impl Drop for Seating<'_> {
     }
 }
 
+/// How often a triad member looks at its machine's generation id.
+const GENERATION_POLL: Duration = Duration::from_millis(50);
+
 impl Runtime {
     /// The triad this server is a member of, if any.
     pub(crate) fn triad(&self) -> Option<&Arc<TriadSeats>> {
@@ -160,6 +164,7 @@ impl Runtime {
             return Err(JoinError::Joined.into());
         }
         self.watch_leadership(&seats);
+        self.watch_generation(&seats);
         let guest = self.platform.kind().ok() == Some(meter_core::traits::MachineKind::Guest);
         seats.announce_machine(guest);
         self.keep_member_app_seats(self.settings.keepalive);
@@ -176,6 +181,35 @@ impl Runtime {
             self.lock_licences().enter_triad(pins, &mut state.table);
         }
         Ok(described)
+    }
+
+    /// Keeps the member out of the triad whenever its machine's generation id changes (its
+    /// hypervisor reverted it to a snapshot: the runtime runs on from an old memory and disk).
+    /// Looked at often: a reverted member must be kept out before it answers a candidate.
+    fn watch_generation(self: &Arc<Self>, seats: &Arc<TriadSeats>) {
+        let runtime = Arc::downgrade(self);
+        let seats = Arc::downgrade(seats);
+        tokio::spawn(async move {
+            let mut seen: Option<Option<String>> = None;
+            loop {
+                let (Some(runtime), Some(seats)) = (runtime.upgrade(), seats.upgrade()) else {
+                    return;
+                };
+                if let Ok(now) = runtime.platform.vmgenid() {
+                    if seen.as_ref().is_some_and(|before| *before != now) {
+                        tracing::warn!(
+                            before = ?seen.as_ref().and_then(Option::as_deref),
+                            now = ?now.as_deref(),
+                            "The machine's generation id changed"
+                        );
+                        seats.machine_reverted();
+                    }
+                    seen = Some(now);
+                }
+                drop((runtime, seats));
+                tokio::time::sleep(GENERATION_POLL).await;
+            }
+        });
     }
 
     /// Lets every linked client runtime go when this member stops leading (they go on with

@@ -107,7 +107,8 @@ pub enum Defence {
     /// A triad licence serves only in the triad of the three servers it names.
     TriadLicence,
     /// A triad member that starts again neither votes nor stands for election until its log
-    /// holds what the other members applied, or for two lease windows.
+    /// holds what the other members applied, or for two lease windows; one whose machine is
+    /// reverted (a new generation id) takes no part in the triad for two lease windows.
     TriadRestartQuarantine,
 }
 
@@ -338,7 +339,7 @@ impl Defence {
                 "a triad licence serves wherever it opens: each of the three servers it was issued for serves its seats alone, outside any triad, three times over"
             }
             Defence::TriadRestartQuarantine => {
-                "a triad member votes as soon as it starts again: one whose state was put back from an old copy helps elect a leader that never saw the seats granted since, so they are handed out twice"
+                "a triad member votes as soon as it starts again or its machine is reverted: one whose state was put back from an old copy (or whose whole machine went back to a snapshot) helps elect a leader that never saw the seats granted since, so they are handed out twice"
             }
         }
     }

@@ -2,8 +2,9 @@
 //! a leader is elected, seats are counted once across the triad, a follower names the leader,
 //! losing the leader keeps the service going (a retried grant is not granted twice), losing two
 //! stops new grants, a member that restarts catches up, a peer with an unknown certificate is
-//! refused, commands asked for at once share entries yet each gets its own answer, and a
-//! follower's own commands reach the ledger through the leader.
+//! refused, commands asked for at once share entries yet each gets its own answer, a
+//! follower's own commands reach the ledger through the leader, and a leader isolated after
+//! its machine was reverted commits nothing and gives way to a leader of a later term.
 
 use std::time::{Duration, Instant};
 
@@ -316,5 +317,54 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
         .unwrap();
     assert!(matches!(released, LedgerOutcome::Reclaimed { .. }));
     every_member_holds(&triad, 1).await;
+    triad.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_commits_nothing_and_gives_way_to_a_later_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let triad = LoopbackTriad::start(dir.path().to_owned(), 3, timing())
+        .await
+        .unwrap();
+    let leader = triad.leader(WAIT).await.unwrap();
+    let lead = triad.member(leader).unwrap();
+    assert!(matches!(
+        lead.submit(grant(1, "a")).await.unwrap(),
+        LedgerOutcome::Granted { .. }
+    ));
+    let term = lead.metrics().borrow().current_term;
+
+    // Its machine went back to a snapshot: it still believes it leads, but commits nothing.
+    lead.isolate(Duration::from_secs(2));
+    assert!(lead.submit(grant(2, "b")).await.is_err());
+    // The other two elect a leader of a later term, which serves.
+    let others: Vec<MemberId> = triad
+        .running()
+        .keys()
+        .copied()
+        .filter(|id| *id != leader)
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    let new_leader = loop {
+        if let Some(id) = others.iter().find(|id| triad.member(**id).unwrap().leads()) {
+            break *id;
+        }
+        assert!(Instant::now() < deadline, "no other member took the lead");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(matches!(
+        triad
+            .member(new_leader)
+            .unwrap()
+            .submit(grant(3, "c"))
+            .await
+            .unwrap(),
+        LedgerOutcome::Granted { .. }
+    ));
+    // Isolation over, it hears of the later term and follows; every member holds the two
+    // committed seats, none of the isolated leader's.
+    assert_eq!(triad.leader(WAIT).await.unwrap(), new_leader);
+    assert!(lead.metrics().borrow().current_term > term);
+    every_member_holds(&triad, 2).await;
     triad.stop().await;
 }
