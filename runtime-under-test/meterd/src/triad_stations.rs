@@ -190,18 +190,16 @@ impl Runtime {
         let runtime = Arc::downgrade(self);
         let seats = Arc::downgrade(seats);
         tokio::spawn(async move {
-            let mut seen: Option<Option<String>> = None;
+            // A machine with no generation id (a physical one), or whose id cannot be read a
+            // moment, is not a reverted one: only one id followed by another is.
+            let mut seen: Option<String> = None;
             loop {
                 let (Some(runtime), Some(seats)) = (runtime.upgrade(), seats.upgrade()) else {
                     return;
                 };
-                if let Ok(now) = runtime.platform.vmgenid() {
-                    if seen.as_ref().is_some_and(|before| *before != now) {
-                        tracing::warn!(
-                            before = ?seen.as_ref().and_then(Option::as_deref),
-                            now = ?now.as_deref(),
-                            "The machine's generation id changed"
-                        );
+                if let Ok(Some(now)) = runtime.platform.vmgenid() {
+                    if let Some(before) = seen.as_ref().filter(|before| **before != now) {
+                        tracing::warn!(%before, %now, "The machine's generation id changed");
                         seats.machine_reverted();
                     }
                     seen = Some(now);
