@@ -64,6 +64,7 @@ fn a_failing_scenario_leaves_no_daemon_or_guest_running() {
     if libvirt_common::image_dir_or_skip().is_none() {
         return;
     }
+    let _turn = guest_scenarios::turn("");
     let dir = tempfile::tempdir().unwrap();
     let scenario = dir.path().join("wrong-on-libvirt.yaml");
     std::fs::write(

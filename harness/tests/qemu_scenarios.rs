@@ -72,6 +72,7 @@ fn long_names_with_dongles_run_on_qemu() {
 
 /// Runs `scenario` on qemu with the runtime folder `runtime`; returns the exit code and output.
 fn run_with_runtime(scenario: &str, runtime: &Path, weaken: Option<&str>) -> (Option<i32>, String) {
+    let _turn = guest_scenarios::turn(scenario);
     let reports = tempfile::tempdir().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
     command
@@ -127,6 +128,7 @@ fn a_wrong_expectation_fails_on_qemu_too() {
         guest_scenarios::wrong_expectation("wrong-in-guest"),
     )
     .unwrap();
+    let _turn = guest_scenarios::turn("");
     let reports = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vigil"))
         .arg("scenario")

@@ -51,21 +51,45 @@ pub fn run_scenario_file(
     )
 }
 
-/// Scenarios that run alone in a suite: three guests whose runtimes keep a triad's Raft
-/// timing (elections within a second), which two TCG scenarios at once on two cores starve.
-const RUN_ALONE: &[&str] = &["triad-guest-members", "triad-reverted-member"];
+/// Scenarios that run alone in a suite: their guests must keep a triad's timing (a client
+/// finds a new leader within its lease; members elect within a second), which two TCG
+/// scenarios at once on two cores starve.
+const RUN_ALONE: &[&str] = &[
+    "triad-failover",
+    "triad-rejoin",
+    "triad-paused-leader",
+    "triad-guest-members",
+    "triad-reverted-member",
+];
 
-/// Held shared by every scenario of a suite, exclusively by those that run alone.
+/// Held shared by every guest run of a suite, exclusively by the scenarios that run alone.
 static SUITE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A test's turn to run guests (held until dropped): the whole suite for a scenario that
+/// runs alone, else a share of it.
+pub struct Turn {
+    _alone: Option<std::sync::RwLockWriteGuard<'static, ()>>,
+    _shared: Option<std::sync::RwLockReadGuard<'static, ()>>,
+}
+
+/// Waits for the turn of scenario `name` (any other name, or none, shares the suite).
+pub fn turn(name: &str) -> Turn {
+    if RUN_ALONE.contains(&name) {
+        Turn {
+            _alone: Some(SUITE.write().unwrap_or_else(|e| e.into_inner())),
+            _shared: None,
+        }
+    } else {
+        Turn {
+            _alone: None,
+            _shared: Some(SUITE.read().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
 
 /// Asserts that `scenario` (named `name`) passes on `backend`, as it does on sim.
 pub fn scenario_file_passes(backend: &str, scenario: &str, name: &str) {
-    let (_alone, _shared);
-    if RUN_ALONE.contains(&name) {
-        _alone = SUITE.write().unwrap_or_else(|e| e.into_inner());
-    } else {
-        _shared = SUITE.read().unwrap_or_else(|e| e.into_inner());
-    }
+    let _turn = turn(name);
     let (code, report, output) = run_scenario_file(backend, scenario, name);
     let scenario = &report["scenarios"][0];
     assert_eq!(
@@ -107,12 +131,11 @@ steps:
 /// and USB/IP), calling `$run(name)`; the host-only ones run the same machines as on sim and
 /// stay in the sim suite.
 ///
-/// The triad scenarios whose clients must find a new leader within a 4 s lease
-/// (`triad-failover`, `triad-rejoin`, `triad-paused-leader`) pass on qemu and libvirt when run
-/// alone, but not reliably two at a time under TCG: a slow guest's runtime can miss its
-/// window, as a real client on an overloaded machine would. They run on sim only here. The
-/// two whose members are guests (`triad-guest-members`, `triad-reverted-member`) run alone
-/// ([`RUN_ALONE`]): beside another scenario, their members' elections churned under TCG.
+/// The triad scenarios whose clients must find a new leader within a lease of a few seconds
+/// (`triad-failover`, `triad-rejoin`, `triad-paused-leader`) and the two whose members are
+/// guests run alone ([`RUN_ALONE`]): two at a time under TCG, a slow guest's runtime could miss
+/// its window, as a real client on an overloaded machine would, and member guests' elections
+/// churned.
 #[macro_export]
 macro_rules! guest_scenarios {
     ($test:ident, $run:path) => {
@@ -152,6 +175,9 @@ macro_rules! guest_scenarios {
         #[case::server_flood("server-flood")]
         #[case::server_crash("server-crash")]
         #[case::triad_split_brain("triad-split-brain")]
+        #[case::triad_failover("triad-failover")]
+        #[case::triad_rejoin("triad-rejoin")]
+        #[case::triad_paused_leader("triad-paused-leader")]
         #[case::triad_member_apps("triad-member-apps")]
         #[case::triad_licence("triad-licence")]
         #[case::triad_in_guests("triad-in-guests")]
