@@ -70,6 +70,17 @@ fn long_names_with_dongles_run_on_qemu() {
     scenario_file_passes(scenario.to_str().unwrap(), &name);
 }
 
+#[test]
+fn a_server_in_a_guest_stops_starts_again_and_ends_with_its_guest() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/guest-server-stop.yaml"
+    );
+    // The same verdict on sim, where the machine is a simulated one.
+    guest_scenarios::scenario_file_passes("sim", scenario, "guest-server-stop");
+    scenario_file_passes(scenario, "guest-server-stop");
+}
+
 /// Runs `scenario` on qemu with the runtime folder `runtime`; returns the exit code and output.
 fn run_with_runtime(scenario: &str, runtime: &Path, weaken: Option<&str>) -> (Option<i32>, String) {
     let _turn = guest_scenarios::turn(scenario);

@@ -634,9 +634,9 @@ impl Backend for World {
     }
 
     fn stop_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.placement(machine)?;
-        self.drop_server(machine)?;
-        self.driver(machine)?.stop_server(machine)
+        // The driver first: a stop it refuses leaves the server and its links as they were.
+        self.driver(machine)?.stop_server(machine)?;
+        self.drop_server(machine)
     }
 
     fn crash_server(&mut self, machine: &str) -> Result<(), BackendError> {

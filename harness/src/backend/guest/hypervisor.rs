@@ -75,7 +75,7 @@ pub trait RunningGuest {
     /// Unplugs a usbredir device.
     fn usb_unplug(&mut self, plug: &UsbRedirPlug) -> Result<(), BackendError>;
     /// Forwards connections to `host`, an address of the harness machine, to the guest's
-    /// `guest_port` (a network server in the guest).
+    /// `guest_port` (a network server in the guest), in place of any forward from `host`.
     fn forward_port(&mut self, host: SocketAddr, guest_port: u16) -> Result<(), BackendError> {
         let _ = guest_port;
         Err(self.failure(&format!(

@@ -966,6 +966,7 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
         if self.guest(machine)?.power == Power::Paused {
             self.resume(machine)?;
         }
+        self.forget_guest_server(machine)?;
         self.collect_runtime_log(machine);
         let answer = self.call(
             machine,

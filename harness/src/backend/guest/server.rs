@@ -1,8 +1,10 @@
 //! A network server inside a guest: the guest's runtime restarted as a server listening on
 //! every guest address, reached from the harness machine through ports the hypervisor forwards
 //! from the guest's own loopback address (the server's port, and the next one for a triad's
-//! members). Its settings live on the guest's data disk (`/disk/server.args`), so a boot, a
-//! crash or a clone starts it as a server again, as a real server's configuration would.
+//! members). Its settings live on the guest's data disk (`/disk/server.args`), read at every
+//! start of the runtime, so a crash, a clone or a revert to a snapshot taken while it served
+//! starts it as a server again, as a real server's configuration would; a shutdown removes
+//! them first (an off machine serves nobody: the world forgets its server).
 //!
 //! The forwarded connections reach the server from the guest network's gateway: a server in a
 //! guest sees every peer at one address (user networking), where a server on a host sees one
@@ -66,12 +68,19 @@ shift"#,
         })
     }
 
-    /// Restarts a guest's runtime without its server (and forgets the server's settings).
+    /// Restarts a running guest's runtime without its server (and removes the server's
+    /// settings from its disk, which only the running guest can do).
     pub(super) fn stop_guest_server(&mut self, machine: &str) -> Result<(), BackendError> {
-        self.guest_mut(machine)?.server = None;
-        if self.guest(machine)?.power != Power::Running {
-            return Ok(());
+        let power = self.guest(machine)?.power;
+        if power != Power::Running {
+            return Err(BackendError::WrongState {
+                machine: machine.to_string(),
+                state: power.name(),
+                operation: "server-stop",
+                needed: "running",
+            });
         }
+        self.guest_mut(machine)?.server = None;
         self.restart_runtime(
             machine,
             libc::SIGTERM,
@@ -79,6 +88,26 @@ shift"#,
             &[],
             "cannot restart the runtime without its server",
         )
+    }
+
+    /// Removes a running guest's server settings before it powers off (its server ends with
+    /// it); nothing for a guest that serves nothing.
+    pub(super) fn forget_guest_server(&mut self, machine: &str) -> Result<(), BackendError> {
+        if self.guest_mut(machine)?.server.take().is_none() {
+            return Ok(());
+        }
+        let out = self.guest_exec(
+            machine,
+            &["rm", "-f", "/disk/server.args"],
+            Duration::from_secs(10),
+        )?;
+        if out.code != Some(0) {
+            return Err(self.guest_failure(
+                machine,
+                format!("cannot remove /disk/server.args: {}", out.stderr.trim()),
+            ));
+        }
+        Ok(())
     }
 
     /// Kills a guest's serving runtime (SIGKILL) and starts it again as the server.

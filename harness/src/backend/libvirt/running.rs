@@ -91,6 +91,12 @@ impl RunningGuest for DomainVm {
         // libvirt's user networking (slirp) has no port forwarding of its own (only its passt
         // backend has): QEMU's monitor command on the interface's netdev, `hostnet0`.
         let rule = format!("tcp:{host}-:{guest_port}");
+        // A rule from an earlier server on the address goes first (its answer says whether
+        // there was one).
+        let _ = self.domain.qemu_monitor_command(
+            &format!("hostfwd_remove hostnet0 tcp:{host}"),
+            virt::sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP,
+        );
         let answer = self
             .domain
             .qemu_monitor_command(

@@ -86,6 +86,9 @@ impl RunningGuest for Vm {
     fn forward_port(&mut self, host: SocketAddr, guest_port: u16) -> Result<(), BackendError> {
         // User networking's own forwarding: QEMU listens on `host` and connects to the guest.
         let rule = format!("tcp:{host}-:{guest_port}");
+        // A rule from an earlier server on the address goes first (its answer says whether
+        // there was one).
+        let _ = self.monitor.hmp(&format!("hostfwd_remove n0 tcp:{host}"));
         let answer = self
             .monitor
             .hmp(&format!("hostfwd_add n0 {rule}"))
