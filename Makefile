@@ -44,10 +44,9 @@ test-libvirt: libvirt-required
 
 ## One built-in scenario per libvirt operation (boot, clone, perfect copy to another host, cold move
 ## to another CPU, live migration, snapshot and revert, revert with a dongle, hidden hypervisor,
-## usbredir hot-plug, USB/IP, terminal-server sessions, triad members serving from guests through
-## forwarded ports, reverted while serving); `make test-libvirt-all` runs every scenario
+## usbredir hot-plug, USB/IP, terminal-server sessions); `make test-libvirt-all` runs every scenario
 ## of the qemu suite (~20 min under TCG here).
-LIBVIRT_CORE_SCENARIOS = clone-guest,clone-guest-loose,guest-move-other-host,guest-live-migration,snapshot-rollback-units,dongle-units,vm-hidden-hypervisor,dongle-hop,usb-over-ethernet,stationshare-ts-guest,triad-reverted-member
+LIBVIRT_CORE_SCENARIOS = clone-guest,clone-guest-loose,guest-move-other-host,guest-live-migration,snapshot-rollback-units,dongle-units,vm-hidden-hypervisor,dongle-hop,usb-over-ethernet,stationshare-ts-guest
 test-libvirt-all: images
 	VIGIL_LIBVIRT_SCENARIOS=all $(CARGO) test -p vigil --features libvirt --test libvirt_scenarios -- --nocapture --test-threads 1
 

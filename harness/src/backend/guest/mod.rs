@@ -403,7 +403,11 @@ if [ -n "$pid" ]; then
     i=0
     while alive "$pid" && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
   fi
-  if alive "$pid"; then echo "meterd $pid did not stop, even killed" >&2; exit 1; fi
+  if alive "$pid"; then
+    # What it is doing, for the report: its state, where it waits in the kernel, what it is.
+    echo "meterd $pid did not stop, even killed ($(grep '^State:' "/proc/$pid/status" 2>/dev/null | tr -s '\t ' ' '); wchan $(cat "/proc/$pid/wchan" 2>/dev/null); $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null))" >&2
+    exit 1
+  fi
 fi
 rm -f /disk/meter/meterd.ready
 "#;
