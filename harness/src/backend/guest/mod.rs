@@ -421,10 +421,7 @@ exit $rc
         let script = format!("STOP_SIGNAL={signal}\n{STOP}{middle}{START}");
         let mut argv = vec!["sh", "-c", script.as_str(), "restart-runtime"];
         argv.extend_from_slice(args);
-        let out = self.guest_exec(machine, &argv, Duration::from_secs(40))?;
-        if out.code != Some(0) {
-            return Err(self.guest_failure(machine, format!("{failure}: {}", out.stderr.trim())));
-        }
+        self.guest_exec_ok(machine, &argv, Duration::from_secs(40), failure)?;
         let ready_file = format!("{GUEST_STATE}/meterd.ready");
         let g = self.guest_mut(machine)?;
         let vm = g.vm.as_mut().expect("a running guest has a vm");
@@ -662,6 +659,22 @@ exit $rc
     ) -> Result<CommandOutput, BackendError> {
         let argv = argv.iter().map(|a| a.to_string()).collect();
         self.exec(machine, argv, Vec::new(), None, timeout)
+    }
+
+    /// Runs a program in a running guest that must succeed; else a failure saying `failure`
+    /// with what it printed on its error output.
+    fn guest_exec_ok(
+        &mut self,
+        machine: &str,
+        argv: &[&str],
+        timeout: Duration,
+        failure: &str,
+    ) -> Result<(), BackendError> {
+        let out = self.guest_exec(machine, argv, timeout)?;
+        if out.code != Some(0) {
+            return Err(self.guest_failure(machine, format!("{failure}: {}", out.stderr.trim())));
+        }
+        Ok(())
     }
 
     /// Runs a program to completion in a guest (inside `session` when named); its exit and output.

@@ -96,18 +96,12 @@ shift"#,
         if self.guest_mut(machine)?.server.take().is_none() {
             return Ok(());
         }
-        let out = self.guest_exec(
+        self.guest_exec_ok(
             machine,
             &["rm", "-f", "/disk/server.args"],
             Duration::from_secs(10),
-        )?;
-        if out.code != Some(0) {
-            return Err(self.guest_failure(
-                machine,
-                format!("cannot remove /disk/server.args: {}", out.stderr.trim()),
-            ));
-        }
-        Ok(())
+            "cannot remove /disk/server.args",
+        )
     }
 
     /// Kills a guest's serving runtime (SIGKILL) and starts it again as the server.
@@ -142,18 +136,12 @@ done"#;
         } else {
             "CONT"
         };
-        let out = self.guest_exec(
+        self.guest_exec_ok(
             machine,
             &["sh", "-c", script, "signal-runtime", name],
             Duration::from_secs(20),
-        )?;
-        if out.code != Some(0) {
-            return Err(self.guest_failure(
-                machine,
-                format!("cannot send the runtime SIG{name}: {}", out.stderr.trim()),
-            ));
-        }
-        Ok(())
+            &format!("cannot send the runtime SIG{name}"),
+        )
     }
 
     /// Has the hypervisor forward a serving guest's ports from its own loopback address
