@@ -30,8 +30,9 @@ apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system
 # the headers the harness's `libvirt` feature links against. The harness starts its own daemons.
 apt-get install -y -qq --no-install-recommends -t bookworm-backports \
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config >/dev/null
+# tini: the subreaper each libvirt daemon runs under (its guests' processes are reaped at once).
 apt-get install -y -qq --no-install-recommends \
-  busybox-static cpio kmod redis-server iproute2 procps >/dev/null
+  busybox-static cpio kmod redis-server iproute2 procps tini >/dev/null
 # Headless Chromium renders report.html in a test (the page must load without console errors).
 apt-get install -y -qq --no-install-recommends chromium >/dev/null
 qemu-system-x86_64 --version | head -1

@@ -160,11 +160,16 @@ fn libvirt_daemon_finding() -> Finding {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default();
+        let reaper = if crate::backend::libvirt::daemon::reaper_installed() {
+            "under tini, which reaps its guests' processes at once"
+        } else {
+            "tini is missing (make deps): each guest's end waits for init to reap its QEMU"
+        };
         finding(
             "libvirt daemon",
             true,
             format!(
-                "{version}; one private daemon per host (qemu:///system?socket=<host>/run/libvirt-sock)"
+                "{version}; one private daemon per host (qemu:///system?socket=<host>/run/libvirt-sock), {reaper}"
             ),
         )
     }

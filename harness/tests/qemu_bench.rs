@@ -34,6 +34,11 @@ fn stats(values: &[f64]) -> serde_json::Value {
 /// One guest's life on a backend: boots, snapshots and reverts, live migrations between two
 /// hosts, a clone booted on the other host.
 fn exercise<H: Hypervisor>(kind: BackendKind, rounds: usize) -> (Timings, serde_json::Value) {
+    // `RUST_LOG=vigil=debug make bench-vm` shows each step's own timing.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     // SAFETY: set before any thread of this test reads the environment.
     unsafe { std::env::set_var("VIGIL_IMAGE_DIR", image_dir()) };
     let scratch = tempfile::tempdir().unwrap();

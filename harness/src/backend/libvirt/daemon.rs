@@ -13,6 +13,8 @@ use nix::unistd::Pid;
 
 /// The daemon binary.
 pub const LIBVIRTD: &str = "libvirtd";
+/// The subreaper the daemon runs under (Debian's `tini`), when installed.
+const TINI: &str = "/usr/bin/tini";
 
 /// The folders libvirt's privileged daemon uses, and the host folder's part bind-mounted over
 /// each.
@@ -80,6 +82,11 @@ pub fn installed() -> bool {
             .chain([PathBuf::from("/usr/sbin")])
             .any(|dir| dir.join(LIBVIRTD).is_file())
     })
+}
+
+/// Whether the subreaper the daemon runs under is installed.
+pub fn reaper_installed() -> bool {
+    Path::new(TINI).is_file()
 }
 
 fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
@@ -158,7 +165,20 @@ impl HostDaemon {
         write(&dir.join("etc/qemu.conf"), QEMU_CONF)?;
         let stderr = std::fs::File::create(dir.join("libvirtd.stderr"))
             .map_err(prepare(&dir.join("libvirtd.stderr")))?;
-        let mut command = Command::new(LIBVIRTD);
+        // libvirt daemonises QEMU, so a guest's process is reparented when it ends; libvirt waits
+        // for it to be reaped before it calls the guest destroyed. Under an init that reaps late
+        // (seconds, as on the CI machines) every destroy, revert and migration waited for it, so
+        // the daemon runs under a subreaper that reaps its orphans at once.
+        let mut command = if reaper_installed() {
+            let mut tini = Command::new(TINI);
+            tini.args(["-s", "--", LIBVIRTD]);
+            tini
+        } else {
+            tracing::warn!(
+                "tini is not installed (make deps): guests' ends wait for init to reap them"
+            );
+            Command::new(LIBVIRTD)
+        };
         command
             .arg("-f")
             .arg("/etc/libvirt/libvirtd.conf")
@@ -289,7 +309,15 @@ impl HostDaemon {
 
     /// The daemon's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.as_ref()?;
+        self.written_pid()
+    }
+
+    /// The process id the daemon wrote to its pid file.
+    fn written_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("libvirtd.pid"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
     }
 
     /// A new connection to the daemon.
@@ -312,6 +340,11 @@ impl HostDaemon {
         }
         // Guests left running (the daemon was gone) are stopped by their pid files.
         super::leftovers::kill_guests(&self.dir.join("run/qemu"), "qemu");
+        let daemon_pid = self
+            .written_pid()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .map(Pid::from_raw);
+        // The subreaper passes the signal on to the daemon and ends with it.
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
@@ -323,6 +356,9 @@ impl HostDaemon {
                 }
                 _ => {
                     tracing::warn!(dir = %self.dir.display(), "libvirtd ignored SIGTERM: killed");
+                    if let Some(daemon) = daemon_pid {
+                        let _ = kill(daemon, Signal::SIGKILL);
+                    }
                     let _ = child.kill();
                     let _ = child.wait();
                     break;
