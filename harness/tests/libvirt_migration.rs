@@ -34,8 +34,13 @@ fn a_running_guest_moves_live_between_two_hosts_daemons() {
     .unwrap();
     let guest = guest_folder(&images, dir.path());
     // Each end has its own agent socket: the source holds its own until the move is done.
+    // A model listing arch-capabilities features, which TCG lacks: unnamed, libvirt's check of
+    // the guest CPU on the destination refused the migration.
     let side = |side: &str| DomainSpec {
         genid: Some(GENID.into()),
+        cpu_model: "SapphireRapids".into(),
+        cpu_vendor_id: Some("GenuineIntel".into()),
+        disabled_features: vigil::backend::libvirt::cpu_model::tcg_disabled_features(),
         ..guest_spec(&images, &guest, UUID, side)
     };
     let source = side("a");

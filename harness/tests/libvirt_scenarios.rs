@@ -35,6 +35,19 @@ fn scenario_passes(name: &str) {
 
 guest_scenarios!(scenario_passes_on_libvirt, scenario_passes);
 
+#[test]
+fn a_revert_brings_a_guest_back_in_its_snapshots_power_state() {
+    if libvirt_common::image_dir_or_skip().is_none() {
+        println!("SKIPPED libvirt revert power states");
+        return;
+    }
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/guest-revert-power.yaml"
+    );
+    guest_scenarios::scenario_file_passes("libvirt", scenario, "guest-revert-power");
+}
+
 /// Processes whose command line names `needle` (the run's scratch folder).
 fn processes_naming(needle: &str) -> Vec<String> {
     let mut found = Vec::new();

@@ -81,6 +81,16 @@ fn a_server_in_a_guest_stops_starts_again_and_ends_with_its_guest() {
     scenario_file_passes(scenario, "guest-server-stop");
 }
 
+#[test]
+fn a_revert_brings_a_guest_back_in_its_snapshots_power_state() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/guest-revert-power.yaml"
+    );
+    guest_scenarios::scenario_file_passes("sim", scenario, "guest-revert-power");
+    scenario_file_passes(scenario, "guest-revert-power");
+}
+
 /// Runs `scenario` on qemu with the runtime folder `runtime`; returns the exit code and output.
 fn run_with_runtime(scenario: &str, runtime: &Path, weaken: Option<&str>) -> (Option<i32>, String) {
     let _turn = guest_scenarios::turn(scenario);

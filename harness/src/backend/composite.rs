@@ -458,7 +458,6 @@ impl Backend for World {
     }
 
     fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
-        let cpu = self.host_cpu(machine)?;
         // The restored configuration has the devices it had when saved: its dongles come back
         // from wherever they went since.
         let index = self.placement(machine)?.driver;
@@ -468,7 +467,7 @@ impl Backend for World {
             })?;
         }
         self.end_apps_of(machine);
-        self.driver(machine)?.revert(machine, name, &cpu)
+        self.driver(machine)?.revert(machine, name)
     }
 
     fn clone_guest(

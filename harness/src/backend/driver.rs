@@ -137,9 +137,9 @@ pub trait MachineDriver: Any {
         let _ = (machine, name);
         Ok(Vec::new())
     }
-    /// Reverts to a snapshot with a new generation id; a machine that comes back running boots
-    /// on `cpu`.
-    fn revert(&mut self, machine: &str, name: &str, cpu: &CpuProfile) -> Result<(), BackendError>;
+    /// Reverts to a snapshot with a new generation id, in the power state the snapshot was
+    /// taken in; running, the guest tells the CPU it had booted with before the snapshot.
+    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError>;
     /// Clones machine `from` into the new machine `to` (powered off); `to.identity` is used when
     /// `identity` asks for a new one.
     fn clone_machine(

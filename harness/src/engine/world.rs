@@ -460,6 +460,10 @@ impl World {
             Step::Revert(s) => {
                 self.backend.revert(&s.machine.value, &s.snapshot.value)?;
                 self.apps.retain(|_, app| app.machine != s.machine.value);
+                // A snapshot of a guest that was off brings it back off.
+                if self.backend.power(&s.machine.value)? == Power::Off {
+                    return Ok(());
+                }
                 self.after_boot(&s.machine.value)
             }
             Step::Clone(c) => {

@@ -48,6 +48,7 @@ pub fn guest_spec(images: &Path, guest: &Path, uuid: &str, side: &str) -> Domain
         cpu_model: "qemu64".into(),
         cpu_vendor_id: None,
         hide_hypervisor: false,
+        disabled_features: Vec::new(),
         kernel: images.join("vmlinux").canonicalize().unwrap(),
         initrd: images.join("initramfs.cpio").canonicalize().unwrap(),
         cmdline: "console=ttyS0 quiet panic=-1 mitigations=off cryptomgr.notests vigil.name=vm1"

@@ -1057,7 +1057,7 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
         })
     }
 
-    fn revert(&mut self, machine: &str, name: &str, cpu: &CpuProfile) -> Result<(), BackendError> {
+    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
         let started = Instant::now();
         let (live, sessions, usb) =
             {
@@ -1069,12 +1069,12 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
                 })?;
                 (snap.live, snap.sessions.clone(), snap.usb.clone())
             };
-        let was_on = self.guest(machine)?.power != Power::Off;
         self.power_cut(machine)?;
         // A revert is a new hypervisor process with a new generation id.
         let vmgenid = self.mint.generation_id();
         self.guest_mut(machine)?.vmgenid = vmgenid;
-        if was_on && live {
+        // The guest comes back in the power state it had when the snapshot was taken.
+        if live {
             // The restored machine has the devices it had when saved: its dongles come back.
             self.restore_usb(machine, usb)?;
             let configured = self.usbredir_configured(machine)?;
@@ -1087,9 +1087,6 @@ impl<H: Hypervisor> MachineDriver for GuestDriver<H> {
         } else {
             let spec = self.spec_for(machine, None);
             self.hv.revert_stopped(&spec, name)?;
-            if was_on {
-                self.boot(machine, cpu)?;
-            }
         }
         self.timings
             .revert_ms

@@ -53,6 +53,62 @@ pub fn vendor_id(cpu: &CpuProfile) -> Option<String> {
         .then(|| cpu.vendor.clone())
 }
 
+/// libvirt's map of x86 CPU features.
+const FEATURE_MAP: &str = "/usr/share/libvirt/cpu_map/x86_features.xml";
+/// The MSR whose bits libvirt names as the arch-capabilities features.
+const ARCH_CAPABILITIES_MSR: &str = "0x0000010a";
+/// The arch-capabilities features of libvirt 11, should its map be unreadable.
+const KNOWN_ARCH_CAPABILITIES: &[&str] = &[
+    "rdctl-no",
+    "ibrs-all",
+    "rsba",
+    "skip-l1dfl-vmentry",
+    "ssb-no",
+    "mds-no",
+    "pschange-mc-no",
+    "tsx-ctrl",
+    "taa-no",
+    "sbdr-ssdp-no",
+    "fbsdp-no",
+    "psdp-no",
+    "fb-clear",
+    "pbrsb-no",
+    "gds-no",
+    "rfds-no",
+    "rfds-clear",
+];
+
+/// The features a guest under TCG is given without, named so that libvirt knows: TCG has no
+/// arch-capabilities MSR, and libvirt marks the CPUID bit missing after a start but not the
+/// MSR's features, which then fail its check of the guest CPU on a migration's destination
+/// (models such as SapphireRapids list them).
+pub fn tcg_disabled_features() -> Vec<String> {
+    let mut features = vec!["arch-capabilities".to_string()];
+    match std::fs::read_to_string(FEATURE_MAP) {
+        Ok(map) => features.extend(msr_features(&map, ARCH_CAPABILITIES_MSR)),
+        Err(_) => features.extend(KNOWN_ARCH_CAPABILITIES.iter().map(|f| f.to_string())),
+    }
+    features
+}
+
+/// The features of libvirt's feature map `map` that are bits of MSR `index`.
+fn msr_features(map: &str, index: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut current: Option<&str> = None;
+    for line in map.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("<feature name='") {
+            current = rest.split('\'').next();
+        } else if line.starts_with("</feature>") {
+            current = None;
+        } else if line.starts_with(&format!("<msr index='{index}'"))
+            && let Some(name) = current
+        {
+            found.push(name.to_string());
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +140,17 @@ mod tests {
             Some("GenuineIntel")
         );
         assert_eq!(vendor_id(&cpu_profile("Intel", "x")), None);
+    }
+
+    #[test]
+    fn the_arch_capabilities_features_are_read_from_libvirts_map() {
+        let map = "<cpus>\n  <feature name='arch-capabilities'>\n    <cpuid eax_in='0x00000007' edx='0x20000000'/>\n  </feature>\n  <feature name='rdctl-no'>\n    <msr index='0x0000010a' edx='0x00000000' eax='0x00000001'/>\n  </feature>\n  <feature name='split-lock-detect'>\n    <msr index='0x000000cf' edx='0x00000000' eax='0x00000020'/>\n  </feature>\n  <feature name='mds-no'>\n    <msr index='0x0000010a' edx='0x00000000' eax='0x00000020'/>\n  </feature>\n</cpus>\n";
+        assert_eq!(
+            msr_features(map, ARCH_CAPABILITIES_MSR),
+            ["rdctl-no", "mds-no"]
+        );
+        let features = tcg_disabled_features();
+        assert_eq!(features[0], "arch-capabilities");
+        assert!(features.iter().any(|f| f == "rdctl-no"), "{features:?}");
     }
 }

@@ -37,6 +37,8 @@ pub struct DomainSpec {
     pub cpu_vendor_id: Option<String>,
     /// The CPUID hypervisor bit is switched off (an attack by the VM's owner).
     pub hide_hypervisor: bool,
+    /// Features of the model the guest is given without (those the accelerator lacks).
+    pub disabled_features: Vec<String>,
     /// The guest kernel.
     pub kernel: PathBuf,
     /// The guest's initramfs.
@@ -175,6 +177,13 @@ impl DomainSpec {
                 );
             }
         }
+        for feature in &self.disabled_features {
+            let _ = writeln!(
+                x,
+                "    <feature policy='disable' name='{}'/>",
+                escape(feature)
+            );
+        }
         if self.hide_hypervisor {
             x.push_str("    <feature policy='disable' name='hypervisor'/>\n");
         }
@@ -255,6 +264,7 @@ mod tests {
             cpu_model: "Cascadelake-Server".into(),
             cpu_vendor_id: Some("GenuineIntel".into()),
             hide_hypervisor: true,
+            disabled_features: vec!["arch-capabilities".into(), "rdctl-no".into()],
             kernel: "/images/vmlinux".into(),
             initrd: "/images/initramfs.cpio".into(),
             cmdline: "console=ttyS0 vigil.name=vm1".into(),

@@ -45,6 +45,8 @@ pub struct LibvirtHypervisor {
     placement: BTreeMap<String, String>,
     /// Guest → its log folder (libvirt's QEMU log is copied there at the end).
     logs: BTreeMap<String, PathBuf>,
+    /// CPU features every guest is given without (what TCG lacks; none under KVM).
+    disabled_features: Vec<String>,
 }
 
 /// Why the libvirt backend cannot run here, if it cannot.
@@ -69,9 +71,16 @@ impl LibvirtHypervisor {
                 why,
             });
         }
+        let accelerator = Accelerator::detect();
+        let disabled_features = if accelerator.name == "kvm" {
+            Vec::new()
+        } else {
+            cpu_model::tcg_disabled_features()
+        };
         Ok(LibvirtHypervisor {
             image_dir,
-            accelerator: Accelerator::detect(),
+            accelerator,
+            disabled_features,
             hosts_dir: config.work_dir.join("libvirt"),
             log_dir: config.log_dir.clone(),
             seed: config.seed,
@@ -144,6 +153,7 @@ impl LibvirtHypervisor {
             cpu_model: cpu_model::named_model(&spec.cpu).to_string(),
             cpu_vendor_id: cpu_model::vendor_id(&spec.cpu),
             hide_hypervisor: spec.hide_hypervisor,
+            disabled_features: self.disabled_features.clone(),
             kernel: image::image_file(&self.image_dir, "vmlinux"),
             initrd: image::image_file(&self.image_dir, "initramfs.cpio"),
             cmdline: image::kernel_cmdline(spec),
@@ -227,6 +237,46 @@ impl LibvirtHypervisor {
         }
     }
 
+    /// The snapshot `name` of `spec`'s guest, its definition given the CPU the guest's host
+    /// gives it now: a guest sees its host's CPU, also after a revert to a snapshot taken on
+    /// another host (libvirt would bring the snapshot's CPU back, and a later migration would
+    /// be refused for a CPU the world does not give the guest).
+    fn snapshot_on_this_host(
+        &mut self,
+        spec: &LaunchSpec,
+        name: &str,
+    ) -> Result<DomainSnapshot, BackendError> {
+        let snapshot = self.snapshot_of(&spec.name, name)?;
+        let cpu = cpu_element(&self.domain_xml(spec, guid(&spec.vmgenid)));
+        let Some(cpu) = cpu else {
+            return Ok(snapshot);
+        };
+        let definition = snapshot
+            .xml_desc(virt::sys::VIR_DOMAIN_SNAPSHOT_XML_SECURE)
+            .map_err(|e| refused_plain(&spec.name, "read the snapshot", e))?;
+        let aligned = with_cpu(&definition, &cpu);
+        if aligned == definition {
+            return Ok(snapshot);
+        }
+        let domain = snapshot
+            .domain()
+            .map_err(|e| refused_plain(&spec.name, "find the snapshot's domain", e))?;
+        // libvirt refuses to redefine a snapshot with another CPU in place.
+        snapshot
+            .delete(virt::sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+            .map_err(|e| refused_plain(&spec.name, "set the snapshot aside", e))?;
+        domain
+            .create_snapshot_xml(&aligned, virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+            .map_err(|e| {
+                // The snapshot as it was, rather than none.
+                let _ = domain.create_snapshot_xml(
+                    &definition,
+                    virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE,
+                );
+                refused_plain(&spec.name, "give the snapshot this host's CPU", e)
+            })
+    }
+
     fn snapshot_of(&mut self, guest: &str, name: &str) -> Result<DomainSnapshot, BackendError> {
         let domain = self.domain(guest)?.ok_or_else(|| BackendError::Unknown {
             kind: "snapshot",
@@ -292,7 +342,7 @@ impl Hypervisor for LibvirtHypervisor {
         }
         match spec.loadvm.clone() {
             Some(name) => {
-                let snapshot = self.snapshot_of(&spec.name, &name)?;
+                let snapshot = self.snapshot_on_this_host(&spec, &name)?;
                 let xml_file = spec.log_dir.join("libvirt-domain.xml");
                 // libvirt restores the snapshot's definition and gives it a new generation id.
                 let started = std::time::Instant::now();
@@ -562,6 +612,42 @@ fn redefine_snapshots(
     Ok(())
 }
 
+/// Where the first `<cpu>` element of `xml` starts and ends.
+fn cpu_span(xml: &str) -> Option<(usize, usize)> {
+    let mut from = 0;
+    loop {
+        let start = from + xml[from..].find("<cpu")?;
+        let after = &xml[start + "<cpu".len()..];
+        if after.starts_with([' ', '>', '/']) {
+            let tag_end = start + xml[start..].find('>')? + 1;
+            if xml[..tag_end].ends_with("/>") {
+                return Some((start, tag_end));
+            }
+            let end = tag_end + xml[tag_end..].find("</cpu>")? + "</cpu>".len();
+            return Some((start, end));
+        }
+        from = start + "<cpu".len();
+    }
+}
+
+/// The `<cpu>` element of a domain XML.
+fn cpu_element(xml: &str) -> Option<String> {
+    cpu_span(xml).map(|(start, end)| xml[start..end].to_string())
+}
+
+/// `definition` (a snapshot's) with each of its domains' `<cpu>` elements replaced by `cpu`.
+fn with_cpu(definition: &str, cpu: &str) -> String {
+    let mut out = String::with_capacity(definition.len());
+    let mut rest = definition;
+    while let Some((start, end)) = cpu_span(rest) {
+        out.push_str(&rest[..start]);
+        out.push_str(cpu);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A snapshot definition with only its name (libvirt takes an internal snapshot of a qcow2
 /// disk, with the running state when the domain runs).
 fn snapshot_xml(name: &str) -> String {
@@ -660,5 +746,26 @@ mod tests {
         assert_eq!(host_uuid(7, "host-a"), host_uuid(7, "host-a"));
         assert_ne!(host_uuid(7, "host-a"), host_uuid(7, "host-b"));
         assert_eq!(host_uuid(7, "host-a").len(), 36);
+    }
+
+    #[test]
+    fn a_snapshots_domains_get_the_cpu_given() {
+        let snapshot = "<domainsnapshot><name>s1</name><domain><vcpu>1</vcpu><cputune/>\
+            <cpu mode='custom' check='full'><model>Cascadelake-Server</model>\
+            <feature policy='disable' name='pcid'/></cpu><devices/></domain>\
+            <inactiveDomain><cpu mode='custom'/></inactiveDomain></domainsnapshot>";
+        let cpu = "<cpu mode='custom' check='none'><model>SapphireRapids</model></cpu>";
+        assert_eq!(
+            with_cpu(snapshot, cpu),
+            "<domainsnapshot><name>s1</name><domain><vcpu>1</vcpu><cputune/>\
+            <cpu mode='custom' check='none'><model>SapphireRapids</model></cpu><devices/></domain>\
+            <inactiveDomain><cpu mode='custom' check='none'><model>SapphireRapids</model></cpu>\
+            </inactiveDomain></domainsnapshot>"
+        );
+        assert_eq!(
+            cpu_element(&format!("<domain>{cpu}</domain>")).as_deref(),
+            Some(cpu)
+        );
+        assert_eq!(with_cpu("<domain/>", cpu), "<domain/>");
     }
 }

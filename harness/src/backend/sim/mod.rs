@@ -50,7 +50,8 @@ struct Machine {
     server: Option<ServerSettings>,
     /// The servers its runtime reaches (given at every start, added to a running runtime).
     servers: Vec<ServerLink>,
-    snapshots: BTreeMap<String, (PathBuf, bool)>,
+    /// Snapshot → its disk copy and, when taken running, the CPU its memory saw at boot.
+    snapshots: BTreeMap<String, (PathBuf, Option<CpuProfile>)>,
     /// How far its clock runs past real time.
     clock_ms: i64,
     /// Dongles it holds and how they reached it.
@@ -731,15 +732,16 @@ impl MachineDriver for SimDriver {
         let dest = self.machine(machine)?.dir.join("snapshots").join(name);
         let _ = std::fs::remove_dir_all(&dest);
         self.copy_disk(machine, &dest)?;
-        let running = self.machine(machine)?.power != Power::Off;
+        let m = self.machine(machine)?;
+        let booted_cpu = (m.power != Power::Off).then(|| m.cpu.clone());
         self.machine_mut(machine)?
             .snapshots
-            .insert(name.to_string(), (dest, running));
+            .insert(name.to_string(), (dest, booted_cpu));
         Ok(())
     }
 
-    fn revert(&mut self, machine: &str, name: &str, cpu: &CpuProfile) -> Result<(), BackendError> {
-        let (source, was_running) = self
+    fn revert(&mut self, machine: &str, name: &str) -> Result<(), BackendError> {
+        let (source, booted_cpu) = self
             .machine(machine)?
             .snapshots
             .get(name)
@@ -759,9 +761,11 @@ impl MachineDriver for SimDriver {
         self.machine_mut(machine)?.vmgenid = vmgenid;
         // Apps that were running are gone: the sim cannot restore process memory.
         self.apps.retain(|_, app| app.machine != machine);
-        // The guest comes back in the power state it had when the snapshot was taken.
-        if was_running {
-            self.boot_inner(machine, cpu)?;
+        // The guest comes back in the power state it had when the snapshot was taken; running,
+        // its restored kernel tells the CPU it booted with (a guest's reads its CPU once, at
+        // boot), whichever host it is put back on.
+        if let Some(cpu) = booted_cpu {
+            self.boot_inner(machine, &cpu)?;
         }
         Ok(())
     }
