@@ -148,6 +148,7 @@ clean-reports:
 ## by a hash of its inputs (see images/README.md).
 images:
 	./scripts/build-image.sh
+	./scripts/build-kernel.sh
 
 ## The qemu suite: built-in scenarios on real QEMU guests (skips, saying why, without QEMU or images).
 test-vm: images

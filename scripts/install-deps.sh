@@ -33,6 +33,8 @@ apt-get install -y -qq --no-install-recommends -t bookworm-backports \
 # tini: the subreaper each libvirt daemon runs under (its guests' processes are reaped at once).
 apt-get install -y -qq --no-install-recommends \
   busybox-static cpio kmod redis-server iproute2 procps tini >/dev/null
+# The fast guest kernel's build (scripts/build-kernel.sh, from Debian's linux-source).
+apt-get install -y -qq --no-install-recommends make flex bison bc libelf-dev xz-utils >/dev/null
 # Headless Chromium renders report.html in a test (the page must load without console errors).
 apt-get install -y -qq --no-install-recommends chromium >/dev/null
 qemu-system-x86_64 --version | head -1

@@ -113,7 +113,13 @@ pub fn diagnose(runtime_bin: &Path) -> DoctorReport {
         "guest image",
         image_ok,
         if image_ok {
-            "images/out has a kernel and an initramfs".to_string()
+            let (kernel, _) = crate::backend::guest::image::guest_kernel(images);
+            let why = if kernel == "fast" {
+                "the fast kernel (images/out/vmlinux-fast; VIGIL_GUEST_KERNEL=debian boots Debian's)"
+            } else {
+                "Debian's kernel (`make images` builds the fast one; VIGIL_GUEST_KERNEL chooses)"
+            };
+            format!("images/out has a kernel and an initramfs; guests boot {why}")
         } else {
             "images/out is empty (`make images` builds it)".to_string()
         },

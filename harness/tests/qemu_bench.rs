@@ -116,7 +116,6 @@ fn exercise<H: Hypervisor>(kind: BackendKind, rounds: usize) -> (Timings, serde_
     )
 }
 
-#[cfg(feature = "libvirt")]
 fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -177,6 +176,88 @@ fn qemu_timings() {
     }
     let (t, run) = exercise::<vigil::backend::qemu::QemuHypervisor>(BackendKind::Qemu, 3);
     write_report("vm.json", &report_of(&t, run));
+}
+
+/// One quarter of the built-in suite on qemu (`vigil suite --shard 1/4`) with the guest kernel
+/// `kernel`: its wall-clock seconds and its scenarios' verdicts.
+fn suite_quarter(kernel: &str) -> serde_json::Value {
+    let reports = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args([
+            "suite",
+            "--backend",
+            "qemu",
+            "--shard",
+            "1/4",
+            "--report-dir",
+        ])
+        .arg(reports.path())
+        .env("VIGIL_IMAGE_DIR", image_dir())
+        .env(vigil::backend::guest::image::KERNEL_VARIABLE, kernel)
+        .output()
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = |word: &str| text.lines().filter(|l| l.starts_with(word)).count();
+    serde_json::json!({
+        "shard": "1/4",
+        "exit_code": out.status.code(),
+        "passed": count("PASS"),
+        "failed": count("FAIL") + count("ERROR"),
+        "seconds": (seconds * 10.0).round() / 10.0,
+    })
+}
+
+/// The two guest kernels in one run (`make bench-vm`): boot to agent-ready, revert and a
+/// quarter of the qemu suite with Debian's kernel and with the fast one
+/// (scripts/build-kernel.sh), and the fast one's ratios, into reports/bench/guest-kernels.json.
+#[test]
+#[ignore = "boots real guests; run by `make bench-vm`"]
+fn guest_kernels() {
+    use vigil::backend::guest::image::{FAST_KERNEL, KERNEL_VARIABLE};
+    if let Some(why) = vigil::backend::qemu::vm::missing_prerequisite(&image_dir()) {
+        println!("SKIPPED guest kernel benchmark: {why}");
+        return;
+    }
+    if !image_dir().join(FAST_KERNEL).is_file() {
+        println!("SKIPPED guest kernel benchmark: no fast kernel (scripts/build-kernel.sh)");
+        return;
+    }
+    let mut kernels = serde_json::Map::new();
+    let mut medians = Vec::new();
+    for kernel in ["debian", "fast"] {
+        // SAFETY: set before any thread of this test reads the environment.
+        unsafe { std::env::set_var(KERNEL_VARIABLE, kernel) };
+        let (t, run) = exercise::<vigil::backend::qemu::QemuHypervisor>(BackendKind::Qemu, 5);
+        let mut report = report_of(&t, run);
+        report["suite_quarter"] = suite_quarter(kernel);
+        medians.push((
+            median(&t.boot_ms),
+            median(&t.revert_ms),
+            report["suite_quarter"]["seconds"].as_f64(),
+        ));
+        kernels.insert(kernel.into(), report);
+    }
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(KERNEL_VARIABLE) };
+    let ratio = |fast: Option<f64>, debian: Option<f64>| match (fast, debian) {
+        (Some(f), Some(d)) if d > 0.0 => serde_json::json!(((f / d) * 100.0).round() / 100.0),
+        _ => serde_json::Value::Null,
+    };
+    let (debian, fast) = (medians[0], medians[1]);
+    write_report(
+        "guest-kernels.json",
+        &serde_json::json!({
+            "kernels": kernels,
+            "fast_to_debian": {
+                "boot_to_agent_ready": ratio(fast.0, debian.0),
+                "revert_to_agent_ready": ratio(fast.1, debian.1),
+                "suite_quarter_seconds": ratio(fast.2, debian.2),
+            },
+            "goal_tcg": "boot to agent-ready at most 2.5 s median, revert at most 1 s",
+        }),
+    );
 }
 
 /// The libvirt backend's timings and their ratios to the qemu backend's, measured in one run

@@ -87,6 +87,24 @@ impl Accelerator {
     }
 }
 
+/// Chooses the guest kernel: `fast` (images/out/vmlinux-fast, built by scripts/build-kernel.sh)
+/// or `debian` (images/out/vmlinux, Debian's); unset, the fast one where it was built.
+pub const KERNEL_VARIABLE: &str = "VIGIL_GUEST_KERNEL";
+
+/// The fast kernel's file in the image folder.
+pub const FAST_KERNEL: &str = "vmlinux-fast";
+
+/// Which guest kernel guests boot, and its file: `("fast", …)` or `("debian", …)`.
+pub fn guest_kernel(image_dir: &Path) -> (&'static str, PathBuf) {
+    let fast = image_dir.join(FAST_KERNEL);
+    let choice = std::env::var(KERNEL_VARIABLE).unwrap_or_default();
+    if choice != "debian" && fast.is_file() {
+        ("fast", image_file(image_dir, FAST_KERNEL))
+    } else {
+        ("debian", image_file(image_dir, "vmlinux"))
+    }
+}
+
 /// The guest kernel's command line: the guest's name and what its init hands the runtime.
 pub fn kernel_cmdline(spec: &LaunchSpec) -> String {
     // Under TCG the kernel's crypto self-tests, the KDF self-test, the kprobe tracer and

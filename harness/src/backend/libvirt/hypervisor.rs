@@ -154,7 +154,7 @@ impl LibvirtHypervisor {
             cpu_vendor_id: cpu_model::vendor_id(&spec.cpu),
             hide_hypervisor: spec.hide_hypervisor,
             disabled_features: self.disabled_features.clone(),
-            kernel: image::image_file(&self.image_dir, "vmlinux"),
+            kernel: image::guest_kernel(&self.image_dir).1,
             initrd: image::image_file(&self.image_dir, "initramfs.cpio"),
             cmdline: image::kernel_cmdline(spec),
             disk: spec.disk.clone(),
@@ -323,6 +323,7 @@ impl Hypervisor for LibvirtHypervisor {
         json!({
             "accelerator": self.accelerator.name,
             "accelerator_reason": self.accelerator.reason,
+            "guest_kernel": image::guest_kernel(&self.image_dir).0,
             "libvirt": version,
             "qemu": crate::capabilities::version_of(image::QEMU),
             "daemons": daemons,

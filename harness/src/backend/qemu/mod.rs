@@ -22,6 +22,7 @@ use super::guest::agent::AgentClient;
 use super::guest::hypervisor::{
     Hypervisor, LaunchSpec, Migrated, RunningGuest, copy_disk_file, run_qemu_img,
 };
+use super::guest::image;
 use super::guest::usb_plug::UsbRedirPlug;
 use super::types::{BackendError, BackendKind, WorldConfig};
 
@@ -132,6 +133,7 @@ impl Hypervisor for QemuHypervisor {
         json!({
             "accelerator": self.env.accelerator.name,
             "accelerator_reason": self.env.accelerator.reason,
+            "guest_kernel": image::guest_kernel(&self.env.image_dir).0,
             "qemu": self.env.qemu_version,
         })
     }

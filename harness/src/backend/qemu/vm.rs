@@ -103,7 +103,7 @@ pub fn command_args(spec: &LaunchSpec, incoming: Option<&Path>, env: &Environmen
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let kernel = image::image_file(&env.image_dir, "vmlinux");
+        let kernel = image::guest_kernel(&env.image_dir).1;
         let initrd = image::image_file(&env.image_dir, "initramfs.cpio");
         args.extend([
             "-kernel".into(),
