@@ -199,7 +199,8 @@ fn suite_quarter(kernel: &str) -> serde_json::Value {
         .unwrap();
     let seconds = started.elapsed().as_secs_f64();
     // Each scenario's verdict line goes to stderr.
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let count = |word: &str| text.lines().filter(|l| l.starts_with(word)).count();
     serde_json::json!({
         "shard": "1/4",

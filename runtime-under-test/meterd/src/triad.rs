@@ -219,6 +219,8 @@ pub struct TriadMember {
     /// How far this member takes part now (see [`TriadMember::quarantine`] and
     /// [`TriadMember::isolate`]).
     standing: Arc<Standing>,
+    /// Its own log, read by the quarantine.
+    log: TriadLog,
 }
 
 impl Writer {
@@ -397,6 +399,7 @@ impl TriadMember {
                 .collect(),
             Arc::clone(&standing),
         );
+        let own_log = log.clone();
         let raft = TriadRaft::new(id, Arc::new(config), links.clone(), log, ledger.clone())
             .await
             .map_err(|e| TriadError::Stopped(e.to_string()))?;
@@ -457,6 +460,7 @@ impl TriadMember {
             links,
             leader_link: tokio::sync::Mutex::new(None),
             standing,
+            log: own_log,
         })
     }
 
@@ -591,9 +595,9 @@ impl TriadMember {
     }
 
     /// Keeps a member that started again out of every election, as a voter and as a candidate
-    /// (it still follows and acknowledges a leader's entries), until its log reaches as far as
-    /// both other members (or a leader other than itself) said they had applied theirs, asked
-    /// after this member started; or for `at_most`. Its state may have been put
+    /// (it still follows and acknowledges a leader's entries), until its log holds the entry
+    /// both other members (or a leader other than itself) said they had applied last (same
+    /// position, same term), asked after this member started; or for `at_most`. Its state may have been put
     /// back from an old copy: a log missing entries it had acknowledged, which with its vote
     /// could elect a leader that never saw them. Caught up so, its log holds every entry
     /// committed before it started; `at_most` (longer than a lease) lets every lease
@@ -609,6 +613,7 @@ impl TriadMember {
         let id = self.writer.id;
         let links = self.links.clone();
         let members = self.members.clone();
+        let log = self.log.clone();
         tokio::spawn(async move {
             let until = tokio::time::Instant::now() + at_most;
             let caught_up = tokio::time::timeout_at(until, async {
@@ -620,14 +625,17 @@ impl TriadMember {
                         Some(leader) => vec![leader],
                         None => members.keys().copied().filter(|m| *m != id).collect(),
                     };
-                    let mut target = Some(0u64);
+                    // The furthest entry they applied (`Some(None)`: none yet); `None`: one
+                    // could not be asked.
+                    let mut target = Some(None::<openraft::LogId<MemberId>>);
                     for member in &asked {
                         let Some(node) = members.get(member) else {
                             target = None;
                             break;
                         };
                         target = match links.link(*member, node).applied().await {
-                            Ok(applied) => target.map(|t| t.max(applied.unwrap_or(0))),
+                            Ok(applied) => target
+                                .map(|t| std::cmp::max_by_key(t, applied, |a| a.map(|a| a.index))),
                             Err(_) => None,
                         };
                         if target.is_none() {
@@ -635,24 +643,31 @@ impl TriadMember {
                         }
                     }
                     if let Some(applied) = target {
+                        let index = applied.map_or(0, |a| a.index);
                         let left = until.saturating_duration_since(tokio::time::Instant::now());
                         let reached = raft
                             .wait(Some(left))
                             .metrics(
                                 // Held in its log is enough (a restarted member applies
                                 // its entries only once a leader says they committed).
-                                |m| m.last_log_index.is_some_and(|i| i >= applied),
+                                |m| m.last_log_index.is_some_and(|i| i >= index),
                                 "holds as much as the others applied",
                             )
                             .await;
+                        // The same entry, not only as long a log: an old copy may hold
+                        // entries of an older term at those positions, which a leader it
+                        // helped elect would make the others' committed ones give way to.
+                        let same = reached.is_ok()
+                            && applied.is_none_or(|id| log.holds(&id).unwrap_or(false));
                         tracing::debug!(
                             member = id,
                             ?asked,
-                            applied,
+                            ?applied,
                             reached = reached.is_ok(),
+                            same,
                             "Quarantined member catching up"
                         );
-                        if reached.is_ok() {
+                        if same {
                             return;
                         }
                     }

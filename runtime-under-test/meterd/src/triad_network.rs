@@ -15,7 +15,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{RaftNetwork, RaftNetworkFactory};
+use openraft::{LogId, RaftNetwork, RaftNetworkFactory};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -72,8 +72,8 @@ enum Answer {
     Vote(Result<VoteResponse<MemberId>, TriadRaftError>),
     Snapshot(Result<InstallSnapshotResponse<MemberId>, TriadRaftError<InstallSnapshotError>>),
     Submit(Result<LedgerOutcome, ForwardRefusal>),
-    /// The last log position the member applied (none yet: `None`).
-    Applied(Option<u64>),
+    /// The last log entry the member applied (none yet: `None`).
+    Applied(Option<LogId<MemberId>>),
 }
 
 type Link = Framed<tokio_rustls::client::TlsStream<TcpStream>, LengthDelimitedCodec>;
@@ -198,8 +198,8 @@ impl MemberLink {
         }
     }
 
-    /// How far this member has applied its log.
-    pub async fn applied(&mut self) -> Result<Option<u64>, ForwardError> {
+    /// The last log entry this member has applied.
+    pub async fn applied(&mut self) -> Result<Option<LogId<MemberId>>, ForwardError> {
         match self.ask(&Call::Applied).await? {
             Answer::Applied(applied) => Ok(applied),
             _ => Err(self.answered_another_call()),
@@ -444,9 +444,7 @@ pub async fn serve(
                         return;
                     }
                     Call::Append(rpc) => Answer::Append(raft.append_entries(rpc).await),
-                    Call::Applied => {
-                        Answer::Applied(raft.metrics().borrow().last_applied.map(|a| a.index))
-                    }
+                    Call::Applied => Answer::Applied(raft.metrics().borrow().last_applied),
                     Call::Vote(rpc) => Answer::Vote(raft.vote(rpc).await),
                     Call::Snapshot(rpc) => Answer::Snapshot(raft.install_snapshot(rpc).await),
                     Call::Submit(command) if !forwardable(&command) => {

@@ -175,6 +175,19 @@ impl TriadLog {
             .transpose()
     }
 
+    /// Whether this log holds the entry `id` names (the same index written in the same term
+    /// by the same leader), or has compacted the log past it (compacted entries were
+    /// committed, and committed entries are the same on every member).
+    pub fn holds(&self, id: &LogId<MemberId>) -> Result<bool, TriadStorageError> {
+        let txn = self.db.begin_read().map_err(io_read)?;
+        let table = txn.open_table(LOG).map_err(io_read)?;
+        if let Some(value) = table.get(id.index).map_err(io_read)? {
+            return Ok(decode::<TriadEntry>(value.value())?.log_id == *id);
+        }
+        let purged: Option<LogId<MemberId>> = self.state(PURGED)?;
+        Ok(purged.is_some_and(|purged| purged.index >= id.index))
+    }
+
     fn last_entry_id(&self) -> Result<Option<LogId<MemberId>>, TriadStorageError> {
         let txn = self.db.begin_read().map_err(io_read)?;
         let table = txn.open_table(LOG).map_err(io_read)?;
@@ -469,5 +482,46 @@ impl RaftStateMachine<TriadConfig> for TriadLedger {
             meta: stored.meta,
             snapshot: Box::new(Cursor::new(stored.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn id(term: u64, index: u64) -> LogId<MemberId> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    #[tokio::test]
+    async fn a_log_holds_an_entry_only_as_written_in_the_same_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _ledger) = open(&dir.path().join("triad.redb")).unwrap();
+        let txn = log.db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(LOG).unwrap();
+            for log_id in [id(1, 1), id(1, 2), id(2, 3)] {
+                let entry = TriadEntry {
+                    log_id,
+                    payload: EntryPayload::Blank,
+                };
+                table
+                    .insert(log_id.index, encode(&entry).unwrap().as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        assert!(log.holds(&id(2, 3)).unwrap());
+        // An old copy's entry at the position another term's entry was committed at.
+        assert!(!log.holds(&id(3, 3)).unwrap());
+        assert!(!log.holds(&id(3, 4)).unwrap(), "past its end");
+        log.purge(id(1, 2)).await.unwrap();
+        assert!(
+            log.holds(&id(1, 1)).unwrap(),
+            "compacted: committed, the same everywhere"
+        );
+        assert!(log.holds(&id(2, 3)).unwrap());
     }
 }
