@@ -762,8 +762,8 @@ impl MachineDriver for SimDriver {
         // Apps that were running are gone: the sim cannot restore process memory.
         self.apps.retain(|_, app| app.machine != machine);
         // The guest comes back in the power state it had when the snapshot was taken; running,
-        // its restored kernel tells the CPU it booted with (a guest's reads its CPU once, at
-        // boot), whichever host it is put back on.
+        // its restored kernel tells the CPU it booted with (a guest's kernel reads its CPU
+        // once, at boot), whichever host it is put back on.
         if let Some(cpu) = booted_cpu {
             self.boot_inner(machine, &cpu)?;
         }
