@@ -74,6 +74,8 @@ done < "$config"
 [ "$missing" = 0 ] || exit 2
 echo "build-kernel: building vmlinux on $(nproc) cores (a few minutes, once per machine)"
 make -C "$work" -s -j"$(nproc)" vmlinux
+# Kernels built from an earlier config or recipe are not used again.
+find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name 'src-*' ! -name "$key" -exec rm -rf {} +
 mkdir -p "$cache/$key"
 cp "$work/vmlinux" "$built.tmp" && mv "$built.tmp" "$built"
 cp "$work/.config" "$cache/$key/config"
