@@ -261,7 +261,8 @@ impl LibvirtHypervisor {
         let domain = snapshot
             .domain()
             .map_err(|e| refused_plain(&spec.name, "find the snapshot's domain", e))?;
-        // libvirt refuses to redefine a snapshot with another CPU in place.
+        // Its metadata is replaced whole (set aside, then defined again), as a migration
+        // carries it; the snapshot's state in the disk is untouched.
         snapshot
             .delete(virt::sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
             .map_err(|e| refused_plain(&spec.name, "set the snapshot aside", e))?;
