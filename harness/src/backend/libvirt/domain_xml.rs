@@ -123,6 +123,41 @@ fn path(p: &std::path::Path) -> String {
 }
 
 impl DomainSpec {
+    /// The domain's `<cpu>` element (indented as in [`DomainSpec::xml`]).
+    pub fn cpu_xml(&self) -> String {
+        let mut x = String::new();
+        x.push_str("  <cpu mode='custom' match='exact' check='none'>\n");
+        match &self.cpu_vendor_id {
+            Some(vendor) => {
+                let _ = writeln!(
+                    x,
+                    "    <model fallback='allow' vendor_id='{}'>{}</model>",
+                    escape(vendor),
+                    escape(&self.cpu_model)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    x,
+                    "    <model fallback='allow'>{}</model>",
+                    escape(&self.cpu_model)
+                );
+            }
+        }
+        for feature in &self.disabled_features {
+            let _ = writeln!(
+                x,
+                "    <feature policy='disable' name='{}'/>",
+                escape(feature)
+            );
+        }
+        if self.hide_hypervisor {
+            x.push_str("    <feature policy='disable' name='hypervisor'/>\n");
+        }
+        x.push_str("  </cpu>\n");
+        x
+    }
+
     /// The domain's XML.
     pub fn xml(&self) -> String {
         let mut x = String::new();
@@ -159,35 +194,7 @@ impl DomainSpec {
         let _ = writeln!(x, "    <cmdline>{}</cmdline>", escape(&self.cmdline));
         x.push_str("    <smbios mode='sysinfo'/>\n  </os>\n");
         x.push_str("  <features>\n    <acpi/>\n  </features>\n");
-        x.push_str("  <cpu mode='custom' match='exact' check='none'>\n");
-        match &self.cpu_vendor_id {
-            Some(vendor) => {
-                let _ = writeln!(
-                    x,
-                    "    <model fallback='allow' vendor_id='{}'>{}</model>",
-                    escape(vendor),
-                    escape(&self.cpu_model)
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    x,
-                    "    <model fallback='allow'>{}</model>",
-                    escape(&self.cpu_model)
-                );
-            }
-        }
-        for feature in &self.disabled_features {
-            let _ = writeln!(
-                x,
-                "    <feature policy='disable' name='{}'/>",
-                escape(feature)
-            );
-        }
-        if self.hide_hypervisor {
-            x.push_str("    <feature policy='disable' name='hypervisor'/>\n");
-        }
-        x.push_str("  </cpu>\n");
+        x.push_str(&self.cpu_xml());
         x.push_str("  <on_poweroff>destroy</on_poweroff>\n");
         x.push_str("  <on_reboot>destroy</on_reboot>\n");
         x.push_str("  <on_crash>destroy</on_crash>\n");

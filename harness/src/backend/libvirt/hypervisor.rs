@@ -136,6 +136,11 @@ impl LibvirtHypervisor {
 
     /// The domain XML of a start of `spec` with generation id `genid` (a GUID).
     fn domain_xml(&self, spec: &LaunchSpec, genid: String) -> String {
+        self.domain_spec(spec, genid).xml()
+    }
+
+    /// The domain of a start of `spec` with generation id `genid` (a GUID).
+    fn domain_spec(&self, spec: &LaunchSpec, genid: String) -> DomainSpec {
         DomainSpec {
             name: spec.name.clone(),
             uuid: spec.identity.product_uuid.clone(),
@@ -163,7 +168,6 @@ impl LibvirtHypervisor {
             runtime_disk: spec.runtime_disk.clone(),
             usb: spec.usb.clone(),
         }
-        .xml()
     }
 
     /// Defines (or redefines) the guest's domain from `spec`, with the generation id the
@@ -247,10 +251,7 @@ impl LibvirtHypervisor {
         name: &str,
     ) -> Result<DomainSnapshot, BackendError> {
         let snapshot = self.snapshot_of(&spec.name, name)?;
-        let cpu = cpu_element(&self.domain_xml(spec, guid(&spec.vmgenid)));
-        let Some(cpu) = cpu else {
-            return Ok(snapshot);
-        };
+        let cpu = self.domain_spec(spec, guid(&spec.vmgenid)).cpu_xml();
         let definition = snapshot
             .xml_desc(virt::sys::VIR_DOMAIN_SNAPSHOT_XML_SECURE)
             .map_err(|e| refused_plain(&spec.name, "read the snapshot", e))?;
@@ -632,11 +633,6 @@ fn cpu_span(xml: &str) -> Option<(usize, usize)> {
     }
 }
 
-/// The `<cpu>` element of a domain XML.
-fn cpu_element(xml: &str) -> Option<String> {
-    cpu_span(xml).map(|(start, end)| xml[start..end].to_string())
-}
-
 /// `definition` (a snapshot's) with each of its domains' `<cpu>` elements replaced by `cpu`.
 fn with_cpu(definition: &str, cpu: &str) -> String {
     let mut out = String::with_capacity(definition.len());
@@ -765,8 +761,8 @@ mod tests {
             </inactiveDomain></domainsnapshot>"
         );
         assert_eq!(
-            cpu_element(&format!("<domain>{cpu}</domain>")).as_deref(),
-            Some(cpu)
+            cpu_span(&format!("<domain>{cpu}</domain>")),
+            Some(("<domain>".len(), "<domain>".len() + cpu.len()))
         );
         assert_eq!(with_cpu("<domain/>", cpu), "<domain/>");
     }
