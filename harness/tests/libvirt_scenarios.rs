@@ -41,11 +41,8 @@ fn a_revert_brings_a_guest_back_in_its_snapshots_power_state() {
         println!("SKIPPED libvirt revert power states");
         return;
     }
-    let scenario = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/guest-revert-power.yaml"
-    );
-    guest_scenarios::scenario_file_passes("libvirt", scenario, "guest-revert-power");
+    let name = "guest-revert-power";
+    guest_scenarios::scenario_file_passes("libvirt", &guest_scenarios::fixture(name), name);
 }
 
 /// Processes whose command line names `needle` (the run's scratch folder).

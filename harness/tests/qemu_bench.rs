@@ -116,6 +116,11 @@ fn exercise<H: Hypervisor>(kind: BackendKind, rounds: usize) -> (Timings, serde_
     )
 }
 
+/// `a / b` to two decimals (none when `b` is not positive).
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| ((a / b) * 100.0).round() / 100.0)
+}
+
 fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -243,19 +248,17 @@ fn guest_kernels() {
     }
     // SAFETY: as above.
     unsafe { std::env::remove_var(KERNEL_VARIABLE) };
-    let ratio = |fast: Option<f64>, debian: Option<f64>| match (fast, debian) {
-        (Some(f), Some(d)) if d > 0.0 => serde_json::json!(((f / d) * 100.0).round() / 100.0),
-        _ => serde_json::Value::Null,
-    };
+    let fast_to_debian =
+        |fast: Option<f64>, debian: Option<f64>| fast.zip(debian).and_then(|(f, d)| ratio(f, d));
     let (debian, fast) = (medians[0], medians[1]);
     write_report(
         "guest-kernels.json",
         &serde_json::json!({
             "kernels": kernels,
             "fast_to_debian": {
-                "boot_to_agent_ready": ratio(fast.0, debian.0),
-                "revert_to_agent_ready": ratio(fast.1, debian.1),
-                "suite_quarter_seconds": ratio(fast.2, debian.2),
+                "boot_to_agent_ready": fast_to_debian(fast.0, debian.0),
+                "revert_to_agent_ready": fast_to_debian(fast.1, debian.1),
+                "suite_quarter_seconds": fast_to_debian(fast.2, debian.2),
             },
             "goal_tcg": "boot to agent-ready at most 2.5 s median, revert at most 1 s",
         }),
@@ -281,13 +284,8 @@ fn libvirt_timings_against_qemu() {
         .into_iter()
         .zip(operations(&qemu))
         .filter_map(|((name, l), (_, q))| {
-            let (l, q) = (median(l)?, median(q)?);
-            (q > 0.0).then(|| {
-                (
-                    name.to_string(),
-                    serde_json::json!(((l / q) * 100.0).round() / 100.0),
-                )
-            })
+            let r = ratio(median(l)?, median(q)?)?;
+            Some((name.to_string(), serde_json::json!(r)))
         })
         .collect();
     write_report(

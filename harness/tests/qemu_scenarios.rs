@@ -70,25 +70,22 @@ fn long_names_with_dongles_run_on_qemu() {
     scenario_file_passes(scenario.to_str().unwrap(), &name);
 }
 
+/// The fixture scenario `name` passes on sim, where its machines are simulated ones, and on
+/// qemu: one verdict.
+fn fixture_passes_on_sim_and_qemu(name: &str) {
+    let scenario = guest_scenarios::fixture(name);
+    guest_scenarios::scenario_file_passes("sim", &scenario, name);
+    scenario_file_passes(&scenario, name);
+}
+
 #[test]
 fn a_server_in_a_guest_stops_starts_again_and_ends_with_its_guest() {
-    let scenario = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/guest-server-stop.yaml"
-    );
-    // The same verdict on sim, where the machine is a simulated one.
-    guest_scenarios::scenario_file_passes("sim", scenario, "guest-server-stop");
-    scenario_file_passes(scenario, "guest-server-stop");
+    fixture_passes_on_sim_and_qemu("guest-server-stop");
 }
 
 #[test]
 fn a_revert_brings_a_guest_back_in_its_snapshots_power_state() {
-    let scenario = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/guest-revert-power.yaml"
-    );
-    guest_scenarios::scenario_file_passes("sim", scenario, "guest-revert-power");
-    scenario_file_passes(scenario, "guest-revert-power");
+    fixture_passes_on_sim_and_qemu("guest-revert-power");
 }
 
 /// Runs `scenario` on qemu with the runtime folder `runtime`; returns the exit code and output.

@@ -11,6 +11,11 @@ pub fn image_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out"))
 }
 
+/// The path of the scenario file `name`.yaml in tests/fixtures (named `name` inside).
+pub fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}.yaml", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Runs `scenario` (a built-in name or a file) whose scenario name is `name` on `backend`; its
 /// exit code, report and output.
 pub fn run_scenario_file(
