@@ -745,6 +745,10 @@ impl World {
             Step::ClaimWitness(c) => {
                 self.claim_witness(&c.machine.value, &c.victim.value, c.product.value)
             }
+            Step::InflateSeats(i) => {
+                let args = ["inflate-seats".to_string(), i.quantity.value.to_string()];
+                self.admin_command(&i.machine.value, &args)
+            }
             Step::StateSave(s) => self.backend.save_state(&s.machine.value, &s.name.value),
             Step::StateRestore(s) => self.backend.restore_state(&s.machine.value, &s.name.value),
             Step::Flood(f) => {

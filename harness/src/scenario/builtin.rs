@@ -78,6 +78,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-restored-member"),
     builtin!("triad-guest-members"),
     builtin!("triad-reverted-member"),
+    builtin!("triad-inflated-seats"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),

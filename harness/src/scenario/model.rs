@@ -447,11 +447,13 @@ pub enum Defence {
     /// A triad member that starts again, or whose machine is reverted, takes no part in
     /// elections until it has caught up or its lost leases ran out.
     TriadRestartQuarantine,
+    /// A triad's leader commits another member's seats only within the licence it holds.
+    TriadForwardCheck,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 45] = [
+    pub const ALL: [Defence; 46] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -497,6 +499,7 @@ impl Defence {
         Defence::TriadMemberApps,
         Defence::TriadLicence,
         Defence::TriadRestartQuarantine,
+        Defence::TriadForwardCheck,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -547,6 +550,7 @@ impl Defence {
             Defence::TriadMemberApps => "triad-member-apps",
             Defence::TriadLicence => "triad-licence",
             Defence::TriadRestartQuarantine => "triad-restart-quarantine",
+            Defence::TriadForwardCheck => "triad-forward-check",
         }
     }
 
@@ -658,6 +662,9 @@ impl Defence {
             Defence::TriadRestartQuarantine => {
                 "A triad member that starts again neither votes nor stands for election until its log holds what the other members applied (asked of the leader, or of both others), or for two lease windows; one whose machine's generation id changes (a hypervisor's revert: its Raft runs on from an old memory) takes no part in the triad at all for two lease windows, and makes no call while it still leads the term it went back to: a member whose state was put back from an old copy cannot help elect a leader that never saw the seats granted since."
             }
+            Defence::TriadForwardCheck => {
+                "A triad's leader commits the seats another member asks for its own apps only within the licence the leader holds: a grant counted against more seats than the licence has is refused and no lease runs longer than the leader's window, whatever a member's modified runtime claims."
+            }
         }
     }
 }
@@ -759,6 +766,9 @@ pub enum Step {
     /// A machine's runtime hands the witnesses receipts of another machine's licence, signed
     /// with its own key, before the licence's owner sends any (an attack).
     ClaimWitness(ClaimWitnessStep),
+    /// A triad member's runtime, modified by its licensee, asks the leader for its own apps'
+    /// seats as if the licence had more (an attack).
+    InflateSeats(InflateSeatsStep),
     /// Put the administrator's access rules in force on a machine's runtime.
     Rules(RulesStep),
     /// Remove one record of a machine's usage log, as root editing the state can (an attack).
@@ -819,6 +829,7 @@ impl Step {
             Step::Flood(_) => "flood",
             Step::Impersonate(_) => "impersonate",
             Step::ClaimWitness(_) => "claim-witness",
+            Step::InflateSeats(_) => "inflate-seats",
             Step::Rules(_) => "rules",
             Step::TamperUsageLog(_) => "tamper-usage-log",
             Step::StateSave(_) => "state-save",
@@ -868,6 +879,7 @@ impl Step {
             Step::Flood(f) => vec![&f.from, &f.to],
             Step::Impersonate(i) => vec![&i.machine, &i.victim],
             Step::ClaimWitness(c) => vec![&c.machine, &c.victim],
+            Step::InflateSeats(i) => vec![&i.machine],
             Step::Rules(r) => vec![&r.machine],
             Step::TamperUsageLog(t) => vec![&t.machine],
             Step::UsbDetach(_)
@@ -892,7 +904,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 48] = [
+    pub const KEYWORDS: [&'static str; 49] = [
         "boot",
         "shutdown",
         "pause",
@@ -936,6 +948,7 @@ impl Step {
         "flood",
         "impersonate",
         "claim-witness",
+        "inflate-seats",
         "rules",
         "tamper-usage-log",
         "state-save",
@@ -1362,6 +1375,16 @@ pub struct ClaimWitnessStep {
     pub victim: Name,
     /// The metered product whose soft licence on the victim is claimed.
     pub product: ProductCode,
+}
+
+/// `inflate-seats`: a triad member asks for its apps' seats as if the licence had `quantity`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct InflateSeatsStep {
+    /// The member (a follower: the leader checks what followers forward).
+    pub machine: Name,
+    /// The quantity its runtime claims the licence has, from now until it restarts.
+    pub quantity: Located<u32>,
 }
 
 /// Most connections one `flood` step may open.

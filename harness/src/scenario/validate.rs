@@ -1395,6 +1395,25 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            Step::InflateSeats(inflate) => {
+                self.running(&inflate.machine);
+                if !self.triad_members.contains(&inflate.machine.value) {
+                    self.report(
+                        inflate.machine.at,
+                        format!("`{}` is no triad member at this step", inflate.machine),
+                        "not a member",
+                        Some("form the triad first: `triad: [a, b, c]`".into()),
+                    );
+                }
+                if inflate.quantity.value == 0 {
+                    self.report(
+                        inflate.quantity.at,
+                        "a licence of 0 seats claims nothing",
+                        "0",
+                        Some("`quantity: 3`, more than the licence has".into()),
+                    );
+                }
+            }
             Step::Rules(r) => {
                 self.running(&r.machine);
             }

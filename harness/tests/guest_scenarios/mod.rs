@@ -174,6 +174,7 @@ macro_rules! guest_scenarios {
         #[case::server_crash("server-crash")]
         #[case::triad_split_brain("triad-split-brain")]
         #[case::triad_member_apps("triad-member-apps")]
+        #[case::triad_inflated_seats("triad-inflated-seats")]
         #[case::triad_licence("triad-licence")]
         #[case::triad_in_guests("triad-in-guests")]
         #[case::triad_guest_members("triad-guest-members")]

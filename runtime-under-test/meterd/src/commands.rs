@@ -81,6 +81,15 @@ pub enum MeterCommand {
         /// The licence id (`meter status` of its machine shows it).
         licence: String,
     },
+    /// An attack the harness stages (harness builds only): this triad member asks the leader
+    /// for its own apps' seats as if the licence had QUANTITY seats, as a runtime its licensee
+    /// modified would.
+    #[command(hide = true)]
+    InflateSeats {
+        /// The quantity claimed (at least 1).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        quantity: u32,
+    },
     /// Dongles attached to this machine, reached directly (no meterd needed).
     #[command(subcommand)]
     Dongle(crate::dongle_probe::LocalDongleCommand),
@@ -270,6 +279,9 @@ pub async fn run(
         }
         MeterCommand::ClaimWitness { licence } => {
             json_command(&socket, json_mode, LocalRequest::ClaimWitness { licence }).await
+        }
+        MeterCommand::InflateSeats { quantity } => {
+            json_command(&socket, json_mode, LocalRequest::InflateSeats { quantity }).await
         }
         MeterCommand::List => json_command(&socket, json_mode, LocalRequest::List).await,
         MeterCommand::Servers(ServersCommand::Add { addr, pin }) => {

@@ -363,6 +363,9 @@ pub struct Runtime {
     /// This runtime was a triad member when it stopped: until it has joined again, its own
     /// apps are refused (they could take no seat in the triad's ledger).
     pub(crate) triad_saved: bool,
+    /// The quantity this member's apps' triad seats are asked for under instead of the
+    /// licence's (0: the licence's): the `inflate-seats` attack of a harness build.
+    pub(crate) inflated_seats: std::sync::atomic::AtomicU32,
 }
 
 /// Tickets of accesses waiting to see the machine, and the ticket of the last completed look.
@@ -529,6 +532,7 @@ impl Runtime {
             usage_tag_key,
             triad: std::sync::OnceLock::new(),
             triad_saved,
+            inflated_seats: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 

@@ -234,6 +234,15 @@ async fn handle(
                 Err(e) => error(e.to_string()),
             }
         }
+        LocalRequest::InflateSeats { quantity } => {
+            if !is_admin(uid) {
+                return error("Only an administrator may change how seats are asked for");
+            }
+            match runtime.inflate_seats(quantity) {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(e) => error(e.to_string()),
+            }
+        }
         LocalRequest::Trust { source_name, bytes } => {
             if !is_admin(uid) {
                 return error("Only an administrator may trust vendors");

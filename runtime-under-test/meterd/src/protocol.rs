@@ -57,6 +57,12 @@ pub enum LocalRequest {
         /// With the seat events its ledger applied.
         history: bool,
     },
+    /// An attack (harness builds, administrators only): from now on, ask the triad's leader
+    /// for this member's apps' seats as if the licence had `quantity` seats.
+    InflateSeats {
+        /// The quantity claimed.
+        quantity: u32,
+    },
     /// Check the usage log (administrators only).
     UsageVerify,
     /// A usage report (administrators only).

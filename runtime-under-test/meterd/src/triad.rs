@@ -83,6 +83,19 @@ pub enum TriadError {
     /// No two members agreed in time: nothing new is granted without a quorum.
     #[error("No quorum of the triad answered within {0:?}")]
     NoQuorum(Duration),
+    /// The leader refused a forwarded command that asks for more than its licence allows.
+    #[error("The leader refused the command: {0}")]
+    BeyondLicence(String),
+}
+
+/// What the leader makes of a command another member forwards before it commits it: the
+/// command to commit, or what it asks for that the leader's licence does not allow.
+pub type ForwardCheck = Arc<dyn Fn(LedgerCommand) -> Result<LedgerCommand, String> + Send + Sync>;
+
+/// A check that lets every forwarded command through as it came (a triad without licences:
+/// tests and benchmarks).
+pub fn forward_anything() -> ForwardCheck {
+    Arc::new(Ok)
 }
 
 /// Opens a member's storage; a member stopped a moment ago may still be letting go of it (its
@@ -332,26 +345,31 @@ impl Writer {
 }
 
 /// Commits the commands other members forward while this member leads (each in a task of its
-/// own, so they share entries as local ones do); refuses them otherwise.
+/// own, so they share entries as local ones do) and `check` passes them; refuses them otherwise.
 async fn answer_forwarded(
     writer: Arc<Writer>,
+    check: ForwardCheck,
     mut forwarded: tokio::sync::mpsc::Receiver<Forwarded>,
 ) {
     while let Some((command, answer)) = forwarded.recv().await {
         let writer = Arc::clone(&writer);
+        let checked = check(command);
         tokio::spawn(async move {
             let leads = writer.raft.metrics().borrow().state == ServerState::Leader;
-            let outcome = if leads {
-                writer
+            let outcome = match checked {
+                Err(beyond) => {
+                    tracing::warn!(reason = %beyond, "Refused a forwarded command beyond the licence");
+                    Err(ForwardRefusal::BeyondLicence(beyond))
+                }
+                Ok(command) if leads => writer
                     .submit_within(command, Duration::ZERO)
                     .await
                     .map_err(|e| match e {
                         TriadError::NotLeader { .. } => ForwardRefusal::NotLeader,
                         TriadError::NoQuorum(_) => ForwardRefusal::NoQuorum,
                         other => ForwardRefusal::Failed(other.to_string()),
-                    })
-            } else {
-                Err(ForwardRefusal::NotLeader)
+                    }),
+                Ok(_) => Err(ForwardRefusal::NotLeader),
             };
             let _ = answer.send(outcome);
         });
@@ -363,6 +381,9 @@ impl TriadMember {
     /// (whose pin `members` lists), its log and ledger in the redb file `db`. A member that
     /// `proposes` and starts for the first time proposes the membership (and stands for
     /// election at once); one that restarts, or does not propose, learns it from the leader.
+    /// While it leads, the commands other members forward are committed only if `check` passes
+    /// them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         id: MemberId,
         members: BTreeMap<MemberId, Member>,
@@ -371,6 +392,7 @@ impl TriadMember {
         db: &Path,
         timing: TriadTiming,
         proposes: bool,
+        check: ForwardCheck,
     ) -> Result<TriadMember, TriadError> {
         if !members.contains_key(&id) {
             return Err(TriadError::NotAMember {
@@ -418,7 +440,7 @@ impl TriadMember {
             pen: Arc::default(),
         });
         let (forwarded, to_answer) = tokio::sync::mpsc::channel(64);
-        let forwarder = tokio::spawn(answer_forwarded(Arc::clone(&writer), to_answer));
+        let forwarder = tokio::spawn(answer_forwarded(Arc::clone(&writer), check, to_answer));
         let served = raft.clone();
         let served_standing = Arc::clone(&standing);
         let server = tokio::spawn(async move {
@@ -519,6 +541,9 @@ impl TriadMember {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(ForwardError::Refused(ForwardRefusal::NoQuorum))) => {
                 Err(TriadError::NoQuorum(self.writer.timing.write_timeout))
+            }
+            Ok(Err(ForwardError::Refused(ForwardRefusal::BeyondLicence(beyond)))) => {
+                Err(TriadError::BeyondLicence(beyond))
             }
             Ok(
                 Err(ForwardError::Refused(ForwardRefusal::NotLeader)) | Err(ForwardError::Link(_)),

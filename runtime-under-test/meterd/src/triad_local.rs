@@ -110,6 +110,7 @@ impl LoopbackTriad {
             &self.dir.join(format!("member-{id}.redb")),
             self.timing,
             true,
+            crate::triad::forward_anything(),
         )
         .await
         .map_err(|source| LoopbackTriadError::Member { id, source })?;

@@ -54,6 +54,10 @@ pub enum ForwardRefusal {
     /// Only a member's own seats are forwarded (grants, renewals, reclaims, releases).
     #[error("A member may not forward this command")]
     NotForwardable,
+    /// The command asks for more than the leader's licence allows (a seat beyond its quantity,
+    /// a lease beyond its window).
+    #[error("The licence does not allow it: {0}")]
+    BeyondLicence(String),
     /// The leader failed otherwise.
     #[error("The leader failed: {0}")]
     Failed(String),

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::tls::Identity;
-use crate::triad::{TriadError, TriadMember, TriadTiming};
+use crate::triad::{ForwardCheck, TriadError, TriadMember, TriadTiming};
 use crate::triad_types::{Member, MemberId};
 
 /// Where a member's triad settings are kept in its state.
@@ -175,12 +175,14 @@ impl TriadSeats {
     /// Joins the triad: listens for the other members at its own address and starts its Raft
     /// with its log in `db`; client leases last `window`. A member that `rejoins` (at a start,
     /// from the settings kept in its state) is kept out of elections a while (quarantine).
+    /// While it leads, it commits what another member forwards only if `check` passes it.
     pub async fn join(
         settings: &TriadSettings,
         identity: Arc<Identity>,
         db: &Path,
         window: Duration,
         rejoins: bool,
+        check: ForwardCheck,
     ) -> Result<TriadSeats, JoinError> {
         let id = settings.own_id(&identity.fingerprint())?;
         let own = &settings.members[(id - 1) as usize];
@@ -212,9 +214,10 @@ impl TriadSeats {
             ..TriadTiming::default()
         };
         // Only the first member proposes the membership: a new triad is led by it.
-        let member = TriadMember::start(id, members, listener, identity, db, timing, id == 1)
-            .await
-            .map_err(JoinError::Member)?;
+        let member =
+            TriadMember::start(id, members, listener, identity, db, timing, id == 1, check)
+                .await
+                .map_err(JoinError::Member)?;
         if rejoins && !crate::weakened::is(crate::weakened::Defence::TriadRestartQuarantine) {
             // Started again: its state may be an old copy (see `quarantine`).
             member.quarantine(window.saturating_mul(2));
@@ -339,6 +342,11 @@ impl TriadSeats {
         match outcome {
             Ok(LedgerOutcome::Granted { .. }) => Ok(()),
             Ok(LedgerOutcome::NoSeat { .. }) => Err(SeatRefusal::NoSeat),
+            // The leader found no seat this licence gives (a forwarded grant it refused).
+            Err(TriadError::BeyondLicence(beyond)) => {
+                tracing::warn!(reason = %beyond, "The leader refused a seat beyond the licence");
+                Err(SeatRefusal::NoSeat)
+            }
             Ok(other) => Err(SeatRefusal::Unreachable(TriadError::Stopped(format!(
                 "unexpected answer {other:?}"
             )))),

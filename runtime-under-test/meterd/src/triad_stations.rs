@@ -145,6 +145,10 @@ impl Runtime {
             &db,
             self.settings.keepalive,
             !keep,
+            crate::triad_forward_check::forward_check(
+                Arc::downgrade(self),
+                u64::try_from(self.settings.keepalive.as_millis()).unwrap_or(u64::MAX),
+            ),
         )
         .await?;
         if keep {

@@ -110,11 +110,14 @@ pub enum Defence {
     /// holds what the other members applied, or for two lease windows; one whose machine is
     /// reverted (a new generation id) takes no part in the triad for two lease windows.
     TriadRestartQuarantine,
+    /// The leader commits a member's forwarded seat commands only within the licence it holds
+    /// (quantity, lease window).
+    TriadForwardCheck,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 45] = [
+    pub const ALL: [Defence; 46] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -160,6 +163,7 @@ impl Defence {
         Defence::TriadMemberApps,
         Defence::TriadLicence,
         Defence::TriadRestartQuarantine,
+        Defence::TriadForwardCheck,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -210,6 +214,7 @@ impl Defence {
             Defence::TriadMemberApps => "triad-member-apps",
             Defence::TriadLicence => "triad-licence",
             Defence::TriadRestartQuarantine => "triad-restart-quarantine",
+            Defence::TriadForwardCheck => "triad-forward-check",
         }
     }
 }
@@ -340,6 +345,9 @@ impl Defence {
             }
             Defence::TriadRestartQuarantine => {
                 "a triad member votes as soon as it starts again or its machine is reverted: one whose state was put back from an old copy (or whose whole machine went back to a snapshot) helps elect a leader that never saw the seats granted since, so they are handed out twice"
+            }
+            Defence::TriadForwardCheck => {
+                "the leader commits whatever seat a member forwards: a member whose runtime its licensee modified takes seats for its apps as if the licence had more"
             }
         }
     }
