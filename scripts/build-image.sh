@@ -5,7 +5,8 @@
 # Reproducible (sorted cpio, fixed mtimes, uncompressed) and cached: rebuilt only when an input changes
 # (kernel package version, busybox, binaries, init, this script).
 #
-# Environment: VIGIL_IMAGE_PROFILE=dev|release (cargo profile of the binaries, default dev),
+# Environment: VIGIL_IMAGE_PROFILE=dev|release (cargo profile of the binaries, default release:
+#              a guest boots about 0.6 s sooner under TCG than with dev binaries),
 #              VIGIL_IMAGE_NO_BUILD=1 (use the binaries already in target/, do not run cargo),
 #              VIGIL_KERNEL_PKG (default: what linux-image-amd64 depends on), CARGO.
 set -euo pipefail
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 out=$root/images/out
 cache=$out/cache
-profile=${VIGIL_IMAGE_PROFILE:-dev}
+profile=${VIGIL_IMAGE_PROFILE:-release}
 cargo=${CARGO:-cargo}
 mkdir -p "$cache"
 

@@ -171,9 +171,9 @@ enum ImageAction {
     /// Build the guest kernel, initramfs and data disk (the recipe `make images` runs); cached:
     /// nothing is rebuilt unless an input changed. Needs root for the Debian packages it fetches.
     Build {
-        /// Cargo profile of the runtime and agent inside the image (release boots faster under
-        /// TCG but takes longer to compile).
-        #[arg(long, value_enum, default_value_t = ImageProfile::Dev)]
+        /// Cargo profile of the runtime and agent inside the image: release boots faster under
+        /// TCG (about 0.6 s of a 2.7 s boot here); dev reuses the test build's compilation.
+        #[arg(long, value_enum, default_value_t = ImageProfile::Release)]
         profile: ImageProfile,
     },
     /// Say where the image is and whether it is complete.
