@@ -44,6 +44,7 @@ mod triad_forward_check;
 pub mod triad_local;
 mod triad_member_apps;
 pub mod triad_network;
+mod triad_seat_inflation;
 pub mod triad_server;
 pub mod triad_standing;
 pub mod triad_stations;

@@ -67,39 +67,7 @@ fn weakened() -> bool {
     crate::weakened::is(crate::weakened::Defence::TriadMemberApps)
 }
 
-/// Why the `inflate-seats` attack cannot be staged.
-#[derive(Debug, thiserror::Error)]
-pub enum InflateError {
-    /// Only a harness build stages attacks.
-    #[error("Only a harness build inflates its seats")]
-    NotHarnessBuild,
-    /// The attack is a triad member's.
-    #[error("This runtime is no triad member")]
-    NotAMember,
-}
-
 impl Runtime {
-    /// Stages the `inflate-seats` attack: from now on this member asks for its apps' triad
-    /// seats as if the licence had `quantity` (a runtime its licensee modified); what it does.
-    pub(crate) fn inflate_seats(&self, quantity: u32) -> Result<serde_json::Value, InflateError> {
-        if !crate::harness_build::enabled() {
-            return Err(InflateError::NotHarnessBuild);
-        }
-        let Some(triad) = self.triad() else {
-            return Err(InflateError::NotAMember);
-        };
-        self.inflated_seats
-            .store(quantity, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(
-            quantity,
-            "Attack staged: this member's apps' seats are asked for inflated"
-        );
-        Ok(serde_json::json!({
-            "inflated": quantity,
-            "member": triad.describe(),
-        }))
-    }
-
     /// Takes the triad seat of a local app's grant just made here; the reason to withdraw the
     /// grant otherwise.
     pub(crate) async fn take_member_app_seat(&self, handle: u64) -> Result<(), Reason> {
@@ -117,16 +85,10 @@ impl Runtime {
             }
             local_seat_of(&state, handle)
         };
-        let Some((request, product, mut quantity)) = seat else {
+        let Some((request, product, quantity)) = seat else {
             return Ok(());
         };
-        let inflated = self
-            .inflated_seats
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if inflated != 0 {
-            // The `inflate-seats` attack: the leader is told the licence has more.
-            quantity = inflated;
-        }
+        let quantity = self.asked_seat_quantity(quantity);
         let Some(triad) = self.triad() else {
             // A member that has not joined again since its start can seat nobody yet.
             return Err(Reason::ServerUnreachable);
