@@ -76,6 +76,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-paused-leader"),
     builtin!("triad-rejoin"),
     builtin!("triad-restored-member"),
+    builtin!("triad-restored-pair"),
     builtin!("triad-guest-members"),
     builtin!("triad-reverted-member"),
     builtin!("triad-inflated-seats"),
