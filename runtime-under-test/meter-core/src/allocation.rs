@@ -417,9 +417,14 @@ impl AllocationTable {
 
     /// The counting rules of the first item of `product` (the one an access tries first).
     pub fn first_rules(&self, product: ProductKey) -> Option<ItemRules> {
+        self.rules_of_product(product).next()
+    }
+
+    /// The counting rules of every item of `product`, in registration order.
+    pub fn rules_of_product(&self, product: ProductKey) -> impl Iterator<Item = ItemRules> + '_ {
         self.items
             .iter()
-            .find(|item| item.product == product)
+            .filter(move |item| item.product == product)
             .map(|item| item.rules)
     }
 

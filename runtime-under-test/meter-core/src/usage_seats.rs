@@ -33,6 +33,14 @@ pub fn ledger_product(product: ProductKey) -> u64 {
     (u64::from(product.firm) << 32) | u64::from(product.code)
 }
 
+/// The product a ledger's product number stands for (the inverse of [`ledger_product`]).
+pub fn product_of_ledger(product: u64) -> ProductKey {
+    ProductKey {
+        firm: (product >> 32) as u32,
+        code: product as u32,
+    }
+}
+
 /// The seat events `events` (a usage log in order) amount to, each product counted as
 /// `counting` says: a station-share station's grants hold one seat, a user-limit grant one
 /// each, an uncounted grant none. Seats are numbered from 1 in the order they began; a grant
@@ -125,6 +133,16 @@ mod tests {
 
     const CAD: ProductKey = ProductKey { firm: 10, code: 1 };
     const CAM: ProductKey = ProductKey { firm: 10, code: 2 };
+
+    #[test]
+    fn a_ledger_product_number_gives_its_product_back() {
+        let product = ProductKey {
+            firm: u32::MAX,
+            code: 7,
+        };
+        assert_eq!(product_of_ledger(ledger_product(product)), product);
+        assert_eq!(product_of_ledger(ledger_product(CAD)), CAD);
+    }
 
     fn event(kind: UsageKind, product: ProductKey, handle: u64, machine: &str) -> UsageEvent {
         UsageEvent {

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Weak};
 
 use meter_core::seat_ledger::LedgerCommand;
-use meter_core::usage_seats::ledger_product;
+use meter_core::usage_seats::product_of_ledger;
 
 use crate::daemon::Runtime;
 use crate::triad::ForwardCheck;
@@ -25,57 +25,39 @@ pub enum SeatLimit {
 /// `limit` gives its product is refused (`Err` says why), and every lease is cut to
 /// `window_ms`, the leader's own lease window.
 pub fn within_licence(
-    command: LedgerCommand,
+    mut command: LedgerCommand,
     limit: impl Fn(u64) -> SeatLimit,
     window_ms: u64,
 ) -> Result<LedgerCommand, String> {
-    match command {
+    match &mut command {
         LedgerCommand::Grant {
-            request,
             product,
             quantity,
-            holder,
             lease_ms,
+            ..
         } => {
-            match limit(product) {
+            match limit(*product) {
                 SeatLimit::Unlicensed => {
                     return Err(format!("no counted licence of ledger product {product}"));
                 }
-                SeatLimit::Seats(seats) if quantity > seats => {
+                SeatLimit::Seats(seats) if *quantity > seats => {
                     return Err(format!(
                         "a seat of ledger product {product} counted as one of {quantity}, where the licence has {seats}"
                     ));
                 }
                 SeatLimit::Seats(_) | SeatLimit::Unlimited => {}
             }
-            Ok(LedgerCommand::Grant {
-                request,
-                product,
-                quantity,
-                holder,
-                lease_ms: lease_ms.min(window_ms),
-            })
+            *lease_ms = (*lease_ms).min(window_ms);
         }
-        LedgerCommand::Renew { holder, lease_ms } => Ok(LedgerCommand::Renew {
-            holder,
-            lease_ms: lease_ms.min(window_ms),
-        }),
-        LedgerCommand::Reclaim {
-            holder,
-            requests,
-            lease_ms,
-            as_of,
-        } => Ok(LedgerCommand::Reclaim {
-            holder,
-            requests,
-            lease_ms: lease_ms.min(window_ms),
-            as_of,
-        }),
-        other @ (LedgerCommand::Release { .. } | LedgerCommand::MemberMachine { .. }) => Ok(other),
+        LedgerCommand::Renew { lease_ms, .. } | LedgerCommand::Reclaim { lease_ms, .. } => {
+            *lease_ms = (*lease_ms).min(window_ms);
+        }
+        LedgerCommand::Release { .. } | LedgerCommand::MemberMachine { .. } => {}
         LedgerCommand::Grace { .. } | LedgerCommand::Batch(_) => {
-            Err("only the leader writes a grace or a batch".into())
+            return Err("only the leader writes a grace or a batch".into());
         }
     }
+    Ok(command)
 }
 
 impl Runtime {
@@ -83,11 +65,11 @@ impl Runtime {
     pub(crate) fn seat_limit(&self, product: u64) -> SeatLimit {
         let state = self.lock();
         let mut limit = SeatLimit::Unlicensed;
-        for item in state.table.items() {
-            if ledger_product(item.entry.product) != product || item.entry.rules.is_local() {
+        for rules in state.table.rules_of_product(product_of_ledger(product)) {
+            if rules.is_local() {
                 continue;
             }
-            limit = match (limit, item.entry.rules.capacity()) {
+            limit = match (limit, rules.capacity()) {
                 (SeatLimit::Unlimited, _) | (_, None) => SeatLimit::Unlimited,
                 (SeatLimit::Seats(a), Some(b)) => SeatLimit::Seats(a.max(b)),
                 (SeatLimit::Unlicensed, Some(b)) => SeatLimit::Seats(b),
