@@ -101,14 +101,16 @@ fn write(path: &Path, text: &str) -> Result<(), DaemonError> {
 }
 
 /// The daemon's configuration: its host UUID, a root-only socket without authentication, and
-/// its log in the host's folder.
+/// its log in the host's folder, with its QEMU driver's process steps at debug level (a few
+/// dozen lines a start, timed by [`super::start_steps`]).
 fn libvirtd_conf(host_uuid: &str) -> String {
     format!(
         "host_uuid = \"{host_uuid}\"\n\
          unix_sock_group = \"root\"\n\
          unix_sock_rw_perms = \"0700\"\n\
          auth_unix_rw = \"none\"\n\
-         log_outputs = \"3:file:/var/log/libvirt/libvirtd.log\"\n"
+         log_filters = \"1:qemu.qemu_process 3:*\"\n\
+         log_outputs = \"1:file:/var/log/libvirt/libvirtd.log\"\n"
     )
 }
 
@@ -121,6 +123,7 @@ const QEMU_CONF: &str = "user = \"root\"\n\
     remember_owner = 0\n\
     security_driver = \"none\"\n\
     namespaces = []\n\
+    cgroup_controllers = []\n\
     stdio_handler = \"file\"\n";
 
 impl HostDaemon {

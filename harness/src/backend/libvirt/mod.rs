@@ -16,6 +16,7 @@ pub mod domain_xml;
 pub mod hypervisor;
 pub mod leftovers;
 pub mod running;
+pub mod start_steps;
 
 use super::fabric::Fabric;
 use super::guest::GuestDriver;
