@@ -97,6 +97,7 @@ steps:
   - server-start: { machine: host-c }
   - triad: [host-a, host-b, host-c]
   - inflate-seats: { machine: host-b, quantity: 3 }
+  - release-member-seats: host-c
   - expect: { seat-history: { product: 1001, at-most: 2 } }
   - server-crash: host-a
   - server-pause: host-a

@@ -195,8 +195,12 @@ impl World {
                 .unwrap_or_default()
                 .to_owned();
             // A client runtime holds its triad seats as itself; a triad member's own apps hold
-            // theirs as `<runtime id>/apps` (runtime contract, *Server triads*); a lone
-            // server's seats are held by the station's machine.
+            // theirs under the name its status gives (runtime contract, *Server triads*); a
+            // lone server's seats are held by the station's machine.
+            let apps_holder = status
+                .pointer("/triad/apps_holder")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             let station = status
                 .pointer("/machine/name")
                 .and_then(Value::as_str)
@@ -209,7 +213,7 @@ impl World {
                         .is_some_and(|r| r.starts_with('~'))
             };
             if !holders.contains(&id)
-                && !holders.contains(&format!("{id}/apps"))
+                && !apps_holder.is_some_and(|apps| holders.contains(&apps))
                 && !holders.iter().any(holds_as_station)
             {
                 findings.push(format!(

@@ -749,6 +749,9 @@ impl World {
                 let args = ["inflate-seats".to_string(), i.quantity.value.to_string()];
                 self.admin_command(&i.machine.value, &args)
             }
+            Step::ReleaseMemberSeats(m) => {
+                self.admin_command(&m.value, &["release-member-seats".to_string()])
+            }
             Step::StateSave(s) => self.backend.save_state(&s.machine.value, &s.name.value),
             Step::StateRestore(s) => self.backend.restore_state(&s.machine.value, &s.name.value),
             Step::Flood(f) => {

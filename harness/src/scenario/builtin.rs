@@ -80,6 +80,7 @@ pub(crate) static BUILTINS: &[BuiltinScenario] = &[
     builtin!("triad-guest-members"),
     builtin!("triad-reverted-member"),
     builtin!("triad-inflated-seats"),
+    builtin!("triad-foreign-release"),
     builtin!("station-spoof"),
     builtin!("dongle-exclusive-guest"),
     builtin!("dongle-shared-lockout"),

@@ -449,11 +449,14 @@ pub enum Defence {
     TriadRestartQuarantine,
     /// A triad's leader commits another member's seats only within the licence it holds.
     TriadForwardCheck,
+    /// A triad's leader commits a member's forwarded commands only on that member's own apps'
+    /// seats and machine.
+    TriadForwardHolder,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 46] = [
+    pub const ALL: [Defence; 47] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -500,6 +503,7 @@ impl Defence {
         Defence::TriadLicence,
         Defence::TriadRestartQuarantine,
         Defence::TriadForwardCheck,
+        Defence::TriadForwardHolder,
     ];
 
     /// Its name in scenarios, in the runtime contract and in `METER_WEAKEN`.
@@ -551,6 +555,7 @@ impl Defence {
             Defence::TriadLicence => "triad-licence",
             Defence::TriadRestartQuarantine => "triad-restart-quarantine",
             Defence::TriadForwardCheck => "triad-forward-check",
+            Defence::TriadForwardHolder => "triad-forward-holder",
         }
     }
 
@@ -665,6 +670,9 @@ impl Defence {
             Defence::TriadForwardCheck => {
                 "A triad's leader commits the seats another member asks for its own apps only within the licence the leader holds: a grant counted against more seats than the licence has is refused and no lease runs longer than the leader's window, whatever a member's modified runtime claims."
             }
+            Defence::TriadForwardHolder => {
+                "A triad's leader commits what another member forwards only on that member's own apps' seats (their holder is named by the member's certificate pin, which its link to the leader proves) and its own machine: a member's modified runtime cannot give back the seats another member's apps hold for a client to take while those apps still run."
+            }
         }
     }
 }
@@ -769,6 +777,9 @@ pub enum Step {
     /// A triad member's runtime, modified by its licensee, asks the leader for its own apps'
     /// seats as if the licence had more (an attack).
     InflateSeats(InflateSeatsStep),
+    /// A triad member's runtime, modified by its licensee, gives back through the leader the
+    /// seats the other members' apps hold (an attack).
+    ReleaseMemberSeats(Name),
     /// Put the administrator's access rules in force on a machine's runtime.
     Rules(RulesStep),
     /// Remove one record of a machine's usage log, as root editing the state can (an attack).
@@ -830,6 +841,7 @@ impl Step {
             Step::Impersonate(_) => "impersonate",
             Step::ClaimWitness(_) => "claim-witness",
             Step::InflateSeats(_) => "inflate-seats",
+            Step::ReleaseMemberSeats(_) => "release-member-seats",
             Step::Rules(_) => "rules",
             Step::TamperUsageLog(_) => "tamper-usage-log",
             Step::StateSave(_) => "state-save",
@@ -849,6 +861,7 @@ impl Step {
             | Step::DropSessionTable(m)
             | Step::ServerStop(m)
             | Step::ServerCrash(m)
+            | Step::ReleaseMemberSeats(m)
             | Step::ServerPause(m)
             | Step::ServerResume(m) => vec![m],
             Step::Snapshot(s) => vec![&s.machine],
@@ -904,7 +917,7 @@ impl Step {
     }
 
     /// Every step key, in declaration order.
-    pub const KEYWORDS: [&'static str; 49] = [
+    pub const KEYWORDS: [&'static str; 50] = [
         "boot",
         "shutdown",
         "pause",
@@ -949,6 +962,7 @@ impl Step {
         "impersonate",
         "claim-witness",
         "inflate-seats",
+        "release-member-seats",
         "rules",
         "tamper-usage-log",
         "state-save",

@@ -677,6 +677,20 @@ impl<'a> Checker<'a> {
         Some(machine)
     }
 
+    /// Checks that `name` runs and is a member of a triad formed by now (an attack staged on
+    /// a member's runtime).
+    fn triad_member(&mut self, name: &Name) {
+        self.running(name);
+        if !self.triad_members.contains(&name.value) {
+            self.report(
+                name.at,
+                format!("`{name}` is no triad member at this step"),
+                "not a member",
+                Some("form the triad first: `triad: [a, b, c]`".into()),
+            );
+        }
+    }
+
     fn running(&mut self, name: &Name) -> Option<Machine> {
         let machine = self.machine(name)?;
         match machine.power {
@@ -1396,15 +1410,7 @@ impl<'a> Checker<'a> {
                 }
             }
             Step::InflateSeats(inflate) => {
-                self.running(&inflate.machine);
-                if !self.triad_members.contains(&inflate.machine.value) {
-                    self.report(
-                        inflate.machine.at,
-                        format!("`{}` is no triad member at this step", inflate.machine),
-                        "not a member",
-                        Some("form the triad first: `triad: [a, b, c]`".into()),
-                    );
-                }
+                self.triad_member(&inflate.machine);
                 if inflate.quantity.value == 0 {
                     self.report(
                         inflate.quantity.at,
@@ -1414,6 +1420,7 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            Step::ReleaseMemberSeats(machine) => self.triad_member(machine),
             Step::Rules(r) => {
                 self.running(&r.machine);
             }

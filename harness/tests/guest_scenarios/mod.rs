@@ -175,6 +175,7 @@ macro_rules! guest_scenarios {
         #[case::triad_split_brain("triad-split-brain")]
         #[case::triad_member_apps("triad-member-apps")]
         #[case::triad_inflated_seats("triad-inflated-seats")]
+        #[case::triad_foreign_release("triad-foreign-release")]
         #[case::triad_licence("triad-licence")]
         #[case::triad_in_guests("triad-in-guests")]
         #[case::triad_guest_members("triad-guest-members")]

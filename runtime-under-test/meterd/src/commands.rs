@@ -90,6 +90,11 @@ pub enum MeterCommand {
         #[arg(value_parser = clap::value_parser!(u32).range(1..))]
         quantity: u32,
     },
+    /// An attack the harness stages (harness builds only): this triad member gives back,
+    /// through the leader, the seats the other members' apps hold, as a runtime its licensee
+    /// modified would.
+    #[command(hide = true)]
+    ReleaseMemberSeats,
     /// Dongles attached to this machine, reached directly (no meterd needed).
     #[command(subcommand)]
     Dongle(crate::dongle_probe::LocalDongleCommand),
@@ -282,6 +287,9 @@ pub async fn run(
         }
         MeterCommand::InflateSeats { quantity } => {
             json_command(&socket, json_mode, LocalRequest::InflateSeats { quantity }).await
+        }
+        MeterCommand::ReleaseMemberSeats => {
+            json_command(&socket, json_mode, LocalRequest::ReleaseMemberSeats).await
         }
         MeterCommand::List => json_command(&socket, json_mode, LocalRequest::List).await,
         MeterCommand::Servers(ServersCommand::Add { addr, pin }) => {

@@ -40,6 +40,7 @@ pub mod store;
 pub mod tls;
 pub mod transport;
 pub mod triad;
+mod triad_foreign_release;
 mod triad_forward_check;
 pub mod triad_local;
 mod triad_member_apps;

@@ -243,6 +243,15 @@ async fn handle(
                 Err(e) => error(e.to_string()),
             }
         }
+        LocalRequest::ReleaseMemberSeats => {
+            if !is_admin(uid) {
+                return error("Only an administrator may give back seats");
+            }
+            match runtime.release_member_seats().await {
+                Ok(answer) => LocalReply::Json(answer.to_string()),
+                Err(e) => error(e.to_string()),
+            }
+        }
         LocalRequest::Trust { source_name, bytes } => {
             if !is_admin(uid) {
                 return error("Only an administrator may trust vendors");

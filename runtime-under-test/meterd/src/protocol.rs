@@ -63,6 +63,9 @@ pub enum LocalRequest {
         /// The quantity claimed.
         quantity: u32,
     },
+    /// An attack (harness builds, administrators only): give back, through the triad's leader,
+    /// every seat the other members' apps hold.
+    ReleaseMemberSeats,
     /// Check the usage log (administrators only).
     UsageVerify,
     /// A usage report (administrators only).

@@ -69,7 +69,12 @@ impl Runtime {
             });
         let triad = self.triad().map(|triad| {
             let (member, leader) = triad.numbers();
-            TriadStatus::new(member, leader, triad.members_in_guests())
+            TriadStatus::new(
+                member,
+                leader,
+                triad.apps_holder(),
+                triad.members_in_guests(),
+            )
         });
         let document = StatusDocument {
             machine,

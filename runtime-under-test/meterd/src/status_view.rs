@@ -127,6 +127,8 @@ pub struct TriadStatus {
     pub member: u64,
     /// The leader's number, when one is known.
     pub leader: Option<u64>,
+    /// The ledger holder under which this member's own apps hold their seats.
+    pub apps_holder: String,
     /// The members that run in virtual machines, by number (as each said).
     pub members_in_guests: Vec<u64>,
     /// What the administrator should know (members in guests may share one host).
@@ -134,9 +136,14 @@ pub struct TriadStatus {
 }
 
 impl TriadStatus {
-    /// The status of member `member` (leader `leader`) whose members `in_guests` said they run
-    /// in virtual machines.
-    pub fn new(member: u64, leader: Option<u64>, in_guests: Vec<u64>) -> TriadStatus {
+    /// The status of member `member` (leader `leader`, its apps' seats held as `apps_holder`)
+    /// whose members `in_guests` said they run in virtual machines.
+    pub fn new(
+        member: u64,
+        leader: Option<u64>,
+        apps_holder: &str,
+        in_guests: Vec<u64>,
+    ) -> TriadStatus {
         let mut warnings = Vec::new();
         if in_guests.len() >= 2 {
             let mut listed: Vec<String> = in_guests.iter().map(u64::to_string).collect();
@@ -149,6 +156,7 @@ impl TriadStatus {
         TriadStatus {
             member,
             leader,
+            apps_holder: apps_holder.to_owned(),
             members_in_guests: in_guests,
             warnings,
         }
@@ -234,15 +242,22 @@ mod tests {
 
     #[test]
     fn two_members_in_guests_are_warned_of_one_is_not() {
-        assert!(TriadStatus::new(1, Some(1), vec![3]).warnings.is_empty());
-        let warned = TriadStatus::new(2, None, vec![1, 2, 3]);
+        assert!(
+            TriadStatus::new(1, Some(1), "p/apps", vec![3])
+                .warnings
+                .is_empty()
+        );
+        let warned = TriadStatus::new(2, None, "p/apps", vec![1, 2, 3]);
         assert_eq!(
             warned.warnings,
             [
                 "Members 1, 2 and 3 of this server triad run in virtual machines: if two share a host, that host's failure takes the triad's quorum"
             ]
         );
-        assert!(TriadStatus::new(2, None, vec![1, 3]).warnings[0].starts_with("Members 1 and 3 "));
+        assert!(
+            TriadStatus::new(2, None, "p/apps", vec![1, 3]).warnings[0]
+                .starts_with("Members 1 and 3 ")
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Without a quorum nothing new is granted: a write that cannot reach two members ends in
 //! [`TriadError::NoQuorum`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -86,6 +86,9 @@ pub enum TriadError {
     /// The leader refused a forwarded command that asks for more than its licence allows.
     #[error("The leader refused the command: {0}")]
     BeyondLicence(String),
+    /// The leader refused a forwarded command on what is not the forwarding member's own.
+    #[error("The leader refused the command: it is not this member's own")]
+    NotItsOwn,
 }
 
 /// What the leader makes of a command another member forwards before it commits it: the
@@ -425,10 +428,10 @@ impl TriadMember {
         let raft = TriadRaft::new(id, Arc::new(config), links.clone(), log, ledger.clone())
             .await
             .map_err(|e| TriadError::Stopped(e.to_string()))?;
-        let peers: BTreeSet<String> = members
+        let peers: BTreeMap<String, MemberId> = members
             .iter()
             .filter(|(member, _)| **member != id)
-            .map(|(_, m)| m.pin.clone())
+            .map(|(member, m)| (m.pin.clone(), *member))
             .collect();
         let writer = Arc::new(Writer {
             id,
@@ -545,6 +548,7 @@ impl TriadMember {
             Ok(Err(ForwardError::Refused(ForwardRefusal::BeyondLicence(beyond)))) => {
                 Err(TriadError::BeyondLicence(beyond))
             }
+            Ok(Err(ForwardError::Refused(ForwardRefusal::NotItsOwn))) => Err(TriadError::NotItsOwn),
             Ok(
                 Err(ForwardError::Refused(ForwardRefusal::NotLeader)) | Err(ForwardError::Link(_)),
             ) => Err(TriadError::NotLeader { leader: None }),

@@ -56,13 +56,6 @@ fn local_requests(state: &State) -> Vec<u64> {
     requests
 }
 
-/// The ledger holder of a member's apps' seats: its runtime id with `/apps`, apart from the
-/// seats it may hold as a client runtime of its own triad (forwarded when its table refuses),
-/// which its keepalives' reclaims name and would otherwise end.
-pub(crate) fn member_apps_holder(runtime_id: &str) -> String {
-    format!("{runtime_id}{}", crate::triad_network::MEMBER_APPS_SUFFIX)
-}
-
 fn weakened() -> bool {
     crate::weakened::is(crate::weakened::Defence::TriadMemberApps)
 }
@@ -96,7 +89,7 @@ impl Runtime {
         match triad
             .take(
                 Route::Leader,
-                &member_apps_holder(&self.runtime_id),
+                triad.apps_holder(),
                 request,
                 product,
                 quantity,
@@ -123,7 +116,7 @@ impl Runtime {
         if weakened() {
             return;
         }
-        let holder = member_apps_holder(&self.runtime_id);
+        let holder = triad.apps_holder().to_owned();
         // No more seats held than the apps still running name: the app that ended held none
         // (an item no server counts), or its grant is not on this copy yet and the next
         // renewal gives it back.
@@ -151,7 +144,6 @@ impl Runtime {
             return;
         }
         let runtime = Arc::downgrade(self);
-        let holder = member_apps_holder(&self.runtime_id);
         let period = (window / 4).max(Duration::from_millis(50));
         let revoke_after = window.saturating_mul(3) / 4;
         tokio::spawn(async move {
@@ -171,6 +163,7 @@ impl Runtime {
                 let Some(triad) = me.triad().cloned() else {
                     return;
                 };
+                let holder = triad.apps_holder().to_owned();
                 let asked = Instant::now();
                 let seats = local_seats(&me.lock());
                 // No app holds a seat: nothing to renew, unless the ledger still lists one (a

@@ -3,7 +3,7 @@
 //! the ledger commands a member that does not lead forwards to the leader (its own apps'
 //! seats).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +54,9 @@ pub enum ForwardRefusal {
     /// Only a member's own seats are forwarded (grants, renewals, reclaims, releases).
     #[error("A member may not forward this command")]
     NotForwardable,
+    /// The command names another member's apps' seats, or another member's machine.
+    #[error("A member forwards only what is its own")]
+    NotItsOwn,
     /// The command asks for more than the leader's licence allows (a seat beyond its quantity,
     /// a lease beyond its window).
     #[error("The licence does not allow it: {0}")]
@@ -372,29 +375,49 @@ impl RaftNetwork<TriadConfig> for MemberLink {
 /// The suffix of the ledger holder under which a member's own apps hold their seats.
 pub const MEMBER_APPS_SUFFIX: &str = "/apps";
 
-/// Whether a member may forward `command` to the leader: its own apps' seats' commands and
-/// what machine it runs on only (a holder named `…/apps`: client runtimes' seats are the
-/// leader's to commit, and a grace, or a batch that could carry one, is the leader's alone).
-fn forwardable(command: &LedgerCommand) -> bool {
-    match command {
-        LedgerCommand::MemberMachine { .. } => true,
+/// The ledger holder of the seats of the apps on the member whose certificate pin is `pin`:
+/// named by what its link to the leader proves, so no member can name another's.
+pub fn member_apps_holder(pin: &str) -> String {
+    format!("{pin}{MEMBER_APPS_SUFFIX}")
+}
+
+/// Whether member `member`, whose certificate pin is `pin`, may forward `command` to the
+/// leader: what concerns its own apps' seats (a holder [`member_apps_holder`] of its pin) and
+/// what machine it runs on, only. Client runtimes' seats are the leader's to commit, and a
+/// grace, or a batch that could carry one, is the leader's alone.
+fn forwardable(command: &LedgerCommand, member: MemberId, pin: &str) -> Result<(), ForwardRefusal> {
+    let its_own = match command {
+        LedgerCommand::MemberMachine { member: named, .. } => *named == member,
         LedgerCommand::Grant { holder, .. }
         | LedgerCommand::Renew { holder, .. }
         | LedgerCommand::Reclaim { holder, .. }
-        | LedgerCommand::Release { holder, .. } => holder.ends_with(MEMBER_APPS_SUFFIX),
-        LedgerCommand::Grace { .. } | LedgerCommand::Batch(_) => false,
+        | LedgerCommand::Release { holder, .. } => {
+            if !holder.ends_with(MEMBER_APPS_SUFFIX) {
+                return Err(ForwardRefusal::NotForwardable);
+            }
+            *holder == member_apps_holder(pin)
+        }
+        LedgerCommand::Grace { .. } | LedgerCommand::Batch(_) => {
+            return Err(ForwardRefusal::NotForwardable);
+        }
+    };
+    // Weakened: any member's apps' seats, any member's machine, from any member.
+    if its_own || crate::weakened::is(crate::weakened::Defence::TriadForwardHolder) {
+        Ok(())
+    } else {
+        Err(ForwardRefusal::NotItsOwn)
     }
 }
 
 /// Serves the other members' calls to `raft` on `listener`, and their forwarded commands to
-/// `forwarded`: only a peer that proves it holds the key of one of `peers` (certificate pins)
-/// is answered; no vote request is while `standing` refuses votes, and no Raft call while it
+/// `forwarded`: only a peer that proves it holds the key of one of `peers` (certificate pins,
+/// with their member numbers) is answered; no vote request is while `standing` refuses votes, and no Raft call while it
 /// is deaf. Dropping the future ends every connection it accepted.
 pub async fn serve(
     listener: TcpListener,
     identity: &Identity,
     raft: TriadRaft,
-    peers: BTreeSet<String>,
+    peers: BTreeMap<String, MemberId>,
     forwarded: tokio::sync::mpsc::Sender<Forwarded>,
     standing: Arc<Standing>,
 ) -> Result<(), tls::TlsError> {
@@ -425,12 +448,12 @@ pub async fn serve(
                 tracing::debug!(%from, "Triad peer failed the TLS handshake");
                 return;
             };
-            let known =
-                tls::client_fingerprint(stream.get_ref().1).is_some_and(|pin| peers.contains(&pin));
-            if !known {
+            let peer = tls::client_fingerprint(stream.get_ref().1)
+                .and_then(|pin| Some((*peers.get(&pin)?, pin)));
+            let Some((member, pin)) = peer else {
                 tracing::warn!(%from, "Refused a triad peer whose certificate is no member's");
                 return;
-            }
+            };
             let mut link = Framed::new(stream, codec());
             while let Some(Ok(frame)) = link.next().await {
                 let Ok(call) = serde_json::from_slice::<Call>(&frame) else {
@@ -451,20 +474,22 @@ pub async fn serve(
                     Call::Applied => Answer::Applied(raft.metrics().borrow().last_applied),
                     Call::Vote(rpc) => Answer::Vote(raft.vote(rpc).await),
                     Call::Snapshot(rpc) => Answer::Snapshot(raft.install_snapshot(rpc).await),
-                    Call::Submit(command) if !forwardable(&command) => {
-                        tracing::warn!(%from, "Refused a forwarded command no member may forward");
-                        Answer::Submit(Err(ForwardRefusal::NotForwardable))
-                    }
-                    Call::Submit(command) => {
-                        let (answer, answered) = tokio::sync::oneshot::channel();
-                        let outcome = match forwarded.send((command, answer)).await {
-                            Ok(()) => answered.await.unwrap_or_else(|_| {
-                                Err(ForwardRefusal::Failed("the member stopped".into()))
-                            }),
-                            Err(_) => Err(ForwardRefusal::Failed("the member stopped".into())),
-                        };
-                        Answer::Submit(outcome)
-                    }
+                    Call::Submit(command) => match forwardable(&command, member, &pin) {
+                        Err(refusal) => {
+                            tracing::warn!(%from, member, %refusal, "Refused a forwarded command");
+                            Answer::Submit(Err(refusal))
+                        }
+                        Ok(()) => {
+                            let (answer, answered) = tokio::sync::oneshot::channel();
+                            let outcome = match forwarded.send((command, answer)).await {
+                                Ok(()) => answered.await.unwrap_or_else(|_| {
+                                    Err(ForwardRefusal::Failed("the member stopped".into()))
+                                }),
+                                Err(_) => Err(ForwardRefusal::Failed("the member stopped".into())),
+                            };
+                            Answer::Submit(outcome)
+                        }
+                    },
                 };
                 let Ok(bytes) = serde_json::to_vec(&answer) else {
                     return;
@@ -481,35 +506,78 @@ pub async fn serve(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_member_forwards_its_own_apps_seats_commands_but_never_a_grace_or_a_clients() {
-        let holder = || "4f30ade0bafddc24/apps".to_owned();
-        assert!(forwardable(&LedgerCommand::Grant {
+    const PIN: &str = "4f30ade0bafddc24";
+
+    fn grant(holder: &str) -> LedgerCommand {
+        LedgerCommand::Grant {
             request: 1,
             product: 1,
             quantity: 1,
-            holder: holder(),
+            holder: holder.into(),
             lease_ms: 1,
-        }));
-        assert!(forwardable(&LedgerCommand::Renew {
-            holder: holder(),
+        }
+    }
+
+    #[test]
+    fn a_member_forwards_its_own_apps_seats_commands_but_never_a_grace_or_a_clients() {
+        let own = member_apps_holder(PIN);
+        assert_eq!(forwardable(&grant(&own), 2, PIN), Ok(()));
+        let renew = LedgerCommand::Renew {
+            holder: own.clone(),
             lease_ms: 1,
-        }));
-        assert!(!forwardable(&LedgerCommand::Grace { lease_ms: 1 }));
+        };
+        assert_eq!(forwardable(&renew, 2, PIN), Ok(()));
+        let grace = LedgerCommand::Grace { lease_ms: 1 };
+        assert_eq!(
+            forwardable(&grace, 2, PIN),
+            Err(ForwardRefusal::NotForwardable)
+        );
         // A client runtime's seats are the leader's to commit.
-        assert!(!forwardable(&LedgerCommand::Reclaim {
-            holder: "4f30ade0bafddc24".into(),
+        let client = LedgerCommand::Reclaim {
+            holder: PIN.into(),
             requests: vec![],
             lease_ms: 1,
             as_of: None,
-        }));
-        assert!(!forwardable(&LedgerCommand::Batch(vec![
-            LedgerCommand::Grace { lease_ms: 1 }
-        ])));
+        };
+        assert_eq!(
+            forwardable(&client, 2, PIN),
+            Err(ForwardRefusal::NotForwardable)
+        );
+        let batch = LedgerCommand::Batch(vec![LedgerCommand::Grace { lease_ms: 1 }]);
+        assert_eq!(
+            forwardable(&batch, 2, PIN),
+            Err(ForwardRefusal::NotForwardable)
+        );
         // Its machine's kind is its own to tell.
-        assert!(forwardable(&LedgerCommand::MemberMachine {
+        let machine = LedgerCommand::MemberMachine {
             member: 2,
-            guest: true
-        }));
+            guest: true,
+        };
+        assert_eq!(forwardable(&machine, 2, PIN), Ok(()));
+    }
+
+    #[test]
+    fn a_member_forwards_nothing_of_another_members() {
+        let others = member_apps_holder("9c1d00aa77e2b3f0");
+        let release = LedgerCommand::Release {
+            lease: 5,
+            holder: others.clone(),
+        };
+        assert_eq!(
+            forwardable(&release, 2, PIN),
+            Err(ForwardRefusal::NotItsOwn)
+        );
+        assert_eq!(
+            forwardable(&grant(&others), 2, PIN),
+            Err(ForwardRefusal::NotItsOwn)
+        );
+        let machine = LedgerCommand::MemberMachine {
+            member: 3,
+            guest: false,
+        };
+        assert_eq!(
+            forwardable(&machine, 2, PIN),
+            Err(ForwardRefusal::NotItsOwn)
+        );
     }
 }

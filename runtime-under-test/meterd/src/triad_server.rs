@@ -108,6 +108,8 @@ pub enum SeatRefusal {
 pub struct TriadSeats {
     member: TriadMember,
     window_ms: u64,
+    /// The ledger holder of this member's own apps' seats (named by its certificate pin).
+    apps_holder: String,
     /// Give-backs of seats started and finished (a release is answered before its seat is
     /// committed as given back).
     giving_back: tokio::sync::watch::Sender<GiveBacks>,
@@ -184,7 +186,8 @@ impl TriadSeats {
         rejoins: bool,
         check: ForwardCheck,
     ) -> Result<TriadSeats, JoinError> {
-        let id = settings.own_id(&identity.fingerprint())?;
+        let identity_pin = identity.fingerprint();
+        let id = settings.own_id(&identity_pin)?;
         let own = &settings.members[(id - 1) as usize];
         let listener = TcpListener::bind(&own.addr)
             .await
@@ -230,6 +233,7 @@ impl TriadSeats {
         Ok(TriadSeats {
             member,
             window_ms,
+            apps_holder: crate::triad_network::member_apps_holder(&identity_pin),
             giving_back: tokio::sync::watch::Sender::new(GiveBacks::default()),
         })
     }
@@ -258,6 +262,25 @@ impl TriadSeats {
             "leads": self.member.leads(),
             "applied": self.member.applied_index(),
         })
+    }
+
+    /// The ledger holder under which this member's own apps hold their seats.
+    pub fn apps_holder(&self) -> &str {
+        &self.apps_holder
+    }
+
+    /// Every lease on this member's copy of the ledger, by number, with its holder.
+    pub async fn lease_holders(&self) -> Vec<(u64, String)> {
+        self.member.ledger().lease_holders().await
+    }
+
+    /// Gives back `holder`'s lease `lease`, committed through the leader.
+    pub async fn release(&self, lease: u64, holder: &str) -> Result<LedgerOutcome, TriadError> {
+        let command = LedgerCommand::Release {
+            lease,
+            holder: holder.to_owned(),
+        };
+        self.commit(Route::Leader, command).await
     }
 
     /// This member's number and the leader's, when one is known.

@@ -342,6 +342,18 @@ impl TriadLedger {
             .count()
     }
 
+    /// Every lease on this member's copy of the ledger, by number, with its holder.
+    pub async fn lease_holders(&self) -> Vec<(u64, String)> {
+        self.applied
+            .lock()
+            .await
+            .ledger
+            .leases()
+            .iter()
+            .map(|(lease, held)| (*lease, held.holder.clone()))
+            .collect()
+    }
+
     /// The log position of the last entry this member's ledger applied.
     pub async fn applied(&self) -> u64 {
         self.applied.lock().await.ledger.applied()

@@ -113,11 +113,14 @@ pub enum Defence {
     /// The leader commits a member's forwarded seat commands only within the licence it holds
     /// (quantity, lease window).
     TriadForwardCheck,
+    /// The leader commits a member's forwarded commands only on that member's own apps' seats
+    /// and machine.
+    TriadForwardHolder,
 }
 
 impl Defence {
     /// Every defence, in the scenario language's order.
-    pub const ALL: [Defence; 46] = [
+    pub const ALL: [Defence; 47] = [
         Defence::TraitBinding,
         Defence::BindingTolerance,
         Defence::VmActivationSwitch,
@@ -164,6 +167,7 @@ impl Defence {
         Defence::TriadLicence,
         Defence::TriadRestartQuarantine,
         Defence::TriadForwardCheck,
+        Defence::TriadForwardHolder,
     ];
 
     /// The kebab-case name used by `METER_WEAKEN` and the scenario language.
@@ -215,6 +219,7 @@ impl Defence {
             Defence::TriadLicence => "triad-licence",
             Defence::TriadRestartQuarantine => "triad-restart-quarantine",
             Defence::TriadForwardCheck => "triad-forward-check",
+            Defence::TriadForwardHolder => "triad-forward-holder",
         }
     }
 }
@@ -348,6 +353,9 @@ impl Defence {
             }
             Defence::TriadForwardCheck => {
                 "the leader commits whatever seat a member forwards: a member whose runtime its licensee modified takes seats for its apps as if the licence had more"
+            }
+            Defence::TriadForwardHolder => {
+                "the leader commits a forwarded command on any member's apps' seats: a member whose runtime its licensee modified gives back the seats another member's apps hold, and a client takes them while those apps still run"
             }
         }
     }

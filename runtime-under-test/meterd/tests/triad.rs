@@ -12,6 +12,7 @@ use meter_core::seat_ledger::{LedgerCommand, LedgerOutcome};
 use meterd::tls::Identity;
 use meterd::triad::{TriadError, TriadTiming};
 use meterd::triad_local::LoopbackTriad;
+use meterd::triad_network::member_apps_holder;
 use meterd::triad_types::MemberId;
 
 const PRODUCT: u64 = 1001;
@@ -268,16 +269,23 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
     let leader = triad.leader(WAIT).await.unwrap();
     let follower = *triad.running().keys().find(|id| **id != leader).unwrap();
     let on_follower = triad.member(follower).unwrap();
+    let holders: std::collections::BTreeMap<MemberId, String> = triad
+        .members()
+        .iter()
+        .map(|(id, member)| (*id, member_apps_holder(&member.pin)))
+        .collect();
+    let apps_of = |id: MemberId| holders[&id].clone();
+    let followers_apps = apps_of(follower);
 
     // Asked of the follower itself, a command is refused (client runtimes go to the leader)...
     assert!(matches!(
-        on_follower.submit(grant(1, "member-2/apps")).await,
+        on_follower.submit(grant(1, &followers_apps)).await,
         Err(TriadError::NotLeader { .. })
     ));
     // ...and forwarded, the leader commits it: one seat of two, counted on every member.
     assert!(matches!(
         on_follower
-            .submit_anywhere(grant(1, "member-2/apps"))
+            .submit_anywhere(grant(1, &followers_apps))
             .await
             .unwrap(),
         LedgerOutcome::Granted { .. }
@@ -289,10 +297,27 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
     ));
     assert!(matches!(
         on_follower
-            .submit_anywhere(grant(3, "member-2/apps"))
+            .submit_anywhere(grant(3, &followers_apps))
             .await
             .unwrap(),
         LedgerOutcome::NoSeat { in_use: 2 }
+    ));
+    // A member forwards only its own apps' seats: not the client's, not another member's.
+    let other = *triad
+        .running()
+        .keys()
+        .find(|id| **id != leader && **id != follower)
+        .unwrap();
+    assert!(matches!(
+        triad
+            .member(other)
+            .unwrap()
+            .submit_anywhere(LedgerCommand::Release {
+                lease: 1,
+                holder: followers_apps.clone(),
+            })
+            .await,
+        Err(TriadError::NotItsOwn)
     ));
     every_member_holds(&triad, 2).await;
 
@@ -308,7 +333,7 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
         .member(forwarding)
         .unwrap()
         .submit_anywhere(LedgerCommand::Reclaim {
-            holder: "member-2/apps".into(),
+            holder: apps_of(forwarding),
             requests: vec![],
             lease_ms: 60_000,
             as_of: None,
@@ -316,7 +341,9 @@ async fn a_follower_commits_its_own_seats_through_the_leader() {
         .await
         .unwrap();
     assert!(matches!(released, LedgerOutcome::Reclaimed { .. }));
-    every_member_holds(&triad, 1).await;
+    // Its reclaim naming no seat gave back its apps' seats (the follower's, if it forwarded).
+    let left = if forwarding == follower { 1 } else { 2 };
+    every_member_holds(&triad, left).await;
     triad.stop().await;
 }
 
