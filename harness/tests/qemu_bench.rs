@@ -118,11 +118,11 @@ fn exercise<H: Hypervisor>(kind: BackendKind, rounds: usize) -> (Timings, serde_
     )
 }
 
-/// libvirt's own steps in this run's starts and destroys (empty on the qemu backend), from the
-/// daemons' logs the backend left in `log_dir`.
+/// libvirt's own steps in this run's starts and destroys, from the daemons' logs the backend
+/// left in `log_dir`.
+#[cfg(feature = "libvirt")]
 fn libvirt_steps(log_dir: &Path) -> serde_json::Value {
     let mut steps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    #[cfg(feature = "libvirt")]
     for entry in std::fs::read_dir(log_dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("libvirtd-") && name.ends_with(".log") {
@@ -132,14 +132,18 @@ fn libvirt_steps(log_dir: &Path) -> serde_json::Value {
             }
         }
     }
-    #[cfg(not(feature = "libvirt"))]
-    let _ = log_dir;
     serde_json::Value::Object(
         steps
             .into_iter()
             .map(|(k, v)| (k.into(), stats(&v)))
             .collect(),
     )
+}
+
+/// None without libvirt (the qemu backend has no daemon).
+#[cfg(not(feature = "libvirt"))]
+fn libvirt_steps(_log_dir: &Path) -> serde_json::Value {
+    serde_json::json!({})
 }
 
 /// `a / b` to two decimals (none when `b` is not positive).
