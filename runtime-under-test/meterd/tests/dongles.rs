@@ -264,7 +264,7 @@ fn a_rebind_from_a_second_daemon_releases_the_first_daemons_holders() {
 
     // vm1's runtime goes quiet past the dongle's active window (a paused guest), then the
     // dongle is also offered to vm2: that bind is a rebind, not shared use.
-    d1.signal(nix::sys::signal::Signal::SIGSTOP);
+    d1.freeze();
     dongle.advance(Duration::from_secs(11));
     dongle.plug(&vm2);
     let mut taken = vm2.hold(2001, None);

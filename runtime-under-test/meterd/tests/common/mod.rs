@@ -366,6 +366,24 @@ impl Daemon {
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).unwrap();
     }
+
+    /// Stops the daemon (SIGSTOP) and returns once the kernel shows it stopped and what it
+    /// sent just before has had time to arrive (a signal is delivered asynchronously).
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+        let stat = format!("/proc/{}/stat", self.pid());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // The state follows the command name's closing parenthesis: `T` once stopped.
+        while !std::fs::read_to_string(&stat)
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('T')))
+            .unwrap_or(false)
+        {
+            assert!(std::time::Instant::now() < deadline, "{stat} never stopped");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 impl Drop for Daemon {
