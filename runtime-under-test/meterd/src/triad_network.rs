@@ -376,7 +376,9 @@ impl RaftNetwork<TriadConfig> for MemberLink {
 pub const MEMBER_APPS_SUFFIX: &str = "/apps";
 
 /// The ledger holder of the seats of the apps on the member whose certificate pin is `pin`:
-/// named by what its link to the leader proves, so no member can name another's.
+/// named by what its link to the leader proves, so no member can name another's (and apart
+/// from the seats the member's runtime may hold as a client of its own triad, as its runtime
+/// id, which its keepalives' reclaims name and would otherwise end).
 pub fn member_apps_holder(pin: &str) -> String {
     format!("{pin}{MEMBER_APPS_SUFFIX}")
 }

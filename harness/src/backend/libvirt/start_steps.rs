@@ -1,10 +1,10 @@
 //! libvirt's own steps in starting and destroying a guest, timed from its daemon's log.
 //!
 //! The daemon logs its QEMU driver's process steps (`qemu.qemu_process` at debug level, see
-//! [`super::daemon`]); each step's line is followed, on the same worker thread, by the next
-//! step's, so a step lasts from its line to that thread's next line. `make bench-vm` reports
-//! these next to the libvirt backend's timings: they are what libvirt adds to every start of
-//! QEMU, which the qemu backend does not pay.
+//! [`super::daemon`]); a worker thread writes a step's lines in order, so a step lasts from
+//! its line to a later line of the same thread (the next, or the one that ends it). `make
+//! bench-vm` reports these next to the libvirt backend's timings: they are what libvirt adds
+//! to every start of QEMU, which the qemu backend does not pay.
 
 use std::collections::BTreeMap;
 
