@@ -103,7 +103,7 @@ fn exercise<H: Hypervisor>(kind: BackendKind, rounds: usize) -> (Timings, serde_
     let accelerator = driver.accelerator();
     let describe = backend.describe();
     backend.teardown().unwrap();
-    let libvirt_steps = libvirt_steps(&scratch.path().join("logs"));
+    let hypervisor_steps_run = hypervisor_steps(&scratch.path().join("logs"), kind);
     assert_eq!(timings.boot_ms.len(), 3, "three boots were timed");
     assert_eq!(timings.revert_ms.len(), rounds);
     assert_eq!(timings.migrate_ms.len(), rounds);
@@ -113,37 +113,33 @@ fn exercise<H: Hypervisor>(kind: BackendKind, rounds: usize) -> (Timings, serde_
             "accelerator": accelerator,
             "describe": describe,
             "total_s": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-            "libvirt_steps": libvirt_steps,
+            "hypervisor_steps": hypervisor_steps_run,
         }),
     )
 }
 
-/// libvirt's own steps in this run's starts and destroys, from the daemons' logs the backend
-/// left in `log_dir`.
-#[cfg(feature = "libvirt")]
-fn libvirt_steps(log_dir: &Path) -> serde_json::Value {
-    let mut steps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    for entry in std::fs::read_dir(log_dir).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("libvirtd-") && name.ends_with(".log") {
-            let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            for (step, ms) in vigil::backend::libvirt::start_steps::step_durations(&log) {
-                steps.entry(step).or_default().extend(ms);
-            }
-        }
-    }
-    serde_json::Value::Object(
-        steps
-            .into_iter()
-            .map(|(k, v)| (k.into(), stats(&v)))
-            .collect(),
-    )
-}
-
-/// None without libvirt (the qemu backend has no daemon).
-#[cfg(not(feature = "libvirt"))]
-fn libvirt_steps(_log_dir: &Path) -> serde_json::Value {
-    serde_json::json!({})
+/// The hypervisor's own steps in this run (libvirt's starts and destroys; none on the qemu
+/// backend), as the backend wrote them beside its timings in `log_dir`.
+fn hypervisor_steps(log_dir: &Path, kind: BackendKind) -> serde_json::Value {
+    let file = log_dir.join(format!("{kind}-timings.json"));
+    let written: serde_json::Value = std::fs::read(&file)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let steps = written["hypervisor_steps_ms"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    steps
+        .into_iter()
+        .map(|(step, runs)| {
+            let ms: Vec<f64> = runs
+                .as_array()
+                .map(|runs| runs.iter().filter_map(serde_json::Value::as_f64).collect())
+                .unwrap_or_default();
+            (step, stats(&ms))
+        })
+        .collect()
 }
 
 /// `a / b` to two decimals (none when `b` is not positive).
@@ -320,7 +316,7 @@ fn libvirt_timings_against_qemu() {
         .collect();
     // What libvirt adds to a revert that the qemu backend does not do: waiting out its 200 ms
     // poll of the destroyed QEMU, and reading the new QEMU's CPU back feature by feature.
-    let step = |name: &str| libvirt_run["libvirt_steps"][name]["median_ms"].as_f64();
+    let step = |name: &str| libvirt_run["hypervisor_steps"][name]["median_ms"].as_f64();
     let libvirt_own = step("destroy_wait")
         .zip(step("guest_cpu_check"))
         .map(|(d, c)| d + c);

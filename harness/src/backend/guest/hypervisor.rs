@@ -3,6 +3,7 @@
 //! USB/IP) goes through the agent and is the driver's; starting, stopping, snapshots, copies
 //! and moves of whole guests are the hypervisor's.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -138,6 +139,12 @@ pub trait Hypervisor: 'static {
     fn move_guest(&mut self, guest: &str, host: &str) -> Result<(), BackendError>;
     /// Stops whatever the hypervisor itself runs (daemons), after every guest stopped.
     fn teardown(&mut self) {}
+    /// After [`Hypervisor::teardown`]: how long the hypervisor's own steps took in this run,
+    /// in milliseconds by step name (libvirt's, read from its daemons' logs; none for QEMU run
+    /// directly).
+    fn own_steps_ms(&self) -> BTreeMap<&'static str, Vec<f64>> {
+        BTreeMap::new()
+    }
 }
 
 /// Copies a stopped (or frozen and flushed) guest's disk to `target`.

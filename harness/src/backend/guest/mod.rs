@@ -1496,6 +1496,7 @@ fi"#,
         let timings = serde_json::to_vec_pretty(&json!({
             "accelerator": self.hv.accelerator(),
             "timings": self.timings,
+            "hypervisor_steps_ms": self.hv.own_steps_ms(),
         }))
         .unwrap_or_default();
         let file = format!("{}-timings.json", self.hv.kind());

@@ -47,6 +47,8 @@ pub struct LibvirtHypervisor {
     logs: BTreeMap<String, PathBuf>,
     /// CPU features every guest is given without (what TCG lacks; none under KVM).
     disabled_features: Vec<String>,
+    /// The daemons' logs kept in the run's log folder at the end.
+    daemon_logs: Vec<PathBuf>,
 }
 
 /// Why the libvirt backend cannot run here, if it cannot.
@@ -87,6 +89,7 @@ impl LibvirtHypervisor {
             hosts: BTreeMap::new(),
             placement: BTreeMap::new(),
             logs: BTreeMap::new(),
+            daemon_logs: Vec::new(),
         })
     }
 
@@ -565,16 +568,27 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(())
     }
 
+    fn own_steps_ms(&self) -> BTreeMap<&'static str, Vec<f64>> {
+        let mut steps: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+        for log in &self.daemon_logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            for (step, ms) in super::start_steps::step_durations(&text) {
+                steps.entry(step).or_default().extend(ms);
+            }
+        }
+        steps
+    }
+
     fn teardown(&mut self) {
         for (guest, log_dir) in &self.logs {
             let log = self.qemu_log(guest);
             let _ = std::fs::copy(&log, log_dir.join("libvirt-qemu.log"));
         }
         for (host, mut h) in std::mem::take(&mut self.hosts) {
-            let _ = std::fs::copy(
-                h.daemon.log_file(),
-                self.log_dir.join(format!("libvirtd-{host}.log")),
-            );
+            let kept = self.log_dir.join(format!("libvirtd-{host}.log"));
+            if std::fs::copy(h.daemon.log_file(), &kept).is_ok() {
+                self.daemon_logs.push(kept);
+            }
             drop(h.connection);
             if let Err(e) = h.daemon.stop() {
                 tracing::warn!(host, error = %e, "libvirt daemon not stopped cleanly");
